@@ -1,0 +1,216 @@
+"""Deploy-form Llama 4 modules: the model written for tracing.
+
+Differences from transformers' eager modules, all numerically neutral:
+- The KV cache is explicit I/O owned by the runtime. Global (NoPE) layers read a cache whose
+  slot j holds position j; chunked (RoPE) layers read a ring buffer of attention_chunk_size
+  slots where position p lives in slot p mod C. Each layer returns the new tokens' keys and
+  values only.
+- Masks are computed from `position_ids` and `past_lengths`, so rows of a batch may have
+  different lengths. A position of -1 marks a padded token: it is never a valid key, and its
+  own (meaningless) output is finite.
+- RoPE is real-valued on interleaved pairs (2i, 2i+1); no complex numbers.
+- The MoE is one call to the custom op `llama4_deploy::moe`, exported as a single
+  `llama4_deploy.MoE` node (graphs/ops.py) that graph passes lower.
+- Linear weights are stored in matmul layout [in, out] (export/weights.py transposes).
+
+Nothing here branches on tensor values, calls .item() or .tolist().
+"""
+
+from __future__ import annotations
+
+import onnxscript
+import torch
+from torch import nn
+
+from llama4_deploy.export.shape import LayerKind, ModelShape
+from llama4_deploy.graphs import ops
+
+
+@torch.library.custom_op("llama4_deploy::moe", mutates_args=())
+def moe(
+    x: torch.Tensor,
+    router: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    shared_gate: torch.Tensor,
+    shared_up: torch.Tensor,
+    shared_down: torch.Tensor,
+    top_k: int,
+) -> torch.Tensor:
+    """Eager semantics of llama4_deploy.MoE (see graphs/ops.py): every expert on every token."""
+    logits = x @ router  # [N, E]
+    top_value, top_index = torch.topk(logits, top_k, dim=-1)
+    scores = torch.sigmoid(torch.full_like(logits, float("-inf")).scatter(1, top_index, top_value))
+    routed_in = scores.t()[:, :, None] * x[None]  # [E, N, H]
+    gate, up = torch.bmm(routed_in, gate_up).chunk(2, dim=-1)
+    routed = torch.bmm(nn.functional.silu(gate) * up, down).sum(0)
+    shared = (nn.functional.silu(x @ shared_gate) * (x @ shared_up)) @ shared_down
+    return shared + routed
+
+
+@moe.register_fake
+def _moe_fake(x, router, gate_up, down, shared_gate, shared_up, shared_down, top_k):
+    return torch.empty_like(x)
+
+
+def moe_to_onnx(x, router, gate_up, down, shared_gate, shared_up, shared_down, top_k: int):
+    """Translation of the custom op for torch.onnx.export: one node of the project's domain."""
+    ops.register_schemas()
+    node = onnxscript.values.Op(onnxscript.values.Opset(ops.DOMAIN, ops.VERSION), ops.MOE)
+    return node(x, router, gate_up, down, shared_gate, shared_up, shared_down, top_k=top_k)
+
+
+def _param(*dims: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*dims))
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs. x [B, T, heads, D]; cos, sin [B, T, 1, D/2]."""
+    pairs = x.unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+class DecoderLayer(nn.Module):
+    """One Llama 4 decoder layer of a given kind, with runtime-owned KV cache.
+
+    Shapes: B batch, T new tokens, S cache slots (context for global layers, C for chunked),
+    H hidden, D head_dim, Q query heads, K kv heads, G = Q / K.
+    """
+
+    def __init__(self, shape: ModelShape, kind: LayerKind):
+        super().__init__()
+        self.shape, self.kind = shape, kind
+        H, D = shape.hidden_size, shape.head_dim
+        self.input_norm = _param(H)
+        self.post_norm = _param(H)
+        self.q = _param(H, shape.num_heads * D)
+        self.k = _param(H, shape.num_kv_heads * D)
+        self.v = _param(H, shape.num_kv_heads * D)
+        self.o = _param(shape.num_heads * D, H)
+        if kind.moe:
+            E, I = shape.num_experts, shape.intermediate_size
+            self.router = _param(H, E)
+            self.experts_gate_up = _param(E, H, 2 * I)
+            self.experts_down = _param(E, I, H)
+            self.shared_gate = _param(H, I)
+            self.shared_up = _param(H, I)
+            self.shared_down = _param(I, H)
+        else:
+            M = shape.intermediate_size_mlp
+            self.mlp_gate = _param(H, M)
+            self.mlp_up = _param(H, M)
+            self.mlp_down = _param(M, H)
+        if kind.rope:
+            inv_freq = torch.tensor(shape.rope_inv_freq(), dtype=torch.float32)
+            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+
+    # -- attention ------------------------------------------------------------------------------
+    def key_positions(self, position_ids, past_lengths, cache_slots: int):
+        """Position held by every key this step attends over: cache slots, then new tokens.
+
+        Returns ([B, S + T] int64 positions, [B, S + T] bool validity).
+        """
+        slot = torch.arange(cache_slots, device=position_ids.device)[None, :]  # [1, S]
+        filled = past_lengths[:, None]  # [B, 1]
+        if self.kind.rope:
+            # ring buffer: slot s holds the newest position p < filled with p mod C == s
+            cache_pos = filled - 1 - torch.remainder(filled - 1 - slot, cache_slots)
+            cache_valid = cache_pos >= 0
+        else:
+            cache_pos = slot.expand(past_lengths.shape[0], cache_slots)
+            cache_valid = slot < filled
+        key_pos = torch.cat([cache_pos, position_ids], dim=1)
+        key_valid = torch.cat([cache_valid, position_ids >= 0], dim=1)
+        return key_pos, key_valid
+
+    def attention_mask(self, position_ids, past_lengths, cache_slots: int):
+        """[B, 1, 1, T, S + T] bool: query t may attend key j."""
+        key_pos, key_valid = self.key_positions(position_ids, past_lengths, cache_slots)
+        query_pos = position_ids[:, :, None]  # [B, T, 1]
+        allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= query_pos)
+        if self.kind.rope:
+            chunk = self.shape.attention_chunk_size
+            chunk_start = torch.div(query_pos, chunk, rounding_mode="floor") * chunk
+            allowed = allowed & (key_pos[:, None, :] >= chunk_start)
+        return allowed[:, None, None]
+
+    def attention(self, x, position_ids, past_lengths, past_key, past_value):
+        shape = self.shape
+        B, T = x.shape[0], x.shape[1]
+        Q, K, D = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        query = (x @ self.q).view(B, T, Q, D)
+        key = (x @ self.k).view(B, T, K, D)
+        value = (x @ self.v).view(B, T, K, D)
+        positions = position_ids.to(torch.float32)[:, :, None, None]  # [B, T, 1, 1]
+        if self.kind.rope:
+            angles = positions * self.rope_inv_freq  # [B, T, 1, D/2]
+            cos, sin = torch.cos(angles), torch.sin(angles)
+            query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+            if shape.use_qk_norm:
+                query, key = rms_norm(query, shape.rms_norm_eps), rms_norm(key, shape.rms_norm_eps)
+        elif shape.attn_temperature_tuning:
+            query = query * (torch.log1p(torch.floor((positions + 1.0) / shape.floor_scale)) * shape.attn_scale + 1.0)
+
+        present_key = key.transpose(1, 2)  # [B, K, T, D]
+        present_value = value.transpose(1, 2)
+        keys = torch.cat([past_key, present_key], dim=2)  # [B, K, S + T, D]
+        values = torch.cat([past_value, present_value], dim=2)
+        grouped_query = query.view(B, T, K, Q // K, D).permute(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+        scores = grouped_query @ keys[:, :, None].transpose(-1, -2) * (D**-0.5)  # [B, K, G, T, S + T]
+        mask = self.attention_mask(position_ids, past_lengths, past_key.shape[2])
+        # a finite floor keeps fully masked (padded) rows finite instead of NaN
+        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
+        context = scores.softmax(-1) @ values[:, :, None]  # [B, K, G, T, D]
+        context = context.permute(0, 3, 1, 2, 4).reshape(B, T, Q * D)
+        return context @ self.o, present_key, present_value
+
+    # -- feed-forward ---------------------------------------------------------------------------
+    def feed_forward(self, x):
+        if not self.kind.moe:
+            return (nn.functional.silu(x @ self.mlp_gate) * (x @ self.mlp_up)) @ self.mlp_down
+        tokens = x.reshape(-1, x.shape[-1])
+        routed = torch.ops.llama4_deploy.moe(
+            tokens,
+            self.router,
+            self.experts_gate_up,
+            self.experts_down,
+            self.shared_gate,
+            self.shared_up,
+            self.shared_down,
+            self.shape.top_k,
+        )
+        return routed.view(x.shape)
+
+    def forward(self, hidden_states, position_ids, past_lengths, past_key, past_value):
+        eps = self.shape.rms_norm_eps
+        attended, present_key, present_value = self.attention(
+            rms_norm(hidden_states, eps) * self.input_norm, position_ids, past_lengths, past_key, past_value
+        )
+        hidden_states = hidden_states + attended
+        hidden_states = hidden_states + self.feed_forward(rms_norm(hidden_states, eps) * self.post_norm)
+        return hidden_states, present_key, present_value
+
+
+class Embed(nn.Module):
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.embed = _param(shape.vocab_size, shape.hidden_size)
+
+    def forward(self, input_ids):
+        return nn.functional.embedding(input_ids, self.embed)
+
+
+class Head(nn.Module):
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.eps = shape.rms_norm_eps
+        self.final_norm = _param(shape.hidden_size)
+        self.lm_head = _param(shape.hidden_size, shape.vocab_size)
+
+    def forward(self, hidden_states):
+        return (rms_norm(hidden_states, self.eps) * self.final_norm) @ self.lm_head

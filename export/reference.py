@@ -1,0 +1,64 @@
+"""The numerical reference: transformers' Llama4ForCausalLM, built from a bundle's source.
+
+A source is either a checkpoint directory or a recipe's random-weights description (a
+Llama4TextConfig, a seed, and gains that make the random model's decisions well separated).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def random_model(config: dict[str, Any], seed: int, logit_gain: float = 1.0, router_gain: float = 1.0):
+    """A seeded random Llama4ForCausalLM in fp32.
+
+    transformers initializes weights with std 0.02, which leaves logits and router logits
+    within a few hundredths of each other: greedy picks and expert choices would then flip on
+    rounding noise. `logit_gain` and `router_gain` scale lm_head and every router so that top
+    choices are separated by far more than fp32 error (peaked, no near-ties).
+    """
+    import torch
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Llama4TextConfig(**config)
+    cfg._attn_implementation = "eager"
+    model = Llama4ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_gain)
+        for layer in model.model.layers:
+            if hasattr(layer.feed_forward, "router"):
+                layer.feed_forward.router.weight.mul_(router_gain)
+    return model
+
+
+def checkpoint_model(path: str | Path):
+    """Llama4ForCausalLM from a checkpoint dir; multimodal checkpoints give their language model."""
+    import json
+
+    import torch
+    from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    kwargs = dict(dtype=torch.float32, attn_implementation="eager", use_safetensors=True)
+    if config.get("model_type") == "llama4":
+        # text-only calls into Llama4ForConditionalGeneration raise; its language_model is the reference
+        return Llama4ForConditionalGeneration.from_pretrained(str(path), **kwargs).language_model.eval()
+    return Llama4ForCausalLM.from_pretrained(str(path), **kwargs).eval()
+
+
+def reference_model(source: dict[str, Any]):
+    """Rebuild the reference from a manifest's `source` record."""
+    if source["kind"] == "checkpoint":
+        return checkpoint_model(source["path"])
+    random = source["random"]
+    return random_model(random["config"], random["seed"], random["logit_gain"], random["router_gain"])
+
+
+def reference_logits(model, ids: list[int]):
+    """Logits [len(ids), vocab] of one unpadded sequence, no cache (the simplest correct path)."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()

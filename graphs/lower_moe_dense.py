@@ -1,0 +1,105 @@
+"""Lower `llama4_deploy.MoE` to standard ONNX: every expert on every token (`dense`).
+
+    before:  y = MoE(x, router, gate_up, down, shared_gate, shared_up, shared_down; top_k)
+
+    after:   logits        = MatMul(x, router)                         # [N, E]
+             value, index  = TopK(logits, top_k)                       # [N, k]
+             score         = Sigmoid(ScatterElements(-inf[N, E], index, value, axis=1))
+             routed_in     = Unsqueeze(Transpose(score), -1) * x       # [E, N, H]
+             gate, up      = Split(MatMul(routed_in, gate_up), 2, axis=-1)
+             routed        = ReduceSum(MatMul(silu(gate) * up, down), axis=0)
+             y             = shared(x) + routed
+
+Why it is exact: sigmoid(-inf) is exactly 0, so an unrouted expert receives the zero vector, and
+an expert of Llama 4 maps zero to zero (no biases, silu(0) * 0 = 0). Summing every expert's
+output therefore equals summing the routed ones. Shapes depend only on N (input dimension) and
+the weights, never on which experts were chosen. Cost: E/k times the routed FLOPs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from llama4_deploy.graphs import ops
+
+
+def check(node: ir.Node) -> str | None:
+    """Why `node` cannot be lowered, or None."""
+    if len(node.inputs) != len(ops.MOE_INPUTS) or any(value is None for value in node.inputs):
+        return f"has {len(node.inputs)} inputs, expected {len(ops.MOE_INPUTS)}"
+    top_k = node.attributes.get("top_k")
+    if top_k is None or top_k.as_int() < 1:
+        return "has no positive top_k attribute"
+    router_shape = node.inputs[1].shape
+    if router_shape is not None and isinstance(router_shape[-1], int) and top_k.as_int() > router_shape[-1]:
+        return f"top_k {top_k.as_int()} exceeds the {router_shape[-1]} experts"
+    return None
+
+
+def _constant(tape: ir.tape.Tape, name: str, array: np.ndarray) -> ir.Value:
+    return tape.op("Constant", [], {"value": ir.tensor(array, name=name)}, name=name)
+
+
+def _silu(tape: ir.tape.Tape, x: ir.Value, name: str) -> ir.Value:
+    return tape.op("Mul", [x, tape.op("Sigmoid", [x], name=f"{name}/Sigmoid")], name=f"{name}/Mul")
+
+
+def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> ir.Value:
+    x, router, gate_up, down, shared_gate, shared_up, shared_down = node.inputs
+    top_k = node.attributes["top_k"].as_int()
+    np_dtype = (x.dtype or ir.DataType.FLOAT).numpy()
+
+    def op(op_type, inputs, attributes=None, name=None):
+        return tape.op(op_type, inputs, attributes, name=f"{prefix}/{name or op_type}")
+
+    logits = op("MatMul", [x, router], name="router/MatMul")
+    k = _constant(tape, f"{prefix}/router/k", np.array([top_k], dtype=np.int64))
+    top_value, top_index = tape.op_multi_out(
+        "TopK", [logits, k], {"axis": -1}, num_outputs=2, name=f"{prefix}/router/TopK"
+    )
+    floor = op("ConstantOfShape", [op("Shape", [logits], name="router/Shape")],
+               {"value": ir.tensor(np.array([-np.inf], dtype=np_dtype))}, name="router/NegInf")
+    scattered = op("ScatterElements", [floor, top_index, top_value], {"axis": 1}, name="router/ScatterElements")
+    score = op("Sigmoid", [scattered], name="router/Sigmoid")  # [N, E], 0 where unrouted
+    expert_score = op("Unsqueeze", [op("Transpose", [score], {"perm": [1, 0]}),
+                                    _constant(tape, f"{prefix}/axis_last", np.array([-1], dtype=np.int64))])
+    routed_in = op("Mul", [expert_score, x], name="experts/ScaleInput")  # [E, N, H]
+    gate, up = tape.op_multi_out(
+        "Split", [op("MatMul", [routed_in, gate_up], name="experts/GateUp")], {"axis": -1, "num_outputs": 2},
+        num_outputs=2, name=f"{prefix}/experts/Split",
+    )
+    expert_out = op("MatMul", [op("Mul", [_silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"), down],
+                    name="experts/Down")  # [E, N, H]
+    routed = op("ReduceSum", [expert_out, _constant(tape, f"{prefix}/axis0", np.array([0], dtype=np.int64))],
+                {"keepdims": 0}, name="experts/Sum")
+    shared_act = _silu(tape, op("MatMul", [x, shared_gate], name="shared/Gate"), f"{prefix}/shared/silu")
+    shared = op("MatMul", [op("Mul", [shared_act, op("MatMul", [x, shared_up], name="shared/Up")], name="shared/GLU"),
+                           shared_down], name="shared/Down")
+    return op("Add", [shared, routed], name="Add")
+
+
+def lower_moe_dense(model: ir.Model) -> tuple[int, dict[str, str]]:
+    """Replace every MoE node; returns (count, {node name: why it was not lowered})."""
+    graph = model.graph
+    count, skipped = 0, {}
+    for node in list(graph):
+        if node.domain != ops.DOMAIN or node.op_type != ops.MOE:
+            continue
+        reason = check(node)
+        if reason is not None:
+            skipped[node.name] = reason
+            continue
+        prefix = node.name.rsplit("/", 1)[0] + "/moe/dense" if "/" in (node.name or "") else "/moe/dense"
+        tape = ir.tape.Tape()
+        output = replacement(tape, node, prefix)
+        graph.insert_before(node, tape.nodes)
+        old = node.outputs[0]
+        ir.convenience.replace_all_uses_with(old, output)
+        output.name = old.name
+        graph.remove(node, safe=True)
+        count += 1
+    if not any(n.domain == ops.DOMAIN for n in graph):
+        graph.opset_imports.pop(ops.DOMAIN, None)
+        model.opset_imports.pop(ops.DOMAIN, None)
+    return count, skipped

@@ -1,0 +1,51 @@
+"""The project's ONNX domain: high-level ops that the deploy-form model emits as single nodes.
+
+`llama4_deploy.MoE` (version 1) — Llama 4's routed mixture of experts plus the shared expert:
+
+    inputs   x            [N, H]       tokens (batch and sequence flattened)
+             router       [H, E]       router weight, matmul layout
+             gate_up      [E, H, 2I]   stacked expert weights, gate columns first, then up
+             down         [E, I, H]
+             shared_gate  [H, I]       shared expert, matmul layout
+             shared_up    [H, I]
+             shared_down  [I, H]
+    attrs    top_k        experts per token (Llama 4: 1)
+    output   y            [N, H]
+
+    logits = x @ router;  chosen = top_k(logits)
+    score[n, e] = sigmoid(logits[n, e]) if e in chosen[n] else 0
+    y = shared(x) + sum_e expert_e(score[:, e] * x)          # the score scales the expert *input*
+    expert_e(z) = (silu(z @ gate_e) * (z @ up_e)) @ down_e
+
+Passes in graphs/ lower it to standard ONNX (see lower_moe_*.py); no backend runs it as is.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx.defs import OpSchema
+
+DOMAIN = "llama4_deploy"
+VERSION = 1
+MOE = "MoE"
+MOE_INPUTS = ("x", "router", "gate_up", "down", "shared_gate", "shared_up", "shared_down")
+
+
+def _moe_schema() -> OpSchema:
+    float_types = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    return OpSchema(
+        MOE,
+        DOMAIN,
+        VERSION,
+        doc=__doc__,
+        inputs=[OpSchema.FormalParameter(name, "T") for name in MOE_INPUTS],
+        outputs=[OpSchema.FormalParameter("y", "T")],
+        type_constraints=[("T", float_types, "activations and weights")],
+        attributes=[OpSchema.Attribute("top_k", OpSchema.AttrType.INT, "experts per token")],
+    )
+
+
+def register_schemas() -> None:
+    """Make onnx (and the exporter, which checks schemas) aware of the project's ops. Idempotent."""
+    if not onnx.defs.has(MOE, DOMAIN):
+        onnx.defs.register_schema(_moe_schema())

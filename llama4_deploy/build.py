@@ -1,0 +1,305 @@
+"""Build driver: checkpoint (or seeded random weights) -> bundle directory.
+
+Stages: load -> trace -> link -> lower -> lint -> save -> manifest + golden. The bundle is
+written into a temporary sibling directory and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llama4_deploy.recipe import Recipe, load_recipe
+from llama4_deploy.runtime.bundle import GOLDEN, write_manifest
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+class BuildError(ValueError):
+    """A build that cannot proceed; the message is one sentence for the user."""
+
+
+@dataclasses.dataclass
+class BuildResult:
+    bundle: Path
+    seconds: float
+    peak_rss_mb: float
+    passes: dict[str, int]
+    manifest: dict[str, Any]
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _check_expected(recipe: Recipe, shape) -> None:
+    facts = shape.to_dict()
+    for key, want in recipe.expect_config.items():
+        got = facts.get(key)
+        if isinstance(got, tuple):
+            got = list(got)
+        if got != want:
+            raise BuildError(f"checkpoint has {key}={got!r}, but recipe {recipe.name} expects {want!r}; is it the right model?")
+
+
+def _check_weights(checkpoint, shape) -> None:
+    from llama4_deploy.export.weights import all_weights
+
+    for source in all_weights(shape).values():
+        if not checkpoint.has(source.checkpoint_name):
+            raise BuildError(f"tensor {checkpoint.prefix}{source.checkpoint_name} is missing from the checkpoint")
+        got = checkpoint.tensor_shape(source.checkpoint_name)
+        if got != source.checkpoint_shape:
+            raise BuildError(
+                f"tensor {checkpoint.prefix}{source.checkpoint_name} has shape {list(got)}, "
+                f"config.json implies {list(source.checkpoint_shape)}"
+            )
+
+
+def _lazy_weight(checkpoint, source, name: str):
+    """A tensor the saver reads from the checkpoint when it writes it, converted to fp32."""
+    import onnx_ir as ir
+
+    dims = list(source.checkpoint_shape)
+    if source.transpose:
+        dims[-2], dims[-1] = dims[-1], dims[-2]
+
+    def read():
+        import torch
+
+        tensor = checkpoint.tensor(source.checkpoint_name).to(torch.float32)
+        if source.transpose:
+            tensor = tensor.transpose(-1, -2)
+        return ir.tensor(tensor.contiguous().numpy(), name=name)
+
+    return ir.LazyTensor(read, dtype=ir.DataType.FLOAT, shape=ir.Shape(dims), name=name)
+
+
+def graph_inputs(shape):
+    """The engine ABI's inputs (docs/engine-abi.md)."""
+    import onnx_ir as ir
+
+    def value(name, dtype, dims):
+        return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
+
+    inputs = [
+        value("input_ids", ir.DataType.INT64, ["batch", "new"]),
+        value("position_ids", ir.DataType.INT64, ["batch", "new"]),
+        value("past_lengths", ir.DataType.INT64, ["batch"]),
+    ]
+    for layer, kind in enumerate(shape.layer_kinds):
+        slots = shape.attention_chunk_size if kind.rope else "context"
+        dims = ["batch", shape.num_kv_heads, slots, shape.head_dim]
+        inputs.append(value(f"past_key.{layer}", ir.DataType.FLOAT, dims))
+        inputs.append(value(f"past_value.{layer}", ir.DataType.FLOAT, dims))
+    return inputs
+
+
+def link_model(checkpoint, templates):
+    from llama4_deploy.export import weights
+    from llama4_deploy.graphs.link import Stamp, link
+
+    shape = checkpoint.shape
+
+    def stamp_weights(prefix, sources):
+        return {k: _lazy_weight(checkpoint, s, f"{prefix}.{k}") for k, s in sources.items()}
+
+    stamps = [Stamp("embed", "embed", {"input_ids": "input_ids"}, stamp_weights("embed", weights.embed_weights(shape)))]
+    hidden = "embed.hidden_states"
+    outputs = {}
+    for layer, kind in enumerate(shape.layer_kinds):
+        prefix = f"layers.{layer}"
+        bindings = {
+            "hidden_states": hidden,
+            "position_ids": "position_ids",
+            "past_lengths": "past_lengths",
+            "past_key": f"past_key.{layer}",
+            "past_value": f"past_value.{layer}",
+        }
+        sources = weights.layer_weights(shape, layer, kind)
+        stamps.append(Stamp(kind.name, prefix, bindings, stamp_weights(prefix, sources)))
+        hidden = f"{prefix}.hidden_states_out"
+        outputs[f"present_key.{layer}"] = f"{prefix}.present_key"
+        outputs[f"present_value.{layer}"] = f"{prefix}.present_value"
+    stamps.append(Stamp("head", "head", {"hidden_states": hidden}, stamp_weights("head", weights.head_weights(shape))))
+    return link(templates, graph_inputs(shape), stamps, {"logits": "head.logits", **outputs})
+
+
+def _random_checkpoint(recipe: Recipe, directory: Path) -> None:
+    from llama4_deploy.export.reference import random_model
+
+    r = recipe.random
+    random_model(r.config, r.seed, r.logit_gain, r.router_gain).save_pretrained(directory)
+
+
+def _source_record(recipe: Recipe, checkpoint_dir: Path | None) -> dict[str, Any]:
+    if checkpoint_dir is not None:
+        return {"kind": "checkpoint", "path": str(checkpoint_dir)}
+    return {"kind": "random", "recipe": recipe.name, "random": recipe.random.model_dump()}
+
+
+def _manifest(recipe: Recipe, shape, source, passes, has_tokenizer: bool, seconds: float) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    layers = [
+        {
+            "index": i,
+            "attention": "chunked" if kind.rope else "global",
+            "cache_slots": shape.attention_chunk_size if kind.rope else None,
+            "moe": kind.moe,
+        }
+        for i, kind in enumerate(shape.layer_kinds)
+    ]
+    io_names = ["input_ids", "position_ids", "past_lengths"] + [
+        f"past_{kv}.{i}" for i in range(shape.num_layers) for kv in ("key", "value")
+    ]
+    return {
+        "name": recipe.name,
+        "model": shape.to_dict(),
+        "layers": layers,
+        "engine": {
+            "backend": recipe.backend,
+            "precision": recipe.precision,
+            "file": MODEL_FILE,
+            "external_data": DATA_FILE,
+            "inputs": io_names,
+            "outputs": ["logits"] + [f"present_{kv}.{i}" for i in range(shape.num_layers) for kv in ("key", "value")],
+            "cache_dtype": "float32",
+            "logits_dtype": "float32",
+        },
+        "profiles": recipe.profiles.model_dump(),
+        "tokenizer": "tokenizer.json" if has_tokenizer else None,
+        "source": source,
+        "verify": recipe.verify.model_dump(),
+        "golden": GOLDEN,
+        "build": {
+            "recipe": recipe.name,
+            "moe_dispatch": recipe.moe_dispatch,
+            "passes": passes,
+            "seconds": round(seconds, 1),
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+            },
+        },
+    }
+
+
+def _write_golden(staging: Path, shape) -> None:
+    """Engine outputs for a fixed short prompt, for comparing later backends without torch."""
+    from llama4_deploy.runtime import load
+
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, shape.vocab_size, size=8)]
+    with load(staging) as engine:
+        np.savez(staging / GOLDEN, input_ids=np.array(ids), logits=engine.score(ids, mode="prefill"))
+
+
+def build(
+    recipe: str | None = None,
+    checkpoint: str | Path | None = None,
+    out: str | Path | None = None,
+    log: Callable[[str], None] = _log,
+) -> BuildResult:
+    """Build a bundle. `recipe` names a recipe (default `tiny`, or a plain fp32 ONNX Runtime
+    build when only `checkpoint` is given); `checkpoint` is a Hugging Face checkpoint dir."""
+    from llama4_deploy.export.checkpoint import Checkpoint, CheckpointError
+
+    start = time.time()
+    if recipe is None and checkpoint is not None:
+        chosen = Recipe(name=Path(checkpoint).resolve().name, description=f"fp32 ONNX Runtime build of {checkpoint}")
+    else:
+        chosen = load_recipe(recipe or "tiny")
+    out = Path(out or Path("build") / chosen.name).resolve()
+    if checkpoint is None and chosen.random is None:
+        raise BuildError(
+            f"recipe {chosen.name} needs a checkpoint ({chosen.needs}): "
+            f"run make engine MODEL={chosen.name} CHECKPOINT=/path or llama4-deploy build --recipe {chosen.name} --checkpoint DIR"
+        )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    scratch = tempfile.TemporaryDirectory(prefix="llama4-deploy-")
+    try:
+        if checkpoint is None:
+            log(f"[load] recipe {chosen.name}: seeded random weights (seed {chosen.random.seed})")
+            source_dir = Path(scratch.name) / "checkpoint"
+            _random_checkpoint(chosen, source_dir)
+        else:
+            source_dir = Path(checkpoint)
+            log(f"[load] checkpoint {source_dir}")
+        try:
+            ckpt = Checkpoint(source_dir)
+            _check_expected(chosen, ckpt.shape)
+            _check_weights(ckpt, ckpt.shape)
+        except CheckpointError as err:
+            raise BuildError(str(err)) from None
+        shape = ckpt.shape
+        passes = _compile(ckpt, staging, log)
+        if ckpt.tokenizer_file is not None:
+            shutil.copyfile(ckpt.tokenizer_file, staging / "tokenizer.json")
+        source = _source_record(chosen, None if checkpoint is None else ckpt.path)
+        manifest = _manifest(chosen, shape, source, passes, ckpt.tokenizer_file is not None, time.time() - start)
+        write_manifest(staging, manifest)
+        log("[golden] engine logits for a fixed prompt")
+        _write_golden(staging, shape)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        scratch.cleanup()
+    seconds = time.time() - start
+    return BuildResult(out, seconds, _peak_rss_mb(), passes, manifest)
+
+
+def _compile(ckpt, staging: Path, log) -> dict[str, int]:
+    import onnx_ir as ir
+    from tqdm import tqdm
+
+    from llama4_deploy.export.trace import trace_templates
+    from llama4_deploy.graphs.lint import lint_static
+    from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
+
+    shape = ckpt.shape
+    kinds = sorted({k.name for k in shape.layer_kinds})
+    t = time.time()
+    log(f"[trace] embed, head and {len(kinds)} layer kinds: {', '.join(kinds)}")
+    templates = trace_templates(shape)
+    log(f"[trace] done in {time.time() - t:.1f}s")
+    model, stamped = link_model(ckpt, templates)
+    lowered, skipped = lower_moe_dense(model)
+    if skipped:
+        name, reason = next(iter(skipped.items()))
+        raise BuildError(f"MoE node {name} was not lowered: it {reason}")
+    problems = lint_static(model)
+    if problems:
+        raise BuildError(f"the graph breaks the static-shape rule: {problems[0]}")
+    passes = {"link": stamped, "lower_moe_dense": lowered}
+    log(f"[passes] {passes}")
+    tensors = [v for v in model.graph.initializers.values()]
+    with tqdm(total=sum(v.const_value.nbytes for v in tensors), unit="B", unit_scale=True, desc="[save] weights",
+              file=sys.stderr, disable=None) as bar:
+        ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE,
+                callback=lambda tensor, info: bar.update(tensor.nbytes), max_workers=1)
+    return passes

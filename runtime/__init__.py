@@ -1,0 +1,11 @@
+"""Runtime: load a bundle and generate. Imports neither torch nor transformers.
+
+    from llama4_deploy.runtime import load
+    engine = load("build/tiny")
+    out = engine.generate([[1, 2, 3]], max_new_tokens=16)
+"""
+
+from llama4_deploy.runtime.bundle import BundleError, Manifest, read_manifest
+from llama4_deploy.runtime.engine import Engine, Generation, load
+
+__all__ = ["BundleError", "Engine", "Generation", "Manifest", "load", "read_manifest"]

@@ -1,0 +1,68 @@
+"""ONNX Runtime backend: a runner with one public surface, used as a context manager.
+
+    with OnnxRuntimeRunner(path, threads) as runner:
+        outputs = runner.infer(feeds)
+
+`infer` checks feeds against the engine's declared inputs (names, dtypes, ranks, fixed dims)
+before calling ONNX Runtime. onnxruntime is imported lazily.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, model_path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+        self.model_path = Path(model_path)
+        self.threads = threads
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.session = None
+        self.inputs: dict[str, tuple[type, list]] = {}
+        self.output_names: list[str] = []
+
+    def activate(self) -> "OnnxRuntimeRunner":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        self.session = ort.InferenceSession(str(self.model_path), options, providers=self.providers)
+        self.inputs = {i.name: (_ORT_TYPES.get(i.type), list(i.shape)) for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        return self
+
+    def deactivate(self) -> None:
+        self.session = None
+
+    def __enter__(self) -> "OnnxRuntimeRunner":
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def validate(self, feeds: dict[str, np.ndarray]) -> None:
+        missing = set(self.inputs) - set(feeds)
+        extra = set(feeds) - set(self.inputs)
+        if missing or extra:
+            raise ValueError(f"feeds do not match the engine's inputs (missing {sorted(missing)}, unknown {sorted(extra)})")
+        for name, array in feeds.items():
+            dtype, dims = self.inputs[name]
+            if array.dtype != dtype:
+                raise ValueError(f"input {name} is {array.dtype}, the engine declares {np.dtype(dtype)}")
+            if array.ndim != len(dims):
+                raise ValueError(f"input {name} has rank {array.ndim}, the engine declares {len(dims)}")
+            for axis, (got, want) in enumerate(zip(array.shape, dims)):
+                if isinstance(want, int) and got != want:
+                    raise ValueError(f"input {name} has {got} on axis {axis}, the engine declares {want}")
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.session is None:
+            raise RuntimeError("runner is not active; use it as a context manager or call activate()")
+        self.validate(feeds)
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
