@@ -231,8 +231,8 @@ def build(
     out = Path(out or Path("build") / chosen.name).resolve()
     if checkpoint is None and chosen.random is None:
         raise BuildError(
-            f"recipe {chosen.name} needs a checkpoint ({chosen.needs}): "
-            f"run make engine MODEL={chosen.name} CHECKPOINT=/path or llama4-deploy build --recipe {chosen.name} --checkpoint DIR"
+            f"recipe {chosen.name} needs a checkpoint: run make engine MODEL={chosen.name} CHECKPOINT=/path "
+            f"(or llama4-deploy build --recipe {chosen.name} --checkpoint DIR)"
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ class Profiles(Strict):
 
 
 class Verify(Strict):
-    prompt_lengths: list[int] = Field(default_factory=lambda: [19, 11, 26])
+    prompt_lengths: list[int] | None = None  # None: derived from the chunk size (verify.py)
     new_tokens: int = Field(32, ge=1)
 
 

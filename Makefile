@@ -1,0 +1,29 @@
+# Two commands do everything: `make engine` (build + verify a bundle) and `make test`.
+MODEL ?= tiny
+CHECKPOINT ?=
+OUT ?= build/$(MODEL)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: engine test bench setup clean
+
+setup: $(STAMP)
+
+# torch first, pinned, so pip takes the CPU wheel on disk instead of pulling a CUDA build
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[build,test]'
+	touch $(STAMP)
+
+engine: $(STAMP)
+	$(BIN)/llama4-deploy build --recipe $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --out $(OUT)
+	$(BIN)/llama4-deploy verify $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf build

@@ -1,0 +1,106 @@
+"""`llama4-deploy`: build, verify and run bundles. Flags map one-to-one onto the functions."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from llama4_deploy.recipe import available
+
+
+class UserError(click.ClickException):
+    """One sentence on stderr, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+def _user_errors():
+    from llama4_deploy.build import BuildError
+    from llama4_deploy.export.checkpoint import CheckpointError
+    from llama4_deploy.recipe import RecipeError
+    from llama4_deploy.runtime.bundle import BundleError
+
+    return (BuildError, CheckpointError, RecipeError, BundleError, ValueError, FileNotFoundError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Compile Llama 4 checkpoints into static-shape engines, verify them, run them."""
+
+
+@main.command()
+@click.option("--recipe", help=f"recipe name ({', '.join(available())}) or a YAML path; default tiny")
+@click.option("--checkpoint", type=click.Path(), help="Hugging Face checkpoint directory")
+@click.option("--out", type=click.Path(), help="bundle directory (default build/<recipe>)")
+def build(recipe, checkpoint, out) -> None:
+    """Build a bundle from a recipe and/or a checkpoint."""
+    from llama4_deploy.build import build as run_build
+
+    try:
+        result = run_build(recipe=recipe, checkpoint=checkpoint, out=out)
+    except _user_errors() as err:
+        raise UserError(str(err)) from None
+    m = result.manifest
+    shape = m["model"]
+    click.echo(
+        f"built {result.bundle}: {shape['num_layers']} layers, {shape['num_experts']} experts, "
+        f"{m['engine']['precision']} {m['engine']['backend']}, passes {result.passes}, "
+        f"{result.seconds:.1f}s, peak RSS {result.peak_rss_mb:.0f} MB"
+    )
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
+def verify(bundle, threads) -> None:
+    """Compare a bundle with transformers; exit 1 on mismatch."""
+    from llama4_deploy.verify import verify as run_verify
+
+    try:
+        report = run_verify(bundle, threads=threads, log=lambda msg: click.echo(msg, err=True))
+    except _user_errors() as err:
+        raise UserError(str(err)) from None
+    click.echo(report.table())
+    sys.exit(0 if report.ok else 1)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--ids must be comma-separated integers, got {text!r}") from None
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--prompt", help="text, encoded with the bundle's tokenizer.json")
+@click.option("--ids", help="comma-separated token ids")
+@click.option("--max-new-tokens", default=32, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float)
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", type=int)
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
+def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads) -> None:
+    """Generate from a prompt (text or token ids)."""
+    from llama4_deploy.runtime import load
+    from llama4_deploy.runtime.tokenizer import load_tokenizer
+
+    if (prompt is None) == (ids is None):
+        raise UserError("give exactly one of --prompt TEXT or --ids 1,2,3")
+    try:
+        with load(bundle, threads=threads) as engine:
+            tokenizer = None
+            if prompt is not None:
+                tokenizer = load_tokenizer(engine.manifest)
+                prompt_ids = tokenizer.encode(prompt)
+            else:
+                prompt_ids = _parse_ids(ids)
+            result = engine.generate([prompt_ids], max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    except _user_errors() as err:
+        raise UserError(str(err)) from None
+    tokens = result.tokens[0]
+    click.echo(tokenizer.decode(tokens) if tokenizer else ",".join(map(str, tokens)))
