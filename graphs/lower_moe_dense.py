@@ -95,8 +95,9 @@ def lower_moe_dense(model: ir.Model) -> tuple[int, dict[str, str]]:
         output = replacement(tape, node, prefix)
         graph.insert_before(node, tape.nodes)
         old = node.outputs[0]
-        ir.convenience.replace_all_uses_with(old, output)
-        output.name = old.name
+        name, old.name = old.name, None
+        ir.convenience.replace_all_uses_with(old, output, replace_graph_outputs=True)
+        output.name = name
         graph.remove(node, safe=True)
         count += 1
     if not any(n.domain == ops.DOMAIN for n in graph):

@@ -1,0 +1,83 @@
+"""Fixtures are code: models come from a config and a seed, checkpoints from save_pretrained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llama4_deploy.recipe import load_recipe
+
+
+def tiny_config() -> dict:
+    return dict(load_recipe("tiny").random.config)
+
+
+def write_checkpoint(
+    directory: Path,
+    config: dict | None = None,
+    seed: int = 0,
+    multimodal: bool = False,
+    max_shard_size: str | None = None,
+    logit_gain: float = 40.0,
+    router_gain: float = 25.0,
+    tokenizer: bool = False,
+) -> Path:
+    """A Hugging Face checkpoint dir written by transformers itself (optionally sharded, multimodal)."""
+    import torch
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    from llama4_deploy.export.reference import random_model
+
+    text = random_model(config or tiny_config(), seed, logit_gain, router_gain)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    if multimodal:
+        vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                      vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, image_size=28, patch_size=14)
+        torch.manual_seed(seed)
+        full = Llama4ForConditionalGeneration(Llama4Config(text_config=text.config.to_dict(), vision_config=vision))
+        full.language_model.load_state_dict(text.state_dict())
+        full.save_pretrained(directory, **kwargs)
+    else:
+        text.save_pretrained(directory, **kwargs)
+    if tokenizer:
+        write_tokenizer(directory / "tokenizer.json", text.config.vocab_size)
+    return directory
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over `w0 ... w{n-1}` built with the tokenizers library."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    tokenizer.save(str(path))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    from llama4_deploy.build import build
+
+    return build("tiny", out=tmp_path_factory.mktemp("bundles") / "tiny", log=lambda _: None).bundle
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    """Sharded multimodal checkpoint (text model under `language_model.`) with a tokenizer."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "mm", seed=7, multimodal=True,
+                            max_shard_size="200KB", tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_bundle(tmp_path_factory, checkpoint_dir) -> Path:
+    from llama4_deploy.build import build
+
+    out = tmp_path_factory.mktemp("bundles") / "from-checkpoint"
+    return build(checkpoint=checkpoint_dir, out=out, log=lambda _: None).bundle
+
+
+def manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())

@@ -1,0 +1,50 @@
+"""Parity against transformers' Llama4ForCausalLM, fp32, ONNX Runtime CPU.
+
+Tolerance: max |dlogit| <= 1e-3 x max(1, max |logit|). Both sides are fp32 and differ only in
+summation order (fused MatMul vs eager bmm/sdpa), which moves logits by about 1e-5 here; the
+bound leaves two orders of magnitude while still catching any real error (a wrong RoPE pair,
+mask or expert choice moves logits by whole units). Greedy tokens must be identical for 32 new
+tokens on a ragged batch of three prompts, prefill then decode.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from llama4_deploy.verify import REL_TOLERANCE, verify
+
+
+def _check(report, chunk_crossings: int = 2):
+    assert report.ok, report.table()
+    assert len(report.prompt_lengths) == 3 and len(set(report.prompt_lengths)) == 3  # ragged
+    assert report.new_tokens == 32
+    # the longest prompt alone crosses at least two chunk boundaries
+    assert max(report.prompt_lengths) > chunk_crossings * report.chunk_size
+    # temperature tuning is active inside the prompts
+    assert report.temperature_tuning_from is not None and report.temperature_tuning_from < min(report.prompt_lengths)
+    paths = {row.path for row in report.rows}
+    assert paths == {"generate", "score:prefill", "score:decode"}
+    assert REL_TOLERANCE == 1e-3
+    for row in report.rows:
+        assert row.greedy_agree == row.greedy_total
+        assert row.comparison.stat == "max" and row.comparison.value <= row.comparison.tolerance
+
+
+def test_tiny(tiny_bundle):
+    _check(verify(str(tiny_bundle), log=lambda _: None))
+
+
+@pytest.mark.parametrize("recipe", ["scout-mini", "maverick-mini"])
+def test_mini_recipes(recipe, tmp_path):
+    from llama4_deploy.build import build
+
+    bundle = build(recipe, out=tmp_path / recipe, log=lambda _: None).bundle
+    _check(verify(str(bundle), log=lambda _: None))
+
+
+def test_sharded_multimodal_checkpoint(checkpoint_bundle, checkpoint_dir):
+    from tests.conftest import manifest
+
+    assert manifest(checkpoint_bundle)["source"] == {"kind": "checkpoint", "path": str(checkpoint_dir.resolve())}
+    assert len(list(checkpoint_dir.glob("model-*.safetensors"))) > 1  # really sharded
+    _check(verify(str(checkpoint_bundle), log=lambda _: None))
