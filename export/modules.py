@@ -35,9 +35,11 @@ def moe(
     shared_gate: torch.Tensor,
     shared_up: torch.Tensor,
     shared_down: torch.Tensor,
+    token_valid: torch.Tensor,
     top_k: int,
 ) -> torch.Tensor:
-    """Eager semantics of llama4_deploy.MoE (see graphs/ops.py): every expert on every token."""
+    """Eager semantics of llama4_deploy.MoE (see graphs/ops.py): every expert on every token.
+    `token_valid` does not change any valid token's output; lowerings use it for capacity."""
     logits = x @ router  # [N, E]
     top_value, top_index = torch.topk(logits, top_k, dim=-1)
     scores = torch.sigmoid(torch.full_like(logits, float("-inf")).scatter(1, top_index, top_value))
@@ -49,15 +51,15 @@ def moe(
 
 
 @moe.register_fake
-def _moe_fake(x, router, gate_up, down, shared_gate, shared_up, shared_down, top_k):
+def _moe_fake(x, router, gate_up, down, shared_gate, shared_up, shared_down, token_valid, top_k):
     return torch.empty_like(x)
 
 
-def moe_to_onnx(x, router, gate_up, down, shared_gate, shared_up, shared_down, top_k: int):
+def moe_to_onnx(x, router, gate_up, down, shared_gate, shared_up, shared_down, token_valid, top_k: int):
     """Translation of the custom op for torch.onnx.export: one node of the project's domain."""
     ops.register_schemas()
     node = onnxscript.values.Op(onnxscript.values.Opset(ops.DOMAIN, ops.VERSION), ops.MOE)
-    return node(x, router, gate_up, down, shared_gate, shared_up, shared_down, top_k=top_k)
+    return node(x, router, gate_up, down, shared_gate, shared_up, shared_down, token_valid, top_k=top_k)
 
 
 def _param(*dims: int) -> nn.Parameter:
@@ -170,10 +172,11 @@ class DecoderLayer(nn.Module):
         return context @ self.o, present_key, present_value
 
     # -- feed-forward ---------------------------------------------------------------------------
-    def feed_forward(self, x):
+    def feed_forward(self, x, position_ids):
         if not self.kind.moe:
             return (nn.functional.silu(x @ self.mlp_gate) * (x @ self.mlp_up)) @ self.mlp_down
         tokens = x.reshape(-1, x.shape[-1])
+        token_valid = (position_ids >= 0).reshape(-1)  # padding never takes expert capacity
         routed = torch.ops.llama4_deploy.moe(
             tokens,
             self.router,
@@ -182,6 +185,7 @@ class DecoderLayer(nn.Module):
             self.shared_gate,
             self.shared_up,
             self.shared_down,
+            token_valid,
             self.shape.top_k,
         )
         return routed.view(x.shape)
@@ -192,7 +196,7 @@ class DecoderLayer(nn.Module):
             rms_norm(hidden_states, eps) * self.input_norm, position_ids, past_lengths, past_key, past_value
         )
         hidden_states = hidden_states + attended
-        hidden_states = hidden_states + self.feed_forward(rms_norm(hidden_states, eps) * self.post_norm)
+        hidden_states = hidden_states + self.feed_forward(rms_norm(hidden_states, eps) * self.post_norm, position_ids)
         return hidden_states, present_key, present_value
 
 

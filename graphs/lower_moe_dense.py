@@ -22,11 +22,15 @@ import numpy as np
 import onnx_ir as ir
 
 from llama4_deploy.graphs import ops
+from llama4_deploy.graphs.moe_pass import run_moe_lowering
+
+
+STRATEGY = "dense"
 
 
 def check(node: ir.Node) -> str | None:
     """Why `node` cannot be lowered, or None."""
-    if len(node.inputs) != len(ops.MOE_INPUTS) or any(value is None for value in node.inputs):
+    if len(node.inputs) not in (len(ops.MOE_INPUTS) - 1, len(ops.MOE_INPUTS)) or any(v is None for v in node.inputs):
         return f"has {len(node.inputs)} inputs, expected {len(ops.MOE_INPUTS)}"
     top_k = node.attributes.get("top_k")
     if top_k is None or top_k.as_int() < 1:
@@ -37,16 +41,28 @@ def check(node: ir.Node) -> str | None:
     return None
 
 
-def _constant(tape: ir.tape.Tape, name: str, array: np.ndarray) -> ir.Value:
+def constant(tape: ir.tape.Tape, name: str, array: np.ndarray) -> ir.Value:
     return tape.op("Constant", [], {"value": ir.tensor(array, name=name)}, name=name)
 
 
-def _silu(tape: ir.tape.Tape, x: ir.Value, name: str) -> ir.Value:
+def silu(tape: ir.tape.Tape, x: ir.Value, name: str) -> ir.Value:
     return tape.op("Mul", [x, tape.op("Sigmoid", [x], name=f"{name}/Sigmoid")], name=f"{name}/Mul")
 
 
-def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> ir.Value:
-    x, router, gate_up, down, shared_gate, shared_up, shared_down = node.inputs
+_constant, _silu = constant, silu  # older names
+
+
+def shared_expert(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> ir.Value:
+    """The shared expert on every token: (silu(x @ gate) * (x @ up)) @ down."""
+    x, shared_gate, shared_up, shared_down = node.inputs[0], *node.inputs[4:7]
+    gate = tape.op("MatMul", [x, shared_gate], name=f"{prefix}/shared/Gate")
+    up = tape.op("MatMul", [x, shared_up], name=f"{prefix}/shared/Up")
+    glu = tape.op("Mul", [silu(tape, gate, f"{prefix}/shared/silu"), up], name=f"{prefix}/shared/GLU")
+    return tape.op("MatMul", [glu, shared_down], name=f"{prefix}/shared/Down")
+
+
+def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
+    x, router, gate_up, down = node.inputs[:4]
     top_k = node.attributes["top_k"].as_int()
     np_dtype = (x.dtype or ir.DataType.FLOAT).numpy()
 
@@ -54,7 +70,7 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> ir.Value:
         return tape.op(op_type, inputs, attributes, name=f"{prefix}/{name or op_type}")
 
     logits = op("MatMul", [x, router], name="router/MatMul")
-    k = _constant(tape, f"{prefix}/router/k", np.array([top_k], dtype=np.int64))
+    k = constant(tape, f"{prefix}/router/k", np.array([top_k], dtype=np.int64))
     top_value, top_index = tape.op_multi_out(
         "TopK", [logits, k], {"axis": -1}, num_outputs=2, name=f"{prefix}/router/TopK"
     )
@@ -63,44 +79,19 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> ir.Value:
     scattered = op("ScatterElements", [floor, top_index, top_value], {"axis": 1}, name="router/ScatterElements")
     score = op("Sigmoid", [scattered], name="router/Sigmoid")  # [N, E], 0 where unrouted
     expert_score = op("Unsqueeze", [op("Transpose", [score], {"perm": [1, 0]}),
-                                    _constant(tape, f"{prefix}/axis_last", np.array([-1], dtype=np.int64))])
+                                    constant(tape, f"{prefix}/axis_last", np.array([-1], dtype=np.int64))])
     routed_in = op("Mul", [expert_score, x], name="experts/ScaleInput")  # [E, N, H]
     gate, up = tape.op_multi_out(
         "Split", [op("MatMul", [routed_in, gate_up], name="experts/GateUp")], {"axis": -1, "num_outputs": 2},
         num_outputs=2, name=f"{prefix}/experts/Split",
     )
-    expert_out = op("MatMul", [op("Mul", [_silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"), down],
+    expert_out = op("MatMul", [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"), down],
                     name="experts/Down")  # [E, N, H]
-    routed = op("ReduceSum", [expert_out, _constant(tape, f"{prefix}/axis0", np.array([0], dtype=np.int64))],
+    routed = op("ReduceSum", [expert_out, constant(tape, f"{prefix}/axis0", np.array([0], dtype=np.int64))],
                 {"keepdims": 0}, name="experts/Sum")
-    shared_act = _silu(tape, op("MatMul", [x, shared_gate], name="shared/Gate"), f"{prefix}/shared/silu")
-    shared = op("MatMul", [op("Mul", [shared_act, op("MatMul", [x, shared_up], name="shared/Up")], name="shared/GLU"),
-                           shared_down], name="shared/Down")
-    return op("Add", [shared, routed], name="Add")
+    return [op("Add", [shared_expert(tape, node, prefix), routed], name="Add")]
 
 
 def lower_moe_dense(model: ir.Model) -> tuple[int, dict[str, str]]:
     """Replace every MoE node; returns (count, {node name: why it was not lowered})."""
-    graph = model.graph
-    count, skipped = 0, {}
-    for node in list(graph):
-        if node.domain != ops.DOMAIN or node.op_type != ops.MOE:
-            continue
-        reason = check(node)
-        if reason is not None:
-            skipped[node.name] = reason
-            continue
-        prefix = node.name.rsplit("/", 1)[0] + "/moe/dense" if "/" in (node.name or "") else "/moe/dense"
-        tape = ir.tape.Tape()
-        output = replacement(tape, node, prefix)
-        graph.insert_before(node, tape.nodes)
-        old = node.outputs[0]
-        name, old.name = old.name, None
-        ir.convenience.replace_all_uses_with(old, output, replace_graph_outputs=True)
-        output.name = name
-        graph.remove(node, safe=True)
-        count += 1
-    if not any(n.domain == ops.DOMAIN for n in graph):
-        graph.opset_imports.pop(ops.DOMAIN, None)
-        model.opset_imports.pop(ops.DOMAIN, None)
-    return count, skipped
+    return run_moe_lowering(model, STRATEGY, check, replacement)

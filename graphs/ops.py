@@ -9,6 +9,7 @@
              shared_gate  [H, I]       shared expert, matmul layout
              shared_up    [H, I]
              shared_down  [I, H]
+             token_valid  [N] bool     optional; false for padding, which must not take expert capacity
     attrs    top_k        experts per token (Llama 4: 1)
     output   y            [N, H]
 
@@ -28,7 +29,7 @@ from onnx.defs import OpSchema
 DOMAIN = "llama4_deploy"
 VERSION = 1
 MOE = "MoE"
-MOE_INPUTS = ("x", "router", "gate_up", "down", "shared_gate", "shared_up", "shared_down")
+MOE_INPUTS = ("x", "router", "gate_up", "down", "shared_gate", "shared_up", "shared_down", "token_valid")
 
 
 def _moe_schema() -> OpSchema:
@@ -38,9 +39,10 @@ def _moe_schema() -> OpSchema:
         DOMAIN,
         VERSION,
         doc=__doc__,
-        inputs=[OpSchema.FormalParameter(name, "T") for name in MOE_INPUTS],
+        inputs=[OpSchema.FormalParameter(name, "T") for name in MOE_INPUTS[:-1]]
+        + [OpSchema.FormalParameter("token_valid", "B", param_option=OpSchema.FormalParameterOption.Optional)],
         outputs=[OpSchema.FormalParameter("y", "T")],
-        type_constraints=[("T", float_types, "activations and weights")],
+        type_constraints=[("T", float_types, "activations and weights"), ("B", ["tensor(bool)"], "token mask")],
         attributes=[OpSchema.Attribute("top_k", OpSchema.AttrType.INT, "experts per token")],
     )
 

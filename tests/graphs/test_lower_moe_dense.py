@@ -16,7 +16,7 @@ def _moe_model(weights: dict[str, np.ndarray], hidden: int, top_k: int = 1) -> i
     ops.register_schemas()
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["tokens", hidden]))
     inits = []
-    for name in ops.MOE_INPUTS[1:]:
+    for name in ops.MOE_INPUTS[1:-1]:
         value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(weights[name].shape),
                          const_value=ir.tensor(weights[name], name=name))
         inits.append(value)
@@ -105,5 +105,5 @@ def test_top_k_above_one_matches_eager_op(top_k):
     lower_moe_dense(model)
     t = {k: torch.from_numpy(v) for k, v in weights.items()}
     expected = moe(torch.from_numpy(x), t["router"], t["gate_up"], t["down"], t["shared_gate"], t["shared_up"],
-                   t["shared_down"], top_k).numpy()
+                   t["shared_down"], torch.ones(5, dtype=torch.bool), top_k).numpy()
     np.testing.assert_allclose(_run(model, x), expected, atol=1e-5 * np.abs(expected).max(), rtol=0)

@@ -1,0 +1,128 @@
+"""Lower `llama4_deploy.MoE` expert-major with a fixed capacity per expert (`capacity`).
+
+    before:  y = MoE(x, router, gate_up, down, shared_gate, shared_up, shared_down, token_valid; top_k)
+
+    after:   logits        = MatMul(x, router)                                   # [N, E]
+             value, index  = TopK(logits, k)
+             routed        = ScatterElements(-inf[N, E], index, value)          # -inf where unrouted
+             key           = Where(token_valid, routed, -inf)                    # padding takes no slot
+             C             = min(N, ceil(capacity_factor * N * k / E))           # from the input dims only
+             slot_key, slot_token = TopK(Transpose(key), C)                      # [E, C]: each expert's C best tokens
+             slot_score    = Where(slot_key > -inf, Sigmoid(slot_key), 0)
+             expert_in     = Gather(x, slot_token) * slot_score                  # [E, C, H]
+             expert_out    = MatMul(silu(gate) * up, down)                       # one batched matmul over experts
+             routed_out    = ScatterND(zeros[N, H], slot_token, expert_out, reduction=add)
+             y             = shared(x) + routed_out
+             overflow      = ReduceMax(ReduceSum(key > -inf, axis=0)) > C        # any expert over capacity?
+
+Why it is exact when `overflow` is false: every (token, chosen expert) pair then has a slot, so
+each valid token receives exactly the sum over its chosen experts of expert(score * x), as in
+the reference. Unused slots carry a zero score, hence a zero input, hence a zero output (no
+biases), and add nothing where they scatter. Overflow is detected exactly: it is true iff some
+expert was chosen by more valid tokens than it has slots. When it is true the runtime reruns
+the step on an exact engine, so results are always exact. Padding is masked out of `key`, so
+it neither takes capacity nor raises overflow.
+
+Cost: E*C token-expert products, about capacity_factor times the routed FLOPs, and every
+expert's weights read once per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from llama4_deploy.graphs.lower_moe_dense import check as check_dense
+from llama4_deploy.graphs.lower_moe_dense import constant, shared_expert, silu
+from llama4_deploy.graphs.moe_pass import run_moe_lowering
+
+STRATEGY = "capacity"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CapacityConfig:
+    capacity_factor: float = 1.25
+
+    def __post_init__(self):
+        if not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor is {self.capacity_factor}; it must be positive")
+
+
+def check(node: ir.Node) -> str | None:
+    reason = check_dense(node)
+    if reason is None and len(node.inputs) < 8:
+        return "has no token_valid input, so padding could take capacity"
+    if reason is None and not (node.inputs[1].shape and isinstance(node.inputs[1].shape[-1], int)):
+        return "has a router whose expert count is not static"
+    return reason
+
+
+def make_replacement(config: CapacityConfig):
+    def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
+        x, router, gate_up, down = node.inputs[:4]
+        token_valid = node.inputs[7]
+        top_k = node.attributes["top_k"].as_int()
+        num_experts = node.inputs[1].shape[-1]
+        np_dtype = (x.dtype or ir.DataType.FLOAT).numpy()
+
+        def op(op_type, inputs, attributes=None, name=None):
+            return tape.op(op_type, inputs, attributes, name=f"{prefix}/{name or op_type}")
+
+        def const(name, array):
+            return constant(tape, f"{prefix}/{name}", np.asarray(array))
+
+        logits = op("MatMul", [x, router], name="router/MatMul")
+        top_value, top_index = tape.op_multi_out(
+            "TopK", [logits, const("router/k", np.array([top_k], dtype=np.int64))], {"axis": -1}, num_outputs=2,
+            name=f"{prefix}/router/TopK",
+        )
+        neg_inf = const("neg_inf", np.array(-np.inf, dtype=np_dtype))
+        floor = op("Expand", [neg_inf, op("Shape", [logits], name="router/Shape")], name="router/NegInf")
+        routed = op("ScatterElements", [floor, top_index, top_value], {"axis": 1}, name="router/ScatterElements")
+        valid = op("Unsqueeze", [token_valid, const("axis_last", np.array([-1], dtype=np.int64))],
+                   name="dispatch/ValidColumn")  # [N, 1]
+        key = op("Transpose", [op("Where", [valid, routed, neg_inf], name="dispatch/MaskPadding")],
+                 {"perm": [1, 0]}, name="dispatch/ExpertMajor")  # [E, N]
+        # capacity from the token count (an input dimension), never from routing values
+        tokens = op("Shape", [x], {"start": 0, "end": 1}, name="dispatch/Tokens")  # [1]
+        scaled = op("Mul", [op("Cast", [tokens], {"to": ir.DataType.FLOAT}, name="dispatch/TokensF"),
+                            const("capacity_per_token", np.array(config.capacity_factor * top_k / num_experts,
+                                                                 dtype=np.float32))], name="dispatch/Scale")
+        capacity = op("Min", [op("Cast", [op("Ceil", [scaled], name="dispatch/Ceil")], {"to": ir.DataType.INT64},
+                                 name="dispatch/CapacityInt"), tokens], name="dispatch/Capacity")  # [1]
+        slot_key, slot_token = tape.op_multi_out("TopK", [key, capacity], {"axis": -1}, num_outputs=2,
+                                                 name=f"{prefix}/dispatch/TopK")  # [E, C]
+        slot_used = op("Greater", [slot_key, neg_inf], name="dispatch/SlotUsed")
+        zero = const("zero", np.array(0, dtype=np_dtype))
+        slot_score = op("Where", [slot_used, op("Sigmoid", [slot_key], name="dispatch/Sigmoid"), zero],
+                        name="dispatch/SlotScore")
+        expert_in = op("Mul", [op("Gather", [x, slot_token], {"axis": 0}, name="dispatch/GatherTokens"),
+                               op("Unsqueeze", [slot_score, const("axis_last2", np.array([-1], dtype=np.int64))],
+                                  name="dispatch/ScoreColumn")], name="dispatch/ScaleInput")  # [E, C, H]
+        gate, up = tape.op_multi_out("Split", [op("MatMul", [expert_in, gate_up], name="experts/GateUp")],
+                                     {"axis": -1, "num_outputs": 2}, num_outputs=2, name=f"{prefix}/experts/Split")
+        expert_out = op("MatMul", [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"),
+                                   down], name="experts/Down")  # [E, C, H]
+        combined = op("ScatterND", [
+            op("Expand", [zero, op("Shape", [x], name="combine/Shape")], name="combine/Zeros"),
+            op("Unsqueeze", [slot_token, const("axis_last3", np.array([-1], dtype=np.int64))], name="combine/Index"),
+            expert_out,
+        ], {"reduction": "add"}, name="combine/ScatterAdd")
+        load = op("ReduceSum", [op("Cast", [op("Greater", [key, neg_inf], name="overflow/Routed")],
+                                   {"to": ir.DataType.FLOAT}, name="overflow/RoutedF"),
+                                const("axis1", np.array([1], dtype=np.int64))], {"keepdims": 0},
+                  name="overflow/Load")  # [E] valid tokens per expert
+        peak = op("ReduceMax", [load, const("axis0", np.array([0], dtype=np.int64))], {"keepdims": 1},
+                  name="overflow/Peak")  # [1]
+        overflow = op("Greater", [peak, op("Cast", [capacity], {"to": ir.DataType.FLOAT}, name="overflow/CapacityF")],
+                      name="overflow/Greater")
+        return [op("Add", [shared_expert(tape, node, prefix), combined], name="Add"), overflow]
+
+    return replacement
+
+
+def lower_moe_capacity(model: ir.Model, config: CapacityConfig = CapacityConfig()) -> tuple[int, dict[str, str]]:
+    """Replace every MoE node; adds the `moe_overflow` graph output. Returns (count, skipped)."""
+    return run_moe_lowering(model, STRATEGY, check, make_replacement(config))
