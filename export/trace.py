@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import warnings
 
@@ -115,9 +116,17 @@ def trace_head(shape: ModelShape) -> ir.Model:
     return _export(build, dims, ("hidden_states",), ("logits",))
 
 
+_TEMPLATES: dict[str, dict[str, ir.Model]] = {}
+
+
 def trace_templates(shape: ModelShape) -> dict[str, ir.Model]:
-    """Every template a model of this shape needs: embed, head, and one per layer kind present."""
-    templates = {"embed": trace_embed(shape), "head": trace_head(shape)}
-    for kind in dict.fromkeys(shape.layer_kinds):
-        templates[kind.name] = trace_layer(shape, kind)
-    return templates
+    """Every template a model of this shape needs: embed, head, and one per layer kind present.
+
+    Memoized per shape within the process (linking clones templates, never mutates them)."""
+    key = json.dumps(shape.to_dict(), sort_keys=True)
+    if key not in _TEMPLATES:
+        templates = {"embed": trace_embed(shape), "head": trace_head(shape)}
+        for kind in dict.fromkeys(shape.layer_kinds):
+            templates[kind.name] = trace_layer(shape, kind)
+        _TEMPLATES[key] = templates
+    return _TEMPLATES[key]

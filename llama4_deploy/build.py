@@ -21,8 +21,7 @@ import numpy as np
 from llama4_deploy.recipe import Recipe, load_recipe
 from llama4_deploy.runtime.bundle import GOLDEN, write_manifest
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
+DATA_FILE = "weights.data"
 
 
 class BuildError(ValueError):
@@ -152,7 +151,7 @@ def _source_record(recipe: Recipe, checkpoint_dir: Path | None) -> dict[str, Any
     return {"kind": "random", "recipe": recipe.name, "random": recipe.random.model_dump()}
 
 
-def _manifest(recipe: Recipe, shape, source, passes, has_tokenizer: bool, seconds: float) -> dict[str, Any]:
+def _manifest(recipe: Recipe, shape, source, passes, graphs, has_tokenizer: bool, seconds: float) -> dict[str, Any]:
     import onnx
     import onnxruntime
     import torch
@@ -177,10 +176,11 @@ def _manifest(recipe: Recipe, shape, source, passes, has_tokenizer: bool, second
         "engine": {
             "backend": recipe.backend,
             "precision": recipe.precision,
-            "file": MODEL_FILE,
+            "graphs": graphs,
             "external_data": DATA_FILE,
             "inputs": io_names,
-            "outputs": ["logits"] + [f"present_{kv}.{i}" for i in range(shape.num_layers) for kv in ("key", "value")],
+            "outputs": ["logits"] + [f"present_{kv}.{i}" for i in range(shape.num_layers) for kv in ("key", "value")]
+            + (["moe_overflow"] if any(g["reports_overflow"] for g in graphs.values()) else []),
             "cache_dtype": "float32",
             "logits_dtype": "float32",
         },
@@ -217,17 +217,24 @@ def build(
     recipe: str | None = None,
     checkpoint: str | Path | None = None,
     out: str | Path | None = None,
+    moe_dispatch: str | None = None,
     log: Callable[[str], None] = _log,
 ) -> BuildResult:
     """Build a bundle. `recipe` names a recipe (default `tiny`, or a plain fp32 ONNX Runtime
-    build when only `checkpoint` is given); `checkpoint` is a Hugging Face checkpoint dir."""
+    build when only `checkpoint` is given); `checkpoint` is a Hugging Face checkpoint dir;
+    `moe_dispatch` overrides the recipe's (dense, gather, capacity, native or auto)."""
     from llama4_deploy.export.checkpoint import Checkpoint, CheckpointError
+    from llama4_deploy.graphs.dispatch import CHOICES
 
     start = time.time()
     if recipe is None and checkpoint is not None:
         chosen = Recipe(name=Path(checkpoint).resolve().name, description=f"fp32 ONNX Runtime build of {checkpoint}")
     else:
         chosen = load_recipe(recipe or "tiny")
+    if moe_dispatch is not None:
+        if moe_dispatch not in CHOICES:
+            raise BuildError(f"unknown MoE dispatch {moe_dispatch!r}; choose one of {', '.join(CHOICES)}")
+        chosen = chosen.model_copy(update={"moe_dispatch": moe_dispatch})
     out = Path(out or Path("build") / chosen.name).resolve()
     if checkpoint is None and chosen.random is None:
         raise BuildError(
@@ -253,11 +260,14 @@ def build(
         except CheckpointError as err:
             raise BuildError(str(err)) from None
         shape = ckpt.shape
-        passes = _compile(ckpt, staging, log)
+        try:
+            passes, graphs = _compile(ckpt, chosen, staging, log)
+        except CheckpointError as err:  # a tensor that fails to read while streaming
+            raise BuildError(str(err)) from None
         if ckpt.tokenizer_file is not None:
             shutil.copyfile(ckpt.tokenizer_file, staging / "tokenizer.json")
         source = _source_record(chosen, None if checkpoint is None else ckpt.path)
-        manifest = _manifest(chosen, shape, source, passes, ckpt.tokenizer_file is not None, time.time() - start)
+        manifest = _manifest(chosen, shape, source, passes, graphs, ckpt.tokenizer_file is not None, time.time() - start)
         write_manifest(staging, manifest)
         log("[golden] engine logits for a fixed prompt")
         _write_golden(staging, shape)
@@ -273,13 +283,11 @@ def build(
     return BuildResult(out, seconds, _peak_rss_mb(), passes, manifest)
 
 
-def _compile(ckpt, staging: Path, log) -> dict[str, int]:
-    import onnx_ir as ir
-    from tqdm import tqdm
-
+def _compile(ckpt, recipe: Recipe, staging: Path, log) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+    """Trace, link, lower per engine role, lint, save. Returns (pass counts, graphs by role)."""
     from llama4_deploy.export.trace import trace_templates
+    from llama4_deploy.graphs import dispatch
     from llama4_deploy.graphs.lint import lint_static
-    from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
 
     shape = ckpt.shape
     kinds = sorted({k.name for k in shape.layer_kinds})
@@ -287,19 +295,64 @@ def _compile(ckpt, staging: Path, log) -> dict[str, int]:
     log(f"[trace] embed, head and {len(kinds)} layer kinds: {', '.join(kinds)}")
     templates = trace_templates(shape)
     log(f"[trace] done in {time.time() - t:.1f}s")
-    model, stamped = link_model(ckpt, templates)
-    lowered, skipped = lower_moe_dense(model)
-    if skipped:
-        name, reason = next(iter(skipped.items()))
-        raise BuildError(f"MoE node {name} was not lowered: it {reason}")
-    problems = lint_static(model)
-    if problems:
-        raise BuildError(f"the graph breaks the static-shape rule: {problems[0]}")
-    passes = {"link": stamped, "lower_moe_dense": lowered}
+    passes: dict[str, int] = {}
+    lowered: dict[str, Any] = {}
+
+    def lower(strategy: str):
+        if strategy not in lowered:
+            model, passes["link"] = link_model(ckpt, templates)
+            count, skipped = dispatch.lowering(strategy, recipe.capacity_factor)(model)
+            if skipped:
+                name, reason = next(iter(skipped.items()))
+                raise BuildError(f"MoE node {name} was not lowered to {strategy}: it {reason}")
+            problems = lint_static(model)
+            if problems:
+                raise BuildError(f"the {strategy} graph breaks the static-shape rule: {problems[0]}")
+            passes[f"lower_moe_{strategy}"] = count
+            lowered[strategy] = model
+        return lowered[strategy]
+
+    try:
+        roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lower, shape.to_dict(), recipe.profiles.model_dump(),
+                              recipe.capacity_factor)
+    except ValueError as err:
+        raise BuildError(str(err)) from None
+    log(f"[dispatch] {recipe.moe_dispatch}: {roles}")
+    used = {strategy: lower(strategy) for strategy in dict.fromkeys(roles.values())}
     log(f"[passes] {passes}")
-    tensors = [v for v in model.graph.initializers.values()]
-    with tqdm(total=sum(v.const_value.nbytes for v in tensors), unit="B", unit_scale=True, desc="[save] weights",
+    _save_graphs(used, staging)
+    graphs = {}
+    for role, strategy in roles.items():
+        graphs[role] = {"file": f"{strategy}.onnx", "moe_dispatch": strategy,
+                        "reports_overflow": strategy == "capacity"}
+        if strategy == "capacity":
+            graphs[role]["capacity_factor"] = recipe.capacity_factor
+    return passes, graphs
+
+
+def _save_graphs(models: dict[str, Any], staging: Path) -> None:
+    """Save each graph as `<strategy>.onnx`, all referencing one external-data file.
+
+    The union of their initializers is written once (streamed, one tensor at a time) through a
+    weights-only model, then each graph is saved pointing at those external tensors.
+    """
+    import onnx_ir as ir
+    from tqdm import tqdm
+
+    union: dict[str, ir.Value] = {}
+    for model in models.values():
+        for name, value in model.graph.initializers.items():
+            union.setdefault(name, value)
+    holders = [ir.Value(name=name, type=value.type, shape=value.shape, const_value=value.const_value)
+               for name, value in union.items()]
+    weights = ir.Model(ir.Graph([], [], nodes=[], initializers=holders, opset_imports={"": 21}), ir_version=10)
+    index = staging / "weights.onnx"
+    with tqdm(total=sum(v.const_value.nbytes for v in holders), unit="B", unit_scale=True, desc="[save] weights",
               file=sys.stderr, disable=None) as bar:
-        ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE,
-                callback=lambda tensor, info: bar.update(tensor.nbytes), max_workers=1)
-    return passes
+        ir.save(weights, index, external_data=DATA_FILE, callback=lambda tensor, info: bar.update(tensor.nbytes))
+    stored = ir.load(index).graph.initializers
+    for strategy, model in models.items():
+        for name, value in model.graph.initializers.items():
+            value.const_value = stored[name].const_value
+        ir.save(model, staging / f"{strategy}.onnx")
+    index.unlink()

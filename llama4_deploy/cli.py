@@ -36,12 +36,14 @@ def main() -> None:
 @click.option("--recipe", help=f"recipe name ({', '.join(available())}) or a YAML path; default tiny")
 @click.option("--checkpoint", type=click.Path(), help="Hugging Face checkpoint directory")
 @click.option("--out", type=click.Path(), help="bundle directory (default build/<recipe>)")
-def build(recipe, checkpoint, out) -> None:
+@click.option("--moe-dispatch", type=click.Choice(["dense", "gather", "capacity", "native", "auto"]),
+              help="MoE lowering (default: the recipe's, auto)")
+def build(recipe, checkpoint, out, moe_dispatch) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
     try:
-        result = run_build(recipe=recipe, checkpoint=checkpoint, out=out)
+        result = run_build(recipe=recipe, checkpoint=checkpoint, out=out, moe_dispatch=moe_dispatch)
     except _user_errors() as err:
         raise UserError(str(err)) from None
     m = result.manifest
@@ -66,6 +68,18 @@ def verify(bundle, threads) -> None:
         raise UserError(str(err)) from None
     click.echo(report.table())
     sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+def cost(bundle) -> None:
+    """FLOPs and weight bytes per step, counted from the graphs, vs ideal and dense."""
+    from llama4_deploy.costs import bundle_costs, cost_table
+
+    try:
+        click.echo(cost_table(bundle_costs(bundle)))
+    except _user_errors() as err:
+        raise UserError(str(err)) from None
 
 
 def _parse_ids(text: str) -> list[int]:

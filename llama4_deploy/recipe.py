@@ -48,7 +48,8 @@ class Recipe(Strict):
     expect_config: dict[str, Any] = Field(default_factory=dict)  # published facts a checkpoint must match
     precision: Literal["fp32"] = "fp32"
     backend: Literal["onnxruntime"] = "onnxruntime"
-    moe_dispatch: Literal["dense"] = "dense"
+    moe_dispatch: Literal["dense", "gather", "capacity", "native", "auto"] = "auto"
+    capacity_factor: float = Field(1.25, gt=0)  # slots per expert = ceil(factor * tokens * k / experts)
     profiles: Profiles = Profiles()
     verify: Verify = Verify()
 

@@ -39,6 +39,9 @@ class Report:
     new_tokens: int
     chunk_size: int
     temperature_tuning_from: int | None
+    graphs: dict[str, str]  # role -> MoE dispatch
+    steps: int = 0
+    overflow_reruns: int = 0
 
     @property
     def ok(self) -> bool:
@@ -53,6 +56,8 @@ class Report:
             f"prompts {self.prompt_lengths} tokens + {self.new_tokens} new; chunk {self.chunk_size} "
             f"(positions cross up to {(max(self.prompt_lengths) + self.new_tokens - 1) // self.chunk_size} chunk "
             f"boundaries); temperature tuning active from position {self.temperature_tuning_from}",
+            f"MoE dispatch {self.graphs}; {self.steps} engine steps, {self.overflow_reruns} rerun on the exact "
+            f"graph after a capacity overflow",
             f"{'path':<16}{'prompt':>7}{'tokens':>8}{'max|dlogit|':>14}{'tolerance':>12}{'greedy':>10}  result",
         ]
         for row in self.rows:
@@ -89,6 +94,7 @@ def verify(bundle: str, threads: int | None = None, log=print) -> Report:
     log(f"[verify] rebuilding the transformers reference from {manifest.raw['source']['kind']} source")
     reference = reference_model(manifest.raw["source"])
     rows = []
+    graphs = {role: graph["moe_dispatch"] for role, graph in manifest.engine["graphs"].items()}
     with load(bundle, threads=threads) as engine:
         log(f"[verify] generating {new_tokens} tokens for {len(prompts)} prompts")
         generation = engine.generate(prompts, new_tokens, stop_tokens=[], return_logits=True)
@@ -108,7 +114,8 @@ def verify(bundle: str, threads: int | None = None, log=print) -> Report:
             agree = int((scored.argmax(-1) == sequence_expected.argmax(-1)).sum())
             rows.append(Row(f"score:{mode}", longest, len(sequence), compare(scored, sequence_expected, tolerance),
                             agree, len(sequence)))
+        steps, reruns = engine.steps, engine.overflow_reruns
     tuning = None
     if model.get("attn_temperature_tuning") and not all(model["rope_layers"]):
         tuning = int(model["floor_scale"]) - 1  # floor((p + 1) / floor_scale) >= 1
-    return Report(rows, lengths, new_tokens, chunk, tuning)
+    return Report(rows, lengths, new_tokens, chunk, tuning, graphs, steps, reruns)

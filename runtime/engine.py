@@ -26,6 +26,7 @@ class Generation:
     tokens: list[list[int]]  # new tokens per prompt (a stop token, when hit, is the last one)
     logits: list[np.ndarray] | None = None  # per prompt [new tokens, V]: what each token was chosen from
     steps: int = 0  # engine calls made
+    overflow_reruns: int = 0  # steps rerun on the exact engine after a capacity overflow
 
 
 class KVCache:
@@ -110,14 +111,18 @@ class Engine:
         engine = manifest.engine
         if engine["backend"] != "onnxruntime":
             raise ValueError(f"bundle {manifest.name} targets {engine['backend']}; this runtime runs onnxruntime bundles")
-        self.runner = OnnxRuntimeRunner(manifest.path / engine["file"], threads=threads).activate()
+        self.graphs = engine["graphs"]  # role (prefill, decode, exact) -> graph record
+        files = dict.fromkeys(graph["file"] for graph in self.graphs.values())
+        self.runners = {f: OnnxRuntimeRunner(manifest.path / f, threads=threads).activate() for f in files}
         self.vocab_size = manifest.vocab_size
         self.max_batch = manifest.profiles["max_batch"]
         self.prefill_tokens = manifest.profiles["prefill_tokens"]
         self.steps = 0
+        self.overflow_reruns = 0
 
     def close(self) -> None:
-        self.runner.deactivate()
+        for runner in self.runners.values():
+            runner.deactivate()
 
     def __enter__(self) -> "Engine":
         return self
@@ -142,9 +147,16 @@ class Engine:
 
     # -- steps ----------------------------------------------------------------------------------
     def run_step(self, cache: KVCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One engine call on ids/positions [B, T]; returns logits [B, T, V] and updates the cache."""
+        """One engine call on ids/positions [B, T]; returns logits [B, T, V] and updates the cache.
+
+        A capacity-limited graph reports `moe_overflow`; the step is then rerun on the exact
+        graph before anything is written, so results never depend on capacity."""
         feeds = {"input_ids": ids, "position_ids": positions, "past_lengths": cache.lengths.copy(), **cache.feeds()}
-        outputs = self.runner.infer(feeds)
+        role = "decode" if ids.shape[1] == 1 else "prefill"
+        outputs = self.runners[self.graphs[role]["file"]].infer(feeds)
+        if self.graphs[role].get("reports_overflow") and outputs["moe_overflow"].any():
+            outputs = self.runners[self.graphs["exact"]["file"]].infer(feeds)
+            self.overflow_reruns += 1
         cache.write(outputs, positions)
         self.steps += 1
         return outputs["logits"]
@@ -204,7 +216,7 @@ class Engine:
         rng = np.random.default_rng(seed)
         tokens: list[list[int]] = []
         logits: list[np.ndarray] = []
-        steps_before = self.steps
+        steps_before, reruns_before = self.steps, self.overflow_reruns
         for start in range(0, len(prompts), self.max_batch):
             group = prompts[start : start + self.max_batch]
             cache = KVCache(self.manifest, len(group))
@@ -224,7 +236,8 @@ class Engine:
                 step_logits = self.decode_step(cache, np.where(active, chosen, 0), active)
             tokens.extend(new)
             logits.extend(np.stack(rows) for rows in chosen_from)
-        return Generation(tokens, logits if return_logits else None, self.steps - steps_before)
+        return Generation(tokens, logits if return_logits else None, self.steps - steps_before,
+                          self.overflow_reruns - reruns_before)
 
     def score(self, ids: Sequence[int], mode: str = "prefill") -> np.ndarray:
         """Logits [len(ids), V] at every position, through the prefill path (in chunks of the

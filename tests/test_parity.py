@@ -34,12 +34,23 @@ def test_tiny(tiny_bundle):
     _check(verify(str(tiny_bundle), log=lambda _: None))
 
 
-@pytest.mark.parametrize("recipe", ["scout-mini", "maverick-mini"])
-def test_mini_recipes(recipe, tmp_path):
+@pytest.mark.parametrize("dispatch", ["dense", "gather", "capacity", "native", "auto"])
+@pytest.mark.parametrize("recipe", ["tiny", "scout-mini", "maverick-mini"])
+def test_every_dispatch_is_exact(recipe, dispatch, tmp_path):
+    """Each MoE lowering against transformers. Capacity-limited steps that overflow are rerun on
+    the exact graph; the capacity graph must still have produced some steps itself."""
     from llama4_deploy.build import build
 
-    bundle = build(recipe, out=tmp_path / recipe, log=lambda _: None).bundle
-    _check(verify(str(bundle), log=lambda _: None))
+    bundle = build(recipe, out=tmp_path / recipe, moe_dispatch=dispatch, log=lambda _: None).bundle
+    report = verify(str(bundle), log=lambda _: None)
+    _check(report)
+    if dispatch != "auto":
+        assert report.graphs["prefill"] == report.graphs["decode"] == dispatch
+    uses_capacity = "capacity" in (report.graphs["prefill"], report.graphs["decode"])
+    assert ("exact" in report.graphs) == uses_capacity
+    if uses_capacity:
+        assert report.graphs["exact"] in ("native", "gather", "dense")
+        assert report.overflow_reruns < report.steps
 
 
 def test_sharded_multimodal_checkpoint(checkpoint_bundle, checkpoint_dir):

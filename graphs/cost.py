@@ -1,0 +1,205 @@
+"""Cost model: FLOPs and weight bytes of one engine step, counted node by node from the graph.
+
+Concrete input dimensions (batch, new tokens, context) are substituted into the graph inputs
+and ONNX shape inference (with data propagation) gives every node's output shape. Then:
+
+- MatMul / Gemm: 2 x (output elements) x (reduction length) FLOPs;
+- every other node: one FLOP per output element (norms, activations, masks: small);
+- weight bytes: each read of an initializer by a node counts its full size, except Gather,
+  which reads only the rows it gathers (embedding lookups, per-token expert weights).
+
+Next to the graph's count the model gives two formulas for the MoE part only (nodes under a
+`/moe/` name scope), everything else being taken from the graph as is:
+- ideal: active parameters only: the router, the shared expert, and k experts per token, and
+  the weights of at most min(N*k, E) distinct experts per layer;
+- dense: every expert on every token (transformers' formulation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    flops: float
+    weight_bytes: float
+
+    def ratio(self, other: "StepCost") -> tuple[float, float]:
+        return self.flops / other.flops, self.weight_bytes / other.weight_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class CostReport:
+    dims: dict[str, int]
+    graph: StepCost
+    ideal: StepCost
+    dense: StepCost
+    unresolved: int  # nodes whose output shape inference could not pin down (counted as 0)
+
+
+_FOLD_LIMIT = 64  # elements; shape computations are tiny, masks and activations are not
+
+
+def _fold_small_values(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Evaluate small nodes whose inputs are all known (constants, or Shape of a value whose shape
+    inference resolved) and turn their outputs into initializers, so that inference sees the
+    concrete values of shape computations (capacity, TopK's k, Reshape targets). True if any."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    known = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
+             if t.data_location != onnx.TensorProto.EXTERNAL and np.prod(t.dims) <= _FOLD_LIMIT}
+    folded, keep = False, []
+    for node in proto.graph.node:
+        values = None
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None and np.prod(value.dims) <= _FOLD_LIMIT:
+                known[node.output[0]] = numpy_helper.to_array(value)
+            keep.append(node)
+            continue
+        if node.op_type == "Shape" and node.input[0] in shapes:
+            start = next((a.i for a in node.attribute if a.name == "start"), 0)
+            end = next((a.i for a in node.attribute if a.name == "end"), None)
+            values = [np.array(shapes[node.input[0]][start:end], dtype=np.int64)]
+        elif node.input and all(name in known for name in node.input if name) and \
+                all(known[name].size <= _FOLD_LIMIT for name in node.input if name):
+            single = onnx.helper.make_model(
+                onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_value_info(o, onnx.TypeProto())
+                                                              for o in node.output]),
+                opset_imports=proto.opset_import)
+            try:
+                values = ReferenceEvaluator(single).run(None, {k: known[k] for k in node.input if k})
+            except Exception:
+                values = None
+        if values is not None and all(np.asarray(v).size <= _FOLD_LIMIT for v in values):
+            for name, value in zip(node.output, values):
+                known[name] = np.asarray(value)
+                proto.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+            folded = True
+            continue
+        keep.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    return folded
+
+
+def _shapes(model: ir.Model, dims: dict[str, int]) -> dict[str, tuple[int, ...] | None]:
+    proto = ir.to_proto(model)
+    for value in proto.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in dims:
+                dim.dim_value = dims[dim.dim_param]
+    del proto.graph.value_info[:]
+    for value in proto.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for _ in range(8):  # infer, fold what became known, repeat
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        for value in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+            shape = value.type.tensor_type.shape
+            if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in shape.dim):
+                shapes[value.name] = tuple(d.dim_value for d in shape.dim)
+        for tensor in proto.graph.initializer:
+            shapes.setdefault(tensor.name, tuple(tensor.dims))
+        opaque = _declare_opaque_outputs(proto, shapes)
+        if not (_fold_small_values(proto, shapes) or opaque):
+            break
+    return shapes
+
+
+def _declare_opaque_outputs(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """ONNX has no schema for com.microsoft.MoE; its output has its input's shape and type."""
+    added = False
+    for node in proto.graph.node:
+        if node.domain == "com.microsoft" and node.op_type == "MoE" and node.output[0] not in shapes \
+                and node.input[0] in shapes:
+            shapes[node.output[0]] = shapes[node.input[0]]
+            proto.graph.value_info.append(onnx.helper.make_tensor_value_info(
+                node.output[0], onnx.TensorProto.FLOAT, list(shapes[node.input[0]])))
+            added = True
+    return added
+
+
+def _weight_bytes(value: ir.Value) -> int:
+    return math.prod(value.shape.numpy()) * value.dtype.itemsize
+
+
+def graph_cost(model: ir.Model, dims: dict[str, int], scope: str | None = None) -> tuple[StepCost, StepCost, int]:
+    """(cost of all nodes, cost of nodes whose name contains `scope`, unresolved count)."""
+    shapes = _shapes(model, dims)
+    initializers = model.graph.initializers
+    total, scoped, unresolved = [0.0, 0.0], [0.0, 0.0], 0
+    for node in model.graph:
+        out = shapes.get(node.outputs[0].name) if node.outputs else None
+        flops = weight = 0.0
+        if out is None:
+            unresolved += node.op_type not in ("Constant",)
+        else:
+            elements = math.prod(out)
+            if node.op_type in ("MatMul", "Gemm"):
+                a = shapes.get(node.inputs[0].name) if node.inputs[0].name not in initializers else \
+                    tuple(initializers[node.inputs[0].name].shape.numpy())
+                flops = 2.0 * elements * (a[-1] if a else 0)
+            elif node.domain == "com.microsoft" and node.op_type == "MoE":
+                flops, weight = _native_moe_cost(node, out)
+            else:
+                flops = float(elements)
+            for i, value in enumerate(node.inputs):
+                if value is None or value.name not in initializers or node.op_type == "MoE":
+                    continue
+                if node.op_type == "Gather" and i == 0:
+                    weight += elements * value.dtype.itemsize
+                else:
+                    weight += _weight_bytes(value)
+        total[0] += flops
+        total[1] += weight
+        if scope is not None and scope in (node.name or ""):
+            scoped[0] += flops
+            scoped[1] += weight
+    return StepCost(*total), StepCost(*scoped), unresolved
+
+
+def _native_moe_cost(node: ir.Node, out: tuple[int, ...]) -> tuple[float, float]:
+    """ONNX Runtime's fused MoE kernel runs only the chosen experts, reading each used expert once:
+    k expert evaluations per token (two matmuls, fc1 [2I, H] and fc2 [H, I]) and the weights of at
+    most min(N * k, E) experts."""
+    tokens = math.prod(out[:-1])
+    top_k = node.attributes["k"].as_int()
+    fc1, fc2 = node.inputs[2], node.inputs[4]
+    experts = fc1.shape[0]
+    per_expert_params = math.prod(fc1.shape.numpy()[1:]) + math.prod(fc2.shape.numpy()[1:])
+    flops = tokens * top_k * 2.0 * per_expert_params
+    weight = min(tokens * top_k, experts) * per_expert_params * fc1.dtype.itemsize
+    return flops, weight
+
+
+def moe_formula(model_facts: dict[str, Any], tokens: int, routed_experts_per_token: float,
+                distinct_experts: int, itemsize: int = 4) -> StepCost:
+    """FLOPs and weight bytes of every MoE layer by formula (router, shared expert, routed experts)."""
+    H, I, E = model_facts["hidden_size"], model_facts["intermediate_size"], model_facts["num_experts"]
+    layers = len(model_facts["moe_layers"])
+    expert_params = 3 * H * I  # gate, up, down
+    flops = tokens * (2 * H * E + 2 * expert_params + routed_experts_per_token * 2 * expert_params)
+    weights = (H * E + expert_params + distinct_experts * expert_params) * itemsize
+    return StepCost(layers * flops, layers * weights)
+
+
+def step_cost(model: ir.Model, model_facts: dict[str, Any], dims: dict[str, int]) -> CostReport:
+    """The graph's cost for one step with these dims, next to the ideal and dense formulations."""
+    graph, moe_part, unresolved = graph_cost(model, dims, scope="/moe/")
+    tokens = dims["batch"] * dims["new"]
+    E, k = model_facts["num_experts"], model_facts["top_k"]
+    rest = StepCost(graph.flops - moe_part.flops, graph.weight_bytes - moe_part.weight_bytes)
+    ideal_moe = moe_formula(model_facts, tokens, k, min(tokens * k, E))
+    dense_moe = moe_formula(model_facts, tokens, E, E)
+    ideal = StepCost(rest.flops + ideal_moe.flops, rest.weight_bytes + ideal_moe.weight_bytes)
+    dense = StepCost(rest.flops + dense_moe.flops, rest.weight_bytes + dense_moe.weight_bytes)
+    return CostReport(dims, graph, ideal, dense, unresolved)

@@ -1,0 +1,122 @@
+"""MoE dispatch planning: which lowering each engine role gets, for a backend.
+
+Roles: `prefill` (many new tokens per row), `decode` (one per row), and `exact` (the engine a
+step is rerun on when a capacity-limited engine reports overflow; present only then).
+
+`auto` lowers every candidate the backend can run, prices each role's step with the cost
+model (graphs/cost.py) under the backend's machine balance (roofline time: the larger of
+FLOPs / peak FLOP/s and weight bytes / bandwidth, weight bytes that a Gather copies counted
+twice more for the write and re-read), and keeps the cheapest. A capacity-limited candidate
+also pays its rerun: the probability that some expert overflows under uniformly random
+routing times the exact engine's price. Ties go to the exact strategy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import onnx_ir as ir
+
+from llama4_deploy.graphs.cost import graph_cost, step_cost
+from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, lower_moe_capacity
+from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
+from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
+
+EXACT = ("native", "gather", "dense")  # preference order among exact strategies
+STRATEGIES = ("dense", "gather", "capacity", "native")
+CHOICES = STRATEGIES + ("auto",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    flops_per_s: float
+    bytes_per_s: float
+
+
+# machine balance used to price candidates (not a benchmark): a 2-core AVX2 CPU in fp32, an H200
+MACHINES = {"onnxruntime": Machine(60e9, 15e9), "tensorrt": Machine(790e12, 4.8e12)}
+BACKEND_STRATEGIES = {"onnxruntime": STRATEGIES, "tensorrt": ("dense", "gather", "capacity")}
+
+
+
+def lowering(strategy: str, capacity_factor: float = 1.25) -> Callable[[ir.Model], tuple[int, dict[str, str]]]:
+    if strategy == "dense":
+        return lower_moe_dense
+    if strategy == "gather":
+        return lower_moe_gather
+    if strategy == "capacity":
+        config = CapacityConfig(capacity_factor=capacity_factor)
+        return lambda model: lower_moe_capacity(model, config)
+    if strategy == "native":
+        from llama4_deploy.graphs.lower_moe_native import lower_moe_native
+
+        return lower_moe_native
+    raise ValueError(f"unknown MoE dispatch {strategy!r}; choose one of {', '.join(CHOICES)}")
+
+
+def role_dims(role: str, profiles: dict[str, int]) -> dict[str, int]:
+    """The step each role is priced at: its profile's largest shape."""
+    if role == "decode":
+        return {"batch": profiles["max_batch"], "new": 1, "context": profiles["max_context"]}
+    return {"batch": 1, "new": profiles["prefill_tokens"], "context": 16}
+
+
+def estimated_seconds(model: ir.Model, facts: dict[str, Any], dims: dict[str, int], machine: Machine) -> float:
+    report = step_cost(model, facts, dims)
+    _, gathered, _ = graph_cost(model, dims, scope="/experts/Gather")  # weight copies: written, then read again
+    weight_traffic = report.graph.weight_bytes + 2 * gathered.weight_bytes
+    return max(report.graph.flops / machine.flops_per_s, weight_traffic / machine.bytes_per_s)
+
+
+def overflow_probability(tokens: int, experts: int, top_k: int, capacity_factor: float, trials: int = 2000) -> float:
+    """P(max expert load > capacity) for uniformly random top-k routing (seeded Monte Carlo)."""
+    import math
+
+    import numpy as np
+
+    capacity = min(tokens, math.ceil(capacity_factor * tokens * top_k / experts))
+    rng = np.random.default_rng(0)
+    choices = np.argsort(rng.random((trials, tokens, experts)), axis=-1)[..., :top_k].reshape(trials, -1)
+    loads = np.stack([np.bincount(row, minlength=experts) for row in choices])
+    return float((loads.max(axis=1) > capacity).mean())
+
+
+def plan(
+    requested: str,
+    backend: str,
+    lowered: Callable[[str], ir.Model],
+    facts: dict[str, Any],
+    profiles: dict[str, int],
+    capacity_factor: float = 1.25,
+) -> dict[str, str]:
+    """{role: strategy}. `lowered(strategy)` returns the linked model lowered with it."""
+    allowed = BACKEND_STRATEGIES[backend]
+    machine = MACHINES[backend]
+
+    def price(strategy: str, role: str) -> float:
+        dims = role_dims(role, profiles)
+        seconds = estimated_seconds(lowered(strategy), facts, dims, machine)
+        if strategy == "capacity":
+            tokens = dims["batch"] * dims["new"]
+            p = overflow_probability(tokens, facts["num_experts"], facts["top_k"], capacity_factor)
+            seconds += p * min(price(s, role) for s in allowed if s in EXACT)
+        return seconds
+
+    if requested != "auto":
+        if requested not in allowed:
+            raise ValueError(f"MoE dispatch {requested!r} is not available for the {backend} backend "
+                             f"(choose one of {', '.join(allowed)} or auto)")
+        roles = {"prefill": requested, "decode": requested}
+    else:
+        roles = {}
+        for role in ("prefill", "decode"):
+            priced = {s: price(s, role) for s in allowed}
+            roles[role] = min(priced, key=lambda s: (priced[s], s not in EXACT))
+    if "capacity" in roles.values():
+        exact = [s for s in EXACT if s in allowed]
+        if requested == "auto":
+            exact.sort(key=lambda s: price(s, "prefill"))
+        roles["exact"] = exact[0]
+    return roles

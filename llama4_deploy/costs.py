@@ -1,0 +1,62 @@
+"""`llama4-deploy cost`: the cost model's table for a bundle's graphs at its profiles' shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from llama4_deploy.runtime.bundle import read_manifest
+
+
+@dataclasses.dataclass
+class CostRow:
+    point: str
+    graph: str
+    dispatch: str
+    flops: float
+    weight_bytes: float
+    flops_vs_ideal: float
+    bytes_vs_ideal: float
+    dense_flops_vs_ideal: float
+    dense_bytes_vs_ideal: float
+    unresolved: int
+
+
+def cost_points(profiles: dict[str, int]) -> list[tuple[str, str, dict[str, int]]]:
+    """(label, role, dims): decode at batch 1 and 8 (or the profile's max) on a full context,
+    prefill at 256 and 1024 tokens (within the profile) from an empty cache."""
+    context = profiles["max_context"]
+    points = [("decode b1", "decode", {"batch": 1, "new": 1, "context": context})]
+    if profiles["max_batch"] > 1:
+        batch = min(8, profiles["max_batch"])
+        points.append((f"decode b{batch}", "decode", {"batch": batch, "new": 1, "context": context}))
+    for tokens in sorted({min(256, profiles["prefill_tokens"]), min(1024, profiles["prefill_tokens"])}):
+        points.append((f"prefill {tokens}", "prefill", {"batch": 1, "new": tokens, "context": 16}))
+    return points
+
+
+def bundle_costs(bundle: str | Path) -> list[CostRow]:
+    import onnx_ir as ir
+
+    from llama4_deploy.graphs.cost import step_cost
+
+    manifest = read_manifest(bundle)
+    graphs = manifest.engine["graphs"]
+    models = {g["file"]: ir.load(manifest.path / g["file"]) for g in graphs.values()}
+    rows = []
+    for label, role, dims in cost_points(manifest.profiles):
+        graph = graphs[role]
+        report = step_cost(models[graph["file"]], manifest.model, dims)
+        rows.append(CostRow(label, graph["file"], graph["moe_dispatch"], report.graph.flops, report.graph.weight_bytes,
+                            *report.graph.ratio(report.ideal), *report.dense.ratio(report.ideal), report.unresolved))
+    return rows
+
+
+def cost_table(rows: list[CostRow]) -> str:
+    lines = [f"{'step':<14}{'graph':<16}{'GFLOP':>10}{'MB':>10}{'FLOPs/ideal':>13}{'bytes/ideal':>13}"
+             f"{'dense FLOPs':>13}{'dense bytes':>13}"]
+    for r in rows:
+        lines.append(f"{r.point:<14}{r.graph:<16}{r.flops / 1e9:>10.3f}{r.weight_bytes / 1e6:>10.2f}"
+                     f"{r.flops_vs_ideal:>12.3f}x{r.bytes_vs_ideal:>12.3f}x{r.dense_flops_vs_ideal:>12.3f}x"
+                     f"{r.dense_bytes_vs_ideal:>12.3f}x")
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""lower_moe_native: structure (one com.microsoft.MoE), lazy weights, refusals, and numbers
+(ONNX Runtime's CPU MoE kernel vs transformers' Llama4TextMoe on the same weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from llama4_deploy.graphs import ops
+from llama4_deploy.graphs.lower_moe_native import MS_DOMAIN, fc1_layout, fc2_layout, lower_moe_native
+
+E, H, I = 16, 64, 32  # 2I == H: fc1 is square, so only the numbers would catch a transposed fc1
+TOKENS = 13
+
+
+def _moe_model(weights: dict[str, np.ndarray], hidden: int = H, top_k: int = 1,
+               tensors: dict[str, ir.TensorProtocol] | None = None, as_inputs: tuple[str, ...] = ()) -> ir.Model:
+    """One llama4_deploy.MoE node; weights are initializers, except those named in `as_inputs`."""
+    ops.register_schemas()
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["tokens", hidden]))
+    inputs, values, inits = [x], [], []
+    for name in ops.MOE_INPUTS[1:-1]:
+        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(weights[name].shape))
+        if name in as_inputs:
+            inputs.append(value)
+        else:
+            value.const_value = (tensors or {}).get(name) or ir.tensor(weights[name], name=name)
+            inits.append(value)
+        values.append(value)
+    node = ir.Node(ops.DOMAIN, ops.MOE, [x, *values], attributes=[ir.AttrInt64("top_k", top_k)],
+                   name="/layers.1/node_moe", num_outputs=1)
+    node.outputs[0].name = "y"
+    graph = ir.Graph(inputs, node.outputs, nodes=[node], initializers=inits,
+                     opset_imports={"": 21, ops.DOMAIN: 1})
+    return ir.Model(graph, ir_version=10)
+
+
+def _hf_moe(num_experts=E, hidden=H, intermediate=I, seed=0):
+    from transformers import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    torch.manual_seed(seed)
+    cfg = Llama4TextConfig(hidden_size=hidden, intermediate_size=intermediate, num_local_experts=num_experts,
+                           num_experts_per_tok=1)
+    moe = Llama4TextMoe(cfg).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    weights = {
+        "router": moe.router.weight.T.detach().numpy().copy(),
+        "gate_up": moe.experts.gate_up_proj.detach().numpy().copy(),
+        "down": moe.experts.down_proj.detach().numpy().copy(),
+        "shared_gate": moe.shared_expert.gate_proj.weight.T.detach().numpy().copy(),
+        "shared_up": moe.shared_expert.up_proj.weight.T.detach().numpy().copy(),
+        "shared_down": moe.shared_expert.down_proj.weight.T.detach().numpy().copy(),
+    }
+    return moe, weights
+
+
+def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def _x(seed=0, tokens=TOKENS):
+    return np.random.default_rng(seed).normal(size=(tokens, H)).astype(np.float32)
+
+
+def test_structure_and_count():
+    _, weights = _hf_moe()
+    model = _moe_model(weights)
+    count, skipped = lower_moe_native(model)
+    assert (count, skipped) == (1, {})
+    nodes = list(model.graph)
+    moe_nodes = [n for n in nodes if (n.domain, n.op_type) == (MS_DOMAIN, "MoE")]
+    assert len(moe_nodes) == 1
+    assert not any(n.domain == ops.DOMAIN for n in nodes)
+    assert ops.DOMAIN not in model.opset_imports and model.opset_imports[MS_DOMAIN] == 1
+    assert all(n.name.startswith("/layers.1/moe/native/") for n in nodes)
+    assert model.graph.outputs[0].name == "y"
+    moe = moe_nodes[0]
+    attrs = {name: attr.value for name, attr in moe.attributes.items()}
+    assert attrs == {"k": 1, "activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
+                     "activation_beta": 0.0, "normalize_routing_weights": 1, "use_sparse_mixer": 0}
+    fc1, bias, fc2 = moe.inputs[2], moe.inputs[3], moe.inputs[4]
+    assert bias is None and len(moe.inputs) == 5
+    assert (fc1.name, fc1.shape.numpy()) == ("gate_up.native_fc1", (E, 2 * I, H))
+    assert (fc2.name, fc2.shape.numpy()) == ("down.native_fc2", (E, H, I))
+    # the originals are replaced, not duplicated; the shared expert and router stay as they were
+    assert set(model.graph.initializers) == {"router", "shared_gate", "shared_up", "shared_down",
+                                             "gate_up.native_fc1", "down.native_fc2"}
+
+
+def test_weight_layouts():
+    """fc1 row 2i is gate column i, row 2i+1 is up column i; fc2 is down transposed per expert."""
+    _, weights = _hf_moe()
+    gate_up, down = weights["gate_up"], weights["down"]
+    fc1, fc2 = fc1_layout(gate_up), fc2_layout(down)
+    np.testing.assert_array_equal(fc1[:, 0::2, :], gate_up[..., :I].transpose(0, 2, 1))
+    np.testing.assert_array_equal(fc1[:, 1::2, :], gate_up[..., I:].transpose(0, 2, 1))
+    np.testing.assert_array_equal(fc2, down.transpose(0, 2, 1))
+
+
+def test_matches_transformers_moe():
+    """fp32 both sides; the kernel's routing weight is exactly 1 and only summation order differs
+    (MLAS vs torch GEMMs): observed 3.5e-7 x max|y| here, at most 4.4e-7 over 5 weight seeds x
+    {1, 13, 64} tokens, so 1e-5 x max|y| is a >20x margin, while a wrong layout (not interleaved,
+    not transposed), unnormalized routing weight or unscaled input is off by O(max|y|)."""
+    moe, weights = _hf_moe()
+    x = _x()
+    model = _moe_model(weights)
+    lower_moe_native(model)
+    got = _run(model, x)
+    with torch.no_grad():
+        expected, _ = moe(torch.from_numpy(x))
+    expected = expected.numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
+    # the test exercises routing: tokens go to several experts, and the routed part matters
+    assert len(set((x @ weights["router"]).argmax(axis=1).tolist())) >= 4
+    gate = x @ weights["shared_gate"]
+    shared_only = (gate / (1 + np.exp(-gate)) * (x @ weights["shared_up"])) @ weights["shared_down"]
+    assert np.abs(shared_only - expected).max() > 0.1
+
+
+def test_weights_stay_lazy():
+    """The pass reads no weight data; the re-laid-out copies are computed at serialization."""
+    _, weights = _hf_moe()
+    reads = []
+
+    def lazy(name):
+        def load():
+            reads.append(name)
+            return ir.tensor(weights[name], name=name)
+        return ir.LazyTensor(load, dtype=ir.DataType.FLOAT, shape=ir.Shape(weights[name].shape), name=name)
+
+    model = _moe_model(weights, tensors={"gate_up": lazy("gate_up"), "down": lazy("down")})
+    assert lower_moe_native(model) == (1, {})
+    assert reads == []
+    for name in ("gate_up.native_fc1", "down.native_fc2"):
+        assert isinstance(model.graph.initializers[name].const_value, ir.LazyTensor)
+    reference = _moe_model(weights)
+    lower_moe_native(reference)
+    x = _x(seed=2)
+    np.testing.assert_array_equal(_run(model, x), _run(reference, x))
+    assert sorted(set(reads)) == ["down", "gate_up"]
+
+
+def test_refuses_top_k_above_one():
+    _, weights = _hf_moe()
+    model = _moe_model(weights, top_k=2)
+    count, skipped = lower_moe_native(model)
+    assert count == 0
+    assert skipped == {"/layers.1/node_moe": "has top_k 2; com.microsoft.MoE can express only top_k 1 "
+                                             "(Llama 4 scales each expert's input by its own score, "
+                                             "the op weights outputs)"}
+    # nothing changed: the node, its domain, its weights
+    assert [(n.domain, n.op_type) for n in model.graph] == [(ops.DOMAIN, ops.MOE)]
+    assert ops.DOMAIN in model.opset_imports and MS_DOMAIN not in model.opset_imports
+    assert "gate_up" in model.graph.initializers and "gate_up.native_fc1" not in model.graph.initializers
+
+
+@pytest.mark.parametrize("name", ["gate_up", "down"])
+def test_refuses_weights_without_value(name):
+    _, weights = _hf_moe()
+    model = _moe_model(weights, as_inputs=(name,))
+    count, skipped = lower_moe_native(model)
+    assert count == 0
+    assert skipped == {"/layers.1/node_moe": f"has a {name} input ({name}) that is not an initializer "
+                                             "with a value, so it cannot be re-laid out"}
+
+
+def test_two_layers_sharing_weights():
+    """Weights shared by two MoE nodes are re-laid out once; the second node's input (an untyped
+    intermediate) still lowers and serializes. Compared with the dense lowering (same tolerance)."""
+    from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
+
+    _, weights = _hf_moe()
+
+    def two_layers():
+        model = _moe_model(weights)
+        first = next(iter(model.graph))
+        second = ir.Node(ops.DOMAIN, ops.MOE, [first.outputs[0], *first.inputs[1:]],
+                         attributes=[ir.AttrInt64("top_k", 1)], name="/layers.3/node_moe", num_outputs=1)
+        model.graph.append(second)
+        first.outputs[0].name, second.outputs[0].name = "y1", "y"
+        model.graph.outputs[0] = second.outputs[0]
+        return model
+
+    native, dense = two_layers(), two_layers()
+    assert lower_moe_native(native) == (2, {})
+    lower_moe_dense(dense)
+    assert sorted(n.name for n in native.graph if n.op_type == "MoE") == [
+        "/layers.1/moe/native/experts/MoE", "/layers.3/moe/native/experts/MoE"]
+    assert [name for name in native.graph.initializers if "native" in name] == ["gate_up.native_fc1", "down.native_fc2"]
+    x = _x(seed=3)
+    expected = _run(dense, x)
+    np.testing.assert_allclose(_run(native, x), expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
