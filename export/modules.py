@@ -7,7 +7,8 @@ Differences from transformers' eager modules, all numerically neutral:
   values only.
 - Masks are computed from `position_ids` and `past_lengths`, so rows of a batch may have
   different lengths. A position of -1 marks a padded token: it is never a valid key, and its
-  own (meaningless) output is finite.
+  own (meaningless) output is finite. Masks, RoPE angles and the NoPE temperature are
+  computed once per step by the `Prologue` and shared by every layer of a kind.
 - RoPE is real-valued on interleaved pairs (2i, 2i+1); no complex numbers.
 - The MoE is one call to the custom op `llama4_deploy::moe`, exported as a single
   `llama4_deploy.MoE` node (graphs/ops.py) that graph passes lower.
@@ -67,14 +68,94 @@ def _param(*dims: int) -> nn.Parameter:
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    # written as a division so ONNX Runtime fuses it into SimplifiedLayerNormalization
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs. x [B, T, heads, D]; cos, sin [B, T, 1, D/2]."""
-    pairs = x.unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+def pair_rotation(head_dim: int) -> torch.Tensor:
+    """[D, D] matrix P with (x @ P) swapping each interleaved pair (x0, x1) into (-x1, x0).
+
+    Every column has a single +-1, so the product is exact; it replaces the unflatten / select /
+    stack of the pairs with one MatMul."""
+    rotation = torch.zeros(head_dim, head_dim)
+    even = torch.arange(0, head_dim, 2)
+    rotation[even + 1, even] = -1.0
+    rotation[even, even + 1] = 1.0
+    return rotation
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) by angle i. x [B, T, heads, D]; cos, sin [B, T, 1, D]
+    (each angle repeated for both members of its pair)."""
+    return x * cos + (x @ rotation) * sin
+
+
+class Prologue(nn.Module):
+    """What every layer of a kind shares, computed once per step from positions and lengths:
+    the attention masks of chunked and global layers, RoPE cos/sin, the NoPE temperature
+    scale, and which tokens are real (position -1 marks padding).
+
+    Inputs: position_ids [B, T], past_lengths [B], and for models with global layers the cache
+    of the first one (only its length S is read).
+    """
+
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.shape = shape
+        self.has_rope = any(shape.rope_layers)
+        self.has_global = not all(shape.rope_layers)
+        if self.has_rope:
+            inv_freq = torch.tensor(shape.rope_inv_freq(), dtype=torch.float32)
+            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+
+    @staticmethod
+    def outputs(shape: ModelShape) -> tuple[str, ...]:
+        names = ["token_valid"]
+        if any(shape.rope_layers):
+            names += ["chunked_cache_mask", "chunked_new_mask", "rope_cos", "rope_sin"]
+        if not all(shape.rope_layers):
+            names += ["global_cache_mask", "global_new_mask"]
+            if shape.attn_temperature_tuning:
+                names += ["temperature"]
+        return tuple(names)
+
+    def mask(self, position_ids, past_lengths, cache_slots: int, chunked: bool):
+        """Which keys query t may attend: ([B, 1, 1, T, S] over cache slots, [B, 1, 1, T, T] over
+        the new tokens). Two tensors so that every dimension is an input dimension."""
+        slot = torch.arange(cache_slots, device=position_ids.device)[None, :]  # [1, S]
+        filled = past_lengths[:, None]  # [B, 1]
+        if chunked:
+            # ring buffer: slot s holds the newest position p < filled with p mod C == s
+            cache_pos = filled - 1 - torch.remainder(filled - 1 - slot, cache_slots)
+            cache_valid = cache_pos >= 0
+        else:
+            cache_pos = slot.expand(past_lengths.shape[0], cache_slots)
+            cache_valid = slot < filled
+        key_pos = torch.cat([cache_pos, position_ids], dim=1)  # [B, S + T]
+        key_valid = torch.cat([cache_valid, position_ids >= 0], dim=1)
+        query_pos = position_ids[:, :, None]  # [B, T, 1]
+        allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= query_pos)
+        if chunked:
+            chunk = self.shape.attention_chunk_size
+            chunk_start = torch.div(query_pos, chunk, rounding_mode="floor") * chunk
+            allowed = allowed & (key_pos[:, None, :] >= chunk_start)
+        allowed = allowed[:, None, None]
+        return allowed[..., :cache_slots], allowed[..., cache_slots:]
+
+    def forward(self, position_ids, past_lengths, *global_past_key):
+        shape = self.shape
+        outputs = [(position_ids >= 0).reshape(-1)]  # token_valid [B * T]
+        positions = position_ids.to(torch.float32)[:, :, None, None]  # [B, T, 1, 1]
+        if self.has_rope:
+            outputs.extend(self.mask(position_ids, past_lengths, shape.attention_chunk_size, chunked=True))
+            angles = positions * self.rope_inv_freq  # [B, T, 1, D/2]
+            outputs.append(torch.cos(angles).repeat_interleave(2, dim=-1))  # [B, T, 1, D]
+            outputs.append(torch.sin(angles).repeat_interleave(2, dim=-1))
+        if self.has_global:
+            outputs.extend(self.mask(position_ids, past_lengths, global_past_key[0].shape[2], chunked=False))
+            if shape.attn_temperature_tuning:
+                outputs.append(torch.log1p(torch.floor((positions + 1.0) / shape.floor_scale)) * shape.attn_scale + 1.0)
+        return tuple(outputs)
 
 
 class DecoderLayer(nn.Module):
@@ -108,55 +189,36 @@ class DecoderLayer(nn.Module):
             self.mlp_up = _param(H, M)
             self.mlp_down = _param(M, H)
         if kind.rope:
-            inv_freq = torch.tensor(shape.rope_inv_freq(), dtype=torch.float32)
-            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+            self.register_buffer("rope_rotation", pair_rotation(D), persistent=False)
+
+    @staticmethod
+    def inputs(shape: ModelShape, kind: LayerKind) -> tuple[str, ...]:
+        """Template input names; the prologue's outputs keep their names."""
+        scope = "chunked" if kind.rope else "global"
+        names = ["hidden_states", f"{scope}_cache_mask", f"{scope}_new_mask"]
+        if kind.rope:
+            names += ["rope_cos", "rope_sin"]
+        elif shape.attn_temperature_tuning:
+            names += ["temperature"]
+        if kind.moe:
+            names += ["token_valid"]
+        return tuple(names + ["past_key", "past_value"])
 
     # -- attention ------------------------------------------------------------------------------
-    def key_positions(self, position_ids, past_lengths, cache_slots: int):
-        """Position held by every key this step attends over: cache slots, then new tokens.
-
-        Returns ([B, S + T] int64 positions, [B, S + T] bool validity).
-        """
-        slot = torch.arange(cache_slots, device=position_ids.device)[None, :]  # [1, S]
-        filled = past_lengths[:, None]  # [B, 1]
-        if self.kind.rope:
-            # ring buffer: slot s holds the newest position p < filled with p mod C == s
-            cache_pos = filled - 1 - torch.remainder(filled - 1 - slot, cache_slots)
-            cache_valid = cache_pos >= 0
-        else:
-            cache_pos = slot.expand(past_lengths.shape[0], cache_slots)
-            cache_valid = slot < filled
-        key_pos = torch.cat([cache_pos, position_ids], dim=1)
-        key_valid = torch.cat([cache_valid, position_ids >= 0], dim=1)
-        return key_pos, key_valid
-
-    def attention_mask(self, position_ids, past_lengths, cache_slots: int):
-        """[B, 1, 1, T, S + T] bool: query t may attend key j."""
-        key_pos, key_valid = self.key_positions(position_ids, past_lengths, cache_slots)
-        query_pos = position_ids[:, :, None]  # [B, T, 1]
-        allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= query_pos)
-        if self.kind.rope:
-            chunk = self.shape.attention_chunk_size
-            chunk_start = torch.div(query_pos, chunk, rounding_mode="floor") * chunk
-            allowed = allowed & (key_pos[:, None, :] >= chunk_start)
-        return allowed[:, None, None]
-
-    def attention(self, x, position_ids, past_lengths, past_key, past_value):
+    def attention(self, x, cache_mask, new_mask, rope_cos, rope_sin, temperature, past_key, past_value):
         shape = self.shape
         B, T = x.shape[0], x.shape[1]
         Q, K, D = shape.num_heads, shape.num_kv_heads, shape.head_dim
         query = (x @ self.q).view(B, T, Q, D)
         key = (x @ self.k).view(B, T, K, D)
         value = (x @ self.v).view(B, T, K, D)
-        positions = position_ids.to(torch.float32)[:, :, None, None]  # [B, T, 1, 1]
         if self.kind.rope:
-            angles = positions * self.rope_inv_freq  # [B, T, 1, D/2]
-            cos, sin = torch.cos(angles), torch.sin(angles)
-            query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+            query = apply_rope(query, rope_cos, rope_sin, self.rope_rotation)
+            key = apply_rope(key, rope_cos, rope_sin, self.rope_rotation)
             if shape.use_qk_norm:
                 query, key = rms_norm(query, shape.rms_norm_eps), rms_norm(key, shape.rms_norm_eps)
-        elif shape.attn_temperature_tuning:
-            query = query * (torch.log1p(torch.floor((positions + 1.0) / shape.floor_scale)) * shape.attn_scale + 1.0)
+        elif temperature is not None:
+            query = query * temperature  # [B, T, 1, 1]
 
         present_key = key.transpose(1, 2)  # [B, K, T, D]
         present_value = value.transpose(1, 2)
@@ -164,19 +226,18 @@ class DecoderLayer(nn.Module):
         values = torch.cat([past_value, present_value], dim=2)
         grouped_query = query.view(B, T, K, Q // K, D).permute(0, 2, 3, 1, 4)  # [B, K, G, T, D]
         scores = grouped_query @ keys[:, :, None].transpose(-1, -2) * (D**-0.5)  # [B, K, G, T, S + T]
-        mask = self.attention_mask(position_ids, past_lengths, past_key.shape[2])
         # a finite floor keeps fully masked (padded) rows finite instead of NaN
+        mask = torch.cat([cache_mask, new_mask], dim=-1)  # [B, 1, 1, T, S + T]
         scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
         context = scores.softmax(-1) @ values[:, :, None]  # [B, K, G, T, D]
         context = context.permute(0, 3, 1, 2, 4).reshape(B, T, Q * D)
         return context @ self.o, present_key, present_value
 
     # -- feed-forward ---------------------------------------------------------------------------
-    def feed_forward(self, x, position_ids):
+    def feed_forward(self, x, token_valid):
         if not self.kind.moe:
             return (nn.functional.silu(x @ self.mlp_gate) * (x @ self.mlp_up)) @ self.mlp_down
         tokens = x.reshape(-1, x.shape[-1])
-        token_valid = (position_ids >= 0).reshape(-1)  # padding never takes expert capacity
         routed = torch.ops.llama4_deploy.moe(
             tokens,
             self.router,
@@ -185,18 +246,29 @@ class DecoderLayer(nn.Module):
             self.shared_gate,
             self.shared_up,
             self.shared_down,
-            token_valid,
+            token_valid,  # padding never takes expert capacity
             self.shape.top_k,
         )
         return routed.view(x.shape)
 
-    def forward(self, hidden_states, position_ids, past_lengths, past_key, past_value):
+    def forward(self, hidden_states, *args):
+        names = self.inputs(self.shape, self.kind)
+        named = dict(zip(names[1:], args))
         eps = self.shape.rms_norm_eps
         attended, present_key, present_value = self.attention(
-            rms_norm(hidden_states, eps) * self.input_norm, position_ids, past_lengths, past_key, past_value
+            rms_norm(hidden_states, eps) * self.input_norm,
+            named[names[1]],
+            named[names[2]],
+            named.get("rope_cos"),
+            named.get("rope_sin"),
+            named.get("temperature"),
+            named["past_key"],
+            named["past_value"],
         )
         hidden_states = hidden_states + attended
-        hidden_states = hidden_states + self.feed_forward(rms_norm(hidden_states, eps) * self.post_norm, position_ids)
+        hidden_states = hidden_states + self.feed_forward(
+            rms_norm(hidden_states, eps) * self.post_norm, named.get("token_valid")
+        )
         return hidden_states, present_key, present_value
 
 

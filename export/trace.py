@@ -27,7 +27,6 @@ from llama4_deploy.export.shape import LayerKind, ModelShape
 from llama4_deploy.graphs import ops
 
 OPSET = 21
-LAYER_INPUTS = ("hidden_states", "position_ids", "past_lengths", "past_key", "past_value")
 LAYER_OUTPUTS = ("hidden_states_out", "present_key", "present_value")
 # Example sizes for tracing; distinct from each other and from model dims so no dimension
 # gets specialized to another by coincidence.
@@ -74,26 +73,74 @@ def _export(build, dynamic_shapes, input_names, output_names, constants=None) ->
     return model
 
 
+def _layer_example(shape: ModelShape, kind: LayerKind, n: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Example tensor for every layer-template input, by name."""
+    B, T, K, D = n["batch"], n["new"], shape.num_kv_heads, shape.head_dim
+    cache = shape.attention_chunk_size if kind.rope else n["context"]
+    return {
+        "hidden_states": torch.zeros(B, T, shape.hidden_size),
+        "chunked_cache_mask": torch.ones(B, 1, 1, T, cache, dtype=torch.bool),
+        "global_cache_mask": torch.ones(B, 1, 1, T, cache, dtype=torch.bool),
+        "chunked_new_mask": torch.ones(B, 1, 1, T, T, dtype=torch.bool),
+        "global_new_mask": torch.ones(B, 1, 1, T, T, dtype=torch.bool),
+        "rope_cos": torch.ones(B, T, 1, D),
+        "rope_sin": torch.zeros(B, T, 1, D),
+        "temperature": torch.ones(B, T, 1, 1),
+        "token_valid": torch.ones(B * T, dtype=torch.bool),
+        "past_key": torch.zeros(B, K, cache, D),
+        "past_value": torch.zeros(B, K, cache, D),
+    }
+
+
+def _layer_dims(kind: LayerKind, batch, new, context) -> dict[str, dict[int, object]]:
+    cache = {0: batch} if kind.rope else {0: batch, 2: context}
+    return {
+        "hidden_states": {0: batch, 1: new},
+        "chunked_cache_mask": {0: batch, 3: new},
+        "global_cache_mask": {0: batch, 3: new, 4: context},
+        "chunked_new_mask": {0: batch, 3: new, 4: new},
+        "global_new_mask": {0: batch, 3: new, 4: new},
+        "rope_cos": {0: batch, 1: new},
+        "rope_sin": {0: batch, 1: new},
+        "temperature": {0: batch, 1: new},
+        "token_valid": {0: torch.export.Dim.AUTO},  # batch * new
+        "past_key": cache,
+        "past_value": cache,
+    }
+
+
 def trace_layer(shape: ModelShape, kind: LayerKind) -> ir.Model:
     n = _example_sizes(shape)
-    cache = shape.attention_chunk_size if kind.rope else n["context"]
-    K, D = shape.num_kv_heads, shape.head_dim
+    names = modules.DecoderLayer.inputs(shape, kind)
 
     def build():
-        args = (
-            torch.zeros(n["batch"], n["new"], shape.hidden_size),
-            torch.zeros(n["batch"], n["new"], dtype=torch.int64),
-            torch.zeros(n["batch"], dtype=torch.int64),
-            torch.zeros(n["batch"], K, cache, D),
-            torch.zeros(n["batch"], K, cache, D),
-        )
-        return modules.DecoderLayer(shape, kind), args
+        examples = _layer_example(shape, kind, n)
+        return modules.DecoderLayer(shape, kind), tuple(examples[name] for name in names)
+
+    batch, new, context = torch.export.Dim("batch"), torch.export.Dim("new"), torch.export.Dim("context")
+    dims = _layer_dims(kind, batch, new, context)
+    constants = {"rope_rotation": modules.pair_rotation(shape.head_dim).numpy()} if kind.rope else {}
+    # forward(hidden_states, *rest): dynamic shapes follow the argument structure
+    structure = (dims[names[0]], tuple(dims[name] for name in names[1:]))
+    return _export(build, structure, names, LAYER_OUTPUTS, constants)
+
+
+def trace_prologue(shape: ModelShape) -> ir.Model:
+    n = _example_sizes(shape)
+    has_global = not all(shape.rope_layers)
+
+    def build():
+        args = [torch.zeros(n["batch"], n["new"], dtype=torch.int64), torch.zeros(n["batch"], dtype=torch.int64)]
+        if has_global:
+            args.append(torch.zeros(n["batch"], shape.num_kv_heads, n["context"], shape.head_dim))
+        return modules.Prologue(shape), tuple(args)
 
     batch, new = torch.export.Dim("batch"), torch.export.Dim("new")
-    cache_dims = {0: batch} if kind.rope else {0: batch, 2: torch.export.Dim("context")}
-    dynamic = ({0: batch, 1: new}, {0: batch, 1: new}, {0: batch}, cache_dims, cache_dims)
-    constants = {"rope_inv_freq": np.asarray(shape.rope_inv_freq(), dtype=np.float32)} if kind.rope else {}
-    return _export(build, dynamic, LAYER_INPUTS, LAYER_OUTPUTS, constants)
+    extra = ({0: batch, 2: torch.export.Dim("context")},) if has_global else ()
+    dims = ({0: batch, 1: new}, {0: batch}, extra)  # forward(position_ids, past_lengths, *global_past_key)
+    names = ("position_ids", "past_lengths") + (("global_past_key",) if has_global else ())
+    constants = {"rope_inv_freq": np.asarray(shape.rope_inv_freq(), dtype=np.float32)} if any(shape.rope_layers) else {}
+    return _export(build, tuple(dims), names, modules.Prologue.outputs(shape), constants)
 
 
 def trace_embed(shape: ModelShape) -> ir.Model:
@@ -125,7 +172,7 @@ def trace_templates(shape: ModelShape) -> dict[str, ir.Model]:
     Memoized per shape within the process (linking clones templates, never mutates them)."""
     key = json.dumps(shape.to_dict(), sort_keys=True)
     if key not in _TEMPLATES:
-        templates = {"embed": trace_embed(shape), "head": trace_head(shape)}
+        templates = {"embed": trace_embed(shape), "prologue": trace_prologue(shape), "head": trace_head(shape)}
         for kind in dict.fromkeys(shape.layer_kinds):
             templates[kind.name] = trace_layer(shape, kind)
         _TEMPLATES[key] = templates

@@ -117,15 +117,24 @@ def link_model(checkpoint, templates):
     def stamp_weights(prefix, sources):
         return {k: _lazy_weight(checkpoint, s, f"{prefix}.{k}") for k, s in sources.items()}
 
-    stamps = [Stamp("embed", "embed", {"input_ids": "input_ids"}, stamp_weights("embed", weights.embed_weights(shape)))]
+    from llama4_deploy.export.modules import Prologue
+
+    global_layers = [i for i, rope in enumerate(shape.rope_layers) if not rope]
+    prologue_inputs = {"position_ids": "position_ids", "past_lengths": "past_lengths"}
+    if global_layers:
+        prologue_inputs["global_past_key"] = f"past_key.{global_layers[0]}"
+    stamps = [
+        Stamp("embed", "embed", {"input_ids": "input_ids"}, stamp_weights("embed", weights.embed_weights(shape))),
+        Stamp("prologue", "prologue", prologue_inputs, {}),
+    ]
+    shared = {name: f"prologue.{name}" for name in Prologue.outputs(shape)}
     hidden = "embed.hidden_states"
     outputs = {}
     for layer, kind in enumerate(shape.layer_kinds):
         prefix = f"layers.{layer}"
         bindings = {
+            **shared,
             "hidden_states": hidden,
-            "position_ids": "position_ids",
-            "past_lengths": "past_lengths",
             "past_key": f"past_key.{layer}",
             "past_value": f"past_value.{layer}",
         }

@@ -26,19 +26,25 @@ def templates(tiny_checkpoint):
 
 def test_templates_one_per_kind(templates, tiny_checkpoint):
     # tiny: layers 0, 2 RoPE dense; 1 RoPE MoE; 3 NoPE MoE
-    assert sorted(templates) == ["embed", "head", "nope_global_moe", "rope_chunked_dense", "rope_chunked_moe"]
+    assert sorted(templates) == ["embed", "head", "nope_global_moe", "prologue", "rope_chunked_dense", "rope_chunked_moe"]
     for name in ("nope_global_moe", "rope_chunked_moe"):
         nodes = [n for n in templates[name].graph if n.domain == "llama4_deploy"]
         assert [n.op_type for n in nodes] == ["MoE"]
     # weights are data-less placeholders, constants carry data
     layer = templates["rope_chunked_moe"].graph
     assert layer.initializers["q"].const_value is None
-    assert layer.initializers["rope_inv_freq"].const_value is not None
+    assert layer.initializers["rope_rotation"].const_value is not None
+    assert templates["prologue"].graph.initializers["rope_inv_freq"].const_value is not None
+    # masks, RoPE angles and temperature are computed once, in the prologue, not per layer
+    assert [v.name for v in templates["prologue"].graph.outputs] == [
+        "token_valid", "chunked_cache_mask", "chunked_new_mask", "rope_cos", "rope_sin",
+        "global_cache_mask", "global_new_mask", "temperature"]
+    assert not any(n.op_type in ("Cos", "Sin", "Mod") for n in layer)
 
 
 def test_link_stamps_every_layer(templates, tiny_checkpoint):
     model, count = link_model(tiny_checkpoint, templates)
-    assert count == 4 + 2
+    assert count == 4 + 3  # layers, embed, prologue, head
     inits = model.graph.initializers
     assert "layers.3.router" in inits and "layers.0.mlp_gate" in inits and "head.lm_head" in inits
     assert "layers.0.router" not in inits

@@ -1,0 +1,160 @@
+"""`make bench`: the ONNX Runtime engine vs transformers eager, same model, same threads, fp32.
+
+For each recipe (scout-mini, maverick-mini) and MoE dispatch it prints, measured side by side in
+one run: decode step latency at batch 1 and 8, prefill tokens/s at 256 and 1024 tokens, and
+decode's roofline fraction: the time of one plain MatMul that streams exactly the step's ideal
+weight bytes (active parameters only), divided by the step's time.
+
+    python -m llama4_deploy.bench [--recipes scout-mini,maverick-mini] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DISPATCHES = ("auto", "native", "gather", "capacity", "dense")
+CONTEXT = 64  # tokens already cached when a decode step is timed
+
+
+def _median_seconds(run, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclasses.dataclass
+class Figures:
+    decode_ms: dict[int, float]  # batch -> ms per step
+    prefill_tps: dict[int, float]  # tokens -> tokens/s
+
+
+def bench_transformers(model, vocab: int, threads: int) -> Figures:
+    import torch
+
+    torch.set_num_threads(threads)
+    rng = torch.Generator().manual_seed(0)
+    decode = {}
+    with torch.inference_mode():
+        for batch in (1, 8):
+            ids = torch.randint(0, vocab, (batch, CONTEXT), generator=rng)
+            out = model(input_ids=ids, use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            step = torch.randint(0, vocab, (batch, 1), generator=rng)
+            decode[batch] = 1e3 * _median_seconds(lambda: model(input_ids=step, cache=cache, use_cache=True), 10)
+        prefill = {}
+        for tokens in (256, 1024):
+            ids = torch.randint(0, vocab, (1, tokens), generator=rng)
+            prefill[tokens] = tokens / _median_seconds(lambda: model(input_ids=ids, use_cache=False), 3, warmup=1)
+    return Figures(decode, prefill)
+
+
+def bench_engine(engine, vocab: int) -> tuple[Figures, int, int]:
+    from llama4_deploy.runtime.engine import KVCache
+
+    rng = np.random.default_rng(0)
+    decode = {}
+    for batch in (1, 8):
+        prompts = [list(rng.integers(0, vocab, CONTEXT)) for _ in range(batch)]
+        cache = KVCache(engine.manifest, batch)
+        engine.prefill(cache, prompts)
+        tokens = rng.integers(0, vocab, batch)
+        active = np.ones(batch, dtype=bool)
+        decode[batch] = 1e3 * _median_seconds(lambda: engine.decode_step(cache, tokens, active), 20)
+    prefill = {}
+    for count in (256, 1024):
+        prompt = [list(rng.integers(0, vocab, count))]
+        prefill[count] = count / _median_seconds(
+            lambda: engine.prefill(KVCache(engine.manifest, 1), prompt), 3, warmup=1)
+    return Figures(decode, prefill), engine.steps, engine.overflow_reruns
+
+
+def roofline_ms(weight_bytes: float, threads: int) -> float:
+    """One MatMul [1, K] x [K, 1024] in ONNX Runtime whose weight is exactly `weight_bytes`."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    columns = 1024
+    rows = max(1, int(weight_bytes // (4 * columns)))
+    weight = np.random.default_rng(0).standard_normal((rows, columns), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "roofline",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, columns])],
+        [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = np.ones((1, rows), dtype=np.float32)
+    return 1e3 * _median_seconds(lambda: session.run(None, {"x": x}), 30, warmup=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    import onnx_ir as ir
+
+    from llama4_deploy.build import build
+    from llama4_deploy.export.reference import random_model
+    from llama4_deploy.graphs.cost import step_cost
+    from llama4_deploy.recipe import load_recipe
+    from llama4_deploy.runtime import load
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default="scout-mini,maverick-mini")
+    parser.add_argument("--dispatch", default=",".join(DISPATCHES))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    print(f"fp32, {args.threads} threads for both ONNX Runtime and torch; decode after {CONTEXT} cached tokens")
+    with tempfile.TemporaryDirectory(prefix="llama4-bench-") as scratch:
+        for name in args.recipes.split(","):
+            recipe = load_recipe(name)
+            r = recipe.random
+            reference = random_model(r.config, r.seed, r.logit_gain, r.router_gain)
+            vocab = r.config["vocab_size"]
+            print(f"\n== {name}: transformers eager", flush=True)
+            hf = bench_transformers(reference, vocab, args.threads)
+            print(f"decode b1 {hf.decode_ms[1]:.2f} ms, b8 {hf.decode_ms[8]:.2f} ms; "
+                  f"prefill 256 {hf.prefill_tps[256]:.0f} tok/s, 1024 {hf.prefill_tps[1024]:.0f} tok/s")
+            header = (f"{'dispatch':<22}{'decode b1 ms':>13}{'x eager':>9}{'decode b8 ms':>13}{'x eager':>9}"
+                      f"{'prefill256 t/s':>15}{'x eager':>9}{'prefill1024 t/s':>16}{'x eager':>9}"
+                      f"{'roofline b1':>12}{'reruns':>9}")
+            rows = []
+            for dispatch in args.dispatch.split(","):
+                bundle = build(name, out=Path(scratch) / f"{name}-{dispatch}", moe_dispatch=dispatch,
+                               log=lambda _: None).bundle
+                with load(bundle, threads=args.threads) as engine:
+                    graphs = engine.graphs
+                    label = dispatch if dispatch != "auto" else f"auto({graphs['decode']['moe_dispatch']}/" \
+                                                                 f"{graphs['prefill']['moe_dispatch']})"
+                    figures, steps, reruns = bench_engine(engine, vocab)
+                    decode_graph = ir.load(bundle / graphs["decode"]["file"])
+                    ideal = step_cost(decode_graph, engine.manifest.model,
+                                      {"batch": 1, "new": 1, "context": 128}).ideal
+                    roof = roofline_ms(ideal.weight_bytes, args.threads) / figures.decode_ms[1]
+                rows.append(
+                    f"{label:<22}{figures.decode_ms[1]:>13.3f}{hf.decode_ms[1] / figures.decode_ms[1]:>8.1f}x"
+                    f"{figures.decode_ms[8]:>13.3f}{hf.decode_ms[8] / figures.decode_ms[8]:>8.1f}x"
+                    f"{figures.prefill_tps[256]:>15.0f}{figures.prefill_tps[256] / hf.prefill_tps[256]:>8.1f}x"
+                    f"{figures.prefill_tps[1024]:>16.0f}{figures.prefill_tps[1024] / hf.prefill_tps[1024]:>8.1f}x"
+                    f"{100 * roof:>11.0f}%{f'{reruns}/{steps}':>9}")
+                print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
