@@ -4,6 +4,7 @@ Concrete input dimensions (batch, new tokens, context) are substituted into the 
 and ONNX shape inference (with data propagation) gives every node's output shape. Then:
 
 - MatMul / Gemm: 2 x (output elements) x (reduction length) FLOPs;
+- data movement (Gather, Reshape, Transpose, Concat, Slice, Expand, ...): no FLOPs;
 - every other node: one FLOP per output element (norms, activations, masks: small);
 - weight bytes: each read of an initializer by a node counts its full size, except Gather,
   which reads only the rows it gathers (embedding lookups, per-token expert weights).
@@ -24,6 +25,26 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+
+
+# ops that move or index data without arithmetic
+MOVEMENT = {"Gather", "GatherElements", "GatherND", "Reshape", "Transpose", "Concat", "Slice", "Squeeze",
+            "Unsqueeze", "Expand", "Identity", "Shape", "Size", "ConstantOfShape", "Split", "Constant", "Cast",
+            "Tile", "Flatten", "ScatterElements", "Range"}
+
+
+def profile_points(profiles: dict[str, int]) -> list[tuple[str, str, dict[str, int]]]:
+    """(label, role, dims) a bundle is priced and reported at: decode at batch 1 and 8 (or the
+    profile's max) on a full context, prefill at 256 and 1024 tokens (within the profile) from
+    an empty cache."""
+    context = profiles["max_context"]
+    points = [("decode b1", "decode", {"batch": 1, "new": 1, "context": context})]
+    if profiles["max_batch"] > 1:
+        batch = min(8, profiles["max_batch"])
+        points.append((f"decode b{batch}", "decode", {"batch": batch, "new": 1, "context": context}))
+    for tokens in sorted({min(256, profiles["prefill_tokens"]), min(1024, profiles["prefill_tokens"])}):
+        points.append((f"prefill {tokens}", "prefill", {"batch": 1, "new": tokens, "context": 16}))
+    return points
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +112,25 @@ def _fold_small_values(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
     return folded
 
 
+def _structure_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto whose large initializers are external references that are never
+    read: shape inference needs their shapes only, and reading them would load every weight."""
+    swapped = {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is not None and math.prod(tensor.shape.numpy()) > _FOLD_LIMIT:
+            swapped[name] = tensor
+            value.const_value = ir.ExternalTensor("shape-only.bin", 0, tensor.nbytes, tensor.dtype,
+                                                  shape=tensor.shape, name=name)
+    try:
+        return ir.to_proto(model)
+    finally:
+        for name, tensor in swapped.items():
+            model.graph.initializers[name].const_value = tensor
+
+
 def _shapes(model: ir.Model, dims: dict[str, int]) -> dict[str, tuple[int, ...] | None]:
-    proto = ir.to_proto(model)
+    proto = _structure_proto(model)
     for value in proto.graph.input:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in dims:
@@ -150,6 +188,8 @@ def graph_cost(model: ir.Model, dims: dict[str, int], scope: str | None = None) 
                 flops = 2.0 * elements * (a[-1] if a else 0)
             elif node.domain == "com.microsoft" and node.op_type == "MoE":
                 flops, weight = _native_moe_cost(node, out)
+            elif node.op_type in MOVEMENT:
+                flops = 0.0
             else:
                 flops = float(elements)
             for i, value in enumerate(node.inputs):

@@ -19,7 +19,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from llama4_deploy.graphs.cost import graph_cost, step_cost
+from llama4_deploy.graphs.cost import graph_cost, profile_points, step_cost
 from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, lower_moe_capacity
 from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
 from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
@@ -56,13 +56,6 @@ def lowering(strategy: str, capacity_factor: float = 1.25) -> Callable[[ir.Model
     raise ValueError(f"unknown MoE dispatch {strategy!r}; choose one of {', '.join(CHOICES)}")
 
 
-def role_dims(role: str, profiles: dict[str, int]) -> dict[str, int]:
-    """The step each role is priced at: its profile's largest shape."""
-    if role == "decode":
-        return {"batch": profiles["max_batch"], "new": 1, "context": profiles["max_context"]}
-    return {"batch": 1, "new": profiles["prefill_tokens"], "context": 16}
-
-
 def estimated_seconds(model: ir.Model, facts: dict[str, Any], dims: dict[str, int], machine: Machine) -> float:
     report = step_cost(model, facts, dims)
     _, gathered, _ = graph_cost(model, dims, scope="/experts/Gather")  # weight copies: written, then read again
@@ -70,7 +63,7 @@ def estimated_seconds(model: ir.Model, facts: dict[str, Any], dims: dict[str, in
     return max(report.graph.flops / machine.flops_per_s, weight_traffic / machine.bytes_per_s)
 
 
-def overflow_probability(tokens: int, experts: int, top_k: int, capacity_factor: float, trials: int = 2000) -> float:
+def overflow_probability(tokens: int, experts: int, top_k: int, capacity_factor: float, trials: int = 500) -> float:
     """P(max expert load > capacity) for uniformly random top-k routing (seeded Monte Carlo)."""
     import math
 
@@ -78,8 +71,12 @@ def overflow_probability(tokens: int, experts: int, top_k: int, capacity_factor:
 
     capacity = min(tokens, math.ceil(capacity_factor * tokens * top_k / experts))
     rng = np.random.default_rng(0)
-    choices = np.argsort(rng.random((trials, tokens, experts)), axis=-1)[..., :top_k].reshape(trials, -1)
-    loads = np.stack([np.bincount(row, minlength=experts) for row in choices])
+    if top_k == 1:
+        choices = rng.integers(0, experts, size=(trials, tokens))
+    else:  # k distinct experts per token
+        choices = np.argpartition(rng.random((trials, tokens, experts)), top_k, axis=-1)[..., :top_k]
+    flat = (choices.reshape(trials, -1) + experts * np.arange(trials)[:, None]).ravel()
+    loads = np.bincount(flat, minlength=trials * experts).reshape(trials, experts)
     return float((loads.max(axis=1) > capacity).mean())
 
 
@@ -95,14 +92,28 @@ def plan(
     allowed = BACKEND_STRATEGIES[backend]
     machine = MACHINES[backend]
 
+    points = profile_points(profiles)
+    seconds_cache: dict[tuple[str, str], float] = {}
+
+    def seconds_at(strategy: str, dims: dict[str, int]) -> float:
+        key = (strategy, repr(sorted(dims.items())))
+        if key not in seconds_cache:
+            seconds_cache[key] = estimated_seconds(lowered(strategy), facts, dims, machine)
+        return seconds_cache[key]
+
     def price(strategy: str, role: str) -> float:
-        dims = role_dims(role, profiles)
-        seconds = estimated_seconds(lowered(strategy), facts, dims, machine)
-        if strategy == "capacity":
-            tokens = dims["batch"] * dims["new"]
-            p = overflow_probability(tokens, facts["num_experts"], facts["top_k"], capacity_factor)
-            seconds += p * min(price(s, role) for s in allowed if s in EXACT)
-        return seconds
+        """Summed over the role's reporting points (e.g. decode at batch 1 and 8)."""
+        total = 0.0
+        for _, point_role, dims in points:
+            if point_role != role:
+                continue
+            seconds = seconds_at(strategy, dims)
+            if strategy == "capacity":
+                tokens = dims["batch"] * dims["new"]
+                p = overflow_probability(tokens, facts["num_experts"], facts["top_k"], capacity_factor)
+                seconds += p * min(seconds_at(s, dims) for s in allowed if s in EXACT)
+            total += seconds
+        return total
 
     if requested != "auto":
         if requested not in allowed:

@@ -82,6 +82,33 @@ def cost(bundle) -> None:
         raise UserError(str(err)) from None
 
 
+@main.command()
+@click.argument("path", type=click.Path())
+def lint(path) -> None:
+    """Static-shape lint of a bundle's graphs or one ONNX file; exit 1 on any problem."""
+    from pathlib import Path
+
+    import onnx_ir as ir
+
+    from llama4_deploy.graphs.lint import lint_static
+
+    target = Path(path)
+    graphs = sorted(target.glob("*.onnx")) if target.is_dir() else [target]
+    if not graphs or not all(g.is_file() for g in graphs):
+        raise UserError(f"{path} is neither an ONNX file nor a bundle directory with .onnx graphs")
+    failed = False
+    for graph in graphs:
+        try:
+            problems = lint_static(ir.load(graph))
+        except Exception as err:  # onnx's own parse errors
+            raise UserError(f"{graph} cannot be read as ONNX ({err})") from None
+        click.echo(f"{graph.name}: {'clean' if not problems else f'{len(problems)} problem(s)'}")
+        for problem in problems:
+            click.echo(f"  {problem}")
+        failed |= bool(problems)
+    sys.exit(1 if failed else 0)
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]

@@ -22,29 +22,16 @@ class CostRow:
     unresolved: int
 
 
-def cost_points(profiles: dict[str, int]) -> list[tuple[str, str, dict[str, int]]]:
-    """(label, role, dims): decode at batch 1 and 8 (or the profile's max) on a full context,
-    prefill at 256 and 1024 tokens (within the profile) from an empty cache."""
-    context = profiles["max_context"]
-    points = [("decode b1", "decode", {"batch": 1, "new": 1, "context": context})]
-    if profiles["max_batch"] > 1:
-        batch = min(8, profiles["max_batch"])
-        points.append((f"decode b{batch}", "decode", {"batch": batch, "new": 1, "context": context}))
-    for tokens in sorted({min(256, profiles["prefill_tokens"]), min(1024, profiles["prefill_tokens"])}):
-        points.append((f"prefill {tokens}", "prefill", {"batch": 1, "new": tokens, "context": 16}))
-    return points
-
-
 def bundle_costs(bundle: str | Path) -> list[CostRow]:
     import onnx_ir as ir
 
-    from llama4_deploy.graphs.cost import step_cost
+    from llama4_deploy.graphs.cost import profile_points, step_cost
 
     manifest = read_manifest(bundle)
     graphs = manifest.engine["graphs"]
     models = {g["file"]: ir.load(manifest.path / g["file"]) for g in graphs.values()}
     rows = []
-    for label, role, dims in cost_points(manifest.profiles):
+    for label, role, dims in profile_points(manifest.profiles):
         graph = graphs[role]
         report = step_cost(models[graph["file"]], manifest.model, dims)
         rows.append(CostRow(label, graph["file"], graph["moe_dispatch"], report.graph.flops, report.graph.weight_bytes,

@@ -89,3 +89,34 @@ def test_verify_tiny_passes(tiny_bundle):
 def test_verify_not_a_bundle(tmp_path):
     (tmp_path / "notes.txt").write_text("not a bundle\n")
     user_error(invoke("verify", tmp_path), str(tmp_path), "is not a bundle", "manifest.json")
+
+
+def test_lint_bundle_clean(tiny_bundle):
+    result = CliRunner().invoke(main, ["lint", str(tiny_bundle)])
+    assert result.exit_code == 0, result.output
+    assert all(line.endswith(": clean") for line in result.output.strip().splitlines())
+
+
+def test_lint_flags_value_dependent_shape(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "ids"], ["y"], name="/bad/Reshape")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+         helper.make_tensor_value_info("ids", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    result = CliRunner().invoke(main, ["lint", str(path)])
+    assert result.exit_code == 1
+    assert "bad.onnx: 1 problem(s)" in result.output and "/bad/Reshape" in result.output and "ids" in result.output
+
+
+def test_cost_table(tiny_bundle):
+    result = CliRunner().invoke(main, ["cost", str(tiny_bundle)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].split()[:3] == ["step", "graph", "GFLOP"]
+    assert [line.split()[0] + " " + line.split()[1] for line in lines[1:]] == [
+        "decode b1", "decode b4", "prefill 16"]
