@@ -25,5 +25,9 @@ engine: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# ONNX Runtime vs transformers eager, side by side, per MoE dispatch (several minutes)
+bench: $(STAMP)
+	$(BIN)/python -m llama4_deploy.bench
+
 clean:
 	rm -rf build
