@@ -49,7 +49,6 @@ def silu(tape: ir.tape.Tape, x: ir.Value, name: str) -> ir.Value:
     return tape.op("Mul", [x, tape.op("Sigmoid", [x], name=f"{name}/Sigmoid")], name=f"{name}/Mul")
 
 
-_constant, _silu = constant, silu  # older names
 
 
 def shared_expert(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> ir.Value:

@@ -68,6 +68,8 @@ class KVCache:
 
     def write(self, outputs: dict[str, np.ndarray], positions: np.ndarray) -> None:
         """Store the step's new keys/values ([B, K, T, D]) at their slots; advance lengths."""
+        if positions.shape[1] == 1:
+            return self._write_one(outputs, positions[:, 0])
         rows, steps = np.nonzero(positions >= 0)
         slots = positions[rows, steps]
         if slots.size and slots.max() >= self.context:
@@ -85,6 +87,19 @@ class KVCache:
             self.keys[layer.index][r, :, s] = key[r, :, t]
             self.values[layer.index][r, :, s] = value[r, :, t]
         self.lengths = new_lengths
+
+
+    def _write_one(self, outputs: dict[str, np.ndarray], positions: np.ndarray) -> None:
+        """The decode case: at most one new token per row."""
+        rows = np.flatnonzero(positions >= 0)
+        slots = positions[rows]
+        if slots.size and slots.max() >= self.context:
+            raise ValueError(f"position {int(slots.max())} is beyond the bundle's context of {self.context} tokens")
+        for layer in self.layers:
+            ring = slots % layer.slots if layer.attention == "chunked" else slots
+            self.keys[layer.index][rows, :, ring] = outputs[f"present_key.{layer.index}"][rows, :, 0]
+            self.values[layer.index][rows, :, ring] = outputs[f"present_value.{layer.index}"][rows, :, 0]
+        self.lengths[rows] = np.maximum(self.lengths[rows], slots + 1)
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> np.ndarray:
