@@ -4,62 +4,25 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 
 from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
-
-
-def _moe_model(weights: dict[str, np.ndarray], hidden: int, top_k: int = 1) -> ir.Model:
-    ops.register_schemas()
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["tokens", hidden]))
-    inits = []
-    for name in ops.MOE_INPUTS[1:-1]:
-        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(weights[name].shape),
-                         const_value=ir.tensor(weights[name], name=name))
-        inits.append(value)
-    node = ir.Node(ops.DOMAIN, ops.MOE, [x, *inits], attributes=[ir.AttrInt64("top_k", top_k)],
-                   name="/layers.1/node_moe", num_outputs=1)
-    node.outputs[0].name = "y"
-    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=inits, opset_imports={"": 21, ops.DOMAIN: 1})
-    return ir.Model(graph, ir_version=10)
+from tests.graphs.moe_fixtures import hf_moe, moe_model, run_ort
 
 
 def _hf_moe(num_experts=8, hidden=32, intermediate=16, seed=0):
-    from transformers import Llama4TextConfig
-    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
-
-    torch.manual_seed(seed)
-    cfg = Llama4TextConfig(hidden_size=hidden, intermediate_size=intermediate, num_local_experts=num_experts,
-                           num_experts_per_tok=1)
-    moe = Llama4TextMoe(cfg).eval()
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0, 0.3)
-    f = moe
-    weights = {
-        "router": f.router.weight.T.detach().numpy().copy(),
-        "gate_up": f.experts.gate_up_proj.detach().numpy().copy(),
-        "down": f.experts.down_proj.detach().numpy().copy(),
-        "shared_gate": f.shared_expert.gate_proj.weight.T.detach().numpy().copy(),
-        "shared_up": f.shared_expert.up_proj.weight.T.detach().numpy().copy(),
-        "shared_down": f.shared_expert.down_proj.weight.T.detach().numpy().copy(),
-    }
-    return moe, weights
+    return hf_moe(num_experts, hidden, intermediate, seed)
 
 
 def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    return run_ort(model, x=x)["y"]
 
 
 def test_structure_and_count():
     _, weights = _hf_moe()
-    model = _moe_model(weights, hidden=32)
+    model = moe_model(weights, hidden=32)
     count, skipped = lower_moe_dense(model)
     assert (count, skipped) == (1, {})
     op_types = [node.op_type for node in model.graph]
@@ -74,7 +37,7 @@ def test_matches_transformers_moe():
     """fp32 both sides; only summation order differs (1e-5 relative is ~100x the observed error)."""
     moe, weights = _hf_moe()
     x = np.random.default_rng(0).normal(size=(13, 32)).astype(np.float32)
-    model = _moe_model(weights, hidden=32)
+    model = moe_model(weights, hidden=32)
     lower_moe_dense(model)
     got = _run(model, x)
     with torch.no_grad():
@@ -88,7 +51,7 @@ def test_matches_transformers_moe():
 
 def test_check_explains_skips():
     _, weights = _hf_moe()
-    model = _moe_model(weights, hidden=32, top_k=9)  # more than the 8 experts
+    model = moe_model(weights, hidden=32, top_k=9)  # more than the 8 experts
     count, skipped = lower_moe_dense(model)
     assert count == 0
     assert skipped == {"/layers.1/node_moe": "top_k 9 exceeds the 8 experts"}
@@ -101,7 +64,7 @@ def test_top_k_above_one_matches_eager_op(top_k):
 
     _, weights = _hf_moe()
     x = np.random.default_rng(1).normal(size=(5, 32)).astype(np.float32)
-    model = _moe_model(weights, hidden=32, top_k=top_k)
+    model = moe_model(weights, hidden=32, top_k=top_k)
     lower_moe_dense(model)
     t = {k: torch.from_numpy(v) for k, v in weights.items()}
     expected = moe(torch.from_numpy(x), t["router"], t["gate_up"], t["down"], t["shared_gate"], t["shared_up"],

@@ -5,66 +5,27 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 
 from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.lower_moe_native import MS_DOMAIN, fc1_layout, fc2_layout, lower_moe_native
+from tests.graphs.moe_fixtures import hf_moe, moe_model, run_ort
 
 E, H, I = 16, 64, 32  # 2I == H: fc1 is square, so only the numbers would catch a transposed fc1
 TOKENS = 13
 
 
-def _moe_model(weights: dict[str, np.ndarray], hidden: int = H, top_k: int = 1,
-               tensors: dict[str, ir.TensorProtocol] | None = None, as_inputs: tuple[str, ...] = ()) -> ir.Model:
-    """One llama4_deploy.MoE node; weights are initializers, except those named in `as_inputs`."""
-    ops.register_schemas()
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["tokens", hidden]))
-    inputs, values, inits = [x], [], []
-    for name in ops.MOE_INPUTS[1:-1]:
-        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(weights[name].shape))
-        if name in as_inputs:
-            inputs.append(value)
-        else:
-            value.const_value = (tensors or {}).get(name) or ir.tensor(weights[name], name=name)
-            inits.append(value)
-        values.append(value)
-    node = ir.Node(ops.DOMAIN, ops.MOE, [x, *values], attributes=[ir.AttrInt64("top_k", top_k)],
-                   name="/layers.1/node_moe", num_outputs=1)
-    node.outputs[0].name = "y"
-    graph = ir.Graph(inputs, node.outputs, nodes=[node], initializers=inits,
-                     opset_imports={"": 21, ops.DOMAIN: 1})
-    return ir.Model(graph, ir_version=10)
+def _moe_model(weights, hidden: int = H, **kwargs) -> ir.Model:
+    return moe_model(weights, hidden, **kwargs)
 
 
 def _hf_moe(num_experts=E, hidden=H, intermediate=I, seed=0):
-    from transformers import Llama4TextConfig
-    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
-
-    torch.manual_seed(seed)
-    cfg = Llama4TextConfig(hidden_size=hidden, intermediate_size=intermediate, num_local_experts=num_experts,
-                           num_experts_per_tok=1)
-    moe = Llama4TextMoe(cfg).eval()
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0, 0.3)
-    weights = {
-        "router": moe.router.weight.T.detach().numpy().copy(),
-        "gate_up": moe.experts.gate_up_proj.detach().numpy().copy(),
-        "down": moe.experts.down_proj.detach().numpy().copy(),
-        "shared_gate": moe.shared_expert.gate_proj.weight.T.detach().numpy().copy(),
-        "shared_up": moe.shared_expert.up_proj.weight.T.detach().numpy().copy(),
-        "shared_down": moe.shared_expert.down_proj.weight.T.detach().numpy().copy(),
-    }
-    return moe, weights
+    return hf_moe(num_experts, hidden, intermediate, seed)
 
 
 def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    return run_ort(model, x=x)["y"]
 
 
 def _x(seed=0, tokens=TOKENS):

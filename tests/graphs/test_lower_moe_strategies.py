@@ -8,38 +8,23 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 
-from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, lower_moe_capacity
 from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
 from llama4_deploy.graphs.moe_pass import OVERFLOW_OUTPUT
-from tests.graphs.test_lower_moe_dense import _hf_moe
+from tests.graphs.moe_fixtures import hf_moe, moe_model, run_ort
 
 E, H, I = 8, 32, 16
 
 
 def _model(weights, top_k=1) -> ir.Model:
-    ops.register_schemas()
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["tokens", H]))
-    valid = ir.Value(name="token_valid", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape(["tokens"]))
-    inits = [ir.Value(name=n, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(weights[n].shape),
-                      const_value=ir.tensor(weights[n], name=n)) for n in ops.MOE_INPUTS[1:-1]]
-    node = ir.Node(ops.DOMAIN, ops.MOE, [x, *inits, valid], attributes=[ir.AttrInt64("top_k", top_k)],
-                   name="/layers.1/node_moe", num_outputs=1)
-    node.outputs[0].name = "y"
-    graph = ir.Graph([x, valid], node.outputs, nodes=[node], initializers=inits,
-                     opset_imports={"": 21, ops.DOMAIN: 1})
-    return ir.Model(graph, ir_version=10)
+    return moe_model(weights, H, top_k, token_valid=True)
 
 
 def _run(model, x, valid):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": x, "token_valid": valid})))
+    return run_ort(model, x=x, token_valid=valid)
 
 
 def _reference(moe, x):
@@ -53,7 +38,7 @@ def _close(got, expected):
 
 @pytest.mark.parametrize("tokens", [1, 8, 13])
 def test_gather(tokens):
-    moe, weights = _hf_moe(E, H, I)
+    moe, weights = hf_moe(E, H, I)
     model = _model(weights)
     assert lower_moe_gather(model) == (1, {})
     op_types = [n.op_type for n in model.graph]
@@ -64,7 +49,7 @@ def test_gather(tokens):
 
 
 def test_capacity_exact_without_overflow():
-    moe, weights = _hf_moe(E, H, I)
+    moe, weights = hf_moe(E, H, I)
     model = _model(weights)
     # capacity factor E: every expert can take every token, so no overflow is possible
     assert lower_moe_capacity(model, CapacityConfig(capacity_factor=E)) == (1, {})
@@ -76,7 +61,7 @@ def test_capacity_exact_without_overflow():
 
 
 def test_capacity_reports_overflow_exactly():
-    moe, weights = _hf_moe(E, H, I)
+    moe, weights = hf_moe(E, H, I)
     x = np.random.default_rng(1).normal(size=(64, H)).astype(np.float32)
     model = _model(weights)
     lower_moe_capacity(model, CapacityConfig(capacity_factor=1.0))  # C = 8 slots per expert
@@ -89,10 +74,7 @@ def test_capacity_reports_overflow_exactly():
 
 def test_capacity_adversarial_routing_overflows():
     """Every token picks expert 3: the graph must say so, whatever the capacity factor below E."""
-    moe, weights = _hf_moe(E, H, I)
-    weights["router"][:, 3] += 100.0
-    with torch.no_grad():
-        moe.router.weight[3] += 100.0
+    moe, weights = hf_moe(E, H, I, hot_expert=3)
     model = _model(weights)
     lower_moe_capacity(model, CapacityConfig(capacity_factor=1.25))
     x = np.abs(np.random.default_rng(2).normal(size=(16, H))).astype(np.float32)
@@ -104,10 +86,7 @@ def test_capacity_padding_takes_no_slot():
     """Ragged batch: 3 valid tokens and 13 padding tokens all routed to expert 3. Capacity
     ceil(1.25 * 16 / 8) = 3 fits the valid ones exactly; padding must not cause overflow nor
     change valid outputs."""
-    moe, weights = _hf_moe(E, H, I)
-    weights["router"][:, 3] += 100.0
-    with torch.no_grad():
-        moe.router.weight[3] += 100.0
+    moe, weights = hf_moe(E, H, I, hot_expert=3)
     model = _model(weights)
     lower_moe_capacity(model, CapacityConfig(capacity_factor=1.25))
     x = np.abs(np.random.default_rng(3).normal(size=(16, H))).astype(np.float32)
