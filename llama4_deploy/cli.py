@@ -46,13 +46,17 @@ def build(recipe, checkpoint, out, moe_dispatch) -> None:
         result = run_build(recipe=recipe, checkpoint=checkpoint, out=out, moe_dispatch=moe_dispatch)
     except _user_errors() as err:
         raise UserError(str(err)) from None
+    from llama4_deploy.costs import bundle_costs, cost_table
+
     m = result.manifest
     shape = m["model"]
+    graphs = {role: graph["moe_dispatch"] for role, graph in m["engine"]["graphs"].items()}
     click.echo(
         f"built {result.bundle}: {shape['num_layers']} layers, {shape['num_experts']} experts, "
-        f"{m['engine']['precision']} {m['engine']['backend']}, passes {result.passes}, "
+        f"{m['engine']['precision']} {m['engine']['backend']}, MoE dispatch {graphs}, passes {result.passes}, "
         f"{result.seconds:.1f}s, peak RSS {result.peak_rss_mb:.0f} MB"
     )
+    click.echo(cost_table(bundle_costs(result.bundle)))
 
 
 @main.command()
