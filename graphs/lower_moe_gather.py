@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.lower_moe_dense import check, constant, shared_expert, silu
 from llama4_deploy.graphs.moe_pass import run_moe_lowering
 

@@ -82,7 +82,6 @@ def bench_engine(engine, vocab: int) -> tuple[Figures, int, int]:
 
 def roofline_ms(weight_bytes: float, threads: int) -> float:
     """One MatMul [1, K] x [K, 1024] in ONNX Runtime whose weight is exactly `weight_bytes`."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

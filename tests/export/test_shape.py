@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from llama4_deploy.export.shape import ConfigError, LayerKind, ModelShape
 
