@@ -72,8 +72,7 @@ class KVCache:
             return self._write_one(outputs, positions[:, 0])
         rows, steps = np.nonzero(positions >= 0)
         slots = positions[rows, steps]
-        if slots.size and slots.max() >= self.context:
-            raise ValueError(f"position {int(slots.max())} is beyond the bundle's context of {self.context} tokens")
+        self._check_room(slots)
         new_lengths = self.lengths.copy()
         np.maximum.at(new_lengths, rows, slots + 1)
         for layer in self.layers:
@@ -88,13 +87,15 @@ class KVCache:
             self.values[layer.index][r, :, s] = value[r, :, t]
         self.lengths = new_lengths
 
+    def _check_room(self, slots: np.ndarray) -> None:
+        if slots.size and slots.max() >= self.context:
+            raise ValueError(f"position {int(slots.max())} is beyond the bundle's context of {self.context} tokens")
 
     def _write_one(self, outputs: dict[str, np.ndarray], positions: np.ndarray) -> None:
         """The decode case: at most one new token per row."""
         rows = np.flatnonzero(positions >= 0)
         slots = positions[rows]
-        if slots.size and slots.max() >= self.context:
-            raise ValueError(f"position {int(slots.max())} is beyond the bundle's context of {self.context} tokens")
+        self._check_room(slots)
         for layer in self.layers:
             ring = slots % layer.slots if layer.attention == "chunked" else slots
             self.keys[layer.index][rows, :, ring] = outputs[f"present_key.{layer.index}"][rows, :, 0]

@@ -71,3 +71,15 @@ def run_ort(model: ir.Model, **feeds: np.ndarray) -> dict[str, np.ndarray]:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+def transformers_output(moe, x: np.ndarray) -> np.ndarray:
+    """Llama4TextMoe's output for tokens x [N, H]."""
+    with torch.no_grad():
+        return moe(torch.from_numpy(x))[0].numpy()
+
+
+def assert_close_fp32(got: np.ndarray, expected: np.ndarray) -> None:
+    """fp32 on both sides, only summation order differs: 1e-5 x max|expected| is about 100x the
+    observed error and far below what a wrong expert or score would cause (order 1)."""
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)

@@ -9,12 +9,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-import torch
 
 from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, lower_moe_capacity
 from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
 from llama4_deploy.graphs.moe_pass import OVERFLOW_OUTPUT
-from tests.graphs.moe_fixtures import hf_moe, moe_model, run_ort
+from tests.graphs.moe_fixtures import assert_close_fp32, hf_moe, moe_model, run_ort, transformers_output
 
 E, H, I = 8, 32, 16
 
@@ -27,15 +26,6 @@ def _run(model, x, valid):
     return run_ort(model, x=x, token_valid=valid)
 
 
-def _reference(moe, x):
-    with torch.no_grad():
-        return moe(torch.from_numpy(x))[0].numpy()
-
-
-def _close(got, expected):
-    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
-
-
 @pytest.mark.parametrize("tokens", [1, 8, 13])
 def test_gather(tokens):
     moe, weights = hf_moe(E, H, I)
@@ -45,7 +35,7 @@ def test_gather(tokens):
     assert op_types.count("Gather") == 2 and "ScatterElements" not in op_types
     assert all(n.name.startswith("/layers.1/moe/gather/") for n in model.graph)
     x = np.random.default_rng(tokens).normal(size=(tokens, H)).astype(np.float32)
-    _close(_run(model, x, np.ones(tokens, bool))["y"], _reference(moe, x))
+    assert_close_fp32(_run(model, x, np.ones(tokens, bool))["y"], transformers_output(moe, x))
 
 
 def test_capacity_exact_without_overflow():
@@ -57,7 +47,7 @@ def test_capacity_exact_without_overflow():
     x = np.random.default_rng(0).normal(size=(40, H)).astype(np.float32)
     out = _run(model, x, np.ones(40, bool))
     assert out[OVERFLOW_OUTPUT].tolist() == [False]
-    _close(out["y"], _reference(moe, x))
+    assert_close_fp32(out["y"], transformers_output(moe, x))
 
 
 def test_capacity_reports_overflow_exactly():
@@ -69,7 +59,7 @@ def test_capacity_reports_overflow_exactly():
     load = np.bincount((x @ weights["router"]).argmax(-1), minlength=E)
     assert out[OVERFLOW_OUTPUT].tolist() == [bool(load.max() > 8)]
     if not load.max() > 8:
-        _close(out["y"], _reference(moe, x))
+        assert_close_fp32(out["y"], transformers_output(moe, x))
 
 
 def test_capacity_adversarial_routing_overflows():
@@ -94,7 +84,7 @@ def test_capacity_padding_takes_no_slot():
     valid[[0, 5, 9]] = True
     out = _run(model, x, valid)
     assert out[OVERFLOW_OUTPUT].tolist() == [False]
-    _close(out["y"][valid], _reference(moe, x)[valid])
+    assert_close_fp32(out["y"][valid], transformers_output(moe, x)[valid])
     # one more valid token on the same expert overflows
     valid[12] = True
     assert _run(model, x, valid)[OVERFLOW_OUTPUT].tolist() == [True]
