@@ -5,37 +5,52 @@
     after:   logits        = MatMul(x, router)                         # [N, E]
              value, index  = TopK(logits, 1)                           # [N, 1]
              routed_in     = x * Sigmoid(value)                        # [N, H]  score scales the input
-             one_hot       = ScatterElements(zeros[N, E], index, ones[N, 1], axis=1)
-             routed        = com.microsoft.MoE(routed_in, one_hot, fc1, None, fc2;
-                                 k=1, activation_type="swiglu", swiglu_fusion=1,
+             picks         = ScatterElements(full[N, E](lowest), index, zeros[N, 1], axis=1)
+             picks         = Tile(picks, [1, P])                       # [N, P*E]  (only when P > 1)
+             routed        = com.microsoft.MoE(routed_in, picks, fc1, None, fc2;
+                                 k=P, activation_type="swiglu", swiglu_fusion=1,
                                  activation_alpha=1, activation_beta=0,
                                  normalize_routing_weights=1, use_sparse_mixer=0)
              y             = shared(x) + routed
 
-    weights (new initializers, computed lazily from the originals at serialization time):
-             fc1 = `<gate_up>.native_fc1`  [E, 2I, H]  row 2i = gate column i, row 2i+1 = up column i
-             fc2 = `<down>.native_fc2`     [E, H, I]   down transposed per expert
+    weights (new initializers, computed lazily from the originals at serialization time), each
+    expert split into P parts along its intermediate dimension (Ip = I / P), part p of expert e
+    being virtual expert v = p * E + e:
+             fc1 = `<gate_up>.native_fc1`  [P*E, 2*Ip, H]  row 2i = gate column p*Ip + i, 2i+1 = up's
+             fc2 = `<down>.native_fc2`     [P*E, H, Ip]    P * (rows p*Ip.. of down), transposed
+             (named `.native<P>_fc1` / `.native<P>_fc2` when P > 1)
 
 The op (ORT 1.32 CPU kernel, moe_cpu.cc): `router_probs` are *logits*: per token the kernel
-takes softmax over E, picks the top k, and with normalize_routing_weights=1 weights each pick by
-p / sum(top-k p); it computes expert(x_n) = fc2 @ act(fc1 @ x_n) (both weights used transposed,
-i.e. stored [out, in]) and returns sum over picks of weight * expert(x_n). With swiglu_fusion=1
-FC1's output row is interleaved [g0, l0, g1, l1, ...] and act = G * sigmoid(alpha * G) *
-(L + beta) with no clamp unless swiglu_limit is given. The CPU kernel accepts only
+takes softmax over its experts, picks the top k, and with normalize_routing_weights=1 weights
+each pick by p / sum(top-k p); it computes expert(x_n) = fc2 @ act(fc1 @ x_n) (both weights used
+transposed, i.e. stored [out, in]) and returns sum over picks of weight * expert(x_n). With
+swiglu_fusion=1 FC1's output row is interleaved [g0, l0, g1, l1, ...] and act = G * sigmoid(alpha
+* G) * (L + beta) with no clamp unless swiglu_limit is given. The CPU kernel accepts only
 swiglu_fusion=1 for swiglu (2, concatenated [g | l], throws at session creation), and no FC3.
 
-Why it is exact: the one-hot row's softmax has its unique maximum e / (e + E - 1) at the expert
-TopK chose, so the kernel routes each token to exactly that expert; with k=1 and normalization
-the weight is p / p = 1.0 exactly. alpha=1, beta=0, no limit makes the activation
-silu(g) * u, the Llama 4 expert. Llama 4 scales the expert's *input* by sigmoid(logit) (not its
-output, the expert being nonlinear), so the score goes into routed_in, as in the reference. The
-kernel's own softmax routing is bypassed entirely (Llama 4 routes by sigmoid, not softmax), and
-the choice is TopK's, with ONNX's tie rule (lowest index), like the other lowerings.
+Why split (P): the kernel spreads *experts* over its threads in contiguous ranges and runs each
+expert's GEMMs on one thread, so a decode step whose one token picks one expert streams that
+expert's weights on a single core. The SwiGLU expert is a sum over its intermediate units,
+expert(x) = sum_p down_p^T (silu(gate_p^T x) * up_p^T x), so P parts of it are P experts whose
+outputs add up to it; laid out part-major (v = p * E + e), a thread range holds different parts
+of the same expert and all threads share the stream. P is a power of two chosen from the
+expert's size (`parts`), so small experts, where the per-expert overhead dominates, stay whole.
+
+Why it is exact: `picks` holds 0 at the P virtual experts of the expert TopK chose and the
+dtype's lowest finite value elsewhere, so the kernel's softmax gives exactly 1/P to each of them
+(exp(0) = 1, exp(lowest) = 0, P a power of two) and 0 to every other expert; it routes the token
+to exactly those P, and normalization leaves 1/P. Scaling fc2 by P (a power of two: exact)
+makes each part's weighted output exactly that part's contribution; only the summation order of
+the parts differs from one GEMM. alpha=1, beta=0, no limit makes the activation silu(g) * u, the
+Llama 4 expert. Llama 4 scales the expert's *input* by sigmoid(logit) (not its output, the
+expert being nonlinear), so the score goes into routed_in, as in the reference. The kernel's own
+softmax routing is bypassed entirely (Llama 4 routes by sigmoid, not softmax), and the choice is
+TopK's, with ONNX's tie rule (lowest index), like the other lowerings.
 
 Only top_k == 1: for k > 1 the kernel's weights would have to be sigmoid(logit) per pick on
 experts fed with differently scaled inputs, which a single pre-scaled input cannot express.
 token_valid is ignored: the op has no capacity for padding to take. The CPU kernel runs float
-and float16. Cost: the routed FLOPs exactly; expert weights are read in place.
+and float16. Cost: the routed FLOPs exactly; expert weights are read in place, once.
 """
 
 from __future__ import annotations
@@ -52,8 +67,22 @@ from llama4_deploy.graphs.moe_pass import moe_nodes, run_moe_lowering
 STRATEGY = "native"
 MS_DOMAIN = "com.microsoft"
 MS_VERSION = 1
-FC1_SUFFIX = ".native_fc1"
-FC2_SUFFIX = ".native_fc2"
+MAX_PARTS = 4  # the thread counts a CPU decode step is usually given, 2 to 4
+MIN_PART_BYTES = 2 << 20  # below ~2 MiB a part's fixed cost in the kernel outweighs a second thread
+
+
+def parts(intermediate: int, expert_bytes: int) -> int:
+    """How many parts to split each expert into: the largest power of two up to MAX_PARTS whose
+    parts keep at least MIN_PART_BYTES of weights each and divide the intermediate size."""
+    p = 1
+    while p < MAX_PARTS and expert_bytes // (2 * p) >= MIN_PART_BYTES and intermediate % (2 * p) == 0:
+        p *= 2
+    return p
+
+
+def weight_names(gate_up: str, down: str, p: int) -> tuple[str, str]:
+    tag = "native" if p == 1 else f"native{p}"
+    return f"{gate_up}.{tag}_fc1", f"{down}.{tag}_fc2"
 
 
 def _constant_weight(value: ir.Value) -> bool:
@@ -86,17 +115,31 @@ def check(node: ir.Node) -> str | None:
     return None
 
 
-def fc1_layout(gate_up: np.ndarray) -> np.ndarray:
-    """[E, H, 2I] (gate columns, then up) -> [E, 2I, H] with gate and up rows interleaved."""
+def _checker(split: int | None) -> Callable[[ir.Node], str | None]:
+    def checked(node: ir.Node) -> str | None:
+        reason = check(node)
+        if reason is None and split is not None and node.inputs[3].const_value.shape[1] % split:
+            return f"has an intermediate size of {node.inputs[3].const_value.shape[1]}, not divisible by split {split}"
+        return reason
+    return checked
+
+
+def fc1_layout(gate_up: np.ndarray, p: int = 1) -> np.ndarray:
+    """[E, H, 2I] (gate columns, then up) -> [P*E, 2I/P, H]: virtual expert p*E + e holds part p
+    of expert e's intermediate units, gate and up rows interleaved."""
     e, h, two_i = gate_up.shape
     i = two_i // 2
-    interleaved = np.stack([gate_up[..., :i], gate_up[..., i:]], axis=-1).reshape(e, h, two_i)
-    return np.ascontiguousarray(interleaved.transpose(0, 2, 1))
+    gate = gate_up[..., :i].reshape(e, h, p, i // p)
+    up = gate_up[..., i:].reshape(e, h, p, i // p)
+    interleaved = np.stack([gate, up], axis=-1).reshape(e, h, p, two_i // p)  # [E, H, P, 2Ip]
+    return np.ascontiguousarray(interleaved.transpose(2, 0, 3, 1).reshape(p * e, two_i // p, h))
 
 
-def fc2_layout(down: np.ndarray) -> np.ndarray:
-    """[E, I, H] -> [E, H, I]."""
-    return np.ascontiguousarray(down.transpose(0, 2, 1))
+def fc2_layout(down: np.ndarray, p: int = 1) -> np.ndarray:
+    """[E, I, H] -> [P*E, H, I/P]: part p of expert e's rows, transposed, times P (exact)."""
+    e, i, h = down.shape
+    split = down.reshape(e, p, i // p, h).transpose(1, 0, 3, 2).reshape(p * e, h, i // p)
+    return np.ascontiguousarray(split * down.dtype.type(p) if p > 1 else split)
 
 
 def relaid_weight(source: ir.TensorProtocol, name: str, shape: tuple[int, ...],
@@ -109,19 +152,19 @@ def relaid_weight(source: ir.TensorProtocol, name: str, shape: tuple[int, ...],
     return ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(shape), name=name)
 
 
-def _weight(tape: ir.tape.Tape, node: ir.Node, value: ir.Value, suffix: str,
+def _weight(tape: ir.tape.Tape, node: ir.Node, value: ir.Value, name: str,
             layout: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...]) -> ir.Value:
-    name = f"{value.name}{suffix}"
     existing = node.graph.initializers.get(name) if node.graph is not None else None
     if existing is not None:  # another MoE node shares these weights and was lowered already
         return existing
     return tape.initializer(relaid_weight(value.const_value, name, shape, layout), name=name)
 
 
-def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
+def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, split: int | None = None) -> list[ir.Value]:
     x, router, gate_up, down = node.inputs[:4]
     e, h, two_i = (int(d) for d in gate_up.const_value.shape)
     np_dtype = (x.dtype or gate_up.const_value.dtype).numpy()
+    p = split or parts(two_i // 2, 3 * h * (two_i // 2) * gate_up.const_value.dtype.itemsize)
 
     def op(op_type, inputs, attributes=None, name=None, **kwargs):
         return tape.op(op_type, inputs, attributes, name=f"{prefix}/{name or op_type}", **kwargs)
@@ -133,17 +176,21 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value
     )
     score = op("Sigmoid", [top_value], name="router/Sigmoid")  # [N, 1]
     routed_in = op("Mul", [x, score], name="experts/ScaleInput")  # [N, H]
-    zeros = op("ConstantOfShape", [op("Shape", [logits], name="router/Shape")],
+    lowest = op("ConstantOfShape", [op("Shape", [logits], name="router/Shape")],
+                {"value": ir.tensor(np.array([np.finfo(np_dtype).min], dtype=np_dtype))}, name="router/Lowest")
+    zeros = op("ConstantOfShape", [op("Shape", [top_index], name="router/IndexShape")],
                {"value": ir.tensor(np.array([0], dtype=np_dtype))}, name="router/Zeros")
-    ones = op("ConstantOfShape", [op("Shape", [top_index], name="router/IndexShape")],
-              {"value": ir.tensor(np.array([1], dtype=np_dtype))}, name="router/Ones")
-    one_hot = op("ScatterElements", [zeros, top_index, ones], {"axis": 1}, name="router/OneHot")  # [N, E]
+    picks = op("ScatterElements", [lowest, top_index, zeros], {"axis": 1}, name="router/Picks")  # [N, E]
+    if p > 1:
+        picks = op("Tile", [picks, constant(tape, f"{prefix}/router/parts", np.array([1, p], dtype=np.int64))],
+                   name="router/PerPart")  # [N, P*E]: part q of expert e is column q*E + e
 
-    fc1 = _weight(tape, node, gate_up, FC1_SUFFIX, fc1_layout, (e, two_i, h))
-    fc2 = _weight(tape, node, down, FC2_SUFFIX, fc2_layout, (e, h, two_i // 2))
+    fc1_name, fc2_name = weight_names(gate_up.name, down.name, p)
+    fc1 = _weight(tape, node, gate_up, fc1_name, lambda w: fc1_layout(w, p), (p * e, two_i // p, h))
+    fc2 = _weight(tape, node, down, fc2_name, lambda w: fc2_layout(w, p), (p * e, h, two_i // 2 // p))
     routed = op(
-        "MoE", [routed_in, one_hot, fc1, None, fc2],
-        {"k": 1, "activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
+        "MoE", [routed_in, picks, fc1, None, fc2],
+        {"k": p, "activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
          "activation_beta": 0.0, "normalize_routing_weights": 1, "use_sparse_mixer": 0},
         name="experts/MoE", domain=MS_DOMAIN,
     )
@@ -154,14 +201,21 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value
     return [op("Add", [shared_expert(tape, node, prefix), routed], name="Add")]
 
 
-def lower_moe_native(model: ir.Model) -> tuple[int, dict[str, str]]:
-    """Replace every MoE node; returns (count, {node name: why it was not lowered}).
+def lower_moe_native(model: ir.Model, split: int | None = None) -> tuple[int, dict[str, str]]:
+    """Replace every MoE node; returns (count, {node name: why it was not lowered}). `split`
+    forces the number of parts per expert (a power of two dividing I); by default `parts` picks it.
 
     The original gate_up / down initializers of lowered nodes are dropped once nothing reads them
     (their re-laid-out copies replace them; the copies read them lazily, at serialization)."""
     graph = model.graph
     relaid = {v.name: v for node in moe_nodes(model) if check(node) is None for v in node.inputs[2:4]}
-    result = run_moe_lowering(model, STRATEGY, check, replacement, opset_imports={MS_DOMAIN: MS_VERSION})
+    if split is not None and (split < 1 or split & (split - 1)):
+        raise ValueError(f"split must be a power of two, got {split}")
+
+    def lower(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
+        return replacement(tape, node, prefix, split)
+
+    result = run_moe_lowering(model, STRATEGY, _checker(split), lower, opset_imports={MS_DOMAIN: MS_VERSION})
     for name, value in relaid.items():
         if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
             graph.initializers.pop(name, None)

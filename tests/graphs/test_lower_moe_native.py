@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 
 from llama4_deploy.graphs import ops
-from llama4_deploy.graphs.lower_moe_native import MS_DOMAIN, fc1_layout, fc2_layout, lower_moe_native
+from llama4_deploy.graphs.lower_moe_native import MS_DOMAIN, fc1_layout, fc2_layout, lower_moe_native, parts
 from tests.graphs.moe_fixtures import assert_close_fp32, hf_moe, moe_model, run_ort, transformers_output
 
 E, H, I = 16, 64, 32  # 2I == H: fc1 is square, so only the numbers would catch a transposed fc1
@@ -66,6 +66,31 @@ def test_weight_layouts():
     np.testing.assert_array_equal(fc2, down.transpose(0, 2, 1))
 
 
+@pytest.mark.parametrize("p", [2, 4])
+def test_split_weight_layouts(p):
+    """Virtual expert q*E + e is part q of expert e: its gate/up rows interleaved, its down rows
+    transposed and scaled by P (exactly: P is a power of two)."""
+    _, weights = _hf_moe()
+    gate_up, down = weights["gate_up"], weights["down"]
+    fc1, fc2 = fc1_layout(gate_up, p), fc2_layout(down, p)
+    ip = I // p
+    assert fc1.shape == (p * E, 2 * ip, H) and fc2.shape == (p * E, H, ip)
+    for q in range(p):
+        part = slice(q * ip, (q + 1) * ip)
+        np.testing.assert_array_equal(fc1[q * E:(q + 1) * E, 0::2], gate_up[..., :I][..., part].transpose(0, 2, 1))
+        np.testing.assert_array_equal(fc1[q * E:(q + 1) * E, 1::2], gate_up[..., I:][..., part].transpose(0, 2, 1))
+        np.testing.assert_array_equal(fc2[q * E:(q + 1) * E], p * down[:, part].transpose(0, 2, 1))
+
+
+def test_parts_rule():
+    """Split only experts big enough that a part still streams >= 2 MiB, at most 4 ways."""
+    mib = 1 << 20
+    assert parts(256, 786_432) == 1  # maverick-mini's 0.75 MiB experts stay whole
+    assert parts(1024, 6 * mib) == 2  # scout-mini's 6 MiB experts: two 3 MiB parts
+    assert parts(8192, 480 * mib) == 4  # Scout / Maverick (fp32): capped at 4
+    assert parts(8191, 480 * mib) == 1  # an odd intermediate size cannot be halved
+
+
 def test_matches_transformers_moe():
     """fp32 both sides; the kernel's routing weight is exactly 1 and only summation order differs
     (MLAS vs torch GEMMs): observed 3.5e-7 x max|y| here, at most 4.4e-7 over 5 weight seeds x
@@ -82,6 +107,28 @@ def test_matches_transformers_moe():
     gate = x @ weights["shared_gate"]
     shared_only = (gate / (1 + np.exp(-gate)) * (x @ weights["shared_up"])) @ weights["shared_down"]
     assert np.abs(shared_only - expected).max() > 0.1
+
+
+@pytest.mark.parametrize("split", [2, 4])
+def test_split_experts_match_transformers_moe(split):
+    """Split into parts, the kernel gives each of a token's P virtual experts weight 1/P exactly
+    and fc2 carries the factor P, so only summation order changes: same bound as unsplit."""
+    moe, weights = _hf_moe()
+    x = _x()
+    model = _moe_model(weights)
+    assert lower_moe_native(model, split=split) == (1, {})
+    [node] = [n for n in model.graph if n.op_type == "MoE"]
+    assert node.attributes["k"].as_int() == split
+    assert node.inputs[2].name == f"gate_up.native{split}_fc1" and node.inputs[2].shape.numpy() == (split * E, 2 * I // split, H)
+    assert_close_fp32(_run(model, x), transformers_output(moe, x))
+
+
+def test_split_must_divide():
+    _, weights = _hf_moe()
+    with pytest.raises(ValueError, match="power of two"):
+        lower_moe_native(_moe_model(weights), split=3)
+    count, skipped = lower_moe_native(_moe_model(weights), split=64)
+    assert count == 0 and skipped == {"/layers.1/node_moe": "has an intermediate size of 32, not divisible by split 64"}
 
 
 def test_weights_stay_lazy():
