@@ -40,10 +40,15 @@ class KVCache:
         self.layers = manifest.layers
         self.keys: dict[int, np.ndarray] = {}  # [B, K, S, D]
         self.values: dict[int, np.ndarray] = {}
+        # per layer: (index, ring size or 0 for a global layer, feed names, output names)
+        self._slots: list[tuple[int, int, tuple[str, str], tuple[str, str]]] = []
         for layer in self.layers:
             slots = layer.slots if layer.attention == "chunked" else self.context
             self.keys[layer.index] = np.zeros((batch, K, slots, D), dtype=np.float32)
             self.values[layer.index] = np.zeros((batch, K, slots, D), dtype=np.float32)
+            i = layer.index
+            self._slots.append((i, layer.slots if layer.attention == "chunked" else 0,
+                                (f"past_key.{i}", f"past_value.{i}"), (f"present_key.{i}", f"present_value.{i}")))
         self.lengths = np.zeros(batch, dtype=np.int64)  # [B] tokens already cached per row
 
     def context_bucket(self) -> int:
@@ -58,12 +63,12 @@ class KVCache:
     def feeds(self) -> dict[str, np.ndarray]:
         bucket = self.context_bucket()
         feeds = {}
-        for layer in self.layers:
-            key, value = self.keys[layer.index], self.values[layer.index]
-            if layer.attention == "global":
+        for index, ring, (key_name, value_name), _ in self._slots:
+            key, value = self.keys[index], self.values[index]
+            if not ring:
                 key, value = np.ascontiguousarray(key[:, :, :bucket]), np.ascontiguousarray(value[:, :, :bucket])
-            feeds[f"past_key.{layer.index}"] = key
-            feeds[f"past_value.{layer.index}"] = value
+            feeds[key_name] = key
+            feeds[value_name] = value
         return feeds
 
     def write(self, outputs: dict[str, np.ndarray], positions: np.ndarray) -> None:
@@ -75,16 +80,16 @@ class KVCache:
         self._check_room(slots)
         new_lengths = self.lengths.copy()
         np.maximum.at(new_lengths, rows, slots + 1)
-        for layer in self.layers:
-            key, value = outputs[f"present_key.{layer.index}"], outputs[f"present_value.{layer.index}"]
-            if layer.attention == "chunked":
+        for index, ring, _, (key_name, value_name) in self._slots:
+            key, value = outputs[key_name], outputs[value_name]
+            if ring:
                 # a step longer than the ring only keeps each row's newest C positions
-                keep = slots >= new_lengths[rows] - layer.slots
-                r, t, s = rows[keep], steps[keep], slots[keep] % layer.slots
+                keep = slots >= new_lengths[rows] - ring
+                r, t, s = rows[keep], steps[keep], slots[keep] % ring
             else:
                 r, t, s = rows, steps, slots
-            self.keys[layer.index][r, :, s] = key[r, :, t]
-            self.values[layer.index][r, :, s] = value[r, :, t]
+            self.keys[index][r, :, s] = key[r, :, t]
+            self.values[index][r, :, s] = value[r, :, t]
         self.lengths = new_lengths
 
     def _check_room(self, slots: np.ndarray) -> None:
@@ -96,10 +101,18 @@ class KVCache:
         rows = np.flatnonzero(positions >= 0)
         slots = positions[rows]
         self._check_room(slots)
-        for layer in self.layers:
-            ring = slots % layer.slots if layer.attention == "chunked" else slots
-            self.keys[layer.index][rows, :, ring] = outputs[f"present_key.{layer.index}"][rows, :, 0]
-            self.values[layer.index][rows, :, ring] = outputs[f"present_value.{layer.index}"][rows, :, 0]
+        if len(rows) <= 2:  # plain indexing per row: ~5x cheaper than fancy indexing for one row
+            for row, slot in zip(rows.tolist(), slots.tolist()):
+                for index, ring, _, (key_name, value_name) in self._slots:
+                    at = slot % ring if ring else slot
+                    self.keys[index][row, :, at] = outputs[key_name][row, :, 0]
+                    self.values[index][row, :, at] = outputs[value_name][row, :, 0]
+                self.lengths[row] = max(self.lengths[row], slot + 1)
+            return
+        for index, ring, _, (key_name, value_name) in self._slots:
+            at = slots % ring if ring else slots
+            self.keys[index][rows, :, at] = outputs[key_name][rows, :, 0]
+            self.values[index][rows, :, at] = outputs[value_name][rows, :, 0]
         self.lengths[rows] = np.maximum(self.lengths[rows], slots + 1)
 
 
