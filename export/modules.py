@@ -105,7 +105,8 @@ class Prologue(nn.Module):
         self.has_rope = any(shape.rope_layers)
         self.has_global = not all(shape.rope_layers)
         if self.has_rope:
-            inv_freq = torch.tensor(shape.rope_inv_freq(), dtype=torch.float32)
+            # each frequency twice, once per member of its pair: cos/sin come out [.., D] directly
+            inv_freq = torch.tensor(shape.rope_inv_freq(), dtype=torch.float32).repeat_interleave(2)
             self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
 
     @staticmethod
@@ -148,9 +149,9 @@ class Prologue(nn.Module):
         positions = position_ids.to(torch.float32)[:, :, None, None]  # [B, T, 1, 1]
         if self.has_rope:
             outputs.extend(self.mask(position_ids, past_lengths, shape.attention_chunk_size, chunked=True))
-            angles = positions * self.rope_inv_freq  # [B, T, 1, D/2]
-            outputs.append(torch.cos(angles).repeat_interleave(2, dim=-1))  # [B, T, 1, D]
-            outputs.append(torch.sin(angles).repeat_interleave(2, dim=-1))
+            angles = positions * self.rope_inv_freq  # [B, T, 1, D]: angle i at 2i and 2i + 1
+            outputs.append(torch.cos(angles))
+            outputs.append(torch.sin(angles))
         if self.has_global:
             outputs.extend(self.mask(position_ids, past_lengths, global_past_key[0].shape[2], chunked=False))
             if shape.attn_temperature_tuning:

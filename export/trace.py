@@ -139,7 +139,9 @@ def trace_prologue(shape: ModelShape) -> ir.Model:
     extra = ({0: batch, 2: torch.export.Dim("context")},) if has_global else ()
     dims = ({0: batch, 1: new}, {0: batch}, extra)  # forward(position_ids, past_lengths, *global_past_key)
     names = ("position_ids", "past_lengths") + (("global_past_key",) if has_global else ())
-    constants = {"rope_inv_freq": np.asarray(shape.rope_inv_freq(), dtype=np.float32)} if any(shape.rope_layers) else {}
+    # each frequency twice (once per member of its pair), as Prologue holds it
+    constants = ({"rope_inv_freq": np.repeat(np.asarray(shape.rope_inv_freq(), dtype=np.float32), 2)}
+                 if any(shape.rope_layers) else {})
     return _export(build, tuple(dims), names, modules.Prologue.outputs(shape), constants)
 
 
