@@ -210,7 +210,7 @@ def graph_cost(model: ir.Model, dims: dict[str, int], scope: str | None = None) 
 def _native_moe_cost(node: ir.Node, out: tuple[int, ...]) -> tuple[float, float]:
     """ONNX Runtime's fused MoE kernel runs only the chosen experts, reading each used expert once:
     k expert evaluations per token (two matmuls, fc1 [2I, H] and fc2 [H, I]) and the weights of at
-    most min(N * k, E) experts."""
+    most min(N * k, E) experts. Split experts count the same: P parts of I / P, k = P per token."""
     tokens = math.prod(out[:-1])
     top_k = node.attributes["k"].as_int()
     fc1, fc2 = node.inputs[2], node.inputs[4]
