@@ -23,8 +23,20 @@ from pathlib import Path
 import numpy as np
 
 DISPATCHES = ("auto", "native", "gather", "capacity", "dense")
-CONTEXT = 64  # tokens already cached when a decode step is timed
-DECODE_REPEATS = 40  # timed decode steps (after 3 warm-up steps the cache holds at most 107 tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    decode_batches: tuple[int, int] = (1, 8)
+    prefill_tokens: tuple[int, int] = (256, 1024)
+    context: int = 64  # tokens already cached when a decode step is timed
+    decode_repeats: int = 40  # timed decode steps; with 3 warm-up steps the cache stays under 128
+    prefill_repeats: int = 3
+    roofline_repeats: int = 30
+
+
+FULL = Sizes()
+QUICK = Sizes((1, 2), (16, 32), 8, 2, 1, 2)  # a smoke run on tiny: exercises every path, proves nothing
 
 
 def _median_seconds(run, repeats: int, warmup: int = 2) -> float:
@@ -44,56 +56,57 @@ class Figures:
     prefill_tps: dict[int, float]  # tokens -> tokens/s
 
 
-def transformers_decode_ms(model, vocab: int, batch: int, seed: int = 0) -> float:
-    """Median ms of one cached decode step of transformers eager after CONTEXT tokens."""
+def transformers_decode_ms(model, vocab: int, batch: int, sizes: Sizes = FULL, seed: int = 0) -> float:
+    """Median ms of one cached decode step of transformers eager after `sizes.context` tokens."""
     import torch
 
     rng = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
-        ids = torch.randint(0, vocab, (batch, CONTEXT), generator=rng)
+        ids = torch.randint(0, vocab, (batch, sizes.context), generator=rng)
         out = model(input_ids=ids, use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
         step = torch.randint(0, vocab, (batch, 1), generator=rng)
         return 1e3 * _median_seconds(lambda: model(input_ids=step, cache=cache, use_cache=True),
-                                     DECODE_REPEATS, warmup=3)
+                                     sizes.decode_repeats, warmup=3)
 
 
-def bench_transformers(model, vocab: int, threads: int) -> Figures:
+def bench_transformers(model, vocab: int, threads: int, sizes: Sizes = FULL) -> Figures:
     import torch
 
     torch.set_num_threads(threads)
     rng = torch.Generator().manual_seed(0)
-    decode = {batch: transformers_decode_ms(model, vocab, batch) for batch in (1, 8)}
+    decode = {batch: transformers_decode_ms(model, vocab, batch, sizes) for batch in sizes.decode_batches}
     with torch.inference_mode():
         prefill = {}
-        for tokens in (256, 1024):
+        for tokens in sizes.prefill_tokens:
             ids = torch.randint(0, vocab, (1, tokens), generator=rng)
-            prefill[tokens] = tokens / _median_seconds(lambda: model(input_ids=ids, use_cache=False), 3, warmup=1)
+            prefill[tokens] = tokens / _median_seconds(lambda: model(input_ids=ids, use_cache=False),
+                                                       sizes.prefill_repeats, warmup=1)
     return Figures(decode, prefill)
 
 
-def bench_engine(engine, vocab: int) -> tuple[Figures, int, int]:
+def bench_engine(engine, vocab: int, sizes: Sizes = FULL) -> tuple[Figures, int, int]:
     from llama4_deploy.runtime.engine import KVCache
 
     rng = np.random.default_rng(0)
     decode = {}
-    for batch in (1, 8):
-        prompts = [list(rng.integers(0, vocab, CONTEXT)) for _ in range(batch)]
+    for batch in sizes.decode_batches:
+        prompts = [list(rng.integers(0, vocab, sizes.context)) for _ in range(batch)]
         cache = KVCache(engine.manifest, batch)
         engine.prefill(cache, prompts)
         tokens = rng.integers(0, vocab, batch)
         active = np.ones(batch, dtype=bool)
-        decode[batch] = 1e3 * _median_seconds(lambda: engine.decode_step(cache, tokens, active), DECODE_REPEATS,
-                                              warmup=3)
+        decode[batch] = 1e3 * _median_seconds(lambda: engine.decode_step(cache, tokens, active),
+                                              sizes.decode_repeats, warmup=3)
     prefill = {}
-    for count in (256, 1024):
+    for count in sizes.prefill_tokens:
         prompt = [list(rng.integers(0, vocab, count))]
         prefill[count] = count / _median_seconds(
-            lambda: engine.prefill(KVCache(engine.manifest, 1), prompt), 3, warmup=1)
+            lambda: engine.prefill(KVCache(engine.manifest, 1), prompt), sizes.prefill_repeats, warmup=1)
     return Figures(decode, prefill), engine.steps, engine.overflow_reruns
 
 
-def roofline_ms(weight_bytes: float, threads: int) -> float:
+def roofline_ms(weight_bytes: float, threads: int, repeats: int = FULL.roofline_repeats) -> float:
     """One MatMul [1, K] x [K, 1024] in ONNX Runtime whose weight is exactly `weight_bytes`."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -111,7 +124,7 @@ def roofline_ms(weight_bytes: float, threads: int) -> float:
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     x = np.ones((1, rows), dtype=np.float32)
-    return 1e3 * _median_seconds(lambda: session.run(None, {"x": x}), 30, warmup=5)
+    return 1e3 * _median_seconds(lambda: session.run(None, {"x": x}), repeats, warmup=5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,9 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", default="scout-mini,maverick-mini")
     parser.add_argument("--dispatch", default=",".join(DISPATCHES))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="smoke run at tiny sizes (the figures mean nothing)")
     args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    (b1, bn), (p1, p2) = sizes.decode_batches, sizes.prefill_tokens
 
-    print(f"fp32, {args.threads} threads for both ONNX Runtime and torch; decode after {CONTEXT} cached tokens")
+    print(f"fp32, {args.threads} threads for both ONNX Runtime and torch; decode after {sizes.context} cached tokens")
     with tempfile.TemporaryDirectory(prefix="llama4-bench-") as scratch:
         for name in args.recipes.split(","):
             recipe = load_recipe(name)
@@ -139,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
             reference = random_model(r.config, r.seed, r.logit_gain, r.router_gain)
             vocab = r.config["vocab_size"]
             print(f"\n== {name}: transformers eager", flush=True)
-            hf = bench_transformers(reference, vocab, args.threads)
-            print(f"decode b1 {hf.decode_ms[1]:.2f} ms, b8 {hf.decode_ms[8]:.2f} ms; "
-                  f"prefill 256 {hf.prefill_tps[256]:.0f} tok/s, 1024 {hf.prefill_tps[1024]:.0f} tok/s")
-            header = (f"{'dispatch':<22}{'decode b1 ms':>13}{'eager b1':>9}{'x eager':>9}{'decode b8 ms':>13}{'x eager':>9}"
-                      f"{'prefill256 t/s':>15}{'x eager':>9}{'prefill1024 t/s':>16}{'x eager':>9}"
-                      f"{'roofline b1':>12}{'reruns':>9}")
+            hf = bench_transformers(reference, vocab, args.threads, sizes)
+            print(f"decode b{b1} {hf.decode_ms[b1]:.2f} ms, b{bn} {hf.decode_ms[bn]:.2f} ms; "
+                  f"prefill {p1} {hf.prefill_tps[p1]:.0f} tok/s, {p2} {hf.prefill_tps[p2]:.0f} tok/s")
+            header = (f"{'dispatch':<22}{f'decode b{b1} ms':>13}{f'eager b{b1}':>9}{'x eager':>9}"
+                      f"{f'decode b{bn} ms':>13}{'x eager':>9}"
+                      f"{f'prefill{p1} t/s':>15}{'x eager':>9}{f'prefill{p2} t/s':>16}{'x eager':>9}"
+                      f"{f'roofline b{b1}':>12}{'reruns':>9}")
             rows = []
             for dispatch in args.dispatch.split(","):
                 bundle = build(name, out=Path(scratch) / f"{name}-{dispatch}", moe_dispatch=dispatch,
@@ -153,17 +170,18 @@ def main(argv: list[str] | None = None) -> int:
                     graphs = engine.graphs
                     label = dispatch if dispatch != "auto" else f"auto({graphs['decode']['moe_dispatch']}/" \
                                                                  f"{graphs['prefill']['moe_dispatch']})"
-                    figures, steps, reruns = bench_engine(engine, vocab)
+                    figures, steps, reruns = bench_engine(engine, vocab, sizes)
                     decode_graph = ir.load(bundle / graphs["decode"]["file"])
                     ideal = step_cost(decode_graph, engine.manifest.model,
-                                      {"batch": 1, "new": 1, "context": 128}).ideal
-                    roof = roofline_ms(ideal.weight_bytes, args.threads) / figures.decode_ms[1]
-                eager_b1 = transformers_decode_ms(reference, vocab, 1)  # adjacent in time to this row
+                                      {"batch": b1, "new": 1, "context": 128}).ideal
+                    step_ms = figures.decode_ms[b1]
+                    roof = roofline_ms(ideal.weight_bytes, args.threads, sizes.roofline_repeats) / step_ms
+                eager_b1 = transformers_decode_ms(reference, vocab, b1, sizes)  # adjacent in time to this row
                 rows.append(
-                    f"{label:<22}{figures.decode_ms[1]:>13.3f}{eager_b1:>9.2f}{eager_b1 / figures.decode_ms[1]:>8.1f}x"
-                    f"{figures.decode_ms[8]:>13.3f}{hf.decode_ms[8] / figures.decode_ms[8]:>8.1f}x"
-                    f"{figures.prefill_tps[256]:>15.0f}{figures.prefill_tps[256] / hf.prefill_tps[256]:>8.1f}x"
-                    f"{figures.prefill_tps[1024]:>16.0f}{figures.prefill_tps[1024] / hf.prefill_tps[1024]:>8.1f}x"
+                    f"{label:<22}{step_ms:>13.3f}{eager_b1:>9.2f}{eager_b1 / step_ms:>8.1f}x"
+                    f"{figures.decode_ms[bn]:>13.3f}{hf.decode_ms[bn] / figures.decode_ms[bn]:>8.1f}x"
+                    f"{figures.prefill_tps[p1]:>15.0f}{figures.prefill_tps[p1] / hf.prefill_tps[p1]:>8.1f}x"
+                    f"{figures.prefill_tps[p2]:>16.0f}{figures.prefill_tps[p2] / hf.prefill_tps[p2]:>8.1f}x"
                     f"{100 * roof:>11.0f}%{f'{reruns}/{steps}':>9}")
                 print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
     return 0

@@ -1,0 +1,28 @@
+"""`make bench` end to end at smoke sizes on tiny, so a change that breaks the benchmark fails CI.
+The figures are timings of a 2-core VM and are not asserted beyond being measured."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from llama4_deploy import bench
+
+
+def test_bench_quick_run_prints_every_figure(capsys):
+    assert bench.main(["--recipes", "tiny", "--dispatch", "native,capacity", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "== tiny: transformers eager" in out
+    header = next(line for line in out.splitlines() if line.startswith("dispatch"))
+    assert header.split() == ["dispatch", "decode", "b1", "ms", "eager", "b1", "x", "eager", "decode", "b2", "ms",
+                              "x", "eager", "prefill16", "t/s", "x", "eager", "prefill32", "t/s", "x", "eager",
+                              "roofline", "b1", "reruns"]
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("native", "capacity"))}
+    assert set(rows) == {"native", "capacity"}
+    for label, cells in rows.items():
+        assert len(cells) == 11, (label, cells)
+        numbers = [float(c.rstrip("x%")) for c in cells[:-1]]
+        assert all(math.isfinite(n) and n > 0 for n in numbers), (label, cells)
+        steps = re.fullmatch(r"(\d+)/(\d+)", cells[-1])
+        assert steps and int(steps[2]) > 0 and int(steps[1]) <= int(steps[2])
+    assert rows["native"][-1].startswith("0/")  # an exact dispatch never reruns
