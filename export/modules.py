@@ -11,7 +11,8 @@ Differences from transformers' eager modules, all numerically neutral:
   computed once per step by the `Prologue` and shared by every layer of a kind.
 - RoPE is real-valued on interleaved pairs (2i, 2i+1); no complex numbers.
 - The MoE is one call to the custom op `llama4_deploy::moe`, exported as a single
-  `llama4_deploy.MoE` node (graphs/ops.py) that graph passes lower.
+  `llama4_deploy.MoE` node (graphs/ops.py) that graph passes lower; likewise the masked
+  attention over cache and new keys (`llama4_deploy::attention`, `llama4_deploy.Attention`).
 - Linear weights are stored in matmul layout [in, out] (export/weights.py transposes).
 
 Nothing here branches on tensor values, calls .item() or .tolist().
@@ -61,6 +62,45 @@ def moe_to_onnx(x, router, gate_up, down, shared_gate, shared_up, shared_down, t
     ops.register_schemas()
     node = onnxscript.values.Op(onnxscript.values.Opset(ops.DOMAIN, ops.VERSION), ops.MOE)
     return node(x, router, gate_up, down, shared_gate, shared_up, shared_down, token_valid, top_k=top_k)
+
+
+@torch.library.custom_op("llama4_deploy::attention", mutates_args=())
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache_mask: torch.Tensor,
+    new_mask: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Eager semantics of llama4_deploy.Attention (see graphs/ops.py). query [B, T, Q, D]; key,
+    value [B, K, T, D]; masks [B, 1, 1, T, S] and [B, 1, 1, T, T]; past [B, K, S, D]."""
+    B, T, Q, D = query.shape
+    K = key.shape[1]
+    keys = torch.cat([past_key, key], dim=2)  # [B, K, S + T, D]
+    values = torch.cat([past_value, value], dim=2)
+    grouped_query = query.reshape(B, T, K, Q // K, D).permute(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    scores = grouped_query @ keys[:, :, None].transpose(-1, -2) * scale  # [B, K, G, T, S + T]
+    # a finite floor keeps fully masked (padded) rows finite instead of NaN
+    mask = torch.cat([cache_mask, new_mask], dim=-1)  # [B, 1, 1, T, S + T]
+    scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
+    context = scores.softmax(-1) @ values[:, :, None]  # [B, K, G, T, D]
+    return context.permute(0, 3, 1, 2, 4).reshape(B, T, Q * D)
+
+
+@attention.register_fake
+def _attention_fake(query, key, value, cache_mask, new_mask, past_key, past_value, scale):
+    B, T, Q, D = query.shape
+    return query.new_empty(B, T, Q * D)
+
+
+def attention_to_onnx(query, key, value, cache_mask, new_mask, past_key, past_value, scale: float):
+    """Translation of the custom op for torch.onnx.export: one node of the project's domain."""
+    ops.register_schemas()
+    node = onnxscript.values.Op(onnxscript.values.Opset(ops.DOMAIN, ops.VERSION), ops.ATTENTION)
+    return node(query, key, value, cache_mask, new_mask, past_key, past_value, scale=scale)
 
 
 def _param(*dims: int) -> nn.Parameter:
@@ -223,15 +263,8 @@ class DecoderLayer(nn.Module):
 
         present_key = key.transpose(1, 2)  # [B, K, T, D]
         present_value = value.transpose(1, 2)
-        keys = torch.cat([past_key, present_key], dim=2)  # [B, K, S + T, D]
-        values = torch.cat([past_value, present_value], dim=2)
-        grouped_query = query.view(B, T, K, Q // K, D).permute(0, 2, 3, 1, 4)  # [B, K, G, T, D]
-        scores = grouped_query @ keys[:, :, None].transpose(-1, -2) * (D**-0.5)  # [B, K, G, T, S + T]
-        # a finite floor keeps fully masked (padded) rows finite instead of NaN
-        mask = torch.cat([cache_mask, new_mask], dim=-1)  # [B, 1, 1, T, S + T]
-        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
-        context = scores.softmax(-1) @ values[:, :, None]  # [B, K, G, T, D]
-        context = context.permute(0, 3, 1, 2, 4).reshape(B, T, Q * D)
+        context = torch.ops.llama4_deploy.attention(query, present_key, present_value, cache_mask, new_mask,
+                                                    past_key, past_value, D**-0.5)  # [B, T, Q * D]
         return context @ self.o, present_key, present_value
 
     # -- feed-forward ---------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def _export(build, dynamic_shapes, input_names, output_names, constants=None) ->
             input_names=list(input_names),
             output_names=list(output_names),
             dynamic_shapes=dynamic_shapes,
-            custom_translation_table={torch.ops.llama4_deploy.moe.default: modules.moe_to_onnx},
+            custom_translation_table={torch.ops.llama4_deploy.moe.default: modules.moe_to_onnx,
+                                      torch.ops.llama4_deploy.attention.default: modules.attention_to_onnx},
             optimize=False,  # run below, once weights are data-less
             verbose=False,
         )

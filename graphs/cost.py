@@ -4,6 +4,8 @@ Concrete input dimensions (batch, new tokens, context) are substituted into the 
 and ONNX shape inference (with data propagation) gives every node's output shape. Then:
 
 - MatMul / Gemm: 2 x (output elements) x (reduction length) FLOPs;
+- Attention (opset 23): its two matmuls, 4 x (output elements) x (keys), plus 2 per score
+  (mask and softmax), as the decomposed form counts them;
 - data movement (Gather, Reshape, Transpose, Concat, Slice, Expand, ...): no FLOPs;
 - every other node: one FLOP per output element (norms, activations, masks: small);
 - weight bytes: each read of an initializer by a node counts its full size, except Gather,
@@ -188,6 +190,9 @@ def graph_cost(model: ir.Model, dims: dict[str, int], scope: str | None = None) 
                 flops = 2.0 * elements * (a[-1] if a else 0)
             elif node.domain == "com.microsoft" and node.op_type == "MoE":
                 flops, weight = _native_moe_cost(node, out)
+            elif node.domain in ("", "ai.onnx") and node.op_type == "Attention":
+                keys = (shapes.get(node.inputs[3].name) or (0,))[-1]  # the mask's last axis: S + T
+                flops = 4.0 * elements * keys + 2.0 * elements / out[-1] * keys
             elif node.op_type in MOVEMENT:
                 flops = 0.0
             else:

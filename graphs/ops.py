@@ -18,7 +18,25 @@
     y = shared(x) + sum_e expert_e(score[:, e] * x)          # the score scales the expert *input*
     expert_e(z) = (silu(z @ gate_e) * (z @ up_e)) @ down_e
 
-Passes in graphs/ lower it to standard ONNX (see lower_moe_*.py); no backend runs it as is.
+`llama4_deploy.Attention` (version 1) — masked grouped-query attention over the cache and the step's
+new keys, after RoPE / QK norm / temperature (Q query heads, K kv heads, G = Q / K):
+
+    inputs   query        [B, T, Q, D]
+             key          [B, K, T, D]   the step's new keys (also the engine's present_key output)
+             value        [B, K, T, D]
+             cache_mask   [B, 1, 1, T, S] bool   which cache slots query t may attend
+             new_mask     [B, 1, 1, T, T] bool   which new tokens query t may attend
+             past_key     [B, K, S, D]
+             past_value   [B, K, S, D]
+    attrs    scale        softmax scale (D ** -0.5)
+    output   context      [B, T, Q * D]
+
+    keys = [past_key | key] along S;  query head h reads kv head h // G
+    scores = scale * query . keys, masked entries set to the dtype's lowest finite value
+    context = softmax(scores) . [past_value | value]       # a fully masked row stays finite
+
+Passes in graphs/ lower both to standard ONNX (lower_moe_*.py, lower_attention.py); no backend
+runs them as they are.
 """
 
 from __future__ import annotations
@@ -30,6 +48,8 @@ DOMAIN = "llama4_deploy"
 VERSION = 1
 MOE = "MoE"
 MOE_INPUTS = ("x", "router", "gate_up", "down", "shared_gate", "shared_up", "shared_down", "token_valid")
+ATTENTION = "Attention"
+ATTENTION_INPUTS = ("query", "key", "value", "cache_mask", "new_mask", "past_key", "past_value")
 
 
 def _moe_schema() -> OpSchema:
@@ -47,7 +67,23 @@ def _moe_schema() -> OpSchema:
     )
 
 
+def _attention_schema() -> OpSchema:
+    float_types = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    return OpSchema(
+        ATTENTION,
+        DOMAIN,
+        VERSION,
+        doc=__doc__,
+        inputs=[OpSchema.FormalParameter(name, "B" if name.endswith("_mask") else "T") for name in ATTENTION_INPUTS],
+        outputs=[OpSchema.FormalParameter("context", "T")],
+        type_constraints=[("T", float_types, "activations"), ("B", ["tensor(bool)"], "masks")],
+        attributes=[OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "softmax scale")],
+    )
+
+
 def register_schemas() -> None:
     """Make onnx (and the exporter, which checks schemas) aware of the project's ops. Idempotent."""
     if not onnx.defs.has(MOE, DOMAIN):
         onnx.defs.register_schema(_moe_schema())
+    if not onnx.defs.has(ATTENTION, DOMAIN):
+        onnx.defs.register_schema(_attention_schema())

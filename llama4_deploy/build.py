@@ -228,12 +228,15 @@ def build(
     out: str | Path | None = None,
     moe_dispatch: str | None = None,
     log: Callable[[str], None] = _log,
+    attention: str | None = None,
 ) -> BuildResult:
     """Build a bundle. `recipe` names a recipe (default `tiny`, or a plain fp32 ONNX Runtime
     build when only `checkpoint` is given); `checkpoint` is a Hugging Face checkpoint dir;
-    `moe_dispatch` overrides the recipe's (dense, gather, capacity, native or auto)."""
+    `moe_dispatch` overrides the recipe's (dense, gather, capacity, native or auto), and
+    `attention` its attention form (decomposed, onnx23 or auto)."""
     from llama4_deploy.export.checkpoint import Checkpoint, CheckpointError
     from llama4_deploy.graphs.dispatch import CHOICES
+    from llama4_deploy.graphs.lower_attention import FORMS
 
     start = time.time()
     if recipe is None and checkpoint is not None:
@@ -244,6 +247,10 @@ def build(
         if moe_dispatch not in CHOICES:
             raise BuildError(f"unknown MoE dispatch {moe_dispatch!r}; choose one of {', '.join(CHOICES)}")
         chosen = chosen.model_copy(update={"moe_dispatch": moe_dispatch})
+    if attention is not None:
+        if attention not in (*FORMS, "auto"):
+            raise BuildError(f"unknown attention form {attention!r}; choose one of {', '.join((*FORMS, 'auto'))}")
+        chosen = chosen.model_copy(update={"attention": attention})
     out = Path(out or Path("build") / chosen.name).resolve()
     if checkpoint is None and chosen.random is None:
         raise BuildError(
@@ -297,6 +304,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log) -> tuple[dict[str, int], 
     from llama4_deploy.export.trace import trace_templates
     from llama4_deploy.graphs import dispatch
     from llama4_deploy.graphs.lint import lint_static
+    from llama4_deploy.graphs.lower_attention import form_for, lower_attention
 
     shape = ckpt.shape
     kinds = sorted({k.name for k in shape.layer_kinds})
@@ -306,6 +314,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log) -> tuple[dict[str, int], 
     log(f"[trace] done in {time.time() - t:.1f}s")
     passes: dict[str, int] = {}
     lowered: dict[str, Any] = {}
+    attention = form_for(recipe.backend, recipe.attention)
 
     def lower(strategy: str):
         if strategy not in lowered:
@@ -314,6 +323,10 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log) -> tuple[dict[str, int], 
             if skipped:
                 name, reason = next(iter(skipped.items()))
                 raise BuildError(f"MoE node {name} was not lowered to {strategy}: it {reason}")
+            passes[f"lower_attention_{attention}"], skipped = lower_attention(model, attention)
+            if skipped:
+                name, reason = next(iter(skipped.items()))
+                raise BuildError(f"attention node {name} was not lowered to {attention}: it {reason}")
             problems = lint_static(model)
             if problems:
                 raise BuildError(f"the {strategy} graph breaks the static-shape rule: {problems[0]}")
@@ -332,7 +345,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log) -> tuple[dict[str, int], 
     _save_graphs(used, staging)
     graphs = {}
     for role, strategy in roles.items():
-        graphs[role] = {"file": f"{strategy}.onnx", "moe_dispatch": strategy,
+        graphs[role] = {"file": f"{strategy}.onnx", "moe_dispatch": strategy, "attention": attention,
                         "reports_overflow": strategy == "capacity"}
         if strategy == "capacity":
             graphs[role]["capacity_factor"] = recipe.capacity_factor

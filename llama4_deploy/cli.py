@@ -38,12 +38,15 @@ def main() -> None:
 @click.option("--out", type=click.Path(), help="bundle directory (default build/<recipe>)")
 @click.option("--moe-dispatch", type=click.Choice(["dense", "gather", "capacity", "native", "auto"]),
               help="MoE lowering (default: the recipe's, auto)")
-def build(recipe, checkpoint, out, moe_dispatch) -> None:
+@click.option("--attention", type=click.Choice(["decomposed", "onnx23", "auto"]),
+              help="attention form (default: the recipe's, auto: onnx23 for ONNX Runtime)")
+def build(recipe, checkpoint, out, moe_dispatch, attention) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
     try:
-        result = run_build(recipe=recipe, checkpoint=checkpoint, out=out, moe_dispatch=moe_dispatch)
+        result = run_build(recipe=recipe, checkpoint=checkpoint, out=out, moe_dispatch=moe_dispatch,
+                           attention=attention)
     except _user_errors() as err:
         raise UserError(str(err)) from None
     from llama4_deploy.costs import bundle_costs, cost_table

@@ -49,6 +49,8 @@ class Recipe(Strict):
     precision: Literal["fp32"] = "fp32"
     backend: Literal["onnxruntime"] = "onnxruntime"
     moe_dispatch: Literal["dense", "gather", "capacity", "native", "auto"] = "auto"
+    # attention kernel form (graphs/lower_attention.py); auto: onnx23 for ONNX Runtime, decomposed otherwise
+    attention: Literal["decomposed", "onnx23", "auto"] = "auto"
     capacity_factor: float = Field(1.25, gt=0)  # slots per expert = ceil(factor * tokens * k / experts)
     profiles: Profiles = Profiles()
     verify: Verify = Verify()

@@ -41,9 +41,12 @@ def test_every_dispatch_is_exact(recipe, dispatch, tmp_path):
     the exact graph; the capacity graph must still have produced some steps itself."""
     from llama4_deploy.build import build
 
+    from tests.conftest import manifest
+
     bundle = build(recipe, out=tmp_path / recipe, moe_dispatch=dispatch, log=lambda _: None).bundle
     report = verify(str(bundle), log=lambda _: None)
     _check(report)
+    assert {g["attention"] for g in manifest(bundle)["engine"]["graphs"].values()} == {"onnx23"}
     if dispatch != "auto":
         assert report.graphs["prefill"] == report.graphs["decode"] == dispatch
     uses_capacity = "capacity" in (report.graphs["prefill"], report.graphs["decode"])
@@ -51,6 +54,24 @@ def test_every_dispatch_is_exact(recipe, dispatch, tmp_path):
     if uses_capacity:
         assert report.graphs["exact"] in ("native", "gather", "dense")
         assert report.overflow_reruns < report.steps
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "scout-mini", "maverick-mini"])
+def test_decomposed_attention_is_exact(recipe, tmp_path):
+    """TensorRT's attention form (standard opset-21 ops only), run here on ONNX Runtime, with
+    TensorRT's decode dispatch (gather)."""
+    import onnx
+
+    from llama4_deploy.build import build
+    from tests.conftest import manifest
+
+    bundle = build(recipe, out=tmp_path / recipe, moe_dispatch="gather", attention="decomposed",
+                   log=lambda _: None).bundle
+    _check(verify(str(bundle), log=lambda _: None))
+    assert manifest(bundle)["engine"]["graphs"]["decode"]["attention"] == "decomposed"
+    proto = onnx.load(bundle / "gather.onnx", load_external_data=False)
+    assert {o.domain: o.version for o in proto.opset_import}.get("") == 21
+    assert "Attention" not in {n.op_type for n in proto.graph.node}
 
 
 def test_sharded_multimodal_checkpoint(checkpoint_bundle, checkpoint_dir):
