@@ -152,3 +152,7 @@ def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads) 
         raise UserError(str(err)) from None
     tokens = result.tokens[0]
     click.echo(tokenizer.decode(tokens) if tokenizer else ",".join(map(str, tokens)))
+
+
+if __name__ == "__main__":
+    main()
