@@ -17,9 +17,11 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 
 class OnnxRuntimeRunner:
-    def __init__(self, model_path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, model_path: str | Path, threads: int | None = None, providers: list[str] | None = None,
+                 spin: bool = True):
         self.model_path = Path(model_path)
         self.threads = threads
+        self.spin = spin  # intra-op threads spin-wait for the next run (ONNX Runtime's default)
         self.providers = providers or ["CPUExecutionProvider"]
         self.session = None
         self.inputs: dict[str, tuple[type, list]] = {}
@@ -33,6 +35,8 @@ class OnnxRuntimeRunner:
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
+        if not self.spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.model_path), options, providers=self.providers)
         self.inputs = {i.name: (_ORT_TYPES.get(i.type), list(i.shape)) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -68,6 +68,11 @@ def test_adversarial_routing_stays_exact(adversarial_checkpoint, tmp_path):
     assert report.graphs["prefill"] == "capacity"
     # every multi-token step overflows (all tokens on one expert) and is rerun exactly
     assert report.overflow_reruns > 0
+    # the rerun-only graph's threads do not spin-wait, so they do not slow the steady graph's next step
+    with load(bundle) as engine:
+        exact = engine.graphs["exact"]["file"]
+        assert exact not in (engine.graphs["prefill"]["file"], engine.graphs["decode"]["file"])
+        assert {f: r.spin for f, r in engine.runners.items()} == {f: f != exact for f in engine.runners}
 
 
 def test_padding_takes_no_capacity(adversarial_checkpoint, tmp_path):
