@@ -312,6 +312,16 @@ def test_scout_without_checkpoint_cli(tmp_path):
     cli_build_fails(tmp_path, "--recipe", "scout", words=("recipe scout needs a checkpoint", "--checkpoint"))
 
 
+# -- (k2) unknown lowering choices through the Python API (the CLI's choices reject them) ----------
+def test_unknown_moe_dispatch(tmp_path):
+    build_fails(tmp_path, BuildError, r"^unknown MoE dispatch 'sparse'; choose one of dense, ", moe_dispatch="sparse")
+
+
+def test_unknown_attention_form(tmp_path):
+    build_fails(tmp_path, BuildError, r"^unknown attention form 'flash'; choose one of decomposed, onnx23, auto$",
+                attention="flash")
+
+
 # -- (h) token id outside the vocabulary --------------------------------------------------------
 @pytest.mark.parametrize("bad", [512, 10_000, -1])
 def test_token_outside_vocab_generate(engine, bad):
