@@ -16,7 +16,7 @@
 
 `onnx23` (ONNX Runtime: the opset-23 `Attention` op, one kernel instead of ~12 nodes):
 
-    after:   bias     = Where(Squeeze(Concat(cache_mask, new_mask, axis=-1), 1), 0, lowest)  # [B, 1, T, S + T]
+    after:   bias     = Where(Squeeze(Concat(cache_mask, new_mask, axis=-1), 1), 0, lowest / 2)  # [B, 1, T, S + T]
              y, _, _  = Attention(Transpose(query, [0, 2, 1, 3]), key, value, bias, past_key, past_value;
                                   scale)                                     # y [B, Q, T, D]
              context  = Reshape(Transpose(y, [0, 2, 1, 3]), [0, 0, Q * D])
@@ -25,8 +25,10 @@
     with Q a multiple of K (head h reads kv head h // G, as in the op), concatenates past and
     new keys along the sequence exactly like the op, and adds a float mask to scale * Q.K^T
     before the softmax. The mask is additive rather than boolean so a fully masked (padded) row
-    is uniform and finite instead of NaN: every entry is lowest + score, which rounds to lowest.
-    Allowed entries add 0. Only the order of the floating-point sums differs from decomposed.
+    stays finite instead of NaN; half the dtype's lowest value leaves room for any score without
+    reaching -inf (in float16 too), and still sends every masked weight to exactly 0 next to an
+    allowed entry. Allowed entries add 0. Only the order of the floating-point sums differs from
+    decomposed (and a padded row's meaningless output).
     The op's present_key/present_value outputs (past and new keys concatenated) are declared
     because ONNX Runtime's CPU kernel requires them whenever past is given; nothing reads them.
     The model's default opset becomes 23.
@@ -113,7 +115,7 @@ def _onnx23(tape: ir.tape.Tape, node: ir.Node, prefix: str, q: int, k: int, d: i
     mask = op("Squeeze", [op("Concat", [cache_mask, new_mask], {"axis": -1}, name="Mask"),
                           const("axis1", np.array([1], dtype=np.int64))], name="Mask4")  # [B, 1, T, S + T]
     bias = op("Where", [mask, const("zero", np.array(0, dtype=dtype)),
-                        const("lowest", np.array(np.finfo(dtype).min, dtype=dtype))], name="Bias")
+                        const("floor", np.array(np.finfo(dtype).min / 2, dtype=dtype))], name="Bias")
     heads_first = op("Transpose", [query], {"perm": [0, 2, 1, 3]}, name="QueryT")  # [B, Q, T, D]
     y, _, _ = tape.op_multi_out("Attention", [heads_first, key, value, bias, past_key, past_value],
                                 {"scale": scale}, num_outputs=3, name=f"{prefix}/Attention")
