@@ -42,6 +42,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llama4_deploy.graphs import ops
+from llama4_deploy.graphs.rewrite import layer_scope, scoped, splice
 
 FORMS = ("decomposed", "onnx23")
 ONNX23 = 23
@@ -70,21 +71,8 @@ def _heads(node: ir.Node) -> tuple[int, int, int] | str:
     return q, k, d
 
 
-def _constant(tape: ir.tape.Tape, name: str, array: np.ndarray) -> ir.Value:
-    return tape.op("Constant", [], {"value": ir.tensor(array, name=name)}, name=name)
-
-
-def _decomposed(tape: ir.tape.Tape, node: ir.Node, prefix: str, q: int, k: int, d: int) -> ir.Value:
-    query, key, value, cache_mask, new_mask, past_key, past_value = node.inputs
-    scale = node.attributes["scale"].as_float()
-    dtype = query.dtype.numpy() if query.dtype is not None else np.float32
-
-    def op(op_type, inputs, attributes=None, name=None):
-        return tape.op(op_type, inputs, attributes, name=f"{prefix}/{name or op_type}")
-
-    def const(name, array):
-        return _constant(tape, f"{prefix}/{name}", array)
-
+def _decomposed(op, const, inputs, scale: float, dtype, q: int, k: int, d: int) -> ir.Value:
+    query, key, value, cache_mask, new_mask, past_key, past_value = inputs
     axis2 = const("axis2", np.array([2], dtype=np.int64))
     keys = op("Concat", [past_key, key], {"axis": 2}, name="Keys")
     values = op("Concat", [past_value, value], {"axis": 2}, name="Values")
@@ -101,24 +89,15 @@ def _decomposed(tape: ir.tape.Tape, node: ir.Node, prefix: str, q: int, k: int, 
     return op("Reshape", [context, const("out_shape", np.array([0, 0, q * d], dtype=np.int64))], name="Out")
 
 
-def _onnx23(tape: ir.tape.Tape, node: ir.Node, prefix: str, q: int, k: int, d: int) -> ir.Value:
-    query, key, value, cache_mask, new_mask, past_key, past_value = node.inputs
-    scale = node.attributes["scale"].as_float()
-    dtype = query.dtype.numpy() if query.dtype is not None else np.float32
-
-    def op(op_type, inputs, attributes=None, name=None):
-        return tape.op(op_type, inputs, attributes, name=f"{prefix}/{name or op_type}")
-
-    def const(name, array):
-        return _constant(tape, f"{prefix}/{name}", array)
-
+def _onnx23(op, const, inputs, scale: float, dtype, q: int, k: int, d: int) -> ir.Value:
+    query, key, value, cache_mask, new_mask, past_key, past_value = inputs
     mask = op("Squeeze", [op("Concat", [cache_mask, new_mask], {"axis": -1}, name="Mask"),
                           const("axis1", np.array([1], dtype=np.int64))], name="Mask4")  # [B, 1, T, S + T]
     bias = op("Where", [mask, const("zero", np.array(0, dtype=dtype)),
                         const("floor", np.array(np.finfo(dtype).min / 2, dtype=dtype))], name="Bias")
     heads_first = op("Transpose", [query], {"perm": [0, 2, 1, 3]}, name="QueryT")  # [B, Q, T, D]
-    y, _, _ = tape.op_multi_out("Attention", [heads_first, key, value, bias, past_key, past_value],
-                                {"scale": scale}, num_outputs=3, name=f"{prefix}/Attention")
+    y, _, _ = op("Attention", [heads_first, key, value, bias, past_key, past_value], {"scale": scale},
+                 num_outputs=3)
     context = op("Transpose", [y], {"perm": [0, 2, 1, 3]}, name="ContextT")
     return op("Reshape", [context, const("out_shape", np.array([0, 0, q * d], dtype=np.int64))], name="Out")
 
@@ -135,19 +114,16 @@ def lower_attention(model: ir.Model, form: str) -> tuple[int, dict[str, str]]:
         if isinstance(heads, str):
             skipped[node.name] = heads
             continue
-        layer = node.name.rsplit("/", 1)[0] if node.name and "/" in node.name else ""
         tape = ir.tape.Tape()
-        out = build(tape, node, f"{layer}/attention/{form}", *heads)
-        graph.insert_before(node, tape.nodes)
-        old = node.outputs[0]
-        name, old.name = old.name, None
-        ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
-        out.name, out.dtype, out.shape = name, old.dtype, old.shape
-        graph.remove(node, safe=True)
+        query = node.inputs[0]
+        out = build(*scoped(tape, layer_scope(node, f"attention/{form}")), node.inputs,
+                    node.attributes["scale"].as_float(), query.dtype.numpy() if query.dtype else np.float32, *heads)
+        out.dtype, out.shape = node.outputs[0].dtype, node.outputs[0].shape
+        splice(graph, node, tape, out)
         count += 1
     if count and form == "onnx23":
         graph.opset_imports[""] = max(graph.opset_imports.get("", ONNX23), ONNX23)
         model.ir_version = max(model.ir_version or 0, IR_VERSION_FOR_23)
-    if not attention_nodes(model) and not any(n.domain == ops.DOMAIN for n in graph):
+    if not any(n.domain == ops.DOMAIN for n in graph):
         graph.opset_imports.pop(ops.DOMAIN, None)
     return count, skipped

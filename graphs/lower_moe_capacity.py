@@ -35,8 +35,9 @@ import numpy as np
 import onnx_ir as ir
 
 from llama4_deploy.graphs.lower_moe_dense import check as check_dense
-from llama4_deploy.graphs.lower_moe_dense import constant, shared_expert, silu
+from llama4_deploy.graphs.lower_moe_dense import shared_expert, silu
 from llama4_deploy.graphs.moe_pass import run_moe_lowering
+from llama4_deploy.graphs.rewrite import scoped
 
 STRATEGY = "capacity"
 
@@ -67,17 +68,11 @@ def make_replacement(config: CapacityConfig):
         num_experts = node.inputs[1].shape[-1]
         np_dtype = (x.dtype or ir.DataType.FLOAT).numpy()
 
-        def op(op_type, inputs, attributes=None, name=None):
-            return tape.op(op_type, inputs, attributes, name=f"{prefix}/{name or op_type}")
-
-        def const(name, array):
-            return constant(tape, f"{prefix}/{name}", np.asarray(array))
+        op, const = scoped(tape, prefix)
 
         logits = op("MatMul", [x, router], name="router/MatMul")
-        top_value, top_index = tape.op_multi_out(
-            "TopK", [logits, const("router/k", np.array([top_k], dtype=np.int64))], {"axis": -1}, num_outputs=2,
-            name=f"{prefix}/router/TopK",
-        )
+        top_value, top_index = op("TopK", [logits, const("router/k", np.array([top_k], dtype=np.int64))],
+                                  {"axis": -1}, name="router/TopK", num_outputs=2)
         neg_inf = const("neg_inf", np.array(-np.inf, dtype=np_dtype))
         floor = op("Expand", [neg_inf, op("Shape", [logits], name="router/Shape")], name="router/NegInf")
         routed = op("ScatterElements", [floor, top_index, top_value], {"axis": 1}, name="router/ScatterElements")
@@ -92,8 +87,8 @@ def make_replacement(config: CapacityConfig):
                                                                  dtype=np.float32))], name="dispatch/Scale")
         capacity = op("Min", [op("Cast", [op("Ceil", [scaled], name="dispatch/Ceil")], {"to": ir.DataType.INT64},
                                  name="dispatch/CapacityInt"), tokens], name="dispatch/Capacity")  # [1]
-        slot_key, slot_token = tape.op_multi_out("TopK", [key, capacity], {"axis": -1}, num_outputs=2,
-                                                 name=f"{prefix}/dispatch/TopK")  # [E, C]
+        slot_key, slot_token = op("TopK", [key, capacity], {"axis": -1}, name="dispatch/TopK",
+                                  num_outputs=2)  # [E, C]
         slot_used = op("Greater", [slot_key, neg_inf], name="dispatch/SlotUsed")
         zero = const("zero", np.array(0, dtype=np_dtype))
         slot_score = op("Where", [slot_used, op("Sigmoid", [slot_key], name="dispatch/Sigmoid"), zero],
@@ -101,8 +96,8 @@ def make_replacement(config: CapacityConfig):
         expert_in = op("Mul", [op("Gather", [x, slot_token], {"axis": 0}, name="dispatch/GatherTokens"),
                                op("Unsqueeze", [slot_score, const("axis_last2", np.array([-1], dtype=np.int64))],
                                   name="dispatch/ScoreColumn")], name="dispatch/ScaleInput")  # [E, C, H]
-        gate, up = tape.op_multi_out("Split", [op("MatMul", [expert_in, gate_up], name="experts/GateUp")],
-                                     {"axis": -1, "num_outputs": 2}, num_outputs=2, name=f"{prefix}/experts/Split")
+        gate, up = op("Split", [op("MatMul", [expert_in, gate_up], name="experts/GateUp")],
+                      {"axis": -1, "num_outputs": 2}, name="experts/Split", num_outputs=2)
         expert_out = op("MatMul", [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"),
                                    down], name="experts/Down")  # [E, C, H]
         combined = op("ScatterND", [

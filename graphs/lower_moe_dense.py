@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.moe_pass import run_moe_lowering
+from llama4_deploy.graphs.rewrite import scoped
 
 
 STRATEGY = "dense"
@@ -41,14 +42,8 @@ def check(node: ir.Node) -> str | None:
     return None
 
 
-def constant(tape: ir.tape.Tape, name: str, array: np.ndarray) -> ir.Value:
-    return tape.op("Constant", [], {"value": ir.tensor(array, name=name)}, name=name)
-
-
 def silu(tape: ir.tape.Tape, x: ir.Value, name: str) -> ir.Value:
     return tape.op("Mul", [x, tape.op("Sigmoid", [x], name=f"{name}/Sigmoid")], name=f"{name}/Mul")
-
-
 
 
 def shared_expert(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> ir.Value:
@@ -65,28 +60,23 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value
     top_k = node.attributes["top_k"].as_int()
     np_dtype = (x.dtype or ir.DataType.FLOAT).numpy()
 
-    def op(op_type, inputs, attributes=None, name=None):
-        return tape.op(op_type, inputs, attributes, name=f"{prefix}/{name or op_type}")
+    op, const = scoped(tape, prefix)
 
     logits = op("MatMul", [x, router], name="router/MatMul")
-    k = constant(tape, f"{prefix}/router/k", np.array([top_k], dtype=np.int64))
-    top_value, top_index = tape.op_multi_out(
-        "TopK", [logits, k], {"axis": -1}, num_outputs=2, name=f"{prefix}/router/TopK"
-    )
+    top_value, top_index = op("TopK", [logits, const("router/k", np.array([top_k], dtype=np.int64))], {"axis": -1},
+                              name="router/TopK", num_outputs=2)
     floor = op("ConstantOfShape", [op("Shape", [logits], name="router/Shape")],
                {"value": ir.tensor(np.array([-np.inf], dtype=np_dtype))}, name="router/NegInf")
     scattered = op("ScatterElements", [floor, top_index, top_value], {"axis": 1}, name="router/ScatterElements")
     score = op("Sigmoid", [scattered], name="router/Sigmoid")  # [N, E], 0 where unrouted
     expert_score = op("Unsqueeze", [op("Transpose", [score], {"perm": [1, 0]}),
-                                    constant(tape, f"{prefix}/axis_last", np.array([-1], dtype=np.int64))])
+                                    const("axis_last", np.array([-1], dtype=np.int64))])
     routed_in = op("Mul", [expert_score, x], name="experts/ScaleInput")  # [E, N, H]
-    gate, up = tape.op_multi_out(
-        "Split", [op("MatMul", [routed_in, gate_up], name="experts/GateUp")], {"axis": -1, "num_outputs": 2},
-        num_outputs=2, name=f"{prefix}/experts/Split",
-    )
+    gate, up = op("Split", [op("MatMul", [routed_in, gate_up], name="experts/GateUp")],
+                  {"axis": -1, "num_outputs": 2}, name="experts/Split", num_outputs=2)
     expert_out = op("MatMul", [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"), down],
                     name="experts/Down")  # [E, N, H]
-    routed = op("ReduceSum", [expert_out, constant(tape, f"{prefix}/axis0", np.array([0], dtype=np.int64))],
+    routed = op("ReduceSum", [expert_out, const("axis0", np.array([0], dtype=np.int64))],
                 {"keepdims": 0}, name="experts/Sum")
     return [op("Add", [shared_expert(tape, node, prefix), routed], name="Add")]
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from llama4_deploy.graphs.lower_moe_dense import check, constant, shared_expert, silu
+from llama4_deploy.graphs.lower_moe_dense import check, shared_expert, silu
 from llama4_deploy.graphs.moe_pass import run_moe_lowering
+from llama4_deploy.graphs.rewrite import scoped
 
 STRATEGY = "gather"
 
@@ -33,24 +34,21 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value
     x, router, gate_up, down = node.inputs[:4]
     top_k = node.attributes["top_k"].as_int()
 
-    def op(op_type, inputs, attributes=None, name=None):
-        return tape.op(op_type, inputs, attributes, name=f"{prefix}/{name or op_type}")
+    op, const = scoped(tape, prefix)
 
     def axes(name, *values):
-        return constant(tape, f"{prefix}/{name}", np.array(values, dtype=np.int64))
+        return const(name, np.array(values, dtype=np.int64))
 
     logits = op("MatMul", [x, router], name="router/MatMul")
-    top_value, top_index = tape.op_multi_out(
-        "TopK", [logits, axes("router/k", top_k)], {"axis": -1}, num_outputs=2, name=f"{prefix}/router/TopK"
-    )
+    top_value, top_index = op("TopK", [logits, axes("router/k", top_k)], {"axis": -1}, name="router/TopK",
+                              num_outputs=2)
     score = op("Unsqueeze", [op("Sigmoid", [top_value], name="router/Sigmoid"), axes("axis_last", -1)])  # [N, k, 1]
     routed_in = op("Mul", [op("Unsqueeze", [x, axes("axis1", 1)], name="experts/UnsqueezeX"), score],
                    name="experts/ScaleInput")  # [N, k, H]
     w1 = op("Gather", [gate_up, top_index], {"axis": 0}, name="experts/GatherGateUp")  # [N, k, H, 2I]
     hidden = op("MatMul", [op("Unsqueeze", [routed_in, axes("axis2", 2)], name="experts/UnsqueezeIn"), w1],
                 name="experts/GateUp")  # [N, k, 1, 2I]
-    gate, up = tape.op_multi_out("Split", [hidden], {"axis": -1, "num_outputs": 2}, num_outputs=2,
-                                 name=f"{prefix}/experts/Split")
+    gate, up = op("Split", [hidden], {"axis": -1, "num_outputs": 2}, name="experts/Split", num_outputs=2)
     w2 = op("Gather", [down, top_index], {"axis": 0}, name="experts/GatherDown")  # [N, k, I, H]
     expert_out = op("MatMul", [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"), w2],
                     name="experts/Down")  # [N, k, 1, H]

@@ -61,8 +61,9 @@ import numpy as np
 import onnx_ir as ir
 
 from llama4_deploy.graphs import ops
-from llama4_deploy.graphs.lower_moe_dense import constant, shared_expert
+from llama4_deploy.graphs.lower_moe_dense import shared_expert
 from llama4_deploy.graphs.moe_pass import moe_nodes, run_moe_lowering
+from llama4_deploy.graphs.rewrite import scoped
 
 STRATEGY = "native"
 MS_DOMAIN = "com.microsoft"
@@ -169,14 +170,11 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, split: int | Non
     np_dtype = (x.dtype or gate_up.const_value.dtype).numpy()
     p = split or parts(two_i // 2, 3 * h * (two_i // 2) * gate_up.const_value.dtype.itemsize)
 
-    def op(op_type, inputs, attributes=None, name=None, **kwargs):
-        return tape.op(op_type, inputs, attributes, name=f"{prefix}/{name or op_type}", **kwargs)
+    op, const = scoped(tape, prefix)
 
     logits = op("MatMul", [x, router], name="router/MatMul")  # [N, E]
-    k = constant(tape, f"{prefix}/router/k", np.array([1], dtype=np.int64))
-    top_value, top_index = tape.op_multi_out(
-        "TopK", [logits, k], {"axis": -1}, num_outputs=2, name=f"{prefix}/router/TopK"
-    )
+    top_value, top_index = op("TopK", [logits, const("router/k", np.array([1], dtype=np.int64))], {"axis": -1},
+                              name="router/TopK", num_outputs=2)
     score = op("Sigmoid", [top_value], name="router/Sigmoid")  # [N, 1]
     routed_in = op("Mul", [x, score], name="experts/ScaleInput")  # [N, H]
     lowest = op("ConstantOfShape", [op("Shape", [logits], name="router/Shape")],
@@ -185,7 +183,7 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, split: int | Non
                {"value": ir.tensor(np.array([0], dtype=np_dtype))}, name="router/Zeros")
     picks = op("ScatterElements", [lowest, top_index, zeros], {"axis": 1}, name="router/Picks")  # [N, E]
     if p > 1:
-        picks = op("Tile", [picks, constant(tape, f"{prefix}/router/parts", np.array([1, p], dtype=np.int64))],
+        picks = op("Tile", [picks, const("router/parts", np.array([1, p], dtype=np.int64))],
                    name="router/PerPart")  # [N, P*E]: part q of expert e is column q*E + e
 
     fc1_name, fc2_name = weight_names(gate_up.name, down.name, p)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 
 from llama4_deploy.graphs import ops
+from llama4_deploy.graphs.rewrite import layer_scope, splice
 
 OVERFLOW_OUTPUT = "moe_overflow"
 
@@ -23,8 +24,7 @@ def moe_nodes(model: ir.Model) -> list[ir.Node]:
 
 def node_prefix(node: ir.Node, strategy: str) -> str:
     """`/layers.3/node_moe` -> `/layers.3/moe/<strategy>`."""
-    layer = node.name.rsplit("/", 1)[0] if node.name and "/" in node.name else ""
-    return f"{layer}/moe/{strategy}"
+    return layer_scope(node, f"moe/{strategy}")
 
 
 def run_moe_lowering(
@@ -43,15 +43,8 @@ def run_moe_lowering(
             continue
         tape = ir.tape.Tape()
         outputs = replacement(tape, node, node_prefix(node, strategy))
-        graph.insert_before(node, tape.nodes)
-        for initializer in tape.initializers:
-            graph.register_initializer(initializer)
-        old = node.outputs[0]
-        name, old.name = old.name, None
-        ir.convenience.replace_all_uses_with(old, outputs[0], replace_graph_outputs=True)
-        outputs[0].name = name
+        splice(graph, node, tape, outputs[0])
         overflows.extend(outputs[1:])
-        graph.remove(node, safe=True)
         count += 1
     if overflows:
         _add_overflow_output(graph, overflows)

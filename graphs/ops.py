@@ -49,11 +49,11 @@ VERSION = 1
 MOE = "MoE"
 MOE_INPUTS = ("x", "router", "gate_up", "down", "shared_gate", "shared_up", "shared_down", "token_valid")
 ATTENTION = "Attention"
+FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 ATTENTION_INPUTS = ("query", "key", "value", "cache_mask", "new_mask", "past_key", "past_value")
 
 
 def _moe_schema() -> OpSchema:
-    float_types = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
     return OpSchema(
         MOE,
         DOMAIN,
@@ -62,13 +62,12 @@ def _moe_schema() -> OpSchema:
         inputs=[OpSchema.FormalParameter(name, "T") for name in MOE_INPUTS[:-1]]
         + [OpSchema.FormalParameter("token_valid", "B", param_option=OpSchema.FormalParameterOption.Optional)],
         outputs=[OpSchema.FormalParameter("y", "T")],
-        type_constraints=[("T", float_types, "activations and weights"), ("B", ["tensor(bool)"], "token mask")],
+        type_constraints=[("T", FLOAT_TYPES, "activations and weights"), ("B", ["tensor(bool)"], "token mask")],
         attributes=[OpSchema.Attribute("top_k", OpSchema.AttrType.INT, "experts per token")],
     )
 
 
 def _attention_schema() -> OpSchema:
-    float_types = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
     return OpSchema(
         ATTENTION,
         DOMAIN,
@@ -76,7 +75,7 @@ def _attention_schema() -> OpSchema:
         doc=__doc__,
         inputs=[OpSchema.FormalParameter(name, "B" if name.endswith("_mask") else "T") for name in ATTENTION_INPUTS],
         outputs=[OpSchema.FormalParameter("context", "T")],
-        type_constraints=[("T", float_types, "activations"), ("B", ["tensor(bool)"], "masks")],
+        type_constraints=[("T", FLOAT_TYPES, "activations"), ("B", ["tensor(bool)"], "masks")],
         attributes=[OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "softmax scale")],
     )
 

@@ -37,18 +37,15 @@ class KVCache:
         model = manifest.model
         K, D = model["num_kv_heads"], model["head_dim"]
         self.context = manifest.max_context
-        self.layers = manifest.layers
         self.keys: dict[int, np.ndarray] = {}  # [B, K, S, D]
         self.values: dict[int, np.ndarray] = {}
         # per layer: (index, ring size or 0 for a global layer, feed names, output names)
         self._slots: list[tuple[int, int, tuple[str, str], tuple[str, str]]] = []
-        for layer in self.layers:
-            slots = layer.slots if layer.attention == "chunked" else self.context
-            self.keys[layer.index] = np.zeros((batch, K, slots, D), dtype=np.float32)
-            self.values[layer.index] = np.zeros((batch, K, slots, D), dtype=np.float32)
-            i = layer.index
-            self._slots.append((i, layer.slots if layer.attention == "chunked" else 0,
-                                (f"past_key.{i}", f"past_value.{i}"), (f"present_key.{i}", f"present_value.{i}")))
+        for layer in manifest.layers:
+            i, ring = layer.index, layer.slots if layer.attention == "chunked" else 0
+            self.keys[i] = np.zeros((batch, K, ring or self.context, D), dtype=np.float32)
+            self.values[i] = np.zeros((batch, K, ring or self.context, D), dtype=np.float32)
+            self._slots.append((i, ring, (f"past_key.{i}", f"past_value.{i}"), (f"present_key.{i}", f"present_value.{i}")))
         self.lengths = np.zeros(batch, dtype=np.int64)  # [B] tokens already cached per row
 
     def context_bucket(self) -> int:
