@@ -2,9 +2,9 @@
 
 Differences from transformers' eager modules, all numerically neutral:
 - The KV cache is explicit I/O owned by the runtime. Global (NoPE) layers read a cache whose
-  slot j holds position j; chunked (RoPE) layers read a ring buffer of attention_chunk_size
-  slots where position p lives in slot p mod C. Each layer returns the new tokens' keys and
-  values only.
+  slot j holds position j; chunked (RoPE) layers read a ring buffer of S = min(C, bucket) slots
+  (C = attention_chunk_size) where position p lives in slot p mod C. Each layer returns the new
+  tokens' keys and values only.
 - Masks are computed from `position_ids` and `past_lengths`, so rows of a batch may have
   different lengths. A position of -1 marks a padded token: it is never a valid key, and its
   own (meaningless) output is finite. Masks, RoPE angles and the NoPE temperature are
@@ -135,8 +135,9 @@ class Prologue(nn.Module):
     the attention masks of chunked and global layers, RoPE cos/sin, the NoPE temperature
     scale, and which tokens are real (position -1 marks padding).
 
-    Inputs: position_ids [B, T], past_lengths [B], and for models with global layers the cache
-    of the first one (only its length S is read).
+    Inputs: position_ids [B, T], past_lengths [B], and the cache of the first chunked layer and
+    of the first global layer, where the model has them (only their slot counts are read: the
+    runtime sizes both kinds of cache by the filled context, a ring never beyond C).
     """
 
     def __init__(self, shape: ModelShape):
@@ -160,14 +161,17 @@ class Prologue(nn.Module):
                 names += ["temperature"]
         return tuple(names)
 
-    def mask(self, position_ids, past_lengths, cache_slots: int, chunked: bool):
+    def mask(self, position_ids, past_lengths, cache_slots, chunked: bool):
         """Which keys query t may attend: ([B, 1, 1, T, S] over cache slots, [B, 1, 1, T, T] over
         the new tokens). Two tensors so that every dimension is an input dimension."""
         slot = torch.arange(cache_slots, device=position_ids.device)[None, :]  # [1, S]
         filled = past_lengths[:, None]  # [B, 1]
         if chunked:
-            # ring buffer: slot s holds the newest position p < filled with p mod C == s
-            cache_pos = filled - 1 - torch.remainder(filled - 1 - slot, cache_slots)
+            # ring of S = min(C, bucket) slots: slot s holds the newest position p < filled with
+            # p mod S == s. While S < C every filled position is below S (p mod C == p mod S == p),
+            # and once a row passes C the runtime hands in the full ring (S == C).
+            ring = slot.new_full((1, 1), cache_slots)  # a tensor: S is a dynamic dimension
+            cache_pos = filled - 1 - torch.remainder(filled - 1 - slot, ring)
             cache_valid = cache_pos >= 0
         else:
             cache_pos = slot.expand(past_lengths.shape[0], cache_slots)
@@ -183,17 +187,20 @@ class Prologue(nn.Module):
         allowed = allowed[:, None, None]
         return allowed[..., :cache_slots], allowed[..., cache_slots:]
 
-    def forward(self, position_ids, past_lengths, *global_past_key):
+    def forward(self, position_ids, past_lengths, *past_keys):
+        """past_keys: the first chunked layer's cache (if any), then the first global layer's (if any)."""
         shape = self.shape
+        chunked_past_key = past_keys[0] if self.has_rope else None
+        global_past_key = past_keys[-1] if self.has_global else None
         outputs = [(position_ids >= 0).reshape(-1)]  # token_valid [B * T]
         positions = position_ids.to(torch.float32)[:, :, None, None]  # [B, T, 1, 1]
         if self.has_rope:
-            outputs.extend(self.mask(position_ids, past_lengths, shape.attention_chunk_size, chunked=True))
+            outputs.extend(self.mask(position_ids, past_lengths, chunked_past_key.shape[2], chunked=True))
             angles = positions * self.rope_inv_freq  # [B, T, 1, D]: angle i at 2i and 2i + 1
             outputs.append(torch.cos(angles))
             outputs.append(torch.sin(angles))
         if self.has_global:
-            outputs.extend(self.mask(position_ids, past_lengths, global_past_key[0].shape[2], chunked=False))
+            outputs.extend(self.mask(position_ids, past_lengths, global_past_key.shape[2], chunked=False))
             if shape.attn_temperature_tuning:
                 outputs.append(torch.log1p(torch.floor((positions + 1.0) / shape.floor_scale)) * shape.attn_scale + 1.0)
         return tuple(outputs)
@@ -202,7 +209,7 @@ class Prologue(nn.Module):
 class DecoderLayer(nn.Module):
     """One Llama 4 decoder layer of a given kind, with runtime-owned KV cache.
 
-    Shapes: B batch, T new tokens, S cache slots (context for global layers, C for chunked),
+    Shapes: B batch, T new tokens, S cache slots (the context bucket for global layers, min(C, bucket) for chunked),
     H hidden, D head_dim, Q query heads, K kv heads, G = Q / K.
     """
 

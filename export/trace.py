@@ -4,8 +4,8 @@ Tracing runs under FakeTensorMode: templates hold weights as initializers *witho
 by the deploy-form parameter names, and the link pass (graphs/link.py) stamps real weights per
 layer. Tracing therefore costs the same for Maverick as for a toy, and the optimizer cannot fold
 or deduplicate placeholder weights. Real constants (RoPE frequencies) are filled in afterwards. Dynamic dimensions: `batch`, `new` (tokens
-this step) and, for global layers, `context` (cache slots). A chunked layer's cache has exactly
-attention_chunk_size slots, so that dimension is static.
+this step), `context` (a global layer's cache slots) and `ring` (a chunked layer's cache slots:
+the runtime sizes rings by the filled context, never beyond attention_chunk_size).
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ OPSET = 21
 LAYER_OUTPUTS = ("hidden_states_out", "present_key", "present_value")
 # Example sizes for tracing; distinct from each other and from model dims so no dimension
 # gets specialized to another by coincidence.
-_EXAMPLE = {"batch": 3, "new": 5, "context": 13}
+_EXAMPLE = {"batch": 3, "new": 5, "context": 13, "ring": 7}
 
 
 def _example_sizes(shape: ModelShape) -> dict[str, int]:
     taken = {shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.hidden_size, shape.attention_chunk_size}
-    sizes, candidate = {}, 3
-    for name in _EXAMPLE:
-        while candidate in taken or candidate < _EXAMPLE[name]:
+    sizes = {}
+    for name, candidate in _EXAMPLE.items():
+        while candidate in taken:
             candidate += 1
         sizes[name] = candidate
         taken.add(candidate)
@@ -77,7 +77,7 @@ def _export(build, dynamic_shapes, input_names, output_names, constants=None) ->
 def _layer_example(shape: ModelShape, kind: LayerKind, n: dict[str, int]) -> dict[str, torch.Tensor]:
     """Example tensor for every layer-template input, by name."""
     B, T, K, D = n["batch"], n["new"], shape.num_kv_heads, shape.head_dim
-    cache = shape.attention_chunk_size if kind.rope else n["context"]
+    cache = n["ring"] if kind.rope else n["context"]
     return {
         "hidden_states": torch.zeros(B, T, shape.hidden_size),
         "chunked_cache_mask": torch.ones(B, 1, 1, T, cache, dtype=torch.bool),
@@ -93,11 +93,11 @@ def _layer_example(shape: ModelShape, kind: LayerKind, n: dict[str, int]) -> dic
     }
 
 
-def _layer_dims(kind: LayerKind, batch, new, context) -> dict[str, dict[int, object]]:
-    cache = {0: batch} if kind.rope else {0: batch, 2: context}
+def _layer_dims(kind: LayerKind, batch, new, context, ring) -> dict[str, dict[int, object]]:
+    cache = {0: batch, 2: ring if kind.rope else context}
     return {
         "hidden_states": {0: batch, 1: new},
-        "chunked_cache_mask": {0: batch, 3: new},
+        "chunked_cache_mask": {0: batch, 3: new, 4: ring},
         "global_cache_mask": {0: batch, 3: new, 4: context},
         "chunked_new_mask": {0: batch, 3: new, 4: new},
         "global_new_mask": {0: batch, 3: new, 4: new},
@@ -118,8 +118,8 @@ def trace_layer(shape: ModelShape, kind: LayerKind) -> ir.Model:
         examples = _layer_example(shape, kind, n)
         return modules.DecoderLayer(shape, kind), tuple(examples[name] for name in names)
 
-    batch, new, context = torch.export.Dim("batch"), torch.export.Dim("new"), torch.export.Dim("context")
-    dims = _layer_dims(kind, batch, new, context)
+    batch, new = torch.export.Dim("batch"), torch.export.Dim("new")
+    dims = _layer_dims(kind, batch, new, torch.export.Dim("context"), torch.export.Dim("ring"))
     constants = {"rope_rotation": modules.pair_rotation(shape.head_dim).numpy()} if kind.rope else {}
     # forward(hidden_states, *rest): dynamic shapes follow the argument structure
     structure = (dims[names[0]], tuple(dims[name] for name in names[1:]))
@@ -128,21 +128,22 @@ def trace_layer(shape: ModelShape, kind: LayerKind) -> ir.Model:
 
 def trace_prologue(shape: ModelShape) -> ir.Model:
     n = _example_sizes(shape)
-    has_global = not all(shape.rope_layers)
+    has_rope, has_global = any(shape.rope_layers), not all(shape.rope_layers)
+    batch, new = torch.export.Dim("batch"), torch.export.Dim("new")
+    # forward(position_ids, past_lengths, *past_keys): the first chunked, then the first global cache
+    caches = [("chunked_past_key", "ring")] * has_rope + [("global_past_key", "context")] * has_global
 
     def build():
         args = [torch.zeros(n["batch"], n["new"], dtype=torch.int64), torch.zeros(n["batch"], dtype=torch.int64)]
-        if has_global:
-            args.append(torch.zeros(n["batch"], shape.num_kv_heads, n["context"], shape.head_dim))
+        args += [torch.zeros(n["batch"], shape.num_kv_heads, n[dim], shape.head_dim) for _, dim in caches]
         return modules.Prologue(shape), tuple(args)
 
-    batch, new = torch.export.Dim("batch"), torch.export.Dim("new")
-    extra = ({0: batch, 2: torch.export.Dim("context")},) if has_global else ()
-    dims = ({0: batch, 1: new}, {0: batch}, extra)  # forward(position_ids, past_lengths, *global_past_key)
-    names = ("position_ids", "past_lengths") + (("global_past_key",) if has_global else ())
+    extra = tuple({0: batch, 2: torch.export.Dim(dim)} for _, dim in caches)
+    dims = ({0: batch, 1: new}, {0: batch}, extra)
+    names = ("position_ids", "past_lengths") + tuple(name for name, _ in caches)
     # each frequency twice (once per member of its pair), as Prologue holds it
     constants = ({"rope_inv_freq": np.repeat(np.asarray(shape.rope_inv_freq(), dtype=np.float32), 2)}
-                 if any(shape.rope_layers) else {})
+                 if has_rope else {})
     return _export(build, tuple(dims), names, modules.Prologue.outputs(shape), constants)
 
 

@@ -1,6 +1,6 @@
 """Cost model: FLOPs and weight bytes of one engine step, counted node by node from the graph.
 
-Concrete input dimensions (batch, new tokens, context) are substituted into the graph inputs
+Concrete input dimensions (batch, new tokens, context, ring) are substituted into the graph inputs
 and ONNX shape inference (with data propagation) gives every node's output shape. Then:
 
 - MatMul / Gemm: 2 x (output elements) x (reduction length) FLOPs;
@@ -33,6 +33,14 @@ import onnx_ir as ir
 MOVEMENT = {"Gather", "GatherElements", "GatherND", "Reshape", "Transpose", "Concat", "Slice", "Squeeze",
             "Unsqueeze", "Expand", "Identity", "Shape", "Size", "ConstantOfShape", "Split", "Constant", "Cast",
             "Tile", "Flatten", "ScatterElements", "Range"}
+
+
+def with_ring(dims: dict[str, int], model_facts: dict[str, Any]) -> dict[str, int]:
+    """dims plus `ring`, a chunked layer's cache slots at that context: min(C, context), as the
+    runtime sizes rings (runtime/kv_cache.py)."""
+    if "ring" in dims or "context" not in dims:
+        return dims
+    return {**dims, "ring": min(model_facts["attention_chunk_size"], dims["context"])}
 
 
 def profile_points(profiles: dict[str, int]) -> list[tuple[str, str, dict[str, int]]]:
@@ -239,6 +247,7 @@ def moe_formula(model_facts: dict[str, Any], tokens: int, routed_experts_per_tok
 
 def step_cost(model: ir.Model, model_facts: dict[str, Any], dims: dict[str, int]) -> CostReport:
     """The graph's cost for one step with these dims, next to the ideal and dense formulations."""
+    dims = with_ring(dims, model_facts)
     graph, moe_part, unresolved = graph_cost(model, dims, scope="/moe/")
     tokens = dims["batch"] * dims["new"]
     E, k = model_facts["num_experts"], model_facts["top_k"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from llama4_deploy.graphs.cost import graph_cost, profile_points, step_cost
+from llama4_deploy.graphs.cost import graph_cost, profile_points, step_cost, with_ring
 from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, lower_moe_capacity
 from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
 from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
@@ -58,7 +58,7 @@ def lowering(strategy: str, capacity_factor: float = 1.25) -> Callable[[ir.Model
 
 def estimated_seconds(model: ir.Model, facts: dict[str, Any], dims: dict[str, int], machine: Machine) -> float:
     report = step_cost(model, facts, dims)
-    _, gathered, _ = graph_cost(model, dims, scope="/experts/Gather")  # weight copies: written, then read again
+    _, gathered, _ = graph_cost(model, with_ring(dims, facts), scope="/experts/Gather")  # weight copies: written, then read again
     weight_traffic = report.graph.weight_bytes + 2 * gathered.weight_bytes
     return max(report.graph.flops / machine.flops_per_s, weight_traffic / machine.bytes_per_s)
 

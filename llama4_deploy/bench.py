@@ -86,7 +86,7 @@ def bench_transformers(model, vocab: int, threads: int, sizes: Sizes = FULL) -> 
 
 
 def bench_engine(engine, vocab: int, sizes: Sizes = FULL) -> tuple[Figures, int, int]:
-    from llama4_deploy.runtime.engine import KVCache
+    from llama4_deploy.runtime.kv_cache import KVCache
 
     rng = np.random.default_rng(0)
     decode = {}

@@ -22,6 +22,10 @@ from llama4_deploy.recipe import Recipe, load_recipe
 from llama4_deploy.runtime.bundle import GOLDEN, write_manifest
 
 DATA_FILE = "weights.data"
+# context of a build from a bare --checkpoint: the checkpoint's max_position_embeddings, capped here
+# (Scout and Maverick declare 10M tokens; the cache is sized by the filled context, so a higher cap
+# costs nothing until used, but TensorRT profiles and golden checks are planned at this length)
+DEFAULT_MAX_CONTEXT = 32768
 
 
 class BuildError(ValueError):
@@ -101,7 +105,7 @@ def graph_inputs(shape):
         value("past_lengths", ir.DataType.INT64, ["batch"]),
     ]
     for layer, kind in enumerate(shape.layer_kinds):
-        slots = shape.attention_chunk_size if kind.rope else "context"
+        slots = "ring" if kind.rope else "context"  # min(C, bucket) slots, or the context bucket
         dims = ["batch", shape.num_kv_heads, slots, shape.head_dim]
         inputs.append(value(f"past_key.{layer}", ir.DataType.FLOAT, dims))
         inputs.append(value(f"past_value.{layer}", ir.DataType.FLOAT, dims))
@@ -119,10 +123,11 @@ def link_model(checkpoint, templates):
 
     from llama4_deploy.export.modules import Prologue
 
-    global_layers = [i for i, rope in enumerate(shape.rope_layers) if not rope]
     prologue_inputs = {"position_ids": "position_ids", "past_lengths": "past_lengths"}
-    if global_layers:
-        prologue_inputs["global_past_key"] = f"past_key.{global_layers[0]}"
+    for scope, rope in (("chunked", True), ("global", False)):
+        layers = [i for i, is_rope in enumerate(shape.rope_layers) if is_rope == rope]
+        if layers:  # the prologue reads only this cache's slot count
+            prologue_inputs[f"{scope}_past_key"] = f"past_key.{layers[0]}"
     stamps = [
         Stamp("embed", "embed", {"input_ids": "input_ids"}, stamp_weights("embed", weights.embed_weights(shape))),
         Stamp("prologue", "prologue", prologue_inputs, {}),
@@ -229,20 +234,29 @@ def build(
     moe_dispatch: str | None = None,
     log: Callable[[str], None] = _log,
     attention: str | None = None,
+    max_context: int | None = None,
+    max_batch: int | None = None,
+    prefill_tokens: int | None = None,
 ) -> BuildResult:
     """Build a bundle. `recipe` names a recipe (default `tiny`, or a plain fp32 ONNX Runtime
     build when only `checkpoint` is given); `checkpoint` is a Hugging Face checkpoint dir;
     `moe_dispatch` overrides the recipe's (dense, gather, capacity, native or auto), and
-    `attention` its attention form (decomposed, onnx23 or auto)."""
+    `attention` its attention form (decomposed, onnx23 or auto). `max_context`, `max_batch` and
+    `prefill_tokens` override the recipe's profiles; a bare checkpoint's context defaults to its
+    max_position_embeddings, at most DEFAULT_MAX_CONTEXT."""
     from llama4_deploy.export.checkpoint import Checkpoint, CheckpointError
     from llama4_deploy.graphs.dispatch import CHOICES
     from llama4_deploy.graphs.lower_attention import FORMS
 
     start = time.time()
-    if recipe is None and checkpoint is not None:
+    bare_checkpoint = recipe is None and checkpoint is not None
+    if bare_checkpoint:
         chosen = Recipe(name=Path(checkpoint).resolve().name, description=f"fp32 ONNX Runtime build of {checkpoint}")
     else:
         chosen = load_recipe(recipe or "tiny")
+    overrides = {key: value for key, value in (("max_context", max_context), ("max_batch", max_batch),
+                                                ("prefill_tokens", prefill_tokens)) if value is not None}
+    chosen = _with_profiles(chosen, overrides)
     if moe_dispatch is not None:
         if moe_dispatch not in CHOICES:
             raise BuildError(f"unknown MoE dispatch {moe_dispatch!r}; choose one of {', '.join(CHOICES)}")
@@ -276,6 +290,15 @@ def build(
         except CheckpointError as err:
             raise BuildError(str(err)) from None
         shape = ckpt.shape
+        if bare_checkpoint and max_context is None:
+            context = min(shape.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+            chosen = _with_profiles(chosen, {"max_context": context})
+            log(f"[profiles] max context {context} tokens (the checkpoint's max_position_embeddings "
+                f"{shape.max_position_embeddings}, capped at {DEFAULT_MAX_CONTEXT}; --max-context sets it)")
+        if chosen.profiles.max_context > shape.max_position_embeddings:
+            raise BuildError(f"max context {chosen.profiles.max_context} exceeds the checkpoint's "
+                             f"max_position_embeddings of {shape.max_position_embeddings}")
+        log(f"[profiles] {chosen.profiles.model_dump()}")
         try:
             passes, graphs = _compile(ckpt, chosen, staging, log)
         except CheckpointError as err:  # a tensor that fails to read while streaming
@@ -297,6 +320,22 @@ def build(
         scratch.cleanup()
     seconds = time.time() - start
     return BuildResult(out, seconds, _peak_rss_mb(), passes, manifest)
+
+
+def _with_profiles(recipe: Recipe, overrides: dict[str, int]) -> Recipe:
+    """The recipe with some profile keys replaced, validated like a recipe's own."""
+    from pydantic import ValidationError
+
+    from llama4_deploy.recipe import Profiles
+
+    if not overrides:
+        return recipe
+    try:
+        profiles = Profiles.model_validate({**recipe.profiles.model_dump(), **overrides})
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise BuildError(f"{'--' + str(first['loc'][0]).replace('_', '-')} {first['input']!r}: {first['msg'].lower()}") from None
+    return recipe.model_copy(update={"profiles": profiles})
 
 
 def _compile(ckpt, recipe: Recipe, staging: Path, log) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:

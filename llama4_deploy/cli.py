@@ -40,13 +40,18 @@ def main() -> None:
               help="MoE lowering (default: the recipe's, auto)")
 @click.option("--attention", type=click.Choice(["decomposed", "onnx23", "auto"]),
               help="attention form (default: the recipe's, auto: onnx23 for ONNX Runtime)")
-def build(recipe, checkpoint, out, moe_dispatch, attention) -> None:
+@click.option("--max-context", type=int, help="longest prompt + generation per row (default: the recipe's; a bare "
+              "checkpoint's max_position_embeddings, at most 32768)")
+@click.option("--max-batch", type=int, help="most rows per engine step (default: the recipe's)")
+@click.option("--prefill-tokens", type=int, help="most new tokens per row in one prefill step (default: the recipe's)")
+def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_batch, prefill_tokens) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
     try:
         result = run_build(recipe=recipe, checkpoint=checkpoint, out=out, moe_dispatch=moe_dispatch,
-                           attention=attention)
+                           attention=attention, max_context=max_context, max_batch=max_batch,
+                           prefill_tokens=prefill_tokens)
     except _user_errors() as err:
         raise UserError(str(err)) from None
     from llama4_deploy.costs import bundle_costs, cost_table
@@ -60,6 +65,10 @@ def build(recipe, checkpoint, out, moe_dispatch, attention) -> None:
         f"{result.seconds:.1f}s, peak RSS {result.peak_rss_mb:.0f} MB"
     )
     click.echo(cost_table(bundle_costs(result.bundle)))
+    from llama4_deploy.runtime.bundle import read_manifest
+    from llama4_deploy.runtime.kv_cache import cache_memory
+
+    click.echo(cache_memory(read_manifest(result.bundle)))
 
 
 @main.command()

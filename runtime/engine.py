@@ -1,13 +1,14 @@
 """Generation over a bundle's engine: prefill, decode_step, sample, generate, score.
 
-Letters in shape comments: B batch rows, T new tokens this step, K kv heads, S cache slots,
-D head_dim, V vocab. A position of -1 marks a padded token (the engine ignores it as a key and
-the runtime never writes it into the cache).
+Letters in shape comments: B batch rows, T new tokens this step, V vocab. A position of -1
+marks a padded token (the engine ignores it as a key and the runtime never writes it into the
+cache). The cache itself (buffers, buckets, rings) is runtime/kv_cache.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from llama4_deploy.runtime.bundle import Manifest, read_manifest
+from llama4_deploy.runtime.kv_cache import KVCache, cache_memory
 from llama4_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
 
 PAD_POSITION = -1
-MIN_CONTEXT_BUCKET = 16
+log = logging.getLogger("llama4_deploy.runtime")
 
 
 @dataclasses.dataclass
@@ -27,90 +29,6 @@ class Generation:
     logits: list[np.ndarray] | None = None  # per prompt [new tokens, V]: what each token was chosen from
     steps: int = 0  # engine calls made
     overflow_reruns: int = 0  # steps rerun on the exact engine after a capacity overflow
-
-
-class KVCache:
-    """Cache buffers of one batch, allocated once. Global layers: slot j holds position j.
-    Chunked layers: a ring of C slots, position p in slot p mod C."""
-
-    def __init__(self, manifest: Manifest, batch: int):
-        model = manifest.model
-        K, D = model["num_kv_heads"], model["head_dim"]
-        self.context = manifest.max_context
-        self.keys: dict[int, np.ndarray] = {}  # [B, K, S, D]
-        self.values: dict[int, np.ndarray] = {}
-        # per layer: (index, ring size or 0 for a global layer, feed names, output names)
-        self._slots: list[tuple[int, int, tuple[str, str], tuple[str, str]]] = []
-        for layer in manifest.layers:
-            i, ring = layer.index, layer.slots if layer.attention == "chunked" else 0
-            self.keys[i] = np.zeros((batch, K, ring or self.context, D), dtype=np.float32)
-            self.values[i] = np.zeros((batch, K, ring or self.context, D), dtype=np.float32)
-            self._slots.append((i, ring, (f"past_key.{i}", f"past_value.{i}"), (f"present_key.{i}", f"present_value.{i}")))
-        self.lengths = np.zeros(batch, dtype=np.int64)  # [B] tokens already cached per row
-
-    def context_bucket(self) -> int:
-        """Global-cache slots to hand the engine: a power of two covering every row, so the
-        attention cost follows the filled context rather than the maximum."""
-        needed = max(int(self.lengths.max()), 1)
-        bucket = MIN_CONTEXT_BUCKET
-        while bucket < needed:
-            bucket *= 2
-        return min(bucket, self.context)
-
-    def feeds(self) -> dict[str, np.ndarray]:
-        bucket = self.context_bucket()
-        feeds = {}
-        for index, ring, (key_name, value_name), _ in self._slots:
-            key, value = self.keys[index], self.values[index]
-            if not ring:
-                key, value = np.ascontiguousarray(key[:, :, :bucket]), np.ascontiguousarray(value[:, :, :bucket])
-            feeds[key_name] = key
-            feeds[value_name] = value
-        return feeds
-
-    def write(self, outputs: dict[str, np.ndarray], positions: np.ndarray) -> None:
-        """Store the step's new keys/values ([B, K, T, D]) at their slots; advance lengths."""
-        if positions.shape[1] == 1:
-            return self._write_one(outputs, positions[:, 0])
-        rows, steps = np.nonzero(positions >= 0)
-        slots = positions[rows, steps]
-        self._check_room(slots)
-        new_lengths = self.lengths.copy()
-        np.maximum.at(new_lengths, rows, slots + 1)
-        for index, ring, _, (key_name, value_name) in self._slots:
-            key, value = outputs[key_name], outputs[value_name]
-            if ring:
-                # a step longer than the ring only keeps each row's newest C positions
-                keep = slots >= new_lengths[rows] - ring
-                r, t, s = rows[keep], steps[keep], slots[keep] % ring
-            else:
-                r, t, s = rows, steps, slots
-            self.keys[index][r, :, s] = key[r, :, t]
-            self.values[index][r, :, s] = value[r, :, t]
-        self.lengths = new_lengths
-
-    def _check_room(self, slots: np.ndarray) -> None:
-        if slots.size and slots.max() >= self.context:
-            raise ValueError(f"position {int(slots.max())} is beyond the bundle's context of {self.context} tokens")
-
-    def _write_one(self, outputs: dict[str, np.ndarray], positions: np.ndarray) -> None:
-        """The decode case: at most one new token per row."""
-        rows = np.flatnonzero(positions >= 0)
-        slots = positions[rows]
-        self._check_room(slots)
-        if len(rows) <= 2:  # plain indexing per row: ~5x cheaper than fancy indexing for one row
-            for row, slot in zip(rows.tolist(), slots.tolist()):
-                for index, ring, _, (key_name, value_name) in self._slots:
-                    at = slot % ring if ring else slot
-                    self.keys[index][row, :, at] = outputs[key_name][row, :, 0]
-                    self.values[index][row, :, at] = outputs[value_name][row, :, 0]
-                self.lengths[row] = max(self.lengths[row], slot + 1)
-            return
-        for index, ring, _, (key_name, value_name) in self._slots:
-            at = slots % ring if ring else slots
-            self.keys[index][rows, :, at] = outputs[key_name][rows, :, 0]
-            self.values[index][rows, :, at] = outputs[value_name][rows, :, 0]
-        self.lengths[rows] = np.maximum(self.lengths[rows], slots + 1)
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> np.ndarray:
@@ -149,6 +67,7 @@ class Engine:
         self.prefill_tokens = manifest.profiles["prefill_tokens"]
         self.steps = 0
         self.overflow_reruns = 0
+        self.cache_memory = cache_memory(manifest)  # bytes per token by layer kind, and at the limits
 
     def close(self) -> None:
         for runner in self.runners.values():
@@ -284,5 +203,8 @@ class Engine:
 
 
 def load(bundle_dir: str | os.PathLike, threads: int | None = None) -> Engine:
-    """Load a bundle built by `llama4-deploy build`."""
-    return Engine(read_manifest(Path(bundle_dir)), threads=threads)
+    """Load a bundle built by `llama4-deploy build`. Logs (logger `llama4_deploy.runtime`, INFO) what
+    its KV cache costs; `engine.cache_memory` holds the figures."""
+    engine = Engine(read_manifest(Path(bundle_dir)), threads=threads)
+    log.info("%s: %s", engine.manifest.name, engine.cache_memory)
+    return engine

@@ -120,3 +120,45 @@ def test_cost_table(tiny_bundle):
     assert lines[0].split()[:3] == ["step", "graph", "GFLOP"]
     assert [line.split()[0] + " " + line.split()[1] for line in lines[1:]] == [
         "decode b1", "decode b4", "prefill 16"]
+
+
+# -- profiles from the command line ---------------------------------------------------------------
+def test_bare_checkpoint_takes_its_context_from_max_position_embeddings(checkpoint_bundle):
+    from tests.conftest import manifest, tiny_config
+
+    # tiny's max_position_embeddings (1024) is below the 32768 cap, so it is the context
+    assert manifest(checkpoint_bundle)["profiles"]["max_context"] == tiny_config()["max_position_embeddings"] == 1024
+
+
+def test_build_profile_flags_reach_the_manifest_and_the_runtime(tmp_path):
+    out = tmp_path / "b"
+    result = invoke("build", "--recipe", "tiny", "--out", out, "--max-context", "48", "--max-batch", "2",
+                    "--prefill-tokens", "8")
+    assert result.exit_code == 0, result.output
+    assert "at max context 48 x batch 2" in result.stdout  # the cache memory line
+    from tests.conftest import manifest
+
+    assert manifest(out)["profiles"] == {"max_context": 48, "max_batch": 2, "prefill_tokens": 8}
+    with load(out) as engine:
+        assert engine.generate([[1] * 40], 8, stop_tokens=[]).tokens[0]  # 48 tokens fit
+        with pytest.raises(ValueError, match="exceeds the bundle's context of 48 tokens"):
+            engine.generate([[1] * 41], 8)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max-context", "1"], ["--max-context", "1"]),
+    (["--max-batch", "0"], ["--max-batch", "0"]),
+    (["--prefill-tokens", "-3"], ["--prefill-tokens", "-3"]),
+    (["--max-context", "4096"], ["4096", "max_position_embeddings", "1024"]),
+])
+def test_bad_profile_flags_are_one_sentence(tmp_path, flags, words):
+    out = tmp_path / "b"
+    result = invoke("build", "--recipe", "tiny", "--out", out, *flags)
+    if flags[0] == "--max-context" and flags[1] == "4096":
+        # found once the checkpoint's config is read: after the build's progress lines, before tracing
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        last = result.stderr.splitlines()[-1]
+        assert last.startswith("error: ") and all(word in last for word in words), last
+    else:
+        user_error(result, *words)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []

@@ -1,0 +1,192 @@
+"""KV cache of one batch: runtime-owned buffers sized by the filled context, shared by every backend.
+
+Letters: B batch rows, K kv heads, S slots handed to the engine, D head_dim, T new tokens, C
+attention_chunk_size.
+
+Layout (docs/engine-abi.md): a global layer's slot j holds position j; a chunked layer's ring
+holds position p in slot p mod C.
+
+Who owns what, per step:
+- The cache owns the buffers and the bookkeeping (tokens cached per row, capacity). `feeds()` hands
+  the runner every layer's whole buffer, [B, K, S, D]: the runner reads it and must not keep it.
+  The runner returns the step's new keys/values, [B, K, T, D]; `write()` stores them in place.
+- Capacity follows the filled context, not the maximum. S is one bucket for every layer: a power of
+  two covering the longest row (at least 16, at most the bundle's max_context); a chunked layer's
+  ring has min(C, S) slots. While S < C no cached position reaches S, so a short ring is exact;
+  from the moment a row passes C its ring is the full C slots and wraps.
+- A buffer is exactly the array the engine is fed, so no step copies the cache; ONNX Runtime reads
+  a contiguous host array in place. When a write needs more slots than the bucket, every buffer is
+  reallocated at the next bucket and its filled slots copied: doubling, so amortized O(1) per
+  token, at most log2(max_context / 16) times per batch.
+- Buffer operations (allocate, grow, scatter new rows) go through a storage object. `HostStorage`
+  keeps numpy arrays for ONNX Runtime on the CPU; a GPU backend supplies device arrays with the same
+  three operations, so the cache never leaves the device and only the small index arrays computed
+  here (rows, slots, steps) cross to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import numpy as np
+
+MIN_BUCKET = 16
+
+
+class CacheStorage(Protocol):
+    def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """A zero-filled buffer [B, K, S, D] (zeros: masked slots must hold finite numbers)."""
+
+    def grow(self, buffer: Any, slots: int) -> Any:
+        """A zero-filled buffer with `slots` slots whose first slots are a copy of `buffer`'s."""
+
+    def scatter(self, buffer: Any, rows: np.ndarray, slots: np.ndarray, new: Any, steps: np.ndarray) -> None:
+        """buffer[rows[i], :, slots[i]] = new[rows[i], :, steps[i]] for every i, in place."""
+
+
+class HostStorage:
+    """numpy buffers in host memory (ONNX Runtime's CPU provider reads them in place)."""
+
+    def allocate(self, shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    def grow(self, buffer, slots):
+        grown = np.zeros(buffer.shape[:2] + (slots,) + buffer.shape[3:], dtype=buffer.dtype)
+        grown[:, :, : buffer.shape[2]] = buffer
+        return grown
+
+    def scatter(self, buffer, rows, slots, new, steps):
+        if len(rows) <= 2:  # plain indexing per row: ~5x cheaper than fancy indexing for one row
+            for row, slot, step in zip(rows.tolist(), slots.tolist(), steps.tolist()):
+                buffer[row, :, slot] = new[row, :, step]
+            return
+        buffer[rows, :, slots] = new[rows, :, steps]
+
+
+def context_bucket(tokens: int, max_context: int) -> int:
+    """Slots that hold `tokens` cached positions: a power of two, at least 16, at most max_context."""
+    bucket = MIN_BUCKET
+    while bucket < tokens:
+        bucket *= 2
+    return min(bucket, max_context)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    index: int
+    ring: int  # C for a chunked layer, 0 for a global one
+    feeds: tuple[str, str]  # past_key.l, past_value.l
+    outputs: tuple[str, str]  # present_key.l, present_value.l
+
+
+class KVCache:
+    """Cache buffers of one batch of `batch` rows; see the module docstring for the contract."""
+
+    def __init__(self, manifest, batch: int, storage: CacheStorage | None = None):
+        model = manifest.model
+        self.storage = storage or HostStorage()
+        self.max_context = manifest.max_context
+        self.dtype = np.dtype(manifest.engine.get("cache_dtype", "float32"))
+        self._shape = (batch, model["num_kv_heads"], model["head_dim"])
+        self._layers = [
+            _Layer(layer.index, layer.slots if layer.attention == "chunked" else 0,
+                   (f"past_key.{layer.index}", f"past_value.{layer.index}"),
+                   (f"present_key.{layer.index}", f"present_value.{layer.index}"))
+            for layer in manifest.layers
+        ]
+        self.lengths = np.zeros(batch, dtype=np.int64)  # [B] tokens already cached per row
+        self.bucket = context_bucket(0, self.max_context)
+        self.keys: dict[int, Any] = {}  # layer -> [B, K, S, D]
+        self.values: dict[int, Any] = {}
+        for layer in self._layers:
+            B, K, D = self._shape
+            shape = (B, K, self._slots(layer), D)
+            self.keys[layer.index] = self.storage.allocate(shape, self.dtype)
+            self.values[layer.index] = self.storage.allocate(shape, self.dtype)
+        self.grown = 0  # reallocations so far
+
+    def _slots(self, layer: _Layer, bucket: int | None = None) -> int:
+        bucket = self.bucket if bucket is None else bucket
+        return min(layer.ring, bucket) if layer.ring else bucket
+
+    def feeds(self) -> dict[str, Any]:
+        """Every layer's whole buffer by input name: past_key.l / past_value.l [B, K, S, D]."""
+        feeds = {}
+        for layer in self._layers:
+            feeds[layer.feeds[0]] = self.keys[layer.index]
+            feeds[layer.feeds[1]] = self.values[layer.index]
+        return feeds
+
+    def _reserve(self, tokens: int) -> None:
+        """Grow every buffer to the bucket that holds `tokens` cached positions."""
+        bucket = context_bucket(tokens, self.max_context)
+        if bucket <= self.bucket:
+            return
+        for layer in self._layers:
+            slots = self._slots(layer, bucket)
+            if slots != self._slots(layer):
+                self.keys[layer.index] = self.storage.grow(self.keys[layer.index], slots)
+                self.values[layer.index] = self.storage.grow(self.values[layer.index], slots)
+        self.bucket = bucket
+        self.grown += 1
+
+    def write(self, outputs: dict[str, Any], positions: np.ndarray) -> None:
+        """Store the step's new keys/values (present_*.l [B, K, T, D]) at their slots and advance
+        the lengths; positions [B, T] with -1 for padding, as fed to the engine."""
+        rows, steps = np.nonzero(positions >= 0)
+        if not len(rows):
+            return
+        positions = positions[rows, steps]
+        if positions.max() >= self.max_context:
+            raise ValueError(f"position {int(positions.max())} is beyond the bundle's context of {self.max_context} tokens")
+        new_lengths = self.lengths.copy()
+        np.maximum.at(new_lengths, rows, positions + 1)
+        self._reserve(int(new_lengths.max()))
+        for layer in self._layers:
+            r, t, p = rows, steps, positions
+            if layer.ring:
+                if positions.shape[0] > layer.ring:  # a row may bring more than C tokens: keep its newest C
+                    keep = positions >= new_lengths[rows] - layer.ring
+                    r, t, p = rows[keep], steps[keep], positions[keep]
+                p = p % layer.ring
+            self.storage.scatter(self.keys[layer.index], r, p, outputs[layer.outputs[0]], t)
+            self.storage.scatter(self.values[layer.index], r, p, outputs[layer.outputs[1]], t)
+        self.lengths = new_lengths
+
+    def kv_bytes_read(self) -> int:
+        """Bytes of cache the engine is handed per step now (keys and values, every layer)."""
+        B, K, D = self._shape
+        return sum(2 * B * K * self._slots(layer) * D * self.dtype.itemsize for layer in self._layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheMemory:
+    """What a bundle's cache costs: bytes per cached token by layer kind, and at the limits."""
+
+    bytes_per_token: dict[str, int]  # layer kind -> bytes per token per row, all layers of the kind
+    chunk: int
+    max_context: int
+    max_batch: int
+
+    @property
+    def at_max(self) -> int:
+        """Bytes of cache at the bundle's max_context and max_batch (rings capped at C)."""
+        chunked = self.bytes_per_token.get("chunked", 0) * min(self.chunk, self.max_context)
+        glob = self.bytes_per_token.get("global", 0) * self.max_context
+        return (chunked + glob) * self.max_batch
+
+    def __str__(self) -> str:
+        kinds = ", ".join(f"{kind} {size / 1024:.1f} KiB" for kind, size in self.bytes_per_token.items())
+        return (f"KV cache per token per row: {kinds} (chunked layers stop growing at {self.chunk} tokens); "
+                f"{self.at_max / 2**20:.1f} MiB at max context {self.max_context} x batch {self.max_batch}")
+
+
+def cache_memory(manifest) -> CacheMemory:
+    model = manifest.model
+    itemsize = np.dtype(manifest.engine.get("cache_dtype", "float32")).itemsize
+    per_layer = 2 * model["num_kv_heads"] * model["head_dim"] * itemsize  # key + value of one token
+    kinds: dict[str, int] = {}
+    for layer in manifest.layers:
+        kinds[layer.attention] = kinds.get(layer.attention, 0) + per_layer
+    return CacheMemory(kinds, model["attention_chunk_size"], manifest.max_context, manifest.profiles["max_batch"])

@@ -1,0 +1,178 @@
+"""The KV cache sized by the filled context: buckets, short rings, growth, zero-copy feeds, and
+exactness against transformers at every boundary (bucket, chunk, ragged rows, long prefill steps),
+including Llama 4's real chunk of 8192 with NoPE temperature tuning active past it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from llama4_deploy.build import build
+from llama4_deploy.compare import compare, relative_logit_tolerance
+from llama4_deploy.export.reference import reference_logits, reference_model
+from llama4_deploy.recipe import load_recipe
+from llama4_deploy.runtime import load
+from llama4_deploy.runtime.kv_cache import KVCache, context_bucket
+from llama4_deploy.verify import verify
+
+# fp32 engine vs fp32 eager: only the order of floating-point sums differs (~1e-6 relative); the
+# recipes' peaked heads keep greedy choices whole units apart. Same bound as `verify`.
+REL_TOLERANCE = 1e-3
+
+
+def recipe_file(tmp_path, name: str, config: dict, profiles: dict, verify_settings: dict | None = None):
+    """A recipe YAML: tiny's seeded random weights with some config keys and the profiles replaced."""
+    tiny = load_recipe("tiny").model_dump()
+    recipe = {
+        "name": name,
+        "description": f"tiny with {config}",
+        "random": {**tiny["random"], "config": {**tiny["random"]["config"], **config}},
+        "profiles": profiles,
+    }
+    if verify_settings:
+        recipe["verify"] = verify_settings
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+# -- the cache on its own ------------------------------------------------------------------------
+class FakeManifest:
+    """What KVCache reads from a manifest: 2 chunked layers (C = 40) and 1 global layer."""
+
+    def __init__(self, chunk=40, context=160):
+        from llama4_deploy.runtime.bundle import LayerCache
+
+        self.model = {"num_kv_heads": 2, "head_dim": 4, "attention_chunk_size": chunk}
+        self.layers = [LayerCache(0, "chunked", chunk), LayerCache(1, "chunked", chunk), LayerCache(2, "global", None)]
+        self.max_context = context
+        self.engine = {"cache_dtype": "float32"}
+        self.profiles = {"max_batch": 4}
+
+
+def present(batch, tokens, seed):
+    rng = np.random.default_rng(seed)
+    outputs = {}
+    for layer in range(3):
+        for kv in ("key", "value"):
+            outputs[f"present_{kv}.{layer}"] = rng.standard_normal((batch, 2, tokens, 4)).astype(np.float32)
+    return outputs
+
+
+def test_bucket_is_a_power_of_two_from_16_capped_by_the_context():
+    assert [context_bucket(n, 160) for n in (0, 1, 16, 17, 33, 64, 65, 129, 160)] == [16, 16, 16, 32, 64, 64, 128, 160, 160]
+
+
+def test_rings_follow_the_context_up_to_the_chunk_and_feeds_are_the_buffers_themselves():
+    cache = KVCache(FakeManifest(), 2)
+    slots = lambda: {name: array.shape[2] for name, array in cache.feeds().items() if name.startswith("past_key")}
+    assert slots() == {"past_key.0": 16, "past_key.1": 16, "past_key.2": 16}
+    steps = [(20, {"past_key.0": 32, "past_key.1": 32, "past_key.2": 32}),
+             (20, {"past_key.0": 40, "past_key.1": 40, "past_key.2": 64}),  # ring stops at C
+             (30, {"past_key.0": 40, "past_key.1": 40, "past_key.2": 128})]
+    done = 0
+    for seed, (tokens, expected) in enumerate(steps):
+        positions = np.tile(np.arange(done, done + tokens), (2, 1))
+        cache.write(present(2, tokens, seed), positions)
+        done += tokens
+        assert slots() == expected
+        for name, array in cache.feeds().items():  # what the engine is fed is the buffer: no copy
+            index = int(name.split(".")[1])
+            assert array is (cache.keys if name.startswith("past_key") else cache.values)[index]
+            assert array.flags["C_CONTIGUOUS"]
+    assert cache.grown == 3
+    assert cache.kv_bytes_read() == 2 * 2 * 2 * 4 * 4 * (40 + 40 + 128)
+
+
+def test_growth_keeps_every_position_at_its_slot_and_rings_keep_the_newest_chunk():
+    cache = KVCache(FakeManifest(), 2)
+    written = {}  # (layer, row, position) -> key vector
+    lengths = [0, 0]
+    for seed, widths in enumerate([(5, 17), (30, 1), (1, 45), (50, 3)]):  # ragged rows, one step > C
+        T = max(widths)
+        positions = np.full((2, T), -1)
+        for row, width in enumerate(widths):
+            positions[row, :width] = np.arange(lengths[row], lengths[row] + width)
+            lengths[row] += width
+        outputs = present(2, T, seed)
+        cache.write(outputs, positions)
+        for row in range(2):
+            for t, p in enumerate(positions[row]):
+                if p >= 0:
+                    for layer in range(3):
+                        written[(layer, row, int(p))] = outputs[f"present_key.{layer}"][row, :, t]
+    assert cache.lengths.tolist() == lengths
+    for row in range(2):
+        for layer in range(3):
+            ring = 40 if layer < 2 else 0
+            for p in range(lengths[row]):
+                if ring and p < lengths[row] - ring:
+                    continue  # overwritten by a newer position of the ring
+                slot = p % ring if ring else p
+                np.testing.assert_array_equal(cache.keys[layer][row, :, slot], written[(layer, row, p)])
+
+
+def test_a_write_beyond_the_context_is_refused():
+    cache = KVCache(FakeManifest(context=32), 1)
+    with pytest.raises(ValueError, match="beyond the bundle's context of 32 tokens"):
+        cache.write(present(1, 1, 0), np.array([[32]]))
+
+
+# -- exact at every boundary, against transformers ------------------------------------------------
+def test_boundaries_of_buckets_and_a_chunk_longer_than_the_first_buckets(tmp_path):
+    # C = 40: rings are 16, then 32 slots long while every row is short, then 40 and wrapping.
+    # Prompts are ragged and cross the buckets (16, 32, 64) and the chunk at different steps;
+    # the prefill step (24) is longer than what is left of the first bucket; 32 new tokens
+    # cross more boundaries on the decode path. verify checks generate and score on both paths.
+    path = recipe_file(tmp_path, "tiny-c40", {"attention_chunk_size": 40},
+                       {"max_batch": 4, "prefill_tokens": 24, "max_context": 160},
+                       {"prompt_lengths": [15, 33, 47, 81], "new_tokens": 32})
+    bundle = build(str(path), out=tmp_path / "bundle", log=lambda _: None).bundle
+    report = verify(bundle, log=lambda _: None)
+    assert report.ok, report.table()
+    assert {row.path for row in report.rows} == {"generate", "score:prefill", "score:decode"}
+
+
+@pytest.fixture(scope="module")
+def long_context(tmp_path_factory):
+    """Tiny widths at Llama 4's real chunk (8192) and temperature floor (8192)."""
+    tmp = tmp_path_factory.mktemp("chunk8192")
+    path = recipe_file(tmp, "tiny-c8192",
+                       {"attention_chunk_size": 8192, "floor_scale": 8192, "max_position_embeddings": 16384},
+                       {"max_batch": 2, "prefill_tokens": 2048, "max_context": 8448})
+    bundle = build(str(path), out=tmp / "bundle", log=lambda _: None).bundle
+    with load(bundle) as engine:
+        yield engine
+
+
+def test_real_chunk_size_prefill_and_decode_across_the_boundary(long_context):
+    engine = long_context
+    rng = np.random.default_rng(5)
+    prompt = [int(t) for t in rng.integers(0, engine.vocab_size, 8170)]
+    # the decode path: 40 greedy tokens from position 8170, across the chunk boundary at 8192,
+    # where the rings wrap and the NoPE temperature first rises (floor((p + 1) / 8192) = 1)
+    generation = engine.generate([prompt], 40, stop_tokens=[], return_logits=True)
+    sequence = prompt + generation.tokens[0]
+    reference = reference_logits(reference_model(engine.manifest.raw["source"]), sequence)
+    expected = reference[len(prompt) - 1 : len(sequence) - 1]
+    decoded = compare(generation.logits[0], expected, relative_logit_tolerance(expected, REL_TOLERANCE))
+    assert decoded.ok, decoded
+    assert generation.tokens[0] == expected.argmax(-1).tolist()
+    # the prefill path over the whole sequence: steps of 2048, the last one crossing the boundary
+    scored = engine.score(sequence, mode="prefill")
+    tail = slice(8000, len(sequence))  # before, across and after the boundary
+    prefilled = compare(scored[tail], reference[tail], relative_logit_tolerance(reference[tail], REL_TOLERANCE))
+    assert prefilled.ok, prefilled
+    assert (scored.argmax(-1) == reference.argmax(-1)).all()
+
+
+def test_real_chunk_size_ragged_rows_one_before_one_after_the_boundary(long_context):
+    engine = long_context
+    rng = np.random.default_rng(6)
+    prompts = [[int(t) for t in rng.integers(0, engine.vocab_size, n)] for n in (8189, 8200)]
+    batched = engine.generate(prompts, 8, stop_tokens=[], return_logits=True)
+    for prompt, tokens, logits in zip(prompts, batched.tokens, batched.logits):
+        alone = engine.generate([prompt], 8, stop_tokens=[], return_logits=True)
+        assert tokens == alone.tokens[0]
+        np.testing.assert_allclose(logits, alone.logits[0], atol=1e-4)  # summation order only
