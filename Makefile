@@ -25,9 +25,11 @@ engine: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# ONNX Runtime vs transformers eager, side by side, per MoE dispatch (several minutes)
+# ONNX Runtime vs transformers eager, side by side, per MoE dispatch; then decode/prefill at the
+# real chunk size (8192) against chunk 64 and the previous cache layout (several minutes)
 bench: $(STAMP)
 	$(BIN)/python -m llama4_deploy.bench
+	$(BIN)/python -m llama4_deploy.bench_context
 
 clean:
 	rm -rf build

@@ -26,3 +26,22 @@ def test_bench_quick_run_prints_every_figure(capsys):
         steps = re.fullmatch(r"(\d+)/(\d+)", cells[-1])
         assert steps and int(steps[2]) > 0 and int(steps[1]) <= int(steps[2])
     assert rows["native"][-1].startswith("0/")  # an exact dispatch never reruns
+
+
+def test_context_bench_quick_run_prints_the_sweep(capsys):
+    from llama4_deploy import bench_context
+
+    assert bench_context.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.strip().startswith("context"))
+    assert header.split() == ["context", "before", "ms", "c64", "ms", "c8", "ms", "c64/c8", "before/now", "KV", "MB",
+                              "before", "KV", "MB", "c64", "KV", "MB", "c8"]
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s", line)]
+    assert [int(row[0]) for row in rows] == list(bench_context.QUICK.contexts)
+    for row in rows:
+        numbers = [float(cell.rstrip("x")) for cell in row[1:6]]
+        assert all(math.isfinite(n) and n > 0 for n in numbers), row
+    # what the engine is handed: at 40 tokens the c64 ring holds 64 slots (bucket 64), the c8 ring 8
+    # slots, and the previous layout always fed 64-slot rings and copied the global bucket
+    assert float(rows[1][-2]) >= float(rows[1][-1])
+    assert re.search(r"prefill 32 tokens, tok/s: before \d+, c64 \d+, c8 \d+", out)

@@ -60,8 +60,13 @@ def present(batch, tokens, seed):
     return outputs
 
 
-def test_bucket_is_a_power_of_two_from_16_capped_by_the_context():
+def test_buckets_double_up_to_256_then_grow_by_at_most_a_quarter_capped_by_the_context():
     assert [context_bucket(n, 160) for n in (0, 1, 16, 17, 33, 64, 65, 129, 160)] == [16, 16, 16, 32, 64, 64, 128, 160, 160]
+    assert [context_bucket(n, 10**6) for n in (256, 257, 320, 321, 4096, 4097, 5121, 7169)] == \
+        [256, 320, 320, 384, 4096, 5120, 6144, 8192]
+    buckets = sorted({context_bucket(n, 10**6) for n in range(1, 8193)})
+    assert len(buckets) == 25 and all(b / a <= 1.25 for a, b in zip(buckets[4:], buckets[5:]))
+    assert all(context_bucket(n, 10**6) <= 1.25 * n for n in range(257, 8193))  # at most 20% of slots empty
 
 
 def test_rings_follow_the_context_up_to_the_chunk_and_feeds_are_the_buffers_themselves():
