@@ -24,7 +24,8 @@ def _user_errors():
     from llama4_deploy.recipe import RecipeError
     from llama4_deploy.runtime.bundle import BundleError
 
-    return (BuildError, CheckpointError, RecipeError, BundleError, ValueError, FileNotFoundError)
+    # ValueError covers BundleError and the runtime's argument checks; OSError an unreadable path
+    return (BuildError, CheckpointError, RecipeError, BundleError, ValueError, OSError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,13 +41,14 @@ def main() -> None:
               help="MoE lowering (default: the recipe's, auto)")
 @click.option("--attention", type=click.Choice(["decomposed", "onnx23", "auto"]),
               help="attention form (default: the recipe's, auto: onnx23 for ONNX Runtime)")
-def build(recipe, checkpoint, out, moe_dispatch, attention) -> None:
+@click.option("--force", is_flag=True, help="replace --out even if it is not a bundle this tool wrote")
+def build(recipe, checkpoint, out, moe_dispatch, attention, force) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
     try:
         result = run_build(recipe=recipe, checkpoint=checkpoint, out=out, moe_dispatch=moe_dispatch,
-                           attention=attention)
+                           attention=attention, force=force)
     except _user_errors() as err:
         raise UserError(str(err)) from None
     from llama4_deploy.costs import bundle_costs, cost_table
@@ -65,11 +67,20 @@ def build(recipe, checkpoint, out, moe_dispatch, attention) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
-def verify(bundle, threads) -> None:
+@click.option("--files", "files_only", is_flag=True,
+              help="only check every file's size and SHA-256 against the manifest (exit 2 naming a changed file)")
+def verify(bundle, threads, files_only) -> None:
     """Compare a bundle with transformers; exit 1 on mismatch."""
     from llama4_deploy.verify import verify as run_verify
 
     try:
+        if files_only:
+            from llama4_deploy.runtime import read_manifest
+            from llama4_deploy.runtime.integrity import check_files
+
+            count, size, seconds = check_files(read_manifest(bundle))
+            click.echo(f"{count} files ({size / 1e6:.1f} MB): sizes and SHA-256 match the manifest ({seconds:.2f}s)")
+            return
         report = run_verify(bundle, threads=threads, log=lambda msg: click.echo(msg, err=True))
     except _user_errors() as err:
         raise UserError(str(err)) from None
@@ -108,7 +119,8 @@ def lint(path) -> None:
         try:
             problems = lint_static(ir.load(graph))
         except Exception as err:  # onnx's own parse errors
-            raise UserError(f"{graph} cannot be read as ONNX ({err})") from None
+            reason = " ".join(str(err).split())[:300]
+            raise UserError(f"{graph} cannot be read as ONNX ({reason or type(err).__name__})") from None
         click.echo(f"{graph.name}: {'clean' if not problems else f'{len(problems)} problem(s)'}")
         for problem in problems:
             click.echo(f"  {problem}")
@@ -132,7 +144,11 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", type=int)
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
-def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads) -> None:
+@click.option("--verify-files/--no-verify-files", default=None,
+              help="check every file's SHA-256 at load (default: yes, unless LLAMA4_DEPLOY_VERIFY_FILES=0)")
+@click.option("--allow-non-finite", is_flag=True, help="let NaN/Inf logits through instead of stopping")
+def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads, verify_files,
+        allow_non_finite) -> None:
     """Generate from a prompt (text or token ids)."""
     from llama4_deploy.runtime import load
     from llama4_deploy.runtime.tokenizer import load_tokenizer
@@ -140,7 +156,7 @@ def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads) 
     if (prompt is None) == (ids is None):
         raise UserError("give exactly one of --prompt TEXT or --ids 1,2,3")
     try:
-        with load(bundle, threads=threads) as engine:
+        with load(bundle, threads=threads, verify_files=verify_files, allow_non_finite=allow_non_finite) as engine:
             tokenizer = None
             if prompt is not None:
                 tokenizer = load_tokenizer(engine.manifest)
