@@ -130,7 +130,8 @@ def _plain_file_name(name: Any) -> bool:
 def validate_manifest(raw: Any, where: Path) -> None:
     """Refuse, in one sentence, a manifest that lacks or mistypes what the runtime relies on."""
     if not isinstance(raw, dict):
-        raise BundleError(f"{where} holds a JSON {type(raw).__name__}, not an object")
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(raw), "null")
+        raise BundleError(f"{where} holds a JSON {kind}, not an object")
     for dotted, types, what in _REQUIRED:
         value = _lookup(raw, dotted)
         if value is _MISSING:
