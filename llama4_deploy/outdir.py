@@ -1,8 +1,8 @@
 """Where a build writes: the `--out` policy, the lock, the staging directory and stale staging.
 
 - `check_out`: `--out` may replace only a bundle this tool wrote (its manifest says
-  `written_by: llama4-deploy` and the directory holds nothing the manifest does not list) or an
-  empty directory; anything else needs `force`. A file at `--out` is refused, `force` or not,
+  `written_by: llama4-deploy`, or is a format-1 manifest with a build record, and the directory
+  holds nothing the manifest does not list) or an empty directory; anything else needs `force`. A file at `--out` is refused, `force` or not,
   and so is an `--out` that holds the checkpoint being read. All before any work.
 - `Staging`: a build holds an exclusive lock, `.NAME.lock` beside `--out` (flock: the kernel
   drops it when the process dies, SIGKILL included), for its whole run; a second build to the
@@ -39,6 +39,9 @@ def check_out(out: Path, force: bool, checkpoint: Path | None = None) -> None:
             raise OutDirError(f"--out {out} holds the checkpoint {source}; choose another --out")
     if out.is_file() or (out.exists() and not out.is_dir()):
         raise OutDirError(f"--out {out} is a file, not a directory; choose another --out")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise OutDirError(f"--out {out} cannot be created: {blocking} is a file")
     if not out.is_dir() or force:
         return
     entries = sorted(p.name for p in out.iterdir())

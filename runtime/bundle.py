@@ -202,10 +202,20 @@ def written_by_this_tool(bundle_dir: Path) -> list[str] | None:
         raw = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(raw, dict) or raw.get("written_by") != WRITER:
+    if not isinstance(raw, dict):
         return None
-    files = raw.get("files")
-    return sorted(files) if isinstance(files, dict) else []
+    if raw.get("written_by") == WRITER:
+        files = raw.get("files")
+        return sorted(files) if isinstance(files, dict) else []
+    engine = raw.get("engine")
+    if raw.get("format_version") == 1 and isinstance(raw.get("build"), dict) and isinstance(engine, dict):
+        # format 1 predates `written_by` and `files`: its build record says who wrote it, its
+        # engine record what it holds
+        graphs = engine.get("graphs") if isinstance(engine.get("graphs"), dict) else {}
+        names = [g.get("file") for g in graphs.values() if isinstance(g, dict)]
+        names += [engine.get("external_data"), raw.get("tokenizer"), raw.get("golden")]
+        return sorted(name for name in names if isinstance(name, str))
+    return None
 
 
 def write_manifest(bundle_dir: str | Path, raw: dict[str, Any]) -> None:

@@ -726,6 +726,8 @@ BUILD_CASES = [
     BuildCase("out-is-a-file-forced", lambda t: (t.joinpath("x").write_text("x"), ["--recipe", "tiny", "--force"])[1],
               ("--out", "is a file")),
     BuildCase("out-bundle-plus-user-file", None, ("also holds notes.txt", "--force")),  # prepared in the test
+    BuildCase("out-under-a-file", lambda t: (t.joinpath("f").write_text("x"), ["--out", str(t / "f" / "x")])[1],
+              ("cannot be created", "is a file")),
     BuildCase("out-foreign-manifest", _foreign_manifest, ("not a bundle written by llama4-deploy",)),
     BuildCase("out-holds-checkpoint", lambda t: [*_checkpoint(t, "{}"), "--out", str(t / "ck"), "--force"],
               ("holds the checkpoint",)),
@@ -943,3 +945,29 @@ def test_stale_staging_of_a_live_process_is_kept(tmp_path):
     with Staging(out) as staging:
         assert staging.removed_stale == [dead.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def test_out_policy_allows_what_it_may_replace(tiny_bundle, tmp_path):
+    # the other side of the --out policy: a bundle this tool wrote, an empty dir, anything with force
+    from llama4_deploy.outdir import OutDirError, Staging, check_out
+
+    shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    (tmp_path / "empty").mkdir()
+    _keep_dir(tmp_path)
+    check_out(tmp_path / "bundle", force=False)
+    shutil.copytree(tiny_bundle, tmp_path / "v1")  # a bundle of format 1 (before written_by and files)
+    edit_manifest(lambda m: [m.update(format_version=1), m.pop("written_by"), m.pop("files")])(tmp_path / "v1")
+    check_out(tmp_path / "v1", force=False)
+    shutil.rmtree(tmp_path / "v1")
+    check_out(tmp_path / "empty", force=False)
+    check_out(tmp_path / "new", force=False)
+    check_out(tmp_path / "x", force=True)
+    with pytest.raises(OutDirError):
+        check_out(tmp_path / "x", force=False)
+    # commit swaps the new bundle in only when it is complete, and leaves no staging or lock behind
+    with Staging(tmp_path / "bundle") as staging:
+        (staging.dir / "manifest.json").write_text("{}")
+        staging.scratch.joinpath("big").write_text("scratch")
+        staging.commit()
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == ["manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "empty", "x"]
