@@ -20,8 +20,9 @@ import numpy as np
 
 from llama4_deploy.outdir import OutDirError, Staging, check_out
 from llama4_deploy.recipe import Recipe, load_recipe
-from llama4_deploy.runtime.bundle import GOLDEN, MANIFEST, write_manifest
+from llama4_deploy.runtime.bundle import GOLDEN, MANIFEST, BundleError, write_manifest
 from llama4_deploy.runtime.integrity import LAYOUT_KEY, hash_files, layout_fingerprint
+from llama4_deploy.runtime.tokenizer import Tokenizer
 
 DATA_FILE = "weights.data"
 
@@ -297,7 +298,9 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float)
         ckpt = Checkpoint(source_dir)
         _check_expected(chosen, ckpt.shape)
         _check_weights(ckpt, ckpt.shape)
-    except CheckpointError as err:
+        if ckpt.tokenizer_file is not None:  # copied into the bundle: refuse a damaged one now, not at run time
+            Tokenizer(ckpt.tokenizer_file)
+    except (CheckpointError, BundleError) as err:
         raise BuildError(str(err)) from None
     shape = ckpt.shape
     try:

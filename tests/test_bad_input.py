@@ -629,6 +629,11 @@ BUNDLE_CASES = [
     BundleCase("source-missing", edit_manifest(drop_key("source")), VERIFY, ("no usable source record",)),
     BundleCase("source-checkpoint-gone", edit_manifest(set_key("source", {"kind": "checkpoint", "path": "/nonexistent"})),
                VERIFY, ("source checkpoint /nonexistent is gone",)),
+    BundleCase("tokenizer-damaged-unchecked", lambda b: [
+        (b / "tokenizer.json").write_text("{broken"),
+        edit_manifest(set_key("tokenizer", "tokenizer.json"))(b),
+        edit_manifest(lambda m: m["files"].update({"tokenizer.json": {"size": 7, "sha256": "0"}}))(b)],
+        ["run", "{b}", "--prompt", "w1 w2", "--no-verify-files"], ("tokenizer.json", "not a readable tokenizer")),
     # not a bundle at all
     BundleCase("bundle-is-a-file", lambda b: (b / "weights.data").rename(b.parent / "file"),
                ["run", "{b}/../file", "--ids", "1"], ("is not a bundle",)),
@@ -868,6 +873,15 @@ def test_non_finite_logits_can_be_allowed(tiny_bundle, tmp_path):
         engine.score([1, 2, 3])
     with load(bundle, verify_files=False, allow_non_finite=True) as engine:
         assert np.isnan(engine.score([1, 2, 3])).all()
+
+
+def test_checkpoint_tokenizer_damaged(single, tmp_path):
+    ck = copy_checkpoint(single, tmp_path)
+    (ck / "tokenizer.json").write_text('{"version": "1.0", "model": 3}')
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["build", "--checkpoint", str(ck), "--out", str(tmp_path / "x")])
+    cli_error(result, "tokenizer.json", "not a readable tokenizer")
+    assert snapshot(tmp_path) == before
 
 
 def test_checkpoint_tensor_with_nan_is_refused(single, tmp_path):
