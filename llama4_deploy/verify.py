@@ -105,12 +105,24 @@ def _reference(manifest):
         raise BundleError(f"the reference model cannot be rebuilt from the bundle's source ({reason})") from None
 
 
+def _verify_settings(manifest) -> dict:
+    settings = manifest.raw.get("verify") or {}
+    lengths = settings.get("prompt_lengths") if isinstance(settings, dict) else None
+    new_tokens = settings.get("new_tokens", 32) if isinstance(settings, dict) else None
+    positive = lambda n: isinstance(n, int) and not isinstance(n, bool) and n >= 1  # noqa: E731
+    if (not isinstance(settings, dict) or not positive(new_tokens)
+            or not (lengths is None or (isinstance(lengths, list) and lengths and all(map(positive, lengths))))):
+        raise BundleError(f"{manifest.path / 'manifest.json'}: verify must hold new_tokens >= 1 and prompt_lengths, "
+                          f"a list of positive integers or null")
+    return settings
+
+
 def verify(bundle: str, threads: int | None = None, log=print) -> Report:
     from llama4_deploy.export.reference import reference_logits
 
     manifest = read_manifest(bundle)
     model = manifest.model
-    settings = manifest.raw.get("verify") or {}
+    settings = _verify_settings(manifest)
     new_tokens = settings.get("new_tokens", 32)
     chunk = model["attention_chunk_size"]
     lengths = settings.get("prompt_lengths") or default_prompt_lengths(chunk, manifest.max_context, new_tokens)

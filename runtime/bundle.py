@@ -157,6 +157,13 @@ def validate_manifest(raw: Any, where: Path) -> None:
         slots = layer.get("cache_slots")
         if layer["attention"] == "chunked" and not (isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1):
             raise BundleError(f"{where}: chunked layer {position} needs cache_slots >= 1, got {slots!r}")
+    for key in ("inputs", "outputs"):
+        if not all(isinstance(name, str) for name in raw["engine"][key]):
+            raise BundleError(f"{where}: engine.{key} must be a list of names")
+    eos = model.get("eos_token_ids")
+    if eos is not None and not (isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                              for i in eos)):
+        raise BundleError(f"{where}: model.eos_token_ids must be a list of integers, got {eos!r}")
     graphs = raw["engine"]["graphs"]
     for role in ("prefill", "decode"):
         if not isinstance(graphs.get(role), dict):

@@ -2,7 +2,8 @@
 
 Three checks, each refusing in one sentence (BundleError):
 - `check_files`: every file the manifest lists has its recorded size and SHA-256 (read in
-  parallel, in large blocks). The build records them (`hash_files`); manifest.json itself is
+  parallel, in large blocks; a file over 256 MiB also records the SHA-256 of each 256 MiB part,
+  so its parts are checked in parallel instead of one thread reading, say, 400 GB of weights). The build records them (`hash_files`); manifest.json itself is
   not listed. `load(..., verify_files=False)` or LLAMA4_DEPLOY_VERIFY_FILES=0 skips this one.
 - `check_layout`: a graph carries, in its metadata_props, the fingerprint of the weights.data
   layout it was saved against (name, offset, length, dtype, shape of every external tensor);
@@ -26,6 +27,7 @@ from llama4_deploy.runtime.bundle import BundleError, Manifest
 
 LAYOUT_KEY = "llama4_deploy.weights_layout"  # metadata_props entry of every graph
 READ_BYTES = 16 << 20  # hashlib releases the GIL on large updates: threads hash in parallel
+PART_BYTES = 256 << 20  # files above this also record per-part hashes, checked in parallel
 VERIFY_ENV = "LLAMA4_DEPLOY_VERIFY_FILES"  # "0": skip the hash check (trusted fast starts)
 
 _ORT_DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)", "bool": "tensor(bool)"}
@@ -35,29 +37,66 @@ def verify_files_default() -> bool:
     return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def file_record(path: Path) -> dict[str, int | str]:
-    digest = hashlib.sha256()
-    size = 0
+def file_record(path: Path, part_bytes: int = PART_BYTES) -> dict:
+    """Size and SHA-256 of a file, and for a file larger than one part the SHA-256 of each
+    `part_bytes` slice too (one read feeds both), so a check can hash the parts in parallel."""
+    whole = hashlib.sha256()
+    parts: list[str] = []
+    part, in_part, size = hashlib.sha256(), 0, 0
     with open(path, "rb", buffering=0) as stream:
-        while block := stream.read(READ_BYTES):
-            digest.update(block)
+        while block := stream.read(min(READ_BYTES, part_bytes - in_part)):
+            whole.update(block)
+            part.update(block)
             size += len(block)
-    return {"size": size, "sha256": digest.hexdigest()}
+            in_part += len(block)
+            if in_part == part_bytes:
+                parts.append(part.hexdigest())
+                part, in_part = hashlib.sha256(), 0
+    record: dict = {"size": size, "sha256": whole.hexdigest()}
+    if size > part_bytes:
+        if in_part:
+            parts.append(part.hexdigest())
+        record["parts"] = {"bytes": part_bytes, "sha256": parts}
+    return record
+
+
+def _slice_sha256(path: Path, offset: int, length: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as stream:
+        stream.seek(offset)
+        while length > 0 and (block := stream.read(min(READ_BYTES, length))):
+            digest.update(block)
+            length -= len(block)
+    return digest.hexdigest()
 
 
 def _workers(count: int) -> int:
     return max(1, min(count, os.cpu_count() or 1, 8))
 
 
-def hash_files(bundle_dir: Path, names: Iterable[str]) -> dict[str, dict[str, int | str]]:
-    """{name: {size, sha256}} for files of a bundle, hashed in parallel."""
+def hash_files(bundle_dir: Path, names: Iterable[str]) -> dict[str, dict]:
+    """{name: {size, sha256[, parts]}} for files of a bundle, hashed in parallel."""
     names = sorted(names)
     with ThreadPoolExecutor(_workers(len(names))) as pool:
         return dict(zip(names, pool.map(lambda name: file_record(bundle_dir / name), names)))
 
 
+def _hash_tasks(name: str, record: dict) -> list[tuple[str, int, int, str]]:
+    """(name, offset, length, expected SHA-256) per part of a file, or one task for a whole file."""
+    parts = record.get("parts")
+    if not (isinstance(parts, dict) and isinstance(parts.get("bytes"), int) and parts["bytes"] > 0
+            and isinstance(parts.get("sha256"), list)
+            and len(parts["sha256"]) == -(-record["size"] // parts["bytes"])):
+        return [(name, 0, record["size"], record["sha256"])]
+    step = parts["bytes"]
+    return [(name, i * step, min(step, record["size"] - i * step), digest) for i, digest in enumerate(parts["sha256"])]
+
+
 def check_files(manifest: Manifest, names: Iterable[str] | None = None) -> tuple[int, int, float]:
-    """Check size and SHA-256 of the manifest's files (all, or `names`); returns (files, bytes, seconds)."""
+    """Check size and SHA-256 of the manifest's files (all, or `names`); returns (files, bytes, seconds).
+
+    Large files are checked part by part (their recorded part hashes), every part of every file
+    on a pool of threads, so one big weights.data is hashed in parallel too."""
     start = time.perf_counter()
     records = manifest.files
     for name in manifest.used_files:
@@ -72,13 +111,15 @@ def check_files(manifest: Manifest, names: Iterable[str] | None = None) -> tuple
         if size != records[name]["size"]:
             raise BundleError(f"{name} in {manifest.path} has {size} bytes, the manifest records "
                               f"{records[name]['size']}: the file was changed or truncated after the build")
+    tasks = [task for name in names for task in _hash_tasks(name, records[name])]
 
-    def digest(name: str) -> str:
-        return file_record(manifest.path / name)["sha256"]
+    def matches(task: tuple[str, int, int, str]) -> bool:
+        name, offset, length, expected = task
+        return _slice_sha256(manifest.path / name, offset, length) == expected
 
-    with ThreadPoolExecutor(_workers(len(names))) as pool:
-        for name, got in zip(names, pool.map(digest, names)):
-            if got != records[name]["sha256"]:
+    with ThreadPoolExecutor(_workers(len(tasks))) as pool:
+        for (name, *_), ok in zip(tasks, pool.map(matches, tasks)):
+            if not ok:
                 raise BundleError(f"{name} in {manifest.path} has changed since the build (its SHA-256 differs "
                                   f"from the manifest's); rebuild the bundle or restore the file")
     return len(names), sum(records[n]["size"] for n in names), time.perf_counter() - start

@@ -634,6 +634,12 @@ BUNDLE_CASES = [
         edit_manifest(set_key("tokenizer", "tokenizer.json"))(b),
         edit_manifest(lambda m: m["files"].update({"tokenizer.json": {"size": 7, "sha256": "0"}}))(b)],
         ["run", "{b}", "--prompt", "w1 w2", "--no-verify-files"], ("tokenizer.json", "not a readable tokenizer")),
+    BundleCase("verify-settings-damaged", edit_manifest(set_key("verify", {"prompt_lengths": "19"})), VERIFY,
+               ("verify must hold", "prompt_lengths")),
+    BundleCase("eos-not-integers", edit_manifest(set_key("model.eos_token_ids", "143")), RUN,
+               ("model.eos_token_ids", "list of integers")),
+    BundleCase("inputs-not-names", edit_manifest(lambda m: m["engine"]["inputs"].append({"x": 1})), RUN,
+               ("engine.inputs", "list of names")),
     # not a bundle at all
     BundleCase("bundle-is-a-file", lambda b: (b / "weights.data").rename(b.parent / "file"),
                ["run", "{b}/../file", "--ids", "1"], ("is not a bundle",)),
@@ -985,3 +991,28 @@ def test_out_policy_allows_what_it_may_replace(tiny_bundle, tmp_path):
         staging.commit()
     assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == ["manifest.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "empty", "x"]
+
+
+def test_large_files_are_checked_part_by_part(tmp_path):
+    # a file above the part size records per-part hashes; the check reads every part (in parallel)
+    # and a changed byte in any part, the last short one included, is refused by name
+    import hashlib
+
+    from llama4_deploy.runtime import BundleError
+    from llama4_deploy.runtime.bundle import Manifest
+    from llama4_deploy.runtime.integrity import check_files, file_record
+
+    data = np.random.default_rng(0).bytes(10_000)
+    (tmp_path / "weights.data").write_bytes(data)
+    record = file_record(tmp_path / "weights.data", part_bytes=4096)
+    assert record["sha256"] == hashlib.sha256(data).hexdigest()
+    assert record["parts"]["sha256"] == [hashlib.sha256(data[i:i + 4096]).hexdigest() for i in (0, 4096, 8192)]
+    raw = {"engine": {"graphs": {}, "external_data": "weights.data"}, "files": {"weights.data": record}}
+    manifest = Manifest(raw, tmp_path)
+    assert check_files(manifest)[:2] == (1, 10_000)
+    for at in (10, 5000, 9999):
+        changed = bytearray(data)
+        changed[at] ^= 1
+        (tmp_path / "weights.data").write_bytes(bytes(changed))
+        with pytest.raises(BundleError, match=r"^weights\.data in .* has changed since the build"):
+            check_files(manifest)
