@@ -26,6 +26,7 @@ from pathlib import Path
 from llama4_deploy.runtime.bundle import BundleError, Manifest
 
 LAYOUT_KEY = "llama4_deploy.weights_layout"  # metadata_props entry of every graph
+OVERFLOW = "moe_overflow"  # the output only capacity graphs have (docs/engine-abi.md)
 READ_BYTES = 16 << 20  # hashlib releases the GIL on large updates: threads hash in parallel
 PART_BYTES = 256 << 20  # files above this also record per-part hashes, checked in parallel
 VERIFY_ENV = "LLAMA4_DEPLOY_VERIFY_FILES"  # "0": skip the hash check (trusted fast starts)
@@ -151,7 +152,10 @@ def check_graph_io(manifest: Manifest, file: str, inputs: dict[str, tuple[str, l
     """
     engine, model = manifest.engine, manifest.model
     where = f"{file} in {manifest.path}"
-    for kind, declared, listed in (("inputs", inputs, engine["inputs"]), ("outputs", outputs, engine["outputs"])):
+    # `moe_overflow` is listed once for the engine, but only capacity graphs report it
+    reports = any(g.get("reports_overflow") for g in engine["graphs"].values() if g["file"] == file)
+    listed_outputs = [name for name in engine["outputs"] if reports or name != OVERFLOW]
+    for kind, declared, listed in (("inputs", inputs, engine["inputs"]), ("outputs", outputs, listed_outputs)):
         if set(declared) != set(listed):
             missing, extra = sorted(set(listed) - set(declared)), sorted(set(declared) - set(listed))
             raise BundleError(f"{where} declares {kind} that disagree with the manifest (missing {missing}, "
