@@ -38,8 +38,10 @@ class Checkpoint:
             raise CheckpointError(f"{self.path} has no config.json; pass a Hugging Face checkpoint directory")
         try:
             self.config: dict[str, Any] = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{config_path} is not valid JSON ({err})") from None
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{config_path} is not a JSON object")
         try:
             self.shape = ModelShape.from_config(self.config)
         except ConfigError as err:

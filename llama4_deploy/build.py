@@ -1,7 +1,8 @@
 """Build driver: checkpoint (or seeded random weights) -> bundle directory.
 
-Stages: load -> trace -> link -> lower -> lint -> save -> manifest + golden. The bundle is
-written into a temporary sibling directory and renamed into place only when complete.
+Stages: load -> trace -> link -> lower -> lint -> save -> manifest + golden + file hashes. The
+bundle is written into a staging directory beside --out and renamed into place only when
+complete; the --out policy, lock and staging live in outdir.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import dataclasses
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from llama4_deploy.outdir import OutDirError, Staging, check_out
 from llama4_deploy.recipe import Recipe, load_recipe
-from llama4_deploy.runtime.bundle import GOLDEN, write_manifest
+from llama4_deploy.runtime.bundle import GOLDEN, MANIFEST, BundleError, write_manifest
+from llama4_deploy.runtime.integrity import CHUNK_KEY, LAYOUT_KEY, hash_files, layout_fingerprint
+from llama4_deploy.runtime.tokenizer import Tokenizer
 
 DATA_FILE = "weights.data"
 # context of a build from a bare --checkpoint: the checkpoint's max_position_embeddings, capped here
@@ -74,7 +77,8 @@ def _check_weights(checkpoint, shape) -> None:
 
 
 def _lazy_weight(checkpoint, source, name: str):
-    """A tensor the saver reads from the checkpoint when it writes it, converted to fp32."""
+    """A tensor the saver reads from the checkpoint when it writes it, converted to fp32 and
+    checked for NaN/Inf on the way (in memory, as it streams: no extra pass over the checkpoint)."""
     import onnx_ir as ir
 
     dims = list(source.checkpoint_shape)
@@ -85,6 +89,10 @@ def _lazy_weight(checkpoint, source, name: str):
         import torch
 
         tensor = checkpoint.tensor(source.checkpoint_name).to(torch.float32)
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            raise BuildError(f"checkpoint tensor {checkpoint.prefix}{source.checkpoint_name} holds "
+                             f"{int((~finite).sum())} NaN or Inf values; the build refuses non-finite weights")
         if source.transpose:
             tensor = tensor.transpose(-1, -2)
         return ir.tensor(tensor.contiguous().numpy(), name=name)
@@ -149,7 +157,9 @@ def link_model(checkpoint, templates):
         outputs[f"present_key.{layer}"] = f"{prefix}.present_key"
         outputs[f"present_value.{layer}"] = f"{prefix}.present_value"
     stamps.append(Stamp("head", "head", {"hidden_states": hidden}, stamp_weights("head", weights.head_weights(shape))))
-    return link(templates, graph_inputs(shape), stamps, {"logits": "head.logits", **outputs})
+    model, stamped = link(templates, graph_inputs(shape), stamps, {"logits": "head.logits", **outputs})
+    model.metadata_props[CHUNK_KEY] = str(shape.attention_chunk_size)  # checked at load (integrity.py)
+    return model, stamped
 
 
 def _random_checkpoint(recipe: Recipe, directory: Path) -> None:
@@ -165,7 +175,8 @@ def _source_record(recipe: Recipe, checkpoint_dir: Path | None) -> dict[str, Any
     return {"kind": "random", "recipe": recipe.name, "random": recipe.random.model_dump()}
 
 
-def _manifest(recipe: Recipe, shape, source, passes, graphs, has_tokenizer: bool, seconds: float) -> dict[str, Any]:
+def _manifest(recipe: Recipe, shape, source, passes, graphs, layout: str, has_tokenizer: bool,
+              seconds: float) -> dict[str, Any]:
     import onnx
     import onnxruntime
     import torch
@@ -192,6 +203,7 @@ def _manifest(recipe: Recipe, shape, source, passes, graphs, has_tokenizer: bool
             "precision": recipe.precision,
             "graphs": graphs,
             "external_data": DATA_FILE,
+            "weights_layout": layout,  # every graph's metadata_props carries the same (runtime/integrity.py)
             "inputs": io_names,
             "outputs": ["logits"] + [f"present_{kv}.{i}" for i in range(shape.num_layers) for kv in ("key", "value")]
             + (["moe_overflow"] if any(g["reports_overflow"] for g in graphs.values()) else []),
@@ -223,7 +235,7 @@ def _write_golden(staging: Path, shape) -> None:
     from llama4_deploy.runtime import load
 
     ids = [int(i) for i in np.random.default_rng(0).integers(0, shape.vocab_size, size=8)]
-    with load(staging) as engine:
+    with load(staging, verify_files=False) as engine:  # the hashes are recorded after this
         np.savez(staging / GOLDEN, input_ids=np.array(ids), logits=engine.score(ids, mode="prefill"))
 
 
@@ -237,14 +249,15 @@ def build(
     max_context: int | None = None,
     max_batch: int | None = None,
     prefill_tokens: int | None = None,
+    force: bool = False,
 ) -> BuildResult:
     """Build a bundle. `recipe` names a recipe (default `tiny`, or a plain fp32 ONNX Runtime
     build when only `checkpoint` is given); `checkpoint` is a Hugging Face checkpoint dir;
     `moe_dispatch` overrides the recipe's (dense, gather, capacity, native or auto), and
     `attention` its attention form (decomposed, onnx23 or auto). `max_context`, `max_batch` and
     `prefill_tokens` override the recipe's profiles; a bare checkpoint's context defaults to its
-    max_position_embeddings, at most DEFAULT_MAX_CONTEXT."""
-    from llama4_deploy.export.checkpoint import Checkpoint, CheckpointError
+    max_position_embeddings, at most DEFAULT_MAX_CONTEXT. `out` may hold only a bundle this tool
+    wrote (or nothing) unless `force` (outdir.py)."""
     from llama4_deploy.graphs.dispatch import CHOICES
     from llama4_deploy.graphs.lower_attention import FORMS
 
@@ -271,53 +284,17 @@ def build(
             f"recipe {chosen.name} needs a checkpoint: run make engine MODEL={chosen.name} CHECKPOINT=/path "
             f"(or llama4-deploy build --recipe {chosen.name} --checkpoint DIR)"
         )
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    scratch = tempfile.TemporaryDirectory(prefix="llama4-deploy-")
     try:
-        if checkpoint is None:
-            log(f"[load] recipe {chosen.name}: seeded random weights (seed {chosen.random.seed})")
-            source_dir = Path(scratch.name) / "checkpoint"
-            _random_checkpoint(chosen, source_dir)
-        else:
-            source_dir = Path(checkpoint)
-            log(f"[load] checkpoint {source_dir}")
-        try:
-            ckpt = Checkpoint(source_dir)
-            _check_expected(chosen, ckpt.shape)
-            _check_weights(ckpt, ckpt.shape)
-        except CheckpointError as err:
-            raise BuildError(str(err)) from None
-        shape = ckpt.shape
-        if bare_checkpoint and max_context is None:
-            context = min(shape.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-            chosen = _with_profiles(chosen, {"max_context": context})
-            log(f"[profiles] max context {context} tokens (the checkpoint's max_position_embeddings "
-                f"{shape.max_position_embeddings}, capped at {DEFAULT_MAX_CONTEXT}; --max-context sets it)")
-        if chosen.profiles.max_context > shape.max_position_embeddings:
-            raise BuildError(f"max context {chosen.profiles.max_context} exceeds the checkpoint's "
-                             f"max_position_embeddings of {shape.max_position_embeddings}")
-        log(f"[profiles] {chosen.profiles.model_dump()}")
-        try:
-            passes, graphs = _compile(ckpt, chosen, staging, log)
-        except CheckpointError as err:  # a tensor that fails to read while streaming
-            raise BuildError(str(err)) from None
-        if ckpt.tokenizer_file is not None:
-            shutil.copyfile(ckpt.tokenizer_file, staging / "tokenizer.json")
-        source = _source_record(chosen, None if checkpoint is None else ckpt.path)
-        manifest = _manifest(chosen, shape, source, passes, graphs, ckpt.tokenizer_file is not None, time.time() - start)
-        write_manifest(staging, manifest)
-        log("[golden] engine logits for a fixed prompt")
-        _write_golden(staging, shape)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        scratch.cleanup()
+        check_out(out, force, None if checkpoint is None else Path(checkpoint))
+        with Staging(out) as staging:
+            if staging.removed_stale:
+                log(f"[out] removed {len(staging.removed_stale)} staging dir(s) of killed builds: "
+                    f"{', '.join(staging.removed_stale)}")
+            manifest, passes = _build_into(chosen, checkpoint, staging, log, start,
+                                            context_from_checkpoint=bare_checkpoint and max_context is None)
+            staging.commit()
+    except OutDirError as err:
+        raise BuildError(str(err)) from None
     seconds = time.time() - start
     return BuildResult(out, seconds, _peak_rss_mb(), passes, manifest)
 
@@ -338,8 +315,60 @@ def _with_profiles(recipe: Recipe, overrides: dict[str, int]) -> Recipe:
     return recipe.model_copy(update={"profiles": profiles})
 
 
-def _compile(ckpt, recipe: Recipe, staging: Path, log) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
-    """Trace, link, lower per engine role, lint, save. Returns (pass counts, graphs by role)."""
+def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float, context_from_checkpoint: bool):
+    """Every stage, written into the staging dir; returns (manifest, pass counts). With
+    `context_from_checkpoint`, the context is the checkpoint's max_position_embeddings (capped)."""
+    from llama4_deploy.export.checkpoint import Checkpoint, CheckpointError
+
+    bundle = staging.dir
+    if checkpoint is None:
+        log(f"[load] recipe {chosen.name}: seeded random weights (seed {chosen.random.seed})")
+        source_dir = staging.scratch / "checkpoint"
+        _random_checkpoint(chosen, source_dir)
+    else:
+        source_dir = Path(checkpoint)
+        log(f"[load] checkpoint {source_dir}")
+    try:
+        ckpt = Checkpoint(source_dir)
+        _check_expected(chosen, ckpt.shape)
+        _check_weights(ckpt, ckpt.shape)
+        if ckpt.tokenizer_file is not None:  # copied into the bundle: refuse a damaged one now, not at run time
+            Tokenizer(ckpt.tokenizer_file)
+    except (CheckpointError, BundleError) as err:
+        raise BuildError(str(err)) from None
+    shape = ckpt.shape
+    if context_from_checkpoint:
+        context = min(shape.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+        chosen = _with_profiles(chosen, {"max_context": context})
+        log(f"[profiles] max context {context} tokens (the checkpoint's max_position_embeddings "
+            f"{shape.max_position_embeddings}, capped at {DEFAULT_MAX_CONTEXT}; --max-context sets it)")
+    if chosen.profiles.max_context > shape.max_position_embeddings:
+        raise BuildError(f"max context {chosen.profiles.max_context} exceeds the checkpoint's "
+                         f"max_position_embeddings of {shape.max_position_embeddings}")
+    log(f"[profiles] {chosen.profiles.model_dump()}")
+    try:
+        passes, graphs, layout = _compile(ckpt, chosen, bundle, log)
+    except CheckpointError as err:  # a tensor that fails to read while streaming
+        raise BuildError(str(err)) from None
+    if ckpt.tokenizer_file is not None:
+        shutil.copyfile(ckpt.tokenizer_file, bundle / "tokenizer.json")
+    source = _source_record(chosen, None if checkpoint is None else ckpt.path)
+    manifest = _manifest(chosen, shape, source, passes, graphs, layout, ckpt.tokenizer_file is not None,
+                         time.time() - start)
+    manifest["files"] = {}
+    write_manifest(bundle, manifest)
+    log("[golden] engine logits for a fixed prompt")
+    _write_golden(bundle, shape)
+    shutil.rmtree(staging.scratch)
+    t = time.time()
+    manifest["files"] = hash_files(bundle, [p.name for p in bundle.iterdir() if p.name != MANIFEST])
+    write_manifest(bundle, manifest)
+    log(f"[hash] SHA-256 of {len(manifest['files'])} files in {time.time() - t:.1f}s")
+    return manifest, passes
+
+
+def _compile(ckpt, recipe: Recipe, staging: Path, log) -> tuple[dict[str, int], dict[str, dict[str, Any]], str]:
+    """Trace, link, lower per engine role, lint, save. Returns (pass counts, graphs by role, weight layout)."""
     from llama4_deploy.export.trace import trace_templates
     from llama4_deploy.graphs import dispatch
     from llama4_deploy.graphs.lint import lint_static
@@ -381,21 +410,22 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log) -> tuple[dict[str, int], 
     log(f"[dispatch] {recipe.moe_dispatch}: {roles}")
     used = {strategy: lower(strategy) for strategy in dict.fromkeys(roles.values())}
     log(f"[passes] {passes}")
-    _save_graphs(used, staging)
+    layout = _save_graphs(used, staging)
     graphs = {}
     for role, strategy in roles.items():
         graphs[role] = {"file": f"{strategy}.onnx", "moe_dispatch": strategy, "attention": attention,
                         "reports_overflow": strategy == "capacity"}
         if strategy == "capacity":
             graphs[role]["capacity_factor"] = recipe.capacity_factor
-    return passes, graphs
+    return passes, graphs, layout
 
 
-def _save_graphs(models: dict[str, Any], staging: Path) -> None:
+def _save_graphs(models: dict[str, Any], staging: Path) -> str:
     """Save each graph as `<strategy>.onnx`, all referencing one external-data file.
 
     The union of their initializers is written once (streamed, one tensor at a time) through a
-    weights-only model, then each graph is saved pointing at those external tensors.
+    weights-only model, then each graph is saved pointing at those external tensors, carrying
+    the fingerprint of that file's layout (returned) in its metadata_props.
     """
     import onnx_ir as ir
     from tqdm import tqdm
@@ -412,8 +442,13 @@ def _save_graphs(models: dict[str, Any], staging: Path) -> None:
               file=sys.stderr, disable=None) as bar:
         ir.save(weights, index, external_data=DATA_FILE, callback=lambda tensor, info: bar.update(tensor.nbytes))
     stored = ir.load(index).graph.initializers
+    external = {name: v.const_value for name, v in stored.items() if isinstance(v.const_value, ir.ExternalTensor)}
+    layout = layout_fingerprint((name, t.offset or 0, t.length, t.dtype.name, tuple(t.shape))
+                                for name, t in external.items())
     for strategy, model in models.items():
         for name, value in model.graph.initializers.items():
             value.const_value = stored[name].const_value
+        model.metadata_props[LAYOUT_KEY] = layout
         ir.save(model, staging / f"{strategy}.onnx")
     index.unlink()
+    return layout

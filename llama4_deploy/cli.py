@@ -24,7 +24,8 @@ def _user_errors():
     from llama4_deploy.recipe import RecipeError
     from llama4_deploy.runtime.bundle import BundleError
 
-    return (BuildError, CheckpointError, RecipeError, BundleError, ValueError, FileNotFoundError)
+    # ValueError covers BundleError and the runtime's argument checks; OSError an unreadable path
+    return (BuildError, CheckpointError, RecipeError, BundleError, ValueError, OSError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,14 +45,15 @@ def main() -> None:
               "checkpoint's max_position_embeddings, at most 32768)")
 @click.option("--max-batch", type=int, help="most rows per engine step (default: the recipe's)")
 @click.option("--prefill-tokens", type=int, help="most new tokens per row in one prefill step (default: the recipe's)")
-def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_batch, prefill_tokens) -> None:
+@click.option("--force", is_flag=True, help="replace --out even if it is not a bundle this tool wrote")
+def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_batch, prefill_tokens, force) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
     try:
         result = run_build(recipe=recipe, checkpoint=checkpoint, out=out, moe_dispatch=moe_dispatch,
                            attention=attention, max_context=max_context, max_batch=max_batch,
-                           prefill_tokens=prefill_tokens)
+                           prefill_tokens=prefill_tokens, force=force)
     except _user_errors() as err:
         raise UserError(str(err)) from None
     from llama4_deploy.costs import bundle_costs, cost_table
@@ -74,11 +76,20 @@ def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_bat
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
-def verify(bundle, threads) -> None:
+@click.option("--files", "files_only", is_flag=True,
+              help="only check every file's size and SHA-256 against the manifest (exit 2 naming a changed file)")
+def verify(bundle, threads, files_only) -> None:
     """Compare a bundle with transformers; exit 1 on mismatch."""
     from llama4_deploy.verify import verify as run_verify
 
     try:
+        if files_only:
+            from llama4_deploy.runtime import read_manifest
+            from llama4_deploy.runtime.integrity import check_files
+
+            count, size, seconds = check_files(read_manifest(bundle))
+            click.echo(f"{count} files ({size / 1e6:.1f} MB): sizes and SHA-256 match the manifest ({seconds:.2f}s)")
+            return
         report = run_verify(bundle, threads=threads, log=lambda msg: click.echo(msg, err=True))
     except _user_errors() as err:
         raise UserError(str(err)) from None
@@ -117,7 +128,8 @@ def lint(path) -> None:
         try:
             problems = lint_static(ir.load(graph))
         except Exception as err:  # onnx's own parse errors
-            raise UserError(f"{graph} cannot be read as ONNX ({err})") from None
+            reason = " ".join(str(err).split())[:300]
+            raise UserError(f"{graph} cannot be read as ONNX ({reason or type(err).__name__})") from None
         click.echo(f"{graph.name}: {'clean' if not problems else f'{len(problems)} problem(s)'}")
         for problem in problems:
             click.echo(f"  {problem}")
@@ -141,7 +153,11 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", type=int)
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
-def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads) -> None:
+@click.option("--verify-files/--no-verify-files", default=None,
+              help="check every file's SHA-256 at load (default: yes, unless LLAMA4_DEPLOY_VERIFY_FILES=0)")
+@click.option("--allow-non-finite", is_flag=True, help="let NaN/Inf logits through instead of stopping")
+def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads, verify_files,
+        allow_non_finite) -> None:
     """Generate from a prompt (text or token ids)."""
     from llama4_deploy.runtime import load
     from llama4_deploy.runtime.tokenizer import load_tokenizer
@@ -149,7 +165,7 @@ def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads) 
     if (prompt is None) == (ids is None):
         raise UserError("give exactly one of --prompt TEXT or --ids 1,2,3")
     try:
-        with load(bundle, threads=threads) as engine:
+        with load(bundle, threads=threads, verify_files=verify_files, allow_non_finite=allow_non_finite) as engine:
             tokenizer = None
             if prompt is not None:
                 tokenizer = load_tokenizer(engine.manifest)

@@ -27,9 +27,20 @@ def bundle_costs(bundle: str | Path) -> list[CostRow]:
 
     from llama4_deploy.graphs.cost import profile_points, step_cost
 
+    from llama4_deploy.runtime.bundle import BundleError
+    from llama4_deploy.runtime.integrity import check_files
+
     manifest = read_manifest(bundle)
     graphs = manifest.engine["graphs"]
-    models = {g["file"]: ir.load(manifest.path / g["file"]) for g in graphs.values()}
+    files = sorted({g["file"] for g in graphs.values()})
+    check_files(manifest, files)  # the graphs only: the cost model never reads weights.data
+    models = {}
+    for file in files:
+        try:
+            models[file] = ir.load(manifest.path / file)
+        except Exception as err:  # onnx's own parse errors
+            reason = " ".join(str(err).split())[:300]
+            raise BundleError(f"{file} in {manifest.path} cannot be read as ONNX ({reason})") from None
     rows = []
     for label, role, dims in profile_points(manifest.profiles):
         graph = graphs[role]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -26,6 +27,29 @@ class RandomWeights(Strict):
     config: dict[str, Any]
     logit_gain: float = Field(1.0, gt=0)  # scales lm_head: peaked logits, no near-ties
     router_gain: float = Field(1.0, gt=0)  # scales routers: well-separated expert choices
+
+    @field_validator("config")
+    @classmethod
+    def _known_config_keys(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """transformers accepts any keyword into a config; a typo would silently build its default."""
+        known = llama4_text_config_keys()
+        for key in config:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r})" if close else ""
+                raise ValueError(f"{key!r} is not a Llama4TextConfig field{hint}")
+        return config
+
+
+def llama4_text_config_keys() -> frozenset[str]:
+    """Keyword arguments Llama4TextConfig takes (transformers, imported only when a recipe has a config)."""
+    import inspect
+
+    from transformers import Llama4TextConfig
+
+    params = inspect.signature(Llama4TextConfig.__init__).parameters
+    keys = {name for name, p in params.items() if name != "self" and p.kind is not p.VAR_KEYWORD}
+    return frozenset(keys | set(getattr(Llama4TextConfig, "attribute_map", {})))
 
 
 class Profiles(Strict):
@@ -72,13 +96,17 @@ def load_recipe(name_or_path: str) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"no recipe {name_or_path!r}; known recipes: {', '.join(available())}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe {path.name} is a YAML {type(data).__name__}, not a mapping of keys")
         return Recipe.model_validate(data)
-    except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {path} is not valid YAML ({err})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        problem = " ".join(str(err).split())  # YAML errors span lines
+        raise RecipeError(f"recipe {path} is not valid YAML ({problem})") from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         if first["type"] == "extra_forbidden":
             raise RecipeError(f"recipe {path.name} has unknown key {where!r}") from None
-        raise RecipeError(f"recipe {path.name}: {where}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise RecipeError(f"recipe {path.name}: {where}: {message}") from None

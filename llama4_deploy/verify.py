@@ -9,11 +9,12 @@ decoding would have produced the same tokens. `score` is checked on both paths a
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 
 from llama4_deploy.compare import Comparison, compare, relative_logit_tolerance
-from llama4_deploy.runtime import load, read_manifest
+from llama4_deploy.runtime import BundleError, load, read_manifest
 
 REL_TOLERANCE = 1e-3  # fp32 engine vs fp32 eager: summation order only, far below this
 
@@ -79,23 +80,60 @@ def default_prompt_lengths(chunk: int, context: int, new_tokens: int) -> list[in
     return lengths
 
 
+def _reference(manifest):
+    """The transformers model the bundle was built from, or one sentence saying why not."""
+    from llama4_deploy.export.reference import reference_model
+
+    source = manifest.raw.get("source")
+    where = manifest.path / "manifest.json"
+    if not isinstance(source, dict) or source.get("kind") not in ("checkpoint", "random"):
+        raise BundleError(f"{where} has no usable source record (kind 'checkpoint' or 'random'), so there is "
+                          f"nothing to verify against")
+    if source["kind"] == "checkpoint":
+        path = source.get("path")
+        if not isinstance(path, str) or not (Path(path) / "config.json").is_file():
+            raise BundleError(f"the bundle's source checkpoint {path} is gone; verify needs it to rebuild the "
+                              f"reference")
+    else:
+        random = source.get("random")
+        if not isinstance(random, dict) or not {"config", "seed", "logit_gain", "router_gain"} <= set(random):
+            raise BundleError(f"{where}: source.random must hold config, seed, logit_gain and router_gain")
+    try:
+        return reference_model(source)
+    except (TypeError, ValueError, KeyError, OSError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise BundleError(f"the reference model cannot be rebuilt from the bundle's source ({reason})") from None
+
+
+def _verify_settings(manifest) -> dict:
+    settings = manifest.raw.get("verify") or {}
+    lengths = settings.get("prompt_lengths") if isinstance(settings, dict) else None
+    new_tokens = settings.get("new_tokens", 32) if isinstance(settings, dict) else None
+    positive = lambda n: isinstance(n, int) and not isinstance(n, bool) and n >= 1  # noqa: E731
+    if (not isinstance(settings, dict) or not positive(new_tokens)
+            or not (lengths is None or (isinstance(lengths, list) and lengths and all(map(positive, lengths))))):
+        raise BundleError(f"{manifest.path / 'manifest.json'}: verify must hold new_tokens >= 1 and prompt_lengths, "
+                          f"a list of positive integers or null")
+    return settings
+
+
 def verify(bundle: str, threads: int | None = None, log=print) -> Report:
-    from llama4_deploy.export.reference import reference_logits, reference_model
+    from llama4_deploy.export.reference import reference_logits
 
     manifest = read_manifest(bundle)
     model = manifest.model
-    settings = manifest.raw.get("verify") or {}
+    settings = _verify_settings(manifest)
     new_tokens = settings.get("new_tokens", 32)
     chunk = model["attention_chunk_size"]
     lengths = settings.get("prompt_lengths") or default_prompt_lengths(chunk, manifest.max_context, new_tokens)
     rng = np.random.default_rng(1234)
     prompts = [[int(t) for t in rng.integers(0, manifest.vocab_size, size=n)] for n in lengths]
 
-    log(f"[verify] rebuilding the transformers reference from {manifest.raw['source']['kind']} source")
-    reference = reference_model(manifest.raw["source"])
     rows = []
-    graphs = {role: graph["moe_dispatch"] for role, graph in manifest.engine["graphs"].items()}
-    with load(bundle, threads=threads) as engine:
+    graphs = {role: graph.get("moe_dispatch") for role, graph in manifest.engine["graphs"].items()}
+    with load(bundle, threads=threads) as engine:  # integrity and consistency first: they are cheap
+        log("[verify] rebuilding the transformers reference from the bundle's source")
+        reference = _reference(manifest)
         log(f"[verify] generating {new_tokens} tokens for {len(prompts)} prompts")
         generation = engine.generate(prompts, new_tokens, stop_tokens=[], return_logits=True)
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -6,6 +6,6 @@
 """
 
 from llama4_deploy.runtime.bundle import BundleError, Manifest, read_manifest
-from llama4_deploy.runtime.engine import Engine, Generation, load
+from llama4_deploy.runtime.engine import Engine, Generation, NonFiniteLogitsError, load
 
-__all__ = ["BundleError", "Engine", "Generation", "Manifest", "load", "read_manifest"]
+__all__ = ["BundleError", "Engine", "Generation", "Manifest", "NonFiniteLogitsError", "load", "read_manifest"]

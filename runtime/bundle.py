@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: file hashes (`files`) and the weight-layout fingerprint (`engine.weights_layout`)
 GOLDEN = "golden.npz"
+WRITER = "llama4-deploy"  # `written_by`: the out-dir policy replaces only directories this tool wrote
 
 
 class BundleError(ValueError):
@@ -69,6 +70,120 @@ class Manifest:
         name = self.raw.get("tokenizer")
         return self.path / name if name else None
 
+    @property
+    def used_files(self) -> list[str]:
+        """The files the runtime opens: graphs, external data, tokenizer."""
+        names = [graph["file"] for graph in self.engine["graphs"].values()] + [self.engine["external_data"]]
+        if self.raw.get("tokenizer"):
+            names.append(self.raw["tokenizer"])
+        return list(dict.fromkeys(names))
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        """{file name: {"size", "sha256"}} of every bundle file but manifest.json."""
+        return self.raw["files"]
+
+
+# What `load` and every command rely on: (dotted key, accepted types, what it must be).
+_REQUIRED: list[tuple[str, type | tuple[type, ...], str]] = [
+    ("name", str, "a string"),
+    ("model", dict, "an object"),
+    ("model.vocab_size", int, "an integer"),
+    ("model.num_layers", int, "an integer"),
+    ("model.num_kv_heads", int, "an integer"),
+    ("model.head_dim", int, "an integer"),
+    ("model.attention_chunk_size", int, "an integer"),
+    ("layers", list, "a list"),
+    ("engine", dict, "an object"),
+    ("engine.backend", str, "a string"),
+    ("engine.graphs", dict, "an object"),
+    ("engine.external_data", str, "a file name"),
+    ("engine.weights_layout", str, "a string"),
+    ("engine.inputs", list, "a list"),
+    ("engine.outputs", list, "a list"),
+    ("engine.cache_dtype", str, "a string"),
+    ("engine.logits_dtype", str, "a string"),
+    ("profiles", dict, "an object"),
+    ("profiles.max_batch", int, "an integer"),
+    ("profiles.prefill_tokens", int, "an integer"),
+    ("profiles.max_context", int, "an integer"),
+    ("files", dict, "an object"),
+]
+
+
+def _lookup(raw: dict[str, Any], dotted: str):
+    value: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+_MISSING = object()
+
+
+def _plain_file_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def validate_manifest(raw: Any, where: Path) -> None:
+    """Refuse, in one sentence, a manifest that lacks or mistypes what the runtime relies on."""
+    if not isinstance(raw, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(raw), "null")
+        raise BundleError(f"{where} holds a JSON {kind}, not an object")
+    for dotted, types, what in _REQUIRED:
+        value = _lookup(raw, dotted)
+        if value is _MISSING:
+            raise BundleError(f"{where} has no {dotted}")
+        if not isinstance(value, types) or (types is int and isinstance(value, bool)):
+            raise BundleError(f"{where}: {dotted} must be {what}, got {value!r}")
+    for key in ("max_batch", "prefill_tokens", "max_context"):
+        if raw["profiles"][key] < 1:
+            raise BundleError(f"{where}: profiles.{key} must be at least 1, got {raw['profiles'][key]}")
+    model = raw["model"]
+    for key in ("vocab_size", "num_layers", "num_kv_heads", "head_dim", "attention_chunk_size"):
+        if model[key] < 1:
+            raise BundleError(f"{where}: model.{key} must be at least 1, got {model[key]}")
+    layers = raw["layers"]
+    if len(layers) != model["num_layers"]:
+        raise BundleError(f"{where} lists {len(layers)} layers, but model.num_layers is {model['num_layers']}")
+    for position, layer in enumerate(layers):
+        if not isinstance(layer, dict) or layer.get("index") != position:
+            raise BundleError(f"{where}: layers[{position}] must be an object with index {position}")
+        if layer.get("attention") not in ("chunked", "global"):
+            raise BundleError(f"{where}: layer {position} has attention {layer.get('attention')!r}; "
+                              f"expected 'chunked' or 'global'")
+        slots = layer.get("cache_slots")
+        if layer["attention"] == "chunked" and not (isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1):
+            raise BundleError(f"{where}: chunked layer {position} needs cache_slots >= 1, got {slots!r}")
+    for key in ("inputs", "outputs"):
+        if not all(isinstance(name, str) for name in raw["engine"][key]):
+            raise BundleError(f"{where}: engine.{key} must be a list of names")
+    eos = model.get("eos_token_ids")
+    if eos is not None and not (isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                              for i in eos)):
+        raise BundleError(f"{where}: model.eos_token_ids must be a list of integers, got {eos!r}")
+    graphs = raw["engine"]["graphs"]
+    for role in ("prefill", "decode"):
+        if not isinstance(graphs.get(role), dict):
+            raise BundleError(f"{where} has no engine.graphs.{role} record")
+    for role, graph in graphs.items():
+        if not isinstance(graph, dict) or not _plain_file_name(graph.get("file")):
+            raise BundleError(f"{where}: engine.graphs.{role} must name a graph file inside the bundle")
+        if graph.get("reports_overflow") and not isinstance(graphs.get("exact"), dict):
+            raise BundleError(f"{where}: engine.graphs.{role} reports overflow but there is no exact graph")
+    files = raw["files"]
+    for name, record in files.items():
+        if not _plain_file_name(name):
+            raise BundleError(f"{where}: files lists {name!r}, which is not a file inside the bundle")
+        if not (isinstance(record, dict) and isinstance(record.get("size"), int)
+                and isinstance(record.get("sha256"), str)):
+            raise BundleError(f"{where}: files.{name} must record size and sha256")
+    tokenizer = raw.get("tokenizer")
+    if tokenizer is not None and not _plain_file_name(tokenizer):
+        raise BundleError(f"{where}: tokenizer must name a file inside the bundle, got {tokenizer!r}")
+
 
 def read_manifest(bundle_dir: str | Path) -> Manifest:
     path = Path(bundle_dir)
@@ -76,14 +191,40 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
     if not manifest_path.is_file():
         raise BundleError(f"{path} is not a bundle: it has no {MANIFEST}")
     try:
-        raw = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
+        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{manifest_path} is not valid JSON ({err})") from None
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{manifest_path} has format_version {raw.get('format_version')}; this runtime reads {FORMAT_VERSION}")
+    except OSError as err:
+        raise BundleError(f"{manifest_path} cannot be read ({err.strerror})") from None
+    if isinstance(raw, dict) and raw.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{manifest_path} has format_version {raw.get('format_version')}; this runtime reads "
+                          f"{FORMAT_VERSION} (rebuild the bundle)")
+    validate_manifest(raw, manifest_path)
     return Manifest(raw, path.resolve())
 
 
+def written_by_this_tool(bundle_dir: Path) -> list[str] | None:
+    """The files a bundle's manifest lists when the manifest says this tool wrote it; None otherwise."""
+    try:
+        raw = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    if raw.get("written_by") == WRITER:
+        files = raw.get("files")
+        return sorted(files) if isinstance(files, dict) else []
+    engine = raw.get("engine")
+    if raw.get("format_version") == 1 and isinstance(raw.get("build"), dict) and isinstance(engine, dict):
+        # format 1 predates `written_by` and `files`: its build record says who wrote it, its
+        # engine record what it holds
+        graphs = engine.get("graphs") if isinstance(engine.get("graphs"), dict) else {}
+        names = [g.get("file") for g in graphs.values() if isinstance(g, dict)]
+        names += [engine.get("external_data"), raw.get("tokenizer"), raw.get("golden")]
+        return sorted(name for name in names if isinstance(name, str))
+    return None
+
+
 def write_manifest(bundle_dir: str | Path, raw: dict[str, Any]) -> None:
-    raw = {"format_version": FORMAT_VERSION, **raw}
+    raw = {"format_version": FORMAT_VERSION, "written_by": WRITER, **raw}
     (Path(bundle_dir) / MANIFEST).write_text(json.dumps(raw, indent=2, sort_keys=False) + "\n")

@@ -10,17 +10,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from llama4_deploy.runtime.bundle import Manifest, read_manifest
+from llama4_deploy.runtime import arguments, integrity
+from llama4_deploy.runtime.bundle import BundleError, Manifest, read_manifest
 from llama4_deploy.runtime.kv_cache import KVCache, cache_memory
 from llama4_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
 
+log = logging.getLogger(__name__)
+
 PAD_POSITION = -1
-log = logging.getLogger("llama4_deploy.runtime")
 
 
 @dataclasses.dataclass
@@ -47,21 +50,37 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
     return chosen
 
 
-class Engine:
-    """A loaded bundle. `generate` for text, `score` for per-position logits."""
+class NonFiniteLogitsError(ValueError):
+    """A step produced NaN or Inf logits (damaged weights, most likely)."""
 
-    def __init__(self, manifest: Manifest, threads: int | None = None):
+
+class Engine:
+    """A loaded bundle. `generate` for text, `score` for per-position logits.
+
+    `generate` and `score` may be called from several threads on one engine: a lock serializes
+    them (one call runs at a time), so each call's counters and cache are its own. The step
+    methods (`prefill`, `decode_step`, `run_step`) are not guarded.
+    """
+
+    def __init__(self, manifest: Manifest, threads: int | None = None, verify_files: bool = True,
+                 allow_non_finite: bool = False):
         self.manifest = manifest
+        threads = arguments.threads(threads)
+        self.allow_non_finite = arguments.flag(allow_non_finite, "allow_non_finite")
         engine = manifest.engine
         if engine["backend"] != "onnxruntime":
-            raise ValueError(f"bundle {manifest.name} targets {engine['backend']}; this runtime runs onnxruntime bundles")
+            raise BundleError(f"bundle {manifest.name} targets {engine['backend']}; this runtime runs onnxruntime "
+                              f"bundles")
+        if arguments.flag(verify_files, "verify_files"):
+            count, size, seconds = integrity.check_files(manifest)
+            log.info("checked SHA-256 of %d files (%.1f MB) in %.2fs", count, size / 1e6, seconds)
         self.graphs = engine["graphs"]  # role (prefill, decode, exact) -> graph record
         files = dict.fromkeys(graph["file"] for graph in self.graphs.values())
         # ONNX Runtime's threads spin after each run; a second spinning session run right after
         # the first slows it ~2x on 2 cores. The rerun-only (exact) graph does not spin.
         steady = {graph["file"] for role, graph in self.graphs.items() if role != "exact"}
-        self.runners = {f: OnnxRuntimeRunner(manifest.path / f, threads=threads, spin=f in steady).activate()
-                        for f in files}
+        self.runners = {f: self._open_graph(f, threads, f in steady) for f in files}
+        self._calls = threading.RLock()  # serializes generate / score
         self.vocab_size = manifest.vocab_size
         self.max_batch = manifest.profiles["max_batch"]
         self.prefill_tokens = manifest.profiles["prefill_tokens"]
@@ -69,8 +88,25 @@ class Engine:
         self.overflow_reruns = 0
         self.cache_memory = cache_memory(manifest)  # bytes per token by layer kind, and at the limits
 
+    def _open_graph(self, file: str, threads: int | None, spin: bool) -> OnnxRuntimeRunner:
+        """A runner for one graph, after checking it belongs to this bundle and matches its manifest."""
+        path = self.manifest.path / file
+        if not path.is_file():
+            raise BundleError(f"bundle {self.manifest.path} is missing {file}, which its manifest lists")
+        try:
+            runner = OnnxRuntimeRunner(path, threads=threads, spin=spin).activate()
+        except Exception as err:  # ONNX Runtime's own errors for damaged graphs or external data
+            reason = " ".join(str(err).split())[:300]
+            raise BundleError(f"{file} in {self.manifest.path} cannot be loaded by ONNX Runtime ({reason})") from None
+        session = runner.session
+        integrity.check_layout(self.manifest, file, session.get_modelmeta().custom_metadata_map)
+        integrity.check_graph_io(self.manifest, file,
+                                 {i.name: (i.type, list(i.shape)) for i in session.get_inputs()},
+                                 {o.name: (o.type, list(o.shape)) for o in session.get_outputs()})
+        return runner
+
     def close(self) -> None:
-        for runner in self.runners.values():
+        for runner in getattr(self, "runners", {}).values():
             runner.deactivate()
 
     def __enter__(self) -> "Engine":
@@ -81,12 +117,9 @@ class Engine:
 
     # -- checks ---------------------------------------------------------------------------------
     def _check_prompt(self, ids: Sequence[int], new_tokens: int, what: str = "prompt") -> list[int]:
-        ids = [int(i) for i in ids]
+        ids = arguments.token_ids(ids, self.vocab_size, what)
         if not ids:
             raise ValueError(f"{what} is empty; give at least one token id")
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"{what} has token id {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
         if len(ids) + new_tokens > self.manifest.max_context:
             raise ValueError(
                 f"{what} of {len(ids)} tokens plus {new_tokens} new ones exceeds the bundle's context of "
@@ -108,7 +141,15 @@ class Engine:
             self.overflow_reruns += 1
         cache.write(outputs, positions)
         self.steps += 1
+        self._check_finite(outputs["logits"])
         return outputs["logits"]
+
+    def _check_finite(self, logits: np.ndarray) -> None:
+        """Refuse NaN/Inf logits (damaged weights propagate them silently otherwise)."""
+        if not self.allow_non_finite and not np.isfinite(logits).all():
+            raise NonFiniteLogitsError(
+                f"the engine produced NaN or Inf logits at step {self.steps}; the bundle's weights are likely "
+                f"damaged (load(..., allow_non_finite=True) lets them through)")
 
     def prefill(self, cache: KVCache, prompts: list[list[int]], keep_all: bool = False):
         """Feed prompts in steps of the prefill profile; rows may differ in length.
@@ -154,14 +195,20 @@ class Engine:
         stop_tokens: Sequence[int] | None = None,
         return_logits: bool = False,
     ) -> Generation:
-        if not prompts:
-            raise ValueError("no prompts given; pass a list of token-id lists")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens is {max_new_tokens}; it must be at least 1")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p is {top_p}; it must be in (0, 1]")
+        prompts = arguments.prompt_list(prompts)
+        max_new_tokens = arguments.integer(max_new_tokens, "max_new_tokens", 1)
+        temperature = arguments.temperature(temperature)
+        top_p = arguments.top_p(top_p)
+        seed = arguments.seed(seed)
+        return_logits = arguments.flag(return_logits, "return_logits")
         prompts = [self._check_prompt(p, max_new_tokens, f"prompt {i}") for i, p in enumerate(prompts)]
-        stop = set(self.manifest.eos_token_ids if stop_tokens is None else stop_tokens)
+        stop = arguments.stop_tokens(stop_tokens, self.vocab_size)
+        if stop is None:
+            stop = set(self.manifest.eos_token_ids)
+        with self._calls:
+            return self._generate(prompts, max_new_tokens, temperature, top_p, seed, stop, return_logits)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_p, seed, stop, return_logits) -> Generation:
         rng = np.random.default_rng(seed)
         tokens: list[list[int]] = []
         logits: list[np.ndarray] = []
@@ -191,20 +238,32 @@ class Engine:
     def score(self, ids: Sequence[int], mode: str = "prefill") -> np.ndarray:
         """Logits [len(ids), V] at every position, through the prefill path (in chunks of the
         prefill profile) or the decode path (one token per step)."""
+        if mode not in ("prefill", "decode"):
+            raise ValueError(f"mode is {mode!r}; use 'prefill' or 'decode'")
         ids = self._check_prompt(ids, 0, "sequence")
-        cache = KVCache(self.manifest, 1)
-        if mode == "prefill":
-            _, every = self.prefill(cache, [ids], keep_all=True)
-            return every[0]
-        if mode == "decode":
+        with self._calls:
+            cache = KVCache(self.manifest, 1)
+            if mode == "prefill":
+                _, every = self.prefill(cache, [ids], keep_all=True)
+                return every[0]
             rows = [self.decode_step(cache, np.array([token]), np.array([True]))[0] for token in ids]
             return np.stack(rows)
-        raise ValueError(f"mode is {mode!r}; use 'prefill' or 'decode'")
 
 
-def load(bundle_dir: str | os.PathLike, threads: int | None = None) -> Engine:
-    """Load a bundle built by `llama4-deploy build`. Logs (logger `llama4_deploy.runtime`, INFO) what
-    its KV cache costs; `engine.cache_memory` holds the figures."""
-    engine = Engine(read_manifest(Path(bundle_dir)), threads=threads)
-    log.info("%s: %s", engine.manifest.name, engine.cache_memory)
+def load(bundle_dir: str | os.PathLike, threads: int | None = None, verify_files: bool | None = None,
+         allow_non_finite: bool = False) -> Engine:
+    """Load a bundle built by `llama4-deploy build`. Logs (logger `llama4_deploy.runtime.engine`,
+    INFO) what its KV cache costs per token and at the bundle's limits.
+
+    verify_files: check every file's size and SHA-256 against the manifest (None: yes, unless the
+    environment sets LLAMA4_DEPLOY_VERIFY_FILES=0); graphs' weight-layout fingerprints and their
+    agreement with the manifest are checked either way. allow_non_finite: let NaN/Inf logits through.
+    """
+    if not isinstance(bundle_dir, (str, os.PathLike)):
+        raise TypeError(f"bundle_dir must be a path, got {bundle_dir!r}")
+    if verify_files is None:
+        verify_files = integrity.verify_files_default()
+    engine = Engine(read_manifest(Path(bundle_dir)), threads=threads, verify_files=verify_files,
+                    allow_non_finite=allow_non_finite)
+    log.info("%s: %s", engine.manifest.name, engine.cache_memory)  # engine.cache_memory holds the figures
     return engine

@@ -9,7 +9,11 @@ class Tokenizer:
     def __init__(self, path):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self._tokenizer = HFTokenizer.from_file(str(path))
+        try:
+            self._tokenizer = HFTokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception for a damaged file
+            reason = " ".join(str(err).split())[:200]
+            raise BundleError(f"{path} is not a readable tokenizer.json ({reason})") from None
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids

@@ -400,3 +400,620 @@ def test_empty_sequence_score(engine):
 def test_empty_prompt_cli(tiny_bundle, ids):
     result = CliRunner().invoke(main, ["run", str(tiny_bundle), "--ids", ids, "--max-new-tokens", "2"])
     cli_error(result, "prompt 0 is empty")
+
+
+# =================================================================================================
+# The catalog (issue 8): damaged bundles, bad arguments, bad recipes, checkpoints and --out dirs.
+# Each case asserts exit status 2, one `error: <sentence>` line naming the problem, no traceback,
+# and nothing left on disk (the test's directory is byte-for-byte as it was before the command).
+# Bundle cases damage a copy of the one session bundle (`tiny_bundle`); commands run in-process.
+# =================================================================================================
+import dataclasses
+import fcntl
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+LAYER_GLOBAL, LAYER_CHUNKED = 3, 0  # tiny: layers 0-2 are chunked (RoPE), layer 3 is global (NoPE)
+
+
+def snapshot(root: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_size if p.is_file() else -1,
+                   p.stat().st_mtime_ns if p.is_file() else 0) for p in root.rglob("*"))
+
+
+def edit_manifest(edit: Callable[[dict], object]) -> Callable[[Path], None]:
+    def damage(bundle: Path) -> None:
+        path = bundle / "manifest.json"
+        raw = json.loads(path.read_text())
+        edit(raw)
+        path.write_text(json.dumps(raw))
+    return damage
+
+
+def write_manifest_text(text: str | bytes) -> Callable[[Path], None]:
+    def damage(bundle: Path) -> None:
+        path = bundle / "manifest.json"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return damage
+
+
+def remove(name: str) -> Callable[[Path], None]:
+    return lambda bundle: (bundle / name).unlink()
+
+
+def truncate(name: str) -> Callable[[Path], None]:
+    return lambda bundle: truncate_half(bundle / name)
+
+
+def flip_byte(name: str, where: float, mask: int = 0xFF) -> Callable[[Path], None]:
+    """XOR one byte at a relative position (for weights.data: byte 3 of a float32 holds the exponent)."""
+    def damage(bundle: Path) -> None:
+        path = bundle / name
+        data = bytearray(path.read_bytes())
+        at = int(len(data) * where) // 4 * 4 + (3 if mask == 0x40 else 0)
+        data[at] ^= mask
+        path.write_bytes(bytes(data))
+    return damage
+
+
+def fill_nan(bundle: Path) -> None:
+    size = (bundle / "weights.data").stat().st_size
+    (bundle / "weights.data").write_bytes(np.full(size // 4, np.nan, dtype=np.float32).tobytes())
+
+
+def graph_from_another_layout(bundle: Path) -> None:
+    """native.onnx as another bundle would have saved it: two same-shaped weights trade places in
+    weights.data, and the graph carries the fingerprint of that layout."""
+    import onnx
+
+    from llama4_deploy.runtime.integrity import LAYOUT_KEY, layout_fingerprint
+
+    model = onnx.load(bundle / "native.onnx", load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    by_shape: dict[tuple, list] = {}
+    for tensor in external:
+        by_shape.setdefault((tensor.data_type, tuple(tensor.dims)), []).append(tensor)
+    first, second = next(group for group in by_shape.values() if len(group) >= 2)[:2]
+    offsets = {t.name: {e.key: e for e in t.external_data} for t in (first, second)}
+    a, b = offsets[first.name]["offset"], offsets[second.name]["offset"]
+    a.value, b.value = b.value, a.value
+    info = lambda t: {e.key: e.value for e in t.external_data}  # noqa: E731
+    layout = layout_fingerprint((t.name, int(info(t).get("offset", 0)), int(info(t)["length"]),
+                                 onnx.TensorProto.DataType.Name(t.data_type), tuple(t.dims)) for t in external)
+    for prop in model.metadata_props:
+        if prop.key == LAYOUT_KEY:
+            prop.value = layout
+    onnx.save(model, bundle / "native.onnx")
+
+
+def strip_fingerprint(bundle: Path) -> None:
+    import onnx
+
+    model = onnx.load(bundle / "native.onnx", load_external_data=False)
+    del model.metadata_props[:]
+    onnx.save(model, bundle / "native.onnx")
+
+
+def set_layer(layer: int, **fields) -> Callable[[Path], None]:
+    return edit_manifest(lambda m: m["layers"][layer].update(fields))
+
+
+def set_key(dotted: str, value) -> Callable[[dict], None]:
+    def edit(raw: dict) -> None:
+        *parents, last = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return edit
+
+
+def drop_key(dotted: str) -> Callable[[dict], None]:
+    def edit(raw: dict) -> None:
+        *parents, last = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        del node[last]
+    return edit
+
+
+RUN = ["run", "{b}", "--ids", "1,2,3", "--max-new-tokens", "2"]
+RUN_UNCHECKED = [*RUN, "--no-verify-files"]  # hashes skipped: the other checks must still hold
+VERIFY = ["verify", "{b}"]
+FILES = ["verify", "--files", "{b}"]
+COST = ["cost", "{b}"]
+LINT = ["lint", "{b}"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BundleCase:
+    id: str
+    damage: Callable[[Path], None] | None  # None: the bundle is fine, the arguments are not
+    command: list[str]
+    words: tuple[str, ...]  # what the one sentence must name
+
+
+BUNDLE_CASES = [
+    # the manifest itself (finding 6)
+    BundleCase("no-manifest-run", remove("manifest.json"), RUN, ("is not a bundle", "manifest.json")),
+    BundleCase("no-manifest-cost", remove("manifest.json"), COST, ("is not a bundle", "manifest.json")),
+    BundleCase("manifest-not-json", write_manifest_text("{not json"), VERIFY, ("manifest.json", "not valid JSON")),
+    BundleCase("manifest-not-utf8", write_manifest_text(b"\xff\xfe{}"), RUN, ("manifest.json", "not valid JSON")),
+    BundleCase("manifest-is-list-run", write_manifest_text("[1, 2]"), RUN, ("manifest.json", "JSON array")),
+    BundleCase("manifest-is-list-cost", write_manifest_text("[]"), COST, ("manifest.json", "JSON array")),
+    BundleCase("manifest-is-null", write_manifest_text("null"), FILES, ("manifest.json", "JSON null")),
+    BundleCase("manifest-old-format", edit_manifest(set_key("format_version", 1)), RUN,
+               ("format_version 1", "rebuild")),
+    BundleCase("no-engine-run", edit_manifest(drop_key("engine")), RUN, ("has no engine",)),
+    BundleCase("no-engine-cost", edit_manifest(drop_key("engine")), COST, ("has no engine",)),
+    BundleCase("no-profiles", edit_manifest(drop_key("profiles")), RUN, ("has no profiles",)),
+    BundleCase("no-head-dim-run", edit_manifest(drop_key("model.head_dim")), RUN, ("has no model.head_dim",)),
+    BundleCase("no-head-dim-verify", edit_manifest(drop_key("model.head_dim")), VERIFY, ("has no model.head_dim",)),
+    BundleCase("head-dim-not-int", edit_manifest(set_key("model.head_dim", "16")), RUN,
+               ("model.head_dim must be an integer", "'16'")),
+    BundleCase("max-batch-zero", edit_manifest(set_key("profiles.max_batch", 0)), RUN,
+               ("profiles.max_batch must be at least 1",)),
+    BundleCase("layer-dropped", edit_manifest(lambda m: m["layers"].pop()), RUN, ("lists 3 layers", "num_layers is 4")),
+    BundleCase("layer-attention-unknown", set_layer(1, attention="sliding"), RUN, ("layer 1", "'sliding'")),
+    BundleCase("layer-index-wrong", set_layer(2, index=7), RUN, ("layers[2]", "index 2")),
+    BundleCase("no-weights-layout", edit_manifest(drop_key("engine.weights_layout")), RUN,
+               ("has no engine.weights_layout",)),
+    BundleCase("no-prefill-graph", edit_manifest(drop_key("engine.graphs.prefill")), RUN,
+               ("no engine.graphs.prefill",)),
+    BundleCase("graph-outside-bundle", edit_manifest(set_key("engine.graphs.decode.file", "../native.onnx")), RUN,
+               ("engine.graphs.decode", "inside the bundle")),
+    BundleCase("overflow-without-exact", edit_manifest(set_key("engine.graphs.prefill.reports_overflow", True)), RUN,
+               ("reports overflow", "no exact graph")),
+    BundleCase("files-not-recorded", edit_manifest(lambda m: m["files"].pop("weights.data")), RUN,
+               ("records no hash for weights.data",)),
+    BundleCase("files-record-incomplete", edit_manifest(lambda m: m["files"]["golden.npz"].pop("sha256")), FILES,
+               ("files.golden.npz", "size and sha256")),
+    BundleCase("files-outside-bundle", edit_manifest(lambda m: m["files"].update({"../x": {"size": 1, "sha256": "0"}})), FILES,
+               ("'../x'", "not a file inside the bundle")),
+    BundleCase("backend-tensorrt", edit_manifest(set_key("engine.backend", "tensorrt")), RUN,
+               ("targets tensorrt", "onnxruntime")),
+    BundleCase("tokenizer-unrecorded", edit_manifest(set_key("tokenizer", "tokenizer.json")), RUN,
+               ("records no hash for tokenizer.json",)),
+    # the manifest disagrees with the graph (finding 3): refused even with the hashes skipped
+    BundleCase("global-layer-marked-chunked", set_layer(LAYER_GLOBAL, attention="chunked", cache_slots=8), RUN,
+               ("marks layer 3 chunked", "past_key.3", "global cache")),
+    BundleCase("global-layer-marked-chunked-verify", set_layer(LAYER_GLOBAL, attention="chunked", cache_slots=8),
+               VERIFY, ("marks layer 3 chunked",)),
+    BundleCase("chunked-layer-marked-global", set_layer(LAYER_CHUNKED, attention="global", cache_slots=None),
+               RUN_UNCHECKED, ("marks layer 0 global", "chunked ring")),
+    BundleCase("ring-size-changed", set_layer(1, cache_slots=16), RUN, ("attends chunks of 8", "ring of 16 slots",
+                                                                        "layer 1")),
+    BundleCase("kv-heads-changed", edit_manifest(set_key("model.num_kv_heads", 4)), RUN, ("past_key.0", "[batch, 4,")),
+    BundleCase("head-dim-changed", edit_manifest(set_key("model.head_dim", 32)), RUN, ("past_key.0", ", 32]")),
+    BundleCase("vocab-changed", edit_manifest(set_key("model.vocab_size", 1000)), RUN, ("logits", "1000")),
+    BundleCase("input-unlisted", edit_manifest(lambda m: m["engine"]["inputs"].remove("past_lengths")), RUN,
+               ("inputs that disagree", "past_lengths")),
+    BundleCase("output-extra", edit_manifest(lambda m: m["engine"]["outputs"].append("present_key.9")), RUN,
+               ("outputs that disagree", "present_key.9")),
+    BundleCase("cache-dtype-changed", edit_manifest(set_key("engine.cache_dtype", "float16")), RUN,
+               ("past_key.0", "float16")),
+    # files changed after the build (finding 2)
+    BundleCase("weights-exponent-byte", flip_byte("weights.data", 0.5, 0x40), RUN, ("weights.data", "changed")),
+    BundleCase("weights-mantissa-byte", flip_byte("weights.data", 0.3, 0x01), RUN, ("weights.data", "changed")),
+    BundleCase("weights-byte-verify", flip_byte("weights.data", 0.7, 0x01), VERIFY, ("weights.data", "changed")),
+    BundleCase("weights-byte-files", flip_byte("weights.data", 0.9, 0x01), FILES, ("weights.data", "changed")),
+    BundleCase("weights-truncated", truncate("weights.data"), RUN, ("weights.data", "truncated")),
+    BundleCase("weights-truncated-files", truncate("weights.data"), FILES, ("weights.data", "truncated")),
+    BundleCase("weights-truncated-unchecked", truncate("weights.data"), RUN_UNCHECKED,
+               ("native.onnx", "cannot be loaded by ONNX Runtime")),
+    BundleCase("weights-missing", remove("weights.data"), RUN, ("missing weights.data",)),
+    BundleCase("weights-missing-verify", remove("weights.data"), VERIFY, ("missing weights.data",)),
+    BundleCase("weights-nan-unchecked", fill_nan, RUN_UNCHECKED, ("NaN or Inf logits", "allow_non_finite")),
+    BundleCase("graph-missing-run", remove("native.onnx"), RUN, ("missing native.onnx",)),
+    BundleCase("graph-missing-unchecked", remove("native.onnx"), RUN_UNCHECKED, ("missing native.onnx",)),
+    BundleCase("graph-missing-cost", remove("native.onnx"), COST, ("missing native.onnx",)),
+    BundleCase("graph-missing-lint", remove("native.onnx"), LINT, ("neither an ONNX file", "bundle directory")),
+    BundleCase("graph-truncated-run", truncate("native.onnx"), RUN, ("native.onnx", "truncated")),
+    BundleCase("graph-truncated-cost", truncate("native.onnx"), COST, ("native.onnx", "truncated")),
+    BundleCase("graph-truncated-lint", truncate("native.onnx"), LINT, ("native.onnx", "cannot be read as ONNX")),
+    BundleCase("graph-truncated-unchecked", truncate("native.onnx"), RUN_UNCHECKED,
+               ("native.onnx", "cannot be loaded by ONNX Runtime")),
+    BundleCase("graph-other-layout", graph_from_another_layout, RUN, ("native.onnx", "changed")),
+    BundleCase("graph-other-layout-unchecked", graph_from_another_layout, RUN_UNCHECKED,
+               ("native.onnx", "different weights.data layout")),
+    BundleCase("graph-no-fingerprint-unchecked", strip_fingerprint, RUN_UNCHECKED,
+               ("native.onnx", "no weight-layout fingerprint")),
+    BundleCase("golden-changed", flip_byte("golden.npz", 0.5), FILES, ("golden.npz", "changed")),
+    # verify needs the bundle's source
+    BundleCase("source-missing", edit_manifest(drop_key("source")), VERIFY, ("no usable source record",)),
+    BundleCase("source-checkpoint-gone", edit_manifest(set_key("source", {"kind": "checkpoint", "path": "/nonexistent"})),
+               VERIFY, ("source checkpoint /nonexistent is gone",)),
+    BundleCase("tokenizer-damaged-unchecked", lambda b: [
+        (b / "tokenizer.json").write_text("{broken"),
+        edit_manifest(set_key("tokenizer", "tokenizer.json"))(b),
+        edit_manifest(lambda m: m["files"].update({"tokenizer.json": {"size": 7, "sha256": "0"}}))(b)],
+        ["run", "{b}", "--prompt", "w1 w2", "--no-verify-files"], ("tokenizer.json", "not a readable tokenizer")),
+    BundleCase("verify-settings-damaged", edit_manifest(set_key("verify", {"prompt_lengths": "19"})), VERIFY,
+               ("verify must hold", "prompt_lengths")),
+    BundleCase("eos-not-integers", edit_manifest(set_key("model.eos_token_ids", "143")), RUN,
+               ("model.eos_token_ids", "list of integers")),
+    BundleCase("inputs-not-names", edit_manifest(lambda m: m["engine"]["inputs"].append({"x": 1})), RUN,
+               ("engine.inputs", "list of names")),
+    # not a bundle at all
+    BundleCase("bundle-is-a-file", lambda b: (b / "weights.data").rename(b.parent / "file"),
+               ["run", "{b}/../file", "--ids", "1"], ("is not a bundle",)),
+    BundleCase("bundle-does-not-exist", None, ["cost", "{b}/nope"], ("nope", "is not a bundle")),
+    # bad arguments to run (finding 7)
+    BundleCase("threads-zero", None, [*RUN, "--threads", "0"], ("threads is 0", "at least 1")),
+    BundleCase("threads-negative", None, ["verify", "{b}", "--threads", "-3"], ("threads is -3",)),
+    BundleCase("temperature-negative", None, [*RUN, "--temperature", "-1"], ("temperature is -1.0",)),
+    BundleCase("temperature-nan", None, [*RUN, "--temperature", "nan"], ("temperature is nan", "finite")),
+    BundleCase("temperature-inf", None, [*RUN, "--temperature", "inf"], ("temperature is inf", "finite")),
+    BundleCase("top-p-zero", None, [*RUN, "--top-p", "0"], ("top_p is 0.0", "(0, 1]")),
+    BundleCase("top-p-above-one", None, [*RUN, "--top-p", "1.5"], ("top_p is 1.5",)),
+    BundleCase("max-new-tokens-zero", None, [*RUN[:-1], "0"], ("max_new_tokens is 0",)),
+    BundleCase("seed-negative", None, [*RUN, "--seed", "-1"], ("seed is -1",)),
+    BundleCase("ids-floats", None, ["run", "{b}", "--ids", "1.7,2.2"], ("--ids must be comma-separated integers",)),
+]
+
+
+@pytest.mark.parametrize("case", BUNDLE_CASES, ids=[c.id for c in BUNDLE_CASES])
+def test_catalog_bundle(case, tiny_bundle, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    if case.damage is not None:
+        case.damage(bundle)
+    before = snapshot(tmp_path)
+    args = [a.replace("{b}", str(bundle)) for a in case.command]
+    result = CliRunner().invoke(main, args)
+    cli_error(result, *case.words)
+    assert snapshot(tmp_path) == before, "the command changed or left files on disk"
+
+
+def test_catalog_is_large_and_distinct():
+    cases = BUNDLE_CASES + BUILD_CASES + API_CASES
+    assert len({c.id for c in cases}) == len(cases) >= 60
+
+
+# -- builds: --out policy, lock, recipes, checkpoints (exit 2 before any tracing) ------------------
+def _lock_held(tmp_path: Path) -> list[str]:
+    fd = os.open(tmp_path / ".x.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running build holds it; released when the test ends
+    tmp_path.joinpath("held-fd").write_text(str(fd))
+    return ["--recipe", "tiny"]
+
+
+def _recipe(tmp_path: Path, edit, text: str | None = None) -> list[str]:
+    path = tmp_path / "r.yaml"
+    if text is not None:
+        path.write_text(text)
+    else:
+        path = _recipe_with(tmp_path, "r.yaml", edit)
+    return ["--recipe", str(path)]
+
+
+def _checkpoint(tmp_path: Path, config_text: str | None) -> list[str]:
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    if config_text is not None:
+        (ck / "config.json").write_text(config_text)
+    return ["--checkpoint", str(ck)]
+
+
+def _out_with(tmp_path: Path, make) -> None:
+    make(tmp_path / "x")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildCase:
+    id: str
+    prepare: Callable[[Path], list[str]]  # makes what the case needs under tmp_path, returns extra args
+    words: tuple[str, ...]
+
+
+def _keep_dir(tmp_path: Path) -> list[str]:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("hi\n")
+    return ["--recipe", "tiny"]
+
+
+def _bundle_plus(tmp_path: Path, tiny_bundle: Path) -> list[str]:
+    shutil.copytree(tiny_bundle, tmp_path / "x")
+    (tmp_path / "x" / "notes.txt").write_text("mine\n")
+    return ["--recipe", "tiny"]
+
+
+def _foreign_manifest(tmp_path: Path) -> list[str]:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "manifest.json").write_text('{"format_version": 1}')
+    return ["--recipe", "tiny"]
+
+
+BUILD_CASES = [
+    BuildCase("out-not-a-bundle", _keep_dir, ("--out", "not a bundle written by llama4-deploy", "--force")),
+    BuildCase("out-is-a-file", lambda t: (t.joinpath("x").write_text("x"), ["--recipe", "tiny"])[1],
+              ("--out", "is a file")),
+    BuildCase("out-is-a-file-forced", lambda t: (t.joinpath("x").write_text("x"), ["--recipe", "tiny", "--force"])[1],
+              ("--out", "is a file")),
+    BuildCase("out-bundle-plus-user-file", None, ("also holds notes.txt", "--force")),  # prepared in the test
+    BuildCase("out-under-a-file", lambda t: (t.joinpath("f").write_text("x"), ["--out", str(t / "f" / "x")])[1],
+              ("cannot be created", "is a file")),
+    BuildCase("out-foreign-manifest", _foreign_manifest, ("not a bundle written by llama4-deploy",)),
+    BuildCase("out-holds-checkpoint", lambda t: [*_checkpoint(t, "{}"), "--out", str(t / "ck"), "--force"],
+              ("holds the checkpoint",)),
+    BuildCase("out-locked", _lock_held, ("another build is writing", ".x.lock")),
+    BuildCase("recipe-config-typo", lambda t: _recipe(t, lambda d: d["random"]["config"].update(
+        attention_chunk_sizee=8)), ("random.config", "'attention_chunk_sizee'", "'attention_chunk_size'")),
+    BuildCase("recipe-yaml-list", lambda t: _recipe(t, None, "- 1\n- 2\n"), ("r.yaml", "not a mapping")),
+    BuildCase("recipe-invalid-yaml", lambda t: _recipe(t, None, "name: [unclosed\n"), ("r.yaml", "not valid YAML")),
+    BuildCase("recipe-max-batch-zero", lambda t: _recipe(t, lambda d: d["profiles"].update(max_batch=0)),
+              ("profiles.max_batch", "greater than or equal to 1")),
+    BuildCase("recipe-unknown-dispatch", lambda t: _recipe(t, lambda d: d.update(moe_dispatch="sparse")),
+              ("moe_dispatch",)),
+    BuildCase("recipe-missing", lambda t: ["--recipe", "no-such-recipe"], ("no recipe 'no-such-recipe'",)),
+    BuildCase("checkpoint-dir-missing", lambda t: ["--checkpoint", str(t / "nowhere")], ("nowhere", "does not exist")),
+    BuildCase("checkpoint-no-config", lambda t: _checkpoint(t, None), ("no config.json",)),
+    BuildCase("checkpoint-config-not-json", lambda t: _checkpoint(t, "{oops"), ("config.json", "not valid JSON")),
+    BuildCase("checkpoint-config-is-list", lambda t: _checkpoint(t, "[]"), ("config.json", "not a JSON object")),
+]
+
+
+@pytest.mark.parametrize("case", BUILD_CASES, ids=[c.id for c in BUILD_CASES])
+def test_catalog_build(case, tiny_bundle, tmp_path):
+    args = _bundle_plus(tmp_path, tiny_bundle) if case.prepare is None else case.prepare(tmp_path)
+    if "--out" not in args:
+        args = [*args, "--out", str(tmp_path / "x")]
+    before = snapshot(tmp_path)
+    try:
+        result = CliRunner().invoke(main, ["build", *args])
+    finally:
+        if (tmp_path / "held-fd").exists():
+            os.close(int((tmp_path / "held-fd").read_text()))
+    cli_error(result, *case.words)
+    assert snapshot(tmp_path) == before, "the build changed or left files on disk"
+
+
+def test_out_not_a_bundle_keeps_its_file(tmp_path):
+    # finding 1, Python API: the directory and its file survive, and nothing else appears
+    _keep_dir(tmp_path)
+    with pytest.raises(BuildError, match=r"not a bundle written by llama4-deploy; pass --force"):
+        build("tiny", out=tmp_path / "x", log=quiet)
+    assert (tmp_path / "x" / "f").read_text() == "hi\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+# -- the Python API: TypeError / ValueError with one sentence ------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ApiCase:
+    id: str
+    call: Callable  # (engine, bundle) -> None; must raise
+    error: type
+    pattern: str
+
+
+API_CASES = [
+    ApiCase("ids-float", lambda e, b: e.generate([[1.7, 2.2]], 2), TypeError,
+            r"^prompt 0 has token id 1\.7 of type float; token ids must be integers$"),
+    ApiCase("ids-numpy-float", lambda e, b: e.score(np.array([1.0, 2.0])), TypeError, r"token ids must be integers"),
+    ApiCase("ids-bool", lambda e, b: e.generate([[True, 2]], 2), TypeError, r"token id True of type bool"),
+    ApiCase("ids-string", lambda e, b: e.score("143"), TypeError, r"^sequence must be a list of integer token ids"),
+    ApiCase("ids-2d-array", lambda e, b: e.score(np.array([[1, 2]])), TypeError, r"shape \[1, 2\]"),
+    ApiCase("prompts-flat", lambda e, b: e.generate([1, 2, 3], 2), TypeError, r"^prompt 0 is the integer 1"),
+    ApiCase("prompts-string", lambda e, b: e.generate("1 2 3", 2), TypeError, r"^prompts must be a list"),
+    ApiCase("stop-tokens-string", lambda e, b: e.generate([[1]], 2, stop_tokens="143"), TypeError,
+            r"^stop_tokens must be a list of integer token ids, got '143'$"),
+    ApiCase("stop-token-outside-vocab", lambda e, b: e.generate([[1]], 2, stop_tokens=[600]), ValueError,
+            r"^stop_tokens has token id 600, outside the vocabulary"),
+    ApiCase("temperature-negative-api", lambda e, b: e.generate([[1]], 2, temperature=-1), ValueError,
+            r"^temperature is -1\.0; it must be 0 \(greedy\) or more$"),
+    ApiCase("temperature-string", lambda e, b: e.generate([[1]], 2, temperature="0.7"), TypeError,
+            r"^temperature must be a number"),
+    ApiCase("top-p-nan", lambda e, b: e.generate([[1]], 2, top_p=float("nan")), ValueError, r"^top_p is nan"),
+    ApiCase("seed-float", lambda e, b: e.generate([[1]], 2, seed=1.5), TypeError, r"^seed must be an integer"),
+    ApiCase("max-new-tokens-float", lambda e, b: e.generate([[1]], 2.0), TypeError,
+            r"^max_new_tokens must be an integer, got 2\.0"),
+    ApiCase("max-new-tokens-bool", lambda e, b: e.generate([[1]], True), TypeError, r"^max_new_tokens must be"),
+    ApiCase("return-logits-string", lambda e, b: e.generate([[1]], 2, return_logits="yes"), TypeError,
+            r"^return_logits must be True or False"),
+    ApiCase("score-mode-unknown", lambda e, b: e.score([1, 2], mode="beam"), ValueError, r"^mode is 'beam'"),
+    ApiCase("load-threads-zero", lambda e, b: load(b, threads=0), ValueError, r"^threads is 0; it must be at least 1$"),
+    ApiCase("load-threads-string", lambda e, b: load(b, threads="2"), TypeError, r"^threads must be an integer"),
+    ApiCase("load-not-a-path", lambda e, b: load(123), TypeError, r"^bundle_dir must be a path"),
+]
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[c.id for c in API_CASES])
+def test_catalog_api(case, engine, tiny_bundle):
+    with pytest.raises(case.error, match=case.pattern) as info:
+        case.call(engine, tiny_bundle)
+    assert type(info.value) in (case.error, *case.error.__subclasses__())
+    single_sentence(str(info.value))
+
+
+def test_numpy_integer_ids_are_accepted(engine):
+    # the strict checks take numpy integers (what tokenizers and arrays give) and change nothing
+    expected = engine.generate([[1, 2, 3]], 3, stop_tokens=[])
+    got = engine.generate([np.array([1, 2, 3], dtype=np.int32)], np.int64(3), stop_tokens=np.array([], dtype=np.int64),
+                          seed=np.int64(0))
+    assert got.tokens == expected.tokens
+
+
+# -- findings as tests ----------------------------------------------------------------------------
+def test_global_layer_marked_chunked_is_refused_in_python(tiny_bundle, tmp_path):
+    # finding 3: without the check this bundle loads and its logits are off by ~8 (greedy tokens change)
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    set_layer(LAYER_GLOBAL, attention="chunked", cache_slots=8)(bundle)
+    from llama4_deploy.runtime import BundleError
+
+    with pytest.raises(BundleError, match=r"^the manifest marks layer 3 chunked, but native\.onnx in .* declares "
+                                          r"past_key\.3 as a global cache \('context' slots\)$"):
+        load(bundle, verify_files=False)
+
+
+def test_file_check_can_be_skipped(tiny_bundle, tmp_path, monkeypatch):
+    # a changed mantissa byte: refused by default; the documented switches skip the hash check
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    flip_byte("weights.data", 0.3, 0x01)(bundle)
+    from llama4_deploy.runtime import BundleError
+
+    with pytest.raises(BundleError, match=r"^weights\.data in .* has changed since the build"):
+        load(bundle)
+    with load(bundle, verify_files=False) as engine:
+        assert len(engine.generate([[1, 2]], 2).tokens[0]) >= 1
+    monkeypatch.setenv("LLAMA4_DEPLOY_VERIFY_FILES", "0")
+    load(bundle).close()
+    result = CliRunner().invoke(main, ["verify", "--files", str(tiny_bundle)])
+    assert result.exit_code == 0 and re.match(r"^3 files \(1\.\d MB\): sizes and SHA-256 match", result.stdout)
+
+
+def test_non_finite_logits_can_be_allowed(tiny_bundle, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    fill_nan(bundle)
+    from llama4_deploy.runtime import NonFiniteLogitsError
+
+    with load(bundle, verify_files=False) as engine, pytest.raises(NonFiniteLogitsError, match=r"at step 1;"):
+        engine.score([1, 2, 3])
+    with load(bundle, verify_files=False, allow_non_finite=True) as engine:
+        assert np.isnan(engine.score([1, 2, 3])).all()
+
+
+def test_checkpoint_tokenizer_damaged(single, tmp_path):
+    ck = copy_checkpoint(single, tmp_path)
+    (ck / "tokenizer.json").write_text('{"version": "1.0", "model": 3}')
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["build", "--checkpoint", str(ck), "--out", str(tmp_path / "x")])
+    cli_error(result, "tokenizer.json", "not a readable tokenizer")
+    assert snapshot(tmp_path) == before
+
+
+def test_checkpoint_tensor_with_nan_is_refused(single, tmp_path):
+    # finding 4: named while it streams into weights.data; this case traces, so it takes seconds
+    import torch
+
+    ck = copy_checkpoint(single, tmp_path)
+    name = "model.layers.2.feed_forward.down_proj.weight"
+    rewrite_shard(ck / "model.safetensors", lambda t: t[name].view(-1)[5:9].fill_(float("nan")))
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["build", "--checkpoint", str(ck), "--out", str(tmp_path / "x")])
+    cli_error(result, f"checkpoint tensor {name} holds 4 NaN or Inf values")
+    assert snapshot(tmp_path) == before
+    del torch
+
+
+def test_concurrent_generate_counts_its_own_steps(engine):
+    # finding 7: Generation.steps was wrong when several threads shared one engine
+    prompts = {n: [list(range(1, 2 + n))] for n in range(4)}
+    alone = {n: engine.generate(p, 6, stop_tokens=[]) for n, p in prompts.items()}
+    results: dict[int, object] = {}
+    barrier = threading.Barrier(len(prompts))
+
+    def work(n: int) -> None:
+        barrier.wait()
+        results[n] = engine.generate(prompts[n], 6, stop_tokens=[])
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for n in prompts:
+        assert results[n].tokens == alone[n].tokens
+        assert results[n].steps == alone[n].steps == 6  # one prefill step, five decode steps
+
+
+def test_sigkilled_build_leaves_nothing_after_the_next_build(tmp_path):
+    """finding 5: SIGKILL (the OOM killer's signal) mid-build leaves a staging dir; the next build to
+    the same --out removes it, and scratch space never lands in $TMPDIR."""
+    scratch_tmp = tmp_path / "tmpdir"
+    scratch_tmp.mkdir()
+    out = tmp_path / "bundles" / "x"
+    env = {**os.environ, "TMPDIR": str(scratch_tmp)}
+    process = subprocess.Popen([sys.executable, "-m", "llama4_deploy.cli", "build", "--recipe", "tiny",
+                                "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(out.parent.glob(".x.partial-*/.scratch/checkpoint/model.safetensors")):
+            assert process.poll() is None and time.time() < deadline, "the build ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    leaked = [p.name for p in out.parent.iterdir()]
+    assert any(name.startswith(".x.partial-") for name in leaked) and ".x.lock" in leaked, leaked
+    # the next build to the same --out (here one whose checkpoint is refused, so it stops early)
+    result = CliRunner().invoke(main, ["build", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(out)])
+    cli_error(result, "does not exist")
+    assert list(out.parent.iterdir()) == []
+    assert [p for p in scratch_tmp.rglob("*") if "llama4" in p.name] == []
+
+
+def test_stale_staging_of_a_live_process_is_kept(tmp_path):
+    # only dead owners' staging is removed: a directory named for this (live) process stays,
+    # and so does anything not named by the tool
+    from llama4_deploy.outdir import Staging, _start_token
+
+    out = tmp_path / "x"
+    live = tmp_path / f".x.partial-{os.getpid()}-{_start_token(os.getpid())}-abc"
+    dead = tmp_path / ".x.partial-999999999-1-abc"
+    other = tmp_path / ".x.partial-notes"
+    for path in (live, dead, other):
+        path.mkdir()
+    with Staging(out) as staging:
+        assert staging.removed_stale == [dead.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def test_out_policy_allows_what_it_may_replace(tiny_bundle, tmp_path):
+    # the other side of the --out policy: a bundle this tool wrote, an empty dir, anything with force
+    from llama4_deploy.outdir import OutDirError, Staging, check_out
+
+    shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    (tmp_path / "empty").mkdir()
+    _keep_dir(tmp_path)
+    check_out(tmp_path / "bundle", force=False)
+    shutil.copytree(tiny_bundle, tmp_path / "v1")  # a bundle of format 1 (before written_by and files)
+    edit_manifest(lambda m: [m.update(format_version=1), m.pop("written_by"), m.pop("files")])(tmp_path / "v1")
+    check_out(tmp_path / "v1", force=False)
+    shutil.rmtree(tmp_path / "v1")
+    check_out(tmp_path / "empty", force=False)
+    check_out(tmp_path / "new", force=False)
+    check_out(tmp_path / "x", force=True)
+    with pytest.raises(OutDirError):
+        check_out(tmp_path / "x", force=False)
+    # commit swaps the new bundle in only when it is complete, and leaves no staging or lock behind
+    with Staging(tmp_path / "bundle") as staging:
+        (staging.dir / "manifest.json").write_text("{}")
+        staging.scratch.joinpath("big").write_text("scratch")
+        staging.commit()
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == ["manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "empty", "x"]
+
+
+def test_large_files_are_checked_part_by_part(tmp_path):
+    # a file above the part size records per-part hashes; the check reads every part (in parallel)
+    # and a changed byte in any part, the last short one included, is refused by name
+    import hashlib
+
+    from llama4_deploy.runtime import BundleError
+    from llama4_deploy.runtime.bundle import Manifest
+    from llama4_deploy.runtime.integrity import check_files, file_record
+
+    data = np.random.default_rng(0).bytes(10_000)
+    (tmp_path / "weights.data").write_bytes(data)
+    record = file_record(tmp_path / "weights.data", part_bytes=4096)
+    assert record["sha256"] == hashlib.sha256(data).hexdigest()
+    assert record["parts"]["sha256"] == [hashlib.sha256(data[i:i + 4096]).hexdigest() for i in (0, 4096, 8192)]
+    raw = {"engine": {"graphs": {}, "external_data": "weights.data"}, "files": {"weights.data": record}}
+    manifest = Manifest(raw, tmp_path)
+    assert check_files(manifest)[:2] == (1, 10_000)
+    for at in (10, 5000, 9999):
+        changed = bytearray(data)
+        changed[at] ^= 1
+        (tmp_path / "weights.data").write_bytes(bytes(changed))
+        with pytest.raises(BundleError, match=r"^weights\.data in .* has changed since the build"):
+            check_files(manifest)

@@ -1,0 +1,206 @@
+"""Bundle integrity: file hashes, the weight layout each graph expects, manifest <-> graph I/O.
+
+Three checks, each refusing in one sentence (BundleError):
+- `check_files`: every file the manifest lists has its recorded size and SHA-256 (read in
+  parallel, in large blocks; a file over 256 MiB also records the SHA-256 of each 256 MiB part,
+  so its parts are checked in parallel instead of one thread reading, say, 400 GB of weights). The build records them (`hash_files`); manifest.json itself is
+  not listed. `load(..., verify_files=False)` or LLAMA4_DEPLOY_VERIFY_FILES=0 skips this one.
+- `check_layout`: a graph carries, in its metadata_props, the fingerprint of the weights.data
+  layout it was saved against (name, offset, length, dtype, shape of every external tensor);
+  it must equal the manifest's. A graph copied from another bundle is refused even when the
+  hashes are skipped, because reading it is free: ONNX Runtime reports it at session creation.
+- `check_graph_io`: the graph's declared inputs and outputs (names, dtypes, cache dims per
+  layer) agree with the manifest's layers, so the runtime never trusts the manifest alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from llama4_deploy.runtime.bundle import BundleError, Manifest
+
+LAYOUT_KEY = "llama4_deploy.weights_layout"  # metadata_props entry of every graph
+# the chunk a graph's masks were traced with: ring inputs are a dynamic dim ("ring"), so the chunk
+# cannot be read from the declared shapes
+CHUNK_KEY = "llama4_deploy.attention_chunk_size"
+OVERFLOW = "moe_overflow"  # the output only capacity graphs have (docs/engine-abi.md)
+READ_BYTES = 16 << 20  # hashlib releases the GIL on large updates: threads hash in parallel
+PART_BYTES = 256 << 20  # files above this also record per-part hashes, checked in parallel
+VERIFY_ENV = "LLAMA4_DEPLOY_VERIFY_FILES"  # "0": skip the hash check (trusted fast starts)
+
+_ORT_DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)", "bool": "tensor(bool)"}
+
+
+def verify_files_default() -> bool:
+    return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def file_record(path: Path, part_bytes: int = PART_BYTES) -> dict:
+    """Size and SHA-256 of a file, and for a file larger than one part the SHA-256 of each
+    `part_bytes` slice too (one read feeds both), so a check can hash the parts in parallel."""
+    whole = hashlib.sha256()
+    parts: list[str] = []
+    part, in_part, size = hashlib.sha256(), 0, 0
+    with open(path, "rb", buffering=0) as stream:
+        while block := stream.read(min(READ_BYTES, part_bytes - in_part)):
+            whole.update(block)
+            part.update(block)
+            size += len(block)
+            in_part += len(block)
+            if in_part == part_bytes:
+                parts.append(part.hexdigest())
+                part, in_part = hashlib.sha256(), 0
+    record: dict = {"size": size, "sha256": whole.hexdigest()}
+    if size > part_bytes:
+        if in_part:
+            parts.append(part.hexdigest())
+        record["parts"] = {"bytes": part_bytes, "sha256": parts}
+    return record
+
+
+def _slice_sha256(path: Path, offset: int, length: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as stream:
+        stream.seek(offset)
+        while length > 0 and (block := stream.read(min(READ_BYTES, length))):
+            digest.update(block)
+            length -= len(block)
+    return digest.hexdigest()
+
+
+def _workers(count: int) -> int:
+    return max(1, min(count, os.cpu_count() or 1, 8))
+
+
+def hash_files(bundle_dir: Path, names: Iterable[str]) -> dict[str, dict]:
+    """{name: {size, sha256[, parts]}} for files of a bundle, hashed in parallel."""
+    names = sorted(names)
+    with ThreadPoolExecutor(_workers(len(names))) as pool:
+        return dict(zip(names, pool.map(lambda name: file_record(bundle_dir / name), names)))
+
+
+def _hash_tasks(name: str, record: dict) -> list[tuple[str, int, int, str]]:
+    """(name, offset, length, expected SHA-256) per part of a file, or one task for a whole file."""
+    parts = record.get("parts")
+    if not (isinstance(parts, dict) and isinstance(parts.get("bytes"), int) and parts["bytes"] > 0
+            and isinstance(parts.get("sha256"), list)
+            and len(parts["sha256"]) == -(-record["size"] // parts["bytes"])):
+        return [(name, 0, record["size"], record["sha256"])]
+    step = parts["bytes"]
+    return [(name, i * step, min(step, record["size"] - i * step), digest) for i, digest in enumerate(parts["sha256"])]
+
+
+def check_files(manifest: Manifest, names: Iterable[str] | None = None) -> tuple[int, int, float]:
+    """Check size and SHA-256 of the manifest's files (all, or `names`); returns (files, bytes, seconds).
+
+    Large files are checked part by part (their recorded part hashes), every part of every file
+    on a pool of threads, so one big weights.data is hashed in parallel too."""
+    start = time.perf_counter()
+    records = manifest.files
+    for name in manifest.used_files:
+        if name not in records:
+            raise BundleError(f"{manifest.path / 'manifest.json'} records no hash for {name}, which the bundle uses")
+    names = sorted(records if names is None else names)
+    for name in names:  # cheap checks first, so a missing or truncated file is named without hashing
+        path = manifest.path / name
+        if not path.is_file():
+            raise BundleError(f"bundle {manifest.path} is missing {name}, which its manifest lists")
+        size = path.stat().st_size
+        if size != records[name]["size"]:
+            raise BundleError(f"{name} in {manifest.path} has {size} bytes, the manifest records "
+                              f"{records[name]['size']}: the file was changed or truncated after the build")
+    tasks = [task for name in names for task in _hash_tasks(name, records[name])]
+
+    def matches(task: tuple[str, int, int, str]) -> bool:
+        name, offset, length, expected = task
+        return _slice_sha256(manifest.path / name, offset, length) == expected
+
+    with ThreadPoolExecutor(_workers(len(tasks))) as pool:
+        for (name, *_), ok in zip(tasks, pool.map(matches, tasks)):
+            if not ok:
+                raise BundleError(f"{name} in {manifest.path} has changed since the build (its SHA-256 differs "
+                                  f"from the manifest's); rebuild the bundle or restore the file")
+    return len(names), sum(records[n]["size"] for n in names), time.perf_counter() - start
+
+
+def layout_fingerprint(entries: Iterable[tuple[str, int, int, str, tuple[int, ...]]]) -> str:
+    """SHA-256 over (initializer name, offset, length, dtype, shape) of external tensors, by name."""
+    rows = sorted([name, int(offset), int(length), str(dtype), [int(d) for d in shape]]
+                  for name, offset, length, dtype, shape in entries)
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_layout(manifest: Manifest, file: str, metadata: dict[str, str]) -> None:
+    """The graph must have been saved against this bundle's weights.data layout, and traced with the
+    chunk the manifest records for its chunked layers."""
+    chunk = metadata.get(CHUNK_KEY)
+    for layer in manifest.layers:
+        if layer.attention == "chunked" and chunk is not None and str(layer.slots) != chunk:
+            raise BundleError(f"{file} in {manifest.path} attends chunks of {chunk} tokens, but the manifest records "
+                              f"a ring of {layer.slots} slots for layer {layer.index}")
+    got = metadata.get(LAYOUT_KEY)
+    if got is None:
+        raise BundleError(f"{file} in {manifest.path} carries no weight-layout fingerprint; it was not written "
+                          f"by this bundle's build")
+    if got != manifest.engine["weights_layout"]:
+        raise BundleError(f"{file} in {manifest.path} expects a different {manifest.engine['external_data']} "
+                          f"layout than this bundle's (a graph from another bundle?); rebuild the bundle")
+
+
+def check_graph_io(manifest: Manifest, file: str, inputs: dict[str, tuple[str, list]],
+                   outputs: dict[str, tuple[str, list]]) -> None:
+    """Declared inputs/outputs ({name: (ORT type string, dims)}) against the manifest's layers.
+
+    Chunked layers' caches are [batch, K, C or "ring", D]; global layers' [batch, K, "context", D].
+    """
+    engine, model = manifest.engine, manifest.model
+    where = f"{file} in {manifest.path}"
+    # `moe_overflow` is listed once for the engine, but only capacity graphs report it
+    reports = any(g.get("reports_overflow") for g in engine["graphs"].values() if g["file"] == file)
+    listed_outputs = [name for name in engine["outputs"] if reports or name != OVERFLOW]
+    for kind, declared, listed in (("inputs", inputs, engine["inputs"]), ("outputs", outputs, listed_outputs)):
+        if set(declared) != set(listed):
+            missing, extra = sorted(set(listed) - set(declared)), sorted(set(declared) - set(listed))
+            raise BundleError(f"{where} declares {kind} that disagree with the manifest (missing {missing}, "
+                              f"not in the manifest {extra})")
+    cache_type = _ORT_DTYPES.get(engine["cache_dtype"], engine["cache_dtype"])
+    kv_heads, head_dim = model["num_kv_heads"], model["head_dim"]
+    for layer in manifest.layers:
+        for name, declared in ((f"past_key.{layer.index}", inputs), (f"past_value.{layer.index}", inputs),
+                               (f"present_key.{layer.index}", outputs), (f"present_value.{layer.index}", outputs)):
+            if name not in declared:
+                raise BundleError(f"{where} has no {name}, though the manifest lists layer {layer.index}")
+            dtype, dims = declared[name]
+            if dtype != cache_type:
+                raise BundleError(f"{where} declares {name} as {dtype}, the manifest's cache dtype is "
+                                  f"{engine['cache_dtype']}")
+            if len(dims) != 4 or dims[1] != kv_heads or dims[3] != head_dim:
+                raise BundleError(f"{where} declares {name} with dims {dims}, the manifest implies "
+                                  f"[batch, {kv_heads}, cache, {head_dim}]")
+            if name.startswith("past_"):
+                _check_cache_dim(where, name, layer, dims[2])
+    logits_type = _ORT_DTYPES.get(engine["logits_dtype"], engine["logits_dtype"])
+    dtype, dims = outputs["logits"]
+    vocab = dims[2] if len(dims) == 3 else None
+    if dtype != logits_type or len(dims) != 3 or (isinstance(vocab, int) and vocab != manifest.vocab_size):
+        raise BundleError(f"{where} declares logits as {dtype} {dims}, the manifest implies "
+                          f"{engine['logits_dtype']} [batch, new, {manifest.vocab_size}]")
+
+
+def _check_cache_dim(where: str, name: str, layer, slots) -> None:
+    graph_chunked = isinstance(slots, int) or slots == "ring"
+    if layer.attention == "chunked" and not graph_chunked:
+        raise BundleError(f"the manifest marks layer {layer.index} chunked, but {where} declares {name} as a "
+                          f"global cache ({slots!r} slots)")
+    if layer.attention == "global" and graph_chunked:
+        raise BundleError(f"the manifest marks layer {layer.index} global, but {where} declares {name} as a "
+                          f"chunked ring ({slots!r} slots)")
+    if layer.attention == "chunked" and isinstance(slots, int) and slots != layer.slots:
+        raise BundleError(f"{where} declares {name} with a ring of {slots} slots, the manifest records "
+                          f"{layer.slots}")
