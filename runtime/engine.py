@@ -137,6 +137,9 @@ class Engine:
         engine = manifest.engine
         if engine["backend"] != "onnxruntime":
             raise ValueError(f"bundle {manifest.name} targets {engine['backend']}; this runtime runs onnxruntime bundles")
+        if engine.get("compute_dtype") == "bfloat16":
+            raise ValueError(f"bundle {manifest.name} computes in bfloat16, which ONNX Runtime's CPU cannot run; "
+                             "rebuild it with --precision fp16 or fp32 to run it here (bf16 bundles are for TensorRT)")
         self.graphs = engine["graphs"]  # role (prefill, decode, exact) -> graph record
         files = dict.fromkeys(graph["file"] for graph in self.graphs.values())
         # ONNX Runtime's threads spin after each run; a second spinning session run right after

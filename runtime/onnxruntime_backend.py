@@ -69,6 +69,9 @@ class OnnxRuntimeRunner:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.session is None:
             raise RuntimeError("runner is not active; use it as a context manager or call activate()")
+        # a float16 engine takes float32 feeds (caches the runtime keeps in float32): narrowed here
+        feeds = {name: array.astype(np.float16) if array.dtype == np.float32 and self.inputs.get(name, (None,))[0]
+                 is np.float16 else array for name, array in feeds.items()}
         signature = tuple((name, array.dtype, array.shape) for name, array in feeds.items())
         if signature not in self._validated:  # a decode loop repeats one signature: check it once
             self.validate(feeds)
