@@ -152,7 +152,7 @@ def quantize_activation(graph: ir.Graph, matmul: ir.Node, scale: float, compute_
     for node in (s_node, z_node, quant, dequant):
         node.outputs[0].name = node.name
     quant.outputs[0].dtype = ir.DataType.FLOAT8E4M3FN
-    dequant.outputs[0].dtype, dequant.outputs[0].shape = x.dtype, x.shape
+    dequant.outputs[0].type, dequant.outputs[0].shape = x.type, x.shape
     graph.insert_before(matmul, [s_node, z_node, quant, dequant])
     matmul.replace_input_with(0, dequant.outputs[0])
 
