@@ -56,11 +56,11 @@ def convert_compute_dtype(model: ir.Model, compute_dtype: str) -> int:
     for name, value in graph.initializers.items():
         if value.dtype == ir.DataType.FLOAT and not name.startswith("prologue."):
             value.const_value = narrowed(value.const_value, compute_dtype)
-            value.dtype = target
+            value.type = ir.TensorType(target)
             changed += 1
     for value in graph.inputs:
         if value.dtype == ir.DataType.FLOAT:
-            value.dtype = target
+            value.type = ir.TensorType(target)
             changed += 1
     prologue_outputs: list[ir.Value] = []
     for node in list(graph):
@@ -76,14 +76,14 @@ def convert_compute_dtype(model: ir.Model, compute_dtype: str) -> int:
             touched |= _narrow_attribute_tensor(node, compute_dtype)
         for value in node.outputs:
             if value.dtype == ir.DataType.FLOAT:
-                value.dtype = target
+                value.type = ir.TensorType(target)
                 touched = True
         changed += touched
     for value in prologue_outputs:
         users = [(user, index) for user, index in value.uses() if not user.name.startswith(PROLOGUE)]
         cast = ir.node("Cast", [value], {"to": target}, name=f"{value.producer().name}/CastCompute")
         cast.outputs[0].name = f"{value.name}.{compute_dtype}"
-        cast.outputs[0].dtype = target
+        cast.outputs[0].type = ir.TensorType(target)
         cast.outputs[0].shape = value.shape
         graph.insert_after(value.producer(), cast)
         for user, index in users:

@@ -224,7 +224,7 @@ def _native_moe_cost(node: ir.Node, out: tuple[int, ...]) -> tuple[float, float]
     most min(N * k, E) experts. Split experts count the same: P parts of I / P, k = P per token."""
     tokens = math.prod(out[:-1])
     top_k = node.attributes["k"].as_int()
-    fc1, fc2 = node.inputs[2], node.inputs[4]
+    fc1, fc2 = node.inputs[2], node.inputs[5 if node.op_type == "QMoE" else 4]
     experts = fc1.shape[0]
     per_expert_params = math.prod(fc1.shape.numpy()[1:]) + math.prod(fc2.shape.numpy()[1:])
     per_expert_bytes = per_expert_params * fc1.dtype.itemsize

@@ -145,7 +145,7 @@ def lower_quant_ort(model: ir.Model, spec: QuantSpec, config: OrtQuantConfig = O
         attributes["block_size"] = ir.AttrInt64("block_size", rule.block_size)
         qmoe = ir.node("QMoE", [node.inputs[0], node.inputs[1], _register(graph, fc1_q), _register(graph, fc1_s), None,
                                 _register(graph, fc2_q), _register(graph, fc2_s)],
-                       list(attributes.values()), domain=MS_DOMAIN, name=node.name.rsplit("/", 1)[0] + "/QMoE")
+                       attributes, domain=MS_DOMAIN, name=node.name.rsplit("/", 1)[0] + "/QMoE")
         out, old = qmoe.outputs[0], node.outputs[0]
         out.type, out.shape = old.type, old.shape
         graph.insert_before(node, qmoe)

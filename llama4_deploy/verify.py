@@ -20,8 +20,8 @@ REL_TOLERANCE = 1e-3  # fp32 engine vs fp32 eager: summation order only, far bel
 # (export/simulate.py) at these tolerances, by compute dtype; its quality against fp32 is reported.
 # float32: the same dequantized weights, only summation order differs (and, with fp8 activations,
 #   an activation rounding to a neighbouring fp8 value now and then), so twice the fp32 bound;
-# float16: every activation rounds to 11 bits (relative 2^-11 ~ 5e-4 per op, a few dozen ops deep).
-SIMULATION_TOLERANCE = {"float32": 2e-3, "float16": 2e-2}
+# float16: every activation rounds to 11 bits (relative 2^-11 ~ 5e-4 per op; observed 8e-4 on tiny).
+SIMULATION_TOLERANCE = {"float32": 2e-3, "float16": 5e-3}
 
 
 @dataclasses.dataclass

@@ -35,6 +35,9 @@ class OnnxRuntimeRunner:
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
+        # ONNX Runtime fuses a Q/DQ graph's blocked int4 DequantizeLinear -> MatMul into MatMulNBits with
+        # int8 activations (level 4) by default; level 1 keeps float activations, the spec's numbers
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         if not self.spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.model_path), options, providers=self.providers)
