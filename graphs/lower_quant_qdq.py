@@ -58,14 +58,15 @@ def reduction_axis(value: ir.Value) -> int | str:
 class QuantizedWeight:
     """The (q, scale) pair of one weight, computed once when the saver asks for either of them."""
 
-    _last: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None  # one weight at a time: O(layer) memory
+    # the last weight quantized (held, so its identity cannot be reused): one weight at a time, O(layer) memory
+    _last: tuple["QuantizedWeight", tuple[np.ndarray, np.ndarray]] | None = None
 
     def __init__(self, source: ir.TensorProtocol, rule: QuantRule, axis: int, compute_dtype: str):
         self.source, self.rule, self.axis, self.compute_dtype = source, rule, axis, compute_dtype
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         cached = QuantizedWeight._last
-        if cached is not None and cached[0] == id(self):
+        if cached is not None and cached[0] is self:
             return cached[1]
         w = self.source.numpy().astype(np.float32)
         axis = self.axis % w.ndim
@@ -77,7 +78,7 @@ class QuantizedWeight:
             if w.ndim == 2:
                 scale = scale.reshape(-1)  # per-axis form along the output axis
         result = (q, scale.astype(numpy_dtype(self.compute_dtype)))
-        QuantizedWeight._last = (id(self), result)
+        QuantizedWeight._last = (self, result)
         return result
 
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
