@@ -10,7 +10,7 @@ from llama4_deploy import bench
 
 
 def test_bench_quick_run_prints_every_figure(capsys):
-    assert bench.main(["--recipes", "tiny", "--dispatch", "native,capacity", "--quick"]) == 0
+    assert bench.main(["--recipes", "tiny", "--dispatch", "native,capacity", "--precisions", "", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "== tiny: transformers eager" in out
     header = next(line for line in out.splitlines() if line.startswith("dispatch"))
@@ -26,3 +26,14 @@ def test_bench_quick_run_prints_every_figure(capsys):
         steps = re.fullmatch(r"(\d+)/(\d+)", cells[-1])
         assert steps and int(steps[2]) > 0 and int(steps[1]) <= int(steps[2])
     assert rows["native"][-1].startswith("0/")  # an exact dispatch never reruns
+
+
+def test_bench_precision_rows(capsys):
+    """Precision rows: one int4 ort row against fp32, every figure measured and positive."""
+    assert bench.main(["--recipes", "tiny", "--dispatch", "native", "--precisions", "int4-ort", "--quick"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("int4-ort")).split()
+    assert len(row) == 8, row
+    numbers = [float(c.rstrip("x%")) for c in row[2:]]
+    assert all(math.isfinite(n) and n >= 0 for n in numbers) and min(numbers[:4]) > 0, row  # roofline may round to 0
+    assert float(row[-1].rstrip("x")) < 1.0  # smaller than fp32 (tiny: embeddings and lm_head stay fp32)
