@@ -1,7 +1,8 @@
 # Two commands do everything: `make engine` (build + verify a bundle) and `make test`.
 MODEL ?= tiny
+PRECISION ?=
 CHECKPOINT ?=
-OUT ?= build/$(MODEL)
+OUT ?= build/$(MODEL)$(if $(PRECISION),-$(PRECISION))
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 engine: $(STAMP)
-	$(BIN)/llama4-deploy build --recipe $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --out $(OUT)
+	$(BIN)/llama4-deploy build --recipe $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(PRECISION),--precision $(PRECISION)) --out $(OUT)
 	$(BIN)/llama4-deploy verify $(OUT)
 
 test: $(STAMP)

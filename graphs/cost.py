@@ -166,12 +166,16 @@ def _shapes(model: ir.Model, dims: dict[str, int]) -> dict[str, tuple[int, ...] 
 def _declare_opaque_outputs(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> bool:
     """ONNX has no schema for com.microsoft.MoE; its output has its input's shape and type."""
     added = False
+    types = {v.name: v.type.tensor_type.elem_type for v in (*proto.graph.value_info, *proto.graph.input)}
     for node in proto.graph.node:
-        if node.domain == "com.microsoft" and node.op_type == "MoE" and node.output[0] not in shapes \
-                and node.input[0] in shapes:
-            shapes[node.output[0]] = shapes[node.input[0]]
+        if node.domain == "com.microsoft" and node.op_type in ("MoE", "QMoE", "MatMulNBits") \
+                and node.output[0] not in shapes and node.input[0] in shapes:
+            out = list(shapes[node.input[0]])
+            if node.op_type == "MatMulNBits":  # [.., K] -> [.., N]
+                out[-1] = next(a.i for a in node.attribute if a.name == "N")
+            shapes[node.output[0]] = tuple(out)
             proto.graph.value_info.append(onnx.helper.make_tensor_value_info(
-                node.output[0], onnx.TensorProto.FLOAT, list(shapes[node.input[0]])))
+                node.output[0], types.get(node.input[0], onnx.TensorProto.FLOAT), out))
             added = True
     return added
 
@@ -196,8 +200,10 @@ def graph_cost(model: ir.Model, dims: dict[str, int], scope: str | None = None) 
                 a = shapes.get(node.inputs[0].name) if node.inputs[0].name not in initializers else \
                     tuple(initializers[node.inputs[0].name].shape.numpy())
                 flops = 2.0 * elements * (a[-1] if a else 0)
-            elif node.domain == "com.microsoft" and node.op_type == "MoE":
+            elif node.domain == "com.microsoft" and node.op_type in ("MoE", "QMoE"):
                 flops, weight = _native_moe_cost(node, out)
+            elif node.domain == "com.microsoft" and node.op_type == "MatMulNBits":  # 4-bit weights: bytes below
+                flops = 2.0 * elements * node.attributes["K"].as_int()
             elif node.domain in ("", "ai.onnx") and node.op_type == "Attention":
                 keys = (shapes.get(node.inputs[3].name) or (0,))[-1]  # the mask's last axis: S + T
                 flops = 4.0 * elements * keys + 2.0 * elements / out[-1] * keys
@@ -206,7 +212,7 @@ def graph_cost(model: ir.Model, dims: dict[str, int], scope: str | None = None) 
             else:
                 flops = float(elements)
             for i, value in enumerate(node.inputs):
-                if value is None or value.name not in initializers or node.op_type == "MoE":
+                if value is None or value.name not in initializers or node.op_type in ("MoE", "QMoE"):
                     continue
                 if node.op_type == "Gather" and i == 0:
                     weight += elements * value.dtype.itemsize
@@ -226,11 +232,15 @@ def _native_moe_cost(node: ir.Node, out: tuple[int, ...]) -> tuple[float, float]
     most min(N * k, E) experts. Split experts count the same: P parts of I / P, k = P per token."""
     tokens = math.prod(out[:-1])
     top_k = node.attributes["k"].as_int()
-    fc1, fc2 = node.inputs[2], node.inputs[4]
+    fc1, fc2 = node.inputs[2], node.inputs[5 if node.op_type == "QMoE" else 4]
     experts = fc1.shape[0]
     per_expert_params = math.prod(fc1.shape.numpy()[1:]) + math.prod(fc2.shape.numpy()[1:])
+    per_expert_bytes = per_expert_params * fc1.dtype.itemsize
+    if node.op_type == "QMoE":  # packed weights: 8 / bits values per byte, plus the block scales
+        per_expert_params *= 8 // node.attributes["expert_weight_bits"].as_int()
+        per_expert_bytes += sum(math.prod(v.shape.numpy()[1:]) * v.dtype.itemsize for v in (node.inputs[3], node.inputs[6]))
     flops = tokens * top_k * 2.0 * per_expert_params
-    weight = min(tokens * top_k, experts) * per_expert_params * fc1.dtype.itemsize
+    weight = min(tokens * top_k, experts) * per_expert_bytes
     return flops, weight
 
 

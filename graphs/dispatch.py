@@ -87,9 +87,11 @@ def plan(
     facts: dict[str, Any],
     profiles: dict[str, int],
     capacity_factor: float = 1.25,
+    excluded: tuple[str, ...] = (),
 ) -> dict[str, str]:
-    """{role: strategy}. `lowered(strategy)` returns the linked model lowered with it."""
-    allowed = BACKEND_STRATEGIES[backend]
+    """{role: strategy}. `lowered(strategy)` returns the linked model lowered with it; `excluded`
+    strategies are never planned (e.g. native for a precision the fused kernel cannot take)."""
+    allowed = tuple(s for s in BACKEND_STRATEGIES[backend] if s not in excluded)
     machine = MACHINES[backend]
 
     points = profile_points(profiles)

@@ -38,6 +38,7 @@ Both forms read the head counts from the query and key shapes (Q, K and D must b
 
 from __future__ import annotations
 
+import ml_dtypes  # finfo for bfloat16 too
 import numpy as np
 import onnx_ir as ir
 
@@ -82,7 +83,7 @@ def _decomposed(op, const, inputs, scale: float, dtype, q: int, k: int, d: int) 
     scores = op("Mul", [op("MatMul", [grouped, keys_t], name="Scores"), const("scale", np.array(scale, dtype=dtype))],
                 name="Scale")
     mask = op("Concat", [cache_mask, new_mask], {"axis": -1}, name="Mask")
-    scores = op("Where", [mask, scores, const("lowest", np.array(np.finfo(dtype).min, dtype=dtype))], name="Masked")
+    scores = op("Where", [mask, scores, const("lowest", np.array(ml_dtypes.finfo(dtype).min, dtype=dtype))], name="Masked")
     context = op("MatMul", [op("Softmax", [scores], {"axis": -1}), op("Unsqueeze", [values, axis2], name="ValuesU")],
                  name="Context")
     context = op("Transpose", [context], {"perm": [0, 3, 1, 2, 4]}, name="ContextT")
@@ -94,7 +95,7 @@ def _onnx23(op, const, inputs, scale: float, dtype, q: int, k: int, d: int) -> i
     mask = op("Squeeze", [op("Concat", [cache_mask, new_mask], {"axis": -1}, name="Mask"),
                           const("axis1", np.array([1], dtype=np.int64))], name="Mask4")  # [B, 1, T, S + T]
     bias = op("Where", [mask, const("zero", np.array(0, dtype=dtype)),
-                        const("floor", np.array(np.finfo(dtype).min / 2, dtype=dtype))], name="Bias")
+                        const("floor", np.array(ml_dtypes.finfo(dtype).min / 2, dtype=dtype))], name="Bias")
     heads_first = op("Transpose", [query], {"perm": [0, 2, 1, 3]}, name="QueryT")  # [B, Q, T, D]
     y, _, _ = op("Attention", [heads_first, key, value, bias, past_key, past_value], {"scale": scale},
                  num_outputs=3)

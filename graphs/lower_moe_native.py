@@ -57,6 +57,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import ml_dtypes  # finfo for bfloat16 too
 import numpy as np
 import onnx_ir as ir
 
@@ -178,7 +179,7 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, split: int | Non
     score = op("Sigmoid", [top_value], name="router/Sigmoid")  # [N, 1]
     routed_in = op("Mul", [x, score], name="experts/ScaleInput")  # [N, H]
     lowest = op("ConstantOfShape", [op("Shape", [logits], name="router/Shape")],
-                {"value": ir.tensor(np.array([np.finfo(np_dtype).min], dtype=np_dtype))}, name="router/Lowest")
+                {"value": ir.tensor(np.array([ml_dtypes.finfo(np_dtype).min], dtype=np_dtype))}, name="router/Lowest")
     zeros = op("ConstantOfShape", [op("Shape", [top_index], name="router/IndexShape")],
                {"value": ir.tensor(np.array([0], dtype=np_dtype))}, name="router/Zeros")
     picks = op("ScatterElements", [lowest, top_index, zeros], {"axis": 1}, name="router/Picks")  # [N, E]

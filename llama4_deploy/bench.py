@@ -127,6 +127,61 @@ def roofline_ms(weight_bytes: float, threads: int, repeats: int = FULL.roofline_
     return 1e3 * _median_seconds(lambda: session.run(None, {"x": x}), repeats, warmup=5)
 
 
+PRECISIONS = ("fp16", "fp8-qdq", "int4-qdq", "int4-ort")  # precision-form; each against fp32, both `auto` dispatch
+
+
+def bench_precisions(name: str, precisions: list[str], threads: int, sizes: Sizes, scratch: Path) -> None:
+    """Per precision x form: decode b1 against the fp32 engine, the two timed alternately (three rounds of
+    each, medians) so machine drift hits both alike; bytes per step at the stored precision (counted from
+    the decode graph) and the roofline fraction of those bytes; bundle size against fp32."""
+    import onnx_ir as ir
+
+    from llama4_deploy.build import build
+    from llama4_deploy.graphs.cost import graph_cost
+    from llama4_deploy.runtime import load
+
+    b1 = sizes.decode_batches[0]
+    fp32 = build(name, out=scratch / f"{name}-fp32", log=lambda _: None).bundle
+
+    def decode_ms(engine) -> float:
+        return bench_engine_decode(engine, vocab, b1, sizes)
+
+    def size(bundle: Path) -> int:
+        return sum(p.stat().st_size for p in bundle.iterdir())
+
+    print(f"{'precision':<12}{'dispatch':<10}{f'decode b{b1} ms':>13}{f'fp32 b{b1} ms':>13}{'x fp32':>8}"
+          f"{'MB/step':>9}{f'roofline b{b1}':>13}{'size x fp32':>12}")
+    with load(fp32, threads=threads) as base:
+        vocab = base.vocab_size
+        for choice in precisions:
+            precision, _, form = choice.partition("-")
+            bundle = build(name, out=scratch / f"{name}-{choice}", precision=precision, quant_form=form or None,
+                           log=lambda _: None).bundle
+            with load(bundle, threads=threads) as engine:
+                rounds = [(decode_ms(base), decode_ms(engine)) for _ in range(3)]
+                base_ms = statistics.median(r[0] for r in rounds)
+                step_ms = statistics.median(r[1] for r in rounds)
+                graph = ir.load(bundle / engine.graphs["decode"]["file"])
+                stored, _, _ = graph_cost(graph, {"batch": b1, "new": 1, "context": 128})
+                roof = roofline_ms(stored.weight_bytes, threads, sizes.roofline_repeats) / step_ms
+                print(f"{choice:<12}{engine.graphs['decode']['moe_dispatch']:<10}{step_ms:>13.3f}{base_ms:>13.3f}"
+                      f"{base_ms / step_ms:>7.2f}x{stored.weight_bytes / 1e6:>9.2f}{100 * roof:>12.0f}%"
+                      f"{size(bundle) / size(fp32):>11.3f}x", flush=True)
+
+
+def bench_engine_decode(engine, vocab: int, batch: int, sizes: Sizes) -> float:
+    """Median ms of one decode step at `batch` after `sizes.context` cached tokens."""
+    from llama4_deploy.runtime.engine import KVCache
+
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, vocab, sizes.context)) for _ in range(batch)]
+    cache = KVCache(engine.manifest, batch)
+    engine.prefill(cache, prompts)
+    tokens = rng.integers(0, vocab, batch)
+    active = np.ones(batch, dtype=bool)
+    return 1e3 * _median_seconds(lambda: engine.decode_step(cache, tokens, active), sizes.decode_repeats, warmup=3)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -142,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", default="scout-mini,maverick-mini")
     parser.add_argument("--dispatch", default=",".join(DISPATCHES))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help="precision-form rows against fp32 (empty: none)")
     parser.add_argument("--quick", action="store_true", help="smoke run at tiny sizes (the figures mean nothing)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -184,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{figures.prefill_tps[p2]:>16.0f}{figures.prefill_tps[p2] / hf.prefill_tps[p2]:>8.1f}x"
                     f"{100 * roof:>11.0f}%{f'{reruns}/{steps}':>9}")
                 print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
+            if args.precisions:
+                print(f"\n== {name}: precisions against fp32 (auto dispatch)", flush=True)
+                bench_precisions(name, args.precisions.split(","), args.threads, sizes, Path(scratch))
     return 0
 
 

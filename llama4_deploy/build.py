@@ -250,6 +250,11 @@ def build(
     max_batch: int | None = None,
     prefill_tokens: int | None = None,
     force: bool = False,
+    precision: str | None = None,
+    compute_dtype: str | None = None,
+    block_size: int | None = None,
+    quant_form: str | None = None,
+    calibration: str | Path | None = None,
 ) -> BuildResult:
     """Build a bundle. `recipe` names a recipe (default `tiny`, or a plain fp32 ONNX Runtime
     build when only `checkpoint` is given); `checkpoint` is a Hugging Face checkpoint dir;
@@ -257,7 +262,9 @@ def build(
     `attention` its attention form (decomposed, onnx23 or auto). `max_context`, `max_batch` and
     `prefill_tokens` override the recipe's profiles; a bare checkpoint's context defaults to its
     max_position_embeddings, at most DEFAULT_MAX_CONTEXT. `out` may hold only a bundle this tool
-    wrote (or nothing) unless `force` (outdir.py)."""
+    wrote (or nothing) unless `force` (outdir.py). `precision` (fp32, fp16, bf16, fp8, int4),
+    `compute_dtype`, `block_size` (int4: 32, 64, 128), `quant_form` (qdq, ort, auto) and
+    `calibration` (a text or JSON file, fp8) override the recipe's precision plan."""
     from llama4_deploy.graphs.dispatch import CHOICES
     from llama4_deploy.graphs.lower_attention import FORMS
 
@@ -278,6 +285,7 @@ def build(
         if attention not in (*FORMS, "auto"):
             raise BuildError(f"unknown attention form {attention!r}; choose one of {', '.join((*FORMS, 'auto'))}")
         chosen = chosen.model_copy(update={"attention": attention})
+    chosen = _with_precision(chosen, precision, compute_dtype, block_size, quant_form, calibration)
     out = Path(out or Path("build") / chosen.name).resolve()
     if checkpoint is None and chosen.random is None:
         raise BuildError(
@@ -346,8 +354,11 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
         raise BuildError(f"max context {chosen.profiles.max_context} exceeds the checkpoint's "
                          f"max_position_embeddings of {shape.max_position_embeddings}")
     log(f"[profiles] {chosen.profiles.model_dump()}")
+    spec = _quant_spec(chosen)
+    log(f"[precision] {spec.summary()}")
+    amax, calibration_record = _calibrate(chosen, spec, source_dir, ckpt, bundle, log)
     try:
-        passes, graphs, layout = _compile(ckpt, chosen, bundle, log)
+        passes, graphs, layout = _compile(ckpt, chosen, bundle, log, spec, amax)
     except CheckpointError as err:  # a tensor that fails to read while streaming
         raise BuildError(str(err)) from None
     if ckpt.tokenizer_file is not None:
@@ -355,10 +366,14 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
     source = _source_record(chosen, None if checkpoint is None else ckpt.path)
     manifest = _manifest(chosen, shape, source, passes, graphs, layout, ckpt.tokenizer_file is not None,
                          time.time() - start)
+    _record_precision(manifest, spec, calibration_record)
     manifest["files"] = {}
     write_manifest(bundle, manifest)
-    log("[golden] engine logits for a fixed prompt")
-    _write_golden(bundle, shape)
+    if spec.compute_dtype == "bfloat16":
+        log("[golden] skipped: ONNX Runtime's CPU has no bfloat16 kernels to run the engine")
+    else:
+        log("[golden] engine logits for a fixed prompt")
+        _write_golden(bundle, shape)
     shutil.rmtree(staging.scratch)
     t = time.time()
     manifest["files"] = hash_files(bundle, [p.name for p in bundle.iterdir() if p.name != MANIFEST])
@@ -367,12 +382,86 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
     return manifest, passes
 
 
-def _compile(ckpt, recipe: Recipe, staging: Path, log) -> tuple[dict[str, int], dict[str, dict[str, Any]], str]:
-    """Trace, link, lower per engine role, lint, save. Returns (pass counts, graphs by role, weight layout)."""
+def _with_precision(recipe: Recipe, precision, compute_dtype, block_size, quant_form, calibration) -> Recipe:
+    """The recipe with the build's precision overrides (None: the recipe's own)."""
+    from pydantic import ValidationError
+
+    update = {key: value for key, value in (("precision", precision), ("compute_dtype", compute_dtype),
+                                            ("block_size", block_size), ("quant_form", quant_form),
+                                            ("calibration", None if calibration is None else str(calibration)))
+              if value is not None}
+    if not update:
+        return recipe
+    try:
+        return Recipe.model_validate({**recipe.model_dump(), **update})
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise BuildError(f"{first['loc'][0]} {update.get(first['loc'][0])!r} is not valid: {first['msg']}") from None
+
+
+def _quant_spec(recipe: Recipe):
+    from llama4_deploy.graphs.quantize import QuantConfig, make_spec
+
+    try:
+        return make_spec(QuantConfig(precision=recipe.precision, compute_dtype=recipe.compute_dtype,
+                                     block_size=recipe.block_size, form=recipe.quant_form), recipe.backend)
+    except ValueError as err:
+        raise BuildError(str(err)) from None
+
+
+def _calibrate(recipe: Recipe, spec, source_dir: Path, ckpt, staging: Path, log):
+    """Activation ranges for specs that quantize activations (fp8); stored in the bundle."""
+    if not spec.activations:
+        if recipe.calibration is not None:
+            raise BuildError(f"precision {spec.precision} quantizes no activations, so --calibration has no use")
+        return None, None
+    from llama4_deploy.export.calibrate import CalibrationError, calibration_ids, collect_amax, write_ranges
+
+    try:
+        ids = calibration_ids(recipe.calibration, ckpt, seed=recipe.random.seed if recipe.random else 0)
+        log(f"[calibrate] {len(ids)} sequences, {sum(map(len, ids))} tokens"
+            f" from {recipe.calibration or 'seeded random tokens'}")
+        amax = collect_amax(source_dir, ids)
+    except CalibrationError as err:
+        raise BuildError(str(err)) from None
+    record = write_ranges(staging, amax, recipe.calibration, ids)
+    return amax, record
+
+
+def _record_precision(manifest: dict[str, Any], spec, calibration: dict[str, Any] | None) -> None:
+    engine = manifest["engine"]
+    engine["precision"] = spec.precision
+    engine["compute_dtype"] = spec.compute_dtype
+    engine["quant_form"] = spec.form if spec.quantized else None
+    engine["quantization"] = spec.model_dump(mode="json")
+    engine["cache_dtype"] = engine["logits_dtype"] = spec.compute_dtype
+    manifest["calibration"] = calibration
+    if spec.compute_dtype == "bfloat16":
+        manifest["golden"] = None
+
+
+def _moe_lowering(strategy: str, recipe: Recipe, spec):
+    from llama4_deploy.graphs import dispatch
+
+    if strategy == "native" and spec.quantized:
+        from llama4_deploy.graphs.lower_moe_native import lower_moe_native
+
+        # quantized experts are 4-8x smaller than the fp32 ones the part split is sized for: keep them whole,
+        # so each expert's weights are quantized exactly as the checkpoint lays them out
+        return lambda model: lower_moe_native(model, split=1)
+    return dispatch.lowering(strategy, recipe.capacity_factor)
+
+
+def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_amax=None
+             ) -> tuple[dict[str, int], dict[str, dict[str, Any]], str]:
+    """Trace, link, lower per engine role, quantize, lint, save. Returns (pass counts, graphs by role,
+    weight layout)."""
     from llama4_deploy.export.trace import trace_templates
     from llama4_deploy.graphs import dispatch
+    from llama4_deploy.graphs.compute_dtype import convert_compute_dtype
     from llama4_deploy.graphs.lint import lint_static
     from llama4_deploy.graphs.lower_attention import form_for, lower_attention
+    from llama4_deploy.graphs.quant_pass import quantize_model
 
     shape = ckpt.shape
     kinds = sorted({k.name for k in shape.layer_kinds})
@@ -387,7 +476,9 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log) -> tuple[dict[str, int], 
     def lower(strategy: str):
         if strategy not in lowered:
             model, passes["link"] = link_model(ckpt, templates)
-            count, skipped = dispatch.lowering(strategy, recipe.capacity_factor)(model)
+            if spec is not None and spec.compute_dtype != "float32":
+                passes[f"compute_dtype_{spec.compute_dtype}"] = convert_compute_dtype(model, spec.compute_dtype)
+            count, skipped = _moe_lowering(strategy, recipe, spec)(model)
             if skipped:
                 name, reason = next(iter(skipped.items()))
                 raise BuildError(f"MoE node {name} was not lowered to {strategy}: it {reason}")
@@ -395,6 +486,11 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log) -> tuple[dict[str, int], 
             if skipped:
                 name, reason = next(iter(skipped.items()))
                 raise BuildError(f"attention node {name} was not lowered to {attention}: it {reason}")
+            if spec is not None and spec.quantized:
+                try:
+                    passes.update(quantize_model(model, spec, activation_amax))
+                except ValueError as err:
+                    raise BuildError(str(err)) from None
             problems = lint_static(model)
             if problems:
                 raise BuildError(f"the {strategy} graph breaks the static-shape rule: {problems[0]}")
@@ -403,8 +499,13 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log) -> tuple[dict[str, int], 
         return lowered[strategy]
 
     try:
+        # fp8 activation scales cannot reach inside the fused MoE kernel (graphs/lower_quant_qdq.py)
+        excluded = ("native",) if spec is not None and spec.activations else ()
+        if recipe.moe_dispatch in excluded:
+            raise BuildError(f"precision {spec.precision} quantizes expert activations, which the native MoE kernel "
+                             "cannot take; use --moe-dispatch dense, gather, capacity or auto")
         roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lower, shape.to_dict(), recipe.profiles.model_dump(),
-                              recipe.capacity_factor)
+                              recipe.capacity_factor, excluded=excluded)
     except ValueError as err:
         raise BuildError(str(err)) from None
     log(f"[dispatch] {recipe.moe_dispatch}: {roles}")

@@ -46,14 +46,26 @@ def main() -> None:
 @click.option("--max-batch", type=int, help="most rows per engine step (default: the recipe's)")
 @click.option("--prefill-tokens", type=int, help="most new tokens per row in one prefill step (default: the recipe's)")
 @click.option("--force", is_flag=True, help="replace --out even if it is not a bundle this tool wrote")
-def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_batch, prefill_tokens, force) -> None:
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "fp8", "int4"]),
+              help="weights and compute dtype (default: the recipe's, fp32)")
+@click.option("--compute-dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="dtype of activations (default: follows --precision; fp8/int4 compute in float32)")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), help="int4 block along the reduction axis (128)")
+@click.option("--quant-form", type=click.Choice(["qdq", "ort", "auto"]),
+              help="quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto")
+@click.option("--calibration", type=click.Path(),
+              help="fp8 activation calibration: text lines or a JSON list of token-id lists")
+def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_batch, prefill_tokens, force, precision,
+          compute_dtype, block_size, quant_form, calibration) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
     try:
         result = run_build(recipe=recipe, checkpoint=checkpoint, out=out, moe_dispatch=moe_dispatch,
                            attention=attention, max_context=max_context, max_batch=max_batch,
-                           prefill_tokens=prefill_tokens, force=force)
+                           prefill_tokens=prefill_tokens, force=force, precision=precision,
+                           compute_dtype=compute_dtype, block_size=None if block_size is None else int(block_size),
+                           quant_form=quant_form, calibration=calibration)
     except _user_errors() as err:
         raise UserError(str(err)) from None
     from llama4_deploy.costs import bundle_costs, cost_table

@@ -70,7 +70,12 @@ class Recipe(Strict):
     random: RandomWeights | None = None
     checkpoint_required: bool = False
     expect_config: dict[str, Any] = Field(default_factory=dict)  # published facts a checkpoint must match
-    precision: Literal["fp32"] = "fp32"
+    # precision (graphs/quantize.py): fp32/fp16/bf16 set the compute dtype; fp8/int4 quantize the linear layers
+    precision: Literal["fp32", "fp16", "bf16", "fp8", "int4"] = "fp32"
+    compute_dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None: follows the precision
+    block_size: Literal[32, 64, 128] = 128  # int4 block along the reduction axis
+    quant_form: Literal["qdq", "ort", "auto"] = "auto"  # auto: ort (4-bit kernels) for int4 on ONNX Runtime
+    calibration: str | None = None  # text lines or a JSON list of id lists; None: seeded random tokens
     backend: Literal["onnxruntime"] = "onnxruntime"
     moe_dispatch: Literal["dense", "gather", "capacity", "native", "auto"] = "auto"
     # attention kernel form (graphs/lower_attention.py); auto: onnx23 for ONNX Runtime, decomposed otherwise

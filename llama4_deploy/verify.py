@@ -17,6 +17,12 @@ from llama4_deploy.compare import Comparison, compare, relative_logit_tolerance
 from llama4_deploy.runtime import BundleError, load, read_manifest
 
 REL_TOLERANCE = 1e-3  # fp32 engine vs fp32 eager: summation order only, far below this
+# A quantized or narrowed engine is checked against the fake-quant simulation of its own spec
+# (export/simulate.py) at these tolerances, by compute dtype; its quality against fp32 is reported.
+# float32: the same dequantized weights, only summation order differs (and, with fp8 activations,
+#   an activation rounding to a neighbouring fp8 value now and then), so twice the fp32 bound;
+# float16: every activation rounds to 11 bits (relative 2^-11 ~ 5e-4 per op; observed 8e-4 on tiny).
+SIMULATION_TOLERANCE = {"float32": 2e-3, "float16": 5e-3}
 
 
 @dataclasses.dataclass
@@ -43,6 +49,8 @@ class Report:
     graphs: dict[str, str]  # role -> MoE dispatch
     steps: int = 0
     overflow_reruns: int = 0
+    reference: str = "transformers fp32"
+    quality: dict[str, float] | None = None  # vs transformers fp32, for quantized / narrowed engines
 
     @property
     def ok(self) -> bool:
@@ -67,6 +75,12 @@ class Report:
                 f"{row.path:<16}{row.prompt:>7}{row.tokens:>8}{c.value:>14.3e}{c.tolerance:>12.3e}"
                 f"{f'{row.greedy_agree}/{row.greedy_total}':>10}  {'ok' if row.ok else 'FAIL: ' + str(c)}"
             )
+        if self.quality is not None:
+            q = self.quality
+            lines.append(f"reference: {self.reference}; quality against transformers fp32 over {q['positions']} "
+                         f"positions: min cosine {q['min_cosine']:.4f}, max KL {q['max_kl']:.4g}, mean KL "
+                         f"{q['mean_kl']:.4g}, greedy agreement {q['greedy_agree']}/{q['positions']} "
+                         f"(generated {q['generated_agree']}/{q['generated']})")
         lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
 
@@ -134,13 +148,16 @@ def verify(bundle: str, threads: int | None = None, log=print) -> Report:
     with load(bundle, threads=threads) as engine:  # integrity and consistency first: they are cheap
         log("[verify] rebuilding the transformers reference from the bundle's source")
         reference = _reference(manifest)
+        spec, fp32_reference, rel_tolerance = _simulation(manifest, reference)
+        if fp32_reference is not None:
+            log(f"[verify] reference: fake-quant simulation of {spec.summary()}")
         log(f"[verify] generating {new_tokens} tokens for {len(prompts)} prompts")
         generation = engine.generate(prompts, new_tokens, stop_tokens=[], return_logits=True)
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
         for i, (prompt, tokens, logits) in enumerate(zip(prompts, generation.tokens, generation.logits)):
             expected_all = reference_logits(reference, prompt + tokens)
             expected = expected_all[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
-            tolerance = relative_logit_tolerance(expected, REL_TOLERANCE)
+            tolerance = relative_logit_tolerance(expected, rel_tolerance)
             agree = int((expected.argmax(-1) == np.array(tokens)).sum())
             rows.append(Row("generate", i, len(tokens), compare(logits, expected, tolerance), agree, len(tokens)))
             if i == longest:
@@ -148,12 +165,46 @@ def verify(bundle: str, threads: int | None = None, log=print) -> Report:
         for mode in ("prefill", "decode"):
             log(f"[verify] score through the {mode} path ({len(sequence)} tokens)")
             scored = engine.score(sequence, mode=mode)
-            tolerance = relative_logit_tolerance(sequence_expected, REL_TOLERANCE)
+            tolerance = relative_logit_tolerance(sequence_expected, rel_tolerance)
             agree = int((scored.argmax(-1) == sequence_expected.argmax(-1)).sum())
             rows.append(Row(f"score:{mode}", longest, len(sequence), compare(scored, sequence_expected, tolerance),
                             agree, len(sequence)))
+            if mode == "prefill":
+                scored_prefill = scored
         steps, reruns = engine.steps, engine.overflow_reruns
+    quality = None
+    if fp32_reference is not None:
+        from llama4_deploy.export.simulate import quality as measure
+
+        full = reference_logits(fp32_reference, sequence)
+        quality = measure(scored_prefill, full)
+        generated = generation.tokens[longest]
+        start = len(prompts[longest]) - 1
+        quality["generated"] = len(generated)
+        quality["generated_agree"] = int((full[start:start + len(generated)].argmax(-1) == np.array(generated)).sum())
     tuning = None
     if model.get("attn_temperature_tuning") and not all(model["rope_layers"]):
         tuning = int(model["floor_scale"]) - 1  # floor((p + 1) / floor_scale) >= 1
-    return Report(rows, lengths, new_tokens, chunk, tuning, graphs, steps, reruns)
+    return Report(rows, lengths, new_tokens, chunk, tuning, graphs, steps, reruns,
+                  "transformers fp32" if spec is None else f"fake-quant simulation ({spec.precision})", quality)
+
+
+def _simulation(manifest, reference):
+    """(spec, fp32 reference, tolerance): the reference becomes the simulation of a non-fp32 bundle's spec."""
+    import copy
+    import json
+
+    raw = manifest.engine.get("quantization")
+    if raw is None or raw["precision"] == "fp32":
+        return None, None, REL_TOLERANCE
+    from llama4_deploy.export.simulate import simulate
+    from llama4_deploy.graphs.quantize import QuantSpec
+
+    spec = QuantSpec.model_validate(raw)
+    amax = None
+    if manifest.raw.get("calibration"):
+        ranges = json.loads((manifest.path / manifest.raw["calibration"]["file"]).read_text())
+        amax = ranges["activation_amax"]
+    fp32_reference = copy.deepcopy(reference)
+    simulate(reference, spec, amax)
+    return spec, fp32_reference, SIMULATION_TOLERANCE[spec.compute_dtype]

@@ -74,6 +74,9 @@ class Engine:
         if arguments.flag(verify_files, "verify_files"):
             count, size, seconds = integrity.check_files(manifest)
             log.info("checked SHA-256 of %d files (%.1f MB) in %.2fs", count, size / 1e6, seconds)
+        if engine.get("compute_dtype") == "bfloat16":
+            raise BundleError(f"bundle {manifest.name} computes in bfloat16, which ONNX Runtime's CPU cannot run; "
+                              "rebuild it with --precision fp16 or fp32 to run it here (bf16 bundles are for TensorRT)")
         self.graphs = engine["graphs"]  # role (prefill, decode, exact) -> graph record
         files = dict.fromkeys(graph["file"] for graph in self.graphs.values())
         # ONNX Runtime's threads spin after each run; a second spinning session run right after

@@ -35,6 +35,9 @@ class OnnxRuntimeRunner:
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
+        # ONNX Runtime fuses a Q/DQ graph's blocked int4 DequantizeLinear -> MatMul into MatMulNBits with
+        # int8 activations (level 4) by default; level 1 keeps float activations, the spec's numbers
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         if not self.spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.model_path), options, providers=self.providers)
@@ -69,6 +72,9 @@ class OnnxRuntimeRunner:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.session is None:
             raise RuntimeError("runner is not active; use it as a context manager or call activate()")
+        # a float16 engine takes float32 feeds (caches the runtime keeps in float32): narrowed here
+        feeds = {name: array.astype(np.float16) if array.dtype == np.float32 and self.inputs.get(name, (None,))[0]
+                 is np.float16 else array for name, array in feeds.items()}
         signature = tuple((name, array.dtype, array.shape) for name, array in feeds.items())
         if signature not in self._validated:  # a decode loop repeats one signature: check it once
             self.validate(feeds)

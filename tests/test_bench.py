@@ -10,7 +10,7 @@ from llama4_deploy import bench
 
 
 def test_bench_quick_run_prints_every_figure(capsys):
-    assert bench.main(["--recipes", "tiny", "--dispatch", "native,capacity", "--quick"]) == 0
+    assert bench.main(["--recipes", "tiny", "--dispatch", "native,capacity", "--precisions", "", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "== tiny: transformers eager" in out
     header = next(line for line in out.splitlines() if line.startswith("dispatch"))
@@ -45,3 +45,14 @@ def test_context_bench_quick_run_prints_the_sweep(capsys):
     # slots, and the previous layout always fed 64-slot rings and copied the global bucket
     assert float(rows[1][-2]) >= float(rows[1][-1])
     assert re.search(r"prefill 32 tokens, tok/s: before \d+, c64 \d+, c8 \d+", out)
+
+
+def test_bench_precision_rows(capsys):
+    """Precision rows: one int4 ort row against fp32, every figure measured and positive."""
+    assert bench.main(["--recipes", "tiny", "--dispatch", "native", "--precisions", "int4-ort", "--quick"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("int4-ort")).split()
+    assert len(row) == 8, row
+    numbers = [float(c.rstrip("x%")) for c in row[2:]]
+    assert all(math.isfinite(n) and n >= 0 for n in numbers) and min(numbers[:4]) > 0, row  # roofline may round to 0
+    assert float(row[-1].rstrip("x")) < 1.0  # smaller than fp32 (tiny: embeddings and lm_head stay fp32)

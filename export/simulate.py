@@ -1,0 +1,119 @@
+"""A PyTorch fake-quant simulation of a quantization spec on transformers' Llama4ForCausalLM.
+
+Each weight the spec names is replaced in place by its quantized-then-dequantized value
+(graphs/quantize.py, the very functions the graph passes use), along the same reduction axis the
+engine contracts; with fp8 activations, every activation entering a quantized linear layer is
+fake-quantized with its calibrated per-tensor scale (forward pre-hooks on nn.Linear, and a
+replacement forward for the stacked experts that quantizes both of their matmul inputs). The
+model then computes what the engine computes, in fp32: the engine must match it tightly, which
+catches wiring errors (a wrong axis, a transposed scale) that quality metrics against fp32 hide.
+
+Also: which activations calibration observes (`linear_inputs`), shared with export/calibrate.py.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from llama4_deploy.export.shape import ModelShape
+from llama4_deploy.export.weights import layer_weights
+from llama4_deploy.graphs.quantize import QuantSpec, fake_quant, fake_quant_activation
+
+
+def _module(model, dotted: str):
+    module = model
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def quantized_weights(shape: ModelShape):
+    """(deploy-form name, checkpoint parameter name, reduction axis in the checkpoint layout) per weight."""
+    for layer, kind in enumerate(shape.layer_kinds):
+        for name, source in layer_weights(shape, layer, kind).items():
+            yield f"layers.{layer}.{name}", source.checkpoint_name, -1 if source.transpose else -2
+
+
+def linear_inputs(model, shape: ModelShape, record: Callable[[str, object], None]) -> list:
+    """Call `record(weight name, activation tensor)` for every activation entering a linear layer of the
+    decoder; returns the hook handles (remove them when done). Experts' two matmuls are both reported."""
+    handles = []
+    for name, checkpoint_name, _ in quantized_weights(shape):
+        param = checkpoint_name.rsplit(".", 1)
+        module = _module(model, param[0])
+        if name.endswith(("experts_gate_up", "experts_down")):
+            continue
+        handles.append(module.register_forward_pre_hook(lambda m, args, n=name: record(n, args[0])))
+    for layer, kind in enumerate(shape.layer_kinds):
+        if kind.moe:
+            experts = model.model.layers[layer].feed_forward.experts
+            experts._record = (f"layers.{layer}", record)
+            experts.forward = types.MethodType(_experts_forward, experts)
+    return handles
+
+
+def _experts_forward(self, hidden_states):
+    """Llama4TextExperts.forward, reporting (and, when asked, transforming) both matmul inputs."""
+    import torch
+
+    prefix, record = self._record
+    hidden_states = hidden_states.view(self.gate_up_proj.shape[0], -1, self.hidden_size)
+    hidden_states = record(f"{prefix}.experts_gate_up", hidden_states)
+    gate, up = torch.bmm(hidden_states, self.gate_up_proj).chunk(2, dim=-1)
+    glu = record(f"{prefix}.experts_down", up * self.act_fn(gate))
+    return torch.bmm(glu, self.down_proj).view(-1, self.hidden_size)
+
+
+def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None):
+    """Turn `model` (fp32 Llama4ForCausalLM) into the fake-quant simulation of `spec`, in place."""
+    import torch
+
+    shape = ModelShape.from_config(model.config.to_dict())
+    with torch.no_grad():
+        for name, checkpoint_name, axis in quantized_weights(shape):
+            rule = spec.rule_for(name)
+            if rule is None:
+                continue
+            param = _module(model, checkpoint_name)
+            param.copy_(torch.from_numpy(fake_quant(param.numpy(), rule, axis % param.ndim, spec.compute_dtype)))
+    if spec.activations:
+        from llama4_deploy.graphs.quantize import fp8_activation_scale
+
+        scales = {name: fp8_activation_scale(amax, spec.compute_dtype) for name, amax in activation_amax.items()}
+
+        def quantize(name, x):
+            rule = spec.rule_for(name)
+            if rule is None or rule.activation == "none":
+                return x
+            return torch.from_numpy(fake_quant_activation(x.detach().numpy(), scales[name])).to(x.dtype)
+
+        for handle_name, checkpoint_name, _ in quantized_weights(shape):
+            if handle_name.endswith(("experts_gate_up", "experts_down")):
+                continue
+            module = _module(model, checkpoint_name.rsplit(".", 1)[0])
+            module.register_forward_pre_hook(lambda m, args, n=handle_name: (quantize(n, args[0]),) + args[1:])
+        for layer, kind in enumerate(shape.layer_kinds):
+            if kind.moe:
+                experts = model.model.layers[layer].feed_forward.experts
+                experts._record = (f"layers.{layer}", quantize)
+                experts.forward = types.MethodType(_experts_forward, experts)
+    return model
+
+
+def quality(engine_logits: np.ndarray, reference_logits: np.ndarray) -> dict[str, float]:
+    """Per-position agreement of two logit sets [T, V]: min cosine, max/mean KL(reference || engine), greedy."""
+    a = np.asarray(engine_logits, dtype=np.float64)
+    b = np.asarray(reference_logits, dtype=np.float64)
+    cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(b), log_softmax(a)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    return {"min_cosine": float(cosine.min()), "max_kl": float(kl.max()), "mean_kl": float(kl.mean()),
+            "greedy_agree": int((a.argmax(-1) == b.argmax(-1)).sum()), "positions": int(len(a))}

@@ -1,0 +1,161 @@
+"""Quantize weights into ONNX Runtime's 4-bit kernels (`ort`): the fast CPU form of an int4 spec.
+
+    before:  y = MatMul(x, W)                                   W [K, N] float, matmul layout
+    after:   y = com.microsoft.MatMulNBits(x, B, scales; K, N, bits=4, block_size=Bk, accuracy_level)
+             B      [N, ceil(K/Bk), Bk/2] uint8   column n's int4 values q + 8, two per byte, low nibble first
+             scales [N, ceil(K/Bk)]               in the compute dtype
+
+    before:  y = com.microsoft.MoE(x, picks, fc1, None, fc2; k, swiglu, ...)     (lower_moe_native.py)
+    after:   y = com.microsoft.QMoE(x, picks, fc1q, fc1_scales, None, fc2q, fc2_scales;
+                                    same attributes, expert_weight_bits=4, block_size=Bk)
+             fc1q [E, 2I, H/2] uint8, fc1_scales [E, 2I, H/Bk]; fc2q [E, H, I/2], fc2_scales [E, H, I/Bk]
+
+Valid because both kernels dequantize (stored - 8) * scale with the default zero point 8 for
+4 bits (the contrib op docs for onnxruntime 1.32), which is exactly q * scale of the spec's
+symmetric int4 (graphs/quantize.py): the same numbers as the qdq form, in one fused kernel that
+reads 4-bit weights. accuracy_level 0 keeps activations in their dtype (4 would quantize them
+to int8: faster, but no longer the spec's numbers).
+
+Not lowered here (left for lower_quant_qdq.py, reason returned): weights with other consumers,
+3-D weights outside the MoE kernel, and QMoE experts whose hidden or intermediate size is not a
+multiple of the block (the kernel requires both).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import BaseModel, ConfigDict
+
+from llama4_deploy.graphs.lower_quant_qdq import COMPUTE, QuantizedWeight, _scope
+from llama4_deploy.graphs.quantize import QuantRule, QuantSpec, numpy_dtype, pack_int4_rows
+
+MS_DOMAIN = "com.microsoft"
+
+
+class OrtQuantConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    accuracy_level: int = 0  # 0: activations stay in the compute dtype (the spec's numbers)
+
+
+def _packed(source: ir.TensorProtocol, rule: QuantRule, compute_dtype: str, axis: int, name: str, flat: bool = False):
+    """Lazy (B, scales) in the kernels' [.., N, K] layout from a weight quantized along `axis`;
+    `flat`: B as [.., N, K/2] (QMoE) instead of [.., N, blocks, block/2] (MatMulNBits)."""
+    weight = QuantizedWeight(source, rule, axis, compute_dtype)
+    dims = tuple(int(d) for d in source.shape)
+    k = dims[axis]
+    blocks = -(-k // rule.block_size)
+    if axis % len(dims) == len(dims) - 2:  # matmul layout [K, N]: the kernel wants [N, K]
+        out_dims = dims[:-2] + (dims[-1],)
+    else:
+        out_dims = dims[:-1]
+    b_shape = out_dims + ((blocks * rule.block_size // 2,) if flat else (blocks, rule.block_size // 2))
+
+    def b() -> ir.TensorProtocol:
+        q, _ = weight.arrays()
+        q = np.asarray(q.astype(np.int8))
+        if axis % q.ndim == q.ndim - 2:
+            q = np.swapaxes(q, -1, -2)
+        packed = pack_int4_rows(q, rule.block_size)
+        return ir.tensor(np.ascontiguousarray(packed.reshape(b_shape)), name=f"{name}.q4")
+
+    def scales() -> ir.TensorProtocol:
+        _, s = weight.arrays()
+        if axis % s.ndim == s.ndim - 2:
+            s = np.swapaxes(s, -1, -2)
+        return ir.tensor(np.ascontiguousarray(s.astype(numpy_dtype(compute_dtype))), name=f"{name}.q4_scales")
+
+    compute = COMPUTE[compute_dtype]
+    return (ir.LazyTensor(b, dtype=ir.DataType.UINT8, shape=ir.Shape(b_shape), name=f"{name}.q4"),
+            ir.LazyTensor(scales, dtype=compute, shape=ir.Shape(out_dims + (blocks,)), name=f"{name}.q4_scales"))
+
+
+def _register(graph: ir.Graph, tensor: ir.LazyTensor) -> ir.Value:
+    value = ir.Value(name=tensor.name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _matmul_check(value: ir.Value, rule: QuantRule) -> str | None:
+    uses = value.uses()
+    if len(uses) != 1 or uses[0][0].op_type != "MatMul" or uses[0][1] != 1:
+        return "is not the weight of exactly one MatMul"
+    if len(value.shape) != 2:
+        return f"is {len(value.shape)}-D; MatMulNBits takes 2-D weights"
+    return None
+
+
+def _moe_check(node: ir.Node, rule: QuantRule) -> str | None:
+    fc1, fc2 = node.inputs[2], node.inputs[4]
+    if any(v is None or v.const_value is None or len(v.uses()) != 1 for v in (fc1, fc2)):
+        return "has expert weights that are not initializers read only by it"
+    hidden, inter = int(fc1.shape[2]), int(fc2.shape[2])
+    if hidden % rule.block_size or inter % rule.block_size:
+        return (f"has hidden size {hidden} and expert intermediate size {inter}; QMoE needs both to be "
+                f"multiples of the block size {rule.block_size}")
+    return None
+
+
+def lower_quant_ort(model: ir.Model, spec: QuantSpec, config: OrtQuantConfig = OrtQuantConfig()
+                    ) -> tuple[int, dict[str, str]]:
+    """MatMul -> MatMulNBits and MoE -> QMoE where the spec says int4; returns (nodes replaced,
+    {weight or node: why not})."""
+    graph = model.graph
+    count, skipped = 0, {}
+    for name, value in list(graph.initializers.items()):
+        rule = spec.rule_for(name)
+        if rule is None or rule.weight != "int4" or value.const_value is None:
+            continue
+        if any(u.domain == MS_DOMAIN for u, _ in value.uses()):
+            continue  # expert weights of the MoE kernel: below
+        reason = _matmul_check(value, rule)
+        if reason:
+            skipped[name] = reason
+            continue
+        matmul = value.uses()[0][0]
+        k, n = (int(d) for d in value.shape)
+        b, scales = _packed(value.const_value, rule, spec.compute_dtype, 0, name)
+        node = ir.node("MatMulNBits", [matmul.inputs[0], _register(graph, b), _register(graph, scales)],
+                       {"K": k, "N": n, "bits": 4, "block_size": rule.block_size,
+                        "accuracy_level": config.accuracy_level},
+                       domain=MS_DOMAIN, name=f"{_scope(name)}/MatMulNBits")
+        out = node.outputs[0]
+        old = matmul.outputs[0]
+        out.type, out.shape = old.type, old.shape
+        graph.insert_before(matmul, node)
+        old_name, old.name = old.name, None
+        ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
+        out.name = old_name
+        graph.remove(matmul, safe=True)
+        graph.initializers.pop(name)
+        count += 1
+    for node in [n for n in graph if n.domain == MS_DOMAIN and n.op_type == "MoE"]:
+        fc1, fc2 = node.inputs[2], node.inputs[4]
+        rule = spec.rule_for(fc1.name) if fc1 is not None else None
+        if rule is None or rule.weight != "int4":
+            continue
+        reason = _moe_check(node, rule)
+        if reason:
+            skipped[node.name] = reason
+            continue
+        fc1_q, fc1_s = _packed(fc1.const_value, rule, spec.compute_dtype, 2, fc1.name, flat=True)
+        fc2_q, fc2_s = _packed(fc2.const_value, rule, spec.compute_dtype, 2, fc2.name, flat=True)
+        attributes = {a.name: a for a in node.attributes.values()}
+        attributes["expert_weight_bits"] = ir.AttrInt64("expert_weight_bits", 4)
+        attributes["block_size"] = ir.AttrInt64("block_size", rule.block_size)
+        qmoe = ir.node("QMoE", [node.inputs[0], node.inputs[1], _register(graph, fc1_q), _register(graph, fc1_s), None,
+                                _register(graph, fc2_q), _register(graph, fc2_s)],
+                       attributes, domain=MS_DOMAIN, name=node.name.rsplit("/", 1)[0] + "/QMoE")
+        out, old = qmoe.outputs[0], node.outputs[0]
+        out.type, out.shape = old.type, old.shape
+        graph.insert_before(node, qmoe)
+        old_name, old.name = old.name, None
+        ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
+        out.name = old_name
+        graph.remove(node, safe=True)
+        for value in (fc1, fc2):
+            graph.initializers.pop(value.name)
+        count += 1
+    if count:
+        graph.opset_imports[MS_DOMAIN] = 1
+    return count, skipped

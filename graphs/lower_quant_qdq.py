@@ -1,0 +1,209 @@
+"""Quantize weights in standard ONNX Q/DQ form (`qdq`): TensorRT's explicit-quantization contract.
+
+    before:  y = MatMul(x, W)                          W: float initializer, matmul layout [.., K, N]
+
+    after (int4):  W' = DequantizeLinear(Wq, scale; axis=-2, block_size=B)     # opset 21
+                   y  = MatMul(x, W')
+                   Wq: INT4 [.., K, N]; scale [.., ceil(K/B), N] in the compute dtype; zero point 0 (omitted)
+
+    after (fp8):   W' = DequantizeLinear(Wq, scale; axis=-1)                     # 2-D: per output channel
+                   W' = DequantizeLinear(Wq, scale; axis=-2, block_size=K)       # 3-D experts: one block = K,
+                                                                                 # so one scale per (expert, column)
+                   x' = DequantizeLinear(QuantizeLinear(x, s_x, zp=fp8 0), s_x, zp)   # static per-tensor scale
+                   y  = MatMul(x', W')
+                   Wq: FLOAT8E4M3FN; s_x from calibration (the activation's |max| / 448)
+
+The reduction axis K comes from the consumer: a MatMul (directly or after a Gather of experts)
+contracts the weight's second-to-last axis; ONNX Runtime's `com.microsoft.MoE` stores expert
+weights [E, N, K] and contracts the last (then no activation Q/DQ can be placed inside it, which
+is why fp8 never uses the `native` dispatch). Valid because DequantizeLinear computes exactly
+q * scale (zero point 0), the same product the spec defines (graphs/quantize.py); the MatMul then
+sees the dequantized weight. The quantized tensors are lazy: each is computed from the streamed
+fp32 weight when the saver writes it, so memory stays bounded by one weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from llama4_deploy.graphs.quantize import QuantRule, QuantSpec, fp8_channel, int4_blocked, numpy_dtype
+
+WEIGHT_DTYPES = {"int4": ir.DataType.INT4, "fp8": ir.DataType.FLOAT8E4M3FN}
+ALREADY_QUANTIZED = ("DequantizeLinear", "MatMulNBits", "QMoE")
+COMPUTE = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
+
+
+def reduction_axis(value: ir.Value) -> int | str:
+    """The axis the weight's consumers contract (negative), or why it is not known."""
+    axes = set()
+    for user, index in value.uses():
+        if user.op_type == "MatMul" and index == 1:
+            axes.add(-2)
+        elif user.op_type == "Gather" and index == 0 and all(
+                u.op_type == "MatMul" and i == 1 for u, i in user.outputs[0].uses()):
+            axes.add(-2)
+        elif user.domain == "com.microsoft" and user.op_type == "MoE" and index in (2, 4):
+            axes.add(-1)
+        else:
+            return f"is read by {user.op_type} (input {index}), not as a MatMul weight"
+    if len(axes) != 1:
+        return "has no consumer" if not axes else "is contracted along different axes by its consumers"
+    return axes.pop()
+
+
+class QuantizedWeight:
+    """The (q, scale) pair of one weight, computed once when the saver asks for either of them."""
+
+    # the last weight quantized (held, so its identity cannot be reused): one weight at a time, O(layer) memory
+    _last: tuple["QuantizedWeight", tuple[np.ndarray, np.ndarray]] | None = None
+
+    def __init__(self, source: ir.TensorProtocol, rule: QuantRule, axis: int, compute_dtype: str):
+        self.source, self.rule, self.axis, self.compute_dtype = source, rule, axis, compute_dtype
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        cached = QuantizedWeight._last
+        if cached is not None and cached[0] is self:
+            return cached[1]
+        w = self.source.numpy().astype(np.float32)
+        axis = self.axis % w.ndim
+        if self.rule.weight == "int4":
+            q, scale = int4_blocked(w, axis, self.rule.block_size, self.compute_dtype)
+            q = q.astype(ml_dtypes.int4)
+        else:
+            q, scale = fp8_channel(w, axis, self.compute_dtype)
+            if w.ndim == 2:
+                scale = scale.reshape(-1)  # per-axis form along the output axis
+        result = (q, scale.astype(numpy_dtype(self.compute_dtype)))
+        QuantizedWeight._last = (self, result)
+        return result
+
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        dims = tuple(int(d) for d in self.source.shape)
+        axis = self.axis % len(dims)
+        if self.rule.weight == "int4":
+            scale = dims[:axis] + (-(-dims[axis] // self.rule.block_size),) + dims[axis + 1:]
+        elif len(dims) == 2:
+            scale = (dims[1 - axis],)
+        else:
+            scale = dims[:axis] + (1,) + dims[axis + 1:]
+        return dims, scale
+
+    def lazy(self, which: int, name: str, dtype: ir.DataType) -> ir.LazyTensor:
+        shape = self.shapes()[which]
+
+        def compute() -> ir.TensorProtocol:
+            return ir.tensor(self.arrays()[which], dtype=dtype, name=name)
+
+        return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
+
+
+def dequantize_attributes(rule: QuantRule, axis: int, rank: int, k: int) -> dict[str, int]:
+    if rule.weight == "int4":
+        return {"axis": axis % rank, "block_size": rule.block_size}
+    if rank == 2:
+        return {"axis": 1 - axis % rank}
+    return {"axis": axis % rank, "block_size": k}
+
+
+def _scope(name: str) -> str:
+    """`layers.3.experts_gate_up` -> `/layers.3/quant/experts_gate_up`."""
+    stamp, _, rest = name.partition(".")
+    if stamp == "layers":
+        index, _, rest = rest.partition(".")
+        stamp = f"layers.{index}"
+    return f"/{stamp}/quant/{rest}"
+
+
+def quantize_weight(graph: ir.Graph, value: ir.Value, rule: QuantRule, axis: int, compute_dtype: str) -> ir.Value:
+    """Replace initializer `value` by DequantizeLinear(q, scale); returns the dequantized value."""
+    name = value.name
+    weight = QuantizedWeight(value.const_value, rule, axis, compute_dtype)
+    q_shape, scale_shape = weight.shapes()
+    q = ir.Value(name=f"{name}.{rule.weight}", type=ir.TensorType(WEIGHT_DTYPES[rule.weight]), shape=ir.Shape(q_shape),
+                 const_value=weight.lazy(0, f"{name}.{rule.weight}", WEIGHT_DTYPES[rule.weight]))
+    scale = ir.Value(name=f"{name}.scale", type=ir.TensorType(COMPUTE[compute_dtype]), shape=ir.Shape(scale_shape),
+                     const_value=weight.lazy(1, f"{name}.scale", COMPUTE[compute_dtype]))
+    graph.initializers.pop(name)
+    graph.register_initializer(q)
+    graph.register_initializer(scale)
+    node = ir.node("DequantizeLinear", [q, scale], dequantize_attributes(rule, axis, len(q_shape), q_shape[axis]),
+                   name=f"{_scope(name)}/DequantizeLinear")
+    out = node.outputs[0]
+    ir.convenience.replace_all_uses_with(value, out)
+    out.name, out.dtype, out.shape = f"{name}.dq", COMPUTE[compute_dtype], ir.Shape(q_shape)
+    graph.insert_before(graph.node(0), node)
+    return out
+
+
+def quantize_activation(graph: ir.Graph, matmul: ir.Node, scale: float, compute_dtype: str) -> None:
+    """x -> DequantizeLinear(QuantizeLinear(x, s, 0), s, 0) on the MatMul's activation input."""
+    x = matmul.inputs[0]
+    prefix = f"{matmul.name}/act"
+    s = ir.tensor(np.array(scale, dtype=numpy_dtype(compute_dtype)), name=f"{prefix}/scale")
+    zero = ir.tensor(np.array(0, dtype=ml_dtypes.float8_e4m3fn), name=f"{prefix}/zero_point")
+    s_node = ir.node("Constant", [], {"value": s}, name=f"{prefix}/scale")
+    z_node = ir.node("Constant", [], {"value": zero}, name=f"{prefix}/zero_point")
+    quant = ir.node("QuantizeLinear", [x, s_node.outputs[0], z_node.outputs[0]], name=f"{prefix}/QuantizeLinear")
+    dequant = ir.node("DequantizeLinear", [quant.outputs[0], s_node.outputs[0], z_node.outputs[0]],
+                      name=f"{prefix}/DequantizeLinear")
+    for node in (s_node, z_node, quant, dequant):
+        node.outputs[0].name = node.name
+    quant.outputs[0].dtype = ir.DataType.FLOAT8E4M3FN
+    dequant.outputs[0].type, dequant.outputs[0].shape = x.type, x.shape
+    graph.insert_before(matmul, [s_node, z_node, quant, dequant])
+    matmul.replace_input_with(0, dequant.outputs[0])
+
+
+def activation_consumers(dequantized: ir.Value) -> list[ir.Node]:
+    """The MatMuls that multiply an activation by this (dequantized) weight, directly or after a Gather."""
+    out = []
+    for user, index in dequantized.uses():
+        if user.op_type == "MatMul" and index == 1:
+            out.append(user)
+        elif user.op_type == "Gather":
+            out.extend(u for u, i in user.outputs[0].uses() if u.op_type == "MatMul" and i == 1)
+    return out
+
+
+def lower_quant_qdq(model: ir.Model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None,
+                    log: Callable[[str], None] | None = None) -> tuple[int, dict[str, str]]:
+    """Quantize every initializer the spec names that is still float; returns (weights quantized,
+    {weight: why it was not}). `activation_amax` maps a weight name to the calibrated |max| of the
+    activation it multiplies (needed by rules with fp8 activations)."""
+    graph = model.graph
+    count, skipped = 0, {}
+    float_types = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    for name, value in list(graph.initializers.items()):
+        rule = spec.rule_for(name)
+        if rule is None or value.dtype not in float_types or any(
+                user.op_type in ALREADY_QUANTIZED for user, _ in value.uses()):
+            continue  # not named by the spec, or a scale of a weight quantized already
+        axis = reduction_axis(value)
+        if isinstance(axis, str):
+            skipped[name] = axis
+            continue
+        if value.const_value is None:
+            skipped[name] = "has no value to quantize"
+            continue
+        base = name.split(".native")[0]  # re-laid-out expert copies share their source's activation
+        dequantized = quantize_weight(graph, value, rule, axis, spec.compute_dtype)
+        if rule.activation == "fp8_tensor":
+            amax = (activation_amax or {}).get(base)
+            if amax is None:
+                raise ValueError(f"weight {base} needs an fp8 activation scale but calibration has none for it")
+            for matmul in activation_consumers(dequantized):
+                quantize_activation(graph, matmul, fp8_scale(amax, spec.compute_dtype), spec.compute_dtype)
+        count += 1
+    if count:
+        graph.opset_imports[""] = max(graph.opset_imports.get("", 21), 21)
+    return count, skipped
+
+
+def fp8_scale(amax: float, compute_dtype: str) -> float:
+    from llama4_deploy.graphs.quantize import fp8_activation_scale
+
+    return fp8_activation_scale(amax, compute_dtype)

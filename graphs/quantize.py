@@ -1,0 +1,209 @@
+"""What a precision means, as data: the quantization spec, its presets, and the numbers.
+
+A spec is a list of rules; each rule names weights by pattern (fnmatch over the linked graph's
+initializer names, which are the deploy-form parameter names under their stamp: `layers.3.q`,
+`layers.3.experts_gate_up`, and the MoE lowerings' re-laid-out copies such as
+`layers.3.experts_gate_up.native_fc1`) and says how they are stored:
+
+    rule     patterns      ["layers.*.experts_*", "layers.*.shared_*", "layers.*.mlp_*", "layers.*.[qkvo]"]
+             weight        int4 | fp8            storage format of the weight
+             granularity   block | channel       int4: blocks along the reduction axis; fp8: per output channel
+             block_size    32 | 64 | 128         int4 only; the last block of an axis shorter than it is partial
+             activation    none | fp8_tensor     fp8: static per-tensor scale on each activation feeding the MatMul
+             method        rtn                   round to nearest
+
+Presets follow Meta's deployment notes and ModelOpt's FP8_DEFAULT_CFG / INT4 configs: every
+linear layer of the decoder (routed experts per expert, shared expert, dense MLPs, attention
+projections) is quantized; router, embeddings, lm_head and norms stay in the compute dtype.
+
+The numbers (one definition, used by the graph passes and by the fake-quant simulation alike):
+
+    int4   scale[b, n] = amax(|w[block b, n]|) / 7, rounded to the compute dtype (1 where amax is 0)
+           q = clip(rint(w / scale), -8, 7)                      symmetric, zero point 0
+    fp8    scale[n] = amax(|w[:, n]|) / 448, rounded to the compute dtype (1 where amax is 0)
+           q = float8_e4m3fn(clip(w / scale, -448, 448))          round to nearest even
+    dequantized w' = q * scale
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int4")
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+FORMS = ("qdq", "ort")
+BLOCK_SIZES = (32, 64, 128)
+INT4_MAX = 7
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+LINEAR_PATTERNS = ("layers.*.experts_*", "layers.*.shared_*", "layers.*.mlp_*",
+                   "layers.*.q", "layers.*.k", "layers.*.v", "layers.*.o")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantRule(Strict):
+    patterns: tuple[str, ...]
+    weight: Literal["int4", "fp8"]
+    granularity: Literal["block", "channel"]
+    block_size: int | None = None
+    activation: Literal["none", "fp8_tensor"] = "none"
+    method: Literal["rtn"] = "rtn"
+
+    def matches(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in self.patterns)
+
+
+class QuantSpec(Strict):
+    """Precision of a build: compute dtype plus the rules for quantized weights (none for fp32/fp16/bf16)."""
+
+    precision: Literal["fp32", "fp16", "bf16", "fp8", "int4"]
+    compute_dtype: Literal["float32", "float16", "bfloat16"]
+    rules: tuple[QuantRule, ...] = ()
+    form: Literal["qdq", "ort"] = "qdq"
+
+    def rule_for(self, name: str) -> QuantRule | None:
+        return next((rule for rule in self.rules if rule.matches(name)), None)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.rules)
+
+    @property
+    def activations(self) -> bool:
+        return any(rule.activation != "none" for rule in self.rules)
+
+    def summary(self) -> str:
+        if not self.rules:
+            return f"{self.precision}: {self.compute_dtype} compute, no quantized weights"
+        parts = []
+        for rule in self.rules:
+            what = f"{rule.weight} {rule.granularity}" + (f" {rule.block_size}" if rule.block_size else "")
+            act = "" if rule.activation == "none" else f", activations {rule.activation}"
+            parts.append(f"{what} ({rule.method}{act}) on {', '.join(rule.patterns)}")
+        return f"{self.precision} [{self.form}]: {self.compute_dtype} compute; " + "; ".join(parts)
+
+
+class QuantConfig(Strict):
+    """The build's precision choices (recipe keys and CLI flags map onto these)."""
+
+    precision: Literal["fp32", "fp16", "bf16", "fp8", "int4"] = "fp32"
+    compute_dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None: from the precision
+    block_size: int = Field(128, description="int4 block along the reduction axis")
+    form: Literal["qdq", "ort", "auto"] = "auto"
+
+
+def default_compute_dtype(precision: str) -> str:
+    return {"fp16": "float16", "bf16": "bfloat16"}.get(precision, "float32")
+
+
+def form_for(precision: str, backend: str, choice: str = "auto") -> str:
+    """auto: ONNX Runtime's 4-bit kernels for int4 on ONNX Runtime; Q/DQ otherwise (FP8 has no fast CPU kernel)."""
+    if choice != "auto":
+        return choice
+    return "ort" if precision == "int4" and backend == "onnxruntime" else "qdq"
+
+
+def make_spec(config: QuantConfig, backend: str = "onnxruntime") -> QuantSpec:
+    """The preset spec of a precision. Raises ValueError (one sentence) on a bad combination."""
+    if config.block_size not in BLOCK_SIZES:
+        raise ValueError(f"block size {config.block_size} is not supported; choose one of "
+                         f"{', '.join(map(str, BLOCK_SIZES))}")
+    compute = config.compute_dtype or default_compute_dtype(config.precision)
+    form = form_for(config.precision, backend, config.form)
+    if config.precision == "fp16" and compute != "float16" or config.precision == "bf16" and compute != "bfloat16":
+        raise ValueError(f"precision {config.precision} is a compute dtype; it cannot run in {compute}")
+    if config.precision == "fp8" and form == "ort":
+        raise ValueError("fp8 has no ONNX Runtime 4-bit kernel form; use --quant-form qdq (ONNX Runtime runs it)")
+    if config.precision not in ("fp8", "int4") and config.form == "ort":
+        raise ValueError(f"precision {config.precision} quantizes nothing; the ort form needs int4")
+    rules: tuple[QuantRule, ...] = ()
+    if config.precision == "int4":
+        rules = (QuantRule(patterns=LINEAR_PATTERNS, weight="int4", granularity="block", block_size=config.block_size),)
+    elif config.precision == "fp8":
+        rules = (QuantRule(patterns=LINEAR_PATTERNS, weight="fp8", granularity="channel", activation="fp8_tensor"),)
+    return QuantSpec(precision=config.precision, compute_dtype=compute, rules=rules,
+                     form=form if rules else "qdq")
+
+
+def numpy_dtype(compute_dtype: str):
+    if compute_dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(compute_dtype)
+
+
+# -- numbers ------------------------------------------------------------------------------------
+def _rounded_scale(amax: np.ndarray, top: float, compute_dtype: str) -> np.ndarray:
+    scale = np.where(amax > 0, amax / np.float32(top), np.float32(1)).astype(np.float32)
+    return scale.astype(numpy_dtype(compute_dtype)).astype(np.float32)
+
+
+def int4_blocked(w: np.ndarray, axis: int, block: int, compute_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """(q int8 in [-8, 7] shaped like w, scale float32 with axis shrunk to ceil(K / block))."""
+    w = np.moveaxis(np.asarray(w, dtype=np.float32), axis, -1)
+    k = w.shape[-1]
+    blocks = -(-k // block)
+    padded = np.zeros(w.shape[:-1] + (blocks * block,), dtype=np.float32)
+    padded[..., :k] = w
+    grouped = padded.reshape(w.shape[:-1] + (blocks, block))
+    scale = _rounded_scale(np.abs(grouped).max(-1), INT4_MAX, compute_dtype)  # [..., blocks]
+    q = np.clip(np.rint(grouped / scale[..., None]), -8, 7).astype(np.int8).reshape(padded.shape)[..., :k]
+    return np.moveaxis(q, -1, axis), np.moveaxis(scale, -1, axis)
+
+
+def int4_dequantize(q: np.ndarray, scale: np.ndarray, axis: int, block: int) -> np.ndarray:
+    expanded = np.repeat(scale, block, axis=axis)
+    expanded = np.take(expanded, np.arange(q.shape[axis]), axis=axis)
+    return q.astype(np.float32) * expanded
+
+
+def fp8_channel(w: np.ndarray, axis: int, compute_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """(q float8_e4m3fn shaped like w, scale float32 with the reduction `axis` kept as size 1)."""
+    import ml_dtypes
+
+    w = np.asarray(w, dtype=np.float32)
+    scale = _rounded_scale(np.abs(w).max(axis=axis, keepdims=True), FP8_MAX, compute_dtype)
+    q = np.clip(w / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale
+
+
+def fp8_dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * scale
+
+
+def fp8_activation_scale(amax: float, compute_dtype: str = "float32") -> float:
+    return float(_rounded_scale(np.asarray(amax, dtype=np.float32), FP8_MAX, compute_dtype))
+
+
+def fake_quant(w: np.ndarray, rule: QuantRule, axis: int, compute_dtype: str = "float32") -> np.ndarray:
+    """w quantized and dequantized per `rule` along reduction `axis` (what the engine computes with)."""
+    if rule.weight == "int4":
+        q, scale = int4_blocked(w, axis, rule.block_size, compute_dtype)
+        return int4_dequantize(q, scale, axis, rule.block_size)
+    q, scale = fp8_channel(w, axis, compute_dtype)
+    return fp8_dequantize(q, scale)
+
+
+def fake_quant_activation(x: np.ndarray, scale: float) -> np.ndarray:
+    import ml_dtypes
+
+    return np.clip(x / np.float32(scale), -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * np.float32(scale)
+
+
+def pack_int4_rows(q: np.ndarray, block: int) -> np.ndarray:
+    """int4 values [..., K] (in [-8, 7]) -> ONNX Runtime's MatMulNBits / QMoE storage [..., ceil(K/block), block/2]
+    uint8: stored value q + 8 (the kernels' default zero point 8), element 2j in the low nibble of byte j,
+    a partial last block padded with stored 8 (zero)."""
+    k = q.shape[-1]
+    blocks = -(-k // block)
+    stored = np.full(q.shape[:-1] + (blocks * block,), 8, dtype=np.uint8)
+    stored[..., :k] = (q.astype(np.int16) + 8).astype(np.uint8)
+    packed = stored[..., 0::2] | (stored[..., 1::2] << 4)
+    return packed.reshape(q.shape[:-1] + (blocks, block // 2))

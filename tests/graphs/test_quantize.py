@@ -1,0 +1,99 @@
+"""The quantization spec and its numbers; the ort form's kernels against the qdq form on one MatMul.
+
+Tolerance: MatMulNBits dequantizes exactly the same (stored - 8) * scale as DequantizeLinear's
+q * scale, so the two differ by float32 summation order only (1e-5 at these sizes, bound 1e-4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from llama4_deploy.graphs.quantize import (QuantConfig, fake_quant, fp8_channel, int4_blocked, make_spec,
+                                           pack_int4_rows)
+
+
+def test_presets_name_the_linear_layers_only():
+    spec = make_spec(QuantConfig(precision="int4"))
+    assert spec.form == "ort" and spec.compute_dtype == "float32" and spec.rules[0].block_size == 128
+    for name in ("layers.0.q", "layers.3.o", "layers.1.experts_gate_up", "layers.1.experts_down.native_fc2",
+                 "layers.2.shared_up", "layers.0.mlp_down"):
+        assert spec.rule_for(name) is not None, name
+    for name in ("layers.1.router", "embed.embed", "head.lm_head", "layers.0.input_norm", "layers.0.rope_rotation"):
+        assert spec.rule_for(name) is None, name
+    fp8 = make_spec(QuantConfig(precision="fp8"))
+    assert fp8.form == "qdq" and fp8.activations and fp8.rules[0].granularity == "channel"
+    assert make_spec(QuantConfig(precision="fp16")).compute_dtype == "float16"
+    assert not make_spec(QuantConfig(precision="bf16")).quantized
+
+
+@pytest.mark.parametrize("config, message", [
+    (QuantConfig(precision="int4", block_size=48), "block size 48"),
+    (QuantConfig(precision="fp8", form="ort"), "fp8 has no ONNX Runtime"),
+    (QuantConfig(precision="fp32", form="ort"), "quantizes nothing"),
+])
+def test_bad_combinations_refuse(config, message):
+    with pytest.raises(ValueError, match=message):
+        make_spec(config)
+
+
+def test_int4_numbers():
+    w = np.array([[0.7, -1.4], [0.1, 0.2], [-0.35, 0.0], [0.0, 0.0]], dtype=np.float32)  # [K=4, N=2]
+    q, scale = int4_blocked(w, axis=0, block=2)
+    assert scale.shape == (2, 2) and q.dtype == np.int8
+    np.testing.assert_allclose(scale, [[0.1, 0.2], [0.05, 1.0]], rtol=1e-6)  # amax / 7; 1 for an all-zero block
+    np.testing.assert_array_equal(q, [[7, -7], [1, 1], [-7, 0], [0, 0]])
+    # a partial last block (K=3, block 2) and packing: stored q + 8, low nibble first
+    q3, _ = int4_blocked(w[:3], axis=0, block=2)
+    packed = pack_int4_rows(q3.T, 2)  # [N, blocks, 1]
+    assert packed.shape == (2, 2, 1)
+    assert packed[0, 0, 0] == (7 + 8) | ((1 + 8) << 4) and packed[0, 1, 0] == (-7 + 8) | (8 << 4)
+
+
+def test_fp8_numbers():
+    import ml_dtypes
+
+    w = np.array([[1.0, -2.0], [448.0 / 512, 0.5]], dtype=np.float32)
+    q, scale = fp8_channel(w, axis=0)
+    assert q.dtype == ml_dtypes.float8_e4m3fn and scale.shape == (1, 2)
+    np.testing.assert_allclose(scale, [[1.0 / 448, 2.0 / 448]], rtol=1e-6)
+    np.testing.assert_allclose(fake_quant(w, make_spec(QuantConfig(precision="fp8")).rules[0], 0), w, rtol=2 ** -3)
+
+
+def _matmul_model(w: np.ndarray) -> ir.Model:
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([3, w.shape[0]]))
+    weight = ir.Value(name="layers.0.q", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(w.shape),
+                      const_value=ir.tensor(w, name="layers.0.q"))
+    node = ir.node("MatMul", [x, weight], name="/layers.0/MatMul")
+    node.outputs[0].name = "y"
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[weight], opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("form", ["qdq", "ort"])
+@pytest.mark.parametrize("block", [32, 128])
+def test_matmul_forms_compute_the_spec(form, block):
+    import onnxruntime as ort
+
+    from llama4_deploy.graphs.quant_pass import quantize_model
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.02, (96, 40)).astype(np.float32)  # K=96: a partial last block at 64 and 128
+    x = rng.normal(0, 1, (3, 96)).astype(np.float32)
+    spec = make_spec(QuantConfig(precision="int4", block_size=block, form=form))
+    model = _matmul_model(w)
+    counts = quantize_model(model, spec)
+    ops = [n.op_type for n in model.graph]
+    if form == "ort":
+        assert counts == {"quantize_ort": 1, "quantize_qdq": 0} and ops == ["MatMulNBits"]
+    else:
+        assert counts == {"quantize_qdq": 1} and ops == ["DequantizeLinear", "MatMul"]
+        assert model.graph.initializers["layers.0.q.int4"].dtype == ir.DataType.INT4
+    options = ort.SessionOptions()  # as the runtime's runner: ORT's own DQ->MatMulNBits fusion keeps float activations
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x})[0]
+    expected = x @ fake_quant(w, spec.rules[0], 0)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert np.abs(x @ w - expected).max() > 1e-3  # quantization did change the numbers
