@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -24,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from llama4_deploy.runtime.bundle import BundleError, Manifest
+
+log = logging.getLogger(__name__)
 
 LAYOUT_KEY = "llama4_deploy.weights_layout"  # metadata_props entry of every graph
 # the chunk a graph's masks were traced with: ring inputs are a dynamic dim ("ring"), so the chunk
@@ -116,6 +119,8 @@ def check_files(manifest: Manifest, names: Iterable[str] | None = None) -> tuple
             raise BundleError(f"{name} in {manifest.path} has {size} bytes, the manifest records "
                               f"{records[name]['size']}: the file was changed or truncated after the build")
     tasks = [task for name in names for task in _hash_tasks(name, records[name])]
+    log.info("checking SHA-256 of %d files (%.1f MB) in %d parts on %d threads", len(names),
+             sum(records[n]["size"] for n in names) / 1e6, len(tasks), _workers(len(tasks)))
 
     def matches(task: tuple[str, int, int, str]) -> bool:
         name, offset, length, expected = task
