@@ -252,6 +252,8 @@ def build(
             raise BuildError(f"unknown attention form {attention!r}; choose one of {', '.join((*FORMS, 'auto'))}")
         chosen = chosen.model_copy(update={"attention": attention})
     out = Path(out or Path("build") / chosen.name).resolve()
+    if checkpoint is None and chosen.checkpoint_path is not None:
+        checkpoint = chosen.checkpoint_path  # shipped with the repository (recipes/tiny-trained.yaml)
     if checkpoint is None and chosen.random is None:
         raise BuildError(
             f"recipe {chosen.name} needs a checkpoint: run make engine MODEL={chosen.name} CHECKPOINT=/path "

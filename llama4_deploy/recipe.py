@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPE_DIR = REPO_ROOT / "recipes"
 
 
 class RecipeError(ValueError):
@@ -44,6 +45,7 @@ class Recipe(Strict):
     description: str
     needs: str = "nothing: random weights, any machine"  # checkpoint, GPUs, memory
     random: RandomWeights | None = None
+    checkpoint: str | None = None  # a checkpoint shipped in the repository, relative to its root
     checkpoint_required: bool = False
     expect_config: dict[str, Any] = Field(default_factory=dict)  # published facts a checkpoint must match
     precision: Literal["fp32"] = "fp32"
@@ -54,6 +56,16 @@ class Recipe(Strict):
     capacity_factor: float = Field(1.25, gt=0)  # slots per expert = ceil(factor * tokens * k / experts)
     profiles: Profiles = Profiles()
     verify: Verify = Verify()
+
+    @model_validator(mode="after")
+    def _one_weight_source(self) -> "Recipe":
+        if self.random is not None and self.checkpoint is not None:
+            raise ValueError("give either random or checkpoint, not both")
+        return self
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return REPO_ROOT / self.checkpoint if self.checkpoint is not None else None
 
 
 def recipe_path(name_or_path: str) -> Path:

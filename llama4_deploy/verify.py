@@ -9,6 +9,7 @@ decoding would have produced the same tokens. `score` is checked on both paths a
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,7 @@ class Report:
     graphs: dict[str, str]  # role -> MoE dispatch
     steps: int = 0
     overflow_reruns: int = 0
+    evaluation: Any = None  # a trained checkpoint's held-out perplexity (llama4_deploy.evaluate.Evaluation)
 
     @property
     def ok(self) -> bool:
@@ -66,6 +68,8 @@ class Report:
                 f"{row.path:<16}{row.prompt:>7}{row.tokens:>8}{c.value:>14.3e}{c.tolerance:>12.3e}"
                 f"{f'{row.greedy_agree}/{row.greedy_total}':>10}  {'ok' if row.ok else 'FAIL: ' + str(c)}"
             )
+        if self.evaluation is not None:
+            lines.append(self.evaluation.summary())
         lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
 
@@ -118,4 +122,16 @@ def verify(bundle: str, threads: int | None = None, log=print) -> Report:
     tuning = None
     if model.get("attn_temperature_tuning") and not all(model["rope_layers"]):
         tuning = int(model["floor_scale"]) - 1  # floor((p + 1) / floor_scale) >= 1
-    return Report(rows, lengths, new_tokens, chunk, tuning, graphs, steps, reruns)
+    return Report(rows, lengths, new_tokens, chunk, tuning, graphs, steps, reruns, _perplexity(bundle, manifest, threads, log))
+
+
+def _perplexity(bundle, manifest, threads, log):
+    """Held-out perplexity of a bundle built from a trained checkpoint that ships a held-out sample."""
+    from llama4_deploy.evaluate import default_text, evaluate
+
+    try:
+        text = default_text(manifest)
+    except ValueError:
+        return None  # random weights: perplexity says nothing
+    log(f"[verify] perplexity on {text.name}")
+    return evaluate(bundle, text, threads=threads)
