@@ -93,4 +93,6 @@ def load_recipe(name_or_path: str) -> Recipe:
         where = ".".join(str(part) for part in first["loc"])
         if first["type"] == "extra_forbidden":
             raise RecipeError(f"recipe {path.name} has unknown key {where!r}") from None
+        if not where:  # a check across fields (model_validator)
+            raise RecipeError(f"recipe {path.name}: {first['msg'].removeprefix('Value error, ')}") from None
         raise RecipeError(f"recipe {path.name}: {where}: {first['msg']}") from None
