@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": dataclasses.asdict(settings),
         "parameters": total, "active_parameters": active,
         "seconds": round(result["seconds"], 1), "tokens_per_s": round(result["tokens_per_s"]),
-        "held_out_perplexity": round(ppl, 3), "held_out_sample_perplexity": round(sample_ppl, 3), "expert_load": {str(l): s for l, s in zip(model.config.moe_layers, shares)},
+        "held_out_perplexity": round(ppl, 3), "held_out_sample_perplexity": round(sample_ppl, 3),
+        "expert_load": {str(layer): share for layer, share in zip(model.config.moe_layers, shares)},
         "history": result["history"],
     }, indent=1) + "\n")
     shutil.copyfile(log_path, staging / "train.log")
