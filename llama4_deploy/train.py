@@ -420,6 +420,16 @@ def write_held_out_sample(texts: list[str], path: Path, max_chars: int = 60_000)
     path.write_text("".join(parts)[:max_chars])
 
 
+def write_corpus_license(corpus: Corpus, path: Path) -> None:
+    """The PSF License Agreement from the package's copyright file: the license asks that it travel
+    with derived works (the weights and the held-out sample)."""
+    text = (corpus.root / CORPUS_LICENSE).read_text()
+    start = text.index("PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2")
+    end = text.index("BEOPEN.COM LICENSE AGREEMENT", start)
+    path.write_text(f"From the copyright file of Debian's {CORPUS_PACKAGE} {corpus.version}:\n\n"
+                    + text[start:end].rstrip() + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -475,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[eval] layer {layer} expert load: " + " ".join(f"{x:.1%}" for x in share))
     plot_curve(result["history"], staging / "loss.png")
     write_held_out_sample(held_texts, staging / HELD_OUT_SAMPLE.name)
+    write_corpus_license(corpus, staging / "PSF-LICENSE.txt")
     # the figure `llama4-deploy eval` reproduces on a bundle: the same windows of the shipped sample
     sample_ids = np.array(tokenizer.encode((staging / HELD_OUT_SAMPLE.name).read_text()).ids, dtype=np.int64)
     sample_ppl, _ = held_out_stats(shipped, sample_ids, settings.seq_len)
