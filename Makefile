@@ -2,7 +2,8 @@
 MODEL ?= tiny-trained
 CHECKPOINT ?=
 OUT ?= build/$(MODEL)
-# the trained checkpoint writes words: make engine shows a sample of them (no trailing space: see README)
+# the trained checkpoint writes words: make engine shows a sample of them (seeded nucleus sampling: greedy
+# decoding loops on this corpus; no trailing space in the prompt: see README)
 PROMPT ?= $(if $(filter tiny-trained,$(MODEL)),The list of)
 PYTHON ?= python3
 VENV := .venv
@@ -24,7 +25,7 @@ $(STAMP): pyproject.toml
 engine: $(STAMP)
 	$(BIN)/llama4-deploy build --recipe $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --out $(OUT)
 	$(BIN)/llama4-deploy verify $(OUT)
-	$(if $(PROMPT),$(BIN)/llama4-deploy run $(OUT) --prompt "$(PROMPT)" --max-new-tokens 40)
+	$(if $(PROMPT),$(BIN)/llama4-deploy run $(OUT) --prompt "$(PROMPT)" --max-new-tokens 40 --temperature 0.7 --top-p 0.9 --seed 0)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
