@@ -287,6 +287,8 @@ def build(
         chosen = chosen.model_copy(update={"attention": attention})
     chosen = _with_precision(chosen, precision, compute_dtype, block_size, quant_form, calibration)
     out = Path(out or Path("build") / chosen.name).resolve()
+    if checkpoint is None and chosen.checkpoint_path is not None:
+        checkpoint = chosen.checkpoint_path  # shipped with the repository (recipes/tiny-trained.yaml)
     if checkpoint is None and chosen.random is None:
         raise BuildError(
             f"recipe {chosen.name} needs a checkpoint: run make engine MODEL={chosen.name} CHECKPOINT=/path "

@@ -149,6 +149,20 @@ def lint(path) -> None:
     sys.exit(1 if failed else 0)
 
 
+@main.command(name="eval")
+@click.argument("bundle", type=click.Path())
+@click.option("--text", type=click.Path(), help="text file (default: the checkpoint's held-out sample)")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
+def eval_(bundle, text, threads) -> None:
+    """Perplexity on held-out text through the prefill path, and tokens/s."""
+    from llama4_deploy.evaluate import evaluate
+
+    try:
+        click.echo(evaluate(bundle, text, threads=threads).summary())
+    except _user_errors() as err:
+        raise UserError(str(err)) from None
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]

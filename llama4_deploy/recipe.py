@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPE_DIR = REPO_ROOT / "recipes"
 
 
 class RecipeError(ValueError):
@@ -68,6 +69,7 @@ class Recipe(Strict):
     description: str
     needs: str = "nothing: random weights, any machine"  # checkpoint, GPUs, memory
     random: RandomWeights | None = None
+    checkpoint: str | None = None  # a checkpoint shipped in the repository, relative to its root
     checkpoint_required: bool = False
     expect_config: dict[str, Any] = Field(default_factory=dict)  # published facts a checkpoint must match
     # precision (graphs/quantize.py): fp32/fp16/bf16 set the compute dtype; fp8/int4 quantize the linear layers
@@ -83,6 +85,16 @@ class Recipe(Strict):
     capacity_factor: float = Field(1.25, gt=0)  # slots per expert = ceil(factor * tokens * k / experts)
     profiles: Profiles = Profiles()
     verify: Verify = Verify()
+
+    @model_validator(mode="after")
+    def _one_weight_source(self) -> "Recipe":
+        if self.random is not None and self.checkpoint is not None:
+            raise ValueError("give either random or checkpoint, not both")
+        return self
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return REPO_ROOT / self.checkpoint if self.checkpoint is not None else None
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -114,4 +126,6 @@ def load_recipe(name_or_path: str) -> Recipe:
         if first["type"] == "extra_forbidden":
             raise RecipeError(f"recipe {path.name} has unknown key {where!r}") from None
         message = first["msg"].removeprefix("Value error, ")
+        if not where:  # a check across fields (model_validator)
+            raise RecipeError(f"recipe {path.name}: {message}") from None
         raise RecipeError(f"recipe {path.name}: {where}: {message}") from None

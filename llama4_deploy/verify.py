@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,7 @@ class Report:
     overflow_reruns: int = 0
     reference: str = "transformers fp32"
     quality: dict[str, float] | None = None  # vs transformers fp32, for quantized / narrowed engines
+    evaluation: Any = None  # a trained checkpoint's held-out perplexity (llama4_deploy.evaluate.Evaluation)
 
     @property
     def ok(self) -> bool:
@@ -81,6 +83,8 @@ class Report:
                          f"positions: min cosine {q['min_cosine']:.4f}, max KL {q['max_kl']:.4g}, mean KL "
                          f"{q['mean_kl']:.4g}, greedy agreement {q['greedy_agree']}/{q['positions']} "
                          f"(generated {q['generated_agree']}/{q['generated']})")
+        if self.evaluation is not None:
+            lines.append(self.evaluation.summary())
         lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
 
@@ -186,7 +190,8 @@ def verify(bundle: str, threads: int | None = None, log=print) -> Report:
     if model.get("attn_temperature_tuning") and not all(model["rope_layers"]):
         tuning = int(model["floor_scale"]) - 1  # floor((p + 1) / floor_scale) >= 1
     return Report(rows, lengths, new_tokens, chunk, tuning, graphs, steps, reruns,
-                  "transformers fp32" if spec is None else f"fake-quant simulation ({spec.precision})", quality)
+                  "transformers fp32" if spec is None else f"fake-quant simulation ({spec.precision})", quality,
+                  _perplexity(bundle, manifest, threads, log))
 
 
 def _simulation(manifest, reference):
@@ -208,3 +213,15 @@ def _simulation(manifest, reference):
     fp32_reference = copy.deepcopy(reference)
     simulate(reference, spec, amax)
     return spec, fp32_reference, SIMULATION_TOLERANCE[spec.compute_dtype]
+
+
+def _perplexity(bundle, manifest, threads, log):
+    """Held-out perplexity of a bundle built from a trained checkpoint that ships a held-out sample."""
+    from llama4_deploy.evaluate import default_text, evaluate
+
+    try:
+        text = default_text(manifest)
+    except ValueError:
+        return None  # random weights: perplexity says nothing
+    log(f"[verify] perplexity on {text.name}")
+    return evaluate(bundle, text, threads=threads)
