@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[build,test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[build,serve,test]'
 	touch $(STAMP)
 
 engine: $(STAMP)

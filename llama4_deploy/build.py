@@ -165,7 +165,8 @@ def _source_record(recipe: Recipe, checkpoint_dir: Path | None) -> dict[str, Any
     return {"kind": "random", "recipe": recipe.name, "random": recipe.random.model_dump()}
 
 
-def _manifest(recipe: Recipe, shape, source, passes, graphs, has_tokenizer: bool, seconds: float) -> dict[str, Any]:
+def _manifest(recipe: Recipe, shape, source, passes, graphs, has_tokenizer: bool, has_tokenizer_config: bool,
+              seconds: float) -> dict[str, Any]:
     import onnx
     import onnxruntime
     import torch
@@ -200,6 +201,7 @@ def _manifest(recipe: Recipe, shape, source, passes, graphs, has_tokenizer: bool
         },
         "profiles": recipe.profiles.model_dump(),
         "tokenizer": "tokenizer.json" if has_tokenizer else None,
+        "tokenizer_config": "tokenizer_config.json" if has_tokenizer_config else None,
         "source": source,
         "verify": recipe.verify.model_dump(),
         "golden": GOLDEN,
@@ -305,8 +307,11 @@ def build(
             raise BuildError(str(err)) from None
         if ckpt.tokenizer_file is not None:
             shutil.copyfile(ckpt.tokenizer_file, staging / "tokenizer.json")
+        if ckpt.tokenizer_config_file is not None:  # the chat template `serve` renders
+            shutil.copyfile(ckpt.tokenizer_config_file, staging / "tokenizer_config.json")
         source = _source_record(chosen, None if checkpoint is None else ckpt.path)
-        manifest = _manifest(chosen, shape, source, passes, graphs, ckpt.tokenizer_file is not None, time.time() - start)
+        manifest = _manifest(chosen, shape, source, passes, graphs, ckpt.tokenizer_file is not None,
+                             ckpt.tokenizer_config_file is not None, time.time() - start)
         write_manifest(staging, manifest)
         log("[golden] engine logits for a fixed prompt")
         _write_golden(staging, shape)

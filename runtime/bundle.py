@@ -69,6 +69,12 @@ class Manifest:
         name = self.raw.get("tokenizer")
         return self.path / name if name else None
 
+    @property
+    def tokenizer_config_path(self) -> Path | None:
+        """tokenizer_config.json copied from the checkpoint (its chat template), when it had one."""
+        name = self.raw.get("tokenizer_config")
+        return self.path / name if name else None
+
 
 def read_manifest(bundle_dir: str | Path) -> Manifest:
     path = Path(bundle_dir)
