@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: engine test bench setup clean
+.PHONY: engine test bench loadtest setup clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ test: $(STAMP)
 # ONNX Runtime vs transformers eager, side by side, per MoE dispatch (several minutes)
 bench: $(STAMP)
 	$(BIN)/python -m llama4_deploy.bench
+
+# `llama4-deploy serve` under 1, 4, 8 and 16 concurrent clients on loopback (scout-mini by default)
+LOADTEST_MODEL ?= scout-mini
+loadtest: $(STAMP)
+	test -f build/$(LOADTEST_MODEL)/manifest.json || $(BIN)/llama4-deploy build --recipe $(LOADTEST_MODEL) --out build/$(LOADTEST_MODEL)
+	$(BIN)/python -m llama4_deploy.loadtest --bundle build/$(LOADTEST_MODEL)
 
 clean:
 	rm -rf build

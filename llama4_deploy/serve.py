@@ -136,6 +136,9 @@ class _Run:
         loop = asyncio.get_running_loop()
         request.listener = lambda _, output: loop.call_soon_threadsafe(self.queue.put_nowait, output)
         tokenizer = server.tokenizer
+        if stop_strings and tokenizer is None:
+            raise ClientError(f"bundle {server.model} has no tokenizer.json, so stop strings cannot be matched; "
+                              "give stop token ids instead", "stop")
         self.stream = tokenizer.stream(stop_strings) if tokenizer else None
         self.tokens: list[int] = []  # tokens whose text is in the answer
         self.finish_reason: str | None = None

@@ -138,6 +138,7 @@ def test_openai_client_completions_chat_streaming_and_models(live, engine):
     # chat: the bundle's tokenizer_config.json template (tests/conftest.py), not the built-in one
     messages = [{"role": "system", "content": "w3"}, {"role": "user", "content": "w10 w11 w12"}]
     rendered = "w1 w7 system w8 w3 w9 w7 user w8 w10 w11 w12 w9 w7 assistant w8"
+    assert live.server.chat_template.source == "tokenizer_config.json"  # copied into the bundle by the build
     assert live.server.chat_template.render(messages) == rendered
     chat_prompt = tokenizer.encode(rendered, add_special_tokens=False)
     expected = generated(engine, chat_prompt, 6)
@@ -193,6 +194,16 @@ def test_seeded_sampling_over_http_equals_generate_with_the_seed(live, engine):
     assert len(done.choices[0].logprobs.top_logprobs) == 8 and all(len(t) == 2 for t in done.choices[0].logprobs.top_logprobs)
 
 
+def test_the_built_in_chat_template_is_llama_4_s_header_format():
+    from llama4_deploy.serve import ChatTemplate
+
+    template = ChatTemplate(None)
+    assert template.source == "built-in Llama 4 header format"
+    assert template.render([{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Hi"}]) == (
+        "<|begin_of_text|><|header_start|>system<|header_end|>\n\nBe brief.<|eot|>"
+        "<|header_start|>user<|header_end|>\n\nHi<|eot|><|header_start|>assistant<|header_end|>\n\n")
+
+
 # -- errors ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("body, param, message", [
     (b"{not json", None, "not valid JSON"),
@@ -219,6 +230,21 @@ def test_invalid_completions_are_400_with_an_openai_error_object(live, engine, b
     error = answer["error"]
     assert message in error["message"] and error["type"] == "invalid_request_error"
     assert error["param"] == param or (param and error["param"].startswith(param))
+
+
+def test_a_bundle_without_tokenizer_takes_token_ids_only(tiny_bundle):
+    with load(tiny_bundle) as engine, Live(engine) as live:
+        for path, body, param in [("/v1/completions", {"model": "tiny", "prompt": "w1 w2"}, "prompt"),
+                                  ("/v1/completions", {"model": "tiny", "prompt": [1], "stop": "x"}, "stop"),
+                                  ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
+                                   "messages")]:
+            status, _, answer = live.post(path, body)
+            assert status == 400 and answer["error"]["param"] == param and "no tokenizer.json" in answer["error"]["message"]
+        full = generated(engine, [1, 2], 4)
+        status, _, answer = live.post("/v1/completions", {"model": "tiny", "prompt": [1, 2], "max_tokens": 4,
+                                                          "temperature": 0, "stop": [full[2]], "ignore_eos": True})
+        assert status == 200 and answer["choices"][0]["finish_reason"] == "stop"  # an integer stop is a token id
+        assert answer["choices"][0]["token_ids"] == full[: full.index(full[2])]  # the stop token itself is left out
 
 
 def test_chat_errors_unknown_model_and_route(live, engine):
