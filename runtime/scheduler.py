@@ -5,10 +5,14 @@ translates requests into `Request`s and `Output`s back into responses.
 One KVCache of `max_batch` rows lives as long as the scheduler. A free row is padding (position
 -1 in every step); a finished row is recycled with `KVCache.reset_row`. Each `step()`:
 
-1. drops cancelled requests and admits waiting ones into free rows (first come, first served);
+1. drops cancelled requests and admits waiting ones into the lowest free rows (first come, first
+   served);
 2. runs one prefill step: the next chunk (at most the prefill profile's tokens) of every row still
    prefilling, all other rows padding. A row whose prompt is complete samples its first token;
 3. runs one decode step for every decoding row.
+
+A step feeds the engine the cache's leading rows up to the last one it uses (zero-copy views), so a
+lone request costs a batch of one, not of max_batch.
 
 So a long prompt is fed chunk by chunk with a decode step between chunks: it never stalls the
 running requests for more than one prefill step. Each row samples from its own logits with its own
@@ -95,6 +99,25 @@ class StepRecord:
     seconds: float
     rows: int  # rows with real tokens in the step
     tokens: int  # real tokens fed
+
+
+class _LeadingRows:
+    """The first `rows` rows of a KVCache, seen the way `Engine.run_step` sees a cache. A leading-axis
+    slice of a C-contiguous buffer is itself contiguous, so the engine reads it in place: a step costs
+    the rows in use, not max_batch. Rows of the step index the full cache, so `write` goes through."""
+
+    def __init__(self, cache: KVCache, rows: int):
+        self.cache, self.rows = cache, rows
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.cache.lengths[: self.rows]  # [b]
+
+    def feeds(self) -> dict:
+        return {name: buffer[: self.rows] for name, buffer in self.cache.feeds().items()}  # [b, K, S, D] views
+
+    def write(self, outputs: dict, positions: np.ndarray) -> None:
+        self.cache.write(outputs, positions)  # positions [b, T]: its rows are the cache's first b rows
 
 
 def top_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
@@ -229,8 +252,9 @@ class Scheduler:
     def _run(self, kind: str, rows: list[int], ids: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
         """One engine call; on an engine error only the requests in this step fail (and are logged)."""
         start = time.perf_counter()
+        used = max(rows) + 1  # admission fills the lowest free row, so rows in use stay near the front
         try:
-            logits = self.engine.run_step(self.cache, ids, positions)
+            logits = self.engine.run_step(_LeadingRows(self.cache, used), ids[:used], positions[:used])
         except Exception as err:
             log.exception("%s step failed; failing its %d request(s)", kind, len(rows))
             with self._work:
@@ -252,7 +276,7 @@ class Scheduler:
             start = row.prefilled
             ids[b, : take[b]] = row.request.prompt[start : start + take[b]]
             positions[b, : take[b]] = np.arange(start, start + take[b])
-        logits = self._run("prefill", rows, ids, positions)  # [B, T, V]
+        logits = self._run("prefill", rows, ids, positions)  # [b, T, V], b = rows up to the last one in use
         if logits is None:
             return
         for b in rows:
@@ -267,7 +291,7 @@ class Scheduler:
         for b in rows:
             ids[b, 0] = self.rows[b].last_token
             positions[b, 0] = self.cache.lengths[b]
-        logits = self._run("decode", rows, ids, positions)  # [B, 1, V]
+        logits = self._run("decode", rows, ids, positions)  # [b, 1, V]
         if logits is None:
             return
         for b in rows:

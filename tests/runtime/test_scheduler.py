@@ -94,6 +94,26 @@ def test_a_stop_token_ends_the_request_and_frees_its_row(engine):
     assert scheduler.occupancy == 0
 
 
+def test_a_step_feeds_the_rows_in_use_only(engine, monkeypatch):
+    real, fed = engine.run_step, []
+
+    def spy(cache, ids, positions):
+        fed.append((ids.shape[0], cache.feeds()["past_key.0"].shape[0]))
+        return real(cache, ids, positions)
+
+    monkeypatch.setattr(engine, "run_step", spy)
+    scheduler = Scheduler(engine)  # 4 rows
+    first = scheduler.submit(Request([1, 2, 3], 3))
+    scheduler.run_until_idle()
+    assert set(fed) == {(1, 1)}  # a lone request is a batch of one, cache views included
+    fed.clear()
+    a, b = scheduler.submit(Request([1, 2, 3], 6)), scheduler.submit(Request([4, 5], 2))
+    scheduler.run_until_idle()
+    assert {rows for rows, _ in fed} == {2, 1}  # the second row leaves first; then row 0 alone
+    assert [first.tokens, a.tokens, b.tokens] == [alone(engine, [1, 2, 3], 3), alone(engine, [1, 2, 3], 6),
+                                                  alone(engine, [4, 5], 2)]
+
+
 def test_cancel_frees_the_row_at_the_next_step_and_tells_the_listener(engine):
     outputs = []
     scheduler = Scheduler(engine, max_batch=1, max_queue=1)
