@@ -231,7 +231,7 @@ class Server:
             return prompt
         raise ClientError("prompt holds several prompts; send one prompt per request", "prompt")
 
-    def _request(self, body, prompt: list[int], max_tokens: int, logprobs: int) -> Request:
+    def _request(self, body, prompt: list[int], max_tokens: int, logprobs: int | None) -> Request:
         stop = set(body.stop_ids()) | (set() if body.ignore_eos else set(self.engine.manifest.eos_token_ids))
         return Request(prompt, max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                        stop_tokens=frozenset(stop), logprobs=logprobs)
@@ -244,7 +244,7 @@ class Server:
         self._check_model(body.model)
         prompt = self._prompt_ids(body.prompt)
         max_tokens = body.max_tokens or 16
-        run = _Run(self, self._request(body, prompt, max_tokens, body.logprobs or 0), body.stop_strings(), "completions")
+        run = _Run(self, self._request(body, prompt, max_tokens, body.logprobs), body.stop_strings(), "completions")
         run.submit()
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model}
@@ -287,7 +287,7 @@ class Server:
         prompt = self._encode(rendered, "messages", special=False)
         room = self.engine.manifest.max_context - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
-        top = (body.top_logprobs or 0) if body.logprobs else 0
+        top = (body.top_logprobs or 0) if body.logprobs else None
         run = _Run(self, self._request(body, prompt, max_tokens, top), body.stop_strings(), "chat.completions")
         run.submit()
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -66,7 +66,7 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop_tokens: frozenset[int] = frozenset()  # ending tokens; the one hit is the last output token
-    logprobs: int = 0  # how many top alternatives to report per token (0: none)
+    logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the k most likely
     listener: Callable[[Request, Output], None] | None = None
     # set by the scheduler
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
@@ -160,7 +160,7 @@ class Scheduler:
             raise ValueError(f"temperature is {request.temperature}; it must be 0 or more")
         if not 0.0 < request.top_p <= 1.0:
             raise ValueError(f"top_p is {request.top_p}; it must be in (0, 1]")
-        if not 0 <= request.logprobs <= self.engine.vocab_size:
+        if request.logprobs is not None and not 0 <= request.logprobs <= self.engine.vocab_size:
             raise ValueError(f"logprobs is {request.logprobs}; it must be in [0, {self.engine.vocab_size}]")
         request.prompt = self.engine._check_prompt(request.prompt, request.max_tokens)
         with self._work:
@@ -302,7 +302,7 @@ class Scheduler:
         row = self.rows[b]
         request = row.request
         token = int(sample(logits[None], request.temperature, request.top_p, row.rng)[0])
-        logprob, top = top_logprobs(logits, token, request.logprobs) if request.logprobs else (None, ())
+        logprob, top = (None, ()) if request.logprobs is None else top_logprobs(logits, token, request.logprobs)
         request.tokens.append(token)
         if request.first_token_at is None:
             request.first_token_at = time.monotonic()

@@ -192,6 +192,16 @@ def test_seeded_sampling_over_http_equals_generate_with_the_seed(live, engine):
     expected = engine.generate([[9, 8, 7]], 8, temperature=0.8, top_p=0.9, seed=3, stop_tokens=[]).tokens[0]
     assert done.choices[0].token_ids == expected
     assert len(done.choices[0].logprobs.top_logprobs) == 8 and all(len(t) == 2 for t in done.choices[0].logprobs.top_logprobs)
+    client = live.client()
+    chosen_only = client.completions.create(model=engine.manifest.name, prompt=[9, 8, 7], max_tokens=3, temperature=0,
+                                            logprobs=0, extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert len(chosen_only.token_logprobs) == 3 and all(lp <= 0 for lp in chosen_only.token_logprobs)
+    assert chosen_only.top_logprobs == [{}, {}, {}]
+    chat = client.chat.completions.create(model=engine.manifest.name, messages=[{"role": "user", "content": "w4"}],
+                                          max_tokens=3, temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"ignore_eos": True}).choices[0]
+    entries = chat.logprobs.content
+    assert len(entries) == 3 and all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token for e in entries)
 
 
 def test_the_built_in_chat_template_is_llama_4_s_header_format():
