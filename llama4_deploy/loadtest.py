@@ -75,10 +75,15 @@ def run_level(url: str, model: str, prompts: list[list[int]], clients: int, requ
     import openai
 
     lock, queue = threading.Lock(), list(range(requests))
+    # clients made beforehand and released together, so the first requests arrive as one burst
+    made = [openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=time_limit)
+            for _ in range(clients)]
+    ready = threading.Barrier(clients)
     deadline = time.monotonic() + time_limit
 
-    def client_loop(_):
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=time_limit)
+    def client_loop(k):
+        client = made[k]
+        ready.wait(time_limit)
         answers = []
         while time.monotonic() < deadline:
             with lock:
