@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 
-.PHONY: engine test bench setup clean train-tiny
+.PHONY: engine test bench loadtest setup clean train-tiny
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[build,test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[build,serve,test]'
 	touch $(STAMP)
 
 engine: $(STAMP)
@@ -45,6 +45,12 @@ $(TRAIN_STAMP): $(STAMP)
 
 train-tiny: $(TRAIN_STAMP)
 	$(BIN)/python -m llama4_deploy.train
+
+# `llama4-deploy serve` under 1, 4, 8 and 16 concurrent clients on loopback (scout-mini by default)
+LOADTEST_MODEL ?= scout-mini
+loadtest: $(STAMP)
+	test -f build/$(LOADTEST_MODEL)/manifest.json || $(BIN)/llama4-deploy build --recipe $(LOADTEST_MODEL) --out build/$(LOADTEST_MODEL)
+	$(BIN)/python -m llama4_deploy.loadtest --bundle build/$(LOADTEST_MODEL)
 
 clean:
 	rm -rf build

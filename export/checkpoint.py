@@ -118,3 +118,9 @@ class Checkpoint:
     def tokenizer_file(self) -> Path | None:
         path = self.path / "tokenizer.json"
         return path if path.is_file() else None
+
+    @property
+    def tokenizer_config_file(self) -> Path | None:
+        """tokenizer_config.json (chat template, special tokens), kept with tokenizer.json."""
+        path = self.path / "tokenizer_config.json"
+        return path if path.is_file() and self.tokenizer_file is not None else None

@@ -175,7 +175,7 @@ def _source_record(recipe: Recipe, checkpoint_dir: Path | None) -> dict[str, Any
     return {"kind": "random", "recipe": recipe.name, "random": recipe.random.model_dump()}
 
 
-def _manifest(recipe: Recipe, shape, source, passes, graphs, layout: str, has_tokenizer: bool,
+def _manifest(recipe: Recipe, shape, source, passes, graphs, layout: str, has_tokenizer: bool, has_tokenizer_config: bool,
               seconds: float) -> dict[str, Any]:
     import onnx
     import onnxruntime
@@ -212,6 +212,7 @@ def _manifest(recipe: Recipe, shape, source, passes, graphs, layout: str, has_to
         },
         "profiles": recipe.profiles.model_dump(),
         "tokenizer": "tokenizer.json" if has_tokenizer else None,
+        "tokenizer_config": "tokenizer_config.json" if has_tokenizer_config else None,
         "source": source,
         "verify": recipe.verify.model_dump(),
         "golden": GOLDEN,
@@ -365,9 +366,11 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
         raise BuildError(str(err)) from None
     if ckpt.tokenizer_file is not None:
         shutil.copyfile(ckpt.tokenizer_file, bundle / "tokenizer.json")
+    if ckpt.tokenizer_config_file is not None:  # the chat template `serve` renders
+        shutil.copyfile(ckpt.tokenizer_config_file, bundle / "tokenizer_config.json")
     source = _source_record(chosen, None if checkpoint is None else ckpt.path)
     manifest = _manifest(chosen, shape, source, passes, graphs, layout, ckpt.tokenizer_file is not None,
-                         time.time() - start)
+                         ckpt.tokenizer_config_file is not None, time.time() - start)
     _record_precision(manifest, spec, calibration_record)
     manifest["files"] = {}
     write_manifest(bundle, manifest)

@@ -205,5 +205,28 @@ def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads, 
     click.echo(tokenizer.decode(tokens) if tokenizer else ",".join(map(str, tokens)))
 
 
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port (0: any free port)")
+@click.option("--max-batch", type=int, help="rows of the running batch (default: the bundle's max_batch)")
+@click.option("--max-queue", default=64, show_default=True, type=int, help="requests that may wait for a row; "
+              "beyond it the server answers 429")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=float,
+              help="seconds SIGTERM waits for in-flight requests")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
+def serve(bundle, host, port, max_batch, max_queue, drain_timeout, threads) -> None:
+    """Serve a bundle over HTTP with OpenAI's API (needs the `serve` extra)."""
+    try:
+        from llama4_deploy.serve import serve as run_serve
+    except ImportError as err:
+        raise UserError(f"serve needs the serve extra (pip install 'llama4-deploy[serve]'): {err}") from None
+    try:
+        run_serve(bundle, host=host, port=port, max_batch=max_batch, max_queue=max_queue, threads=threads,
+                  drain_timeout=drain_timeout, echo=lambda msg: click.echo(msg, err=True))
+    except _user_errors() as err:
+        raise UserError(str(err)) from None
+
+
 if __name__ == "__main__":
     main()

@@ -7,5 +7,7 @@
 
 from llama4_deploy.runtime.bundle import BundleError, Manifest, read_manifest
 from llama4_deploy.runtime.engine import Engine, Generation, NonFiniteLogitsError, load
+from llama4_deploy.runtime.scheduler import QueueFull, Request, Scheduler
 
-__all__ = ["BundleError", "Engine", "Generation", "Manifest", "NonFiniteLogitsError", "load", "read_manifest"]
+__all__ = ["BundleError", "Engine", "Generation", "Manifest", "NonFiniteLogitsError", "QueueFull", "Request",
+           "Scheduler", "load", "read_manifest"]

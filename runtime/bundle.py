@@ -71,11 +71,18 @@ class Manifest:
         return self.path / name if name else None
 
     @property
+    def tokenizer_config_path(self) -> Path | None:
+        """tokenizer_config.json copied from the checkpoint (its chat template), when it had one."""
+        name = self.raw.get("tokenizer_config")
+        return self.path / name if name else None
+
+    @property
     def used_files(self) -> list[str]:
         """The files the runtime opens: graphs, external data, tokenizer."""
         names = [graph["file"] for graph in self.engine["graphs"].values()] + [self.engine["external_data"]]
-        if self.raw.get("tokenizer"):
-            names.append(self.raw["tokenizer"])
+        for key in ("tokenizer", "tokenizer_config"):
+            if self.raw.get(key):
+                names.append(self.raw[key])
         return list(dict.fromkeys(names))
 
     @property
@@ -180,9 +187,10 @@ def validate_manifest(raw: Any, where: Path) -> None:
         if not (isinstance(record, dict) and isinstance(record.get("size"), int)
                 and isinstance(record.get("sha256"), str)):
             raise BundleError(f"{where}: files.{name} must record size and sha256")
-    tokenizer = raw.get("tokenizer")
-    if tokenizer is not None and not _plain_file_name(tokenizer):
-        raise BundleError(f"{where}: tokenizer must name a file inside the bundle, got {tokenizer!r}")
+    for key in ("tokenizer", "tokenizer_config"):
+        name = raw.get(key)
+        if name is not None and not _plain_file_name(name):
+            raise BundleError(f"{where}: {key} must name a file inside the bundle, got {name!r}")
 
 
 def read_manifest(bundle_dir: str | Path) -> Manifest:

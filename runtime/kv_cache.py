@@ -162,6 +162,13 @@ class KVCache:
             self.storage.scatter(self.values[layer.index], r, p, outputs[layer.outputs[1]], t)
         self.lengths = new_lengths
 
+    def reset_row(self, row: int) -> None:
+        """Empty one row for a new sequence (continuous batching). Its stale slots stay in the buffers
+        but are never read: the engine trusts only positions below the row's length, now 0."""
+        if not 0 <= row < len(self.lengths):
+            raise ValueError(f"row {row} is outside this cache's {len(self.lengths)} rows")
+        self.lengths[row] = 0
+
     def kv_bytes_read(self) -> int:
         """Bytes of cache the engine is handed per step now (keys and values, every layer)."""
         B, K, D = self._shape

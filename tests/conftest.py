@@ -55,6 +55,12 @@ def write_tokenizer(path: Path, vocab_size: int) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.decoder = decoders.WordPiece(prefix="##")
     tokenizer.save(str(path))
+    # tokenizer_config.json's chat template, in Llama 4's structure but spelled in this vocabulary's
+    # words (w1 begins the text, w7 ... w8 frame a header, w9 ends a turn), so it encodes to real ids
+    template = ("{{ bos_token }} {% for m in messages %}w7 {{ m['role'] }} w8 {{ m['content'] | trim }} w9 "
+                "{% endfor %}{% if add_generation_prompt %}w7 assistant w8{% endif %}")
+    config = {"chat_template": template, "bos_token": "w1", "eos_token": "w9"}
+    (path.parent / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 @pytest.fixture(scope="session")

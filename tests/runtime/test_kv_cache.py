@@ -124,6 +124,33 @@ def test_a_write_beyond_the_context_is_refused():
         cache.write(present(1, 1, 0), np.array([[32]]))
 
 
+def test_reset_row_empties_one_row_and_rejects_a_row_outside_the_cache():
+    cache = KVCache(FakeManifest(), 3)
+    cache.write(present(3, 5, 0), np.tile(np.arange(5), (3, 1)))
+    before = cache.keys[2].copy()
+    cache.reset_row(1)
+    assert cache.lengths.tolist() == [5, 0, 5]
+    np.testing.assert_array_equal(cache.keys[2], before)  # stale slots stay; only the length says they are gone
+    with pytest.raises(ValueError, match="row 3 is outside this cache's 3 rows"):
+        cache.reset_row(3)
+
+
+def test_a_recycled_row_computes_as_a_fresh_cache(tiny_bundle):
+    # row 0 first holds 40 tokens (past tiny's chunk of 8: its rings wrapped, every slot stale),
+    # then is reset and fed a 12-token prompt while row 1 keeps decoding: its logits equal a
+    # fresh single-row cache's up to summation order (engine vs engine, see test_engine.ATOL).
+    rng = np.random.default_rng(3)
+    old, new, other = (rng.integers(0, 512, size=n).tolist() for n in (40, 12, 9))
+    with load(tiny_bundle) as engine:
+        cache = KVCache(engine.manifest, 2)
+        engine.prefill(cache, [old, other])
+        cache.reset_row(0)
+        recycled, _ = engine.prefill(cache, [new, []])
+        fresh, _ = engine.prefill(KVCache(engine.manifest, 1), [new])
+        np.testing.assert_allclose(recycled[0], fresh[0], atol=1e-4)
+        assert cache.lengths.tolist() == [12, 9]
+
+
 # -- exact at every boundary, against transformers ------------------------------------------------
 def test_boundaries_of_buckets_and_a_chunk_longer_than_the_first_buckets(tmp_path):
     # C = 40: rings are 16, then 32 slots long while every row is short, then 40 and wrapping.

@@ -1,0 +1,192 @@
+"""`make loadtest`: concurrent OpenAI clients against `llama4-deploy serve` on loopback.
+
+Starts the server as a subprocess on 127.0.0.1 with an ephemeral port, then for 1, 4, 8 and 16
+concurrent clients sends a bounded number of streamed greedy completions (each client sends its next
+request when the last one ends) and prints requests/s, tokens/s, p50/p99 latency and time to first
+token. Every answer is checked against `generate` on its prompt: zero lost, duplicated or mixed-up
+responses, or exit 1.
+
+The target row: 8 clients sending the same 8 prompts at once, aggregate decode tokens/s
+(sum of tokens after the first, over the span from the first first-token to the last answer) against
+`generate` on one batch of those 8 prompts in this process, measured in the same run (decode time =
+generate(N tokens) - generate(1 token)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+LEVELS = (1, 4, 8, 16)
+
+
+def percentile(values, q):
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+class ServerProcess:
+    def __init__(self, bundle: Path, max_queue: int):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "llama4_deploy.cli", "serve", str(bundle), "--port", "0", "--max-queue", str(max_queue)],
+            stderr=subprocess.PIPE, text=True)
+        line = self.process.stderr.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if not match:
+            self.process.kill()
+            raise SystemExit(f"error: the server did not start: {line.strip() or self.process.stderr.read()[-500:]}")
+        self.url = f"http://127.0.0.1:{match.group(1)}"
+
+    def stop(self) -> int:
+        self.process.terminate()
+        return self.process.wait(60)
+
+
+def stream_one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
+    start = time.perf_counter()
+    first = None
+    ids, finish, chunk_ids = [], None, set()
+    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True}):
+        chunk_ids.add(chunk.id)
+        if not chunk.choices:
+            continue
+        new = (chunk.choices[0].model_extra or {}).get("token_ids") or []
+        if new and first is None:
+            first = time.perf_counter()
+        ids.extend(new)
+        finish = chunk.choices[0].finish_reason or finish
+    end = time.perf_counter()
+    return {"prompt": prompt, "tokens": ids, "finish": finish, "ids": chunk_ids, "start": start, "first": first,
+            "end": end}
+
+
+def run_level(url: str, model: str, prompts: list[list[int]], clients: int, requests: int, max_tokens: int,
+              time_limit: float) -> tuple[list[dict], float]:
+    """`clients` closed-loop clients share `requests` requests (prompt i % len(prompts))."""
+    import openai
+
+    lock, queue = threading.Lock(), list(range(requests))
+    # clients made beforehand and released together, so the first requests arrive as one burst
+    made = [openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=time_limit)
+            for _ in range(clients)]
+    ready = threading.Barrier(clients)
+    deadline = time.monotonic() + time_limit
+
+    def client_loop(k):
+        client = made[k]
+        ready.wait(time_limit)
+        answers = []
+        while time.monotonic() < deadline:
+            with lock:
+                if not queue:
+                    break
+                i = queue.pop(0)
+            answers.append({**stream_one(client, model, prompts[i % len(prompts)], max_tokens), "index": i})
+        return answers
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        answers = [a for batch in pool.map(client_loop, range(clients)) for a in batch]
+    return answers, time.perf_counter() - start
+
+
+def check(answers: list[dict], requests: int, expected: dict[tuple, list[int]], level: int) -> list[str]:
+    problems = []
+    seen = [a["index"] for a in answers]
+    if sorted(seen) != list(range(requests)):
+        problems.append(f"{level} clients: {requests - len(set(seen))} lost, {len(seen) - len(set(seen))} duplicated")
+    response_ids = [rid for a in answers for rid in a["ids"]]
+    if len(response_ids) != len(set(response_ids)) or any(len(a["ids"]) != 1 for a in answers):
+        problems.append(f"{level} clients: response ids repeat or one answer spans several ids")
+    mixed = sum(a["tokens"] != expected[tuple(a["prompt"])] or a["finish"] != "length" for a in answers)
+    if mixed:
+        problems.append(f"{level} clients: {mixed} answers differ from generate on their prompt")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", default="build/scout-mini")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per answer")
+    parser.add_argument("--prompt-tokens", type=int, default=24, help="tokens per prompt")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client at each level (at least 8 in all)")
+    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per level at most")
+    args = parser.parse_args(argv)
+
+    from llama4_deploy.runtime import load
+
+    engine = load(args.bundle)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, engine.vocab_size, size=args.prompt_tokens).tolist() for _ in range(16)]
+    print(f"loadtest: {engine.manifest.name}, max_batch {engine.max_batch}, prompts of {args.prompt_tokens} tokens, "
+          f"{args.max_tokens} greedy tokens per answer; timings on a shared machine are noisy", flush=True)
+    # expected answers, and generate's decode rate on one batch of the 8 target prompts
+    expected = {}
+    for start in range(0, len(prompts), engine.max_batch):
+        group = prompts[start : start + engine.max_batch]
+        for prompt, tokens in zip(group, engine.generate(group, args.max_tokens, stop_tokens=[]).tokens):
+            expected[tuple(prompt)] = tokens
+    target = prompts[:8]
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        engine.generate(target, 1, stop_tokens=[])
+        t1 = time.perf_counter()
+        engine.generate(target, args.max_tokens, stop_tokens=[])
+        t2 = time.perf_counter()
+        runs.append(len(target) * (args.max_tokens - 1) / ((t2 - t1) - (t1 - t0)))
+    generate_rate = statistics.median(runs)
+    engine.close()
+
+    server = ServerProcess(Path(args.bundle), max_queue=64)
+    rows, problems = [], []
+    try:
+        for clients in LEVELS:
+            requests = max(8, clients * args.requests)
+            answers, wall = run_level(server.url, engine.manifest.name, prompts, clients, requests, args.max_tokens,
+                                      args.time_limit)
+            problems += check(answers, requests, expected, clients)
+            latency = [a["end"] - a["start"] for a in answers]
+            ttft = [a["first"] - a["start"] for a in answers if a["first"] is not None]
+            tokens = sum(len(a["tokens"]) for a in answers)
+            rows.append((f"{clients}", len(answers), len(answers) / wall, tokens / wall, percentile(latency, 50),
+                         percentile(latency, 99), percentile(ttft, 50), percentile(ttft, 99)))
+        # the target: the same 8 prompts from 8 clients at once, 3 rounds, median
+        rates = []
+        for _ in range(3):
+            answers, _ = run_level(server.url, engine.manifest.name, target, 8, 8, args.max_tokens, args.time_limit)
+            problems += check(answers, 8, expected, 8)
+            span = max(a["end"] for a in answers) - min(a["first"] for a in answers)
+            rates.append(sum(len(a["tokens"]) - 1 for a in answers) / span)
+        server_rate = statistics.median(rates)
+    finally:
+        code = server.stop()
+    if code != 0:
+        problems.append(f"the server exited {code} on SIGTERM")
+
+    print(f"\n{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'p50 lat s':>9} {'p99 lat s':>9} "
+          f"{'p50 TTFT s':>10} {'p99 TTFT s':>10}")
+    for row in rows:
+        print(f"{row[0]:>7} {row[1]:>8} {row[2]:>7.2f} {row[3]:>7.1f} {row[4]:>9.3f} {row[5]:>9.3f} {row[6]:>10.3f} {row[7]:>10.3f}")
+    ratio = server_rate / generate_rate
+    print(f"\ndecode tokens/s, 8 prompts: generate on one batch {generate_rate:.1f}, server with 8 concurrent clients "
+          f"{server_rate:.1f} ({ratio:.0%} of generate; target >= 80%; medians of 3)")
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    print("every answer arrived once and equals generate on its prompt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Continuous batching over one Engine: requests join a running batch after their prefill and leave
+the moment they finish. Usable without any server; the HTTP layer (llama4_deploy.serve) only
+translates requests into `Request`s and `Output`s back into responses.
+
+One KVCache of `max_batch` rows lives as long as the scheduler. A free row is padding (position
+-1 in every step); a finished row is recycled with `KVCache.reset_row`. Each `step()`:
+
+1. drops cancelled requests and admits waiting ones into the lowest free rows (first come, first
+   served);
+2. runs one prefill step: the next chunk (at most the prefill profile's tokens) of every row still
+   prefilling, all other rows padding. A row whose prompt is complete samples its first token;
+3. runs one decode step for every decoding row.
+
+A step feeds the engine the cache's leading rows up to the last one it uses (zero-copy views), so a
+lone request costs a batch of one, not of max_batch.
+
+So a long prompt is fed chunk by chunk with a decode step between chunks: it never stalls the
+running requests for more than one prefill step. Each row samples from its own logits with its own
+generator, so a request's output equals `Engine.generate` run alone on it (greedy, and sampled with
+the same seed).
+
+Thread model: `submit` and `cancel` may be called from any thread; `step` runs on one thread at a
+time (`start()` runs it on a worker thread that sleeps while there is no work). Outputs reach each
+request's `listener`, called on the stepping thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from llama4_deploy.runtime.engine import PAD_POSITION, Engine, sample
+from llama4_deploy.runtime.kv_cache import KVCache
+
+log = logging.getLogger("llama4_deploy.runtime.scheduler")
+_ids = itertools.count(1)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue holds max_queue requests; retry later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """One event of a request: a new token, or the end (finish_reason set, token None)."""
+
+    token: int | None
+    logprob: float | None = None  # log-probability of `token` under the row's logits
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the k most likely tokens, best first
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    error: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_tokens: frozenset[int] = frozenset()  # ending tokens; the one hit is the last output token
+    logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the k most likely
+    listener: Callable[[Request, Output], None] | None = None
+    # set by the scheduler
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    arrived: float = dataclasses.field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass(eq=False)
+class _Row:
+    request: Request
+    rng: np.random.Generator
+    prefilled: int = 0  # prompt tokens already in the cache
+    last_token: int = 0  # fed in the next decode step
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.request.prompt)
+
+
+@dataclasses.dataclass
+class StepRecord:
+    kind: str  # "prefill" or "decode"
+    seconds: float
+    rows: int  # rows with real tokens in the step
+    tokens: int  # real tokens fed
+
+
+class _LeadingRows:
+    """The first `rows` rows of a KVCache, seen the way `Engine.run_step` sees a cache. A leading-axis
+    slice of a C-contiguous buffer is itself contiguous, so the engine reads it in place: a step costs
+    the rows in use, not max_batch. Rows of the step index the full cache, so `write` goes through."""
+
+    def __init__(self, cache: KVCache, rows: int):
+        self.cache, self.rows = cache, rows
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.cache.lengths[: self.rows]  # [b]
+
+    def feeds(self) -> dict:
+        return {name: buffer[: self.rows] for name, buffer in self.cache.feeds().items()}  # [b, K, S, D] views
+
+    def write(self, outputs: dict, positions: np.ndarray) -> None:
+        self.cache.write(outputs, positions)  # positions [b, T]: its rows are the cache's first b rows
+
+
+def top_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """Log-probability of `token` and the k most likely tokens under logits [V] (log-softmax in float64)."""
+    shifted = logits.astype(np.float64) - logits.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    top = np.argsort(-logprobs, kind="stable")[:k] if k else []
+    return float(logprobs[token]), tuple((int(t), float(logprobs[t])) for t in top)
+
+
+class Scheduler:
+    """Continuous batching over `engine`; see the module docstring."""
+
+    def __init__(self, engine: Engine, max_batch: int | None = None, max_queue: int = 64,
+                 on_step: Callable[[StepRecord], None] | None = None):
+        max_batch = engine.max_batch if max_batch is None else max_batch
+        if not 1 <= max_batch <= engine.max_batch:
+            raise ValueError(f"max_batch is {max_batch}; the bundle's engine takes 1 to {engine.max_batch} rows")
+        if max_queue < 0:
+            raise ValueError(f"max_queue is {max_queue}; it must be 0 or more")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.on_step = on_step
+        self.cache = KVCache(engine.manifest, max_batch)
+        self.rows: list[_Row | None] = [None] * max_batch
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._cancelled: set[Request] = set()
+        self._work = threading.Condition(threading.RLock())  # a listener may call cancel()
+        self._worker: threading.Thread | None = None
+        self._stopping = False
+
+    # -- intake (any thread) --------------------------------------------------------------------
+    def submit(self, request: Request) -> Request:
+        """Queue a request; raises ValueError for a request the engine cannot run, QueueFull when
+        max_queue requests are already waiting."""
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens is {request.max_tokens}; it must be at least 1")
+        if request.temperature < 0:
+            raise ValueError(f"temperature is {request.temperature}; it must be 0 or more")
+        if not 0.0 < request.top_p <= 1.0:
+            raise ValueError(f"top_p is {request.top_p}; it must be in (0, 1]")
+        if request.logprobs is not None and not 0 <= request.logprobs <= self.engine.vocab_size:
+            raise ValueError(f"logprobs is {request.logprobs}; it must be in [0, {self.engine.vocab_size}]")
+        request.prompt = self.engine._check_prompt(request.prompt, request.max_tokens)
+        with self._work:
+            if self._stopping:
+                raise QueueFull("the scheduler is shutting down")
+            if len(self._waiting) >= self.max_queue and self._free_rows_locked() <= 0:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue {self.max_queue})")
+            self._waiting.append(request)
+            self._work.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (a client went away); its row is freed at the start of the next step."""
+        with self._work:
+            if not request.finished:
+                self._cancelled.add(request)
+                self._work.notify()
+
+    def _free_rows_locked(self) -> int:
+        return sum(row is None for row in self.rows) - len(self._waiting)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def occupancy(self) -> int:
+        """Rows holding a request (prefilling or decoding)."""
+        return sum(row is not None for row in self.rows)
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self.occupancy
+
+    # -- one iteration (the stepping thread) ----------------------------------------------------
+    def step(self) -> bool:
+        """Admit, run at most one prefill step and one decode step; returns whether any ran."""
+        self._admit()
+        ran = False
+        prefilling = [b for b, row in enumerate(self.rows) if row is not None and row.prefilling]
+        if prefilling:
+            self._prefill_step(prefilling)
+            ran = True
+        decoding = [b for b, row in enumerate(self.rows) if row is not None and not row.prefilling]
+        if decoding:
+            self._decode_step(decoding)
+            ran = True
+        return ran
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> None:
+        """Step until no request is waiting or running (for callers without a worker thread)."""
+        for _ in range(max_steps):
+            if self.idle and not self._cancelled:
+                return
+            self.step()
+        raise RuntimeError(f"requests still running after {max_steps} steps")
+
+    def _admit(self) -> None:
+        with self._work:
+            for request in list(self._cancelled):
+                self._finish_locked(request, "cancelled")
+            self._cancelled.clear()
+            for b, row in enumerate(self.rows):
+                if row is None and self._waiting:
+                    request = self._waiting.popleft()
+                    self.cache.reset_row(b)
+                    self.rows[b] = _Row(request, np.random.default_rng(request.seed))
+
+    def _finish_locked(self, request: Request, reason: str, error: str | None = None) -> None:
+        """End a request wherever it is (waiting or in a row) and tell its listener once."""
+        if request.finished:
+            return
+        if request in self._waiting:
+            self._waiting.remove(request)
+        for b, row in enumerate(self.rows):
+            if row is not None and row.request is request:
+                self.rows[b] = None
+        request.finish_reason, request.error = reason, error
+        self._notify(request, Output(None, finish_reason=reason, error=error))
+
+    def _notify(self, request: Request, output: Output) -> None:
+        if request.listener is None:
+            return
+        try:
+            request.listener(request, output)
+        except Exception:  # a broken listener must not take the batch down
+            log.exception("listener of request %d failed", request.id)
+
+    def _run(self, kind: str, rows: list[int], ids: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
+        """One engine call; on an engine error only the requests in this step fail (and are logged)."""
+        start = time.perf_counter()
+        used = max(rows) + 1  # admission fills the lowest free row, so rows in use stay near the front
+        try:
+            logits = self.engine.run_step(_LeadingRows(self.cache, used), ids[:used], positions[:used])
+        except Exception as err:
+            log.exception("%s step failed; failing its %d request(s)", kind, len(rows))
+            with self._work:
+                for b in rows:
+                    self._finish_locked(self.rows[b].request, "error", f"engine error: {err}")
+            return None
+        if self.on_step is not None:
+            self.on_step(StepRecord(kind, time.perf_counter() - start, len(rows), int((positions >= 0).sum())))
+        return logits
+
+    def _prefill_step(self, rows: list[int]) -> None:
+        take = {b: min(self.engine.prefill_tokens, len(self.rows[b].request.prompt) - self.rows[b].prefilled)
+                for b in rows}
+        width = max(take.values())
+        ids = np.zeros((self.max_batch, width), dtype=np.int64)  # [B, T]
+        positions = np.full((self.max_batch, width), PAD_POSITION, dtype=np.int64)  # [B, T]
+        for b in rows:
+            row = self.rows[b]
+            start = row.prefilled
+            ids[b, : take[b]] = row.request.prompt[start : start + take[b]]
+            positions[b, : take[b]] = np.arange(start, start + take[b])
+        logits = self._run("prefill", rows, ids, positions)  # [b, T, V], b = rows up to the last one in use
+        if logits is None:
+            return
+        for b in rows:
+            row = self.rows[b]
+            row.prefilled += take[b]
+            if not row.prefilling:
+                self._emit(b, logits[b, take[b] - 1])
+
+    def _decode_step(self, rows: list[int]) -> None:
+        ids = np.zeros((self.max_batch, 1), dtype=np.int64)  # [B, 1]
+        positions = np.full((self.max_batch, 1), PAD_POSITION, dtype=np.int64)
+        for b in rows:
+            ids[b, 0] = self.rows[b].last_token
+            positions[b, 0] = self.cache.lengths[b]
+        logits = self._run("decode", rows, ids, positions)  # [b, 1, V]
+        if logits is None:
+            return
+        for b in rows:
+            self._emit(b, logits[b, 0])
+
+    def _emit(self, b: int, logits: np.ndarray) -> None:
+        """Sample row b's next token from logits [V], hand it to the listener, finish if done."""
+        row = self.rows[b]
+        request = row.request
+        token = int(sample(logits[None], request.temperature, request.top_p, row.rng)[0])
+        logprob, top = (None, ()) if request.logprobs is None else top_logprobs(logits, token, request.logprobs)
+        request.tokens.append(token)
+        if request.first_token_at is None:
+            request.first_token_at = time.monotonic()
+        row.last_token = token
+        self._notify(request, Output(token, logprob, top))
+        reason = "stop" if token in request.stop_tokens else "length" if len(request.tokens) >= request.max_tokens else None
+        if reason:
+            with self._work:
+                self._finish_locked(request, reason)
+
+    # -- worker thread ----------------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        """Step on a daemon worker thread until `stop()`; it sleeps while there is no work."""
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._serve, name="llama4-deploy-scheduler", daemon=True)
+            self._worker.start()
+        return self
+
+    def _serve(self) -> None:
+        while True:
+            with self._work:
+                while not self._stopping and not self._waiting and not self._cancelled and not self.occupancy:
+                    self._work.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, let the worker finish its step, then cancel what is left."""
+        with self._work:
+            self._stopping = True
+            self._work.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout)
+            self._worker = None
+        with self._work:
+            for request in list(self._waiting) + [row.request for row in self.rows if row is not None]:
+                self._finish_locked(request, "cancelled")
+
+
+def run_requests(engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int, **kwargs) -> list[Request]:
+    """Run prompts through a Scheduler to completion (all submitted at once); for tests and benchmarks."""
+    scheduler = Scheduler(engine, max_queue=len(prompts))
+    requests = [scheduler.submit(Request(list(p), max_tokens, **kwargs)) for p in prompts]
+    scheduler.run_until_idle()
+    return requests

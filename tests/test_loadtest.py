@@ -1,0 +1,37 @@
+"""`make loadtest`'s driver on the tiny bundle: a short run prints the table and finds every answer."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+pytest.importorskip("openai", reason="the test extra (openai client) is not installed")
+
+
+def test_loadtest_prints_its_table_and_checks_every_answer(tiny_bundle, capsys):
+    from llama4_deploy.loadtest import main
+
+    code = main(["--bundle", str(tiny_bundle), "--requests", "1", "--max-tokens", "4", "--prompt-tokens", "6",
+                 "--time-limit", "120"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+[\d.]+\s+[\d.]+", out, flags=re.M)
+    assert rows == [("1", "8"), ("4", "8"), ("8", "8"), ("16", "16")]
+    assert re.search(r"generate on one batch [\d.]+, server with 8 concurrent clients [\d.]+ \(\d+% of generate", out)
+    assert "every answer arrived once and equals generate on its prompt" in out
+
+
+def test_the_check_finds_lost_duplicated_and_mixed_up_answers():
+    from llama4_deploy.loadtest import check
+
+    expected = {(1,): [5, 6], (2,): [7, 8]}
+    good = [{"index": 0, "prompt": [1], "tokens": [5, 6], "finish": "length", "ids": {"a"}},
+            {"index": 1, "prompt": [2], "tokens": [7, 8], "finish": "length", "ids": {"b"}}]
+    assert check(good, 2, expected, 2) == []
+    assert check(good[:1], 2, expected, 2) == ["2 clients: 1 lost, 0 duplicated"]
+    assert check(good + good[1:], 2, expected, 2)[:2] == ["2 clients: 0 lost, 1 duplicated",
+                                                          "2 clients: response ids repeat or one answer spans several ids"]
+    mixed = [good[0], {**good[1], "tokens": [5, 6]}]
+    assert check(mixed, 2, expected, 2) == ["2 clients: 1 answers differ from generate on their prompt"]
