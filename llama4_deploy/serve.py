@@ -264,14 +264,9 @@ class Server:
                     choice = {"index": 0, "text": text, "logprobs": logprobs_of(outputs), "finish_reason": None,
                               "token_ids": [o.token for o in outputs]}
                     yield _sse({**head, "choices": [choice]})
-                if run.error or run.finish_reason == "cancelled":
-                    yield _sse(_run_error(run))
-                else:
-                    yield _sse({**head, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                                     "finish_reason": run.finish_reason}]})
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield _sse({**head, "choices": [], "usage": run.usage()})
-                yield "data: [DONE]\n\n"
+                for chunk in _stream_end(run, head, {"index": 0, "text": "", "logprobs": None,
+                                                     "finish_reason": run.finish_reason}, body):
+                    yield chunk
             return StreamingResponse(events(), media_type="text/event-stream")
 
         text, outputs = await _collect(run, http)
@@ -308,14 +303,9 @@ class Server:
                     logprobs = {"content": [entry(o) for o in outputs]} if body.logprobs else None
                     yield _sse({**head, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": logprobs,
                                                      "finish_reason": None}]})
-                if run.error or run.finish_reason == "cancelled":
-                    yield _sse(_run_error(run))
-                else:
-                    yield _sse({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                                     "finish_reason": run.finish_reason}]})
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield _sse({**head, "choices": [], "usage": run.usage()})
-                yield "data: [DONE]\n\n"
+                for chunk in _stream_end(run, head, {"index": 0, "delta": {}, "logprobs": None,
+                                                     "finish_reason": run.finish_reason}, body):
+                    yield chunk
             return StreamingResponse(events(), media_type="text/event-stream")
 
         text, outputs = await _collect(run, http)
@@ -380,6 +370,18 @@ class Server:
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
+
+
+def _stream_end(run, head: dict, last_choice: dict, body):
+    """The closing events of a stream: an error event, or the choice that carries finish_reason (and usage,
+    when asked); then OpenAI's terminator."""
+    if run.error or run.finish_reason == "cancelled":
+        yield _sse(_run_error(run))
+    else:
+        yield _sse({**head, "choices": [last_choice]})
+        if body.stream_options and body.stream_options.include_usage:
+            yield _sse({**head, "choices": [], "usage": run.usage()})
+    yield "data: [DONE]\n\n"
 
 
 def _run_error(run: _Run) -> dict:
