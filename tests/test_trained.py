@@ -126,3 +126,20 @@ def test_recipe_with_random_weights_and_a_checkpoint_is_refused(tmp_path):
     path.write_text("name: both\ndescription: x\ncheckpoint: checkpoints/tiny-trained\nrandom: {seed: 0, config: {}}\n")
     with pytest.raises(RecipeError, match=r"^recipe both\.yaml: give either random or checkpoint, not both$"):
         load_recipe(str(path))
+
+
+# Issue 13's targets for what quantization costs on this checkpoint: held-out perplexity of the fp8
+# engine within +2% of the fp32 figure recorded by the training script, int4 within +8%
+QUANTIZED_PERPLEXITY_BUDGET = {"fp8": 0.02, "int4": 0.08}
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int4"])
+def test_quantized_perplexity_stays_within_budget(tmp_path, precision):
+    from llama4_deploy.build import build
+    from llama4_deploy.evaluate import evaluate
+
+    bundle = build(recipe="tiny-trained", precision=precision, out=tmp_path / precision, log=lambda m: None).bundle
+    fp32 = _recorded()["held_out_sample_perplexity"]
+    perplexity = evaluate(bundle).perplexity
+    assert perplexity <= fp32 * (1 + QUANTIZED_PERPLEXITY_BUDGET[precision]), (precision, perplexity, fp32)
+    assert perplexity < UNTRAINED_PERPLEXITY / 8  # the quantized engine still predicts text
