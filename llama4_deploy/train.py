@@ -77,7 +77,7 @@ class TrainSettings:
     # 0.52M tokens (~0.18 epoch of the 2.98M train tokens): ~2 min at the ~5,500 tokens/s the issue measured
     # on a quiet 2-core machine, but sized to the ~200 tokens/s this machine gave while shared by four
     # engineers (see the model card); a larger budget lowers perplexity (the issue: 24 at 8.1M tokens)
-    steps: int = 256
+    steps: int = 1600
     lr: float = 3e-3
     warmup: int = 20
     min_lr_ratio: float = 0.1
