@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from llama4_deploy.graphs.lower_quant_qdq import COMPUTE, QuantizedWeight, _scope
 from llama4_deploy.graphs.quantize import QuantRule, QuantSpec, numpy_dtype, pack_int4_rows
+from llama4_deploy.graphs.rewrite import splice
 
 MS_DOMAIN = "com.microsoft"
 
@@ -115,18 +116,13 @@ def lower_quant_ort(model: ir.Model, spec: QuantSpec, config: OrtQuantConfig = O
         matmul = value.uses()[0][0]
         k, n = (int(d) for d in value.shape)
         b, scales = _packed(value.const_value, rule, spec.compute_dtype, 0, name)
-        node = ir.node("MatMulNBits", [matmul.inputs[0], _register(graph, b), _register(graph, scales)],
-                       {"K": k, "N": n, "bits": 4, "block_size": rule.block_size,
-                        "accuracy_level": config.accuracy_level},
-                       domain=MS_DOMAIN, name=f"{_scope(name)}/MatMulNBits")
-        out = node.outputs[0]
-        old = matmul.outputs[0]
-        out.type, out.shape = old.type, old.shape
-        graph.insert_before(matmul, node)
-        old_name, old.name = old.name, None
-        ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
-        out.name = old_name
-        graph.remove(matmul, safe=True)
+        tape = ir.tape.Tape()
+        out = tape.op("MatMulNBits", [matmul.inputs[0], _register(graph, b), _register(graph, scales)],
+                      {"K": k, "N": n, "bits": 4, "block_size": rule.block_size,
+                       "accuracy_level": config.accuracy_level},
+                      domain=MS_DOMAIN, name=f"{_scope(name)}/MatMulNBits")
+        out.type, out.shape = matmul.outputs[0].type, matmul.outputs[0].shape
+        splice(graph, matmul, tape, out)
         graph.initializers.pop(name)
         count += 1
     for node in [n for n in graph if n.domain == MS_DOMAIN and n.op_type == "MoE"]:
@@ -143,16 +139,12 @@ def lower_quant_ort(model: ir.Model, spec: QuantSpec, config: OrtQuantConfig = O
         attributes = {a.name: a for a in node.attributes.values()}
         attributes["expert_weight_bits"] = ir.AttrInt64("expert_weight_bits", 4)
         attributes["block_size"] = ir.AttrInt64("block_size", rule.block_size)
-        qmoe = ir.node("QMoE", [node.inputs[0], node.inputs[1], _register(graph, fc1_q), _register(graph, fc1_s), None,
-                                _register(graph, fc2_q), _register(graph, fc2_s)],
-                       attributes, domain=MS_DOMAIN, name=node.name.rsplit("/", 1)[0] + "/QMoE")
-        out, old = qmoe.outputs[0], node.outputs[0]
-        out.type, out.shape = old.type, old.shape
-        graph.insert_before(node, qmoe)
-        old_name, old.name = old.name, None
-        ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
-        out.name = old_name
-        graph.remove(node, safe=True)
+        tape = ir.tape.Tape()
+        out = tape.op("QMoE", [node.inputs[0], node.inputs[1], _register(graph, fc1_q), _register(graph, fc1_s), None,
+                               _register(graph, fc2_q), _register(graph, fc2_s)],
+                      attributes, domain=MS_DOMAIN, name=node.name.rsplit("/", 1)[0] + "/QMoE")
+        out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
+        splice(graph, node, tape, out)
         for value in (fc1, fc2):
             graph.initializers.pop(value.name)
         count += 1
