@@ -140,22 +140,26 @@ class Prologue(nn.Module):
     runtime sizes both kinds of cache by the filled context, a ring never beyond C).
     """
 
-    def __init__(self, shape: ModelShape):
+    def __init__(self, shape: ModelShape, has_rope: bool | None = None, has_global: bool | None = None):
+        """has_rope / has_global: whether the layers it serves include chunked / global ones (default: the
+        model's; a pipeline stage's prologue serves only its own layers)."""
         super().__init__()
         self.shape = shape
-        self.has_rope = any(shape.rope_layers)
-        self.has_global = not all(shape.rope_layers)
+        self.has_rope = any(shape.rope_layers) if has_rope is None else has_rope
+        self.has_global = (not all(shape.rope_layers)) if has_global is None else has_global
         if self.has_rope:
             # each frequency twice, once per member of its pair: cos/sin come out [.., D] directly
             inv_freq = torch.tensor(shape.rope_inv_freq(), dtype=torch.float32).repeat_interleave(2)
             self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
 
     @staticmethod
-    def outputs(shape: ModelShape) -> tuple[str, ...]:
+    def outputs(shape: ModelShape, has_rope: bool | None = None, has_global: bool | None = None) -> tuple[str, ...]:
+        has_rope = any(shape.rope_layers) if has_rope is None else has_rope
+        has_global = (not all(shape.rope_layers)) if has_global is None else has_global
         names = ["token_valid"]
-        if any(shape.rope_layers):
+        if has_rope:
             names += ["chunked_cache_mask", "chunked_new_mask", "rope_cos", "rope_sin"]
-        if not all(shape.rope_layers):
+        if has_global:
             names += ["global_cache_mask", "global_new_mask"]
             if shape.attn_temperature_tuning:
                 names += ["temperature"]

@@ -126,9 +126,11 @@ def trace_layer(shape: ModelShape, kind: LayerKind) -> ir.Model:
     return _export(build, structure, names, LAYER_OUTPUTS, constants)
 
 
-def trace_prologue(shape: ModelShape) -> ir.Model:
+def trace_prologue(shape: ModelShape, has_rope: bool | None = None, has_global: bool | None = None) -> ir.Model:
+    """The prologue for the model's layer kinds, or (a pipeline stage's) for chunked and/or global ones only."""
     n = _example_sizes(shape)
-    has_rope, has_global = any(shape.rope_layers), not all(shape.rope_layers)
+    has_rope = any(shape.rope_layers) if has_rope is None else has_rope
+    has_global = (not all(shape.rope_layers)) if has_global is None else has_global
     batch, new = torch.export.Dim("batch"), torch.export.Dim("new")
     # forward(position_ids, past_lengths, *past_keys): the first chunked, then the first global cache
     caches = [("chunked_past_key", "ring")] * has_rope + [("global_past_key", "context")] * has_global
@@ -136,7 +138,7 @@ def trace_prologue(shape: ModelShape) -> ir.Model:
     def build():
         args = [torch.zeros(n["batch"], n["new"], dtype=torch.int64), torch.zeros(n["batch"], dtype=torch.int64)]
         args += [torch.zeros(n["batch"], shape.num_kv_heads, n[dim], shape.head_dim) for _, dim in caches]
-        return modules.Prologue(shape), tuple(args)
+        return modules.Prologue(shape, has_rope, has_global), tuple(args)
 
     extra = tuple({0: batch, 2: torch.export.Dim(dim)} for _, dim in caches)
     dims = ({0: batch, 1: new}, {0: batch}, extra)
@@ -144,7 +146,7 @@ def trace_prologue(shape: ModelShape) -> ir.Model:
     # each frequency twice (once per member of its pair), as Prologue holds it
     constants = ({"rope_inv_freq": np.repeat(np.asarray(shape.rope_inv_freq(), dtype=np.float32), 2)}
                  if has_rope else {})
-    return _export(build, tuple(dims), names, modules.Prologue.outputs(shape), constants)
+    return _export(build, tuple(dims), names, modules.Prologue.outputs(shape, has_rope, has_global), constants)
 
 
 def trace_embed(shape: ModelShape) -> ir.Model:
@@ -170,8 +172,17 @@ def trace_head(shape: ModelShape) -> ir.Model:
 _TEMPLATES: dict[str, dict[str, ir.Model]] = {}
 
 
-def trace_templates(shape: ModelShape) -> dict[str, ir.Model]:
-    """Every template a model of this shape needs: embed, head, and one per layer kind present.
+def prologue_template(shape: ModelShape, has_rope: bool, has_global: bool) -> str:
+    """Name of the prologue template serving layers with these kinds: `prologue` for the model's own
+    kinds, `prologue.chunked` / `prologue.global` for a pipeline stage that has only one of them."""
+    if (has_rope, has_global) == (any(shape.rope_layers), not all(shape.rope_layers)):
+        return "prologue"
+    return "prologue.chunked" if has_rope else "prologue.global"
+
+
+def trace_templates(shape: ModelShape, prologues: tuple[tuple[bool, bool], ...] = ()) -> dict[str, ir.Model]:
+    """Every template a model of this shape needs: embed, head, prologue and one per layer kind
+    present, plus the prologues of `prologues` ((has_rope, has_global) of pipeline stages).
 
     Memoized per shape within the process (linking clones templates, never mutates them)."""
     key = json.dumps(shape.to_dict(), sort_keys=True)
@@ -180,4 +191,9 @@ def trace_templates(shape: ModelShape) -> dict[str, ir.Model]:
         for kind in dict.fromkeys(shape.layer_kinds):
             templates[kind.name] = trace_layer(shape, kind)
         _TEMPLATES[key] = templates
-    return _TEMPLATES[key]
+    templates = _TEMPLATES[key]
+    for has_rope, has_global in prologues:
+        name = prologue_template(shape, has_rope, has_global)
+        if name not in templates:
+            templates[name] = trace_prologue(shape, has_rope, has_global)
+    return dict(templates)

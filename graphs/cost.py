@@ -255,10 +255,16 @@ def moe_formula(model_facts: dict[str, Any], tokens: int, routed_experts_per_tok
     return StepCost(layers * flops, layers * weights)
 
 
-def step_cost(model: ir.Model, model_facts: dict[str, Any], dims: dict[str, int]) -> CostReport:
-    """The graph's cost for one step with these dims, next to the ideal and dense formulations."""
+def step_cost(model: ir.Model | list[ir.Model], model_facts: dict[str, Any], dims: dict[str, int]) -> CostReport:
+    """The graph's cost for one step with these dims, next to the ideal and dense formulations. A list
+    of graphs (the pipeline stages of one model) is costed as their sum."""
     dims = with_ring(dims, model_facts)
-    graph, moe_part, unresolved = graph_cost(model, dims, scope="/moe/")
+    graph, moe_part, unresolved = StepCost(0.0, 0.0), StepCost(0.0, 0.0), 0
+    for part in model if isinstance(model, list) else [model]:
+        part_graph, part_moe, part_unresolved = graph_cost(part, dims, scope="/moe/")
+        graph = StepCost(graph.flops + part_graph.flops, graph.weight_bytes + part_graph.weight_bytes)
+        moe_part = StepCost(moe_part.flops + part_moe.flops, moe_part.weight_bytes + part_moe.weight_bytes)
+        unresolved += part_unresolved
     tokens = dims["batch"] * dims["new"]
     E, k = model_facts["num_experts"], model_facts["top_k"]
     rest = StepCost(graph.flops - moe_part.flops, graph.weight_bytes - moe_part.weight_bytes)

@@ -21,10 +21,9 @@ import numpy as np
 from llama4_deploy.outdir import OutDirError, Staging, check_out
 from llama4_deploy.recipe import Recipe, load_recipe
 from llama4_deploy.runtime.bundle import GOLDEN, MANIFEST, BundleError, write_manifest
-from llama4_deploy.runtime.integrity import CHUNK_KEY, LAYOUT_KEY, hash_files, layout_fingerprint
+from llama4_deploy.runtime.integrity import hash_files
 from llama4_deploy.runtime.tokenizer import Tokenizer
 
-DATA_FILE = "weights.data"
 # context of a build from a bare --checkpoint: the checkpoint's max_position_embeddings, capped here
 # (Scout and Maverick declare 10M tokens; the cache is sized by the filled context, so a higher cap
 # costs nothing until used, but TensorRT profiles and golden checks are planned at this length)
@@ -101,65 +100,37 @@ def _lazy_weight(checkpoint, source, name: str):
 
 
 def graph_inputs(shape):
-    """The engine ABI's inputs (docs/engine-abi.md)."""
-    import onnx_ir as ir
+    """The engine ABI's inputs of the unsplit (one-stage) model (docs/engine-abi.md)."""
+    from llama4_deploy.stage_graphs import stage_inputs
 
-    def value(name, dtype, dims):
-        return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
-
-    inputs = [
-        value("input_ids", ir.DataType.INT64, ["batch", "new"]),
-        value("position_ids", ir.DataType.INT64, ["batch", "new"]),
-        value("past_lengths", ir.DataType.INT64, ["batch"]),
-    ]
-    for layer, kind in enumerate(shape.layer_kinds):
-        slots = "ring" if kind.rope else "context"  # min(C, bucket) slots, or the context bucket
-        dims = ["batch", shape.num_kv_heads, slots, shape.head_dim]
-        inputs.append(value(f"past_key.{layer}", ir.DataType.FLOAT, dims))
-        inputs.append(value(f"past_value.{layer}", ir.DataType.FLOAT, dims))
-    return inputs
+    return stage_inputs(shape, _one_stage(shape))
 
 
 def link_model(checkpoint, templates):
-    from llama4_deploy.export import weights
-    from llama4_deploy.graphs.link import Stamp, link
+    """The unsplit model: embed, prologue, every layer, head (llama4_deploy/stage_graphs.py)."""
+    from llama4_deploy.stage_graphs import link_stage
 
-    shape = checkpoint.shape
+    return link_stage(checkpoint, templates, _one_stage(checkpoint.shape),
+                      lambda source, name: _lazy_weight(checkpoint, source, name))
 
-    def stamp_weights(prefix, sources):
-        return {k: _lazy_weight(checkpoint, s, f"{prefix}.{k}") for k, s in sources.items()}
 
-    from llama4_deploy.export.modules import Prologue
+def _one_stage(shape):
+    from llama4_deploy.stages import Stage
 
-    prologue_inputs = {"position_ids": "position_ids", "past_lengths": "past_lengths"}
-    for scope, rope in (("chunked", True), ("global", False)):
-        layers = [i for i, is_rope in enumerate(shape.rope_layers) if is_rope == rope]
-        if layers:  # the prologue reads only this cache's slot count
-            prologue_inputs[f"{scope}_past_key"] = f"past_key.{layers[0]}"
-    stamps = [
-        Stamp("embed", "embed", {"input_ids": "input_ids"}, stamp_weights("embed", weights.embed_weights(shape))),
-        Stamp("prologue", "prologue", prologue_inputs, {}),
-    ]
-    shared = {name: f"prologue.{name}" for name in Prologue.outputs(shape)}
-    hidden = "embed.hidden_states"
-    outputs = {}
-    for layer, kind in enumerate(shape.layer_kinds):
-        prefix = f"layers.{layer}"
-        bindings = {
-            **shared,
-            "hidden_states": hidden,
-            "past_key": f"past_key.{layer}",
-            "past_value": f"past_value.{layer}",
-        }
-        sources = weights.layer_weights(shape, layer, kind)
-        stamps.append(Stamp(kind.name, prefix, bindings, stamp_weights(prefix, sources)))
-        hidden = f"{prefix}.hidden_states_out"
-        outputs[f"present_key.{layer}"] = f"{prefix}.present_key"
-        outputs[f"present_value.{layer}"] = f"{prefix}.present_value"
-    stamps.append(Stamp("head", "head", {"hidden_states": hidden}, stamp_weights("head", weights.head_weights(shape))))
-    model, stamped = link(templates, graph_inputs(shape), stamps, {"logits": "head.logits", **outputs})
-    model.metadata_props[CHUNK_KEY] = str(shape.attention_chunk_size)  # checked at load (integrity.py)
-    return model, stamped
+    return Stage(0, 0, shape.num_layers, 1)
+
+
+def _stage_split(shape, stages: int, log) -> list:
+    """The layers of each pipeline stage (llama4_deploy/stages.py), balanced by weight bytes."""
+    from llama4_deploy.stages import model_split
+
+    if stages > shape.num_layers:
+        raise BuildError(f"--stages {stages} exceeds the model's {shape.num_layers} layers; each stage needs at "
+                         f"least one layer")
+    split = model_split(shape, stages)
+    if stages > 1:
+        log(f"[stages] {stages} stages: " + ", ".join(f"layers {s.start}-{s.stop - 1}" for s in split))
+    return split
 
 
 def _random_checkpoint(recipe: Recipe, directory: Path) -> None:
@@ -175,8 +146,8 @@ def _source_record(recipe: Recipe, checkpoint_dir: Path | None) -> dict[str, Any
     return {"kind": "random", "recipe": recipe.name, "random": recipe.random.model_dump()}
 
 
-def _manifest(recipe: Recipe, shape, source, passes, graphs, layout: str, has_tokenizer: bool, has_tokenizer_config: bool,
-              seconds: float) -> dict[str, Any]:
+def _manifest(recipe: Recipe, shape, source, passes, graphs, stages: list[dict[str, Any]], has_tokenizer: bool,
+              has_tokenizer_config: bool, seconds: float) -> dict[str, Any]:
     import onnx
     import onnxruntime
     import torch
@@ -194,22 +165,28 @@ def _manifest(recipe: Recipe, shape, source, passes, graphs, layout: str, has_to
     io_names = ["input_ids", "position_ids", "past_lengths"] + [
         f"past_{kv}.{i}" for i in range(shape.num_layers) for kv in ("key", "value")
     ]
+    engine = {
+        "backend": recipe.backend,
+        "precision": recipe.precision,
+        "graphs": graphs,
+        "inputs": io_names,
+        "outputs": ["logits"] + [f"present_{kv}.{i}" for i in range(shape.num_layers) for kv in ("key", "value")]
+        + (["moe_overflow"] if any(g["reports_overflow"] for g in graphs.values()) else []),
+        "cache_dtype": "float32",
+        "logits_dtype": "float32",
+    }
+    if len(stages) == 1:  # the unsplit layout: graph files in `graphs`, one weights.data
+        for role, graph in graphs.items():
+            graph["file"] = stages[0]["graphs"][role]["file"]
+        engine["external_data"] = stages[0]["external_data"]
+        engine["weights_layout"] = stages[0]["weights_layout"]  # every graph's metadata_props carries the same
+    else:  # pipeline stages, each with its own graph files, weights and I/O (docs/engine-abi.md)
+        engine["stages"] = stages
     return {
         "name": recipe.name,
         "model": shape.to_dict(),
         "layers": layers,
-        "engine": {
-            "backend": recipe.backend,
-            "precision": recipe.precision,
-            "graphs": graphs,
-            "external_data": DATA_FILE,
-            "weights_layout": layout,  # every graph's metadata_props carries the same (runtime/integrity.py)
-            "inputs": io_names,
-            "outputs": ["logits"] + [f"present_{kv}.{i}" for i in range(shape.num_layers) for kv in ("key", "value")]
-            + (["moe_overflow"] if any(g["reports_overflow"] for g in graphs.values()) else []),
-            "cache_dtype": "float32",
-            "logits_dtype": "float32",
-        },
+        "engine": engine,
         "profiles": recipe.profiles.model_dump(),
         "tokenizer": "tokenizer.json" if has_tokenizer else None,
         "tokenizer_config": "tokenizer_config.json" if has_tokenizer_config else None,
@@ -219,6 +196,7 @@ def _manifest(recipe: Recipe, shape, source, passes, graphs, layout: str, has_to
         "build": {
             "recipe": recipe.name,
             "moe_dispatch": recipe.moe_dispatch,
+            "stages": len(stages),
             "passes": passes,
             "seconds": round(seconds, 1),
             "versions": {
@@ -256,6 +234,8 @@ def build(
     block_size: int | None = None,
     quant_form: str | None = None,
     calibration: str | Path | None = None,
+    stages: int | None = None,
+    extra_dispatches: tuple[str, ...] = (),
 ) -> BuildResult:
     """Build a bundle. `recipe` names a recipe (default `tiny`, or a plain fp32 ONNX Runtime
     build when only `checkpoint` is given); `checkpoint` is a Hugging Face checkpoint dir;
@@ -265,7 +245,11 @@ def build(
     max_position_embeddings, at most DEFAULT_MAX_CONTEXT. `out` may hold only a bundle this tool
     wrote (or nothing) unless `force` (outdir.py). `precision` (fp32, fp16, bf16, fp8, int4),
     `compute_dtype`, `block_size` (int4: 32, 64, 128), `quant_form` (qdq, ort, auto) and
-    `calibration` (a text or JSON file, fp8) override the recipe's precision plan."""
+    `calibration` (a text or JSON file, fp8) override the recipe's precision plan. `stages` (the
+    recipe's `stages`, default 1) splits the layers into that many pipeline-stage graphs
+    (llama4_deploy/stages.py). `extra_dispatches` also saves graphs for these MoE dispatches, each
+    under a role named after it, which the runtime opens but never steps on (tests and benchmarks
+    compare dispatches in one bundle)."""
     from llama4_deploy.graphs.dispatch import CHOICES
     from llama4_deploy.graphs.lower_attention import FORMS
 
@@ -287,6 +271,14 @@ def build(
             raise BuildError(f"unknown attention form {attention!r}; choose one of {', '.join((*FORMS, 'auto'))}")
         chosen = chosen.model_copy(update={"attention": attention})
     chosen = _with_precision(chosen, precision, compute_dtype, block_size, quant_form, calibration)
+    if stages is not None:
+        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+            raise BuildError(f"--stages {stages!r} is not a number of pipeline stages; give an integer of at least 1")
+        chosen = chosen.model_copy(update={"stages": stages})
+    unknown = [d for d in extra_dispatches if d not in CHOICES or d == "auto"]
+    if unknown:
+        raise BuildError(f"unknown MoE dispatch {unknown[0]!r} in extra_dispatches; choose from "
+                         f"{', '.join(c for c in CHOICES if c != 'auto')}")
     out = Path(out or Path("build") / chosen.name).resolve()
     if checkpoint is None and chosen.checkpoint_path is not None:
         checkpoint = chosen.checkpoint_path  # shipped with the repository (recipes/tiny-trained.yaml)
@@ -302,7 +294,8 @@ def build(
                 log(f"[out] removed {len(staging.removed_stale)} staging dir(s) of killed builds: "
                     f"{', '.join(staging.removed_stale)}")
             manifest, passes = _build_into(chosen, checkpoint, staging, log, start,
-                                            context_from_checkpoint=bare_checkpoint and max_context is None)
+                                            context_from_checkpoint=bare_checkpoint and max_context is None,
+                                            extra_dispatches=tuple(extra_dispatches))
             staging.commit()
     except OutDirError as err:
         raise BuildError(str(err)) from None
@@ -326,7 +319,8 @@ def _with_profiles(recipe: Recipe, overrides: dict[str, int]) -> Recipe:
     return recipe.model_copy(update={"profiles": profiles})
 
 
-def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float, context_from_checkpoint: bool):
+def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float, context_from_checkpoint: bool,
+                extra_dispatches: tuple[str, ...] = ()):
     """Every stage, written into the staging dir; returns (manifest, pass counts). With
     `context_from_checkpoint`, the context is the checkpoint's max_position_embeddings (capped)."""
     from llama4_deploy.export.checkpoint import Checkpoint, CheckpointError
@@ -357,11 +351,12 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
         raise BuildError(f"max context {chosen.profiles.max_context} exceeds the checkpoint's "
                          f"max_position_embeddings of {shape.max_position_embeddings}")
     log(f"[profiles] {chosen.profiles.model_dump()}")
+    split = _stage_split(shape, chosen.stages, log)
     spec = _quant_spec(chosen)
     log(f"[precision] {spec.summary()}")
     amax, calibration_record = _calibrate(chosen, spec, source_dir, ckpt, bundle, log)
     try:
-        passes, graphs, layout = _compile(ckpt, chosen, bundle, log, spec, amax)
+        passes, graphs, stages = _compile(ckpt, chosen, bundle, log, spec, amax, split, extra_dispatches)
     except CheckpointError as err:  # a tensor that fails to read while streaming
         raise BuildError(str(err)) from None
     if ckpt.tokenizer_file is not None:
@@ -369,7 +364,7 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
     if ckpt.tokenizer_config_file is not None:  # the chat template `serve` renders
         shutil.copyfile(ckpt.tokenizer_config_file, bundle / "tokenizer_config.json")
     source = _source_record(chosen, None if checkpoint is None else ckpt.path)
-    manifest = _manifest(chosen, shape, source, passes, graphs, layout, ckpt.tokenizer_file is not None,
+    manifest = _manifest(chosen, shape, source, passes, graphs, stages, ckpt.tokenizer_file is not None,
                          ckpt.tokenizer_config_file is not None, time.time() - start)
     _record_precision(manifest, spec, calibration_record)
     manifest["files"] = {}
@@ -457,104 +452,112 @@ def _moe_lowering(strategy: str, recipe: Recipe, spec):
     return dispatch.lowering(strategy, recipe.capacity_factor)
 
 
-def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_amax=None
-             ) -> tuple[dict[str, int], dict[str, dict[str, Any]], str]:
-    """Trace, link, lower per engine role, quantize, lint, save. Returns (pass counts, graphs by role,
-    weight layout)."""
+def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_amax=None, split=None,
+             extra_dispatches: tuple[str, ...] = ()) -> tuple[dict[str, int], dict[str, dict[str, Any]], list[dict]]:
+    """Trace, link, lower per engine role, quantize, lint, save, per pipeline stage of `split` (default:
+    one stage). Returns (pass counts summed over stages, graph records by role, stage records)."""
     from llama4_deploy.export.trace import trace_templates
     from llama4_deploy.graphs import dispatch
-    from llama4_deploy.graphs.compute_dtype import convert_compute_dtype
-    from llama4_deploy.graphs.lint import lint_static
-    from llama4_deploy.graphs.lower_attention import form_for, lower_attention
-    from llama4_deploy.graphs.quant_pass import quantize_model
+    from llama4_deploy.graphs.lower_attention import form_for
+    from llama4_deploy.stage_graphs import data_file, graph_file, save_stage_graphs, stage_io, stage_prologue
 
     shape = ckpt.shape
+    split = split or [_one_stage(shape)]
     kinds = sorted({k.name for k in shape.layer_kinds})
     t = time.time()
     log(f"[trace] embed, head and {len(kinds)} layer kinds: {', '.join(kinds)}")
-    templates = trace_templates(shape)
+    templates = trace_templates(shape, tuple(stage_prologue(shape, stage) for stage in split))
     log(f"[trace] done in {time.time() - t:.1f}s")
-    passes: dict[str, int] = {}
-    lowered: dict[str, Any] = {}
     attention = form_for(recipe.backend, recipe.attention)
+    lowered: dict[tuple[int, int, str], Any] = {}
+    plan_passes: dict[str, int] = {}
 
-    def lower(strategy: str):
-        if strategy not in lowered:
-            model, passes["link"] = link_model(ckpt, templates)
-            if spec is not None and spec.compute_dtype != "float32":
-                passes[f"compute_dtype_{spec.compute_dtype}"] = convert_compute_dtype(model, spec.compute_dtype)
-            count, skipped = _moe_lowering(strategy, recipe, spec)(model)
-            if skipped:
-                name, reason = next(iter(skipped.items()))
-                raise BuildError(f"MoE node {name} was not lowered to {strategy}: it {reason}")
-            passes[f"lower_attention_{attention}"], skipped = lower_attention(model, attention)
-            if skipped:
-                name, reason = next(iter(skipped.items()))
-                raise BuildError(f"attention node {name} was not lowered to {attention}: it {reason}")
-            if spec is not None and spec.quantized:
-                try:
-                    passes.update(quantize_model(model, spec, activation_amax))
-                except ValueError as err:
-                    raise BuildError(str(err)) from None
-            problems = lint_static(model)
-            if problems:
-                raise BuildError(f"the {strategy} graph breaks the static-shape rule: {problems[0]}")
-            passes[f"lower_moe_{strategy}"] = count
-            lowered[strategy] = model
-        return lowered[strategy]
+    def lower(stage, strategy: str, passes: dict[str, int]):
+        key = (stage.count, stage.index, strategy)
+        if key not in lowered:
+            lowered[key], counts = _lower_stage(ckpt, templates, stage, strategy, recipe, spec, activation_amax,
+                                                attention)
+            passes.update(counts)
+        return lowered[key]
 
+    full = _one_stage(shape)
     try:
         # fp8 activation scales cannot reach inside the fused MoE kernel (graphs/lower_quant_qdq.py)
         excluded = ("native",) if spec is not None and spec.activations else ()
-        if recipe.moe_dispatch in excluded:
+        if recipe.moe_dispatch in excluded or any(d in excluded for d in extra_dispatches):
             raise BuildError(f"precision {spec.precision} quantizes expert activations, which the native MoE kernel "
                              "cannot take; use --moe-dispatch dense, gather, capacity or auto")
-        roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lower, shape.to_dict(), recipe.profiles.model_dump(),
-                              recipe.capacity_factor, excluded=excluded)
+        # priced on the unsplit model: every stage gets the same dispatch per role
+        roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lambda s: lower(full, s, plan_passes),
+                              shape.to_dict(), recipe.profiles.model_dump(), recipe.capacity_factor, excluded=excluded)
     except ValueError as err:
         raise BuildError(str(err)) from None
     log(f"[dispatch] {recipe.moe_dispatch}: {roles}")
-    used = {strategy: lower(strategy) for strategy in dict.fromkeys(roles.values())}
+    for strategy in extra_dispatches:  # saved beside the roles' graphs, under a role named after the strategy
+        roles.setdefault(strategy, strategy)
+    strategies = list(dict.fromkeys(roles.values()))
+    passes: dict[str, int] = {}
+    stages = []
+    for stage in split:
+        stage_passes = plan_passes if stage.count == 1 else {}
+        models = {strategy: lower(stage, strategy, stage_passes) for strategy in strategies}
+        for name, count in stage_passes.items():  # summed over stages
+            passes[name] = passes.get(name, 0) + count
+        if stage.count > 1:
+            log(f"[stage {stage.index}] layers {stage.start}-{stage.stop - 1}: {len(models)} graphs")
+        layout = save_stage_graphs(models, staging, stage)
+        overflow = {s for s, model in models.items() if any(o.name == "moe_overflow" for o in model.graph.outputs)}
+        inputs, outputs = stage_io(shape, stage)
+        stages.append({
+            "index": stage.index,
+            "layers": [stage.start, stage.stop],
+            "graphs": {role: {"file": graph_file(stage, s), "reports_overflow": s in overflow}
+                       for role, s in roles.items()},
+            "external_data": data_file(stage),
+            "weights_layout": layout,  # every graph of the stage carries it in its metadata_props
+            "inputs": inputs,
+            "outputs": outputs + (["moe_overflow"] if overflow else []),
+        })
+        for strategy in strategies:
+            lowered.pop((stage.count, stage.index, strategy), None)  # saved: free the graphs
     log(f"[passes] {passes}")
-    layout = _save_graphs(used, staging)
     graphs = {}
     for role, strategy in roles.items():
-        graphs[role] = {"file": f"{strategy}.onnx", "moe_dispatch": strategy, "attention": attention,
-                        "reports_overflow": strategy == "capacity"}
+        graphs[role] = {"moe_dispatch": strategy, "attention": attention,
+                        "reports_overflow": any(st["graphs"][role]["reports_overflow"] for st in stages)}
         if strategy == "capacity":
             graphs[role]["capacity_factor"] = recipe.capacity_factor
-    return passes, graphs, layout
+    return passes, graphs, stages
 
 
-def _save_graphs(models: dict[str, Any], staging: Path) -> str:
-    """Save each graph as `<strategy>.onnx`, all referencing one external-data file.
+def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, activation_amax, attention: str):
+    """One stage's graph for one MoE dispatch: link, compute dtype, MoE and attention lowering,
+    quantization, static-shape lint. Returns (model, pass counts)."""
+    from llama4_deploy.graphs.compute_dtype import convert_compute_dtype
+    from llama4_deploy.graphs.lint import lint_static
+    from llama4_deploy.graphs.lower_attention import lower_attention
+    from llama4_deploy.graphs.quant_pass import quantize_model
+    from llama4_deploy.stage_graphs import link_stage
 
-    The union of their initializers is written once (streamed, one tensor at a time) through a
-    weights-only model, then each graph is saved pointing at those external tensors, carrying
-    the fingerprint of that file's layout (returned) in its metadata_props.
-    """
-    import onnx_ir as ir
-    from tqdm import tqdm
-
-    union: dict[str, ir.Value] = {}
-    for model in models.values():
-        for name, value in model.graph.initializers.items():
-            union.setdefault(name, value)
-    holders = [ir.Value(name=name, type=value.type, shape=value.shape, const_value=value.const_value)
-               for name, value in union.items()]
-    weights = ir.Model(ir.Graph([], [], nodes=[], initializers=holders, opset_imports={"": 21}), ir_version=10)
-    index = staging / "weights.onnx"
-    with tqdm(total=sum(v.const_value.nbytes for v in holders), unit="B", unit_scale=True, desc="[save] weights",
-              file=sys.stderr, disable=None) as bar:
-        ir.save(weights, index, external_data=DATA_FILE, callback=lambda tensor, info: bar.update(tensor.nbytes))
-    stored = ir.load(index).graph.initializers
-    external = {name: v.const_value for name, v in stored.items() if isinstance(v.const_value, ir.ExternalTensor)}
-    layout = layout_fingerprint((name, t.offset or 0, t.length, t.dtype.name, tuple(t.shape))
-                                for name, t in external.items())
-    for strategy, model in models.items():
-        for name, value in model.graph.initializers.items():
-            value.const_value = stored[name].const_value
-        model.metadata_props[LAYOUT_KEY] = layout
-        ir.save(model, staging / f"{strategy}.onnx")
-    index.unlink()
-    return layout
+    counts: dict[str, int] = {}
+    model, counts["link"] = link_stage(ckpt, templates, stage, lambda source, name: _lazy_weight(ckpt, source, name))
+    if spec is not None and spec.compute_dtype != "float32":
+        counts[f"compute_dtype_{spec.compute_dtype}"] = convert_compute_dtype(model, spec.compute_dtype)
+    count, skipped = _moe_lowering(strategy, recipe, spec)(model)
+    if skipped:
+        name, reason = next(iter(skipped.items()))
+        raise BuildError(f"MoE node {name} was not lowered to {strategy}: it {reason}")
+    counts[f"lower_attention_{attention}"], skipped = lower_attention(model, attention)
+    if skipped:
+        name, reason = next(iter(skipped.items()))
+        raise BuildError(f"attention node {name} was not lowered to {attention}: it {reason}")
+    if spec is not None and spec.quantized:
+        try:
+            counts.update(quantize_model(model, spec, activation_amax))
+        except ValueError as err:
+            raise BuildError(str(err)) from None
+    problems = lint_static(model)
+    if problems:
+        raise BuildError(f"the {strategy} graph breaks the static-shape rule: {problems[0]}")
+    counts[f"lower_moe_{strategy}"] = count
+    return model, counts

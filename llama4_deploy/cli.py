@@ -55,8 +55,10 @@ def main() -> None:
               help="quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto")
 @click.option("--calibration", type=click.Path(),
               help="fp8 activation calibration: text lines or a JSON list of token-id lists")
+@click.option("--stages", type=int, help="pipeline stages: split the layers into this many graphs, balanced by "
+              "weight bytes (default: the recipe's, 1)")
 def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_batch, prefill_tokens, force, precision,
-          compute_dtype, block_size, quant_form, calibration) -> None:
+          compute_dtype, block_size, quant_form, calibration, stages) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
@@ -65,7 +67,7 @@ def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_bat
                            attention=attention, max_context=max_context, max_batch=max_batch,
                            prefill_tokens=prefill_tokens, force=force, precision=precision,
                            compute_dtype=compute_dtype, block_size=None if block_size is None else int(block_size),
-                           quant_form=quant_form, calibration=calibration)
+                           quant_form=quant_form, calibration=calibration, stages=stages)
     except _user_errors() as err:
         raise UserError(str(err)) from None
     from llama4_deploy.costs import bundle_costs, cost_table
@@ -73,8 +75,10 @@ def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_bat
     m = result.manifest
     shape = m["model"]
     graphs = {role: graph["moe_dispatch"] for role, graph in m["engine"]["graphs"].items()}
+    split = "".join(f", stage {i}: layers {s['layers'][0]}-{s['layers'][1] - 1}"
+                    for i, s in enumerate(m["engine"].get("stages", [])))
     click.echo(
-        f"built {result.bundle}: {shape['num_layers']} layers, {shape['num_experts']} experts, "
+        f"built {result.bundle}: {shape['num_layers']} layers{split}, {shape['num_experts']} experts, "
         f"{m['engine']['precision']} {m['engine']['backend']}, MoE dispatch {graphs}, passes {result.passes}, "
         f"{result.seconds:.1f}s, peak RSS {result.peak_rss_mb:.0f} MB"
     )

@@ -32,7 +32,8 @@ def bundle_costs(bundle: str | Path) -> list[CostRow]:
 
     manifest = read_manifest(bundle)
     graphs = manifest.engine["graphs"]
-    files = sorted({g["file"] for g in graphs.values()})
+    stages = manifest.stages  # a split bundle is costed as the sum of its stages' graphs
+    files = sorted({g["file"] for stage in stages for g in stage.graphs.values()})
     check_files(manifest, files)  # the graphs only: the cost model never reads weights.data
     models = {}
     for file in files:
@@ -44,8 +45,11 @@ def bundle_costs(bundle: str | Path) -> list[CostRow]:
     rows = []
     for label, role, dims in profile_points(manifest.profiles):
         graph = graphs[role]
-        report = step_cost(models[graph["file"]], manifest.model, dims)
-        rows.append(CostRow(label, graph["file"], graph["moe_dispatch"], report.graph.flops, report.graph.weight_bytes,
+        stage_files = [stage.graphs[role]["file"] for stage in stages]
+        report = step_cost([models[f] for f in stage_files] if len(stages) > 1 else models[stage_files[0]],
+                           manifest.model, dims)
+        name = stage_files[0] if len(stages) == 1 else f"{len(stages)} stages"
+        rows.append(CostRow(label, name, graph["moe_dispatch"], report.graph.flops, report.graph.weight_bytes,
                             *report.graph.ratio(report.ideal), *report.dense.ratio(report.ideal), report.unresolved))
     return rows
 

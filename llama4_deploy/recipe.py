@@ -82,6 +82,7 @@ class Recipe(Strict):
     moe_dispatch: Literal["dense", "gather", "capacity", "native", "auto"] = "auto"
     # attention kernel form (graphs/lower_attention.py); auto: onnx23 for ONNX Runtime, decomposed otherwise
     attention: Literal["decomposed", "onnx23", "auto"] = "auto"
+    stages: int = Field(1, ge=1)  # pipeline stages: the layers split into this many graphs (llama4_deploy/stages.py)
     capacity_factor: float = Field(1.25, gt=0)  # slots per expert = ceil(factor * tokens * k / experts)
     profiles: Profiles = Profiles()
     verify: Verify = Verify()

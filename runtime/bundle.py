@@ -14,6 +14,8 @@ from typing import Any
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: file hashes (`files`) and the weight-layout fingerprint (`engine.weights_layout`)
 GOLDEN = "golden.npz"
+HIDDEN_IN = "hidden_states"  # a pipeline stage's input after the first: [batch, new, hidden]
+HIDDEN_OUT = "hidden_states_out"  # what a stage before the last gives the next (ONNX names are unique per graph)
 WRITER = "llama4-deploy"  # `written_by`: the out-dir policy replaces only directories this tool wrote
 
 
@@ -26,6 +28,26 @@ class LayerCache:
     index: int
     attention: str  # "chunked" (ring buffer of `slots`) or "global" (slot j holds position j)
     slots: int | None  # ring size for chunked layers; None: sized by the context at run time
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+    """One pipeline stage: layers [start, stop), its graph per role, its external data and I/O.
+    A bundle without `engine.stages` is one stage made of the engine record itself."""
+
+    index: int
+    start: int
+    stop: int
+    graphs: dict[str, dict[str, Any]]  # role -> {"file", "reports_overflow"}
+    external_data: str
+    weights_layout: str
+    inputs: list[str]
+    outputs: list[str]
+    last: bool
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.stop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +70,17 @@ class Manifest:
     @property
     def engine(self) -> dict[str, Any]:
         return self.raw["engine"]
+
+    @property
+    def stages(self) -> list[StageRecord]:
+        """The pipeline stages in order (one for an unsplit bundle)."""
+        engine = self.engine
+        records = engine.get("stages")
+        if records is None:
+            return [StageRecord(0, 0, self.model["num_layers"], engine["graphs"], engine["external_data"],
+                                engine["weights_layout"], engine["inputs"], engine["outputs"], True)]
+        return [StageRecord(i, r["layers"][0], r["layers"][1], r["graphs"], r["external_data"], r["weights_layout"],
+                            r["inputs"], r["outputs"], i == len(records) - 1) for i, r in enumerate(records)]
 
     @property
     def profiles(self) -> dict[str, int]:
@@ -79,7 +112,9 @@ class Manifest:
     @property
     def used_files(self) -> list[str]:
         """The files the runtime opens: graphs, external data, tokenizer."""
-        names = [graph["file"] for graph in self.engine["graphs"].values()] + [self.engine["external_data"]]
+        names = []
+        for stage in self.stages:
+            names += [graph["file"] for graph in stage.graphs.values()] + [stage.external_data]
         for key in ("tokenizer", "tokenizer_config"):
             if self.raw.get(key):
                 names.append(self.raw[key])
@@ -104,8 +139,6 @@ _REQUIRED: list[tuple[str, type | tuple[type, ...], str]] = [
     ("engine", dict, "an object"),
     ("engine.backend", str, "a string"),
     ("engine.graphs", dict, "an object"),
-    ("engine.external_data", str, "a file name"),
-    ("engine.weights_layout", str, "a string"),
     ("engine.inputs", list, "a list"),
     ("engine.outputs", list, "a list"),
     ("engine.cache_dtype", str, "a string"),
@@ -171,15 +204,22 @@ def validate_manifest(raw: Any, where: Path) -> None:
     if eos is not None and not (isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool)
                                                               for i in eos)):
         raise BundleError(f"{where}: model.eos_token_ids must be a list of integers, got {eos!r}")
-    graphs = raw["engine"]["graphs"]
+    engine = raw["engine"]
+    graphs = engine["graphs"]
     for role in ("prefill", "decode"):
         if not isinstance(graphs.get(role), dict):
             raise BundleError(f"{where} has no engine.graphs.{role} record")
-    for role, graph in graphs.items():
-        if not isinstance(graph, dict) or not _plain_file_name(graph.get("file")):
-            raise BundleError(f"{where}: engine.graphs.{role} must name a graph file inside the bundle")
-        if graph.get("reports_overflow") and not isinstance(graphs.get("exact"), dict):
-            raise BundleError(f"{where}: engine.graphs.{role} reports overflow but there is no exact graph")
+    if "stages" in engine:
+        _validate_stages(engine, model["num_layers"], where)
+    else:
+        for dotted, types, what in (("engine.external_data", str, "a file name"),
+                                    ("engine.weights_layout", str, "a string")):
+            value = _lookup(raw, dotted)
+            if value is _MISSING:
+                raise BundleError(f"{where} has no {dotted}")
+            if not isinstance(value, types):
+                raise BundleError(f"{where}: {dotted} must be {what}, got {value!r}")
+        _validate_graph_files(graphs, "engine.graphs", where)
     files = raw["files"]
     for name, record in files.items():
         if not _plain_file_name(name):
@@ -191,6 +231,49 @@ def validate_manifest(raw: Any, where: Path) -> None:
         name = raw.get(key)
         if name is not None and not _plain_file_name(name):
             raise BundleError(f"{where}: {key} must name a file inside the bundle, got {name!r}")
+
+
+def _validate_graph_files(graphs: dict, where_key: str, where: Path) -> None:
+    for role, graph in graphs.items():
+        if not isinstance(graph, dict) or not _plain_file_name(graph.get("file")):
+            raise BundleError(f"{where}: {where_key}.{role} must name a graph file inside the bundle")
+        if graph.get("reports_overflow") and not isinstance(graphs.get("exact"), dict):
+            raise BundleError(f"{where}: {where_key}.{role} reports overflow but there is no exact graph")
+
+
+def _validate_stages(engine: dict, num_layers: int, where: Path) -> None:
+    """engine.stages: a list of stages whose layers run [0, a), [a, b), ... [z, num_layers), each with a
+    graph for every role of engine.graphs, its external data, layout fingerprint and I/O names."""
+    stages = engine["stages"]
+    if not isinstance(stages, list) or not stages:
+        raise BundleError(f"{where}: engine.stages must be a non-empty list of stages")
+    expected_start = 0
+    for index, stage in enumerate(stages):
+        key = f"engine.stages[{index}]"
+        if not isinstance(stage, dict):
+            raise BundleError(f"{where}: {key} must be an object")
+        layers = stage.get("layers")
+        if not (isinstance(layers, list) and len(layers) == 2 and all(type(n) is int for n in layers)
+                and layers[0] == expected_start and layers[1] > layers[0]):
+            raise BundleError(f"{where}: {key}.layers must be [{expected_start}, stop] with stop > {expected_start}, "
+                              f"got {layers!r}")
+        expected_start = layers[1]
+        graphs = stage.get("graphs")
+        if not isinstance(graphs, dict) or set(graphs) != set(engine["graphs"]):
+            raise BundleError(f"{where}: {key}.graphs must give a graph for each role of engine.graphs "
+                              f"({', '.join(engine['graphs'])})")
+        _validate_graph_files(graphs, f"{key}.graphs", where)
+        if not _plain_file_name(stage.get("external_data")):
+            raise BundleError(f"{where}: {key}.external_data must name a file inside the bundle")
+        if not isinstance(stage.get("weights_layout"), str):
+            raise BundleError(f"{where}: {key}.weights_layout must be a string")
+        for names in ("inputs", "outputs"):
+            value = stage.get(names)
+            if not (isinstance(value, list) and all(isinstance(name, str) for name in value)):
+                raise BundleError(f"{where}: {key}.{names} must be a list of names")
+    if expected_start != num_layers:
+        raise BundleError(f"{where}: engine.stages cover layers 0-{expected_start - 1}, but model.num_layers is "
+                          f"{num_layers}")
 
 
 def read_manifest(bundle_dir: str | Path) -> Manifest:

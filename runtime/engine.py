@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from llama4_deploy.runtime import arguments, integrity
-from llama4_deploy.runtime.bundle import BundleError, Manifest, read_manifest
+from llama4_deploy.runtime.bundle import HIDDEN_IN, HIDDEN_OUT, BundleError, Manifest, read_manifest
 from llama4_deploy.runtime.kv_cache import KVCache, cache_memory
 from llama4_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
 
@@ -77,12 +77,19 @@ class Engine:
         if engine.get("compute_dtype") == "bfloat16":
             raise BundleError(f"bundle {manifest.name} computes in bfloat16, which ONNX Runtime's CPU cannot run; "
                               "rebuild it with --precision fp16 or fp32 to run it here (bf16 bundles are for TensorRT)")
-        self.graphs = engine["graphs"]  # role (prefill, decode, exact) -> graph record
-        files = dict.fromkeys(graph["file"] for graph in self.graphs.values())
-        # ONNX Runtime's threads spin after each run; a second spinning session run right after
-        # the first slows it ~2x on 2 cores. The rerun-only (exact) graph does not spin.
-        steady = {graph["file"] for role, graph in self.graphs.items() if role != "exact"}
-        self.runners = {f: self._open_graph(f, threads, f in steady) for f in files}
+        self.graphs = engine["graphs"]  # role (prefill, decode, exact) -> graph record (dispatch, attention)
+        # pipeline stages, run in order, each with its own sessions (one stage: the unsplit model). On the
+        # CPU all stages share the host; a GPU backend gives each stage its device.
+        self.stages = manifest.stages
+        self.runners = {}  # graph file -> runner; file names are unique across stages
+        for stage in self.stages:
+            # ONNX Runtime's threads spin after each run; a second spinning session run right after
+            # the first slows it ~2x on 2 cores. The rerun-only (exact) graph does not spin.
+            steady = {graph["file"] for role, graph in stage.graphs.items() if role != "exact"}
+            for file in dict.fromkeys(graph["file"] for graph in stage.graphs.values()):
+                self.runners[file] = self._open_graph(file, threads, file in steady, stage)
+        self._stage_caches = [[f"past_{kv}.{layer}" for layer in stage.layers for kv in ("key", "value")]
+                              for stage in self.stages]
         self._calls = threading.RLock()  # serializes generate / score
         self.vocab_size = manifest.vocab_size
         self.max_batch = manifest.profiles["max_batch"]
@@ -91,7 +98,7 @@ class Engine:
         self.overflow_reruns = 0
         self.cache_memory = cache_memory(manifest)  # bytes per token by layer kind, and at the limits
 
-    def _open_graph(self, file: str, threads: int | None, spin: bool) -> OnnxRuntimeRunner:
+    def _open_graph(self, file: str, threads: int | None, spin: bool, stage) -> OnnxRuntimeRunner:
         """A runner for one graph, after checking it belongs to this bundle and matches its manifest."""
         path = self.manifest.path / file
         if not path.is_file():
@@ -102,10 +109,10 @@ class Engine:
             reason = " ".join(str(err).split())[:300]
             raise BundleError(f"{file} in {self.manifest.path} cannot be loaded by ONNX Runtime ({reason})") from None
         session = runner.session
-        integrity.check_layout(self.manifest, file, session.get_modelmeta().custom_metadata_map)
+        integrity.check_layout(self.manifest, file, session.get_modelmeta().custom_metadata_map, stage)
         integrity.check_graph_io(self.manifest, file,
                                  {i.name: (i.type, list(i.shape)) for i in session.get_inputs()},
-                                 {o.name: (o.type, list(o.shape)) for o in session.get_outputs()})
+                                 {o.name: (o.type, list(o.shape)) for o in session.get_outputs()}, stage)
         return runner
 
     def close(self) -> None:
@@ -134,14 +141,26 @@ class Engine:
     def run_step(self, cache: KVCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One engine call on ids/positions [B, T]; returns logits [B, T, V] and updates the cache.
 
-        A capacity-limited graph reports `moe_overflow`; the step is then rerun on the exact
-        graph before anything is written, so results never depend on capacity."""
-        feeds = {"input_ids": ids, "position_ids": positions, "past_lengths": cache.lengths.copy(), **cache.feeds()}
+        Pipeline stages run in order, each handing hidden_states to the next; each reads its own
+        layers' caches. A capacity-limited graph reports `moe_overflow`; that stage is then rerun
+        on its exact graph (before anything is written, and before the next stage reads its
+        output), so results never depend on capacity."""
         role = "decode" if ids.shape[1] == 1 else "prefill"
-        outputs = self.runners[self.graphs[role]["file"]].infer(feeds)
-        if self.graphs[role].get("reports_overflow") and outputs["moe_overflow"].any():
-            outputs = self.runners[self.graphs["exact"]["file"]].infer(feeds)
-            self.overflow_reruns += 1
+        caches = cache.feeds()
+        shared = {"position_ids": positions, "past_lengths": cache.lengths.copy()}
+        outputs: dict[str, np.ndarray] = {}
+        hidden, rerun = ids, False
+        for stage, names in zip(self.stages, self._stage_caches):
+            feeds = {("input_ids" if stage.index == 0 else HIDDEN_IN): hidden, **shared}
+            feeds.update(caches if len(self.stages) == 1 else {name: caches[name] for name in names})
+            graph = stage.graphs[role]
+            stage_outputs = self.runners[graph["file"]].infer(feeds)
+            if graph.get("reports_overflow") and stage_outputs["moe_overflow"].any():
+                stage_outputs = self.runners[stage.graphs["exact"]["file"]].infer(feeds)
+                rerun = True
+            hidden = stage_outputs.get(HIDDEN_OUT)
+            outputs.update(stage_outputs)
+        self.overflow_reruns += rerun
         cache.write(outputs, positions)
         self.steps += 1
         self._check_finite(outputs["logits"])

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from llama4_deploy.runtime.bundle import BundleError, Manifest
+from llama4_deploy.runtime.bundle import HIDDEN_OUT, BundleError, Manifest, StageRecord
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,10 @@ def layout_fingerprint(entries: Iterable[tuple[str, int, int, str, tuple[int, ..
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
-def check_layout(manifest: Manifest, file: str, metadata: dict[str, str]) -> None:
-    """The graph must have been saved against this bundle's weights.data layout, and traced with the
-    chunk the manifest records for its chunked layers."""
+def check_layout(manifest: Manifest, file: str, metadata: dict[str, str], stage: StageRecord | None = None) -> None:
+    """The graph must have been saved against its stage's external-data layout (weights.data in an
+    unsplit bundle), and traced with the chunk the manifest records for its chunked layers."""
+    stage = stage or manifest.stages[0]
     chunk = metadata.get(CHUNK_KEY)
     for layer in manifest.layers:
         if layer.attention == "chunked" and chunk is not None and str(layer.slots) != chunk:
@@ -153,30 +154,33 @@ def check_layout(manifest: Manifest, file: str, metadata: dict[str, str]) -> Non
     if got is None:
         raise BundleError(f"{file} in {manifest.path} carries no weight-layout fingerprint; it was not written "
                           f"by this bundle's build")
-    if got != manifest.engine["weights_layout"]:
-        raise BundleError(f"{file} in {manifest.path} expects a different {manifest.engine['external_data']} "
+    if got != stage.weights_layout:
+        raise BundleError(f"{file} in {manifest.path} expects a different {stage.external_data} "
                           f"layout than this bundle's (a graph from another bundle?); rebuild the bundle")
 
 
 def check_graph_io(manifest: Manifest, file: str, inputs: dict[str, tuple[str, list]],
-                   outputs: dict[str, tuple[str, list]]) -> None:
-    """Declared inputs/outputs ({name: (ORT type string, dims)}) against the manifest's layers.
+                   outputs: dict[str, tuple[str, list]], stage: StageRecord | None = None) -> None:
+    """Declared inputs/outputs ({name: (ORT type string, dims)}) against the manifest's layers (those
+    of `stage`, default the only one).
 
     Chunked layers' caches are [batch, K, C or "ring", D]; global layers' [batch, K, "context", D].
+    A stage other than the last gives hidden_states_out [batch, new, hidden] instead of logits.
     """
     engine, model = manifest.engine, manifest.model
+    stage = stage or manifest.stages[0]
     where = f"{file} in {manifest.path}"
-    # `moe_overflow` is listed once for the engine, but only capacity graphs report it
-    reports = any(g.get("reports_overflow") for g in engine["graphs"].values() if g["file"] == file)
-    listed_outputs = [name for name in engine["outputs"] if reports or name != OVERFLOW]
-    for kind, declared, listed in (("inputs", inputs, engine["inputs"]), ("outputs", outputs, listed_outputs)):
+    # `moe_overflow` is listed once for the stage, but only capacity graphs (with MoE layers) report it
+    reports = any(g.get("reports_overflow") for g in stage.graphs.values() if g["file"] == file)
+    listed_outputs = [name for name in stage.outputs if reports or name != OVERFLOW]
+    for kind, declared, listed in (("inputs", inputs, stage.inputs), ("outputs", outputs, listed_outputs)):
         if set(declared) != set(listed):
             missing, extra = sorted(set(listed) - set(declared)), sorted(set(declared) - set(listed))
             raise BundleError(f"{where} declares {kind} that disagree with the manifest (missing {missing}, "
                               f"not in the manifest {extra})")
     cache_type = _ORT_DTYPES.get(engine["cache_dtype"], engine["cache_dtype"])
     kv_heads, head_dim = model["num_kv_heads"], model["head_dim"]
-    for layer in manifest.layers:
+    for layer in manifest.layers[stage.start:stage.stop]:
         for name, declared in ((f"past_key.{layer.index}", inputs), (f"past_value.{layer.index}", inputs),
                                (f"present_key.{layer.index}", outputs), (f"present_value.{layer.index}", outputs)):
             if name not in declared:
@@ -190,6 +194,12 @@ def check_graph_io(manifest: Manifest, file: str, inputs: dict[str, tuple[str, l
                                   f"[batch, {kv_heads}, cache, {head_dim}]")
             if name.startswith("past_"):
                 _check_cache_dim(where, name, layer, dims[2])
+    if not stage.last:
+        dtype, dims = outputs[HIDDEN_OUT]
+        if dtype != cache_type or len(dims) != 3 or dims[2] != model["hidden_size"]:
+            raise BundleError(f"{where} declares {HIDDEN_OUT} as {dtype} {dims}, the manifest implies "
+                              f"{engine['cache_dtype']} [batch, new, {model['hidden_size']}]")
+        return
     logits_type = _ORT_DTYPES.get(engine["logits_dtype"], engine["logits_dtype"])
     dtype, dims = outputs["logits"]
     vocab = dims[2] if len(dims) == 3 else None

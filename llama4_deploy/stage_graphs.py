@@ -1,0 +1,162 @@
+"""Link and save the graphs of one pipeline stage (llama4_deploy/stages.py says which layers).
+
+    stage 0:     input_ids ─► embed ─► prologue ─► layers[a:b] ─► hidden_states_out
+    stage s:     hidden_states ─► prologue ─► layers[b:c] ─► hidden_states_out
+    last stage:  hidden_states ─► prologue ─► layers[c:N] ─► head ─► logits
+    one stage:   input_ids ─► embed ─► prologue ─► layers[0:N] ─► head ─► logits   (the unsplit model)
+
+Every stage takes position_ids and past_lengths and its own layers' past_key.l / past_value.l, and
+gives their present_key.l / present_value.l. The prologue is per stage (it computes only the
+masks and RoPE tables of the layer kinds the stage holds), so stage s computes exactly what layers
+[b:c] computed inside the unsplit graph. A middle stage's output is `hidden_states_out`, not
+`hidden_states`, because ONNX value names are unique within a graph.
+
+Files: a one-stage build writes `<dispatch>.onnx` and `weights.data` (the unsplit layout); stage s
+of a split build writes `stage<s>.<dispatch>.onnx` sharing `stage<s>.weights.data`, so each stage's
+device (or host) reads only its own weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llama4_deploy.runtime.bundle import HIDDEN_IN, HIDDEN_OUT
+from llama4_deploy.runtime.integrity import CHUNK_KEY, LAYOUT_KEY, layout_fingerprint
+from llama4_deploy.stages import Stage
+
+
+
+def file_prefix(stage: Stage) -> str:
+    return "" if stage.count == 1 else f"stage{stage.index}."
+
+
+def data_file(stage: Stage) -> str:
+    return f"{file_prefix(stage)}weights.data"
+
+
+def graph_file(stage: Stage, strategy: str) -> str:
+    return f"{file_prefix(stage)}{strategy}.onnx"
+
+
+def stage_io(shape, stage: Stage) -> tuple[list[str], list[str]]:
+    """(input names, output names) of a stage's graphs, `moe_overflow` not included."""
+    inputs = ["input_ids" if stage.first else HIDDEN_IN, "position_ids", "past_lengths"]
+    inputs += [f"past_{kv}.{i}" for i in stage.layers for kv in ("key", "value")]
+    outputs = ["logits" if stage.last else HIDDEN_OUT]
+    outputs += [f"present_{kv}.{i}" for i in stage.layers for kv in ("key", "value")]
+    return inputs, outputs
+
+
+def stage_inputs(shape, stage: Stage):
+    """The engine ABI's inputs of one stage (docs/engine-abi.md)."""
+    import onnx_ir as ir
+
+    def value(name, dtype, dims):
+        return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
+
+    first = (value("input_ids", ir.DataType.INT64, ["batch", "new"]) if stage.first
+             else value(HIDDEN_IN, ir.DataType.FLOAT, ["batch", "new", shape.hidden_size]))
+    inputs = [
+        first,
+        value("position_ids", ir.DataType.INT64, ["batch", "new"]),
+        value("past_lengths", ir.DataType.INT64, ["batch"]),
+    ]
+    for layer in stage.layers:
+        slots = "ring" if shape.layer_kinds[layer].rope else "context"  # min(C, bucket) slots, or the context bucket
+        dims = ["batch", shape.num_kv_heads, slots, shape.head_dim]
+        inputs.append(value(f"past_key.{layer}", ir.DataType.FLOAT, dims))
+        inputs.append(value(f"past_value.{layer}", ir.DataType.FLOAT, dims))
+    return inputs
+
+
+def stage_prologue(shape, stage: Stage) -> tuple[bool, bool]:
+    """(has chunked layers, has global layers) of a stage: which prologue it needs."""
+    kinds = [shape.layer_kinds[i] for i in stage.layers]
+    return any(k.rope for k in kinds), any(not k.rope for k in kinds)
+
+
+def link_stage(checkpoint, templates, stage: Stage, weight: Callable[[Any, str], Any]):
+    """The linked graph of one stage; `weight(source, name)` gives the (lazy) tensor of a checkpoint
+    weight. `templates` must hold the stage's prologue (export/trace.py, trace_templates)."""
+    from llama4_deploy.export import weights
+    from llama4_deploy.export.modules import Prologue
+    from llama4_deploy.export.trace import prologue_template
+    from llama4_deploy.graphs.link import Stamp, link
+
+    shape = checkpoint.shape
+
+    def stamp_weights(prefix, sources):
+        return {k: weight(s, f"{prefix}.{k}") for k, s in sources.items()}
+
+    has_rope, has_global = stage_prologue(shape, stage)
+    prologue_inputs = {"position_ids": "position_ids", "past_lengths": "past_lengths"}
+    for scope, rope in (("chunked", True), ("global", False)):
+        layers = [i for i in stage.layers if shape.layer_kinds[i].rope == rope]
+        if layers:  # the prologue reads only this cache's slot count
+            prologue_inputs[f"{scope}_past_key"] = f"past_key.{layers[0]}"
+    stamps = []
+    if stage.first:
+        stamps.append(Stamp("embed", "embed", {"input_ids": "input_ids"},
+                            stamp_weights("embed", weights.embed_weights(shape))))
+        hidden = "embed.hidden_states"
+    else:
+        hidden = HIDDEN_IN
+    stamps.append(Stamp(prologue_template(shape, has_rope, has_global), "prologue", prologue_inputs, {}))
+    shared = {name: f"prologue.{name}" for name in Prologue.outputs(shape, has_rope, has_global)}
+    outputs = {}
+    for layer in stage.layers:
+        kind = shape.layer_kinds[layer]
+        prefix = f"layers.{layer}"
+        bindings = {**shared, "hidden_states": hidden, "past_key": f"past_key.{layer}",
+                    "past_value": f"past_value.{layer}"}
+        stamps.append(Stamp(kind.name, prefix, bindings, stamp_weights(prefix, weights.layer_weights(shape, layer, kind))))
+        hidden = f"{prefix}.hidden_states_out"
+        outputs[f"present_key.{layer}"] = f"{prefix}.present_key"
+        outputs[f"present_value.{layer}"] = f"{prefix}.present_value"
+    if stage.last:
+        stamps.append(Stamp("head", "head", {"hidden_states": hidden}, stamp_weights("head", weights.head_weights(shape))))
+        final = {"logits": "head.logits"}
+    else:
+        final = {HIDDEN_OUT: hidden}
+    model, stamped = link(templates, stage_inputs(shape, stage), stamps, {**final, **outputs})
+    model.metadata_props[CHUNK_KEY] = str(shape.attention_chunk_size)  # checked at load (integrity.py)
+    return model, stamped
+
+
+def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> str:
+    """Save each graph of a stage as `graph_file(stage, strategy)`, all referencing one external-data
+    file, `data_file(stage)`.
+
+    The union of their initializers is written once (streamed, one tensor at a time) through a
+    weights-only model, then each graph is saved pointing at those external tensors, carrying
+    the fingerprint of that file's layout (returned) in its metadata_props.
+    """
+    import onnx_ir as ir
+    from tqdm import tqdm
+
+    union: dict[str, ir.Value] = {}
+    for model in models.values():
+        for name, value in model.graph.initializers.items():
+            union.setdefault(name, value)
+    holders = [ir.Value(name=name, type=value.type, shape=value.shape, const_value=value.const_value)
+               for name, value in union.items()]
+    weights = ir.Model(ir.Graph([], [], nodes=[], initializers=holders, opset_imports={"": 21}), ir_version=10)
+    index = directory / f"{file_prefix(stage)}weights.onnx"
+    label = "[save] weights" if stage.count == 1 else f"[save] stage {stage.index} weights"
+    with tqdm(total=sum(v.const_value.nbytes for v in holders), unit="B", unit_scale=True, desc=label,
+              file=sys.stderr, disable=None) as bar:
+        ir.save(weights, index, external_data=data_file(stage), callback=lambda tensor, info: bar.update(tensor.nbytes))
+    stored = ir.load(index).graph.initializers
+    external = {name: v.const_value for name, v in stored.items() if isinstance(v.const_value, ir.ExternalTensor)}
+    layout = layout_fingerprint((name, t.offset or 0, t.length, t.dtype.name, tuple(t.shape))
+                                for name, t in external.items())
+    for strategy, model in models.items():
+        for name, value in model.graph.initializers.items():
+            value.const_value = stored[name].const_value
+        model.metadata_props[LAYOUT_KEY] = layout
+        ir.save(model, directory / graph_file(stage, strategy))
+    index.unlink()
+    return layout
