@@ -197,3 +197,49 @@ def trace_templates(shape: ModelShape, prologues: tuple[tuple[bool, bool], ...] 
         if name not in templates:
             templates[name] = trace_prologue(shape, has_rope, has_global)
     return dict(templates)
+
+
+# -- cached templates (llama4_deploy/build_cache.py) ------------------------------------------------
+_ORDER_KEY = "llama4_deploy.template_initializers"  # every initializer's name, in the template's order
+_WEIGHTS_KEY = "llama4_deploy.template_weights"  # the data-less ones, saved as graph inputs
+
+
+def save_templates(templates: dict[str, ir.Model], directory) -> None:
+    """Write templates as ONNX files `<name>.onnx`. A template's weights have no data, which ONNX
+    cannot store as initializers: they are written as typed graph inputs and listed in the model's
+    metadata, and `load_templates` turns them back into data-less initializers, in the same order."""
+    import onnx
+
+    from pathlib import Path
+
+    directory = Path(directory)
+    for name, template in templates.items():
+        proto = ir.serde.serialize_model(template)
+        initializers = list(template.graph.initializers.values())
+        weights = [value for value in initializers if value.const_value is None]
+        proto.graph.input.extend(ir.serde.serialize_value(value) for value in weights)
+        for key, names in ((_ORDER_KEY, [v.name for v in initializers]), (_WEIGHTS_KEY, [v.name for v in weights])):
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(names)
+        onnx.save_model(proto, str(directory / f"{name}.onnx"))
+
+
+def load_templates(directory, names) -> dict[str, ir.Model]:
+    """The templates `save_templates` wrote, as trace_templates returns them."""
+    from pathlib import Path
+
+    templates = {}
+    for name in names:
+        model = ir.load(Path(directory) / f"{name}.onnx")
+        order = json.loads(model.metadata_props.pop(_ORDER_KEY))
+        weights = set(json.loads(model.metadata_props.pop(_WEIGHTS_KEY)))
+        graph = model.graph
+        values = dict(graph.initializers)
+        for value in [v for v in graph.inputs if v.name in weights]:
+            graph.inputs.remove(value)
+            values[value.name] = value
+        graph.initializers.clear()
+        for initializer in order:
+            graph.initializers[initializer] = values[initializer]
+        templates[name] = model
+    return templates

@@ -7,6 +7,7 @@ complete; the --out policy, lock and staging live in outdir.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
 import shutil
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from llama4_deploy.build_cache import BuildCache, CacheError, checkpoint_identity, link_or_copy, step_key
 from llama4_deploy.outdir import OutDirError, Staging, check_out
 from llama4_deploy.recipe import Recipe, load_recipe
 from llama4_deploy.runtime.bundle import GOLDEN, MANIFEST, BundleError, write_manifest
@@ -215,7 +217,36 @@ def _write_golden(staging: Path, shape) -> None:
 
     ids = [int(i) for i in np.random.default_rng(0).integers(0, shape.vocab_size, size=8)]
     with load(staging, verify_files=False) as engine:  # the hashes are recorded after this
-        np.savez(staging / GOLDEN, input_ids=np.array(ids), logits=engine.score(ids, mode="prefill"))
+        _save_npz(staging / GOLDEN, input_ids=np.array(ids), logits=engine.score(ids, mode="prefill"))
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    """np.savez's format with fixed zip timestamps, so the same arrays give the same bytes (np.savez
+    stamps the current time into the archive)."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asanyarray(array), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
+
+
+def _cached_calibration(cache: BuildCache | None, inputs, bundle: Path, needed: bool, calibrate):
+    """(activation ranges, calibration record) from `calibrate(directory)`, which writes its ranges
+    file into `directory`; kept as a build step, so a resumed build does not calibrate again."""
+    if cache is None or not needed:
+        return calibrate(bundle)
+    key = step_key("calibrate", inputs)
+    hit = cache.get("calibrate", key)
+    if hit is None:
+        with cache.put("calibrate", key) as (directory, record):
+            amax, calibration = calibrate(directory)
+            record.update(amax=amax, calibration=calibration)
+        hit = cache.entry("calibrate", key), record
+    cache.link_files("calibrate", key, bundle)
+    return hit[1]["amax"], hit[1]["calibration"]
 
 
 def build(
@@ -293,11 +324,17 @@ def build(
             if staging.removed_stale:
                 log(f"[out] removed {len(staging.removed_stale)} staging dir(s) of killed builds: "
                     f"{', '.join(staging.removed_stale)}")
-            manifest, passes = _build_into(chosen, checkpoint, staging, log, start,
-                                            context_from_checkpoint=bare_checkpoint and max_context is None,
-                                            extra_dispatches=tuple(extra_dispatches))
-            staging.commit()
-    except OutDirError as err:
+            cache = BuildCache(out, log).open()  # resumable steps (build_cache.py), under the lock
+            built = False
+            try:
+                manifest, passes = _build_into(chosen, checkpoint, staging, log, start,
+                                                context_from_checkpoint=bare_checkpoint and max_context is None,
+                                                extra_dispatches=tuple(extra_dispatches), cache=cache)
+                staging.commit()
+                built = True
+            finally:
+                cache.close(built)
+    except (OutDirError, CacheError) as err:
         raise BuildError(str(err)) from None
     seconds = time.time() - start
     return BuildResult(out, seconds, _peak_rss_mb(), passes, manifest)
@@ -320,19 +357,25 @@ def _with_profiles(recipe: Recipe, overrides: dict[str, int]) -> Recipe:
 
 
 def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float, context_from_checkpoint: bool,
-                extra_dispatches: tuple[str, ...] = ()):
+                extra_dispatches: tuple[str, ...] = (), cache: BuildCache | None = None):
     """Every stage, written into the staging dir; returns (manifest, pass counts). With
-    `context_from_checkpoint`, the context is the checkpoint's max_position_embeddings (capped)."""
+    `context_from_checkpoint`, the context is the checkpoint's max_position_embeddings (capped).
+    Steps found in `cache` under their key are reused, finished ones stored there (build_cache.py)."""
     from llama4_deploy.export.checkpoint import Checkpoint, CheckpointError
 
     bundle = staging.dir
     if checkpoint is None:
-        log(f"[load] recipe {chosen.name}: seeded random weights (seed {chosen.random.seed})")
-        source_dir = staging.scratch / "checkpoint"
-        _random_checkpoint(chosen, source_dir)
+        key = step_key("checkpoint", chosen.random.model_dump(mode="json"))
+        identity: Any = {"random checkpoint": key}
+        if cache.get("checkpoint", key) is None:
+            log(f"[load] recipe {chosen.name}: seeded random weights (seed {chosen.random.seed})")
+            with cache.put("checkpoint", key) as (directory, _):
+                _random_checkpoint(chosen, directory)
+        source_dir = cache.entry("checkpoint", key)
     else:
         source_dir = Path(checkpoint)
         log(f"[load] checkpoint {source_dir}")
+        identity = checkpoint_identity(source_dir) if source_dir.is_dir() else None
     try:
         ckpt = Checkpoint(source_dir)
         _check_expected(chosen, ckpt.shape)
@@ -354,9 +397,13 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
     split = _stage_split(shape, chosen.stages, log)
     spec = _quant_spec(chosen)
     log(f"[precision] {spec.summary()}")
-    amax, calibration_record = _calibrate(chosen, spec, source_dir, ckpt, bundle, log)
+    # what every later step reads: the recipe with its overrides, and which weights
+    inputs = [chosen.model_dump(mode="json"), identity, list(extra_dispatches)]
+    amax, calibration_record = _cached_calibration(cache, inputs, bundle, spec.activations,
+                                                   lambda where: _calibrate(chosen, spec, source_dir, ckpt, where, log))
     try:
-        passes, graphs, stages = _compile(ckpt, chosen, bundle, log, spec, amax, split, extra_dispatches)
+        passes, graphs, stages, stage_keys, file_records = _compile(ckpt, chosen, bundle, log, spec, amax, split,
+                                                                    extra_dispatches, cache, inputs)
     except CheckpointError as err:  # a tensor that fails to read while streaming
         raise BuildError(str(err)) from None
     if ckpt.tokenizer_file is not None:
@@ -372,11 +419,19 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
     if spec.compute_dtype == "bfloat16":
         log("[golden] skipped: ONNX Runtime's CPU has no bfloat16 kernels to run the engine")
     else:
-        log("[golden] engine logits for a fixed prompt")
-        _write_golden(bundle, shape)
+        key = step_key("golden", stage_keys)
+        if cache.get("golden", key) is None:
+            log("[golden] engine logits for a fixed prompt")
+            _write_golden(bundle, shape)
+            with cache.put("golden", key) as (directory, _):
+                link_or_copy(bundle / GOLDEN, directory / GOLDEN)
+        else:
+            cache.link_files("golden", key, bundle)
     shutil.rmtree(staging.scratch)
     t = time.time()
-    manifest["files"] = hash_files(bundle, [p.name for p in bundle.iterdir() if p.name != MANIFEST])
+    # the stages' files were hashed when they were written (and stored with their cached step)
+    fresh = hash_files(bundle, [p.name for p in bundle.iterdir() if p.name != MANIFEST and p.name not in file_records])
+    manifest["files"] = dict(sorted({**file_records, **fresh}.items()))
     write_manifest(bundle, manifest)
     log(f"[hash] SHA-256 of {len(manifest['files'])} files in {time.time() - t:.1f}s")
     return manifest, passes
@@ -452,22 +507,41 @@ def _moe_lowering(strategy: str, recipe: Recipe, spec):
     return dispatch.lowering(strategy, recipe.capacity_factor)
 
 
-def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_amax=None, split=None,
-             extra_dispatches: tuple[str, ...] = ()) -> tuple[dict[str, int], dict[str, dict[str, Any]], list[dict]]:
-    """Trace, link, lower per engine role, quantize, lint, save, per pipeline stage of `split` (default:
-    one stage). Returns (pass counts summed over stages, graph records by role, stage records)."""
-    from llama4_deploy.export.trace import trace_templates
-    from llama4_deploy.graphs import dispatch
-    from llama4_deploy.graphs.lower_attention import form_for
-    from llama4_deploy.stage_graphs import data_file, graph_file, save_stage_graphs, stage_io, stage_prologue
+def _templates(shape, split, cache: BuildCache | None, log) -> dict[str, Any]:
+    """The traced templates every stage needs, from the cache when a build traced them before."""
+    from llama4_deploy.export.trace import load_templates, save_templates, trace_templates
+    from llama4_deploy.stage_graphs import stage_prologue
 
-    shape = ckpt.shape
-    split = split or [_one_stage(shape)]
+    prologues = tuple(dict.fromkeys(stage_prologue(shape, stage) for stage in split))
+    key = step_key("trace", shape.to_dict(), prologues)
+    hit = cache.get("trace", key) if cache is not None else None
+    if hit is not None:
+        return load_templates(hit[0], hit[1]["templates"])
     kinds = sorted({k.name for k in shape.layer_kinds})
     t = time.time()
     log(f"[trace] embed, head and {len(kinds)} layer kinds: {', '.join(kinds)}")
-    templates = trace_templates(shape, tuple(stage_prologue(shape, stage) for stage in split))
+    templates = trace_templates(shape, prologues)
     log(f"[trace] done in {time.time() - t:.1f}s")
+    if cache is not None:
+        with cache.put("trace", key) as (directory, record):
+            save_templates(templates, directory)
+            record["templates"] = list(templates)
+    return templates
+
+
+def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_amax=None, split=None,
+             extra_dispatches: tuple[str, ...] = (), cache: BuildCache | None = None, inputs: Any = None):
+    """Trace, link, lower per engine role, quantize, lint, save, per pipeline stage of `split` (default:
+    one stage). Returns (pass counts summed over stages, graph records by role, stage records, the
+    stages' step keys, file records of the stages' files). With a `cache`, the trace, the dispatch
+    plan and each stage are steps kept under a key of `inputs` and reused by a later build."""
+    from llama4_deploy.graphs import dispatch
+    from llama4_deploy.graphs.lower_attention import form_for
+    from llama4_deploy.stage_graphs import data_file, graph_file, save_stage_graphs, stage_io
+
+    shape = ckpt.shape
+    split = split or [_one_stage(shape)]
+    templates = _templates(shape, split, cache, log)
     attention = form_for(recipe.backend, recipe.attention)
     lowered: dict[tuple[int, int, str], Any] = {}
     plan_passes: dict[str, int] = {}
@@ -481,45 +555,71 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
         return lowered[key]
 
     full = _one_stage(shape)
-    try:
-        # fp8 activation scales cannot reach inside the fused MoE kernel (graphs/lower_quant_qdq.py)
-        excluded = ("native",) if spec is not None and spec.activations else ()
-        if recipe.moe_dispatch in excluded or any(d in excluded for d in extra_dispatches):
-            raise BuildError(f"precision {spec.precision} quantizes expert activations, which the native MoE kernel "
-                             "cannot take; use --moe-dispatch dense, gather, capacity or auto")
-        # priced on the unsplit model: every stage gets the same dispatch per role
-        roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lambda s: lower(full, s, plan_passes),
-                              shape.to_dict(), recipe.profiles.model_dump(), recipe.capacity_factor, excluded=excluded)
-    except ValueError as err:
-        raise BuildError(str(err)) from None
+    plan_key = step_key("plan", inputs)
+    planned = cache.get("plan", plan_key) if cache is not None else None
+    if planned is not None:
+        roles, plan_passes = planned[1]["roles"], planned[1]["passes"]
+    else:
+        try:
+            # fp8 activation scales cannot reach inside the fused MoE kernel (graphs/lower_quant_qdq.py)
+            excluded = ("native",) if spec is not None and spec.activations else ()
+            if recipe.moe_dispatch in excluded or any(d in excluded for d in extra_dispatches):
+                raise BuildError(f"precision {spec.precision} quantizes expert activations, which the native MoE "
+                                 "kernel cannot take; use --moe-dispatch dense, gather, capacity or auto")
+            # priced on the unsplit model: every stage gets the same dispatch per role
+            roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lambda s: lower(full, s, plan_passes),
+                                  shape.to_dict(), recipe.profiles.model_dump(), recipe.capacity_factor,
+                                  excluded=excluded)
+        except ValueError as err:
+            raise BuildError(str(err)) from None
+        if cache is not None:
+            with cache.put("plan", plan_key) as (_, record):
+                record.update(roles=roles, passes=plan_passes)
     log(f"[dispatch] {recipe.moe_dispatch}: {roles}")
     for strategy in extra_dispatches:  # saved beside the roles' graphs, under a role named after the strategy
         roles.setdefault(strategy, strategy)
     strategies = list(dict.fromkeys(roles.values()))
     passes: dict[str, int] = {}
-    stages = []
+    stages, stage_keys, file_records = [], [], {}
     for stage in split:
-        stage_passes = plan_passes if stage.count == 1 else {}
-        models = {strategy: lower(stage, strategy, stage_passes) for strategy in strategies}
-        for name, count in stage_passes.items():  # summed over stages
+        key = step_key("stage", inputs, [stage.index, stage.start, stage.stop, stage.count], roles)
+        stage_keys.append(key)
+        step = f"stage{stage.index}"
+        hit = cache.get(step, key) if cache is not None else None
+        if hit is None:
+            stage_passes = dict(plan_passes) if stage.count == 1 else {}
+            models = {strategy: lower(stage, strategy, stage_passes) for strategy in strategies}
+            if stage.count > 1:
+                log(f"[stage {stage.index}] layers {stage.start}-{stage.stop - 1}: {len(models)} graphs")
+            with contextlib.ExitStack() as scope:
+                directory, record = scope.enter_context(cache.put(step, key)) if cache is not None else (staging, {})
+                layout = save_stage_graphs(models, directory, stage)
+                overflow = {s for s, model in models.items()
+                            if any(o.name == "moe_overflow" for o in model.graph.outputs)}
+                stage_inputs, stage_outputs = stage_io(shape, stage)
+                record["stage"] = {
+                    "index": stage.index,
+                    "layers": [stage.start, stage.stop],
+                    "graphs": {role: {"file": graph_file(stage, s), "reports_overflow": s in overflow}
+                               for role, s in roles.items()},
+                    "external_data": data_file(stage),
+                    "weights_layout": layout,  # every graph of the stage carries it in its metadata_props
+                    "inputs": stage_inputs,
+                    "outputs": stage_outputs + (["moe_overflow"] if overflow else []),
+                }
+                record["passes"] = stage_passes
+                names = [data_file(stage)] + [graph_file(stage, s) for s in strategies]
+                record["files"] = hash_files(directory, names)
+            for strategy in strategies:
+                lowered.pop((stage.count, stage.index, strategy), None)  # saved: free the graphs
+        else:
+            record = hit[1]
+        if cache is not None:
+            cache.link_files(step, key, staging)
+        stages.append(record["stage"])
+        file_records.update(record["files"])
+        for name, count in record["passes"].items():  # summed over stages
             passes[name] = passes.get(name, 0) + count
-        if stage.count > 1:
-            log(f"[stage {stage.index}] layers {stage.start}-{stage.stop - 1}: {len(models)} graphs")
-        layout = save_stage_graphs(models, staging, stage)
-        overflow = {s for s, model in models.items() if any(o.name == "moe_overflow" for o in model.graph.outputs)}
-        inputs, outputs = stage_io(shape, stage)
-        stages.append({
-            "index": stage.index,
-            "layers": [stage.start, stage.stop],
-            "graphs": {role: {"file": graph_file(stage, s), "reports_overflow": s in overflow}
-                       for role, s in roles.items()},
-            "external_data": data_file(stage),
-            "weights_layout": layout,  # every graph of the stage carries it in its metadata_props
-            "inputs": inputs,
-            "outputs": outputs + (["moe_overflow"] if overflow else []),
-        })
-        for strategy in strategies:
-            lowered.pop((stage.count, stage.index, strategy), None)  # saved: free the graphs
     log(f"[passes] {passes}")
     graphs = {}
     for role, strategy in roles.items():
@@ -527,7 +627,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
                         "reports_overflow": any(st["graphs"][role]["reports_overflow"] for st in stages)}
         if strategy == "capacity":
             graphs[role]["capacity_factor"] = recipe.capacity_factor
-    return passes, graphs, stages
+    return passes, graphs, stages, stage_keys, file_records
 
 
 def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, activation_amax, attention: str):

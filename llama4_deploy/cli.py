@@ -70,6 +70,9 @@ def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_bat
                            quant_form=quant_form, calibration=calibration, stages=stages)
     except _user_errors() as err:
         raise UserError(str(err)) from None
+    except KeyboardInterrupt:  # Ctrl-C: no bundle; the finished steps stay in the build cache (build_cache.py)
+        click.echo("interrupted: no bundle was written; rerun the same command to resume", err=True)
+        sys.exit(130)
     from llama4_deploy.costs import bundle_costs, cost_table
 
     m = result.manifest
