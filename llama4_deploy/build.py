@@ -325,15 +325,18 @@ def build(
                 log(f"[out] removed {len(staging.removed_stale)} staging dir(s) of killed builds: "
                     f"{', '.join(staging.removed_stale)}")
             cache = BuildCache(out, log).open()  # resumable steps (build_cache.py), under the lock
-            built = False
+            resumable = True  # an interrupt or a crash keeps the finished steps for a rerun
             try:
                 manifest, passes = _build_into(chosen, checkpoint, staging, log, start,
                                                 context_from_checkpoint=bare_checkpoint and max_context is None,
                                                 extra_dispatches=tuple(extra_dispatches), cache=cache)
                 staging.commit()
-                built = True
+                resumable = False
+            except (ValueError, TypeError):  # bad input (one sentence): nothing is left on disk
+                resumable = False
+                raise
             finally:
-                cache.close(built)
+                cache.close(keep=resumable)
     except (OutDirError, CacheError) as err:
         raise BuildError(str(err)) from None
     seconds = time.time() - start
@@ -576,6 +579,8 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
             with cache.put("plan", plan_key) as (_, record):
                 record.update(roles=roles, passes=plan_passes)
     log(f"[dispatch] {recipe.moe_dispatch}: {roles}")
+    if split[0].count > 1:
+        lowered.clear()  # the unsplit graphs only priced the candidates
     for strategy in extra_dispatches:  # saved beside the roles' graphs, under a role named after the strategy
         roles.setdefault(strategy, strategy)
     strategies = list(dict.fromkeys(roles.values()))

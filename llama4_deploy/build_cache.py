@@ -1,7 +1,8 @@
 """Resumable builds: each build step's output, kept under a hash of the step's inputs, beside --out.
 
     <parent>/.<name>.build/                  created by this tool (it holds MARKER), removed when a
-                                             build to <parent>/<name> succeeds
+                                             build to <parent>/<name> succeeds or is refused for bad
+                                             input; kept after an interrupt or a crash
         checkpoint-<key>/                    a finished step: its files and record.json
         trace-<key>/  plan-<key>/  stage0-<key>/ ... golden-<key>/
         stage1-<key>.partial-<random>/       a step being written; renamed to stage1-<key> when done
@@ -155,12 +156,12 @@ class BuildCache:
             raise
         self.log(f"[cache] stored {step} (key {key[:12]})")
 
-    def close(self, success: bool) -> None:
-        """After a successful build, remove the cache; after a failed one, remove it only if it holds no
-        finished step (nothing to resume)."""
+    def close(self, keep: bool) -> None:
+        """Remove the cache (after a successful build, or one refused for bad input), unless `keep` (an
+        interrupted or crashed build) and it holds a finished step to resume from."""
         if not self.dir.is_dir():
             return
-        if success or not self.finished():
+        if not keep or not self.finished():
             shutil.rmtree(self.dir, ignore_errors=True)
         else:
             self.log(f"[resume] kept {len(self.finished())} finished step(s) in {self.dir}; "

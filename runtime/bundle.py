@@ -76,9 +76,10 @@ class Manifest:
         """The pipeline stages in order (one for an unsplit bundle)."""
         engine = self.engine
         records = engine.get("stages")
-        if records is None:
-            return [StageRecord(0, 0, self.model["num_layers"], engine["graphs"], engine["external_data"],
-                                engine["weights_layout"], engine["inputs"], engine["outputs"], True)]
+        if records is None:  # (.get: integrity checks build partial manifests of a few keys)
+            return [StageRecord(0, 0, len(self.raw.get("layers") or []), engine["graphs"], engine["external_data"],
+                                engine.get("weights_layout", ""), engine.get("inputs", []), engine.get("outputs", []),
+                                True)]
         return [StageRecord(i, r["layers"][0], r["layers"][1], r["graphs"], r["external_data"], r["weights_layout"],
                             r["inputs"], r["outputs"], i == len(records) - 1) for i, r in enumerate(records)]
 

@@ -124,3 +124,21 @@ def test_bad_stage_counts_are_one_sentence(stages, words, checkpoint_dir, tmp_pa
                                        "--stages", stages])
     assert words in cli_error(result)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_damaged_stage_records_are_refused(bundles, tmp_path):
+    """A manifest whose stages leave a layer out, or a stage graph swapped for another stage's, is
+    refused in one sentence (the second by its weight-layout fingerprint, with the hashes skipped)."""
+    import shutil
+
+    from llama4_deploy.runtime import BundleError, load
+    from tests.test_bad_input import edit_manifest
+
+    gap = shutil.copytree(bundles[2], tmp_path / "gap")
+    edit_manifest(lambda m: m["engine"]["stages"][1].update(layers=[3, 4]))(gap)
+    with pytest.raises(BundleError, match=r"engine\.stages\[1\]\.layers must be \[2, stop\]"):
+        load(gap, verify_files=False)
+    swapped = shutil.copytree(bundles[2], tmp_path / "swapped")
+    shutil.copyfile(swapped / "stage0.gather.onnx", swapped / "stage1.gather.onnx")
+    with pytest.raises(BundleError, match=r"^stage1\.gather\.onnx in .* expects a different stage1\.weights\.data"):
+        load(swapped, verify_files=False)
