@@ -401,7 +401,10 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
     spec = _quant_spec(chosen)
     log(f"[precision] {spec.summary()}")
     # what every later step reads: the recipe with its overrides, and which weights
-    inputs = [chosen.model_dump(mode="json"), identity, list(extra_dispatches)]
+    calibration_file = Path(chosen.calibration) if chosen.calibration else None
+    calibration_identity = ([calibration_file.stat().st_size, calibration_file.stat().st_mtime_ns]
+                            if calibration_file is not None and calibration_file.is_file() else None)
+    inputs = [chosen.model_dump(mode="json"), identity, calibration_identity, list(extra_dispatches)]
     amax, calibration_record = _cached_calibration(cache, inputs, bundle, spec.activations,
                                                    lambda where: _calibrate(chosen, spec, source_dir, ckpt, where, log))
     try:
