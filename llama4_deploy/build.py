@@ -360,7 +360,7 @@ def _with_profiles(recipe: Recipe, overrides: dict[str, int]) -> Recipe:
 
 
 def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float, context_from_checkpoint: bool,
-                extra_dispatches: tuple[str, ...] = (), cache: BuildCache | None = None):
+                extra_dispatches: tuple[str, ...], cache: BuildCache):
     """Every stage, written into the staging dir; returns (manifest, pass counts). With
     `context_from_checkpoint`, the context is the checkpoint's max_position_embeddings (capped).
     Steps found in `cache` under their key are reused, finished ones stored there (build_cache.py)."""

@@ -1,5 +1,9 @@
 """Generation over a bundle's engine: prefill, decode_step, sample, generate, score.
 
+A bundle split into pipeline stages runs them in order within each step (`run_step`): stage 0
+takes the token ids, each later stage the previous one's hidden states, each reads its own layers'
+caches, and the last gives the logits (docs/engine-abi.md, "Pipeline stages").
+
 Letters in shape comments: B batch rows, T new tokens this step, V vocab. A position of -1
 marks a padded token (the engine ignores it as a key and the runtime never writes it into the
 cache). The cache itself (buffers, buckets, rings) is runtime/kv_cache.py.
