@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 
-.PHONY: engine test bench loadtest setup clean train-tiny
+.PHONY: engine test bench loadtest setup clean train-tiny plan
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ engine: $(STAMP)
 	$(BIN)/llama4-deploy build --recipe $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(PRECISION),--precision $(PRECISION)) --out $(OUT)
 	$(BIN)/llama4-deploy verify $(OUT)
 	$(if $(PROMPT),$(BIN)/llama4-deploy run $(OUT) --prompt "$(PROMPT)" --max-new-tokens 40 --temperature 0.7 --top-p 0.9 --seed 0)
+
+# deployment tables from the config alone (no weights): parameters, bytes per precision, GPUs, context, stages
+plan: $(STAMP)
+	$(BIN)/llama4-deploy plan $(if $(CHECKPOINT),$(CHECKPOINT),$(MODEL))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
