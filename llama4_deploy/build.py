@@ -7,6 +7,7 @@ complete; the --out policy, lock and staging live in outdir.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
 import shutil
@@ -42,6 +43,28 @@ class BuildResult:
     peak_rss_mb: float
     passes: dict[str, int]
     manifest: dict[str, Any]
+    # seconds per stage (load, trace, link, lower, quantize, lint, save, golden, hash) and when each ran
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    stage_spans: list[tuple[str, float, float]] = dataclasses.field(default_factory=list)  # (stage, start, end)
+
+
+class StageClock:
+    """Wall time per build stage, summed over repeats (link and lower run once per MoE dispatch in use).
+    `save` streams the weights: it reads, converts and quantizes each tensor as it writes it."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.spans: list[tuple[str, float, float]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.time()
+        try:
+            yield
+        finally:
+            end = time.time()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + end - start
+            self.spans.append((stage, start, end))
 
 
 def _log(message: str) -> None:
@@ -295,6 +318,7 @@ def build(
             f"recipe {chosen.name} needs a checkpoint: run make engine MODEL={chosen.name} CHECKPOINT=/path "
             f"(or llama4-deploy build --recipe {chosen.name} --checkpoint DIR)"
         )
+    clock = StageClock()
     try:
         check_out(out, force, None if checkpoint is None else Path(checkpoint))
         with Staging(out) as staging:
@@ -302,12 +326,14 @@ def build(
                 log(f"[out] removed {len(staging.removed_stale)} staging dir(s) of killed builds: "
                     f"{', '.join(staging.removed_stale)}")
             manifest, passes = _build_into(chosen, checkpoint, staging, log, start,
-                                            context_from_checkpoint=bare_checkpoint and max_context is None)
+                                            context_from_checkpoint=bare_checkpoint and max_context is None,
+                                            clock=clock)
             staging.commit()
     except OutDirError as err:
         raise BuildError(str(err)) from None
     seconds = time.time() - start
-    return BuildResult(out, seconds, _peak_rss_mb(), passes, manifest)
+    log(f"[stages] {', '.join(f'{k} {v:.1f}s' for k, v in clock.seconds.items())}")
+    return BuildResult(out, seconds, _peak_rss_mb(), passes, manifest, dict(clock.seconds), list(clock.spans))
 
 
 def _with_profiles(recipe: Recipe, overrides: dict[str, int]) -> Recipe:
@@ -326,11 +352,13 @@ def _with_profiles(recipe: Recipe, overrides: dict[str, int]) -> Recipe:
     return recipe.model_copy(update={"profiles": profiles})
 
 
-def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float, context_from_checkpoint: bool):
+def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float, context_from_checkpoint: bool,
+                clock: StageClock | None = None):
     """Every stage, written into the staging dir; returns (manifest, pass counts). With
     `context_from_checkpoint`, the context is the checkpoint's max_position_embeddings (capped)."""
     from llama4_deploy.export.checkpoint import Checkpoint, CheckpointError
 
+    clock = clock or StageClock()
     bundle = staging.dir
     if checkpoint is None:
         log(f"[load] recipe {chosen.name}: seeded random weights (seed {chosen.random.seed})")
@@ -340,9 +368,10 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
         source_dir = Path(checkpoint)
         log(f"[load] checkpoint {source_dir}")
     try:
-        ckpt = Checkpoint(source_dir)
-        _check_expected(chosen, ckpt.shape)
-        _check_weights(ckpt, ckpt.shape)
+        with clock("load"):
+            ckpt = Checkpoint(source_dir)
+            _check_expected(chosen, ckpt.shape)
+            _check_weights(ckpt, ckpt.shape)
         if ckpt.tokenizer_file is not None:  # copied into the bundle: refuse a damaged one now, not at run time
             Tokenizer(ckpt.tokenizer_file)
     except (CheckpointError, BundleError) as err:
@@ -361,7 +390,7 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
     log(f"[precision] {spec.summary()}")
     amax, calibration_record = _calibrate(chosen, spec, source_dir, ckpt, bundle, log)
     try:
-        passes, graphs, layout = _compile(ckpt, chosen, bundle, log, spec, amax)
+        passes, graphs, layout = _compile(ckpt, chosen, bundle, log, spec, amax, clock)
     except CheckpointError as err:  # a tensor that fails to read while streaming
         raise BuildError(str(err)) from None
     if ckpt.tokenizer_file is not None:
@@ -378,10 +407,12 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
         log("[golden] skipped: ONNX Runtime's CPU has no bfloat16 kernels to run the engine")
     else:
         log("[golden] engine logits for a fixed prompt")
-        _write_golden(bundle, shape)
+        with clock("golden"):
+            _write_golden(bundle, shape)
     shutil.rmtree(staging.scratch)
     t = time.time()
-    manifest["files"] = hash_files(bundle, [p.name for p in bundle.iterdir() if p.name != MANIFEST])
+    with clock("hash"):
+        manifest["files"] = hash_files(bundle, [p.name for p in bundle.iterdir() if p.name != MANIFEST])
     write_manifest(bundle, manifest)
     log(f"[hash] SHA-256 of {len(manifest['files'])} files in {time.time() - t:.1f}s")
     return manifest, passes
@@ -457,7 +488,7 @@ def _moe_lowering(strategy: str, recipe: Recipe, spec):
     return dispatch.lowering(strategy, recipe.capacity_factor)
 
 
-def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_amax=None
+def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_amax=None, clock: StageClock | None = None
              ) -> tuple[dict[str, int], dict[str, dict[str, Any]], str]:
     """Trace, link, lower per engine role, quantize, lint, save. Returns (pass counts, graphs by role,
     weight layout)."""
@@ -468,11 +499,13 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
     from llama4_deploy.graphs.lower_attention import form_for, lower_attention
     from llama4_deploy.graphs.quant_pass import quantize_model
 
+    clock = clock or StageClock()
     shape = ckpt.shape
     kinds = sorted({k.name for k in shape.layer_kinds})
     t = time.time()
     log(f"[trace] embed, head and {len(kinds)} layer kinds: {', '.join(kinds)}")
-    templates = trace_templates(shape)
+    with clock("trace"):
+        templates = trace_templates(shape)
     log(f"[trace] done in {time.time() - t:.1f}s")
     passes: dict[str, int] = {}
     lowered: dict[str, Any] = {}
@@ -480,23 +513,27 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
 
     def lower(strategy: str):
         if strategy not in lowered:
-            model, passes["link"] = link_model(ckpt, templates)
-            if spec is not None and spec.compute_dtype != "float32":
-                passes[f"compute_dtype_{spec.compute_dtype}"] = convert_compute_dtype(model, spec.compute_dtype)
-            count, skipped = _moe_lowering(strategy, recipe, spec)(model)
-            if skipped:
-                name, reason = next(iter(skipped.items()))
-                raise BuildError(f"MoE node {name} was not lowered to {strategy}: it {reason}")
-            passes[f"lower_attention_{attention}"], skipped = lower_attention(model, attention)
-            if skipped:
-                name, reason = next(iter(skipped.items()))
-                raise BuildError(f"attention node {name} was not lowered to {attention}: it {reason}")
+            with clock("link"):
+                model, passes["link"] = link_model(ckpt, templates)
+            with clock("lower"):
+                if spec is not None and spec.compute_dtype != "float32":
+                    passes[f"compute_dtype_{spec.compute_dtype}"] = convert_compute_dtype(model, spec.compute_dtype)
+                count, skipped = _moe_lowering(strategy, recipe, spec)(model)
+                if skipped:
+                    name, reason = next(iter(skipped.items()))
+                    raise BuildError(f"MoE node {name} was not lowered to {strategy}: it {reason}")
+                passes[f"lower_attention_{attention}"], skipped = lower_attention(model, attention)
+                if skipped:
+                    name, reason = next(iter(skipped.items()))
+                    raise BuildError(f"attention node {name} was not lowered to {attention}: it {reason}")
             if spec is not None and spec.quantized:
                 try:
-                    passes.update(quantize_model(model, spec, activation_amax))
+                    with clock("quantize"):  # the graph rewrite; the numbers are computed as `save` streams
+                        passes.update(quantize_model(model, spec, activation_amax))
                 except ValueError as err:
                     raise BuildError(str(err)) from None
-            problems = lint_static(model)
+            with clock("lint"):
+                problems = lint_static(model)
             if problems:
                 raise BuildError(f"the {strategy} graph breaks the static-shape rule: {problems[0]}")
             passes[f"lower_moe_{strategy}"] = count
@@ -516,7 +553,8 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
     log(f"[dispatch] {recipe.moe_dispatch}: {roles}")
     used = {strategy: lower(strategy) for strategy in dict.fromkeys(roles.values())}
     log(f"[passes] {passes}")
-    layout = _save_graphs(used, staging)
+    with clock("save"):
+        layout = _save_graphs(used, staging)
     graphs = {}
     for role, strategy in roles.items():
         graphs[role] = {"file": f"{strategy}.onnx", "moe_dispatch": strategy, "attention": attention,
