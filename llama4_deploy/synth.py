@@ -189,6 +189,9 @@ def write_checkpoint(out: str | os.PathLike = DEFAULT_OUT, config: SynthConfig =
                         _write_values(handle, name, dims, config.seed, index, bar.update)
                         weight_map[name] = file
                         index += 1
+                if not bar.disable:
+                    continue
+                log(f"[synth] shard {number}/{len(shards)} written ({bar.n / 1e9:.2f} of {config.total_bytes / 1e9:.2f} GB)")
         (staging / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": config.total_bytes}, "weight_map": weight_map}, indent=2))
         (staging / "config.json").write_text(json.dumps(config.config_json(), indent=2))
