@@ -549,8 +549,9 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
         if recipe.moe_dispatch in excluded:
             raise BuildError(f"precision {spec.precision} quantizes expert activations, which the native MoE kernel "
                              "cannot take; use --moe-dispatch dense, gather, capacity or auto")
-        roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lower, shape.to_dict(), recipe.profiles.model_dump(),
-                              recipe.capacity_factor, excluded=excluded)
+        with clock("dispatch"):  # lowers every candidate and costs it (the link and lower inside count as theirs)
+            roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lower, shape.to_dict(),
+                                  recipe.profiles.model_dump(), recipe.capacity_factor, excluded=excluded)
     except ValueError as err:
         raise BuildError(str(err)) from None
     log(f"[dispatch] {recipe.moe_dispatch}: {roles}")
