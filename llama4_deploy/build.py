@@ -55,15 +55,21 @@ class StageClock:
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.spans: list[tuple[str, float, float]] = []
+        self._nested: list[float] = []  # per open stage: seconds spent in stages inside it
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
+        """Time a stage; a stage inside another (link within dispatch planning) counts only as itself."""
         start = time.time()
+        self._nested.append(0.0)
         try:
             yield
         finally:
             end = time.time()
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + end - start
+            inner = self._nested.pop()
+            if self._nested:
+                self._nested[-1] += end - start
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + end - start - inner
             self.spans.append((stage, start, end))
 
 
@@ -549,7 +555,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
         if recipe.moe_dispatch in excluded:
             raise BuildError(f"precision {spec.precision} quantizes expert activations, which the native MoE kernel "
                              "cannot take; use --moe-dispatch dense, gather, capacity or auto")
-        with clock("dispatch"):  # lowers every candidate and costs it (the link and lower inside count as theirs)
+        with clock("dispatch"):  # costs every candidate lowering (its link and lower count as theirs)
             roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lower, shape.to_dict(),
                                   recipe.profiles.model_dump(), recipe.capacity_factor, excluded=excluded)
     except ValueError as err:
