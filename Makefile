@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 
-.PHONY: engine test bench loadtest setup clean train-tiny
+.PHONY: engine test bench loadtest setup clean train-tiny plan synth-checkpoint bench-build
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ engine: $(STAMP)
 	$(BIN)/llama4-deploy verify $(OUT)
 	$(if $(PROMPT),$(BIN)/llama4-deploy run $(OUT) --prompt "$(PROMPT)" --max-new-tokens 40 --temperature 0.7 --top-p 0.9 --seed 0)
 
+# deployment tables from the config alone (no weights): parameters, bytes per precision, GPUs, context, stages
+plan: $(STAMP)
+	$(BIN)/llama4-deploy plan $(if $(CHECKPOINT),$(CHECKPOINT),$(MODEL))
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
@@ -36,6 +40,17 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m llama4_deploy.bench
 	$(BIN)/python -m llama4_deploy.bench_context
+
+# A Maverick-shaped checkpoint (48 layers, 128 experts every second layer, hidden 512) of seeded random bf16
+# weights, 4.46 GB of sharded safetensors written shard by shard, into build/synth-maverick (SYNTH_OUT=...)
+SYNTH_OUT ?= build/synth-maverick
+synth-checkpoint: $(STAMP)
+	$(BIN)/python -m llama4_deploy.synth --out $(SYNTH_OUT)
+
+# Builds it at fp32 and int4 and prints peak anonymous memory (RssAnon) against the largest layer, checkpoint
+# read MB/s and seconds per stage (several minutes; needs ~15 GB of disk under build/)
+bench-build: synth-checkpoint
+	nice -n 5 $(BIN)/python -m llama4_deploy.bench_build --checkpoint $(SYNTH_OUT) --out build/bench-build
 
 # Reproduce checkpoints/tiny-trained from scratch: corpus from Debian's python3.11-doc, tokenizer,
 # training (a fixed token budget), model card figures in build/train-tiny/train.log. Not part of make test.

@@ -131,13 +131,16 @@ def _checker(split: int | None) -> Callable[[ir.Node], str | None]:
 
 def fc1_layout(gate_up: np.ndarray, p: int = 1) -> np.ndarray:
     """[E, H, 2I] (gate columns, then up) -> [P*E, 2I/P, H]: virtual expert p*E + e holds part p
-    of expert e's intermediate units, gate and up rows interleaved."""
+    of expert e's intermediate units, gate and up rows interleaved.
+
+    Column s*I + q*(I/P) + j of expert e (s: 0 gate, 1 up) becomes row 2j + s of virtual expert q*E + e:
+    one strided copy into the output, no intermediate (the build streams these one layer at a time)."""
     e, h, two_i = gate_up.shape
-    i = two_i // 2
-    gate = gate_up[..., :i].reshape(e, h, p, i // p)
-    up = gate_up[..., i:].reshape(e, h, p, i // p)
-    interleaved = np.stack([gate, up], axis=-1).reshape(e, h, p, two_i // p)  # [E, H, P, 2Ip]
-    return np.ascontiguousarray(interleaved.transpose(2, 0, 3, 1).reshape(p * e, two_i // p, h))
+    ip = two_i // 2 // p
+    source = gate_up.reshape(e, h, 2, p, ip).transpose(3, 0, 4, 2, 1)  # [P, E, Ip, 2, H], a view
+    out = np.empty((p, e, ip, 2, h), dtype=gate_up.dtype)
+    out[...] = source
+    return out.reshape(p * e, 2 * ip, h)
 
 
 def fc2_layout(down: np.ndarray, p: int = 1) -> np.ndarray:

@@ -68,7 +68,7 @@ class QuantizedWeight:
         cached = QuantizedWeight._last
         if cached is not None and cached[0] is self:
             return cached[1]
-        w = self.source.numpy().astype(np.float32)
+        w = np.asarray(self.source.numpy(), dtype=np.float32)  # no copy of an fp32 source
         axis = self.axis % w.ndim
         if self.rule.weight == "int4":
             q, scale = int4_blocked(w, axis, self.rule.block_size, self.compute_dtype)

@@ -146,16 +146,48 @@ def _rounded_scale(amax: np.ndarray, top: float, compute_dtype: str) -> np.ndarr
 
 
 def int4_blocked(w: np.ndarray, axis: int, block: int, compute_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
-    """(q int8 in [-8, 7] shaped like w, scale float32 with axis shrunk to ceil(K / block))."""
-    w = np.moveaxis(np.asarray(w, dtype=np.float32), axis, -1)
-    k = w.shape[-1]
+    """(q int8 in [-8, 7] shaped like w, scale float32 with axis shrunk to ceil(K / block)).
+
+    Computed a slab of the leading axis at a time (an expert stack's experts), in place within each slab, so
+    the temporaries stay a fraction of w: the build quantizes while it streams, one weight at a time."""
+    w = np.asarray(w, dtype=np.float32)
+    axis %= w.ndim
+    k = w.shape[axis]
     blocks = -(-k // block)
-    padded = np.zeros(w.shape[:-1] + (blocks * block,), dtype=np.float32)
-    padded[..., :k] = w
-    grouped = padded.reshape(w.shape[:-1] + (blocks, block))
-    scale = _rounded_scale(np.abs(grouped).max(-1), INT4_MAX, compute_dtype)  # [..., blocks]
-    q = np.clip(np.rint(grouped / scale[..., None]), -8, 7).astype(np.int8).reshape(padded.shape)[..., :k]
-    return np.moveaxis(q, -1, axis), np.moveaxis(scale, -1, axis)
+    q = np.empty(w.shape, dtype=np.int8)
+    scale = np.empty(w.shape[:axis] + (blocks,) + w.shape[axis + 1:], dtype=np.float32)
+    if axis == 0 or w.ndim == 1:
+        _int4_slab(w, q, scale, axis, block, compute_dtype)
+        return q, scale
+    slab = max(1, SLAB_ELEMENTS // max(1, w[0].size))
+    for start in range(0, w.shape[0], slab):
+        part = slice(start, start + slab)
+        _int4_slab(w[part], q[part], scale[part], axis, block, compute_dtype)
+    return q, scale
+
+
+SLAB_ELEMENTS = 1 << 22  # int4_blocked's working set: 16 MB of float32 per temporary
+
+
+def _int4_slab(w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int, block: int,
+               compute_dtype: str = "float32") -> None:
+    """q and scale of `w` (a slab), written into the given arrays; the last block along `axis` may be partial."""
+    k = w.shape[axis]
+    blocks = scale.shape[axis]
+    padded_k = blocks * block
+    moved = np.moveaxis(w, axis, -1)
+    if padded_k != k:  # zeros do not change a block's amax
+        padded = np.zeros(moved.shape[:-1] + (padded_k,), dtype=np.float32)
+        padded[..., :k] = moved
+        moved = padded
+    grouped = moved.reshape(moved.shape[:-1] + (blocks, block))  # a copy when `axis` is not last
+    amax = np.abs(grouped).max(-1)  # [..., blocks]
+    s = _rounded_scale(amax, INT4_MAX, compute_dtype)
+    np.moveaxis(scale, axis, -1)[...] = s
+    values = grouped / s[..., None]
+    np.rint(values, out=values)
+    np.clip(values, -8, 7, out=values)
+    np.moveaxis(q, axis, -1)[...] = values.reshape(values.shape[:-2] + (padded_k,))[..., :k]
 
 
 def int4_dequantize(q: np.ndarray, scale: np.ndarray, axis: int, block: int) -> np.ndarray:

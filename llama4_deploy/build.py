@@ -24,6 +24,7 @@ from llama4_deploy.outdir import OutDirError, Staging, check_out
 from llama4_deploy.recipe import Recipe, load_recipe
 from llama4_deploy.runtime.bundle import GOLDEN, MANIFEST, BundleError, write_manifest
 from llama4_deploy.runtime.integrity import hash_files
+from llama4_deploy.stage_clock import StageClock, timed
 from llama4_deploy.runtime.tokenizer import Tokenizer
 
 # context of a build from a bare --checkpoint: the checkpoint's max_position_embeddings, capped here
@@ -43,6 +44,9 @@ class BuildResult:
     peak_rss_mb: float
     passes: dict[str, int]
     manifest: dict[str, Any]
+    # seconds per stage (load, trace, link, lower, quantize, lint, save, golden, hash) and when each ran
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    stage_spans: list[tuple[str, float, float]] = dataclasses.field(default_factory=list)  # (stage, start, end)
 
 
 def _log(message: str) -> None:
@@ -90,8 +94,10 @@ def _lazy_weight(checkpoint, source, name: str):
         import torch
 
         tensor = checkpoint.tensor(source.checkpoint_name).to(torch.float32)
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
+        # a sum with a NaN or Inf in it is never finite: one cheap reduction clears almost every tensor, and
+        # only a non-finite sum (a bad value, or an overflow of large ones) pays for the element-wise check
+        finite = torch.isfinite(tensor) if not bool(torch.isfinite(tensor.sum())) else None
+        if finite is not None and not bool(finite.all()):
             raise BuildError(f"checkpoint tensor {checkpoint.prefix}{source.checkpoint_name} holds "
                              f"{int((~finite).sum())} NaN or Inf values; the build refuses non-finite weights")
         if source.transpose:
@@ -216,7 +222,8 @@ def _write_golden(staging: Path, shape) -> None:
     from llama4_deploy.runtime import load
 
     ids = [int(i) for i in np.random.default_rng(0).integers(0, shape.vocab_size, size=8)]
-    with load(staging, verify_files=False) as engine:  # the hashes are recorded after this
+    # the hashes are recorded after this; weights stay memory-mapped (no prepacked copies): O(layer) heap
+    with load(staging, verify_files=False, prepack=False) as engine:
         _save_npz(staging / GOLDEN, input_ids=np.array(ids), logits=engine.score(ids, mode="prefill"))
 
 
@@ -318,9 +325,10 @@ def build(
             f"recipe {chosen.name} needs a checkpoint: run make engine MODEL={chosen.name} CHECKPOINT=/path "
             f"(or llama4-deploy build --recipe {chosen.name} --checkpoint DIR)"
         )
+    clock = StageClock()
     try:
         check_out(out, force, None if checkpoint is None else Path(checkpoint))
-        with Staging(out) as staging:
+        with Staging(out) as staging, clock.running():
             if staging.removed_stale:
                 log(f"[out] removed {len(staging.removed_stale)} staging dir(s) of killed builds: "
                     f"{', '.join(staging.removed_stale)}")
@@ -340,7 +348,8 @@ def build(
     except (OutDirError, CacheError) as err:
         raise BuildError(str(err)) from None
     seconds = time.time() - start
-    return BuildResult(out, seconds, _peak_rss_mb(), passes, manifest)
+    log(f"[stages] {', '.join(f'{k} {v:.1f}s' for k, v in clock.seconds.items())}")
+    return BuildResult(out, seconds, _peak_rss_mb(), passes, manifest, dict(clock.seconds), list(clock.spans))
 
 
 def _with_profiles(recipe: Recipe, overrides: dict[str, int]) -> Recipe:
@@ -380,9 +389,10 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
         log(f"[load] checkpoint {source_dir}")
         identity = checkpoint_identity(source_dir) if source_dir.is_dir() else None
     try:
-        ckpt = Checkpoint(source_dir)
-        _check_expected(chosen, ckpt.shape)
-        _check_weights(ckpt, ckpt.shape)
+        with timed("load"):
+            ckpt = Checkpoint(source_dir)
+            _check_expected(chosen, ckpt.shape)
+            _check_weights(ckpt, ckpt.shape)
         if ckpt.tokenizer_file is not None:  # copied into the bundle: refuse a damaged one now, not at run time
             Tokenizer(ckpt.tokenizer_file)
     except (CheckpointError, BundleError) as err:
@@ -428,7 +438,8 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
         key = step_key("golden", stage_keys)
         if cache.get("golden", key) is None:
             log("[golden] engine logits for a fixed prompt")
-            _write_golden(bundle, shape)
+            with timed("golden"):
+                _write_golden(bundle, shape)
             with cache.put("golden", key) as (directory, _):
                 link_or_copy(bundle / GOLDEN, directory / GOLDEN)
         else:
@@ -436,7 +447,8 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
     shutil.rmtree(staging.scratch)
     t = time.time()
     # the stages' files were hashed when they were written (and stored with their cached step)
-    fresh = hash_files(bundle, [p.name for p in bundle.iterdir() if p.name != MANIFEST and p.name not in file_records])
+    with timed("hash"):
+        fresh = hash_files(bundle, [p.name for p in bundle.iterdir() if p.name != MANIFEST and p.name not in file_records])
     manifest["files"] = dict(sorted({**file_records, **fresh}.items()))
     write_manifest(bundle, manifest)
     log(f"[hash] SHA-256 of {len(manifest['files'])} files in {time.time() - t:.1f}s")
@@ -526,7 +538,8 @@ def _templates(shape, split, cache: BuildCache | None, log) -> dict[str, Any]:
     kinds = sorted({k.name for k in shape.layer_kinds})
     t = time.time()
     log(f"[trace] embed, head and {len(kinds)} layer kinds: {', '.join(kinds)}")
-    templates = trace_templates(shape, prologues)
+    with timed("trace"):
+        templates = trace_templates(shape, prologues)
     log(f"[trace] done in {time.time() - t:.1f}s")
     if cache is not None:
         with cache.put("trace", key) as (directory, record):
@@ -573,9 +586,10 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
                 raise BuildError(f"precision {spec.precision} quantizes expert activations, which the native MoE "
                                  "kernel cannot take; use --moe-dispatch dense, gather, capacity or auto")
             # priced on the unsplit model: every stage gets the same dispatch per role
-            roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lambda s: lower(full, s, plan_passes),
-                                  shape.to_dict(), recipe.profiles.model_dump(), recipe.capacity_factor,
-                                  excluded=excluded)
+            with timed("dispatch"):  # costs every candidate lowering (its link and lower count as theirs)
+                roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lambda s: lower(full, s, plan_passes),
+                                      shape.to_dict(), recipe.profiles.model_dump(), recipe.capacity_factor,
+                                      excluded=excluded)
         except ValueError as err:
             raise BuildError(str(err)) from None
         if cache is not None:
@@ -601,7 +615,8 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
                 log(f"[stage {stage.index}] layers {stage.start}-{stage.stop - 1}: {len(models)} graphs")
             with contextlib.ExitStack() as scope:
                 directory, record = scope.enter_context(cache.put(step, key)) if cache is not None else (staging, {})
-                layout = save_stage_graphs(models, directory, stage)
+                with timed("save"):
+                    layout = save_stage_graphs(models, directory, stage)
                 overflow = {s for s, model in models.items()
                             if any(o.name == "moe_overflow" for o in model.graph.outputs)}
                 stage_inputs, stage_outputs = stage_io(shape, stage)
@@ -648,23 +663,28 @@ def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, ac
     from llama4_deploy.stage_graphs import link_stage
 
     counts: dict[str, int] = {}
-    model, counts["link"] = link_stage(ckpt, templates, stage, lambda source, name: _lazy_weight(ckpt, source, name))
-    if spec is not None and spec.compute_dtype != "float32":
-        counts[f"compute_dtype_{spec.compute_dtype}"] = convert_compute_dtype(model, spec.compute_dtype)
-    count, skipped = _moe_lowering(strategy, recipe, spec)(model)
-    if skipped:
-        name, reason = next(iter(skipped.items()))
-        raise BuildError(f"MoE node {name} was not lowered to {strategy}: it {reason}")
-    counts[f"lower_attention_{attention}"], skipped = lower_attention(model, attention)
-    if skipped:
-        name, reason = next(iter(skipped.items()))
-        raise BuildError(f"attention node {name} was not lowered to {attention}: it {reason}")
+    with timed("link"):
+        model, counts["link"] = link_stage(ckpt, templates, stage,
+                                           lambda source, name: _lazy_weight(ckpt, source, name))
+    with timed("lower"):
+        if spec is not None and spec.compute_dtype != "float32":
+            counts[f"compute_dtype_{spec.compute_dtype}"] = convert_compute_dtype(model, spec.compute_dtype)
+        count, skipped = _moe_lowering(strategy, recipe, spec)(model)
+        if skipped:
+            name, reason = next(iter(skipped.items()))
+            raise BuildError(f"MoE node {name} was not lowered to {strategy}: it {reason}")
+        counts[f"lower_attention_{attention}"], skipped = lower_attention(model, attention)
+        if skipped:
+            name, reason = next(iter(skipped.items()))
+            raise BuildError(f"attention node {name} was not lowered to {attention}: it {reason}")
     if spec is not None and spec.quantized:
         try:
-            counts.update(quantize_model(model, spec, activation_amax))
+            with timed("quantize"):  # the graph rewrite; the numbers are computed as `save` streams
+                counts.update(quantize_model(model, spec, activation_amax))
         except ValueError as err:
             raise BuildError(str(err)) from None
-    problems = lint_static(model)
+    with timed("lint"):
+        problems = lint_static(model)
     if problems:
         raise BuildError(f"the {strategy} graph breaks the static-shape rule: {problems[0]}")
     counts[f"lower_moe_{strategy}"] = count

@@ -156,6 +156,23 @@ def lint(path) -> None:
     sys.exit(1 if failed else 0)
 
 
+@main.command()
+@click.argument("target")
+@click.option("--context", type=int, help="reference context in tokens per row: fit check and stage balance "
+              "(default: the recipe's max_context, else 32768)")
+@click.option("--stages", type=int, help="pipeline stages of the suggested split (default: fewest H100s that fit)")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp8", "int4"]),
+              help="precision of the suggested split (default fp8)")
+def plan(target, context, stages, precision) -> None:
+    """Deployment plan from the config alone: parameters, bytes, GPUs, context, stage split."""
+    from llama4_deploy.plan import plan as make_plan
+
+    try:
+        click.echo(make_plan(target, context=context, stages=stages, precision=precision))
+    except _user_errors() as err:
+        raise UserError(str(err)) from None
+
+
 @main.command(name="eval")
 @click.argument("bundle", type=click.Path())
 @click.option("--text", type=click.Path(), help="text file (default: the checkpoint's held-out sample)")

@@ -71,7 +71,11 @@ class Recipe(Strict):
     random: RandomWeights | None = None
     checkpoint: str | None = None  # a checkpoint shipped in the repository, relative to its root
     checkpoint_required: bool = False
-    expect_config: dict[str, Any] = Field(default_factory=dict)  # published facts a checkpoint must match
+    # the published config.json (text model) of the model a checkpoint must be: `plan` sizes deployments from it
+    published_config: dict[str, Any] | None = None
+    # published facts a checkpoint must match (export/shape.py's field names); written as a list of names, the
+    # values are read from published_config (one source of truth)
+    expect_config: dict[str, Any] = Field(default_factory=dict)
     # precision (graphs/quantize.py): fp32/fp16/bf16 set the compute dtype; fp8/int4 quantize the linear layers
     precision: Literal["fp32", "fp16", "bf16", "fp8", "int4"] = "fp32"
     compute_dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None: follows the precision
@@ -86,6 +90,27 @@ class Recipe(Strict):
     capacity_factor: float = Field(1.25, gt=0)  # slots per expert = ceil(factor * tokens * k / experts)
     profiles: Profiles = Profiles()
     verify: Verify = Verify()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expected_from_published(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("expect_config"), list):
+            return data
+        published = data.get("published_config")
+        if not isinstance(published, dict):
+            raise ValueError("expect_config is a list of names, which needs published_config to read them from")
+        from llama4_deploy.export.shape import ConfigError, ModelShape
+
+        try:
+            facts = ModelShape.from_config(published).to_dict()
+        except ConfigError as err:
+            raise ValueError(f"published_config: {err}") from None
+        unknown = [key for key in data["expect_config"] if key not in facts]
+        if unknown:
+            raise ValueError(f"expect_config names {unknown[0]!r}, which is not a ModelShape field")
+        expected = {key: list(facts[key]) if isinstance(facts[key], tuple) else facts[key]
+                    for key in data["expect_config"]}
+        return {**data, "expect_config": expected}
 
     @model_validator(mode="after")
     def _one_weight_source(self) -> "Recipe":

@@ -149,7 +149,8 @@ def verify(bundle: str, threads: int | None = None, log=print) -> Report:
 
     rows = []
     graphs = {role: graph.get("moe_dispatch") for role, graph in manifest.engine["graphs"].items()}
-    with load(bundle, threads=threads) as engine:  # integrity and consistency first: they are cheap
+    # integrity and consistency first: they are cheap; weights stay memory-mapped (no prepacked copies)
+    with load(bundle, threads=threads, prepack=False) as engine:
         log("[verify] rebuilding the transformers reference from the bundle's source")
         reference = _reference(manifest)
         spec, fp32_reference, rel_tolerance = _simulation(manifest, reference)

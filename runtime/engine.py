@@ -67,10 +67,11 @@ class Engine:
     """
 
     def __init__(self, manifest: Manifest, threads: int | None = None, verify_files: bool = True,
-                 allow_non_finite: bool = False):
+                 allow_non_finite: bool = False, prepack: bool = True):
         self.manifest = manifest
         threads = arguments.threads(threads)
         self.allow_non_finite = arguments.flag(allow_non_finite, "allow_non_finite")
+        self.prepack = arguments.flag(prepack, "prepack")
         engine = manifest.engine
         if engine["backend"] != "onnxruntime":
             raise BundleError(f"bundle {manifest.name} targets {engine['backend']}; this runtime runs onnxruntime "
@@ -108,7 +109,7 @@ class Engine:
         if not path.is_file():
             raise BundleError(f"bundle {self.manifest.path} is missing {file}, which its manifest lists")
         try:
-            runner = OnnxRuntimeRunner(path, threads=threads, spin=spin).activate()
+            runner = OnnxRuntimeRunner(path, threads=threads, spin=spin, prepack=self.prepack).activate()
         except Exception as err:  # ONNX Runtime's own errors for damaged graphs or external data
             reason = " ".join(str(err).split())[:300]
             raise BundleError(f"{file} in {self.manifest.path} cannot be loaded by ONNX Runtime ({reason})") from None
@@ -277,19 +278,21 @@ class Engine:
 
 
 def load(bundle_dir: str | os.PathLike, threads: int | None = None, verify_files: bool | None = None,
-         allow_non_finite: bool = False) -> Engine:
+         allow_non_finite: bool = False, prepack: bool = True) -> Engine:
     """Load a bundle built by `llama4-deploy build`. Logs (logger `llama4_deploy.runtime.engine`,
     INFO) what its KV cache costs per token and at the bundle's limits.
 
     verify_files: check every file's size and SHA-256 against the manifest (None: yes, unless the
     environment sets LLAMA4_DEPLOY_VERIFY_FILES=0); graphs' weight-layout fingerprints and their
     agreement with the manifest are checked either way. allow_non_finite: let NaN/Inf logits through.
+    prepack: let ONNX Runtime copy MatMul weights into its kernels' layout (faster steps); False keeps every
+    weight memory-mapped from weights.data, so the heap does not grow with the model.
     """
     if not isinstance(bundle_dir, (str, os.PathLike)):
         raise TypeError(f"bundle_dir must be a path, got {bundle_dir!r}")
     if verify_files is None:
         verify_files = integrity.verify_files_default()
     engine = Engine(read_manifest(Path(bundle_dir)), threads=threads, verify_files=verify_files,
-                    allow_non_finite=allow_non_finite)
+                    allow_non_finite=allow_non_finite, prepack=prepack)
     log.info("%s: %s", engine.manifest.name, engine.cache_memory)  # engine.cache_memory holds the figures
     return engine

@@ -18,10 +18,14 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 class OnnxRuntimeRunner:
     def __init__(self, model_path: str | Path, threads: int | None = None, providers: list[str] | None = None,
-                 spin: bool = True):
+                 spin: bool = True, prepack: bool = True):
         self.model_path = Path(model_path)
         self.threads = threads
         self.spin = spin  # intra-op threads spin-wait for the next run (ONNX Runtime's default)
+        # ONNX Runtime memory-maps external initializers (file-backed pages, shared with the page cache), but
+        # prepacking copies every MatMul weight into anonymous memory in the kernel's layout: faster steps,
+        # O(model) heap. prepack=False keeps the weights mapped (the build's golden step, verify)
+        self.prepack = prepack
         self.providers = providers or ["CPUExecutionProvider"]
         self.session = None
         self.inputs: dict[str, tuple[type, list]] = {}
@@ -40,6 +44,8 @@ class OnnxRuntimeRunner:
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         if not self.spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not self.prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         self.session = ort.InferenceSession(str(self.model_path), options, providers=self.providers)
         self.inputs = {i.name: (_ORT_TYPES.get(i.type), list(i.shape)) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
