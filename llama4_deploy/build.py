@@ -256,6 +256,7 @@ def build(
     block_size: int | None = None,
     quant_form: str | None = None,
     calibration: str | Path | None = None,
+    target: str | None = None,
 ) -> BuildResult:
     """Build a bundle. `recipe` names a recipe (default `tiny`, or a plain fp32 ONNX Runtime
     build when only `checkpoint` is given); `checkpoint` is a Hugging Face checkpoint dir;
@@ -265,7 +266,8 @@ def build(
     max_position_embeddings, at most DEFAULT_MAX_CONTEXT. `out` may hold only a bundle this tool
     wrote (or nothing) unless `force` (outdir.py). `precision` (fp32, fp16, bf16, fp8, int4),
     `compute_dtype`, `block_size` (int4: 32, 64, 128), `quant_form` (qdq, ort, auto) and
-    `calibration` (a text or JSON file, fp8) override the recipe's precision plan."""
+    `calibration` (a text or JSON file, fp8) override the recipe's precision plan. `target` (onnxruntime,
+    tensorrt) overrides the recipe's backend; tensorrt writes a TensorRT-form bundle (tensorrt_target.py)."""
     from llama4_deploy.graphs.dispatch import CHOICES
     from llama4_deploy.graphs.lower_attention import FORMS
 
@@ -287,6 +289,7 @@ def build(
             raise BuildError(f"unknown attention form {attention!r}; choose one of {', '.join((*FORMS, 'auto'))}")
         chosen = chosen.model_copy(update={"attention": attention})
     chosen = _with_precision(chosen, precision, compute_dtype, block_size, quant_form, calibration)
+    chosen = _with_target(chosen, target, precision, compute_dtype)
     out = Path(out or Path("build") / chosen.name).resolve()
     if checkpoint is None and chosen.checkpoint_path is not None:
         checkpoint = chosen.checkpoint_path  # shipped with the repository (recipes/tiny-trained.yaml)
@@ -372,6 +375,11 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
     manifest = _manifest(chosen, shape, source, passes, graphs, layout, ckpt.tokenizer_file is not None,
                          ckpt.tokenizer_config_file is not None, time.time() - start)
     _record_precision(manifest, spec, calibration_record)
+    if chosen.backend == "tensorrt":
+        from llama4_deploy.tensorrt_target import manifest_record
+
+        manifest["engine"]["tensorrt"] = manifest_record(graphs, chosen.profiles.model_dump(), manifest["model"],
+                                                         manifest["layers"])
     manifest["files"] = {}
     write_manifest(bundle, manifest)
     if spec.compute_dtype == "bfloat16":
@@ -402,6 +410,19 @@ def _with_precision(recipe: Recipe, precision, compute_dtype, block_size, quant_
     except ValidationError as err:
         first = err.errors()[0]
         raise BuildError(f"{first['loc'][0]} {update.get(first['loc'][0])!r} is not valid: {first['msg']}") from None
+
+
+def _with_target(recipe: Recipe, target: str | None, precision: str | None, compute_dtype: str | None) -> Recipe:
+    from llama4_deploy.tensorrt_target import TARGETS, TargetError, configure
+
+    if target is not None and target not in TARGETS:
+        raise BuildError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if (target or recipe.backend) != "tensorrt":
+        return recipe if target is None else recipe.model_copy(update={"backend": target})
+    try:
+        return configure(recipe, precision, compute_dtype)
+    except TargetError as err:
+        raise BuildError(str(err)) from None
 
 
 def _quant_spec(recipe: Recipe):
@@ -454,7 +475,7 @@ def _moe_lowering(strategy: str, recipe: Recipe, spec):
         # quantized experts are 4-8x smaller than the fp32 ones the part split is sized for: keep them whole,
         # so each expert's weights are quantized exactly as the checkpoint lays them out
         return lambda model: lower_moe_native(model, split=1)
-    return dispatch.lowering(strategy, recipe.capacity_factor)
+    return dispatch.lowering(strategy, recipe.capacity_factor, recipe.backend)
 
 
 def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_amax=None
@@ -493,12 +514,15 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
                 raise BuildError(f"attention node {name} was not lowered to {attention}: it {reason}")
             if spec is not None and spec.quantized:
                 try:
-                    passes.update(quantize_model(model, spec, activation_amax))
+                    passes.update(quantize_model(model, spec, activation_amax,
+                                                 per_expert=recipe.backend == "tensorrt"))
                 except ValueError as err:
                     raise BuildError(str(err)) from None
             problems = lint_static(model)
             if problems:
                 raise BuildError(f"the {strategy} graph breaks the static-shape rule: {problems[0]}")
+            if recipe.backend == "tensorrt":
+                _check_tensorrt(model, strategy, recipe, shape.to_dict())
             passes[f"lower_moe_{strategy}"] = count
             lowered[strategy] = model
         return lowered[strategy]
@@ -513,6 +537,10 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
                               recipe.capacity_factor, excluded=excluded)
     except ValueError as err:
         raise BuildError(str(err)) from None
+    if recipe.backend == "tensorrt":
+        from llama4_deploy.tensorrt_target import roles as tensorrt_roles
+
+        roles = tensorrt_roles(recipe.moe_dispatch, roles)
     log(f"[dispatch] {recipe.moe_dispatch}: {roles}")
     used = {strategy: lower(strategy) for strategy in dict.fromkeys(roles.values())}
     log(f"[passes] {passes}")
@@ -524,6 +552,15 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
         if strategy == "capacity":
             graphs[role]["capacity_factor"] = recipe.capacity_factor
     return passes, graphs, layout
+
+
+def _check_tensorrt(model, strategy: str, recipe: Recipe, facts: dict[str, Any]) -> None:
+    from llama4_deploy.tensorrt_target import TargetError, check_graph
+
+    try:
+        check_graph(model, strategy, recipe.profiles.model_dump(), facts, recipe.capacity_factor)
+    except TargetError as err:
+        raise BuildError(str(err)) from None
 
 
 def _save_graphs(models: dict[str, Any], staging: Path) -> str:

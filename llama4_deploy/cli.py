@@ -55,8 +55,11 @@ def main() -> None:
               help="quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto")
 @click.option("--calibration", type=click.Path(),
               help="fp8 activation calibration: text lines or a JSON list of token-id lists")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]),
+              help="backend the bundle is for (default: the recipe's); tensorrt: a TensorRT-form bundle for "
+                   "llama4-deploy compile (bf16 compute unless --precision/--compute-dtype)")
 def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_batch, prefill_tokens, force, precision,
-          compute_dtype, block_size, quant_form, calibration) -> None:
+          compute_dtype, block_size, quant_form, calibration, target) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
@@ -65,7 +68,7 @@ def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_bat
                            attention=attention, max_context=max_context, max_batch=max_batch,
                            prefill_tokens=prefill_tokens, force=force, precision=precision,
                            compute_dtype=compute_dtype, block_size=None if block_size is None else int(block_size),
-                           quant_form=quant_form, calibration=calibration)
+                           quant_form=quant_form, calibration=calibration, target=target)
     except _user_errors() as err:
         raise UserError(str(err)) from None
     from llama4_deploy.costs import bundle_costs, cost_table

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama4_deploy.runtime import arguments, integrity
+from llama4_deploy.runtime import arguments, backends, integrity
 from llama4_deploy.runtime.bundle import BundleError, Manifest, read_manifest
 from llama4_deploy.runtime.kv_cache import KVCache, cache_memory
 from llama4_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
@@ -63,26 +63,21 @@ class Engine:
     """
 
     def __init__(self, manifest: Manifest, threads: int | None = None, verify_files: bool = True,
-                 allow_non_finite: bool = False):
+                 allow_non_finite: bool = False, backend: str | None = None):
         self.manifest = manifest
         threads = arguments.threads(threads)
         self.allow_non_finite = arguments.flag(allow_non_finite, "allow_non_finite")
         engine = manifest.engine
-        if engine["backend"] != "onnxruntime":
-            raise BundleError(f"bundle {manifest.name} targets {engine['backend']}; this runtime runs onnxruntime "
-                              f"bundles")
+        self.backend = backends.choose(manifest, backend)  # runtime/backends.py: best available, said once
         if arguments.flag(verify_files, "verify_files"):
             count, size, seconds = integrity.check_files(manifest)
             log.info("checked SHA-256 of %d files (%.1f MB) in %.2fs", count, size / 1e6, seconds)
-        if engine.get("compute_dtype") == "bfloat16":
-            raise BundleError(f"bundle {manifest.name} computes in bfloat16, which ONNX Runtime's CPU cannot run; "
-                              "rebuild it with --precision fp16 or fp32 to run it here (bf16 bundles are for TensorRT)")
         self.graphs = engine["graphs"]  # role (prefill, decode, exact) -> graph record
-        files = dict.fromkeys(graph["file"] for graph in self.graphs.values())
-        # ONNX Runtime's threads spin after each run; a second spinning session run right after
-        # the first slows it ~2x on 2 cores. The rerun-only (exact) graph does not spin.
-        steady = {graph["file"] for role, graph in self.graphs.items() if role != "exact"}
-        self.runners = {f: self._open_graph(f, threads, f in steady) for f in files}
+        self._storage = None  # KV cache storage: host arrays (ONNX Runtime) or device buffers (TensorRT)
+        if self.backend == "tensorrt":
+            self._open_plans()
+        else:
+            self._open_onnx(threads)
         self._calls = threading.RLock()  # serializes generate / score
         self.vocab_size = manifest.vocab_size
         self.max_batch = manifest.profiles["max_batch"]
@@ -90,6 +85,22 @@ class Engine:
         self.steps = 0
         self.overflow_reruns = 0
         self.cache_memory = cache_memory(manifest)  # bytes per token by layer kind, and at the limits
+
+    def _open_plans(self) -> None:
+        from llama4_deploy.runtime.tensorrt_backend import open_plans
+
+        self.runners, self._storage = open_plans(self.manifest)
+
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty KV cache of `batch` rows in this backend's memory."""
+        return KVCache(self.manifest, batch, self._storage)
+
+    def _open_onnx(self, threads: int | None) -> None:
+        files = dict.fromkeys(graph["file"] for graph in self.graphs.values())
+        # ONNX Runtime's threads spin after each run; a second spinning session run right after
+        # the first slows it ~2x on 2 cores. The rerun-only (exact) graph does not spin.
+        steady = {graph["file"] for role, graph in self.graphs.items() if role != "exact"}
+        self.runners = {f: self._open_graph(f, threads, f in steady) for f in files}
 
     def _open_graph(self, file: str, threads: int | None, spin: bool) -> OnnxRuntimeRunner:
         """A runner for one graph, after checking it belongs to this bundle and matches its manifest."""
@@ -218,7 +229,7 @@ class Engine:
         steps_before, reruns_before = self.steps, self.overflow_reruns
         for start in range(0, len(prompts), self.max_batch):
             group = prompts[start : start + self.max_batch]
-            cache = KVCache(self.manifest, len(group))
+            cache = self.new_cache(len(group))
             step_logits, _ = self.prefill(cache, group)
             active = np.ones(len(group), dtype=bool)
             new = [[] for _ in group]
@@ -245,7 +256,7 @@ class Engine:
             raise ValueError(f"mode is {mode!r}; use 'prefill' or 'decode'")
         ids = self._check_prompt(ids, 0, "sequence")
         with self._calls:
-            cache = KVCache(self.manifest, 1)
+            cache = self.new_cache(1)
             if mode == "prefill":
                 _, every = self.prefill(cache, [ids], keep_all=True)
                 return every[0]
@@ -254,19 +265,20 @@ class Engine:
 
 
 def load(bundle_dir: str | os.PathLike, threads: int | None = None, verify_files: bool | None = None,
-         allow_non_finite: bool = False) -> Engine:
+         allow_non_finite: bool = False, backend: str | None = None) -> Engine:
     """Load a bundle built by `llama4-deploy build`. Logs (logger `llama4_deploy.runtime.engine`,
     INFO) what its KV cache costs per token and at the bundle's limits.
 
     verify_files: check every file's size and SHA-256 against the manifest (None: yes, unless the
     environment sets LLAMA4_DEPLOY_VERIFY_FILES=0); graphs' weight-layout fingerprints and their
     agreement with the manifest are checked either way. allow_non_finite: let NaN/Inf logits through.
+    backend: onnxruntime, tensorrt, or None for the best available (runtime/backends.py; logged).
     """
     if not isinstance(bundle_dir, (str, os.PathLike)):
         raise TypeError(f"bundle_dir must be a path, got {bundle_dir!r}")
     if verify_files is None:
         verify_files = integrity.verify_files_default()
     engine = Engine(read_manifest(Path(bundle_dir)), threads=threads, verify_files=verify_files,
-                    allow_non_finite=allow_non_finite)
-    log.info("%s: %s", engine.manifest.name, engine.cache_memory)  # engine.cache_memory holds the figures
+                    allow_non_finite=allow_non_finite, backend=backend)
+    log.info("%s: %s backend; %s", engine.manifest.name, engine.backend, engine.cache_memory)  # engine.cache_memory holds the figures
     return engine
