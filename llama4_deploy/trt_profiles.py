@@ -11,7 +11,7 @@ per dynamic dimension). The engine ABI (docs/engine-abi.md) has four dynamic dim
 One graph file may serve several roles (gather.onnx is often both `decode` and `exact`), and a
 plan is built per file, so profiles are per file: `new` runs to prefill_tokens unless the file
 serves only `decode`. The cache dimension gets one profile per range of buckets, each range at
-most RANGE_RATIO times its smallest bucket, so TensorRT tunes attention for a context near the
+most RANGE_RATIO times its lowest bound (ends at 128, 1024, 8192, ...), so TensorRT tunes attention for a context near the
 one it runs (a single 16 ... 131072 profile would tune for one end only). The runtime picks, per
 step, the profile whose range holds the current bucket (runtime/tensorrt_backend.py,
 `profile_index`). opt is the range's largest bucket: the step costs the most there.
@@ -31,9 +31,11 @@ def cache_ranges(max_context: int) -> list[tuple[int, int]]:
     if max_context < 1:
         raise ValueError(f"max_context is {max_context}; it must be positive")
     low = min(MIN_BUCKET, max_context)
+    top = MIN_BUCKET  # ranges end at 16 * 8^i: 128, 1024, 8192, ...
     ranges = []
     while True:
-        high = min(low * RANGE_RATIO, max_context)
+        top *= RANGE_RATIO
+        high = min(top, max_context)
         ranges.append((low, high))
         if high == max_context:
             return ranges
