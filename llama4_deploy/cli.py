@@ -112,6 +112,25 @@ def verify(bundle, threads, files_only) -> None:
     sys.exit(0 if report.ok else 1)
 
 
+@main.command(name="compile")
+@click.argument("bundle", type=click.Path())
+@click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
+              help="TensorRT builder optimization level")
+def compile_(bundle, opt_level) -> None:
+    """Build TensorRT plans for a TensorRT-form bundle (on the GPU machine, with TensorRT installed)."""
+    from llama4_deploy.compile import CompileError, compile_bundle, tensorrt_missing
+
+    missing = tensorrt_missing()  # before anything is read or imported: fast, nothing written
+    if missing:
+        raise UserError(missing)
+    try:
+        result = compile_bundle(bundle, opt_level=opt_level, log=lambda msg: click.echo(msg, err=True))
+    except (CompileError, *_user_errors()) as err:
+        raise UserError(str(err)) from None
+    click.echo(f"compiled {result.bundle}: {', '.join(result.plans.values())} for {result.record['gpu']} with "
+               f"TensorRT {result.record['tensorrt_version']} in {result.seconds:.1f}s")
+
+
 @main.command()
 @click.argument("bundle", type=click.Path())
 def cost(bundle) -> None:
