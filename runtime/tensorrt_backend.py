@@ -109,6 +109,13 @@ class DeviceBuffer:
         nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
         return cls(int(_check(_cudart().cudaMalloc(nbytes), "cudaMalloc")), tuple(shape), dtype)
 
+    def __getitem__(self, index: slice) -> "DeviceBuffer":
+        """buffer[:rows]: the leading rows, in place (the scheduler's view of a cache's rows in use)."""
+        if not isinstance(index, slice) or index.start not in (None, 0) or index.step not in (None, 1):
+            raise TypeError("a DeviceBuffer takes only leading-row slices, buffer[:rows]")
+        rows = min(self.shape[0], self.shape[0] if index.stop is None else index.stop)
+        return DeviceBuffer(self.ptr, (rows,) + self.shape[1:], self.dtype, owned=False)
+
     def __del__(self):
         if self.owned and self.ptr:
             try:

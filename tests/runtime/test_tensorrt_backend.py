@@ -140,3 +140,14 @@ def test_device_storage_writes_what_host_storage_writes(monkeypatch):
     np.testing.assert_array_equal(_host(buf_device), buf_host)
     grown_device, grown_host = device.grow(buf_device, 16), host.grow(buf_host, 16)
     np.testing.assert_array_equal(_host(grown_device), grown_host)
+
+
+def test_device_buffer_leading_rows_view(monkeypatch):
+    """The scheduler hands the engine cache[:rows]; a DeviceBuffer gives the same view in place."""
+    host_cuda = _HostCuda()
+    monkeypatch.setattr(tensorrt_backend, "_cudart", lambda: host_cuda)
+    buffer = tensorrt_backend.DeviceBuffer.empty((4, 2, 8, 3), np.float32)
+    view = buffer[:2]
+    assert view.ptr == buffer.ptr and view.shape == (2, 2, 8, 3) and not view.owned
+    with pytest.raises(TypeError, match="leading-row"):
+        buffer[1:3]
