@@ -146,7 +146,8 @@ def cost(bundle) -> None:
 @main.command()
 @click.argument("path", type=click.Path())
 def lint(path) -> None:
-    """Static-shape lint of a bundle's graphs or one ONNX file; exit 1 on any problem."""
+    """Static-shape lint of a bundle's graphs or one ONNX file (plus TensorRT's parser rules for a TensorRT-form
+    bundle); exit 1 on any problem."""
     from pathlib import Path
 
     import onnx_ir as ir
@@ -157,10 +158,16 @@ def lint(path) -> None:
     graphs = sorted(target.glob("*.onnx")) if target.is_dir() else [target]
     if not graphs or not all(g.is_file() for g in graphs):
         raise UserError(f"{path} is neither an ONNX file nor a bundle directory with .onnx graphs")
+    tensorrt_bound = _tensorrt_topk_bound(target)  # a TensorRT-form bundle: its parser's rules too
     failed = False
     for graph in graphs:
         try:
-            problems = lint_static(ir.load(graph))
+            model = ir.load(graph)
+            problems = lint_static(model)
+            if tensorrt_bound is not None:
+                from llama4_deploy.graphs.lint_tensorrt import lint_tensorrt
+
+                problems += lint_tensorrt(model, topk_bound=tensorrt_bound)
         except Exception as err:  # onnx's own parse errors
             reason = " ".join(str(err).split())[:300]
             raise UserError(f"{graph} cannot be read as ONNX ({reason or type(err).__name__})") from None
@@ -169,6 +176,22 @@ def lint(path) -> None:
             click.echo(f"  {problem}")
         failed |= bool(problems)
     sys.exit(1 if failed else 0)
+
+
+def _tensorrt_topk_bound(target) -> int | None:
+    """For a TensorRT-form bundle directory, the largest TopK K its profiles allow; else None."""
+    import json
+
+    try:
+        m = json.loads((target / "manifest.json").read_text())
+        if m["engine"]["backend"] != "tensorrt":
+            return None
+        factor = max((g.get("capacity_factor", 1.25) for g in m["engine"]["graphs"].values()), default=1.25)
+        from llama4_deploy.tensorrt_target import topk_bound
+
+        return topk_bound(m["profiles"], m["model"], factor)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # not a (readable) bundle: the static-shape lint alone
 
 
 @main.command(name="eval")

@@ -200,3 +200,23 @@ def test_attention_forms_of_the_pipeline(onnx23):
     lower_attention(model, "onnx23" if onnx23 else "decomposed")
     problems = lint_tensorrt(model)
     assert bool(problems) == onnx23, problems
+
+
+def test_cli_lint_applies_tensorrt_rules_to_a_tensorrt_bundle(tmp_path):
+    """`llama4-deploy lint DIR` adds the parser's rules when the manifest says tensorrt (and only then)."""
+    import json
+
+    from tests.test_cli import invoke
+
+    data, index, update = _value("data"), _value("index", ir.DataType.INT64, (2, 1)), _value("update")
+    node = ir.node("ScatterND", [data, index, update], {"reduction": "add"}, name="/ScatterND")
+    node.outputs[0].name = "out"
+    ir.save(_model([node], [data, index, update], node.outputs), tmp_path / "capacity.onnx")
+    record = {"engine": {"backend": "tensorrt", "graphs": {}}, "profiles": {"max_batch": 1, "prefill_tokens": 8},
+              "model": {"top_k": 1, "num_experts": 8}}
+    (tmp_path / "manifest.json").write_text(json.dumps(record))
+    result = invoke("lint", tmp_path)
+    assert result.exit_code == 1 and "reduction=add" in result.output, result.output
+    record["engine"]["backend"] = "onnxruntime"
+    (tmp_path / "manifest.json").write_text(json.dumps(record))
+    assert invoke("lint", tmp_path).exit_code == 0
