@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 
-.PHONY: engine test bench loadtest setup clean train-tiny plan synth-checkpoint bench-build
+.PHONY: engine test bench loadtest setup clean train-tiny plan synth-checkpoint bench-build gpu-check
 
 setup: $(STAMP)
 
@@ -66,6 +66,12 @@ LOADTEST_MODEL ?= scout-mini
 loadtest: $(STAMP)
 	test -f build/$(LOADTEST_MODEL)/manifest.json || $(BIN)/llama4-deploy build --recipe $(LOADTEST_MODEL) --out build/$(LOADTEST_MODEL)
 	$(BIN)/python -m llama4_deploy.loadtest --bundle build/$(LOADTEST_MODEL)
+
+# On a machine with an NVIDIA GPU and TensorRT (pip install tensorrt cuda-python): TensorRT-form bundles of tiny and
+# maverick-mini at bf16/fp8/int4, compiled, compared with CPU reference logits, tokens/s and HBM bandwidth fraction;
+# one log in build/gpu-check/gpu-check.log. Without TensorRT it says so and exits 2.
+gpu-check: $(STAMP)
+	$(BIN)/python -m llama4_deploy.gpu_check --work build/gpu-check
 
 clean:
 	rm -rf build

@@ -41,13 +41,18 @@ BACKEND_STRATEGIES = {"onnxruntime": STRATEGIES, "tensorrt": ("dense", "gather",
 
 
 
-def lowering(strategy: str, capacity_factor: float = 1.25) -> Callable[[ir.Model], tuple[int, dict[str, str]]]:
+# how the capacity lowering combines expert outputs, per backend (TensorRT's ScatterND takes no reduction)
+CAPACITY_COMBINE = {"onnxruntime": "scatter_add", "tensorrt": "gather"}
+
+
+def lowering(strategy: str, capacity_factor: float = 1.25, backend: str = "onnxruntime"
+             ) -> Callable[[ir.Model], tuple[int, dict[str, str]]]:
     if strategy == "dense":
         return lower_moe_dense
     if strategy == "gather":
         return lower_moe_gather
     if strategy == "capacity":
-        config = CapacityConfig(capacity_factor=capacity_factor)
+        config = CapacityConfig(capacity_factor=capacity_factor, combine=CAPACITY_COMBINE[backend])
         return lambda model: lower_moe_capacity(model, config)
     if strategy == "native":
         from llama4_deploy.graphs.lower_moe_native import lower_moe_native

@@ -25,6 +25,21 @@ it neither takes capacity nor raises overflow.
 
 Cost: E*C token-expert products, about capacity_factor times the routed FLOPs, and every
 expert's weights read once per step.
+
+`combine="gather"` (TensorRT's form: its parser takes ScatterND only without a reduction) replaces
+the scatter-add by the inverse lookup:
+
+             slot_of       = ScatterElements(zeros[E, N], slot_token, Range(C), axis=1)   # [E, N]
+             slot          = GatherElements(Transpose(slot_of), index, axis=1)           # [N, k]
+             flat          = index * C + slot
+             hit           = Gather(slot_token, flat) == n  and  Gather(slot_used, flat)  # [N, k]
+             routed_out    = ReduceSum(Where(hit, Gather(expert_out, flat), 0), axis=1)
+
+Why it is the same sum: TopK returns distinct tokens per expert row, so slot_of has no duplicate
+writes and slot_of[e, n] is the slot of token n in expert e whenever it has one; `hit` is true
+exactly for the (token, choice) pairs that hold a used slot, the pairs the scatter-add adds. A
+pair without a slot (overflow: the step is rerun anyway) reads some other slot and `hit` drops it.
+With k = 1 (Llama 4) each token adds one value to zero in both forms: the same bits.
 """
 
 from __future__ import annotations
@@ -45,10 +60,52 @@ STRATEGY = "capacity"
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CapacityConfig:
     capacity_factor: float = 1.25
+    combine: str = "scatter_add"  # or "gather": no ScatterND reduction (TensorRT)
 
     def __post_init__(self):
         if not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor is {self.capacity_factor}; it must be positive")
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine is {self.combine!r}; expected one of {', '.join(COMBINES)}")
+
+
+COMBINES = ("scatter_add", "gather")
+
+
+def _combine_gather(op, const, x, top_index, slot_token, slot_used, capacity, expert_out, zero):
+    """routed_out [N, H] by looking each (token, choice) up in its expert's slots (module docstring)."""
+    int_zero = const("combine/int_zero", np.array(0, dtype=np.int64))
+    one = const("combine/one", np.array(1, dtype=np.int64))
+    first = const("combine/axis0", np.array([0], dtype=np.int64))
+    c = op("Squeeze", [capacity, first], name="combine/C")  # scalar
+    slot_ids = op("Expand", [op("Range", [int_zero, c, one], name="combine/Slots"),
+                             op("Shape", [slot_token], name="combine/SlotShape")], name="combine/SlotIds")  # [E, C]
+    key_shape = op("Concat", [op("Shape", [slot_token], {"start": 0, "end": 1}, name="combine/E"),
+                              op("Shape", [x], {"start": 0, "end": 1}, name="combine/N")], {"axis": 0},
+                   name="combine/KeyShape")
+    slot_of = op("ScatterElements", [op("Expand", [int_zero, key_shape], name="combine/Zeros"), slot_token, slot_ids],
+                 {"axis": 1}, name="combine/SlotOf")  # [E, N]
+    slot = op("GatherElements", [op("Transpose", [slot_of], {"perm": [1, 0]}, name="combine/TokenMajor"), top_index],
+              {"axis": 1}, name="combine/Slot")  # [N, k]
+    flat = op("Add", [op("Mul", [top_index, c], name="combine/ExpertBase"), slot], name="combine/Flat")
+    flat_shape = const("combine/flat_shape", np.array([-1], dtype=np.int64))
+    owner = op("Gather", [op("Reshape", [slot_token, flat_shape], name="combine/TokensFlat"), flat], {"axis": 0},
+               name="combine/Owner")  # [N, k]
+    used = op("Gather", [op("Reshape", [slot_used, flat_shape], name="combine/UsedFlat"), flat], {"axis": 0},
+              name="combine/Used")
+    tokens = op("Unsqueeze", [op("Range", [int_zero, op("Squeeze", [op("Shape", [x], {"start": 0, "end": 1},
+                                                                         name="combine/N2"), first],
+                                                        name="combine/NScalar"), one], name="combine/TokenIds"),
+                              const("combine/axis_last", np.array([-1], dtype=np.int64))], name="combine/TokenColumn")
+    hit = op("And", [op("Equal", [owner, tokens], name="combine/Owned"), used], name="combine/Hit")  # [N, k]
+    rows = op("Reshape", [expert_out, op("Concat", [flat_shape, op("Shape", [x], {"start": 1, "end": 2},
+                                                                    name="combine/H")], {"axis": 0},
+                                         name="combine/RowsShape")], name="combine/Rows")  # [E*C, H]
+    picked = op("Gather", [rows, flat], {"axis": 0}, name="combine/Pick")  # [N, k, H]
+    kept = op("Where", [op("Unsqueeze", [hit, const("combine/axis_last2", np.array([-1], dtype=np.int64))],
+                           name="combine/HitColumn"), picked, zero], name="combine/Kept")
+    return op("ReduceSum", [kept, const("combine/sum_axis", np.array([1], dtype=np.int64))], {"keepdims": 0},
+              name="combine/Sum")
 
 
 def check(node: ir.Node) -> str | None:
@@ -100,11 +157,15 @@ def make_replacement(config: CapacityConfig):
                       {"axis": -1, "num_outputs": 2}, name="experts/Split", num_outputs=2)
         expert_out = op("MatMul", [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"),
                                    down], name="experts/Down")  # [E, C, H]
-        combined = op("ScatterND", [
-            op("Expand", [zero, op("Shape", [x], name="combine/Shape")], name="combine/Zeros"),
-            op("Unsqueeze", [slot_token, const("axis_last3", np.array([-1], dtype=np.int64))], name="combine/Index"),
-            expert_out,
-        ], {"reduction": "add"}, name="combine/ScatterAdd")
+        if config.combine == "gather":
+            combined = _combine_gather(op, const, x, top_index, slot_token, slot_used, capacity, expert_out, zero)
+        else:
+            combined = op("ScatterND", [
+                op("Expand", [zero, op("Shape", [x], name="combine/Shape")], name="combine/Zeros"),
+                op("Unsqueeze", [slot_token, const("axis_last3", np.array([-1], dtype=np.int64))],
+                   name="combine/Index"),
+                expert_out,
+            ], {"reduction": "add"}, name="combine/ScatterAdd")
         load = op("ReduceSum", [op("Cast", [op("Greater", [key, neg_inf], name="overflow/Routed")],
                                    {"to": ir.DataType.FLOAT}, name="overflow/RoutedF"),
                                 const("axis1", np.array([1], dtype=np.int64))], {"keepdims": 0},

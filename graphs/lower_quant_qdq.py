@@ -13,6 +13,15 @@
                    y  = MatMul(x', W')
                    Wq: FLOAT8E4M3FN; s_x from calibration (the activation's |max| / 448)
 
+`per_expert` (TensorRT's layout; TensorRT documents blocked INT4 DequantizeLinear only on 2-D constant
+weights): a stacked 3-D expert weight [E, K, N] becomes E 2-D constants, each dequantized on its own
+and stacked back, so the MatMul or Gather that follows sees the compute dtype:
+
+    W' = Concat(Unsqueeze(DequantizeLinear(Wq_0, scale_0), 0), ..., Unsqueeze(DequantizeLinear(Wq_E-1, ...), 0))
+         Wq_e [K, N]; int4: scale_e [ceil(K/B), N], axis 0, block_size B; fp8: scale_e [N], axis 1
+
+Same numbers: slice e of the stacked q and scale is exactly what the 3-D DequantizeLinear multiplies.
+
 The reduction axis K comes from the consumer: a MatMul (directly or after a Gather of experts)
 contracts the weight's second-to-last axis; ONNX Runtime's `com.microsoft.MoE` stores expert
 weights [E, N, K] and contracts the last (then no activation Q/DQ can be placed inside it, which
@@ -100,6 +109,22 @@ class QuantizedWeight:
 
         return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
 
+    def slice_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(q, scale) shapes of one expert's 2-D slice of a stacked [E, K, N] weight."""
+        q, scale = self.shapes()
+        if self.rule.weight == "fp8":
+            return q[1:], (scale[-1],)  # per output channel
+        return q[1:], scale[1:]
+
+    def lazy_slice(self, which: int, expert: int, name: str, dtype: ir.DataType) -> ir.LazyTensor:
+        """Expert `expert`'s slice; consecutive slices of one weight reuse its cached arrays."""
+        shape = self.slice_shapes()[which]
+
+        def compute() -> ir.TensorProtocol:
+            return ir.tensor(self.arrays()[which][expert].reshape(shape), dtype=dtype, name=name)
+
+        return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
+
 
 def dequantize_attributes(rule: QuantRule, axis: int, rank: int, k: int) -> dict[str, int]:
     if rule.weight == "int4":
@@ -139,6 +164,48 @@ def quantize_weight(graph: ir.Graph, value: ir.Value, rule: QuantRule, axis: int
     return out
 
 
+def quantize_weight_per_expert(graph: ir.Graph, value: ir.Value, rule: QuantRule, axis: int,
+                               compute_dtype: str) -> ir.Value:
+    """Replace a stacked [E, K, N] initializer by E 2-D DequantizeLinear nodes stacked back (module
+    docstring); returns the stacked dequantized value [E, K, N]."""
+    name = value.name
+    weight = QuantizedWeight(value.const_value, rule, axis, compute_dtype)
+    q_shape, _ = weight.shapes()
+    (k, n), scale_shape = weight.slice_shapes()
+    fmt, dtype = WEIGHT_DTYPES[rule.weight], COMPUTE[compute_dtype]
+    scope = _scope(name)
+    axis0 = ir.node("Constant", [], {"value": ir.tensor(np.array([0], dtype=np.int64), name=f"{scope}/axis0")},
+                    name=f"{scope}/axis0")
+    axis0.outputs[0].name = f"{scope}/axis0"
+    nodes, stacked = [axis0], []
+    qs, scales = [], []
+    for e in range(q_shape[0]):
+        qs.append(ir.Value(name=f"{name}.{e}.{rule.weight}", type=ir.TensorType(fmt), shape=ir.Shape((k, n)),
+                           const_value=weight.lazy_slice(0, e, f"{name}.{e}.{rule.weight}", fmt)))
+    for e in range(q_shape[0]):  # all q slices, then all scales: each run reuses the cached arrays
+        scales.append(ir.Value(name=f"{name}.{e}.scale", type=ir.TensorType(dtype), shape=ir.Shape(scale_shape),
+                               const_value=weight.lazy_slice(1, e, f"{name}.{e}.scale", dtype)))
+    graph.initializers.pop(name)
+    for v in qs + scales:
+        graph.register_initializer(v)
+    for e, (q, scale) in enumerate(zip(qs, scales)):
+        dq = ir.node("DequantizeLinear", [q, scale], dequantize_attributes(rule, -2, 2, k),
+                     name=f"{scope}/{e}/DequantizeLinear")
+        dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = f"{name}.{e}.dq", dtype, ir.Shape((k, n))
+        unsqueeze = ir.node("Unsqueeze", [dq.outputs[0], axis0.outputs[0]], name=f"{scope}/{e}/Unsqueeze")
+        unsqueeze.outputs[0].name = f"{name}.{e}.dq3"
+        unsqueeze.outputs[0].dtype, unsqueeze.outputs[0].shape = dtype, ir.Shape((1, k, n))
+        nodes += [dq, unsqueeze]
+        stacked.append(unsqueeze.outputs[0])
+    concat = ir.node("Concat", stacked, {"axis": 0}, name=f"{scope}/Concat")
+    nodes.append(concat)
+    out = concat.outputs[0]
+    ir.convenience.replace_all_uses_with(value, out)
+    out.name, out.dtype, out.shape = f"{name}.dq", dtype, ir.Shape(q_shape)
+    graph.insert_before(graph.node(0), nodes)
+    return out
+
+
 def quantize_activation(graph: ir.Graph, matmul: ir.Node, scale: float, compute_dtype: str) -> None:
     """x -> DequantizeLinear(QuantizeLinear(x, s, 0), s, 0) on the MatMul's activation input."""
     x = matmul.inputs[0]
@@ -170,10 +237,11 @@ def activation_consumers(dequantized: ir.Value) -> list[ir.Node]:
 
 
 def lower_quant_qdq(model: ir.Model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None,
-                    log: Callable[[str], None] | None = None) -> tuple[int, dict[str, str]]:
+                    log: Callable[[str], None] | None = None, per_expert: bool = False) -> tuple[int, dict[str, str]]:
     """Quantize every initializer the spec names that is still float; returns (weights quantized,
     {weight: why it was not}). `activation_amax` maps a weight name to the calibrated |max| of the
-    activation it multiplies (needed by rules with fp8 activations)."""
+    activation it multiplies (needed by rules with fp8 activations). `per_expert`: stacked 3-D expert
+    weights as E 2-D constants (TensorRT's layout, module docstring)."""
     graph = model.graph
     count, skipped = 0, {}
     float_types = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -190,7 +258,10 @@ def lower_quant_qdq(model: ir.Model, spec: QuantSpec, activation_amax: Mapping[s
             skipped[name] = "has no value to quantize"
             continue
         base = name.split(".native")[0]  # re-laid-out expert copies share their source's activation
-        dequantized = quantize_weight(graph, value, rule, axis, spec.compute_dtype)
+        if per_expert and len(value.shape) == 3 and axis == -2:
+            dequantized = quantize_weight_per_expert(graph, value, rule, axis, spec.compute_dtype)
+        else:
+            dequantized = quantize_weight(graph, value, rule, axis, spec.compute_dtype)
         if rule.activation == "fp8_tensor":
             amax = (activation_amax or {}).get(base)
             if amax is None:

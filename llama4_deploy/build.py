@@ -274,6 +274,7 @@ def build(
     calibration: str | Path | None = None,
     stages: int | None = None,
     extra_dispatches: tuple[str, ...] = (),
+    target: str | None = None,
 ) -> BuildResult:
     """Build a bundle. `recipe` names a recipe (default `tiny`, or a plain fp32 ONNX Runtime
     build when only `checkpoint` is given); `checkpoint` is a Hugging Face checkpoint dir;
@@ -283,8 +284,9 @@ def build(
     max_position_embeddings, at most DEFAULT_MAX_CONTEXT. `out` may hold only a bundle this tool
     wrote (or nothing) unless `force` (outdir.py). `precision` (fp32, fp16, bf16, fp8, int4),
     `compute_dtype`, `block_size` (int4: 32, 64, 128), `quant_form` (qdq, ort, auto) and
-    `calibration` (a text or JSON file, fp8) override the recipe's precision plan. `stages` (the
-    recipe's `stages`, default 1) splits the layers into that many pipeline-stage graphs
+    `calibration` (a text or JSON file, fp8) override the recipe's precision plan. `target` (onnxruntime,
+    tensorrt) overrides the recipe's backend; tensorrt writes a TensorRT-form bundle (tensorrt_target.py).
+    `stages` (the recipe's `stages`, default 1) splits the layers into that many pipeline-stage graphs
     (llama4_deploy/stages.py). `extra_dispatches` also saves graphs for these MoE dispatches, each
     under a role named after it, which the runtime opens but never steps on (tests and benchmarks
     compare dispatches in one bundle)."""
@@ -317,6 +319,10 @@ def build(
     if unknown:
         raise BuildError(f"unknown MoE dispatch {unknown[0]!r} in extra_dispatches; choose from "
                          f"{', '.join(c for c in CHOICES if c != 'auto')}")
+    chosen = _with_target(chosen, target, precision, compute_dtype)
+    if chosen.backend == "tensorrt" and chosen.stages > 1:
+        raise BuildError(f"a TensorRT-form bundle has one stage for now (its profiles and plans are per graph of an "
+                         f"unsplit model); drop --stages {chosen.stages} or build for --target onnxruntime")
     out = Path(out or Path("build") / chosen.name).resolve()
     if checkpoint is None and chosen.checkpoint_path is not None:
         checkpoint = chosen.checkpoint_path  # shipped with the repository (recipes/tiny-trained.yaml)
@@ -430,6 +436,11 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
     manifest = _manifest(chosen, shape, source, passes, graphs, stages, ckpt.tokenizer_file is not None,
                          ckpt.tokenizer_config_file is not None, time.time() - start)
     _record_precision(manifest, spec, calibration_record)
+    if chosen.backend == "tensorrt":
+        from llama4_deploy.tensorrt_target import manifest_record
+
+        manifest["engine"]["tensorrt"] = manifest_record(stages[0]["graphs"], chosen.profiles.model_dump(), manifest["model"],
+                                                         manifest["layers"])
     manifest["files"] = {}
     write_manifest(bundle, manifest)
     if spec.compute_dtype == "bfloat16":
@@ -470,6 +481,19 @@ def _with_precision(recipe: Recipe, precision, compute_dtype, block_size, quant_
     except ValidationError as err:
         first = err.errors()[0]
         raise BuildError(f"{first['loc'][0]} {update.get(first['loc'][0])!r} is not valid: {first['msg']}") from None
+
+
+def _with_target(recipe: Recipe, target: str | None, precision: str | None, compute_dtype: str | None) -> Recipe:
+    from llama4_deploy.tensorrt_target import TARGETS, TargetError, configure
+
+    if target is not None and target not in TARGETS:
+        raise BuildError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if (target or recipe.backend) != "tensorrt":
+        return recipe if target is None else recipe.model_copy(update={"backend": target})
+    try:
+        return configure(recipe, precision, compute_dtype)
+    except TargetError as err:
+        raise BuildError(str(err)) from None
 
 
 def _quant_spec(recipe: Recipe):
@@ -522,7 +546,7 @@ def _moe_lowering(strategy: str, recipe: Recipe, spec):
         # quantized experts are 4-8x smaller than the fp32 ones the part split is sized for: keep them whole,
         # so each expert's weights are quantized exactly as the checkpoint lays them out
         return lambda model: lower_moe_native(model, split=1)
-    return dispatch.lowering(strategy, recipe.capacity_factor)
+    return dispatch.lowering(strategy, recipe.capacity_factor, recipe.backend)
 
 
 def _templates(shape, split, cache: BuildCache | None, log) -> dict[str, Any]:
@@ -592,6 +616,10 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
                                       excluded=excluded)
         except ValueError as err:
             raise BuildError(str(err)) from None
+        if recipe.backend == "tensorrt":
+            from llama4_deploy.tensorrt_target import roles as tensorrt_roles
+
+            roles = tensorrt_roles(recipe.moe_dispatch, roles)
         if cache is not None:
             with cache.put("plan", plan_key) as (_, record):
                 record.update(roles=roles, passes=plan_passes)
@@ -680,12 +708,24 @@ def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, ac
     if spec is not None and spec.quantized:
         try:
             with timed("quantize"):  # the graph rewrite; the numbers are computed as `save` streams
-                counts.update(quantize_model(model, spec, activation_amax))
+                counts.update(quantize_model(model, spec, activation_amax, per_expert=recipe.backend == "tensorrt"))
         except ValueError as err:
             raise BuildError(str(err)) from None
     with timed("lint"):
         problems = lint_static(model)
     if problems:
         raise BuildError(f"the {strategy} graph breaks the static-shape rule: {problems[0]}")
+    if recipe.backend == "tensorrt":
+        with timed("lint"):
+            _check_tensorrt(model, strategy, recipe, ckpt.shape.to_dict())
     counts[f"lower_moe_{strategy}"] = count
     return model, counts
+
+
+def _check_tensorrt(model, strategy: str, recipe: Recipe, facts: dict[str, Any]) -> None:
+    from llama4_deploy.tensorrt_target import TargetError, check_graph
+
+    try:
+        check_graph(model, strategy, recipe.profiles.model_dump(), facts, recipe.capacity_factor)
+    except TargetError as err:
+        raise BuildError(str(err)) from None

@@ -57,8 +57,11 @@ def main() -> None:
               help="fp8 activation calibration: text lines or a JSON list of token-id lists")
 @click.option("--stages", type=int, help="pipeline stages: split the layers into this many graphs, balanced by "
               "weight bytes (default: the recipe's, 1)")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]),
+              help="backend the bundle is for (default: the recipe's); tensorrt: a TensorRT-form bundle for "
+                   "llama4-deploy compile (bf16 compute unless --precision/--compute-dtype)")
 def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_batch, prefill_tokens, force, precision,
-          compute_dtype, block_size, quant_form, calibration, stages) -> None:
+          compute_dtype, block_size, quant_form, calibration, stages, target) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
@@ -67,7 +70,7 @@ def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_bat
                            attention=attention, max_context=max_context, max_batch=max_batch,
                            prefill_tokens=prefill_tokens, force=force, precision=precision,
                            compute_dtype=compute_dtype, block_size=None if block_size is None else int(block_size),
-                           quant_form=quant_form, calibration=calibration, stages=stages)
+                           quant_form=quant_form, calibration=calibration, stages=stages, target=target)
     except _user_errors() as err:
         raise UserError(str(err)) from None
     except KeyboardInterrupt:  # Ctrl-C: no bundle; the finished steps stay in the build cache (build_cache.py)
@@ -116,6 +119,25 @@ def verify(bundle, threads, files_only) -> None:
     sys.exit(0 if report.ok else 1)
 
 
+@main.command(name="compile")
+@click.argument("bundle", type=click.Path())
+@click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
+              help="TensorRT builder optimization level")
+def compile_(bundle, opt_level) -> None:
+    """Build TensorRT plans for a TensorRT-form bundle (on the GPU machine, with TensorRT installed)."""
+    from llama4_deploy.compile import CompileError, compile_bundle, tensorrt_missing
+
+    missing = tensorrt_missing()  # before anything is read or imported: fast, nothing written
+    if missing:
+        raise UserError(missing)
+    try:
+        result = compile_bundle(bundle, opt_level=opt_level, log=lambda msg: click.echo(msg, err=True))
+    except (CompileError, *_user_errors()) as err:
+        raise UserError(str(err)) from None
+    click.echo(f"compiled {result.bundle}: {', '.join(result.plans.values())} for {result.record['gpu']} with "
+               f"TensorRT {result.record['tensorrt_version']} in {result.seconds:.1f}s")
+
+
 @main.command()
 @click.argument("bundle", type=click.Path())
 def cost(bundle) -> None:
@@ -131,7 +153,8 @@ def cost(bundle) -> None:
 @main.command()
 @click.argument("path", type=click.Path())
 def lint(path) -> None:
-    """Static-shape lint of a bundle's graphs or one ONNX file; exit 1 on any problem."""
+    """Static-shape lint of a bundle's graphs or one ONNX file (plus TensorRT's parser rules for a TensorRT-form
+    bundle); exit 1 on any problem."""
     from pathlib import Path
 
     import onnx_ir as ir
@@ -142,10 +165,16 @@ def lint(path) -> None:
     graphs = sorted(target.glob("*.onnx")) if target.is_dir() else [target]
     if not graphs or not all(g.is_file() for g in graphs):
         raise UserError(f"{path} is neither an ONNX file nor a bundle directory with .onnx graphs")
+    tensorrt_bound = _tensorrt_topk_bound(target)  # a TensorRT-form bundle: its parser's rules too
     failed = False
     for graph in graphs:
         try:
-            problems = lint_static(ir.load(graph))
+            model = ir.load(graph)
+            problems = lint_static(model)
+            if tensorrt_bound is not None:
+                from llama4_deploy.graphs.lint_tensorrt import lint_tensorrt
+
+                problems += lint_tensorrt(model, topk_bound=tensorrt_bound)
         except Exception as err:  # onnx's own parse errors
             reason = " ".join(str(err).split())[:300]
             raise UserError(f"{graph} cannot be read as ONNX ({reason or type(err).__name__})") from None
@@ -171,6 +200,22 @@ def plan(target, context, stages, precision) -> None:
         click.echo(make_plan(target, context=context, stages=stages, precision=precision))
     except _user_errors() as err:
         raise UserError(str(err)) from None
+
+
+def _tensorrt_topk_bound(target) -> int | None:
+    """For a TensorRT-form bundle directory, the largest TopK K its profiles allow; else None."""
+    import json
+
+    try:
+        m = json.loads((target / "manifest.json").read_text())
+        if m["engine"]["backend"] != "tensorrt":
+            return None
+        factor = max((g.get("capacity_factor", 1.25) for g in m["engine"]["graphs"].values()), default=1.25)
+        from llama4_deploy.tensorrt_target import topk_bound
+
+        return topk_bound(m["profiles"], m["model"], factor)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # not a (readable) bundle: the static-shape lint alone
 
 
 @main.command(name="eval")

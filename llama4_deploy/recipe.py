@@ -82,7 +82,7 @@ class Recipe(Strict):
     block_size: Literal[32, 64, 128] = 128  # int4 block along the reduction axis
     quant_form: Literal["qdq", "ort", "auto"] = "auto"  # auto: ort (4-bit kernels) for int4 on ONNX Runtime
     calibration: str | None = None  # text lines or a JSON list of id lists; None: seeded random tokens
-    backend: Literal["onnxruntime"] = "onnxruntime"
+    backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"  # tensorrt: llama4_deploy/tensorrt_target.py
     moe_dispatch: Literal["dense", "gather", "capacity", "native", "auto"] = "auto"
     # attention kernel form (graphs/lower_attention.py); auto: onnx23 for ONNX Runtime, decomposed otherwise
     attention: Literal["decomposed", "onnx23", "auto"] = "auto"

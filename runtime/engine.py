@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama4_deploy.runtime import arguments, integrity
+from llama4_deploy.runtime import arguments, backends, integrity
 from llama4_deploy.runtime.bundle import HIDDEN_IN, HIDDEN_OUT, BundleError, Manifest, read_manifest
 from llama4_deploy.runtime.kv_cache import KVCache, cache_memory
 from llama4_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
@@ -67,32 +67,31 @@ class Engine:
     """
 
     def __init__(self, manifest: Manifest, threads: int | None = None, verify_files: bool = True,
-                 allow_non_finite: bool = False, prepack: bool = True):
+                 allow_non_finite: bool = False, prepack: bool = True, backend: str | None = None):
         self.manifest = manifest
         threads = arguments.threads(threads)
         self.allow_non_finite = arguments.flag(allow_non_finite, "allow_non_finite")
         self.prepack = arguments.flag(prepack, "prepack")
         engine = manifest.engine
-        if engine["backend"] != "onnxruntime":
-            raise BundleError(f"bundle {manifest.name} targets {engine['backend']}; this runtime runs onnxruntime "
-                              f"bundles")
+        self.backend = backends.choose(manifest, backend)  # runtime/backends.py: best available, said once
         if arguments.flag(verify_files, "verify_files"):
             count, size, seconds = integrity.check_files(manifest)
             log.info("checked SHA-256 of %d files (%.1f MB) in %.2fs", count, size / 1e6, seconds)
-        if engine.get("compute_dtype") == "bfloat16":
-            raise BundleError(f"bundle {manifest.name} computes in bfloat16, which ONNX Runtime's CPU cannot run; "
-                              "rebuild it with --precision fp16 or fp32 to run it here (bf16 bundles are for TensorRT)")
         self.graphs = engine["graphs"]  # role (prefill, decode, exact) -> graph record (dispatch, attention)
         # pipeline stages, run in order, each with its own sessions (one stage: the unsplit model). On the
         # CPU all stages share the host; a GPU backend gives each stage its device.
         self.stages = manifest.stages
-        self.runners = {}  # graph file -> runner; file names are unique across stages
-        for stage in self.stages:
-            # ONNX Runtime's threads spin after each run; a second spinning session run right after
-            # the first slows it ~2x on 2 cores. The rerun-only (exact) graph does not spin.
-            steady = {graph["file"] for role, graph in stage.graphs.items() if role != "exact"}
-            for file in dict.fromkeys(graph["file"] for graph in stage.graphs.values()):
-                self.runners[file] = self._open_graph(file, threads, file in steady, stage)
+        self._storage = None  # KV cache storage: host arrays (ONNX Runtime) or device buffers (TensorRT)
+        if self.backend == "tensorrt":
+            self._open_plans()
+        else:
+            self.runners = {}  # graph file -> runner; file names are unique across stages
+            for stage in self.stages:
+                # ONNX Runtime's threads spin after each run; a second spinning session run right after
+                # the first slows it ~2x on 2 cores. The rerun-only (exact) graph does not spin.
+                steady = {graph["file"] for role, graph in stage.graphs.items() if role != "exact"}
+                for file in dict.fromkeys(graph["file"] for graph in stage.graphs.values()):
+                    self.runners[file] = self._open_graph(file, threads, file in steady, stage)
         self._stage_caches = [[f"past_{kv}.{layer}" for layer in stage.layers for kv in ("key", "value")]
                               for stage in self.stages]
         self._calls = threading.RLock()  # serializes generate / score
@@ -102,6 +101,18 @@ class Engine:
         self.steps = 0
         self.overflow_reruns = 0
         self.cache_memory = cache_memory(manifest)  # bytes per token by layer kind, and at the limits
+
+    def _open_plans(self) -> None:
+        from llama4_deploy.runtime.tensorrt_backend import open_plans
+
+        if len(self.stages) > 1:
+            raise BundleError(f"bundle {self.manifest.name} has {len(self.stages)} pipeline stages; the tensorrt "
+                              "backend runs one-stage bundles (rebuild with --stages 1)")
+        self.runners, self._storage = open_plans(self.manifest)
+
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty KV cache of `batch` rows in this backend's memory."""
+        return KVCache(self.manifest, batch, self._storage)
 
     def _open_graph(self, file: str, threads: int | None, spin: bool, stage) -> OnnxRuntimeRunner:
         """A runner for one graph, after checking it belongs to this bundle and matches its manifest."""
@@ -242,7 +253,7 @@ class Engine:
         steps_before, reruns_before = self.steps, self.overflow_reruns
         for start in range(0, len(prompts), self.max_batch):
             group = prompts[start : start + self.max_batch]
-            cache = KVCache(self.manifest, len(group))
+            cache = self.new_cache(len(group))
             step_logits, _ = self.prefill(cache, group)
             active = np.ones(len(group), dtype=bool)
             new = [[] for _ in group]
@@ -269,7 +280,7 @@ class Engine:
             raise ValueError(f"mode is {mode!r}; use 'prefill' or 'decode'")
         ids = self._check_prompt(ids, 0, "sequence")
         with self._calls:
-            cache = KVCache(self.manifest, 1)
+            cache = self.new_cache(1)
             if mode == "prefill":
                 _, every = self.prefill(cache, [ids], keep_all=True)
                 return every[0]
@@ -278,7 +289,7 @@ class Engine:
 
 
 def load(bundle_dir: str | os.PathLike, threads: int | None = None, verify_files: bool | None = None,
-         allow_non_finite: bool = False, prepack: bool = True) -> Engine:
+         allow_non_finite: bool = False, prepack: bool = True, backend: str | None = None) -> Engine:
     """Load a bundle built by `llama4-deploy build`. Logs (logger `llama4_deploy.runtime.engine`,
     INFO) what its KV cache costs per token and at the bundle's limits.
 
@@ -287,12 +298,14 @@ def load(bundle_dir: str | os.PathLike, threads: int | None = None, verify_files
     agreement with the manifest are checked either way. allow_non_finite: let NaN/Inf logits through.
     prepack: let ONNX Runtime copy MatMul weights into its kernels' layout (faster steps); False keeps every
     weight memory-mapped from weights.data, so the heap does not grow with the model.
+    backend: onnxruntime, tensorrt, or None for the best available (runtime/backends.py; logged).
     """
     if not isinstance(bundle_dir, (str, os.PathLike)):
         raise TypeError(f"bundle_dir must be a path, got {bundle_dir!r}")
     if verify_files is None:
         verify_files = integrity.verify_files_default()
     engine = Engine(read_manifest(Path(bundle_dir)), threads=threads, verify_files=verify_files,
-                    allow_non_finite=allow_non_finite, prepack=prepack)
-    log.info("%s: %s", engine.manifest.name, engine.cache_memory)  # engine.cache_memory holds the figures
+                    allow_non_finite=allow_non_finite, prepack=prepack, backend=backend)
+    # engine.cache_memory holds the figures
+    log.info("%s: %s backend; %s", engine.manifest.name, engine.backend, engine.cache_memory)
     return engine

@@ -66,6 +66,15 @@ class HostStorage:
         buffer[rows, :, slots] = new[rows, :, steps]
 
 
+def cache_dtype(name: str) -> np.dtype:
+    """numpy dtype of a manifest's cache_dtype; bfloat16 (TensorRT bundles) comes from ml_dtypes."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 def context_bucket(tokens: int, max_context: int) -> int:
     """Slots that hold `tokens` cached positions, at least 16, at most max_context: powers of two up
     to 256, then multiples of an eighth of the next power of two (5120 for 4097 tokens, not 8192).
@@ -95,7 +104,7 @@ class KVCache:
         model = manifest.model
         self.storage = storage or HostStorage()
         self.max_context = manifest.max_context
-        self.dtype = np.dtype(manifest.engine.get("cache_dtype", "float32"))
+        self.dtype = cache_dtype(manifest.engine.get("cache_dtype", "float32"))
         self._shape = (batch, model["num_kv_heads"], model["head_dim"])
         self._layers = [
             _Layer(layer.index, layer.slots if layer.attention == "chunked" else 0,
@@ -199,7 +208,7 @@ class CacheMemory:
 
 def cache_memory(manifest) -> CacheMemory:
     model = manifest.model
-    itemsize = np.dtype(manifest.engine.get("cache_dtype", "float32")).itemsize
+    itemsize = cache_dtype(manifest.engine.get("cache_dtype", "float32")).itemsize
     per_layer = 2 * model["num_kv_heads"] * model["head_dim"] * itemsize  # key + value of one token
     kinds: dict[str, int] = {}
     for layer in manifest.layers:

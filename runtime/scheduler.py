@@ -142,7 +142,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.on_step = on_step
-        self.cache = KVCache(engine.manifest, max_batch)
+        self.cache = engine.new_cache(max_batch)
         self.rows: list[_Row | None] = [None] * max_batch
         self._waiting: collections.deque[Request] = collections.deque()
         self._cancelled: set[Request] = set()

@@ -9,6 +9,7 @@ tokens on a ragged batch of three prompts, prefill then decode.
 
 from __future__ import annotations
 
+import onnx_ir as ir
 import pytest
 
 from llama4_deploy.verify import REL_TOLERANCE, verify
@@ -57,21 +58,31 @@ def test_every_dispatch_is_exact(recipe, dispatch, tmp_path):
 
 
 @pytest.mark.parametrize("recipe", ["tiny", "scout-mini", "maverick-mini"])
-def test_decomposed_attention_is_exact(recipe, tmp_path):
-    """TensorRT's attention form (standard opset-21 ops only), run here on ONNX Runtime, with
-    TensorRT's decode dispatch (gather)."""
+def test_tensorrt_form_is_exact(recipe, tmp_path):
+    """The TensorRT-form bundle (build --target tensorrt: decomposed attention, standard opset-21 ops only,
+    gather for decode, capacity with the gather combine for prefill, an exact graph for reruns), at float32
+    compute, run here on ONNX Runtime: the very graphs TensorRT would compile, against transformers."""
     import onnx
 
     from llama4_deploy.build import build
+    from llama4_deploy.graphs.lint_tensorrt import lint_tensorrt
     from tests.conftest import manifest
 
-    bundle = build(recipe, out=tmp_path / recipe, moe_dispatch="gather", attention="decomposed",
-                   log=lambda _: None).bundle
-    _check(verify(str(bundle), log=lambda _: None))
-    assert manifest(bundle)["engine"]["graphs"]["decode"]["attention"] == "decomposed"
-    proto = onnx.load(bundle / "gather.onnx", load_external_data=False)
-    assert {o.domain: o.version for o in proto.opset_import}.get("") == 21
-    assert "Attention" not in {n.op_type for n in proto.graph.node}
+    bundle = build(recipe, out=tmp_path / recipe, target="tensorrt", compute_dtype="float32", log=lambda _: None).bundle
+    report = verify(str(bundle), log=lambda _: None)
+    _check(report)
+    m = manifest(bundle)
+    assert m["engine"]["backend"] == "tensorrt" and m["engine"]["compute_dtype"] == "float32"
+    assert report.graphs["prefill"] == "capacity" and report.graphs["decode"] == "gather"
+    assert report.graphs["exact"] in ("gather", "dense") and report.overflow_reruns < report.steps
+    assert {g["attention"] for g in m["engine"]["graphs"].values()} == {"decomposed"}
+    assert set(m["engine"]["tensorrt"]["profiles"]) == {g["file"] for g in m["engine"]["graphs"].values()}
+    for file in {g["file"] for g in m["engine"]["graphs"].values()}:
+        proto = onnx.load(bundle / file, load_external_data=False)
+        assert {o.domain: o.version for o in proto.opset_import} == {"": 21}
+        ops = {n.op_type for n in proto.graph.node}
+        assert not ops & {"Attention", "ScatterND", "MoE"} and all(n.domain == "" for n in proto.graph.node)
+        assert lint_tensorrt(ir.load(bundle / file), topk_bound=1024) == []
 
 
 def test_sharded_multimodal_checkpoint(checkpoint_bundle, checkpoint_dir):

@@ -88,3 +88,33 @@ def test_capacity_padding_takes_no_slot():
     # one more valid token on the same expert overflows
     valid[12] = True
     assert _run(model, x, valid)[OVERFLOW_OUTPUT].tolist() == [True]
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_capacity_gather_combine_matches_scatter_add(top_k):
+    """TensorRT's combine (no ScatterND reduction) gives the scatter-add's outputs bit for bit at k = 1
+    and within fp32 summation order at k = 2, padding included, and the same overflow flag."""
+    _, weights = hf_moe(E, H, I)
+    x = np.random.default_rng(4).normal(size=(24, H)).astype(np.float32)
+    valid = np.ones(24, bool)
+    valid[[3, 17]] = False
+    outs = {}
+    for combine in ("scatter_add", "gather"):
+        model = _model(weights, top_k)
+        lower_moe_capacity(model, CapacityConfig(capacity_factor=E / top_k, combine=combine))
+        ops = [n.op_type for n in model.graph]
+        assert ("ScatterND" in ops) == (combine == "scatter_add")
+        outs[combine] = _run(model, x, valid)
+    assert outs["gather"][OVERFLOW_OUTPUT].tolist() == outs["scatter_add"][OVERFLOW_OUTPUT].tolist() == [False]
+    if top_k == 1:
+        np.testing.assert_array_equal(outs["gather"]["y"][valid], outs["scatter_add"]["y"][valid])
+    else:
+        assert_close_fp32(outs["gather"]["y"][valid], outs["scatter_add"]["y"][valid])
+
+
+def test_capacity_gather_combine_overflow_still_reported():
+    _, weights = hf_moe(E, H, I, hot_expert=3)
+    model = _model(weights)
+    lower_moe_capacity(model, CapacityConfig(capacity_factor=1.25, combine="gather"))
+    x = np.abs(np.random.default_rng(2).normal(size=(16, H))).astype(np.float32)
+    assert _run(model, x, np.ones(16, bool))[OVERFLOW_OUTPUT].tolist() == [True]

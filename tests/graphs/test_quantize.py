@@ -97,3 +97,34 @@ def test_matmul_forms_compute_the_spec(form, block):
     expected = x @ fake_quant(w, spec.rules[0], 0)
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert np.abs(x @ w - expected).max() > 1e-3  # quantization did change the numbers
+
+
+@pytest.mark.parametrize("precision", ["int4", "fp8"])
+def test_per_expert_layout_is_the_stacked_numbers(precision):
+    """TensorRT's layout (one 2-D DequantizeLinear per expert, stacked back) computes exactly what the
+    3-D DequantizeLinear computes, on a batched expert MatMul [E, T, K] x [E, K, N]."""
+    import onnxruntime as ort
+
+    from llama4_deploy.graphs.quant_pass import quantize_model
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.02, (4, 96, 24)).astype(np.float32)  # [E, K, N]
+    x = rng.normal(0, 1, (4, 3, 96)).astype(np.float32)
+    spec = make_spec(QuantConfig(precision=precision, block_size=64, form="qdq"))
+    outs = {}
+    for per_expert in (False, True):
+        xv = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(x.shape))
+        weight = ir.Value(name="layers.1.experts_down", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(w.shape),
+                          const_value=ir.tensor(w, name="layers.1.experts_down"))
+        node = ir.node("MatMul", [xv, weight], name="/layers.1/MatMul")
+        node.outputs[0].name = "y"
+        model = ir.Model(ir.Graph([xv], node.outputs, nodes=[node], initializers=[weight], opset_imports={"": 21}),
+                         ir_version=10)
+        quantize_model(model, spec, {"layers.1.experts_down": 3.0}, per_expert=per_expert)
+        dqs = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None]
+        assert len(dqs) == (4 if per_expert else 1)
+        assert {len(n.inputs[0].shape) for n in dqs} == {2 if per_expert else 3}
+        session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+        outs[per_expert] = session.run(None, {"x": x})[0]
+    np.testing.assert_array_equal(outs[True], outs[False])
+    assert np.abs(outs[True] - x @ w).max() > 1e-4  # quantized for real

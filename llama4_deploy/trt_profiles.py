@@ -1,0 +1,86 @@
+"""TensorRT optimization profiles of a bundle's graphs, computed from the recipe's profiles.
+
+A TensorRT plan accepts an input shape only inside one of its optimization profiles (min/opt/max
+per dynamic dimension). The engine ABI (docs/engine-abi.md) has four dynamic dimensions:
+
+    batch    1 ... max_batch                         rows of a step
+    new      1 ... prefill_tokens (1 for decode-only)  new tokens per row
+    context  the global layers' cache bucket S       16, 32, ... 256, then steps of <= 1.25x, <= max_context
+    ring     a chunked layer's slots R = min(C, S)
+
+One graph file may serve several roles (gather.onnx is often both `decode` and `exact`), and a
+plan is built per file, so profiles are per file: `new` runs to prefill_tokens unless the file
+serves only `decode`. The cache dimension gets one profile per range of buckets, each range at
+most RANGE_RATIO times its lowest bound (ends at 128, 1024, 8192, ...), so TensorRT tunes attention for a context near the
+one it runs (a single 16 ... 131072 profile would tune for one end only). The runtime picks, per
+step, the profile whose range holds the current bucket (runtime/tensorrt_backend.py,
+`profile_index`). opt is the range's largest bucket: the step costs the most there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MIN_BUCKET = 16  # runtime/kv_cache.py's smallest bucket
+RANGE_RATIO = 8  # largest / smallest bucket of one profile's cache range
+
+
+def cache_ranges(max_context: int) -> list[tuple[int, int]]:
+    """[(lowest, highest) cache slots] covering MIN_BUCKET ... max_context, contiguous, each at most
+    RANGE_RATIO times its lowest bound."""
+    if max_context < 1:
+        raise ValueError(f"max_context is {max_context}; it must be positive")
+    low = min(MIN_BUCKET, max_context)
+    top = MIN_BUCKET  # ranges end at 16 * 8^i: 128, 1024, 8192, ...
+    ranges = []
+    while True:
+        top *= RANGE_RATIO
+        high = min(top, max_context)
+        ranges.append((low, high))
+        if high == max_context:
+            return ranges
+        low = high + 1
+
+
+def _dims(low: int, opt: int, high: int) -> dict[str, int]:
+    return {"min": low, "opt": opt, "max": high}
+
+
+def file_profiles(roles: list[str], profiles: dict[str, int], model: dict[str, Any],
+                  layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The optimization profiles of one graph file serving `roles` (prefill, decode, exact).
+
+    Each: {"cache_slots": [low, high], "shapes": {input: {"min": [...], "opt": [...], "max": [...]}}}."""
+    batch = profiles["max_batch"]
+    new_max = 1 if set(roles) == {"decode"} else profiles["prefill_tokens"]
+    chunk = model["attention_chunk_size"]
+    kv_heads, head_dim = model["num_kv_heads"], model["head_dim"]
+    out = []
+    for low, high in cache_ranges(profiles["max_context"]):
+        dims = {
+            "batch": _dims(1, batch, batch),
+            "new": _dims(1, new_max, new_max),
+            "context": _dims(low, high, high),
+            "ring": _dims(min(chunk, low), min(chunk, high), min(chunk, high)),
+        }
+
+        def shape(*names):
+            return {key: [dims[n][key] if isinstance(n, str) else n for n in names] for key in ("min", "opt", "max")}
+
+        shapes = {"input_ids": shape("batch", "new"), "position_ids": shape("batch", "new"),
+                  "past_lengths": shape("batch")}
+        for layer in layers:
+            slots = "ring" if layer["attention"] == "chunked" else "context"
+            for kv in ("key", "value"):
+                shapes[f"past_{kv}.{layer['index']}"] = shape("batch", kv_heads, slots, head_dim)
+        out.append({"cache_slots": [low, high], "shapes": shapes})
+    return out
+
+
+def bundle_profiles(graphs: dict[str, dict[str, Any]], profiles: dict[str, int], model: dict[str, Any],
+                    layers: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """{graph file: its profiles} for a manifest's `engine.graphs` (role -> record with `file`)."""
+    roles: dict[str, list[str]] = {}
+    for role, record in graphs.items():
+        roles.setdefault(record["file"], []).append(role)
+    return {file: file_profiles(file_roles, profiles, model, layers) for file, file_roles in roles.items()}

@@ -1,0 +1,57 @@
+"""`llama4-deploy compile`: the refusal where TensorRT is absent (fast, one sentence, nothing written),
+and, on a machine with TensorRT and a GPU, real plans (marked; skipped here with the reason)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+CLI = str(Path(sys.executable).parent / "llama4-deploy")
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here, so compile does not refuse")
+def test_compile_refuses_fast_without_tensorrt(tiny_bundle):
+    before = _snapshot(tiny_bundle)
+    start = time.monotonic()
+    result = subprocess.run([CLI, "compile", str(tiny_bundle)], capture_output=True, text=True, timeout=30)
+    seconds = time.monotonic() - start
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: TensorRT is not installed"), result.stderr
+    assert "pip install tensorrt" in lines[0] and "NVIDIA GPU" in lines[0]
+    assert result.stdout == ""
+    assert seconds < 2.0, f"compile took {seconds:.2f}s to refuse"  # the whole process, interpreter start included
+    assert _snapshot(tiny_bundle) == before  # nothing written
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not HAS_TENSORRT, reason="needs TensorRT and an NVIDIA GPU (pip install tensorrt cuda-python)")
+def test_compile_and_run_plans(tmp_path):
+    """Compile tiny's TensorRT-form bundle at float32 and compare the plans' logits with ONNX Runtime's
+    on the same graphs (float32 on both: 1e-3 x max |logit|, as the parity tests' bound)."""
+    import numpy as np
+
+    from llama4_deploy.build import build
+    from llama4_deploy.compile import compile_bundle
+    from llama4_deploy.runtime import load
+
+    bundle = build("tiny", out=tmp_path / "tiny", target="tensorrt", compute_dtype="float32", log=lambda _: None).bundle
+    ids = list(range(1, 40))
+    with load(bundle, backend="onnxruntime") as engine:
+        expected = engine.score(ids)
+    compile_bundle(bundle, log=lambda _: None)
+    with load(bundle) as engine:
+        assert engine.backend == "tensorrt"
+        got = engine.score(ids)
+    np.testing.assert_allclose(got, expected, atol=1e-3 * max(1.0, float(np.abs(expected).max())), rtol=0)

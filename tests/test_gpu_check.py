@@ -1,0 +1,46 @@
+"""`make gpu-check`'s CPU side (prepare: TensorRT-form bundles and their CPU reference logits), its
+comparator, and its refusal without TensorRT. The GPU side runs with `make gpu-check`."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from llama4_deploy import gpu_check
+from llama4_deploy.runtime import load
+from llama4_deploy.runtime.bundle import BundleError
+from tests.conftest import manifest
+
+
+def test_prepare_tiny_bf16(tmp_path):
+    """The bundle gpu-check compiles: bf16 compute by default for --target tensorrt, lint-clean (the build
+    ran lint_tensorrt), no golden (ONNX Runtime cannot run bf16), and a reference from the fp32 model."""
+    prepared = gpu_check.prepare(tmp_path, models=("tiny",), precisions=("bf16",), log=lambda _: None)
+    assert [p.name for p in prepared] == ["tiny-bf16"]
+    m = manifest(prepared[0].bundle)
+    assert m["engine"]["backend"] == "tensorrt" and m["engine"]["compute_dtype"] == "bfloat16"
+    assert m["engine"]["cache_dtype"] == "bfloat16" and m["golden"] is None
+    assert m["engine"]["tensorrt"]["linted_for"] == "10.15" and m["engine"]["tensorrt"]["plans"] is None
+    reference = np.load(prepared[0].reference)
+    assert reference["logits"].shape == (gpu_check.PROMPT_TOKENS, m["model"]["vocab_size"])
+    assert np.isfinite(reference["logits"]).all() and np.abs(reference["logits"]).max() > 1
+    with pytest.raises(BundleError, match="--target tensorrt --compute-dtype float16"):
+        load(prepared[0].bundle)
+    assert gpu_check.prepare(tmp_path, models=("tiny",), precisions=("bf16",), log=lambda _: None)  # reused
+
+
+def test_comparator_passes_and_fails(capsys):
+    expected = np.random.default_rng(0).normal(0, 10, (8, 32)).astype(np.float32)
+    said = []
+    assert gpu_check._compare("x", expected + 1e-3, expected, said.append)
+    assert not gpu_check._compare("x", expected + 3.0, expected, said.append)  # 3 > 5e-2 x max |logit| (~1.6)
+    assert "ok" in said[0] and "FAIL" in said[1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_run_without_tensorrt_exits_2(tmp_path):
+    assert gpu_check.run(tmp_path) == 2
+    log = (tmp_path / gpu_check.LOG).read_text()
+    assert log.startswith("error: TensorRT is not installed") and not (tmp_path / "tiny-bf16").exists()

@@ -1,0 +1,49 @@
+"""llama4_deploy/trt_profiles.py: TensorRT optimization profiles from a recipe's profiles."""
+
+from __future__ import annotations
+
+import pytest
+
+from llama4_deploy.runtime.kv_cache import context_bucket
+from llama4_deploy.trt_profiles import bundle_profiles, cache_ranges, file_profiles
+
+MODEL = {"attention_chunk_size": 8192, "num_kv_heads": 8, "head_dim": 128}
+LAYERS = [{"index": 0, "attention": "chunked"}, {"index": 1, "attention": "global"}]
+PROFILES = {"max_batch": 4, "prefill_tokens": 2048, "max_context": 32768}
+
+
+def test_cache_ranges_cover_every_bucket_once():
+    assert cache_ranges(32768) == [(16, 128), (129, 1024), (1025, 8192), (8193, 32768)]
+    assert cache_ranges(256) == [(16, 128), (129, 256)]
+    assert cache_ranges(10) == [(10, 10)]
+    for max_context in (10, 256, 1000, 32768):
+        ranges = cache_ranges(max_context)
+        for tokens in range(0, max_context + 1, 7):
+            bucket = context_bucket(tokens, max_context)
+            assert sum(low <= bucket <= high for low, high in ranges) == 1, (max_context, bucket)
+    with pytest.raises(ValueError, match="positive"):
+        cache_ranges(0)
+
+
+def test_file_profiles_shapes():
+    prefill = file_profiles(["prefill"], PROFILES, MODEL, LAYERS)
+    assert [p["cache_slots"] for p in prefill] == [[16, 128], [129, 1024], [1025, 8192], [8193, 32768]]
+    last = prefill[-1]["shapes"]
+    assert last["input_ids"] == {"min": [1, 1], "opt": [4, 2048], "max": [4, 2048]}
+    assert last["past_lengths"] == {"min": [1], "opt": [4], "max": [4]}
+    # chunked layers' rings stop at the chunk; global layers' caches follow the context bucket
+    assert last["past_key.0"] == {"min": [1, 8, 8192, 128], "opt": [4, 8, 8192, 128], "max": [4, 8, 8192, 128]}
+    assert last["past_value.1"] == {"min": [1, 8, 8193, 128], "opt": [4, 8, 32768, 128], "max": [4, 8, 32768, 128]}
+    assert prefill[0]["shapes"]["past_key.0"]["min"] == [1, 8, 16, 128]
+    decode = file_profiles(["decode"], PROFILES, MODEL, LAYERS)
+    assert decode[0]["shapes"]["position_ids"] == {"min": [1, 1], "opt": [4, 1], "max": [4, 1]}
+
+
+def test_bundle_profiles_per_file():
+    """gather.onnx serving decode and exact takes prefill-sized steps too (the rerun of a prefill step)."""
+    graphs = {"prefill": {"file": "capacity.onnx"}, "decode": {"file": "gather.onnx"}, "exact": {"file": "gather.onnx"}}
+    profiles = bundle_profiles(graphs, PROFILES, MODEL, LAYERS)
+    assert set(profiles) == {"capacity.onnx", "gather.onnx"}
+    assert profiles["gather.onnx"][0]["shapes"]["input_ids"]["max"] == [4, 2048]
+    only_decode = bundle_profiles({"decode": {"file": "gather.onnx"}}, PROFILES, MODEL, LAYERS)
+    assert only_decode["gather.onnx"][0]["shapes"]["input_ids"]["max"] == [4, 1]
