@@ -170,6 +170,7 @@ def trace_head(shape: ModelShape) -> ir.Model:
 
 
 _TEMPLATES: dict[str, dict[str, ir.Model]] = {}
+_STAGE_PROLOGUES: dict[tuple[str, str], ir.Model] = {}
 
 
 def prologue_template(shape: ModelShape, has_rope: bool, has_global: bool) -> str:
@@ -191,12 +192,14 @@ def trace_templates(shape: ModelShape, prologues: tuple[tuple[bool, bool], ...] 
         for kind in dict.fromkeys(shape.layer_kinds):
             templates[kind.name] = trace_layer(shape, kind)
         _TEMPLATES[key] = templates
-    templates = _TEMPLATES[key]
+    templates = dict(_TEMPLATES[key])  # the model's own set; stage prologues only where asked for
     for has_rope, has_global in prologues:
         name = prologue_template(shape, has_rope, has_global)
         if name not in templates:
-            templates[name] = trace_prologue(shape, has_rope, has_global)
-    return dict(templates)
+            if (key, name) not in _STAGE_PROLOGUES:
+                _STAGE_PROLOGUES[(key, name)] = trace_prologue(shape, has_rope, has_global)
+            templates[name] = _STAGE_PROLOGUES[(key, name)]
+    return templates
 
 
 # -- cached templates (llama4_deploy/build_cache.py) ------------------------------------------------
