@@ -67,27 +67,32 @@ def _experts_forward(self, hidden_states):
     return torch.bmm(glu, self.down_proj).view(-1, self.hidden_size)
 
 
-def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None):
-    """Turn `model` (fp32 Llama4ForCausalLM) into the fake-quant simulation of `spec`, in place."""
+def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None, per_token: bool = False):
+    """Turn `model` (fp32 Llama4ForCausalLM) into the fake-quant simulation of `spec`, in place. Weights of
+    rules with method `checkpoint` are left as they are (the model holds the checkpoint's dequantized FP8).
+    `per_token`: fp8 activations scaled dynamically, one scale per token (|max| of its row / 448), as a
+    compressed-tensors checkpoint declares them, instead of the engine's static per-tensor scales."""
     import torch
 
     shape = ModelShape.from_config(model.config.to_dict())
     with torch.no_grad():
         for name, checkpoint_name, axis in quantized_weights(shape):
             rule = spec.rule_for(name)
-            if rule is None:
+            if rule is None or rule.method == "checkpoint":
                 continue
             param = _module(model, checkpoint_name)
             param.copy_(torch.from_numpy(fake_quant(param.numpy(), rule, axis % param.ndim, spec.compute_dtype)))
     if spec.activations:
         from llama4_deploy.graphs.quantize import fp8_activation_scale
 
-        scales = {name: fp8_activation_scale(amax, spec.compute_dtype) for name, amax in activation_amax.items()}
+        scales = {name: fp8_activation_scale(amax, spec.compute_dtype) for name, amax in (activation_amax or {}).items()}
 
         def quantize(name, x):
             rule = spec.rule_for(name)
             if rule is None or rule.activation == "none":
                 return x
+            if per_token:
+                return _per_token_fp8(x)
             return torch.from_numpy(fake_quant_activation(x.detach().numpy(), scales[name])).to(x.dtype)
 
         for handle_name, checkpoint_name, _ in quantized_weights(shape):
@@ -101,6 +106,17 @@ def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None
                 experts._record = (f"layers.{layer}", quantize)
                 experts.forward = types.MethodType(_experts_forward, experts)
     return model
+
+
+def _per_token_fp8(x):
+    """x fake-quantized to FP8 with one scale per token (row): compressed-tensors' dynamic `token` strategy."""
+    import torch
+
+    from llama4_deploy.graphs.quantize import FP8_MAX
+
+    amax = x.detach().abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
 
 
 def quality(engine_logits: np.ndarray, reference_logits: np.ndarray) -> dict[str, float]:

@@ -19,7 +19,9 @@ weights [E, N, K] and contracts the last (then no activation Q/DQ can be placed 
 is why fp8 never uses the `native` dispatch). Valid because DequantizeLinear computes exactly
 q * scale (zero point 0), the same product the spec defines (graphs/quantize.py); the MatMul then
 sees the dequantized weight. The quantized tensors are lazy: each is computed from the streamed
-fp32 weight when the saver writes it, so memory stays bounded by one weight.
+fp32 weight when the saver writes it, so memory stays bounded by one weight. A rule with method
+`checkpoint` (a pre-quantized FP8 checkpoint) takes (q, scale) from the checkpoint's stored tensors
+instead (`stored`: export/compressed_tensors.py), so its FP8 bytes go into the initializer unrounded.
 """
 
 from __future__ import annotations
@@ -61,13 +63,22 @@ class QuantizedWeight:
     # the last weight quantized (held, so its identity cannot be reused): one weight at a time, O(layer) memory
     _last: tuple["QuantizedWeight", tuple[np.ndarray, np.ndarray]] | None = None
 
-    def __init__(self, source: ir.TensorProtocol, rule: QuantRule, axis: int, compute_dtype: str):
+    def __init__(self, source: ir.TensorProtocol, rule: QuantRule, axis: int, compute_dtype: str,
+                 stored: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None):
         self.source, self.rule, self.axis, self.compute_dtype = source, rule, axis, compute_dtype
+        self.stored = stored  # pre-quantized (q, scale) in matmul layout, scale [.., 1, N]
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         cached = QuantizedWeight._last
         if cached is not None and cached[0] is self:
             return cached[1]
+        if self.stored is not None:
+            q, scale = self.stored()
+            if q.ndim == 2:
+                scale = scale.reshape(-1)
+            result = (q, scale.astype(numpy_dtype(self.compute_dtype)))
+            QuantizedWeight._last = (self, result)
+            return result
         w = self.source.numpy().astype(np.float32)
         axis = self.axis % w.ndim
         if self.rule.weight == "int4":
@@ -118,10 +129,11 @@ def _scope(name: str) -> str:
     return f"/{stamp}/quant/{rest}"
 
 
-def quantize_weight(graph: ir.Graph, value: ir.Value, rule: QuantRule, axis: int, compute_dtype: str) -> ir.Value:
+def quantize_weight(graph: ir.Graph, value: ir.Value, rule: QuantRule, axis: int, compute_dtype: str,
+                    stored: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> ir.Value:
     """Replace initializer `value` by DequantizeLinear(q, scale); returns the dequantized value."""
     name = value.name
-    weight = QuantizedWeight(value.const_value, rule, axis, compute_dtype)
+    weight = QuantizedWeight(value.const_value, rule, axis, compute_dtype, stored)
     q_shape, scale_shape = weight.shapes()
     q = ir.Value(name=f"{name}.{rule.weight}", type=ir.TensorType(WEIGHT_DTYPES[rule.weight]), shape=ir.Shape(q_shape),
                  const_value=weight.lazy(0, f"{name}.{rule.weight}", WEIGHT_DTYPES[rule.weight]))
@@ -170,10 +182,13 @@ def activation_consumers(dequantized: ir.Value) -> list[ir.Node]:
 
 
 def lower_quant_qdq(model: ir.Model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None,
-                    log: Callable[[str], None] | None = None) -> tuple[int, dict[str, str]]:
+                    log: Callable[[str], None] | None = None,
+                    stored: Mapping[str, Callable[[], tuple[np.ndarray, np.ndarray]]] | None = None
+                    ) -> tuple[int, dict[str, str]]:
     """Quantize every initializer the spec names that is still float; returns (weights quantized,
     {weight: why it was not}). `activation_amax` maps a weight name to the calibrated |max| of the
-    activation it multiplies (needed by rules with fp8 activations)."""
+    activation it multiplies (needed by rules with fp8 activations); `stored` maps a weight name to the
+    reader of its pre-quantized (q, scale) (needed by rules with method `checkpoint`)."""
     graph = model.graph
     count, skipped = 0, {}
     float_types = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -190,7 +205,13 @@ def lower_quant_qdq(model: ir.Model, spec: QuantSpec, activation_amax: Mapping[s
             skipped[name] = "has no value to quantize"
             continue
         base = name.split(".native")[0]  # re-laid-out expert copies share their source's activation
-        dequantized = quantize_weight(graph, value, rule, axis, spec.compute_dtype)
+        source = None
+        if rule.method == "checkpoint":
+            source = (stored or {}).get(name)
+            if source is None or axis != -2:
+                skipped[name] = "is pre-quantized in the checkpoint, but not in a matmul layout its stored FP8 fits"
+                continue
+        dequantized = quantize_weight(graph, value, rule, axis, spec.compute_dtype, source)
         if rule.activation == "fp8_tensor":
             amax = (activation_amax or {}).get(base)
             if amax is None:

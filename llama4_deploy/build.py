@@ -357,7 +357,10 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
         raise BuildError(f"max context {chosen.profiles.max_context} exceeds the checkpoint's "
                          f"max_position_embeddings of {shape.max_position_embeddings}")
     log(f"[profiles] {chosen.profiles.model_dump()}")
-    spec = _quant_spec(chosen)
+    spec = _quant_spec(chosen, ckpt)
+    if ckpt.logical is not None:
+        log(f"[precision] {ckpt.path.name} is pre-quantized FP8 (compressed-tensors): its FP8 weights and scales go "
+            f"in as stored; its dynamic per-token activation scales become static per-tensor ones (calibration)")
     log(f"[precision] {spec.summary()}")
     amax, calibration_record = _calibrate(chosen, spec, source_dir, ckpt, bundle, log)
     try:
@@ -404,13 +407,16 @@ def _with_precision(recipe: Recipe, precision, compute_dtype, block_size, quant_
         raise BuildError(f"{first['loc'][0]} {update.get(first['loc'][0])!r} is not valid: {first['msg']}") from None
 
 
-def _quant_spec(recipe: Recipe):
+def _quant_spec(recipe: Recipe, ckpt=None):
+    from llama4_deploy.export.compressed_tensors import CompressedTensorsError, checkpoint_quant_spec
     from llama4_deploy.graphs.quantize import QuantConfig, make_spec
 
     try:
+        if ckpt is not None and ckpt.logical is not None:
+            return checkpoint_quant_spec(ckpt, recipe.precision, recipe.compute_dtype, recipe.quant_form)
         return make_spec(QuantConfig(precision=recipe.precision, compute_dtype=recipe.compute_dtype,
                                      block_size=recipe.block_size, form=recipe.quant_form), recipe.backend)
-    except ValueError as err:
+    except (ValueError, CompressedTensorsError) as err:
         raise BuildError(str(err)) from None
 
 
@@ -461,6 +467,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
              ) -> tuple[dict[str, int], dict[str, dict[str, Any]], str]:
     """Trace, link, lower per engine role, quantize, lint, save. Returns (pass counts, graphs by role,
     weight layout)."""
+    from llama4_deploy.export.compressed_tensors import stored_fp8
     from llama4_deploy.export.trace import trace_templates
     from llama4_deploy.graphs import dispatch
     from llama4_deploy.graphs.compute_dtype import convert_compute_dtype
@@ -477,6 +484,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
     passes: dict[str, int] = {}
     lowered: dict[str, Any] = {}
     attention = form_for(recipe.backend, recipe.attention)
+    stored = stored_fp8(ckpt, shape)  # a pre-quantized checkpoint's FP8 weights, read as the saver writes them
 
     def lower(strategy: str):
         if strategy not in lowered:
@@ -493,7 +501,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
                 raise BuildError(f"attention node {name} was not lowered to {attention}: it {reason}")
             if spec is not None and spec.quantized:
                 try:
-                    passes.update(quantize_model(model, spec, activation_amax))
+                    passes.update(quantize_model(model, spec, activation_amax, stored=stored))
                 except ValueError as err:
                     raise BuildError(str(err)) from None
             problems = lint_static(model)
@@ -505,10 +513,10 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
 
     try:
         # fp8 activation scales cannot reach inside the fused MoE kernel (graphs/lower_quant_qdq.py)
-        excluded = ("native",) if spec is not None and spec.activations else ()
+        refusal = spec.native_moe_refusal() if spec is not None else None
+        excluded = ("native",) if refusal else ()
         if recipe.moe_dispatch in excluded:
-            raise BuildError(f"precision {spec.precision} quantizes expert activations, which the native MoE kernel "
-                             "cannot take; use --moe-dispatch dense, gather, capacity or auto")
+            raise BuildError(refusal)
         roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lower, shape.to_dict(), recipe.profiles.model_dump(),
                               recipe.capacity_factor, excluded=excluded)
     except ValueError as err:
