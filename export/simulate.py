@@ -67,14 +67,18 @@ def _experts_forward(self, hidden_states):
     return torch.bmm(glu, self.down_proj).view(-1, self.hidden_size)
 
 
-def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None, per_token: bool = False):
+def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None, per_token: bool = False,
+             awq_scales: Mapping[str, np.ndarray] | None = None):
     """Turn `model` (fp32 Llama4ForCausalLM) into the fake-quant simulation of `spec`, in place. Weights of
     rules with method `checkpoint` are left as they are (the model holds the checkpoint's dequantized FP8).
     `per_token`: fp8 activations scaled dynamically, one scale per token (|max| of its row / 448), as a
-    compressed-tensors checkpoint declares them, instead of the engine's static per-tensor scales."""
+    compressed-tensors checkpoint declares them, instead of the engine's static per-tensor scales.
+    `awq_scales`: the bundle's AWQ scales, folded into the weights first (export/awq.py's rewrites)."""
     import torch
 
     shape = ModelShape.from_config(model.config.to_dict())
+    if awq_scales is not None:
+        _rewrite_awq(model, shape, awq_scales)
     with torch.no_grad():
         for name, checkpoint_name, axis in quantized_weights(shape):
             rule = spec.rule_for(name)
@@ -106,6 +110,24 @@ def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None
                 experts._record = (f"layers.{layer}", quantize)
                 experts.forward = types.MethodType(_experts_forward, experts)
     return model
+
+
+def _rewrite_awq(model, shape: ModelShape, awq_scales) -> None:
+    import torch
+
+    from llama4_deploy.export.awq import transforms
+    from llama4_deploy.export.weights import all_weights
+
+    rewrites = transforms(shape, awq_scales)
+    with torch.no_grad():
+        for name, source in all_weights(shape).items():
+            if name not in rewrites:
+                continue
+            param = _module(model, source.checkpoint_name)
+            w = param.numpy()
+            w = np.swapaxes(w, -1, -2) if source.transpose else w
+            w = rewrites[name](w)
+            param.copy_(torch.from_numpy(np.ascontiguousarray(np.swapaxes(w, -1, -2) if source.transpose else w)))
 
 
 def _per_token_fp8(x):

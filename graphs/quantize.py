@@ -107,6 +107,7 @@ class QuantConfig(Strict):
     compute_dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None: from the precision
     block_size: int = Field(128, description="int4 block along the reduction axis")
     form: Literal["qdq", "ort", "auto"] = "auto"
+    method: Literal["rtn", "awq"] = "rtn"  # awq: int4 only (export/awq.py)
 
 
 def default_compute_dtype(precision: str) -> str:
@@ -133,9 +134,12 @@ def make_spec(config: QuantConfig, backend: str = "onnxruntime") -> QuantSpec:
         raise ValueError("fp8 has no ONNX Runtime 4-bit kernel form; use --quant-form qdq (ONNX Runtime runs it)")
     if config.precision not in ("fp8", "int4") and config.form == "ort":
         raise ValueError(f"precision {config.precision} quantizes nothing; the ort form needs int4")
+    if config.method == "awq" and config.precision != "int4":
+        raise ValueError(f"--quant-method awq is for int4 weights; precision {config.precision} uses rtn")
     rules: tuple[QuantRule, ...] = ()
     if config.precision == "int4":
-        rules = (QuantRule(patterns=LINEAR_PATTERNS, weight="int4", granularity="block", block_size=config.block_size),)
+        rules = (QuantRule(patterns=LINEAR_PATTERNS, weight="int4", granularity="block", block_size=config.block_size,
+                           method=config.method),)
     elif config.precision == "fp8":
         rules = (QuantRule(patterns=LINEAR_PATTERNS, weight="fp8", granularity="channel", activation="fp8_tensor"),)
     return QuantSpec(precision=config.precision, compute_dtype=compute, rules=rules,

@@ -76,7 +76,7 @@ def _check_weights(checkpoint, shape) -> None:
             )
 
 
-def _lazy_weight(checkpoint, source, name: str):
+def _lazy_weight(checkpoint, source, name: str, rewrite=None):
     """A tensor the saver reads from the checkpoint when it writes it, converted to fp32 and
     checked for NaN/Inf on the way (in memory, as it streams: no extra pass over the checkpoint)."""
     import onnx_ir as ir
@@ -95,7 +95,8 @@ def _lazy_weight(checkpoint, source, name: str):
                              f"{int((~finite).sum())} NaN or Inf values; the build refuses non-finite weights")
         if source.transpose:
             tensor = tensor.transpose(-1, -2)
-        return ir.tensor(tensor.contiguous().numpy(), name=name)
+        array = tensor.contiguous().numpy()
+        return ir.tensor(array if rewrite is None else rewrite(array), name=name)
 
     return ir.LazyTensor(read, dtype=ir.DataType.FLOAT, shape=ir.Shape(dims), name=name)
 
@@ -120,14 +121,16 @@ def graph_inputs(shape):
     return inputs
 
 
-def link_model(checkpoint, templates):
+def link_model(checkpoint, templates, rewrites=None):
+    """`rewrites`: weight name -> a function applied to that weight as it streams (AWQ's scales, export/awq.py)."""
     from llama4_deploy.export import weights
     from llama4_deploy.graphs.link import Stamp, link
 
     shape = checkpoint.shape
 
     def stamp_weights(prefix, sources):
-        return {k: _lazy_weight(checkpoint, s, f"{prefix}.{k}") for k, s in sources.items()}
+        return {k: _lazy_weight(checkpoint, s, f"{prefix}.{k}", (rewrites or {}).get(f"{prefix}.{k}"))
+                for k, s in sources.items()}
 
     from llama4_deploy.export.modules import Prologue
 
@@ -256,6 +259,7 @@ def build(
     block_size: int | None = None,
     quant_form: str | None = None,
     calibration: str | Path | None = None,
+    quant_method: str | None = None,
 ) -> BuildResult:
     """Build a bundle. `recipe` names a recipe (default `tiny`, or a plain fp32 ONNX Runtime
     build when only `checkpoint` is given); `checkpoint` is a Hugging Face checkpoint dir;
@@ -265,7 +269,8 @@ def build(
     max_position_embeddings, at most DEFAULT_MAX_CONTEXT. `out` may hold only a bundle this tool
     wrote (or nothing) unless `force` (outdir.py). `precision` (fp32, fp16, bf16, fp8, int4),
     `compute_dtype`, `block_size` (int4: 32, 64, 128), `quant_form` (qdq, ort, auto) and
-    `calibration` (a text or JSON file, fp8) override the recipe's precision plan."""
+    `calibration` (a text or JSON file, fp8 and awq) and `quant_method` (rtn, awq: int4) override the recipe's
+    precision plan."""
     from llama4_deploy.graphs.dispatch import CHOICES
     from llama4_deploy.graphs.lower_attention import FORMS
 
@@ -286,7 +291,7 @@ def build(
         if attention not in (*FORMS, "auto"):
             raise BuildError(f"unknown attention form {attention!r}; choose one of {', '.join((*FORMS, 'auto'))}")
         chosen = chosen.model_copy(update={"attention": attention})
-    chosen = _with_precision(chosen, precision, compute_dtype, block_size, quant_form, calibration)
+    chosen = _with_precision(chosen, precision, compute_dtype, block_size, quant_form, calibration, quant_method)
     out = Path(out or Path("build") / chosen.name).resolve()
     if checkpoint is None and chosen.checkpoint_path is not None:
         checkpoint = chosen.checkpoint_path  # shipped with the repository (recipes/tiny-trained.yaml)
@@ -362,9 +367,9 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
         log(f"[precision] {ckpt.path.name} is pre-quantized FP8 (compressed-tensors): its FP8 weights and scales go "
             f"in as stored; its dynamic per-token activation scales become static per-tensor ones (calibration)")
     log(f"[precision] {spec.summary()}")
-    amax, calibration_record = _calibrate(chosen, spec, source_dir, ckpt, bundle, log)
+    amax, calibration_record, rewrites = _calibrate(chosen, spec, source_dir, ckpt, bundle, log)
     try:
-        passes, graphs, layout = _compile(ckpt, chosen, bundle, log, spec, amax)
+        passes, graphs, layout = _compile(ckpt, chosen, bundle, log, spec, amax, rewrites)
     except CheckpointError as err:  # a tensor that fails to read while streaming
         raise BuildError(str(err)) from None
     if ckpt.tokenizer_file is not None:
@@ -390,12 +395,14 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
     return manifest, passes
 
 
-def _with_precision(recipe: Recipe, precision, compute_dtype, block_size, quant_form, calibration) -> Recipe:
+def _with_precision(recipe: Recipe, precision, compute_dtype, block_size, quant_form, calibration,
+                    quant_method=None) -> Recipe:
     """The recipe with the build's precision overrides (None: the recipe's own)."""
     from pydantic import ValidationError
 
     update = {key: value for key, value in (("precision", precision), ("compute_dtype", compute_dtype),
                                             ("block_size", block_size), ("quant_form", quant_form),
+                                            ("quant_method", quant_method),
                                             ("calibration", None if calibration is None else str(calibration)))
               if value is not None}
     if not update:
@@ -415,17 +422,34 @@ def _quant_spec(recipe: Recipe, ckpt=None):
         if ckpt is not None and ckpt.logical is not None:
             return checkpoint_quant_spec(ckpt, recipe.precision, recipe.compute_dtype, recipe.quant_form)
         return make_spec(QuantConfig(precision=recipe.precision, compute_dtype=recipe.compute_dtype,
-                                     block_size=recipe.block_size, form=recipe.quant_form), recipe.backend)
+                                     block_size=recipe.block_size, form=recipe.quant_form,
+                                     method=recipe.quant_method), recipe.backend)
     except (ValueError, CompressedTensorsError) as err:
         raise BuildError(str(err)) from None
 
 
 def _calibrate(recipe: Recipe, spec, source_dir: Path, ckpt, staging: Path, log):
-    """Activation ranges for specs that quantize activations (fp8); stored in the bundle."""
+    """Activation ranges for specs that quantize activations (fp8), AWQ scales for awq specs; stored in the bundle.
+    Returns (ranges, record, AWQ weight rewrites by weight name or None)."""
+    awq = any(rule.method == "awq" for rule in spec.rules)
+    if awq:
+        from llama4_deploy.export import awq as awq_search
+        from llama4_deploy.export.calibrate import CalibrationError, calibration_ids
+
+        try:
+            ids = calibration_ids(recipe.calibration, ckpt, seed=recipe.random.seed if recipe.random else 0)
+        except CalibrationError as err:
+            raise BuildError(str(err)) from None
+        log(f"[awq] scale search over {len(ids)} sequences, {sum(map(len, ids))} tokens"
+            f" from {recipe.calibration or 'seeded random tokens'}")
+        scales = awq_search.run(source_dir, ckpt, ids, spec.rules[0], log)
+        record = {**awq_search.write_scales(staging, scales), "source": recipe.calibration or "seeded random tokens",
+                  "sequences": len(ids), "tokens": sum(map(len, ids))}
+        return None, record, awq_search.transforms(ckpt.shape, scales)
     if not spec.activations:
         if recipe.calibration is not None:
             raise BuildError(f"precision {spec.precision} quantizes no activations, so --calibration has no use")
-        return None, None
+        return None, None, None
     from llama4_deploy.export.calibrate import CalibrationError, calibration_ids, collect_amax, write_ranges
 
     try:
@@ -436,7 +460,7 @@ def _calibrate(recipe: Recipe, spec, source_dir: Path, ckpt, staging: Path, log)
     except CalibrationError as err:
         raise BuildError(str(err)) from None
     record = write_ranges(staging, amax, recipe.calibration, ids)
-    return amax, record
+    return amax, record, None
 
 
 def _record_precision(manifest: dict[str, Any], spec, calibration: dict[str, Any] | None) -> None:
@@ -463,7 +487,7 @@ def _moe_lowering(strategy: str, recipe: Recipe, spec):
     return dispatch.lowering(strategy, recipe.capacity_factor)
 
 
-def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_amax=None
+def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_amax=None, rewrites=None
              ) -> tuple[dict[str, int], dict[str, dict[str, Any]], str]:
     """Trace, link, lower per engine role, quantize, lint, save. Returns (pass counts, graphs by role,
     weight layout)."""
@@ -488,7 +512,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
 
     def lower(strategy: str):
         if strategy not in lowered:
-            model, passes["link"] = link_model(ckpt, templates)
+            model, passes["link"] = link_model(ckpt, templates, rewrites)
             if spec is not None and spec.compute_dtype != "float32":
                 passes[f"compute_dtype_{spec.compute_dtype}"] = convert_compute_dtype(model, spec.compute_dtype)
             count, skipped = _moe_lowering(strategy, recipe, spec)(model)
