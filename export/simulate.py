@@ -37,18 +37,21 @@ def quantized_weights(shape: ModelShape):
             yield f"layers.{layer}.{name}", source.checkpoint_name, -1 if source.transpose else -2
 
 
-def linear_inputs(model, shape: ModelShape, record: Callable[[str, object], None]) -> list:
+def linear_inputs(model, shape: ModelShape, record: Callable[[str, object], None], layers=None) -> list:
     """Call `record(weight name, activation tensor)` for every activation entering a linear layer of the
-    decoder; returns the hook handles (remove them when done). Experts' two matmuls are both reported."""
+    decoder (of `layers` only, when given); returns the hook handles (remove them when done). Experts' two
+    matmuls are both reported."""
     handles = []
     for name, checkpoint_name, _ in quantized_weights(shape):
+        if layers is not None and int(name.split(".")[1]) not in layers:
+            continue
         param = checkpoint_name.rsplit(".", 1)
         module = _module(model, param[0])
         if name.endswith(("experts_gate_up", "experts_down")):
             continue
         handles.append(module.register_forward_pre_hook(lambda m, args, n=name: record(n, args[0])))
     for layer, kind in enumerate(shape.layer_kinds):
-        if kind.moe:
+        if kind.moe and (layers is None or layer in layers):
             experts = model.model.layers[layer].feed_forward.experts
             experts._record = (f"layers.{layer}", record)
             experts.forward = types.MethodType(_experts_forward, experts)
