@@ -20,8 +20,10 @@ The 1/s goes into the op that produces x, so the graph needs no extra node:
 Search (AutoAWQ's grid): s = mean|x|^alpha, normalized by sqrt(max * min), alpha in {0, 1/20, ..., 19/20};
 alpha 0 is s = 1 (plain RTN), so the chosen scales never do worse than RTN on the calibration activations. The
 loss is the summed squared output error of the group, sum ||x W - (x / s) Q(s W)||^2, with Q the spec's INT4
-(graphs/quantize.py). Activations come from transformers' fp32 model over the calibration tokens; since the
-scaling is exact in float, the original model's activations are the scaled model's too.
+(graphs/quantize.py). Layer by layer (`run`): transformers' fp32 decoder layers run the calibration tokens one
+layer at a time (export/calibrate.py's runner) and a layer's scales are searched from its own inputs before the
+next layer runs; since the scaling is exact in float, the original model's activations are the scaled model's
+too (the fp32 inputs are used, as AutoAWQ does, not the quantized model's).
 
 Written here rather than taken from nvidia-modelopt 0.47: its INT4_AWQ_CFG runs on the CPU on Llama4ForCausalLM,
 but leaves the stacked experts (Llama4TextExperts) at plain max calibration with blocks along the output axis (not
@@ -66,53 +68,26 @@ def search_scale(xs: list[np.ndarray], weights: list[np.ndarray], rule: QuantRul
     return best
 
 
-def collect_activations(model, shape, ids: list[list[int]]) -> dict[str, np.ndarray]:
-    """Every quantized linear layer's input over the calibration tokens, by deploy weight name ([T, K]; experts
-    [E, T, K] with zero rows for tokens not routed to an expert)."""
-    import torch
-
-    from llama4_deploy.export.simulate import linear_inputs
-
-    seen: dict[str, list[np.ndarray]] = {}
-
-    def record(name, x):
-        seen.setdefault(name, []).append(x.detach().float().numpy().reshape(
-            (x.shape[0], -1, x.shape[-1]) if name.endswith("experts_gate_up") or name.endswith("experts_down")
-            else (-1, x.shape[-1])))
-        return x
-
-    handles = linear_inputs(model, shape, record)
-    with torch.no_grad():
-        for sequence in ids:
-            model(input_ids=torch.tensor([sequence]), use_cache=False)
-    for handle in handles:
-        handle.remove()
-    return {name: np.concatenate(parts, axis=-2) for name, parts in seen.items()}
-
-
-def search(model, shape, weights: Callable[[str], np.ndarray], ids: list[list[int]], rule: QuantRule,
-           log: Callable[[str], None] = lambda _: None) -> dict[str, np.ndarray]:
-    """AWQ scales by group, layer by layer: {"layers.L.attn_in": s [H], "layers.L.ffn_in": [H], "layers.L.down": [M or I],
-    "layers.L.experts_down": [E, I]}. `weights(name)` gives a deploy-form weight (matmul layout, float32)."""
-    acts = collect_activations(model, shape, ids)
-    scales: dict[str, np.ndarray] = {}
-    for layer, kind in enumerate(shape.layer_kinds):
-        p = f"layers.{layer}"
-        scales[f"{p}.attn_in"] = search_scale([acts[f"{p}.q"]] * 3, [weights(f"{p}.{n}") for n in "qkv"], rule)
-        if kind.moe:
-            gate_up = weights(f"{p}.experts_gate_up")  # [E, H, 2I]
-            xs = [acts[f"{p}.shared_gate"]] * 2 + list(acts[f"{p}.experts_gate_up"])
-            ws = [weights(f"{p}.shared_gate"), weights(f"{p}.shared_up")] + list(gate_up)
-            scales[f"{p}.ffn_in"] = search_scale(xs, ws, rule)
-            scales[f"{p}.down"] = search_scale([acts[f"{p}.shared_down"]], [weights(f"{p}.shared_down")], rule)
-            down = weights(f"{p}.experts_down")  # [E, I, H]
-            scales[f"{p}.experts_down"] = np.stack([search_scale([acts[f"{p}.experts_down"][e]], [down[e]], rule)
-                                                    for e in range(down.shape[0])])
-        else:
-            scales[f"{p}.ffn_in"] = search_scale([acts[f"{p}.mlp_gate"]] * 2,
-                                                 [weights(f"{p}.mlp_gate"), weights(f"{p}.mlp_up")], rule)
-            scales[f"{p}.down"] = search_scale([acts[f"{p}.mlp_down"]], [weights(f"{p}.mlp_down")], rule)
-        log(f"[awq] layer {layer}: scales searched")
+def search_layer(layer: int, kind, acts: Mapping[str, np.ndarray], weights: Callable[[str], np.ndarray],
+                 rule: QuantRule) -> dict[str, np.ndarray]:
+    """AWQ scales of one decoder layer's groups from its linear inputs `acts` (by weight name, [T, K]; experts
+    [E, T, K] with zero rows for tokens not routed to an expert): {"layers.L.attn_in": s [H], "layers.L.ffn_in":
+    [H], "layers.L.down": [M or I], "layers.L.experts_down": [E, I]}. `weights(name)`: a deploy-form weight."""
+    p = f"layers.{layer}"
+    scales = {f"{p}.attn_in": search_scale([acts[f"{p}.q"]] * 3, [weights(f"{p}.{n}") for n in "qkv"], rule)}
+    if kind.moe:
+        gate_up = weights(f"{p}.experts_gate_up")  # [E, H, 2I]
+        xs = [acts[f"{p}.shared_gate"]] * 2 + list(acts[f"{p}.experts_gate_up"])
+        ws = [weights(f"{p}.shared_gate"), weights(f"{p}.shared_up")] + list(gate_up)
+        scales[f"{p}.ffn_in"] = search_scale(xs, ws, rule)
+        scales[f"{p}.down"] = search_scale([acts[f"{p}.shared_down"]], [weights(f"{p}.shared_down")], rule)
+        down = weights(f"{p}.experts_down")  # [E, I, H]
+        scales[f"{p}.experts_down"] = np.stack([search_scale([acts[f"{p}.experts_down"][e]], [down[e]], rule)
+                                                for e in range(down.shape[0])])
+    else:
+        scales[f"{p}.ffn_in"] = search_scale([acts[f"{p}.mlp_gate"]] * 2,
+                                             [weights(f"{p}.mlp_gate"), weights(f"{p}.mlp_up")], rule)
+        scales[f"{p}.down"] = search_scale([acts[f"{p}.mlp_down"]], [weights(f"{p}.mlp_down")], rule)
     return scales
 
 
@@ -172,15 +147,33 @@ def read_scales(bundle: Path, record: Mapping) -> dict[str, np.ndarray]:
 
 def run(checkpoint_dir: str | Path, checkpoint, ids: list[list[int]], rule: QuantRule,
         log: Callable[[str], None] = lambda _: None) -> dict[str, np.ndarray]:
-    """AWQ scales for a checkpoint (the build's entry point): transformers' fp32 model over the calibration tokens."""
-    from llama4_deploy.export.reference import checkpoint_model
+    """AWQ scales for a checkpoint (the build's entry point), layer by layer: transformers' fp32 decoder layers run
+    the calibration tokens one layer at a time (export/calibrate.py), and each layer's scales are searched from
+    its own inputs before the next layer runs. Memory: one layer's weights and inputs plus the hidden states."""
+    from llama4_deploy.export.calibrate import run_layer_by_layer
     from llama4_deploy.export.weights import all_weights
 
     sources = all_weights(checkpoint.shape)
+    kinds = checkpoint.shape.layer_kinds
+    seen: dict[str, list[np.ndarray]] = {}
+    scales: dict[str, np.ndarray] = {}
 
     def weight(name: str) -> np.ndarray:
         source = sources[name]
         w = checkpoint.tensor(source.checkpoint_name).float().numpy()
         return np.swapaxes(w, -1, -2) if source.transpose else w
 
-    return search(checkpoint_model(checkpoint_dir), checkpoint.shape, weight, ids, rule, log)
+    def record(name, x):
+        experts = name.endswith(("experts_gate_up", "experts_down"))
+        seen.setdefault(name, []).append(x.detach().float().numpy().reshape(
+            (x.shape[0], -1, x.shape[-1]) if experts else (-1, x.shape[-1])))
+        return x
+
+    def after_layer(index: int) -> None:
+        acts = {name: np.concatenate(parts, axis=-2) for name, parts in seen.items()}
+        seen.clear()
+        scales.update(search_layer(index, kinds[index], acts, weight, rule))
+        log(f"[awq] layer {index}: scales searched")
+
+    run_layer_by_layer(checkpoint_dir, ids, record, after_layer)
+    return scales

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -68,8 +69,11 @@ def calibration_ids(path: str | Path | None, checkpoint, seed: int = 0) -> list[
     return ids
 
 
-def collect_amax(checkpoint_dir: str | Path, ids: list[list[int]]) -> dict[str, float]:
-    """|max| of every quantized linear layer's input, layer by layer (memory: one layer + the activations)."""
+def run_layer_by_layer(checkpoint_dir: str | Path, ids: list[list[int]], record: Callable[[str, Any], Any],
+                       after_layer: Callable[[int], None] | None = None) -> None:
+    """Run the checkpoint's decoder over `ids` one layer at a time, calling `record(weight name, activation)` for
+    every quantized linear layer's input (export/simulate.py's hooks) and `after_layer(index)` once a layer has
+    seen every sequence. Memory: one layer's weights plus the calibration activations."""
     import torch
     from transformers import Llama4ForCausalLM, Llama4TextConfig
     from transformers.models.llama4.modeling_llama4 import Llama4TextDecoderLayer, Llama4TextRotaryEmbedding
@@ -106,26 +110,32 @@ def collect_amax(checkpoint_dir: str | Path, ids: list[list[int]]) -> dict[str, 
     with torch.no_grad():
         for sequence in ids:
             decoder(input_ids=torch.tensor([sequence]), use_cache=False)
-    shape = checkpoint.shape
-    amax: dict[str, float] = {}
-
-    def record(name, x):
-        amax[name] = max(amax.get(name, 0.0), float(x.detach().abs().max()))
-        return x
-
     for index in range(len(layers)):
         layer = Llama4TextDecoderLayer(config, index)
         prefix = f"model.layers.{index}."
         layer.load_state_dict({name: checkpoint.tensor(prefix + name).to(torch.float32)
                                for name in layer.state_dict()})
         decoder.layers[index] = layer.eval()
-        handles = linear_inputs(model, shape, record, layers=[index])
+        handles = linear_inputs(model, checkpoint.shape, record, layers=[index])
         with torch.no_grad():
             hidden = [layer(h, **kwargs) for h, kwargs in zip(hidden, calls[index])]
         for handle in handles:
             handle.remove()
         decoder.layers[index] = layers[index]  # back to the empty meta layer: this one's weights are freed
         del layer
+        if after_layer is not None:
+            after_layer(index)
+
+
+def collect_amax(checkpoint_dir: str | Path, ids: list[list[int]]) -> dict[str, float]:
+    """|max| of every quantized linear layer's input, layer by layer (memory: one layer + the activations)."""
+    amax: dict[str, float] = {}
+
+    def record(name, x):
+        amax[name] = max(amax.get(name, 0.0), float(x.detach().abs().max()))
+        return x
+
+    run_layer_by_layer(checkpoint_dir, ids, record)
     return amax
 
 
