@@ -89,6 +89,18 @@ class QuantSpec(Strict):
                     "use --moe-dispatch dense, gather, capacity or auto")
         return None
 
+    def dispatch_refusals(self, backend: str = "onnxruntime") -> dict[str, str]:
+        """MoE dispatches this spec cannot run on `backend`, each with its one-sentence reason."""
+        refusals = {}
+        native = self.native_moe_refusal()
+        if native:
+            refusals["native"] = native
+        if self.compute_dtype == "float16" and backend == "onnxruntime":
+            refusals["capacity"] = ("ONNX Runtime's CPU has no float16 ScatterND with reduction add, which the capacity "
+                                    "dispatch combines expert outputs with; use --moe-dispatch dense, gather, native "
+                                    "or auto")
+        return refusals
+
     def summary(self) -> str:
         if not self.rules:
             return f"{self.precision}: {self.compute_dtype} compute, no quantized weights"

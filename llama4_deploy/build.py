@@ -537,10 +537,10 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
 
     try:
         # fp8 activation scales cannot reach inside the fused MoE kernel (graphs/lower_quant_qdq.py)
-        refusal = spec.native_moe_refusal() if spec is not None else None
-        excluded = ("native",) if refusal else ()
-        if recipe.moe_dispatch in excluded:
-            raise BuildError(refusal)
+        refusals = spec.dispatch_refusals(recipe.backend) if spec is not None else {}
+        excluded = tuple(refusals)
+        if recipe.moe_dispatch in refusals:
+            raise BuildError(refusals[recipe.moe_dispatch])
         roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lower, shape.to_dict(), recipe.profiles.model_dump(),
                               recipe.capacity_factor, excluded=excluded)
     except ValueError as err:
