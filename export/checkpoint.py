@@ -49,6 +49,28 @@ class Checkpoint:
         self.prefix = "language_model." if self.config.get("model_type") == "llama4" else ""
         self._handles: dict[Path, Any] = {}
         self._file_of = self._read_weight_map()
+        self.logical = self._compressed_tensors()
+
+    def _compressed_tensors(self):
+        """Pre-quantized FP8 (compressed-tensors) tensors under Llama4ForCausalLM's names, or None."""
+        from llama4_deploy.export.compressed_tensors import CompressedTensorsError, CompressedTensorsFP8, LogicalTensors
+
+        try:
+            scheme = CompressedTensorsFP8.from_config(self.config)
+        except CompressedTensorsError as err:
+            raise CheckpointError(f"{self.path}: {err}") from None
+        if scheme is None:
+            return None
+        return LogicalTensors(scheme, self._raw_has, self._raw_shape, lambda n: self._slice(n).get_dtype(),
+                              self._raw_tensor, self.prefix, self.shape.num_experts)
+
+    def _logical(self, read, name: str):
+        from llama4_deploy.export.compressed_tensors import CompressedTensorsError
+
+        try:
+            return read(name)
+        except CompressedTensorsError as err:
+            raise CheckpointError(str(err)) from None
 
     # -- layout -------------------------------------------------------------------------------
     def _read_weight_map(self) -> dict[str, Path]:
@@ -85,9 +107,19 @@ class Checkpoint:
 
     # -- tensors ------------------------------------------------------------------------------
     def has(self, name: str) -> bool:
-        return self.prefix + name in self._file_of
+        return self._raw_has(name) if self.logical is None else self._logical(self.logical.has, name)
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self._raw_shape(name) if self.logical is None else self._logical(self.logical.shape, name)
+
+    def quantized(self, name: str) -> bool:
+        """Whether the checkpoint stores `name` in FP8 (compressed-tensors); its bytes: `self.logical.fp8`."""
+        return self.logical is not None and self._logical(self.logical.quantized, name)
+
+    def _raw_has(self, name: str) -> bool:
+        return self.prefix + name in self._file_of
+
+    def _raw_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
 
     def _slice(self, name: str):
@@ -102,7 +134,13 @@ class Checkpoint:
             raise CheckpointError(f"{shard.name} does not hold tensor {full}, though the index says it does") from None
 
     def tensor(self, name: str):
-        """Read one tensor (a torch.Tensor in the checkpoint's dtype) from its memory-mapped shard."""
+        """Read one tensor (a torch.Tensor in the checkpoint's dtype) from its memory-mapped shard; a
+        pre-quantized checkpoint's FP8 tensors come dequantized to float32 (experts stacked)."""
+        if self.logical is not None:
+            return self._logical(self.logical.float_tensor, name)
+        return self._raw_tensor(name)
+
+    def _raw_tensor(self, name: str):
         full = self.prefix + name
         shard = self._file_of.get(full)
         if shard is None:

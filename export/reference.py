@@ -41,11 +41,40 @@ def checkpoint_model(path: str | Path):
     from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration
 
     config = json.loads((Path(path) / "config.json").read_text())
+    text = config.get("text_config", config) if config.get("model_type") == "llama4" else config
+    if "quantization_config" in config or "quantization_config" in text:
+        return dequantized_model(path)
     kwargs = dict(dtype=torch.float32, attn_implementation="eager", use_safetensors=True)
     if config.get("model_type") == "llama4":
         # text-only calls into Llama4ForConditionalGeneration raise; its language_model is the reference
         return Llama4ForConditionalGeneration.from_pretrained(str(path), **kwargs).language_model.eval()
     return Llama4ForCausalLM.from_pretrained(str(path), **kwargs).eval()
+
+
+def dequantized_model(path: str | Path):
+    """Llama4ForCausalLM in fp32 holding a pre-quantized (compressed-tensors FP8) checkpoint's weights
+    dequantized (q * weight_scale, experts stacked): transformers' own model, loaded through our reader
+    (transformers would need the compressed-tensors package and dequantizes to bf16)."""
+    import torch
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from llama4_deploy.export.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(path)
+    text = dict(checkpoint.config.get("text_config", checkpoint.config) if checkpoint.prefix else checkpoint.config)
+    text.pop("quantization_config", None)
+    cfg = Llama4TextConfig.from_dict(text)
+    cfg._attn_implementation = "eager"
+    model = Llama4ForCausalLM(cfg)
+    state = {}
+    for name in model.state_dict():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        state[name] = checkpoint.tensor(name).to(torch.float32)
+    model.load_state_dict(state, strict=not cfg.tie_word_embeddings)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
 
 
 def reference_model(source: dict[str, Any]):

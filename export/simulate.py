@@ -37,18 +37,21 @@ def quantized_weights(shape: ModelShape):
             yield f"layers.{layer}.{name}", source.checkpoint_name, -1 if source.transpose else -2
 
 
-def linear_inputs(model, shape: ModelShape, record: Callable[[str, object], None]) -> list:
+def linear_inputs(model, shape: ModelShape, record: Callable[[str, object], None], layers=None) -> list:
     """Call `record(weight name, activation tensor)` for every activation entering a linear layer of the
-    decoder; returns the hook handles (remove them when done). Experts' two matmuls are both reported."""
+    decoder (of `layers` only, when given); returns the hook handles (remove them when done). Experts' two
+    matmuls are both reported."""
     handles = []
     for name, checkpoint_name, _ in quantized_weights(shape):
+        if layers is not None and int(name.split(".")[1]) not in layers:
+            continue
         param = checkpoint_name.rsplit(".", 1)
         module = _module(model, param[0])
         if name.endswith(("experts_gate_up", "experts_down")):
             continue
         handles.append(module.register_forward_pre_hook(lambda m, args, n=name: record(n, args[0])))
     for layer, kind in enumerate(shape.layer_kinds):
-        if kind.moe:
+        if kind.moe and (layers is None or layer in layers):
             experts = model.model.layers[layer].feed_forward.experts
             experts._record = (f"layers.{layer}", record)
             experts.forward = types.MethodType(_experts_forward, experts)
@@ -67,27 +70,36 @@ def _experts_forward(self, hidden_states):
     return torch.bmm(glu, self.down_proj).view(-1, self.hidden_size)
 
 
-def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None):
-    """Turn `model` (fp32 Llama4ForCausalLM) into the fake-quant simulation of `spec`, in place."""
+def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None, per_token: bool = False,
+             awq_scales: Mapping[str, np.ndarray] | None = None):
+    """Turn `model` (fp32 Llama4ForCausalLM) into the fake-quant simulation of `spec`, in place. Weights of
+    rules with method `checkpoint` are left as they are (the model holds the checkpoint's dequantized FP8).
+    `per_token`: fp8 activations scaled dynamically, one scale per token (|max| of its row / 448), as a
+    compressed-tensors checkpoint declares them, instead of the engine's static per-tensor scales.
+    `awq_scales`: the bundle's AWQ scales, folded into the weights first (export/awq.py's rewrites)."""
     import torch
 
     shape = ModelShape.from_config(model.config.to_dict())
+    if awq_scales is not None:
+        _rewrite_awq(model, shape, awq_scales)
     with torch.no_grad():
         for name, checkpoint_name, axis in quantized_weights(shape):
             rule = spec.rule_for(name)
-            if rule is None:
+            if rule is None or rule.method == "checkpoint":
                 continue
             param = _module(model, checkpoint_name)
             param.copy_(torch.from_numpy(fake_quant(param.numpy(), rule, axis % param.ndim, spec.compute_dtype)))
     if spec.activations:
         from llama4_deploy.graphs.quantize import fp8_activation_scale
 
-        scales = {name: fp8_activation_scale(amax, spec.compute_dtype) for name, amax in activation_amax.items()}
+        scales = {name: fp8_activation_scale(amax, spec.compute_dtype) for name, amax in (activation_amax or {}).items()}
 
         def quantize(name, x):
             rule = spec.rule_for(name)
             if rule is None or rule.activation == "none":
                 return x
+            if per_token:
+                return _per_token_fp8(x)
             return torch.from_numpy(fake_quant_activation(x.detach().numpy(), scales[name])).to(x.dtype)
 
         for handle_name, checkpoint_name, _ in quantized_weights(shape):
@@ -101,6 +113,35 @@ def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None
                 experts._record = (f"layers.{layer}", quantize)
                 experts.forward = types.MethodType(_experts_forward, experts)
     return model
+
+
+def _rewrite_awq(model, shape: ModelShape, awq_scales) -> None:
+    import torch
+
+    from llama4_deploy.export.awq import transforms
+    from llama4_deploy.export.weights import all_weights
+
+    rewrites = transforms(shape, awq_scales)
+    with torch.no_grad():
+        for name, source in all_weights(shape).items():
+            if name not in rewrites:
+                continue
+            param = _module(model, source.checkpoint_name)
+            w = param.numpy()
+            w = np.swapaxes(w, -1, -2) if source.transpose else w
+            w = rewrites[name](w)
+            param.copy_(torch.from_numpy(np.ascontiguousarray(np.swapaxes(w, -1, -2) if source.transpose else w)))
+
+
+def _per_token_fp8(x):
+    """x fake-quantized to FP8 with one scale per token (row): compressed-tensors' dynamic `token` strategy."""
+    import torch
+
+    from llama4_deploy.graphs.quantize import FP8_MAX
+
+    amax = x.detach().abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
 
 
 def quality(engine_logits: np.ndarray, reference_logits: np.ndarray) -> dict[str, float]:

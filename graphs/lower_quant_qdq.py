@@ -28,7 +28,9 @@ weights [E, N, K] and contracts the last (then no activation Q/DQ can be placed 
 is why fp8 never uses the `native` dispatch). Valid because DequantizeLinear computes exactly
 q * scale (zero point 0), the same product the spec defines (graphs/quantize.py); the MatMul then
 sees the dequantized weight. The quantized tensors are lazy: each is computed from the streamed
-fp32 weight when the saver writes it, so memory stays bounded by one weight.
+fp32 weight when the saver writes it, so memory stays bounded by one weight. A rule with method
+`checkpoint` (a pre-quantized FP8 checkpoint) takes (q, scale) from the checkpoint's stored tensors
+instead (`stored`: export/compressed_tensors.py), so its FP8 bytes go into the initializer unrounded.
 """
 
 from __future__ import annotations
@@ -70,13 +72,22 @@ class QuantizedWeight:
     # the last weight quantized (held, so its identity cannot be reused): one weight at a time, O(layer) memory
     _last: tuple["QuantizedWeight", tuple[np.ndarray, np.ndarray]] | None = None
 
-    def __init__(self, source: ir.TensorProtocol, rule: QuantRule, axis: int, compute_dtype: str):
+    def __init__(self, source: ir.TensorProtocol, rule: QuantRule, axis: int, compute_dtype: str,
+                 stored: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None):
         self.source, self.rule, self.axis, self.compute_dtype = source, rule, axis, compute_dtype
+        self.stored = stored  # pre-quantized (q, scale) in matmul layout, scale [.., 1, N]
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         cached = QuantizedWeight._last
         if cached is not None and cached[0] is self:
             return cached[1]
+        if self.stored is not None:
+            q, scale = self.stored()
+            if q.ndim == 2:
+                scale = scale.reshape(-1)
+            result = (q, scale.astype(numpy_dtype(self.compute_dtype)))
+            QuantizedWeight._last = (self, result)
+            return result
         w = np.asarray(self.source.numpy(), dtype=np.float32)  # no copy of an fp32 source
         axis = self.axis % w.ndim
         if self.rule.weight == "int4":
@@ -143,10 +154,11 @@ def _scope(name: str) -> str:
     return f"/{stamp}/quant/{rest}"
 
 
-def quantize_weight(graph: ir.Graph, value: ir.Value, rule: QuantRule, axis: int, compute_dtype: str) -> ir.Value:
+def quantize_weight(graph: ir.Graph, value: ir.Value, rule: QuantRule, axis: int, compute_dtype: str,
+                    stored: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> ir.Value:
     """Replace initializer `value` by DequantizeLinear(q, scale); returns the dequantized value."""
     name = value.name
-    weight = QuantizedWeight(value.const_value, rule, axis, compute_dtype)
+    weight = QuantizedWeight(value.const_value, rule, axis, compute_dtype, stored)
     q_shape, scale_shape = weight.shapes()
     q = ir.Value(name=f"{name}.{rule.weight}", type=ir.TensorType(WEIGHT_DTYPES[rule.weight]), shape=ir.Shape(q_shape),
                  const_value=weight.lazy(0, f"{name}.{rule.weight}", WEIGHT_DTYPES[rule.weight]))
@@ -237,11 +249,14 @@ def activation_consumers(dequantized: ir.Value) -> list[ir.Node]:
 
 
 def lower_quant_qdq(model: ir.Model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None,
-                    log: Callable[[str], None] | None = None, per_expert: bool = False) -> tuple[int, dict[str, str]]:
+                    log: Callable[[str], None] | None = None, per_expert: bool = False,
+                    stored: Mapping[str, Callable[[], tuple[np.ndarray, np.ndarray]]] | None = None
+                    ) -> tuple[int, dict[str, str]]:
     """Quantize every initializer the spec names that is still float; returns (weights quantized,
     {weight: why it was not}). `activation_amax` maps a weight name to the calibrated |max| of the
     activation it multiplies (needed by rules with fp8 activations). `per_expert`: stacked 3-D expert
-    weights as E 2-D constants (TensorRT's layout, module docstring)."""
+    weights as E 2-D constants (TensorRT's layout, module docstring). `stored` maps a weight name to the
+    reader of its pre-quantized (q, scale) (needed by rules with method `checkpoint`)."""
     graph = model.graph
     count, skipped = 0, {}
     float_types = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -257,11 +272,25 @@ def lower_quant_qdq(model: ir.Model, spec: QuantSpec, activation_amax: Mapping[s
         if value.const_value is None:
             skipped[name] = "has no value to quantize"
             continue
+        if rule.activation != "none" and any(u.domain == "com.microsoft" for u, _ in value.uses()):
+            skipped[name] = ("is read by ONNX Runtime's fused MoE kernel, where its fp8 activation cannot be "
+                             "quantized; use the dense, gather or capacity dispatch")
+            continue
         base = name.split(".native")[0]  # re-laid-out expert copies share their source's activation
+        source = None
+        if rule.method == "checkpoint":
+            source = (stored or {}).get(name)
+            if source is None or axis != -2:
+                skipped[name] = "is pre-quantized in the checkpoint, but not in a matmul layout its stored FP8 fits"
+                continue
         if per_expert and len(value.shape) == 3 and axis == -2:
+            if source is not None:
+                skipped[name] = ("is pre-quantized in the checkpoint, and TensorRT's per-expert layout of stored "
+                                 "FP8 experts is not built yet; build this checkpoint for --target onnxruntime")
+                continue
             dequantized = quantize_weight_per_expert(graph, value, rule, axis, spec.compute_dtype)
         else:
-            dequantized = quantize_weight(graph, value, rule, axis, spec.compute_dtype)
+            dequantized = quantize_weight(graph, value, rule, axis, spec.compute_dtype, source)
         if rule.activation == "fp8_tensor":
             amax = (activation_amax or {}).get(base)
             if amax is None:

@@ -19,14 +19,17 @@ from llama4_deploy.graphs.quantize import QuantSpec
 
 
 def quantize_model(model: ir.Model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None,
-                   ort: OrtQuantConfig = OrtQuantConfig(), per_expert: bool = False) -> dict[str, int]:
-    """`per_expert`: stacked expert weights as 2-D constants, one DequantizeLinear each (TensorRT)."""
+                   ort: OrtQuantConfig = OrtQuantConfig(), per_expert: bool = False,
+                   stored: Mapping | None = None) -> dict[str, int]:
+    """`per_expert`: stacked expert weights as 2-D constants, one DequantizeLinear each (TensorRT).
+    `stored`: pre-quantized (q, scale) readers by weight name (export/compressed_tensors.py)."""
     if not spec.quantized:
         return {}
     counts = {}
     if spec.form == "ort":
         counts["quantize_ort"], _ = lower_quant_ort(model, spec, ort)
-    counts["quantize_qdq"], skipped = lower_quant_qdq(model, spec, activation_amax, per_expert=per_expert)
+    counts["quantize_qdq"], skipped = lower_quant_qdq(model, spec, activation_amax, per_expert=per_expert,
+                                                      stored=stored)
     if skipped:
         name, reason = next(iter(skipped.items()))
         raise ValueError(f"weight {name} was not quantized to {spec.precision}: it {reason}")

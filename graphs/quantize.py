@@ -10,7 +10,8 @@ initializer names, which are the deploy-form parameter names under their stamp: 
              granularity   block | channel       int4: blocks along the reduction axis; fp8: per output channel
              block_size    32 | 64 | 128         int4 only; the last block of an axis shorter than it is partial
              activation    none | fp8_tensor     fp8: static per-tensor scale on each activation feeding the MatMul
-             method        rtn                   round to nearest
+             method        rtn | awq | checkpoint   round to nearest; activation-aware scales (export/awq.py);
+                                                  stored FP8 taken as the pre-quantized checkpoint holds it
 
 Presets follow Meta's deployment notes and ModelOpt's FP8_DEFAULT_CFG / INT4 configs: every
 linear layer of the decoder (routed experts per expert, shared expert, dense MLPs, attention
@@ -53,7 +54,7 @@ class QuantRule(Strict):
     granularity: Literal["block", "channel"]
     block_size: int | None = None
     activation: Literal["none", "fp8_tensor"] = "none"
-    method: Literal["rtn"] = "rtn"
+    method: Literal["rtn", "awq", "checkpoint"] = "rtn"
 
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in self.patterns)
@@ -78,6 +79,28 @@ class QuantSpec(Strict):
     def activations(self) -> bool:
         return any(rule.activation != "none" for rule in self.rules)
 
+    def native_moe_refusal(self) -> str | None:
+        """Why the native MoE kernel cannot run this spec (None: it can)."""
+        if self.activations:
+            return (f"precision {self.precision} quantizes expert activations, which the native MoE kernel cannot "
+                    f"take; use --moe-dispatch dense, gather, capacity or auto")
+        if any(rule.method == "checkpoint" for rule in self.rules):
+            return ("the checkpoint's FP8 experts go in as stored, and the native MoE kernel has no FP8 form; "
+                    "use --moe-dispatch dense, gather, capacity or auto")
+        return None
+
+    def dispatch_refusals(self, backend: str = "onnxruntime") -> dict[str, str]:
+        """MoE dispatches this spec cannot run on `backend`, each with its one-sentence reason."""
+        refusals = {}
+        native = self.native_moe_refusal()
+        if native:
+            refusals["native"] = native
+        if self.compute_dtype == "float16" and backend == "onnxruntime":
+            refusals["capacity"] = ("ONNX Runtime's CPU has no float16 ScatterND with reduction add, which the capacity "
+                                    "dispatch combines expert outputs with; use --moe-dispatch dense, gather, native "
+                                    "or auto")
+        return refusals
+
     def summary(self) -> str:
         if not self.rules:
             return f"{self.precision}: {self.compute_dtype} compute, no quantized weights"
@@ -96,6 +119,7 @@ class QuantConfig(Strict):
     compute_dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None: from the precision
     block_size: int = Field(128, description="int4 block along the reduction axis")
     form: Literal["qdq", "ort", "auto"] = "auto"
+    method: Literal["rtn", "awq"] = "rtn"  # awq: int4 only (export/awq.py)
 
 
 def default_compute_dtype(precision: str) -> str:
@@ -122,13 +146,24 @@ def make_spec(config: QuantConfig, backend: str = "onnxruntime") -> QuantSpec:
         raise ValueError("fp8 has no ONNX Runtime 4-bit kernel form; use --quant-form qdq (ONNX Runtime runs it)")
     if config.precision not in ("fp8", "int4") and config.form == "ort":
         raise ValueError(f"precision {config.precision} quantizes nothing; the ort form needs int4")
+    if config.method == "awq" and config.precision != "int4":
+        raise ValueError(f"--quant-method awq is for int4 weights; precision {config.precision} uses rtn")
     rules: tuple[QuantRule, ...] = ()
     if config.precision == "int4":
-        rules = (QuantRule(patterns=LINEAR_PATTERNS, weight="int4", granularity="block", block_size=config.block_size),)
+        rules = (QuantRule(patterns=LINEAR_PATTERNS, weight="int4", granularity="block", block_size=config.block_size,
+                           method=config.method),)
     elif config.precision == "fp8":
         rules = (QuantRule(patterns=LINEAR_PATTERNS, weight="fp8", granularity="channel", activation="fp8_tensor"),)
     return QuantSpec(precision=config.precision, compute_dtype=compute, rules=rules,
                      form=form if rules else "qdq")
+
+
+def checkpoint_spec(patterns: tuple[str, ...], activations: bool, compute_dtype: str = "float32") -> QuantSpec:
+    """The spec of a pre-quantized FP8 checkpoint: exactly the weights it stores in FP8 (`patterns`), taken as
+    stored; with `activations`, static per-tensor FP8 activation scales from calibration."""
+    rule = QuantRule(patterns=patterns, weight="fp8", granularity="channel",
+                     activation="fp8_tensor" if activations else "none", method="checkpoint")
+    return QuantSpec(precision="fp8", compute_dtype=compute_dtype, rules=(rule,), form="qdq")
 
 
 def numpy_dtype(compute_dtype: str):

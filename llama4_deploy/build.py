@@ -81,7 +81,7 @@ def _check_weights(checkpoint, shape) -> None:
             )
 
 
-def _lazy_weight(checkpoint, source, name: str):
+def _lazy_weight(checkpoint, source, name: str, rewrite=None):
     """A tensor the saver reads from the checkpoint when it writes it, converted to fp32 and
     checked for NaN/Inf on the way (in memory, as it streams: no extra pass over the checkpoint)."""
     import onnx_ir as ir
@@ -102,7 +102,8 @@ def _lazy_weight(checkpoint, source, name: str):
                              f"{int((~finite).sum())} NaN or Inf values; the build refuses non-finite weights")
         if source.transpose:
             tensor = tensor.transpose(-1, -2)
-        return ir.tensor(tensor.contiguous().numpy(), name=name)
+        array = tensor.contiguous().numpy()
+        return ir.tensor(array if rewrite is None else rewrite(array), name=name)
 
     return ir.LazyTensor(read, dtype=ir.DataType.FLOAT, shape=ir.Shape(dims), name=name)
 
@@ -114,12 +115,13 @@ def graph_inputs(shape):
     return stage_inputs(shape, _one_stage(shape))
 
 
-def link_model(checkpoint, templates):
-    """The unsplit model: embed, prologue, every layer, head (llama4_deploy/stage_graphs.py)."""
+def link_model(checkpoint, templates, rewrites=None):
+    """The unsplit model: embed, prologue, every layer, head (llama4_deploy/stage_graphs.py). `rewrites`: weight
+    name -> a function applied to that weight as it streams (AWQ's scales, export/awq.py)."""
     from llama4_deploy.stage_graphs import link_stage
 
     return link_stage(checkpoint, templates, _one_stage(checkpoint.shape),
-                      lambda source, name: _lazy_weight(checkpoint, source, name))
+                      lambda source, name: _lazy_weight(checkpoint, source, name, (rewrites or {}).get(name)))
 
 
 def _one_stage(shape):
@@ -275,6 +277,7 @@ def build(
     stages: int | None = None,
     extra_dispatches: tuple[str, ...] = (),
     target: str | None = None,
+    quant_method: str | None = None,
 ) -> BuildResult:
     """Build a bundle. `recipe` names a recipe (default `tiny`, or a plain fp32 ONNX Runtime
     build when only `checkpoint` is given); `checkpoint` is a Hugging Face checkpoint dir;
@@ -284,7 +287,8 @@ def build(
     max_position_embeddings, at most DEFAULT_MAX_CONTEXT. `out` may hold only a bundle this tool
     wrote (or nothing) unless `force` (outdir.py). `precision` (fp32, fp16, bf16, fp8, int4),
     `compute_dtype`, `block_size` (int4: 32, 64, 128), `quant_form` (qdq, ort, auto) and
-    `calibration` (a text or JSON file, fp8) override the recipe's precision plan. `target` (onnxruntime,
+    `calibration` (a text or JSON file, fp8 and awq) and `quant_method` (rtn, awq: int4) override the
+    recipe's precision plan. `target` (onnxruntime,
     tensorrt) overrides the recipe's backend; tensorrt writes a TensorRT-form bundle (tensorrt_target.py).
     `stages` (the recipe's `stages`, default 1) splits the layers into that many pipeline-stage graphs
     (llama4_deploy/stages.py). `extra_dispatches` also saves graphs for these MoE dispatches, each
@@ -310,7 +314,7 @@ def build(
         if attention not in (*FORMS, "auto"):
             raise BuildError(f"unknown attention form {attention!r}; choose one of {', '.join((*FORMS, 'auto'))}")
         chosen = chosen.model_copy(update={"attention": attention})
-    chosen = _with_precision(chosen, precision, compute_dtype, block_size, quant_form, calibration)
+    chosen = _with_precision(chosen, precision, compute_dtype, block_size, quant_form, calibration, quant_method)
     if stages is not None:
         if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
             raise BuildError(f"--stages {stages!r} is not a number of pipeline stages; give an integer of at least 1")
@@ -414,18 +418,26 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
                          f"max_position_embeddings of {shape.max_position_embeddings}")
     log(f"[profiles] {chosen.profiles.model_dump()}")
     split = _stage_split(shape, chosen.stages, log)
-    spec = _quant_spec(chosen)
+    spec = _quant_spec(chosen, ckpt)
+    if ckpt.logical is not None:
+        log(f"[precision] {ckpt.path.name} is pre-quantized FP8 (compressed-tensors): its FP8 weights and scales go "
+            f"in as stored; its dynamic per-token activation scales become static per-tensor ones (calibration)")
     log(f"[precision] {spec.summary()}")
     # what every later step reads: the recipe with its overrides, and which weights
     calibration_file = Path(chosen.calibration) if chosen.calibration else None
     calibration_identity = ([calibration_file.stat().st_size, calibration_file.stat().st_mtime_ns]
                             if calibration_file is not None and calibration_file.is_file() else None)
     inputs = [chosen.model_dump(mode="json"), identity, calibration_identity, list(extra_dispatches)]
-    amax, calibration_record = _cached_calibration(cache, inputs, bundle, spec.activations,
-                                                   lambda where: _calibrate(chosen, spec, source_dir, ckpt, where, log))
+    rewrites = None
+    if any(rule.method == "awq" for rule in spec.rules):  # AWQ's rewrites are functions: not a cached step
+        amax, calibration_record, rewrites = _calibrate(chosen, spec, source_dir, ckpt, bundle, log)
+    else:
+        amax, calibration_record = _cached_calibration(
+            cache, inputs, bundle, spec.activations, lambda where: _calibrate(chosen, spec, source_dir, ckpt, where,
+                                                                              log)[:2])
     try:
         passes, graphs, stages, stage_keys, file_records = _compile(ckpt, chosen, bundle, log, spec, amax, split,
-                                                                    extra_dispatches, cache, inputs)
+                                                                    extra_dispatches, cache, inputs, rewrites)
     except CheckpointError as err:  # a tensor that fails to read while streaming
         raise BuildError(str(err)) from None
     if ckpt.tokenizer_file is not None:
@@ -466,12 +478,14 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
     return manifest, passes
 
 
-def _with_precision(recipe: Recipe, precision, compute_dtype, block_size, quant_form, calibration) -> Recipe:
+def _with_precision(recipe: Recipe, precision, compute_dtype, block_size, quant_form, calibration,
+                    quant_method=None) -> Recipe:
     """The recipe with the build's precision overrides (None: the recipe's own)."""
     from pydantic import ValidationError
 
     update = {key: value for key, value in (("precision", precision), ("compute_dtype", compute_dtype),
                                             ("block_size", block_size), ("quant_form", quant_form),
+                                            ("quant_method", quant_method),
                                             ("calibration", None if calibration is None else str(calibration)))
               if value is not None}
     if not update:
@@ -496,22 +510,42 @@ def _with_target(recipe: Recipe, target: str | None, precision: str | None, comp
         raise BuildError(str(err)) from None
 
 
-def _quant_spec(recipe: Recipe):
+def _quant_spec(recipe: Recipe, ckpt=None):
+    from llama4_deploy.export.compressed_tensors import CompressedTensorsError, checkpoint_quant_spec
     from llama4_deploy.graphs.quantize import QuantConfig, make_spec
 
     try:
+        if ckpt is not None and ckpt.logical is not None:
+            return checkpoint_quant_spec(ckpt, recipe.precision, recipe.compute_dtype, recipe.quant_form)
         return make_spec(QuantConfig(precision=recipe.precision, compute_dtype=recipe.compute_dtype,
-                                     block_size=recipe.block_size, form=recipe.quant_form), recipe.backend)
-    except ValueError as err:
+                                     block_size=recipe.block_size, form=recipe.quant_form,
+                                     method=recipe.quant_method), recipe.backend)
+    except (ValueError, CompressedTensorsError) as err:
         raise BuildError(str(err)) from None
 
 
 def _calibrate(recipe: Recipe, spec, source_dir: Path, ckpt, staging: Path, log):
-    """Activation ranges for specs that quantize activations (fp8); stored in the bundle."""
+    """Activation ranges for specs that quantize activations (fp8), AWQ scales for awq specs; stored in the bundle.
+    Returns (ranges, record, AWQ weight rewrites by weight name or None)."""
+    awq = any(rule.method == "awq" for rule in spec.rules)
+    if awq:
+        from llama4_deploy.export import awq as awq_search
+        from llama4_deploy.export.calibrate import CalibrationError, calibration_ids
+
+        try:
+            ids = calibration_ids(recipe.calibration, ckpt, seed=recipe.random.seed if recipe.random else 0)
+        except CalibrationError as err:
+            raise BuildError(str(err)) from None
+        log(f"[awq] scale search over {len(ids)} sequences, {sum(map(len, ids))} tokens"
+            f" from {recipe.calibration or 'seeded random tokens'}")
+        scales = awq_search.run(source_dir, ckpt, ids, spec.rules[0], log)
+        record = {**awq_search.write_scales(staging, scales), "source": recipe.calibration or "seeded random tokens",
+                  "sequences": len(ids), "tokens": sum(map(len, ids))}
+        return None, record, awq_search.transforms(ckpt.shape, scales)
     if not spec.activations:
         if recipe.calibration is not None:
             raise BuildError(f"precision {spec.precision} quantizes no activations, so --calibration has no use")
-        return None, None
+        return None, None, None
     from llama4_deploy.export.calibrate import CalibrationError, calibration_ids, collect_amax, write_ranges
 
     try:
@@ -522,7 +556,7 @@ def _calibrate(recipe: Recipe, spec, source_dir: Path, ckpt, staging: Path, log)
     except CalibrationError as err:
         raise BuildError(str(err)) from None
     record = write_ranges(staging, amax, recipe.calibration, ids)
-    return amax, record
+    return amax, record, None
 
 
 def _record_precision(manifest: dict[str, Any], spec, calibration: dict[str, Any] | None) -> None:
@@ -573,11 +607,13 @@ def _templates(shape, split, cache: BuildCache | None, log) -> dict[str, Any]:
 
 
 def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_amax=None, split=None,
-             extra_dispatches: tuple[str, ...] = (), cache: BuildCache | None = None, inputs: Any = None):
+             extra_dispatches: tuple[str, ...] = (), cache: BuildCache | None = None, inputs: Any = None,
+             rewrites=None):
     """Trace, link, lower per engine role, quantize, lint, save, per pipeline stage of `split` (default:
     one stage). Returns (pass counts summed over stages, graph records by role, stage records, the
     stages' step keys, file records of the stages' files). With a `cache`, the trace, the dispatch
     plan and each stage are steps kept under a key of `inputs` and reused by a later build."""
+    from llama4_deploy.export.compressed_tensors import stored_fp8
     from llama4_deploy.graphs import dispatch
     from llama4_deploy.graphs.lower_attention import form_for
     from llama4_deploy.stage_graphs import data_file, graph_file, save_stage_graphs, stage_io
@@ -588,12 +624,13 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
     attention = form_for(recipe.backend, recipe.attention)
     lowered: dict[tuple[int, int, str], Any] = {}
     plan_passes: dict[str, int] = {}
+    stored = stored_fp8(ckpt, shape)  # a pre-quantized checkpoint's FP8 weights, read as the saver writes them
 
     def lower(stage, strategy: str, passes: dict[str, int]):
         key = (stage.count, stage.index, strategy)
         if key not in lowered:
             lowered[key], counts = _lower_stage(ckpt, templates, stage, strategy, recipe, spec, activation_amax,
-                                                attention)
+                                                attention, rewrites, stored)
             passes.update(counts)
         return lowered[key]
 
@@ -605,10 +642,11 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
     else:
         try:
             # fp8 activation scales cannot reach inside the fused MoE kernel (graphs/lower_quant_qdq.py)
-            excluded = ("native",) if spec is not None and spec.activations else ()
-            if recipe.moe_dispatch in excluded or any(d in excluded for d in extra_dispatches):
-                raise BuildError(f"precision {spec.precision} quantizes expert activations, which the native MoE "
-                                 "kernel cannot take; use --moe-dispatch dense, gather, capacity or auto")
+            refusals = spec.dispatch_refusals(recipe.backend) if spec is not None else {}
+            excluded = tuple(refusals)
+            for wanted in (recipe.moe_dispatch, *extra_dispatches):
+                if wanted in refusals:
+                    raise BuildError(refusals[wanted])
             # priced on the unsplit model: every stage gets the same dispatch per role
             with timed("dispatch"):  # costs every candidate lowering (its link and lower count as theirs)
                 roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lambda s: lower(full, s, plan_passes),
@@ -681,7 +719,8 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
     return passes, graphs, stages, stage_keys, file_records
 
 
-def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, activation_amax, attention: str):
+def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, activation_amax, attention: str,
+                 rewrites=None, stored=None):
     """One stage's graph for one MoE dispatch: link, compute dtype, MoE and attention lowering,
     quantization, static-shape lint. Returns (model, pass counts)."""
     from llama4_deploy.graphs.compute_dtype import convert_compute_dtype
@@ -693,7 +732,8 @@ def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, ac
     counts: dict[str, int] = {}
     with timed("link"):
         model, counts["link"] = link_stage(ckpt, templates, stage,
-                                           lambda source, name: _lazy_weight(ckpt, source, name))
+                                           lambda source, name: _lazy_weight(ckpt, source, name,
+                                                                             (rewrites or {}).get(name)))
     with timed("lower"):
         if spec is not None and spec.compute_dtype != "float32":
             counts[f"compute_dtype_{spec.compute_dtype}"] = convert_compute_dtype(model, spec.compute_dtype)
@@ -708,7 +748,8 @@ def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, ac
     if spec is not None and spec.quantized:
         try:
             with timed("quantize"):  # the graph rewrite; the numbers are computed as `save` streams
-                counts.update(quantize_model(model, spec, activation_amax, per_expert=recipe.backend == "tensorrt"))
+                counts.update(quantize_model(model, spec, activation_amax, per_expert=recipe.backend == "tensorrt",
+                                             stored=stored))
         except ValueError as err:
             raise BuildError(str(err)) from None
     with timed("lint"):

@@ -53,15 +53,17 @@ def main() -> None:
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), help="int4 block along the reduction axis (128)")
 @click.option("--quant-form", type=click.Choice(["qdq", "ort", "auto"]),
               help="quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto")
+@click.option("--quant-method", type=click.Choice(["rtn", "awq"]),
+              help="int4 weight rounding: rtn (round to nearest, default) or awq (activation-aware scales)")
 @click.option("--calibration", type=click.Path(),
-              help="fp8 activation calibration: text lines or a JSON list of token-id lists")
+              help="fp8 activation / int4 awq calibration: text lines or a JSON list of token-id lists")
 @click.option("--stages", type=int, help="pipeline stages: split the layers into this many graphs, balanced by "
               "weight bytes (default: the recipe's, 1)")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]),
               help="backend the bundle is for (default: the recipe's); tensorrt: a TensorRT-form bundle for "
                    "llama4-deploy compile (bf16 compute unless --precision/--compute-dtype)")
 def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_batch, prefill_tokens, force, precision,
-          compute_dtype, block_size, quant_form, calibration, stages, target) -> None:
+          compute_dtype, block_size, quant_form, calibration, stages, target, quant_method) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
@@ -70,7 +72,8 @@ def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_bat
                            attention=attention, max_context=max_context, max_batch=max_batch,
                            prefill_tokens=prefill_tokens, force=force, precision=precision,
                            compute_dtype=compute_dtype, block_size=None if block_size is None else int(block_size),
-                           quant_form=quant_form, calibration=calibration, stages=stages, target=target)
+                           quant_form=quant_form, calibration=calibration, stages=stages, target=target,
+                           quant_method=quant_method)
     except _user_errors() as err:
         raise UserError(str(err)) from None
     except KeyboardInterrupt:  # Ctrl-C: no bundle; the finished steps stay in the build cache (build_cache.py)

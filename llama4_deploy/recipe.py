@@ -81,6 +81,7 @@ class Recipe(Strict):
     compute_dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None: follows the precision
     block_size: Literal[32, 64, 128] = 128  # int4 block along the reduction axis
     quant_form: Literal["qdq", "ort", "auto"] = "auto"  # auto: ort (4-bit kernels) for int4 on ONNX Runtime
+    quant_method: Literal["rtn", "awq"] = "rtn"  # awq: activation-aware int4 scales (export/awq.py)
     calibration: str | None = None  # text lines or a JSON list of id lists; None: seeded random tokens
     backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"  # tensorrt: llama4_deploy/tensorrt_target.py
     moe_dispatch: Literal["dense", "gather", "capacity", "native", "auto"] = "auto"

@@ -207,12 +207,17 @@ def _simulation(manifest, reference):
     from llama4_deploy.graphs.quantize import QuantSpec
 
     spec = QuantSpec.model_validate(raw)
-    amax = None
-    if manifest.raw.get("calibration"):
-        ranges = json.loads((manifest.path / manifest.raw["calibration"]["file"]).read_text())
+    amax = awq_scales = None
+    calibration = manifest.raw.get("calibration") or {}
+    if calibration.get("file"):
+        ranges = json.loads((manifest.path / calibration["file"]).read_text())
         amax = ranges["activation_amax"]
+    if calibration.get("awq_scales"):
+        from llama4_deploy.export.awq import read_scales
+
+        awq_scales = read_scales(manifest.path, calibration)
     fp32_reference = copy.deepcopy(reference)
-    simulate(reference, spec, amax)
+    simulate(reference, spec, amax, awq_scales=awq_scales)
     return spec, fp32_reference, SIMULATION_TOLERANCE[spec.compute_dtype]
 
 
