@@ -33,7 +33,22 @@ def uninterrupted(tmp_path_factory) -> dict:
 
 def _interrupt(out: Path, after: str, sig: int) -> list[str]:
     """Run the build in a subprocess and send `sig` once it logs that step `after` was stored."""
-    process = subprocess.Popen([sys.executable, "-m", "llama4_deploy.cli", "build", *ARGS, "--out", str(out)],
+    # the child holds still for a minute right after it stores `after`, so the signal lands between steps
+    # whatever the machine's speed (a fast build otherwise finishes before the parent reads the line)
+    hold = ("import sys, time\n"
+            "from llama4_deploy import build_cache\n"
+            "log = build_cache.BuildCache.__init__\n"
+            "def init(self, out, log_fn):\n"
+            "    def logged(message):\n"
+            "        log_fn(message)\n"
+            f"        if message.startswith('[cache] stored {after} '):\n"
+            "            time.sleep(60)\n"
+            "    log(self, out, logged)\n"
+            "build_cache.BuildCache.__init__ = init\n"
+            "from llama4_deploy.cli import main\n"
+            "sys.argv = ['llama4-deploy'] + sys.argv[1:]\n"
+            "main()\n")
+    process = subprocess.Popen([sys.executable, "-c", hold, "build", *ARGS, "--out", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = []
