@@ -137,7 +137,7 @@ def bench_precisions(name: str, precisions: list[str], threads: int, sizes: Size
     import onnx_ir as ir
 
     from llama4_deploy.build import build
-    from llama4_deploy.graphs.cost import graph_cost
+    from llama4_deploy.graphs.cost import graph_cost, with_ring
     from llama4_deploy.runtime import load
 
     b1 = sizes.decode_batches[0]
@@ -162,7 +162,9 @@ def bench_precisions(name: str, precisions: list[str], threads: int, sizes: Size
                 base_ms = statistics.median(r[0] for r in rounds)
                 step_ms = statistics.median(r[1] for r in rounds)
                 graph = ir.load(bundle / engine.graphs["decode"]["file"])
-                stored, _, _ = graph_cost(graph, {"batch": b1, "new": 1, "context": 128})
+                # the chunked layers' ring dimension too, or their nodes stay unresolved and uncounted
+                dims = with_ring({"batch": b1, "new": 1, "context": 128}, engine.manifest.model)
+                stored, _, unresolved = graph_cost(graph, dims)
                 roof = roofline_ms(stored.weight_bytes, threads, sizes.roofline_repeats) / step_ms
                 print(f"{choice:<12}{engine.graphs['decode']['moe_dispatch']:<10}{step_ms:>13.3f}{base_ms:>13.3f}"
                       f"{base_ms / step_ms:>7.2f}x{stored.weight_bytes / 1e6:>9.2f}{100 * roof:>12.0f}%"
