@@ -57,7 +57,7 @@ def test_every_dispatch_is_exact(recipe, dispatch, tmp_path):
         assert report.overflow_reruns < report.steps
 
 
-@pytest.mark.parametrize("recipe", ["tiny", "scout-mini", "maverick-mini"])
+@pytest.mark.parametrize("recipe", ["tiny", "tiny-trained", "scout-mini", "maverick-mini"])
 def test_tensorrt_form_is_exact(recipe, tmp_path):
     """The TensorRT-form bundle (build --target tensorrt: decomposed attention, standard opset-21 ops only,
     gather for decode, capacity with the gather combine for prefill, an exact graph for reruns), at float32
