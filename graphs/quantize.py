@@ -82,6 +82,13 @@ class QuantSpec(Strict):
         """Whether activations carry static fp8 scales (which need calibration)."""
         return any(rule.activation == "fp8_tensor" for rule in self.rules)
 
+    @property
+    def int8_activations(self) -> bool:
+        """Whether some MatMulNBits quantizes its input to int8 (--int4-compute int8). ONNX Runtime 1.32 takes the
+        int8 path only on prepacked weights: without prepacking (session.disable_prepacking) accuracy_level 4
+        dequantizes the weight and multiplies in float, so whatever checks these numbers must prepack."""
+        return any(rule.activation == "int8_block" for rule in self.rules)
+
     def native_moe_refusal(self) -> str | None:
         """Why the native MoE kernel cannot run this spec (None: it can)."""
         if self.activations:

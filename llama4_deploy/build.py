@@ -219,13 +219,14 @@ def _manifest(recipe: Recipe, shape, source, passes, graphs, stages: list[dict[s
     }
 
 
-def _write_golden(staging: Path, shape) -> None:
-    """Engine outputs for a fixed short prompt, for comparing later backends without torch."""
+def _write_golden(staging: Path, shape, prepack: bool = False) -> None:
+    """Engine outputs for a fixed short prompt, for comparing later backends without torch. `prepack`: int8
+    activations (QuantSpec.int8_activations), whose kernels run only on prepacked weights."""
     from llama4_deploy.runtime import load
 
     ids = [int(i) for i in np.random.default_rng(0).integers(0, shape.vocab_size, size=8)]
     # the hashes are recorded after this; weights stay memory-mapped (no prepacked copies): O(layer) heap
-    with load(staging, verify_files=False, prepack=False) as engine:
+    with load(staging, verify_files=False, prepack=prepack) as engine:
         _save_npz(staging / GOLDEN, input_ids=np.array(ids), logits=engine.score(ids, mode="prefill"))
 
 
@@ -464,7 +465,7 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
         if cache.get("golden", key) is None:
             log("[golden] engine logits for a fixed prompt")
             with timed("golden"):
-                _write_golden(bundle, shape)
+                _write_golden(bundle, shape, prepack=spec.int8_activations)
             with cache.put("golden", key) as (directory, _):
                 link_or_copy(bundle / GOLDEN, directory / GOLDEN)
         else:

@@ -155,7 +155,9 @@ def verify(bundle: str, threads: int | None = None, log=print) -> Report:
     rows = []
     graphs = {role: graph.get("moe_dispatch") for role, graph in manifest.engine["graphs"].items()}
     # integrity and consistency first: they are cheap; weights stay memory-mapped (no prepacked copies)
-    with load(bundle, threads=threads, prepack=False) as engine:
+    # weights stay memory-mapped (no prepacked copies), except for int8 activations: ONNX Runtime's MatMulNBits
+    # runs its int8 kernels only on prepacked weights (QuantSpec.int8_activations), and verify checks those numbers
+    with load(bundle, threads=threads, prepack=_int8_activations(manifest)) as engine:
         log("[verify] rebuilding the transformers reference from the bundle's source")
         reference = _reference(manifest)
         spec, fp32_reference, rel_tolerance = _simulation(manifest, reference)
@@ -200,6 +202,11 @@ def verify(bundle: str, threads: int | None = None, log=print) -> Report:
                   _perplexity(bundle, manifest, threads, log))
 
 
+def _int8_activations(manifest) -> bool:
+    raw = manifest.engine.get("quantization") or {}
+    return any(isinstance(r, dict) and r.get("activation") == "int8_block" for r in raw.get("rules") or ())
+
+
 def _simulation(manifest, reference):
     """(spec, fp32 reference, tolerance): the reference becomes the simulation of a non-fp32 bundle's spec."""
     import copy
@@ -224,7 +231,7 @@ def _simulation(manifest, reference):
     fp32_reference = copy.deepcopy(reference)
     simulate(reference, spec, amax, awq_scales=awq_scales)
     tolerance = SIMULATION_TOLERANCE[spec.compute_dtype]
-    if any(rule.activation == "int8_block" for rule in spec.rules):
+    if spec.int8_activations:
         tolerance = max(tolerance, INT8_ACTIVATION_TOLERANCE)
     return spec, fp32_reference, tolerance
 
