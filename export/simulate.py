@@ -20,7 +20,7 @@ import numpy as np
 
 from llama4_deploy.export.shape import ModelShape
 from llama4_deploy.export.weights import layer_weights
-from llama4_deploy.graphs.quantize import QuantSpec, fake_quant, fake_quant_activation
+from llama4_deploy.graphs.quantize import QuantSpec, fake_quant, fake_quant_activation, fake_quant_int8_blocks
 
 
 def _module(model, dotted: str):
@@ -89,6 +89,12 @@ def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None
                 continue
             param = _module(model, checkpoint_name)
             param.copy_(torch.from_numpy(fake_quant(param.numpy(), rule, axis % param.ndim, spec.compute_dtype)))
+    for handle_name, checkpoint_name, _ in quantized_weights(shape):
+        rule = spec.rule_for(handle_name)
+        if rule is not None and rule.activation == "int8_block":  # MatMulNBits' int8 input, per row and block
+            module = _module(model, checkpoint_name.rsplit(".", 1)[0])
+            module.register_forward_pre_hook(lambda m, args, b=rule.block_size: (torch.from_numpy(
+                fake_quant_int8_blocks(args[0].detach().numpy(), b)).to(args[0].dtype),) + args[1:])
     if spec.activations:
         from llama4_deploy.graphs.quantize import fp8_activation_scale
 

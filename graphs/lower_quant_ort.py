@@ -13,8 +13,10 @@
 Valid because both kernels dequantize (stored - 8) * scale with the default zero point 8 for
 4 bits (the contrib op docs for onnxruntime 1.32), which is exactly q * scale of the spec's
 symmetric int4 (graphs/quantize.py): the same numbers as the qdq form, in one fused kernel that
-reads 4-bit weights. accuracy_level 0 keeps activations in their dtype (4 would quantize them
-to int8: faster, but no longer the spec's numbers).
+reads 4-bit weights. accuracy_level 0 keeps activations in their dtype; a rule with activation
+`int8_block` (--int4-compute int8) sets 4, where the kernel quantizes its input to int8 per row
+and block (graphs/quantize.py fake_quant_int8_blocks) and runs int8 dot products: the fast CPU
+kernels, with numbers the simulation models.
 
 Not lowered here (left for lower_quant_qdq.py, reason returned): weights with other consumers,
 3-D weights outside the MoE kernel, and QMoE experts whose hidden or intermediate size is not a
@@ -119,7 +121,7 @@ def lower_quant_ort(model: ir.Model, spec: QuantSpec, config: OrtQuantConfig = O
         tape = ir.tape.Tape()
         out = tape.op("MatMulNBits", [matmul.inputs[0], _register(graph, b), _register(graph, scales)],
                       {"K": k, "N": n, "bits": 4, "block_size": rule.block_size,
-                       "accuracy_level": config.accuracy_level},
+                       "accuracy_level": 4 if rule.activation == "int8_block" else config.accuracy_level},
                       domain=MS_DOMAIN, name=f"{_scope(name)}/MatMulNBits")
         out.type, out.shape = matmul.outputs[0].type, matmul.outputs[0].shape
         splice(graph, matmul, tape, out)

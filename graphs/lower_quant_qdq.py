@@ -272,6 +272,9 @@ def lower_quant_qdq(model: ir.Model, spec: QuantSpec, activation_amax: Mapping[s
         if value.const_value is None:
             skipped[name] = "has no value to quantize"
             continue
+        if rule.activation == "int8_block":
+            skipped[name] = "needs int8 activations, which only ONNX Runtime's MatMulNBits computes"
+            continue
         if rule.activation != "none" and any(u.domain == "com.microsoft" for u, _ in value.uses()):
             skipped[name] = ("is read by ONNX Runtime's fused MoE kernel, where its fp8 activation cannot be "
                              "quantized; use the dense, gather or capacity dispatch")

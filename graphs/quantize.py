@@ -10,6 +10,8 @@ initializer names, which are the deploy-form parameter names under their stamp: 
              granularity   block | channel       int4: blocks along the reduction axis; fp8: per output channel
              block_size    32 | 64 | 128         int4 only; the last block of an axis shorter than it is partial
              activation    none | fp8_tensor     fp8: static per-tensor scale on each activation feeding the MatMul
+                           | int8_block          int4 with --int4-compute int8: ONNX Runtime's MatMulNBits quantizes
+                                                 its input to int8 per row and block (accuracy_level 4)
              method        rtn | awq | checkpoint   round to nearest; activation-aware scales (export/awq.py);
                                                   stored FP8 taken as the pre-quantized checkpoint holds it
 
@@ -53,7 +55,7 @@ class QuantRule(Strict):
     weight: Literal["int4", "fp8"]
     granularity: Literal["block", "channel"]
     block_size: int | None = None
-    activation: Literal["none", "fp8_tensor"] = "none"
+    activation: Literal["none", "fp8_tensor", "int8_block"] = "none"
     method: Literal["rtn", "awq", "checkpoint"] = "rtn"
 
     def matches(self, name: str) -> bool:
@@ -77,7 +79,15 @@ class QuantSpec(Strict):
 
     @property
     def activations(self) -> bool:
-        return any(rule.activation != "none" for rule in self.rules)
+        """Whether activations carry static fp8 scales (which need calibration)."""
+        return any(rule.activation == "fp8_tensor" for rule in self.rules)
+
+    @property
+    def int8_activations(self) -> bool:
+        """Whether some MatMulNBits quantizes its input to int8 (--int4-compute int8). ONNX Runtime 1.32 takes the
+        int8 path only on prepacked weights: without prepacking (session.disable_prepacking) accuracy_level 4
+        dequantizes the weight and multiplies in float, so whatever checks these numbers must prepack."""
+        return any(rule.activation == "int8_block" for rule in self.rules)
 
     def native_moe_refusal(self) -> str | None:
         """Why the native MoE kernel cannot run this spec (None: it can)."""
@@ -120,6 +130,9 @@ class QuantConfig(Strict):
     block_size: int = Field(128, description="int4 block along the reduction axis")
     form: Literal["qdq", "ort", "auto"] = "auto"
     method: Literal["rtn", "awq"] = "rtn"  # awq: int4 only (export/awq.py)
+    # int4: "float" keeps activations in the compute dtype (the spec's weight-only INT4); "int8" lets ONNX Runtime's
+    # MatMulNBits quantize its activation to int8 per block (accuracy_level 4, the fast CPU kernels)
+    int4_compute: Literal["float", "int8"] = "float"
 
 
 def default_compute_dtype(precision: str) -> str:
@@ -148,8 +161,16 @@ def make_spec(config: QuantConfig, backend: str = "onnxruntime") -> QuantSpec:
         raise ValueError(f"precision {config.precision} quantizes nothing; the ort form needs int4")
     if config.method == "awq" and config.precision != "int4":
         raise ValueError(f"--quant-method awq is for int4 weights; precision {config.precision} uses rtn")
+    if config.int4_compute == "int8" and not (config.precision == "int4" and form == "ort"):
+        raise ValueError("--int4-compute int8 is ONNX Runtime's MatMulNBits kernel (accuracy_level 4): it needs "
+                         "--precision int4 and the ort form")
     rules: tuple[QuantRule, ...] = ()
-    if config.precision == "int4":
+    if config.precision == "int4" and config.int4_compute == "int8":
+        # MatMulNBits takes the 2-D linear layers (int8 activations); QMoE and the qdq fall-through keep floats
+        int4 = dict(weight="int4", granularity="block", block_size=config.block_size, method=config.method)
+        rules = (QuantRule(patterns=LINEAR_PATTERNS[:1], **int4),
+                 QuantRule(patterns=LINEAR_PATTERNS[1:], activation="int8_block", **int4))
+    elif config.precision == "int4":
         rules = (QuantRule(patterns=LINEAR_PATTERNS, weight="int4", granularity="block", block_size=config.block_size,
                            method=config.method),)
     elif config.precision == "fp8":
@@ -256,6 +277,23 @@ def fake_quant(w: np.ndarray, rule: QuantRule, axis: int, compute_dtype: str = "
         return int4_dequantize(q, scale, axis, rule.block_size)
     q, scale = fp8_channel(w, axis, compute_dtype)
     return fp8_dequantize(q, scale)
+
+
+def fake_quant_int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """x [.., K] as MatMulNBits with accuracy_level 4 sees it: per row and block of K, scale = amax / 127,
+    q = rint(x * (127 / amax)) (round half to even), x' = q * scale; a partial last block is its own block."""
+    x = np.asarray(x, dtype=np.float32)
+    k = x.shape[-1]
+    blocks = -(-k // block)
+    padded = np.zeros(x.shape[:-1] + (blocks * block,), dtype=np.float32)
+    padded[..., :k] = x
+    grouped = padded.reshape(x.shape[:-1] + (blocks, block))
+    amax = np.abs(grouped).max(-1, keepdims=True)
+    scale = (amax / np.float32(127)).astype(np.float32)
+    # MLAS (QuantizeARow_CompInt8) multiplies by 127 / amax rather than dividing by the scale
+    inverse = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(grouped * inverse), -127, 127)
+    return (q * scale).reshape(padded.shape)[..., :k].astype(np.float32)
 
 
 def fake_quant_activation(x: np.ndarray, scale: float) -> np.ndarray:

@@ -127,7 +127,8 @@ def roofline_ms(weight_bytes: float, threads: int, repeats: int = FULL.roofline_
     return 1e3 * _median_seconds(lambda: session.run(None, {"x": x}), repeats, warmup=5)
 
 
-PRECISIONS = ("fp16", "fp8-qdq", "int4-qdq", "int4-ort")  # precision-form; each against fp32, both `auto` dispatch
+# precision-form[-int4 compute]; each against fp32, both `auto` dispatch. int4-ort-int8: --int4-compute int8
+PRECISIONS = ("fp16", "fp8-qdq", "int4-qdq", "int4-ort", "int4-ort-int8")
 
 
 def bench_precisions(name: str, precisions: list[str], threads: int, sizes: Sizes, scratch: Path) -> None:
@@ -149,14 +150,15 @@ def bench_precisions(name: str, precisions: list[str], threads: int, sizes: Size
     def size(bundle: Path) -> int:
         return sum(p.stat().st_size for p in bundle.iterdir())
 
-    print(f"{'precision':<12}{'dispatch':<10}{f'decode b{b1} ms':>13}{f'fp32 b{b1} ms':>13}{'x fp32':>8}"
+    print(f"{'precision':<15}{'dispatch':<10}{f'decode b{b1} ms':>13}{f'fp32 b{b1} ms':>13}{'x fp32':>8}"
           f"{'MB/step':>9}{f'roofline b{b1}':>13}{'size x fp32':>12}")
     with load(fp32, threads=threads) as base:
         vocab = base.vocab_size
         for choice in precisions:
             precision, _, form = choice.partition("-")
+            form, _, compute = form.partition("-")
             bundle = build(name, out=scratch / f"{name}-{choice}", precision=precision, quant_form=form or None,
-                           log=lambda _: None).bundle
+                           int4_compute=compute or None, log=lambda _: None).bundle
             with load(bundle, threads=threads) as engine:
                 rounds = [(decode_ms(base), decode_ms(engine)) for _ in range(3)]
                 base_ms = statistics.median(r[0] for r in rounds)
@@ -166,7 +168,7 @@ def bench_precisions(name: str, precisions: list[str], threads: int, sizes: Size
                 dims = with_ring({"batch": b1, "new": 1, "context": 128}, engine.manifest.model)
                 stored, _, unresolved = graph_cost(graph, dims)
                 roof = roofline_ms(stored.weight_bytes, threads, sizes.roofline_repeats) / step_ms
-                print(f"{choice:<12}{engine.graphs['decode']['moe_dispatch']:<10}{step_ms:>13.3f}{base_ms:>13.3f}"
+                print(f"{choice:<15}{engine.graphs['decode']['moe_dispatch']:<10}{step_ms:>13.3f}{base_ms:>13.3f}"
                       f"{base_ms / step_ms:>7.2f}x{stored.weight_bytes / 1e6:>9.2f}{100 * roof:>12.0f}%"
                       f"{size(bundle) / size(fp32):>11.3f}x", flush=True)
 

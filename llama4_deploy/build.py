@@ -219,13 +219,14 @@ def _manifest(recipe: Recipe, shape, source, passes, graphs, stages: list[dict[s
     }
 
 
-def _write_golden(staging: Path, shape) -> None:
-    """Engine outputs for a fixed short prompt, for comparing later backends without torch."""
+def _write_golden(staging: Path, shape, prepack: bool = False) -> None:
+    """Engine outputs for a fixed short prompt, for comparing later backends without torch. `prepack`: int8
+    activations (QuantSpec.int8_activations), whose kernels run only on prepacked weights."""
     from llama4_deploy.runtime import load
 
     ids = [int(i) for i in np.random.default_rng(0).integers(0, shape.vocab_size, size=8)]
     # the hashes are recorded after this; weights stay memory-mapped (no prepacked copies): O(layer) heap
-    with load(staging, verify_files=False, prepack=False) as engine:
+    with load(staging, verify_files=False, prepack=prepack) as engine:
         _save_npz(staging / GOLDEN, input_ids=np.array(ids), logits=engine.score(ids, mode="prefill"))
 
 
@@ -278,6 +279,7 @@ def build(
     extra_dispatches: tuple[str, ...] = (),
     target: str | None = None,
     quant_method: str | None = None,
+    int4_compute: str | None = None,
 ) -> BuildResult:
     """Build a bundle. `recipe` names a recipe (default `tiny`, or a plain fp32 ONNX Runtime
     build when only `checkpoint` is given); `checkpoint` is a Hugging Face checkpoint dir;
@@ -287,8 +289,8 @@ def build(
     max_position_embeddings, at most DEFAULT_MAX_CONTEXT. `out` may hold only a bundle this tool
     wrote (or nothing) unless `force` (outdir.py). `precision` (fp32, fp16, bf16, fp8, int4),
     `compute_dtype`, `block_size` (int4: 32, 64, 128), `quant_form` (qdq, ort, auto) and
-    `calibration` (a text or JSON file, fp8 and awq) and `quant_method` (rtn, awq: int4) override the
-    recipe's precision plan. `target` (onnxruntime,
+    `calibration` (a text or JSON file, fp8 and awq), `quant_method` (rtn, awq: int4) and `int4_compute`
+    (float, int8: the ort form's int8-activation kernels) override the recipe's precision plan. `target` (onnxruntime,
     tensorrt) overrides the recipe's backend; tensorrt writes a TensorRT-form bundle (tensorrt_target.py).
     `stages` (the recipe's `stages`, default 1) splits the layers into that many pipeline-stage graphs
     (llama4_deploy/stages.py). `extra_dispatches` also saves graphs for these MoE dispatches, each
@@ -314,7 +316,8 @@ def build(
         if attention not in (*FORMS, "auto"):
             raise BuildError(f"unknown attention form {attention!r}; choose one of {', '.join((*FORMS, 'auto'))}")
         chosen = chosen.model_copy(update={"attention": attention})
-    chosen = _with_precision(chosen, precision, compute_dtype, block_size, quant_form, calibration, quant_method)
+    chosen = _with_precision(chosen, precision, compute_dtype, block_size, quant_form, calibration, quant_method,
+                             int4_compute)
     if stages is not None:
         if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
             raise BuildError(f"--stages {stages!r} is not a number of pipeline stages; give an integer of at least 1")
@@ -462,7 +465,7 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
         if cache.get("golden", key) is None:
             log("[golden] engine logits for a fixed prompt")
             with timed("golden"):
-                _write_golden(bundle, shape)
+                _write_golden(bundle, shape, prepack=spec.int8_activations)
             with cache.put("golden", key) as (directory, _):
                 link_or_copy(bundle / GOLDEN, directory / GOLDEN)
         else:
@@ -479,13 +482,13 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
 
 
 def _with_precision(recipe: Recipe, precision, compute_dtype, block_size, quant_form, calibration,
-                    quant_method=None) -> Recipe:
+                    quant_method=None, int4_compute=None) -> Recipe:
     """The recipe with the build's precision overrides (None: the recipe's own)."""
     from pydantic import ValidationError
 
     update = {key: value for key, value in (("precision", precision), ("compute_dtype", compute_dtype),
                                             ("block_size", block_size), ("quant_form", quant_form),
-                                            ("quant_method", quant_method),
+                                            ("quant_method", quant_method), ("int4_compute", int4_compute),
                                             ("calibration", None if calibration is None else str(calibration)))
               if value is not None}
     if not update:
@@ -519,7 +522,7 @@ def _quant_spec(recipe: Recipe, ckpt=None):
             return checkpoint_quant_spec(ckpt, recipe.precision, recipe.compute_dtype, recipe.quant_form)
         return make_spec(QuantConfig(precision=recipe.precision, compute_dtype=recipe.compute_dtype,
                                      block_size=recipe.block_size, form=recipe.quant_form,
-                                     method=recipe.quant_method), recipe.backend)
+                                     method=recipe.quant_method, int4_compute=recipe.int4_compute), recipe.backend)
     except (ValueError, CompressedTensorsError) as err:
         raise BuildError(str(err)) from None
 

@@ -55,6 +55,8 @@ def main() -> None:
               help="quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto")
 @click.option("--quant-method", type=click.Choice(["rtn", "awq"]),
               help="int4 weight rounding: rtn (round to nearest, default) or awq (activation-aware scales)")
+@click.option("--int4-compute", type=click.Choice(["float", "int8"]),
+              help="int4 ort form: float activations (default) or int8 ones (MatMulNBits accuracy_level 4, faster)")
 @click.option("--calibration", type=click.Path(),
               help="fp8 activation / int4 awq calibration: text lines or a JSON list of token-id lists")
 @click.option("--stages", type=int, help="pipeline stages: split the layers into this many graphs, balanced by "
@@ -63,7 +65,7 @@ def main() -> None:
               help="backend the bundle is for (default: the recipe's); tensorrt: a TensorRT-form bundle for "
                    "llama4-deploy compile (bf16 compute unless --precision/--compute-dtype)")
 def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_batch, prefill_tokens, force, precision,
-          compute_dtype, block_size, quant_form, calibration, stages, target, quant_method) -> None:
+          compute_dtype, block_size, quant_form, calibration, stages, target, quant_method, int4_compute) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
@@ -73,7 +75,7 @@ def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_bat
                            prefill_tokens=prefill_tokens, force=force, precision=precision,
                            compute_dtype=compute_dtype, block_size=None if block_size is None else int(block_size),
                            quant_form=quant_form, calibration=calibration, stages=stages, target=target,
-                           quant_method=quant_method)
+                           quant_method=quant_method, int4_compute=int4_compute)
     except _user_errors() as err:
         raise UserError(str(err)) from None
     except KeyboardInterrupt:  # Ctrl-C: no bundle; the finished steps stay in the build cache (build_cache.py)

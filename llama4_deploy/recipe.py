@@ -82,6 +82,7 @@ class Recipe(Strict):
     block_size: Literal[32, 64, 128] = 128  # int4 block along the reduction axis
     quant_form: Literal["qdq", "ort", "auto"] = "auto"  # auto: ort (4-bit kernels) for int4 on ONNX Runtime
     quant_method: Literal["rtn", "awq"] = "rtn"  # awq: activation-aware int4 scales (export/awq.py)
+    int4_compute: Literal["float", "int8"] = "float"  # int8: MatMulNBits' int8 activations (graphs/quantize.py)
     calibration: str | None = None  # text lines or a JSON list of id lists; None: seeded random tokens
     backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"  # tensorrt: llama4_deploy/tensorrt_target.py
     moe_dispatch: Literal["dense", "gather", "capacity", "native", "auto"] = "auto"

@@ -51,6 +51,21 @@ def test_int4_ort_uses_the_4bit_kernels(tmp_path):
     _check(verify(str(bundle), log=lambda _: None))
 
 
+def test_int4_int8_compute_verifies(tmp_path):
+    """--int4-compute int8: MatMulNBits with accuracy_level 4 (int8 activations per block), QMoE's experts in float;
+    checked against the simulation that rounds the same activations to int8 (verify.INT8_ACTIVATION_TOLERANCE)."""
+    result = invoke("build", "--recipe", "tiny", "--precision", "int4", "--int4-compute", "int8", "--block-size", "32",
+                    "--moe-dispatch", "native", "--out", tmp_path / "int8")
+    assert result.exit_code == 0, result.output
+    bundle = tmp_path / "int8"
+    levels = {n.attributes["accuracy_level"].as_int() for n in ir.load(bundle / "native.onnx").graph
+              if n.op_type == "MatMulNBits"}
+    assert levels == {4}
+    rules = manifest(bundle)["engine"]["quantization"]["rules"]
+    assert [r["activation"] for r in rules] == ["none", "int8_block"]
+    _check(verify(str(bundle), log=lambda _: None))
+
+
 def test_int4_qdq_and_cli(tmp_path):
     """The TensorRT form through the CLI (block 128, partial blocks on tiny's 64-wide axes), every
     weight a blocked INT4 DequantizeLinear, run by ONNX Runtime."""

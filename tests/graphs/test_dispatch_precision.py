@@ -1,5 +1,6 @@
 """Every MoE dispatch x precision, on one MoE layer (transformers' Llama4TextMoe, E=8, H=64, I=32): each lowering
-(dense, gather, capacity, native) in fp16, fp8 (qdq) and int4 (qdq and ort forms) against a PyTorch fake-quant
+(dense, gather, capacity, native) in fp16, fp8 (qdq) and int4 (qdq and ort forms, the ort form also with int8
+activations) against a PyTorch fake-quant
 simulation of the same spec, or the one-sentence refusal the build gives (fp8 x native: no place for the activation
 Q/DQ inside ONNX Runtime's fused MoE kernel; fp16 x capacity: ONNX Runtime's CPU has no float16 ScatterND-add, and
 the graph indeed fails there, which the test also checks).
@@ -25,7 +26,8 @@ from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
 from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
 from llama4_deploy.graphs.lower_moe_native import lower_moe_native
 from llama4_deploy.graphs.quant_pass import quantize_model
-from llama4_deploy.graphs.quantize import QuantConfig, fake_quant, fake_quant_activation, fp8_activation_scale, make_spec
+from llama4_deploy.graphs.quantize import (QuantConfig, fake_quant, fake_quant_activation, fake_quant_int8_blocks,
+                                           fp8_activation_scale, make_spec)
 from llama4_deploy.verify import SIMULATION_TOLERANCE
 from tests.graphs.moe_fixtures import hf_moe, moe_model, run_ort, transformers_output
 
@@ -41,9 +43,14 @@ SHARED = {"shared_gate": "gate_proj", "shared_up": "up_proj", "shared_down": "do
 
 
 def _spec(choice: str):
-    precision, _, form = choice.partition("-")
-    spec = make_spec(QuantConfig(precision=precision, block_size=32, form=form or "auto"))
-    return spec.model_copy(update={"rules": tuple(r.model_copy(update={"patterns": PATTERNS}) for r in spec.rules)})
+    precision, form, compute = (choice.split("-") + ["", ""])[:3]
+    spec = make_spec(QuantConfig(precision=precision, block_size=32, form=form or "auto", int4_compute=compute or "float"))
+    if len(spec.rules) == 2:  # int8 compute: experts keep float activations, the shared expert's MatMulNBits int8
+        patterns = (PATTERNS[:2], PATTERNS[2:])
+    else:
+        patterns = (PATTERNS,) * len(spec.rules)
+    return spec.model_copy(update={"rules": tuple(r.model_copy(update={"patterns": p})
+                                                  for r, p in zip(spec.rules, patterns))})
 
 
 def _inputs(moe, x):
@@ -72,19 +79,24 @@ def _hook(moe, transform):
 def _simulate(moe, spec, amax):
     """moe with the spec's fake-quant weights (reduction axis: experts' K, the Linear's in) and fp8 activations."""
     with torch.no_grad():
-        for rule in spec.rules:
-            for param, axis in ((moe.experts.gate_up_proj, 1), (moe.experts.down_proj, 1)):
-                param.copy_(torch.from_numpy(fake_quant(param.numpy(), rule, axis)))
-            for module in SHARED.values():
+        if spec.quantized:
+            for name, param in (("gate_up", moe.experts.gate_up_proj), ("down", moe.experts.down_proj)):
+                param.copy_(torch.from_numpy(fake_quant(param.numpy(), spec.rule_for(name), 1)))
+            for name, module in SHARED.items():
                 w = getattr(moe.shared_expert, module).weight
-                w.copy_(torch.from_numpy(fake_quant(w.numpy(), rule, 1)))
+                w.copy_(torch.from_numpy(fake_quant(w.numpy(), spec.rule_for(name), 1)))
+    int8 = next((r for r in spec.rules if r.activation == "int8_block"), None)
+    if int8 is not None:  # MatMulNBits (accuracy_level 4) on the shared expert: int8 inputs per row and block
+        for module in SHARED.values():
+            getattr(moe.shared_expert, module).register_forward_pre_hook(lambda m, args: (torch.from_numpy(
+                fake_quant_int8_blocks(args[0].numpy(), int8.block_size)),))
     if spec.activations:
         scales = {name: fp8_activation_scale(value) for name, value in amax.items()}
         _hook(moe, lambda name, t: torch.from_numpy(fake_quant_activation(t.detach().numpy(), scales[name])))
     return moe
 
 
-@pytest.mark.parametrize("choice", ["fp16", "fp8", "int4-qdq", "int4-ort"])
+@pytest.mark.parametrize("choice", ["fp16", "fp8", "int4-qdq", "int4-ort", "int4-ort-int8"])
 @pytest.mark.parametrize("dispatch", list(LOWER))
 def test_dispatch_x_precision(dispatch, choice):
     moe, weights = hf_moe(E, H, I, seed=1)
@@ -109,8 +121,9 @@ def test_dispatch_x_precision(dispatch, choice):
     counts = quantize_model(model, spec, amax)
     ops = {n.op_type for n in model.graph}
     if spec.quantized:
-        assert sum(counts.values()) == 5 if dispatch != "native" or choice != "int4-ort" else counts["quantize_ort"] == 4
-    if choice == "int4-ort":
+        assert sum(counts.values()) == 5 if dispatch != "native" or not choice.startswith("int4-ort") else \
+        counts["quantize_ort"] == 4
+    if choice.startswith("int4-ort"):
         assert "MatMulNBits" in ops and (("QMoE" in ops) == (dispatch == "native"))
     if choice == "fp8":
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops

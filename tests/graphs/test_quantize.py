@@ -32,6 +32,8 @@ def test_presets_name_the_linear_layers_only():
     (QuantConfig(precision="int4", block_size=48), "block size 48"),
     (QuantConfig(precision="fp8", form="ort"), "fp8 has no ONNX Runtime"),
     (QuantConfig(precision="fp32", form="ort"), "quantizes nothing"),
+    (QuantConfig(precision="int4", form="qdq", int4_compute="int8"), "needs --precision int4 and the ort form"),
+    (QuantConfig(precision="fp8", method="awq"), "awq is for int4"),
 ])
 def test_bad_combinations_refuse(config, message):
     with pytest.raises(ValueError, match=message):
@@ -61,6 +63,10 @@ def test_fp8_numbers():
     np.testing.assert_allclose(fake_quant(w, make_spec(QuantConfig(precision="fp8")).rules[0], 0), w, rtol=2 ** -3)
 
 
+def node_attribute(model: ir.Model, name: str) -> int:
+    return next(iter(model.graph)).attributes[name].as_int()
+
+
 def _matmul_model(w: np.ndarray) -> ir.Model:
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([3, w.shape[0]]))
     weight = ir.Value(name="layers.0.q", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(w.shape),
@@ -71,17 +77,21 @@ def _matmul_model(w: np.ndarray) -> ir.Model:
     return ir.Model(graph, ir_version=10)
 
 
-@pytest.mark.parametrize("form", ["qdq", "ort"])
+@pytest.mark.parametrize("form", ["qdq", "ort", "ort-int8"])
 @pytest.mark.parametrize("block", [32, 128])
 def test_matmul_forms_compute_the_spec(form, block):
+    """ort-int8: MatMulNBits with accuracy_level 4 quantizes x to int8 per row and block; the spec's
+    fake_quant_int8_blocks computes the same int8 values, so the two again differ by summation order only."""
     import onnxruntime as ort
 
     from llama4_deploy.graphs.quant_pass import quantize_model
+    from llama4_deploy.graphs.quantize import fake_quant_int8_blocks
 
     rng = np.random.default_rng(0)
     w = rng.normal(0, 0.02, (96, 40)).astype(np.float32)  # K=96: a partial last block at 64 and 128
     x = rng.normal(0, 1, (3, 96)).astype(np.float32)
-    spec = make_spec(QuantConfig(precision="int4", block_size=block, form=form))
+    form, _, compute = form.partition("-")
+    spec = make_spec(QuantConfig(precision="int4", block_size=block, form=form, int4_compute=compute or "float"))
     model = _matmul_model(w)
     counts = quantize_model(model, spec)
     ops = [n.op_type for n in model.graph]
@@ -94,8 +104,17 @@ def test_matmul_forms_compute_the_spec(form, block):
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x})[0]
-    expected = x @ fake_quant(w, spec.rules[0], 0)
+    rule = spec.rule_for("layers.0.q")
+    expected = (fake_quant_int8_blocks(x, block) if compute else x) @ fake_quant(w, rule, 0)
     np.testing.assert_allclose(got, expected, atol=1e-4)
+    if compute:
+        assert node_attribute(model, "accuracy_level") == 4 and np.abs(x @ fake_quant(w, rule, 0) - expected).max() > 1e-3
+        # without prepacked weights ONNX Runtime 1.32 multiplies in float instead: why verify and the golden step
+        # prepack an int8-activation bundle (llama4_deploy/verify.py)
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        unpacked = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options,
+                                        providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        np.testing.assert_allclose(unpacked, x @ fake_quant(w, rule, 0), atol=1e-4)
     assert np.abs(x @ w - expected).max() > 1e-3  # quantization did change the numbers
 
 
