@@ -124,13 +124,11 @@ def _fold_small_values(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
 
 def _structure_proto(model: ir.Model) -> onnx.ModelProto:
     """The model as a proto whose large initializers are external references that are never
-    read: shape inference needs their shapes only, and reading them would load every weight. A lazy
-    tensor (a weight the saver computes, graphs/lower_quant_qdq.py) is never read whatever its size: a small
-    int4 scale would quantize its whole weight just to be folded, and no shape depends on a weight's values."""
+    read: shape inference needs their shapes only, and reading them would load every weight."""
     swapped = {}
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
-        if tensor is not None and (isinstance(tensor, ir.LazyTensor) or math.prod(tensor.shape.numpy()) > _FOLD_LIMIT):
+        if tensor is not None and math.prod(tensor.shape.numpy()) > _FOLD_LIMIT:
             swapped[name] = tensor
             value.const_value = ir.ExternalTensor("shape-only.bin", 0, tensor.nbytes, tensor.dtype,
                                                   shape=tensor.shape, name=name)
