@@ -45,17 +45,19 @@ class FollowingHasher:
             self._cond.notify()
 
     def _run(self) -> None:
+        buffer = bytearray(READ_BYTES)
         try:
             while True:
                 with self._cond:
                     self._cond.wait_for(lambda: self._ready > self._done or self._closed)
                     limit, closed = self._ready, self._closed
-                while self._done < limit:
-                    block = os.pread(self._fd, min(READ_BYTES, limit - self._done), self._done)
-                    if not block:
+                while self._done < limit:  # one reused buffer: no 16 MiB allocation per block
+                    view = memoryview(buffer)[:min(READ_BYTES, limit - self._done)]
+                    count = os.preadv(self._fd, [view], self._done)
+                    if not count:
                         break
-                    self._hasher.update(block)
-                    self._done += len(block)
+                    self._hasher.update(view[:count])
+                    self._done += count
                 if closed and self._done >= self._ready:
                     return
         except BaseException as err:  # reported by finish, which falls back to hashing the file again
