@@ -12,7 +12,7 @@ import os
 import threading
 from pathlib import Path
 
-from llama4_deploy.runtime.integrity import READ_BYTES, RecordHasher, file_record
+from llama4_deploy.runtime.integrity import PART_BYTES, READ_BYTES, RecordHasher, file_record
 
 
 class FollowingHasher:
@@ -22,9 +22,10 @@ class FollowingHasher:
     The file is opened on the first `advance` (the writer's file must exist by then) and kept open, so a rename into
     place afterwards is followed; if `final` turns out not to be that file, it is hashed again from disk."""
 
-    def __init__(self, open_path):
+    def __init__(self, open_path, part_bytes: int = PART_BYTES):
         self._open_path = open_path  # () -> Path of the file being written (it may be renamed later)
-        self._hasher = RecordHasher()
+        self._part_bytes = part_bytes
+        self._hasher = RecordHasher(part_bytes)
         self._fd: int | None = None
         self._ready = 0  # bytes below this offset are final
         self._done = 0  # bytes hashed
@@ -54,8 +55,8 @@ class FollowingHasher:
                 while self._done < limit:  # one reused buffer: no 16 MiB allocation per block
                     view = memoryview(buffer)[:min(READ_BYTES, limit - self._done)]
                     count = os.preadv(self._fd, [view], self._done)
-                    if not count:
-                        break
+                    if not count:  # shorter than the writer said: finish hashes the file again
+                        raise EOFError(f"the followed file ended at {self._done} bytes, before {limit}")
                     self._hasher.update(view[:count])
                     self._done += count
                 if closed and self._done >= self._ready:
@@ -67,7 +68,7 @@ class FollowingHasher:
         """The record of `final`, the written file (closed by its writer)."""
         size = final.stat().st_size
         if self._fd is None:
-            return file_record(final)
+            return file_record(final, self._part_bytes)
         try:
             if os.fstat(self._fd).st_ino != final.stat().st_ino:
                 self._error = self._error or RuntimeError("the followed file is not the final one")
@@ -79,5 +80,5 @@ class FollowingHasher:
         finally:
             os.close(self._fd)
         if self._error is not None or self._done != size:
-            return file_record(final)
+            return file_record(final, self._part_bytes)
         return self._hasher.record()
