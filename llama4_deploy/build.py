@@ -685,7 +685,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
             with contextlib.ExitStack() as scope:
                 directory, record = scope.enter_context(cache.put(step, key)) if cache is not None else (staging, {})
                 with timed("save"):
-                    layout = save_stage_graphs(models, directory, stage)
+                    layout, data_record = save_stage_graphs(models, directory, stage)
                 overflow = {s for s, model in models.items()
                             if any(o.name == "moe_overflow" for o in model.graph.outputs)}
                 stage_inputs, stage_outputs = stage_io(shape, stage)
@@ -700,8 +700,8 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
                     "outputs": stage_outputs + (["moe_overflow"] if overflow else []),
                 }
                 record["passes"] = stage_passes
-                names = [data_file(stage)] + [graph_file(stage, s) for s in strategies]
-                record["files"] = hash_files(directory, names)
+                files = {**hash_files(directory, [graph_file(stage, s) for s in strategies]), data_file(stage): data_record}
+                record["files"] = dict(sorted(files.items()))
             for strategy in strategies:
                 lowered.pop((stage.count, stage.index, strategy), None)  # saved: free the graphs
         else:

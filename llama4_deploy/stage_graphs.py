@@ -126,9 +126,10 @@ def link_stage(checkpoint, templates, stage: Stage, weight: Callable[[Any, str],
     return model, stamped
 
 
-def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> str:
+def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> tuple[str, dict]:
     """Save each graph of a stage as `graph_file(stage, strategy)`, all referencing one external-data
-    file, `data_file(stage)`.
+    file, `data_file(stage)`. Returns the layout fingerprint and the data file's `file_record`, hashed by a
+    thread that follows the writer (llama4_deploy/write_hash.py) rather than by reading the file again.
 
     The union of their initializers is written once (streamed, one tensor at a time) through a
     weights-only model, then each graph is saved pointing at those external tensors, carrying
@@ -136,6 +137,8 @@ def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> 
     """
     import onnx_ir as ir
     from tqdm import tqdm
+
+    from llama4_deploy.write_hash import FollowingHasher
 
     union: dict[str, ir.Value] = {}
     for model in models.values():
@@ -148,7 +151,21 @@ def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> 
     label = "[save] weights" if stage.count == 1 else f"[save] stage {stage.index} weights"
     with tqdm(total=sum(v.const_value.nbytes for v in holders), unit="B", unit_scale=True, desc=label,
               file=sys.stderr, disable=None) as bar:
-        ir.save(weights, index, external_data=data_file(stage), callback=lambda tensor, info: bar.update(tensor.nbytes))
+        final = directory / data_file(stage)
+        # onnx-ir writes the data serially into `.<name>.*/<name>` and renames it into place; at tensor i's
+        # callback tensor i - 1 may still sit in the writer's buffer (its seek flushes it), so everything
+        # below tensor i - 1's offset is final
+        hasher = FollowingHasher(lambda: max(directory.glob(f".{final.name}.*/{final.name}"),
+                                             key=lambda p: p.stat().st_mtime_ns))
+        offsets = [0]
+
+        def written(tensor, info) -> None:
+            bar.update(tensor.nbytes)
+            hasher.advance(offsets[-1])
+            offsets.append(info.offset)
+
+        ir.save(weights, index, external_data=data_file(stage), callback=written)
+        data_record = hasher.finish(final)
     stored = ir.load(index).graph.initializers
     external = {name: v.const_value for name, v in stored.items() if isinstance(v.const_value, ir.ExternalTensor)}
     layout = layout_fingerprint((name, t.offset or 0, t.length, t.dtype.name, tuple(t.shape))
@@ -159,4 +176,4 @@ def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> 
         model.metadata_props[LAYOUT_KEY] = layout
         ir.save(model, directory / graph_file(stage, strategy))
     index.unlink()
-    return layout
+    return layout, data_record

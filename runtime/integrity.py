@@ -44,27 +44,45 @@ def verify_files_default() -> bool:
     return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+class RecordHasher:
+    """`file_record`'s figures over bytes fed in order: the whole file's SHA-256 and, for a file larger than one
+    part, the SHA-256 of each `part_bytes` slice too (one pass feeds both)."""
+
+    def __init__(self, part_bytes: int = PART_BYTES):
+        self.part_bytes = part_bytes
+        self._whole, self._part = hashlib.sha256(), hashlib.sha256()
+        self._parts: list[str] = []
+        self._in_part = self.size = 0
+
+    def update(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            block = view[:self.part_bytes - self._in_part]
+            self._whole.update(block)
+            self._part.update(block)
+            self.size += len(block)
+            self._in_part += len(block)
+            if self._in_part == self.part_bytes:
+                self._parts.append(self._part.hexdigest())
+                self._part, self._in_part = hashlib.sha256(), 0
+            view = view[len(block):]
+
+    def record(self) -> dict:
+        record: dict = {"size": self.size, "sha256": self._whole.hexdigest()}
+        if self.size > self.part_bytes:
+            parts = self._parts + ([self._part.hexdigest()] if self._in_part else [])
+            record["parts"] = {"bytes": self.part_bytes, "sha256": parts}
+        return record
+
+
 def file_record(path: Path, part_bytes: int = PART_BYTES) -> dict:
     """Size and SHA-256 of a file, and for a file larger than one part the SHA-256 of each
     `part_bytes` slice too (one read feeds both), so a check can hash the parts in parallel."""
-    whole = hashlib.sha256()
-    parts: list[str] = []
-    part, in_part, size = hashlib.sha256(), 0, 0
+    hasher = RecordHasher(part_bytes)
     with open(path, "rb", buffering=0) as stream:
-        while block := stream.read(min(READ_BYTES, part_bytes - in_part)):
-            whole.update(block)
-            part.update(block)
-            size += len(block)
-            in_part += len(block)
-            if in_part == part_bytes:
-                parts.append(part.hexdigest())
-                part, in_part = hashlib.sha256(), 0
-    record: dict = {"size": size, "sha256": whole.hexdigest()}
-    if size > part_bytes:
-        if in_part:
-            parts.append(part.hexdigest())
-        record["parts"] = {"bytes": part_bytes, "sha256": parts}
-    return record
+        while block := stream.read(READ_BYTES):
+            hasher.update(block)
+    return hasher.record()
 
 
 def _slice_sha256(path: Path, offset: int, length: int) -> str:
