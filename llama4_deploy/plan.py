@@ -290,34 +290,13 @@ def workspace_bytes(shape: ModelShape, precision: Precision, batch: int, prefill
 
 
 def balanced_split(costs: Sequence[int], stages: int) -> list[range]:
-    """Contiguous split of `costs` into `stages` non-empty ranges whose largest sum is the smallest possible
-    (binary search on that sum; a greedy fill decides whether a bound is reachable)."""
+    """Contiguous split of `costs` into `stages` non-empty ranges whose largest sum is the smallest possible:
+    the build's own split (llama4_deploy/stages.py), over the plan's per-layer costs."""
+    from llama4_deploy.stages import split_layers
+
     if not 1 <= stages <= len(costs):
         raise PlanError(f"cannot split {len(costs)} layers into {stages} stages")
-
-    def greedy(bound: int) -> list[range] | None:
-        ranges, start, load = [], 0, 0
-        for i, cost in enumerate(costs):
-            if load + cost > bound and i > start:
-                ranges.append(range(start, i))
-                start, load = i, 0
-            load += cost
-        ranges.append(range(start, len(costs)))
-        return ranges if len(ranges) <= stages else None
-
-    low, high = max(costs), sum(costs)
-    while low < high:
-        mid = (low + high) // 2
-        if greedy(mid) is None:
-            low = mid + 1
-        else:
-            high = mid
-    ranges = greedy(low)
-    while len(ranges) < stages:  # fewer stages reached the bound: split the longest ranges further
-        widest = max(range(len(ranges)), key=lambda i: len(ranges[i]))
-        r = ranges[widest]
-        ranges[widest:widest + 1] = [range(r.start, r.start + 1), range(r.start + 1, r.stop)]
-    return ranges
+    return [range(stage.start, stage.stop) for stage in split_layers(costs, stages)]
 
 
 def stage_costs(shape: ModelShape, precision: Precision, context: int, batch: int, prefill_tokens: int) -> list[int]:
@@ -458,8 +437,8 @@ def report(shape: ModelShape, source: str, config: PlanConfig = PlanConfig(), st
                     f"{'yes' if d.fits else 'no':<5}"
                     + "".join(f"{_context_cell(c, shape):>12}" for c in contexts)
                     + ("  <- fewest" if best is not None and n == len(best.stages) else ""))
-    lines.append(f"  (ctx: tokens per row; * = max_position_embeddings, the model's own limit; "
-                 f"- = not even one token)")
+    lines.append("  (ctx: tokens per row; * = max_position_embeddings, the model's own limit; "
+                 "- = not even one token)")
     lines += ["", "fewest GPUs (batch 1, reference context):"]
     for p in plans.values():
         parts = [f"{gpu.name} {len(d.stages) if d else 'none'}" for gpu in GPUS
