@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 
-.PHONY: engine test bench loadtest setup clean train-tiny plan synth-checkpoint bench-build gpu-check
+.PHONY: engine test bench loadtest setup clean train-tiny plan synth-checkpoint bench-build bench-kernels gpu-check
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m llama4_deploy.bench
 	$(BIN)/python -m llama4_deploy.bench_context
+
+# One decode linear (M = 1) at the real models' shapes and the minis': fp32 MatMul vs 4-bit MatMulNBits with float
+# and int8 activations, cache-resident and streamed from DRAM: the ceiling the kernels put on a 4-bit decode (minutes)
+bench-kernels: $(STAMP)
+	$(BIN)/python -m llama4_deploy.bench_kernels
 
 # A Maverick-shaped checkpoint (48 layers, 128 experts every second layer, hidden 512) of seeded random bf16
 # weights, 4.46 GB of sharded safetensors written shard by shard, into build/synth-maverick (SYNTH_OUT=...)
