@@ -82,6 +82,11 @@ def _attention_schema() -> OpSchema:
 
 def register_schemas() -> None:
     """Make onnx (and the exporter, which checks schemas) aware of the project's ops. Idempotent."""
+    # onnx.reference builds its operator table once, at import, and refuses a name that two domains
+    # share (our Attention and opset 23's): import it before our schemas join onnx.defs, so that the
+    # cost model's constant folding (graphs/cost.py) works whichever was imported first
+    import onnx.reference  # noqa: F401
+
     if not onnx.defs.has(MOE, DOMAIN):
         onnx.defs.register_schema(_moe_schema())
     if not onnx.defs.has(ATTENTION, DOMAIN):
