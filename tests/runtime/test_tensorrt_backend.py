@@ -1,6 +1,8 @@
 """The TensorRT backend's parts that run without a GPU: backend choice, refusals, plan compatibility,
-profile choice, and the device cache writes' offsets (against HostStorage, on a host emulation of
-cudaMemcpy2DAsync's documented semantics). The plans themselves need a GPU: `gpu` / `tensorrt` tests."""
+profile choice, the device cache writes' offsets (against HostStorage, on a host emulation of
+cudaMemcpy2DAsync's documented semantics), and the pipeline's device plan on an emulation of several GPUs
+(which device each stage's streams, cache buffers and hidden-state copies go to). The plans themselves need
+a GPU: `gpu` / `tensorrt` tests."""
 
 from __future__ import annotations
 
