@@ -130,8 +130,14 @@ class DeviceBuffer:
 
     def __del__(self):
         if self.owned and self.ptr:
-            try:
-                _cudart().cudaFree(self.ptr)
+            try:  # freed on its own device; the current device is restored (collection happens at any time)
+                cudart = _cudart()
+                current = cudart.cudaGetDevice()[1]
+                if current != self.device:
+                    cudart.cudaSetDevice(self.device)
+                cudart.cudaFree(self.ptr)
+                if current != self.device:
+                    cudart.cudaSetDevice(current)
             except Exception:  # interpreter shutdown
                 pass
             self.ptr = 0

@@ -105,6 +105,7 @@ class _HostCuda:
         self.owner: dict[int, tuple[int, int]] = {}  # base pointer -> (device, bytes)
         self.stream_device: dict[int, int] = {}
         self.log: list[tuple] = []
+        self.frees, self.wrong_device_frees = 0, []
         self.cudaError_t = types.SimpleNamespace(cudaSuccess=0, cudaErrorPeerAccessAlreadyEnabled=704)
         self.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2,
                                                     cudaMemcpyDeviceToDevice=3)
@@ -124,6 +125,9 @@ class _HostCuda:
 
     def cudaGetDeviceCount(self):
         return 0, self.devices
+
+    def cudaGetDevice(self):
+        return 0, self.current
 
     def cudaSetDevice(self, device):
         assert 0 <= device < self.devices, f"cudaSetDevice({device}) with {self.devices} devices"
@@ -152,6 +156,9 @@ class _HostCuda:
         return 0, array.ctypes.data
 
     def cudaFree(self, ptr):
+        if ptr in self.owner and self.owner[ptr][0] != self.current:  # (raised inside __del__: recorded instead)
+            self.wrong_device_frees.append(ptr)
+        self.frees += 1
         self.keep.pop(ptr, None)
         self.owner.pop(ptr, None)
         return (0,)
@@ -277,6 +284,9 @@ def test_stage_device_plan(monkeypatch, peer):
         assert cuda.device_of(device_cache.keys[layer].ptr) == (0 if layer < 2 else 1)
         np.testing.assert_array_equal(_host(device_cache.keys[layer]), host_cache.keys[layer])
         np.testing.assert_array_equal(_host(device_cache.values[layer]), host_cache.values[layer])
+    # the step's present buffers on GPU 0 were freed while GPU 1 was current: each on its own device, and the
+    # current device restored after
+    assert cuda.frees > 0 and cuda.wrong_device_frees == [] and cuda.current == 1
     hidden = rng.normal(size=(2, 5, 8)).astype(np.float32)  # [B, T, H] from stage 0
     cuda.log.clear()
     moved = plan.hand_off(_on_device(cuda, hidden, 0), 1)
