@@ -78,6 +78,8 @@ class Engine:
         engine = manifest.engine
         self.backend = backends.choose(manifest, backend)  # runtime/backends.py: best available, said once
         self.devices = placement(manifest, self.backend, devices)  # one per stage (runtime/devices.py)
+        # ONNX Runtime's providers per stage, refused (no CUDA) before any file is read
+        providers = [onnxruntime_providers(d) for d in self.devices] if self.backend != "tensorrt" else None
         if arguments.flag(verify_files, "verify_files"):
             count, size, seconds = integrity.check_files(manifest)
             log.info("checked SHA-256 of %d files (%.1f MB) in %.2fs", count, size / 1e6, seconds)
@@ -90,7 +92,6 @@ class Engine:
         if self.backend == "tensorrt":
             self._open_plans()
         else:
-            providers = [onnxruntime_providers(device) for device in self.devices]  # refused before any session
             self.runners = {}  # graph file -> runner; file names are unique across stages
             for stage in self.stages:
                 # ONNX Runtime's threads spin after each run; a second spinning session run right after

@@ -50,6 +50,7 @@ def test_every_stage_graph_is_in_the_tensorrt_form_with_its_own_profiles(bundles
     import onnx
     import onnx_ir as ir
 
+    from llama4_deploy.compile import planned_files
     from llama4_deploy.graphs.lint_tensorrt import lint_tensorrt
     from llama4_deploy.tensorrt_target import topk_bound
 
@@ -62,7 +63,9 @@ def test_every_stage_graph_is_in_the_tensorrt_form_with_its_own_profiles(bundles
         {role: g["moe_dispatch"] for role, g in manifest(bundles[1])["engine"]["graphs"].items()}
     files = {g["file"] for s in stages for g in s["graphs"].values()}
     assert files == {f"stage{s}.{d}.onnx" for s in (0, 1) for d in ("capacity", "gather", "dense")}
-    assert set(engine["tensorrt"]["profiles"]) == files  # `compile` builds one plan per stage graph file
+    assert set(engine["tensorrt"]["profiles"]) == files
+    plans = planned_files(engine["tensorrt"])  # what `compile` builds: one plan per stage graph file
+    assert plans == {file: file.replace(".onnx", ".plan") for file in files}
     bound = topk_bound(m["profiles"], m["model"], engine["graphs"]["prefill"]["capacity_factor"])
     for stage in stages:
         own = [f"past_{kv}.{layer}" for layer in range(*stage["layers"]) for kv in ("key", "value")]
