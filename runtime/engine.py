@@ -89,6 +89,7 @@ class Engine:
         self.stages = manifest.stages
         self._storage = None  # KV cache storage: host arrays (ONNX Runtime) or, per layer, device buffers (TensorRT)
         self._hand_off = None  # (hidden states, next stage) -> them on that stage's device (TensorRT)
+        self._placement = None  # the TensorRT stages' device plan (streams, storages), closed with the engine
         if self.backend == "tensorrt":
             self._open_plans()
         else:
@@ -113,8 +114,8 @@ class Engine:
     def _open_plans(self) -> None:
         from llama4_deploy.runtime.tensorrt_backend import open_plans
 
-        self.runners, stages = open_plans(self.manifest, [device.index for device in self.devices])
-        self._storage, self._hand_off = stages.layer_storage, stages.hand_off
+        self.runners, self._placement = open_plans(self.manifest, [device.index for device in self.devices])
+        self._storage, self._hand_off = self._placement.layer_storage, self._placement.hand_off
 
     def new_cache(self, batch: int) -> KVCache:
         """An empty KV cache of `batch` rows in this backend's memory."""
@@ -132,6 +133,11 @@ class Engine:
             reason = " ".join(str(err).split())[:300]
             raise BundleError(f"{file} in {self.manifest.path} cannot be loaded by ONNX Runtime ({reason})") from None
         session = runner.session
+        if providers and providers[0] != "CPUExecutionProvider" and providers[0][0] not in session.get_providers():
+            # ONNX Runtime falls back to the CPU when a provider fails to start: refuse rather than run elsewhere
+            raise BundleError(f"ONNX Runtime could not start {providers[0][0]} on device {providers[0][1]['device_id']} "
+                              f"for {file} (it runs on {', '.join(session.get_providers())}); check the GPU and its "
+                              f"CUDA libraries")
         integrity.check_layout(self.manifest, file, session.get_modelmeta().custom_metadata_map, stage)
         integrity.check_graph_io(self.manifest, file,
                                  {i.name: (i.type, list(i.shape)) for i in session.get_inputs()},
@@ -141,6 +147,9 @@ class Engine:
     def close(self) -> None:
         for runner in getattr(self, "runners", {}).values():
             runner.deactivate()
+        if getattr(self, "_placement", None) is not None:  # (getattr: __init__ may have failed before)
+            self._placement.close()  # the TensorRT stages' streams
+            self._placement = None
 
     def __enter__(self) -> "Engine":
         return self
@@ -319,5 +328,6 @@ def load(bundle_dir: str | os.PathLike, threads: int | None = None, verify_files
     engine = Engine(read_manifest(Path(bundle_dir)), threads=threads, verify_files=verify_files,
                     allow_non_finite=allow_non_finite, prepack=prepack, backend=backend, devices=devices)
     # engine.cache_memory holds the figures
-    log.info("%s: %s backend; %s", engine.manifest.name, engine.backend, engine.cache_memory)
+    log.info("%s: %s backend on %s; %s", engine.manifest.name, engine.backend,
+             ", ".join(str(device) for device in engine.devices), engine.cache_memory)
     return engine

@@ -370,6 +370,17 @@ class StagePlacement:
                                       cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.streams[dst]), "cudaMemcpyAsync")
         return target
 
+    def close(self) -> None:
+        """Destroy the streams (after waiting for them) and drop the hand-off buffers."""
+        cudart = _cudart()
+        for device, stream in self.streams.items():
+            _set_device(device)
+            _check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+            _check(cudart.cudaStreamDestroy(stream), "cudaStreamDestroy")
+        self.streams.clear()
+        self._inputs.clear()
+        self._host.clear()
+
 
 def open_plans(manifest, devices: list[int] | None = None) -> tuple[dict[str, TensorRTRunner], StagePlacement]:
     """A runner per graph file (keyed like the ONNX Runtime runners), each on its stage's GPU (`devices`:

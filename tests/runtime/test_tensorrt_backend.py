@@ -142,6 +142,10 @@ class _HostCuda:
     def cudaStreamSynchronize(self, stream):
         return (0,)
 
+    def cudaStreamDestroy(self, stream):
+        assert self.stream_device.pop(stream) == self.current, "a stream destroyed on another device"
+        return (0,)
+
     def cudaDeviceCanAccessPeer(self, device, peer):
         return 0, int(self.peer_access)
 
@@ -296,6 +300,8 @@ def test_stage_device_plan(monkeypatch, peer):
         assert cuda.log == [("peer", 1, 0, 1, hidden.nbytes)]  # GPU 0 -> GPU 1 on GPU 1's stream
     else:
         assert cuda.log == [("to_host", 0, hidden.nbytes), ("from_host", 1, hidden.nbytes)]
+    plan.close()
+    assert cuda.stream_device == {} and plan.streams == {}  # each stream destroyed on its own device
 
 
 def test_stages_on_one_gpu_share_its_stream_and_buffers(monkeypatch):
