@@ -23,9 +23,8 @@ D head_dim, H hidden size.
   `hidden_states_out` [B, T, H] reaches stage s+1's GPU by one cudaMemcpyPeerAsync where
   cudaDeviceCanAccessPeer allows direct access (enabled once at load), else through host memory (device
   to host on stage s's stream, then host to device on stage s+1's); two stages on one GPU share the
-  buffer. Every runner waits for its stream after a run, so a copy never races the run that wrote it.
-- per GPU, one stream; the host waits for each run to finish (its logits, overflow flag, or the
-  hidden states the next stage takes).
+  buffer. Every runner waits for its stream after a run (for its logits, overflow flag, or the hidden
+  states the next stage takes), so a copy never races the run that wrote it.
 
 Plans are refused when built by another TensorRT version or for another GPU (`check_plans`), in one
 sentence that says how to rebuild them. tensorrt and cuda-python are imported lazily.
