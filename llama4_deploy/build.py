@@ -191,7 +191,8 @@ def _manifest(recipe: Recipe, shape, source, passes, graphs, stages: list[dict[s
         engine["external_data"] = stages[0]["external_data"]
         engine["weights_layout"] = stages[0]["weights_layout"]  # every graph's metadata_props carries the same
     else:  # pipeline stages, each with its own graph files, weights and I/O (docs/engine-abi.md)
-        engine["stages"] = stages
+        # stage s on device s by default (a GPU per stage); load(..., devices=...) places them otherwise
+        engine["stages"] = [{**stage, "device": stage["index"]} for stage in stages]
     return {
         "name": recipe.name,
         "model": shape.to_dict(),
@@ -327,9 +328,6 @@ def build(
         raise BuildError(f"unknown MoE dispatch {unknown[0]!r} in extra_dispatches; choose from "
                          f"{', '.join(c for c in CHOICES if c != 'auto')}")
     chosen = _with_target(chosen, target, precision, compute_dtype)
-    if chosen.backend == "tensorrt" and chosen.stages > 1:
-        raise BuildError(f"a TensorRT-form bundle has one stage for now (its profiles and plans are per graph of an "
-                         f"unsplit model); drop --stages {chosen.stages} or build for --target onnxruntime")
     out = Path(out or Path("build") / chosen.name).resolve()
     if checkpoint is None and chosen.checkpoint_path is not None:
         checkpoint = chosen.checkpoint_path  # shipped with the repository (recipes/tiny-trained.yaml)
@@ -454,7 +452,7 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
     if chosen.backend == "tensorrt":
         from llama4_deploy.tensorrt_target import manifest_record
 
-        manifest["engine"]["tensorrt"] = manifest_record(stages[0]["graphs"], chosen.profiles.model_dump(), manifest["model"],
+        manifest["engine"]["tensorrt"] = manifest_record(stages, chosen.profiles.model_dump(), manifest["model"],
                                                          manifest["layers"])
     manifest["files"] = {}
     write_manifest(bundle, manifest)

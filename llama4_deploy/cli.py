@@ -256,8 +256,10 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--verify-files/--no-verify-files", default=None,
               help="check every file's SHA-256 at load (default: yes, unless LLAMA4_DEPLOY_VERIFY_FILES=0)")
 @click.option("--allow-non-finite", is_flag=True, help="let NaN/Inf logits through instead of stopping")
+@click.option("--devices", help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "
+              "on ONNX Runtime, stage s on cuda:s on TensorRT)")
 def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads, verify_files,
-        allow_non_finite) -> None:
+        allow_non_finite, devices) -> None:
     """Generate from a prompt (text or token ids)."""
     from llama4_deploy.runtime import load
     from llama4_deploy.runtime.tokenizer import load_tokenizer
@@ -265,7 +267,8 @@ def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads, 
     if (prompt is None) == (ids is None):
         raise UserError("give exactly one of --prompt TEXT or --ids 1,2,3")
     try:
-        with load(bundle, threads=threads, verify_files=verify_files, allow_non_finite=allow_non_finite) as engine:
+        with load(bundle, threads=threads, verify_files=verify_files, allow_non_finite=allow_non_finite,
+                  devices=devices) as engine:
             tokenizer = None
             if prompt is not None:
                 tokenizer = load_tokenizer(engine.manifest)
@@ -289,7 +292,9 @@ def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads, 
 @click.option("--drain-timeout", default=30.0, show_default=True, type=float,
               help="seconds SIGTERM waits for in-flight requests")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
-def serve(bundle, host, port, max_batch, max_queue, drain_timeout, threads) -> None:
+@click.option("--devices", help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "
+              "on ONNX Runtime, stage s on cuda:s on TensorRT)")
+def serve(bundle, host, port, max_batch, max_queue, drain_timeout, threads, devices) -> None:
     """Serve a bundle over HTTP with OpenAI's API (needs the `serve` extra)."""
     try:
         from llama4_deploy.serve import serve as run_serve
@@ -297,7 +302,7 @@ def serve(bundle, host, port, max_batch, max_queue, drain_timeout, threads) -> N
         raise UserError(f"serve needs the serve extra (pip install 'llama4-deploy[serve]'): {err}") from None
     try:
         run_serve(bundle, host=host, port=port, max_batch=max_batch, max_queue=max_queue, threads=threads,
-                  drain_timeout=drain_timeout, echo=lambda msg: click.echo(msg, err=True))
+                  drain_timeout=drain_timeout, echo=lambda msg: click.echo(msg, err=True), devices=devices)
     except _user_errors() as err:
         raise UserError(str(err)) from None
 

@@ -71,6 +71,12 @@ def plan_name(graph_file: str) -> str:
     return f"{Path(graph_file).stem}.plan"
 
 
+def planned_files(record: dict[str, Any]) -> dict[str, str]:
+    """{graph file: plan file} compile builds for an engine.tensorrt record: one plan per graph file with
+    profiles, which is every graph of every pipeline stage (`stage<s>.<dispatch>.onnx` -> `stage<s>.<dispatch>.plan`)."""
+    return {graph_file: plan_name(graph_file) for graph_file in record["profiles"]}
+
+
 def _profiles(records: list[dict[str, Any]]):
     from polygraphy.backend.trt import Profile
 
@@ -154,8 +160,8 @@ def compile_bundle(bundle: str | Path, opt_level: int = DEFAULT_OPT_LEVEL,
     written: dict[str, str] = {}
     temps: list[Path] = []
     try:
-        for graph_file, profiles in record["profiles"].items():
-            plan = plan_name(graph_file)
+        for graph_file, plan in planned_files(record).items():
+            profiles = record["profiles"][graph_file]
             log(f"[compile] {graph_file} -> {plan}: {len(profiles)} optimization profile(s)")
             t = time.time()
             _, _, build_plan = loaders(bundle / graph_file, profiles, timing_cache, opt_level, log)

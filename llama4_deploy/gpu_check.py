@@ -1,13 +1,15 @@
 """`make gpu-check`: the TensorRT path end to end on one H100/H200, in one call (budget: 8 minutes).
 
     prepare()   CPU side, any machine: TensorRT-form bundles of tiny and maverick-mini at bf16, fp8 and
-                int4 (bf16 compute), and CPU reference logits for each: transformers' fp32 model turned
-                into the fake-quant simulation of the bundle's own spec (export/simulate.py), on a fixed
-                prompt. Runs in a test (tests/test_gpu_check.py, tiny only).
+                int4 (bf16 compute), maverick-mini bf16 in 2 pipeline stages too, and CPU reference logits
+                for each: transformers' fp32 model turned into the fake-quant simulation of the bundle's own
+                spec (export/simulate.py), on a fixed prompt. Runs in a test (tests/test_gpu_check.py, tiny only).
     run()       GPU side, needs TensorRT: compile each bundle (llama4-deploy compile), load it on the
                 tensorrt backend, compare its prefill logits with the reference through polygraphy's
                 comparator, time decode and prefill, and print tokens/s and decode's achieved HBM bandwidth
-                as a fraction of a device-to-device copy's bandwidth measured in the same run.
+                as a fraction of a device-to-device copy's bandwidth measured in the same run. A staged
+                bundle runs stage s on cuda:s where the machine has that many GPUs, else on cuda:0 (its
+                stages then share one GPU and hand hidden states over in place), and says which.
 
 One log, `<work>/gpu-check.log`, holds everything printed. Without TensorRT it says so and exits 2.
 
@@ -30,6 +32,7 @@ import numpy as np
 
 MODELS = ("tiny", "maverick-mini")
 PRECISIONS = ("bf16", "fp8", "int4")
+STAGED = (("maverick-mini", "bf16", 2),)  # (model, precision, pipeline stages) also built split
 REL_TOLERANCE = 5e-2  # bf16 compute vs the fp32 simulation (module docstring)
 PROMPT_TOKENS = 48
 DECODE_STEPS = 64
@@ -83,19 +86,21 @@ def prepare(work: str | Path, models=MODELS, precisions=PRECISIONS, log=print) -
 
     work = Path(work)
     out = []
-    for model in models:
-        for precision in precisions:
-            name = f"{model}-{precision}"
-            bundle, reference = work / name, work / f"{name}.reference.npz"
-            if not (bundle / "manifest.json").is_file():
-                t = time.time()
-                build(model, out=bundle, target="tensorrt", precision=precision, force=True, log=lambda _: None)
-                log(f"[prepare] built {name} (TensorRT form, bf16 compute) in {time.time() - t:.1f}s")
-            if not reference.is_file():
-                ids = _prompt(read_manifest(bundle).vocab_size)
-                np.savez(reference, input_ids=np.array(ids), logits=reference_logits_for(bundle, ids))
-                log(f"[prepare] reference logits for {name} ({len(ids)} tokens, fp32 simulation of its spec)")
-            out.append(Prepared(name, bundle, reference))
+    variants = [(m, p, 1) for m in models for p in precisions]
+    variants += [(m, p, n) for m, p, n in STAGED if m in models and p in precisions]
+    for model, precision, stages in variants:
+        name = f"{model}-{precision}" + (f"-{stages}stages" if stages > 1 else "")
+        bundle, reference = work / name, work / f"{name}.reference.npz"
+        if not (bundle / "manifest.json").is_file():
+            t = time.time()
+            build(model, out=bundle, target="tensorrt", precision=precision, stages=stages, force=True,
+                  log=lambda _: None)
+            log(f"[prepare] built {name} (TensorRT form, bf16 compute) in {time.time() - t:.1f}s")
+        if not reference.is_file():
+            ids = _prompt(read_manifest(bundle).vocab_size)
+            np.savez(reference, input_ids=np.array(ids), logits=reference_logits_for(bundle, ids))
+            log(f"[prepare] reference logits for {name} ({len(ids)} tokens, fp32 simulation of its spec)")
+        out.append(Prepared(name, bundle, reference))
     return out
 
 
@@ -160,6 +165,20 @@ def _throughput(engine, prepared: Prepared, peak: float, log) -> None:
         f"prefill {tokens} tokens {prefill:,.0f} tokens/s")
 
 
+def _devices(bundle: Path, log) -> list[str]:
+    """Stage s on cuda:s where this machine has the GPUs, else every stage on cuda:0."""
+    from cuda.bindings import runtime as cudart
+
+    from llama4_deploy.runtime.bundle import read_manifest
+
+    stages = len(read_manifest(bundle).stages)
+    count = cudart.cudaGetDeviceCount()[1]
+    devices = [f"cuda:{s}" for s in range(stages)] if count >= stages else ["cuda:0"] * stages
+    if stages > 1:
+        log(f"[devices] {bundle.name}: stages on {', '.join(devices)} ({count} GPU(s) here)")
+    return devices
+
+
 def run(work: str | Path, models=MODELS, precisions=PRECISIONS) -> int:
     from llama4_deploy.compile import compile_bundle, tensorrt_missing
 
@@ -181,7 +200,7 @@ def run(work: str | Path, models=MODELS, precisions=PRECISIONS) -> int:
         compile_bundle(item.bundle, log=log)
         log(f"[compile] {item.name} in {time.time() - t:.1f}s")
         reference = np.load(item.reference)
-        with load(item.bundle, backend="tensorrt") as engine:
+        with load(item.bundle, backend="tensorrt", devices=_devices(item.bundle, log)) as engine:
             got = engine.score([int(i) for i in reference["input_ids"]], mode="prefill")
             if not _compare(item.name, got, reference["logits"], log):
                 failed.append(item.name)

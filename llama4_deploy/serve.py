@@ -464,15 +464,16 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(bundle, host: str = "127.0.0.1", port: int = 8000, max_batch: int | None = None, max_queue: int = 64,
-          threads: int | None = None, drain_timeout: float = 30.0, echo=print) -> None:
-    """Load a bundle and serve it until SIGTERM/SIGINT; `echo` gets the one-line status messages."""
+          threads: int | None = None, drain_timeout: float = 30.0, echo=print, devices=None) -> None:
+    """Load a bundle and serve it until SIGTERM/SIGINT; `echo` gets the one-line status messages. `devices`:
+    load's (one device per pipeline stage)."""
     from llama4_deploy.runtime import load
 
     if max_queue < 0:
         raise ValueError(f"--max-queue is {max_queue}; it must be 0 or more")
     if drain_timeout < 0:
         raise ValueError(f"--drain-timeout is {drain_timeout}; it must be 0 or more")
-    engine = load(bundle, threads=threads)
+    engine = load(bundle, threads=threads, devices=devices)
     try:
         server = Server(engine, max_batch=max_batch, max_queue=max_queue)
         sock = bind(host, port)

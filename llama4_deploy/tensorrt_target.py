@@ -11,7 +11,9 @@ verified on any machine and compiled to plans on the GPU machine (`llama4-deploy
     compute dtype  bfloat16 unless --precision / --compute-dtype say otherwise (fp16, fp32)
     every graph    passes graphs/lint_tensorrt.py (TensorRT 10.15's operator table and Q/DQ rules)
     manifest       engine.tensorrt: the pinned TensorRT version and each graph file's optimization
-                   profiles (llama4_deploy/trt_profiles.py)
+                   profiles (llama4_deploy/trt_profiles.py), every pipeline stage's graph files included
+    stages         --stages N: each stage graph in this form, linted on its own; `compile` builds one plan
+                   per stage graph file and the tensorrt backend runs stage s on its device
 """
 
 from __future__ import annotations
@@ -84,14 +86,15 @@ def check_graph(model, strategy: str, profiles: dict[str, int], facts: dict[str,
                           f"{problems[0]}{more}")
 
 
-def manifest_record(graphs: dict[str, dict[str, Any]], profiles: dict[str, int], model: dict[str, Any],
+def manifest_record(stages: list[dict[str, Any]], profiles: dict[str, int], model: dict[str, Any],
                     layers: list[dict[str, Any]]) -> dict[str, Any]:
-    """engine.tensorrt: what `compile` builds plans for (plans: filled in by compile)."""
+    """engine.tensorrt: what `compile` builds plans for, one plan per graph file of every pipeline stage
+    (`stages`: the build's stage records; plans: filled in by compile)."""
     from llama4_deploy.graphs.lint_tensorrt import TENSORRT_VERSION
-    from llama4_deploy.trt_profiles import bundle_profiles
+    from llama4_deploy.trt_profiles import stage_profiles
 
     return {
         "linted_for": TENSORRT_VERSION,
-        "profiles": bundle_profiles(graphs, profiles, model, layers),
+        "profiles": stage_profiles(stages, profiles, model, layers),
         "plans": None,
     }

@@ -15,6 +15,12 @@ most RANGE_RATIO times its lowest bound (ends at 128, 1024, 8192, ...), so Tenso
 one it runs (a single 16 ... 131072 profile would tune for one end only). The runtime picks, per
 step, the profile whose range holds the current bucket (runtime/tensorrt_backend.py,
 `profile_index`). opt is the range's largest bucket: the step costs the most there.
+
+Pipeline stages (`--stages N`): each stage graph file gets profiles for its own inputs, `input_ids` in
+stage 0, `hidden_states` [batch, new, hidden] after it, and only its own layers' `past_*`. A stage
+whose layers are all chunked sees no context bucket, only rings of R = min(C, S) slots, so its
+profiles' `cache_slots` range over R (what the runtime then selects on, `cache_slots`), and a
+profile whose ring range lies inside the one before it is dropped (rings stop growing at C).
 """
 
 from __future__ import annotations
@@ -47,8 +53,9 @@ def _dims(low: int, opt: int, high: int) -> dict[str, int]:
 
 
 def file_profiles(roles: list[str], profiles: dict[str, int], model: dict[str, Any],
-                  layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The optimization profiles of one graph file serving `roles` (prefill, decode, exact).
+                  layers: list[dict[str, Any]], first_input: str = "input_ids") -> list[dict[str, Any]]:
+    """The optimization profiles of one graph file serving `roles` (prefill, decode, exact), whose
+    graph takes `first_input` (input_ids, or a later stage's hidden_states) and the caches of `layers`.
 
     Each: {"cache_slots": [low, high], "shapes": {input: {"min": [...], "opt": [...], "max": [...]}}}."""
     batch = profiles["max_batch"]
@@ -67,20 +74,43 @@ def file_profiles(roles: list[str], profiles: dict[str, int], model: dict[str, A
         def shape(*names):
             return {key: [dims[n][key] if isinstance(n, str) else n for n in names] for key in ("min", "opt", "max")}
 
-        shapes = {"input_ids": shape("batch", "new"), "position_ids": shape("batch", "new"),
-                  "past_lengths": shape("batch")}
+        first = (shape("batch", "new") if first_input == "input_ids"
+                 else shape("batch", "new", model["hidden_size"]))
+        shapes = {first_input: first, "position_ids": shape("batch", "new"), "past_lengths": shape("batch")}
         for layer in layers:
             slots = "ring" if layer["attention"] == "chunked" else "context"
             for kv in ("key", "value"):
                 shapes[f"past_{kv}.{layer['index']}"] = shape("batch", kv_heads, slots, head_dim)
         out.append({"cache_slots": [low, high], "shapes": shapes})
-    return out
+    if any(layer["attention"] == "global" for layer in layers):
+        return out
+    rings: list[dict[str, Any]] = []  # only rings: select on R = min(C, S)
+    for profile in out:
+        low, high = (min(chunk, bound) for bound in profile["cache_slots"])
+        if rings and rings[-1]["cache_slots"][0] <= low and high <= rings[-1]["cache_slots"][1]:
+            continue
+        rings.append({**profile, "cache_slots": [low, high]})
+    return rings
 
 
 def bundle_profiles(graphs: dict[str, dict[str, Any]], profiles: dict[str, int], model: dict[str, Any],
-                    layers: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """{graph file: its profiles} for a manifest's `engine.graphs` (role -> record with `file`)."""
+                    layers: list[dict[str, Any]], first_input: str = "input_ids") -> dict[str, list[dict[str, Any]]]:
+    """{graph file: its profiles} for a manifest's `engine.graphs` (role -> record with `file`), or for one
+    stage's graphs (its `layers`, its `first_input`)."""
     roles: dict[str, list[str]] = {}
     for role, record in graphs.items():
         roles.setdefault(record["file"], []).append(role)
-    return {file: file_profiles(file_roles, profiles, model, layers) for file, file_roles in roles.items()}
+    return {file: file_profiles(file_roles, profiles, model, layers, first_input)
+            for file, file_roles in roles.items()}
+
+
+def stage_profiles(stages: list[dict[str, Any]], profiles: dict[str, int], model: dict[str, Any],
+                   layers: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """{graph file: its profiles} over every pipeline stage of a manifest (`engine.stages` records: `layers`
+    [start, stop), `graphs`, `inputs`); one stage gives bundle_profiles of the whole model."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for stage in stages:
+        start, stop = stage["layers"]
+        own = [layer for layer in layers if start <= layer["index"] < stop]
+        out.update(bundle_profiles(stage["graphs"], profiles, model, own, stage["inputs"][0]))
+    return out

@@ -44,6 +44,7 @@ class StageRecord:
     inputs: list[str]
     outputs: list[str]
     last: bool
+    device: int = 0  # the GPU this stage runs on by default (engine.stages[s].device; stage s on s when absent)
 
     @property
     def layers(self) -> range:
@@ -81,7 +82,8 @@ class Manifest:
                                 engine.get("weights_layout", ""), engine.get("inputs", []), engine.get("outputs", []),
                                 True)]
         return [StageRecord(i, r["layers"][0], r["layers"][1], r["graphs"], r["external_data"], r["weights_layout"],
-                            r["inputs"], r["outputs"], i == len(records) - 1) for i, r in enumerate(records)]
+                            r["inputs"], r["outputs"], i == len(records) - 1, r.get("device", i))
+                for i, r in enumerate(records)]
 
     @property
     def profiles(self) -> dict[str, int]:
@@ -268,6 +270,9 @@ def _validate_stages(engine: dict, num_layers: int, where: Path) -> None:
             raise BundleError(f"{where}: {key}.external_data must name a file inside the bundle")
         if not isinstance(stage.get("weights_layout"), str):
             raise BundleError(f"{where}: {key}.weights_layout must be a string")
+        device = stage.get("device", index)
+        if type(device) is not int or device < 0:
+            raise BundleError(f"{where}: {key}.device must be a GPU index (an integer of at least 0), got {device!r}")
         for names in ("inputs", "outputs"):
             value = stage.get(names)
             if not (isinstance(value, list) and all(isinstance(name, str) for name in value)):

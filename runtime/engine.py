@@ -2,7 +2,8 @@
 
 A bundle split into pipeline stages runs them in order within each step (`run_step`): stage 0
 takes the token ids, each later stage the previous one's hidden states, each reads its own layers'
-caches, and the last gives the logits (docs/engine-abi.md, "Pipeline stages").
+caches, and the last gives the logits (docs/engine-abi.md, "Pipeline stages"). Each stage runs on
+its device (runtime/devices.py: the CPU by default on ONNX Runtime, stage s on GPU s on TensorRT).
 
 Letters in shape comments: B batch rows, T new tokens this step, V vocab. A position of -1
 marks a padded token (the engine ignores it as a key and the runtime never writes it into the
@@ -22,6 +23,7 @@ import numpy as np
 
 from llama4_deploy.runtime import arguments, backends, integrity
 from llama4_deploy.runtime.bundle import HIDDEN_IN, HIDDEN_OUT, BundleError, Manifest, read_manifest
+from llama4_deploy.runtime.devices import onnxruntime_providers, placement
 from llama4_deploy.runtime.kv_cache import KVCache, cache_memory
 from llama4_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
 
@@ -67,21 +69,27 @@ class Engine:
     """
 
     def __init__(self, manifest: Manifest, threads: int | None = None, verify_files: bool = True,
-                 allow_non_finite: bool = False, prepack: bool = True, backend: str | None = None):
+                 allow_non_finite: bool = False, prepack: bool = True, backend: str | None = None,
+                 devices=None):
         self.manifest = manifest
         threads = arguments.threads(threads)
         self.allow_non_finite = arguments.flag(allow_non_finite, "allow_non_finite")
         self.prepack = arguments.flag(prepack, "prepack")
         engine = manifest.engine
         self.backend = backends.choose(manifest, backend)  # runtime/backends.py: best available, said once
+        self.devices = placement(manifest, self.backend, devices)  # one per stage (runtime/devices.py)
+        # ONNX Runtime's providers per stage, refused (no CUDA) before any file is read
+        providers = [onnxruntime_providers(d) for d in self.devices] if self.backend != "tensorrt" else None
         if arguments.flag(verify_files, "verify_files"):
             count, size, seconds = integrity.check_files(manifest)
             log.info("checked SHA-256 of %d files (%.1f MB) in %.2fs", count, size / 1e6, seconds)
         self.graphs = engine["graphs"]  # role (prefill, decode, exact) -> graph record (dispatch, attention)
-        # pipeline stages, run in order, each with its own sessions (one stage: the unsplit model). On the
-        # CPU all stages share the host; a GPU backend gives each stage its device.
+        # pipeline stages, run in order, each with its own sessions (one stage: the unsplit model), each on
+        # its device: on the CPU all stages share the host
         self.stages = manifest.stages
-        self._storage = None  # KV cache storage: host arrays (ONNX Runtime) or device buffers (TensorRT)
+        self._storage = None  # KV cache storage: host arrays (ONNX Runtime) or, per layer, device buffers (TensorRT)
+        self._hand_off = None  # (hidden states, next stage) -> them on that stage's device (TensorRT)
+        self._placement = None  # the TensorRT stages' device plan (streams, storages), closed with the engine
         if self.backend == "tensorrt":
             self._open_plans()
         else:
@@ -91,7 +99,8 @@ class Engine:
                 # the first slows it ~2x on 2 cores. The rerun-only (exact) graph does not spin.
                 steady = {graph["file"] for role, graph in stage.graphs.items() if role != "exact"}
                 for file in dict.fromkeys(graph["file"] for graph in stage.graphs.values()):
-                    self.runners[file] = self._open_graph(file, threads, file in steady, stage)
+                    self.runners[file] = self._open_graph(file, threads, file in steady, stage,
+                                                          providers[stage.index])
         self._stage_caches = [[f"past_{kv}.{layer}" for layer in stage.layers for kv in ("key", "value")]
                               for stage in self.stages]
         self._calls = threading.RLock()  # serializes generate / score
@@ -105,26 +114,30 @@ class Engine:
     def _open_plans(self) -> None:
         from llama4_deploy.runtime.tensorrt_backend import open_plans
 
-        if len(self.stages) > 1:
-            raise BundleError(f"bundle {self.manifest.name} has {len(self.stages)} pipeline stages; the tensorrt "
-                              "backend runs one-stage bundles (rebuild with --stages 1)")
-        self.runners, self._storage = open_plans(self.manifest)
+        self.runners, self._placement = open_plans(self.manifest, [device.index for device in self.devices])
+        self._storage, self._hand_off = self._placement.layer_storage, self._placement.hand_off
 
     def new_cache(self, batch: int) -> KVCache:
         """An empty KV cache of `batch` rows in this backend's memory."""
         return KVCache(self.manifest, batch, self._storage)
 
-    def _open_graph(self, file: str, threads: int | None, spin: bool, stage) -> OnnxRuntimeRunner:
+    def _open_graph(self, file: str, threads: int | None, spin: bool, stage, providers=None) -> OnnxRuntimeRunner:
         """A runner for one graph, after checking it belongs to this bundle and matches its manifest."""
         path = self.manifest.path / file
         if not path.is_file():
             raise BundleError(f"bundle {self.manifest.path} is missing {file}, which its manifest lists")
         try:
-            runner = OnnxRuntimeRunner(path, threads=threads, spin=spin, prepack=self.prepack).activate()
+            runner = OnnxRuntimeRunner(path, threads=threads, providers=providers, spin=spin,
+                                       prepack=self.prepack).activate()
         except Exception as err:  # ONNX Runtime's own errors for damaged graphs or external data
             reason = " ".join(str(err).split())[:300]
             raise BundleError(f"{file} in {self.manifest.path} cannot be loaded by ONNX Runtime ({reason})") from None
         session = runner.session
+        if providers and providers[0] != "CPUExecutionProvider" and providers[0][0] not in session.get_providers():
+            # ONNX Runtime falls back to the CPU when a provider fails to start: refuse rather than run elsewhere
+            raise BundleError(f"ONNX Runtime could not start {providers[0][0]} on device {providers[0][1]['device_id']} "
+                              f"for {file} (it runs on {', '.join(session.get_providers())}); check the GPU and its "
+                              f"CUDA libraries")
         integrity.check_layout(self.manifest, file, session.get_modelmeta().custom_metadata_map, stage)
         integrity.check_graph_io(self.manifest, file,
                                  {i.name: (i.type, list(i.shape)) for i in session.get_inputs()},
@@ -134,6 +147,9 @@ class Engine:
     def close(self) -> None:
         for runner in getattr(self, "runners", {}).values():
             runner.deactivate()
+        if getattr(self, "_placement", None) is not None:  # (getattr: __init__ may have failed before)
+            self._placement.close()  # the TensorRT stages' streams
+            self._placement = None
 
     def __enter__(self) -> "Engine":
         return self
@@ -175,6 +191,8 @@ class Engine:
                 stage_outputs = self.runners[stage.graphs["exact"]["file"]].infer(feeds)
                 rerun = True
             hidden = stage_outputs.get(HIDDEN_OUT)
+            if hidden is not None and self._hand_off is not None:  # onto the next stage's device
+                hidden = self._hand_off(hidden, stage.index + 1)
             outputs.update(stage_outputs)
         self.overflow_reruns += rerun
         cache.write(outputs, positions)
@@ -289,7 +307,8 @@ class Engine:
 
 
 def load(bundle_dir: str | os.PathLike, threads: int | None = None, verify_files: bool | None = None,
-         allow_non_finite: bool = False, prepack: bool = True, backend: str | None = None) -> Engine:
+         allow_non_finite: bool = False, prepack: bool = True, backend: str | None = None,
+         devices=None) -> Engine:
     """Load a bundle built by `llama4-deploy build`. Logs (logger `llama4_deploy.runtime.engine`,
     INFO) what its KV cache costs per token and at the bundle's limits.
 
@@ -299,13 +318,16 @@ def load(bundle_dir: str | os.PathLike, threads: int | None = None, verify_files
     prepack: let ONNX Runtime copy MatMul weights into its kernels' layout (faster steps); False keeps every
     weight memory-mapped from weights.data, so the heap does not grow with the model.
     backend: onnxruntime, tensorrt, or None for the best available (runtime/backends.py; logged).
+    devices: one device name per pipeline stage, "cpu" or "cuda:N" (runtime/devices.py); None: every stage on
+    the CPU for ONNX Runtime, stage s on the GPU the manifest gives it (s) for TensorRT.
     """
     if not isinstance(bundle_dir, (str, os.PathLike)):
         raise TypeError(f"bundle_dir must be a path, got {bundle_dir!r}")
     if verify_files is None:
         verify_files = integrity.verify_files_default()
     engine = Engine(read_manifest(Path(bundle_dir)), threads=threads, verify_files=verify_files,
-                    allow_non_finite=allow_non_finite, prepack=prepack, backend=backend)
+                    allow_non_finite=allow_non_finite, prepack=prepack, backend=backend, devices=devices)
     # engine.cache_memory holds the figures
-    log.info("%s: %s backend; %s", engine.manifest.name, engine.backend, engine.cache_memory)
+    log.info("%s: %s backend on %s; %s", engine.manifest.name, engine.backend,
+             ", ".join(str(device) for device in engine.devices), engine.cache_memory)
     return engine

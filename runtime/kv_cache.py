@@ -22,12 +22,14 @@ Who owns what, per step:
 - Buffer operations (allocate, grow, scatter new rows) go through a storage object. `HostStorage`
   keeps numpy arrays for ONNX Runtime on the CPU; a GPU backend supplies device arrays with the same
   three operations, so the cache never leaves the device and only the small index arrays computed
-  here (rows, slots, steps) cross to it.
+  here (rows, slots, steps) cross to it. A pipeline on several GPUs passes one storage per layer
+  (layer index -> storage), so each layer's buffers live on its stage's device.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -100,9 +102,10 @@ class _Layer:
 class KVCache:
     """Cache buffers of one batch of `batch` rows; see the module docstring for the contract."""
 
-    def __init__(self, manifest, batch: int, storage: CacheStorage | None = None):
+    def __init__(self, manifest, batch: int, storage: CacheStorage | Mapping[int, CacheStorage] | None = None):
         model = manifest.model
-        self.storage = storage or HostStorage()
+        per_layer = storage if isinstance(storage, Mapping) else None
+        self.storage = HostStorage() if storage is None or per_layer is not None else storage
         self.max_context = manifest.max_context
         self.dtype = cache_dtype(manifest.engine.get("cache_dtype", "float32"))
         self._shape = (batch, model["num_kv_heads"], model["head_dim"])
@@ -112,6 +115,9 @@ class KVCache:
                    (f"present_key.{layer.index}", f"present_value.{layer.index}"))
             for layer in manifest.layers
         ]
+        # layer -> where its buffers live (one storage for all, or each layer's stage's device)
+        self._storage_of = {layer.index: per_layer[layer.index] if per_layer is not None else self.storage
+                            for layer in self._layers}
         self.lengths = np.zeros(batch, dtype=np.int64)  # [B] tokens already cached per row
         self.bucket = context_bucket(0, self.max_context)
         self.keys: dict[int, Any] = {}  # layer -> [B, K, S, D]
@@ -119,8 +125,8 @@ class KVCache:
         for layer in self._layers:
             B, K, D = self._shape
             shape = (B, K, self._slots(layer), D)
-            self.keys[layer.index] = self.storage.allocate(shape, self.dtype)
-            self.values[layer.index] = self.storage.allocate(shape, self.dtype)
+            self.keys[layer.index] = self._storage_of[layer.index].allocate(shape, self.dtype)
+            self.values[layer.index] = self._storage_of[layer.index].allocate(shape, self.dtype)
         self.grown = 0  # reallocations so far
 
     def _slots(self, layer: _Layer, bucket: int | None = None) -> int:
@@ -143,8 +149,9 @@ class KVCache:
         for layer in self._layers:
             slots = self._slots(layer, bucket)
             if slots != self._slots(layer):
-                self.keys[layer.index] = self.storage.grow(self.keys[layer.index], slots)
-                self.values[layer.index] = self.storage.grow(self.values[layer.index], slots)
+                storage = self._storage_of[layer.index]
+                self.keys[layer.index] = storage.grow(self.keys[layer.index], slots)
+                self.values[layer.index] = storage.grow(self.values[layer.index], slots)
         self.bucket = bucket
         self.grown += 1
 
@@ -167,8 +174,9 @@ class KVCache:
                     keep = positions >= new_lengths[rows] - layer.ring
                     r, t, p = rows[keep], steps[keep], positions[keep]
                 p = p % layer.ring
-            self.storage.scatter(self.keys[layer.index], r, p, outputs[layer.outputs[0]], t)
-            self.storage.scatter(self.values[layer.index], r, p, outputs[layer.outputs[1]], t)
+            storage = self._storage_of[layer.index]
+            storage.scatter(self.keys[layer.index], r, p, outputs[layer.outputs[0]], t)
+            storage.scatter(self.values[layer.index], r, p, outputs[layer.outputs[1]], t)
         self.lengths = new_lengths
 
     def reset_row(self, row: int) -> None:
