@@ -14,7 +14,7 @@ model's (tests/export/test_layerwise.py checks it).
 
 A `Pass` is one set of sequences through the layers, with an optional `prepare(model, index)` that transforms
 layer `index` once it is in the skeleton (calibration hooks, the fake-quant simulation of a spec); each pass
-gets its own copy of a layer, so one read of the weights serves, say, a simulation and its fp32 original.
+that changes it gets it to itself, so one read of the weights serves, say, a simulation and its fp32 original.
 
 Weights: `CheckpointWeights` reads one layer's tensors from the memory-mapped safetensors shards (a
 pre-quantized checkpoint's FP8 dequantized, as export/reference.py's whole model holds them); `RandomWeights`
@@ -199,8 +199,8 @@ def run_layer_by_layer(weights, passes: list[Pass], logits: bool = True,
                        ) -> list[list[np.ndarray]] | None:
     """Every pass's sequences through the decoder one layer at a time; with `logits`, the logits [T, vocab] of
     every sequence of every pass (float32 numpy, as reference.reference_logits gives them). `after_layer(index)`
-    runs once a layer has seen every sequence. Memory: one layer's weights (one copy per pass that prepares),
-    the hidden states and the recorded masks."""
+    runs once a layer has seen every sequence. Memory: one layer's weights (and a copy for each prepared pass but
+    the last), the hidden states and the recorded masks."""
     import torch
     from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm, Llama4TextRotaryEmbedding
 
@@ -231,10 +231,14 @@ def run_layer_by_layer(weights, passes: list[Pass], logits: bool = True,
     for layer in empty_layers:
         del layer.forward
     decoder.embed_tokens = None  # the embedding is not needed again
+    # passes that leave the weights as they are go first; the last prepared pass takes the layer as read and may
+    # change it in place, earlier prepared passes (if any) get copies: one layer's weights in memory, not two
+    order = sorted(range(len(passes)), key=lambda p: passes[p].prepare is not None)
     for index in range(len(empty_layers)):
         state = weights.layer(index)
-        for p, run in enumerate(passes):
-            copy = run.prepare is not None and p < len(passes) - 1  # a prepared layer may be changed in place
+        for p in order:
+            run = passes[p]
+            copy = run.prepare is not None and p != order[-1]
             layer = meta_layer(config, index)
             layer.load_state_dict({k: v.clone() if copy else v for k, v in state.items()}, assign=True)
             decoder.layers[index] = layer.eval()
