@@ -246,6 +246,7 @@ def _simulation(manifest):
         from llama4_deploy.export.awq import read_scales
 
         awq_scales = read_scales(manifest.path, calibration)
+
     def simulation(model, index):
         simulate(model, spec, amax, awq_scales=awq_scales, layers=[index])
 
