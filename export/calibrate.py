@@ -9,12 +9,10 @@ checked against) through forward pre-hooks on the decoder's linear layers and th
 (export/simulate.py names them). The bundle stores them (`calibration.json`) next to the manifest's record
 of where the tokens came from.
 
-Layer by layer (`collect_amax`, the build's): the model is created on the meta device (no memory); one
-forward per sequence with every decoder layer stubbed out records each layer's call arguments (attention
-mask of its kind, RoPE cos/sin) and the embedding output; then each decoder layer in turn is materialized
-from the checkpoint, runs every sequence's hidden states with the hooks on, and is dropped. Memory: one
-layer's weights plus the calibration activations (one [tokens, hidden] tensor per sequence and the masks),
-never the model. `collect_amax_whole_model` runs the whole transformers model; a test checks the two agree.
+Layer by layer (`collect_amax`, the build's): export/layerwise.py's runner (the model on the meta device, each
+decoder layer in turn materialized from the checkpoint, run on every sequence's hidden states with the hooks
+on, and dropped; the same runner gives verify its reference). Memory: one layer's weights plus the calibration
+activations (one [tokens, hidden] tensor per sequence and the masks), never the model. `collect_amax_whole_model` runs the whole transformers model; a test checks the two agree.
 """
 
 from __future__ import annotations
@@ -71,60 +69,15 @@ def calibration_ids(path: str | Path | None, checkpoint, seed: int = 0) -> list[
 
 def run_layer_by_layer(checkpoint_dir: str | Path, ids: list[list[int]], record: Callable[[str, Any], Any],
                        after_layer: Callable[[int], None] | None = None) -> None:
-    """Run the checkpoint's decoder over `ids` one layer at a time, calling `record(weight name, activation)` for
-    every quantized linear layer's input (export/simulate.py's hooks) and `after_layer(index)` once a layer has
-    seen every sequence. Memory: one layer's weights plus the calibration activations."""
-    import torch
-    from transformers import Llama4ForCausalLM, Llama4TextConfig
-    from transformers.models.llama4.modeling_llama4 import Llama4TextDecoderLayer, Llama4TextRotaryEmbedding
-
-    from llama4_deploy.export.checkpoint import Checkpoint
+    """Run the checkpoint's decoder over `ids` one layer at a time (export/layerwise.py), calling `record(weight
+    name, activation)` for every quantized linear layer's input (export/simulate.py's hooks) and
+    `after_layer(index)` once a layer has seen every sequence. Memory: one layer's weights plus the activations."""
+    from llama4_deploy.export.layerwise import CheckpointWeights, Pass, run_layer_by_layer as run
     from llama4_deploy.export.simulate import linear_inputs
 
-    checkpoint = Checkpoint(checkpoint_dir)
-    text = dict(checkpoint.config.get("text_config", checkpoint.config) if checkpoint.prefix else checkpoint.config)
-    text.pop("quantization_config", None)
-    config = Llama4TextConfig.from_dict(text)
-    config._attn_implementation = "eager"
-    with torch.device("meta"):
-        model = Llama4ForCausalLM(config)
-    decoder = model.model
-    decoder.embed_tokens = torch.nn.Embedding.from_pretrained(
-        checkpoint.tensor("model.embed_tokens.weight").to(torch.float32), freeze=True)
-    decoder.rotary_emb = Llama4TextRotaryEmbedding(config=config)
-    decoder.norm = torch.nn.Identity()  # nothing after the decoder layers is needed
-    calls: list[list[dict]] = [[] for _ in decoder.layers]
-    hidden: list = []
-
-    def stub(index):
-        def forward(hidden_states, **kwargs):
-            calls[index].append(kwargs)
-            if index == 0:
-                hidden.append(hidden_states)
-            return hidden_states
-        return forward
-
-    layers = list(decoder.layers)
-    for index, layer in enumerate(layers):
-        layer.forward = stub(index)
-    with torch.no_grad():
-        for sequence in ids:
-            decoder(input_ids=torch.tensor([sequence]), use_cache=False)
-    for index in range(len(layers)):
-        layer = Llama4TextDecoderLayer(config, index)
-        prefix = f"model.layers.{index}."
-        layer.load_state_dict({name: checkpoint.tensor(prefix + name).to(torch.float32)
-                               for name in layer.state_dict()})
-        decoder.layers[index] = layer.eval()
-        handles = linear_inputs(model, checkpoint.shape, record, layers=[index])
-        with torch.no_grad():
-            hidden = [layer(h, **kwargs) for h, kwargs in zip(hidden, calls[index])]
-        for handle in handles:
-            handle.remove()
-        decoder.layers[index] = layers[index]  # back to the empty meta layer: this one's weights are freed
-        del layer
-        if after_layer is not None:
-            after_layer(index)
+    weights = CheckpointWeights(checkpoint_dir)
+    hooks = lambda model, index: linear_inputs(model, weights.shape, record, layers=[index])  # noqa: E731
+    run(weights, [Pass(ids, hooks)], logits=False, after_layer=after_layer)
 
 
 def collect_amax(checkpoint_dir: str | Path, ids: list[list[int]]) -> dict[str, float]:

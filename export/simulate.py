@@ -71,25 +71,29 @@ def _experts_forward(self, hidden_states):
 
 
 def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None, per_token: bool = False,
-             awq_scales: Mapping[str, np.ndarray] | None = None):
+             awq_scales: Mapping[str, np.ndarray] | None = None, layers=None):
     """Turn `model` (fp32 Llama4ForCausalLM) into the fake-quant simulation of `spec`, in place. Weights of
     rules with method `checkpoint` are left as they are (the model holds the checkpoint's dequantized FP8).
     `per_token`: fp8 activations scaled dynamically, one scale per token (|max| of its row / 448), as a
     compressed-tensors checkpoint declares them, instead of the engine's static per-tensor scales.
-    `awq_scales`: the bundle's AWQ scales, folded into the weights first (export/awq.py's rewrites)."""
+    `awq_scales`: the bundle's AWQ scales, folded into the weights first (export/awq.py's rewrites).
+    `layers`: decoder layers to simulate (all when None); export/layerwise.py simulates one layer at a time on a
+    meta-device model that holds only that layer (the spec quantizes decoder layers only, so nothing else moves)."""
     import torch
 
     shape = ModelShape.from_config(model.config.to_dict())
+    chosen = (lambda name: True) if layers is None else (lambda name: _layer_of(name) in layers)
     if awq_scales is not None:
-        _rewrite_awq(model, shape, awq_scales)
+        _rewrite_awq(model, shape, awq_scales, chosen)
+    weights = [(name, checkpoint_name, axis) for name, checkpoint_name, axis in quantized_weights(shape) if chosen(name)]
     with torch.no_grad():
-        for name, checkpoint_name, axis in quantized_weights(shape):
+        for name, checkpoint_name, axis in weights:
             rule = spec.rule_for(name)
             if rule is None or rule.method == "checkpoint":
                 continue
             param = _module(model, checkpoint_name)
             param.copy_(torch.from_numpy(fake_quant(param.numpy(), rule, axis % param.ndim, spec.compute_dtype)))
-    for handle_name, checkpoint_name, _ in quantized_weights(shape):
+    for handle_name, checkpoint_name, _ in weights:
         rule = spec.rule_for(handle_name)
         if rule is not None and rule.activation == "int8_block":  # MatMulNBits' int8 input, per row and block
             module = _module(model, checkpoint_name.rsplit(".", 1)[0])
@@ -108,20 +112,26 @@ def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None
                 return _per_token_fp8(x)
             return torch.from_numpy(fake_quant_activation(x.detach().numpy(), scales[name])).to(x.dtype)
 
-        for handle_name, checkpoint_name, _ in quantized_weights(shape):
+        for handle_name, checkpoint_name, _ in weights:
             if handle_name.endswith(("experts_gate_up", "experts_down")):
                 continue
             module = _module(model, checkpoint_name.rsplit(".", 1)[0])
             module.register_forward_pre_hook(lambda m, args, n=handle_name: (quantize(n, args[0]),) + args[1:])
         for layer, kind in enumerate(shape.layer_kinds):
-            if kind.moe:
+            if kind.moe and (layers is None or layer in layers):
                 experts = model.model.layers[layer].feed_forward.experts
                 experts._record = (f"layers.{layer}", quantize)
                 experts.forward = types.MethodType(_experts_forward, experts)
     return model
 
 
-def _rewrite_awq(model, shape: ModelShape, awq_scales) -> None:
+def _layer_of(name: str) -> int | None:
+    """The decoder layer of a deploy-form weight name (`layers.3.q` -> 3), None outside the layers."""
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "layers" else None
+
+
+def _rewrite_awq(model, shape: ModelShape, awq_scales, chosen=lambda name: True) -> None:
     import torch
 
     from llama4_deploy.export.awq import transforms
@@ -130,7 +140,7 @@ def _rewrite_awq(model, shape: ModelShape, awq_scales) -> None:
     rewrites = transforms(shape, awq_scales)
     with torch.no_grad():
         for name, source in all_weights(shape).items():
-            if name not in rewrites:
+            if name not in rewrites or not chosen(name):
                 continue
             param = _module(model, source.checkpoint_name)
             w = param.numpy()

@@ -157,6 +157,53 @@ def measure(checkpoint: Path, out: Path, precision: str, threads: int | None = N
                        sum(p.stat().st_size for p in out.iterdir()))
 
 
+@dataclasses.dataclass
+class VerifyMeasurement:
+    seconds: float
+    peak_anon: int  # bytes
+    exit_code: int  # verify's: 0 PASS, 1 FAIL
+    output: str  # its report (stdout)
+    largest_layer_bytes: int  # fp32
+    model_bytes: int  # the whole model's fp32 bytes, what a whole-model reference would hold
+
+    @property
+    def target_anon(self) -> int:
+        return 2 * self.largest_layer_bytes + TARGET_SLACK
+
+    def summary(self) -> str:
+        ok = "met" if self.peak_anon <= self.target_anon else "NOT met"
+        return (f"verify: {'PASS' if self.exit_code == 0 else f'exit {self.exit_code}'} in {self.seconds:.1f}s; peak "
+                f"RssAnon {self.peak_anon / MIB:.0f} MiB; largest layer {self.largest_layer_bytes / MIB:.0f} MiB (fp32), "
+                f"whole model {self.model_bytes / MIB:.0f} MiB (fp32); target 2 x layer + 512 MiB = "
+                f"{self.target_anon / MIB:.0f} MiB: {ok}")
+
+
+def measure_verify(bundle: Path, checkpoint: Path, threads: int | None = None) -> VerifyMeasurement:
+    """`llama4-deploy verify BUNDLE` in a child process, sampling its RssAnon; `checkpoint` is the bundle's source."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    start = time.time()
+    child = subprocess.Popen([sys.executable, "-c", "import sys; from llama4_deploy.cli import main; "
+                              "main(['verify', sys.argv[1]])", str(bundle)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    with AnonSampler(child.pid) as sampler:
+        output, _ = child.communicate()
+    return VerifyMeasurement(time.time() - start, sampler.peak, child.returncode, output,
+                             largest_layer_bytes(checkpoint), model_bytes(checkpoint))
+
+
+def model_bytes(checkpoint: Path) -> int:
+    """fp32 bytes of every weight the model holds, from the checkpoint's config alone."""
+    import math as _math
+
+    from llama4_deploy.export.checkpoint import Checkpoint
+    from llama4_deploy.export.weights import all_weights
+
+    tensors = {s.checkpoint_name: s.checkpoint_shape for s in all_weights(Checkpoint(checkpoint).shape).values()}
+    return sum(4 * _math.prod(shape) for shape in tensors.values())  # a tied lm_head is the embedding, once
+
+
 def _child(spec: str) -> None:
     from llama4_deploy.build import build
 

@@ -2,7 +2,9 @@
 
 For a ragged batch of prompts that cross at least two attention chunks, the engine generates
 greedily (prefill path, then decode path); transformers then runs each prompt plus the engine's
-tokens in one uncached forward. Greedy agreement at every step means transformers' own greedy
+tokens in one uncached forward, one decoder layer at a time (export/layerwise.py: the same logits as
+the whole model, with one layer's weights in memory; a quantized bundle's fake-quant simulation is
+applied to each layer as it is materialized). Greedy agreement at every step means transformers' own greedy
 decoding would have produced the same tokens. `score` is checked on both paths as well.
 """
 
@@ -104,8 +106,10 @@ def default_prompt_lengths(chunk: int, context: int, new_tokens: int) -> list[in
 
 
 def _reference(manifest):
-    """The transformers model the bundle was built from, or one sentence saying why not."""
-    from llama4_deploy.export.reference import reference_model
+    """The weights of the transformers model the bundle was built from, to be read one decoder layer at a time
+    (export/layerwise.py: the source checkpoint's memory-mapped shards, or the recipe's seeded random draws), or
+    one sentence saying why not."""
+    from llama4_deploy.export.layerwise import CheckpointWeights, RandomWeights
 
     source = manifest.raw.get("source")
     where = manifest.path / "manifest.json"
@@ -122,7 +126,9 @@ def _reference(manifest):
         if not isinstance(random, dict) or not {"config", "seed", "logit_gain", "router_gain"} <= set(random):
             raise BundleError(f"{where}: source.random must hold config, seed, logit_gain and router_gain")
     try:
-        return reference_model(source)
+        if source["kind"] == "checkpoint":
+            return CheckpointWeights(source["path"])
+        return RandomWeights(random["config"], random["seed"], random["logit_gain"], random["router_gain"])
     except (TypeError, ValueError, KeyError, OSError) as err:
         reason = " ".join(str(err).split())[:300]
         raise BundleError(f"the reference model cannot be rebuilt from the bundle's source ({reason})") from None
@@ -141,7 +147,7 @@ def _verify_settings(manifest) -> dict:
 
 
 def verify(bundle: str, threads: int | None = None, log=print) -> Report:
-    from llama4_deploy.export.reference import reference_logits
+    from llama4_deploy.export.layerwise import Pass, run_layer_by_layer
 
     manifest = read_manifest(bundle)
     model = manifest.model
@@ -159,15 +165,26 @@ def verify(bundle: str, threads: int | None = None, log=print) -> Report:
     # runs its int8 kernels only on prepacked weights (QuantSpec.int8_activations), and verify checks those numbers
     with load(bundle, threads=threads, prepack=_int8_activations(manifest)) as engine:
         log("[verify] rebuilding the transformers reference from the bundle's source")
-        reference = _reference(manifest)
-        spec, fp32_reference, rel_tolerance = _simulation(manifest, reference)
-        if fp32_reference is not None:
+        weights = _reference(manifest)
+        spec, simulation, rel_tolerance = _simulation(manifest)
+        if simulation is not None:
             log(f"[verify] reference: fake-quant simulation of {spec.summary()}")
         log(f"[verify] generating {new_tokens} tokens for {len(prompts)} prompts")
         generation = engine.generate(prompts, new_tokens, stop_tokens=[], return_logits=True)
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        sequences = [prompt + tokens for prompt, tokens in zip(prompts, generation.tokens)]
+        # the simulation (or the fp32 model) over every sequence; a quantized bundle's quality is measured against
+        # the fp32 model on the longest, in the same walk over the layers
+        passes = [Pass(sequences, simulation)] + ([Pass([sequences[longest]])] if simulation is not None else [])
+        log(f"[verify] reference logits layer by layer ({weights.config.num_hidden_layers} decoder layers, one in "
+            f"memory at a time)")
+        try:
+            reference_sets = run_layer_by_layer(weights, passes)
+        except (TypeError, ValueError, KeyError, OSError) as err:  # a damaged source tensor, read only now
+            raise BundleError(f"the reference model cannot be rebuilt from the bundle's source "
+                              f"({' '.join(str(err).split())[:300]})") from None
         for i, (prompt, tokens, logits) in enumerate(zip(prompts, generation.tokens, generation.logits)):
-            expected_all = reference_logits(reference, prompt + tokens)
+            expected_all = reference_sets[0][i]
             expected = expected_all[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
             tolerance = relative_logit_tolerance(expected, rel_tolerance)
             agree = int((expected.argmax(-1) == np.array(tokens)).sum())
@@ -185,10 +202,10 @@ def verify(bundle: str, threads: int | None = None, log=print) -> Report:
                 scored_prefill = scored
         steps, reruns = engine.steps, engine.overflow_reruns
     quality = None
-    if fp32_reference is not None:
+    if simulation is not None:
         from llama4_deploy.export.simulate import quality as measure
 
-        full = reference_logits(fp32_reference, sequence)
+        full = reference_sets[1][0]
         quality = measure(scored_prefill, full)
         generated = generation.tokens[longest]
         start = len(prompts[longest]) - 1
@@ -207,9 +224,10 @@ def _int8_activations(manifest) -> bool:
     return any(isinstance(r, dict) and r.get("activation") == "int8_block" for r in raw.get("rules") or ())
 
 
-def _simulation(manifest, reference):
-    """(spec, fp32 reference, tolerance): the reference becomes the simulation of a non-fp32 bundle's spec."""
-    import copy
+def _simulation(manifest):
+    """(spec, simulation, tolerance): for a non-fp32 bundle, `simulation(model, index)` turns decoder layer `index`
+    of the layer-by-layer reference into the fake-quant simulation of the bundle's spec (export/simulate.py, the
+    whole-model simulation restricted to that layer); (None, None, fp32 tolerance) otherwise."""
     import json
 
     raw = manifest.engine.get("quantization")
@@ -228,12 +246,14 @@ def _simulation(manifest, reference):
         from llama4_deploy.export.awq import read_scales
 
         awq_scales = read_scales(manifest.path, calibration)
-    fp32_reference = copy.deepcopy(reference)
-    simulate(reference, spec, amax, awq_scales=awq_scales)
+
+    def simulation(model, index):
+        simulate(model, spec, amax, awq_scales=awq_scales, layers=[index])
+
     tolerance = SIMULATION_TOLERANCE[spec.compute_dtype]
     if spec.int8_activations:
         tolerance = max(tolerance, INT8_ACTIVATION_TOLERANCE)
-    return spec, fp32_reference, tolerance
+    return spec, simulation, tolerance
 
 
 def _perplexity(bundle, manifest, threads, log):

@@ -87,3 +87,31 @@ def checkpoint_bundle(tmp_path_factory, checkpoint_dir) -> Path:
 
 def manifest(bundle: Path) -> dict:
     return json.loads((bundle / "manifest.json").read_text())
+
+
+def assert_verify_matches_whole_model_reference(bundle: Path, monkeypatch) -> None:
+    """verify's report (layer-by-layer reference, export/layerwise.py) equals the one it gave with transformers'
+    whole model as the reference (the way verify ran before): same rows, PASS, figures within 1e-6 (both
+    references compute the same fp32 logits, so the figures are the same engine-vs-reference differences)."""
+    from llama4_deploy import verify as verify_module
+    from llama4_deploy.export import layerwise
+    from llama4_deploy.export.reference import reference_logits, reference_model
+
+    monkeypatch.setattr(verify_module, "_perplexity", lambda *args: None)  # unrelated to the reference
+    layer_by_layer = verify_module.verify(str(bundle), log=lambda _: None)
+    source = manifest(bundle)["source"]
+
+    def whole_model(weights, passes, logits=True, after_layer=None, log=None):
+        assert all(p.prepare is None for p in passes), "an fp32 bundle is verified against the fp32 model"
+        model = reference_model(source)
+        return [[reference_logits(model, ids) for ids in p.ids] for p in passes]
+
+    monkeypatch.setattr(layerwise, "run_layer_by_layer", whole_model)
+    whole = verify_module.verify(str(bundle), log=lambda _: None)
+    assert layer_by_layer.ok and whole.ok, layer_by_layer.table() + "\n" + whole.table()
+    assert len(layer_by_layer.rows) == len(whole.rows) == 5
+    for a, b in zip(layer_by_layer.rows, whole.rows):
+        assert (a.path, a.prompt, a.tokens, a.greedy_agree, a.greedy_total) == (
+            b.path, b.prompt, b.tokens, b.greedy_agree, b.greedy_total)
+        assert abs(a.comparison.value - b.comparison.value) <= 1e-6
+        assert abs(a.comparison.tolerance - b.comparison.tolerance) <= 1e-6 * b.comparison.tolerance

@@ -35,6 +35,12 @@ def test_tiny(tiny_bundle):
     _check(verify(str(tiny_bundle), log=lambda _: None))
 
 
+def test_tiny_report_is_the_whole_model_references(tiny_bundle, monkeypatch):
+    from tests.conftest import assert_verify_matches_whole_model_reference
+
+    assert_verify_matches_whole_model_reference(tiny_bundle, monkeypatch)
+
+
 @pytest.mark.parametrize("dispatch", ["dense", "gather", "capacity", "native", "auto"])
 @pytest.mark.parametrize("recipe", ["tiny", "scout-mini", "maverick-mini"])
 def test_every_dispatch_is_exact(recipe, dispatch, tmp_path):

@@ -101,6 +101,12 @@ def test_shipped_checkpoint_verifies_and_reaches_its_recorded_perplexity(trained
     assert "perplexity" in report.table()
 
 
+def test_verify_report_is_the_whole_model_references(trained_bundle, monkeypatch):
+    from tests.conftest import assert_verify_matches_whole_model_reference
+
+    assert_verify_matches_whole_model_reference(trained_bundle, monkeypatch)
+
+
 def test_eval_cli_prints_perplexity_and_tokens_per_s(trained_bundle, tmp_path):
     from tests.test_cli import invoke
 
