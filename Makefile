@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 
-.PHONY: engine test bench loadtest setup clean train-tiny plan synth-checkpoint bench-build bench-kernels gpu-check
+.PHONY: engine test bench loadtest setup clean train-tiny plan synth-checkpoint bench-build bench-kernels gpu-check quant-report
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ bench: $(STAMP)
 # and int8 activations, cache-resident and streamed from DRAM: the ceiling the kernels put on a 4-bit decode (minutes)
 bench-kernels: $(STAMP)
 	$(BIN)/python -m llama4_deploy.bench_kernels
+
+# One table per recipe x precision x form: quality vs transformers fp32 and parity vs the fake-quant simulation
+# (verify's figures), bundle size vs fp32, decode b1 vs the fp32 engine timed alternately (10-20 minutes on 2 cores)
+quant-report: $(STAMP)
+	nice -n 5 $(BIN)/python -m llama4_deploy.quant_report
 
 # A Maverick-shaped checkpoint (48 layers, 128 experts every second layer, hidden 512) of seeded random bf16
 # weights, 4.46 GB of sharded safetensors written shard by shard, into build/synth-maverick (SYNTH_OUT=...)

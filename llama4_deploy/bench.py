@@ -131,46 +131,74 @@ def roofline_ms(weight_bytes: float, threads: int, repeats: int = FULL.roofline_
 PRECISIONS = ("fp16", "fp8-qdq", "int4-qdq", "int4-ort", "int4-ort-int8")
 
 
-def bench_precisions(name: str, precisions: list[str], threads: int, sizes: Sizes, scratch: Path) -> None:
-    """Per precision x form: decode b1 against the fp32 engine, the two timed alternately (three rounds of
-    each, medians) so machine drift hits both alike; bytes per step at the stored precision (counted from
-    the decode graph) and the roofline fraction of those bytes; bundle size against fp32."""
+def precision_build_options(choice: str) -> dict[str, str | None]:
+    """build() keywords of a `precision[-form[-int4 compute]]` choice: int4-ort-int8 -> int4, ort, int8."""
+    precision, _, form = choice.partition("-")
+    form, _, compute = form.partition("-")
+    return {"precision": precision, "quant_form": form or None, "int4_compute": compute or None}
+
+
+def bundle_bytes(bundle: Path) -> int:
+    """Bytes of every file of a bundle (a bundle is one flat directory)."""
+    return sum(p.stat().st_size for p in Path(bundle).iterdir() if p.is_file())
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpeed:
+    step_ms: float  # this engine's decode step at batch `batch`, median of the rounds' medians
+    fp32_ms: float  # the fp32 engine's, timed alternately with it (equal to step_ms for the fp32 engine itself)
+    stored_bytes: float  # weight bytes one decode step reads at the stored precision (cost model, decode graph)
+    roofline: float  # time of one MatMul streaming stored_bytes / step_ms
+    batch: int
+
+    @property
+    def x_fp32(self) -> float:
+        return self.fp32_ms / self.step_ms
+
+
+def decode_speed(engine, bundle: Path, base, threads: int, sizes: Sizes = FULL, rounds: int = 3) -> DecodeSpeed:
+    """Decode at batch `sizes.decode_batches[0]` of `engine` against the fp32 engine `base`, the two timed
+    alternately (`rounds` rounds of each, medians) so machine drift hits both alike; `base` None times `engine`
+    alone (the fp32 row itself). Bytes per step are counted from the decode graph at the stored precision."""
     import onnx_ir as ir
 
-    from llama4_deploy.build import build
     from llama4_deploy.graphs.cost import graph_cost, with_ring
+
+    batch = sizes.decode_batches[0]
+    vocab = engine.vocab_size
+    pairs = []
+    for _ in range(rounds):
+        base_ms = bench_engine_decode(base, vocab, batch, sizes) if base is not None else None
+        pairs.append((base_ms, bench_engine_decode(engine, vocab, batch, sizes)))
+    step_ms = statistics.median(p[1] for p in pairs)
+    fp32_ms = statistics.median(p[0] for p in pairs) if base is not None else step_ms
+    graph = ir.load(Path(bundle) / engine.graphs["decode"]["file"])
+    # the chunked layers' ring dimension too, or their nodes stay unresolved and uncounted
+    dims = with_ring({"batch": batch, "new": 1, "context": 128}, engine.manifest.model)
+    stored, _, _ = graph_cost(graph, dims)
+    roof = roofline_ms(stored.weight_bytes, threads, sizes.roofline_repeats) / step_ms
+    return DecodeSpeed(step_ms, fp32_ms, stored.weight_bytes, roof, batch)
+
+
+def bench_precisions(name: str, precisions: list[str], threads: int, sizes: Sizes, scratch: Path) -> None:
+    """Per precision x form: decode b1 against the fp32 engine (decode_speed: timed alternately), bytes per
+    step at the stored precision and the roofline fraction of those bytes; bundle size against fp32."""
+    from llama4_deploy.build import build
     from llama4_deploy.runtime import load
 
     b1 = sizes.decode_batches[0]
     fp32 = build(name, out=scratch / f"{name}-fp32", log=lambda _: None).bundle
-
-    def decode_ms(engine) -> float:
-        return bench_engine_decode(engine, vocab, b1, sizes)
-
-    def size(bundle: Path) -> int:
-        return sum(p.stat().st_size for p in bundle.iterdir())
-
     print(f"{'precision':<15}{'dispatch':<10}{f'decode b{b1} ms':>13}{f'fp32 b{b1} ms':>13}{'x fp32':>8}"
           f"{'MB/step':>9}{f'roofline b{b1}':>13}{'size x fp32':>12}")
     with load(fp32, threads=threads) as base:
-        vocab = base.vocab_size
         for choice in precisions:
-            precision, _, form = choice.partition("-")
-            form, _, compute = form.partition("-")
-            bundle = build(name, out=scratch / f"{name}-{choice}", precision=precision, quant_form=form or None,
-                           int4_compute=compute or None, log=lambda _: None).bundle
+            bundle = build(name, out=scratch / f"{name}-{choice}", **precision_build_options(choice),
+                           log=lambda _: None).bundle
             with load(bundle, threads=threads) as engine:
-                rounds = [(decode_ms(base), decode_ms(engine)) for _ in range(3)]
-                base_ms = statistics.median(r[0] for r in rounds)
-                step_ms = statistics.median(r[1] for r in rounds)
-                graph = ir.load(bundle / engine.graphs["decode"]["file"])
-                # the chunked layers' ring dimension too, or their nodes stay unresolved and uncounted
-                dims = with_ring({"batch": b1, "new": 1, "context": 128}, engine.manifest.model)
-                stored, _, unresolved = graph_cost(graph, dims)
-                roof = roofline_ms(stored.weight_bytes, threads, sizes.roofline_repeats) / step_ms
-                print(f"{choice:<15}{engine.graphs['decode']['moe_dispatch']:<10}{step_ms:>13.3f}{base_ms:>13.3f}"
-                      f"{base_ms / step_ms:>7.2f}x{stored.weight_bytes / 1e6:>9.2f}{100 * roof:>12.0f}%"
-                      f"{size(bundle) / size(fp32):>11.3f}x", flush=True)
+                speed = decode_speed(engine, bundle, base, threads, sizes)
+                print(f"{choice:<15}{engine.graphs['decode']['moe_dispatch']:<10}{speed.step_ms:>13.3f}"
+                      f"{speed.fp32_ms:>13.3f}{speed.x_fp32:>7.2f}x{speed.stored_bytes / 1e6:>9.2f}"
+                      f"{100 * speed.roofline:>12.0f}%{bundle_bytes(bundle) / bundle_bytes(fp32):>11.3f}x", flush=True)
 
 
 def bench_engine_decode(engine, vocab: int, batch: int, sizes: Sizes) -> float:

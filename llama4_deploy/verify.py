@@ -146,13 +146,16 @@ def _verify_settings(manifest) -> dict:
     return settings
 
 
-def verify(bundle: str, threads: int | None = None, log=print) -> Report:
+def verify(bundle: str, threads: int | None = None, log=print, new_tokens: int | None = None,
+           perplexity: bool = True) -> Report:
+    """`new_tokens` overrides the manifest's (a quick check); `perplexity` False skips the held-out evaluation of a
+    trained checkpoint's bundle (llama4_deploy/quant_report.py reports parity and quality only)."""
     from llama4_deploy.export.layerwise import Pass, run_layer_by_layer
 
     manifest = read_manifest(bundle)
     model = manifest.model
     settings = _verify_settings(manifest)
-    new_tokens = settings.get("new_tokens", 32)
+    new_tokens = new_tokens or settings.get("new_tokens", 32)
     chunk = model["attention_chunk_size"]
     lengths = settings.get("prompt_lengths") or default_prompt_lengths(chunk, manifest.max_context, new_tokens)
     rng = np.random.default_rng(1234)
@@ -216,7 +219,7 @@ def verify(bundle: str, threads: int | None = None, log=print) -> Report:
         tuning = int(model["floor_scale"]) - 1  # floor((p + 1) / floor_scale) >= 1
     return Report(rows, lengths, new_tokens, chunk, tuning, graphs, steps, reruns,
                   "transformers fp32" if spec is None else f"fake-quant simulation ({spec.precision})", quality,
-                  _perplexity(bundle, manifest, threads, log))
+                  _perplexity(bundle, manifest, threads, log) if perplexity else None)
 
 
 def _int8_activations(manifest) -> bool:

@@ -15,7 +15,7 @@ import pytest
 from llama4_deploy.build import BuildError, build
 from llama4_deploy.verify import SIMULATION_TOLERANCE, verify
 
-from tests.conftest import manifest, write_checkpoint
+from tests.conftest import manifest
 from tests.test_cli import invoke, user_error
 
 FLOORS = {"fp8": (0.98, 0.005), "int4": (0.90, 0.03)}  # (min cosine, max KL)
@@ -124,8 +124,11 @@ def test_bad_calibration_refuses_cleanly(tmp_path):
 
 @pytest.fixture(scope="module")
 def std002_checkpoint(tmp_path_factory):
-    """transformers' own initialization (std 0.02), no peaked gains: where quality means something."""
-    return write_checkpoint(tmp_path_factory.mktemp("std002") / "ckpt", seed=3, logit_gain=1.0, router_gain=1.0)
+    """transformers' own initialization (std 0.02), no peaked gains: where quality means something. The same
+    checkpoint as `make quant-report`'s tiny-std0.02 rows (tiny's config, seed 3)."""
+    from llama4_deploy.quant_report import write_std002_checkpoint
+
+    return write_std002_checkpoint(tmp_path_factory.mktemp("std002") / "ckpt")
 
 
 @pytest.mark.parametrize("precision", ["fp8", "int4"])
