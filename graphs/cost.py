@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -139,8 +140,35 @@ def _structure_proto(model: ir.Model) -> onnx.ModelProto:
             model.graph.initializers[name].const_value = tensor
 
 
+def _stand_ins(proto: onnx.ModelProto) -> None:
+    """ONNX has no schema for ONNX Runtime's com.microsoft kernels, so shape inference stops at them. For shapes
+    only, each becomes a standard node of the same output shape, name and output name, in one pass: MoE and QMoE
+    (output: the input's shape) an Identity, MatMulNBits ([.., K] -> [.., N]) a MatMul by a [K, N] stand-in
+    weight of its scales' dtype (A's: both are T1), declared external and never read. Without this, each of a
+    layer's kernels cost an inference round and a many-layer graph ran out of rounds with later layers unresolved."""
+    elem_types = {t.name: t.data_type for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.domain != "com.microsoft" or node.op_type not in ("MoE", "QMoE", "MatMulNBits"):
+            continue
+        if node.op_type == "MatMulNBits":
+            k = next(a.i for a in node.attribute if a.name == "K")
+            n = next(a.i for a in node.attribute if a.name == "N")
+            weight = onnx.TensorProto(name=f"{node.name}/shape-only", dims=[k, n],
+                                      data_type=elem_types.get(node.input[2], onnx.TensorProto.FLOAT),
+                                      data_location=onnx.TensorProto.EXTERNAL)
+            weight.external_data.add(key="location", value="shape-only.bin")
+            proto.graph.initializer.append(weight)
+            inputs, op_type = [node.input[0], weight.name], "MatMul"
+        else:
+            inputs, op_type = [node.input[0]], "Identity"
+        del node.input[:], node.attribute[:]
+        node.input.extend(inputs)
+        node.op_type, node.domain = op_type, ""
+
+
 def _shapes(model: ir.Model, dims: dict[str, int]) -> dict[str, tuple[int, ...] | None]:
     proto = _structure_proto(model)
+    _stand_ins(proto)
     for value in proto.graph.input:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in dims:
@@ -157,72 +185,83 @@ def _shapes(model: ir.Model, dims: dict[str, int]) -> dict[str, tuple[int, ...] 
                 shapes[value.name] = tuple(d.dim_value for d in shape.dim)
         for tensor in proto.graph.initializer:
             shapes.setdefault(tensor.name, tuple(tensor.dims))
-        opaque = _declare_opaque_outputs(proto, shapes)
-        if not (_fold_small_values(proto, shapes) or opaque):
+        if not _fold_small_values(proto, shapes):
             break
     return shapes
-
-
-def _declare_opaque_outputs(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> bool:
-    """ONNX has no schema for com.microsoft.MoE; its output has its input's shape and type."""
-    added = False
-    types = {v.name: v.type.tensor_type.elem_type for v in (*proto.graph.value_info, *proto.graph.input)}
-    for node in proto.graph.node:
-        if node.domain == "com.microsoft" and node.op_type in ("MoE", "QMoE", "MatMulNBits") \
-                and node.output[0] not in shapes and node.input[0] in shapes:
-            out = list(shapes[node.input[0]])
-            if node.op_type == "MatMulNBits":  # [.., K] -> [.., N]
-                out[-1] = next(a.i for a in node.attribute if a.name == "N")
-            shapes[node.output[0]] = tuple(out)
-            proto.graph.value_info.append(onnx.helper.make_tensor_value_info(
-                node.output[0], types.get(node.input[0], onnx.TensorProto.FLOAT), out))
-            added = True
-    return added
 
 
 def _weight_bytes(value: ir.Value) -> int:
     return math.prod(value.shape.numpy()) * value.dtype.itemsize
 
 
-def graph_cost(model: ir.Model, dims: dict[str, int], scope: str | None = None) -> tuple[StepCost, StepCost, int]:
-    """(cost of all nodes, cost of nodes whose name contains `scope`, unresolved count)."""
+def graph_cost(model: ir.Model, dims: dict[str, int], scope: str | None = None,
+               multiplicity: Callable[[str], int] | None = None) -> tuple[StepCost, StepCost, int]:
+    """(cost of all nodes, cost of nodes whose name contains `scope`, unresolved count). `multiplicity(node
+    name)`: how many times a node counts (a graph holding one layer per kind that stands for the whole model,
+    llama4_deploy/stage_graphs.py: costing_layers); every node counts once without it."""
+    return summed_cost(node_costs(model, dims), scope, multiplicity)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeCost:
+    name: str
+    flops: float
+    weight_bytes: float
+    unresolved: bool
+
+
+def node_costs(model: ir.Model, dims: dict[str, int]) -> list[NodeCost]:
+    """The FLOPs and weight bytes of every node of the graph at these dims, in graph order (one shape
+    inference: several scopes and multiplicities can be summed from it)."""
     shapes = _shapes(model, dims)
     initializers = model.graph.initializers
-    total, scoped, unresolved = [0.0, 0.0], [0.0, 0.0], 0
+    costs = []
     for node in model.graph:
         out = shapes.get(node.outputs[0].name) if node.outputs else None
         flops = weight = 0.0
         if out is None:
-            unresolved += node.op_type not in ("Constant",)
+            costs.append(NodeCost(node.name or "", 0.0, 0.0, node.op_type not in ("Constant",)))
+            continue
+        elements = math.prod(out)
+        if node.op_type in ("MatMul", "Gemm"):
+            a = shapes.get(node.inputs[0].name) if node.inputs[0].name not in initializers else \
+                tuple(initializers[node.inputs[0].name].shape.numpy())
+            flops = 2.0 * elements * (a[-1] if a else 0)
+        elif node.domain == "com.microsoft" and node.op_type in ("MoE", "QMoE"):
+            flops, weight = _native_moe_cost(node, out)
+        elif node.domain == "com.microsoft" and node.op_type == "MatMulNBits":  # 4-bit weights: bytes below
+            flops = 2.0 * elements * node.attributes["K"].as_int()
+        elif node.domain in ("", "ai.onnx") and node.op_type == "Attention":
+            keys = (shapes.get(node.inputs[3].name) or (0,))[-1]  # the mask's last axis: S + T
+            flops = 4.0 * elements * keys + 2.0 * elements / out[-1] * keys
+        elif node.op_type in MOVEMENT:
+            flops = 0.0
         else:
-            elements = math.prod(out)
-            if node.op_type in ("MatMul", "Gemm"):
-                a = shapes.get(node.inputs[0].name) if node.inputs[0].name not in initializers else \
-                    tuple(initializers[node.inputs[0].name].shape.numpy())
-                flops = 2.0 * elements * (a[-1] if a else 0)
-            elif node.domain == "com.microsoft" and node.op_type in ("MoE", "QMoE"):
-                flops, weight = _native_moe_cost(node, out)
-            elif node.domain == "com.microsoft" and node.op_type == "MatMulNBits":  # 4-bit weights: bytes below
-                flops = 2.0 * elements * node.attributes["K"].as_int()
-            elif node.domain in ("", "ai.onnx") and node.op_type == "Attention":
-                keys = (shapes.get(node.inputs[3].name) or (0,))[-1]  # the mask's last axis: S + T
-                flops = 4.0 * elements * keys + 2.0 * elements / out[-1] * keys
-            elif node.op_type in MOVEMENT:
-                flops = 0.0
+            flops = float(elements)
+        for i, value in enumerate(node.inputs):
+            if value is None or value.name not in initializers or node.op_type in ("MoE", "QMoE"):
+                continue
+            if node.op_type == "Gather" and i == 0:
+                weight += elements * value.dtype.itemsize
             else:
-                flops = float(elements)
-            for i, value in enumerate(node.inputs):
-                if value is None or value.name not in initializers or node.op_type in ("MoE", "QMoE"):
-                    continue
-                if node.op_type == "Gather" and i == 0:
-                    weight += elements * value.dtype.itemsize
-                else:
-                    weight += _weight_bytes(value)
-        total[0] += flops
-        total[1] += weight
-        if scope is not None and scope in (node.name or ""):
-            scoped[0] += flops
-            scoped[1] += weight
+                weight += _weight_bytes(value)
+        costs.append(NodeCost(node.name or "", flops, weight, False))
+    return costs
+
+
+def summed_cost(costs: list[NodeCost], scope: str | None = None, multiplicity: Callable[[str], int] | None = None
+            ) -> tuple[StepCost, StepCost, int]:
+    """(all nodes, nodes whose name contains `scope`, unresolved count) of `node_costs`' list. Every figure is a
+    whole number (FLOPs and bytes of integer shapes), so the sums are exact in any order and with any multiplicity."""
+    total, scoped, unresolved = [0.0, 0.0], [0.0, 0.0], 0
+    for cost in costs:
+        times = 1 if multiplicity is None else multiplicity(cost.name)
+        unresolved += times * cost.unresolved
+        total[0] += times * cost.flops
+        total[1] += times * cost.weight_bytes
+        if scope is not None and scope in cost.name:
+            scoped[0] += times * cost.flops
+            scoped[1] += times * cost.weight_bytes
     return StepCost(*total), StepCost(*scoped), unresolved
 
 
@@ -255,13 +294,18 @@ def moe_formula(model_facts: dict[str, Any], tokens: int, routed_experts_per_tok
     return StepCost(layers * flops, layers * weights)
 
 
-def step_cost(model: ir.Model | list[ir.Model], model_facts: dict[str, Any], dims: dict[str, int]) -> CostReport:
+def step_cost(model: ir.Model | list[ir.Model], model_facts: dict[str, Any], dims: dict[str, int],
+              multiplicity: Callable[[str], int] | None = None, costs: list[list[NodeCost]] | None = None
+              ) -> CostReport:
     """The graph's cost for one step with these dims, next to the ideal and dense formulations. A list
-    of graphs (the pipeline stages of one model) is costed as their sum."""
+    of graphs (the pipeline stages of one model) is costed as their sum. `multiplicity`: as graph_cost's;
+    `costs`: the graphs' `node_costs` at these dims, when the caller has them already."""
     dims = with_ring(dims, model_facts)
+    parts = model if isinstance(model, list) else [model]
+    costs = costs if costs is not None else [node_costs(part, dims) for part in parts]
     graph, moe_part, unresolved = StepCost(0.0, 0.0), StepCost(0.0, 0.0), 0
-    for part in model if isinstance(model, list) else [model]:
-        part_graph, part_moe, part_unresolved = graph_cost(part, dims, scope="/moe/")
+    for part_costs in costs:
+        part_graph, part_moe, part_unresolved = summed_cost(part_costs, "/moe/", multiplicity)
         graph = StepCost(graph.flops + part_graph.flops, graph.weight_bytes + part_graph.weight_bytes)
         moe_part = StepCost(moe_part.flops + part_moe.flops, moe_part.weight_bytes + part_moe.weight_bytes)
         unresolved += part_unresolved

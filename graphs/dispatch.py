@@ -19,7 +19,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from llama4_deploy.graphs.cost import graph_cost, profile_points, step_cost, with_ring
+from llama4_deploy.graphs.cost import summed_cost, node_costs, profile_points, step_cost, with_ring
 from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, lower_moe_capacity
 from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
 from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
@@ -61,9 +61,22 @@ def lowering(strategy: str, capacity_factor: float = 1.25, backend: str = "onnxr
     raise ValueError(f"unknown MoE dispatch {strategy!r}; choose one of {', '.join(CHOICES)}")
 
 
-def estimated_seconds(model: ir.Model, facts: dict[str, Any], dims: dict[str, int], machine: Machine) -> float:
-    report = step_cost(model, facts, dims)
-    _, gathered, _ = graph_cost(model, with_ring(dims, facts), scope="/experts/Gather")  # weight copies: written, then read again
+@dataclasses.dataclass(frozen=True)
+class Priced:
+    """A graph the planner prices in place of the whole lowered model: `multiplicity(node name)` says how many
+    of the model's nodes each of its nodes stands for (one layer per kind, llama4_deploy/stage_graphs.py)."""
+    model: ir.Model
+    multiplicity: Callable[[str], int]
+
+
+def estimated_seconds(model: ir.Model | Priced, facts: dict[str, Any], dims: dict[str, int], machine: Machine) -> float:
+    multiplicity = None
+    if isinstance(model, Priced):
+        model, multiplicity = model.model, model.multiplicity
+    dims = with_ring(dims, facts)
+    costs = node_costs(model, dims)  # one shape inference serves both sums
+    report = step_cost(model, facts, dims, multiplicity, costs=[costs])
+    _, gathered, _ = summed_cost(costs, "/experts/Gather", multiplicity)  # weight copies: written, then read again
     weight_traffic = report.graph.weight_bytes + 2 * gathered.weight_bytes
     return max(report.graph.flops / machine.flops_per_s, weight_traffic / machine.bytes_per_s)
 
@@ -88,13 +101,14 @@ def overflow_probability(tokens: int, experts: int, top_k: int, capacity_factor:
 def plan(
     requested: str,
     backend: str,
-    lowered: Callable[[str], ir.Model],
+    lowered: Callable[[str], ir.Model | Priced],
     facts: dict[str, Any],
     profiles: dict[str, int],
     capacity_factor: float = 1.25,
     excluded: tuple[str, ...] = (),
 ) -> dict[str, str]:
-    """{role: strategy}. `lowered(strategy)` returns the linked model lowered with it; `excluded`
+    """{role: strategy}. `lowered(strategy)` returns the linked model lowered with it (or a Priced graph that
+    costs the same: one layer per kind, each node counted as often as the model holds it); `excluded`
     strategies are never planned (e.g. native for a precision the fused kernel cannot take)."""
     allowed = tuple(s for s in BACKEND_STRATEGIES[backend] if s not in excluded)
     machine = MACHINES[backend]

@@ -16,6 +16,7 @@ from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.rewrite import layer_scope, splice
 
 OVERFLOW_OUTPUT = "moe_overflow"
+OVERFLOW_OR = "/moe_overflow/Or_"  # the combiner's nodes: Or_0 .. Or_{M-2} for M flags
 
 
 def moe_nodes(model: ir.Model) -> list[ir.Node]:
@@ -60,7 +61,7 @@ def _add_overflow_output(graph: ir.Graph, flags: list[ir.Value]) -> None:
     tape = ir.tape.Tape()
     combined = flags[0]
     for i, flag in enumerate(flags[1:]):
-        combined = tape.op("Or", [combined, flag], name=f"/moe_overflow/Or_{i}")
+        combined = tape.op("Or", [combined, flag], name=f"{OVERFLOW_OR}{i}")
     if combined is flags[0]:
         combined = tape.op("Identity", [combined], name="/moe_overflow/Identity")
     graph.extend(tape.nodes)

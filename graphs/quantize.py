@@ -309,6 +309,7 @@ def pack_int4_rows(q: np.ndarray, block: int) -> np.ndarray:
     k = q.shape[-1]
     blocks = -(-k // block)
     stored = np.full(q.shape[:-1] + (blocks * block,), 8, dtype=np.uint8)
-    stored[..., :k] = (q.astype(np.int16) + 8).astype(np.uint8)
+    # q + 8 in one pass: int8 [-8, 7] seen as uint8 is 248..255, 0..7, and + 8 wraps those to 0..15
+    np.add(np.asarray(q, dtype=np.int8).view(np.uint8), np.uint8(8), out=stored[..., :k])
     packed = stored[..., 0::2] | (stored[..., 1::2] << 4)
     return packed.reshape(q.shape[:-1] + (blocks, block // 2))

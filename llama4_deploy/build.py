@@ -617,7 +617,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
     from llama4_deploy.export.compressed_tensors import stored_fp8
     from llama4_deploy.graphs import dispatch
     from llama4_deploy.graphs.lower_attention import form_for
-    from llama4_deploy.stage_graphs import data_file, graph_file, save_stage_graphs, stage_io
+    from llama4_deploy.stage_graphs import costing_layers, data_file, graph_file, save_stage_graphs, stage_io
 
     shape = ckpt.shape
     split = split or [_one_stage(shape)]
@@ -636,6 +636,19 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
         return lowered[key]
 
     full = _one_stage(shape)
+    costing, priced_graphs = costing_layers(shape), {}
+
+    def priced(strategy: str):
+        """A candidate as the planner prices it: one layer per kind, each counted as often as the model has it
+        (stage_graphs.CostingLayers), which costs the same as the whole graph for a fraction of the shape
+        inference. The whole graph is lowered too: its pass counts are the build's, and a chosen one is saved."""
+        if strategy not in priced_graphs:
+            lower(full, strategy, plan_passes)
+            model, _ = _lower_stage(ckpt, templates, costing, strategy, recipe, spec, activation_amax, attention,
+                                    rewrites, stored, checks=False)
+            priced_graphs[strategy] = dispatch.Priced(model, costing.multiplicity)
+        return priced_graphs[strategy]
+
     plan_key = step_key("plan", inputs)
     planned = cache.get("plan", plan_key) if cache is not None else None
     if planned is not None:
@@ -650,9 +663,8 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
                     raise BuildError(refusals[wanted])
             # priced on the unsplit model: every stage gets the same dispatch per role
             with timed("dispatch"):  # costs every candidate lowering (its link and lower count as theirs)
-                roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, lambda s: lower(full, s, plan_passes),
-                                      shape.to_dict(), recipe.profiles.model_dump(), recipe.capacity_factor,
-                                      excluded=excluded)
+                roles = dispatch.plan(recipe.moe_dispatch, recipe.backend, priced, shape.to_dict(),
+                                      recipe.profiles.model_dump(), recipe.capacity_factor, excluded=excluded)
         except ValueError as err:
             raise BuildError(str(err)) from None
         if recipe.backend == "tensorrt":
@@ -721,9 +733,10 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
 
 
 def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, activation_amax, attention: str,
-                 rewrites=None, stored=None):
+                 rewrites=None, stored=None, checks: bool = True):
     """One stage's graph for one MoE dispatch: link, compute dtype, MoE and attention lowering,
-    quantization, static-shape lint. Returns (model, pass counts)."""
+    quantization, static-shape lint (and the TensorRT checks; not with `checks` False: a graph that is only
+    priced). Returns (model, pass counts)."""
     from llama4_deploy.graphs.compute_dtype import convert_compute_dtype
     from llama4_deploy.graphs.lint import lint_static
     from llama4_deploy.graphs.lower_attention import lower_attention
@@ -753,6 +766,8 @@ def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, ac
                                              stored=stored))
         except ValueError as err:
             raise BuildError(str(err)) from None
+    if not checks:
+        return model, counts
     with timed("lint"):
         problems = lint_static(model)
     if problems:

@@ -18,6 +18,8 @@ device (or host) reads only its own weights.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -124,6 +126,52 @@ def link_stage(checkpoint, templates, stage: Stage, weight: Callable[[Any, str],
     model, stamped = link(templates, stage_inputs(shape, stage), stamps, {**final, **outputs})
     model.metadata_props[CHUNK_KEY] = str(shape.attention_chunk_size)  # checked at load (integrity.py)
     return model, stamped
+
+
+@dataclasses.dataclass(frozen=True)
+class CostingLayers:
+    """The layers of the graph the MoE dispatch planner prices in place of the whole model (graphs/dispatch.py):
+    the first layer of each kind (and a second MoE layer when the model has several of one kind only, so the
+    overflow combiner below has an `Or` to price), with embed, prologue and head. It is linked as a one-stage
+    model (link_stage takes it as a stage: `layers`, `first`, `last`) and lowered like it; its node costs sum to
+    the whole model's when a layer's nodes count `stands_for[layer]` times, because a layer's nodes, shapes and
+    weights depend on its kind, never on its index. Outside the layers only the capacity dispatch's overflow
+    combiner grows with the model (graphs/moe_pass.py): one `Or` of two [1] flags per MoE layer after the first."""
+
+    layers: tuple[int, ...]
+    stands_for: dict[int, int]  # layer -> how many of the model's layers its nodes count for
+    moe_layers: frozenset[int]  # the model's
+    overflow_or: str  # name prefix of the combiner's Or nodes
+    first: bool = True
+    last: bool = True
+
+    def multiplicity(self, node_name: str) -> int:
+        """How many of the whole model's nodes the costing graph's node `node_name` stands for."""
+        match = _LAYER_SCOPE.match(node_name)
+        if match is not None:
+            return self.stands_for[int(match.group(1))]
+        if node_name.startswith(self.overflow_or):  # Or_0 .. Or_{m-2} here, Or_0 .. Or_{M-2} in the model
+            here = sum(1 for layer in self.layers if layer in self.moe_layers)
+            return len(self.moe_layers) - here + 1 if node_name == f"{self.overflow_or}0" else 1
+        return 1
+
+
+_LAYER_SCOPE = re.compile(r"/layers\.(\d+)/")
+
+
+def costing_layers(shape) -> CostingLayers:
+    """The CostingLayers of a model of this shape."""
+    from llama4_deploy.graphs.moe_pass import OVERFLOW_OR
+
+    by_kind: dict[Any, list[int]] = {}
+    for layer, kind in enumerate(shape.layer_kinds):
+        by_kind.setdefault(kind, []).append(layer)
+    stands_for = {layers[0]: len(layers) for layers in by_kind.values()}
+    moe = [layers for kind, layers in by_kind.items() if kind.moe]
+    if len(moe) == 1 and len(moe[0]) > 1:  # one MoE kind: a second of its layers gives the combiner an Or
+        stands_for[moe[0][0]] -= 1
+        stands_for[moe[0][1]] = 1
+    return CostingLayers(tuple(sorted(stands_for)), stands_for, frozenset(shape.moe_layers), OVERFLOW_OR)
 
 
 def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> tuple[str, dict]:
