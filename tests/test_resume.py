@@ -35,7 +35,10 @@ def _interrupt(out: Path, after: str, sig: int) -> list[str]:
     """Run the build in a subprocess and send `sig` once it logs that step `after` was stored."""
     # the child holds still for a minute right after it stores `after`, so the signal lands between steps
     # whatever the machine's speed (a fast build otherwise finishes before the parent reads the line)
-    hold = ("import sys, time\n"
+    # SIGINT gets Python's own handler back: a shell starts background jobs with SIGINT ignored, children inherit
+    # that, and a Ctrl-C would then never reach the build (as when `make test &` runs this test)
+    hold = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "from llama4_deploy import build_cache\n"
             "log = build_cache.BuildCache.__init__\n"
             "def init(self, out, log_fn):\n"
