@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -62,21 +61,17 @@ def _prompt(vocab_size: int) -> list[int]:
 
 
 def reference_logits_for(bundle: Path, ids: list[int]) -> np.ndarray:
-    """Logits of `ids` from transformers' fp32 model of the bundle's source, fake-quantized to its spec."""
-    from llama4_deploy.export.reference import reference_logits, reference_model
-    from llama4_deploy.export.simulate import simulate
+    """Logits of `ids` from transformers' fp32 model of the bundle's source, fake-quantized to its spec where its
+    weights are quantized; one decoder layer in memory at a time (verify's reference, export/layerwise.py)."""
+    from llama4_deploy.export.layerwise import Pass, run_layer_by_layer
     from llama4_deploy.graphs.quantize import QuantSpec
     from llama4_deploy.runtime.bundle import read_manifest
+    from llama4_deploy.verify import _reference, _simulation
 
     manifest = read_manifest(bundle)
-    model = reference_model(manifest.raw["source"])
     spec = QuantSpec.model_validate(manifest.engine["quantization"])
-    amax = None
-    if manifest.raw.get("calibration"):
-        amax = json.loads((bundle / manifest.raw["calibration"]["file"]).read_text())["activation_amax"]
-    if spec.quantized:
-        simulate(model, spec, amax)
-    return reference_logits(model, ids)
+    simulation = _simulation(manifest)[1] if spec.quantized else None  # bf16/fp16: against fp32, as on the GPU
+    return run_layer_by_layer(_reference(manifest), [Pass([list(ids)], simulation)])[0][0]
 
 
 def prepare(work: str | Path, models=MODELS, precisions=PRECISIONS, log=print) -> list[Prepared]:

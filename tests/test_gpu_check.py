@@ -44,3 +44,25 @@ def test_run_without_tensorrt_exits_2(tmp_path):
     assert gpu_check.run(tmp_path) == 2
     log = (tmp_path / gpu_check.LOG).read_text()
     assert log.startswith("error: TensorRT is not installed") and not (tmp_path / "tiny-bf16").exists()
+
+
+def test_reference_is_the_whole_model_simulation(tmp_path):
+    """The reference gpu-check compares against runs layer by layer: it equals the whole-model fake-quant
+    simulation (same transformers modules, same ops, same order, fp32) on a tiny int4 TensorRT-form bundle."""
+    from llama4_deploy.build import build
+    from llama4_deploy.export.reference import reference_logits, reference_model
+    from llama4_deploy.export.simulate import simulate
+    from llama4_deploy.graphs.quantize import QuantSpec
+    from llama4_deploy.runtime.bundle import read_manifest
+
+    bundle = build("tiny", out=tmp_path / "b", target="tensorrt", precision="int4", compute_dtype="float32",
+                   log=lambda _: None).bundle
+    ids = list(range(3, 3 + gpu_check.PROMPT_TOKENS))
+    m = read_manifest(bundle)
+    whole = reference_model(m.raw["source"])
+    simulate(whole, QuantSpec.model_validate(m.engine["quantization"]), None)
+    want = reference_logits(whole, ids)
+    got = gpu_check.reference_logits_for(bundle, ids)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    plain = reference_logits(reference_model(m.raw["source"]), ids)
+    assert np.abs(plain - want).max() > 100 * 1e-5 * np.abs(want).max()  # the simulation is applied: it moves them
