@@ -46,6 +46,9 @@ class OnnxRuntimeRunner:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if not self.prepack:
             options.add_session_config_entry("session.disable_prepacking", "1")
+            # and no CPU arena: the arena keeps every intermediate it ever allocated (a Q/DQ graph's dequantized
+            # expert stacks, layer after layer) for the session's life; without it each is freed after its node
+            options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(str(self.model_path), options, providers=self.providers)
         self.inputs = {i.name: (_ORT_TYPES.get(i.type), list(i.shape)) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
