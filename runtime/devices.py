@@ -56,7 +56,7 @@ def placement(manifest, backend: str, devices: Sequence[str] | str | None) -> li
     if devices is None:
         return default_devices(manifest, backend)
     if isinstance(devices, str):
-        devices = [part for part in devices.split(",")]
+        devices = devices.split(",")
     if not isinstance(devices, (list, tuple)):
         raise TypeError(f"devices must be a list of device names, one per pipeline stage, got {devices!r}")
     stages = len(manifest.stages)

@@ -115,3 +115,13 @@ def assert_verify_matches_whole_model_reference(bundle: Path, monkeypatch) -> No
             b.path, b.prompt, b.tokens, b.greedy_agree, b.greedy_total)
         assert abs(a.comparison.value - b.comparison.value) <= 1e-6
         assert abs(a.comparison.tolerance - b.comparison.tolerance) <= 1e-6 * b.comparison.tolerance
+
+
+def opened_engines(bundles: dict):
+    """A module fixture's body: every bundle of `bundles` loaded (2 threads) under the same key, closed after."""
+    from llama4_deploy.runtime import load
+
+    opened = {key: load(bundle, threads=2) for key, bundle in bundles.items()}
+    yield opened
+    for engine in opened.values():
+        engine.close()

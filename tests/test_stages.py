@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from llama4_deploy.stages import split_layers
+from tests.conftest import opened_engines
 
 REL_TOLERANCE = 1e-5
 DISPATCHES = ("dense", "gather", "capacity", "native")
@@ -43,12 +44,7 @@ def bundles(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(bundles):
-    from llama4_deploy.runtime import load
-
-    opened = {n: load(bundle, threads=2) for n, bundle in bundles.items()}
-    yield opened
-    for engine in opened.values():
-        engine.close()
+    yield from opened_engines(bundles)
 
 
 def _use(engine, dispatch: str) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import manifest
+from tests.conftest import manifest, opened_engines
 from tests.test_cli import invoke, user_error
 
 REL_TOLERANCE = 1e-5
@@ -38,12 +38,7 @@ def bundles(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(bundles):
-    from llama4_deploy.runtime import load
-
-    opened = {n: load(bundle, threads=2) for n, bundle in bundles.items()}
-    yield opened
-    for engine in opened.values():
-        engine.close()
+    yield from opened_engines(bundles)
 
 
 def test_every_stage_graph_is_in_the_tensorrt_form_with_its_own_profiles(bundles):
