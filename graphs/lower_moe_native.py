@@ -94,8 +94,9 @@ def _constant_weight(value: ir.Value) -> bool:
     return value.const_value is not None and value.is_initializer()
 
 
-def check(node: ir.Node) -> str | None:
-    """Why `node` cannot be lowered, or None."""
+def check(node: ir.Node, any_top_k: bool = False) -> str | None:
+    """Why `node` cannot be lowered, or None. `any_top_k`: only the weights' checks (the native layout
+    gather takes any top_k)."""
     if len(node.inputs) not in (len(ops.MOE_INPUTS) - 1, len(ops.MOE_INPUTS)) or any(
         v is None for v in node.inputs[: len(ops.MOE_INPUTS) - 1]
     ):
@@ -103,7 +104,7 @@ def check(node: ir.Node) -> str | None:
     top_k = node.attributes.get("top_k")
     if top_k is None or top_k.as_int() < 1:
         return "has no positive top_k attribute"
-    if top_k.as_int() != 1:
+    if top_k.as_int() != 1 and not any_top_k:
         return (f"has top_k {top_k.as_int()}; com.microsoft.MoE can express only top_k 1 "
                 "(Llama 4 scales each expert's input by its own score, the op weights outputs)")
     gate_up, down = node.inputs[2], node.inputs[3]
@@ -120,9 +121,9 @@ def check(node: ir.Node) -> str | None:
     return None
 
 
-def _checker(split: int | None) -> Callable[[ir.Node], str | None]:
+def checker(split: int | None, any_top_k: bool = False) -> Callable[[ir.Node], str | None]:
     def checked(node: ir.Node) -> str | None:
-        reason = check(node)
+        reason = check(node, any_top_k)
         if reason is None and split is not None and node.inputs[3].const_value.shape[1] % split:
             return f"has an intermediate size of {node.inputs[3].const_value.shape[1]}, not divisible by split {split}"
         return reason
@@ -168,11 +169,22 @@ def _weight(tape: ir.tape.Tape, node: ir.Node, value: ir.Value, name: str,
     return tape.initializer(relaid_weight(value.const_value, name, shape, layout), name=name)
 
 
-def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, split: int | None = None) -> list[ir.Value]:
-    x, router, gate_up, down = node.inputs[:4]
+def native_weights(tape: ir.tape.Tape, node: ir.Node, split: int | None = None) -> tuple[ir.Value, ir.Value, int]:
+    """(fc1, fc2, P) of `node`'s experts: its re-laid-out weights (lazy initializers, shared with any graph
+    lowered from the same weights and split, since their names and bytes are the same)."""
+    gate_up, down = node.inputs[2:4]
     e, h, two_i = (int(d) for d in gate_up.const_value.shape)
-    np_dtype = (x.dtype or gate_up.const_value.dtype).numpy()
     p = split or parts(two_i // 2, 3 * h * (two_i // 2) * gate_up.const_value.dtype.itemsize)
+    fc1_name, fc2_name = weight_names(gate_up.name, down.name, p)
+    fc1 = _weight(tape, node, gate_up, fc1_name, lambda w: fc1_layout(w, p), (p * e, two_i // p, h))
+    fc2 = _weight(tape, node, down, fc2_name, lambda w: fc2_layout(w, p), (p * e, h, two_i // 2 // p))
+    return fc1, fc2, p
+
+
+def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, split: int | None = None) -> list[ir.Value]:
+    x, router = node.inputs[:2]
+    np_dtype = (x.dtype or node.inputs[2].const_value.dtype).numpy()
+    fc1, fc2, p = native_weights(tape, node, split)
 
     op, const = scoped(tape, prefix)
 
@@ -190,9 +202,6 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, split: int | Non
         picks = op("Tile", [picks, const("router/parts", np.array([1, p], dtype=np.int64))],
                    name="router/PerPart")  # [N, P*E]: part q of expert e is column q*E + e
 
-    fc1_name, fc2_name = weight_names(gate_up.name, down.name, p)
-    fc1 = _weight(tape, node, gate_up, fc1_name, lambda w: fc1_layout(w, p), (p * e, two_i // p, h))
-    fc2 = _weight(tape, node, down, fc2_name, lambda w: fc2_layout(w, p), (p * e, h, two_i // 2 // p))
     routed = op(
         "MoE", [routed_in, picks, fc1, None, fc2],
         {"k": p, "activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
@@ -212,7 +221,6 @@ def lower_moe_native(model: ir.Model, split: int | None = None) -> tuple[int, di
 
     The original gate_up / down initializers of lowered nodes are dropped once nothing reads them
     (their re-laid-out copies replace them; the copies read them lazily, at serialization)."""
-    graph = model.graph
     relaid = {v.name: v for node in moe_nodes(model) if check(node) is None for v in node.inputs[2:4]}
     if split is not None and (split < 1 or split & (split - 1)):
         raise ValueError(f"split must be a power of two, got {split}")
@@ -220,8 +228,13 @@ def lower_moe_native(model: ir.Model, split: int | None = None) -> tuple[int, di
     def lower(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
         return replacement(tape, node, prefix, split)
 
-    result = run_moe_lowering(model, STRATEGY, _checker(split), lower, opset_imports={MS_DOMAIN: MS_VERSION})
+    result = run_moe_lowering(model, STRATEGY, checker(split), lower, opset_imports={MS_DOMAIN: MS_VERSION})
+    drop_relaid(model, relaid)
+    return result
+
+
+def drop_relaid(model: ir.Model, relaid: dict[str, ir.Value]) -> None:
+    """Drop the original expert initializers nothing reads any more (their re-laid-out copies replaced them)."""
     for name, value in relaid.items():
         if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
-            graph.initializers.pop(name, None)
-    return result
+            model.graph.initializers.pop(name, None)

@@ -23,7 +23,8 @@ and stacked back, so the MatMul or Gather that follows sees the compute dtype:
 Same numbers: slice e of the stacked q and scale is exactly what the 3-D DequantizeLinear multiplies.
 
 The reduction axis K comes from the consumer: a MatMul (directly or after a Gather of experts)
-contracts the weight's second-to-last axis; ONNX Runtime's `com.microsoft.MoE` stores expert
+contracts the weight's second-to-last axis (its last when the gathered weight is the MatMul's left operand:
+the native-layout gather, lower_moe_gather.py); ONNX Runtime's `com.microsoft.MoE` stores expert
 weights [E, N, K] and contracts the last (then no activation Q/DQ can be placed inside it, which
 is why fp8 never uses the `native` dispatch). Valid because DequantizeLinear computes exactly
 q * scale (zero point 0), the same product the spec defines (graphs/quantize.py); the MatMul then
@@ -57,6 +58,9 @@ def reduction_axis(value: ir.Value) -> int | str:
         elif user.op_type == "Gather" and index == 0 and all(
                 u.op_type == "MatMul" and i == 1 for u, i in user.outputs[0].uses()):
             axes.add(-2)
+        elif user.op_type == "Gather" and index == 0 and all(  # the native-layout gather: weight on the left
+                u.op_type == "MatMul" and i == 0 for u, i in user.outputs[0].uses()):
+            axes.add(-1)
         elif user.domain == "com.microsoft" and user.op_type == "MoE" and index in (2, 4):
             axes.add(-1)
         else:

@@ -572,15 +572,22 @@ def _record_precision(manifest: dict[str, Any], spec, calibration: dict[str, Any
         manifest["golden"] = None
 
 
-def _moe_lowering(strategy: str, recipe: Recipe, spec):
+def _moe_lowering(strategy: str, recipe: Recipe, spec, layout: str = "matmul"):
+    """The MoE lowering of `strategy`; `layout` "native": a gather reading the native graph's expert weights
+    (a bundle with both stores them once, graphs/lower_moe_gather.py)."""
     from llama4_deploy.graphs import dispatch
 
-    if strategy == "native" and spec.quantized:
+    # quantized experts are 4-8x smaller than the fp32 ones the part split is sized for: keep them whole,
+    # so each expert's weights are quantized exactly as the checkpoint lays them out
+    split = 1 if spec is not None and spec.quantized else None
+    if strategy == "native" and split:
         from llama4_deploy.graphs.lower_moe_native import lower_moe_native
 
-        # quantized experts are 4-8x smaller than the fp32 ones the part split is sized for: keep them whole,
-        # so each expert's weights are quantized exactly as the checkpoint lays them out
-        return lambda model: lower_moe_native(model, split=1)
+        return lambda model: lower_moe_native(model, split=split)
+    if strategy == "gather" and layout == "native":
+        from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
+
+        return lambda model: lower_moe_gather(model, layout="native", split=split)
     return dispatch.lowering(strategy, recipe.capacity_factor, recipe.backend)
 
 
@@ -627,11 +634,11 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
     plan_passes: dict[str, int] = {}
     stored = stored_fp8(ckpt, shape)  # a pre-quantized checkpoint's FP8 weights, read as the saver writes them
 
-    def lower(stage, strategy: str, passes: dict[str, int]):
-        key = (stage.count, stage.index, strategy)
+    def lower(stage, strategy: str, passes: dict[str, int], layout: str = "matmul"):
+        key = (stage.count, stage.index, strategy, layout)
         if key not in lowered:
             lowered[key], counts = _lower_stage(ckpt, templates, stage, strategy, recipe, spec, activation_amax,
-                                                attention, rewrites, stored)
+                                                attention, rewrites, stored, layout=layout)
             passes.update(counts)
         return lowered[key]
 
@@ -675,11 +682,14 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
             with cache.put("plan", plan_key) as (_, record):
                 record.update(roles=roles, passes=plan_passes)
     log(f"[dispatch] {recipe.moe_dispatch}: {roles}")
-    if split[0].count > 1:
-        lowered.clear()  # the unsplit graphs only priced the candidates
     for strategy in extra_dispatches:  # saved beside the roles' graphs, under a role named after the strategy
         roles.setdefault(strategy, strategy)
     strategies = list(dict.fromkeys(roles.values()))
+    # beside a native graph, the gather reads the native layout: one copy of the experts, not two
+    layouts = {"gather": "native"} if "native" in strategies else {}
+    kept = {(1, 0, s, layouts.get(s, "matmul")) for s in strategies} if split[0].count == 1 else set()
+    for key in set(lowered) - kept:
+        del lowered[key]  # graphs that only priced the candidates
     passes: dict[str, int] = {}
     stages, stage_keys, file_records = [], [], {}
     for stage in split:
@@ -689,7 +699,8 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
         hit = cache.get(step, key) if cache is not None else None
         if hit is None:
             stage_passes = dict(plan_passes) if stage.count == 1 else {}
-            models = {strategy: lower(stage, strategy, stage_passes) for strategy in strategies}
+            models = {strategy: lower(stage, strategy, stage_passes, layouts.get(strategy, "matmul"))
+                      for strategy in strategies}
             if stage.count > 1:
                 log(f"[stage {stage.index}] layers {stage.start}-{stage.stop - 1}: {len(models)} graphs")
             with contextlib.ExitStack() as scope:
@@ -713,7 +724,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
                 files = {**hash_files(directory, [graph_file(stage, s) for s in strategies]), data_file(stage): data_record}
                 record["files"] = dict(sorted(files.items()))
             for strategy in strategies:
-                lowered.pop((stage.count, stage.index, strategy), None)  # saved: free the graphs
+                lowered.pop((stage.count, stage.index, strategy, layouts.get(strategy, "matmul")), None)  # saved: free
         else:
             record = hit[1]
         if cache is not None:
@@ -733,7 +744,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
 
 
 def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, activation_amax, attention: str,
-                 rewrites=None, stored=None, checks: bool = True):
+                 rewrites=None, stored=None, checks: bool = True, layout: str = "matmul"):
     """One stage's graph for one MoE dispatch: link, compute dtype, MoE and attention lowering,
     quantization, static-shape lint (and the TensorRT checks; not with `checks` False: a graph that is only
     priced). Returns (model, pass counts)."""
@@ -751,7 +762,7 @@ def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, ac
     with timed("lower"):
         if spec is not None and spec.compute_dtype != "float32":
             counts[f"compute_dtype_{spec.compute_dtype}"] = convert_compute_dtype(model, spec.compute_dtype)
-        count, skipped = _moe_lowering(strategy, recipe, spec)(model)
+        count, skipped = _moe_lowering(strategy, recipe, spec, layout)(model)
         if skipped:
             name, reason = next(iter(skipped.items()))
             raise BuildError(f"MoE node {name} was not lowered to {strategy}: it {reason}")

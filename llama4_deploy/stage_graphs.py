@@ -189,9 +189,12 @@ def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> 
     from llama4_deploy.write_hash import FollowingHasher
 
     union: dict[str, ir.Value] = {}
-    for model in models.values():
+    for strategy, model in models.items():
         for name, value in model.graph.initializers.items():
-            union.setdefault(name, value)
+            kept = union.setdefault(name, value)
+            if (kept.dtype, tuple(kept.shape)) != (value.dtype, tuple(value.shape)):  # one name, one tensor
+                raise ValueError(f"weight {name} is {kept.dtype} {tuple(kept.shape)} in one graph and {value.dtype} "
+                                 f"{tuple(value.shape)} in the {strategy} graph")
     holders = [ir.Value(name=name, type=value.type, shape=value.shape, const_value=value.const_value)
                for name, value in union.items()]
     weights = ir.Model(ir.Graph([], [], nodes=[], initializers=holders, opset_imports={"": 21}), ir_version=10)

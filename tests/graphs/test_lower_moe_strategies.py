@@ -118,3 +118,41 @@ def test_capacity_gather_combine_overflow_still_reported():
     lower_moe_capacity(model, CapacityConfig(capacity_factor=1.25, combine="gather"))
     x = np.abs(np.random.default_rng(2).normal(size=(16, H))).astype(np.float32)
     assert _run(model, x, np.ones(16, bool))[OVERFLOW_OUTPUT].tolist() == [True]
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+@pytest.mark.parametrize("tokens", [1, 13])
+def test_gather_native_layout(tokens, split):
+    """The gather over the native lowering's weights (interleaved fc1, transposed fc2 scaled by P): the same
+    numbers as transformers (same fp32 bound: only summation order differs), and the very initializers the
+    native graph reads, so a bundle with both stores the experts once."""
+    from llama4_deploy.graphs.lower_moe_native import lower_moe_native
+
+    moe, weights = hf_moe(E, H, I)
+    model = _model(weights)
+    assert lower_moe_gather(model, layout="native", split=split) == (1, {})
+    op_types = [n.op_type for n in model.graph]
+    assert op_types.count("Gather") == 2 and "Transpose" not in op_types
+    tag = "native" if split == 1 else f"native{split}"
+    assert set(model.graph.initializers) >= {f"gate_up.{tag}_fc1", f"down.{tag}_fc2"}
+    assert not {"gate_up", "down"} & set(model.graph.initializers)  # the matmul layout is not kept
+    native = _model(weights)
+    lower_moe_native(native, split=split)
+    for name in (f"gate_up.{tag}_fc1", f"down.{tag}_fc2"):
+        np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(),
+                                      native.graph.initializers[name].const_value.numpy())
+    x = np.random.default_rng(tokens).normal(size=(tokens, H)).astype(np.float32)
+    expected = transformers_output(moe, x)
+    assert_close_fp32(_run(model, x, np.ones(tokens, bool))["y"], expected)
+    assert len(set((x @ weights["router"]).argmax(axis=1).tolist())) >= min(tokens, 4)  # several experts in play
+
+
+def test_gather_native_layout_top_k_two():
+    """top_k 2 (which the native op cannot take): the same numbers as the matmul-layout gather."""
+    _, weights = hf_moe(E, H, I)
+    model, reference = _model(weights, top_k=2), _model(weights, top_k=2)
+    assert lower_moe_gather(model, layout="native", split=2) == (1, {})
+    assert lower_moe_gather(reference) == (1, {})
+    x = np.random.default_rng(3).normal(size=(5, H)).astype(np.float32)
+    valid = np.ones(5, bool)
+    assert_close_fp32(_run(model, x, valid)["y"], _run(reference, x, valid)["y"])
