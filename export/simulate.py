@@ -70,15 +70,30 @@ def _experts_forward(self, hidden_states):
     return torch.bmm(glu, self.down_proj).view(-1, self.hidden_size)
 
 
+def jittered(x, jitter: float):
+    """x * (1 + jitter * s), s alternating +1 / -1 along the last axis: a deterministic relative perturbation the
+    size of float summation noise, which moves an activation across a rounding tie exactly when a different
+    summation order could (`simulate`'s jitter)."""
+    import torch
+
+    if not jitter:
+        return x
+    signs = 1 - 2 * (torch.arange(x.shape[-1], device=x.device) % 2).to(x.dtype)
+    return x * (1 + jitter * signs)
+
+
 def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None, per_token: bool = False,
-             awq_scales: Mapping[str, np.ndarray] | None = None, layers=None):
+             awq_scales: Mapping[str, np.ndarray] | None = None, layers=None, jitter: float = 0.0):
     """Turn `model` (fp32 Llama4ForCausalLM) into the fake-quant simulation of `spec`, in place. Weights of
     rules with method `checkpoint` are left as they are (the model holds the checkpoint's dequantized FP8).
     `per_token`: fp8 activations scaled dynamically, one scale per token (|max| of its row / 448), as a
     compressed-tensors checkpoint declares them, instead of the engine's static per-tensor scales.
     `awq_scales`: the bundle's AWQ scales, folded into the weights first (export/awq.py's rewrites).
     `layers`: decoder layers to simulate (all when None); export/layerwise.py simulates one layer at a time on a
-    meta-device model that holds only that layer (the spec quantizes decoder layers only, so nothing else moves)."""
+    meta-device model that holds only that layer (the spec quantizes decoder layers only, so nothing else moves).
+    `jitter`: every activation that is rounded (fp8, int8) is first perturbed by that relative amount
+    (`jittered`); the simulation's distance from itself so perturbed is the noise floor that rounding ties put
+    under any two float orders of the same computation (llama4_deploy/verify.py)."""
     import torch
 
     shape = ModelShape.from_config(model.config.to_dict())
@@ -98,7 +113,7 @@ def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None
         if rule is not None and rule.activation == "int8_block":  # MatMulNBits' int8 input, per row and block
             module = _module(model, checkpoint_name.rsplit(".", 1)[0])
             module.register_forward_pre_hook(lambda m, args, b=rule.block_size: (torch.from_numpy(
-                fake_quant_int8_blocks(args[0].detach().numpy(), b)).to(args[0].dtype),) + args[1:])
+                fake_quant_int8_blocks(jittered(args[0], jitter).detach().numpy(), b)).to(args[0].dtype),) + args[1:])
     if spec.activations:
         from llama4_deploy.graphs.quantize import fp8_activation_scale
 
@@ -108,6 +123,7 @@ def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None
             rule = spec.rule_for(name)
             if rule is None or rule.activation == "none":
                 return x
+            x = jittered(x, jitter)
             if per_token:
                 return _per_token_fp8(x)
             return torch.from_numpy(fake_quant_activation(x.detach().numpy(), scales[name])).to(x.dtype)

@@ -3,7 +3,8 @@
     result = compare(actual, expected, tolerance=1e-3 * max(1, |expected|max), stat="max")
 
 `stat` picks the statistic of |actual - expected| that must stay within `tolerance`: "max",
-"mean", or a quantile such as "q0.99". On failure the result says which tolerance would have
+"mean", a quantile such as "q0.99", or a quantile over rows of each row's max, such as "rowq0.5" (the
+typical position's worst logit, for [positions, vocab] logits). On failure the result says which tolerance would have
 passed and where the worst element is.
 """
 
@@ -50,8 +51,10 @@ def compare(actual: np.ndarray, expected: np.ndarray, tolerance: float, stat: st
         value = float(diff.mean())
     elif stat.startswith("q"):
         value = float(np.quantile(diff, float(stat[1:])))
+    elif stat.startswith("rowq"):
+        value = float(np.quantile(diff.reshape(len(diff), -1).max(-1), float(stat[4:])))
     else:
-        raise ValueError(f"unknown statistic {stat!r}; use max, mean or qN (e.g. q0.99)")
+        raise ValueError(f"unknown statistic {stat!r}; use max, mean, qN (e.g. q0.99) or rowqN (e.g. rowq0.5)")
     worst = np.unravel_index(int(diff.argmax()), diff.shape)
     return Comparison(
         ok=value <= tolerance,

@@ -1,0 +1,74 @@
+"""verify on specs that round activations (fp8): the rounding-tie noise floor, and wiring errors it must not hide.
+
+On the trained checkpoint an fp8 engine is tie-sensitive: two float orders of the same graph (its own prefill and
+decode paths) differ by ~0.11 in logits, over the tight bound 2e-3 x max|logit| (0.035). verify measures that floor
+on the simulation (jittered rounded activations, verify.ROUNDING_JITTER) and bounds max|dlogit| by twice it, and
+bounds the typical position (median over positions of max|dlogit|) by twice its own floor, which on this model stays
+under the tight bound.
+
+The miswired bundles below are built with one site wired wrong, each a valid graph that computes another
+quantization than the spec's: one weight's fp8 scales along the wrong axis (per input channel), or one weight's
+activation Q/DQ left out. They are the four single-site errors, out of eight measured, whose max|dlogit| over the
+scored sequence stays under the noise bound on tiny-trained (0.25-0.34 against 0.38), so the max bound alone can
+miss them; they move the typical position by 0.045-0.075, over its bound of 0.035.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from llama4_deploy.build import build
+from llama4_deploy.graphs import lower_quant_qdq
+from llama4_deploy.verify import NOISE_MARGIN, SIMULATION_TOLERANCE, verify
+
+
+@pytest.fixture(scope="module")
+def fp8_report(tmp_path_factory):
+    bundle = build(recipe="tiny-trained", precision="fp8", out=tmp_path_factory.mktemp("fp8") / "b",
+                   log=lambda _: None).bundle
+    return verify(str(bundle), log=lambda _: None, perplexity=False)
+
+
+def test_correct_fp8_bundle_passes_with_its_noise_floor(fp8_report):
+    report = fp8_report
+    assert report.ok, report.table()
+    moved, typical = report.rounding_noise
+    assert moved > 0
+    for row in report.rows:
+        assert row.comparison.tolerance >= NOISE_MARGIN * moved
+        assert row.typical.tolerance >= NOISE_MARGIN * typical
+        assert row.typical.stat == "rowq0.5" and row.typical.ok
+        assert row.typical.value < 0.1 * row.typical.tolerance  # a correct engine's typical position is exact-ish
+    # here the typical position keeps the fixed bound (2e-3 x max|logit| ~ 0.035): the floor is below it, which is
+    # what lets the wiring errors below fail
+    assert NOISE_MARGIN * typical <= SIMULATION_TOLERANCE["float32"] * 20
+    assert "rounding-tie noise floor" in report.table()
+
+
+def _wrong_axis(target):
+    original = lower_quant_qdq.reduction_axis
+
+    def axis(value):
+        found = original(value)
+        return ({-1: -2, -2: -1}[found]) if value.name == target and isinstance(found, int) else found
+    return "reduction_axis", axis
+
+
+def _no_activation_qdq(target):
+    original = lower_quant_qdq.activation_consumers
+
+    def consumers(dequantized):
+        return [] if dequantized.name == f"{target}.dq" else original(dequantized)
+    return "activation_consumers", consumers
+
+
+@pytest.mark.parametrize("miswire", [_wrong_axis, _no_activation_qdq], ids=["scales-on-the-wrong-axis", "no-act-qdq"])
+@pytest.mark.parametrize("target", ["layers.1.o", "layers.1.experts_down"])
+def test_single_site_wiring_error_fails(miswire, target, tmp_path, monkeypatch):
+    name, replacement = miswire(target)
+    with monkeypatch.context() as patch:
+        patch.setattr(lower_quant_qdq, name, replacement)
+        bundle = build(recipe="tiny-trained", precision="fp8", out=tmp_path / "b", log=lambda _: None).bundle
+    report = verify(str(bundle), log=lambda _: None, perplexity=False)
+    assert not report.ok, report.table()
+    assert not all(row.typical.ok for row in report.rows), report.table()
