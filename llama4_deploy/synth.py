@@ -177,7 +177,11 @@ def write_checkpoint(out: str | os.PathLike = DEFAULT_OUT, config: SynthConfig =
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    weight_map, index = {}, 0
+    weight_map, index, written = {}, 0, [0]
+
+    def progress(n: int) -> None:  # a disabled tqdm (no terminal) counts nothing, so the log keeps its own count
+        written[0] += n
+        bar.update(n)
     try:
         with tqdm(total=config.total_bytes, unit="B", unit_scale=True, desc="[synth] shards", file=sys.stderr,
                   disable=None) as bar:
@@ -186,12 +190,12 @@ def write_checkpoint(out: str | os.PathLike = DEFAULT_OUT, config: SynthConfig =
                 with open(staging / file, "wb") as handle:
                     handle.write(_header(shard))
                     for name, dims in shard:
-                        _write_values(handle, name, dims, config.seed, index, bar.update)
+                        _write_values(handle, name, dims, config.seed, index, progress)
                         weight_map[name] = file
                         index += 1
                 if not bar.disable:
                     continue
-                log(f"[synth] shard {number}/{len(shards)} written ({bar.n / 1e9:.2f} of {config.total_bytes / 1e9:.2f} GB)")
+                log(f"[synth] shard {number}/{len(shards)} written ({written[0] / 1e9:.2f} of {config.total_bytes / 1e9:.2f} GB)")
         (staging / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": config.total_bytes}, "weight_map": weight_map}, indent=2))
         (staging / "config.json").write_text(json.dumps(config.config_json(), indent=2))

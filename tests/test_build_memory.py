@@ -23,7 +23,14 @@ SMALL = SynthConfig(hidden_size=256, intermediate_size=256, intermediate_size_ml
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("synth") / "small", SMALL, log=lambda _: None)
+    lines = []
+    out = write_checkpoint(tmp_path_factory.mktemp("synth") / "small", SMALL, log=lines.append)
+    # without a terminal (CI, a log file) the progress is one line per shard, counting the bytes written so far
+    shard_lines = [line for line in lines if " written (" in line]
+    assert len(shard_lines) > 1 and shard_lines[0] != shard_lines[-1], lines
+    total = f"{SMALL.total_bytes / 1e9:.2f}"
+    assert shard_lines[-1].endswith(f"({total} of {total} GB)"), lines
+    return out
 
 
 @pytest.fixture(scope="module")
