@@ -83,36 +83,41 @@ def _check_weights(checkpoint, shape) -> None:
 
 def _lazy_weight(checkpoint, source, name: str, rewrite=None):
     """A tensor the saver reads from the checkpoint when it writes it, converted to fp32 and
-    checked for NaN/Inf on the way (in memory, as it streams: no extra pass over the checkpoint)."""
+    checked for NaN/Inf on the way (in memory, as it streams: no extra pass over the checkpoint).
+    Without a rewrite it also offers `stream()`: (the checkpoint's tensor as it is stored, a torch view in
+    the checkpoint's dtype; `finish(fp32 tensor, name)`, the check), so a pass that re-lays it out
+    (graphs/lower_moe_native.py) converts and re-lays in one copy."""
     import onnx_ir as ir
 
     dims = list(source.checkpoint_shape)
     if source.transpose:
         dims[-2], dims[-1] = dims[-1], dims[-2]
 
-    def read():
+    def raw():
+        tensor = checkpoint.tensor(source.checkpoint_name)
+        return tensor.transpose(-1, -2) if source.transpose else tensor
+
+    def finish(tensor, tensor_name: str):
         import torch
 
-        tensor = checkpoint.tensor(source.checkpoint_name).to(torch.float32)
         # a sum with a NaN or Inf in it is never finite: one cheap reduction clears almost every tensor, and
         # only a non-finite sum (a bad value, or an overflow of large ones) pays for the element-wise check
         finite = torch.isfinite(tensor) if not bool(torch.isfinite(tensor.sum())) else None
         if finite is not None and not bool(finite.all()):
             raise BuildError(f"checkpoint tensor {checkpoint.prefix}{source.checkpoint_name} holds "
                              f"{int((~finite).sum())} NaN or Inf values; the build refuses non-finite weights")
-        if source.transpose:
-            tensor = tensor.transpose(-1, -2)
-        array = tensor.contiguous().numpy()
-        return ir.tensor(array if rewrite is None else rewrite(array), name=name)
+        return ir.tensor(tensor.contiguous().numpy(), name=tensor_name)
 
-    return ir.LazyTensor(read, dtype=ir.DataType.FLOAT, shape=ir.Shape(dims), name=name)
+    def read():
+        import torch
 
+        tensor = finish(raw().to(torch.float32), name)
+        return tensor if rewrite is None else ir.tensor(rewrite(tensor.numpy()), name=name)
 
-def graph_inputs(shape):
-    """The engine ABI's inputs of the unsplit (one-stage) model (docs/engine-abi.md)."""
-    from llama4_deploy.stage_graphs import stage_inputs
-
-    return stage_inputs(shape, _one_stage(shape))
+    lazy = ir.LazyTensor(read, dtype=ir.DataType.FLOAT, shape=ir.Shape(dims), name=name)
+    if rewrite is None:
+        lazy.stream = lambda: (raw(), finish)
+    return lazy
 
 
 def link_model(checkpoint, templates, rewrites=None):

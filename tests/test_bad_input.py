@@ -891,15 +891,19 @@ def test_checkpoint_tokenizer_damaged(single, tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_checkpoint_tensor_with_nan_is_refused(single, tmp_path):
+@pytest.mark.parametrize("name, flags", [
+    ("model.layers.2.feed_forward.down_proj.weight", []),
+    # native dispatch converts and re-lays the experts in one copy (lower_moe_native.relaid_weight): checked there too
+    ("model.layers.1.feed_forward.experts.gate_up_proj", ["--moe-dispatch", "native"]),
+])
+def test_checkpoint_tensor_with_nan_is_refused(single, tmp_path, name, flags):
     # finding 4: named while it streams into weights.data; this case traces, so it takes seconds
     import torch
 
     ck = copy_checkpoint(single, tmp_path)
-    name = "model.layers.2.feed_forward.down_proj.weight"
     rewrite_shard(ck / "model.safetensors", lambda t: t[name].view(-1)[5:9].fill_(float("nan")))
     before = snapshot(tmp_path)
-    result = CliRunner().invoke(main, ["build", "--checkpoint", str(ck), "--out", str(tmp_path / "x")])
+    result = CliRunner().invoke(main, ["build", "--checkpoint", str(ck), "--out", str(tmp_path / "x"), *flags])
     cli_error(result, f"checkpoint tensor {name} holds 4 NaN or Inf values")
     assert snapshot(tmp_path) == before
     del torch

@@ -53,6 +53,40 @@ def test_int4_numbers():
     assert packed[0, 0, 0] == (7 + 8) | ((1 + 8) << 4) and packed[0, 1, 0] == (-7 + 8) | (8 << 4)
 
 
+def _int4_reference(w, axis, block, compute_dtype):
+    """int4_blocked in plain numpy, whole array at once: the definition the streamed, slabbed, torch one must equal."""
+    from llama4_deploy.graphs.quantize import _rounded_scale
+
+    moved = np.moveaxis(w, axis, -1)
+    k, blocks = moved.shape[-1], -(-moved.shape[-1] // block)
+    padded = np.zeros(moved.shape[:-1] + (blocks * block,), dtype=np.float32)
+    padded[..., :k] = moved
+    grouped = padded.reshape(moved.shape[:-1] + (blocks, block))
+    s = _rounded_scale(np.abs(grouped).max(-1), 7, compute_dtype)
+    q = np.clip(np.rint(grouped / s[..., None]), -8, 7).reshape(padded.shape)[..., :k].astype(np.int8)
+    return np.moveaxis(q, -1, axis), np.moveaxis(s, -1, axis)
+
+
+@pytest.mark.parametrize("shape, axis, block, compute_dtype", [
+    ((6, 300, 5), 1, 128, "float32"),  # experts-like, reduction axis in the middle, a partial last block
+    ((6, 5, 256), 2, 64, "float16"),  # reduction axis last; scales rounded to fp16
+    ((260, 7), 0, 32, "float32"),  # a 2-D linear, reduction axis first
+    ((1100, 40, 9), 1, 32, "float32"),  # more than one slab (SLAB_ELEMENTS / 360 rows each)
+])
+def test_int4_blocked_equals_its_numpy_definition(shape, axis, block, compute_dtype, monkeypatch):
+    from llama4_deploy.graphs import quantize
+
+    monkeypatch.setattr(quantize, "SLAB_ELEMENTS", 1 << 17)
+    rng = np.random.default_rng(0)
+    # half-integers in [-7, 7]: a block holding a 7 has scale 1 and exact ties (x.5), where round-half-to-even
+    # decides; a block whose |max| is smaller has an inexact scale
+    w = (rng.integers(-14, 15, shape) / 2).astype(np.float32)
+    q, scale = int4_blocked(w, axis, block, compute_dtype)
+    want_q, want_scale = _int4_reference(w, axis, block, compute_dtype)
+    np.testing.assert_array_equal(scale, want_scale)
+    np.testing.assert_array_equal(q, want_q)
+
+
 def test_fp8_numbers():
     import ml_dtypes
 
