@@ -16,12 +16,13 @@ miss them; they move the typical position by 0.045-0.075, over its bound of 0.03
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
 from llama4_deploy.build import build
 from llama4_deploy.graphs import lower_quant_qdq
-from llama4_deploy.verify import NOISE_MARGIN, SIMULATION_TOLERANCE, verify
+from llama4_deploy.verify import NOISE_MARGIN, verify
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +35,23 @@ def fp8_report(tmp_path_factory):
 def test_correct_fp8_bundle_passes_with_its_noise_floor(fp8_report):
     report = fp8_report
     assert report.ok, report.table()
-    moved, typical, flipped = report.rounding_noise
-    assert moved > 0
-    # tiny-trained's argmax does not move under the jitter, so greedy agreement stays exact here
-    assert flipped == 0
+    moved, typical, typical_generated, flipped = report.rounding_noise
+    assert moved > 0 and typical_generated >= typical  # the moves grow along the sequence
+    # tiny-trained's argmax hardly moves under the jitter (measured: 1 position of 192 in one of the 3 draws), and
+    # the correct engine's greedy agrees everywhere anyway
+    assert flipped < 0.01
+    assert report.greedy_allowed == math.ceil(NOISE_MARGIN * flipped * sum(r.greedy_total for r in report.rows) - 1e-9)
     for row in report.rows:
         assert row.greedy_pooled and row.greedy_agree == row.greedy_total
         assert row.comparison.tolerance >= NOISE_MARGIN * moved
-        assert row.typical.tolerance >= NOISE_MARGIN * typical
+        generated = row.path == "generate"
+        assert row.typical.tolerance >= NOISE_MARGIN * (typical_generated if generated else typical)
         assert row.typical.stat == "rowq0.5" and row.typical.ok
         assert row.typical.value < 0.1 * row.typical.tolerance  # a correct engine's typical position is exact-ish
-    # here the typical position keeps the fixed bound (2e-3 x max|logit| ~ 0.035): the floor is below it, which is
-    # what lets the wiring errors below fail
-    assert NOISE_MARGIN * typical <= SIMULATION_TOLERANCE["float32"] * 20
-    assert report.greedy_allowed == 0
+    # over the whole sequence (the score rows) the typical position's floor stays near the fixed bound (2e-3 x
+    # max|logit| ~ 0.035; measured 2 x 0.021 = 0.041) and below the smallest move of the 8 single-site wiring errors
+    # measured (0.045), which is what lets the wiring errors below fail
+    assert NOISE_MARGIN * typical < 0.045
     assert "rounding-tie noise floor" in report.table()
 
 
@@ -55,7 +59,7 @@ def test_greedy_disagreements_are_pooled_against_the_jittered_rate(fp8_report):
     # one disagreement per row: allowed only where the noise floor allows that many over all rows together, and
     # never on a row checked exactly (the fp32 / fp16 rule)
     rows = [dataclasses.replace(row, greedy_agree=row.greedy_total - 1) for row in fp8_report.rows]
-    assert not dataclasses.replace(fp8_report, rows=rows).ok  # tiny-trained's floor allows none
+    assert not dataclasses.replace(fp8_report, rows=rows, greedy_allowed=0).ok
     assert not dataclasses.replace(fp8_report, rows=rows, greedy_allowed=len(rows) - 1).ok
     assert "FAIL" in dataclasses.replace(fp8_report, rows=rows, greedy_allowed=len(rows) - 1).table()
     assert dataclasses.replace(fp8_report, rows=rows, greedy_allowed=len(rows)).ok
