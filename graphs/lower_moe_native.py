@@ -133,14 +133,25 @@ def checker(split: int | None, any_top_k: bool = False) -> Callable[[ir.Node], s
 def _permuted_copy(source, view, shape: tuple[int, ...], dtype):
     """`view(source)` (a permuted view of a torch tensor, or of a numpy array's) copied into a new contiguous
     tensor of `shape` (and `dtype`: None keeps the source's), as the source type. One torch copy: it converts and
-    permutes in the same pass, several times faster than numpy's strided copy on the streamed experts."""
+    permutes in the same pass, several times faster than numpy's strided copy on the streamed experts. A numpy
+    dtype torch lacks (ml_dtypes' bfloat16) is moved as unsigned integers of its width: a permutation is exact."""
     import torch
 
-    tensor = torch.from_numpy(source) if isinstance(source, np.ndarray) else source
+    stored = None
+    if isinstance(source, np.ndarray):
+        try:
+            tensor = torch.from_numpy(source)
+        except TypeError:  # not a torch dtype
+            stored = source.dtype
+            tensor = torch.from_numpy(source.view(f"u{source.dtype.itemsize}"))
+    else:
+        tensor = source
     out = torch.empty(view(tensor).shape, dtype=dtype or tensor.dtype)
     out.copy_(view(tensor))
     out = out.reshape(shape)
-    return out.numpy() if isinstance(source, np.ndarray) else out
+    if not isinstance(source, np.ndarray):
+        return out
+    return out.numpy() if stored is None else out.numpy().view(stored)
 
 
 def fc1_layout(gate_up, p: int = 1, dtype=None):
@@ -161,7 +172,7 @@ def fc2_layout(down, p: int = 1, dtype=None):
     e, i, h = down.shape
     out = _permuted_copy(down, lambda t: t.reshape(e, p, i // p, h).permute(1, 0, 3, 2), (p * e, h, i // p), dtype)
     if p > 1:
-        out *= p
+        out *= out.dtype.type(p) if isinstance(out, np.ndarray) else p
     return out
 
 

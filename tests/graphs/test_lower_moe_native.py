@@ -82,6 +82,30 @@ def test_split_weight_layouts(p):
         np.testing.assert_array_equal(fc2[q * E:(q + 1) * E], p * down[:, part].transpose(0, 2, 1))
 
 
+@pytest.mark.parametrize("p", [1, 2])
+def test_weight_layouts_in_every_dtype(p):
+    """The layouts take what the build hands them: bf16 numpy (ml_dtypes, bf16 compute: moved as uint16) and a
+    checkpoint's bf16 torch tensor converted to fp32 in the same copy (build._lazy_weight's stream()); both equal
+    the fp32 layout of the same (bf16-representable) values."""
+    import ml_dtypes
+    import torch
+
+    _, weights = _hf_moe()
+    gate_up = weights["gate_up"].astype(ml_dtypes.bfloat16)
+    down = weights["down"].astype(ml_dtypes.bfloat16)
+    want_fc1, want_fc2 = fc1_layout(gate_up.astype(np.float32), p), fc2_layout(down.astype(np.float32), p)
+    fc1, fc2 = fc1_layout(gate_up, p), fc2_layout(down, p)
+    assert fc1.dtype == fc2.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(fc1.astype(np.float32), want_fc1)
+    np.testing.assert_array_equal(fc2.astype(np.float32), want_fc2)  # x P exact in bf16 too
+    as_torch = lambda a: torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)  # noqa: E731
+    fc1 = fc1_layout(as_torch(gate_up), p, torch.float32)
+    fc2 = fc2_layout(as_torch(down), p, torch.float32)
+    assert fc1.dtype == fc2.dtype == torch.float32
+    np.testing.assert_array_equal(fc1.numpy(), want_fc1)
+    np.testing.assert_array_equal(fc2.numpy(), want_fc2)
+
+
 def test_parts_rule():
     """Split only experts big enough that a part still streams >= 2 MiB, at most 4 ways."""
     mib = 1 << 20
