@@ -11,6 +11,7 @@ decoding would have produced the same tokens. `score` is checked on both paths a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -95,9 +96,8 @@ class Report:
     overflow_reruns: int = 0
     reference: str = "transformers fp32"
     quality: dict[str, float] | None = None  # vs transformers fp32, for quantized / narrowed engines
-    # the simulation's largest move over JITTER_DRAWS, (max|dlogit|, typical position, fraction of positions whose
-    # argmax it changes), for specs that round activations
-    # (max|dlogit|, typical position, typical generated position, fraction of positions whose argmax it changes)
+    # the simulation's largest move over JITTER_DRAWS, for specs that round activations: (max|dlogit|, typical
+    # position, typical generated position, fraction of positions whose argmax it changes)
     rounding_noise: tuple[float, float, float, float] | None = None
     greedy_allowed: int | None = None  # argmax disagreements allowed over the pooled rows (specs that round activations)
     evaluation: Any = None  # a trained checkpoint's held-out perplexity (llama4_deploy.evaluate.Evaluation)
@@ -237,7 +237,8 @@ def verify(bundle: str, threads: int | None = None, log=print, new_tokens: int |
         log("[verify] rebuilding the transformers reference from the bundle's source")
         weights = _reference(manifest)
         spec, simulation, rel_tolerance = _simulation(manifest)
-        jittered = ([_simulation(manifest, jitter)[1] for jitter in JITTER_DRAWS]
+        # the same simulation (spec, ranges and scales read once) with its rounded activations jittered
+        jittered = ([functools.partial(simulation, jitter=jitter) for jitter in JITTER_DRAWS]
                     if spec is not None and _rounds_activations(spec) else [])
         if simulation is not None:
             log(f"[verify] reference: fake-quant simulation of {spec.summary()}")
@@ -326,11 +327,11 @@ def _rounds_activations(spec) -> bool:
     return spec.activations or spec.int8_activations
 
 
-def _simulation(manifest, jitter: float = 0.0):
-    """(spec, simulation, tolerance): for a non-fp32 bundle, `simulation(model, index)` turns decoder layer `index`
-    of the layer-by-layer reference into the fake-quant simulation of the bundle's spec (export/simulate.py, the
-    whole-model simulation restricted to that layer; `jitter`: with its rounded activations perturbed, for the
-    noise floor); (None, None, fp32 tolerance) otherwise."""
+def _simulation(manifest):
+    """(spec, simulation, tolerance): for a non-fp32 bundle, `simulation(model, index, jitter=0.0)` turns decoder
+    layer `index` of the layer-by-layer reference into the fake-quant simulation of the bundle's spec
+    (export/simulate.py, the whole-model simulation restricted to that layer; `jitter`: with its rounded activations
+    perturbed, for the noise floor); (None, None, fp32 tolerance) otherwise."""
     import json
 
     raw = manifest.engine.get("quantization")
@@ -350,7 +351,7 @@ def _simulation(manifest, jitter: float = 0.0):
 
         awq_scales = read_scales(manifest.path, calibration)
 
-    def simulation(model, index):
+    def simulation(model, index, jitter: float = 0.0):
         simulate(model, spec, amax, awq_scales=awq_scales, layers=[index], jitter=jitter)
 
     tolerance = SIMULATION_TOLERANCE[spec.compute_dtype]
