@@ -120,13 +120,6 @@ def _lazy_weight(checkpoint, source, name: str, rewrite=None):
     return lazy
 
 
-def graph_inputs(shape):
-    """The engine ABI's inputs of the unsplit (one-stage) model (docs/engine-abi.md)."""
-    from llama4_deploy.stage_graphs import stage_inputs
-
-    return stage_inputs(shape, _one_stage(shape))
-
-
 def link_model(checkpoint, templates, rewrites=None):
     """The unsplit model: embed, prologue, every layer, head (llama4_deploy/stage_graphs.py). `rewrites`: weight
     name -> a function applied to that weight as it streams (AWQ's scales, export/awq.py)."""
