@@ -56,6 +56,7 @@ and float16. Cost: the routed FLOPs exactly; expert weights are read in place, o
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes  # finfo for bfloat16 too
 import numpy as np
@@ -130,71 +131,165 @@ def checker(split: int | None, any_top_k: bool = False) -> Callable[[ir.Node], s
     return checked
 
 
-def _permuted_copy(source, view, shape: tuple[int, ...], dtype):
-    """`view(source)` (a permuted view of a torch tensor, or of a numpy array's) copied into a new contiguous
-    tensor of `shape` (and `dtype`: None keeps the source's), as the source type. One torch copy: it converts and
-    permutes in the same pass, several times faster than numpy's strided copy on the streamed experts. A numpy
-    dtype torch lacks (ml_dtypes' bfloat16) is moved as unsigned integers of its width: a permutation is exact."""
+# bytes of re-laid output a streamed write converts at a time (relaid_weight's tofile): a few experts, so the
+# buffer stays in cache-sized pieces and is reused, instead of page-faulting a fresh tensor of the whole stack
+CHUNK_BYTES = 8 << 20
+
+
+def _as_torch(source):
+    """(a torch tensor of `source`, the numpy dtype to view the result as or None). A numpy dtype torch lacks
+    (ml_dtypes' bfloat16) is moved as unsigned integers of its width: a permutation is exact."""
     import torch
 
-    stored = None
-    if isinstance(source, np.ndarray):
-        try:
-            tensor = torch.from_numpy(source)
-        except TypeError:  # not a torch dtype
-            stored = source.dtype
-            tensor = torch.from_numpy(source.view(f"u{source.dtype.itemsize}"))
-    else:
-        tensor = source
-    out = torch.empty(view(tensor).shape, dtype=dtype or tensor.dtype)
-    out.copy_(view(tensor))
-    out = out.reshape(shape)
     if not isinstance(source, np.ndarray):
+        return source, None
+    try:
+        return torch.from_numpy(source), None
+    except TypeError:  # not a torch dtype
+        return torch.from_numpy(source.view(f"u{source.dtype.itemsize}")), source.dtype
+
+
+class Relayout:
+    """One re-layout of an expert stack: `view` maps the stack to a permuted view whose two leading dims are
+    [P, E], which flatten into the output's first, virtual-expert dim; the output is that view made contiguous
+    (in `dtype`: a torch dtype converted to in the same copy, None keeps the source's), times `scale`.
+
+    Calling it copies the whole stack at once; `chunks` yields it a few experts at a time, in output order,
+    through one reused buffer (the build's streamed save, relaid_weight)."""
+
+    def __init__(self, view: Callable, shape: Callable, scale: int = 1):
+        self.view, self.shape, self.scale = view, shape, scale
+
+    def __call__(self, source, dtype=None):
+        import torch
+
+        tensor, stored = _as_torch(source)
+        permuted = self.view(tensor)
+        out = torch.empty(permuted.shape, dtype=dtype or tensor.dtype)
+        out.copy_(permuted)  # one torch copy: converts and permutes in the same pass
+        out = out.reshape(self.shape(tuple(tensor.shape)))
+        if isinstance(source, np.ndarray):  # scaled after the view back: `stored` moved as integers
+            out = out.numpy() if stored is None else out.numpy().view(stored)
+        if self.scale != 1:
+            out *= out.dtype.type(self.scale) if isinstance(out, np.ndarray) else self.scale
         return out
-    return out.numpy() if stored is None else out.numpy().view(stored)
+
+    def chunks(self, source, dtype, chunk_bytes: int | None = None, finish: Callable | None = None):
+        """The output's rows (virtual experts) in consecutive pieces, `finish(piece)` of each (the torch piece
+        itself by default). Each piece is computed on a worker thread while the caller consumes the one before
+        (writes it, in the build), through two buffers: a piece is valid until the next one is asked for."""
+        import torch
+
+        permuted = self.view(source)
+        parts, experts, *rest = permuted.shape
+        shape = self.shape(tuple(source.shape))
+        row = int(np.prod(shape[1:])) * torch.empty((), dtype=dtype).element_size()
+        step = max(1, min(experts, (chunk_bytes or CHUNK_BYTES) // max(row, 1)))
+        pieces = [(part, first, min(step, experts - first)) for part in range(parts) for first in range(0, experts, step)]
+        buffers = [torch.empty((step, *rest), dtype=dtype) for _ in range(min(2, len(pieces)))]
+
+        def fill(index: int):
+            part, first, count = pieces[index]
+            piece = buffers[index % 2][:count]
+            piece.copy_(permuted[part, first:first + count])
+            if self.scale != 1:
+                piece *= self.scale
+            piece = piece.reshape(count, *shape[1:])
+            return piece if finish is None else finish(piece)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="relayout") as pool:
+            ahead = pool.submit(fill, 0) if pieces else None
+            for index in range(len(pieces)):
+                current = ahead.result()
+                # the next piece fills the other buffer while this one is consumed
+                ahead = pool.submit(fill, index + 1) if index + 1 < len(pieces) else None
+                yield current
 
 
-def fc1_layout(gate_up, p: int = 1, dtype=None):
+def fc1_relayout(p: int = 1) -> Relayout:
     """[E, H, 2I] (gate columns, then up) -> [P*E, 2I/P, H]: virtual expert p*E + e holds part p
     of expert e's intermediate units, gate and up rows interleaved.
 
     Column s*I + q*(I/P) + j of expert e (s: 0 gate, 1 up) becomes row 2j + s of virtual expert q*E + e:
-    one strided copy into the output, no intermediate (the build streams these one layer at a time). A numpy
-    array or a torch tensor (`dtype`: a torch dtype to convert to in the same copy, for a checkpoint's bf16)."""
-    e, h, two_i = gate_up.shape
-    ip = two_i // 2 // p
-    return _permuted_copy(gate_up, lambda t: t.reshape(e, h, 2, p, ip).permute(3, 0, 4, 2, 1),  # [P, E, Ip, 2, H]
-                          (p * e, 2 * ip, h), dtype)
+    one strided copy into the output, no intermediate (the build streams these one layer at a time)."""
+
+    def view(t):
+        e, h, two_i = t.shape
+        return t.reshape(e, h, 2, p, two_i // 2 // p).permute(3, 0, 4, 2, 1)  # [P, E, Ip, 2, H]
+
+    return Relayout(view, lambda s: (p * s[0], s[2] // p, s[1]))
+
+
+def fc2_relayout(p: int = 1) -> Relayout:
+    """[E, I, H] -> [P*E, H, I/P]: part p of expert e's rows, transposed, times P (exact); as fc1_relayout."""
+
+    def view(t):
+        e, i, h = t.shape
+        return t.reshape(e, p, i // p, h).permute(1, 0, 3, 2)  # [P, E, H, Ip]
+
+    return Relayout(view, lambda s: (p * s[0], s[2], s[1] // p), scale=p)
+
+
+def fc1_layout(gate_up, p: int = 1, dtype=None):
+    """fc1_relayout(p) of a numpy array or a torch tensor (`dtype`: a torch dtype to convert to in the same copy,
+    for a checkpoint's bf16), as the source type."""
+    return fc1_relayout(p)(gate_up, dtype)
 
 
 def fc2_layout(down, p: int = 1, dtype=None):
-    """[E, I, H] -> [P*E, H, I/P]: part p of expert e's rows, transposed, times P (exact); as fc1_layout."""
-    e, i, h = down.shape
-    out = _permuted_copy(down, lambda t: t.reshape(e, p, i // p, h).permute(1, 0, 3, 2), (p * e, h, i // p), dtype)
-    if p > 1:
-        out *= out.dtype.type(p) if isinstance(out, np.ndarray) else p
-    return out
+    """fc2_relayout(p) of a numpy array or a torch tensor, as fc1_layout."""
+    return fc2_relayout(p)(down, dtype)
 
 
-def relaid_weight(source: ir.TensorProtocol, name: str, shape: tuple[int, ...], layout: Callable) -> ir.LazyTensor:
+class RelaidTensor(ir.LazyTensor):
     """`layout(source)` as a lazy tensor: nothing is read or computed until it is serialized. A checkpoint weight
     that offers `stream()` (llama4_deploy/build.py's: its raw tensor and the conversion's finishing check) is
-    re-laid and converted to fp32 in one copy: `layout(raw, dtype=torch.float32)`."""
+    re-laid and converted to fp32 in one copy; written to a file (the build's save), it is converted, checked and
+    written a few experts at a time through one buffer (Relayout.chunks), so the whole stack is never in memory."""
 
-    def compute() -> ir.TensorProtocol:
-        stream = getattr(source, "stream", None)
+    def __init__(self, source: ir.TensorProtocol, name: str, shape: tuple[int, ...], layout: Relayout):
+        self.source, self.layout = source, layout
+        super().__init__(self._compute, dtype=source.dtype, shape=ir.Shape(shape), name=name)
+
+    def _compute(self) -> ir.TensorProtocol:
+        stream = getattr(self.source, "stream", None)
         if stream is not None:
             import torch
 
             raw, finish = stream()
-            return finish(layout(raw, dtype=torch.float32), name)
-        return ir.tensor(layout(source.numpy()), dtype=source.dtype, name=name)
+            return finish(self.layout(raw, dtype=torch.float32), self.name)
+        return ir.tensor(self.layout(self.source.numpy()), dtype=self.source.dtype, name=self.name)
 
-    return ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(shape), name=name)
+    def tofile(self, file) -> None:
+        stream = getattr(self.source, "stream", None)
+        if stream is None or self.cache:
+            super().tofile(file)
+            return
+        import torch
+
+        raw, finish = stream()
+        threads = torch.get_num_threads()
+        # one thread per piece: the writer and the hasher following it (llama4_deploy/write_hash.py) have the
+        # other cores, and a two-way split of each copy would wait on whichever half shares a core with them
+        torch.set_num_threads(1)
+        try:
+            for checked in self.layout.chunks(raw, torch.float32, finish=lambda piece: finish(piece, self.name)):
+                checked.tofile(file)
+        except Exception:  # a bad value: the whole stack's check names it, with its count over the stack
+            torch.set_num_threads(threads)
+            finish(self.layout(raw, dtype=torch.float32), self.name)
+            raise
+        finally:
+            torch.set_num_threads(threads)
+
+
+def relaid_weight(source: ir.TensorProtocol, name: str, shape: tuple[int, ...], layout: Relayout) -> ir.LazyTensor:
+    """`layout(source)` as a lazy tensor (RelaidTensor)."""
+    return RelaidTensor(source, name, shape, layout)
 
 
 def _weight(tape: ir.tape.Tape, node: ir.Node, value: ir.Value, name: str,
-            layout: Callable, shape: tuple[int, ...]) -> ir.Value:
+            layout: Relayout, shape: tuple[int, ...]) -> ir.Value:
     existing = node.graph.initializers.get(name) if node.graph is not None else None
     if existing is not None:  # another MoE node shares these weights and was lowered already
         return existing
@@ -208,8 +303,8 @@ def native_weights(tape: ir.tape.Tape, node: ir.Node, split: int | None = None) 
     e, h, two_i = (int(d) for d in gate_up.const_value.shape)
     p = split or parts(two_i // 2, 3 * h * (two_i // 2) * gate_up.const_value.dtype.itemsize)
     fc1_name, fc2_name = weight_names(gate_up.name, down.name, p)
-    fc1 = _weight(tape, node, gate_up, fc1_name, lambda w, dtype=None: fc1_layout(w, p, dtype), (p * e, two_i // p, h))
-    fc2 = _weight(tape, node, down, fc2_name, lambda w, dtype=None: fc2_layout(w, p, dtype), (p * e, h, two_i // 2 // p))
+    fc1 = _weight(tape, node, gate_up, fc1_name, fc1_relayout(p), (p * e, two_i // p, h))
+    fc2 = _weight(tape, node, down, fc2_name, fc2_relayout(p), (p * e, h, two_i // 2 // p))
     return fc1, fc2, p
 
 

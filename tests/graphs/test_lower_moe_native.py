@@ -8,7 +8,9 @@ import onnx_ir as ir
 import pytest
 
 from llama4_deploy.graphs import ops
-from llama4_deploy.graphs.lower_moe_native import MS_DOMAIN, fc1_layout, fc2_layout, lower_moe_native, parts
+from llama4_deploy.graphs.lower_moe_native import (
+    MS_DOMAIN, RelaidTensor, fc1_layout, fc1_relayout, fc2_layout, fc2_relayout, lower_moe_native, parts,
+)
 from tests.graphs.moe_fixtures import assert_close_fp32, hf_moe, moe_model, run_ort, transformers_output
 
 E, H, I = 16, 64, 32  # 2I == H: fc1 is square, so only the numbers would catch a transposed fc1
@@ -104,6 +106,40 @@ def test_weight_layouts_in_every_dtype(p):
     assert fc1.dtype == fc2.dtype == torch.float32
     np.testing.assert_array_equal(fc1.numpy(), want_fc1)
     np.testing.assert_array_equal(fc2.numpy(), want_fc2)
+
+
+@pytest.mark.parametrize("p, chunk_bytes", [(1, 1), (2, 3 * 2 * I * H * 4 // 2), (2, 1 << 30)])
+def test_streamed_write_is_the_whole_layout(tmp_path, p, chunk_bytes, monkeypatch):
+    """A checkpoint weight (stream(): its bf16 torch tensor and the check) written to a file goes through
+    Relayout.chunks a few experts at a time: the bytes are the whole layout's, for one expert per piece, pieces
+    that end inside a part (1.5 experts' rows: a ragged last piece per part), and one piece per part; the check
+    sees every piece."""
+    import ml_dtypes
+    import torch
+
+    from llama4_deploy.graphs import lower_moe_native
+
+    monkeypatch.setattr(lower_moe_native, "CHUNK_BYTES", chunk_bytes)
+    _, weights = _hf_moe()
+    for key, relayout in (("gate_up", fc1_relayout(p)), ("down", fc2_relayout(p))):
+        values = weights[key].astype(ml_dtypes.bfloat16).astype(np.float32)
+        raw = torch.from_numpy(values).to(torch.bfloat16)
+        checked = []
+
+        def finish(tensor, name):
+            checked.append(tensor.shape[0])
+            return ir.tensor(tensor.contiguous().numpy(), name=name)
+
+        source = ir.tensor(values, name=key)
+        source.stream = lambda: (raw, finish)  # noqa: B023
+        want = relayout(values)
+        tensor = RelaidTensor(source, f"{key}.relaid", want.shape, relayout)
+        with open(tmp_path / key, "wb") as f:
+            tensor.tofile(f)
+        got = np.fromfile(tmp_path / key, dtype=np.float32).reshape(want.shape)
+        np.testing.assert_array_equal(got, want)
+        assert sum(checked) == p * E and (len(checked) > p) == (chunk_bytes < 1 << 30)
+        np.testing.assert_array_equal(tensor.numpy(), want)  # the whole-stack path (quantization reads it)
 
 
 def test_parts_rule():
