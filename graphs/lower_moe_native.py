@@ -269,12 +269,12 @@ class RelaidTensor(ir.LazyTensor):
 
         raw, finish = stream()
         threads = torch.get_num_threads()
-        # one thread per piece: the writer and the hasher following it (llama4_deploy/write_hash.py) have the
+        # one thread per piece: the writer and the hashers (llama4_deploy/weights_file.py) have the
         # other cores, and a two-way split of each copy would wait on whichever half shares a core with them
         torch.set_num_threads(1)
         try:
             for checked in self.layout.chunks(raw, torch.float32, finish=lambda piece: finish(piece, self.name)):
-                checked.tofile(file)
+                file.write(memoryview(checked.numpy()).cast("B"))  # the piece itself, not a tobytes() copy
         except Exception:  # a bad value: the whole stack's check names it, with its count over the stack
             torch.set_num_threads(threads)
             finish(self.layout(raw, dtype=torch.float32), self.name)

@@ -174,19 +174,22 @@ def costing_layers(shape) -> CostingLayers:
     return CostingLayers(tuple(sorted(stands_for)), stands_for, frozenset(shape.moe_layers), OVERFLOW_OR)
 
 
+INLINE_BYTES = 256  # initializers this small stay inline in each graph, as onnx-ir's save keeps them
+
+
 def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> tuple[str, dict]:
     """Save each graph of a stage as `graph_file(stage, strategy)`, all referencing one external-data
-    file, `data_file(stage)`. Returns the layout fingerprint and the data file's `file_record`, hashed by a
-    thread that follows the writer (llama4_deploy/write_hash.py) rather than by reading the file again.
+    file, `data_file(stage)`. Returns the layout fingerprint and the data file's `file_record`, hashed from
+    memory as it is written (llama4_deploy/weights_file.py) rather than by reading the file again.
 
-    The union of their initializers is written once (streamed, one tensor at a time) through a
-    weights-only model, then each graph is saved pointing at those external tensors, carrying
-    the fingerprint of that file's layout (returned) in its metadata_props.
+    The union of their initializers is written once (streamed, one tensor at a time, packed in order) into that
+    file, then each graph is saved pointing at those external tensors, carrying the fingerprint of that file's
+    layout (returned) in its metadata_props.
     """
     import onnx_ir as ir
     from tqdm import tqdm
 
-    from llama4_deploy.write_hash import FollowingHasher
+    from llama4_deploy.weights_file import WeightsFile, write_tensor
 
     union: dict[str, ir.Value] = {}
     for strategy, model in models.items():
@@ -195,36 +198,30 @@ def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> 
             if (kept.dtype, tuple(kept.shape)) != (value.dtype, tuple(value.shape)):  # one name, one tensor
                 raise ValueError(f"weight {name} is {kept.dtype} {tuple(kept.shape)} in one graph and {value.dtype} "
                                  f"{tuple(value.shape)} in the {strategy} graph")
-    holders = [ir.Value(name=name, type=value.type, shape=value.shape, const_value=value.const_value)
-               for name, value in union.items()]
-    weights = ir.Model(ir.Graph([], [], nodes=[], initializers=holders, opset_imports={"": 21}), ir_version=10)
-    index = directory / f"{file_prefix(stage)}weights.onnx"
     label = "[save] weights" if stage.count == 1 else f"[save] stage {stage.index} weights"
-    with tqdm(total=sum(v.const_value.nbytes for v in holders), unit="B", unit_scale=True, desc=label,
-              file=sys.stderr, disable=None) as bar:
-        final = directory / data_file(stage)
-        # onnx-ir writes the data serially into `.<name>.*/<name>` and renames it into place; at tensor i's
-        # callback tensor i - 1 may still sit in the writer's buffer (its seek flushes it), so everything
-        # below tensor i - 1's offset is final
-        hasher = FollowingHasher(lambda: max(directory.glob(f".{final.name}.*/{final.name}"),
-                                             key=lambda p: p.stat().st_mtime_ns))
-        offsets = [0]
-
-        def written(tensor, info) -> None:
+    final = directory / data_file(stage)
+    stored: dict[str, ir.ExternalTensor] = {}
+    total = sum(v.const_value.nbytes for v in union.values() if v.const_value.nbytes > INLINE_BYTES)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr, disable=None) as bar, \
+            WeightsFile(directory / f".{final.name}.partial") as out:
+        for name, value in union.items():
+            tensor, offset = value.const_value, out.tell()
+            if tensor.nbytes <= INLINE_BYTES:  # stays in the graph (shape inference reads such constants)
+                continue
+            write_tensor(tensor, out)
+            if out.tell() - offset != tensor.nbytes:
+                raise ValueError(f"weight {name} wrote {out.tell() - offset} bytes, not its {tensor.nbytes}")
+            stored[name] = ir.ExternalTensor(final.name, offset, tensor.nbytes, tensor.dtype, shape=ir.Shape(
+                tensor.shape), name=name, base_dir=directory)
             bar.update(tensor.nbytes)
-            hasher.advance(offsets[-1])
-            offsets.append(info.offset)
-
-        ir.save(weights, index, external_data=data_file(stage), callback=written)
-        data_record = hasher.finish(final)
-    stored = ir.load(index).graph.initializers
-    external = {name: v.const_value for name, v in stored.items() if isinstance(v.const_value, ir.ExternalTensor)}
+        data_record = out.finish()
+        out.path.replace(final)
     layout = layout_fingerprint((name, t.offset or 0, t.length, t.dtype.name, tuple(t.shape))
-                                for name, t in external.items())
+                                for name, t in stored.items())
     for strategy, model in models.items():
         for name, value in model.graph.initializers.items():
-            value.const_value = stored[name].const_value
+            if name in stored:
+                value.const_value = stored[name]
         model.metadata_props[LAYOUT_KEY] = layout
         ir.save(model, directory / graph_file(stage, strategy))
-    index.unlink()
     return layout, data_record

@@ -54,13 +54,21 @@ class RecordHasher:
         self._parts: list[str] = []
         self._in_part = self.size = 0
 
-    def update(self, data: bytes) -> None:
-        view = memoryview(data)
+    def update(self, data) -> None:
+        self.update_whole(data)
+        self.update_parts(data)
+
+    def update_whole(self, data) -> None:
+        """The whole file's half of `update` (the two halves may run on two threads, each fed in order)."""
+        self._whole.update(data)
+        self.size += memoryview(data).nbytes
+
+    def update_parts(self, data) -> None:
+        """The parts' half of `update`."""
+        view = memoryview(data).cast("B")
         while view:
             block = view[:self.part_bytes - self._in_part]
-            self._whole.update(block)
             self._part.update(block)
-            self.size += len(block)
             self._in_part += len(block)
             if self._in_part == self.part_bytes:
                 self._parts.append(self._part.hexdigest())
