@@ -177,7 +177,7 @@ def costing_layers(shape) -> CostingLayers:
 INLINE_BYTES = 256  # initializers this small stay inline in each graph, as onnx-ir's save keeps them
 # weights.data above this is written with O_DIRECT (llama4_deploy/weights_file.py): past the kernel's dirty limit a
 # buffered write runs at the writeback rate; below it the page cache takes the file at memory speed and keeps it
-# cached for the golden step and `verify` (int4 bench-build, 1.22 GB: golden 4.5-5.5 s read cold, 2.6 s cached)
+# cached for the golden step and `verify` (int4 bench-build, 1.22 GB: golden 4.5-5.5 s read cold, 2.8 s cached)
 DIRECT_BYTES = 2 << 30
 
 
