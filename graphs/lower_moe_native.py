@@ -131,7 +131,7 @@ def checker(split: int | None, any_top_k: bool = False) -> Callable[[ir.Node], s
     return checked
 
 
-# bytes of re-laid output a streamed write converts at a time (relaid_weight's tofile): a few experts, so the
+# bytes of re-laid output a streamed write converts at a time (RelaidTensor.tofile): a few experts, so the
 # buffer stays in cache-sized pieces and is reused, instead of page-faulting a fresh tensor of the whole stack
 CHUNK_BYTES = 8 << 20
 
@@ -155,7 +155,7 @@ class Relayout:
     (in `dtype`: a torch dtype converted to in the same copy, None keeps the source's), times `scale`.
 
     Calling it copies the whole stack at once; `chunks` yields it a few experts at a time, in output order,
-    through one reused buffer (the build's streamed save, relaid_weight)."""
+    through two reused buffers (the build's streamed save, RelaidTensor.tofile)."""
 
     def __init__(self, view: Callable, shape: Callable, scale: int = 1):
         self.view, self.shape, self.scale = view, shape, scale
@@ -272,20 +272,19 @@ class RelaidTensor(ir.LazyTensor):
         # one thread per piece: the writer and the hashers (llama4_deploy/weights_file.py) have the
         # other cores, and a two-way split of each copy would wait on whichever half shares a core with them
         torch.set_num_threads(1)
+
+        def checked(piece):
+            try:
+                return finish(piece, self.name)
+            except Exception:  # a bad value: the whole stack's check names it, with its count over the stack
+                finish(self.layout(raw, dtype=torch.float32), self.name)
+                raise
+
         try:
-            for checked in self.layout.chunks(raw, torch.float32, finish=lambda piece: finish(piece, self.name)):
-                file.write(memoryview(checked.numpy()).cast("B"))  # the piece itself, not a tobytes() copy
-        except Exception:  # a bad value: the whole stack's check names it, with its count over the stack
-            torch.set_num_threads(threads)
-            finish(self.layout(raw, dtype=torch.float32), self.name)
-            raise
+            for piece in self.layout.chunks(raw, torch.float32, finish=checked):
+                file.write(memoryview(piece.numpy()).cast("B"))  # the piece itself, not a tobytes() copy
         finally:
             torch.set_num_threads(threads)
-
-
-def relaid_weight(source: ir.TensorProtocol, name: str, shape: tuple[int, ...], layout: Relayout) -> ir.LazyTensor:
-    """`layout(source)` as a lazy tensor (RelaidTensor)."""
-    return RelaidTensor(source, name, shape, layout)
 
 
 def _weight(tape: ir.tape.Tape, node: ir.Node, value: ir.Value, name: str,
@@ -293,7 +292,7 @@ def _weight(tape: ir.tape.Tape, node: ir.Node, value: ir.Value, name: str,
     existing = node.graph.initializers.get(name) if node.graph is not None else None
     if existing is not None:  # another MoE node shares these weights and was lowered already
         return existing
-    return tape.initializer(relaid_weight(value.const_value, name, shape, layout), name=name)
+    return tape.initializer(RelaidTensor(value.const_value, name, shape, layout), name=name)
 
 
 def native_weights(tape: ir.tape.Tape, node: ir.Node, split: int | None = None) -> tuple[ir.Value, ir.Value, int]:

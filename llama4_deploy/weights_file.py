@@ -92,7 +92,7 @@ class WeightsFile:
         """Write what is left, wait for the workers, truncate the padded tail; {size, sha256[, parts]}."""
         if self._filled:
             self._flush()
-        self._drain(0)
+        self._release(everything=True)
         os.ftruncate(self._fd, self.size)  # the padded tail of an O_DIRECT write
         self._close()
         self._finished = True
@@ -106,12 +106,12 @@ class WeightsFile:
                                    whole.submit(self._hasher.update_whole, data),
                                    parts.submit(self._hasher.update_parts, data)]))
         self._flushed += length
-        self._drain(BUFFERS - 1)
+        self._release()
         self._current, self._filled = self._free.popleft(), 0
 
-    def _drain(self, keep: int) -> None:
-        """Wait until at most `keep` buffers are busy (raising a worker's error), returning the rest to the pool."""
-        while len(self._busy) > keep or (not self._free and self._busy):
+    def _release(self, everything: bool = False) -> None:
+        """Wait for the oldest busy buffers (raising a worker's error) until one is free, or all of them."""
+        while self._busy and (everything or not self._free):
             index, futures = self._busy.popleft()
             for future in futures:
                 future.result()
