@@ -38,29 +38,29 @@ test: $(STAMP)
 # ONNX Runtime vs transformers eager, side by side, per MoE dispatch; then decode/prefill at the
 # real chunk size (8192) against chunk 64 and the previous cache layout (several minutes)
 bench: $(STAMP)
-	$(BIN)/python -m llama4_deploy.bench
-	$(BIN)/python -m llama4_deploy.bench_context
+	$(BIN)/python -m tools.bench
+	$(BIN)/python -m tools.bench_context
 
 # One decode linear (M = 1) at the real models' shapes and the minis': fp32 MatMul vs 4-bit MatMulNBits with float
 # and int8 activations, cache-resident and streamed from DRAM: the ceiling the kernels put on a 4-bit decode (minutes)
 bench-kernels: $(STAMP)
-	$(BIN)/python -m llama4_deploy.bench_kernels
+	$(BIN)/python -m tools.bench_kernels
 
 # One table per recipe x precision x form: quality vs transformers fp32 and parity vs the fake-quant simulation
 # (verify's figures), bundle size vs fp32, decode b1 vs the fp32 engine timed alternately (10-20 minutes on 2 cores)
 quant-report: $(STAMP)
-	nice -n 5 $(BIN)/python -m llama4_deploy.quant_report
+	nice -n 5 $(BIN)/python -m tools.quant_report
 
 # A Maverick-shaped checkpoint (48 layers, 128 experts every second layer, hidden 512) of seeded random bf16
 # weights, 4.46 GB of sharded safetensors written shard by shard, into build/synth-maverick (SYNTH_OUT=...)
 SYNTH_OUT ?= build/synth-maverick
 synth-checkpoint: $(STAMP)
-	$(BIN)/python -m llama4_deploy.synth --out $(SYNTH_OUT)
+	$(BIN)/python -m tools.synth --out $(SYNTH_OUT)
 
 # Builds it at fp32 and int4 and prints peak anonymous memory (RssAnon) against the largest layer, checkpoint
 # read MB/s and seconds per stage (several minutes; needs ~15 GB of disk under build/)
 bench-build: synth-checkpoint
-	nice -n 5 $(BIN)/python -m llama4_deploy.bench_build --checkpoint $(SYNTH_OUT) --out build/bench-build
+	nice -n 5 $(BIN)/python -m tools.bench_build --checkpoint $(SYNTH_OUT) --out build/bench-build
 
 # Reproduce checkpoints/tiny-trained from scratch: corpus from Debian's python3.11-doc, tokenizer,
 # training (a fixed token budget), model card figures in build/train-tiny/train.log. Not part of make test.
@@ -69,19 +69,19 @@ $(TRAIN_STAMP): $(STAMP)
 	touch $(TRAIN_STAMP)
 
 train-tiny: $(TRAIN_STAMP)
-	$(BIN)/python -m llama4_deploy.train
+	$(BIN)/python -m tools.train
 
 # `llama4-deploy serve` under 1, 4, 8 and 16 concurrent clients on loopback (scout-mini by default)
 LOADTEST_MODEL ?= scout-mini
 loadtest: $(STAMP)
 	test -f build/$(LOADTEST_MODEL)/manifest.json || $(BIN)/llama4-deploy build --recipe $(LOADTEST_MODEL) --out build/$(LOADTEST_MODEL)
-	$(BIN)/python -m llama4_deploy.loadtest --bundle build/$(LOADTEST_MODEL)
+	$(BIN)/python -m tools.loadtest --bundle build/$(LOADTEST_MODEL)
 
 # On a machine with an NVIDIA GPU and TensorRT (pip install tensorrt cuda-python): TensorRT-form bundles of tiny and
 # maverick-mini at bf16/fp8/int4, compiled, compared with CPU reference logits, tokens/s and HBM bandwidth fraction;
 # one log in build/gpu-check/gpu-check.log. Without TensorRT it says so and exits 2.
 gpu-check: $(STAMP)
-	$(BIN)/python -m llama4_deploy.gpu_check --work build/gpu-check
+	$(BIN)/python -m tools.gpu_check --work build/gpu-check
 
 clean:
 	rm -rf build

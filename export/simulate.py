@@ -93,7 +93,7 @@ def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None
     meta-device model that holds only that layer (the spec quantizes decoder layers only, so nothing else moves).
     `jitter`: every activation that is rounded (fp8, int8) is first perturbed by that relative amount
     (`jittered`); the simulation's distance from itself so perturbed is the noise floor that rounding ties put
-    under any two float orders of the same computation (llama4_deploy/verify.py)."""
+    under any two float orders of the same computation (llama4_deploy/quality/verify.py)."""
     import torch
 
     shape = ModelShape.from_config(model.config.to_dict())

@@ -225,7 +225,7 @@ def trace_templates(shape: ModelShape, prologues: tuple[tuple[bool, bool], ...] 
     return templates
 
 
-# -- cached templates (llama4_deploy/build_cache.py) ------------------------------------------------
+# -- cached templates (llama4_deploy/build/cache.py) ------------------------------------------------
 _ORDER_KEY = "llama4_deploy.template_initializers"  # every initializer's name, in the template's order
 _WEIGHTS_KEY = "llama4_deploy.template_weights"  # the data-less ones, saved as graph inputs
 

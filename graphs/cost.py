@@ -198,7 +198,7 @@ def graph_cost(model: ir.Model, dims: dict[str, int], scope: str | None = None,
                multiplicity: Callable[[str], int] | None = None) -> tuple[StepCost, StepCost, int]:
     """(cost of all nodes, cost of nodes whose name contains `scope`, unresolved count). `multiplicity(node
     name)`: how many times a node counts (a graph holding one layer per kind that stands for the whole model,
-    llama4_deploy/stage_graphs.py: costing_layers); every node counts once without it."""
+    llama4_deploy/build/stage_graphs.py: costing_layers); every node counts once without it."""
     return summed_cost(node_costs(model, dims), scope, multiplicity)
 
 

@@ -64,7 +64,7 @@ def lowering(strategy: str, capacity_factor: float = 1.25, backend: str = "onnxr
 @dataclasses.dataclass(frozen=True)
 class Priced:
     """A graph the planner prices in place of the whole lowered model: `multiplicity(node name)` says how many
-    of the model's nodes each of its nodes stands for (one layer per kind, llama4_deploy/stage_graphs.py)."""
+    of the model's nodes each of its nodes stands for (one layer per kind, llama4_deploy/build/stage_graphs.py)."""
     model: ir.Model
     multiplicity: Callable[[str], int]
 

@@ -243,7 +243,7 @@ def fc2_layout(down, p: int = 1, dtype=None):
 
 class RelaidTensor(ir.LazyTensor):
     """`layout(source)` as a lazy tensor: nothing is read or computed until it is serialized. A checkpoint weight
-    that offers `stream()` (llama4_deploy/build.py's: its raw tensor and the conversion's finishing check) is
+    that offers `stream()` (llama4_deploy/build/driver.py's: its raw tensor and the conversion's finishing check) is
     re-laid and converted to fp32 in one copy; written to a file (the build's save), it is converted, checked and
     written a few experts at a time through one buffer (Relayout.chunks), so the whole stack is never in memory."""
 
@@ -269,7 +269,7 @@ class RelaidTensor(ir.LazyTensor):
 
         raw, finish = stream()
         threads = torch.get_num_threads()
-        # one thread per piece: the writer and the hashers (llama4_deploy/weights_file.py) have the
+        # one thread per piece: the writer and the hashers (llama4_deploy/build/weights_file.py) have the
         # other cores, and a two-way split of each copy would wait on whichever half shares a core with them
         torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from llama4_deploy.recipe import available
+from llama4_deploy.build.recipe import available
 
 
 class UserError(click.ClickException):
@@ -19,9 +19,9 @@ class UserError(click.ClickException):
 
 
 def _user_errors():
-    from llama4_deploy.build import BuildError
+    from llama4_deploy.build.driver import BuildError
     from llama4_deploy.export.checkpoint import CheckpointError
-    from llama4_deploy.recipe import RecipeError
+    from llama4_deploy.build.recipe import RecipeError
     from llama4_deploy.runtime.bundle import BundleError
 
     # ValueError covers BundleError and the runtime's argument checks; OSError an unreadable path
@@ -67,7 +67,7 @@ def main() -> None:
 def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_batch, prefill_tokens, force, precision,
           compute_dtype, block_size, quant_form, calibration, stages, target, quant_method, int4_compute) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
-    from llama4_deploy.build import build as run_build
+    from llama4_deploy.build.driver import build as run_build
 
     try:
         result = run_build(recipe=recipe, checkpoint=checkpoint, out=out, moe_dispatch=moe_dispatch,
@@ -81,7 +81,7 @@ def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_bat
     except KeyboardInterrupt:  # Ctrl-C: no bundle; the finished steps stay in the build cache (build_cache.py)
         click.echo("interrupted: no bundle was written; rerun the same command to resume", err=True)
         sys.exit(130)
-    from llama4_deploy.costs import bundle_costs, cost_table
+    from llama4_deploy.planning.costs import bundle_costs, cost_table
 
     m = result.manifest
     shape = m["model"]
@@ -107,7 +107,7 @@ def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_bat
               help="only check every file's size and SHA-256 against the manifest (exit 2 naming a changed file)")
 def verify(bundle, threads, files_only) -> None:
     """Compare a bundle with transformers; exit 1 on mismatch."""
-    from llama4_deploy.verify import verify as run_verify
+    from llama4_deploy.quality.verify import verify as run_verify
 
     try:
         if files_only:
@@ -130,7 +130,7 @@ def verify(bundle, threads, files_only) -> None:
               help="TensorRT builder optimization level")
 def compile_(bundle, opt_level) -> None:
     """Build TensorRT plans for a TensorRT-form bundle (on the GPU machine, with TensorRT installed)."""
-    from llama4_deploy.compile import CompileError, compile_bundle, tensorrt_missing
+    from llama4_deploy.targets.tensorrt_compile import CompileError, compile_bundle, tensorrt_missing
 
     missing = tensorrt_missing()  # before anything is read or imported: fast, nothing written
     if missing:
@@ -147,7 +147,7 @@ def compile_(bundle, opt_level) -> None:
 @click.argument("bundle", type=click.Path())
 def cost(bundle) -> None:
     """FLOPs and weight bytes per step, counted from the graphs, vs ideal and dense."""
-    from llama4_deploy.costs import bundle_costs, cost_table
+    from llama4_deploy.planning.costs import bundle_costs, cost_table
 
     try:
         click.echo(cost_table(bundle_costs(bundle)))
@@ -199,7 +199,7 @@ def lint(path) -> None:
               help="precision of the suggested split (default fp8)")
 def plan(target, context, stages, precision) -> None:
     """Deployment plan from the config alone: parameters, bytes, GPUs, context, stage split."""
-    from llama4_deploy.plan import plan as make_plan
+    from llama4_deploy.planning.deployment import plan as make_plan
 
     try:
         click.echo(make_plan(target, context=context, stages=stages, precision=precision))
@@ -216,7 +216,7 @@ def _tensorrt_topk_bound(target) -> int | None:
         if m["engine"]["backend"] != "tensorrt":
             return None
         factor = max((g.get("capacity_factor", 1.25) for g in m["engine"]["graphs"].values()), default=1.25)
-        from llama4_deploy.tensorrt_target import topk_bound
+        from llama4_deploy.targets.tensorrt import topk_bound
 
         return topk_bound(m["profiles"], m["model"], factor)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -229,7 +229,7 @@ def _tensorrt_topk_bound(target) -> int | None:
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
 def eval_(bundle, text, threads) -> None:
     """Perplexity on held-out text through the prefill path, and tokens/s."""
-    from llama4_deploy.evaluate import evaluate
+    from llama4_deploy.quality.evaluate import evaluate
 
     try:
         click.echo(evaluate(bundle, text, threads=threads).summary())
@@ -297,7 +297,7 @@ def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads, 
 def serve(bundle, host, port, max_batch, max_queue, drain_timeout, threads, devices) -> None:
     """Serve a bundle over HTTP with OpenAI's API (needs the `serve` extra)."""
     try:
-        from llama4_deploy.serve import serve as run_serve
+        from llama4_deploy.serving.server import serve as run_serve
     except ImportError as err:
         raise UserError(f"serve needs the serve extra (pip install 'llama4-deploy[serve]'): {err}") from None
     try:

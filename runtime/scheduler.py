@@ -1,5 +1,5 @@
 """Continuous batching over one Engine: requests join a running batch after their prefill and leave
-the moment they finish. Usable without any server; the HTTP layer (llama4_deploy.serve) only
+the moment they finish. Usable without any server; the HTTP layer (llama4_deploy.serving.server) only
 translates requests into `Request`s and `Output`s back into responses.
 
 One KVCache of `max_batch` rows lives as long as the scheduler. A free row is padding (position

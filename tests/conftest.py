@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llama4_deploy.recipe import load_recipe
+from llama4_deploy.build.recipe import load_recipe
 
 
 def tiny_config() -> dict:
@@ -65,7 +65,7 @@ def write_tokenizer(path: Path, vocab_size: int) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
-    from llama4_deploy.build import build
+    from llama4_deploy.build.driver import build
 
     return build("tiny", out=tmp_path_factory.mktemp("bundles") / "tiny", log=lambda _: None).bundle
 
@@ -79,7 +79,7 @@ def checkpoint_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def checkpoint_bundle(tmp_path_factory, checkpoint_dir) -> Path:
-    from llama4_deploy.build import build
+    from llama4_deploy.build.driver import build
 
     out = tmp_path_factory.mktemp("bundles") / "from-checkpoint"
     return build(checkpoint=checkpoint_dir, out=out, log=lambda _: None).bundle
@@ -93,7 +93,7 @@ def assert_verify_matches_whole_model_reference(bundle: Path, monkeypatch) -> No
     """verify's report (layer-by-layer reference, export/layerwise.py) equals the one it gave with transformers'
     whole model as the reference (the way verify ran before): same rows, PASS, figures within 1e-6 (both
     references compute the same fp32 logits, so the figures are the same engine-vs-reference differences)."""
-    from llama4_deploy import verify as verify_module
+    from llama4_deploy.quality import verify as verify_module
     from llama4_deploy.export import layerwise
     from llama4_deploy.export.reference import reference_logits, reference_model
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from llama4_deploy.build import BuildError, build
+from llama4_deploy.build.driver import BuildError, build
 from llama4_deploy.cli import main
-from llama4_deploy.recipe import RECIPE_DIR, RecipeError
+from llama4_deploy.build.recipe import RECIPE_DIR, RecipeError
 from llama4_deploy.runtime import load
 from tests.conftest import write_checkpoint
 
@@ -297,7 +297,7 @@ def test_unknown_recipe_key_cli(tmp_path):
 
 def test_the_valid_recipe_copy_loads(tmp_path):
     # the edits above are the only thing wrong with those recipes: an unedited copy is fine
-    from llama4_deploy.recipe import load_recipe
+    from llama4_deploy.build.recipe import load_recipe
 
     path = _recipe_with(tmp_path, "copy.yaml", lambda d: None)
     assert load_recipe(str(path)) == load_recipe("tiny")
@@ -959,7 +959,7 @@ def test_sigkilled_build_leaves_nothing_after_the_next_build(tmp_path):
 def test_stale_staging_of_a_live_process_is_kept(tmp_path):
     # only dead owners' staging is removed: a directory named for this (live) process stays,
     # and so does anything not named by the tool
-    from llama4_deploy.outdir import Staging, _start_token
+    from llama4_deploy.build.outdir import Staging, _start_token
 
     out = tmp_path / "x"
     live = tmp_path / f".x.partial-{os.getpid()}-{_start_token(os.getpid())}-abc"
@@ -974,7 +974,7 @@ def test_stale_staging_of_a_live_process_is_kept(tmp_path):
 
 def test_out_policy_allows_what_it_may_replace(tiny_bundle, tmp_path):
     # the other side of the --out policy: a bundle this tool wrote, an empty dir, anything with force
-    from llama4_deploy.outdir import OutDirError, Staging, check_out
+    from llama4_deploy.build.outdir import OutDirError, Staging, check_out
 
     shutil.copytree(tiny_bundle, tmp_path / "bundle")
     (tmp_path / "empty").mkdir()

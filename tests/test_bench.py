@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 
-from llama4_deploy import bench
+from tools import bench
 
 
 def test_bench_quick_run_prints_every_figure(capsys):
@@ -29,7 +29,7 @@ def test_bench_quick_run_prints_every_figure(capsys):
 
 
 def test_context_bench_quick_run_prints_the_sweep(capsys):
-    from llama4_deploy import bench_context
+    from tools import bench_context
 
     assert bench_context.main(["--quick"]) == 0
     out = capsys.readouterr().out

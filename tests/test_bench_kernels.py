@@ -4,7 +4,7 @@ default zero point 8, low nibble first), and its byte counts and chain lengths f
 import numpy as np
 import pytest
 
-from llama4_deploy import bench_kernels as bk
+from tools import bench_kernels as bk
 
 
 def _dequantize(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:

@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from llama4_deploy.bench_build import largest_layer_bytes, measure, measure_verify, model_bytes
-from llama4_deploy.synth import SynthConfig, SynthError, main, write_checkpoint
+from tools.bench_build import largest_layer_bytes, measure, measure_verify, model_bytes
+from tools.synth import SynthConfig, SynthError, main, write_checkpoint
 
 # 24 layers, 64 experts in every second one: 12 MoE layers of 50 MiB in fp32 and 0.65 GB of fp32 weights in
 # all, so a build that held the model (on top of its ~0.3 GB of imports and traced templates) would exceed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llama4_deploy.compare import compare
+from llama4_deploy.quality.compare import compare
 
 
 def test_row_quantile_is_the_typical_rows_worst_element():

@@ -42,8 +42,8 @@ def test_compile_and_run_plans(tmp_path):
     on the same graphs (float32 on both: 1e-3 x max |logit|, as the parity tests' bound)."""
     import numpy as np
 
-    from llama4_deploy.build import build
-    from llama4_deploy.compile import compile_bundle
+    from llama4_deploy.build.driver import build
+    from llama4_deploy.targets.tensorrt_compile import compile_bundle
     from llama4_deploy.runtime import load
 
     bundle = build("tiny", out=tmp_path / "tiny", target="tensorrt", compute_dtype="float32", log=lambda _: None).bundle

@@ -11,7 +11,7 @@ pytest.importorskip("openai", reason="the test extra (openai client) is not inst
 
 
 def test_loadtest_prints_its_table_and_checks_every_answer(tiny_bundle, capsys):
-    from llama4_deploy.loadtest import main
+    from tools.loadtest import main
 
     code = main(["--bundle", str(tiny_bundle), "--requests", "1", "--max-tokens", "4", "--prompt-tokens", "6",
                  "--time-limit", "120"])
@@ -24,7 +24,7 @@ def test_loadtest_prints_its_table_and_checks_every_answer(tiny_bundle, capsys):
 
 
 def test_the_check_finds_lost_duplicated_and_mixed_up_answers():
-    from llama4_deploy.loadtest import check
+    from tools.loadtest import check
 
     expected = {(1,): [5, 6], (2,): [7, 8]}
     good = [{"index": 0, "prompt": [1], "tokens": [5, 6], "finish": "length", "ids": {"a"}},

@@ -15,13 +15,13 @@ import pytest
 import torch
 import yaml
 
-from llama4_deploy.build import build
-from llama4_deploy.compare import compare, relative_logit_tolerance
+from llama4_deploy.build.driver import build
+from llama4_deploy.quality.compare import compare, relative_logit_tolerance
 from llama4_deploy.export.reference import checkpoint_model, reference_logits
-from llama4_deploy.recipe import recipe_path
+from llama4_deploy.build.recipe import recipe_path
 from llama4_deploy.runtime import load
 from llama4_deploy.runtime.engine import KVCache
-from llama4_deploy.verify import verify
+from llama4_deploy.quality.verify import verify
 from tests.conftest import write_checkpoint
 
 HOT_EXPERT = 3

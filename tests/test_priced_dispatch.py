@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import pytest
 
-from llama4_deploy import build as driver
+from llama4_deploy.build import driver
 from llama4_deploy.export.checkpoint import Checkpoint
 from llama4_deploy.export.trace import trace_templates
 from llama4_deploy.graphs import dispatch
 from llama4_deploy.graphs.cost import profile_points, step_cost
 from llama4_deploy.graphs.lower_attention import form_for
-from llama4_deploy.recipe import load_recipe
-from llama4_deploy.stage_graphs import costing_layers
+from llama4_deploy.build.recipe import load_recipe
+from llama4_deploy.build.stage_graphs import costing_layers
 from tests.conftest import write_checkpoint
 
 ONE_MOE_KIND = {"num_hidden_layers": 6, "no_rope_layers": [1] * 6}

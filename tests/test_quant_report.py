@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llama4_deploy import quant_report
-from llama4_deploy.verify import verify
+from tools import quant_report
+from llama4_deploy.quality.verify import verify
 
 
 def _cells(line: str) -> list[str]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import onnx_ir as ir
 import pytest
 
-from llama4_deploy.bench import bundle_bytes
-from llama4_deploy.build import build
+from tools.bench import bundle_bytes
+from llama4_deploy.build.driver import build
 
 TARGETS = {"fp8": 0.30, "int4": 0.18}
 CHOICES = [("fp8", None), ("int4", "qdq"), ("int4", "ort")]

@@ -12,8 +12,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from llama4_deploy.build import BuildError, build
-from llama4_deploy.verify import SIMULATION_TOLERANCE, verify
+from llama4_deploy.build.driver import BuildError, build
+from llama4_deploy.quality.verify import SIMULATION_TOLERANCE, verify
 
 from tests.conftest import manifest
 from tests.test_cli import invoke, user_error
@@ -126,7 +126,7 @@ def test_bad_calibration_refuses_cleanly(tmp_path):
 def std002_checkpoint(tmp_path_factory):
     """transformers' own initialization (std 0.02), no peaked gains: where quality means something. The same
     checkpoint as `make quant-report`'s tiny-std0.02 rows (tiny's config, seed 3)."""
-    from llama4_deploy.quant_report import write_std002_checkpoint
+    from tools.quant_report import write_std002_checkpoint
 
     return write_std002_checkpoint(tmp_path_factory.mktemp("std002") / "ckpt")
 

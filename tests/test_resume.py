@@ -1,4 +1,4 @@
-"""Resumable builds (llama4_deploy/build_cache.py): a build interrupted by Ctrl-C (SIGINT) or killed
+"""Resumable builds (llama4_deploy/build/cache.py): a build interrupted by Ctrl-C (SIGINT) or killed
 (SIGKILL) after some steps finished leaves no bundle at --out; the rerun reuses those steps (it logs
 "[resume] reusing ...") and writes a bundle whose files equal an uninterrupted build's, byte for
 byte (SHA-256 of every file, golden.npz included), and removes the build cache.
@@ -24,7 +24,7 @@ ARGS = ["--recipe", "tiny", "--stages", "2"]
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict:
-    from llama4_deploy.build import build
+    from llama4_deploy.build.driver import build
 
     bundle = build("tiny", stages=2, out=tmp_path_factory.mktemp("resume") / "whole", log=lambda _: None).bundle
     assert not (bundle.parent / ".whole.build").exists()  # removed after a successful build
@@ -39,7 +39,7 @@ def _interrupt(out: Path, after: str, sig: int) -> list[str]:
     # that, and a Ctrl-C would then never reach the build (as when `make test &` runs this test)
     hold = ("import signal, sys, time\n"
             "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-            "from llama4_deploy import build_cache\n"
+            "from llama4_deploy.build import cache as build_cache\n"
             "log = build_cache.BuildCache.__init__\n"
             "def init(self, out, log_fn):\n"
             "    def logged(message):\n"
@@ -73,7 +73,7 @@ def _interrupt(out: Path, after: str, sig: int) -> list[str]:
 
 
 def _rerun(out: Path) -> list[str]:
-    from llama4_deploy.build import build
+    from llama4_deploy.build.driver import build
 
     logged: list[str] = []
     build("tiny", stages=2, out=out, log=logged.append)

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from llama4_deploy.runtime import load  # noqa: E402
 from llama4_deploy.runtime.scheduler import Request  # noqa: E402
 from llama4_deploy.runtime.tokenizer import load_tokenizer  # noqa: E402
-from llama4_deploy.serve import Server, _uvicorn_server, bind  # noqa: E402
+from llama4_deploy.serving.server import Server, _uvicorn_server, bind  # noqa: E402
 
 from tests.runtime.test_engine import prompts_of  # noqa: E402
 
@@ -205,7 +205,7 @@ def test_seeded_sampling_over_http_equals_generate_with_the_seed(live, engine):
 
 
 def test_the_built_in_chat_template_is_llama_4_s_header_format():
-    from llama4_deploy.serve import ChatTemplate
+    from llama4_deploy.serving.server import ChatTemplate
 
     template = ChatTemplate(None)
     assert template.source == "built-in Llama 4 header format"

@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from llama4_deploy.stages import split_layers
+from llama4_deploy.build.stages import split_layers
 from tests.conftest import opened_engines
 
 REL_TOLERANCE = 1e-5
@@ -30,9 +30,9 @@ DISPATCHES = ("dense", "gather", "capacity", "native")
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """maverick-mini with 1, 2 and 3 stages, every dispatch in each, from one written checkpoint."""
-    from llama4_deploy.build import build
+    from llama4_deploy.build.driver import build
     from llama4_deploy.export.reference import random_model
-    from llama4_deploy.recipe import load_recipe
+    from llama4_deploy.build.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("stages")
     weights = load_recipe("maverick-mini").random

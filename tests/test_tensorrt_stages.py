@@ -24,9 +24,9 @@ REL_TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """maverick-mini's TensorRT form at float32 compute in 1 and 2 stages, from one written checkpoint."""
-    from llama4_deploy.build import build
+    from llama4_deploy.build.driver import build
     from llama4_deploy.export.reference import random_model
-    from llama4_deploy.recipe import load_recipe
+    from llama4_deploy.build.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("trt-stages")
     weights = load_recipe("maverick-mini").random
@@ -45,9 +45,9 @@ def test_every_stage_graph_is_in_the_tensorrt_form_with_its_own_profiles(bundles
     import onnx
     import onnx_ir as ir
 
-    from llama4_deploy.compile import planned_files
+    from llama4_deploy.targets.tensorrt_compile import planned_files
     from llama4_deploy.graphs.lint_tensorrt import lint_tensorrt
-    from llama4_deploy.tensorrt_target import topk_bound
+    from llama4_deploy.targets.tensorrt import topk_bound
 
     m = manifest(bundles[2])
     engine = m["engine"]

@@ -1,4 +1,4 @@
-"""The trained checkpoint (checkpoints/tiny-trained) and the code that trains it (llama4_deploy.train)."""
+"""The trained checkpoint (checkpoints/tiny-trained) and the code that trains it (tools.train)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from llama4_deploy.compare import compare, relative_logit_tolerance
-from llama4_deploy.train import CHECKPOINT_DIR, MODEL_CONFIG, build_model, load_balancing_loss, use_sparse_moe
+from llama4_deploy.quality.compare import compare, relative_logit_tolerance
+from tools.train import CHECKPOINT_DIR, MODEL_CONFIG, build_model, load_balancing_loss, use_sparse_moe
 
 # fp32 on both sides; the sparse forward only regroups tokens per expert, so the matmuls sum in a
 # different order: differences of ~1e-7 observed, 1e-5 x max(1, max |logit|) allowed
@@ -84,13 +84,13 @@ def test_shipped_checkpoint_has_every_llama4_feature_and_no_dead_expert():
 
 @pytest.fixture(scope="module")
 def trained_bundle(tmp_path_factory):
-    from llama4_deploy.build import build
+    from llama4_deploy.build.driver import build
 
     return build(recipe="tiny-trained", out=tmp_path_factory.mktemp("trained") / "bundle", log=lambda m: None).bundle
 
 
 def test_shipped_checkpoint_verifies_and_reaches_its_recorded_perplexity(trained_bundle):
-    from llama4_deploy.verify import verify
+    from llama4_deploy.quality.verify import verify
 
     report = verify(str(trained_bundle), log=lambda m: None)
     assert report.ok, report.table()
@@ -126,7 +126,7 @@ def test_eval_cli_bad_input(trained_bundle, tmp_path):
 
 
 def test_recipe_with_random_weights_and_a_checkpoint_is_refused(tmp_path):
-    from llama4_deploy.recipe import RecipeError, load_recipe
+    from llama4_deploy.build.recipe import RecipeError, load_recipe
 
     path = tmp_path / "both.yaml"
     path.write_text("name: both\ndescription: x\ncheckpoint: checkpoints/tiny-trained\nrandom: {seed: 0, config: {}}\n")
@@ -141,8 +141,8 @@ QUANTIZED_PERPLEXITY_BUDGET = {"fp8": 0.02, "int4": 0.08}
 
 @pytest.mark.parametrize("precision", ["fp8", "int4"])
 def test_quantized_perplexity_stays_within_budget(tmp_path, precision):
-    from llama4_deploy.build import build
-    from llama4_deploy.evaluate import evaluate
+    from llama4_deploy.build.driver import build
+    from llama4_deploy.quality.evaluate import evaluate
 
     bundle = build(recipe="tiny-trained", precision=precision, out=tmp_path / precision, log=lambda m: None).bundle
     fp32 = _recorded()["held_out_sample_perplexity"]

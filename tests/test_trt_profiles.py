@@ -1,11 +1,11 @@
-"""llama4_deploy/trt_profiles.py: TensorRT optimization profiles from a recipe's profiles."""
+"""llama4_deploy/targets/tensorrt_profiles.py: TensorRT optimization profiles from a recipe's profiles."""
 
 from __future__ import annotations
 
 import pytest
 
 from llama4_deploy.runtime.kv_cache import context_bucket
-from llama4_deploy.trt_profiles import bundle_profiles, cache_ranges, file_profiles
+from llama4_deploy.targets.tensorrt_profiles import bundle_profiles, cache_ranges, file_profiles
 
 MODEL = {"attention_chunk_size": 8192, "num_kv_heads": 8, "head_dim": 128}
 LAYERS = [{"index": 0, "attention": "chunked"}, {"index": 1, "attention": "global"}]

@@ -20,9 +20,9 @@ import math
 
 import pytest
 
-from llama4_deploy.build import build
+from llama4_deploy.build.driver import build
 from llama4_deploy.graphs import lower_quant_qdq
-from llama4_deploy.verify import NOISE_MARGIN, verify
+from llama4_deploy.quality.verify import NOISE_MARGIN, verify
 
 
 @pytest.fixture(scope="module")

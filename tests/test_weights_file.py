@@ -1,4 +1,4 @@
-"""llama4_deploy/weights_file.py: the bytes written are the bytes given, in order, and the record hashed from the
+"""llama4_deploy/build/weights_file.py: the bytes written are the bytes given, in order, and the record hashed from the
 bounce buffers is integrity.file_record's of the finished file, byte for byte; with O_DIRECT, through the page
 cache, on a file system that refuses O_DIRECT at open or at a write; an error leaves no file."""
 
@@ -12,9 +12,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from llama4_deploy import weights_file
+from llama4_deploy.build import weights_file
 from llama4_deploy.runtime.integrity import file_record
-from llama4_deploy.weights_file import WeightsFile, write_tensor
+from llama4_deploy.build.weights_file import WeightsFile, write_tensor
 
 PART = 1 << 20  # small parts, so a few MiB hold several (the build's are 256 MiB)
 BUFFER = 64 << 10  # small bounce buffers, so a few MiB take many flushes and every buffer is reused

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from llama4_deploy.build import link_model
+from llama4_deploy.build.driver import link_model
 from llama4_deploy.export.checkpoint import Checkpoint
 from llama4_deploy.export.trace import trace_templates
 from llama4_deploy.graphs import dispatch
 from llama4_deploy.graphs.cost import step_cost
 from llama4_deploy.graphs.lower_attention import lower_attention
-from llama4_deploy.recipe import load_recipe
+from llama4_deploy.build.recipe import load_recipe
 from tests.conftest import write_checkpoint
 
 DECODE = [{"batch": 1, "new": 1, "context": 256}, {"batch": 8, "new": 1, "context": 256}]

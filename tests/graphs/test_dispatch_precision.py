@@ -28,7 +28,7 @@ from llama4_deploy.graphs.lower_moe_native import lower_moe_native
 from llama4_deploy.graphs.quant_pass import quantize_model
 from llama4_deploy.graphs.quantize import (QuantConfig, fake_quant, fake_quant_activation, fake_quant_int8_blocks,
                                            fp8_activation_scale, make_spec)
-from llama4_deploy.verify import SIMULATION_TOLERANCE
+from llama4_deploy.quality.verify import SIMULATION_TOLERANCE
 from tests.graphs.moe_fixtures import hf_moe, moe_model, run_ort, transformers_output
 
 E, H, I, TOKENS = 8, 64, 32, 12

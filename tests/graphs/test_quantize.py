@@ -144,7 +144,7 @@ def test_matmul_forms_compute_the_spec(form, block):
     if compute:
         assert node_attribute(model, "accuracy_level") == 4 and np.abs(x @ fake_quant(w, rule, 0) - expected).max() > 1e-3
         # without prepacked weights ONNX Runtime 1.32 multiplies in float instead: why verify and the golden step
-        # prepack an int8-activation bundle (llama4_deploy/verify.py)
+        # prepack an int8-activation bundle (llama4_deploy/quality/verify.py)
         options.add_session_config_entry("session.disable_prepacking", "1")
         unpacked = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options,
                                         providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import yaml
 
-from llama4_deploy.build import build
-from llama4_deploy.compare import compare, relative_logit_tolerance
+from llama4_deploy.build.driver import build
+from llama4_deploy.quality.compare import compare, relative_logit_tolerance
 from llama4_deploy.export.reference import reference_logits, reference_model
-from llama4_deploy.recipe import load_recipe
+from llama4_deploy.build.recipe import load_recipe
 from llama4_deploy.runtime import load
 from llama4_deploy.runtime.kv_cache import KVCache, context_bucket
-from llama4_deploy.verify import verify
+from llama4_deploy.quality.verify import verify
 
 # fp32 engine vs fp32 eager: only the order of floating-point sums differs (~1e-6 relative); the
 # recipes' peaked heads keep greedy choices whole units apart. Same bound as `verify`.

@@ -13,7 +13,7 @@ transformers' own initialization (std 0.02, no peaked gains, seed 3), the checkp
 floors are defined on (tests/test_quantize_parity.py builds the same one); its fp8/int4 rows carry the floor check.
 bf16 builds and is sized, but ONNX Runtime's CPU has no bf16 kernels: its other cells say so.
 
-    python -m llama4_deploy.quant_report [--recipes ...] [--precisions ...] [--quick] [--threads 2]
+    python -m tools.quant_report [--recipes ...] [--precisions ...] [--quick] [--threads 2]
 
 Bundles are written into a temporary directory the report creates and removes. Progress goes to stderr, the
 table to stdout (a markdown table). Bad input: one sentence on stderr, exit 2, before any work.
@@ -47,7 +47,7 @@ class ReportError(ValueError):
 def write_std002_checkpoint(directory: Path) -> Path:
     """tiny's config at transformers' initialization (std 0.02), no peaked gains, saved by transformers."""
     from llama4_deploy.export.reference import random_model
-    from llama4_deploy.recipe import load_recipe
+    from llama4_deploy.build.recipe import load_recipe
 
     config = dict(load_recipe("tiny").random.config)
     random_model(config, STD002_SEED, logit_gain=1.0, router_gain=1.0).save_pretrained(directory)
@@ -93,7 +93,7 @@ class Row:
 
 
 def check_arguments(recipes: list[str], choices: list[str], threads: int) -> None:
-    from llama4_deploy.recipe import RecipeError, available, load_recipe
+    from llama4_deploy.build.recipe import RecipeError, available, load_recipe
 
     if not recipes:
         raise ReportError("--recipes is empty; give at least one of " + ", ".join(DEFAULT_RECIPES))
@@ -121,11 +121,11 @@ def build_rows(recipes: list[str], choices: list[str], scratch: Path, quick: boo
                progress: Callable[[str], None] = print) -> list[Row]:
     """Build, verify, size and (unless quick) time each recipe's fp32 bundle and one bundle per choice, under
     `scratch` (the caller's directory; nothing outside it is written, nothing is removed)."""
-    from llama4_deploy.bench import FULL, bundle_bytes, decode_speed, precision_build_options
-    from llama4_deploy.build import build
+    from tools.bench import FULL, bundle_bytes, decode_speed, precision_build_options
+    from llama4_deploy.build.driver import build
     from llama4_deploy.runtime import BundleError, load, read_manifest
     from llama4_deploy.runtime.backends import check_onnxruntime_dtype
-    from llama4_deploy.verify import verify
+    from llama4_deploy.quality.verify import verify
 
     check_arguments(recipes, choices, threads)
     start = time.time()
@@ -211,7 +211,7 @@ def table(rows: list[Row]) -> str:
 
 
 def legend(quick: bool, threads: int) -> str:
-    from llama4_deploy.bench import FULL
+    from tools.bench import FULL
 
     timing = ("--quick: no timing" if quick else
               f"decode b1 after {FULL.context} cached tokens, median of {FULL.decode_repeats} steps, 3 rounds "

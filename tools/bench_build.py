@@ -1,4 +1,4 @@
-"""The build at scale, measured: `make bench-build` (python -m llama4_deploy.bench_build).
+"""The build at scale, measured: `make bench-build` (python -m tools.bench_build).
 
 Writes the synthetic Maverick-shaped checkpoint (synth.py, 4.46 GB of bf16) if it is not there, builds it at
 fp32 and at int4, each in a child process, and prints per build:
@@ -142,7 +142,7 @@ def measure(checkpoint: Path, out: Path, precision: str, threads: int | None = N
         env = dict(os.environ)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-        child = subprocess.Popen([sys.executable, "-m", "llama4_deploy.bench_build", "--child", json.dumps(args)],
+        child = subprocess.Popen([sys.executable, "-m", "tools.bench_build", "--child", json.dumps(args)],
                                  env=env)
         with AnonSampler(child.pid) as sampler:
             code = child.wait()
@@ -205,7 +205,7 @@ def model_bytes(checkpoint: Path) -> int:
 
 
 def _child(spec: str) -> None:
-    from llama4_deploy.build import build
+    from llama4_deploy.build.driver import build
 
     args = json.loads(spec)
     result = build(checkpoint=args["checkpoint"], out=args["out"], precision=args["precision"], force=True)
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         _child(args.child)
         return 0
-    from llama4_deploy.synth import write_checkpoint
+    from tools.synth import write_checkpoint
 
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.json").is_file():  # any checkpoint given is measured as it is

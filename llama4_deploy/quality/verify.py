@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from llama4_deploy.compare import Comparison, compare, relative_logit_tolerance
+from llama4_deploy.quality.compare import Comparison, compare, relative_logit_tolerance
 from llama4_deploy.runtime import BundleError, load, read_manifest
 
 REL_TOLERANCE = 1e-3  # fp32 engine vs fp32 eager: summation order only, far below this
@@ -216,7 +216,7 @@ def _verify_settings(manifest) -> dict:
 def verify(bundle: str, threads: int | None = None, log=print, new_tokens: int | None = None,
            perplexity: bool = True) -> Report:
     """`new_tokens` overrides the manifest's (a quick check); `perplexity` False skips the held-out evaluation of a
-    trained checkpoint's bundle (llama4_deploy/quant_report.py reports parity and quality only)."""
+    trained checkpoint's bundle (tools/quant_report.py reports parity and quality only)."""
     from llama4_deploy.export.layerwise import Pass, run_layer_by_layer
 
     manifest = read_manifest(bundle)
@@ -362,7 +362,7 @@ def _simulation(manifest):
 
 def _perplexity(bundle, manifest, threads, log):
     """Held-out perplexity of a bundle built from a trained checkpoint that ships a held-out sample."""
-    from llama4_deploy.evaluate import default_text, evaluate
+    from llama4_deploy.quality.evaluate import default_text, evaluate
 
     try:
         text = default_text(manifest)

@@ -1,6 +1,6 @@
 """`llama4-deploy serve`: an OpenAI-compatible HTTP server over a bundle (FastAPI + uvicorn).
 
-This layer only translates: request bodies (llama4_deploy.protocol) become scheduler `Request`s,
+This layer only translates: request bodies (llama4_deploy.serving.protocol) become scheduler `Request`s,
 their `Output`s become OpenAI responses or server-sent-event chunks. Batching lives in
 runtime/scheduler.py, which a worker thread steps; each request's outputs cross to the event loop
 through an asyncio queue.
@@ -34,12 +34,12 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama4_deploy.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from llama4_deploy.serving.protocol import ChatCompletionRequest, CompletionRequest, error_body
 from llama4_deploy.runtime.engine import Engine
 from llama4_deploy.runtime.scheduler import Output, QueueFull, Request, Scheduler, StepRecord
 from llama4_deploy.runtime.tokenizer import Tokenizer, load_tokenizer
 
-log = logging.getLogger("llama4_deploy.serve")
+log = logging.getLogger("llama4_deploy.serving.server")
 RETRY_AFTER_S = 1
 # Llama 4's header format; used when the bundle has no tokenizer_config.json with a chat_template
 DEFAULT_CHAT_TEMPLATE = (

@@ -1,4 +1,4 @@
-"""Link and save the graphs of one pipeline stage (llama4_deploy/stages.py says which layers).
+"""Link and save the graphs of one pipeline stage (llama4_deploy/build/stages.py says which layers).
 
     stage 0:     input_ids ─► embed ─► prologue ─► layers[a:b] ─► hidden_states_out
     stage s:     hidden_states ─► prologue ─► layers[b:c] ─► hidden_states_out
@@ -27,7 +27,7 @@ from typing import Any
 
 from llama4_deploy.runtime.bundle import HIDDEN_IN, HIDDEN_OUT
 from llama4_deploy.runtime.integrity import CHUNK_KEY, LAYOUT_KEY, layout_fingerprint
-from llama4_deploy.stages import Stage
+from llama4_deploy.build.stages import Stage
 
 
 
@@ -175,7 +175,7 @@ def costing_layers(shape) -> CostingLayers:
 
 
 INLINE_BYTES = 256  # initializers this small stay inline in each graph, as onnx-ir's save keeps them
-# weights.data above this is written with O_DIRECT (llama4_deploy/weights_file.py): past the kernel's dirty limit a
+# weights.data above this is written with O_DIRECT (llama4_deploy/build/weights_file.py): past the kernel's dirty limit a
 # buffered write runs at the writeback rate; below it the page cache takes the file at memory speed and keeps it
 # cached for the golden step and `verify` (int4 bench-build, 1.22 GB: golden 4.5-5.5 s read cold, 2.8 s cached)
 DIRECT_BYTES = 2 << 30
@@ -184,7 +184,7 @@ DIRECT_BYTES = 2 << 30
 def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> tuple[str, dict]:
     """Save each graph of a stage as `graph_file(stage, strategy)`, all referencing one external-data
     file, `data_file(stage)`. Returns the layout fingerprint and the data file's `file_record`, hashed from
-    memory as it is written (llama4_deploy/weights_file.py) rather than by reading the file again.
+    memory as it is written (llama4_deploy/build/weights_file.py) rather than by reading the file again.
 
     The union of their initializers is written once (streamed, one tensor at a time, packed in order) into that
     file, then each graph is saved pointing at those external tensors, carrying the fingerprint of that file's
@@ -193,7 +193,7 @@ def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> 
     import onnx_ir as ir
     from tqdm import tqdm
 
-    from llama4_deploy.weights_file import WeightsFile, write_tensor
+    from llama4_deploy.build.weights_file import WeightsFile, write_tensor
 
     union: dict[str, ir.Value] = {}
     for strategy, model in models.items():

@@ -19,7 +19,7 @@ import numpy as np
 from llama4_deploy.runtime import load, read_manifest
 from llama4_deploy.runtime.tokenizer import load_tokenizer
 
-HELD_OUT_SAMPLE = "held-out-sample.txt"  # written next to the weights by llama4_deploy.train
+HELD_OUT_SAMPLE = "held-out-sample.txt"  # written next to the weights by tools.train
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ verified on any machine and compiled to plans on the GPU machine (`llama4-deploy
     compute dtype  bfloat16 unless --precision / --compute-dtype say otherwise (fp16, fp32)
     every graph    passes graphs/lint_tensorrt.py (TensorRT 10.15's operator table and Q/DQ rules)
     manifest       engine.tensorrt: the pinned TensorRT version and each graph file's optimization
-                   profiles (llama4_deploy/trt_profiles.py), every pipeline stage's graph files included
+                   profiles (llama4_deploy/targets/tensorrt_profiles.py), every pipeline stage's graph files included
     stages         --stages N: each stage graph in this form, linted on its own; `compile` builds one plan
                    per stage graph file and the tensorrt backend runs stage s on its device
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from llama4_deploy.recipe import Recipe
+from llama4_deploy.build.recipe import Recipe
 
 TARGETS = ("onnxruntime", "tensorrt")
 # a recipe's fp32 precision under --target tensorrt, by the --compute-dtype given (None: none given)
@@ -91,7 +91,7 @@ def manifest_record(stages: list[dict[str, Any]], profiles: dict[str, int], mode
     """engine.tensorrt: what `compile` builds plans for, one plan per graph file of every pipeline stage
     (`stages`: the build's stage records; plans: filled in by compile)."""
     from llama4_deploy.graphs.lint_tensorrt import TENSORRT_VERSION
-    from llama4_deploy.trt_profiles import stage_profiles
+    from llama4_deploy.targets.tensorrt_profiles import stage_profiles
 
     return {
         "linted_for": TENSORRT_VERSION,

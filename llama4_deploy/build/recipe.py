@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE_DIR = REPO_ROOT / "recipes"
 
 
@@ -84,11 +84,11 @@ class Recipe(Strict):
     quant_method: Literal["rtn", "awq"] = "rtn"  # awq: activation-aware int4 scales (export/awq.py)
     int4_compute: Literal["float", "int8"] = "float"  # int8: MatMulNBits' int8 activations (graphs/quantize.py)
     calibration: str | None = None  # text lines or a JSON list of id lists; None: seeded random tokens
-    backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"  # tensorrt: llama4_deploy/tensorrt_target.py
+    backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"  # tensorrt: llama4_deploy/targets/tensorrt.py
     moe_dispatch: Literal["dense", "gather", "capacity", "native", "auto"] = "auto"
     # attention kernel form (graphs/lower_attention.py); auto: onnx23 for ONNX Runtime, decomposed otherwise
     attention: Literal["decomposed", "onnx23", "auto"] = "auto"
-    stages: int = Field(1, ge=1)  # pipeline stages: the layers split into this many graphs (llama4_deploy/stages.py)
+    stages: int = Field(1, ge=1)  # pipeline stages: the layers split into this many graphs (llama4_deploy/build/stages.py)
     capacity_factor: float = Field(1.25, gt=0)  # slots per expert = ceil(factor * tokens * k / experts)
     profiles: Profiles = Profiles()
     verify: Verify = Verify()

@@ -66,7 +66,7 @@ def reference_logits_for(bundle: Path, ids: list[int]) -> np.ndarray:
     from llama4_deploy.export.layerwise import Pass, run_layer_by_layer
     from llama4_deploy.graphs.quantize import QuantSpec
     from llama4_deploy.runtime.bundle import read_manifest
-    from llama4_deploy.verify import _reference, _simulation
+    from llama4_deploy.quality.verify import _reference, _simulation
 
     manifest = read_manifest(bundle)
     spec = QuantSpec.model_validate(manifest.engine["quantization"])
@@ -76,7 +76,7 @@ def reference_logits_for(bundle: Path, ids: list[int]) -> np.ndarray:
 
 def prepare(work: str | Path, models=MODELS, precisions=PRECISIONS, log=print) -> list[Prepared]:
     """Build the bundles and their reference logits under `work` (reused when already there)."""
-    from llama4_deploy.build import build
+    from llama4_deploy.build.driver import build
     from llama4_deploy.runtime.bundle import read_manifest
 
     work = Path(work)
@@ -135,7 +135,7 @@ def _compare(name: str, got: np.ndarray, expected: np.ndarray, log) -> bool:
 
 
 def _throughput(engine, prepared: Prepared, peak: float, log) -> None:
-    from llama4_deploy.costs import bundle_costs
+    from llama4_deploy.planning.costs import bundle_costs
 
     manifest = engine.manifest
     ids = _prompt(manifest.vocab_size)
@@ -175,7 +175,7 @@ def _devices(bundle: Path, log) -> list[str]:
 
 
 def run(work: str | Path, models=MODELS, precisions=PRECISIONS) -> int:
-    from llama4_deploy.compile import compile_bundle, tensorrt_missing
+    from llama4_deploy.targets.tensorrt_compile import compile_bundle, tensorrt_missing
 
     work = Path(work)
     log = Log(work / LOG)

@@ -66,8 +66,8 @@ def code_version() -> str:
 
         digest = hashlib.sha256()
         for directory in _package_dirs():
-            for path in sorted(directory.glob("*.py")):
-                digest.update(f"{directory.name}/{path.name}\0".encode())
+            for path in sorted(directory.rglob("*.py")):
+                digest.update(f"{directory.name}/{path.relative_to(directory).as_posix()}\0".encode())
                 digest.update(path.read_bytes())
         for module in (torch, transformers, onnx, onnx_ir, onnxscript, onnxruntime):
             digest.update(f"{module.__name__}={module.__version__}\0".encode())

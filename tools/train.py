@@ -1,6 +1,6 @@
 """A small trained Llama 4: corpus, tokenizer, sparse training forward, training loop, model card.
 
-`make train-tiny` (`python -m llama4_deploy.train`) reproduces `checkpoints/tiny-trained/` from scratch:
+`make train-tiny` (`python -m tools.train`) reproduces `checkpoints/tiny-trained/` from scratch:
 
     Debian python3.11-doc (.deb, unpacked, no system change) -> reST sources, split by file
       -> 4096-token byte-level BPE (tokenizers) -> Llama4ForCausalLM, every Llama 4 feature on
@@ -278,7 +278,7 @@ def load_balancing_loss(router_logits: list, num_experts: int, top_k: int):
     return torch.stack(losses).mean()
 
 
-# -- evaluation in torch (the engine's eval is llama4_deploy.evaluate) ---------------------------
+# -- evaluation in torch (the engine's eval is llama4_deploy.quality.evaluate) ---------------------------
 
 def windows(ids, seq_len: int):
     """Non-overlapping windows of seq_len tokens over a token stream (the last partial one dropped)."""

@@ -1,6 +1,6 @@
 """A synthetic Maverick-shaped checkpoint: real layout, seeded random values, written shard by shard.
 
-`make synth-checkpoint` (python -m llama4_deploy.synth) writes what the build at scale is measured on
+`make synth-checkpoint` (python -m tools.synth) writes what the build at scale is measured on
 (bench_build.py): Maverick's structure (48 layers, 128 routed experts plus the shared expert in every
 second layer, dense layers with intermediate_size_mlp, no QK norm, NoPE every 4th layer, chunk 8192)
 at reduced width, as a Hugging Face checkpoint directory: config.json (model_type llama4_text),

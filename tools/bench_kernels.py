@@ -21,7 +21,7 @@ Each row prints µs per matmul, the stored weight bytes read per µs (GB/s), and
 the same regime. A 4-bit decode is bytes-bound only where the int4 column reaches the fp32 column's
 GB/s at an eighth of the bytes; where it does not, the kernel's arithmetic is the ceiling.
 
-    python -m llama4_deploy.bench_kernels [--shapes 5120x8192,...] [--threads 2] [--quick]
+    python -m tools.bench_kernels [--shapes 5120x8192,...] [--threads 2] [--quick]
 """
 
 from __future__ import annotations

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from llama4_deploy.build_cache import BuildCache, CacheError, checkpoint_identity, link_or_copy, step_key
-from llama4_deploy.outdir import OutDirError, Staging, check_out
-from llama4_deploy.recipe import Recipe, load_recipe
+from llama4_deploy.build.cache import BuildCache, CacheError, checkpoint_identity, link_or_copy, step_key
+from llama4_deploy.build.outdir import OutDirError, Staging, check_out
+from llama4_deploy.build.recipe import Recipe, load_recipe
 from llama4_deploy.runtime.bundle import GOLDEN, MANIFEST, BundleError, write_manifest
 from llama4_deploy.runtime.integrity import hash_files
-from llama4_deploy.stage_clock import StageClock, timed
+from llama4_deploy.build.clock import StageClock, timed
 from llama4_deploy.runtime.tokenizer import Tokenizer
 
 # context of a build from a bare --checkpoint: the checkpoint's max_position_embeddings, capped here
@@ -121,23 +121,23 @@ def _lazy_weight(checkpoint, source, name: str, rewrite=None):
 
 
 def link_model(checkpoint, templates, rewrites=None):
-    """The unsplit model: embed, prologue, every layer, head (llama4_deploy/stage_graphs.py). `rewrites`: weight
+    """The unsplit model: embed, prologue, every layer, head (llama4_deploy/build/stage_graphs.py). `rewrites`: weight
     name -> a function applied to that weight as it streams (AWQ's scales, export/awq.py)."""
-    from llama4_deploy.stage_graphs import link_stage
+    from llama4_deploy.build.stage_graphs import link_stage
 
     return link_stage(checkpoint, templates, _one_stage(checkpoint.shape),
                       lambda source, name: _lazy_weight(checkpoint, source, name, (rewrites or {}).get(name)))
 
 
 def _one_stage(shape):
-    from llama4_deploy.stages import Stage
+    from llama4_deploy.build.stages import Stage
 
     return Stage(0, 0, shape.num_layers, 1)
 
 
 def _stage_split(shape, stages: int, log) -> list:
-    """The layers of each pipeline stage (llama4_deploy/stages.py), balanced by weight bytes."""
-    from llama4_deploy.stages import model_split
+    """The layers of each pipeline stage (llama4_deploy/build/stages.py), balanced by weight bytes."""
+    from llama4_deploy.build.stages import model_split
 
     if stages > shape.num_layers:
         raise BuildError(f"--stages {stages} exceeds the model's {shape.num_layers} layers; each stage needs at "
@@ -299,7 +299,7 @@ def build(
     (float, int8: the ort form's int8-activation kernels) override the recipe's precision plan. `target` (onnxruntime,
     tensorrt) overrides the recipe's backend; tensorrt writes a TensorRT-form bundle (tensorrt_target.py).
     `stages` (the recipe's `stages`, default 1) splits the layers into that many pipeline-stage graphs
-    (llama4_deploy/stages.py). `extra_dispatches` also saves graphs for these MoE dispatches, each
+    (llama4_deploy/build/stages.py). `extra_dispatches` also saves graphs for these MoE dispatches, each
     under a role named after it, which the runtime opens but never steps on (tests and benchmarks
     compare dispatches in one bundle)."""
     from llama4_deploy.graphs.dispatch import CHOICES
@@ -372,7 +372,7 @@ def _with_profiles(recipe: Recipe, overrides: dict[str, int]) -> Recipe:
     """The recipe with some profile keys replaced, validated like a recipe's own."""
     from pydantic import ValidationError
 
-    from llama4_deploy.recipe import Profiles
+    from llama4_deploy.build.recipe import Profiles
 
     if not overrides:
         return recipe
@@ -455,7 +455,7 @@ def _build_into(chosen: Recipe, checkpoint, staging: Staging, log, start: float,
                          ckpt.tokenizer_config_file is not None, time.time() - start)
     _record_precision(manifest, spec, calibration_record)
     if chosen.backend == "tensorrt":
-        from llama4_deploy.tensorrt_target import manifest_record
+        from llama4_deploy.targets.tensorrt import manifest_record
 
         manifest["engine"]["tensorrt"] = manifest_record(stages, chosen.profiles.model_dump(), manifest["model"],
                                                          manifest["layers"])
@@ -504,7 +504,7 @@ def _with_precision(recipe: Recipe, precision, compute_dtype, block_size, quant_
 
 
 def _with_target(recipe: Recipe, target: str | None, precision: str | None, compute_dtype: str | None) -> Recipe:
-    from llama4_deploy.tensorrt_target import TARGETS, TargetError, configure
+    from llama4_deploy.targets.tensorrt import TARGETS, TargetError, configure
 
     if target is not None and target not in TARGETS:
         raise BuildError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -599,7 +599,7 @@ def _moe_lowering(strategy: str, recipe: Recipe, spec, layout: str = "matmul"):
 def _templates(shape, split, cache: BuildCache | None, log) -> dict[str, Any]:
     """The traced templates every stage needs, from the cache when a build traced them before."""
     from llama4_deploy.export.trace import load_templates, save_templates, trace_templates
-    from llama4_deploy.stage_graphs import stage_prologue
+    from llama4_deploy.build.stage_graphs import stage_prologue
 
     prologues = tuple(dict.fromkeys(stage_prologue(shape, stage) for stage in split))
     key = step_key("trace", shape.to_dict(), prologues)
@@ -629,7 +629,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
     from llama4_deploy.export.compressed_tensors import stored_fp8
     from llama4_deploy.graphs import dispatch
     from llama4_deploy.graphs.lower_attention import form_for
-    from llama4_deploy.stage_graphs import costing_layers, data_file, graph_file, save_stage_graphs, stage_io
+    from llama4_deploy.build.stage_graphs import costing_layers, data_file, graph_file, save_stage_graphs, stage_io
 
     shape = ckpt.shape
     split = split or [_one_stage(shape)]
@@ -680,7 +680,7 @@ def _compile(ckpt, recipe: Recipe, staging: Path, log, spec=None, activation_ama
         except ValueError as err:
             raise BuildError(str(err)) from None
         if recipe.backend == "tensorrt":
-            from llama4_deploy.tensorrt_target import roles as tensorrt_roles
+            from llama4_deploy.targets.tensorrt import roles as tensorrt_roles
 
             roles = tensorrt_roles(recipe.moe_dispatch, roles)
         if cache is not None:
@@ -757,7 +757,7 @@ def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, ac
     from llama4_deploy.graphs.lint import lint_static
     from llama4_deploy.graphs.lower_attention import lower_attention
     from llama4_deploy.graphs.quant_pass import quantize_model
-    from llama4_deploy.stage_graphs import link_stage
+    from llama4_deploy.build.stage_graphs import link_stage
 
     counts: dict[str, int] = {}
     with timed("link"):
@@ -796,7 +796,7 @@ def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, ac
 
 
 def _check_tensorrt(model, strategy: str, recipe: Recipe, facts: dict[str, Any]) -> None:
-    from llama4_deploy.tensorrt_target import TargetError, check_graph
+    from llama4_deploy.targets.tensorrt import TargetError, check_graph
 
     try:
         check_graph(model, strategy, recipe.profiles.model_dump(), facts, recipe.capacity_factor)

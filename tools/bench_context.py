@@ -14,7 +14,7 @@ decode step at batch 1 and the KV bytes the engine is handed per step, then pref
 1024-token prompt. At chunk 8192 the chunked layers really attend every cached token below 8192, so
 past ~1k tokens the step grows by that attention work, which the KV column shows.
 
-    python -m llama4_deploy.bench_context [--threads 2] [--quick]
+    python -m tools.bench_context [--threads 2] [--quick]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from llama4_deploy.bench import _median_seconds
+from tools.bench import _median_seconds
 from llama4_deploy.runtime.kv_cache import KVCache
 
 
@@ -108,7 +108,7 @@ def prefill_tps(engine, cache_type, tokens: int, repeats: int) -> float:
 
 
 def _recipe_with_chunk(name: str, chunk: int, directory: Path) -> Path:
-    from llama4_deploy.recipe import load_recipe
+    from llama4_deploy.build.recipe import load_recipe
 
     recipe = load_recipe(name).model_dump()
     recipe["name"] = f"{name}-c{chunk}"
@@ -121,7 +121,7 @@ def _recipe_with_chunk(name: str, chunk: int, directory: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from llama4_deploy.build import build
+    from llama4_deploy.build.driver import build
     from llama4_deploy.runtime import load
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -148,7 +148,7 @@ class Deployment:
 
 def load_shape(target: str) -> tuple[ModelShape, str, dict[str, Any]]:
     """(shape, where it came from, the recipe's profiles or {}) for a recipe name/YAML or a checkpoint dir."""
-    from llama4_deploy.recipe import RecipeError, available, load_recipe, recipe_path
+    from llama4_deploy.build.recipe import RecipeError, available, load_recipe, recipe_path
 
     path = Path(target)
     if path.is_dir():
@@ -291,8 +291,8 @@ def workspace_bytes(shape: ModelShape, precision: Precision, batch: int, prefill
 
 def balanced_split(costs: Sequence[int], stages: int) -> list[range]:
     """Contiguous split of `costs` into `stages` non-empty ranges whose largest sum is the smallest possible:
-    the build's own split (llama4_deploy/stages.py), over the plan's per-layer costs."""
-    from llama4_deploy.stages import split_layers
+    the build's own split (llama4_deploy/build/stages.py), over the plan's per-layer costs."""
+    from llama4_deploy.build.stages import split_layers
 
     if not 1 <= stages <= len(costs):
         raise PlanError(f"cannot split {len(costs)} layers into {stages} stages")

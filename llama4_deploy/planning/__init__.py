@@ -1,0 +1,1 @@
+"""Deployment planning from a config alone, and cost tables of a bundle's graphs."""

@@ -1,0 +1,1 @@
+"""Quality of a built bundle: parity against transformers (verify), the comparator, evaluation."""

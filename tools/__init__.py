@@ -1,0 +1,2 @@
+"""Make-target tools (benchmarks, reports, synthetic checkpoints, training), run by the Makefile; outside the
+installed package, they use only its public API."""
