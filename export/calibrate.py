@@ -73,7 +73,7 @@ def run_layer_by_layer(checkpoint_dir: str | Path, ids: list[list[int]], record:
     name, activation)` for every quantized linear layer's input (export/simulate.py's hooks) and
     `after_layer(index)` once a layer has seen every sequence. Memory: one layer's weights plus the activations."""
     from llama4_deploy.export.layerwise import CheckpointWeights, Pass, run_layer_by_layer as run
-    from llama4_deploy.export.simulate import linear_inputs
+    from llama4_deploy.export.observe import linear_inputs
 
     weights = CheckpointWeights(checkpoint_dir)
     hooks = lambda model, index: linear_inputs(model, weights.shape, record, layers=[index])  # noqa: E731
@@ -98,7 +98,7 @@ def collect_amax_whole_model(checkpoint_dir: str | Path, ids: list[list[int]]) -
 
     from llama4_deploy.export.reference import checkpoint_model
     from llama4_deploy.export.shape import ModelShape
-    from llama4_deploy.export.simulate import linear_inputs
+    from llama4_deploy.export.observe import linear_inputs
 
     model = checkpoint_model(checkpoint_dir)
     shape = ModelShape.from_config(model.config.to_dict())

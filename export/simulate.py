@@ -7,8 +7,6 @@ fake-quantized with its calibrated per-tensor scale (forward pre-hooks on nn.Lin
 replacement forward for the stacked experts that quantizes both of their matmul inputs). The
 model then computes what the engine computes, in fp32: the engine must match it tightly, which
 catches wiring errors (a wrong axis, a transposed scale) that quality metrics against fp32 hide.
-
-Also: which activations calibration observes (`linear_inputs`), shared with export/calibrate.py.
 """
 
 from __future__ import annotations
@@ -17,65 +15,17 @@ import types
 from collections.abc import Callable, Mapping
 
 import numpy as np
+import torch
 
+from llama4_deploy.export.observe import experts_forward, module_at, quantized_weights
 from llama4_deploy.export.shape import ModelShape
-from llama4_deploy.export.weights import layer_weights
 from llama4_deploy.graphs.quantize import QuantSpec, fake_quant, fake_quant_activation, fake_quant_int8_blocks
-
-
-def _module(model, dotted: str):
-    module = model
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def quantized_weights(shape: ModelShape):
-    """(deploy-form name, checkpoint parameter name, reduction axis in the checkpoint layout) per weight."""
-    for layer, kind in enumerate(shape.layer_kinds):
-        for name, source in layer_weights(shape, layer, kind).items():
-            yield f"layers.{layer}.{name}", source.checkpoint_name, -1 if source.transpose else -2
-
-
-def linear_inputs(model, shape: ModelShape, record: Callable[[str, object], None], layers=None) -> list:
-    """Call `record(weight name, activation tensor)` for every activation entering a linear layer of the
-    decoder (of `layers` only, when given); returns the hook handles (remove them when done). Experts' two
-    matmuls are both reported."""
-    handles = []
-    for name, checkpoint_name, _ in quantized_weights(shape):
-        if layers is not None and int(name.split(".")[1]) not in layers:
-            continue
-        param = checkpoint_name.rsplit(".", 1)
-        module = _module(model, param[0])
-        if name.endswith(("experts_gate_up", "experts_down")):
-            continue
-        handles.append(module.register_forward_pre_hook(lambda m, args, n=name: record(n, args[0])))
-    for layer, kind in enumerate(shape.layer_kinds):
-        if kind.moe and (layers is None or layer in layers):
-            experts = model.model.layers[layer].feed_forward.experts
-            experts._record = (f"layers.{layer}", record)
-            experts.forward = types.MethodType(_experts_forward, experts)
-    return handles
-
-
-def _experts_forward(self, hidden_states):
-    """Llama4TextExperts.forward, reporting (and, when asked, transforming) both matmul inputs."""
-    import torch
-
-    prefix, record = self._record
-    hidden_states = hidden_states.view(self.gate_up_proj.shape[0], -1, self.hidden_size)
-    hidden_states = record(f"{prefix}.experts_gate_up", hidden_states)
-    gate, up = torch.bmm(hidden_states, self.gate_up_proj).chunk(2, dim=-1)
-    glu = record(f"{prefix}.experts_down", up * self.act_fn(gate))
-    return torch.bmm(glu, self.down_proj).view(-1, self.hidden_size)
 
 
 def jittered(x, jitter: float):
     """x * (1 + jitter * s), s alternating +1 / -1 along the last axis: a deterministic relative perturbation the
     size of float summation noise, which moves an activation across a rounding tie exactly when a different
     summation order could (`simulate`'s jitter)."""
-    import torch
-
     if not jitter:
         return x
     signs = 1 - 2 * (torch.arange(x.shape[-1], device=x.device) % 2).to(x.dtype)
@@ -94,8 +44,6 @@ def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None
     `jitter`: every activation that is rounded (fp8, int8) is first perturbed by that relative amount
     (`jittered`); the simulation's distance from itself so perturbed is the noise floor that rounding ties put
     under any two float orders of the same computation (llama4_deploy/quality/verify.py)."""
-    import torch
-
     shape = ModelShape.from_config(model.config.to_dict())
     chosen = (lambda name: True) if layers is None else (lambda name: _layer_of(name) in layers)
     if awq_scales is not None:
@@ -106,12 +54,12 @@ def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None
             rule = spec.rule_for(name)
             if rule is None or rule.method == "checkpoint":
                 continue
-            param = _module(model, checkpoint_name)
+            param = module_at(model, checkpoint_name)
             param.copy_(torch.from_numpy(fake_quant(param.numpy(), rule, axis % param.ndim, spec.compute_dtype)))
     for handle_name, checkpoint_name, _ in weights:
         rule = spec.rule_for(handle_name)
         if rule is not None and rule.activation == "int8_block":  # MatMulNBits' int8 input, per row and block
-            module = _module(model, checkpoint_name.rsplit(".", 1)[0])
+            module = module_at(model, checkpoint_name.rsplit(".", 1)[0])
             module.register_forward_pre_hook(lambda m, args, b=rule.block_size: (torch.from_numpy(
                 fake_quant_int8_blocks(jittered(args[0], jitter).detach().numpy(), b)).to(args[0].dtype),) + args[1:])
     if spec.activations:
@@ -131,13 +79,13 @@ def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None
         for handle_name, checkpoint_name, _ in weights:
             if handle_name.endswith(("experts_gate_up", "experts_down")):
                 continue
-            module = _module(model, checkpoint_name.rsplit(".", 1)[0])
+            module = module_at(model, checkpoint_name.rsplit(".", 1)[0])
             module.register_forward_pre_hook(lambda m, args, n=handle_name: (quantize(n, args[0]),) + args[1:])
         for layer, kind in enumerate(shape.layer_kinds):
             if kind.moe and (layers is None or layer in layers):
                 experts = model.model.layers[layer].feed_forward.experts
                 experts._record = (f"layers.{layer}", quantize)
-                experts.forward = types.MethodType(_experts_forward, experts)
+                experts.forward = types.MethodType(experts_forward, experts)
     return model
 
 
@@ -148,8 +96,6 @@ def _layer_of(name: str) -> int | None:
 
 
 def _rewrite_awq(model, shape: ModelShape, awq_scales, chosen=lambda name: True) -> None:
-    import torch
-
     from llama4_deploy.export.awq import transforms
     from llama4_deploy.export.weights import all_weights
 
@@ -158,7 +104,7 @@ def _rewrite_awq(model, shape: ModelShape, awq_scales, chosen=lambda name: True)
         for name, source in all_weights(shape).items():
             if name not in rewrites or not chosen(name):
                 continue
-            param = _module(model, source.checkpoint_name)
+            param = module_at(model, source.checkpoint_name)
             w = param.numpy()
             w = np.swapaxes(w, -1, -2) if source.transpose else w
             w = rewrites[name](w)
@@ -167,8 +113,6 @@ def _rewrite_awq(model, shape: ModelShape, awq_scales, chosen=lambda name: True)
 
 def _per_token_fp8(x):
     """x fake-quantized to FP8 with one scale per token (row): compressed-tensors' dynamic `token` strategy."""
-    import torch
-
     from llama4_deploy.graphs.quantize import FP8_MAX
 
     amax = x.detach().abs().amax(-1, keepdim=True)

@@ -73,7 +73,8 @@ def test_simulation_applied_per_layer_is_the_whole_models(precision):
     fp8 weights and calibrated per-tensor activations); a second pass over the same walk sees the fp32 weights."""
     import torch
 
-    from llama4_deploy.export.simulate import linear_inputs, simulate
+    from llama4_deploy.export.observe import linear_inputs
+    from llama4_deploy.export.simulate import simulate
     from llama4_deploy.graphs.quantize import QuantConfig, make_spec
 
     model = random_model(*_random("tiny"))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from llama4_deploy.export.simulate import _experts_forward
+from llama4_deploy.export.observe import experts_forward
 from llama4_deploy.graphs.compute_dtype import convert_compute_dtype
 from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, lower_moe_capacity
 from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
@@ -29,6 +29,7 @@ from llama4_deploy.graphs.quant_pass import quantize_model
 from llama4_deploy.graphs.quantize import (QuantConfig, fake_quant, fake_quant_activation, fake_quant_int8_blocks,
                                            fp8_activation_scale, make_spec)
 from llama4_deploy.quality.verify import SIMULATION_TOLERANCE
+from llama4_deploy import targets
 from tests.graphs.moe_fixtures import hf_moe, moe_model, run_ort, transformers_output
 
 E, H, I, TOKENS = 8, 64, 32, 12
@@ -72,7 +73,7 @@ def _hook(moe, transform):
         lambda m, args, n=name: (transform(n, args[0]),) + args[1:]) for name, module in SHARED.items()]
     names = {"x.experts_gate_up": "gate_up", "x.experts_down": "down"}
     moe.experts._record = ("x", lambda name, t: transform(names[name], t))
-    moe.experts.forward = types.MethodType(_experts_forward, moe.experts)
+    moe.experts.forward = types.MethodType(experts_forward, moe.experts)
     return handles
 
 
@@ -106,7 +107,7 @@ def test_dispatch_x_precision(dispatch, choice):
     model = moe_model(weights, H, token_valid=True)
     convert_compute_dtype(model, spec.compute_dtype)
     assert LOWER[dispatch](model)[0] == 1
-    refusals = spec.dispatch_refusals("onnxruntime")
+    refusals = targets.get("onnxruntime").dispatch_refusals(spec)
     if choice == "fp16" and dispatch == "capacity":
         assert refusals["capacity"].startswith("ONNX Runtime's CPU has no float16 ScatterND with reduction add")
         with pytest.raises(Exception, match="MLFloat16 data type is not supported with ScatterND"):
