@@ -21,19 +21,20 @@ import numpy as np
 import onnx_ir as ir
 
 from llama4_deploy.graphs.quantize import numpy_dtype
+from llama4_deploy.graphs.streamed import StreamedTensor
 
 DTYPES = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 PROLOGUE = "/prologue/"
 
 
-def narrowed(source: ir.TensorProtocol, compute_dtype: str) -> ir.LazyTensor:
+def narrowed(source: ir.TensorProtocol, compute_dtype: str) -> StreamedTensor:
     """`source` in the compute dtype, converted only when read."""
     target = numpy_dtype(compute_dtype)
 
     def convert() -> ir.TensorProtocol:
         return ir.tensor(source.numpy().astype(np.float32).astype(target), name=source.name)
 
-    return ir.LazyTensor(convert, dtype=DTYPES[compute_dtype], shape=ir.Shape(source.shape), name=source.name)
+    return StreamedTensor(convert, DTYPES[compute_dtype], source.shape, source.name)
 
 
 def _narrow_attribute_tensor(node: ir.Node, compute_dtype: str) -> bool:

@@ -1,10 +1,10 @@
-"""MoE dispatch planning: which lowering each engine role gets, for a backend.
+"""MoE dispatch choice: which lowering each engine role gets, under a target's rules.
 
 Roles: `prefill` (many new tokens per row), `decode` (one per row), and `exact` (the engine a
 step is rerun on when a capacity-limited engine reports overflow; present only then).
 
-`auto` lowers every candidate the backend can run, prices each role's step with the cost
-model (graphs/cost.py) under the backend's machine balance (roofline time: the larger of
+`auto` lowers every candidate the target can run, prices each role's step with the cost
+model (graphs/cost.py) under the target's machine balance (roofline time: the larger of
 FLOPs / peak FLOP/s and weight bytes / bandwidth, weight bytes that a Gather copies counted
 twice more for the write and re-read), and keeps the cheapest. A capacity-limited candidate
 also pays its rerun: the probability that some expert overflows under uniformly random
@@ -20,13 +20,13 @@ from typing import Any
 import onnx_ir as ir
 
 from llama4_deploy.graphs.cost import summed_cost, node_costs, profile_points, step_cost, with_ring
+from llama4_deploy.graphs.forms import AUTO, MoEDispatch, values
 from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, lower_moe_capacity
 from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
 from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
 
 EXACT = ("native", "gather", "dense")  # preference order among exact strategies
-STRATEGIES = ("dense", "gather", "capacity", "native")
-CHOICES = STRATEGIES + ("auto",)
+STRATEGIES: tuple[str, ...] = values(MoEDispatch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,30 +35,30 @@ class Machine:
     bytes_per_s: float
 
 
-# machine balance used to price candidates (not a benchmark): a 2-core AVX2 CPU in fp32, an H200
-MACHINES = {"onnxruntime": Machine(60e9, 15e9), "tensorrt": Machine(790e12, 4.8e12)}
-BACKEND_STRATEGIES = {"onnxruntime": STRATEGIES, "tensorrt": ("dense", "gather", "capacity")}
+@dataclasses.dataclass(frozen=True)
+class DispatchRules:
+    """What a target allows of MoE dispatch (llama4_deploy/targets/ gives each target's)."""
+
+    target: str  # its name, for messages
+    strategies: tuple[str, ...]  # the lowerings its backend can run
+    machine: Machine  # the balance candidates are priced at (not a benchmark)
+    capacity_combine: str  # how the capacity lowering combines expert outputs (lower_moe_capacity.CapacityConfig)
 
 
-
-# how the capacity lowering combines expert outputs, per backend (TensorRT's ScatterND takes no reduction)
-CAPACITY_COMBINE = {"onnxruntime": "scatter_add", "tensorrt": "gather"}
-
-
-def lowering(strategy: str, capacity_factor: float = 1.25, backend: str = "onnxruntime"
+def lowering(strategy: str, capacity_factor: float = 1.25, combine: str = "scatter_add"
              ) -> Callable[[ir.Model], tuple[int, dict[str, str]]]:
     if strategy == "dense":
         return lower_moe_dense
     if strategy == "gather":
         return lower_moe_gather
     if strategy == "capacity":
-        config = CapacityConfig(capacity_factor=capacity_factor, combine=CAPACITY_COMBINE[backend])
+        config = CapacityConfig(capacity_factor=capacity_factor, combine=combine)
         return lambda model: lower_moe_capacity(model, config)
     if strategy == "native":
         from llama4_deploy.graphs.lower_moe_native import lower_moe_native
 
         return lower_moe_native
-    raise ValueError(f"unknown MoE dispatch {strategy!r}; choose one of {', '.join(CHOICES)}")
+    raise ValueError(f"unknown MoE dispatch {strategy!r}; choose one of {', '.join((*STRATEGIES, AUTO))}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +98,9 @@ def overflow_probability(tokens: int, experts: int, top_k: int, capacity_factor:
     return float((loads.max(axis=1) > capacity).mean())
 
 
-def plan(
+def choose(
     requested: str,
-    backend: str,
+    rules: DispatchRules,
     lowered: Callable[[str], ir.Model | Priced],
     facts: dict[str, Any],
     profiles: dict[str, int],
@@ -110,8 +110,8 @@ def plan(
     """{role: strategy}. `lowered(strategy)` returns the linked model lowered with it (or a Priced graph that
     costs the same: one layer per kind, each node counted as often as the model holds it); `excluded`
     strategies are never planned (e.g. native for a precision the fused kernel cannot take)."""
-    allowed = tuple(s for s in BACKEND_STRATEGIES[backend] if s not in excluded)
-    machine = MACHINES[backend]
+    allowed = tuple(s for s in rules.strategies if s not in excluded)
+    machine = rules.machine
 
     points = profile_points(profiles)
     seconds_cache: dict[tuple[str, str], float] = {}
@@ -136,9 +136,9 @@ def plan(
             total += seconds
         return total
 
-    if requested != "auto":
+    if requested != AUTO:
         if requested not in allowed:
-            raise ValueError(f"MoE dispatch {requested!r} is not available for the {backend} backend "
+            raise ValueError(f"MoE dispatch {requested!r} is not available for the {rules.target} backend "
                              f"(choose one of {', '.join(allowed)} or auto)")
         roles = {"prefill": requested, "decode": requested}
     else:
@@ -148,7 +148,7 @@ def plan(
             roles[role] = min(priced, key=lambda s: (priced[s], s not in EXACT))
     if "capacity" in roles.values():
         exact = [s for s in EXACT if s in allowed]
-        if requested == "auto":
+        if requested == AUTO:
             exact.sort(key=lambda s: price(s, "prefill"))
         roles["exact"] = exact[0]
     return roles

@@ -43,18 +43,12 @@ import numpy as np
 import onnx_ir as ir
 
 from llama4_deploy.graphs import ops
+from llama4_deploy.graphs.forms import AttentionForm, values
 from llama4_deploy.graphs.rewrite import layer_scope, scoped, splice
 
-FORMS = ("decomposed", "onnx23")
+FORMS: tuple[str, ...] = values(AttentionForm)
 ONNX23 = 23
 IR_VERSION_FOR_23 = 11  # the IR version that introduced opset 23
-
-
-def form_for(backend: str, choice: str = "auto") -> str:
-    """The form a recipe's `attention` setting means for a backend."""
-    if choice != "auto":
-        return choice
-    return "onnx23" if backend == "onnxruntime" else "decomposed"
 
 
 def attention_nodes(model: ir.Model) -> list[ir.Node]:

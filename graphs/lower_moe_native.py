@@ -66,6 +66,7 @@ from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.lower_moe_dense import shared_expert
 from llama4_deploy.graphs.moe_pass import moe_nodes, run_moe_lowering
 from llama4_deploy.graphs.rewrite import scoped
+from llama4_deploy.graphs.streamed import StreamedTensor
 
 STRATEGY = "native"
 MS_DOMAIN = "com.microsoft"
@@ -131,7 +132,7 @@ def checker(split: int | None, any_top_k: bool = False) -> Callable[[ir.Node], s
     return checked
 
 
-# bytes of re-laid output a streamed write converts at a time (RelaidTensor.tofile): a few experts, so the
+# bytes of re-laid output a streamed write converts at a time (`relaid`): a few experts, so the
 # buffer stays in cache-sized pieces and is reused, instead of page-faulting a fresh tensor of the whole stack
 CHUNK_BYTES = 8 << 20
 
@@ -155,7 +156,7 @@ class Relayout:
     (in `dtype`: a torch dtype converted to in the same copy, None keeps the source's), times `scale`.
 
     Calling it copies the whole stack at once; `chunks` yields it a few experts at a time, in output order,
-    through two reused buffers (the build's streamed save, RelaidTensor.tofile)."""
+    through two reused buffers (the build's streamed save, `relaid`)."""
 
     def __init__(self, view: Callable, shape: Callable, scale: int = 1):
         self.view, self.shape, self.scale = view, shape, scale
@@ -241,33 +242,23 @@ def fc2_layout(down, p: int = 1, dtype=None):
     return fc2_relayout(p)(down, dtype)
 
 
-class RelaidTensor(ir.LazyTensor):
-    """`layout(source)` as a lazy tensor: nothing is read or computed until it is serialized. A checkpoint weight
-    that offers `stream()` (llama4_deploy/build/driver.py's: its raw tensor and the conversion's finishing check) is
-    re-laid and converted to fp32 in one copy; written to a file (the build's save), it is converted, checked and
-    written a few experts at a time through one buffer (Relayout.chunks), so the whole stack is never in memory."""
+def relaid(source: ir.TensorProtocol, name: str, shape: tuple[int, ...], layout: Relayout) -> StreamedTensor:
+    """`layout(source)` as a streamed tensor: nothing is read or computed until it is serialized. A checkpoint read
+    (a StreamedTensor with `stored`) is re-laid and converted to fp32 in one copy; written to a file (the build's
+    save), it is converted, checked and written a few experts at a time through one buffer (Relayout.chunks), so the
+    whole stack is never in memory."""
+    import torch  # deferred, as in Relayout: `cost` and `lint` import the passes without torch
 
-    def __init__(self, source: ir.TensorProtocol, name: str, shape: tuple[int, ...], layout: Relayout):
-        self.source, self.layout = source, layout
-        super().__init__(self._compute, dtype=source.dtype, shape=ir.Shape(shape), name=name)
+    stored = source.stored if isinstance(source, StreamedTensor) else None
+    if stored is None:
+        return StreamedTensor(lambda: ir.tensor(layout(source.numpy()), dtype=source.dtype, name=name), source.dtype,
+                              shape, name)
 
-    def _compute(self) -> ir.TensorProtocol:
-        stream = getattr(self.source, "stream", None)
-        if stream is not None:
-            import torch
+    def compute() -> ir.TensorProtocol:
+        return stored.checked(layout(stored.read(), dtype=torch.float32), name)
 
-            raw, finish = stream()
-            return finish(self.layout(raw, dtype=torch.float32), self.name)
-        return ir.tensor(self.layout(self.source.numpy()), dtype=self.source.dtype, name=self.name)
-
-    def tofile(self, file) -> None:
-        stream = getattr(self.source, "stream", None)
-        if stream is None or self.cache:
-            super().tofile(file)
-            return
-        import torch
-
-        raw, finish = stream()
+    def write(file) -> None:
+        raw = stored.read()
         threads = torch.get_num_threads()
         # one thread per piece: the writer and the hashers (llama4_deploy/build/weights_file.py) have the
         # other cores, and a two-way split of each copy would wait on whichever half shares a core with them
@@ -275,16 +266,18 @@ class RelaidTensor(ir.LazyTensor):
 
         def checked(piece):
             try:
-                return finish(piece, self.name)
+                return stored.checked(piece, name)
             except Exception:  # a bad value: the whole stack's check names it, with its count over the stack
-                finish(self.layout(raw, dtype=torch.float32), self.name)
+                stored.checked(layout(raw, dtype=torch.float32), name)
                 raise
 
         try:
-            for piece in self.layout.chunks(raw, torch.float32, finish=checked):
+            for piece in layout.chunks(raw, torch.float32, finish=checked):
                 file.write(memoryview(piece.numpy()).cast("B"))  # the piece itself, not a tobytes() copy
         finally:
             torch.set_num_threads(threads)
+
+    return StreamedTensor(compute, source.dtype, shape, name, stored=stored, writer=write)
 
 
 def _weight(tape: ir.tape.Tape, node: ir.Node, value: ir.Value, name: str,
@@ -292,7 +285,7 @@ def _weight(tape: ir.tape.Tape, node: ir.Node, value: ir.Value, name: str,
     existing = node.graph.initializers.get(name) if node.graph is not None else None
     if existing is not None:  # another MoE node shares these weights and was lowered already
         return existing
-    return tape.initializer(RelaidTensor(value.const_value, name, shape, layout), name=name)
+    return tape.initializer(relaid(value.const_value, name, shape, layout), name=name)
 
 
 def native_weights(tape: ir.tape.Tape, node: ir.Node, split: int | None = None) -> tuple[ir.Value, ir.Value, int]:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from llama4_deploy.graphs.lower_quant_qdq import COMPUTE, QuantizedWeight, _scope
 from llama4_deploy.graphs.quantize import QuantRule, QuantSpec, numpy_dtype, pack_int4_rows
 from llama4_deploy.graphs.rewrite import splice
+from llama4_deploy.graphs.streamed import StreamedTensor
 
 MS_DOMAIN = "com.microsoft"
 
@@ -69,11 +70,11 @@ def _packed(source: ir.TensorProtocol, rule: QuantRule, compute_dtype: str, axis
         return ir.tensor(np.ascontiguousarray(s.astype(numpy_dtype(compute_dtype))), name=f"{name}.q4_scales")
 
     compute = COMPUTE[compute_dtype]
-    return (ir.LazyTensor(b, dtype=ir.DataType.UINT8, shape=ir.Shape(b_shape), name=f"{name}.q4"),
-            ir.LazyTensor(scales, dtype=compute, shape=ir.Shape(out_dims + (blocks,)), name=f"{name}.q4_scales"))
+    return (StreamedTensor(b, ir.DataType.UINT8, b_shape, f"{name}.q4"),
+            StreamedTensor(scales, compute, out_dims + (blocks,), f"{name}.q4_scales"))
 
 
-def _register(graph: ir.Graph, tensor: ir.LazyTensor) -> ir.Value:
+def _register(graph: ir.Graph, tensor: StreamedTensor) -> ir.Value:
     value = ir.Value(name=tensor.name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
     graph.register_initializer(value)
     return value

@@ -43,6 +43,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llama4_deploy.graphs.quantize import QuantRule, QuantSpec, fp8_channel, int4_blocked, numpy_dtype
+from llama4_deploy.graphs.streamed import StreamedTensor
 
 WEIGHT_DTYPES = {"int4": ir.DataType.INT4, "fp8": ir.DataType.FLOAT8E4M3FN}
 ALREADY_QUANTIZED = ("DequantizeLinear", "MatMulNBits", "QMoE")
@@ -116,13 +117,13 @@ class QuantizedWeight:
             scale = dims[:axis] + (1,) + dims[axis + 1:]
         return dims, scale
 
-    def lazy(self, which: int, name: str, dtype: ir.DataType) -> ir.LazyTensor:
+    def lazy(self, which: int, name: str, dtype: ir.DataType) -> StreamedTensor:
         shape = self.shapes()[which]
 
         def compute() -> ir.TensorProtocol:
             return ir.tensor(self.arrays()[which], dtype=dtype, name=name)
 
-        return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
+        return StreamedTensor(compute, dtype, shape, name)
 
     def slice_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(q, scale) shapes of one expert's 2-D slice of a stacked [E, K, N] weight."""
@@ -131,14 +132,14 @@ class QuantizedWeight:
             return q[1:], (scale[-1],)  # per output channel
         return q[1:], scale[1:]
 
-    def lazy_slice(self, which: int, expert: int, name: str, dtype: ir.DataType) -> ir.LazyTensor:
+    def lazy_slice(self, which: int, expert: int, name: str, dtype: ir.DataType) -> StreamedTensor:
         """Expert `expert`'s slice; consecutive slices of one weight reuse its cached arrays."""
         shape = self.slice_shapes()[which]
 
         def compute() -> ir.TensorProtocol:
             return ir.tensor(self.arrays()[which][expert].reshape(shape), dtype=dtype, name=name)
 
-        return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
+        return StreamedTensor(compute, dtype, shape, name)
 
 
 def dequantize_attributes(rule: QuantRule, axis: int, rank: int, k: int) -> dict[str, int]:

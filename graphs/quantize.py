@@ -36,10 +36,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int4")
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
-FORMS = ("qdq", "ort")
-BLOCK_SIZES = (32, 64, 128)
+from llama4_deploy.graphs.forms import AUTO, BlockSize, ComputeDtype, Int4Compute, Precision, QuantForm, QuantMethod, values
+
 INT4_MAX = 7
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 LINEAR_PATTERNS = ("layers.*.experts_*", "layers.*.shared_*", "layers.*.mlp_*",
@@ -65,10 +63,10 @@ class QuantRule(Strict):
 class QuantSpec(Strict):
     """Precision of a build: compute dtype plus the rules for quantized weights (none for fp32/fp16/bf16)."""
 
-    precision: Literal["fp32", "fp16", "bf16", "fp8", "int4"]
-    compute_dtype: Literal["float32", "float16", "bfloat16"]
+    precision: Precision
+    compute_dtype: ComputeDtype
     rules: tuple[QuantRule, ...] = ()
-    form: Literal["qdq", "ort"] = "qdq"
+    form: QuantForm = "qdq"
 
     def rule_for(self, name: str) -> QuantRule | None:
         return next((rule for rule in self.rules if rule.matches(name)), None)
@@ -99,17 +97,11 @@ class QuantSpec(Strict):
                     "use --moe-dispatch dense, gather, capacity or auto")
         return None
 
-    def dispatch_refusals(self, backend: str = "onnxruntime") -> dict[str, str]:
-        """MoE dispatches this spec cannot run on `backend`, each with its one-sentence reason."""
-        refusals = {}
+    def dispatch_refusals(self) -> dict[str, str]:
+        """MoE dispatches this spec cannot run on any target, each with its one-sentence reason (a target adds its
+        own: llama4_deploy/targets/)."""
         native = self.native_moe_refusal()
-        if native:
-            refusals["native"] = native
-        if self.compute_dtype == "float16" and backend == "onnxruntime":
-            refusals["capacity"] = ("ONNX Runtime's CPU has no float16 ScatterND with reduction add, which the capacity "
-                                    "dispatch combines expert outputs with; use --moe-dispatch dense, gather, native "
-                                    "or auto")
-        return refusals
+        return {"native": native} if native else {}
 
     def summary(self) -> str:
         if not self.rules:
@@ -125,34 +117,36 @@ class QuantSpec(Strict):
 class QuantConfig(Strict):
     """The build's precision choices (recipe keys and CLI flags map onto these)."""
 
-    precision: Literal["fp32", "fp16", "bf16", "fp8", "int4"] = "fp32"
-    compute_dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None: from the precision
+    precision: Precision = "fp32"
+    compute_dtype: ComputeDtype | None = None  # None: from the precision
     block_size: int = Field(128, description="int4 block along the reduction axis")
-    form: Literal["qdq", "ort", "auto"] = "auto"
-    method: Literal["rtn", "awq"] = "rtn"  # awq: int4 only (export/awq.py)
+    form: Literal[QuantForm, "auto"] = "auto"
+    method: QuantMethod = "rtn"  # awq: int4 only (export/awq.py)
     # int4: "float" keeps activations in the compute dtype (the spec's weight-only INT4); "int8" lets ONNX Runtime's
     # MatMulNBits quantize its activation to int8 per block (accuracy_level 4, the fast CPU kernels)
-    int4_compute: Literal["float", "int8"] = "float"
+    int4_compute: Int4Compute = "float"
 
 
 def default_compute_dtype(precision: str) -> str:
     return {"fp16": "float16", "bf16": "bfloat16"}.get(precision, "float32")
 
 
-def form_for(precision: str, backend: str, choice: str = "auto") -> str:
-    """auto: ONNX Runtime's 4-bit kernels for int4 on ONNX Runtime; Q/DQ otherwise (FP8 has no fast CPU kernel)."""
-    if choice != "auto":
+def form_for(precision: str, choice: str = AUTO, int4_form: QuantForm = "ort") -> QuantForm:
+    """auto: the target's form for int4 (`int4_form`: ONNX Runtime's 4-bit kernels by default); Q/DQ otherwise (FP8
+    has no fast CPU kernel)."""
+    if choice != AUTO:
         return choice
-    return "ort" if precision == "int4" and backend == "onnxruntime" else "qdq"
+    return int4_form if precision == "int4" else "qdq"
 
 
-def make_spec(config: QuantConfig, backend: str = "onnxruntime") -> QuantSpec:
-    """The preset spec of a precision. Raises ValueError (one sentence) on a bad combination."""
-    if config.block_size not in BLOCK_SIZES:
+def make_spec(config: QuantConfig, int4_form: QuantForm = "ort") -> QuantSpec:
+    """The preset spec of a precision; `int4_form`: what form auto means for int4 on the build's target. Raises
+    ValueError (one sentence) on a bad combination."""
+    if config.block_size not in values(BlockSize):
         raise ValueError(f"block size {config.block_size} is not supported; choose one of "
-                         f"{', '.join(map(str, BLOCK_SIZES))}")
+                         f"{', '.join(map(str, values(BlockSize)))}")
     compute = config.compute_dtype or default_compute_dtype(config.precision)
-    form = form_for(config.precision, backend, config.form)
+    form = form_for(config.precision, config.form, int4_form)
     if config.precision == "fp16" and compute != "float16" or config.precision == "bf16" and compute != "bfloat16":
         raise ValueError(f"precision {config.precision} is a compute dtype; it cannot run in {compute}")
     if config.precision == "fp8" and form == "ort":

@@ -6,7 +6,9 @@ import sys
 
 import click
 
+from llama4_deploy.build.options import choices
 from llama4_deploy.build.recipe import available
+from llama4_deploy.planning.deployment import PRECISION_PLANS
 
 
 class UserError(click.ClickException):
@@ -19,7 +21,7 @@ class UserError(click.ClickException):
 
 
 def _user_errors():
-    from llama4_deploy.build.driver import BuildError
+    from llama4_deploy.build import BuildError
     from llama4_deploy.export.checkpoint import CheckpointError
     from llama4_deploy.build.recipe import RecipeError
     from llama4_deploy.runtime.bundle import BundleError
@@ -37,45 +39,40 @@ def main() -> None:
 @click.option("--recipe", help=f"recipe name ({', '.join(available())}) or a YAML path; default tiny")
 @click.option("--checkpoint", type=click.Path(), help="Hugging Face checkpoint directory")
 @click.option("--out", type=click.Path(), help="bundle directory (default build/<recipe>)")
-@click.option("--moe-dispatch", type=click.Choice(["dense", "gather", "capacity", "native", "auto"]),
+@click.option("--moe-dispatch", type=click.Choice(choices("moe_dispatch")),
               help="MoE lowering (default: the recipe's, auto)")
-@click.option("--attention", type=click.Choice(["decomposed", "onnx23", "auto"]),
+@click.option("--attention", type=click.Choice(choices("attention")),
               help="attention form (default: the recipe's, auto: onnx23 for ONNX Runtime)")
 @click.option("--max-context", type=int, help="longest prompt + generation per row (default: the recipe's; a bare "
               "checkpoint's max_position_embeddings, at most 32768)")
 @click.option("--max-batch", type=int, help="most rows per engine step (default: the recipe's)")
 @click.option("--prefill-tokens", type=int, help="most new tokens per row in one prefill step (default: the recipe's)")
 @click.option("--force", is_flag=True, help="replace --out even if it is not a bundle this tool wrote")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "fp8", "int4"]),
+@click.option("--precision", type=click.Choice(choices("precision")),
               help="weights and compute dtype (default: the recipe's, fp32)")
-@click.option("--compute-dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+@click.option("--compute-dtype", type=click.Choice(choices("compute_dtype")),
               help="dtype of activations (default: follows --precision; fp8/int4 compute in float32)")
-@click.option("--block-size", type=click.Choice(["32", "64", "128"]), help="int4 block along the reduction axis (128)")
-@click.option("--quant-form", type=click.Choice(["qdq", "ort", "auto"]),
+@click.option("--block-size", type=click.Choice(choices("block_size")), help="int4 block along the reduction axis (128)")
+@click.option("--quant-form", type=click.Choice(choices("quant_form")),
               help="quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto")
-@click.option("--quant-method", type=click.Choice(["rtn", "awq"]),
+@click.option("--quant-method", type=click.Choice(choices("quant_method")),
               help="int4 weight rounding: rtn (round to nearest, default) or awq (activation-aware scales)")
-@click.option("--int4-compute", type=click.Choice(["float", "int8"]),
+@click.option("--int4-compute", type=click.Choice(choices("int4_compute")),
               help="int4 ort form: float activations (default) or int8 ones (MatMulNBits accuracy_level 4, faster)")
 @click.option("--calibration", type=click.Path(),
               help="fp8 activation / int4 awq calibration: text lines or a JSON list of token-id lists")
 @click.option("--stages", type=int, help="pipeline stages: split the layers into this many graphs, balanced by "
               "weight bytes (default: the recipe's, 1)")
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]),
+@click.option("--target", type=click.Choice(choices("target")),
               help="backend the bundle is for (default: the recipe's); tensorrt: a TensorRT-form bundle for "
                    "llama4-deploy compile (bf16 compute unless --precision/--compute-dtype)")
-def build(recipe, checkpoint, out, moe_dispatch, attention, max_context, max_batch, prefill_tokens, force, precision,
-          compute_dtype, block_size, quant_form, calibration, stages, target, quant_method, int4_compute) -> None:
+def build(recipe, checkpoint, out, force, block_size, **overrides) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
-    from llama4_deploy.build.driver import build as run_build
+    from llama4_deploy.build import build as run_build
 
     try:
-        result = run_build(recipe=recipe, checkpoint=checkpoint, out=out, moe_dispatch=moe_dispatch,
-                           attention=attention, max_context=max_context, max_batch=max_batch,
-                           prefill_tokens=prefill_tokens, force=force, precision=precision,
-                           compute_dtype=compute_dtype, block_size=None if block_size is None else int(block_size),
-                           quant_form=quant_form, calibration=calibration, stages=stages, target=target,
-                           quant_method=quant_method, int4_compute=int4_compute)
+        result = run_build(recipe=recipe, checkpoint=checkpoint, out=out, force=force,
+                           block_size=None if block_size is None else int(block_size), **overrides)
     except _user_errors() as err:
         raise UserError(str(err)) from None
     except KeyboardInterrupt:  # Ctrl-C: no bundle; the finished steps stay in the build cache (build_cache.py)
@@ -170,16 +167,12 @@ def lint(path) -> None:
     graphs = sorted(target.glob("*.onnx")) if target.is_dir() else [target]
     if not graphs or not all(g.is_file() for g in graphs):
         raise UserError(f"{path} is neither an ONNX file nor a bundle directory with .onnx graphs")
-    tensorrt_bound = _tensorrt_topk_bound(target)  # a TensorRT-form bundle: its parser's rules too
+    bundle_lint = _target_lint(target)  # a bundle's graphs: its target's parser rules too
     failed = False
     for graph in graphs:
         try:
             model = ir.load(graph)
-            problems = lint_static(model)
-            if tensorrt_bound is not None:
-                from llama4_deploy.graphs.lint_tensorrt import lint_tensorrt
-
-                problems += lint_tensorrt(model, topk_bound=tensorrt_bound)
+            problems = lint_static(model) + bundle_lint(model)
         except Exception as err:  # onnx's own parse errors
             reason = " ".join(str(err).split())[:300]
             raise UserError(f"{graph} cannot be read as ONNX ({reason or type(err).__name__})") from None
@@ -195,8 +188,7 @@ def lint(path) -> None:
 @click.option("--context", type=int, help="reference context in tokens per row: fit check and stage balance "
               "(default: the recipe's max_context, else 32768)")
 @click.option("--stages", type=int, help="pipeline stages of the suggested split (default: fewest H100s that fit)")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp8", "int4"]),
-              help="precision of the suggested split (default fp8)")
+@click.option("--precision", type=click.Choice(PRECISION_PLANS), help="precision of the suggested split (default fp8)")
 def plan(target, context, stages, precision) -> None:
     """Deployment plan from the config alone: parameters, bytes, GPUs, context, stage split."""
     from llama4_deploy.planning.deployment import plan as make_plan
@@ -207,20 +199,21 @@ def plan(target, context, stages, precision) -> None:
         raise UserError(str(err)) from None
 
 
-def _tensorrt_topk_bound(target) -> int | None:
-    """For a TensorRT-form bundle directory, the largest TopK K its profiles allow; else None."""
+def _target_lint(path):
+    """For a bundle directory, its target's checks of a graph (TensorRT's parser rules for a TensorRT-form bundle);
+    for anything else, none."""
     import json
 
-    try:
-        m = json.loads((target / "manifest.json").read_text())
-        if m["engine"]["backend"] != "tensorrt":
-            return None
-        factor = max((g.get("capacity_factor", 1.25) for g in m["engine"]["graphs"].values()), default=1.25)
-        from llama4_deploy.targets.tensorrt import topk_bound
+    from llama4_deploy import targets
 
-        return topk_bound(m["profiles"], m["model"], factor)
+    try:
+        m = json.loads((path / "manifest.json").read_text())
+        target = targets.get(m["engine"]["backend"])
+        factor = max((g.get("capacity_factor", 1.25) for g in m["engine"]["graphs"].values()), default=1.25)
+        profiles, facts = m["profiles"], m["model"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # not a (readable) bundle: the static-shape lint alone
+        return lambda model: []  # not a (readable) bundle: the static-shape lint alone
+    return lambda model: target.lint(model, profiles, facts, factor)
 
 
 @main.command(name="eval")

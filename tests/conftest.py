@@ -65,7 +65,7 @@ def write_tokenizer(path: Path, vocab_size: int) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
 
     return build("tiny", out=tmp_path_factory.mktemp("bundles") / "tiny", log=lambda _: None).bundle
 
@@ -79,7 +79,7 @@ def checkpoint_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def checkpoint_bundle(tmp_path_factory, checkpoint_dir) -> Path:
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
 
     out = tmp_path_factory.mktemp("bundles") / "from-checkpoint"
     return build(checkpoint=checkpoint_dir, out=out, log=lambda _: None).bundle

@@ -88,7 +88,7 @@ def test_build_anonymous_memory_is_bounded_by_the_largest_layer(small_checkpoint
     assert result.peak_anon <= result.target_anon == 2 * layer + (512 << 20), result.summary()
     # the golden step runs the engine on the bundle's memory-mapped weights (no prepacked copies): O(layer) too
     assert result.peak_anon_by_stage["save"] > 0 and result.peak_anon_by_stage["golden"] > 0
-    assert set(result.stage_seconds) >= {"load", "trace", "link", "lower", "quantize", "save", "golden", "hash"}
+    assert set(result.step_seconds) >= {"load", "trace", "link", "lower", "quantize", "save", "golden", "hash"}
     assert (bundle / "manifest.json").is_file()
 
 

@@ -42,7 +42,7 @@ def test_compile_and_run_plans(tmp_path):
     on the same graphs (float32 on both: 1e-3 x max |logit|, as the parity tests' bound)."""
     import numpy as np
 
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.targets.tensorrt_compile import compile_bundle
     from llama4_deploy.runtime import load
 

@@ -49,7 +49,7 @@ def test_run_without_tensorrt_exits_2(tmp_path):
 def test_reference_is_the_whole_model_simulation(tmp_path):
     """The reference gpu-check compares against runs layer by layer: it equals the whole-model fake-quant
     simulation (same transformers modules, same ops, same order, fp32) on a tiny int4 TensorRT-form bundle."""
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.export.reference import reference_logits, reference_model
     from llama4_deploy.export.simulate import simulate
     from llama4_deploy.graphs.quantize import QuantSpec

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from llama4_deploy.build.driver import build
+from llama4_deploy.build import build
 from llama4_deploy.quality.compare import compare, relative_logit_tolerance
 from llama4_deploy.export.reference import checkpoint_model, reference_logits
 from llama4_deploy.build.recipe import recipe_path

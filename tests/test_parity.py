@@ -46,7 +46,7 @@ def test_tiny_report_is_the_whole_model_references(tiny_bundle, monkeypatch):
 def test_every_dispatch_is_exact(recipe, dispatch, tmp_path):
     """Each MoE lowering against transformers. Capacity-limited steps that overflow are rerun on
     the exact graph; the capacity graph must still have produced some steps itself."""
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
 
     from tests.conftest import manifest
 
@@ -70,7 +70,7 @@ def test_tensorrt_form_is_exact(recipe, tmp_path):
     compute, run here on ONNX Runtime: the very graphs TensorRT would compile, against transformers."""
     import onnx
 
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.graphs.lint_tensorrt import lint_tensorrt
     from tests.conftest import manifest
 

@@ -40,7 +40,7 @@ def test_parameter_counts_equal_transformers_and_the_published_figures():
 def test_precision_bytes_equal_the_built_bundles_initializers(tmp_path, tiny_bundle):
     import onnx_ir as ir
 
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.export.weights import all_weights
 
     shape = load_shape("tiny")[0]
@@ -138,7 +138,7 @@ def test_plan_bad_input(tmp_path):
 
 
 def test_scout_recipe_refuses_a_checkpoint_of_another_shape(tmp_path, checkpoint_dir):
-    from llama4_deploy.build.driver import BuildError, build
+    from llama4_deploy.build import BuildError, build
 
     with pytest.raises(BuildError, match=r"^checkpoint has hidden_size=\d+, but recipe scout expects 5120; "):
         build("scout", checkpoint=checkpoint_dir, out=tmp_path / "out", log=lambda _: None)

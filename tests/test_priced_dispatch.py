@@ -1,4 +1,4 @@
-"""The dispatch planner prices one layer per kind (stage_graphs.CostingLayers) instead of the whole linked
+"""The dispatch step prices one layer per kind (stage_graphs.CostingLayers) instead of the whole linked
 model: its figures must be the whole graph's exactly (FLOPs and bytes are whole numbers, so equal means equal),
 for every MoE dispatch at every profile point, and the auto choice must not move.
 
@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import pytest
 
-from llama4_deploy.build import driver
+from llama4_deploy import targets
+from llama4_deploy.build.context import BuildContext, Calibration, Loaded
+from llama4_deploy.build.options import resolve
+from llama4_deploy.build.stage_graphs import costing_layers
+from llama4_deploy.build.steps import load, lower
 from llama4_deploy.export.checkpoint import Checkpoint
 from llama4_deploy.export.trace import trace_templates
 from llama4_deploy.graphs import dispatch
 from llama4_deploy.graphs.cost import profile_points, step_cost
-from llama4_deploy.graphs.lower_attention import form_for
-from llama4_deploy.build.recipe import load_recipe
-from llama4_deploy.build.stage_graphs import costing_layers
 from tests.conftest import write_checkpoint
 
 ONE_MOE_KIND = {"num_hidden_layers": 6, "no_rope_layers": [1] * 6}
@@ -32,22 +33,25 @@ _CHECKPOINTS: dict[str, Checkpoint] = {}
                 ids=["scout-mini", "maverick-mini", "maverick-mini-int4", "tiny-one-moe-kind"])
 def graphs(request, tmp_path_factory):
     name, precision, change = request.param
-    recipe = driver._with_precision(load_recipe(name), precision, None, None, None, None)
+    recipe = resolve(name, None, precision=precision)
     if name not in _CHECKPOINTS:  # int4 prices the fp32 checkpoint's weights
         config = {**recipe.random.config, **change}
         _CHECKPOINTS[name] = Checkpoint(write_checkpoint(tmp_path_factory.mktemp("ck") / name, config))
     ckpt = _CHECKPOINTS[name]
-    spec = driver._quant_spec(recipe, ckpt)
-    templates = trace_templates(ckpt.shape)
-    attention = form_for(recipe.backend, recipe.attention)
+    # the lowering's inputs as the load, trace and calibrate steps give them
+    target = targets.get(recipe.backend)
+    ctx = BuildContext(recipe, target, None, False, bundle=tmp_path_factory.mktemp("bundle"), cache=None,
+                       log=lambda _: None, started=0.0)
+    spec = load.quant_spec(recipe, target, ckpt)
+    ctx.loaded = Loaded(ckpt, ckpt.path, recipe, [lower.one_stage(ckpt.shape)], spec, {}, [])
+    ctx.templates, ctx.calibration = trace_templates(ckpt.shape), Calibration()
     costing = costing_layers(ckpt.shape)
     whole, priced = {}, {}
-    for strategy in dispatch.STRATEGIES:
-        if strategy in spec.dispatch_refusals(recipe.backend):
+    for strategy in target.dispatch.strategies:
+        if strategy in target.dispatch_refusals(spec):
             continue
-        whole[strategy] = driver._lower_stage(ckpt, templates, driver._one_stage(ckpt.shape), strategy, recipe, spec,
-                                              None, attention)[0]
-        model = driver._lower_stage(ckpt, templates, costing, strategy, recipe, spec, None, attention, checks=False)[0]
+        whole[strategy] = lower.lower(ctx, lower.one_stage(ckpt.shape), strategy)[0]
+        model = lower.lower(ctx, costing, strategy, checks=False)[0]
         priced[strategy] = dispatch.Priced(model, costing.multiplicity)
     return ckpt.shape, recipe, costing, whole, priced
 
@@ -65,7 +69,7 @@ def test_costing_graph_holds_one_layer_per_kind(graphs):
 
 def test_priced_equals_whole_graph_at_every_point(graphs):
     shape, recipe, _, whole, priced = graphs
-    facts, machine = shape.to_dict(), dispatch.MACHINES[recipe.backend]
+    facts, machine = shape.to_dict(), targets.get(recipe.backend).dispatch.machine
     for strategy in whole:
         for _, _, dims in profile_points(recipe.profiles.model_dump()):
             per_kind = step_cost(priced[strategy].model, facts, dims, priced[strategy].multiplicity)
@@ -79,7 +83,8 @@ def test_auto_choice_unchanged(graphs):
     shape, recipe, _, whole, priced = graphs
     facts, profiles = shape.to_dict(), recipe.profiles.model_dump()
     excluded = tuple(s for s in dispatch.STRATEGIES if s not in whole)
-    chosen = dispatch.plan("auto", recipe.backend, priced.__getitem__, facts, profiles, recipe.capacity_factor,
-                           excluded=excluded)
-    assert chosen == dispatch.plan("auto", recipe.backend, whole.__getitem__, facts, profiles, recipe.capacity_factor,
-                                   excluded=excluded)
+    rules = targets.get(recipe.backend).dispatch
+    chosen = dispatch.choose("auto", rules, priced.__getitem__, facts, profiles, recipe.capacity_factor,
+                             excluded=excluded)
+    assert chosen == dispatch.choose("auto", rules, whole.__getitem__, facts, profiles, recipe.capacity_factor,
+                                     excluded=excluded)

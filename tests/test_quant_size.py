@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 
 from tools.bench import bundle_bytes
-from llama4_deploy.build.driver import build
+from llama4_deploy.build import build
 
 TARGETS = {"fp8": 0.30, "int4": 0.18}
 CHOICES = [("fp8", None), ("int4", "qdq"), ("int4", "ort")]

@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from llama4_deploy.build.driver import BuildError, build
+from llama4_deploy.build import BuildError, build
 from llama4_deploy.quality.verify import SIMULATION_TOLERANCE, verify
 
 from tests.conftest import manifest

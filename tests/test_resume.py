@@ -24,7 +24,7 @@ ARGS = ["--recipe", "tiny", "--stages", "2"]
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict:
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
 
     bundle = build("tiny", stages=2, out=tmp_path_factory.mktemp("resume") / "whole", log=lambda _: None).bundle
     assert not (bundle.parent / ".whole.build").exists()  # removed after a successful build
@@ -73,7 +73,7 @@ def _interrupt(out: Path, after: str, sig: int) -> list[str]:
 
 
 def _rerun(out: Path) -> list[str]:
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
 
     logged: list[str] = []
     build("tiny", stages=2, out=out, log=logged.append)

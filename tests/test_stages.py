@@ -30,7 +30,7 @@ DISPATCHES = ("dense", "gather", "capacity", "native")
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """maverick-mini with 1, 2 and 3 stages, every dispatch in each, from one written checkpoint."""
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.export.reference import random_model
     from llama4_deploy.build.recipe import load_recipe
 
@@ -107,7 +107,7 @@ def test_split_balances_bytes_and_refuses_bad_counts():
         split_layers([1] * 4, 0)
 
 
-@pytest.mark.parametrize("stages, words", [("0", "--stages 0 is not a number of pipeline stages"),
+@pytest.mark.parametrize("stages, words", [("0", "--stages 0: input should be greater than or equal to 1"),
                                            ("5", "--stages 5 exceeds the model's 4 layers")])
 def test_bad_stage_counts_are_one_sentence(stages, words, checkpoint_dir, tmp_path):
     from click.testing import CliRunner

@@ -24,7 +24,7 @@ REL_TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """maverick-mini's TensorRT form at float32 compute in 1 and 2 stages, from one written checkpoint."""
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.export.reference import random_model
     from llama4_deploy.build.recipe import load_recipe
 

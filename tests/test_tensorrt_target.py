@@ -16,7 +16,7 @@ from tests.test_cli import invoke, user_error
 def test_quantized_tensorrt_form_matches_its_simulation(precision, block, tmp_path):
     import onnx_ir as ir
 
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.graphs.lint_tensorrt import lint_tensorrt
 
     bundle = build("tiny", out=tmp_path / precision, target="tensorrt", precision=precision, block_size=block,

@@ -84,7 +84,7 @@ def test_shipped_checkpoint_has_every_llama4_feature_and_no_dead_expert():
 
 @pytest.fixture(scope="module")
 def trained_bundle(tmp_path_factory):
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
 
     return build(recipe="tiny-trained", out=tmp_path_factory.mktemp("trained") / "bundle", log=lambda m: None).bundle
 
@@ -141,7 +141,7 @@ QUANTIZED_PERPLEXITY_BUDGET = {"fp8": 0.02, "int4": 0.08}
 
 @pytest.mark.parametrize("precision", ["fp8", "int4"])
 def test_quantized_perplexity_stays_within_budget(tmp_path, precision):
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.quality.evaluate import evaluate
 
     bundle = build(recipe="tiny-trained", precision=precision, out=tmp_path / precision, log=lambda m: None).bundle

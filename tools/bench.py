@@ -183,7 +183,7 @@ def decode_speed(engine, bundle: Path, base, threads: int, sizes: Sizes = FULL, 
 def bench_precisions(name: str, precisions: list[str], threads: int, sizes: Sizes, scratch: Path) -> None:
     """Per precision x form: decode b1 against the fp32 engine (decode_speed: timed alternately), bytes per
     step at the stored precision and the roofline fraction of those bytes; bundle size against fp32."""
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.runtime import load
 
     b1 = sizes.decode_batches[0]
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnx_ir as ir
 
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.export.reference import random_model
     from llama4_deploy.graphs.cost import step_cost
     from llama4_deploy.build.recipe import load_recipe

@@ -9,7 +9,7 @@ fp32 and at int4, each in a child process, and prints per build:
   2 x largest layer + 0.5 GB;
 - checkpoint read throughput: the checkpoint's bytes over the whole build's wall time (load to hash), and over
   the `save` stage alone, which is where the weights stream (read, convert, quantize, write);
-- the seconds of every stage, as the build records them (build.StageClock).
+- the seconds of every build step, as the build records them (llama4_deploy/build/clock.py).
 
 The child runs `build()` and writes its BuildResult's figures as JSON; the build is niced by the caller.
 """
@@ -40,7 +40,7 @@ class Measurement:
     seconds: float
     peak_anon: int  # bytes
     peak_anon_by_stage: dict[str, int]
-    stage_seconds: dict[str, float]
+    step_seconds: dict[str, float]
     checkpoint_bytes: int
     largest_layer_bytes: int  # fp32
     bundle_bytes: int
@@ -55,10 +55,10 @@ class Measurement:
 
     @property
     def save_mb_per_s(self) -> float:
-        return self.checkpoint_bytes / MB / max(self.stage_seconds.get("save", 0.0), 1e-9)
+        return self.checkpoint_bytes / MB / max(self.step_seconds.get("save", 0.0), 1e-9)
 
     def summary(self) -> str:
-        stages = ", ".join(f"{name} {s:.1f}s" for name, s in self.stage_seconds.items())
+        stages = ", ".join(f"{name} {s:.1f}s" for name, s in self.step_seconds.items())
         by_stage = ", ".join(f"{name} {b / MIB:.0f}" for name, b in self.peak_anon_by_stage.items())
         anon_ok = "met" if self.peak_anon <= self.target_anon else "NOT met"
         rate_ok = "met" if self.mb_per_s >= TARGET_MB_S else "NOT met"
@@ -150,9 +150,9 @@ def measure(checkpoint: Path, out: Path, precision: str, threads: int | None = N
             raise RuntimeError(f"the {precision} build of {checkpoint} failed (exit {code})")
         result = json.loads(result_file.read_text())
     by_stage: dict[str, int] = {}
-    for stage, start, end in result["stage_spans"]:
+    for stage, start, end in result["step_spans"]:
         by_stage[stage] = max(by_stage.get(stage, 0), sampler.peak_between(start, end))
-    return Measurement(precision, result["seconds"], sampler.peak, by_stage, result["stage_seconds"],
+    return Measurement(precision, result["seconds"], sampler.peak, by_stage, result["step_seconds"],
                        checkpoint_bytes(checkpoint), largest_layer_bytes(checkpoint),
                        sum(p.stat().st_size for p in out.iterdir()))
 
@@ -205,12 +205,12 @@ def model_bytes(checkpoint: Path) -> int:
 
 
 def _child(spec: str) -> None:
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
 
     args = json.loads(spec)
     result = build(checkpoint=args["checkpoint"], out=args["out"], precision=args["precision"], force=True)
-    Path(args["result"]).write_text(json.dumps({"seconds": result.seconds, "stage_seconds": result.stage_seconds,
-                                                "stage_spans": result.stage_spans}))
+    Path(args["result"]).write_text(json.dumps({"seconds": result.seconds, "step_seconds": result.step_seconds,
+                                                "step_spans": result.step_spans}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,7 +121,7 @@ def _recipe_with_chunk(name: str, chunk: int, directory: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.runtime import load
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -76,7 +76,7 @@ def reference_logits_for(bundle: Path, ids: list[int]) -> np.ndarray:
 
 def prepare(work: str | Path, models=MODELS, precisions=PRECISIONS, log=print) -> list[Prepared]:
     """Build the bundles and their reference logits under `work` (reused when already there)."""
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.runtime.bundle import read_manifest
 
     work = Path(work)

@@ -122,7 +122,7 @@ def build_rows(recipes: list[str], choices: list[str], scratch: Path, quick: boo
     """Build, verify, size and (unless quick) time each recipe's fp32 bundle and one bundle per choice, under
     `scratch` (the caller's directory; nothing outside it is written, nothing is removed)."""
     from tools.bench import FULL, bundle_bytes, decode_speed, precision_build_options
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.runtime import BundleError, load, read_manifest
     from llama4_deploy.runtime.backends import check_onnxruntime_dtype
     from llama4_deploy.quality.verify import verify

@@ -28,8 +28,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import llama4_deploy
+import llama4_deploy.export
+import llama4_deploy.graphs
+import llama4_deploy.runtime
 
 MARKER = "llama4-deploy-build-cache"
 RECORD = "record.json"
@@ -40,16 +46,8 @@ class CacheError(ValueError):
     """A build cache this build must not touch; the message is one sentence."""
 
 
-def _package_dirs() -> list[Path]:
-    import llama4_deploy
-    import llama4_deploy.export
-    import llama4_deploy.graphs
-    import llama4_deploy.runtime
-
-    return [Path(module.__file__).parent for module in (llama4_deploy, llama4_deploy.export, llama4_deploy.graphs,
-                                                         llama4_deploy.runtime)]
-
-
+# the libraries whose versions decide what a step writes
+_LIBRARIES = ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime")
 _CODE: str | None = None
 
 
@@ -57,20 +55,14 @@ def code_version() -> str:
     """SHA-256 of the package's source files and of the versions of the libraries that write graphs."""
     global _CODE
     if _CODE is None:
-        import onnx
-        import onnx_ir
-        import onnxruntime
-        import onnxscript
-        import torch
-        import transformers
-
         digest = hashlib.sha256()
-        for directory in _package_dirs():
+        for module in (llama4_deploy, llama4_deploy.export, llama4_deploy.graphs, llama4_deploy.runtime):
+            directory = Path(module.__file__).parent
             for path in sorted(directory.rglob("*.py")):
                 digest.update(f"{directory.name}/{path.relative_to(directory).as_posix()}\0".encode())
                 digest.update(path.read_bytes())
-        for module in (torch, transformers, onnx, onnx_ir, onnxscript, onnxruntime):
-            digest.update(f"{module.__name__}={module.__version__}\0".encode())
+        for library in _LIBRARIES:
+            digest.update(f"{library}={metadata.version(library)}\0".encode())
         _CODE = digest.hexdigest()
     return _CODE
 

@@ -7,8 +7,8 @@
 - `Staging`: a build holds an exclusive lock, `.NAME.lock` beside `--out` (flock: the kernel
   drops it when the process dies, SIGKILL included), for its whole run; a second build to the
   same `--out` is refused. Under the lock it removes the staging dirs of the same `--out` whose
-  owner process is gone, then writes into `.NAME.partial-<pid>-<start token>-<random>` (scratch
-  space inside it) and renames that into place. The owner is in the name, so it is recorded
+  owner process is gone, then writes into `.NAME.partial-<pid>-<start token>-<random>` and
+  renames that into place. The owner is in the name, so it is recorded
   the moment the directory exists; the start token (the process's start time) tells a live
   owner from a later process that reused its pid.
 """
@@ -23,8 +23,6 @@ import tempfile
 from pathlib import Path
 
 from llama4_deploy.runtime.bundle import MANIFEST, written_by_this_tool
-
-SCRATCH = ".scratch"  # scratch space (a random-weights checkpoint) inside the staging dir
 
 
 class OutDirError(ValueError):
@@ -85,8 +83,8 @@ def _owner_alive(pid: int, token: str) -> bool:
 class Staging:
     """The lock and staging directory of one build to `out`; a context manager.
 
-    `dir` is where the bundle is written; `scratch` is scratch space inside it; `commit()`
-    renames `dir` into place (replacing an old bundle only after the new one is complete).
+    `dir` is where the bundle is written; `commit()` renames it into place (replacing an old bundle only after
+    the new one is complete).
     Leaving the context without commit removes the staging dir; the lock goes either way.
     """
 
@@ -97,12 +95,6 @@ class Staging:
         self.dir: Path | None = None
         self._lock_fd: int | None = None
         self.removed_stale: list[str] = []
-
-    @property
-    def scratch(self) -> Path:
-        path = self.dir / SCRATCH
-        path.mkdir(exist_ok=True)
-        return path
 
     def __enter__(self) -> "Staging":
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +117,6 @@ class Staging:
 
     def commit(self) -> None:
         """Move the finished bundle to `out`: the old one (if any) is moved aside first and removed after."""
-        shutil.rmtree(self.dir / SCRATCH, ignore_errors=True)
         old = None
         if self.out.exists():
             old = self.dir.with_name(self.dir.name + "-replaced")

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llama4_deploy.export.shape import ConfigError, ModelShape
+from llama4_deploy.graphs.forms import (AUTO, AttentionForm, BlockSize, ComputeDtype, Int4Compute, MoEDispatch,
+                                        Precision, QuantForm, QuantMethod)
+from llama4_deploy.targets import TargetName
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE_DIR = REPO_ROOT / "recipes"
@@ -44,9 +50,7 @@ class RandomWeights(Strict):
 
 def llama4_text_config_keys() -> frozenset[str]:
     """Keyword arguments Llama4TextConfig takes (transformers, imported only when a recipe has a config)."""
-    import inspect
-
-    from transformers import Llama4TextConfig
+    from transformers import Llama4TextConfig  # deferred: heavy, and `plan` reads recipes without it
 
     params = inspect.signature(Llama4TextConfig.__init__).parameters
     keys = {name for name, p in params.items() if name != "self" and p.kind is not p.VAR_KEYWORD}
@@ -54,9 +58,9 @@ def llama4_text_config_keys() -> frozenset[str]:
 
 
 class Profiles(Strict):
-    max_batch: int = Field(4, ge=1)
-    prefill_tokens: int = Field(64, ge=1)  # most new tokens per row in one prefill step
-    max_context: int = Field(256, ge=2)  # prompt + generated tokens per row
+    max_batch: Annotated[int, Field(ge=1, strict=True)] = 4
+    prefill_tokens: Annotated[int, Field(ge=1, strict=True)] = 64  # most new tokens per row in one prefill step
+    max_context: Annotated[int, Field(ge=2, strict=True)] = 256  # prompt + generated tokens per row
 
 
 class Verify(Strict):
@@ -77,18 +81,22 @@ class Recipe(Strict):
     # values are read from published_config (one source of truth)
     expect_config: dict[str, Any] = Field(default_factory=dict)
     # precision (graphs/quantize.py): fp32/fp16/bf16 set the compute dtype; fp8/int4 quantize the linear layers
-    precision: Literal["fp32", "fp16", "bf16", "fp8", "int4"] = "fp32"
-    compute_dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None: follows the precision
-    block_size: Literal[32, 64, 128] = 128  # int4 block along the reduction axis
-    quant_form: Literal["qdq", "ort", "auto"] = "auto"  # auto: ort (4-bit kernels) for int4 on ONNX Runtime
-    quant_method: Literal["rtn", "awq"] = "rtn"  # awq: activation-aware int4 scales (export/awq.py)
-    int4_compute: Literal["float", "int8"] = "float"  # int8: MatMulNBits' int8 activations (graphs/quantize.py)
+    precision: Precision = "fp32"
+    compute_dtype: ComputeDtype | None = None  # None: follows the precision
+    block_size: BlockSize = 128  # int4 block along the reduction axis
+    quant_form: Literal[QuantForm, AUTO] = AUTO  # auto: the target's (ort, the 4-bit kernels, for int4 on ONNX Runtime)
+    quant_method: QuantMethod = "rtn"  # awq: activation-aware int4 scales (export/awq.py)
+    int4_compute: Int4Compute = "float"  # int8: MatMulNBits' int8 activations (graphs/quantize.py)
     calibration: str | None = None  # text lines or a JSON list of id lists; None: seeded random tokens
-    backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"  # tensorrt: llama4_deploy/targets/tensorrt.py
-    moe_dispatch: Literal["dense", "gather", "capacity", "native", "auto"] = "auto"
-    # attention kernel form (graphs/lower_attention.py); auto: onnx23 for ONNX Runtime, decomposed otherwise
-    attention: Literal["decomposed", "onnx23", "auto"] = "auto"
-    stages: int = Field(1, ge=1)  # pipeline stages: the layers split into this many graphs (llama4_deploy/build/stages.py)
+    backend: TargetName = "onnxruntime"  # the build target (llama4_deploy/targets/)
+    moe_dispatch: Literal[MoEDispatch, AUTO] = AUTO
+    # more MoE dispatches saved beside the roles' graphs, each under a role named after it, which the runtime opens
+    # but never steps on (tests and benchmarks compare dispatches in one bundle)
+    extra_dispatches: tuple[MoEDispatch, ...] = ()
+    # attention kernel form (graphs/lower_attention.py); auto: the target's
+    attention: Literal[AttentionForm, AUTO] = AUTO
+    # pipeline stages: the layers split into this many graphs (llama4_deploy/build/stages.py)
+    stages: Annotated[int, Field(ge=1, strict=True)] = 1
     capacity_factor: float = Field(1.25, gt=0)  # slots per expert = ceil(factor * tokens * k / experts)
     profiles: Profiles = Profiles()
     verify: Verify = Verify()
@@ -101,8 +109,6 @@ class Recipe(Strict):
         published = data.get("published_config")
         if not isinstance(published, dict):
             raise ValueError("expect_config is a list of names, which needs published_config to read them from")
-        from llama4_deploy.export.shape import ConfigError, ModelShape
-
         try:
             facts = ModelShape.from_config(published).to_dict()
         except ConfigError as err:

@@ -15,17 +15,10 @@ share it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class StageConfig(BaseModel):
-    """How to split the layers: `stages` pipeline stages (1: one graph holds the whole model)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    stages: int = Field(1, ge=1)
+from llama4_deploy.export import weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +78,6 @@ def split_layers(layer_bytes: Sequence[int], stages: int, first_bytes: int = 0, 
 def model_split(shape, stages: int, bytes_per_element: float = 4.0) -> list[Stage]:
     """`split_layers` over a model's weights as config.json sizes them (export/weights.py), at
     `bytes_per_element` (4: the fp32 graph; a uniform precision plan gives the same split)."""
-    import math
-
-    from llama4_deploy.export import weights
-
     def size(sources) -> int:
         return int(sum(math.prod(s.checkpoint_shape) for s in sources.values()) * bytes_per_element)
 

@@ -23,6 +23,10 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import onnx_ir as ir
+
+from llama4_deploy.graphs.streamed import StreamedTensor
 from llama4_deploy.runtime.integrity import PART_BYTES, RecordHasher
 
 BUFFER_BYTES = 16 << 20  # one bounce buffer: a multiple of any block size O_DIRECT asks for
@@ -143,14 +147,14 @@ class WeightsFile:
 
 
 def write_tensor(tensor, out: WeightsFile) -> None:
-    """Stream one tensor (onnx-ir's TensorProtocol) into `out`. A lazy tensor with its own `tofile` (a re-laid expert
-    stack, graphs/lower_moe_native.RelaidTensor) writes itself in pieces; any other is evaluated and, when its
-    numpy array holds exactly the bytes the file needs (a byte-sized little-endian dtype), written from that array
-    rather than through `tobytes()`, a copy the size of the tensor."""
-    import numpy as np
-    import onnx_ir as ir
-
-    if isinstance(tensor, ir.LazyTensor) and type(tensor).tofile is ir.LazyTensor.tofile:
+    """Stream one tensor (onnx-ir's TensorProtocol) into `out`. A streamed tensor that writes in pieces (a re-laid
+    expert stack, graphs/lower_moe_native.relaid) writes itself; any other is evaluated and, when its numpy array
+    holds exactly the bytes the file needs (a byte-sized little-endian dtype), written from that array rather than
+    through `tobytes()`, a copy the size of the tensor."""
+    if isinstance(tensor, StreamedTensor) and tensor.writes_in_pieces:
+        tensor.tofile(out)
+        return
+    if isinstance(tensor, ir.LazyTensor):
         tensor = tensor.raw()  # the function that computes it: evaluated here, once
     if type(tensor).tofile is not ir.Tensor.tofile:
         tensor.tofile(out)

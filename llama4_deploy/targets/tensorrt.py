@@ -1,4 +1,4 @@
-"""The build's TensorRT target (`build --target tensorrt`, recipe key `backend: tensorrt`).
+"""The TensorRT target (`build --target tensorrt`, recipe key `backend: tensorrt`).
 
 A TensorRT-form bundle holds only what TensorRT's ONNX parser documents, so it can be written and
 verified on any machine and compiled to plans on the GPU machine (`llama4-deploy compile`):
@@ -21,49 +21,72 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from llama4_deploy.build.recipe import Recipe
+import onnx_ir as ir
 
-TARGETS = ("onnxruntime", "tensorrt")
+from llama4_deploy.graphs.dispatch import DispatchRules, Machine
+from llama4_deploy.graphs.lint_tensorrt import TENSORRT_VERSION, lint_tensorrt
+from llama4_deploy.targets import TargetError
+from llama4_deploy.targets.base import Target
+from llama4_deploy.targets.tensorrt_profiles import stage_profiles
+
 # a recipe's fp32 precision under --target tensorrt, by the --compute-dtype given (None: none given)
 _PRECISION_FOR_COMPUTE = {None: "bf16", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
-class TargetError(ValueError):
-    """A recipe or flag the TensorRT target cannot take; one sentence."""
+class TensorRTTarget(Target):
+    name = "tensorrt"
+    # priced at an H200's balance; TensorRT's ScatterND takes no reduction, so capacity slots combine by Gather
+    dispatch = DispatchRules(name, ("dense", "gather", "capacity"), Machine(790e12, 4.8e12), capacity_combine="gather")
+    attention_auto = "decomposed"
+    int4_form = "qdq"
+    per_expert_weights = True
+    parser = f"TensorRT {TENSORRT_VERSION}"
 
+    def configure(self, recipe: dict[str, Any], precision: str | None, compute_dtype: str | None) -> dict[str, Any]:
+        """TensorRT's forms fixed; `precision` / `compute_dtype`: what the user passed (None: not passed), which
+        decide the default compute dtype (bfloat16)."""
+        if recipe["quant_form"] == "ort":
+            raise TargetError("the ort quantization form uses ONNX Runtime's contrib kernels, which TensorRT cannot "
+                              "run; use --quant-form qdq (or auto) with --target tensorrt")
+        if recipe["attention"] == "onnx23":
+            raise TargetError("TensorRT's Attention op takes no past key/value inputs, so --attention onnx23 cannot "
+                              "target it; use --attention decomposed (or auto)")
+        if recipe["moe_dispatch"] == "native":
+            raise TargetError("the native MoE dispatch is ONNX Runtime's com.microsoft.MoE, which TensorRT cannot "
+                              "run; use --moe-dispatch gather, capacity, dense or auto")
+        update: dict[str, Any] = {"quant_form": "qdq", "attention": "decomposed"}
+        chosen = precision or recipe["precision"]
+        if precision is None and recipe["precision"] == "fp32":
+            chosen = _PRECISION_FOR_COMPUTE[compute_dtype]
+            update["precision"] = chosen
+        if chosen in ("fp8", "int4") and compute_dtype is None and recipe["compute_dtype"] is None:
+            update["compute_dtype"] = "bfloat16"
+        if chosen == "int4" and recipe["block_size"] not in (64, 128):
+            raise TargetError(f"int4 block {recipe['block_size']} is not a block TensorRT documents for INT4 "
+                              f"DequantizeLinear (64 or 128); use --block-size 64 or 128 with --target tensorrt")
+        return update
 
-def configure(recipe: Recipe, precision: str | None, compute_dtype: str | None) -> Recipe:
-    """The recipe with TensorRT's forms fixed. `precision` / `compute_dtype`: what the user passed
-    (None: not passed), which decide the default compute dtype (bfloat16)."""
-    if recipe.quant_form == "ort":
-        raise TargetError("the ort quantization form uses ONNX Runtime's contrib kernels, which TensorRT cannot run; "
-                          "use --quant-form qdq (or auto) with --target tensorrt")
-    if recipe.attention == "onnx23":
-        raise TargetError("TensorRT's Attention op takes no past key/value inputs, so --attention onnx23 cannot "
-                          "target it; use --attention decomposed (or auto)")
-    if recipe.moe_dispatch == "native":
-        raise TargetError("the native MoE dispatch is ONNX Runtime's com.microsoft.MoE, which TensorRT cannot run; "
-                          "use --moe-dispatch gather, capacity, dense or auto")
-    update: dict[str, Any] = {"backend": "tensorrt", "quant_form": "qdq", "attention": "decomposed"}
-    chosen = precision or recipe.precision
-    if precision is None and recipe.precision == "fp32":
-        chosen = _PRECISION_FOR_COMPUTE[compute_dtype]
-        update["precision"] = chosen
-    if chosen in ("fp8", "int4") and compute_dtype is None and recipe.compute_dtype is None:
-        update["compute_dtype"] = "bfloat16"
-    if chosen == "int4" and recipe.block_size not in (64, 128):
-        raise TargetError(f"int4 block {recipe.block_size} is not a block TensorRT documents for INT4 "
-                          f"DequantizeLinear (64 or 128); use --block-size 64 or 128 with --target tensorrt")
-    return Recipe.model_validate({**recipe.model_dump(), **update})
+    def roles(self, requested: str, chosen: dict[str, str]) -> dict[str, str]:
+        """`auto` is gather for decode and capacity for prefill, with the chosen exact graph for reruns; a pinned
+        dispatch is the cost model's own answer."""
+        if requested != "auto":
+            return chosen
+        exact = chosen.get("exact") or ("gather" if chosen.get("prefill") == "gather" else chosen["prefill"])
+        return {"prefill": "capacity", "decode": "gather", "exact": exact if exact in ("gather", "dense") else "gather"}
 
+    def lint(self, model: ir.Model, profiles: dict[str, int], facts: dict[str, Any],
+             capacity_factor: float) -> list[str]:
+        return lint_tensorrt(model, topk_bound=topk_bound(profiles, facts, capacity_factor))
 
-def roles(requested: str, planned: dict[str, str]) -> dict[str, str]:
-    """The engine roles of a TensorRT bundle: `auto` is gather for decode and capacity for prefill,
-    with the planner's exact graph for reruns; a pinned dispatch is the planner's own answer."""
-    if requested != "auto":
-        return planned
-    exact = planned.get("exact") or ("gather" if planned.get("prefill") == "gather" else planned["prefill"])
-    return {"prefill": "capacity", "decode": "gather", "exact": exact if exact in ("gather", "dense") else "gather"}
+    def manifest_record(self, stages: list[dict[str, Any]], profiles: dict[str, int], model: dict[str, Any],
+                        layers: list[dict[str, Any]]) -> dict[str, Any]:
+        """engine.tensorrt: what `compile` builds plans for, one plan per graph file of every pipeline stage
+        (`stages`: the build's stage records; plans: filled in by compile)."""
+        return {
+            "linted_for": TENSORRT_VERSION,
+            "profiles": stage_profiles(stages, profiles, model, layers),
+            "plans": None,
+        }
 
 
 def topk_bound(profiles: dict[str, int], model: dict[str, Any], capacity_factor: float) -> int:
@@ -74,27 +97,5 @@ def topk_bound(profiles: dict[str, int], model: dict[str, Any], capacity_factor:
     return max(capacity, model["top_k"])
 
 
-def check_graph(model, strategy: str, profiles: dict[str, int], facts: dict[str, Any],
-                capacity_factor: float) -> None:
-    """Raise TargetError (one sentence, the first problem) if TensorRT's parser would refuse the graph."""
-    from llama4_deploy.graphs.lint_tensorrt import TENSORRT_VERSION, lint_tensorrt
-
-    problems = lint_tensorrt(model, topk_bound=topk_bound(profiles, facts, capacity_factor))
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise TargetError(f"the {strategy} graph is not one TensorRT {TENSORRT_VERSION} can parse: "
-                          f"{problems[0]}{more}")
-
-
-def manifest_record(stages: list[dict[str, Any]], profiles: dict[str, int], model: dict[str, Any],
-                    layers: list[dict[str, Any]]) -> dict[str, Any]:
-    """engine.tensorrt: what `compile` builds plans for, one plan per graph file of every pipeline stage
-    (`stages`: the build's stage records; plans: filled in by compile)."""
-    from llama4_deploy.graphs.lint_tensorrt import TENSORRT_VERSION
-    from llama4_deploy.targets.tensorrt_profiles import stage_profiles
-
-    return {
-        "linted_for": TENSORRT_VERSION,
-        "profiles": stage_profiles(stages, profiles, model, layers),
-        "plans": None,
-    }
+TARGET = TensorRTTarget()
+__all__ = ["TARGET", "TargetError", "TensorRTTarget", "topk_bound"]

@@ -22,10 +22,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from llama4_deploy.runtime.bundle import MANIFEST, read_manifest, write_manifest
+from llama4_deploy.runtime.integrity import check_files, hash_files
 
 TIMING_CACHE = "timing.cache"
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default builder optimization level
@@ -126,8 +130,6 @@ def loaders(graph: Path, profiles: list[dict[str, Any]], timing_cache: Path, opt
 
 
 def _read_bundle(bundle: Path):
-    from llama4_deploy.runtime.bundle import read_manifest
-
     manifest = read_manifest(bundle)
     record = manifest.engine.get("tensorrt")
     if manifest.engine.get("backend") != "tensorrt" or not isinstance(record, dict) or not record.get("profiles"):
@@ -149,8 +151,6 @@ def compile_bundle(bundle: str | Path, opt_level: int = DEFAULT_OPT_LEVEL,
     manifest, record = _read_bundle(bundle)
     import tensorrt as trt
 
-    from llama4_deploy.runtime.bundle import MANIFEST, write_manifest
-    from llama4_deploy.runtime.integrity import check_files, hash_files
 
     check_files(manifest)  # compile what the build wrote, not a changed copy
     facts = device_facts()
@@ -191,8 +191,6 @@ def compile_bundle(bundle: str | Path, opt_level: int = DEFAULT_OPT_LEVEL,
         "files": {graph: {"plan": plan, "sha256": hashes[plan]["sha256"]} for graph, plan in written.items()},
         "seconds": round(time.time() - start, 1),
     }
-    import tempfile
-
     with tempfile.TemporaryDirectory(dir=bundle, prefix=".manifest-") as staging:  # rename: never half-written
         write_manifest(staging, raw)
         (Path(staging) / MANIFEST).replace(bundle / MANIFEST)

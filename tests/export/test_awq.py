@@ -52,7 +52,7 @@ def test_awq_has_lower_error_than_rtn_with_outlier_channels(tmp_path):
 
 def test_awq_bundle_verifies_against_its_simulation(tmp_path):
     """int4 awq through ONNX Runtime's QMoE and MatMulNBits (native dispatch, block 32 divides tiny's sizes)."""
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.quality.verify import verify
 
     bundle = build("tiny", out=tmp_path / "awq", precision="int4", quant_method="awq", block_size=32,

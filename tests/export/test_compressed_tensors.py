@@ -81,7 +81,7 @@ def test_prequantized_fp8_builds_as_stored_and_verifies(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
     from llama4_deploy.quality.verify import verify
 
     ckpt = write_fp8_checkpoint(tmp_path / "fp8-ckpt")
@@ -154,7 +154,7 @@ def test_static_activation_scales_cost_against_per_token(tmp_path):
     (lambda q: q.update(ignore=IGNORE + ["re:.*self_attn.*"]), "ignore but stored in float8_e4m3fn"),
 ])
 def test_bad_quantization_config_refuses(tmp_path, change, message):
-    from llama4_deploy.build.driver import BuildError, build
+    from llama4_deploy.build import BuildError, build
 
     ckpt = write_fp8_checkpoint(tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from llama4_deploy.build.driver import link_model
+from llama4_deploy.build.steps.lower import link_model
 from llama4_deploy.export.checkpoint import Checkpoint
 from llama4_deploy.export.trace import trace_templates
 from llama4_deploy.graphs import dispatch
 from llama4_deploy.graphs.cost import step_cost
 from llama4_deploy.graphs.lower_attention import lower_attention
 from llama4_deploy.build.recipe import load_recipe
+from llama4_deploy import targets
 from tests.conftest import write_checkpoint
 
 DECODE = [{"batch": 1, "new": 1, "context": 256}, {"batch": 8, "new": 1, "context": 256}]
@@ -69,12 +70,13 @@ def test_prefill_capacity_target(lowered, dims):
     assert flops > 1.0  # capacity slack is really counted
 
 
-def test_auto_plans(lowered):
+def test_auto_choices(lowered):
     facts, recipe, lower = lowered
     profiles = recipe.profiles.model_dump()
-    assert dispatch.plan("auto", "onnxruntime", lower, facts, profiles) == {"prefill": "native", "decode": "native"}
+    ort, trt = targets.get("onnxruntime").dispatch, targets.get("tensorrt").dispatch
+    assert dispatch.choose("auto", ort, lower, facts, profiles) == {"prefill": "native", "decode": "native"}
     # TensorRT cannot run com.microsoft.MoE: per-token gathers for decode, capacity for prefill
-    trt = dispatch.plan("auto", "tensorrt", lower, facts, profiles)
-    assert trt["decode"] == "gather" and trt["prefill"] in ("capacity", "dense")
+    trt_roles = dispatch.choose("auto", trt, lower, facts, profiles)
+    assert trt_roles["decode"] == "gather" and trt_roles["prefill"] in ("capacity", "dense")
     with pytest.raises(ValueError, match="not available for the tensorrt backend"):
-        dispatch.plan("native", "tensorrt", lower, facts, profiles)
+        dispatch.choose("native", trt, lower, facts, profiles)

@@ -7,7 +7,7 @@ import hashlib
 import onnx_ir as ir
 import pytest
 
-from llama4_deploy.build.driver import link_model
+from llama4_deploy.build.steps.lower import link_model
 from llama4_deploy.export.checkpoint import Checkpoint
 from llama4_deploy.export.trace import trace_templates
 from llama4_deploy.graphs.link import LinkError, Stamp, link
@@ -67,7 +67,7 @@ def test_link_rejects_wrong_weight_shape(templates):
 
 
 def test_build_is_byte_identical(tmp_path):
-    from llama4_deploy.build.driver import build
+    from llama4_deploy.build import build
 
     from llama4_deploy.export import trace
 

@@ -9,8 +9,9 @@ import pytest
 
 from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.lower_moe_native import (
-    MS_DOMAIN, RelaidTensor, fc1_layout, fc1_relayout, fc2_layout, fc2_relayout, lower_moe_native, parts,
+    MS_DOMAIN, fc1_layout, fc1_relayout, fc2_layout, fc2_relayout, lower_moe_native, parts, relaid,
 )
+from llama4_deploy.graphs.streamed import Stored, StreamedTensor
 from tests.graphs.moe_fixtures import assert_close_fp32, hf_moe, moe_model, run_ort, transformers_output
 
 E, H, I = 16, 64, 32  # 2I == H: fc1 is square, so only the numbers would catch a transposed fc1
@@ -87,7 +88,7 @@ def test_split_weight_layouts(p):
 @pytest.mark.parametrize("p", [1, 2])
 def test_weight_layouts_in_every_dtype(p):
     """The layouts take what the build hands them: bf16 numpy (ml_dtypes, bf16 compute: moved as uint16) and a
-    checkpoint's bf16 torch tensor converted to fp32 in the same copy (build._lazy_weight's stream()); both equal
+    checkpoint's bf16 torch tensor converted to fp32 in the same copy (a StreamedTensor's `stored`); both equal
     the fp32 layout of the same (bf16-representable) values."""
     import ml_dtypes
     import torch
@@ -110,7 +111,8 @@ def test_weight_layouts_in_every_dtype(p):
 
 @pytest.mark.parametrize("p, chunk_bytes", [(1, 1), (2, 3 * 2 * I * H * 4 // 2), (2, 1 << 30)])
 def test_streamed_write_is_the_whole_layout(tmp_path, p, chunk_bytes, monkeypatch):
-    """A checkpoint weight (stream(): its bf16 torch tensor and the check) written to a file goes through
+    """A checkpoint weight (a StreamedTensor whose `stored` is its bf16 torch tensor and the check) written to a file
+    goes through
     Relayout.chunks a few experts at a time: the bytes are the whole layout's, for one expert per piece, pieces
     that end inside a part (1.5 experts' rows: a ragged last piece per part), and one piece per part; the check
     sees every piece."""
@@ -130,10 +132,11 @@ def test_streamed_write_is_the_whole_layout(tmp_path, p, chunk_bytes, monkeypatc
             checked.append(tensor.shape[0])
             return ir.tensor(tensor.contiguous().numpy(), name=name)
 
-        source = ir.tensor(values, name=key)
-        source.stream = lambda: (raw, finish)  # noqa: B023
+        source = StreamedTensor(lambda: ir.tensor(values, name=key), ir.DataType.FLOAT, values.shape, key,  # noqa: B023
+                                stored=Stored(lambda: raw, finish))  # noqa: B023
         want = relayout(values)
-        tensor = RelaidTensor(source, f"{key}.relaid", want.shape, relayout)
+        tensor = relaid(source, f"{key}.relaid", want.shape, relayout)
+        assert isinstance(tensor, StreamedTensor) and tensor.writes_in_pieces
         with open(tmp_path / key, "wb") as f:
             tensor.tofile(f)
         got = np.fromfile(tmp_path / key, dtype=np.float32).reshape(want.shape)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from llama4_deploy.build.driver import build
+from llama4_deploy.build import build
 from llama4_deploy.quality.compare import compare, relative_logit_tolerance
 from llama4_deploy.export.reference import reference_logits, reference_model
 from llama4_deploy.build.recipe import load_recipe

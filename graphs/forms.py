@@ -1,0 +1,28 @@
+"""What a graph can be lowered to, declared once: precisions, compute dtypes, quantized forms, MoE dispatches,
+attention forms. The passes, the recipe schema (llama4_deploy/build/recipe.py) and the CLI's choices read these;
+this module imports nothing heavy, so the CLI can build its choices at start-up."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+AUTO = "auto"  # a choice the build resolves per target and engine role
+
+Precision = Literal["fp32", "fp16", "bf16", "fp8", "int4"]
+ComputeDtype = Literal["float32", "float16", "bfloat16"]
+QuantForm = Literal["qdq", "ort"]  # standard Q/DQ (TensorRT's contract), ONNX Runtime's 4-bit kernels
+QuantMethod = Literal["rtn", "awq"]
+Int4Compute = Literal["float", "int8"]  # int8: MatMulNBits quantizes its activation per block
+BlockSize = Literal[32, 64, 128]  # int4 block along the reduction axis
+MoEDispatch = Literal["dense", "gather", "capacity", "native"]
+AttentionForm = Literal["decomposed", "onnx23"]
+
+
+def values(literal) -> tuple:
+    """The allowed values of a Literal (nested Literals and `X | None` flattened, None left out)."""
+    out: list = []
+    for arg in get_args(literal):
+        if arg is type(None):
+            continue
+        out.extend(values(arg) if get_args(arg) else [arg])
+    return tuple(dict.fromkeys(out))

@@ -1,0 +1,114 @@
+"""The build's options: a recipe with the build's overrides applied, validated once by the recipe's own schema.
+
+`build()`'s keyword arguments and the CLI's flags map one to one onto recipe keys (OVERRIDES); each allowed value
+is declared once, in the schema's types (llama4_deploy/build/recipe.py, graphs/forms.py, llama4_deploy/targets/),
+and the CLI reads its choices from there (`choices`). The target then fixes what its backend requires
+(targets/*.py, `configure`), and the result is validated again by the same schema.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from llama4_deploy import targets
+from llama4_deploy.build.recipe import Recipe, load_recipe
+from llama4_deploy.graphs.forms import values
+from llama4_deploy.targets import TargetError
+
+DEFAULT_RECIPE = "tiny"
+
+# build() keyword argument (the CLI's flag, with dashes) -> the recipe key it overrides (dotted: nested)
+OVERRIDES = {
+    "moe_dispatch": "moe_dispatch",
+    "attention": "attention",
+    "max_context": "profiles.max_context",
+    "max_batch": "profiles.max_batch",
+    "prefill_tokens": "profiles.prefill_tokens",
+    "precision": "precision",
+    "compute_dtype": "compute_dtype",
+    "block_size": "block_size",
+    "quant_form": "quant_form",
+    "quant_method": "quant_method",
+    "int4_compute": "int4_compute",
+    "calibration": "calibration",
+    "stages": "stages",
+    "extra_dispatches": "extra_dispatches",
+    "target": "backend",
+}
+# what a value of each key is called in "unknown X 'y'; choose one of ..."
+_NAMES = {"moe_dispatch": "MoE dispatch", "extra_dispatches": "MoE dispatch", "attention": "attention form",
+          "backend": "target", "quant_form": "quantization form", "quant_method": "quantization method",
+          "int4_compute": "int4 compute", "compute_dtype": "compute dtype", "block_size": "block size"}
+
+
+class BuildError(ValueError):
+    """A build that cannot proceed; the message is one sentence for the user."""
+
+
+def _field(key: str):
+    model, *path = key.split(".")
+    if path:  # profiles.max_context
+        return Recipe.model_fields[model].annotation.model_fields[path[0]]
+    return Recipe.model_fields[model]
+
+
+def choices(argument: str) -> list[str]:
+    """The allowed values of a build() argument (as strings, for the CLI), read from the recipe's schema."""
+    annotation = _field(OVERRIDES[argument]).annotation
+    if argument == "extra_dispatches":
+        annotation = annotation.__args__[0]  # tuple[MoEDispatch, ...]
+    return [str(value) for value in values(annotation)]
+
+
+def resolve(recipe: str | None, checkpoint: str | Path | None, **overrides: Any) -> Recipe:
+    """The build's recipe: `recipe` (default tiny; a plain fp32 ONNX Runtime recipe when only `checkpoint` is given)
+    with every not-None override applied, validated once, then fixed by its target. Raises BuildError."""
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise TypeError(f"build() got an unexpected keyword argument {unknown[0]!r}")
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if recipe is None and checkpoint is not None:
+        base = Recipe(name=Path(checkpoint).resolve().name, description=f"fp32 ONNX Runtime build of {checkpoint}")
+    else:
+        base = load_recipe(recipe or DEFAULT_RECIPE)
+    data = base.model_dump()
+    for argument, value in given.items():
+        *parents, leaf = OVERRIDES[argument].split(".")
+        node = data
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = tuple(value) if argument == "extra_dispatches" else str(value) if argument == "calibration" else value
+    chosen = _validated(data, given)
+    try:
+        fixed = targets.get(chosen.backend).configure(chosen.model_dump(), given.get("precision"),
+                                                      given.get("compute_dtype"))
+    except TargetError as err:
+        raise BuildError(str(err)) from None
+    return _validated({**chosen.model_dump(), **fixed}, given) if fixed else chosen
+
+
+def _validated(data: dict[str, Any], given: dict[str, Any]) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise BuildError(_sentence(err.errors()[0], given)) from None
+
+
+def _sentence(error: dict[str, Any], given: dict[str, Any]) -> str:
+    """One sentence for the first validation error, naming the flag that caused it."""
+    loc = [part for part in error["loc"] if not isinstance(part, int)]
+    key = ".".join(str(part) for part in loc)
+    message = error["msg"].removeprefix("Value error, ")
+    if not key:  # a check across fields
+        return message
+    argument = next((a for a, k in OVERRIDES.items() if k == key), key)
+    if error["type"] == "literal_error":
+        allowed = ", ".join(map(str, values(_field(key).annotation) if argument != "extra_dispatches"
+                                else values(_field(key).annotation.__args__[0])))
+        where = " in extra_dispatches" if argument == "extra_dispatches" else ""
+        return f"unknown {_NAMES.get(loc[-1], loc[-1].replace('_', ' '))} {error['input']!r}{where}; choose one of {allowed}"
+    flag = "--" + argument.replace("_", "-") if argument in given else key
+    return f"{flag} {error['input']!r}: {message[:1].lower() + message[1:]}"

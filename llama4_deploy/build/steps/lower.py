@@ -1,0 +1,143 @@
+"""Link and lower one graph: a pipeline stage's layers stamped with their weights (streamed from the checkpoint),
+run in the compute dtype, its MoE and attention lowered for one dispatch, quantized, and checked (the static-shape
+lint and the target's own). The dispatch step lowers each candidate this way to price it; the save step lowers each
+stage's graphs and writes them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx_ir as ir
+import torch
+
+from llama4_deploy.build.clock import timed
+from llama4_deploy.build.context import BuildContext
+from llama4_deploy.build.options import BuildError
+from llama4_deploy.build.stage_graphs import link_stage
+from llama4_deploy.build.stages import Stage
+from llama4_deploy.export.checkpoint import Checkpoint
+from llama4_deploy.export.weights import WeightSource
+from llama4_deploy.graphs import dispatch
+from llama4_deploy.graphs.compute_dtype import convert_compute_dtype
+from llama4_deploy.graphs.lint import lint_static
+from llama4_deploy.graphs.lower_attention import lower_attention
+from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
+from llama4_deploy.graphs.lower_moe_native import lower_moe_native
+from llama4_deploy.graphs.quant_pass import quantize_model
+from llama4_deploy.graphs.streamed import Stored, StreamedTensor
+from llama4_deploy.targets import TargetError
+
+
+def checkpoint_weight(checkpoint: Checkpoint, source: WeightSource, name: str, rewrite=None) -> StreamedTensor:
+    """A checkpoint tensor as the saver will write it: read when written, converted to fp32 and checked for NaN/Inf
+    on the way (in memory, as it streams: no extra pass over the checkpoint), then `rewrite` (AWQ's scales) if any.
+    Without a rewrite it keeps `stored`, so a re-layout (graphs/lower_moe_native.py) converts in its own copy."""
+    dims = list(source.checkpoint_shape)
+    if source.transpose:
+        dims[-2], dims[-1] = dims[-1], dims[-2]
+
+    def read():
+        tensor = checkpoint.tensor(source.checkpoint_name)
+        return tensor.transpose(-1, -2) if source.transpose else tensor
+
+    def checked(tensor, tensor_name: str) -> ir.TensorProtocol:
+        # a sum with a NaN or Inf in it is never finite: one cheap reduction clears almost every tensor, and
+        # only a non-finite sum (a bad value, or an overflow of large ones) pays for the element-wise check
+        finite = torch.isfinite(tensor) if not bool(torch.isfinite(tensor.sum())) else None
+        if finite is not None and not bool(finite.all()):
+            raise BuildError(f"checkpoint tensor {checkpoint.prefix}{source.checkpoint_name} holds "
+                             f"{int((~finite).sum())} NaN or Inf values; the build refuses non-finite weights")
+        return ir.tensor(tensor.contiguous().numpy(), name=tensor_name)
+
+    def compute() -> ir.TensorProtocol:
+        tensor = checked(read().to(torch.float32), name)
+        return tensor if rewrite is None else ir.tensor(rewrite(tensor.numpy()), name=name)
+
+    return StreamedTensor(compute, ir.DataType.FLOAT, dims, name,
+                          stored=Stored(read, checked) if rewrite is None else None)
+
+
+def link_model(checkpoint: Checkpoint, templates: dict[str, Any], rewrites=None) -> tuple[ir.Model, int]:
+    """The unsplit model linked: embed, prologue, every layer, head (llama4_deploy/build/stage_graphs.py), and the
+    number of stamps. `rewrites`: weight name -> a function applied to that weight as it streams (AWQ's scales)."""
+    return link_stage(checkpoint, templates, one_stage(checkpoint.shape),
+                      lambda source, name: checkpoint_weight(checkpoint, source, name, (rewrites or {}).get(name)))
+
+
+def one_stage(shape) -> Stage:
+    return Stage(0, 0, shape.num_layers, 1)
+
+
+def stage_graph(ctx: BuildContext, stage: Stage, strategy: str, passes: dict[str, int],
+                layout: str = "matmul") -> ir.Model:
+    """`lower`'s graph, kept in the context until saved (`forget`), its pass counts added to `passes` once."""
+    key = (stage.count, stage.index, strategy, layout)
+    if key not in ctx.lowered:
+        ctx.lowered[key], counts = lower(ctx, stage, strategy, layout=layout)
+        passes.update(counts)
+    return ctx.lowered[key]
+
+
+def forget(ctx: BuildContext, stage: Stage, strategy: str, layout: str = "matmul") -> None:
+    ctx.lowered.pop((stage.count, stage.index, strategy, layout), None)
+
+
+def lower(ctx: BuildContext, stage, strategy: str, layout: str = "matmul",
+          checks: bool = True) -> tuple[ir.Model, dict[str, int]]:
+    """One stage's graph for one MoE dispatch (`stage`: a Stage, or the dispatch step's CostingLayers) and its pass
+    counts. `layout` "native": a gather reading the native graph's expert weights (a bundle with both stores them
+    once, graphs/lower_moe_gather.py). Without `checks` (a graph that is only priced): no lint."""
+    loaded, target = ctx.require("loaded"), ctx.target
+    recipe, spec, checkpoint = loaded.recipe, loaded.spec, loaded.checkpoint
+    calibration = ctx.require("calibration")
+    rewrites = calibration.rewrites or {}
+    attention = target.attention_form(recipe.attention)
+    counts: dict[str, int] = {}
+    with timed("link"):
+        model, counts["link"] = link_stage(checkpoint, ctx.require("templates"), stage,
+                                           lambda source, name: checkpoint_weight(checkpoint, source, name,
+                                                                                  rewrites.get(name)))
+    with timed("lower"):
+        if spec.compute_dtype != "float32":
+            counts[f"compute_dtype_{spec.compute_dtype}"] = convert_compute_dtype(model, spec.compute_dtype)
+        count, skipped = _moe_lowering(ctx, strategy, layout)(model)
+        if skipped:
+            name, reason = next(iter(skipped.items()))
+            raise BuildError(f"MoE node {name} was not lowered to {strategy}: it {reason}")
+        counts[f"lower_attention_{attention}"], skipped = lower_attention(model, attention)
+        if skipped:
+            name, reason = next(iter(skipped.items()))
+            raise BuildError(f"attention node {name} was not lowered to {attention}: it {reason}")
+    if spec.quantized:
+        try:
+            with timed("quantize"):  # the graph rewrite; the numbers are computed as `save` streams
+                counts.update(quantize_model(model, spec, calibration.amax, per_expert=target.per_expert_weights,
+                                             stored=loaded.stored_fp8))
+        except ValueError as err:
+            raise BuildError(str(err)) from None
+    if not checks:
+        return model, counts
+    with timed("lint"):
+        problems = lint_static(model)
+    if problems:
+        raise BuildError(f"the {strategy} graph breaks the static-shape rule: {problems[0]}")
+    with timed("lint"):
+        try:
+            target.check_graph(model, strategy, recipe.profiles.model_dump(), loaded.shape.to_dict(),
+                               recipe.capacity_factor)
+        except TargetError as err:
+            raise BuildError(str(err)) from None
+    counts[f"lower_moe_{strategy}"] = count
+    return model, counts
+
+
+def _moe_lowering(ctx: BuildContext, strategy: str, layout: str):
+    loaded = ctx.require("loaded")
+    # quantized experts are 4-8x smaller than the fp32 ones the part split is sized for: keep them whole,
+    # so each expert's weights are quantized exactly as the checkpoint lays them out
+    split = 1 if loaded.spec.quantized else None
+    if strategy == "native" and split:
+        return lambda model: lower_moe_native(model, split=split)
+    if strategy == "gather" and layout == "native":
+        return lambda model: lower_moe_gather(model, layout="native", split=split)
+    return dispatch.lowering(strategy, loaded.recipe.capacity_factor, ctx.target.dispatch.capacity_combine)

@@ -1,0 +1,58 @@
+"""What a build target decides, with the ONNX Runtime answers as defaults (targets/onnxruntime.py takes them all)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx_ir as ir
+
+from llama4_deploy.graphs.dispatch import DispatchRules
+from llama4_deploy.graphs.forms import AUTO, AttentionForm, QuantForm
+from llama4_deploy.graphs.quantize import QuantSpec
+from llama4_deploy.targets import TargetError
+
+
+class Target:
+    """A backend's bundle form. Subclasses set the class attributes and override what differs."""
+
+    name: str
+    dispatch: DispatchRules  # MoE dispatches the backend runs, and the machine balance they are priced at
+    attention_auto: AttentionForm  # the attention form `auto` means
+    int4_form: QuantForm  # the quantized form `auto` means for int4
+    per_expert_weights: bool = False  # quantized expert stacks as per-expert 2-D constants (lower_quant_qdq.py)
+
+    def configure(self, recipe: dict[str, Any], precision: str | None, compute_dtype: str | None) -> dict[str, Any]:
+        """Recipe keys the target fixes, given the recipe (with the build's overrides) and the precision flags the
+        user passed (None: not passed). Raises TargetError on a choice the backend cannot run."""
+        return {}
+
+    def attention_form(self, choice: str) -> AttentionForm:
+        return self.attention_auto if choice == AUTO else choice
+
+    def dispatch_refusals(self, spec: QuantSpec) -> dict[str, str]:
+        """MoE dispatches this spec cannot run on the backend, each with its one-sentence reason."""
+        return spec.dispatch_refusals()
+
+    def roles(self, requested: str, chosen: dict[str, str]) -> dict[str, str]:
+        """The engine roles' dispatches, given the cost model's choice (graphs/dispatch.py, `choose`)."""
+        return chosen
+
+    def lint(self, model: ir.Model, profiles: dict[str, int], facts: dict[str, Any],
+             capacity_factor: float) -> list[str]:
+        """Problems the backend's parser would find in a graph, beyond the static-shape lint every target runs."""
+        return []
+
+    def check_graph(self, model: ir.Model, strategy: str, profiles: dict[str, int], facts: dict[str, Any],
+                    capacity_factor: float) -> None:
+        """Raise TargetError (one sentence, the first problem) if the backend would refuse the graph."""
+        problems = self.lint(model, profiles, facts, capacity_factor)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise TargetError(f"the {strategy} graph is not one {self.parser} can parse: {problems[0]}{more}")
+
+    parser = "the backend"  # names what refuses a graph, in check_graph's sentence
+
+    def manifest_record(self, stages: list[dict[str, Any]], profiles: dict[str, int], model: dict[str, Any],
+                        layers: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """What the manifest records under `engine.<name>` (None: nothing)."""
+        return None
