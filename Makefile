@@ -4,7 +4,7 @@ PRECISION ?=
 CHECKPOINT ?=
 OUT ?= build/$(MODEL)$(if $(PRECISION),-$(PRECISION))
 # the trained checkpoint writes words: make engine shows a sample of them (seeded nucleus sampling: greedy
-# decoding loops on this corpus; no trailing space in the prompt: see README)
+# decoding loops on this corpus; no trailing space in the prompt: see docs/training.md)
 PROMPT ?= $(if $(filter tiny-trained,$(MODEL)),The list of)
 PYTHON ?= python3
 VENV := .venv

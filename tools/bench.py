@@ -39,7 +39,7 @@ FULL = Sizes()
 QUICK = Sizes((1, 2), (16, 32), 8, 2, 1, 2)  # a smoke run on tiny: exercises every path, proves nothing
 
 
-def _median_seconds(run, repeats: int, warmup: int = 2) -> float:
+def median_seconds(run, repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         run()
     times = []
@@ -66,7 +66,7 @@ def transformers_decode_ms(model, vocab: int, batch: int, sizes: Sizes = FULL, s
         out = model(input_ids=ids, use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
         step = torch.randint(0, vocab, (batch, 1), generator=rng)
-        return 1e3 * _median_seconds(lambda: model(input_ids=step, cache=cache, use_cache=True),
+        return 1e3 * median_seconds(lambda: model(input_ids=step, cache=cache, use_cache=True),
                                      sizes.decode_repeats, warmup=3)
 
 
@@ -80,7 +80,7 @@ def bench_transformers(model, vocab: int, threads: int, sizes: Sizes = FULL) -> 
         prefill = {}
         for tokens in sizes.prefill_tokens:
             ids = torch.randint(0, vocab, (1, tokens), generator=rng)
-            prefill[tokens] = tokens / _median_seconds(lambda: model(input_ids=ids, use_cache=False),
+            prefill[tokens] = tokens / median_seconds(lambda: model(input_ids=ids, use_cache=False),
                                                        sizes.prefill_repeats, warmup=1)
     return Figures(decode, prefill)
 
@@ -96,12 +96,12 @@ def bench_engine(engine, vocab: int, sizes: Sizes = FULL) -> tuple[Figures, int,
         engine.prefill(cache, prompts)
         tokens = rng.integers(0, vocab, batch)
         active = np.ones(batch, dtype=bool)
-        decode[batch] = 1e3 * _median_seconds(lambda: engine.decode_step(cache, tokens, active),
+        decode[batch] = 1e3 * median_seconds(lambda: engine.decode_step(cache, tokens, active),
                                               sizes.decode_repeats, warmup=3)
     prefill = {}
     for count in sizes.prefill_tokens:
         prompt = [list(rng.integers(0, vocab, count))]
-        prefill[count] = count / _median_seconds(
+        prefill[count] = count / median_seconds(
             lambda: engine.prefill(KVCache(engine.manifest, 1), prompt), sizes.prefill_repeats, warmup=1)
     return Figures(decode, prefill), engine.steps, engine.overflow_reruns
 
@@ -124,7 +124,7 @@ def roofline_ms(weight_bytes: float, threads: int, repeats: int = FULL.roofline_
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     x = np.ones((1, rows), dtype=np.float32)
-    return 1e3 * _median_seconds(lambda: session.run(None, {"x": x}), repeats, warmup=5)
+    return 1e3 * median_seconds(lambda: session.run(None, {"x": x}), repeats, warmup=5)
 
 
 # precision-form[-int4 compute]; each against fp32, both `auto` dispatch. int4-ort-int8: --int4-compute int8
@@ -211,7 +211,7 @@ def bench_engine_decode(engine, vocab: int, batch: int, sizes: Sizes) -> float:
     engine.prefill(cache, prompts)
     tokens = rng.integers(0, vocab, batch)
     active = np.ones(batch, dtype=bool)
-    return 1e3 * _median_seconds(lambda: engine.decode_step(cache, tokens, active), sizes.decode_repeats, warmup=3)
+    return 1e3 * median_seconds(lambda: engine.decode_step(cache, tokens, active), sizes.decode_repeats, warmup=3)
 
 
 def main(argv: list[str] | None = None) -> int:

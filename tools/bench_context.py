@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from tools.bench import _median_seconds
+from tools.bench import median_seconds
 from llama4_deploy.runtime.kv_cache import KVCache
 
 
@@ -98,13 +98,13 @@ def decode_ms(engine, cache_type, context: int, repeats: int) -> tuple[float, in
     cache = cache_type(engine.manifest, 1)
     fill(cache, context, engine.manifest)
     token, active = np.array([1]), np.array([True])
-    ms = 1e3 * _median_seconds(lambda: engine.decode_step(cache, token, active), repeats, warmup=3)
+    ms = 1e3 * median_seconds(lambda: engine.decode_step(cache, token, active), repeats, warmup=3)
     return ms, cache.kv_bytes_read()
 
 
 def prefill_tps(engine, cache_type, tokens: int, repeats: int) -> float:
     prompt = [[int(t) for t in np.random.default_rng(1).integers(0, engine.vocab_size, tokens)]]
-    return tokens / _median_seconds(lambda: engine.prefill(cache_type(engine.manifest, 1), prompt), repeats, warmup=1)
+    return tokens / median_seconds(lambda: engine.prefill(cache_type(engine.manifest, 1), prompt), repeats, warmup=1)
 
 
 def _recipe_with_chunk(name: str, chunk: int, directory: Path) -> Path:

@@ -13,7 +13,7 @@ per-run overhead is spread over many matmuls:
 in two regimes:
 
     hot         one weight set that the last-level cache holds, timed again and again (what the
-                minis' decode sees: their whole decode weight set fits this machine's L3)
+                minis' decode sees where their whole decode weight set fits the L3; docs/benchmarks.md)
     streamed    distinct weights whose bytes are twice the last-level cache per kernel, so every
                 run reads them from DRAM (what a real Scout/Maverick decode step sees: tens of GB)
 

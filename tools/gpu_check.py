@@ -66,12 +66,12 @@ def reference_logits_for(bundle: Path, ids: list[int]) -> np.ndarray:
     from llama4_deploy.export.layerwise import Pass, run_layer_by_layer
     from llama4_deploy.graphs.quantize import QuantSpec
     from llama4_deploy.runtime.bundle import read_manifest
-    from llama4_deploy.quality.verify import _reference, _simulation
+    from llama4_deploy.quality.verify import bundle_simulation, reference_weights
 
     manifest = read_manifest(bundle)
     spec = QuantSpec.model_validate(manifest.engine["quantization"])
-    simulation = _simulation(manifest)[1] if spec.quantized else None  # bf16/fp16: against fp32, as on the GPU
-    return run_layer_by_layer(_reference(manifest), [Pass([list(ids)], simulation)])[0][0]
+    simulation = bundle_simulation(manifest)[1] if spec.quantized else None  # bf16/fp16: against fp32, as on the GPU
+    return run_layer_by_layer(reference_weights(manifest), [Pass([list(ids)], simulation)])[0][0]
 
 
 def prepare(work: str | Path, models=MODELS, precisions=PRECISIONS, log=print) -> list[Prepared]:

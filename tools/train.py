@@ -74,9 +74,7 @@ class TrainSettings:
     seed: int = 0
     seq_len: int = 256
     batch: int = 8  # sequences per step: 2048 tokens
-    # 0.52M tokens (~0.18 epoch of the 2.98M train tokens): ~2 min at the ~5,500 tokens/s the issue measured
-    # on a quiet 2-core machine, but sized to the ~200 tokens/s this machine gave while shared by four
-    # engineers (see the model card); a larger budget lowers perplexity (the issue: 24 at 8.1M tokens)
+    # a fixed budget of steps x batch x seq_len tokens; a larger one lowers perplexity (docs/training.md)
     steps: int = 1600
     lr: float = 3e-3
     warmup: int = 20

@@ -172,7 +172,7 @@ def default_prompt_lengths(chunk: int, context: int, new_tokens: int) -> list[in
     return lengths
 
 
-def _reference(manifest):
+def reference_weights(manifest):
     """The weights of the transformers model the bundle was built from, to be read one decoder layer at a time
     (export/layerwise.py: the source checkpoint's memory-mapped shards, or the recipe's seeded random draws), or
     one sentence saying why not."""
@@ -235,8 +235,8 @@ def verify(bundle: str, threads: int | None = None, log=print, new_tokens: int |
     # runs its int8 kernels only on prepacked weights (QuantSpec.int8_activations), and verify checks those numbers
     with load(bundle, threads=threads, prepack=_int8_activations(manifest)) as engine:
         log("[verify] rebuilding the transformers reference from the bundle's source")
-        weights = _reference(manifest)
-        spec, simulation, rel_tolerance = _simulation(manifest)
+        weights = reference_weights(manifest)
+        spec, simulation, rel_tolerance = bundle_simulation(manifest)
         # the same simulation (spec, ranges and scales read once) with its rounded activations jittered
         jittered = ([functools.partial(simulation, jitter=jitter) for jitter in JITTER_DRAWS]
                     if spec is not None and _rounds_activations(spec) else [])
@@ -327,7 +327,7 @@ def _rounds_activations(spec) -> bool:
     return spec.activations or spec.int8_activations
 
 
-def _simulation(manifest):
+def bundle_simulation(manifest):
     """(spec, simulation, tolerance): for a non-fp32 bundle, `simulation(model, index, jitter=0.0)` turns decoder
     layer `index` of the layer-by-layer reference into the fake-quant simulation of the bundle's spec
     (export/simulate.py, the whole-model simulation restricted to that layer; `jitter`: with its rounded activations

@@ -124,7 +124,7 @@ def test_prequantized_fp8_builds_as_stored_and_verifies(tmp_path):
 def test_static_activation_scales_cost_against_per_token(tmp_path):
     """Static per-tensor FP8 activation scales (the engine's, TensorRT's contract) against the per-token dynamic
     scaling the checkpoint declares, both against fp32 of the dequantized weights, on a std-0.02 model; the floor
-    is the issue's FP8 one. The measured figures go to docs/quantization.md."""
+    is the issue's FP8 one. The measured figures go to docs/precision.md."""
     import copy
 
     from llama4_deploy.export.calibrate import calibration_ids, collect_amax
