@@ -20,9 +20,11 @@ from typing import Any
 import onnx_ir as ir
 
 from llama4_deploy.graphs.cost import summed_cost, node_costs, profile_points, step_cost, with_ring
-from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, lower_moe_capacity
-from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
-from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
+from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, LowerMoeCapacityPass
+from llama4_deploy.graphs.lower_moe_dense import LowerMoeDensePass
+from llama4_deploy.graphs.lower_moe_gather import LowerMoeGatherPass
+from llama4_deploy.graphs.lower_moe_native import LowerMoeNativePass
+from llama4_deploy.graphs.moe_pass import MoeLoweringPass
 
 EXACT = ("native", "gather", "dense")  # preference order among exact strategies
 STRATEGIES = ("dense", "gather", "capacity", "native")
@@ -45,19 +47,18 @@ BACKEND_STRATEGIES = {"onnxruntime": STRATEGIES, "tensorrt": ("dense", "gather",
 CAPACITY_COMBINE = {"onnxruntime": "scatter_add", "tensorrt": "gather"}
 
 
-def lowering(strategy: str, capacity_factor: float = 1.25, backend: str = "onnxruntime"
-             ) -> Callable[[ir.Model], tuple[int, dict[str, str]]]:
+def lowering(strategy: str, capacity_factor: float = 1.25, backend: str = "onnxruntime", split: int | None = None,
+             layout: str = "matmul") -> MoeLoweringPass:
+    """The MoE lowering pass of `strategy`. `split`: parts per expert of the native re-layout (native, and gather
+    with `layout` "native": a gather reading the native graph's expert weights, lower_moe_gather.py)."""
     if strategy == "dense":
-        return lower_moe_dense
+        return LowerMoeDensePass()
     if strategy == "gather":
-        return lower_moe_gather
+        return LowerMoeGatherPass(layout, split)
     if strategy == "capacity":
-        config = CapacityConfig(capacity_factor=capacity_factor, combine=CAPACITY_COMBINE[backend])
-        return lambda model: lower_moe_capacity(model, config)
+        return LowerMoeCapacityPass(CapacityConfig(capacity_factor=capacity_factor, combine=CAPACITY_COMBINE[backend]))
     if strategy == "native":
-        from llama4_deploy.graphs.lower_moe_native import lower_moe_native
-
-        return lower_moe_native
+        return LowerMoeNativePass(split)
     raise ValueError(f"unknown MoE dispatch {strategy!r}; choose one of {', '.join(CHOICES)}")
 
 

@@ -585,15 +585,7 @@ def _moe_lowering(strategy: str, recipe: Recipe, spec, layout: str = "matmul"):
     # quantized experts are 4-8x smaller than the fp32 ones the part split is sized for: keep them whole,
     # so each expert's weights are quantized exactly as the checkpoint lays them out
     split = 1 if spec is not None and spec.quantized else None
-    if strategy == "native" and split:
-        from llama4_deploy.graphs.lower_moe_native import lower_moe_native
-
-        return lambda model: lower_moe_native(model, split=split)
-    if strategy == "gather" and layout == "native":
-        from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
-
-        return lambda model: lower_moe_gather(model, layout="native", split=split)
-    return dispatch.lowering(strategy, recipe.capacity_factor, recipe.backend)
+    return dispatch.lowering(strategy, recipe.capacity_factor, recipe.backend, split=split, layout=layout)
 
 
 def _templates(shape, split, cache: BuildCache | None, log) -> dict[str, Any]:
@@ -753,10 +745,11 @@ def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, ac
     """One stage's graph for one MoE dispatch: link, compute dtype, MoE and attention lowering,
     quantization, static-shape lint (and the TensorRT checks; not with `checks` False: a graph that is only
     priced). Returns (model, pass counts)."""
-    from llama4_deploy.graphs.compute_dtype import convert_compute_dtype
+    from llama4_deploy.graphs.compute_dtype import ComputeDtypePass
     from llama4_deploy.graphs.lint import lint_static
-    from llama4_deploy.graphs.lower_attention import lower_attention
-    from llama4_deploy.graphs.quant_pass import quantize_model
+    from llama4_deploy.graphs.lower_attention import LowerAttentionPass
+    from llama4_deploy.graphs.passes import LoweringError, run_passes
+    from llama4_deploy.graphs.quant_pass import quantize_passes
     from llama4_deploy.build.stage_graphs import link_stage
 
     counts: dict[str, int] = {}
@@ -764,24 +757,22 @@ def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, ac
         model, counts["link"] = link_stage(ckpt, templates, stage,
                                            lambda source, name: _lazy_weight(ckpt, source, name,
                                                                              (rewrites or {}).get(name)))
-    with timed("lower"):
-        if spec is not None and spec.compute_dtype != "float32":
-            counts[f"compute_dtype_{spec.compute_dtype}"] = convert_compute_dtype(model, spec.compute_dtype)
-        count, skipped = _moe_lowering(strategy, recipe, spec, layout)(model)
-        if skipped:
-            name, reason = next(iter(skipped.items()))
-            raise BuildError(f"MoE node {name} was not lowered to {strategy}: it {reason}")
-        counts[f"lower_attention_{attention}"], skipped = lower_attention(model, attention)
-        if skipped:
-            name, reason = next(iter(skipped.items()))
-            raise BuildError(f"attention node {name} was not lowered to {attention}: it {reason}")
+    moe = _moe_lowering(strategy, recipe, spec, layout)
+    narrow = [ComputeDtypePass(spec.compute_dtype)] if spec is not None and spec.compute_dtype != "float32" else []
+    try:
+        with timed("lower"):
+            counts.update(run_passes(model, [*narrow, moe, LowerAttentionPass(attention)]))
+    except LoweringError as err:
+        raise BuildError(str(err)) from None
     if spec is not None and spec.quantized:
         try:
             with timed("quantize"):  # the graph rewrite; the numbers are computed as `save` streams
-                counts.update(quantize_model(model, spec, activation_amax, per_expert=recipe.backend == "tensorrt",
-                                             stored=stored))
+                quantize = quantize_passes(spec, activation_amax, per_expert=recipe.backend == "tensorrt",
+                                           stored=stored)
+                counts.update(run_passes(model, quantize))
         except ValueError as err:
             raise BuildError(str(err)) from None
+    counts[moe.name] = counts.pop(moe.name)  # last in the pass table, where the manifest has always listed it
     if not checks:
         return model, counts
     with timed("lint"):
@@ -791,7 +782,6 @@ def _lower_stage(ckpt, templates, stage, strategy: str, recipe: Recipe, spec, ac
     if recipe.backend == "tensorrt":
         with timed("lint"):
             _check_tensorrt(model, strategy, recipe, ckpt.shape.to_dict())
-    counts[f"lower_moe_{strategy}"] = count
     return model, counts
 
 
