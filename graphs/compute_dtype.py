@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from llama4_deploy.graphs.passes import RewritePass
 from llama4_deploy.graphs.quantize import numpy_dtype
 from llama4_deploy.graphs.streamed import StreamedTensor
 
@@ -47,47 +48,60 @@ def _narrow_attribute_tensor(node: ir.Node, compute_dtype: str) -> bool:
     return True
 
 
-def convert_compute_dtype(model: ir.Model, compute_dtype: str) -> int:
-    """Re-type the graph; returns how many initializers, nodes and graph inputs/outputs changed."""
-    if compute_dtype == "float32":
-        return 0
-    target = DTYPES[compute_dtype]
-    graph = model.graph
-    changed = 0
-    for name, value in graph.initializers.items():
-        if value.dtype == ir.DataType.FLOAT and not name.startswith("prologue."):
-            value.const_value = narrowed(value.const_value, compute_dtype)
-            value.type = ir.TensorType(target)
-            changed += 1
-    for value in graph.inputs:
-        if value.dtype == ir.DataType.FLOAT:
-            value.type = ir.TensorType(target)
-            changed += 1
-    prologue_outputs: list[ir.Value] = []
-    for node in list(graph):
-        if node.name.startswith(PROLOGUE):
-            prologue_outputs.extend(v for v in node.outputs if v.dtype == ir.DataType.FLOAT and any(
-                not user.name.startswith(PROLOGUE) for user, _ in v.uses()))
-            continue
-        touched = False
-        if node.op_type == "Cast" and node.attributes["to"].as_int() == ir.DataType.FLOAT:
-            node.attributes["to"] = ir.AttrInt64("to", target)
-            touched = True
-        if node.op_type in ("Constant", "ConstantOfShape"):
-            touched |= _narrow_attribute_tensor(node, compute_dtype)
-        for value in node.outputs:
+class ComputeDtypePass(RewritePass):
+    """Re-type the graph to `compute_dtype`; counts the initializers, nodes and graph inputs/outputs changed
+    (none for float32)."""
+
+    def __init__(self, compute_dtype: str):
+        if compute_dtype != "float32" and compute_dtype not in DTYPES:
+            raise ValueError(f"unknown compute dtype {compute_dtype!r}; expected float32 or one of {', '.join(DTYPES)}")
+        self.compute_dtype = compute_dtype
+
+    @property
+    def name(self) -> str:
+        return f"compute_dtype_{self.compute_dtype}"
+
+    def rewrite(self, model: ir.Model) -> int:
+        compute_dtype = self.compute_dtype
+        if compute_dtype == "float32":
+            return 0
+        target = DTYPES[compute_dtype]
+        graph = model.graph
+        changed = 0
+        for name, value in graph.initializers.items():
+            if value.dtype == ir.DataType.FLOAT and not name.startswith("prologue."):
+                value.const_value = narrowed(value.const_value, compute_dtype)
+                value.type = ir.TensorType(target)
+                changed += 1
+        for value in graph.inputs:
             if value.dtype == ir.DataType.FLOAT:
                 value.type = ir.TensorType(target)
+                changed += 1
+        prologue_outputs: list[ir.Value] = []
+        for node in list(graph):
+            if node.name.startswith(PROLOGUE):
+                prologue_outputs.extend(v for v in node.outputs if v.dtype == ir.DataType.FLOAT and any(
+                    not user.name.startswith(PROLOGUE) for user, _ in v.uses()))
+                continue
+            touched = False
+            if node.op_type == "Cast" and node.attributes["to"].as_int() == ir.DataType.FLOAT:
+                node.attributes["to"] = ir.AttrInt64("to", target)
                 touched = True
-        changed += touched
-    for value in prologue_outputs:
-        users = [(user, index) for user, index in value.uses() if not user.name.startswith(PROLOGUE)]
-        cast = ir.node("Cast", [value], {"to": target}, name=f"{value.producer().name}/CastCompute")
-        cast.outputs[0].name = f"{value.name}.{compute_dtype}"
-        cast.outputs[0].type = ir.TensorType(target)
-        cast.outputs[0].shape = value.shape
-        graph.insert_after(value.producer(), cast)
-        for user, index in users:
-            user.replace_input_with(index, cast.outputs[0])
-        changed += 1
-    return changed
+            if node.op_type in ("Constant", "ConstantOfShape"):
+                touched |= _narrow_attribute_tensor(node, compute_dtype)
+            for value in node.outputs:
+                if value.dtype == ir.DataType.FLOAT:
+                    value.type = ir.TensorType(target)
+                    touched = True
+            changed += touched
+        for value in prologue_outputs:
+            users = [(user, index) for user, index in value.uses() if not user.name.startswith(PROLOGUE)]
+            cast = ir.node("Cast", [value], {"to": target}, name=f"{value.producer().name}/CastCompute")
+            cast.outputs[0].name = f"{value.name}.{compute_dtype}"
+            cast.outputs[0].type = ir.TensorType(target)
+            cast.outputs[0].shape = value.shape
+            graph.insert_after(value.producer(), cast)
+            for user, index in users:
+                user.replace_input_with(index, cast.outputs[0])
+            changed += 1
+        return changed

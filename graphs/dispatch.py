@@ -21,9 +21,11 @@ import onnx_ir as ir
 
 from llama4_deploy.graphs.cost import summed_cost, node_costs, profile_points, step_cost, with_ring
 from llama4_deploy.graphs.forms import AUTO, MoEDispatch, values
-from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, lower_moe_capacity
-from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
-from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
+from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, LowerMoeCapacityPass
+from llama4_deploy.graphs.lower_moe_dense import LowerMoeDensePass
+from llama4_deploy.graphs.lower_moe_gather import LowerMoeGatherPass
+from llama4_deploy.graphs.lower_moe_native import LowerMoeNativePass
+from llama4_deploy.graphs.moe_pass import MoeLoweringPass
 
 EXACT = ("native", "gather", "dense")  # preference order among exact strategies
 STRATEGIES: tuple[str, ...] = values(MoEDispatch)
@@ -45,19 +47,19 @@ class DispatchRules:
     capacity_combine: str  # how the capacity lowering combines expert outputs (lower_moe_capacity.CapacityConfig)
 
 
-def lowering(strategy: str, capacity_factor: float = 1.25, combine: str = "scatter_add"
-             ) -> Callable[[ir.Model], tuple[int, dict[str, str]]]:
+def lowering(strategy: str, capacity_factor: float = 1.25, combine: str = "scatter_add", split: int | None = None,
+             layout: str = "matmul") -> MoeLoweringPass:
+    """The MoE lowering pass of `strategy`. `combine`: how the capacity lowering combines expert outputs (the
+    target's, DispatchRules.capacity_combine). `split`: parts per expert of the native re-layout (native, and gather
+    with `layout` "native": a gather reading the native graph's expert weights, lower_moe_gather.py)."""
     if strategy == "dense":
-        return lower_moe_dense
+        return LowerMoeDensePass()
     if strategy == "gather":
-        return lower_moe_gather
+        return LowerMoeGatherPass(layout, split)
     if strategy == "capacity":
-        config = CapacityConfig(capacity_factor=capacity_factor, combine=combine)
-        return lambda model: lower_moe_capacity(model, config)
+        return LowerMoeCapacityPass(CapacityConfig(capacity_factor=capacity_factor, combine=combine))
     if strategy == "native":
-        from llama4_deploy.graphs.lower_moe_native import lower_moe_native
-
-        return lower_moe_native
+        return LowerMoeNativePass(split)
     raise ValueError(f"unknown MoE dispatch {strategy!r}; choose one of {', '.join((*STRATEGIES, AUTO))}")
 
 

@@ -44,6 +44,7 @@ import onnx_ir as ir
 
 from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.forms import AttentionForm, values
+from llama4_deploy.graphs.passes import LoweringError, RewritePass
 from llama4_deploy.graphs.rewrite import layer_scope, scoped, splice
 
 FORMS: tuple[str, ...] = values(AttentionForm)
@@ -97,28 +98,38 @@ def _onnx23(op, const, inputs, scale: float, dtype, q: int, k: int, d: int) -> i
     return op("Reshape", [context, const("out_shape", np.array([0, 0, q * d], dtype=np.int64))], name="Out")
 
 
-def lower_attention(model: ir.Model, form: str) -> tuple[int, dict[str, str]]:
-    """Replace every llama4_deploy.Attention node by `form`; returns (count, {node: why not})."""
-    if form not in FORMS:
-        raise ValueError(f"unknown attention form {form!r}; expected one of {', '.join(FORMS)}")
-    build = _decomposed if form == "decomposed" else _onnx23
-    graph = model.graph
-    count, skipped = 0, {}
-    for node in attention_nodes(model):
-        heads = _heads(node)
-        if isinstance(heads, str):
-            skipped[node.name] = heads
-            continue
-        tape = ir.tape.Tape()
-        query = node.inputs[0]
-        out = build(*scoped(tape, layer_scope(node, f"attention/{form}")), node.inputs,
-                    node.attributes["scale"].as_float(), query.dtype.numpy() if query.dtype else np.float32, *heads)
-        out.dtype, out.shape = node.outputs[0].dtype, node.outputs[0].shape
-        splice(graph, node, tape, out)
-        count += 1
-    if count and form == "onnx23":
-        graph.opset_imports[""] = max(graph.opset_imports.get("", ONNX23), ONNX23)
-        model.ir_version = max(model.ir_version or 0, IR_VERSION_FOR_23)
-    if not any(n.domain == ops.DOMAIN for n in graph):
-        graph.opset_imports.pop(ops.DOMAIN, None)
-    return count, skipped
+class LowerAttentionPass(RewritePass):
+    """Replace every llama4_deploy.Attention node by `form`; raises LoweringError naming the first node whose
+    head counts are unknown, before any is replaced."""
+
+    def __init__(self, form: str):
+        if form not in FORMS:
+            raise ValueError(f"unknown attention form {form!r}; expected one of {', '.join(FORMS)}")
+        self.form = form
+
+    @property
+    def name(self) -> str:
+        return f"lower_attention_{self.form}"
+
+    def rewrite(self, model: ir.Model) -> int:
+        build = _decomposed if self.form == "decomposed" else _onnx23
+        graph = model.graph
+        nodes = attention_nodes(model)
+        heads = [_heads(node) for node in nodes]
+        for node, reason in zip(nodes, heads):
+            if isinstance(reason, str):
+                raise LoweringError(f"attention node {node.name} was not lowered to {self.form}: it {reason}")
+        for node, (q, k, d) in zip(nodes, heads):
+            tape = ir.tape.Tape()
+            query = node.inputs[0]
+            dtype = query.dtype.numpy() if query.dtype else np.float32
+            out = build(*scoped(tape, layer_scope(node, f"attention/{self.form}")), node.inputs,
+                        node.attributes["scale"].as_float(), dtype, q, k, d)
+            out.dtype, out.shape = node.outputs[0].dtype, node.outputs[0].shape
+            splice(graph, node, tape, out)
+        if nodes and self.form == "onnx23":
+            graph.opset_imports[""] = max(graph.opset_imports.get("", ONNX23), ONNX23)
+            model.ir_version = max(model.ir_version or 0, IR_VERSION_FOR_23)
+        if not any(n.domain == ops.DOMAIN for n in graph):
+            graph.opset_imports.pop(ops.DOMAIN, None)
+        return len(nodes)

@@ -51,7 +51,7 @@ import onnx_ir as ir
 
 from llama4_deploy.graphs.lower_moe_dense import check as check_dense
 from llama4_deploy.graphs.lower_moe_dense import shared_expert, silu
-from llama4_deploy.graphs.moe_pass import run_moe_lowering
+from llama4_deploy.graphs.moe_pass import MoeLoweringPass, route
 from llama4_deploy.graphs.rewrite import scoped
 
 STRATEGY = "capacity"
@@ -117,68 +117,74 @@ def check(node: ir.Node) -> str | None:
     return reason
 
 
-def make_replacement(config: CapacityConfig):
-    def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
-        x, router, gate_up, down = node.inputs[:4]
-        token_valid = node.inputs[7]
-        top_k = node.attributes["top_k"].as_int()
-        num_experts = node.inputs[1].shape[-1]
-        np_dtype = (x.dtype or ir.DataType.FLOAT).numpy()
+def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, config: CapacityConfig) -> list[ir.Value]:
+    x, gate_up, down = node.inputs[0], *node.inputs[2:4]
+    token_valid = node.inputs[7]
+    top_k = node.attributes["top_k"].as_int()
+    num_experts = node.inputs[1].shape[-1]
+    np_dtype = (x.dtype or ir.DataType.FLOAT).numpy()
 
-        op, const = scoped(tape, prefix)
+    op, const = scoped(tape, prefix)
 
-        logits = op("MatMul", [x, router], name="router/MatMul")
-        top_value, top_index = op("TopK", [logits, const("router/k", np.array([top_k], dtype=np.int64))],
-                                  {"axis": -1}, name="router/TopK", num_outputs=2)
-        neg_inf = const("neg_inf", np.array(-np.inf, dtype=np_dtype))
-        floor = op("Expand", [neg_inf, op("Shape", [logits], name="router/Shape")], name="router/NegInf")
-        routed = op("ScatterElements", [floor, top_index, top_value], {"axis": 1}, name="router/ScatterElements")
-        valid = op("Unsqueeze", [token_valid, const("axis_last", np.array([-1], dtype=np.int64))],
-                   name="dispatch/ValidColumn")  # [N, 1]
-        key = op("Transpose", [op("Where", [valid, routed, neg_inf], name="dispatch/MaskPadding")],
-                 {"perm": [1, 0]}, name="dispatch/ExpertMajor")  # [E, N]
-        # capacity from the token count (an input dimension), never from routing values
-        tokens = op("Shape", [x], {"start": 0, "end": 1}, name="dispatch/Tokens")  # [1]
-        scaled = op("Mul", [op("Cast", [tokens], {"to": ir.DataType.FLOAT}, name="dispatch/TokensF"),
-                            const("capacity_per_token", np.array(config.capacity_factor * top_k / num_experts,
-                                                                 dtype=np.float32))], name="dispatch/Scale")
-        capacity = op("Min", [op("Cast", [op("Ceil", [scaled], name="dispatch/Ceil")], {"to": ir.DataType.INT64},
-                                 name="dispatch/CapacityInt"), tokens], name="dispatch/Capacity")  # [1]
-        slot_key, slot_token = op("TopK", [key, capacity], {"axis": -1}, name="dispatch/TopK",
-                                  num_outputs=2)  # [E, C]
-        slot_used = op("Greater", [slot_key, neg_inf], name="dispatch/SlotUsed")
-        zero = const("zero", np.array(0, dtype=np_dtype))
-        slot_score = op("Where", [slot_used, op("Sigmoid", [slot_key], name="dispatch/Sigmoid"), zero],
-                        name="dispatch/SlotScore")
-        expert_in = op("Mul", [op("Gather", [x, slot_token], {"axis": 0}, name="dispatch/GatherTokens"),
-                               op("Unsqueeze", [slot_score, const("axis_last2", np.array([-1], dtype=np.int64))],
-                                  name="dispatch/ScoreColumn")], name="dispatch/ScaleInput")  # [E, C, H]
-        gate, up = op("Split", [op("MatMul", [expert_in, gate_up], name="experts/GateUp")],
-                      {"axis": -1, "num_outputs": 2}, name="experts/Split", num_outputs=2)
-        expert_out = op("MatMul", [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"),
-                                   down], name="experts/Down")  # [E, C, H]
-        if config.combine == "gather":
-            combined = _combine_gather(op, const, x, top_index, slot_token, slot_used, capacity, expert_out, zero)
-        else:
-            combined = op("ScatterND", [
-                op("Expand", [zero, op("Shape", [x], name="combine/Shape")], name="combine/Zeros"),
-                op("Unsqueeze", [slot_token, const("axis_last3", np.array([-1], dtype=np.int64))],
-                   name="combine/Index"),
-                expert_out,
-            ], {"reduction": "add"}, name="combine/ScatterAdd")
-        load = op("ReduceSum", [op("Cast", [op("Greater", [key, neg_inf], name="overflow/Routed")],
-                                   {"to": ir.DataType.FLOAT}, name="overflow/RoutedF"),
-                                const("axis1", np.array([1], dtype=np.int64))], {"keepdims": 0},
-                  name="overflow/Load")  # [E] valid tokens per expert
-        peak = op("ReduceMax", [load, const("axis0", np.array([0], dtype=np.int64))], {"keepdims": 1},
-                  name="overflow/Peak")  # [1]
-        overflow = op("Greater", [peak, op("Cast", [capacity], {"to": ir.DataType.FLOAT}, name="overflow/CapacityF")],
-                      name="overflow/Greater")
-        return [op("Add", [shared_expert(tape, node, prefix), combined], name="Add"), overflow]
-
-    return replacement
+    logits, top_value, top_index = route(op, const, node)
+    neg_inf = const("neg_inf", np.array(-np.inf, dtype=np_dtype))
+    floor = op("Expand", [neg_inf, op("Shape", [logits], name="router/Shape")], name="router/NegInf")
+    routed = op("ScatterElements", [floor, top_index, top_value], {"axis": 1}, name="router/ScatterElements")
+    valid = op("Unsqueeze", [token_valid, const("axis_last", np.array([-1], dtype=np.int64))],
+               name="dispatch/ValidColumn")  # [N, 1]
+    key = op("Transpose", [op("Where", [valid, routed, neg_inf], name="dispatch/MaskPadding")],
+             {"perm": [1, 0]}, name="dispatch/ExpertMajor")  # [E, N]
+    # capacity from the token count (an input dimension), never from routing values
+    tokens = op("Shape", [x], {"start": 0, "end": 1}, name="dispatch/Tokens")  # [1]
+    scaled = op("Mul", [op("Cast", [tokens], {"to": ir.DataType.FLOAT}, name="dispatch/TokensF"),
+                        const("capacity_per_token", np.array(config.capacity_factor * top_k / num_experts,
+                                                             dtype=np.float32))], name="dispatch/Scale")
+    capacity = op("Min", [op("Cast", [op("Ceil", [scaled], name="dispatch/Ceil")], {"to": ir.DataType.INT64},
+                             name="dispatch/CapacityInt"), tokens], name="dispatch/Capacity")  # [1]
+    slot_key, slot_token = op("TopK", [key, capacity], {"axis": -1}, name="dispatch/TopK",
+                              num_outputs=2)  # [E, C]
+    slot_used = op("Greater", [slot_key, neg_inf], name="dispatch/SlotUsed")
+    zero = const("zero", np.array(0, dtype=np_dtype))
+    slot_score = op("Where", [slot_used, op("Sigmoid", [slot_key], name="dispatch/Sigmoid"), zero],
+                    name="dispatch/SlotScore")
+    expert_in = op("Mul", [op("Gather", [x, slot_token], {"axis": 0}, name="dispatch/GatherTokens"),
+                           op("Unsqueeze", [slot_score, const("axis_last2", np.array([-1], dtype=np.int64))],
+                              name="dispatch/ScoreColumn")], name="dispatch/ScaleInput")  # [E, C, H]
+    gate, up = op("Split", [op("MatMul", [expert_in, gate_up], name="experts/GateUp")],
+                  {"axis": -1, "num_outputs": 2}, name="experts/Split", num_outputs=2)
+    expert_out = op("MatMul", [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"),
+                               down], name="experts/Down")  # [E, C, H]
+    if config.combine == "gather":
+        combined = _combine_gather(op, const, x, top_index, slot_token, slot_used, capacity, expert_out, zero)
+    else:
+        combined = op("ScatterND", [
+            op("Expand", [zero, op("Shape", [x], name="combine/Shape")], name="combine/Zeros"),
+            op("Unsqueeze", [slot_token, const("axis_last3", np.array([-1], dtype=np.int64))],
+               name="combine/Index"),
+            expert_out,
+        ], {"reduction": "add"}, name="combine/ScatterAdd")
+    load = op("ReduceSum", [op("Cast", [op("Greater", [key, neg_inf], name="overflow/Routed")],
+                               {"to": ir.DataType.FLOAT}, name="overflow/RoutedF"),
+                            const("axis1", np.array([1], dtype=np.int64))], {"keepdims": 0},
+              name="overflow/Load")  # [E] valid tokens per expert
+    peak = op("ReduceMax", [load, const("axis0", np.array([0], dtype=np.int64))], {"keepdims": 1},
+              name="overflow/Peak")  # [1]
+    overflow = op("Greater", [peak, op("Cast", [capacity], {"to": ir.DataType.FLOAT}, name="overflow/CapacityF")],
+                  name="overflow/Greater")
+    return [op("Add", [shared_expert(tape, node, prefix), combined], name="Add"), overflow]
 
 
-def lower_moe_capacity(model: ir.Model, config: CapacityConfig = CapacityConfig()) -> tuple[int, dict[str, str]]:
-    """Replace every MoE node; adds the `moe_overflow` graph output. Returns (count, skipped)."""
-    return run_moe_lowering(model, STRATEGY, check, make_replacement(config))
+class LowerMoeCapacityPass(MoeLoweringPass):
+    """Replace every MoE node by the capacity form and add the `moe_overflow` graph output; raises LoweringError
+    for one `check` refuses."""
+
+    strategy = STRATEGY
+
+    def __init__(self, config: CapacityConfig = CapacityConfig()):
+        self.config = config
+
+    def check(self, node: ir.Node) -> str | None:
+        return check(node)
+
+    def replacement(self, tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
+        return replacement(tape, node, prefix, self.config)

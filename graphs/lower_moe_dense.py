@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llama4_deploy.graphs import ops
-from llama4_deploy.graphs.moe_pass import run_moe_lowering
+from llama4_deploy.graphs.moe_pass import MoeLoweringPass, route
 from llama4_deploy.graphs.rewrite import scoped
 
 
@@ -56,15 +56,12 @@ def shared_expert(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> ir.Value:
 
 
 def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
-    x, router, gate_up, down = node.inputs[:4]
-    top_k = node.attributes["top_k"].as_int()
+    x, gate_up, down = node.inputs[0], *node.inputs[2:4]
     np_dtype = (x.dtype or ir.DataType.FLOAT).numpy()
 
     op, const = scoped(tape, prefix)
 
-    logits = op("MatMul", [x, router], name="router/MatMul")
-    top_value, top_index = op("TopK", [logits, const("router/k", np.array([top_k], dtype=np.int64))], {"axis": -1},
-                              name="router/TopK", num_outputs=2)
+    logits, top_value, top_index = route(op, const, node)
     floor = op("ConstantOfShape", [op("Shape", [logits], name="router/Shape")],
                {"value": ir.tensor(np.array([-np.inf], dtype=np_dtype))}, name="router/NegInf")
     scattered = op("ScatterElements", [floor, top_index, top_value], {"axis": 1}, name="router/ScatterElements")
@@ -81,6 +78,13 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value
     return [op("Add", [shared_expert(tape, node, prefix), routed], name="Add")]
 
 
-def lower_moe_dense(model: ir.Model) -> tuple[int, dict[str, str]]:
-    """Replace every MoE node; returns (count, {node name: why it was not lowered})."""
-    return run_moe_lowering(model, STRATEGY, check, replacement)
+class LowerMoeDensePass(MoeLoweringPass):
+    """Replace every MoE node by the dense form; raises LoweringError for one `check` refuses."""
+
+    strategy = STRATEGY
+
+    def check(self, node: ir.Node) -> str | None:
+        return check(node)
+
+    def replacement(self, tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
+        return replacement(tape, node, prefix)

@@ -42,27 +42,32 @@ import numpy as np
 import onnx_ir as ir
 
 from llama4_deploy.graphs.lower_moe_dense import check, shared_expert, silu
-from llama4_deploy.graphs.moe_pass import moe_nodes, run_moe_lowering
+from llama4_deploy.graphs.lower_moe_native import check as check_native
+from llama4_deploy.graphs.lower_moe_native import native_weights
+from llama4_deploy.graphs.moe_pass import MoeLoweringPass, route, top_score
 from llama4_deploy.graphs.rewrite import scoped
 
 STRATEGY = "gather"
+LAYOUTS = ("matmul", "native")
+
+
+def _routed_inputs(op, axes, node: ir.Node, top_value: ir.Value) -> ir.Value:
+    """Each token's input scaled by the score of each of its k chosen experts [N, k, H]."""
+    score = op("Unsqueeze", [top_score(op, top_value), axes("axis_last", -1)])  # [N, k, 1]
+    return op("Mul", [op("Unsqueeze", [node.inputs[0], axes("axis1", 1)], name="experts/UnsqueezeX"), score],
+              name="experts/ScaleInput")  # [N, k, H]
 
 
 def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
-    x, router, gate_up, down = node.inputs[:4]
-    top_k = node.attributes["top_k"].as_int()
+    gate_up, down = node.inputs[2:4]
 
     op, const = scoped(tape, prefix)
 
     def axes(name, *values):
         return const(name, np.array(values, dtype=np.int64))
 
-    logits = op("MatMul", [x, router], name="router/MatMul")
-    top_value, top_index = op("TopK", [logits, axes("router/k", top_k)], {"axis": -1}, name="router/TopK",
-                              num_outputs=2)
-    score = op("Unsqueeze", [op("Sigmoid", [top_value], name="router/Sigmoid"), axes("axis_last", -1)])  # [N, k, 1]
-    routed_in = op("Mul", [op("Unsqueeze", [x, axes("axis1", 1)], name="experts/UnsqueezeX"), score],
-                   name="experts/ScaleInput")  # [N, k, H]
+    _, top_value, top_index = route(op, const, node)
+    routed_in = _routed_inputs(op, axes, node, top_value)
     w1 = op("Gather", [gate_up, top_index], {"axis": 0}, name="experts/GatherGateUp")  # [N, k, H, 2I]
     hidden = op("MatMul", [op("Unsqueeze", [routed_in, axes("axis2", 2)], name="experts/UnsqueezeIn"), w1],
                 name="experts/GateUp")  # [N, k, 1, 2I]
@@ -77,10 +82,7 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value
 
 def native_layout_replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, split: int | None = None
                                ) -> list[ir.Value]:
-    from llama4_deploy.graphs.lower_moe_native import native_weights
-
-    x, router = node.inputs[:2]
-    top_k = node.attributes["top_k"].as_int()
+    x = node.inputs[0]
     experts = int(node.inputs[2].const_value.shape[0])
     fc1, fc2, p = native_weights(tape, node, split)
     np_dtype = (x.dtype or node.inputs[2].const_value.dtype).numpy()
@@ -90,12 +92,8 @@ def native_layout_replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, sp
     def axes(name, *values):
         return const(name, np.array(values, dtype=np.int64))
 
-    logits = op("MatMul", [x, router], name="router/MatMul")
-    top_value, top_index = op("TopK", [logits, axes("router/k", top_k)], {"axis": -1}, name="router/TopK",
-                              num_outputs=2)
-    score = op("Unsqueeze", [op("Sigmoid", [top_value], name="router/Sigmoid"), axes("axis_last", -1)])  # [N, k, 1]
-    routed_in = op("Mul", [op("Unsqueeze", [x, axes("axis1", 1)], name="experts/UnsqueezeX"), score],
-                   name="experts/ScaleInput")  # [N, k, H]
+    _, top_value, top_index = route(op, const, node)
+    routed_in = _routed_inputs(op, axes, node, top_value)
     picked = op("Unsqueeze", [top_index, axes("axis_parts", -1)], name="experts/UnsqueezeIndex")  # [N, k, 1]
     if p > 1:
         picked = op("Add", [picked, axes("part_offsets", *(q * experts for q in range(p)))],
@@ -120,23 +118,25 @@ def native_layout_replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, sp
     return [op("Add", [shared_expert(tape, node, prefix), routed], name="Add")]
 
 
-def lower_moe_gather(model: ir.Model, layout: str = "matmul", split: int | None = None) -> tuple[int, dict[str, str]]:
-    """Replace every MoE node; returns (count, {node name: why it was not lowered}). `layout` "native" gathers
-    from the native lowering's re-laid-out weights (same names and bytes, `split` parts as it would choose),
-    and drops the original expert initializers once nothing reads them."""
-    if layout == "matmul":
-        return run_moe_lowering(model, STRATEGY, check, replacement)
-    if layout != "native":
-        raise ValueError(f"unknown gather layout {layout!r}; choose matmul or native")
-    from llama4_deploy.graphs.lower_moe_native import checker, drop_relaid
+class LowerMoeGatherPass(MoeLoweringPass):
+    """Replace every MoE node by the gather form; raises LoweringError for one `check` refuses. `layout` "native"
+    gathers from the native lowering's re-laid-out weights (same names and bytes, `split` parts as it would
+    choose) and drops the original expert initializers once nothing reads them."""
 
-    native_check = checker(split, any_top_k=True)
+    strategy = STRATEGY
 
-    def checked(node: ir.Node) -> str | None:
-        return check(node) or native_check(node)
+    def __init__(self, layout: str = "matmul", split: int | None = None):
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown gather layout {layout!r}; choose matmul or native")
+        self.layout, self.split = layout, split
+        self.relays_weights = layout == "native"
 
-    relaid = {v.name: v for node in moe_nodes(model) if checked(node) is None for v in node.inputs[2:4]}
-    result = run_moe_lowering(model, STRATEGY, checked,
-                              lambda tape, node, prefix: native_layout_replacement(tape, node, prefix, split))
-    drop_relaid(model, relaid)
-    return result
+    def check(self, node: ir.Node) -> str | None:
+        if self.layout == "matmul":
+            return check(node)
+        return check(node) or check_native(node, any_top_k=True, split=self.split)
+
+    def replacement(self, tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
+        if self.layout == "matmul":
+            return replacement(tape, node, prefix)
+        return native_layout_replacement(tape, node, prefix, self.split)

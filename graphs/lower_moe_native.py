@@ -64,7 +64,7 @@ import onnx_ir as ir
 
 from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.lower_moe_dense import shared_expert
-from llama4_deploy.graphs.moe_pass import moe_nodes, run_moe_lowering
+from llama4_deploy.graphs.moe_pass import MoeLoweringPass, route, top_score
 from llama4_deploy.graphs.rewrite import scoped
 from llama4_deploy.graphs.streamed import StreamedTensor
 
@@ -96,9 +96,9 @@ def _constant_weight(value: ir.Value) -> bool:
     return value.const_value is not None and value.is_initializer()
 
 
-def check(node: ir.Node, any_top_k: bool = False) -> str | None:
+def check(node: ir.Node, any_top_k: bool = False, split: int | None = None) -> str | None:
     """Why `node` cannot be lowered, or None. `any_top_k`: only the weights' checks (the native layout
-    gather takes any top_k)."""
+    gather takes any top_k); `split`: the parts each expert is split into must divide its intermediate size."""
     if len(node.inputs) not in (len(ops.MOE_INPUTS) - 1, len(ops.MOE_INPUTS)) or any(
         v is None for v in node.inputs[: len(ops.MOE_INPUTS) - 1]
     ):
@@ -120,16 +120,9 @@ def check(node: ir.Node, any_top_k: bool = False) -> str | None:
     router_shape = node.inputs[1].shape
     if router_shape is not None and isinstance(router_shape[-1], int) and router_shape[-1] != gu[0]:
         return f"has a router over {router_shape[-1]} experts but {gu[0]} expert weights"
+    if split is not None and dn[1] % split:
+        return f"has an intermediate size of {dn[1]}, not divisible by split {split}"
     return None
-
-
-def checker(split: int | None, any_top_k: bool = False) -> Callable[[ir.Node], str | None]:
-    def checked(node: ir.Node) -> str | None:
-        reason = check(node, any_top_k)
-        if reason is None and split is not None and node.inputs[3].const_value.shape[1] % split:
-            return f"has an intermediate size of {node.inputs[3].const_value.shape[1]}, not divisible by split {split}"
-        return reason
-    return checked
 
 
 # bytes of re-laid output a streamed write converts at a time (`relaid`): a few experts, so the
@@ -301,16 +294,14 @@ def native_weights(tape: ir.tape.Tape, node: ir.Node, split: int | None = None) 
 
 
 def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, split: int | None = None) -> list[ir.Value]:
-    x, router = node.inputs[:2]
+    x = node.inputs[0]
     np_dtype = (x.dtype or node.inputs[2].const_value.dtype).numpy()
     fc1, fc2, p = native_weights(tape, node, split)
 
     op, const = scoped(tape, prefix)
 
-    logits = op("MatMul", [x, router], name="router/MatMul")  # [N, E]
-    top_value, top_index = op("TopK", [logits, const("router/k", np.array([1], dtype=np.int64))], {"axis": -1},
-                              name="router/TopK", num_outputs=2)
-    score = op("Sigmoid", [top_value], name="router/Sigmoid")  # [N, 1]
+    logits, top_value, top_index = route(op, const, node)  # top_k 1 (check)
+    score = top_score(op, top_value)  # [N, 1]
     routed_in = op("Mul", [x, score], name="experts/ScaleInput")  # [N, H]
     lowest = op("ConstantOfShape", [op("Shape", [logits], name="router/Shape")],
                 {"value": ir.tensor(np.array([ml_dtypes.finfo(np_dtype).min], dtype=np_dtype))}, name="router/Lowest")
@@ -334,26 +325,24 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, split: int | Non
     return [op("Add", [shared_expert(tape, node, prefix), routed], name="Add")]
 
 
-def lower_moe_native(model: ir.Model, split: int | None = None) -> tuple[int, dict[str, str]]:
-    """Replace every MoE node; returns (count, {node name: why it was not lowered}). `split`
+class LowerMoeNativePass(MoeLoweringPass):
+    """Replace every MoE node by `com.microsoft.MoE`; raises LoweringError for one `check` refuses. `split`
     forces the number of parts per expert (a power of two dividing I); by default `parts` picks it.
 
     The original gate_up / down initializers of lowered nodes are dropped once nothing reads them
     (their re-laid-out copies replace them; the copies read them lazily, at serialization)."""
-    relaid = {v.name: v for node in moe_nodes(model) if check(node) is None for v in node.inputs[2:4]}
-    if split is not None and (split < 1 or split & (split - 1)):
-        raise ValueError(f"split must be a power of two, got {split}")
 
-    def lower(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
-        return replacement(tape, node, prefix, split)
+    strategy = STRATEGY
+    opset_imports = {MS_DOMAIN: MS_VERSION}
+    relays_weights = True
 
-    result = run_moe_lowering(model, STRATEGY, checker(split), lower, opset_imports={MS_DOMAIN: MS_VERSION})
-    drop_relaid(model, relaid)
-    return result
+    def __init__(self, split: int | None = None):
+        if split is not None and (split < 1 or split & (split - 1)):
+            raise ValueError(f"split must be a power of two, got {split}")
+        self.split = split
 
+    def check(self, node: ir.Node) -> str | None:
+        return check(node, split=self.split)
 
-def drop_relaid(model: ir.Model, relaid: dict[str, ir.Value]) -> None:
-    """Drop the original expert initializers nothing reads any more (their re-laid-out copies replaced them)."""
-    for name, value in relaid.items():
-        if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
-            model.graph.initializers.pop(name, None)
+    def replacement(self, tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
+        return replacement(tape, node, prefix, self.split)

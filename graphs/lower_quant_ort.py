@@ -18,9 +18,9 @@ reads 4-bit weights. accuracy_level 0 keeps activations in their dtype; a rule w
 and block (graphs/quantize.py fake_quant_int8_blocks) and runs int8 dot products: the fast CPU
 kernels, with numbers the simulation models.
 
-Not lowered here (left for lower_quant_qdq.py, reason returned): weights with other consumers,
-3-D weights outside the MoE kernel, and QMoE experts whose hidden or intermediate size is not a
-multiple of the block (the kernel requires both).
+Not lowered here, by design (not an error: lower_quant_qdq.py, the pass after this one, quantizes them):
+weights with other consumers, 3-D weights outside the MoE kernel, and QMoE experts whose hidden or
+intermediate size is not a multiple of the block (the kernel requires both).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict
 
-from llama4_deploy.graphs.lower_quant_qdq import COMPUTE, QuantizedWeight, _scope
+from llama4_deploy.graphs.lower_quant_qdq import COMPUTE, QuantizedWeight, quant_scope
+from llama4_deploy.graphs.passes import RewritePass
 from llama4_deploy.graphs.quantize import QuantRule, QuantSpec, numpy_dtype, pack_int4_rows
 from llama4_deploy.graphs.rewrite import splice
 from llama4_deploy.graphs.streamed import StreamedTensor
@@ -100,57 +101,59 @@ def _moe_check(node: ir.Node, rule: QuantRule) -> str | None:
     return None
 
 
-def lower_quant_ort(model: ir.Model, spec: QuantSpec, config: OrtQuantConfig = OrtQuantConfig()
-                    ) -> tuple[int, dict[str, str]]:
-    """MatMul -> MatMulNBits and MoE -> QMoE where the spec says int4; returns (nodes replaced,
-    {weight or node: why not})."""
-    graph = model.graph
-    count, skipped = 0, {}
-    for name, value in list(graph.initializers.items()):
-        rule = spec.rule_for(name)
-        if rule is None or rule.weight != "int4" or value.const_value is None:
-            continue
-        if any(u.domain == MS_DOMAIN for u, _ in value.uses()):
-            continue  # expert weights of the MoE kernel: below
-        reason = _matmul_check(value, rule)
-        if reason:
-            skipped[name] = reason
-            continue
-        matmul = value.uses()[0][0]
-        k, n = (int(d) for d in value.shape)
-        b, scales = _packed(value.const_value, rule, spec.compute_dtype, 0, name)
-        tape = ir.tape.Tape()
-        out = tape.op("MatMulNBits", [matmul.inputs[0], _register(graph, b), _register(graph, scales)],
-                      {"K": k, "N": n, "bits": 4, "block_size": rule.block_size,
-                       "accuracy_level": 4 if rule.activation == "int8_block" else config.accuracy_level},
-                      domain=MS_DOMAIN, name=f"{_scope(name)}/MatMulNBits")
-        out.type, out.shape = matmul.outputs[0].type, matmul.outputs[0].shape
-        splice(graph, matmul, tape, out)
-        graph.initializers.pop(name)
-        count += 1
-    for node in [n for n in graph if n.domain == MS_DOMAIN and n.op_type == "MoE"]:
-        fc1, fc2 = node.inputs[2], node.inputs[4]
-        rule = spec.rule_for(fc1.name) if fc1 is not None else None
-        if rule is None or rule.weight != "int4":
-            continue
-        reason = _moe_check(node, rule)
-        if reason:
-            skipped[node.name] = reason
-            continue
-        fc1_q, fc1_s = _packed(fc1.const_value, rule, spec.compute_dtype, 2, fc1.name, flat=True)
-        fc2_q, fc2_s = _packed(fc2.const_value, rule, spec.compute_dtype, 2, fc2.name, flat=True)
-        attributes = {a.name: a for a in node.attributes.values()}
-        attributes["expert_weight_bits"] = ir.AttrInt64("expert_weight_bits", 4)
-        attributes["block_size"] = ir.AttrInt64("block_size", rule.block_size)
-        tape = ir.tape.Tape()
-        out = tape.op("QMoE", [node.inputs[0], node.inputs[1], _register(graph, fc1_q), _register(graph, fc1_s), None,
-                               _register(graph, fc2_q), _register(graph, fc2_s)],
-                      attributes, domain=MS_DOMAIN, name=node.name.rsplit("/", 1)[0] + "/QMoE")
-        out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
-        splice(graph, node, tape, out)
-        for value in (fc1, fc2):
-            graph.initializers.pop(value.name)
-        count += 1
-    if count:
-        graph.opset_imports[MS_DOMAIN] = 1
-    return count, skipped
+class QuantizeOrtPass(RewritePass):
+    """MatMul -> MatMulNBits and MoE -> QMoE where the spec says int4; counts the nodes replaced. What the kernels
+    cannot take is left as it is, for the qdq pass after this one (module docstring)."""
+
+    name = "quantize_ort"
+
+    def __init__(self, spec: QuantSpec, config: OrtQuantConfig = OrtQuantConfig()):
+        self.spec, self.config = spec, config
+
+    def rewrite(self, model: ir.Model) -> int:
+        graph = model.graph
+        count = 0
+        for name, value in list(graph.initializers.items()):
+            rule = self.spec.rule_for(name)
+            if rule is None or rule.weight != "int4" or value.const_value is None:
+                continue
+            if any(u.domain == MS_DOMAIN for u, _ in value.uses()):
+                continue  # expert weights of the MoE kernel: below
+            if _matmul_check(value, rule):
+                continue  # left to lower_quant_qdq (module docstring)
+            matmul = value.uses()[0][0]
+            k, n = (int(d) for d in value.shape)
+            b, scales = _packed(value.const_value, rule, self.spec.compute_dtype, 0, name)
+            tape = ir.tape.Tape()
+            out = tape.op("MatMulNBits", [matmul.inputs[0], _register(graph, b), _register(graph, scales)],
+                          {"K": k, "N": n, "bits": 4, "block_size": rule.block_size,
+                           "accuracy_level": 4 if rule.activation == "int8_block" else self.config.accuracy_level},
+                          domain=MS_DOMAIN, name=f"{quant_scope(name)}/MatMulNBits")
+            out.type, out.shape = matmul.outputs[0].type, matmul.outputs[0].shape
+            splice(graph, matmul, tape, out)
+            graph.initializers.pop(name)
+            count += 1
+        for node in [n for n in graph if n.domain == MS_DOMAIN and n.op_type == "MoE"]:
+            fc1, fc2 = node.inputs[2], node.inputs[4]
+            rule = self.spec.rule_for(fc1.name) if fc1 is not None else None
+            if rule is None or rule.weight != "int4":
+                continue
+            if _moe_check(node, rule):
+                continue  # left to lower_quant_qdq (module docstring)
+            fc1_q, fc1_s = _packed(fc1.const_value, rule, self.spec.compute_dtype, 2, fc1.name, flat=True)
+            fc2_q, fc2_s = _packed(fc2.const_value, rule, self.spec.compute_dtype, 2, fc2.name, flat=True)
+            attributes = {a.name: a for a in node.attributes.values()}
+            attributes["expert_weight_bits"] = ir.AttrInt64("expert_weight_bits", 4)
+            attributes["block_size"] = ir.AttrInt64("block_size", rule.block_size)
+            tape = ir.tape.Tape()
+            out = tape.op("QMoE", [node.inputs[0], node.inputs[1], _register(graph, fc1_q), _register(graph, fc1_s),
+                                   None, _register(graph, fc2_q), _register(graph, fc2_s)],
+                          attributes, domain=MS_DOMAIN, name=node.name.rsplit("/", 1)[0] + "/QMoE")
+            out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
+            splice(graph, node, tape, out)
+            for value in (fc1, fc2):
+                graph.initializers.pop(value.name)
+            count += 1
+        if count:
+            graph.opset_imports[MS_DOMAIN] = 1
+        return count

@@ -42,6 +42,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from llama4_deploy.graphs.passes import LoweringError, RewritePass
 from llama4_deploy.graphs.quantize import QuantRule, QuantSpec, fp8_channel, int4_blocked, numpy_dtype
 from llama4_deploy.graphs.streamed import StreamedTensor
 
@@ -150,7 +151,7 @@ def dequantize_attributes(rule: QuantRule, axis: int, rank: int, k: int) -> dict
     return {"axis": axis % rank, "block_size": k}
 
 
-def _scope(name: str) -> str:
+def quant_scope(name: str) -> str:
     """`layers.3.experts_gate_up` -> `/layers.3/quant/experts_gate_up`."""
     stamp, _, rest = name.partition(".")
     if stamp == "layers":
@@ -173,7 +174,7 @@ def quantize_weight(graph: ir.Graph, value: ir.Value, rule: QuantRule, axis: int
     graph.register_initializer(q)
     graph.register_initializer(scale)
     node = ir.node("DequantizeLinear", [q, scale], dequantize_attributes(rule, axis, len(q_shape), q_shape[axis]),
-                   name=f"{_scope(name)}/DequantizeLinear")
+                   name=f"{quant_scope(name)}/DequantizeLinear")
     out = node.outputs[0]
     ir.convenience.replace_all_uses_with(value, out)
     out.name, out.dtype, out.shape = f"{name}.dq", COMPUTE[compute_dtype], ir.Shape(q_shape)
@@ -190,7 +191,7 @@ def quantize_weight_per_expert(graph: ir.Graph, value: ir.Value, rule: QuantRule
     q_shape, _ = weight.shapes()
     (k, n), scale_shape = weight.slice_shapes()
     fmt, dtype = WEIGHT_DTYPES[rule.weight], COMPUTE[compute_dtype]
-    scope = _scope(name)
+    scope = quant_scope(name)
     axis0 = ir.node("Constant", [], {"value": ir.tensor(np.array([0], dtype=np.int64), name=f"{scope}/axis0")},
                     name=f"{scope}/axis0")
     axis0.outputs[0].name = f"{scope}/axis0"
@@ -253,62 +254,68 @@ def activation_consumers(dequantized: ir.Value) -> list[ir.Node]:
     return out
 
 
-def lower_quant_qdq(model: ir.Model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None,
-                    log: Callable[[str], None] | None = None, per_expert: bool = False,
-                    stored: Mapping[str, Callable[[], tuple[np.ndarray, np.ndarray]]] | None = None
-                    ) -> tuple[int, dict[str, str]]:
-    """Quantize every initializer the spec names that is still float; returns (weights quantized,
-    {weight: why it was not}). `activation_amax` maps a weight name to the calibrated |max| of the
-    activation it multiplies (needed by rules with fp8 activations). `per_expert`: stacked 3-D expert
-    weights as E 2-D constants (TensorRT's layout, module docstring). `stored` maps a weight name to the
-    reader of its pre-quantized (q, scale) (needed by rules with method `checkpoint`)."""
-    graph = model.graph
-    count, skipped = 0, {}
-    float_types = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
-    for name, value in list(graph.initializers.items()):
-        rule = spec.rule_for(name)
-        if rule is None or value.dtype not in float_types or any(
-                user.op_type in ALREADY_QUANTIZED for user, _ in value.uses()):
-            continue  # not named by the spec, or a scale of a weight quantized already
-        axis = reduction_axis(value)
-        if isinstance(axis, str):
-            skipped[name] = axis
-            continue
-        if value.const_value is None:
-            skipped[name] = "has no value to quantize"
-            continue
-        if rule.activation == "int8_block":
-            skipped[name] = "needs int8 activations, which only ONNX Runtime's MatMulNBits computes"
-            continue
-        if rule.activation != "none" and any(u.domain == "com.microsoft" for u, _ in value.uses()):
-            skipped[name] = ("is read by ONNX Runtime's fused MoE kernel, where its fp8 activation cannot be "
-                             "quantized; use the dense, gather or capacity dispatch")
-            continue
-        base = name.split(".native")[0]  # re-laid-out expert copies share their source's activation
-        source = None
-        if rule.method == "checkpoint":
-            source = (stored or {}).get(name)
-            if source is None or axis != -2:
-                skipped[name] = "is pre-quantized in the checkpoint, but not in a matmul layout its stored FP8 fits"
-                continue
-        if per_expert and len(value.shape) == 3 and axis == -2:
-            if source is not None:
-                skipped[name] = ("is pre-quantized in the checkpoint, and TensorRT's per-expert layout of stored "
-                                 "FP8 experts is not built yet; build this checkpoint for --target onnxruntime")
-                continue
-            dequantized = quantize_weight_per_expert(graph, value, rule, axis, spec.compute_dtype)
-        else:
-            dequantized = quantize_weight(graph, value, rule, axis, spec.compute_dtype, source)
-        if rule.activation == "fp8_tensor":
-            amax = (activation_amax or {}).get(base)
-            if amax is None:
-                raise ValueError(f"weight {base} needs an fp8 activation scale but calibration has none for it")
-            for matmul in activation_consumers(dequantized):
-                quantize_activation(graph, matmul, fp8_scale(amax, spec.compute_dtype), spec.compute_dtype)
-        count += 1
-    if count:
-        graph.opset_imports[""] = max(graph.opset_imports.get("", 21), 21)
-    return count, skipped
+class QuantizeQdqPass(RewritePass):
+    """Quantize every initializer the spec names that is still float; counts the weights quantized and raises
+    LoweringError naming the first it cannot. `activation_amax` maps a weight name to the calibrated |max| of the
+    activation it multiplies (needed by rules with fp8 activations). `per_expert`: stacked 3-D expert weights as
+    E 2-D constants (TensorRT's layout, module docstring). `stored` maps a weight name to the reader of its
+    pre-quantized (q, scale) (needed by rules with method `checkpoint`)."""
+
+    name = "quantize_qdq"
+
+    def __init__(self, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None, per_expert: bool = False,
+                 stored: Mapping[str, Callable[[], tuple[np.ndarray, np.ndarray]]] | None = None):
+        self.spec, self.activation_amax, self.per_expert, self.stored = spec, activation_amax, per_expert, stored
+
+    def _not_quantized(self, name: str, reason: str) -> LoweringError:
+        return LoweringError(f"weight {name} was not quantized to {self.spec.precision}: it {reason}")
+
+    def rewrite(self, model: ir.Model) -> int:
+        graph = model.graph
+        count = 0
+        float_types = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+        for name, value in list(graph.initializers.items()):
+            rule = self.spec.rule_for(name)
+            if rule is None or value.dtype not in float_types or any(
+                    user.op_type in ALREADY_QUANTIZED for user, _ in value.uses()):
+                continue  # not named by the spec, or a scale of a weight quantized already
+            axis = reduction_axis(value)
+            if isinstance(axis, str):
+                raise self._not_quantized(name, axis)
+            if value.const_value is None:
+                raise self._not_quantized(name, "has no value to quantize")
+            if rule.activation == "int8_block":
+                raise self._not_quantized(name, "needs int8 activations, which only ONNX Runtime's MatMulNBits "
+                                                "computes")
+            if rule.activation != "none" and any(u.domain == "com.microsoft" for u, _ in value.uses()):
+                raise self._not_quantized(name, "is read by ONNX Runtime's fused MoE kernel, where its fp8 activation "
+                                                "cannot be quantized; use the dense, gather or capacity dispatch")
+            base = name.split(".native")[0]  # re-laid-out expert copies share their source's activation
+            source = None
+            if rule.method == "checkpoint":
+                source = (self.stored or {}).get(name)
+                if source is None or axis != -2:
+                    raise self._not_quantized(name, "is pre-quantized in the checkpoint, but not in a matmul "
+                                                    "layout its stored FP8 fits")
+            if self.per_expert and len(value.shape) == 3 and axis == -2:
+                if source is not None:
+                    raise self._not_quantized(name, "is pre-quantized in the checkpoint, and TensorRT's per-expert "
+                                                    "layout of stored FP8 experts is not built yet; build this "
+                                                    "checkpoint for --target onnxruntime")
+                dequantized = quantize_weight_per_expert(graph, value, rule, axis, self.spec.compute_dtype)
+            else:
+                dequantized = quantize_weight(graph, value, rule, axis, self.spec.compute_dtype, source)
+            if rule.activation == "fp8_tensor":
+                amax = (self.activation_amax or {}).get(base)
+                if amax is None:
+                    raise ValueError(f"weight {base} needs an fp8 activation scale but calibration has none for it")
+                for matmul in activation_consumers(dequantized):
+                    quantize_activation(graph, matmul, fp8_scale(amax, self.spec.compute_dtype),
+                                        self.spec.compute_dtype)
+            count += 1
+        if count:
+            graph.opset_imports[""] = max(graph.opset_imports.get("", 21), 21)
+        return count
 
 
 def fp8_scale(amax: float, compute_dtype: str) -> float:

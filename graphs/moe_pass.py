@@ -1,18 +1,28 @@
-"""The driver every MoE lowering shares: find candidates, check, replace, count, report overflow.
+"""What every MoE lowering shares: the pass that finds candidates, checks, replaces, counts and reports
+overflow, and the router opening each replacement starts with.
 
-A strategy supplies `check(node) -> reason | None` and `replacement(tape, node, prefix)`
-returning the new output value, or (output, overflow) for capacity-limited strategies. The
-overflow flags of all layers are OR-ed into one boolean graph output, `moe_overflow` ([1]),
-which tells the runtime to rerun the step on an exact engine.
+A strategy supplies `check(node) -> reason | None` and `replacement(tape, node, prefix)` returning the new
+output value, or (output, overflow) for capacity-limited strategies. Every MoE node is checked before any is
+replaced: one that cannot be lowered raises LoweringError and leaves the model as it was. The overflow flags of
+all layers are OR-ed into one boolean graph output, `moe_overflow` ([1]), which tells the runtime to rerun the
+step on an exact engine.
+
+The router opening (`route`), identical in every strategy:
+
+    logits        = MatMul(x, router)                     # [N, E]   /router/MatMul
+    value, index  = TopK(logits, k)                       # [N, k]   /router/TopK, k from /router/k
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import abc
+from collections.abc import Callable, Mapping
 
+import numpy as np
 import onnx_ir as ir
 
 from llama4_deploy.graphs import ops
+from llama4_deploy.graphs.passes import LoweringError, RewritePass
 from llama4_deploy.graphs.rewrite import layer_scope, splice
 
 OVERFLOW_OUTPUT = "moe_overflow"
@@ -28,33 +38,66 @@ def node_prefix(node: ir.Node, strategy: str) -> str:
     return layer_scope(node, f"moe/{strategy}")
 
 
-def run_moe_lowering(
-    model: ir.Model,
-    strategy: str,
-    check: Callable[[ir.Node], str | None],
-    replacement: Callable[[ir.tape.Tape, ir.Node, str], list[ir.Value]],
-    opset_imports: dict[str, int] | None = None,
-) -> tuple[int, dict[str, str]]:
-    graph = model.graph
-    count, skipped, overflows = 0, {}, []
-    for node in moe_nodes(model):
-        reason = check(node)
-        if reason is not None:
-            skipped[node.name] = reason
-            continue
-        tape = ir.tape.Tape()
-        outputs = replacement(tape, node, node_prefix(node, strategy))
-        splice(graph, node, tape, outputs[0])
-        overflows.extend(outputs[1:])
-        count += 1
-    if overflows:
-        _add_overflow_output(graph, overflows)
-    if not any(node.domain == ops.DOMAIN for node in graph):  # the attention op may still be there
-        graph.opset_imports.pop(ops.DOMAIN, None)
-    for domain, version in (opset_imports or {}).items():
-        if count:
-            graph.opset_imports[domain] = version
-    return count, skipped
+def route(op: Callable[..., ir.Value], const: Callable[[str, object], ir.Value], node: ir.Node
+          ) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(logits [N, E], top value [N, k], top index [N, k]) of `node`'s router, built with `scoped` builders."""
+    x, router = node.inputs[:2]
+    top_k = node.attributes["top_k"].as_int()
+    logits = op("MatMul", [x, router], name="router/MatMul")
+    top_value, top_index = op("TopK", [logits, const("router/k", np.array([top_k], dtype=np.int64))], {"axis": -1},
+                              name="router/TopK", num_outputs=2)
+    return logits, top_value, top_index
+
+
+def top_score(op: Callable[..., ir.Value], top_value: ir.Value) -> ir.Value:
+    """Llama 4's score of each chosen expert, sigmoid of its logit [N, k] (strategies that score before routing)."""
+    return op("Sigmoid", [top_value], name="router/Sigmoid")
+
+
+class MoeLoweringPass(RewritePass):
+    """Replace every `llama4_deploy.MoE` node by `replacement`; raises LoweringError naming the first node `check`
+    refuses. `relays_weights`: the replacement reads re-laid-out copies of the expert weights (inputs 2 and 3),
+    so the originals are dropped once nothing reads them."""
+
+    strategy: str
+    opset_imports: Mapping[str, int] = {}  # added to the graph's when a node was lowered
+    relays_weights = False
+
+    @property
+    def name(self) -> str:
+        return f"lower_moe_{self.strategy}"
+
+    @abc.abstractmethod
+    def check(self, node: ir.Node) -> str | None:
+        """Why `node` cannot be lowered, or None."""
+
+    @abc.abstractmethod
+    def replacement(self, tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]: ...
+
+    def rewrite(self, model: ir.Model) -> int:
+        graph = model.graph
+        nodes = moe_nodes(model)
+        for node in nodes:
+            reason = self.check(node)
+            if reason is not None:
+                raise LoweringError(f"MoE node {node.name} was not lowered to {self.strategy}: it {reason}")
+        originals = {v.name: v for node in nodes for v in node.inputs[2:4]} if self.relays_weights else {}
+        overflows = []
+        for node in nodes:
+            tape = ir.tape.Tape()
+            outputs = self.replacement(tape, node, node_prefix(node, self.strategy))
+            splice(graph, node, tape, outputs[0])
+            overflows.extend(outputs[1:])
+        if overflows:
+            _add_overflow_output(graph, overflows)
+        if not any(node.domain == ops.DOMAIN for node in graph):  # the attention op may still be there
+            graph.opset_imports.pop(ops.DOMAIN, None)
+        if nodes:
+            graph.opset_imports.update(self.opset_imports)
+        for name, value in originals.items():
+            if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
+                graph.initializers.pop(name, None)
+        return len(nodes)
 
 
 def _add_overflow_output(graph: ir.Graph, flags: list[ir.Value]) -> None:

@@ -893,7 +893,7 @@ def test_checkpoint_tokenizer_damaged(single, tmp_path):
 
 @pytest.mark.parametrize("name, flags", [
     ("model.layers.2.feed_forward.down_proj.weight", []),
-    # native dispatch converts and re-lays the experts in one copy (lower_moe_native.RelaidTensor): checked there too
+    # native dispatch converts and re-lays the experts in one copy (lower_moe_native.relaid): checked there too
     ("model.layers.1.feed_forward.experts.gate_up_proj", ["--moe-dispatch", "native"]),
 ])
 def test_checkpoint_tensor_with_nan_is_refused(single, tmp_path, name, flags):

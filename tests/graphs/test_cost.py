@@ -11,7 +11,7 @@ from llama4_deploy.export.checkpoint import Checkpoint
 from llama4_deploy.export.trace import trace_templates
 from llama4_deploy.graphs import dispatch
 from llama4_deploy.graphs.cost import step_cost
-from llama4_deploy.graphs.lower_attention import lower_attention
+from llama4_deploy.graphs.lower_attention import LowerAttentionPass
 from llama4_deploy.build.recipe import load_recipe
 from llama4_deploy import targets
 from tests.conftest import write_checkpoint
@@ -31,7 +31,7 @@ def lowered(request, tmp_path_factory):
         if strategy not in cache:
             model, _ = link_model(checkpoint, templates)
             dispatch.lowering(strategy)(model)
-            lower_attention(model, "decomposed")  # TensorRT's form; onnx23 prices within 0.2% of it
+            LowerAttentionPass("decomposed")(model)  # TensorRT's form; onnx23 prices within 0.2% of it
             cache[strategy] = model
         return cache[strategy]
 

@@ -20,12 +20,13 @@ import pytest
 import torch
 
 from llama4_deploy.export.observe import experts_forward
-from llama4_deploy.graphs.compute_dtype import convert_compute_dtype
-from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, lower_moe_capacity
-from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
-from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
-from llama4_deploy.graphs.lower_moe_native import lower_moe_native
-from llama4_deploy.graphs.quant_pass import quantize_model
+from llama4_deploy.graphs.compute_dtype import ComputeDtypePass
+from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, LowerMoeCapacityPass
+from llama4_deploy.graphs.lower_moe_dense import LowerMoeDensePass
+from llama4_deploy.graphs.lower_moe_gather import LowerMoeGatherPass
+from llama4_deploy.graphs.lower_moe_native import LowerMoeNativePass
+from llama4_deploy.graphs.passes import LoweringError, run_passes
+from llama4_deploy.graphs.quant_pass import quantize_passes
 from llama4_deploy.graphs.quantize import (QuantConfig, fake_quant, fake_quant_activation, fake_quant_int8_blocks,
                                            fp8_activation_scale, make_spec)
 from llama4_deploy.quality.verify import SIMULATION_TOLERANCE
@@ -35,10 +36,10 @@ from tests.graphs.moe_fixtures import hf_moe, moe_model, run_ort, transformers_o
 E, H, I, TOKENS = 8, 64, 32, 12
 PATTERNS = ("gate_up", "down", "shared_*")  # the one-layer fixture's weight names
 LOWER = {
-    "dense": lower_moe_dense,
-    "gather": lower_moe_gather,
-    "capacity": lambda model: lower_moe_capacity(model, CapacityConfig(capacity_factor=E)),  # never overflows
-    "native": lambda model: lower_moe_native(model, split=1),
+    "dense": LowerMoeDensePass(),
+    "gather": LowerMoeGatherPass(),
+    "capacity": LowerMoeCapacityPass(CapacityConfig(capacity_factor=E)),  # never overflows
+    "native": LowerMoeNativePass(split=1),
 }
 SHARED = {"shared_gate": "gate_proj", "shared_up": "up_proj", "shared_down": "down_proj"}
 
@@ -105,8 +106,8 @@ def test_dispatch_x_precision(dispatch, choice):
     spec = _spec(choice)
     amax = _inputs(hf_moe(E, H, I, seed=1)[0], x) if spec.activations else None
     model = moe_model(weights, H, token_valid=True)
-    convert_compute_dtype(model, spec.compute_dtype)
-    assert LOWER[dispatch](model)[0] == 1
+    ComputeDtypePass(spec.compute_dtype)(model)
+    assert LOWER[dispatch](model).count == 1
     refusals = targets.get("onnxruntime").dispatch_refusals(spec)
     if choice == "fp16" and dispatch == "capacity":
         assert refusals["capacity"].startswith("ONNX Runtime's CPU has no float16 ScatterND with reduction add")
@@ -116,10 +117,13 @@ def test_dispatch_x_precision(dispatch, choice):
     assert dispatch not in refusals or (choice, dispatch) == ("fp8", "native")
     if spec.activations and dispatch == "native":
         assert refusals["native"].startswith("precision fp8 quantizes expert activations")
-        with pytest.raises(ValueError, match="fused MoE kernel, where its fp8 activation cannot be quantized"):
-            quantize_model(model, spec, {n: 1.0 for n in ("gate_up", "down", "shared_gate", "shared_up", "shared_down")})
+        amax = {n: 1.0 for n in ("gate_up", "down", "shared_gate", "shared_up", "shared_down")}
+        with pytest.raises(LoweringError, match="^weight gate_up.native_fc1 was not quantized to fp8: it is read by "
+                                                "ONNX Runtime's fused MoE kernel, where its fp8 activation cannot be "
+                                                "quantized"):
+            run_passes(model, quantize_passes(spec, amax))
         return
-    counts = quantize_model(model, spec, amax)
+    counts = run_passes(model, quantize_passes(spec, amax))
     ops = {n.op_type for n in model.graph}
     if spec.quantized:
         assert sum(counts.values()) == 5 if dispatch != "native" or not choice.startswith("int4-ort") else \

@@ -193,11 +193,11 @@ def test_quantize_zero_point_must_be_zero():
 @pytest.mark.parametrize("onnx23", [False, True])
 def test_attention_forms_of_the_pipeline(onnx23):
     """The project's own lowering: decomposed attention is clean, onnx23 (with past/present) is refused."""
-    from llama4_deploy.graphs.lower_attention import lower_attention
+    from llama4_deploy.graphs.lower_attention import LowerAttentionPass
     from tests.graphs.test_lower_attention import _model as attention_model
 
     model = attention_model()
-    lower_attention(model, "onnx23" if onnx23 else "decomposed")
+    LowerAttentionPass("onnx23" if onnx23 else "decomposed")(model)
     problems = lint_tensorrt(model)
     assert bool(problems) == onnx23, problems
 

@@ -1,4 +1,4 @@
-"""lower_attention: both forms against the op's eager semantics (export/modules.attention) on
+"""LowerAttentionPass: both forms against the op's eager semantics (export/modules.attention) on
 ONNX Runtime, grouped-query heads, ragged masks and a fully masked (padded) row; structure."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 
 from llama4_deploy.export import modules
 from llama4_deploy.graphs import ops
-from llama4_deploy.graphs.lower_attention import lower_attention
+from llama4_deploy.graphs.lower_attention import LowerAttentionPass
+from llama4_deploy.graphs.passes import LoweringError
 
 B, T, S, Q, K, D = 2, 3, 5, 4, 2, 8
 SCALE = D**-0.5
@@ -70,7 +71,8 @@ def test_matches_the_op(form):
     The padded query row (nothing to attend) must stay finite."""
     feeds = _feeds()
     model = _model()
-    assert lower_attention(model, form) == (1, {})
+    result = LowerAttentionPass(form)(model)
+    assert (result.count, result.modified) == (1, True)
     got, expected = _run(model, feeds), _eager(feeds)
     assert got.shape == (B, T, Q * D)
     assert np.isfinite(got).all()
@@ -84,8 +86,8 @@ def test_matches_the_op(form):
 
 def test_structure():
     decomposed, fused = _model(), _model()
-    lower_attention(decomposed, "decomposed")
-    lower_attention(fused, "onnx23")
+    LowerAttentionPass("decomposed")(decomposed)
+    LowerAttentionPass("onnx23")(fused)
     assert not any(n.domain == ops.DOMAIN for n in decomposed.graph) and ops.DOMAIN not in decomposed.opset_imports
     assert decomposed.opset_imports[""] == 21 and "Attention" not in {n.op_type for n in decomposed.graph}
     assert all(n.name.startswith("/layers.0/attention/decomposed/") for n in decomposed.graph)
@@ -97,9 +99,10 @@ def test_structure():
 
 def test_refusals():
     model = _model(shapes_known=False)
-    count, skipped = lower_attention(model, "onnx23")
-    assert count == 0
-    assert skipped == {"/layers.0/node_attention": "has query heads h, kv heads 2 and head size 8; expected "
-                                                   "integers with Q a multiple of K"}
+    with pytest.raises(LoweringError) as refusal:
+        LowerAttentionPass("onnx23")(model)
+    assert str(refusal.value) == ("attention node /layers.0/node_attention was not lowered to onnx23: it has query "
+                                  "heads h, kv heads 2 and head size 8; expected integers with Q a multiple of K")
+    assert [n.op_type for n in model.graph] == [ops.ATTENTION]  # nothing changed
     with pytest.raises(ValueError, match="unknown attention form 'flash'"):
-        lower_attention(_model(), "flash")
+        LowerAttentionPass("flash")

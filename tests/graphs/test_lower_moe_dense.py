@@ -1,4 +1,4 @@
-"""lower_moe_dense: structure (which ops remain) and numbers (ONNX Runtime vs transformers)."""
+"""LowerMoeDensePass: structure (which ops remain) and numbers (ONNX Runtime vs transformers)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from llama4_deploy.graphs import ops
-from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
+from llama4_deploy.graphs.lower_moe_dense import LowerMoeDensePass
+from llama4_deploy.graphs.passes import LoweringError
 from tests.graphs.moe_fixtures import assert_close_fp32, hf_moe, moe_model, run_ort, transformers_output
 
 
@@ -23,8 +24,8 @@ def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
 def test_structure_and_count():
     _, weights = _hf_moe()
     model = moe_model(weights, hidden=32)
-    count, skipped = lower_moe_dense(model)
-    assert (count, skipped) == (1, {})
+    result = LowerMoeDensePass()(model)
+    assert (result.count, result.modified, result.model) == (1, True, model)
     op_types = [node.op_type for node in model.graph]
     assert not any(node.domain == ops.DOMAIN for node in model.graph)
     assert ops.DOMAIN not in model.opset_imports
@@ -38,7 +39,7 @@ def test_matches_transformers_moe():
     moe, weights = _hf_moe()
     x = np.random.default_rng(0).normal(size=(13, 32)).astype(np.float32)
     model = moe_model(weights, hidden=32)
-    lower_moe_dense(model)
+    LowerMoeDensePass()(model)
     expected = transformers_output(moe, x)
     assert_close_fp32(_run(model, x), expected)
     # the routed part matters: without the experts the output is far off
@@ -46,12 +47,14 @@ def test_matches_transformers_moe():
     assert np.abs(shared_only @ weights["shared_down"] - expected).max() > 0.1
 
 
-def test_check_explains_skips():
+def test_refusal_names_the_node_and_why():
     _, weights = _hf_moe()
     model = moe_model(weights, hidden=32, top_k=9)  # more than the 8 experts
-    count, skipped = lower_moe_dense(model)
-    assert count == 0
-    assert skipped == {"/layers.1/node_moe": "top_k 9 exceeds the 8 experts"}
+    with pytest.raises(LoweringError) as refusal:
+        LowerMoeDensePass()(model)
+    assert str(refusal.value) == ("MoE node /layers.1/node_moe was not lowered to dense: it top_k 9 exceeds the "
+                                  "8 experts")
+    assert [n.op_type for n in model.graph] == [ops.MOE]
 
 
 @pytest.mark.parametrize("top_k", [2])
@@ -62,7 +65,7 @@ def test_top_k_above_one_matches_eager_op(top_k):
     _, weights = _hf_moe()
     x = np.random.default_rng(1).normal(size=(5, 32)).astype(np.float32)
     model = moe_model(weights, hidden=32, top_k=top_k)
-    lower_moe_dense(model)
+    LowerMoeDensePass()(model)
     t = {k: torch.from_numpy(v) for k, v in weights.items()}
     expected = moe(torch.from_numpy(x), t["router"], t["gate_up"], t["down"], t["shared_gate"], t["shared_up"],
                    t["shared_down"], torch.ones(5, dtype=torch.bool), top_k).numpy()

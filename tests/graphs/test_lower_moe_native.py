@@ -1,4 +1,4 @@
-"""lower_moe_native: structure (one com.microsoft.MoE), lazy weights, refusals, and numbers
+"""LowerMoeNativePass: structure (one com.microsoft.MoE), lazy weights, refusals, and numbers
 (ONNX Runtime's CPU MoE kernel vs transformers' Llama4TextMoe on the same weights)."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import pytest
 
 from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.lower_moe_native import (
-    MS_DOMAIN, fc1_layout, fc1_relayout, fc2_layout, fc2_relayout, lower_moe_native, parts, relaid,
+    MS_DOMAIN, LowerMoeNativePass, fc1_layout, fc1_relayout, fc2_layout, fc2_relayout, parts, relaid,
 )
+from llama4_deploy.graphs.passes import LoweringError
 from llama4_deploy.graphs.streamed import Stored, StreamedTensor
 from tests.graphs.moe_fixtures import assert_close_fp32, hf_moe, moe_model, run_ort, transformers_output
 
@@ -37,8 +38,7 @@ def _x(seed=0, tokens=TOKENS):
 def test_structure_and_count():
     _, weights = _hf_moe()
     model = _moe_model(weights)
-    count, skipped = lower_moe_native(model)
-    assert (count, skipped) == (1, {})
+    assert LowerMoeNativePass()(model).count == 1
     nodes = list(model.graph)
     moe_nodes = [n for n in nodes if (n.domain, n.op_type) == (MS_DOMAIN, "MoE")]
     assert len(moe_nodes) == 1
@@ -162,7 +162,7 @@ def test_matches_transformers_moe():
     moe, weights = _hf_moe()
     x = _x()
     model = _moe_model(weights)
-    lower_moe_native(model)
+    LowerMoeNativePass()(model)
     expected = transformers_output(moe, x)
     assert_close_fp32(_run(model, x), expected)
     # the test exercises routing: tokens go to several experts, and the routed part matters
@@ -179,7 +179,7 @@ def test_split_experts_match_transformers_moe(split):
     moe, weights = _hf_moe()
     x = _x()
     model = _moe_model(weights)
-    assert lower_moe_native(model, split=split) == (1, {})
+    assert LowerMoeNativePass(split)(model).count == 1
     [node] = [n for n in model.graph if n.op_type == "MoE"]
     assert node.attributes["k"].as_int() == split
     assert node.inputs[2].name == f"gate_up.native{split}_fc1" and node.inputs[2].shape.numpy() == (split * E, 2 * I // split, H)
@@ -189,9 +189,10 @@ def test_split_experts_match_transformers_moe(split):
 def test_split_must_divide():
     _, weights = _hf_moe()
     with pytest.raises(ValueError, match="power of two"):
-        lower_moe_native(_moe_model(weights), split=3)
-    count, skipped = lower_moe_native(_moe_model(weights), split=64)
-    assert count == 0 and skipped == {"/layers.1/node_moe": "has an intermediate size of 32, not divisible by split 64"}
+        LowerMoeNativePass(split=3)
+    with pytest.raises(LoweringError, match="^MoE node /layers.1/node_moe was not lowered to native: it has an "
+                                            "intermediate size of 32, not divisible by split 64$"):
+        LowerMoeNativePass(split=64)(_moe_model(weights))
 
 
 def test_weights_stay_lazy():
@@ -206,12 +207,12 @@ def test_weights_stay_lazy():
         return ir.LazyTensor(load, dtype=ir.DataType.FLOAT, shape=ir.Shape(weights[name].shape), name=name)
 
     model = _moe_model(weights, tensors={"gate_up": lazy("gate_up"), "down": lazy("down")})
-    assert lower_moe_native(model) == (1, {})
+    assert LowerMoeNativePass()(model).count == 1
     assert reads == []
     for name in ("gate_up.native_fc1", "down.native_fc2"):
         assert isinstance(model.graph.initializers[name].const_value, ir.LazyTensor)
     reference = _moe_model(weights)
-    lower_moe_native(reference)
+    LowerMoeNativePass()(reference)
     x = _x(seed=2)
     np.testing.assert_array_equal(_run(model, x), _run(reference, x))
     assert sorted(set(reads)) == ["down", "gate_up"]
@@ -220,11 +221,11 @@ def test_weights_stay_lazy():
 def test_refuses_top_k_above_one():
     _, weights = _hf_moe()
     model = _moe_model(weights, top_k=2)
-    count, skipped = lower_moe_native(model)
-    assert count == 0
-    assert skipped == {"/layers.1/node_moe": "has top_k 2; com.microsoft.MoE can express only top_k 1 "
-                                             "(Llama 4 scales each expert's input by its own score, "
-                                             "the op weights outputs)"}
+    with pytest.raises(LoweringError) as refusal:
+        LowerMoeNativePass()(model)
+    assert str(refusal.value) == ("MoE node /layers.1/node_moe was not lowered to native: it has top_k 2; "
+                                  "com.microsoft.MoE can express only top_k 1 (Llama 4 scales each expert's input "
+                                  "by its own score, the op weights outputs)")
     # nothing changed: the node, its domain, its weights
     assert [(n.domain, n.op_type) for n in model.graph] == [(ops.DOMAIN, ops.MOE)]
     assert ops.DOMAIN in model.opset_imports and MS_DOMAIN not in model.opset_imports
@@ -235,16 +236,16 @@ def test_refuses_top_k_above_one():
 def test_refuses_weights_without_value(name):
     _, weights = _hf_moe()
     model = _moe_model(weights, as_inputs=(name,))
-    count, skipped = lower_moe_native(model)
-    assert count == 0
-    assert skipped == {"/layers.1/node_moe": f"has a {name} input ({name}) that is not an initializer "
-                                             "with a value, so it cannot be re-laid out"}
+    with pytest.raises(LoweringError) as refusal:
+        LowerMoeNativePass()(model)
+    assert str(refusal.value) == (f"MoE node /layers.1/node_moe was not lowered to native: it has a {name} input "
+                                  f"({name}) that is not an initializer with a value, so it cannot be re-laid out")
 
 
 def test_two_layers_sharing_weights():
     """Weights shared by two MoE nodes are re-laid out once; the second node's input (an untyped
     intermediate) still lowers and serializes. Compared with the dense lowering (same tolerance)."""
-    from llama4_deploy.graphs.lower_moe_dense import lower_moe_dense
+    from llama4_deploy.graphs.lower_moe_dense import LowerMoeDensePass
 
     _, weights = _hf_moe()
 
@@ -259,8 +260,8 @@ def test_two_layers_sharing_weights():
         return model
 
     native, dense = two_layers(), two_layers()
-    assert lower_moe_native(native) == (2, {})
-    lower_moe_dense(dense)
+    assert LowerMoeNativePass()(native).count == 2
+    LowerMoeDensePass()(dense)
     assert sorted(n.name for n in native.graph if n.op_type == "MoE") == [
         "/layers.1/moe/native/experts/MoE", "/layers.3/moe/native/experts/MoE"]
     assert [name for name in native.graph.initializers if "native" in name] == ["gate_up.native_fc1", "down.native_fc2"]

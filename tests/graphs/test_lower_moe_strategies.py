@@ -10,9 +10,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, lower_moe_capacity
-from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
+from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, LowerMoeCapacityPass
+from llama4_deploy.graphs.lower_moe_gather import LowerMoeGatherPass
+from llama4_deploy.graphs.lower_moe_native import LowerMoeNativePass
 from llama4_deploy.graphs.moe_pass import OVERFLOW_OUTPUT
+from llama4_deploy.graphs.passes import LoweringError
 from tests.graphs.moe_fixtures import assert_close_fp32, hf_moe, moe_model, run_ort, transformers_output
 
 E, H, I = 8, 32, 16
@@ -30,7 +32,7 @@ def _run(model, x, valid):
 def test_gather(tokens):
     moe, weights = hf_moe(E, H, I)
     model = _model(weights)
-    assert lower_moe_gather(model) == (1, {})
+    assert LowerMoeGatherPass()(model).count == 1
     op_types = [n.op_type for n in model.graph]
     assert op_types.count("Gather") == 2 and "ScatterElements" not in op_types
     assert all(n.name.startswith("/layers.1/moe/gather/") for n in model.graph)
@@ -42,7 +44,7 @@ def test_capacity_exact_without_overflow():
     moe, weights = hf_moe(E, H, I)
     model = _model(weights)
     # capacity factor E: every expert can take every token, so no overflow is possible
-    assert lower_moe_capacity(model, CapacityConfig(capacity_factor=E)) == (1, {})
+    assert LowerMoeCapacityPass(CapacityConfig(capacity_factor=E))(model).count == 1
     assert [o.name for o in model.graph.outputs] == ["y", OVERFLOW_OUTPUT]
     x = np.random.default_rng(0).normal(size=(40, H)).astype(np.float32)
     out = _run(model, x, np.ones(40, bool))
@@ -54,7 +56,7 @@ def test_capacity_reports_overflow_exactly():
     moe, weights = hf_moe(E, H, I)
     x = np.random.default_rng(1).normal(size=(64, H)).astype(np.float32)
     model = _model(weights)
-    lower_moe_capacity(model, CapacityConfig(capacity_factor=1.0))  # C = 8 slots per expert
+    LowerMoeCapacityPass(CapacityConfig(capacity_factor=1.0))(model)  # C = 8 slots per expert
     out = _run(model, x, np.ones(64, bool))
     load = np.bincount((x @ weights["router"]).argmax(-1), minlength=E)
     assert out[OVERFLOW_OUTPUT].tolist() == [bool(load.max() > 8)]
@@ -66,7 +68,7 @@ def test_capacity_adversarial_routing_overflows():
     """Every token picks expert 3: the graph must say so, whatever the capacity factor below E."""
     moe, weights = hf_moe(E, H, I, hot_expert=3)
     model = _model(weights)
-    lower_moe_capacity(model, CapacityConfig(capacity_factor=1.25))
+    LowerMoeCapacityPass(CapacityConfig(capacity_factor=1.25))(model)
     x = np.abs(np.random.default_rng(2).normal(size=(16, H))).astype(np.float32)
     assert (x @ weights["router"]).argmax(-1).tolist() == [3] * 16
     assert _run(model, x, np.ones(16, bool))[OVERFLOW_OUTPUT].tolist() == [True]
@@ -78,7 +80,7 @@ def test_capacity_padding_takes_no_slot():
     change valid outputs."""
     moe, weights = hf_moe(E, H, I, hot_expert=3)
     model = _model(weights)
-    lower_moe_capacity(model, CapacityConfig(capacity_factor=1.25))
+    LowerMoeCapacityPass(CapacityConfig(capacity_factor=1.25))(model)
     x = np.abs(np.random.default_rng(3).normal(size=(16, H))).astype(np.float32)
     valid = np.zeros(16, bool)
     valid[[0, 5, 9]] = True
@@ -101,7 +103,7 @@ def test_capacity_gather_combine_matches_scatter_add(top_k):
     outs = {}
     for combine in ("scatter_add", "gather"):
         model = _model(weights, top_k)
-        lower_moe_capacity(model, CapacityConfig(capacity_factor=E / top_k, combine=combine))
+        LowerMoeCapacityPass(CapacityConfig(capacity_factor=E / top_k, combine=combine))(model)
         ops = [n.op_type for n in model.graph]
         assert ("ScatterND" in ops) == (combine == "scatter_add")
         outs[combine] = _run(model, x, valid)
@@ -115,7 +117,7 @@ def test_capacity_gather_combine_matches_scatter_add(top_k):
 def test_capacity_gather_combine_overflow_still_reported():
     _, weights = hf_moe(E, H, I, hot_expert=3)
     model = _model(weights)
-    lower_moe_capacity(model, CapacityConfig(capacity_factor=1.25, combine="gather"))
+    LowerMoeCapacityPass(CapacityConfig(capacity_factor=1.25, combine="gather"))(model)
     x = np.abs(np.random.default_rng(2).normal(size=(16, H))).astype(np.float32)
     assert _run(model, x, np.ones(16, bool))[OVERFLOW_OUTPUT].tolist() == [True]
 
@@ -126,18 +128,16 @@ def test_gather_native_layout(tokens, split):
     """The gather over the native lowering's weights (interleaved fc1, transposed fc2 scaled by P): the same
     numbers as transformers (same fp32 bound: only summation order differs), and the very initializers the
     native graph reads, so a bundle with both stores the experts once."""
-    from llama4_deploy.graphs.lower_moe_native import lower_moe_native
-
     moe, weights = hf_moe(E, H, I)
     model = _model(weights)
-    assert lower_moe_gather(model, layout="native", split=split) == (1, {})
+    assert LowerMoeGatherPass("native", split)(model).count == 1
     op_types = [n.op_type for n in model.graph]
     assert op_types.count("Gather") == 2 and "Transpose" not in op_types
     tag = "native" if split == 1 else f"native{split}"
     assert set(model.graph.initializers) >= {f"gate_up.{tag}_fc1", f"down.{tag}_fc2"}
     assert not {"gate_up", "down"} & set(model.graph.initializers)  # the matmul layout is not kept
     native = _model(weights)
-    lower_moe_native(native, split=split)
+    LowerMoeNativePass(split)(native)
     for name in (f"gate_up.{tag}_fc1", f"down.{tag}_fc2"):
         np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(),
                                       native.graph.initializers[name].const_value.numpy())
@@ -151,8 +151,30 @@ def test_gather_native_layout_top_k_two():
     """top_k 2 (which the native op cannot take): the same numbers as the matmul-layout gather."""
     _, weights = hf_moe(E, H, I)
     model, reference = _model(weights, top_k=2), _model(weights, top_k=2)
-    assert lower_moe_gather(model, layout="native", split=2) == (1, {})
-    assert lower_moe_gather(reference) == (1, {})
+    assert LowerMoeGatherPass("native", split=2)(model).count == 1
+    assert LowerMoeGatherPass()(reference).count == 1
     x = np.random.default_rng(3).normal(size=(5, H)).astype(np.float32)
     valid = np.ones(5, bool)
     assert_close_fp32(_run(model, x, valid)["y"], _run(reference, x, valid)["y"])
+
+
+def test_capacity_refuses_a_node_without_token_valid():
+    """Padding could take capacity: the pass names the node and changes nothing."""
+    _, weights = hf_moe(E, H, I)
+    model = moe_model(weights, H)  # no token_valid input
+    with pytest.raises(LoweringError) as refusal:
+        LowerMoeCapacityPass()(model)
+    assert str(refusal.value) == ("MoE node /layers.1/node_moe was not lowered to capacity: it has no token_valid "
+                                  "input, so padding could take capacity")
+    assert len(list(model.graph)) == 1 and OVERFLOW_OUTPUT not in [o.name for o in model.graph.outputs]
+
+
+def test_gather_native_layout_refuses_what_the_native_layout_cannot_hold():
+    _, weights = hf_moe(E, H, I)
+    model = _model(weights)
+    with pytest.raises(LoweringError, match="^MoE node /layers.1/node_moe was not lowered to gather: it has an "
+                                            "intermediate size of 16, not divisible by split 32$"):
+        LowerMoeGatherPass("native", split=32)(model)
+    assert set(model.graph.initializers) >= {"gate_up", "down"}
+    with pytest.raises(ValueError, match="unknown gather layout 'rows'"):
+        LowerMoeGatherPass("rows")

@@ -118,7 +118,8 @@ def test_matmul_forms_compute_the_spec(form, block):
     fake_quant_int8_blocks computes the same int8 values, so the two again differ by summation order only."""
     import onnxruntime as ort
 
-    from llama4_deploy.graphs.quant_pass import quantize_model
+    from llama4_deploy.graphs.passes import run_passes
+    from llama4_deploy.graphs.quant_pass import quantize_passes
     from llama4_deploy.graphs.quantize import fake_quant_int8_blocks
 
     rng = np.random.default_rng(0)
@@ -127,7 +128,7 @@ def test_matmul_forms_compute_the_spec(form, block):
     form, _, compute = form.partition("-")
     spec = make_spec(QuantConfig(precision="int4", block_size=block, form=form, int4_compute=compute or "float"))
     model = _matmul_model(w)
-    counts = quantize_model(model, spec)
+    counts = run_passes(model, quantize_passes(spec))
     ops = [n.op_type for n in model.graph]
     if form == "ort":
         assert counts == {"quantize_ort": 1, "quantize_qdq": 0} and ops == ["MatMulNBits"]
@@ -158,7 +159,8 @@ def test_per_expert_layout_is_the_stacked_numbers(precision):
     3-D DequantizeLinear computes, on a batched expert MatMul [E, T, K] x [E, K, N]."""
     import onnxruntime as ort
 
-    from llama4_deploy.graphs.quant_pass import quantize_model
+    from llama4_deploy.graphs.passes import run_passes
+    from llama4_deploy.graphs.quant_pass import quantize_passes
 
     rng = np.random.default_rng(1)
     w = rng.normal(0, 0.02, (4, 96, 24)).astype(np.float32)  # [E, K, N]
@@ -173,7 +175,7 @@ def test_per_expert_layout_is_the_stacked_numbers(precision):
         node.outputs[0].name = "y"
         model = ir.Model(ir.Graph([xv], node.outputs, nodes=[node], initializers=[weight], opset_imports={"": 21}),
                          ir_version=10)
-        quantize_model(model, spec, {"layers.1.experts_down": 3.0}, per_expert=per_expert)
+        run_passes(model, quantize_passes(spec, {"layers.1.experts_down": 3.0}, per_expert=per_expert))
         dqs = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None]
         assert len(dqs) == (4 if per_expert else 1)
         assert {len(n.inputs[0].shape) for n in dqs} == {2 if per_expert else 3}
@@ -181,3 +183,42 @@ def test_per_expert_layout_is_the_stacked_numbers(precision):
         outs[per_expert] = session.run(None, {"x": x})[0]
     np.testing.assert_array_equal(outs[True], outs[False])
     assert np.abs(outs[True] - x @ w).max() > 1e-4  # quantized for real
+
+
+def test_a_weight_neither_form_can_quantize_is_refused():
+    """The qdq pass raises the build's sentence; the ort pass before it leaves such a weight alone, by design."""
+    from llama4_deploy.graphs.passes import LoweringError, run_passes
+    from llama4_deploy.graphs.quant_pass import quantize_passes
+
+    w = np.random.default_rng(0).normal(0, 0.02, (3, 96)).astype(np.float32)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([3, 96]))
+    weight = ir.Value(name="layers.0.q", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(w.shape),
+                      const_value=ir.tensor(w, name="layers.0.q"))
+    node = ir.node("Add", [x, weight], name="/layers.0/Add")
+    node.outputs[0].name = "y"
+    model = ir.Model(ir.Graph([x], node.outputs, nodes=[node], initializers=[weight], opset_imports={"": 21}),
+                     ir_version=10)
+    spec = make_spec(QuantConfig(precision="int4", block_size=32))
+    assert spec.form == "ort"
+    with pytest.raises(LoweringError) as refusal:
+        run_passes(model, quantize_passes(spec))
+    assert str(refusal.value) == ("weight layers.0.q was not quantized to int4: it is read by Add (input 1), not as a "
+                                  "MatMul weight")
+
+
+def test_the_ort_form_leaves_what_its_kernels_cannot_take_to_qdq():
+    """A 3-D weight outside the MoE kernel: MatMulNBits takes only 2-D ones, so the qdq pass quantizes it."""
+    from llama4_deploy.graphs.passes import run_passes
+    from llama4_deploy.graphs.quant_pass import quantize_passes
+
+    w = np.random.default_rng(1).normal(0, 0.02, (4, 64, 24)).astype(np.float32)  # [E, K, N]
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([4, 3, 64]))
+    weight = ir.Value(name="layers.1.experts_down", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(w.shape),
+                      const_value=ir.tensor(w, name="layers.1.experts_down"))
+    node = ir.node("MatMul", [x, weight], name="/layers.1/MatMul")
+    node.outputs[0].name = "y"
+    model = ir.Model(ir.Graph([x], node.outputs, nodes=[node], initializers=[weight], opset_imports={"": 21}),
+                     ir_version=10)
+    counts = run_passes(model, quantize_passes(make_spec(QuantConfig(precision="int4", block_size=32))))
+    assert counts == {"quantize_ort": 0, "quantize_qdq": 1}
+    assert [n.op_type for n in model.graph] == ["DequantizeLinear", "MatMul"]

@@ -18,12 +18,11 @@ from llama4_deploy.build.stages import Stage
 from llama4_deploy.export.checkpoint import Checkpoint
 from llama4_deploy.export.weights import WeightSource
 from llama4_deploy.graphs import dispatch
-from llama4_deploy.graphs.compute_dtype import convert_compute_dtype
+from llama4_deploy.graphs.compute_dtype import ComputeDtypePass
 from llama4_deploy.graphs.lint import lint_static
-from llama4_deploy.graphs.lower_attention import lower_attention
-from llama4_deploy.graphs.lower_moe_gather import lower_moe_gather
-from llama4_deploy.graphs.lower_moe_native import lower_moe_native
-from llama4_deploy.graphs.quant_pass import quantize_model
+from llama4_deploy.graphs.lower_attention import LowerAttentionPass
+from llama4_deploy.graphs.passes import LoweringError, run_passes
+from llama4_deploy.graphs.quant_pass import quantize_passes
 from llama4_deploy.graphs.streamed import Stored, StreamedTensor
 from llama4_deploy.targets import TargetError
 
@@ -97,24 +96,22 @@ def lower(ctx: BuildContext, stage, strategy: str, layout: str = "matmul",
         model, counts["link"] = link_stage(checkpoint, ctx.require("templates"), stage,
                                            lambda source, name: checkpoint_weight(checkpoint, source, name,
                                                                                   rewrites.get(name)))
-    with timed("lower"):
-        if spec.compute_dtype != "float32":
-            counts[f"compute_dtype_{spec.compute_dtype}"] = convert_compute_dtype(model, spec.compute_dtype)
-        count, skipped = _moe_lowering(ctx, strategy, layout)(model)
-        if skipped:
-            name, reason = next(iter(skipped.items()))
-            raise BuildError(f"MoE node {name} was not lowered to {strategy}: it {reason}")
-        counts[f"lower_attention_{attention}"], skipped = lower_attention(model, attention)
-        if skipped:
-            name, reason = next(iter(skipped.items()))
-            raise BuildError(f"attention node {name} was not lowered to {attention}: it {reason}")
-    if spec.quantized:
-        try:
+    # quantized experts are 4-8x smaller than the fp32 ones the native part split is sized for: keep them whole,
+    # so each expert's weights are quantized exactly as the checkpoint lays them out
+    moe = dispatch.lowering(strategy, recipe.capacity_factor, target.dispatch.capacity_combine,
+                            split=1 if spec.quantized else None, layout=layout)
+    narrow = [ComputeDtypePass(spec.compute_dtype)] if spec.compute_dtype != "float32" else []
+    try:
+        with timed("lower"):
+            counts.update(run_passes(model, [*narrow, moe, LowerAttentionPass(attention)]))
+        if spec.quantized:
             with timed("quantize"):  # the graph rewrite; the numbers are computed as `save` streams
-                counts.update(quantize_model(model, spec, calibration.amax, per_expert=target.per_expert_weights,
-                                             stored=loaded.stored_fp8))
-        except ValueError as err:
-            raise BuildError(str(err)) from None
+                counts.update(run_passes(model, quantize_passes(spec, calibration.amax,
+                                                                per_expert=target.per_expert_weights,
+                                                                stored=loaded.stored_fp8)))
+    except ValueError as err:  # LoweringError included: one sentence naming the node or weight
+        raise BuildError(str(err)) from None
+    counts[moe.name] = counts.pop(moe.name)  # last in the pass table, where the manifest has always listed it
     if not checks:
         return model, counts
     with timed("lint"):
@@ -127,17 +124,4 @@ def lower(ctx: BuildContext, stage, strategy: str, layout: str = "matmul",
                                recipe.capacity_factor)
         except TargetError as err:
             raise BuildError(str(err)) from None
-    counts[f"lower_moe_{strategy}"] = count
     return model, counts
-
-
-def _moe_lowering(ctx: BuildContext, strategy: str, layout: str):
-    loaded = ctx.require("loaded")
-    # quantized experts are 4-8x smaller than the fp32 ones the part split is sized for: keep them whole,
-    # so each expert's weights are quantized exactly as the checkpoint lays them out
-    split = 1 if loaded.spec.quantized else None
-    if strategy == "native" and split:
-        return lambda model: lower_moe_native(model, split=split)
-    if strategy == "gather" and layout == "native":
-        return lambda model: lower_moe_gather(model, layout="native", split=split)
-    return dispatch.lowering(strategy, loaded.recipe.capacity_factor, ctx.target.dispatch.capacity_combine)
