@@ -21,15 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from llama4_deploy.runtime import arguments, backends, integrity
-from llama4_deploy.runtime.bundle import HIDDEN_IN, HIDDEN_OUT, BundleError, Manifest, read_manifest
+from llama4_deploy.runtime import abi, arguments, backends, integrity
+from llama4_deploy.runtime.bundle import BundleError, Manifest, read_manifest
 from llama4_deploy.runtime.devices import onnxruntime_providers, placement
 from llama4_deploy.runtime.kv_cache import KVCache, cache_memory
 from llama4_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
 
 log = logging.getLogger(__name__)
-
-PAD_POSITION = -1
 
 
 @dataclasses.dataclass
@@ -101,8 +99,7 @@ class Engine:
                 for file in dict.fromkeys(graph["file"] for graph in stage.graphs.values()):
                     self.runners[file] = self._open_graph(file, threads, file in steady, stage,
                                                           providers[stage.index])
-        self._stage_caches = [[f"past_{kv}.{layer}" for layer in stage.layers for kv in ("key", "value")]
-                              for stage in self.stages]
+        self._stage_caches = [abi.past_names(stage.layers) for stage in self.stages]
         self._calls = threading.RLock()  # serializes generate / score
         self.vocab_size = manifest.vocab_size
         self.max_batch = manifest.profiles["max_batch"]
@@ -179,26 +176,26 @@ class Engine:
         output), so results never depend on capacity."""
         role = "decode" if ids.shape[1] == 1 else "prefill"
         caches = cache.feeds()
-        shared = {"position_ids": positions, "past_lengths": cache.lengths.copy()}
+        shared = {abi.POSITION_IDS: positions, abi.PAST_LENGTHS: cache.lengths.copy()}
         outputs: dict[str, np.ndarray] = {}
         hidden, rerun = ids, False
         for stage, names in zip(self.stages, self._stage_caches):
-            feeds = {("input_ids" if stage.index == 0 else HIDDEN_IN): hidden, **shared}
+            feeds = {(abi.INPUT_IDS if stage.index == 0 else abi.HIDDEN_IN): hidden, **shared}
             feeds.update(caches if len(self.stages) == 1 else {name: caches[name] for name in names})
             graph = stage.graphs[role]
             stage_outputs = self.runners[graph["file"]].infer(feeds)
-            if graph.get("reports_overflow") and stage_outputs["moe_overflow"].any():
+            if graph.get("reports_overflow") and stage_outputs[abi.MOE_OVERFLOW].any():
                 stage_outputs = self.runners[stage.graphs["exact"]["file"]].infer(feeds)
                 rerun = True
-            hidden = stage_outputs.get(HIDDEN_OUT)
+            hidden = stage_outputs.get(abi.HIDDEN_OUT)
             if hidden is not None and self._hand_off is not None:  # onto the next stage's device
                 hidden = self._hand_off(hidden, stage.index + 1)
             outputs.update(stage_outputs)
         self.overflow_reruns += rerun
         cache.write(outputs, positions)
         self.steps += 1
-        self._check_finite(outputs["logits"])
-        return outputs["logits"]
+        self._check_finite(outputs[abi.LOGITS])
+        return outputs[abi.LOGITS]
 
     def _check_finite(self, logits: np.ndarray) -> None:
         """Refuse NaN/Inf logits (damaged weights propagate them silently otherwise)."""
@@ -221,7 +218,7 @@ class Engine:
             take = [min(self.prefill_tokens, len(prompts[b]) - done[b]) for b in range(batch)]
             width = max(take)
             ids = np.zeros((batch, width), dtype=np.int64)
-            positions = np.full((batch, width), PAD_POSITION, dtype=np.int64)
+            positions = np.full((batch, width), abi.PAD_POSITION, dtype=np.int64)
             for b in range(batch):
                 ids[b, : take[b]] = prompts[b][done[b] : done[b] + take[b]]
                 positions[b, : take[b]] = np.arange(done[b], done[b] + take[b])
@@ -237,7 +234,7 @@ class Engine:
 
     def decode_step(self, cache: KVCache, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
         """One new token per active row; inactive rows are padding. Returns logits [B, V]."""
-        positions = np.where(active, cache.lengths, PAD_POSITION)[:, None]
+        positions = np.where(active, cache.lengths, abi.PAD_POSITION)[:, None]
         return self.run_step(cache, tokens.astype(np.int64)[:, None], positions)[:, 0]
 
     # -- public API -----------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from llama4_deploy.runtime.engine import PAD_POSITION, Engine, sample
+from llama4_deploy.runtime.abi import PAD_POSITION
+from llama4_deploy.runtime.engine import Engine, sample
 from llama4_deploy.runtime.kv_cache import KVCache
 
 log = logging.getLogger("llama4_deploy.runtime.scheduler")

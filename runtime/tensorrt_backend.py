@@ -38,9 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from llama4_deploy.runtime import abi
 from llama4_deploy.runtime.bundle import BundleError
-
-HOST_INPUTS = ("input_ids", "position_ids", "past_lengths")
 
 
 # -- pure functions (tested without a GPU) --------------------------------------------------------
@@ -81,7 +80,7 @@ def copy_runs(rows: np.ndarray, slots: np.ndarray, steps: np.ndarray) -> list[tu
 def cache_slots(feeds: dict[str, Any], layers: list[dict[str, Any]]) -> int:
     """S of a step: the slot count of a global layer's cache feed, else of a chunked one's."""
     glob = [layer for layer in layers if layer["attention"] == "global"] or layers
-    return int(feeds[f"past_key.{glob[0]['index']}"].shape[2])
+    return int(feeds[abi.past_key(glob[0]["index"])].shape[2])
 
 
 # -- device memory (cuda-python) ----------------------------------------------------------------
@@ -278,7 +277,7 @@ class TensorRTRunner:
             self.context.set_tensor_address(name, outputs[name].ptr)
         if not self.context.execute_async_v3(self.stream):
             raise RuntimeError(f"TensorRT failed to run {self.plan_path.name}")
-        for name in ("logits", "moe_overflow"):
+        for name in (abi.LOGITS, abi.MOE_OVERFLOW):
             if name in outputs:
                 device = outputs[name]
                 host = np.empty(device.shape, dtype=device.dtype)
@@ -287,8 +286,8 @@ class TensorRTRunner:
                        "cudaMemcpyAsync")
                 outputs[name] = host
         _check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        if "logits" in outputs:
-            outputs["logits"] = outputs["logits"].astype(np.float32)  # the runtime samples in float32
+        if abi.LOGITS in outputs:
+            outputs[abi.LOGITS] = outputs[abi.LOGITS].astype(np.float32)  # the runtime samples in float32
         return outputs
 
 

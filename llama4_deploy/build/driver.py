@@ -22,6 +22,7 @@ import numpy as np
 from llama4_deploy.build.cache import BuildCache, CacheError, checkpoint_identity, link_or_copy, step_key
 from llama4_deploy.build.outdir import OutDirError, Staging, check_out
 from llama4_deploy.build.recipe import Recipe, load_recipe
+from llama4_deploy.runtime import abi
 from llama4_deploy.runtime.bundle import GOLDEN, MANIFEST, BundleError, write_manifest
 from llama4_deploy.runtime.integrity import hash_files
 from llama4_deploy.build.clock import StageClock, timed
@@ -177,16 +178,14 @@ def _manifest(recipe: Recipe, shape, source, passes, graphs, stages: list[dict[s
         }
         for i, kind in enumerate(shape.layer_kinds)
     ]
-    io_names = ["input_ids", "position_ids", "past_lengths"] + [
-        f"past_{kv}.{i}" for i in range(shape.num_layers) for kv in ("key", "value")
-    ]
+    inputs, outputs = abi.stage_io(range(shape.num_layers), first=True, last=True,
+                                   overflow=any(g["reports_overflow"] for g in graphs.values()))
     engine = {
         "backend": recipe.backend,
         "precision": recipe.precision,
         "graphs": graphs,
-        "inputs": io_names,
-        "outputs": ["logits"] + [f"present_{kv}.{i}" for i in range(shape.num_layers) for kv in ("key", "value")]
-        + (["moe_overflow"] if any(g["reports_overflow"] for g in graphs.values()) else []),
+        "inputs": inputs,
+        "outputs": outputs,
         "cache_dtype": "float32",
         "logits_dtype": "float32",
     }
