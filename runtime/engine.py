@@ -1,4 +1,4 @@
-"""Generation over a bundle's engine: prefill, decode_step, sample, generate, score.
+"""Generation over a bundle's engine: prefill, decode_step, generate, score (sampling: runtime/sampling.py).
 
 A bundle split into pipeline stages runs them in order within each step (`run_step`): stage 0
 takes the token ids, each later stage the previous one's hidden states, each reads its own layers'
@@ -26,6 +26,8 @@ from llama4_deploy.runtime.bundle import BundleError, Manifest, read_manifest
 from llama4_deploy.runtime.devices import onnxruntime_providers, placement
 from llama4_deploy.runtime.kv_cache import KVCache, cache_memory
 from llama4_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
+from llama4_deploy.runtime.sampling import sample
+from llama4_deploy.runtime.tensorrt_backend import open_plans
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +38,6 @@ class Generation:
     logits: list[np.ndarray] | None = None  # per prompt [new tokens, V]: what each token was chosen from
     steps: int = 0  # engine calls made
     overflow_reruns: int = 0  # steps rerun on the exact engine after a capacity overflow
-
-
-def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> np.ndarray:
-    """Next token per row from logits [B, V]: greedy at temperature 0, else nucleus sampling."""
-    if temperature <= 0.0:
-        return logits.argmax(-1)
-    scaled = logits.astype(np.float64) / temperature
-    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    chosen = np.empty(len(probs), dtype=np.int64)
-    for row, p in enumerate(probs):
-        order = np.argsort(-p, kind="stable")
-        cumulative = np.cumsum(p[order])
-        keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]  # smallest set reaching top_p
-        chosen[row] = rng.choice(keep, p=p[keep] / p[keep].sum())
-    return chosen
 
 
 class NonFiniteLogitsError(ValueError):
@@ -109,8 +95,6 @@ class Engine:
         self.cache_memory = cache_memory(manifest)  # bytes per token by layer kind, and at the limits
 
     def _open_plans(self) -> None:
-        from llama4_deploy.runtime.tensorrt_backend import open_plans
-
         self.runners, self._placement = open_plans(self.manifest, [device.index for device in self.devices])
         self._storage, self._hand_off = self._placement.layer_storage, self._placement.hand_off
 

@@ -73,7 +73,7 @@ class HostStorage:
 def cache_dtype(name: str) -> np.dtype:
     """numpy dtype of a manifest's cache_dtype; bfloat16 (TensorRT bundles) comes from ml_dtypes."""
     if name == "bfloat16":
-        import ml_dtypes
+        import ml_dtypes  # deferred: not a runtime dependency (the build and tensorrt extras bring it)
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)

@@ -37,8 +37,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from llama4_deploy.runtime.abi import PAD_POSITION
-from llama4_deploy.runtime.engine import Engine, sample
+from llama4_deploy.runtime.engine import Engine
 from llama4_deploy.runtime.kv_cache import KVCache
+from llama4_deploy.runtime.sampling import sample
 
 log = logging.getLogger("llama4_deploy.runtime.scheduler")
 _ids = itertools.count(1)

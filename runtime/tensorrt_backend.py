@@ -85,7 +85,7 @@ def cache_slots(feeds: dict[str, Any], layers: list[dict[str, Any]]) -> int:
 
 # -- device memory (cuda-python) ----------------------------------------------------------------
 def _cudart():
-    from cuda.bindings import runtime as cudart
+    from cuda.bindings import runtime as cudart  # deferred: cuda-python exists only on a GPU machine
 
     return cudart
 
@@ -183,10 +183,10 @@ class DeviceStorage:
 
 # -- the runner -----------------------------------------------------------------------------------
 def _numpy_dtype(trt_dtype) -> np.dtype:
-    import tensorrt as trt
+    import tensorrt as trt  # deferred: TensorRT exists only on a GPU machine
 
     if trt_dtype == trt.DataType.BF16:
-        import ml_dtypes
+        import ml_dtypes  # deferred: the tensorrt extra brings it, the runtime's dependencies do not
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(trt.nptype(trt_dtype))
@@ -207,7 +207,7 @@ class TensorRTRunner:
         self._profile = -1
 
     def activate(self) -> "TensorRTRunner":
-        import tensorrt as trt
+        import tensorrt as trt  # deferred: TensorRT exists only on a GPU machine
 
         _set_device(self.device)  # an engine and its contexts live on the device current at deserialization
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -293,7 +293,7 @@ class TensorRTRunner:
 
 def installed_facts(device: int = 0) -> tuple[str, str, str]:
     """(TensorRT version, GPU name, compute capability) of CUDA device `device` of this machine."""
-    import tensorrt as trt
+    import tensorrt as trt  # deferred: TensorRT exists only on a GPU machine
 
     cudart = _cudart()
     prop = _check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
