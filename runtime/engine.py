@@ -40,6 +40,24 @@ class Generation:
     overflow_reruns: int = 0  # steps rerun on the exact engine after a capacity overflow
 
 
+def prefill_chunk(prompts: Sequence[Sequence[int]], done: Sequence[int],
+                  chunk_tokens: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The next step of chunked prefill: row b feeds the next min(chunk_tokens, tokens left) tokens of
+    prompts[b] from position done[b] on; a row with nothing left (an empty prompt: a row not prefilling)
+    is all padding, and shorter rows are padded to the longest.
+
+    Returns ids [B, T] (0 where padded), positions [B, T] (PAD_POSITION where padded) and each row's
+    token count `take` (T = max(take))."""
+    take = [min(chunk_tokens, len(prompt) - start) for prompt, start in zip(prompts, done)]
+    width = max(take)
+    ids = np.zeros((len(prompts), width), dtype=np.int64)
+    positions = np.full((len(prompts), width), abi.PAD_POSITION, dtype=np.int64)
+    for b, (prompt, start, count) in enumerate(zip(prompts, done, take)):
+        ids[b, :count] = prompt[start : start + count]
+        positions[b, :count] = np.arange(start, start + count)
+    return ids, positions, take
+
+
 class NonFiniteLogitsError(ValueError):
     """A step produced NaN or Inf logits (damaged weights, most likely)."""
 
@@ -199,13 +217,7 @@ class Engine:
         last = np.zeros((batch, self.vocab_size), dtype=np.float32)
         every = [[] for _ in prompts]
         while any(done[b] < len(prompts[b]) for b in range(batch)):
-            take = [min(self.prefill_tokens, len(prompts[b]) - done[b]) for b in range(batch)]
-            width = max(take)
-            ids = np.zeros((batch, width), dtype=np.int64)
-            positions = np.full((batch, width), abi.PAD_POSITION, dtype=np.int64)
-            for b in range(batch):
-                ids[b, : take[b]] = prompts[b][done[b] : done[b] + take[b]]
-                positions[b, : take[b]] = np.arange(done[b], done[b] + take[b])
+            ids, positions, take = prefill_chunk(prompts, done, self.prefill_tokens)
             logits = self.run_step(cache, ids, positions)
             for b in range(batch):
                 if take[b]:
