@@ -24,8 +24,8 @@ import onnx_ir as ir
 from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.passes import LoweringError, RewritePass
 from llama4_deploy.graphs.rewrite import layer_scope, splice
+from llama4_deploy.runtime.abi import MOE_OVERFLOW
 
-OVERFLOW_OUTPUT = "moe_overflow"
 OVERFLOW_OR = "/moe_overflow/Or_"  # the combiner's nodes: Or_0 .. Or_{M-2} for M flags
 
 
@@ -108,5 +108,5 @@ def _add_overflow_output(graph: ir.Graph, flags: list[ir.Value]) -> None:
     if combined is flags[0]:
         combined = tape.op("Identity", [combined], name="/moe_overflow/Identity")
     graph.extend(tape.nodes)
-    combined.name = OVERFLOW_OUTPUT
+    combined.name = MOE_OVERFLOW
     graph.outputs.append(combined)

@@ -14,8 +14,6 @@ from typing import Any
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: file hashes (`files`) and the weight-layout fingerprint (`engine.weights_layout`)
 GOLDEN = "golden.npz"
-HIDDEN_IN = "hidden_states"  # a pipeline stage's input after the first: [batch, new, hidden]
-HIDDEN_OUT = "hidden_states_out"  # what a stage before the last gives the next (ONNX names are unique per graph)
 WRITER = "llama4-deploy"  # `written_by`: the out-dir policy replaces only directories this tool wrote
 
 

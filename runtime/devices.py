@@ -79,7 +79,7 @@ def onnxruntime_providers(device: Device, available: Sequence[str] | None = None
     if device.kind == CPU:
         return ["CPUExecutionProvider"]
     if available is None:
-        import onnxruntime
+        import onnxruntime  # deferred: importing the runtime (the CLI, the build) need not load ONNX Runtime
 
         available = onnxruntime.get_available_providers()
     if "CUDAExecutionProvider" not in available:

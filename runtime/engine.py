@@ -1,4 +1,4 @@
-"""Generation over a bundle's engine: prefill, decode_step, sample, generate, score.
+"""Generation over a bundle's engine: prefill, decode_step, generate, score (sampling: runtime/sampling.py).
 
 A bundle split into pipeline stages runs them in order within each step (`run_step`): stage 0
 takes the token ids, each later stage the previous one's hidden states, each reads its own layers'
@@ -21,15 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from llama4_deploy.runtime import arguments, backends, integrity
-from llama4_deploy.runtime.bundle import HIDDEN_IN, HIDDEN_OUT, BundleError, Manifest, read_manifest
+from llama4_deploy.runtime import abi, arguments, backends, integrity
+from llama4_deploy.runtime.bundle import BundleError, Manifest, read_manifest
 from llama4_deploy.runtime.devices import onnxruntime_providers, placement
 from llama4_deploy.runtime.kv_cache import KVCache, cache_memory
 from llama4_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
+from llama4_deploy.runtime.sampling import sample
+from llama4_deploy.runtime.tensorrt_backend import open_plans
 
 log = logging.getLogger(__name__)
-
-PAD_POSITION = -1
 
 
 @dataclasses.dataclass
@@ -40,20 +40,22 @@ class Generation:
     overflow_reruns: int = 0  # steps rerun on the exact engine after a capacity overflow
 
 
-def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> np.ndarray:
-    """Next token per row from logits [B, V]: greedy at temperature 0, else nucleus sampling."""
-    if temperature <= 0.0:
-        return logits.argmax(-1)
-    scaled = logits.astype(np.float64) / temperature
-    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    chosen = np.empty(len(probs), dtype=np.int64)
-    for row, p in enumerate(probs):
-        order = np.argsort(-p, kind="stable")
-        cumulative = np.cumsum(p[order])
-        keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]  # smallest set reaching top_p
-        chosen[row] = rng.choice(keep, p=p[keep] / p[keep].sum())
-    return chosen
+def prefill_chunk(prompts: Sequence[Sequence[int]], done: Sequence[int],
+                  chunk_tokens: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The next step of chunked prefill: row b feeds the next min(chunk_tokens, tokens left) tokens of
+    prompts[b] from position done[b] on; a row with nothing left (an empty prompt: a row not prefilling)
+    is all padding, and shorter rows are padded to the longest.
+
+    Returns ids [B, T] (0 where padded), positions [B, T] (PAD_POSITION where padded) and each row's
+    token count `take` (T = max(take))."""
+    take = [min(chunk_tokens, len(prompt) - start) for prompt, start in zip(prompts, done)]
+    width = max(take)
+    ids = np.zeros((len(prompts), width), dtype=np.int64)
+    positions = np.full((len(prompts), width), abi.PAD_POSITION, dtype=np.int64)
+    for b, (prompt, start, count) in enumerate(zip(prompts, done, take)):
+        ids[b, :count] = prompt[start : start + count]
+        positions[b, :count] = np.arange(start, start + count)
+    return ids, positions, take
 
 
 class NonFiniteLogitsError(ValueError):
@@ -101,8 +103,7 @@ class Engine:
                 for file in dict.fromkeys(graph["file"] for graph in stage.graphs.values()):
                     self.runners[file] = self._open_graph(file, threads, file in steady, stage,
                                                           providers[stage.index])
-        self._stage_caches = [[f"past_{kv}.{layer}" for layer in stage.layers for kv in ("key", "value")]
-                              for stage in self.stages]
+        self._stage_caches = [abi.past_names(stage.layers) for stage in self.stages]
         self._calls = threading.RLock()  # serializes generate / score
         self.vocab_size = manifest.vocab_size
         self.max_batch = manifest.profiles["max_batch"]
@@ -112,8 +113,6 @@ class Engine:
         self.cache_memory = cache_memory(manifest)  # bytes per token by layer kind, and at the limits
 
     def _open_plans(self) -> None:
-        from llama4_deploy.runtime.tensorrt_backend import open_plans
-
         self.runners, self._placement = open_plans(self.manifest, [device.index for device in self.devices])
         self._storage, self._hand_off = self._placement.layer_storage, self._placement.hand_off
 
@@ -179,26 +178,26 @@ class Engine:
         output), so results never depend on capacity."""
         role = "decode" if ids.shape[1] == 1 else "prefill"
         caches = cache.feeds()
-        shared = {"position_ids": positions, "past_lengths": cache.lengths.copy()}
+        shared = {abi.POSITION_IDS: positions, abi.PAST_LENGTHS: cache.lengths.copy()}
         outputs: dict[str, np.ndarray] = {}
         hidden, rerun = ids, False
         for stage, names in zip(self.stages, self._stage_caches):
-            feeds = {("input_ids" if stage.index == 0 else HIDDEN_IN): hidden, **shared}
+            feeds = {(abi.INPUT_IDS if stage.index == 0 else abi.HIDDEN_IN): hidden, **shared}
             feeds.update(caches if len(self.stages) == 1 else {name: caches[name] for name in names})
             graph = stage.graphs[role]
             stage_outputs = self.runners[graph["file"]].infer(feeds)
-            if graph.get("reports_overflow") and stage_outputs["moe_overflow"].any():
+            if graph.get("reports_overflow") and stage_outputs[abi.MOE_OVERFLOW].any():
                 stage_outputs = self.runners[stage.graphs["exact"]["file"]].infer(feeds)
                 rerun = True
-            hidden = stage_outputs.get(HIDDEN_OUT)
+            hidden = stage_outputs.get(abi.HIDDEN_OUT)
             if hidden is not None and self._hand_off is not None:  # onto the next stage's device
                 hidden = self._hand_off(hidden, stage.index + 1)
             outputs.update(stage_outputs)
         self.overflow_reruns += rerun
         cache.write(outputs, positions)
         self.steps += 1
-        self._check_finite(outputs["logits"])
-        return outputs["logits"]
+        self._check_finite(outputs[abi.LOGITS])
+        return outputs[abi.LOGITS]
 
     def _check_finite(self, logits: np.ndarray) -> None:
         """Refuse NaN/Inf logits (damaged weights propagate them silently otherwise)."""
@@ -218,13 +217,7 @@ class Engine:
         last = np.zeros((batch, self.vocab_size), dtype=np.float32)
         every = [[] for _ in prompts]
         while any(done[b] < len(prompts[b]) for b in range(batch)):
-            take = [min(self.prefill_tokens, len(prompts[b]) - done[b]) for b in range(batch)]
-            width = max(take)
-            ids = np.zeros((batch, width), dtype=np.int64)
-            positions = np.full((batch, width), PAD_POSITION, dtype=np.int64)
-            for b in range(batch):
-                ids[b, : take[b]] = prompts[b][done[b] : done[b] + take[b]]
-                positions[b, : take[b]] = np.arange(done[b], done[b] + take[b])
+            ids, positions, take = prefill_chunk(prompts, done, self.prefill_tokens)
             logits = self.run_step(cache, ids, positions)
             for b in range(batch):
                 if take[b]:
@@ -237,7 +230,7 @@ class Engine:
 
     def decode_step(self, cache: KVCache, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
         """One new token per active row; inactive rows are padding. Returns logits [B, V]."""
-        positions = np.where(active, cache.lengths, PAD_POSITION)[:, None]
+        positions = np.where(active, cache.lengths, abi.PAD_POSITION)[:, None]
         return self.run_step(cache, tokens.astype(np.int64)[:, None], positions)[:, 0]
 
     # -- public API -----------------------------------------------------------------------------

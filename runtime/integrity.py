@@ -24,7 +24,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from llama4_deploy.runtime.bundle import HIDDEN_OUT, BundleError, Manifest, StageRecord
+from llama4_deploy.runtime import abi
+from llama4_deploy.runtime.bundle import BundleError, Manifest, StageRecord
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ LAYOUT_KEY = "llama4_deploy.weights_layout"  # metadata_props entry of every gra
 # the chunk a graph's masks were traced with: ring inputs are a dynamic dim ("ring"), so the chunk
 # cannot be read from the declared shapes
 CHUNK_KEY = "llama4_deploy.attention_chunk_size"
-OVERFLOW = "moe_overflow"  # the output only capacity graphs have (docs/engine-abi.md)
 READ_BYTES = 16 << 20  # hashlib releases the GIL on large updates: threads hash in parallel
 PART_BYTES = 256 << 20  # files above this also record per-part hashes, checked in parallel
 VERIFY_ENV = "LLAMA4_DEPLOY_VERIFY_FILES"  # "0": skip the hash check (trusted fast starts)
@@ -198,7 +198,7 @@ def check_graph_io(manifest: Manifest, file: str, inputs: dict[str, tuple[str, l
     where = f"{file} in {manifest.path}"
     # `moe_overflow` is listed once for the stage, but only capacity graphs (with MoE layers) report it
     reports = any(g.get("reports_overflow") for g in stage.graphs.values() if g["file"] == file)
-    listed_outputs = [name for name in stage.outputs if reports or name != OVERFLOW]
+    listed_outputs = [name for name in stage.outputs if reports or name != abi.MOE_OVERFLOW]
     for kind, declared, listed in (("inputs", inputs, stage.inputs), ("outputs", outputs, listed_outputs)):
         if set(declared) != set(listed):
             missing, extra = sorted(set(listed) - set(declared)), sorted(set(declared) - set(listed))
@@ -207,8 +207,8 @@ def check_graph_io(manifest: Manifest, file: str, inputs: dict[str, tuple[str, l
     cache_type = _ORT_DTYPES.get(engine["cache_dtype"], engine["cache_dtype"])
     kv_heads, head_dim = model["num_kv_heads"], model["head_dim"]
     for layer in manifest.layers[stage.start:stage.stop]:
-        for name, declared in ((f"past_key.{layer.index}", inputs), (f"past_value.{layer.index}", inputs),
-                               (f"present_key.{layer.index}", outputs), (f"present_value.{layer.index}", outputs)):
+        for name, declared in ((abi.past_key(layer.index), inputs), (abi.past_value(layer.index), inputs),
+                               (abi.present_key(layer.index), outputs), (abi.present_value(layer.index), outputs)):
             if name not in declared:
                 raise BundleError(f"{where} has no {name}, though the manifest lists layer {layer.index}")
             dtype, dims = declared[name]
@@ -218,19 +218,19 @@ def check_graph_io(manifest: Manifest, file: str, inputs: dict[str, tuple[str, l
             if len(dims) != 4 or dims[1] != kv_heads or dims[3] != head_dim:
                 raise BundleError(f"{where} declares {name} with dims {dims}, the manifest implies "
                                   f"[batch, {kv_heads}, cache, {head_dim}]")
-            if name.startswith("past_"):
+            if declared is inputs:
                 _check_cache_dim(where, name, layer, dims[2])
     if not stage.last:
-        dtype, dims = outputs[HIDDEN_OUT]
+        dtype, dims = outputs[abi.HIDDEN_OUT]
         if dtype != cache_type or len(dims) != 3 or dims[2] != model["hidden_size"]:
-            raise BundleError(f"{where} declares {HIDDEN_OUT} as {dtype} {dims}, the manifest implies "
+            raise BundleError(f"{where} declares {abi.HIDDEN_OUT} as {dtype} {dims}, the manifest implies "
                               f"{engine['cache_dtype']} [batch, new, {model['hidden_size']}]")
         return
     logits_type = _ORT_DTYPES.get(engine["logits_dtype"], engine["logits_dtype"])
-    dtype, dims = outputs["logits"]
+    dtype, dims = outputs[abi.LOGITS]
     vocab = dims[2] if len(dims) == 3 else None
     if dtype != logits_type or len(dims) != 3 or (isinstance(vocab, int) and vocab != manifest.vocab_size):
-        raise BundleError(f"{where} declares logits as {dtype} {dims}, the manifest implies "
+        raise BundleError(f"{where} declares {abi.LOGITS} as {dtype} {dims}, the manifest implies "
                           f"{engine['logits_dtype']} [batch, new, {manifest.vocab_size}]")
 
 

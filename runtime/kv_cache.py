@@ -34,6 +34,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from llama4_deploy.runtime import abi
+
 MIN_BUCKET = 16
 FINE_ABOVE = 256  # past this, buckets grow by at most 1.25x instead of doubling
 
@@ -71,7 +73,7 @@ class HostStorage:
 def cache_dtype(name: str) -> np.dtype:
     """numpy dtype of a manifest's cache_dtype; bfloat16 (TensorRT bundles) comes from ml_dtypes."""
     if name == "bfloat16":
-        import ml_dtypes
+        import ml_dtypes  # deferred: not a runtime dependency (the build and tensorrt extras bring it)
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
@@ -111,8 +113,8 @@ class KVCache:
         self._shape = (batch, model["num_kv_heads"], model["head_dim"])
         self._layers = [
             _Layer(layer.index, layer.slots if layer.attention == "chunked" else 0,
-                   (f"past_key.{layer.index}", f"past_value.{layer.index}"),
-                   (f"present_key.{layer.index}", f"present_value.{layer.index}"))
+                   (abi.past_key(layer.index), abi.past_value(layer.index)),
+                   (abi.present_key(layer.index), abi.present_value(layer.index)))
             for layer in manifest.layers
         ]
         # layer -> where its buffers live (one storage for all, or each layer's stage's device)

@@ -33,7 +33,7 @@ class OnnxRuntimeRunner:
         self._validated: set[tuple] = set()  # feed signatures already checked
 
     def activate(self) -> "OnnxRuntimeRunner":
-        import onnxruntime as ort
+        import onnxruntime as ort  # deferred: importing the runtime (the CLI, the build) need not load ONNX Runtime
 
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -36,8 +36,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from llama4_deploy.runtime.engine import PAD_POSITION, Engine, sample
+from llama4_deploy.runtime.abi import PAD_POSITION
+from llama4_deploy.runtime.engine import Engine, prefill_chunk
 from llama4_deploy.runtime.kv_cache import KVCache
+from llama4_deploy.runtime.sampling import sample
 
 log = logging.getLogger("llama4_deploy.runtime.scheduler")
 _ids = itertools.count(1)
@@ -266,16 +268,11 @@ class Scheduler:
         return logits
 
     def _prefill_step(self, rows: list[int]) -> None:
-        take = {b: min(self.engine.prefill_tokens, len(self.rows[b].request.prompt) - self.rows[b].prefilled)
-                for b in rows}
-        width = max(take.values())
-        ids = np.zeros((self.max_batch, width), dtype=np.int64)  # [B, T]
-        positions = np.full((self.max_batch, width), PAD_POSITION, dtype=np.int64)  # [B, T]
+        prompts: list[Sequence[int]] = [()] * self.max_batch  # rows not prefilling feed nothing: padding
+        done = [0] * self.max_batch
         for b in rows:
-            row = self.rows[b]
-            start = row.prefilled
-            ids[b, : take[b]] = row.request.prompt[start : start + take[b]]
-            positions[b, : take[b]] = np.arange(start, start + take[b])
+            prompts[b], done[b] = self.rows[b].request.prompt, self.rows[b].prefilled
+        ids, positions, take = prefill_chunk(prompts, done, self.engine.prefill_tokens)  # [B, T]
         logits = self._run("prefill", rows, ids, positions)  # [b, T, V], b = rows up to the last one in use
         if logits is None:
             return

@@ -38,9 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from llama4_deploy.runtime import abi
 from llama4_deploy.runtime.bundle import BundleError
-
-HOST_INPUTS = ("input_ids", "position_ids", "past_lengths")
 
 
 # -- pure functions (tested without a GPU) --------------------------------------------------------
@@ -81,12 +80,12 @@ def copy_runs(rows: np.ndarray, slots: np.ndarray, steps: np.ndarray) -> list[tu
 def cache_slots(feeds: dict[str, Any], layers: list[dict[str, Any]]) -> int:
     """S of a step: the slot count of a global layer's cache feed, else of a chunked one's."""
     glob = [layer for layer in layers if layer["attention"] == "global"] or layers
-    return int(feeds[f"past_key.{glob[0]['index']}"].shape[2])
+    return int(feeds[abi.past_key(glob[0]["index"])].shape[2])
 
 
 # -- device memory (cuda-python) ----------------------------------------------------------------
 def _cudart():
-    from cuda.bindings import runtime as cudart
+    from cuda.bindings import runtime as cudart  # deferred: cuda-python exists only on a GPU machine
 
     return cudart
 
@@ -184,10 +183,10 @@ class DeviceStorage:
 
 # -- the runner -----------------------------------------------------------------------------------
 def _numpy_dtype(trt_dtype) -> np.dtype:
-    import tensorrt as trt
+    import tensorrt as trt  # deferred: TensorRT exists only on a GPU machine
 
     if trt_dtype == trt.DataType.BF16:
-        import ml_dtypes
+        import ml_dtypes  # deferred: the tensorrt extra brings it, the runtime's dependencies do not
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(trt.nptype(trt_dtype))
@@ -208,7 +207,7 @@ class TensorRTRunner:
         self._profile = -1
 
     def activate(self) -> "TensorRTRunner":
-        import tensorrt as trt
+        import tensorrt as trt  # deferred: TensorRT exists only on a GPU machine
 
         _set_device(self.device)  # an engine and its contexts live on the device current at deserialization
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -278,7 +277,7 @@ class TensorRTRunner:
             self.context.set_tensor_address(name, outputs[name].ptr)
         if not self.context.execute_async_v3(self.stream):
             raise RuntimeError(f"TensorRT failed to run {self.plan_path.name}")
-        for name in ("logits", "moe_overflow"):
+        for name in (abi.LOGITS, abi.MOE_OVERFLOW):
             if name in outputs:
                 device = outputs[name]
                 host = np.empty(device.shape, dtype=device.dtype)
@@ -287,14 +286,14 @@ class TensorRTRunner:
                        "cudaMemcpyAsync")
                 outputs[name] = host
         _check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        if "logits" in outputs:
-            outputs["logits"] = outputs["logits"].astype(np.float32)  # the runtime samples in float32
+        if abi.LOGITS in outputs:
+            outputs[abi.LOGITS] = outputs[abi.LOGITS].astype(np.float32)  # the runtime samples in float32
         return outputs
 
 
 def installed_facts(device: int = 0) -> tuple[str, str, str]:
     """(TensorRT version, GPU name, compute capability) of CUDA device `device` of this machine."""
-    import tensorrt as trt
+    import tensorrt as trt  # deferred: TensorRT exists only on a GPU machine
 
     cudart = _cudart()
     prop = _check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")

@@ -3,13 +3,14 @@ incremental detokenization for streaming (`TextStream`)."""
 
 from __future__ import annotations
 
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
+
 from llama4_deploy.runtime.bundle import BundleError, Manifest
 
 
 class Tokenizer:
     def __init__(self, path):
-        from tokenizers import Tokenizer as HFTokenizer
-
         try:
             self._tokenizer = HFTokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception for a damaged file
@@ -39,8 +40,6 @@ class TextStream:
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
-        from tokenizers.decoders import DecodeStream
-
         self._tokenizer = tokenizer
         self._decoder = DecodeStream(skip_special_tokens=False)
         self.stop = tuple(s for s in stop if s)

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from llama4_deploy.build import BuildError, build
 from llama4_deploy.cli import main
 from llama4_deploy.build.recipe import RECIPE_DIR, RecipeError
-from llama4_deploy.runtime import load
+from llama4_deploy.runtime import abi, load
 from tests.conftest import write_checkpoint
 
 INDEX = "model.safetensors.index.json"
@@ -583,22 +583,23 @@ BUNDLE_CASES = [
                ("records no hash for tokenizer.json",)),
     # the manifest disagrees with the graph (finding 3): refused even with the hashes skipped
     BundleCase("global-layer-marked-chunked", set_layer(LAYER_GLOBAL, attention="chunked", cache_slots=8), RUN,
-               ("marks layer 3 chunked", "past_key.3", "global cache")),
+               ("marks layer 3 chunked", abi.past_key(3), "global cache")),
     BundleCase("global-layer-marked-chunked-verify", set_layer(LAYER_GLOBAL, attention="chunked", cache_slots=8),
                VERIFY, ("marks layer 3 chunked",)),
     BundleCase("chunked-layer-marked-global", set_layer(LAYER_CHUNKED, attention="global", cache_slots=None),
                RUN_UNCHECKED, ("marks layer 0 global", "chunked ring")),
     BundleCase("ring-size-changed", set_layer(1, cache_slots=16), RUN, ("attends chunks of 8", "ring of 16 slots",
                                                                         "layer 1")),
-    BundleCase("kv-heads-changed", edit_manifest(set_key("model.num_kv_heads", 4)), RUN, ("past_key.0", "[batch, 4,")),
-    BundleCase("head-dim-changed", edit_manifest(set_key("model.head_dim", 32)), RUN, ("past_key.0", ", 32]")),
-    BundleCase("vocab-changed", edit_manifest(set_key("model.vocab_size", 1000)), RUN, ("logits", "1000")),
-    BundleCase("input-unlisted", edit_manifest(lambda m: m["engine"]["inputs"].remove("past_lengths")), RUN,
-               ("inputs that disagree", "past_lengths")),
-    BundleCase("output-extra", edit_manifest(lambda m: m["engine"]["outputs"].append("present_key.9")), RUN,
-               ("outputs that disagree", "present_key.9")),
+    BundleCase("kv-heads-changed", edit_manifest(set_key("model.num_kv_heads", 4)), RUN,
+               (abi.past_key(0), "[batch, 4,")),
+    BundleCase("head-dim-changed", edit_manifest(set_key("model.head_dim", 32)), RUN, (abi.past_key(0), ", 32]")),
+    BundleCase("vocab-changed", edit_manifest(set_key("model.vocab_size", 1000)), RUN, (abi.LOGITS, "1000")),
+    BundleCase("input-unlisted", edit_manifest(lambda m: m["engine"]["inputs"].remove(abi.PAST_LENGTHS)), RUN,
+               ("inputs that disagree", abi.PAST_LENGTHS)),
+    BundleCase("output-extra", edit_manifest(lambda m: m["engine"]["outputs"].append(abi.present_key(9))), RUN,
+               ("outputs that disagree", abi.present_key(9))),
     BundleCase("cache-dtype-changed", edit_manifest(set_key("engine.cache_dtype", "float16")), RUN,
-               ("past_key.0", "float16")),
+               (abi.past_key(0), "float16")),
     # files changed after the build (finding 2)
     BundleCase("weights-exponent-byte", flip_byte("weights.data", 0.5, 0x40), RUN, ("weights.data", "changed")),
     BundleCase("weights-mantissa-byte", flip_byte("weights.data", 0.3, 0x01), RUN, ("weights.data", "changed")),
@@ -849,7 +850,7 @@ def test_global_layer_marked_chunked_is_refused_in_python(tiny_bundle, tmp_path)
     from llama4_deploy.runtime import BundleError
 
     with pytest.raises(BundleError, match=r"^the manifest marks layer 3 chunked, but native\.onnx in .* declares "
-                                          r"past_key\.3 as a global cache \('context' slots\)$"):
+                                          rf"{re.escape(abi.past_key(3))} as a global cache \('context' slots\)$"):
         load(bundle, verify_files=False)
 
 

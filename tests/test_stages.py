@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from llama4_deploy.build.stages import split_layers
+from llama4_deploy.runtime import abi
 from tests.conftest import opened_engines
 
 REL_TOLERANCE = 1e-5
@@ -64,17 +65,16 @@ def test_manifest_records_the_split(bundles):
     for n, layers in ((2, [[0, 2], [2, 4]]), (3, [[0, 1], [1, 3], [3, 4]])):
         stages = manifest(bundles[n])["engine"]["stages"]
         assert [s["layers"] for s in stages] == layers
-        assert stages[0]["inputs"][0] == "input_ids" and stages[-1]["outputs"][0] == "logits"
-        assert all(s["inputs"][0] == "hidden_states" for s in stages[1:])
-        assert all(s["outputs"][0] == "hidden_states_out" for s in stages[:-1])
+        assert stages[0]["inputs"][0] == abi.INPUT_IDS and stages[-1]["outputs"][0] == abi.LOGITS
+        assert all(s["inputs"][0] == abi.HIDDEN_IN for s in stages[1:])
+        assert all(s["outputs"][0] == abi.HIDDEN_OUT for s in stages[:-1])
         for index, stage in enumerate(stages):
             assert stage["external_data"] == f"stage{index}.weights.data"
             assert stage["graphs"]["gather"]["file"] == f"stage{index}.gather.onnx"
             # maverick-mini's MoE layers are 1 and 3: a stage without one reports no overflow
             has_moe = any(layer % 2 == 1 for layer in range(*stage["layers"]))
             assert stage["graphs"]["prefill"]["reports_overflow"] == has_moe
-            assert [n for n in stage["inputs"] if n.startswith("past_key.")] == \
-                [f"past_key.{layer}" for layer in range(*stage["layers"])]
+            assert stage["inputs"][3:] == abi.past_names(range(*stage["layers"]))
 
 
 @pytest.mark.parametrize("dispatch", DISPATCHES)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from llama4_deploy.runtime import abi
 from tests.conftest import manifest, opened_engines
 from tests.test_cli import invoke, user_error
 
@@ -63,18 +64,18 @@ def test_every_stage_graph_is_in_the_tensorrt_form_with_its_own_profiles(bundles
     assert plans == {file: file.replace(".onnx", ".plan") for file in files}
     bound = topk_bound(m["profiles"], m["model"], engine["graphs"]["prefill"]["capacity_factor"])
     for stage in stages:
-        own = [f"past_{kv}.{layer}" for layer in range(*stage["layers"]) for kv in ("key", "value")]
+        own = abi.past_names(range(*stage["layers"]))
         for file in {g["file"] for g in stage["graphs"].values()}:
             proto = onnx.load(bundles[2] / file, load_external_data=False)
             assert {o.domain: o.version for o in proto.opset_import} == {"": 21}
             assert not {n.op_type for n in proto.graph.node} & {"Attention", "ScatterND", "MoE"}
             assert lint_tensorrt(ir.load(bundles[2] / file), topk_bound=bound) == [], file
             for profile in engine["tensorrt"]["profiles"][file]:
-                assert list(profile["shapes"]) == [stage["inputs"][0], "position_ids", "past_lengths", *own]
+                assert list(profile["shapes"]) == [stage["inputs"][0], abi.POSITION_IDS, abi.PAST_LENGTHS, *own]
     # stage 1 takes hidden_states [batch, new, hidden]: up to max_batch 8 x prefill_tokens 1024 x hidden 256
-    last = engine["tensorrt"]["profiles"]["stage1.capacity.onnx"][-1]["shapes"]["hidden_states"]
+    last = engine["tensorrt"]["profiles"]["stage1.capacity.onnx"][-1]["shapes"][abi.HIDDEN_IN]
     assert last == {"min": [1, 1, 256], "opt": [8, 1024, 256], "max": [8, 1024, 256]}
-    assert engine["tensorrt"]["profiles"]["stage1.gather.onnx"][0]["shapes"]["hidden_states"]["max"] == [8, 1, 256]
+    assert engine["tensorrt"]["profiles"]["stage1.gather.onnx"][0]["shapes"][abi.HIDDEN_IN]["max"] == [8, 1, 256]
     # stage 0 holds only chunked layers (C = 16): its profiles select on ring slots, capped at the chunk
     assert [p["cache_slots"] for p in engine["tensorrt"]["profiles"]["stage0.gather.onnx"]] == [[16, 16]]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from llama4_deploy.runtime import abi
 from llama4_deploy.runtime.kv_cache import context_bucket
 from llama4_deploy.targets.tensorrt_profiles import bundle_profiles, cache_ranges, file_profiles
 
@@ -29,14 +30,14 @@ def test_file_profiles_shapes():
     prefill = file_profiles(["prefill"], PROFILES, MODEL, LAYERS)
     assert [p["cache_slots"] for p in prefill] == [[16, 128], [129, 1024], [1025, 8192], [8193, 32768]]
     last = prefill[-1]["shapes"]
-    assert last["input_ids"] == {"min": [1, 1], "opt": [4, 2048], "max": [4, 2048]}
-    assert last["past_lengths"] == {"min": [1], "opt": [4], "max": [4]}
+    assert last[abi.INPUT_IDS] == {"min": [1, 1], "opt": [4, 2048], "max": [4, 2048]}
+    assert last[abi.PAST_LENGTHS] == {"min": [1], "opt": [4], "max": [4]}
     # chunked layers' rings stop at the chunk; global layers' caches follow the context bucket
-    assert last["past_key.0"] == {"min": [1, 8, 8192, 128], "opt": [4, 8, 8192, 128], "max": [4, 8, 8192, 128]}
-    assert last["past_value.1"] == {"min": [1, 8, 8193, 128], "opt": [4, 8, 32768, 128], "max": [4, 8, 32768, 128]}
-    assert prefill[0]["shapes"]["past_key.0"]["min"] == [1, 8, 16, 128]
+    assert last[abi.past_key(0)] == {"min": [1, 8, 8192, 128], "opt": [4, 8, 8192, 128], "max": [4, 8, 8192, 128]}
+    assert last[abi.past_value(1)] == {"min": [1, 8, 8193, 128], "opt": [4, 8, 32768, 128], "max": [4, 8, 32768, 128]}
+    assert prefill[0]["shapes"][abi.past_key(0)]["min"] == [1, 8, 16, 128]
     decode = file_profiles(["decode"], PROFILES, MODEL, LAYERS)
-    assert decode[0]["shapes"]["position_ids"] == {"min": [1, 1], "opt": [4, 1], "max": [4, 1]}
+    assert decode[0]["shapes"][abi.POSITION_IDS] == {"min": [1, 1], "opt": [4, 1], "max": [4, 1]}
 
 
 def test_bundle_profiles_per_file():
@@ -44,6 +45,6 @@ def test_bundle_profiles_per_file():
     graphs = {"prefill": {"file": "capacity.onnx"}, "decode": {"file": "gather.onnx"}, "exact": {"file": "gather.onnx"}}
     profiles = bundle_profiles(graphs, PROFILES, MODEL, LAYERS)
     assert set(profiles) == {"capacity.onnx", "gather.onnx"}
-    assert profiles["gather.onnx"][0]["shapes"]["input_ids"]["max"] == [4, 2048]
+    assert profiles["gather.onnx"][0]["shapes"][abi.INPUT_IDS]["max"] == [4, 2048]
     only_decode = bundle_profiles({"decode": {"file": "gather.onnx"}}, PROFILES, MODEL, LAYERS)
-    assert only_decode["gather.onnx"][0]["shapes"]["input_ids"]["max"] == [4, 1]
+    assert only_decode["gather.onnx"][0]["shapes"][abi.INPUT_IDS]["max"] == [4, 1]

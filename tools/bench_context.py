@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 from tools.bench import median_seconds
+from llama4_deploy.runtime import abi
 from llama4_deploy.runtime.kv_cache import KVCache
 
 
@@ -88,8 +89,8 @@ def fill(cache: KVCache, tokens: int, manifest, seed: int = 0) -> None:
     step = 1024
     for start in range(0, tokens, step):
         width = min(step, tokens - start)
-        outputs = {f"present_{kv}.{layer.index}": rng.standard_normal((1, K, width, D), dtype=np.float32)
-                   for layer in manifest.layers for kv in ("key", "value")}
+        outputs = {name: rng.standard_normal((1, K, width, D), dtype=np.float32)
+                   for name in abi.present_names(layer.index for layer in manifest.layers)}
         cache.write(outputs, np.arange(start, start + width)[None])
 
 

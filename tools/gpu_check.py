@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llama4_deploy.runtime import abi
+
 MODELS = ("tiny", "maverick-mini")
 PRECISIONS = ("bf16", "fp8", "int4")
 STAGED = (("maverick-mini", "bf16", 2),)  # (model, precision, pipeline stages) also built split
@@ -124,10 +126,11 @@ def _compare(name: str, got: np.ndarray, expected: np.ndarray, log) -> bool:
     from polygraphy.comparator.struct import IterationResult
 
     tolerance = REL_TOLERANCE * max(1.0, float(np.abs(expected).max()))
-    compare = CompareFunc.simple(atol={"logits": tolerance}, rtol={"logits": 0.0}, check_error_stat={"logits": "max"})
-    result = compare(IterationResult({"logits": got.astype(np.float32)}, runner_name="tensorrt"),
-                     IterationResult({"logits": expected.astype(np.float32)}, runner_name="cpu-reference"))
-    ok = bool(result["logits"])
+    compare = CompareFunc.simple(atol={abi.LOGITS: tolerance}, rtol={abi.LOGITS: 0.0},
+                                 check_error_stat={abi.LOGITS: "max"})
+    result = compare(IterationResult({abi.LOGITS: got.astype(np.float32)}, runner_name="tensorrt"),
+                     IterationResult({abi.LOGITS: expected.astype(np.float32)}, runner_name="cpu-reference"))
+    ok = bool(result[abi.LOGITS])
     greedy = int((got.argmax(-1) == expected.argmax(-1)).sum())
     log(f"[compare] {name}: max |dlogit| {float(np.abs(got - expected).max()):.3e} (tolerance {tolerance:.3e}), "
         f"greedy {greedy}/{len(expected)}: {'ok' if ok else 'FAIL'}")

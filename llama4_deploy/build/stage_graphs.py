@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llama4_deploy.runtime.bundle import HIDDEN_IN, HIDDEN_OUT
+from llama4_deploy.runtime import abi
 from llama4_deploy.runtime.integrity import CHUNK_KEY, LAYOUT_KEY, layout_fingerprint
 from llama4_deploy.build.stages import Stage
 
@@ -43,15 +43,6 @@ def graph_file(stage: Stage, strategy: str) -> str:
     return f"{file_prefix(stage)}{strategy}.onnx"
 
 
-def stage_io(shape, stage: Stage) -> tuple[list[str], list[str]]:
-    """(input names, output names) of a stage's graphs, `moe_overflow` not included."""
-    inputs = ["input_ids" if stage.first else HIDDEN_IN, "position_ids", "past_lengths"]
-    inputs += [f"past_{kv}.{i}" for i in stage.layers for kv in ("key", "value")]
-    outputs = ["logits" if stage.last else HIDDEN_OUT]
-    outputs += [f"present_{kv}.{i}" for i in stage.layers for kv in ("key", "value")]
-    return inputs, outputs
-
-
 def stage_inputs(shape, stage: Stage):
     """The engine ABI's inputs of one stage (docs/engine-abi.md)."""
     import onnx_ir as ir
@@ -59,18 +50,18 @@ def stage_inputs(shape, stage: Stage):
     def value(name, dtype, dims):
         return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
 
-    first = (value("input_ids", ir.DataType.INT64, ["batch", "new"]) if stage.first
-             else value(HIDDEN_IN, ir.DataType.FLOAT, ["batch", "new", shape.hidden_size]))
+    first = (value(abi.INPUT_IDS, ir.DataType.INT64, ["batch", "new"]) if stage.first
+             else value(abi.HIDDEN_IN, ir.DataType.FLOAT, ["batch", "new", shape.hidden_size]))
     inputs = [
         first,
-        value("position_ids", ir.DataType.INT64, ["batch", "new"]),
-        value("past_lengths", ir.DataType.INT64, ["batch"]),
+        value(abi.POSITION_IDS, ir.DataType.INT64, ["batch", "new"]),
+        value(abi.PAST_LENGTHS, ir.DataType.INT64, ["batch"]),
     ]
     for layer in stage.layers:
         slots = "ring" if shape.layer_kinds[layer].rope else "context"  # min(C, bucket) slots, or the context bucket
         dims = ["batch", shape.num_kv_heads, slots, shape.head_dim]
-        inputs.append(value(f"past_key.{layer}", ir.DataType.FLOAT, dims))
-        inputs.append(value(f"past_value.{layer}", ir.DataType.FLOAT, dims))
+        inputs.append(value(abi.past_key(layer), ir.DataType.FLOAT, dims))
+        inputs.append(value(abi.past_value(layer), ir.DataType.FLOAT, dims))
     return inputs
 
 
@@ -93,36 +84,37 @@ def link_stage(checkpoint, templates, stage: Stage, weight: Callable[[Any, str],
     def stamp_weights(prefix, sources):
         return {k: weight(s, f"{prefix}.{k}") for k, s in sources.items()}
 
+    # bindings: {template's own name: the graph value it reads}; the templates' names are theirs, not the ABI's
     has_rope, has_global = stage_prologue(shape, stage)
-    prologue_inputs = {"position_ids": "position_ids", "past_lengths": "past_lengths"}
+    prologue_inputs = {"position_ids": abi.POSITION_IDS, "past_lengths": abi.PAST_LENGTHS}
     for scope, rope in (("chunked", True), ("global", False)):
         layers = [i for i in stage.layers if shape.layer_kinds[i].rope == rope]
         if layers:  # the prologue reads only this cache's slot count
-            prologue_inputs[f"{scope}_past_key"] = f"past_key.{layers[0]}"
+            prologue_inputs[f"{scope}_past_key"] = abi.past_key(layers[0])
     stamps = []
     if stage.first:
-        stamps.append(Stamp("embed", "embed", {"input_ids": "input_ids"},
+        stamps.append(Stamp("embed", "embed", {"input_ids": abi.INPUT_IDS},
                             stamp_weights("embed", weights.embed_weights(shape))))
         hidden = "embed.hidden_states"
     else:
-        hidden = HIDDEN_IN
+        hidden = abi.HIDDEN_IN
     stamps.append(Stamp(prologue_template(shape, has_rope, has_global), "prologue", prologue_inputs, {}))
     shared = {name: f"prologue.{name}" for name in Prologue.outputs(shape, has_rope, has_global)}
     outputs = {}
     for layer in stage.layers:
         kind = shape.layer_kinds[layer]
         prefix = f"layers.{layer}"
-        bindings = {**shared, "hidden_states": hidden, "past_key": f"past_key.{layer}",
-                    "past_value": f"past_value.{layer}"}
+        bindings = {**shared, "hidden_states": hidden, "past_key": abi.past_key(layer),
+                    "past_value": abi.past_value(layer)}
         stamps.append(Stamp(kind.name, prefix, bindings, stamp_weights(prefix, weights.layer_weights(shape, layer, kind))))
         hidden = f"{prefix}.hidden_states_out"
-        outputs[f"present_key.{layer}"] = f"{prefix}.present_key"
-        outputs[f"present_value.{layer}"] = f"{prefix}.present_value"
+        outputs[abi.present_key(layer)] = f"{prefix}.present_key"
+        outputs[abi.present_value(layer)] = f"{prefix}.present_value"
     if stage.last:
         stamps.append(Stamp("head", "head", {"hidden_states": hidden}, stamp_weights("head", weights.head_weights(shape))))
-        final = {"logits": "head.logits"}
+        final = {abi.LOGITS: "head.logits"}
     else:
-        final = {HIDDEN_OUT: hidden}
+        final = {abi.HIDDEN_OUT: hidden}
     model, stamped = link(templates, stage_inputs(shape, stage), stamps, {**final, **outputs})
     model.metadata_props[CHUNK_KEY] = str(shape.attention_chunk_size)  # checked at load (integrity.py)
     return model, stamped

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from llama4_deploy.runtime import abi
+
 MIN_BUCKET = 16  # runtime/kv_cache.py's smallest bucket
 RANGE_RATIO = 8  # largest / smallest bucket of one profile's cache range
 
@@ -53,7 +55,7 @@ def _dims(low: int, opt: int, high: int) -> dict[str, int]:
 
 
 def file_profiles(roles: list[str], profiles: dict[str, int], model: dict[str, Any],
-                  layers: list[dict[str, Any]], first_input: str = "input_ids") -> list[dict[str, Any]]:
+                  layers: list[dict[str, Any]], first_input: str = abi.INPUT_IDS) -> list[dict[str, Any]]:
     """The optimization profiles of one graph file serving `roles` (prefill, decode, exact), whose
     graph takes `first_input` (input_ids, or a later stage's hidden_states) and the caches of `layers`.
 
@@ -74,13 +76,13 @@ def file_profiles(roles: list[str], profiles: dict[str, int], model: dict[str, A
         def shape(*names):
             return {key: [dims[n][key] if isinstance(n, str) else n for n in names] for key in ("min", "opt", "max")}
 
-        first = (shape("batch", "new") if first_input == "input_ids"
+        first = (shape("batch", "new") if first_input == abi.INPUT_IDS
                  else shape("batch", "new", model["hidden_size"]))
-        shapes = {first_input: first, "position_ids": shape("batch", "new"), "past_lengths": shape("batch")}
+        shapes = {first_input: first, abi.POSITION_IDS: shape("batch", "new"), abi.PAST_LENGTHS: shape("batch")}
         for layer in layers:
             slots = "ring" if layer["attention"] == "chunked" else "context"
-            for kv in ("key", "value"):
-                shapes[f"past_{kv}.{layer['index']}"] = shape("batch", kv_heads, slots, head_dim)
+            for name in abi.past_names([layer["index"]]):
+                shapes[name] = shape("batch", kv_heads, slots, head_dim)
         out.append({"cache_slots": [low, high], "shapes": shapes})
     if any(layer["attention"] == "global" for layer in layers):
         return out
@@ -94,7 +96,7 @@ def file_profiles(roles: list[str], profiles: dict[str, int], model: dict[str, A
 
 
 def bundle_profiles(graphs: dict[str, dict[str, Any]], profiles: dict[str, int], model: dict[str, Any],
-                    layers: list[dict[str, Any]], first_input: str = "input_ids") -> dict[str, list[dict[str, Any]]]:
+                    layers: list[dict[str, Any]], first_input: str = abi.INPUT_IDS) -> dict[str, list[dict[str, Any]]]:
     """{graph file: its profiles} for a manifest's `engine.graphs` (role -> record with `file`), or for one
     stage's graphs (its `layers`, its `first_input`)."""
     roles: dict[str, list[str]] = {}

@@ -11,6 +11,7 @@ from llama4_deploy.build.steps.lower import link_model
 from llama4_deploy.export.checkpoint import Checkpoint
 from llama4_deploy.export.trace import trace_templates
 from llama4_deploy.graphs.link import LinkError, Stamp, link
+from llama4_deploy.runtime import abi
 from tests.conftest import write_checkpoint
 
 
@@ -52,18 +53,18 @@ def test_link_stamps_every_layer(templates, tiny_checkpoint):
     names = [node.name for node in model.graph]
     assert len(names) == len(set(names))
     assert any(name.startswith("/layers.3/") for name in names)
-    assert [o.name for o in model.graph.outputs][:3] == ["logits", "present_key.0", "present_value.0"]
+    assert [o.name for o in model.graph.outputs][:3] == [abi.LOGITS, abi.present_key(0), abi.present_value(0)]
     # chunked layers have a dynamic ring (min(C, bucket) slots), global layers a dynamic context
     inputs = {v.name: v for v in model.graph.inputs}
-    assert list(inputs["past_key.0"].shape) == [ir.SymbolicDim("batch"), 2, ir.SymbolicDim("ring"), 16]
-    assert str(inputs["past_key.3"].shape[2]) == "context"
+    assert list(inputs[abi.past_key(0)].shape) == [ir.SymbolicDim("batch"), 2, ir.SymbolicDim("ring"), 16]
+    assert str(inputs[abi.past_key(3)].shape[2]) == "context"
 
 
 def test_link_rejects_wrong_weight_shape(templates):
     bad = ir.tensor(__import__("numpy").zeros((3, 3), dtype="float32"))
-    x = ir.Value(name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "new"]))
+    x = ir.Value(name=abi.INPUT_IDS, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "new"]))
     with pytest.raises(LinkError, match=r"embed.embed: weight is FLOAT \(3, 3\), template wants FLOAT \(512, 64\)"):
-        link(templates, [x], [Stamp("embed", "embed", {"input_ids": "input_ids"}, {"embed": bad})], {})
+        link(templates, [x], [Stamp("embed", "embed", {"input_ids": abi.INPUT_IDS}, {"embed": bad})], {})
 
 
 def test_build_is_byte_identical(tmp_path):

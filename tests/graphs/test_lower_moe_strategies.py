@@ -13,8 +13,8 @@ import pytest
 from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, LowerMoeCapacityPass
 from llama4_deploy.graphs.lower_moe_gather import LowerMoeGatherPass
 from llama4_deploy.graphs.lower_moe_native import LowerMoeNativePass
-from llama4_deploy.graphs.moe_pass import OVERFLOW_OUTPUT
 from llama4_deploy.graphs.passes import LoweringError
+from llama4_deploy.runtime.abi import MOE_OVERFLOW
 from tests.graphs.moe_fixtures import assert_close_fp32, hf_moe, moe_model, run_ort, transformers_output
 
 E, H, I = 8, 32, 16
@@ -45,10 +45,10 @@ def test_capacity_exact_without_overflow():
     model = _model(weights)
     # capacity factor E: every expert can take every token, so no overflow is possible
     assert LowerMoeCapacityPass(CapacityConfig(capacity_factor=E))(model).count == 1
-    assert [o.name for o in model.graph.outputs] == ["y", OVERFLOW_OUTPUT]
+    assert [o.name for o in model.graph.outputs] == ["y", MOE_OVERFLOW]
     x = np.random.default_rng(0).normal(size=(40, H)).astype(np.float32)
     out = _run(model, x, np.ones(40, bool))
-    assert out[OVERFLOW_OUTPUT].tolist() == [False]
+    assert out[MOE_OVERFLOW].tolist() == [False]
     assert_close_fp32(out["y"], transformers_output(moe, x))
 
 
@@ -59,7 +59,7 @@ def test_capacity_reports_overflow_exactly():
     LowerMoeCapacityPass(CapacityConfig(capacity_factor=1.0))(model)  # C = 8 slots per expert
     out = _run(model, x, np.ones(64, bool))
     load = np.bincount((x @ weights["router"]).argmax(-1), minlength=E)
-    assert out[OVERFLOW_OUTPUT].tolist() == [bool(load.max() > 8)]
+    assert out[MOE_OVERFLOW].tolist() == [bool(load.max() > 8)]
     if not load.max() > 8:
         assert_close_fp32(out["y"], transformers_output(moe, x))
 
@@ -71,7 +71,7 @@ def test_capacity_adversarial_routing_overflows():
     LowerMoeCapacityPass(CapacityConfig(capacity_factor=1.25))(model)
     x = np.abs(np.random.default_rng(2).normal(size=(16, H))).astype(np.float32)
     assert (x @ weights["router"]).argmax(-1).tolist() == [3] * 16
-    assert _run(model, x, np.ones(16, bool))[OVERFLOW_OUTPUT].tolist() == [True]
+    assert _run(model, x, np.ones(16, bool))[MOE_OVERFLOW].tolist() == [True]
 
 
 def test_capacity_padding_takes_no_slot():
@@ -85,11 +85,11 @@ def test_capacity_padding_takes_no_slot():
     valid = np.zeros(16, bool)
     valid[[0, 5, 9]] = True
     out = _run(model, x, valid)
-    assert out[OVERFLOW_OUTPUT].tolist() == [False]
+    assert out[MOE_OVERFLOW].tolist() == [False]
     assert_close_fp32(out["y"][valid], transformers_output(moe, x)[valid])
     # one more valid token on the same expert overflows
     valid[12] = True
-    assert _run(model, x, valid)[OVERFLOW_OUTPUT].tolist() == [True]
+    assert _run(model, x, valid)[MOE_OVERFLOW].tolist() == [True]
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -107,7 +107,7 @@ def test_capacity_gather_combine_matches_scatter_add(top_k):
         ops = [n.op_type for n in model.graph]
         assert ("ScatterND" in ops) == (combine == "scatter_add")
         outs[combine] = _run(model, x, valid)
-    assert outs["gather"][OVERFLOW_OUTPUT].tolist() == outs["scatter_add"][OVERFLOW_OUTPUT].tolist() == [False]
+    assert outs["gather"][MOE_OVERFLOW].tolist() == outs["scatter_add"][MOE_OVERFLOW].tolist() == [False]
     if top_k == 1:
         np.testing.assert_array_equal(outs["gather"]["y"][valid], outs["scatter_add"]["y"][valid])
     else:
@@ -119,7 +119,7 @@ def test_capacity_gather_combine_overflow_still_reported():
     model = _model(weights)
     LowerMoeCapacityPass(CapacityConfig(capacity_factor=1.25, combine="gather"))(model)
     x = np.abs(np.random.default_rng(2).normal(size=(16, H))).astype(np.float32)
-    assert _run(model, x, np.ones(16, bool))[OVERFLOW_OUTPUT].tolist() == [True]
+    assert _run(model, x, np.ones(16, bool))[MOE_OVERFLOW].tolist() == [True]
 
 
 @pytest.mark.parametrize("split", [1, 2, 4])
@@ -166,7 +166,7 @@ def test_capacity_refuses_a_node_without_token_valid():
         LowerMoeCapacityPass()(model)
     assert str(refusal.value) == ("MoE node /layers.1/node_moe was not lowered to capacity: it has no token_valid "
                                   "input, so padding could take capacity")
-    assert len(list(model.graph)) == 1 and OVERFLOW_OUTPUT not in [o.name for o in model.graph.outputs]
+    assert len(list(model.graph)) == 1 and MOE_OVERFLOW not in [o.name for o in model.graph.outputs]
 
 
 def test_gather_native_layout_refuses_what_the_native_layout_cannot_hold():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from llama4_deploy.runtime import load
+from llama4_deploy.runtime.engine import prefill_chunk
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_ONLY = ("torch", "transformers", "onnx_ir")
@@ -67,6 +68,18 @@ def test_runtime_generates_with_build_dependencies_blocked(engine, tiny_bundle):
 
 
 # -- (b) ragged batch == each prompt alone ------------------------------------------------------
+def test_prefill_chunk_packs_each_rows_next_tokens_and_pads_the_rest():
+    # rows: mid-prompt, shorter than the chunk, not prefilling (empty), done
+    ids, positions, take = prefill_chunk([[5, 6, 7, 8, 9], [1, 2], (), [3, 4, 5, 6]], [1, 0, 0, 4], chunk_tokens=3)
+    assert take == [3, 2, 0, 0]
+    assert ids.dtype == positions.dtype == np.int64
+    assert ids.tolist() == [[6, 7, 8], [1, 2, 0], [0, 0, 0], [0, 0, 0]]
+    assert positions.tolist() == [[1, 2, 3], [0, 1, -1], [-1, -1, -1], [-1, -1, -1]]
+    # a row's last chunk is its rest, and a step is as wide as its widest row
+    ids, positions, take = prefill_chunk([[5, 6, 7, 8, 9]], [4], chunk_tokens=3)
+    assert (ids.tolist(), positions.tolist(), take) == ([[9]], [[4]], [1])
+
+
 def test_ragged_batch_equals_each_prompt_alone(engine):
     # lengths cross the prefill step (16) and the attention chunk (8) differently per row, so
     # rows are padded (position -1) in both prefill and decode steps. Padding must not

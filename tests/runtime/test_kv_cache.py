@@ -12,7 +12,7 @@ from llama4_deploy.build import build
 from llama4_deploy.quality.compare import compare, relative_logit_tolerance
 from llama4_deploy.export.reference import reference_logits, reference_model
 from llama4_deploy.build.recipe import load_recipe
-from llama4_deploy.runtime import load
+from llama4_deploy.runtime import abi, load
 from llama4_deploy.runtime.kv_cache import KVCache, context_bucket
 from llama4_deploy.quality.verify import verify
 
@@ -53,11 +53,7 @@ class FakeManifest:
 
 def present(batch, tokens, seed):
     rng = np.random.default_rng(seed)
-    outputs = {}
-    for layer in range(3):
-        for kv in ("key", "value"):
-            outputs[f"present_{kv}.{layer}"] = rng.standard_normal((batch, 2, tokens, 4)).astype(np.float32)
-    return outputs
+    return {name: rng.standard_normal((batch, 2, tokens, 4)).astype(np.float32) for name in abi.present_names(range(3))}
 
 
 def test_buckets_double_up_to_256_then_grow_by_at_most_a_quarter_capped_by_the_context():
@@ -71,21 +67,21 @@ def test_buckets_double_up_to_256_then_grow_by_at_most_a_quarter_capped_by_the_c
 
 def test_rings_follow_the_context_up_to_the_chunk_and_feeds_are_the_buffers_themselves():
     cache = KVCache(FakeManifest(), 2)
-    slots = lambda: {name: array.shape[2] for name, array in cache.feeds().items() if name.startswith("past_key")}
-    assert slots() == {"past_key.0": 16, "past_key.1": 16, "past_key.2": 16}
-    steps = [(20, {"past_key.0": 32, "past_key.1": 32, "past_key.2": 32}),
-             (20, {"past_key.0": 40, "past_key.1": 40, "past_key.2": 64}),  # ring stops at C
-             (30, {"past_key.0": 40, "past_key.1": 40, "past_key.2": 128})]
+    slots = lambda: [cache.feeds()[abi.past_key(layer)].shape[2] for layer in range(3)]
+    assert slots() == [16, 16, 16]
+    steps = [(20, [32, 32, 32]), (20, [40, 40, 64]), (30, [40, 40, 128])]  # rings stop at C
     done = 0
     for seed, (tokens, expected) in enumerate(steps):
         positions = np.tile(np.arange(done, done + tokens), (2, 1))
         cache.write(present(2, tokens, seed), positions)
         done += tokens
         assert slots() == expected
-        for name, array in cache.feeds().items():  # what the engine is fed is the buffer: no copy
-            index = int(name.split(".")[1])
-            assert array is (cache.keys if name.startswith("past_key") else cache.values)[index]
-            assert array.flags["C_CONTIGUOUS"]
+        feeds = cache.feeds()  # what the engine is fed is the buffer: no copy
+        assert list(feeds) == abi.past_names(range(3))
+        for layer in range(3):
+            assert feeds[abi.past_key(layer)] is cache.keys[layer]
+            assert feeds[abi.past_value(layer)] is cache.values[layer]
+        assert all(array.flags["C_CONTIGUOUS"] for array in feeds.values())
     assert cache.grown == 3
     assert cache.kv_bytes_read() == 2 * 2 * 2 * 4 * 4 * (40 + 40 + 128)
 
@@ -106,7 +102,7 @@ def test_growth_keeps_every_position_at_its_slot_and_rings_keep_the_newest_chunk
             for t, p in enumerate(positions[row]):
                 if p >= 0:
                     for layer in range(3):
-                        written[(layer, row, int(p))] = outputs[f"present_key.{layer}"][row, :, t]
+                        written[(layer, row, int(p))] = outputs[abi.present_key(layer)][row, :, t]
     assert cache.lengths.tolist() == lengths
     for row in range(2):
         for layer in range(3):

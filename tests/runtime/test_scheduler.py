@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from llama4_deploy.runtime import load
+from llama4_deploy.runtime import abi, load
 from llama4_deploy.runtime.scheduler import QueueFull, Request, Scheduler, run_requests
 
 from tests.runtime.test_engine import prompts_of
@@ -98,7 +98,7 @@ def test_a_step_feeds_the_rows_in_use_only(engine, monkeypatch):
     real, fed = engine.run_step, []
 
     def spy(cache, ids, positions):
-        fed.append((ids.shape[0], cache.feeds()["past_key.0"].shape[0]))
+        fed.append((ids.shape[0], cache.feeds()[abi.past_key(0)].shape[0]))
         return real(cache, ids, positions)
 
     monkeypatch.setattr(engine, "run_step", spy)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama4_deploy.runtime import backends, tensorrt_backend
+from llama4_deploy.runtime import abi, backends, tensorrt_backend
 from llama4_deploy.runtime.bundle import BundleError, Manifest
 from llama4_deploy.runtime.kv_cache import HostStorage
 
@@ -276,8 +276,7 @@ def test_stage_device_plan(monkeypatch, peer):
     for tokens, start in ((20, 0), (1, 20)):  # a prefill past the 16-slot bucket (global buffers grow), a decode
         positions = np.tile(np.arange(start, start + tokens), (2, 1))
         positions[1, tokens // 2:] = -1  # row 1 is shorter: padding is never written
-        new = {f"present_{kv}.{layer}": rng.normal(size=(2, 2, tokens, 4)).astype(np.float32)
-               for layer in range(4) for kv in ("key", "value")}
+        new = {name: rng.normal(size=(2, 2, tokens, 4)).astype(np.float32) for name in abi.present_names(range(4))}
         cuda.log.clear()
         device_cache.write({name: _on_device(cuda, array, 0 if int(name[-1]) < 2 else 1)
                             for name, array in new.items()}, positions)

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from llama4_deploy.build.context import BuildContext
-from llama4_deploy.graphs.moe_pass import OVERFLOW_OUTPUT
+from llama4_deploy.runtime import abi
 from llama4_deploy.runtime.bundle import GOLDEN, write_manifest
 
 
@@ -40,16 +40,14 @@ def run(ctx: BuildContext) -> dict[str, Any]:
                         "reports_overflow": any(stage["graphs"][role]["reports_overflow"] for stage in stages)}
         if strategy == "capacity":
             graphs[role]["capacity_factor"] = recipe.capacity_factor
-    io_names = ["input_ids", "position_ids", "past_lengths"] + [
-        f"past_{kv}.{i}" for i in range(shape.num_layers) for kv in ("key", "value")
-    ]
+    inputs, outputs = abi.stage_io(range(shape.num_layers), first=True, last=True,
+                                   overflow=any(g["reports_overflow"] for g in graphs.values()))
     engine = {
         "backend": recipe.backend,
         "precision": spec.precision,
         "graphs": graphs,
-        "inputs": io_names,
-        "outputs": ["logits"] + [f"present_{kv}.{i}" for i in range(shape.num_layers) for kv in ("key", "value")]
-        + ([OVERFLOW_OUTPUT] if any(g["reports_overflow"] for g in graphs.values()) else []),
+        "inputs": inputs,
+        "outputs": outputs,
         "cache_dtype": "float32",
         "logits_dtype": "float32",
     }

@@ -10,10 +10,10 @@ from typing import Any
 from llama4_deploy.build.cache import step_key
 from llama4_deploy.build.clock import timed
 from llama4_deploy.build.context import BuildContext, SavedStage
-from llama4_deploy.build.stage_graphs import data_file, graph_file, save_stage_graphs, stage_io
+from llama4_deploy.build.stage_graphs import data_file, graph_file, save_stage_graphs
 from llama4_deploy.build.stages import Stage
 from llama4_deploy.build.steps import lower
-from llama4_deploy.graphs.moe_pass import OVERFLOW_OUTPUT
+from llama4_deploy.runtime import abi
 from llama4_deploy.runtime.integrity import hash_files
 
 
@@ -31,8 +31,8 @@ def run(ctx: BuildContext, stage: Stage) -> SavedStage:
         with ctx.cache.put(step, key) as (directory, record):
             with timed("save"):
                 layout, data_record = save_stage_graphs(models, directory, stage)
-            overflow = {s for s, model in models.items() if any(o.name == OVERFLOW_OUTPUT for o in model.graph.outputs)}
-            stage_inputs, stage_outputs = stage_io(loaded.shape, stage)
+            overflow = {s for s, model in models.items() if any(o.name == abi.MOE_OVERFLOW for o in model.graph.outputs)}
+            stage_inputs, stage_outputs = abi.stage_io(stage.layers, stage.first, stage.last, overflow=bool(overflow))
             record["stage"] = {
                 "index": stage.index,
                 "layers": [stage.start, stage.stop],
@@ -41,7 +41,7 @@ def run(ctx: BuildContext, stage: Stage) -> SavedStage:
                 "external_data": data_file(stage),
                 "weights_layout": layout,  # every graph of the stage carries it in its metadata_props
                 "inputs": stage_inputs,
-                "outputs": stage_outputs + ([OVERFLOW_OUTPUT] if overflow else []),
+                "outputs": stage_outputs,
             }
             record["passes"] = passes
             files = {**hash_files(directory, [graph_file(stage, s) for s in chosen.strategies]),
