@@ -38,15 +38,15 @@ from pathlib import Path
 
 import numpy as np
 
-from llama4_deploy.graphs.quantize import QuantRule
+from llama4_deploy.export.calibrate import run_layer_by_layer
+from llama4_deploy.export.weights import all_weights
+from llama4_deploy.graphs.quantize import QuantRule, fake_quant
 
 SCALES_FILE = "awq_scales.npz"
 GRID = 20
 
 
 def _fake_quant(w: np.ndarray, rule: QuantRule) -> np.ndarray:
-    from llama4_deploy.graphs.quantize import fake_quant
-
     return fake_quant(w, rule, w.ndim - 2)
 
 
@@ -150,9 +150,6 @@ def run(checkpoint_dir: str | Path, checkpoint, ids: list[list[int]], rule: Quan
     """AWQ scales for a checkpoint (the build's entry point), layer by layer: transformers' fp32 decoder layers run
     the calibration tokens one layer at a time (export/calibrate.py), and each layer's scales are searched from
     its own inputs before the next layer runs. Memory: one layer's weights and inputs plus the hidden states."""
-    from llama4_deploy.export.calibrate import run_layer_by_layer
-    from llama4_deploy.export.weights import all_weights
-
     sources = all_weights(checkpoint.shape)
     kinds = checkpoint.shape.layer_kinds
     seen: dict[str, list[np.ndarray]] = {}

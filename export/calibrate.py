@@ -23,6 +23,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from llama4_deploy.export import layerwise
+from llama4_deploy.export.observe import linear_inputs
+from llama4_deploy.export.reference import checkpoint_model
+from llama4_deploy.export.shape import ModelShape
 
 RANDOM_SEQUENCES = 8
 RANDOM_TOKENS = 64
@@ -57,8 +64,6 @@ def calibration_ids(path: str | Path | None, checkpoint, seed: int = 0) -> list[
     if checkpoint.tokenizer_file is None:
         raise CalibrationError(f"calibration file {path} is text, but the checkpoint has no tokenizer.json to encode it;"
                                " give a JSON list of token-id lists instead")
-    from tokenizers import Tokenizer
-
     tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_file))
     ids = [tokenizer.encode(line).ids for line in text.splitlines() if line.strip()]
     ids = [s for s in ids if s]
@@ -72,12 +77,9 @@ def run_layer_by_layer(checkpoint_dir: str | Path, ids: list[list[int]], record:
     """Run the checkpoint's decoder over `ids` one layer at a time (export/layerwise.py), calling `record(weight
     name, activation)` for every quantized linear layer's input (export/simulate.py's hooks) and
     `after_layer(index)` once a layer has seen every sequence. Memory: one layer's weights plus the activations."""
-    from llama4_deploy.export.layerwise import CheckpointWeights, Pass, run_layer_by_layer as run
-    from llama4_deploy.export.observe import linear_inputs
-
-    weights = CheckpointWeights(checkpoint_dir)
+    weights = layerwise.CheckpointWeights(checkpoint_dir)
     hooks = lambda model, index: linear_inputs(model, weights.shape, record, layers=[index])  # noqa: E731
-    run(weights, [Pass(ids, hooks)], logits=False, after_layer=after_layer)
+    layerwise.run_layer_by_layer(weights, [layerwise.Pass(ids, hooks)], logits=False, after_layer=after_layer)
 
 
 def collect_amax(checkpoint_dir: str | Path, ids: list[list[int]]) -> dict[str, float]:
@@ -94,12 +96,6 @@ def collect_amax(checkpoint_dir: str | Path, ids: list[list[int]]) -> dict[str, 
 
 def collect_amax_whole_model(checkpoint_dir: str | Path, ids: list[list[int]]) -> dict[str, float]:
     """The same ranges from transformers' whole model in one piece (O(model) memory): the layer-by-layer check."""
-    import torch
-
-    from llama4_deploy.export.reference import checkpoint_model
-    from llama4_deploy.export.shape import ModelShape
-    from llama4_deploy.export.observe import linear_inputs
-
     model = checkpoint_model(checkpoint_dir)
     shape = ModelShape.from_config(model.config.to_dict())
     amax: dict[str, float] = {}

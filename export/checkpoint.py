@@ -16,6 +16,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
+from llama4_deploy.export.compressed_tensors import CompressedTensorsError, CompressedTensorsFP8, LogicalTensors
 from llama4_deploy.export.shape import ConfigError, ModelShape
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,8 +56,6 @@ class Checkpoint:
 
     def _compressed_tensors(self):
         """Pre-quantized FP8 (compressed-tensors) tensors under Llama4ForCausalLM's names, or None."""
-        from llama4_deploy.export.compressed_tensors import CompressedTensorsError, CompressedTensorsFP8, LogicalTensors
-
         try:
             scheme = CompressedTensorsFP8.from_config(self.config)
         except CompressedTensorsError as err:
@@ -65,8 +66,6 @@ class Checkpoint:
                               self._raw_tensor, self.prefix, self.shape.num_experts)
 
     def _logical(self, read, name: str):
-        from llama4_deploy.export.compressed_tensors import CompressedTensorsError
-
         try:
             return read(name)
         except CompressedTensorsError as err:
@@ -94,8 +93,6 @@ class Checkpoint:
         raise CheckpointError(f"{self.path} has no {SINGLE_FILE} and no {INDEX_FILE}; weights must be safetensors")
 
     def _open(self, shard: Path):
-        from safetensors import safe_open
-
         handle = self._handles.get(shard)
         if handle is None:
             try:

@@ -24,7 +24,7 @@ Llama4ForCausalLM's own names: `float_tensor` (dequantized, for the reference an
 (the stored bytes and scales, re-laid out only: transposed and stacked, never rounded). The build puts the
 latter into the qdq form's FLOAT8E4M3FN initializers as they are (`deploy_fp8`). Dynamic per-token activation
 scaling becomes a static per-tensor scale from calibration (TensorRT takes only per-tensor activation
-scales); docs/quantization.md gives what that costs.
+scales); docs/precision.md gives what that costs.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from llama4_deploy.export.weights import all_weights
+from llama4_deploy.graphs.quantize import checkpoint_spec
 
 EXPERTS = re.compile(r"^(?P<prefix>.*\.feed_forward\.experts)\.(?P<which>gate_up_proj|down_proj)$")
 
@@ -98,8 +101,8 @@ class CompressedTensorsFP8:
 
 
 def _numpy_fp8(tensor) -> np.ndarray:
-    import ml_dtypes
-    import torch
+    import ml_dtypes  # deferred with torch: the CLI imports checkpoint.py, and so this module, without them
+    import torch  # deferred: the CLI imports checkpoint.py, and so this module, without torch
 
     return tensor.contiguous().view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
 
@@ -166,7 +169,7 @@ class LogicalTensors:
     # -- values -------------------------------------------------------------------------------
     def _module_fp8(self, module: str):
         """(q float8 torch [out, in], scale float32 torch [out, 1]) of one quantized Linear."""
-        import torch
+        import torch  # deferred: the CLI imports checkpoint.py, and so this module, without torch
 
         q = self._tensor(f"{module}.weight")
         scale = self._tensor(f"{module}.weight_scale").to(torch.float32)
@@ -185,7 +188,7 @@ class LogicalTensors:
         """(q, scale) of a quantized tensor in the checkpoint's (logical) layout, the scale keeping the reduction
         axis as size 1: a Linear's [out, in] with [out, 1]; stacked experts [E, K, N] with [E, 1, N]. The FP8
         bytes are moved (transposed, stacked), never rounded."""
-        import torch
+        import torch  # deferred: the CLI imports checkpoint.py, and so this module, without torch
 
         experts = self._experts(name)
         if experts is None:
@@ -201,7 +204,7 @@ class LogicalTensors:
 
     def float_tensor(self, name: str):
         """The tensor in float32 (dequantized when stored in FP8), stacked when the checkpoint splits experts."""
-        import torch
+        import torch  # deferred: the CLI imports checkpoint.py, and so this module, without torch
 
         if self.quantized(name):
             q, scale = self.fp8(name)
@@ -226,8 +229,6 @@ def deploy_fp8(tensors: LogicalTensors, checkpoint_name: str, transpose: bool) -
 
 def stored_fp8(checkpoint, shape) -> dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]]:
     """Deploy-form weight name -> a reader of its stored FP8 (q, scale), for every weight the checkpoint quantized."""
-    from llama4_deploy.export.weights import all_weights
-
     tensors = checkpoint.logical
     if tensors is None:
         return {}
@@ -237,8 +238,6 @@ def stored_fp8(checkpoint, shape) -> dict[str, Callable[[], tuple[np.ndarray, np
 
 def weight_patterns(names: list[str], shape) -> tuple[str, ...]:
     """Spec patterns naming exactly `names`: `layers.*.q` where every layer's q is quantized, exact names otherwise."""
-    from llama4_deploy.export.weights import all_weights
-
     everything = list(all_weights(shape))
     chosen = set(names)
     patterns = []
@@ -255,8 +254,6 @@ def weight_patterns(names: list[str], shape) -> tuple[str, ...]:
 def checkpoint_quant_spec(checkpoint, precision: str, compute_dtype: str | None, quant_form: str):
     """The spec of a pre-quantized checkpoint's build: its FP8 weights as stored, the rest in the compute dtype.
     `precision` fp8, or fp32 (a recipe's default) meaning "as the checkpoint is"; anything else would requantize."""
-    from llama4_deploy.graphs.quantize import checkpoint_spec
-
     if precision not in ("fp8", "fp32"):
         raise CompressedTensorsError(
             f"the checkpoint is pre-quantized FP8 (compressed-tensors), so it builds as fp8 only: {precision} would "

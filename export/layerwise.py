@@ -29,12 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from transformers import Llama4ForCausalLM, Llama4TextConfig, initialization
+from transformers.models.llama4.modeling_llama4 import (Llama4TextDecoderLayer, Llama4TextRMSNorm,
+                                                        Llama4TextRotaryEmbedding)
+
+from llama4_deploy.export.checkpoint import Checkpoint
+from llama4_deploy.export.shape import ModelShape
+from llama4_deploy.export.weights import embed_weights, head_weights
 
 
 def text_config(config: dict[str, Any]):
     """Llama4TextConfig (eager attention) of a checkpoint's config.json or a recipe's random config."""
-    from transformers import Llama4TextConfig
-
     text = dict(config.get("text_config", config) if config.get("model_type") == "llama4" else config)
     text.pop("quantization_config", None)
     cfg = Llama4TextConfig.from_dict(text)
@@ -44,17 +50,11 @@ def text_config(config: dict[str, Any]):
 
 def skeleton(config):
     """Llama4ForCausalLM on the meta device: every module, no memory, no random draws."""
-    import torch
-    from transformers import Llama4ForCausalLM
-
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         return Llama4ForCausalLM(config).eval()
 
 
 def meta_layer(config, index: int):
-    import torch
-    from transformers.models.llama4.modeling_llama4 import Llama4TextDecoderLayer
-
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         return Llama4TextDecoderLayer(config, index)
 
@@ -63,20 +63,14 @@ class CheckpointWeights:
     """A checkpoint's weights in fp32, one piece at a time, from its memory-mapped shards."""
 
     def __init__(self, path: str | Path):
-        from llama4_deploy.export.checkpoint import Checkpoint
-
         self.checkpoint = Checkpoint(path)
         self.shape = self.checkpoint.shape
         self.config = text_config(self.checkpoint.config)
 
     def _fp32(self, name: str):
-        import torch
-
         return self.checkpoint.tensor(name).to(torch.float32)
 
     def embedding(self):
-        from llama4_deploy.export.weights import embed_weights
-
         return self._fp32(embed_weights(self.shape)["embed"].checkpoint_name)
 
     def layer(self, index: int) -> dict[str, Any]:
@@ -85,8 +79,6 @@ class CheckpointWeights:
 
     def head(self):
         """(final norm weight, lm_head weight); a tied checkpoint's lm_head is its embedding (export/weights.py)."""
-        from llama4_deploy.export.weights import head_weights
-
         sources = head_weights(self.shape)
         return self._fp32(sources["final_norm"].checkpoint_name), self._fp32(sources["lm_head"].checkpoint_name)
 
@@ -105,11 +97,6 @@ class RandomWeights:
     """
 
     def __init__(self, config: dict[str, Any], seed: int, logit_gain: float = 1.0, router_gain: float = 1.0):
-        import torch
-        from transformers.models.llama4.modeling_llama4 import Llama4TextDecoderLayer
-
-        from llama4_deploy.export.shape import ModelShape
-
         self.config = text_config(config)
         self.shape = ModelShape.from_config(self.config.to_dict())
         self.logit_gain, self.router_gain = logit_gain, router_gain
@@ -126,9 +113,6 @@ class RandomWeights:
     def _initialized(self, module):
         """`module` (built on meta) materialized and initialized as PreTrainedModel.initialize_weights does:
         children first (post-order), with the generator where the previous piece left it."""
-        import torch
-        from transformers import initialization
-
         module = module.to_empty(device="cpu")
 
         def post_order(m) -> Iterator:
@@ -149,8 +133,6 @@ class RandomWeights:
         self._next = following
 
     def embedding(self):
-        import torch
-
         self._take("embedding", 0)
         c = self.config
         with torch.device("meta"):
@@ -166,9 +148,6 @@ class RandomWeights:
         return {name: t.detach() for name, t in layer.state_dict().items()}
 
     def head(self):
-        import torch
-        from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm
-
         self._take("head", None)
         c = self.config
         with torch.device("meta"):
@@ -201,9 +180,6 @@ def run_layer_by_layer(weights, passes: list[Pass], logits: bool = True,
     every sequence of every pass (float32 numpy, as reference.reference_logits gives them). `after_layer(index)`
     runs once a layer has seen every sequence. Memory: one layer's weights (and a copy for each prepared pass but
     the last), the hidden states and the recorded masks."""
-    import torch
-    from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm, Llama4TextRotaryEmbedding
-
     config = weights.config
     model = skeleton(config)
     decoder = model.model

@@ -6,8 +6,14 @@ Llama4TextConfig, a seed, and gains that make the random model's decisions well 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+import torch
+from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig
+
+from llama4_deploy.export.checkpoint import Checkpoint
 
 
 def random_model(config: dict[str, Any], seed: int, logit_gain: float = 1.0, router_gain: float = 1.0):
@@ -18,9 +24,6 @@ def random_model(config: dict[str, Any], seed: int, logit_gain: float = 1.0, rou
     rounding noise. `logit_gain` and `router_gain` scale lm_head and every router so that top
     choices are separated by far more than fp32 error (peaked, no near-ties).
     """
-    import torch
-    from transformers import Llama4ForCausalLM, Llama4TextConfig
-
     torch.manual_seed(seed)
     cfg = Llama4TextConfig(**config)
     cfg._attn_implementation = "eager"
@@ -35,11 +38,6 @@ def random_model(config: dict[str, Any], seed: int, logit_gain: float = 1.0, rou
 
 def checkpoint_model(path: str | Path):
     """Llama4ForCausalLM from a checkpoint dir; multimodal checkpoints give their language model."""
-    import json
-
-    import torch
-    from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration
-
     config = json.loads((Path(path) / "config.json").read_text())
     text = config.get("text_config", config) if config.get("model_type") == "llama4" else config
     if "quantization_config" in config or "quantization_config" in text:
@@ -55,11 +53,6 @@ def dequantized_model(path: str | Path):
     """Llama4ForCausalLM in fp32 holding a pre-quantized (compressed-tensors FP8) checkpoint's weights
     dequantized (q * weight_scale, experts stacked): transformers' own model, loaded through our reader
     (transformers would need the compressed-tensors package and dequantizes to bf16)."""
-    import torch
-    from transformers import Llama4ForCausalLM, Llama4TextConfig
-
-    from llama4_deploy.export.checkpoint import Checkpoint
-
     checkpoint = Checkpoint(path)
     text = dict(checkpoint.config.get("text_config", checkpoint.config) if checkpoint.prefix else checkpoint.config)
     text.pop("quantization_config", None)
@@ -87,7 +80,5 @@ def reference_model(source: dict[str, Any]):
 
 def reference_logits(model, ids: list[int]):
     """Logits [len(ids), vocab] of one unpadded sequence, no cache (the simplest correct path)."""
-    import torch
-
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()

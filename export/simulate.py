@@ -17,9 +17,12 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
+from llama4_deploy.export.awq import transforms
 from llama4_deploy.export.observe import experts_forward, module_at, quantized_weights
 from llama4_deploy.export.shape import ModelShape
-from llama4_deploy.graphs.quantize import QuantSpec, fake_quant, fake_quant_activation, fake_quant_int8_blocks
+from llama4_deploy.export.weights import all_weights
+from llama4_deploy.graphs.quantize import (FP8_MAX, QuantSpec, fake_quant, fake_quant_activation,
+                                           fake_quant_int8_blocks, fp8_activation_scale)
 
 
 def jittered(x, jitter: float):
@@ -63,8 +66,6 @@ def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None
             module.register_forward_pre_hook(lambda m, args, b=rule.block_size: (torch.from_numpy(
                 fake_quant_int8_blocks(jittered(args[0], jitter).detach().numpy(), b)).to(args[0].dtype),) + args[1:])
     if spec.activations:
-        from llama4_deploy.graphs.quantize import fp8_activation_scale
-
         scales = {name: fp8_activation_scale(amax, spec.compute_dtype) for name, amax in (activation_amax or {}).items()}
 
         def quantize(name, x):
@@ -96,9 +97,6 @@ def _layer_of(name: str) -> int | None:
 
 
 def _rewrite_awq(model, shape: ModelShape, awq_scales, chosen=lambda name: True) -> None:
-    from llama4_deploy.export.awq import transforms
-    from llama4_deploy.export.weights import all_weights
-
     rewrites = transforms(shape, awq_scales)
     with torch.no_grad():
         for name, source in all_weights(shape).items():
@@ -113,8 +111,6 @@ def _rewrite_awq(model, shape: ModelShape, awq_scales, chosen=lambda name: True)
 
 def _per_token_fp8(x):
     """x fake-quantized to FP8 with one scale per token (row): compressed-tensors' dynamic `token` strategy."""
-    from llama4_deploy.graphs.quantize import FP8_MAX
-
     amax = x.detach().abs().amax(-1, keepdim=True)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale

@@ -15,12 +15,15 @@ import io
 import json
 import logging
 import warnings
+from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxscript
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.onnx._internal.exporter import _core, _dynamic_shapes, _registration
 
 from llama4_deploy.export import modules
 from llama4_deploy.export.shape import LayerKind, ModelShape
@@ -53,8 +56,6 @@ def _registry():
     about a tenth of each template's trace. The exporter only reads it."""
     global _REGISTRY
     if _REGISTRY is None:
-        from torch.onnx._internal.exporter import _registration
-
         registry = _registration.ONNXRegistry.from_torchlib(opset_version=OPSET)
         for torch_op, onnx_op in {torch.ops.llama4_deploy.moe.default: modules.moe_to_onnx,
                                   torch.ops.llama4_deploy.attention.default: modules.attention_to_onnx}.items():
@@ -67,8 +68,6 @@ def _onnx_export(module, args, dynamic_shapes, input_names, output_names):
     """torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, dynamic_shapes=..., optimize=False,
     verbose=False, custom_translation_table=the project's ops) as torch 2.13's export_compat runs it, with the
     registry built once (_registry) instead of per call; the optimizer runs later, once weights are data-less."""
-    from torch.onnx._internal.exporter import _core, _dynamic_shapes
-
     export_dims, rename_axes = _dynamic_shapes.convert_str_to_export_dim(dynamic_shapes)
     program = _core.export(module, args, None, registry=_registry(), dynamic_shapes=export_dims,
                            input_names=list(input_names), output_names=list(output_names), profile=False,
@@ -234,10 +233,6 @@ def save_templates(templates: dict[str, ir.Model], directory) -> None:
     """Write templates as ONNX files `<name>.onnx`. A template's weights have no data, which ONNX
     cannot store as initializers: they are written as typed graph inputs and listed in the model's
     metadata, and `load_templates` turns them back into data-less initializers, in the same order."""
-    import onnx
-
-    from pathlib import Path
-
     directory = Path(directory)
     for name, template in templates.items():
         proto = ir.serde.serialize_model(template)
@@ -252,8 +247,6 @@ def save_templates(templates: dict[str, ir.Model], directory) -> None:
 
 def load_templates(directory, names) -> dict[str, ir.Model]:
     """The templates `save_templates` wrote, as trace_templates returns them."""
-    from pathlib import Path
-
     templates = {}
     for name in names:
         model = ir.load(Path(directory) / f"{name}.onnx")

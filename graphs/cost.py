@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 
 # ops that move or index data without arithmetic
@@ -83,9 +85,6 @@ def _fold_small_values(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
     """Evaluate small nodes whose inputs are all known (constants, or Shape of a value whose shape
     inference resolved) and turn their outputs into initializers, so that inference sees the
     concrete values of shape computations (capacity, TopK's k, Reshape targets). True if any."""
-    from onnx import numpy_helper
-    from onnx.reference import ReferenceEvaluator
-
     known = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
              if t.data_location != onnx.TensorProto.EXTERNAL and np.prod(t.dims) <= _FOLD_LIMIT}
     folded, keep = False, []

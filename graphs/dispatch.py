@@ -14,9 +14,11 @@ routing times the exact engine's price. Ties go to the exact strategy.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from llama4_deploy.graphs.cost import summed_cost, node_costs, profile_points, step_cost, with_ring
@@ -85,10 +87,6 @@ def estimated_seconds(model: ir.Model | Priced, facts: dict[str, Any], dims: dic
 
 def overflow_probability(tokens: int, experts: int, top_k: int, capacity_factor: float, trials: int = 500) -> float:
     """P(max expert load > capacity) for uniformly random top-k routing (seeded Monte Carlo)."""
-    import math
-
-    import numpy as np
-
     capacity = min(tokens, math.ceil(capacity_factor * tokens * top_k / experts))
     rng = np.random.default_rng(0)
     if top_k == 1:

@@ -72,9 +72,7 @@ STRATEGY = "native"
 MS_DOMAIN = "com.microsoft"
 MS_VERSION = 1
 MAX_PARTS = 4  # the thread counts a CPU decode step is usually given, 2 to 4
-# Measured on 2 threads, one token, cold weights: 0.75 MiB experts ran slower split in two (37 ->
-# 48 us per layer: the kernel's per-expert cost dominates), 6 MiB experts faster (357 -> 206 us).
-# A part must keep at least 2 MiB, between the two.
+# small experts run slower split (the kernel's per-expert cost dominates), large ones faster: docs/dispatch.md
 MIN_PART_BYTES = 2 << 20
 
 
@@ -133,7 +131,7 @@ CHUNK_BYTES = 8 << 20
 def _as_torch(source):
     """(a torch tensor of `source`, the numpy dtype to view the result as or None). A numpy dtype torch lacks
     (ml_dtypes' bfloat16) is moved as unsigned integers of its width: a permutation is exact."""
-    import torch
+    import torch  # deferred: `lint` loads the passes (through the targets) without torch
 
     if not isinstance(source, np.ndarray):
         return source, None
@@ -155,7 +153,7 @@ class Relayout:
         self.view, self.shape, self.scale = view, shape, scale
 
     def __call__(self, source, dtype=None):
-        import torch
+        import torch  # deferred: `lint` loads the passes (through the targets) without torch
 
         tensor, stored = _as_torch(source)
         permuted = self.view(tensor)
@@ -172,7 +170,7 @@ class Relayout:
         """The output's rows (virtual experts) in consecutive pieces, `finish(piece)` of each (the torch piece
         itself by default). Each piece is computed on a worker thread while the caller consumes the one before
         (writes it, in the build), through two buffers: a piece is valid until the next one is asked for."""
-        import torch
+        import torch  # deferred: `lint` loads the passes (through the targets) without torch
 
         permuted = self.view(source)
         parts, experts, *rest = permuted.shape
@@ -240,7 +238,7 @@ def relaid(source: ir.TensorProtocol, name: str, shape: tuple[int, ...], layout:
     (a StreamedTensor with `stored`) is re-laid and converted to fp32 in one copy; written to a file (the build's
     save), it is converted, checked and written a few experts at a time through one buffer (Relayout.chunks), so the
     whole stack is never in memory."""
-    import torch  # deferred, as in Relayout: `cost` and `lint` import the passes without torch
+    import torch  # deferred: `lint` loads the passes (through the targets) without torch
 
     stored = source.stored if isinstance(source, StreamedTensor) else None
     if stored is None:

@@ -43,7 +43,8 @@ import numpy as np
 import onnx_ir as ir
 
 from llama4_deploy.graphs.passes import LoweringError, RewritePass
-from llama4_deploy.graphs.quantize import QuantRule, QuantSpec, fp8_channel, int4_blocked, numpy_dtype
+from llama4_deploy.graphs.quantize import (QuantRule, QuantSpec, fp8_activation_scale, fp8_channel, int4_blocked,
+                                           numpy_dtype)
 from llama4_deploy.graphs.streamed import StreamedTensor
 
 WEIGHT_DTYPES = {"int4": ir.DataType.INT4, "fp8": ir.DataType.FLOAT8E4M3FN}
@@ -319,6 +320,4 @@ class QuantizeQdqPass(RewritePass):
 
 
 def fp8_scale(amax: float, compute_dtype: str) -> float:
-    from llama4_deploy.graphs.quantize import fp8_activation_scale
-
     return fp8_activation_scale(amax, compute_dtype)

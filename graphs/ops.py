@@ -42,6 +42,9 @@ runs them as they are.
 from __future__ import annotations
 
 import onnx
+# onnx.reference builds its operator table once, at import, and refuses a name two domains share (our Attention and
+# opset 23's): imported before register_schemas adds ours, so graphs/cost.py's constant folding works either way
+import onnx.reference  # noqa: F401
 from onnx.defs import OpSchema
 
 DOMAIN = "llama4_deploy"
@@ -82,11 +85,6 @@ def _attention_schema() -> OpSchema:
 
 def register_schemas() -> None:
     """Make onnx (and the exporter, which checks schemas) aware of the project's ops. Idempotent."""
-    # onnx.reference builds its operator table once, at import, and refuses a name that two domains
-    # share (our Attention and opset 23's): import it before our schemas join onnx.defs, so that the
-    # cost model's constant folding (graphs/cost.py) works whichever was imported first
-    import onnx.reference  # noqa: F401
-
     if not onnx.defs.has(MOE, DOMAIN):
         onnx.defs.register_schema(_moe_schema())
     if not onnx.defs.has(ATTENTION, DOMAIN):

@@ -183,7 +183,7 @@ def checkpoint_spec(patterns: tuple[str, ...], activations: bool, compute_dtype:
 
 def numpy_dtype(compute_dtype: str):
     if compute_dtype == "bfloat16":
-        import ml_dtypes
+        import ml_dtypes  # deferred: `plan` imports this module for its specs, and ml_dtypes is slow to load
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(compute_dtype)
@@ -248,7 +248,7 @@ def int4_dequantize(q: np.ndarray, scale: np.ndarray, axis: int, block: int) -> 
 
 def fp8_channel(w: np.ndarray, axis: int, compute_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """(q float8_e4m3fn shaped like w, scale float32 with the reduction `axis` kept as size 1)."""
-    import ml_dtypes
+    import ml_dtypes  # deferred: `plan` imports this module for its specs, and ml_dtypes is slow to load
 
     w = np.asarray(w, dtype=np.float32)
     scale = _rounded_scale(np.abs(w).max(axis=axis, keepdims=True), FP8_MAX, compute_dtype)
@@ -291,7 +291,7 @@ def fake_quant_int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
 
 
 def fake_quant_activation(x: np.ndarray, scale: float) -> np.ndarray:
-    import ml_dtypes
+    import ml_dtypes  # deferred: `plan` imports this module for its specs, and ml_dtypes is slow to load
 
     return np.clip(x / np.float32(scale), -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * np.float32(scale)
 

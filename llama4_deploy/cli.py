@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import click
 
+from llama4_deploy import targets
+from llama4_deploy.build import BuildError
 from llama4_deploy.build.options import choices
-from llama4_deploy.build.recipe import available
-from llama4_deploy.planning.deployment import PRECISION_PLANS
+from llama4_deploy.build.recipe import RecipeError, available
+from llama4_deploy.planning.deployment import PRECISION_PLANS, plan as make_plan
+
+# Commands import their implementation (build, runtime, onnx, torch) inside themselves, as _user_errors its error
+# types: start-up loads only click and the recipe schema, so `--help` and `compile`'s refusal answer at once
 
 
 class UserError(click.ClickException):
@@ -21,9 +28,7 @@ class UserError(click.ClickException):
 
 
 def _user_errors():
-    from llama4_deploy.build import BuildError
     from llama4_deploy.export.checkpoint import CheckpointError
-    from llama4_deploy.build.recipe import RecipeError
     from llama4_deploy.runtime.bundle import BundleError
 
     # ValueError covers BundleError and the runtime's argument checks; OSError an unreadable path
@@ -104,8 +109,6 @@ def build(recipe, checkpoint, out, force, block_size, **overrides) -> None:
               help="only check every file's size and SHA-256 against the manifest (exit 2 naming a changed file)")
 def verify(bundle, threads, files_only) -> None:
     """Compare a bundle with transformers; exit 1 on mismatch."""
-    from llama4_deploy.quality.verify import verify as run_verify
-
     try:
         if files_only:
             from llama4_deploy.runtime import read_manifest
@@ -114,6 +117,8 @@ def verify(bundle, threads, files_only) -> None:
             count, size, seconds = check_files(read_manifest(bundle))
             click.echo(f"{count} files ({size / 1e6:.1f} MB): sizes and SHA-256 match the manifest ({seconds:.2f}s)")
             return
+        from llama4_deploy.quality.verify import verify as run_verify  # loads torch, which --files does not need
+
         report = run_verify(bundle, threads=threads, log=lambda msg: click.echo(msg, err=True))
     except _user_errors() as err:
         raise UserError(str(err)) from None
@@ -157,8 +162,6 @@ def cost(bundle) -> None:
 def lint(path) -> None:
     """Static-shape lint of a bundle's graphs or one ONNX file (plus TensorRT's parser rules for a TensorRT-form
     bundle); exit 1 on any problem."""
-    from pathlib import Path
-
     import onnx_ir as ir
 
     from llama4_deploy.graphs.lint import lint_static
@@ -191,8 +194,6 @@ def lint(path) -> None:
 @click.option("--precision", type=click.Choice(PRECISION_PLANS), help="precision of the suggested split (default fp8)")
 def plan(target, context, stages, precision) -> None:
     """Deployment plan from the config alone: parameters, bytes, GPUs, context, stage split."""
-    from llama4_deploy.planning.deployment import plan as make_plan
-
     try:
         click.echo(make_plan(target, context=context, stages=stages, precision=precision))
     except _user_errors() as err:
@@ -202,10 +203,6 @@ def plan(target, context, stages, precision) -> None:
 def _target_lint(path):
     """For a bundle directory, its target's checks of a graph (TensorRT's parser rules for a TensorRT-form bundle);
     for anything else, none."""
-    import json
-
-    from llama4_deploy import targets
-
     try:
         m = json.loads((path / "manifest.json").read_text())
         target = targets.get(m["engine"]["backend"])

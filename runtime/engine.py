@@ -97,8 +97,7 @@ class Engine:
         else:
             self.runners = {}  # graph file -> runner; file names are unique across stages
             for stage in self.stages:
-                # ONNX Runtime's threads spin after each run; a second spinning session run right after
-                # the first slows it ~2x on 2 cores. The rerun-only (exact) graph does not spin.
+                # ONNX Runtime's threads spin after a run and slow the next session's; the exact graph does not spin
                 steady = {graph["file"] for role, graph in stage.graphs.items() if role != "exact"}
                 for file in dict.fromkeys(graph["file"] for graph in stage.graphs.values()):
                     self.runners[file] = self._open_graph(file, threads, file in steady, stage,

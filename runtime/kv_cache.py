@@ -63,7 +63,7 @@ class HostStorage:
         return grown
 
     def scatter(self, buffer, rows, slots, new, steps):
-        if len(rows) <= 2:  # plain indexing per row: ~5x cheaper than fancy indexing for one row
+        if len(rows) <= 2:  # plain indexing per row beats fancy indexing for a row or two (docs/benchmarks.md)
             for row, slot, step in zip(rows.tolist(), slots.tolist(), steps.tolist()):
                 buffer[row, :, slot] = new[row, :, step]
             return

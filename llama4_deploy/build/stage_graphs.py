@@ -25,9 +25,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import onnx_ir as ir
+from tqdm import tqdm
+
+from llama4_deploy.build.stages import Stage
+from llama4_deploy.build.weights_file import WeightsFile, write_tensor
+from llama4_deploy.export import weights
+from llama4_deploy.export.modules import Prologue
+from llama4_deploy.export.trace import prologue_template
+from llama4_deploy.graphs.link import Stamp, link
+from llama4_deploy.graphs.moe_pass import OVERFLOW_OR
 from llama4_deploy.runtime import abi
 from llama4_deploy.runtime.integrity import CHUNK_KEY, LAYOUT_KEY, layout_fingerprint
-from llama4_deploy.build.stages import Stage
 
 
 
@@ -45,8 +54,6 @@ def graph_file(stage: Stage, strategy: str) -> str:
 
 def stage_inputs(shape, stage: Stage):
     """The engine ABI's inputs of one stage (docs/engine-abi.md)."""
-    import onnx_ir as ir
-
     def value(name, dtype, dims):
         return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
 
@@ -74,11 +81,6 @@ def stage_prologue(shape, stage: Stage) -> tuple[bool, bool]:
 def link_stage(checkpoint, templates, stage: Stage, weight: Callable[[Any, str], Any]):
     """The linked graph of one stage; `weight(source, name)` gives the (lazy) tensor of a checkpoint
     weight. `templates` must hold the stage's prologue (export/trace.py, trace_templates)."""
-    from llama4_deploy.export import weights
-    from llama4_deploy.export.modules import Prologue
-    from llama4_deploy.export.trace import prologue_template
-    from llama4_deploy.graphs.link import Stamp, link
-
     shape = checkpoint.shape
 
     def stamp_weights(prefix, sources):
@@ -153,8 +155,6 @@ _LAYER_SCOPE = re.compile(r"/layers\.(\d+)/")
 
 def costing_layers(shape) -> CostingLayers:
     """The CostingLayers of a model of this shape."""
-    from llama4_deploy.graphs.moe_pass import OVERFLOW_OR
-
     by_kind: dict[Any, list[int]] = {}
     for layer, kind in enumerate(shape.layer_kinds):
         by_kind.setdefault(kind, []).append(layer)
@@ -167,9 +167,7 @@ def costing_layers(shape) -> CostingLayers:
 
 
 INLINE_BYTES = 256  # initializers this small stay inline in each graph, as onnx-ir's save keeps them
-# weights.data above this is written with O_DIRECT (llama4_deploy/build/weights_file.py): past the kernel's dirty limit a
-# buffered write runs at the writeback rate; below it the page cache takes the file at memory speed and keeps it
-# cached for the golden step and `verify` (int4 bench-build, 1.22 GB: golden 4.5-5.5 s read cold, 2.8 s cached)
+# O_DIRECT above this (buffered writes stall at the dirty limit); below, the page cache keeps it for golden, verify
 DIRECT_BYTES = 2 << 30
 
 
@@ -182,11 +180,6 @@ def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> 
     file, then each graph is saved pointing at those external tensors, carrying the fingerprint of that file's
     layout (returned) in its metadata_props.
     """
-    import onnx_ir as ir
-    from tqdm import tqdm
-
-    from llama4_deploy.build.weights_file import WeightsFile, write_tensor
-
     union: dict[str, ir.Value] = {}
     for strategy, model in models.items():
         for name, value in model.graph.initializers.items():

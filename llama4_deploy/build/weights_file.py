@@ -1,16 +1,15 @@
 """Write a bundle's weights.data: tensors streamed in order into one file, hashed from memory as they are written.
 
 Why not onnx-ir's writer: its writes are buffered, and a build writes far more than the kernel lets sit dirty in
-the page cache (20% of memory), so past the first few GB it writes at the page cache's writeback rate. Measured on
-this project's 2-core machine (ext4, 8.93 GB in 8 MiB writes, fsync included): buffered 24.8 s (360 MB/s),
-O_DIRECT 4.0 s (2.2 GB/s). `WeightsFile` writes with O_DIRECT where the file system takes it, through page-aligned
+the page cache (20% of memory), so past the first few GB it writes at the page cache's writeback rate (docs/scale.md
+has the figures). `WeightsFile` writes with O_DIRECT where the file system takes it, through page-aligned
 bounce buffers (the tail is padded to the block and the file truncated to its size), and with ordinary writes
 where it does not (tmpfs refuses O_DIRECT at open, another file system may at the first write).
 
 Each full bounce buffer goes to three single-thread workers at once: one writes it, one feeds the whole file's
 SHA-256 and one the 256 MiB parts' (runtime/integrity.RecordHasher's two halves: its record, byte for byte, which
-the runtime checks at load), so the file is never read back to be hashed, and the two SHA-256 chains (1.27 GB/s
-each on this machine) run on different cores. A buffer is refilled only once all three are done with it.
+the runtime checks at load), so the file is never read back to be hashed, and the two SHA-256 chains run on
+different cores. A buffer is refilled only once all three are done with it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from llama4_deploy.runtime.bundle import read_manifest
+import onnx_ir as ir
+
+from llama4_deploy.graphs.cost import profile_points, step_cost
+from llama4_deploy.runtime.bundle import BundleError, read_manifest
+from llama4_deploy.runtime.integrity import check_files
 
 
 @dataclasses.dataclass
@@ -23,13 +27,6 @@ class CostRow:
 
 
 def bundle_costs(bundle: str | Path) -> list[CostRow]:
-    import onnx_ir as ir
-
-    from llama4_deploy.graphs.cost import profile_points, step_cost
-
-    from llama4_deploy.runtime.bundle import BundleError
-    from llama4_deploy.runtime.integrity import check_files
-
     manifest = read_manifest(bundle)
     graphs = manifest.engine["graphs"]
     stages = manifest.stages  # a split bundle is costed as the sum of its stages' graphs

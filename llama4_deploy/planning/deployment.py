@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llama4_deploy.build.recipe import RecipeError, available, load_recipe, recipe_path
+from llama4_deploy.build.stages import split_layers
 from llama4_deploy.export.shape import ConfigError, ModelShape
 from llama4_deploy.export.weights import WeightSource, embed_weights, head_weights, layer_weights
 
@@ -148,8 +150,6 @@ class Deployment:
 
 def load_shape(target: str) -> tuple[ModelShape, str, dict[str, Any]]:
     """(shape, where it came from, the recipe's profiles or {}) for a recipe name/YAML or a checkpoint dir."""
-    from llama4_deploy.build.recipe import RecipeError, available, load_recipe, recipe_path
-
     path = Path(target)
     if path.is_dir():
         return _checkpoint_shape(path), f"checkpoint {path}", {}
@@ -166,7 +166,7 @@ def load_shape(target: str) -> tuple[ModelShape, str, dict[str, Any]]:
         if recipe.checkpoint_path is not None:
             return _checkpoint_shape(recipe.checkpoint_path), f"recipe {recipe.name} ({recipe.checkpoint})", profiles
         if recipe.random is not None:
-            from transformers import Llama4TextConfig
+            from transformers import Llama4TextConfig  # deferred: heavy, and only a random recipe needs it
 
             config = Llama4TextConfig(**recipe.random.config).to_dict()
             return ModelShape.from_config(config), f"recipe {recipe.name} (random config)", profiles
@@ -237,6 +237,7 @@ def _weight_bytes(name: str, source: WeightSource, spec, block_size: int) -> tup
 
 
 def precision_bytes(shape: ModelShape, precision: str, config: PlanConfig = PlanConfig()) -> Precision:
+    # deferred: the CLI imports this module at start-up, and quantize brings numpy
     from llama4_deploy.graphs.quantize import QuantConfig, make_spec
 
     compute = config.compute_dtype if precision in ("fp8", "int4") else {"fp32": "float32", "fp16": "float16",
@@ -292,8 +293,6 @@ def workspace_bytes(shape: ModelShape, precision: Precision, batch: int, prefill
 def balanced_split(costs: Sequence[int], stages: int) -> list[range]:
     """Contiguous split of `costs` into `stages` non-empty ranges whose largest sum is the smallest possible:
     the build's own split (llama4_deploy/build/stages.py), over the plan's per-layer costs."""
-    from llama4_deploy.build.stages import split_layers
-
     if not 1 <= stages <= len(costs):
         raise PlanError(f"cannot split {len(costs)} layers into {stages} stages")
     return [range(stage.start, stage.stop) for stage in split_layers(costs, stages)]

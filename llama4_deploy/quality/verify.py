@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llama4_deploy.export import layerwise
+from llama4_deploy.export.awq import read_scales
+from llama4_deploy.export.simulate import quality as measure, simulate
+from llama4_deploy.graphs.quantize import QuantSpec
 from llama4_deploy.quality.compare import Comparison, compare, relative_logit_tolerance
+from llama4_deploy.quality.evaluate import default_text, evaluate
 from llama4_deploy.runtime import BundleError, load, read_manifest
 
 REL_TOLERANCE = 1e-3  # fp32 engine vs fp32 eager: summation order only, far below this
@@ -176,8 +182,6 @@ def reference_weights(manifest):
     """The weights of the transformers model the bundle was built from, to be read one decoder layer at a time
     (export/layerwise.py: the source checkpoint's memory-mapped shards, or the recipe's seeded random draws), or
     one sentence saying why not."""
-    from llama4_deploy.export.layerwise import CheckpointWeights, RandomWeights
-
     source = manifest.raw.get("source")
     where = manifest.path / "manifest.json"
     if not isinstance(source, dict) or source.get("kind") not in ("checkpoint", "random"):
@@ -194,8 +198,8 @@ def reference_weights(manifest):
             raise BundleError(f"{where}: source.random must hold config, seed, logit_gain and router_gain")
     try:
         if source["kind"] == "checkpoint":
-            return CheckpointWeights(source["path"])
-        return RandomWeights(random["config"], random["seed"], random["logit_gain"], random["router_gain"])
+            return layerwise.CheckpointWeights(source["path"])
+        return layerwise.RandomWeights(random["config"], random["seed"], random["logit_gain"], random["router_gain"])
     except (TypeError, ValueError, KeyError, OSError) as err:
         reason = " ".join(str(err).split())[:300]
         raise BundleError(f"the reference model cannot be rebuilt from the bundle's source ({reason})") from None
@@ -217,8 +221,6 @@ def verify(bundle: str, threads: int | None = None, log=print, new_tokens: int |
            perplexity: bool = True) -> Report:
     """`new_tokens` overrides the manifest's (a quick check); `perplexity` False skips the held-out evaluation of a
     trained checkpoint's bundle (tools/quant_report.py reports parity and quality only)."""
-    from llama4_deploy.export.layerwise import Pass, run_layer_by_layer
-
     manifest = read_manifest(bundle)
     model = manifest.model
     settings = _verify_settings(manifest)
@@ -248,12 +250,13 @@ def verify(bundle: str, threads: int | None = None, log=print, new_tokens: int |
         sequences = [prompt + tokens for prompt, tokens in zip(prompts, generation.tokens)]
         # the simulation (or the fp32 model) over every sequence; a quantized bundle's quality is measured against
         # the fp32 model on the longest, in the same walk over the layers
-        passes = [Pass(sequences, simulation)] + ([Pass([sequences[longest]])] if simulation is not None else [])
-        passes += [Pass([sequences[longest]], draw) for draw in jittered]
+        passes = [layerwise.Pass(sequences, simulation)]
+        passes += [layerwise.Pass([sequences[longest]])] if simulation is not None else []
+        passes += [layerwise.Pass([sequences[longest]], draw) for draw in jittered]
         log(f"[verify] reference logits layer by layer ({weights.config.num_hidden_layers} decoder layers, one in "
             f"memory at a time)")
         try:
-            reference_sets = run_layer_by_layer(weights, passes)
+            reference_sets = layerwise.run_layer_by_layer(weights, passes)
         except (TypeError, ValueError, KeyError, OSError) as err:  # a damaged source tensor, read only now
             raise BundleError(f"the reference model cannot be rebuilt from the bundle's source "
                               f"({' '.join(str(err).split())[:300]})") from None
@@ -300,8 +303,6 @@ def verify(bundle: str, threads: int | None = None, log=print, new_tokens: int |
         steps, reruns = engine.steps, engine.overflow_reruns
     quality = None
     if simulation is not None:
-        from llama4_deploy.export.simulate import quality as measure
-
         full = reference_sets[1][0]
         quality = measure(scored_prefill, full)
         generated = generation.tokens[longest]
@@ -332,14 +333,9 @@ def bundle_simulation(manifest):
     layer `index` of the layer-by-layer reference into the fake-quant simulation of the bundle's spec
     (export/simulate.py, the whole-model simulation restricted to that layer; `jitter`: with its rounded activations
     perturbed, for the noise floor); (None, None, fp32 tolerance) otherwise."""
-    import json
-
     raw = manifest.engine.get("quantization")
     if raw is None or raw["precision"] == "fp32":
         return None, None, REL_TOLERANCE
-    from llama4_deploy.export.simulate import simulate
-    from llama4_deploy.graphs.quantize import QuantSpec
-
     spec = QuantSpec.model_validate(raw)
     amax = awq_scales = None
     calibration = manifest.raw.get("calibration") or {}
@@ -347,8 +343,6 @@ def bundle_simulation(manifest):
         ranges = json.loads((manifest.path / calibration["file"]).read_text())
         amax = ranges["activation_amax"]
     if calibration.get("awq_scales"):
-        from llama4_deploy.export.awq import read_scales
-
         awq_scales = read_scales(manifest.path, calibration)
 
     def simulation(model, index, jitter: float = 0.0):
@@ -362,8 +356,6 @@ def bundle_simulation(manifest):
 
 def _perplexity(bundle, manifest, threads, log):
     """Held-out perplexity of a bundle built from a trained checkpoint that ships a held-out sample."""
-    from llama4_deploy.quality.evaluate import default_text, evaluate
-
     try:
         text = default_text(manifest)
     except ValueError:

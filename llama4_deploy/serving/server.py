@@ -27,17 +27,21 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
                                generate_latest)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama4_deploy.serving.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from llama4_deploy.runtime import load
 from llama4_deploy.runtime.engine import Engine
 from llama4_deploy.runtime.scheduler import Output, QueueFull, Request, Scheduler, StepRecord
 from llama4_deploy.runtime.tokenizer import Tokenizer, load_tokenizer
+from llama4_deploy.serving.protocol import ChatCompletionRequest, CompletionRequest, error_body
 
 log = logging.getLogger("llama4_deploy.serving.server")
 RETRY_AFTER_S = 1
@@ -64,8 +68,6 @@ class ChatTemplate:
     rendered in Jinja's immutable sandbox as transformers does."""
 
     def __init__(self, config_path: Path | None):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         config = json.loads(config_path.read_text()) if config_path and config_path.is_file() else {}
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
@@ -86,8 +88,6 @@ class ChatTemplate:
         raise ClientError(message, "messages")
 
     def render(self, messages: list[dict]) -> str:
-        from jinja2 import TemplateError
-
         try:
             return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
         except TemplateError as err:
@@ -423,8 +423,6 @@ async def _collect(run: _Run, http: HttpRequest) -> tuple[str, list[Output]]:
 
 # -- running it ---------------------------------------------------------------------------------------
 def _uvicorn_server(app, drain_timeout: float, on_signal=None):
-    import uvicorn
-
     class DrainingServer(uvicorn.Server):
         """uvicorn re-raises SIGTERM after a graceful shutdown (exit 143); a drained server exits 0."""
 
@@ -467,8 +465,6 @@ def serve(bundle, host: str = "127.0.0.1", port: int = 8000, max_batch: int | No
           threads: int | None = None, drain_timeout: float = 30.0, echo=print, devices=None) -> None:
     """Load a bundle and serve it until SIGTERM/SIGINT; `echo` gets the one-line status messages. `devices`:
     load's (one device per pipeline stage)."""
-    from llama4_deploy.runtime import load
-
     if max_queue < 0:
         raise ValueError(f"--max-queue is {max_queue}; it must be 0 or more")
     if drain_timeout < 0:

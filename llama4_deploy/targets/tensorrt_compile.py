@@ -61,7 +61,7 @@ def tensorrt_missing() -> str | None:
 
 def device_facts() -> dict[str, Any]:
     """Name and compute capability of CUDA device 0 (cuda-python's runtime API)."""
-    from cuda.bindings import runtime as cudart
+    from cuda.bindings import runtime as cudart  # deferred: cuda-python exists only on the GPU machine
 
     err, prop = cudart.cudaGetDeviceProperties(0)
     if err != cudart.cudaError_t.cudaSuccess:
@@ -82,7 +82,7 @@ def planned_files(record: dict[str, Any]) -> dict[str, str]:
 
 
 def _profiles(records: list[dict[str, Any]]):
-    from polygraphy.backend.trt import Profile
+    from polygraphy.backend.trt import Profile  # deferred: `compile` refuses without TensorRT before loading them
 
     out = []
     for record in records:
@@ -95,7 +95,7 @@ def _profiles(records: list[dict[str, Any]]):
 
 def _progress_monitor(log: Callable[[str], None]):
     """A trt.IProgressMonitor that prints each phase's start and its steps (at most every 2 s)."""
-    import tensorrt as trt
+    import tensorrt as trt  # deferred: TensorRT exists only on the GPU machine
 
     class Progress(trt.IProgressMonitor):
         def __init__(self):
@@ -121,6 +121,7 @@ def _progress_monitor(log: Callable[[str], None]):
 def loaders(graph: Path, profiles: list[dict[str, Any]], timing_cache: Path, opt_level: int,
             log: Callable[[str], None]):
     """(network, config, plan bytes) loaders for one graph: composed, nothing built until `plan()` is called."""
+    # deferred: `compile` refuses without TensorRT before loading polygraphy's TensorRT loaders
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
 
     network = NetworkFromOnnxPath(str(graph), strongly_typed=True)
@@ -149,7 +150,7 @@ def compile_bundle(bundle: str | Path, opt_level: int = DEFAULT_OPT_LEVEL,
     start = time.time()
     bundle = Path(bundle)
     manifest, record = _read_bundle(bundle)
-    import tensorrt as trt
+    import tensorrt as trt  # deferred: TensorRT exists only on the GPU machine
 
 
     check_files(manifest)  # compile what the build wrote, not a changed copy
