@@ -32,7 +32,10 @@ engine: $(STAMP)
 plan: $(STAMP)
 	$(BIN)/llama4-deploy plan $(if $(CHECKPOINT),$(CHECKPOINT),$(MODEL))
 
+# ruff first (lint and format, configured in pyproject.toml): seconds, and a style slip fails before the suite runs
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # ONNX Runtime vs transformers eager, side by side, per MoE dispatch; then decode/prefill at the

@@ -59,17 +59,20 @@ def search_scale(xs: list[np.ndarray], weights: list[np.ndarray], rule: QuantRul
     best, best_loss = np.ones_like(mean, dtype=np.float32), None
     for step in range(GRID):
         alpha = step / GRID
-        s = mean ** alpha
+        s = mean**alpha
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        loss = sum(float(((x / s) @ _fake_quant(w * s[:, None], rule) - y).astype(np.float64).__pow__(2).sum())
-                   for x, w, y in zip(xs, weights, outputs))
+        loss = sum(
+            float(((x / s) @ _fake_quant(w * s[:, None], rule) - y).astype(np.float64).__pow__(2).sum())
+            for x, w, y in zip(xs, weights, outputs)
+        )
         if best_loss is None or loss < best_loss:
             best, best_loss = s, loss
     return best
 
 
-def search_layer(layer: int, kind, acts: Mapping[str, np.ndarray], weights: Callable[[str], np.ndarray],
-                 rule: QuantRule) -> dict[str, np.ndarray]:
+def search_layer(
+    layer: int, kind, acts: Mapping[str, np.ndarray], weights: Callable[[str], np.ndarray], rule: QuantRule
+) -> dict[str, np.ndarray]:
     """AWQ scales of one decoder layer's groups from its linear inputs `acts` (by weight name, [T, K]; experts
     [E, T, K] with zero rows for tokens not routed to an expert): {"layers.L.attn_in": s [H], "layers.L.ffn_in":
     [H], "layers.L.down": [M or I], "layers.L.experts_down": [E, I]}. `weights(name)`: a deploy-form weight."""
@@ -82,11 +85,13 @@ def search_layer(layer: int, kind, acts: Mapping[str, np.ndarray], weights: Call
         scales[f"{p}.ffn_in"] = search_scale(xs, ws, rule)
         scales[f"{p}.down"] = search_scale([acts[f"{p}.shared_down"]], [weights(f"{p}.shared_down")], rule)
         down = weights(f"{p}.experts_down")  # [E, I, H]
-        scales[f"{p}.experts_down"] = np.stack([search_scale([acts[f"{p}.experts_down"][e]], [down[e]], rule)
-                                                for e in range(down.shape[0])])
+        scales[f"{p}.experts_down"] = np.stack(
+            [search_scale([acts[f"{p}.experts_down"][e]], [down[e]], rule) for e in range(down.shape[0])]
+        )
     else:
-        scales[f"{p}.ffn_in"] = search_scale([acts[f"{p}.mlp_gate"]] * 2,
-                                             [weights(f"{p}.mlp_gate"), weights(f"{p}.mlp_up")], rule)
+        scales[f"{p}.ffn_in"] = search_scale(
+            [acts[f"{p}.mlp_gate"]] * 2, [weights(f"{p}.mlp_gate"), weights(f"{p}.mlp_up")], rule
+        )
         scales[f"{p}.down"] = search_scale([acts[f"{p}.mlp_down"]], [weights(f"{p}.mlp_down")], rule)
     return scales
 
@@ -117,7 +122,10 @@ def transforms(shape, scales: Mapping[str, np.ndarray]) -> dict[str, Callable[[n
             e = scales[f"{p}.experts_down"]  # [E, I]
             add(f"{p}.experts_down", lambda w, e=e: w * e[:, :, None])
             inter = e.shape[1]
-            add(f"{p}.experts_gate_up", lambda w, e=e, i=inter: np.concatenate([w[..., :i], w[..., i:] / e[:, None, :]], -1))
+            add(
+                f"{p}.experts_gate_up",
+                lambda w, e=e, i=inter: np.concatenate([w[..., :i], w[..., i:] / e[:, None, :]], -1),
+            )
         else:
             for n in ("mlp_gate", "mlp_up"):
                 add(f"{p}.{n}", lambda w, s=s: w * s[:, None])
@@ -130,6 +138,7 @@ def transforms(shape, scales: Mapping[str, np.ndarray]) -> dict[str, Callable[[n
             for fn in fns:
                 w = fn(w)
             return w.astype(np.float32)
+
         return apply
 
     return {name: chain(fns) for name, fns in out.items()}
@@ -145,8 +154,13 @@ def read_scales(bundle: Path, record: Mapping) -> dict[str, np.ndarray]:
         return {name: data[name] for name in data.files}
 
 
-def run(checkpoint_dir: str | Path, checkpoint, ids: list[list[int]], rule: QuantRule,
-        log: Callable[[str], None] = lambda _: None) -> dict[str, np.ndarray]:
+def run(
+    checkpoint_dir: str | Path,
+    checkpoint,
+    ids: list[list[int]],
+    rule: QuantRule,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, np.ndarray]:
     """AWQ scales for a checkpoint (the build's entry point), layer by layer: transformers' fp32 decoder layers run
     the calibration tokens one layer at a time (export/calibrate.py), and each layer's scales are searched from
     its own inputs before the next layer runs. Memory: one layer's weights and inputs plus the hidden states."""
@@ -162,8 +176,9 @@ def run(checkpoint_dir: str | Path, checkpoint, ids: list[list[int]], rule: Quan
 
     def record(name, x):
         experts = name.endswith(("experts_gate_up", "experts_down"))
-        seen.setdefault(name, []).append(x.detach().float().numpy().reshape(
-            (x.shape[0], -1, x.shape[-1]) if experts else (-1, x.shape[-1])))
+        seen.setdefault(name, []).append(
+            x.detach().float().numpy().reshape((x.shape[0], -1, x.shape[-1]) if experts else (-1, x.shape[-1]))
+        )
         return x
 
     def after_layer(index: int) -> None:

@@ -12,14 +12,15 @@ of where the tokens came from.
 Layer by layer (`collect_amax`, the build's): export/layerwise.py's runner (the model on the meta device, each
 decoder layer in turn materialized from the checkpoint, run on every sequence's hidden states with the hooks
 on, and dropped; the same runner gives verify its reference). Memory: one layer's weights plus the calibration
-activations (one [tokens, hidden] tensor per sequence and the masks), never the model. `collect_amax_whole_model` runs the whole transformers model; a test checks the two agree.
+activations (one [tokens, hidden] tensor per sequence and the masks), never the model. `collect_amax_whole_model`
+runs the whole transformers model; a test checks the two agree.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,16 +55,26 @@ def calibration_ids(path: str | Path | None, checkpoint, seed: int = 0) -> list[
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise CalibrationError(f"calibration file {path} is not valid JSON ({err})") from None
-        if not (isinstance(data, list) and data and all(isinstance(s, list) and s and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in s) for s in data)):
-            raise CalibrationError(f"calibration file {path} must hold a non-empty JSON list of non-empty token-id lists")
+        if not (
+            isinstance(data, list)
+            and data
+            and all(
+                isinstance(s, list) and s and all(isinstance(t, int) and not isinstance(t, bool) for t in s)
+                for s in data
+            )
+        ):
+            raise CalibrationError(
+                f"calibration file {path} must hold a non-empty JSON list of non-empty token-id lists"
+            )
         bad = next((t for s in data for t in s if not 0 <= t < vocab), None)
         if bad is not None:
             raise CalibrationError(f"calibration file {path} has token id {bad}, outside the vocabulary [0, {vocab})")
         return data
     if checkpoint.tokenizer_file is None:
-        raise CalibrationError(f"calibration file {path} is text, but the checkpoint has no tokenizer.json to encode it;"
-                               " give a JSON list of token-id lists instead")
+        raise CalibrationError(
+            f"calibration file {path} is text, but the checkpoint has no tokenizer.json to encode it;"
+            " give a JSON list of token-id lists instead"
+        )
     tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_file))
     ids = [tokenizer.encode(line).ids for line in text.splitlines() if line.strip()]
     ids = [s for s in ids if s]
@@ -72,8 +83,12 @@ def calibration_ids(path: str | Path | None, checkpoint, seed: int = 0) -> list[
     return ids
 
 
-def run_layer_by_layer(checkpoint_dir: str | Path, ids: list[list[int]], record: Callable[[str, Any], Any],
-                       after_layer: Callable[[int], None] | None = None) -> None:
+def run_layer_by_layer(
+    checkpoint_dir: str | Path,
+    ids: list[list[int]],
+    record: Callable[[str, Any], Any],
+    after_layer: Callable[[int], None] | None = None,
+) -> None:
     """Run the checkpoint's decoder over `ids` one layer at a time (export/layerwise.py), calling `record(weight
     name, activation)` for every quantized linear layer's input (export/simulate.py's hooks) and
     `after_layer(index)` once a layer has seen every sequence. Memory: one layer's weights plus the activations."""
@@ -115,5 +130,9 @@ def collect_amax_whole_model(checkpoint_dir: str | Path, ids: list[list[int]]) -
 
 def write_ranges(bundle: Path, amax: dict[str, float], source: str | None, ids: list[list[int]]) -> dict[str, Any]:
     (bundle / RANGES_FILE).write_text(json.dumps({"activation_amax": amax}, indent=1) + "\n")
-    return {"file": RANGES_FILE, "source": source or "seeded random tokens", "sequences": len(ids),
-            "tokens": sum(map(len, ids))}
+    return {
+        "file": RANGES_FILE,
+        "source": source or "seeded random tokens",
+        "sequences": len(ids),
+        "tokens": sum(map(len, ids)),
+    }

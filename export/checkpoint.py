@@ -62,8 +62,15 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: {err}") from None
         if scheme is None:
             return None
-        return LogicalTensors(scheme, self._raw_has, self._raw_shape, lambda n: self._slice(n).get_dtype(),
-                              self._raw_tensor, self.prefix, self.shape.num_experts)
+        return LogicalTensors(
+            scheme,
+            self._raw_has,
+            self._raw_shape,
+            lambda n: self._slice(n).get_dtype(),
+            self._raw_tensor,
+            self.prefix,
+            self.shape.num_experts,
+        )
 
     def _logical(self, read, name: str):
         try:

@@ -53,7 +53,7 @@ class CompressedTensorsFP8:
         self.dynamic_activations = dynamic_activations  # None: weight-only FP8
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "CompressedTensorsFP8 | None":
+    def from_config(cls, config: dict[str, Any]) -> CompressedTensorsFP8 | None:
         q = config.get("quantization_config")
         if q is None and isinstance(config.get("text_config"), dict):
             q = config["text_config"].get("quantization_config")
@@ -61,22 +61,31 @@ class CompressedTensorsFP8:
             return None
         method = q.get("quant_method") if isinstance(q, dict) else None
         if method != "compressed-tensors":
-            raise CompressedTensorsError(f"quantization_config has quant_method {method!r}; pre-quantized checkpoints "
-                                         f"are read in llm-compressor's compressed-tensors FP8 layout only")
+            raise CompressedTensorsError(
+                f"quantization_config has quant_method {method!r}; pre-quantized checkpoints "
+                f"are read in llm-compressor's compressed-tensors FP8 layout only"
+            )
         if q.get("format") not in ("float-quantized", "naive-quantized"):
-            raise CompressedTensorsError(f"compressed-tensors format {q.get('format')!r} is not supported; FP8 "
-                                         f"checkpoints use float-quantized")
+            raise CompressedTensorsError(
+                f"compressed-tensors format {q.get('format')!r} is not supported; FP8 checkpoints use float-quantized"
+            )
         groups = q.get("config_groups")
         if not isinstance(groups, dict) or not groups:
             raise CompressedTensorsError("compressed-tensors quantization_config has no config_groups")
         dynamic = set()
         for name, group in groups.items():
             w = (group or {}).get("weights") or {}
-            if not (w.get("num_bits") == 8 and w.get("type") == "float" and w.get("strategy") in ("channel", "tensor")
-                    and w.get("symmetric", True) and not w.get("dynamic", False)):
+            if not (
+                w.get("num_bits") == 8
+                and w.get("type") == "float"
+                and w.get("strategy") in ("channel", "tensor")
+                and w.get("symmetric", True)
+                and not w.get("dynamic", False)
+            ):
                 raise CompressedTensorsError(
                     f"config group {name} quantizes weights as {w.get('type')} {w.get('num_bits')}-bit "
-                    f"{w.get('strategy')}; only symmetric FP8 (8-bit float) per channel or per tensor is supported")
+                    f"{w.get('strategy')}; only symmetric FP8 (8-bit float) per channel or per tensor is supported"
+                )
             a = group.get("input_activations")
             if a is None:
                 dynamic.add(None)
@@ -85,9 +94,12 @@ class CompressedTensorsFP8:
             else:
                 raise CompressedTensorsError(
                     f"config group {name} has input activations {a.get('type')} {a.get('num_bits')}-bit "
-                    f"{'dynamic' if a.get('dynamic') else 'static'} {a.get('strategy')}; supported: dynamic FP8 or none")
+                    f"{'dynamic' if a.get('dynamic') else 'static'} {a.get('strategy')}; supported: dynamic FP8 or none"
+                )
             if group.get("output_activations") is not None:
-                raise CompressedTensorsError(f"config group {name} quantizes output activations, which is not supported")
+                raise CompressedTensorsError(
+                    f"config group {name} quantizes output activations, which is not supported"
+                )
         if len(dynamic) > 1:
             raise CompressedTensorsError("config groups mix weight-only and activation-quantized FP8")
         ignore = q.get("ignore") or []
@@ -114,8 +126,16 @@ class LogicalTensors:
     `raw_tensor(name)` read the stored tensors (without the multimodal prefix; `prefix` is prepended for `ignore`
     matching)."""
 
-    def __init__(self, scheme: CompressedTensorsFP8, raw_has: Callable, raw_shape: Callable, raw_dtype: Callable,
-                 raw_tensor: Callable, prefix: str, num_experts: int):
+    def __init__(
+        self,
+        scheme: CompressedTensorsFP8,
+        raw_has: Callable,
+        raw_shape: Callable,
+        raw_dtype: Callable,
+        raw_tensor: Callable,
+        prefix: str,
+        num_experts: int,
+    ):
         self.scheme, self.prefix, self.num_experts = scheme, prefix, num_experts
         self._has, self._shape, self._dtype, self._tensor = raw_has, raw_shape, raw_dtype, raw_tensor
 
@@ -164,7 +184,7 @@ class LogicalTensors:
             if len(flags) > 1:
                 raise CompressedTensorsError(f"{self.prefix}{name}: some experts are FP8 and some are not")
             return flags.pop()
-        return name.endswith(".weight") and self._module_quantized(name[:-len(".weight")])
+        return name.endswith(".weight") and self._module_quantized(name[: -len(".weight")])
 
     # -- values -------------------------------------------------------------------------------
     def _module_fp8(self, module: str):
@@ -176,12 +196,15 @@ class LogicalTensors:
         if scale.numel() == 1:  # per-tensor: one scale for every output channel
             scale = scale.reshape(1, 1).expand(q.shape[0], 1)
         if tuple(scale.shape) not in ((q.shape[0], 1), (q.shape[0],)):
-            raise CompressedTensorsError(f"{self.prefix}{module}.weight_scale has shape {list(scale.shape)}; "
-                                         f"per-channel FP8 needs [{q.shape[0]}, 1]")
+            raise CompressedTensorsError(
+                f"{self.prefix}{module}.weight_scale has shape {list(scale.shape)}; "
+                f"per-channel FP8 needs [{q.shape[0]}, 1]"
+            )
         finite = torch.isfinite(q.to(torch.float32)).all() and torch.isfinite(scale).all()
         if not bool(finite):
-            raise CompressedTensorsError(f"{self.prefix}{module} holds NaN or Inf FP8 values or scales; "
-                                         f"the build refuses non-finite weights")
+            raise CompressedTensorsError(
+                f"{self.prefix}{module} holds NaN or Inf FP8 values or scales; the build refuses non-finite weights"
+            )
         return q, scale.reshape(-1, 1)
 
     def fp8(self, name: str):
@@ -192,7 +215,7 @@ class LogicalTensors:
 
         experts = self._experts(name)
         if experts is None:
-            return self._module_fp8(name[:-len(".weight")])
+            return self._module_fp8(name[: -len(".weight")])
         prefix, which = experts
         qs, scales = [], []
         for e in range(self.num_experts):
@@ -214,8 +237,12 @@ class LogicalTensors:
             return self._tensor(name)
         prefix, which = experts
         kinds = ("gate_proj", "up_proj") if which == "gate_up_proj" else ("down_proj",)
-        return torch.stack([torch.cat([self._tensor(f"{prefix}.{e}.{k}.weight").to(torch.float32).t() for k in kinds],
-                                      dim=-1) for e in range(self.num_experts)])
+        return torch.stack(
+            [
+                torch.cat([self._tensor(f"{prefix}.{e}.{k}.weight").to(torch.float32).t() for k in kinds], dim=-1)
+                for e in range(self.num_experts)
+            ]
+        )
 
 
 def deploy_fp8(tensors: LogicalTensors, checkpoint_name: str, transpose: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -232,8 +259,11 @@ def stored_fp8(checkpoint, shape) -> dict[str, Callable[[], tuple[np.ndarray, np
     tensors = checkpoint.logical
     if tensors is None:
         return {}
-    return {name: (lambda s=source: deploy_fp8(tensors, s.checkpoint_name, s.transpose))
-            for name, source in all_weights(shape).items() if tensors.quantized(source.checkpoint_name)}
+    return {
+        name: (lambda s=source: deploy_fp8(tensors, s.checkpoint_name, s.transpose))
+        for name, source in all_weights(shape).items()
+        if tensors.quantized(source.checkpoint_name)
+    }
 
 
 def weight_patterns(names: list[str], shape) -> tuple[str, ...]:
@@ -257,12 +287,20 @@ def checkpoint_quant_spec(checkpoint, precision: str, compute_dtype: str | None,
     if precision not in ("fp8", "fp32"):
         raise CompressedTensorsError(
             f"the checkpoint is pre-quantized FP8 (compressed-tensors), so it builds as fp8 only: {precision} would "
-            f"requantize its FP8 weights (use --compute-dtype float16 to run them in float16)")
+            f"requantize its FP8 weights (use --compute-dtype float16 to run them in float16)"
+        )
     if quant_form == "ort":
-        raise CompressedTensorsError("fp8 has no ONNX Runtime 4-bit kernel form; use --quant-form qdq (ONNX Runtime runs it)")
+        raise CompressedTensorsError(
+            "fp8 has no ONNX Runtime 4-bit kernel form; use --quant-form qdq (ONNX Runtime runs it)"
+        )
     names = list(stored_fp8(checkpoint, checkpoint.shape))
     if not names:
-        raise CompressedTensorsError("the checkpoint declares compressed-tensors FP8 but stores none of the "
-                                     "decoder's linear weights in float8_e4m3fn")
-    return checkpoint_spec(weight_patterns(names, checkpoint.shape), bool(checkpoint.logical.scheme.dynamic_activations),
-                           compute_dtype or "float32")
+        raise CompressedTensorsError(
+            "the checkpoint declares compressed-tensors FP8 but stores none of the "
+            "decoder's linear weights in float8_e4m3fn"
+        )
+    return checkpoint_spec(
+        weight_patterns(names, checkpoint.shape),
+        bool(checkpoint.logical.scheme.dynamic_activations),
+        compute_dtype or "float32",
+    )

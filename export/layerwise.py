@@ -31,8 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import Llama4ForCausalLM, Llama4TextConfig, initialization
-from transformers.models.llama4.modeling_llama4 import (Llama4TextDecoderLayer, Llama4TextRMSNorm,
-                                                        Llama4TextRotaryEmbedding)
+from transformers.models.llama4.modeling_llama4 import (
+    Llama4TextDecoderLayer,
+    Llama4TextRMSNorm,
+    Llama4TextRotaryEmbedding,
+)
 
 from llama4_deploy.export.checkpoint import Checkpoint
 from llama4_deploy.export.shape import ModelShape
@@ -173,9 +176,13 @@ class Pass:
     prepare: Callable[[Any, int], list | None] | None = None
 
 
-def run_layer_by_layer(weights, passes: list[Pass], logits: bool = True,
-                       after_layer: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None
-                       ) -> list[list[np.ndarray]] | None:
+def run_layer_by_layer(
+    weights,
+    passes: list[Pass],
+    logits: bool = True,
+    after_layer: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[list[np.ndarray]] | None:
     """Every pass's sequences through the decoder one layer at a time; with `logits`, the logits [T, vocab] of
     every sequence of every pass (float32 numpy, as reference.reference_logits gives them). `after_layer(index)`
     runs once a layer has seen every sequence. Memory: one layer's weights (and a copy for each prepared pass but
@@ -195,6 +202,7 @@ def run_layer_by_layer(weights, passes: list[Pass], logits: bool = True,
             if index == 0:
                 hidden[p].append(hidden_states)
             return hidden_states
+
         return forward
 
     decoder.norm = torch.nn.Identity()  # applied with the head below

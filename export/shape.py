@@ -68,7 +68,7 @@ class ModelShape:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelShape":
+    def from_dict(cls, data: dict[str, Any]) -> ModelShape:
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
         for key in ("moe_layers", "rope_layers", "eos_token_ids"):
@@ -76,7 +76,7 @@ class ModelShape:
         return cls(**kwargs)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "ModelShape":
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
         """Build from a config.json dict (model_type llama4_text, or llama4 with a text_config)."""
         model_type = config.get("model_type")
         if model_type == "llama4":
@@ -100,7 +100,9 @@ class ModelShape:
         num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
         head_dim = int(config.get("head_dim") or hidden // num_heads)
         if num_heads % num_kv_heads:
-            raise ConfigError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+            raise ConfigError(
+                f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+            )
         if head_dim % 2:
             raise ConfigError(f"head_dim {head_dim} is odd; RoPE rotates pairs")
 

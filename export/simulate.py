@@ -12,7 +12,7 @@ catches wiring errors (a wrong axis, a transposed scale) that quality metrics ag
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -21,8 +21,14 @@ from llama4_deploy.export.awq import transforms
 from llama4_deploy.export.observe import experts_forward, module_at, quantized_weights
 from llama4_deploy.export.shape import ModelShape
 from llama4_deploy.export.weights import all_weights
-from llama4_deploy.graphs.quantize import (FP8_MAX, QuantSpec, fake_quant, fake_quant_activation,
-                                           fake_quant_int8_blocks, fp8_activation_scale)
+from llama4_deploy.graphs.quantize import (
+    FP8_MAX,
+    QuantSpec,
+    fake_quant,
+    fake_quant_activation,
+    fake_quant_int8_blocks,
+    fp8_activation_scale,
+)
 
 
 def jittered(x, jitter: float):
@@ -35,8 +41,15 @@ def jittered(x, jitter: float):
     return x * (1 + jitter * signs)
 
 
-def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None, per_token: bool = False,
-             awq_scales: Mapping[str, np.ndarray] | None = None, layers=None, jitter: float = 0.0):
+def simulate(
+    model,
+    spec: QuantSpec,
+    activation_amax: Mapping[str, float] | None = None,
+    per_token: bool = False,
+    awq_scales: Mapping[str, np.ndarray] | None = None,
+    layers=None,
+    jitter: float = 0.0,
+):
     """Turn `model` (fp32 Llama4ForCausalLM) into the fake-quant simulation of `spec`, in place. Weights of
     rules with method `checkpoint` are left as they are (the model holds the checkpoint's dequantized FP8).
     `per_token`: fp8 activations scaled dynamically, one scale per token (|max| of its row / 448), as a
@@ -51,7 +64,9 @@ def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None
     chosen = (lambda name: True) if layers is None else (lambda name: _layer_of(name) in layers)
     if awq_scales is not None:
         _rewrite_awq(model, shape, awq_scales, chosen)
-    weights = [(name, checkpoint_name, axis) for name, checkpoint_name, axis in quantized_weights(shape) if chosen(name)]
+    weights = [
+        (name, checkpoint_name, axis) for name, checkpoint_name, axis in quantized_weights(shape) if chosen(name)
+    ]
     with torch.no_grad():
         for name, checkpoint_name, axis in weights:
             rule = spec.rule_for(name)
@@ -63,10 +78,20 @@ def simulate(model, spec: QuantSpec, activation_amax: Mapping[str, float] | None
         rule = spec.rule_for(handle_name)
         if rule is not None and rule.activation == "int8_block":  # MatMulNBits' int8 input, per row and block
             module = module_at(model, checkpoint_name.rsplit(".", 1)[0])
-            module.register_forward_pre_hook(lambda m, args, b=rule.block_size: (torch.from_numpy(
-                fake_quant_int8_blocks(jittered(args[0], jitter).detach().numpy(), b)).to(args[0].dtype),) + args[1:])
+            module.register_forward_pre_hook(
+                lambda m, args, b=rule.block_size: (
+                    (
+                        torch.from_numpy(fake_quant_int8_blocks(jittered(args[0], jitter).detach().numpy(), b)).to(
+                            args[0].dtype
+                        ),
+                    )
+                    + args[1:]
+                )
+            )
     if spec.activations:
-        scales = {name: fp8_activation_scale(amax, spec.compute_dtype) for name, amax in (activation_amax or {}).items()}
+        scales = {
+            name: fp8_activation_scale(amax, spec.compute_dtype) for name, amax in (activation_amax or {}).items()
+        }
 
         def quantize(name, x):
             rule = spec.rule_for(name)
@@ -128,5 +153,10 @@ def quality(engine_logits: np.ndarray, reference_logits: np.ndarray) -> dict[str
 
     lp, lq = log_softmax(b), log_softmax(a)
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    return {"min_cosine": float(cosine.min()), "max_kl": float(kl.max()), "mean_kl": float(kl.mean()),
-            "greedy_agree": int((a.argmax(-1) == b.argmax(-1)).sum()), "positions": int(len(a))}
+    return {
+        "min_cosine": float(cosine.min()),
+        "max_kl": float(kl.max()),
+        "mean_kl": float(kl.mean()),
+        "greedy_agree": int((a.argmax(-1) == b.argmax(-1)).sum()),
+        "positions": int(len(a)),
+    }

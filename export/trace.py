@@ -3,9 +3,9 @@
 Tracing runs under FakeTensorMode: templates hold weights as initializers *without data*, named
 by the deploy-form parameter names, and the link pass (graphs/link.py) stamps real weights per
 layer. Tracing therefore costs the same for Maverick as for a toy, and the optimizer cannot fold
-or deduplicate placeholder weights. Real constants (RoPE frequencies) are filled in afterwards. Dynamic dimensions: `batch`, `new` (tokens
-this step), `context` (a global layer's cache slots) and `ring` (a chunked layer's cache slots:
-the runtime sizes rings by the filled context, never beyond attention_chunk_size).
+or deduplicate placeholder weights. Real constants (RoPE frequencies) are filled in afterwards. Dynamic
+dimensions: `batch`, `new` (tokens this step), `context` (a global layer's cache slots) and `ring` (a chunked
+layer's cache slots: the runtime sizes rings by the filled context, never beyond attention_chunk_size).
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ def _registry():
     global _REGISTRY
     if _REGISTRY is None:
         registry = _registration.ONNXRegistry.from_torchlib(opset_version=OPSET)
-        for torch_op, onnx_op in {torch.ops.llama4_deploy.moe.default: modules.moe_to_onnx,
-                                  torch.ops.llama4_deploy.attention.default: modules.attention_to_onnx}.items():
+        for torch_op, onnx_op in {
+            torch.ops.llama4_deploy.moe.default: modules.moe_to_onnx,
+            torch.ops.llama4_deploy.attention.default: modules.attention_to_onnx,
+        }.items():
             registry.register_op(torch_op, onnx_op, is_complex=False)
         _REGISTRY = registry
     return _REGISTRY
@@ -69,10 +71,23 @@ def _onnx_export(module, args, dynamic_shapes, input_names, output_names):
     verbose=False, custom_translation_table=the project's ops) as torch 2.13's export_compat runs it, with the
     registry built once (_registry) instead of per call; the optimizer runs later, once weights are data-less."""
     export_dims, rename_axes = _dynamic_shapes.convert_str_to_export_dim(dynamic_shapes)
-    program = _core.export(module, args, None, registry=_registry(), dynamic_shapes=export_dims,
-                           input_names=list(input_names), output_names=list(output_names), profile=False,
-                           report=False, verify=False, dump_exported_program=False, artifacts_dir=".",
-                           verbose=False, optimize=False, opset_version=OPSET)
+    program = _core.export(
+        module,
+        args,
+        None,
+        registry=_registry(),
+        dynamic_shapes=export_dims,
+        input_names=list(input_names),
+        output_names=list(output_names),
+        profile=False,
+        report=False,
+        verify=False,
+        dump_exported_program=False,
+        artifacts_dir=".",
+        verbose=False,
+        optimize=False,
+        opset_version=OPSET,
+    )
     if rename_axes:
         program._rename_dynamic_axes(dynamic_shapes)
     return program
@@ -166,8 +181,7 @@ def trace_prologue(shape: ModelShape, has_rope: bool | None = None, has_global: 
     dims = ({0: batch, 1: new}, {0: batch}, extra)
     names = ("position_ids", "past_lengths") + tuple(name for name, _ in caches)
     # each frequency twice (once per member of its pair), as Prologue holds it
-    constants = ({"rope_inv_freq": np.repeat(np.asarray(shape.rope_inv_freq(), dtype=np.float32), 2)}
-                 if has_rope else {})
+    constants = {"rope_inv_freq": np.repeat(np.asarray(shape.rope_inv_freq(), dtype=np.float32), 2)} if has_rope else {}
     return _export(build, tuple(dims), names, modules.Prologue.outputs(shape, has_rope, has_global), constants)
 
 

@@ -43,8 +43,9 @@ def _narrow_attribute_tensor(node: ir.Node, compute_dtype: str) -> bool:
     if attr is None or attr.type != ir.AttributeType.TENSOR or attr.as_tensor().dtype != ir.DataType.FLOAT:
         return False
     tensor = attr.as_tensor()
-    node.attributes["value"] = ir.AttrTensor("value", ir.tensor(
-        tensor.numpy().astype(numpy_dtype(compute_dtype)), name=tensor.name))
+    node.attributes["value"] = ir.AttrTensor(
+        "value", ir.tensor(tensor.numpy().astype(numpy_dtype(compute_dtype)), name=tensor.name)
+    )
     return True
 
 
@@ -80,8 +81,11 @@ class ComputeDtypePass(RewritePass):
         prologue_outputs: list[ir.Value] = []
         for node in list(graph):
             if node.name.startswith(PROLOGUE):
-                prologue_outputs.extend(v for v in node.outputs if v.dtype == ir.DataType.FLOAT and any(
-                    not user.name.startswith(PROLOGUE) for user, _ in v.uses()))
+                prologue_outputs.extend(
+                    v
+                    for v in node.outputs
+                    if v.dtype == ir.DataType.FLOAT and any(not user.name.startswith(PROLOGUE) for user, _ in v.uses())
+                )
                 continue
             touched = False
             if node.op_type == "Cast" and node.attributes["to"].as_int() == ir.DataType.FLOAT:

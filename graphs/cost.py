@@ -31,11 +31,30 @@ import onnx_ir as ir
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-
 # ops that move or index data without arithmetic
-MOVEMENT = {"Gather", "GatherElements", "GatherND", "Reshape", "Transpose", "Concat", "Slice", "Squeeze",
-            "Unsqueeze", "Expand", "Identity", "Shape", "Size", "ConstantOfShape", "Split", "Constant", "Cast",
-            "Tile", "Flatten", "ScatterElements", "Range"}
+MOVEMENT = {
+    "Gather",
+    "GatherElements",
+    "GatherND",
+    "Reshape",
+    "Transpose",
+    "Concat",
+    "Slice",
+    "Squeeze",
+    "Unsqueeze",
+    "Expand",
+    "Identity",
+    "Shape",
+    "Size",
+    "ConstantOfShape",
+    "Split",
+    "Constant",
+    "Cast",
+    "Tile",
+    "Flatten",
+    "ScatterElements",
+    "Range",
+}
 
 
 def with_ring(dims: dict[str, int], model_facts: dict[str, Any]) -> dict[str, int]:
@@ -65,7 +84,7 @@ class StepCost:
     flops: float
     weight_bytes: float
 
-    def ratio(self, other: "StepCost") -> tuple[float, float]:
+    def ratio(self, other: StepCost) -> tuple[float, float]:
         return self.flops / other.flops, self.weight_bytes / other.weight_bytes
 
 
@@ -85,8 +104,11 @@ def _fold_small_values(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
     """Evaluate small nodes whose inputs are all known (constants, or Shape of a value whose shape
     inference resolved) and turn their outputs into initializers, so that inference sees the
     concrete values of shape computations (capacity, TopK's k, Reshape targets). True if any."""
-    known = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
-             if t.data_location != onnx.TensorProto.EXTERNAL and np.prod(t.dims) <= _FOLD_LIMIT}
+    known = {
+        t.name: numpy_helper.to_array(t)
+        for t in proto.graph.initializer
+        if t.data_location != onnx.TensorProto.EXTERNAL and np.prod(t.dims) <= _FOLD_LIMIT
+    }
     folded, keep = False, []
     for node in proto.graph.node:
         values = None
@@ -100,12 +122,17 @@ def _fold_small_values(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
             start = next((a.i for a in node.attribute if a.name == "start"), 0)
             end = next((a.i for a in node.attribute if a.name == "end"), None)
             values = [np.array(shapes[node.input[0]][start:end], dtype=np.int64)]
-        elif node.input and all(name in known for name in node.input if name) and \
-                all(known[name].size <= _FOLD_LIMIT for name in node.input if name):
+        elif (
+            node.input
+            and all(name in known for name in node.input if name)
+            and all(known[name].size <= _FOLD_LIMIT for name in node.input if name)
+        ):
             single = onnx.helper.make_model(
-                onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_value_info(o, onnx.TypeProto())
-                                                              for o in node.output]),
-                opset_imports=proto.opset_import)
+                onnx.helper.make_graph(
+                    [node], "fold", [], [onnx.helper.make_value_info(o, onnx.TypeProto()) for o in node.output]
+                ),
+                opset_imports=proto.opset_import,
+            )
             try:
                 values = ReferenceEvaluator(single).run(None, {k: known[k] for k in node.input if k})
             except Exception:
@@ -130,8 +157,9 @@ def _structure_proto(model: ir.Model) -> onnx.ModelProto:
         tensor = value.const_value
         if tensor is not None and math.prod(tensor.shape.numpy()) > _FOLD_LIMIT:
             swapped[name] = tensor
-            value.const_value = ir.ExternalTensor("shape-only.bin", 0, tensor.nbytes, tensor.dtype,
-                                                  shape=tensor.shape, name=name)
+            value.const_value = ir.ExternalTensor(
+                "shape-only.bin", 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=name
+            )
     try:
         return ir.to_proto(model)
     finally:
@@ -152,9 +180,12 @@ def _stand_ins(proto: onnx.ModelProto) -> None:
         if node.op_type == "MatMulNBits":
             k = next(a.i for a in node.attribute if a.name == "K")
             n = next(a.i for a in node.attribute if a.name == "N")
-            weight = onnx.TensorProto(name=f"{node.name}/shape-only", dims=[k, n],
-                                      data_type=elem_types.get(node.input[2], onnx.TensorProto.FLOAT),
-                                      data_location=onnx.TensorProto.EXTERNAL)
+            weight = onnx.TensorProto(
+                name=f"{node.name}/shape-only",
+                dims=[k, n],
+                data_type=elem_types.get(node.input[2], onnx.TensorProto.FLOAT),
+                data_location=onnx.TensorProto.EXTERNAL,
+            )
             weight.external_data.add(key="location", value="shape-only.bin")
             proto.graph.initializer.append(weight)
             inputs, op_type = [node.input[0], weight.name], "MatMul"
@@ -193,8 +224,9 @@ def _weight_bytes(value: ir.Value) -> int:
     return math.prod(value.shape.numpy()) * value.dtype.itemsize
 
 
-def graph_cost(model: ir.Model, dims: dict[str, int], scope: str | None = None,
-               multiplicity: Callable[[str], int] | None = None) -> tuple[StepCost, StepCost, int]:
+def graph_cost(
+    model: ir.Model, dims: dict[str, int], scope: str | None = None, multiplicity: Callable[[str], int] | None = None
+) -> tuple[StepCost, StepCost, int]:
     """(cost of all nodes, cost of nodes whose name contains `scope`, unresolved count). `multiplicity(node
     name)`: how many times a node counts (a graph holding one layer per kind that stands for the whole model,
     llama4_deploy/build/stage_graphs.py: costing_layers); every node counts once without it."""
@@ -223,8 +255,11 @@ def node_costs(model: ir.Model, dims: dict[str, int]) -> list[NodeCost]:
             continue
         elements = math.prod(out)
         if node.op_type in ("MatMul", "Gemm"):
-            a = shapes.get(node.inputs[0].name) if node.inputs[0].name not in initializers else \
-                tuple(initializers[node.inputs[0].name].shape.numpy())
+            a = (
+                shapes.get(node.inputs[0].name)
+                if node.inputs[0].name not in initializers
+                else tuple(initializers[node.inputs[0].name].shape.numpy())
+            )
             flops = 2.0 * elements * (a[-1] if a else 0)
         elif node.domain == "com.microsoft" and node.op_type in ("MoE", "QMoE"):
             flops, weight = _native_moe_cost(node, out)
@@ -248,8 +283,9 @@ def node_costs(model: ir.Model, dims: dict[str, int]) -> list[NodeCost]:
     return costs
 
 
-def summed_cost(costs: list[NodeCost], scope: str | None = None, multiplicity: Callable[[str], int] | None = None
-            ) -> tuple[StepCost, StepCost, int]:
+def summed_cost(
+    costs: list[NodeCost], scope: str | None = None, multiplicity: Callable[[str], int] | None = None
+) -> tuple[StepCost, StepCost, int]:
     """(all nodes, nodes whose name contains `scope`, unresolved count) of `node_costs`' list. Every figure is a
     whole number (FLOPs and bytes of integer shapes), so the sums are exact in any order and with any multiplicity."""
     total, scoped, unresolved = [0.0, 0.0], [0.0, 0.0], 0
@@ -276,14 +312,17 @@ def _native_moe_cost(node: ir.Node, out: tuple[int, ...]) -> tuple[float, float]
     per_expert_bytes = per_expert_params * fc1.dtype.itemsize
     if node.op_type == "QMoE":  # packed weights: 8 / bits values per byte, plus the block scales
         per_expert_params *= 8 // node.attributes["expert_weight_bits"].as_int()
-        per_expert_bytes += sum(math.prod(v.shape.numpy()[1:]) * v.dtype.itemsize for v in (node.inputs[3], node.inputs[6]))
+        per_expert_bytes += sum(
+            math.prod(v.shape.numpy()[1:]) * v.dtype.itemsize for v in (node.inputs[3], node.inputs[6])
+        )
     flops = tokens * top_k * 2.0 * per_expert_params
     weight = min(tokens * top_k, experts) * per_expert_bytes
     return flops, weight
 
 
-def moe_formula(model_facts: dict[str, Any], tokens: int, routed_experts_per_token: float,
-                distinct_experts: int, itemsize: int = 4) -> StepCost:
+def moe_formula(
+    model_facts: dict[str, Any], tokens: int, routed_experts_per_token: float, distinct_experts: int, itemsize: int = 4
+) -> StepCost:
     """FLOPs and weight bytes of every MoE layer by formula (router, shared expert, routed experts)."""
     H, I, E = model_facts["hidden_size"], model_facts["intermediate_size"], model_facts["num_experts"]
     layers = len(model_facts["moe_layers"])
@@ -293,9 +332,13 @@ def moe_formula(model_facts: dict[str, Any], tokens: int, routed_experts_per_tok
     return StepCost(layers * flops, layers * weights)
 
 
-def step_cost(model: ir.Model | list[ir.Model], model_facts: dict[str, Any], dims: dict[str, int],
-              multiplicity: Callable[[str], int] | None = None, costs: list[list[NodeCost]] | None = None
-              ) -> CostReport:
+def step_cost(
+    model: ir.Model | list[ir.Model],
+    model_facts: dict[str, Any],
+    dims: dict[str, int],
+    multiplicity: Callable[[str], int] | None = None,
+    costs: list[list[NodeCost]] | None = None,
+) -> CostReport:
     """The graph's cost for one step with these dims, next to the ideal and dense formulations. A list
     of graphs (the pipeline stages of one model) is costed as their sum. `multiplicity`: as graph_cost's;
     `costs`: the graphs' `node_costs` at these dims, when the caller has them already."""

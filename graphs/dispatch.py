@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from llama4_deploy.graphs.cost import summed_cost, node_costs, profile_points, step_cost, with_ring
+from llama4_deploy.graphs.cost import node_costs, profile_points, step_cost, summed_cost, with_ring
 from llama4_deploy.graphs.forms import AUTO, MoEDispatch, values
 from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, LowerMoeCapacityPass
 from llama4_deploy.graphs.lower_moe_dense import LowerMoeDensePass
@@ -49,8 +49,13 @@ class DispatchRules:
     capacity_combine: str  # how the capacity lowering combines expert outputs (lower_moe_capacity.CapacityConfig)
 
 
-def lowering(strategy: str, capacity_factor: float = 1.25, combine: str = "scatter_add", split: int | None = None,
-             layout: str = "matmul") -> MoeLoweringPass:
+def lowering(
+    strategy: str,
+    capacity_factor: float = 1.25,
+    combine: str = "scatter_add",
+    split: int | None = None,
+    layout: str = "matmul",
+) -> MoeLoweringPass:
     """The MoE lowering pass of `strategy`. `combine`: how the capacity lowering combines expert outputs (the
     target's, DispatchRules.capacity_combine). `split`: parts per expert of the native re-layout (native, and gather
     with `layout` "native": a gather reading the native graph's expert weights, lower_moe_gather.py)."""
@@ -69,6 +74,7 @@ def lowering(strategy: str, capacity_factor: float = 1.25, combine: str = "scatt
 class Priced:
     """A graph the planner prices in place of the whole lowered model: `multiplicity(node name)` says how many
     of the model's nodes each of its nodes stands for (one layer per kind, llama4_deploy/build/stage_graphs.py)."""
+
     model: ir.Model
     multiplicity: Callable[[str], int]
 
@@ -138,8 +144,10 @@ def choose(
 
     if requested != AUTO:
         if requested not in allowed:
-            raise ValueError(f"MoE dispatch {requested!r} is not available for the {rules.target} backend "
-                             f"(choose one of {', '.join(allowed)} or auto)")
+            raise ValueError(
+                f"MoE dispatch {requested!r} is not available for the {rules.target} backend "
+                f"(choose one of {', '.join(allowed)} or auto)"
+            )
         roles = {"prefill": requested, "decode": requested}
     else:
         roles = {}

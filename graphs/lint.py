@@ -29,8 +29,18 @@ from llama4_deploy.graphs import ops
 FORBIDDEN = {"NonZero", "Unique", "Compress", "Loop", "If", "Scan"}
 
 _STANDARD = ("", "ai.onnx")
-_REDUCE = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-           "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+_REDUCE = (
+    "ReduceSum",
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+)
 
 # op type -> {input index: role}; the inputs whose *values* fix the output's shape.
 SHAPE_INPUTS: dict[str, dict[int, str]] = {
@@ -71,8 +81,11 @@ _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLi
 def lint_static(model: ir.Model) -> list[str]:
     """Problems found, one sentence each (empty when the graph is clean)."""
     problems = []
-    for node in (node for graph in (model.graph, *model.functions.values())
-                 for node in ir.traversal.RecursiveGraphIterator(graph)):
+    for node in (
+        node
+        for graph in (model.graph, *model.functions.values())
+        for node in ir.traversal.RecursiveGraphIterator(graph)
+    ):
         if node.domain in _STANDARD and node.op_type in FORBIDDEN:
             problems.append(f"node {node.name} is {node.op_type}, whose output shape depends on values")
         elif node.domain == ops.DOMAIN:
@@ -106,7 +119,8 @@ class _ValueFlow:
                 if index < len(sources) and sources[index] is not None:
                     self.problems.append(
                         f"node {name} is {node.op_type} whose {role} input is computed from the values of "
-                        f"{sources[index]}, not from input dimensions")
+                        f"{sources[index]}, not from input dimensions"
+                    )
         subgraphs = [graph for attr in node.attributes.values() for graph in _graphs(attr)]
         for graph in subgraphs:  # outer-scope values keep their origins; the subgraph's inputs carry values
             inner = dict(origins)
@@ -163,8 +177,9 @@ def _topological(graph: ir.Graph | ir.Function) -> list[ir.Node]:
     """The nodes, producers first, without touching the graph (ONNX requires that order; make sure)."""
     nodes = list(graph)
     index = {node: i for i, node in enumerate(nodes)}
-    deps = {node: [index[v.producer()] for v in _used(node) if v is not None and v.producer() in index]
-            for node in nodes}
+    deps = {
+        node: [index[v.producer()] for v in _used(node) if v is not None and v.producer() in index] for node in nodes
+    }
     if all(d < i for i, node in enumerate(nodes) for d in deps[node]):
         return nodes
     order: list[ir.Node] = []

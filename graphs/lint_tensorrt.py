@@ -43,9 +43,19 @@ INT4_BLOCKS = (64, 128)
 _STANDARD = ("", "ai.onnx")
 
 D = ir.DataType
-_TYPE_NAMES = {"FP32": D.FLOAT, "FP16": D.FLOAT16, "BF16": D.BFLOAT16, "INT32": D.INT32, "INT64": D.INT64,
-               "BOOL": D.BOOL, "INT8": D.INT8, "UINT8": D.UINT8, "INT4": D.INT4,
-               "FP8": (D.FLOAT8E4M3FN, D.FLOAT8E5M2), "FP4": D.FLOAT4E2M1}
+_TYPE_NAMES = {
+    "FP32": D.FLOAT,
+    "FP16": D.FLOAT16,
+    "BF16": D.BFLOAT16,
+    "INT32": D.INT32,
+    "INT64": D.INT64,
+    "BOOL": D.BOOL,
+    "INT8": D.INT8,
+    "UINT8": D.UINT8,
+    "INT4": D.INT4,
+    "FP8": (D.FLOAT8E4M3FN, D.FLOAT8E5M2),
+    "FP4": D.FLOAT4E2M1,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,49 +79,121 @@ _FIB = _FI + ("BOOL",)
 _AXES_CONSTANT = "`axes` must be an initializer"
 # operator -> support, from onnx-tensorrt docs/operators.md (TensorRT 10.15); None: listed "N"
 OPERATORS: dict[str, OpSupport | None] = {
-    "Abs": OpSupport(_FI), "Add": OpSupport(_FI), "And": OpSupport(("BOOL",)),
-    "ArgMax": OpSupport(_FI), "ArgMin": OpSupport(_FI),
-    "Attention": OpSupport(_F + ("INT8", "FP8"), "`Q`, `K`, `V` and `attn_mask` must be 4D. `past_key`, "
-                           "`past_value` and `nonpad_kv_seqlen` inputs are unsupported. `present_key`, "
-                           "`present_value` and `qk_matmul_output` outputs are unsupported."),
-    "Cast": OpSupport(_FI + ("UINT8", "BOOL")), "CastLike": OpSupport(_FI + ("UINT8", "BOOL")),
-    "Ceil": OpSupport(_F), "Clip": OpSupport(_F), "Concat": OpSupport(_FIB),
-    "Constant": OpSupport(_F + ("FP8", "FP4", "INT4", "INT32", "INT64", "BOOL"),
-                          "`sparse_value`, `value_string`, and `value_strings` attributes are unsupported."),
+    "Abs": OpSupport(_FI),
+    "Add": OpSupport(_FI),
+    "And": OpSupport(("BOOL",)),
+    "ArgMax": OpSupport(_FI),
+    "ArgMin": OpSupport(_FI),
+    "Attention": OpSupport(
+        _F + ("INT8", "FP8"),
+        "`Q`, `K`, `V` and `attn_mask` must be 4D. `past_key`, "
+        "`past_value` and `nonpad_kv_seqlen` inputs are unsupported. `present_key`, "
+        "`present_value` and `qk_matmul_output` outputs are unsupported.",
+    ),
+    "Cast": OpSupport(_FI + ("UINT8", "BOOL")),
+    "CastLike": OpSupport(_FI + ("UINT8", "BOOL")),
+    "Ceil": OpSupport(_F),
+    "Clip": OpSupport(_F),
+    "Concat": OpSupport(_FIB),
+    "Constant": OpSupport(
+        _F + ("FP8", "FP4", "INT4", "INT32", "INT64", "BOOL"),
+        "`sparse_value`, `value_string`, and `value_strings` attributes are unsupported.",
+    ),
     "ConstantOfShape": OpSupport(_F + ("FP8", "FP4", "INT4", "INT32", "INT64", "BOOL")),
-    "Cos": OpSupport(_F), "CumSum": OpSupport(_F, "`axis` must be a build-time constant", (1,)),
+    "Cos": OpSupport(_F),
+    "CumSum": OpSupport(_F, "`axis` must be a build-time constant", (1,)),
     "DequantizeLinear": OpSupport(("INT8", "FP8", "FP4", "INT4"), "`x_zero_point` must be zero"),
-    "Div": OpSupport(_FI), "Einsum": OpSupport(_F), "Equal": OpSupport(_FI), "Erf": OpSupport(_F),
-    "Exp": OpSupport(_F), "Expand": OpSupport(_FIB), "Flatten": OpSupport(_FIB), "Floor": OpSupport(_F),
-    "Gather": OpSupport(_FIB), "GatherElements": OpSupport(_FIB), "GatherND": OpSupport(_FIB),
-    "Gelu": OpSupport(_F + ("INT8", "INT32", "INT64")), "Gemm": OpSupport(_F),
-    "Greater": OpSupport(_FI), "GreaterOrEqual": OpSupport(_FI), "Identity": OpSupport(_FIB),
-    "IsInf": OpSupport(_F), "IsNaN": OpSupport(_FI),
+    "Div": OpSupport(_FI),
+    "Einsum": OpSupport(_F),
+    "Equal": OpSupport(_FI),
+    "Erf": OpSupport(_F),
+    "Exp": OpSupport(_F),
+    "Expand": OpSupport(_FIB),
+    "Flatten": OpSupport(_FIB),
+    "Floor": OpSupport(_F),
+    "Gather": OpSupport(_FIB),
+    "GatherElements": OpSupport(_FIB),
+    "GatherND": OpSupport(_FIB),
+    "Gelu": OpSupport(_F + ("INT8", "INT32", "INT64")),
+    "Gemm": OpSupport(_F),
+    "Greater": OpSupport(_FI),
+    "GreaterOrEqual": OpSupport(_FI),
+    "Identity": OpSupport(_FIB),
+    "IsInf": OpSupport(_F),
+    "IsNaN": OpSupport(_FI),
     "LayerNormalization": OpSupport(_F, "Only the first output `Y` is supported."),
-    "Less": OpSupport(_FI), "LessOrEqual": OpSupport(_FI), "Log": OpSupport(_F), "LogSoftmax": OpSupport(_F),
-    "MatMul": OpSupport(_F), "MatMulInteger": None, "Max": OpSupport(_FI), "Mean": OpSupport(_F + ("FP8", "INT32", "INT64")),
-    "Min": OpSupport(_FI), "Mod": OpSupport(_FI), "Mul": OpSupport(_FI), "Neg": OpSupport(_FI),
-    "NonZero": OpSupport(("FP32", "FP16")), "Not": OpSupport(("BOOL",)),
-    "OneHot": OpSupport(_FIB, "`depth` must be a build-time constant", (1,)), "Or": OpSupport(("BOOL",)),
-    "Pad": OpSupport(_FI), "Pow": OpSupport(_FI), "QLinearMatMul": None,
+    "Less": OpSupport(_FI),
+    "LessOrEqual": OpSupport(_FI),
+    "Log": OpSupport(_F),
+    "LogSoftmax": OpSupport(_F),
+    "MatMul": OpSupport(_F),
+    "MatMulInteger": None,
+    "Max": OpSupport(_FI),
+    "Mean": OpSupport(_F + ("FP8", "INT32", "INT64")),
+    "Min": OpSupport(_FI),
+    "Mod": OpSupport(_FI),
+    "Mul": OpSupport(_FI),
+    "Neg": OpSupport(_FI),
+    "NonZero": OpSupport(("FP32", "FP16")),
+    "Not": OpSupport(("BOOL",)),
+    "OneHot": OpSupport(_FIB, "`depth` must be a build-time constant", (1,)),
+    "Or": OpSupport(("BOOL",)),
+    "Pad": OpSupport(_FI),
+    "Pow": OpSupport(_FI),
+    "QLinearMatMul": None,
     "QuantizeLinear": OpSupport(_F, "`y_zero_point` must be 0"),
-    "Range": OpSupport(_FI), "Reciprocal": OpSupport(_F),
-    **{reduce: OpSupport(_FI, _AXES_CONSTANT, (1,)) for reduce in (
-        "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
-        "ReduceProd", "ReduceSum", "ReduceSumSquare")},
-    "Relu": OpSupport(_FI), "Reshape": OpSupport(_FIB), "RMSNormalization": OpSupport(_F),
-    "RotaryEmbedding": OpSupport(_F, "`position_ids` must be INT64"), "Round": OpSupport(_F),
-    "ScatterElements": OpSupport(_FI), "ScatterND": OpSupport(_FI, "`reduction` other than `none` is not supported"),
-    "Shape": OpSupport(_FIB), "Sigmoid": OpSupport(_F), "Sign": OpSupport(_FI), "Sin": OpSupport(_F),
-    "Size": OpSupport(_FIB), "Slice": OpSupport(_FIB), "Softmax": OpSupport(_F), "Split": OpSupport(_FIB),
-    "Sqrt": OpSupport(_F), "Squeeze": OpSupport(_FIB, "`axes` must be resolvable to a constant.", (1,)),
-    "Sub": OpSupport(_FI), "Sum": OpSupport(_FI), "Tanh": OpSupport(_F), "Tile": OpSupport(_FIB),
+    "Range": OpSupport(_FI),
+    "Reciprocal": OpSupport(_F),
+    **{
+        reduce: OpSupport(_FI, _AXES_CONSTANT, (1,))
+        for reduce in (
+            "ReduceL1",
+            "ReduceL2",
+            "ReduceLogSum",
+            "ReduceLogSumExp",
+            "ReduceMax",
+            "ReduceMean",
+            "ReduceMin",
+            "ReduceProd",
+            "ReduceSum",
+            "ReduceSumSquare",
+        )
+    },
+    "Relu": OpSupport(_FI),
+    "Reshape": OpSupport(_FIB),
+    "RMSNormalization": OpSupport(_F),
+    "RotaryEmbedding": OpSupport(_F, "`position_ids` must be INT64"),
+    "Round": OpSupport(_F),
+    "ScatterElements": OpSupport(_FI),
+    "ScatterND": OpSupport(_FI, "`reduction` other than `none` is not supported"),
+    "Shape": OpSupport(_FIB),
+    "Sigmoid": OpSupport(_F),
+    "Sign": OpSupport(_FI),
+    "Sin": OpSupport(_F),
+    "Size": OpSupport(_FIB),
+    "Slice": OpSupport(_FIB),
+    "Softmax": OpSupport(_F),
+    "Split": OpSupport(_FIB),
+    "Sqrt": OpSupport(_F),
+    "Squeeze": OpSupport(_FIB, "`axes` must be resolvable to a constant.", (1,)),
+    "Sub": OpSupport(_FI),
+    "Sum": OpSupport(_FI),
+    "Tanh": OpSupport(_F),
+    "Tile": OpSupport(_FIB),
     "TopK": OpSupport(_FI, "`sorted` must be 1. `K` input must be less than 3840."),
-    "Transpose": OpSupport(_FIB), "Trilu": OpSupport(_FIB), "Unique": None,
+    "Transpose": OpSupport(_FIB),
+    "Trilu": OpSupport(_FIB),
+    "Unique": None,
     "Unsqueeze": OpSupport(_FIB, "`axes` must be resolvable to a constant.", (1,)),
-    "Where": OpSupport(_FIB, typed_input=1), "Xor": OpSupport(("BOOL",)),
-    "Compress": None, "DynamicQuantizeLinear": None, "SplitToSequence": None, "SequenceAt": None,
-    "Bernoulli": None, "Multinomial": None, "Optional": None,
+    "Where": OpSupport(_FIB, typed_input=1),
+    "Xor": OpSupport(("BOOL",)),
+    "Compress": None,
+    "DynamicQuantizeLinear": None,
+    "SplitToSequence": None,
+    "SequenceAt": None,
+    "Bernoulli": None,
+    "Multinomial": None,
+    "Optional": None,
 }
 
 _BOOL_OUT = {"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "And", "Or", "Not", "Xor", "IsNaN", "IsInf"}
@@ -220,7 +302,9 @@ def lint_tensorrt(model: ir.Model, topk_bound: int | None = None) -> list[str]:
             continue
         support = OPERATORS.get(node.op_type, "absent")
         if support == "absent":
-            problems.append(f"{where} is {node.op_type}, which is not in the TensorRT {TENSORRT_VERSION} operator table")
+            problems.append(
+                f"{where} is {node.op_type}, which is not in the TensorRT {TENSORRT_VERSION} operator table"
+            )
             continue
         if support is None:
             problems.append(f"{where} is {node.op_type}, which TensorRT {TENSORRT_VERSION}'s parser does not support")
@@ -228,8 +312,10 @@ def lint_tensorrt(model: ir.Model, topk_bound: int | None = None) -> list[str]:
         problems.extend(_check_types(node, support, dtypes, where))
         for index in support.constant_inputs:
             if index < len(node.inputs) and node.inputs[index] is not None and not _is_constant(node.inputs[index]):
-                problems.append(f"{where} ({node.op_type}) has input {index} computed at run time; TensorRT needs a "
-                                f"build-time constant there ({support.restrictions})")
+                problems.append(
+                    f"{where} ({node.op_type}) has input {index} computed at run time; TensorRT needs a "
+                    f"build-time constant there ({support.restrictions})"
+                )
         check = _SPECIFIC.get(node.op_type)
         if check is not None:
             problems.extend(check(node, where, dtypes, topk_bound))
@@ -245,8 +331,10 @@ def _check_types(node: ir.Node, support: OpSupport, dtypes, where: str) -> list[
         return []
     if dtype is None or support.allows(dtype):
         return []  # unknown types are left to the parser (the passes type everything that reaches here)
-    return [f"{where} ({node.op_type}) takes {_type_name(dtype)}; TensorRT {TENSORRT_VERSION} lists "
-            f"{', '.join(support.types)} for it"]
+    return [
+        f"{where} ({node.op_type}) takes {_type_name(dtype)}; TensorRT {TENSORRT_VERSION} lists "
+        f"{', '.join(support.types)} for it"
+    ]
 
 
 def _attention(node, where, dtypes, topk_bound) -> list[str]:
@@ -254,11 +342,16 @@ def _attention(node, where, dtypes, topk_bound) -> list[str]:
     names = {4: "past_key", 5: "past_value", 6: "nonpad_kv_seqlen"}
     for index, name in names.items():
         if index < len(node.inputs) and node.inputs[index] is not None:
-            out.append(f"{where} (Attention) has a {name} input, which TensorRT's parser does not take; lower "
-                       f"attention to the decomposed form")
+            out.append(
+                f"{where} (Attention) has a {name} input, which TensorRT's parser does not take; lower "
+                f"attention to the decomposed form"
+            )
     for index, name in {1: "present_key", 2: "present_value", 3: "qk_matmul_output"}.items():
-        if index < len(node.outputs) and node.outputs[index].name and (node.outputs[index].uses()
-                                                                       or node.outputs[index].is_graph_output()):
+        if (
+            index < len(node.outputs)
+            and node.outputs[index].name
+            and (node.outputs[index].uses() or node.outputs[index].is_graph_output())
+        ):
             out.append(f"{where} (Attention) has a used {name} output, which TensorRT's parser does not produce")
     for attr in ("softcap", "qk_matmul_output_mode"):
         if attr in node.attributes:
@@ -276,11 +369,14 @@ def _topk(node, where, dtypes, topk_bound) -> list[str]:
         if int(np.max(k)) >= TOPK_K_LIMIT:
             out.append(f"{where} (TopK) has K={int(np.max(k))}; TensorRT needs K < {TOPK_K_LIMIT}")
     elif topk_bound is None:
-        out.append(f"{where} (TopK) has a K computed at run time and no bound was given; TensorRT needs K < "
-                   f"{TOPK_K_LIMIT}")
+        out.append(
+            f"{where} (TopK) has a K computed at run time and no bound was given; TensorRT needs K < {TOPK_K_LIMIT}"
+        )
     elif topk_bound >= TOPK_K_LIMIT:
-        out.append(f"{where} (TopK) has a K that reaches {topk_bound} under the bundle's profiles; TensorRT needs "
-                   f"K < {TOPK_K_LIMIT}")
+        out.append(
+            f"{where} (TopK) has a K that reaches {topk_bound} under the bundle's profiles; TensorRT needs "
+            f"K < {TOPK_K_LIMIT}"
+        )
     return out
 
 
@@ -298,8 +394,10 @@ def _zero_point(node, index: int, where: str) -> list[str]:
     if zero is None:
         return [f"{where} ({node.op_type}) has a zero point computed at run time; TensorRT needs a zero point of 0"]
     if np.any(zero.astype(np.float32) != 0):
-        return [f"{where} ({node.op_type}) has a non-zero zero point; TensorRT takes symmetric quantization only "
-                f"(zero point 0)"]
+        return [
+            f"{where} ({node.op_type}) has a non-zero zero point; TensorRT takes symmetric quantization only "
+            f"(zero point 0)"
+        ]
     return []
 
 
@@ -312,8 +410,10 @@ def _quantize(node, where, dtypes, topk_bound) -> list[str]:
     out = _zero_point(node, 2, where)
     target = dtypes.get(node.outputs[0])
     if target in _TYPE_NAMES["FP8"] and not _per_tensor(node.inputs[1]):
-        out.append(f"{where} (QuantizeLinear) quantizes an activation to FP8 with a scale that is not per tensor; "
-                   f"TensorRT takes per-tensor FP8 activation scales")
+        out.append(
+            f"{where} (QuantizeLinear) quantizes an activation to FP8 with a scale that is not per tensor; "
+            f"TensorRT takes per-tensor FP8 activation scales"
+        )
     if target == D.INT4:
         out.append(f"{where} (QuantizeLinear) quantizes to INT4 at run time; TensorRT's INT4 is weight-only")
     return out
@@ -327,22 +427,35 @@ def _dequantize(node, where, dtypes, topk_bound) -> list[str]:
     block = node.attributes.get("block_size")
     block = block.as_int() if block is not None else 0
     if dtype == D.INT4 and not constant:
-        out.append(f"{where} (DequantizeLinear) dequantizes an INT4 tensor computed at run time; TensorRT's INT4 is "
-                   f"weight-only (a constant)")
+        out.append(
+            f"{where} (DequantizeLinear) dequantizes an INT4 tensor computed at run time; TensorRT's INT4 is "
+            f"weight-only (a constant)"
+        )
     if dtype in _TYPE_NAMES["FP8"] and not constant and not _per_tensor(scale):
-        out.append(f"{where} (DequantizeLinear) dequantizes an FP8 activation with a scale that is not per tensor; "
-                   f"TensorRT takes per-tensor FP8 activation scales")
+        out.append(
+            f"{where} (DequantizeLinear) dequantizes an FP8 activation with a scale that is not per tensor; "
+            f"TensorRT takes per-tensor FP8 activation scales"
+        )
     if block:
         rank = len(x.shape) if x.shape is not None else None
         if not (constant and rank == 2 and dtype == D.INT4):
             what = f"{'a constant' if constant else 'a run-time'} {_type_name(dtype)} tensor of rank {rank}"
-            out.append(f"{where} (DequantizeLinear) is blocked on {what}; TensorRT documents blocked "
-                       f"DequantizeLinear only on 2-D constant INT4 weights")
+            out.append(
+                f"{where} (DequantizeLinear) is blocked on {what}; TensorRT documents blocked "
+                f"DequantizeLinear only on 2-D constant INT4 weights"
+            )
         if block not in INT4_BLOCKS:
-            out.append(f"{where} (DequantizeLinear) has block_size {block}; TensorRT documents blocks of "
-                       f"{' or '.join(map(str, INT4_BLOCKS))}")
+            out.append(
+                f"{where} (DequantizeLinear) has block_size {block}; TensorRT documents blocks of "
+                f"{' or '.join(map(str, INT4_BLOCKS))}"
+            )
     return out
 
 
-_SPECIFIC = {"Attention": _attention, "TopK": _topk, "ScatterND": _scatter_nd, "QuantizeLinear": _quantize,
-             "DequantizeLinear": _dequantize}
+_SPECIFIC = {
+    "Attention": _attention,
+    "TopK": _topk,
+    "ScatterND": _scatter_nd,
+    "QuantizeLinear": _quantize,
+    "DequantizeLinear": _dequantize,
+}

@@ -72,28 +72,58 @@ def _decomposed(op, const, inputs, scale: float, dtype, q: int, k: int, d: int) 
     axis2 = const("axis2", np.array([2], dtype=np.int64))
     keys = op("Concat", [past_key, key], {"axis": 2}, name="Keys")
     values = op("Concat", [past_value, value], {"axis": 2}, name="Values")
-    grouped = op("Transpose", [op("Reshape", [query, const("grouped_shape", np.array([0, 0, k, q // k, d], dtype=np.int64))],
-                                  name="GroupQuery")], {"perm": [0, 2, 3, 1, 4]}, name="GroupQueryT")
+    grouped = op(
+        "Transpose",
+        [
+            op(
+                "Reshape",
+                [query, const("grouped_shape", np.array([0, 0, k, q // k, d], dtype=np.int64))],
+                name="GroupQuery",
+            )
+        ],
+        {"perm": [0, 2, 3, 1, 4]},
+        name="GroupQueryT",
+    )
     keys_t = op("Transpose", [op("Unsqueeze", [keys, axis2], name="KeysU")], {"perm": [0, 1, 2, 4, 3]}, name="KeysT")
-    scores = op("Mul", [op("MatMul", [grouped, keys_t], name="Scores"), const("scale", np.array(scale, dtype=dtype))],
-                name="Scale")
+    scores = op(
+        "Mul",
+        [op("MatMul", [grouped, keys_t], name="Scores"), const("scale", np.array(scale, dtype=dtype))],
+        name="Scale",
+    )
     mask = op("Concat", [cache_mask, new_mask], {"axis": -1}, name="Mask")
-    scores = op("Where", [mask, scores, const("lowest", np.array(ml_dtypes.finfo(dtype).min, dtype=dtype))], name="Masked")
-    context = op("MatMul", [op("Softmax", [scores], {"axis": -1}), op("Unsqueeze", [values, axis2], name="ValuesU")],
-                 name="Context")
+    scores = op(
+        "Where", [mask, scores, const("lowest", np.array(ml_dtypes.finfo(dtype).min, dtype=dtype))], name="Masked"
+    )
+    context = op(
+        "MatMul",
+        [op("Softmax", [scores], {"axis": -1}), op("Unsqueeze", [values, axis2], name="ValuesU")],
+        name="Context",
+    )
     context = op("Transpose", [context], {"perm": [0, 3, 1, 2, 4]}, name="ContextT")
     return op("Reshape", [context, const("out_shape", np.array([0, 0, q * d], dtype=np.int64))], name="Out")
 
 
 def _onnx23(op, const, inputs, scale: float, dtype, q: int, k: int, d: int) -> ir.Value:
     query, key, value, cache_mask, new_mask, past_key, past_value = inputs
-    mask = op("Squeeze", [op("Concat", [cache_mask, new_mask], {"axis": -1}, name="Mask"),
-                          const("axis1", np.array([1], dtype=np.int64))], name="Mask4")  # [B, 1, T, S + T]
-    bias = op("Where", [mask, const("zero", np.array(0, dtype=dtype)),
-                        const("floor", np.array(ml_dtypes.finfo(dtype).min / 2, dtype=dtype))], name="Bias")
+    mask = op(
+        "Squeeze",
+        [
+            op("Concat", [cache_mask, new_mask], {"axis": -1}, name="Mask"),
+            const("axis1", np.array([1], dtype=np.int64)),
+        ],
+        name="Mask4",
+    )  # [B, 1, T, S + T]
+    bias = op(
+        "Where",
+        [
+            mask,
+            const("zero", np.array(0, dtype=dtype)),
+            const("floor", np.array(ml_dtypes.finfo(dtype).min / 2, dtype=dtype)),
+        ],
+        name="Bias",
+    )
     heads_first = op("Transpose", [query], {"perm": [0, 2, 1, 3]}, name="QueryT")  # [B, Q, T, D]
-    y, _, _ = op("Attention", [heads_first, key, value, bias, past_key, past_value], {"scale": scale},
-                 num_outputs=3)
+    y, _, _ = op("Attention", [heads_first, key, value, bias, past_key, past_value], {"scale": scale}, num_outputs=3)
     context = op("Transpose", [y], {"perm": [0, 2, 1, 3]}, name="ContextT")
     return op("Reshape", [context, const("out_shape", np.array([0, 0, q * d], dtype=np.int64))], name="Out")
 
@@ -123,8 +153,15 @@ class LowerAttentionPass(RewritePass):
             tape = ir.tape.Tape()
             query = node.inputs[0]
             dtype = query.dtype.numpy() if query.dtype else np.float32
-            out = build(*scoped(tape, layer_scope(node, f"attention/{self.form}")), node.inputs,
-                        node.attributes["scale"].as_float(), dtype, q, k, d)
+            out = build(
+                *scoped(tape, layer_scope(node, f"attention/{self.form}")),
+                node.inputs,
+                node.attributes["scale"].as_float(),
+                dtype,
+                q,
+                k,
+                d,
+            )
             out.dtype, out.shape = node.outputs[0].dtype, node.outputs[0].shape
             splice(graph, node, tape, out)
         if nodes and self.form == "onnx23":

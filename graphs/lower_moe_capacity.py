@@ -78,34 +78,100 @@ def _combine_gather(op, const, x, top_index, slot_token, slot_used, capacity, ex
     one = const("combine/one", np.array(1, dtype=np.int64))
     first = const("combine/axis0", np.array([0], dtype=np.int64))
     c = op("Squeeze", [capacity, first], name="combine/C")  # scalar
-    slot_ids = op("Expand", [op("Range", [int_zero, c, one], name="combine/Slots"),
-                             op("Shape", [slot_token], name="combine/SlotShape")], name="combine/SlotIds")  # [E, C]
-    key_shape = op("Concat", [op("Shape", [slot_token], {"start": 0, "end": 1}, name="combine/E"),
-                              op("Shape", [x], {"start": 0, "end": 1}, name="combine/N")], {"axis": 0},
-                   name="combine/KeyShape")
-    slot_of = op("ScatterElements", [op("Expand", [int_zero, key_shape], name="combine/Zeros"), slot_token, slot_ids],
-                 {"axis": 1}, name="combine/SlotOf")  # [E, N]
-    slot = op("GatherElements", [op("Transpose", [slot_of], {"perm": [1, 0]}, name="combine/TokenMajor"), top_index],
-              {"axis": 1}, name="combine/Slot")  # [N, k]
+    slot_ids = op(
+        "Expand",
+        [op("Range", [int_zero, c, one], name="combine/Slots"), op("Shape", [slot_token], name="combine/SlotShape")],
+        name="combine/SlotIds",
+    )  # [E, C]
+    key_shape = op(
+        "Concat",
+        [
+            op("Shape", [slot_token], {"start": 0, "end": 1}, name="combine/E"),
+            op("Shape", [x], {"start": 0, "end": 1}, name="combine/N"),
+        ],
+        {"axis": 0},
+        name="combine/KeyShape",
+    )
+    slot_of = op(
+        "ScatterElements",
+        [op("Expand", [int_zero, key_shape], name="combine/Zeros"), slot_token, slot_ids],
+        {"axis": 1},
+        name="combine/SlotOf",
+    )  # [E, N]
+    slot = op(
+        "GatherElements",
+        [op("Transpose", [slot_of], {"perm": [1, 0]}, name="combine/TokenMajor"), top_index],
+        {"axis": 1},
+        name="combine/Slot",
+    )  # [N, k]
     flat = op("Add", [op("Mul", [top_index, c], name="combine/ExpertBase"), slot], name="combine/Flat")
     flat_shape = const("combine/flat_shape", np.array([-1], dtype=np.int64))
-    owner = op("Gather", [op("Reshape", [slot_token, flat_shape], name="combine/TokensFlat"), flat], {"axis": 0},
-               name="combine/Owner")  # [N, k]
-    used = op("Gather", [op("Reshape", [slot_used, flat_shape], name="combine/UsedFlat"), flat], {"axis": 0},
-              name="combine/Used")
-    tokens = op("Unsqueeze", [op("Range", [int_zero, op("Squeeze", [op("Shape", [x], {"start": 0, "end": 1},
-                                                                         name="combine/N2"), first],
-                                                        name="combine/NScalar"), one], name="combine/TokenIds"),
-                              const("combine/axis_last", np.array([-1], dtype=np.int64))], name="combine/TokenColumn")
+    owner = op(
+        "Gather",
+        [op("Reshape", [slot_token, flat_shape], name="combine/TokensFlat"), flat],
+        {"axis": 0},
+        name="combine/Owner",
+    )  # [N, k]
+    used = op(
+        "Gather",
+        [op("Reshape", [slot_used, flat_shape], name="combine/UsedFlat"), flat],
+        {"axis": 0},
+        name="combine/Used",
+    )
+    tokens = op(
+        "Unsqueeze",
+        [
+            op(
+                "Range",
+                [
+                    int_zero,
+                    op(
+                        "Squeeze",
+                        [op("Shape", [x], {"start": 0, "end": 1}, name="combine/N2"), first],
+                        name="combine/NScalar",
+                    ),
+                    one,
+                ],
+                name="combine/TokenIds",
+            ),
+            const("combine/axis_last", np.array([-1], dtype=np.int64)),
+        ],
+        name="combine/TokenColumn",
+    )
     hit = op("And", [op("Equal", [owner, tokens], name="combine/Owned"), used], name="combine/Hit")  # [N, k]
-    rows = op("Reshape", [expert_out, op("Concat", [flat_shape, op("Shape", [x], {"start": 1, "end": 2},
-                                                                    name="combine/H")], {"axis": 0},
-                                         name="combine/RowsShape")], name="combine/Rows")  # [E*C, H]
+    rows = op(
+        "Reshape",
+        [
+            expert_out,
+            op(
+                "Concat",
+                [flat_shape, op("Shape", [x], {"start": 1, "end": 2}, name="combine/H")],
+                {"axis": 0},
+                name="combine/RowsShape",
+            ),
+        ],
+        name="combine/Rows",
+    )  # [E*C, H]
     picked = op("Gather", [rows, flat], {"axis": 0}, name="combine/Pick")  # [N, k, H]
-    kept = op("Where", [op("Unsqueeze", [hit, const("combine/axis_last2", np.array([-1], dtype=np.int64))],
-                           name="combine/HitColumn"), picked, zero], name="combine/Kept")
-    return op("ReduceSum", [kept, const("combine/sum_axis", np.array([1], dtype=np.int64))], {"keepdims": 0},
-              name="combine/Sum")
+    kept = op(
+        "Where",
+        [
+            op(
+                "Unsqueeze",
+                [hit, const("combine/axis_last2", np.array([-1], dtype=np.int64))],
+                name="combine/HitColumn",
+            ),
+            picked,
+            zero,
+        ],
+        name="combine/Kept",
+    )
+    return op(
+        "ReduceSum",
+        [kept, const("combine/sum_axis", np.array([1], dtype=np.int64))],
+        {"keepdims": 0},
+        name="combine/Sum",
+    )
 
 
 def check(node: ir.Node) -> str | None:
@@ -130,47 +196,105 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, config: Capacity
     neg_inf = const("neg_inf", np.array(-np.inf, dtype=np_dtype))
     floor = op("Expand", [neg_inf, op("Shape", [logits], name="router/Shape")], name="router/NegInf")
     routed = op("ScatterElements", [floor, top_index, top_value], {"axis": 1}, name="router/ScatterElements")
-    valid = op("Unsqueeze", [token_valid, const("axis_last", np.array([-1], dtype=np.int64))],
-               name="dispatch/ValidColumn")  # [N, 1]
-    key = op("Transpose", [op("Where", [valid, routed, neg_inf], name="dispatch/MaskPadding")],
-             {"perm": [1, 0]}, name="dispatch/ExpertMajor")  # [E, N]
+    valid = op(
+        "Unsqueeze", [token_valid, const("axis_last", np.array([-1], dtype=np.int64))], name="dispatch/ValidColumn"
+    )  # [N, 1]
+    key = op(
+        "Transpose",
+        [op("Where", [valid, routed, neg_inf], name="dispatch/MaskPadding")],
+        {"perm": [1, 0]},
+        name="dispatch/ExpertMajor",
+    )  # [E, N]
     # capacity from the token count (an input dimension), never from routing values
     tokens = op("Shape", [x], {"start": 0, "end": 1}, name="dispatch/Tokens")  # [1]
-    scaled = op("Mul", [op("Cast", [tokens], {"to": ir.DataType.FLOAT}, name="dispatch/TokensF"),
-                        const("capacity_per_token", np.array(config.capacity_factor * top_k / num_experts,
-                                                             dtype=np.float32))], name="dispatch/Scale")
-    capacity = op("Min", [op("Cast", [op("Ceil", [scaled], name="dispatch/Ceil")], {"to": ir.DataType.INT64},
-                             name="dispatch/CapacityInt"), tokens], name="dispatch/Capacity")  # [1]
-    slot_key, slot_token = op("TopK", [key, capacity], {"axis": -1}, name="dispatch/TopK",
-                              num_outputs=2)  # [E, C]
+    scaled = op(
+        "Mul",
+        [
+            op("Cast", [tokens], {"to": ir.DataType.FLOAT}, name="dispatch/TokensF"),
+            const("capacity_per_token", np.array(config.capacity_factor * top_k / num_experts, dtype=np.float32)),
+        ],
+        name="dispatch/Scale",
+    )
+    capacity = op(
+        "Min",
+        [
+            op(
+                "Cast",
+                [op("Ceil", [scaled], name="dispatch/Ceil")],
+                {"to": ir.DataType.INT64},
+                name="dispatch/CapacityInt",
+            ),
+            tokens,
+        ],
+        name="dispatch/Capacity",
+    )  # [1]
+    slot_key, slot_token = op("TopK", [key, capacity], {"axis": -1}, name="dispatch/TopK", num_outputs=2)  # [E, C]
     slot_used = op("Greater", [slot_key, neg_inf], name="dispatch/SlotUsed")
     zero = const("zero", np.array(0, dtype=np_dtype))
-    slot_score = op("Where", [slot_used, op("Sigmoid", [slot_key], name="dispatch/Sigmoid"), zero],
-                    name="dispatch/SlotScore")
-    expert_in = op("Mul", [op("Gather", [x, slot_token], {"axis": 0}, name="dispatch/GatherTokens"),
-                           op("Unsqueeze", [slot_score, const("axis_last2", np.array([-1], dtype=np.int64))],
-                              name="dispatch/ScoreColumn")], name="dispatch/ScaleInput")  # [E, C, H]
-    gate, up = op("Split", [op("MatMul", [expert_in, gate_up], name="experts/GateUp")],
-                  {"axis": -1, "num_outputs": 2}, name="experts/Split", num_outputs=2)
-    expert_out = op("MatMul", [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"),
-                               down], name="experts/Down")  # [E, C, H]
+    slot_score = op(
+        "Where", [slot_used, op("Sigmoid", [slot_key], name="dispatch/Sigmoid"), zero], name="dispatch/SlotScore"
+    )
+    expert_in = op(
+        "Mul",
+        [
+            op("Gather", [x, slot_token], {"axis": 0}, name="dispatch/GatherTokens"),
+            op(
+                "Unsqueeze",
+                [slot_score, const("axis_last2", np.array([-1], dtype=np.int64))],
+                name="dispatch/ScoreColumn",
+            ),
+        ],
+        name="dispatch/ScaleInput",
+    )  # [E, C, H]
+    gate, up = op(
+        "Split",
+        [op("MatMul", [expert_in, gate_up], name="experts/GateUp")],
+        {"axis": -1, "num_outputs": 2},
+        name="experts/Split",
+        num_outputs=2,
+    )
+    expert_out = op(
+        "MatMul",
+        [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"), down],
+        name="experts/Down",
+    )  # [E, C, H]
     if config.combine == "gather":
         combined = _combine_gather(op, const, x, top_index, slot_token, slot_used, capacity, expert_out, zero)
     else:
-        combined = op("ScatterND", [
-            op("Expand", [zero, op("Shape", [x], name="combine/Shape")], name="combine/Zeros"),
-            op("Unsqueeze", [slot_token, const("axis_last3", np.array([-1], dtype=np.int64))],
-               name="combine/Index"),
-            expert_out,
-        ], {"reduction": "add"}, name="combine/ScatterAdd")
-    load = op("ReduceSum", [op("Cast", [op("Greater", [key, neg_inf], name="overflow/Routed")],
-                               {"to": ir.DataType.FLOAT}, name="overflow/RoutedF"),
-                            const("axis1", np.array([1], dtype=np.int64))], {"keepdims": 0},
-              name="overflow/Load")  # [E] valid tokens per expert
-    peak = op("ReduceMax", [load, const("axis0", np.array([0], dtype=np.int64))], {"keepdims": 1},
-              name="overflow/Peak")  # [1]
-    overflow = op("Greater", [peak, op("Cast", [capacity], {"to": ir.DataType.FLOAT}, name="overflow/CapacityF")],
-                  name="overflow/Greater")
+        combined = op(
+            "ScatterND",
+            [
+                op("Expand", [zero, op("Shape", [x], name="combine/Shape")], name="combine/Zeros"),
+                op(
+                    "Unsqueeze", [slot_token, const("axis_last3", np.array([-1], dtype=np.int64))], name="combine/Index"
+                ),
+                expert_out,
+            ],
+            {"reduction": "add"},
+            name="combine/ScatterAdd",
+        )
+    load = op(
+        "ReduceSum",
+        [
+            op(
+                "Cast",
+                [op("Greater", [key, neg_inf], name="overflow/Routed")],
+                {"to": ir.DataType.FLOAT},
+                name="overflow/RoutedF",
+            ),
+            const("axis1", np.array([1], dtype=np.int64)),
+        ],
+        {"keepdims": 0},
+        name="overflow/Load",
+    )  # [E] valid tokens per expert
+    peak = op(
+        "ReduceMax", [load, const("axis0", np.array([0], dtype=np.int64))], {"keepdims": 1}, name="overflow/Peak"
+    )  # [1]
+    overflow = op(
+        "Greater",
+        [peak, op("Cast", [capacity], {"to": ir.DataType.FLOAT}, name="overflow/CapacityF")],
+        name="overflow/Greater",
+    )
     return [op("Add", [shared_expert(tape, node, prefix), combined], name="Add"), overflow]
 
 

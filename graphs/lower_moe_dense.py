@@ -25,7 +25,6 @@ from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.moe_pass import MoeLoweringPass, route
 from llama4_deploy.graphs.rewrite import scoped
 
-
 STRATEGY = "dense"
 
 
@@ -62,19 +61,33 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value
     op, const = scoped(tape, prefix)
 
     logits, top_value, top_index = route(op, const, node)
-    floor = op("ConstantOfShape", [op("Shape", [logits], name="router/Shape")],
-               {"value": ir.tensor(np.array([-np.inf], dtype=np_dtype))}, name="router/NegInf")
+    floor = op(
+        "ConstantOfShape",
+        [op("Shape", [logits], name="router/Shape")],
+        {"value": ir.tensor(np.array([-np.inf], dtype=np_dtype))},
+        name="router/NegInf",
+    )
     scattered = op("ScatterElements", [floor, top_index, top_value], {"axis": 1}, name="router/ScatterElements")
     score = op("Sigmoid", [scattered], name="router/Sigmoid")  # [N, E], 0 where unrouted
-    expert_score = op("Unsqueeze", [op("Transpose", [score], {"perm": [1, 0]}),
-                                    const("axis_last", np.array([-1], dtype=np.int64))])
+    expert_score = op(
+        "Unsqueeze", [op("Transpose", [score], {"perm": [1, 0]}), const("axis_last", np.array([-1], dtype=np.int64))]
+    )
     routed_in = op("Mul", [expert_score, x], name="experts/ScaleInput")  # [E, N, H]
-    gate, up = op("Split", [op("MatMul", [routed_in, gate_up], name="experts/GateUp")],
-                  {"axis": -1, "num_outputs": 2}, name="experts/Split", num_outputs=2)
-    expert_out = op("MatMul", [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"), down],
-                    name="experts/Down")  # [E, N, H]
-    routed = op("ReduceSum", [expert_out, const("axis0", np.array([0], dtype=np.int64))],
-                {"keepdims": 0}, name="experts/Sum")
+    gate, up = op(
+        "Split",
+        [op("MatMul", [routed_in, gate_up], name="experts/GateUp")],
+        {"axis": -1, "num_outputs": 2},
+        name="experts/Split",
+        num_outputs=2,
+    )
+    expert_out = op(
+        "MatMul",
+        [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"), down],
+        name="experts/Down",
+    )  # [E, N, H]
+    routed = op(
+        "ReduceSum", [expert_out, const("axis0", np.array([0], dtype=np.int64))], {"keepdims": 0}, name="experts/Sum"
+    )
     return [op("Add", [shared_expert(tape, node, prefix), routed], name="Add")]
 
 

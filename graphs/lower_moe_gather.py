@@ -54,8 +54,11 @@ LAYOUTS = ("matmul", "native")
 def _routed_inputs(op, axes, node: ir.Node, top_value: ir.Value) -> ir.Value:
     """Each token's input scaled by the score of each of its k chosen experts [N, k, H]."""
     score = op("Unsqueeze", [top_score(op, top_value), axes("axis_last", -1)])  # [N, k, 1]
-    return op("Mul", [op("Unsqueeze", [node.inputs[0], axes("axis1", 1)], name="experts/UnsqueezeX"), score],
-              name="experts/ScaleInput")  # [N, k, H]
+    return op(
+        "Mul",
+        [op("Unsqueeze", [node.inputs[0], axes("axis1", 1)], name="experts/UnsqueezeX"), score],
+        name="experts/ScaleInput",
+    )  # [N, k, H]
 
 
 def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
@@ -69,19 +72,30 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value
     _, top_value, top_index = route(op, const, node)
     routed_in = _routed_inputs(op, axes, node, top_value)
     w1 = op("Gather", [gate_up, top_index], {"axis": 0}, name="experts/GatherGateUp")  # [N, k, H, 2I]
-    hidden = op("MatMul", [op("Unsqueeze", [routed_in, axes("axis2", 2)], name="experts/UnsqueezeIn"), w1],
-                name="experts/GateUp")  # [N, k, 1, 2I]
+    hidden = op(
+        "MatMul",
+        [op("Unsqueeze", [routed_in, axes("axis2", 2)], name="experts/UnsqueezeIn"), w1],
+        name="experts/GateUp",
+    )  # [N, k, 1, 2I]
     gate, up = op("Split", [hidden], {"axis": -1, "num_outputs": 2}, name="experts/Split", num_outputs=2)
     w2 = op("Gather", [down, top_index], {"axis": 0}, name="experts/GatherDown")  # [N, k, I, H]
-    expert_out = op("MatMul", [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"), w2],
-                    name="experts/Down")  # [N, k, 1, H]
-    routed = op("ReduceSum", [op("Squeeze", [expert_out, axes("squeeze_axis", 2)], name="experts/Squeeze"),
-                              axes("sum_axis", 1)], {"keepdims": 0}, name="experts/Sum")
+    expert_out = op(
+        "MatMul",
+        [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"), w2],
+        name="experts/Down",
+    )  # [N, k, 1, H]
+    routed = op(
+        "ReduceSum",
+        [op("Squeeze", [expert_out, axes("squeeze_axis", 2)], name="experts/Squeeze"), axes("sum_axis", 1)],
+        {"keepdims": 0},
+        name="experts/Sum",
+    )
     return [op("Add", [shared_expert(tape, node, prefix), routed], name="Add")]
 
 
-def native_layout_replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, split: int | None = None
-                               ) -> list[ir.Value]:
+def native_layout_replacement(
+    tape: ir.tape.Tape, node: ir.Node, prefix: str, split: int | None = None
+) -> list[ir.Value]:
     x = node.inputs[0]
     experts = int(node.inputs[2].const_value.shape[0])
     fc1, fc2, p = native_weights(tape, node, split)
@@ -96,25 +110,39 @@ def native_layout_replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, sp
     routed_in = _routed_inputs(op, axes, node, top_value)
     picked = op("Unsqueeze", [top_index, axes("axis_parts", -1)], name="experts/UnsqueezeIndex")  # [N, k, 1]
     if p > 1:
-        picked = op("Add", [picked, axes("part_offsets", *(q * experts for q in range(p)))],
-                    name="experts/Parts")  # [N, k, P]: virtual experts q*E + e
+        picked = op(
+            "Add", [picked, axes("part_offsets", *(q * experts for q in range(p)))], name="experts/Parts"
+        )  # [N, k, P]: virtual experts q*E + e
     w1 = op("Gather", [fc1, picked], {"axis": 0}, name="experts/GatherGateUp")  # [N, k, P, 2Ip, H]
     column = op("Unsqueeze", [routed_in, axes("axes_column", 2, 4)], name="experts/UnsqueezeIn")  # [N, k, 1, H, 1]
     hidden = op("MatMul", [w1, column], name="experts/GateUp")  # [N, k, P, 2Ip, 1], rows [g0, u0, g1, u1, ..]
     rows = int(fc1.shape[1])
 
     def every_second(first: int, name: str) -> ir.Value:
-        return op("Slice", [hidden, axes(f"{name}/start", first), axes(f"{name}/end", rows), axes("rows_axis", -2),
-                            axes("rows_step", 2)], name=f"experts/{name}")
+        return op(
+            "Slice",
+            [
+                hidden,
+                axes(f"{name}/start", first),
+                axes(f"{name}/end", rows),
+                axes("rows_axis", -2),
+                axes("rows_step", 2),
+            ],
+            name=f"experts/{name}",
+        )
 
     gate, up = every_second(0, "Gate"), every_second(1, "Up")  # [N, k, P, Ip, 1]
     w2 = op("Gather", [fc2, picked], {"axis": 0}, name="experts/GatherDown")  # [N, k, P, H, Ip]
-    expert_out = op("MatMul", [w2, op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU")],
-                    name="experts/Down")  # [N, k, P, H, 1]
+    expert_out = op(
+        "MatMul",
+        [w2, op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU")],
+        name="experts/Down",
+    )  # [N, k, P, H, 1]
     routed = op("ReduceSum", [expert_out, axes("sum_axes", 1, 2, 4)], {"keepdims": 0}, name="experts/Sum")  # [N, H]
     if p > 1:  # fc2 holds P * down (lower_moe_native.fc2_layout): exact for a power of two
-        routed = op("Mul", [routed, const("experts/inverse_parts", np.array(1.0 / p, dtype=np_dtype))],
-                    name="experts/Unscale")
+        routed = op(
+            "Mul", [routed, const("experts/inverse_parts", np.array(1.0 / p, dtype=np_dtype))], name="experts/Unscale"
+        )
     return [op("Add", [shared_expert(tape, node, prefix), routed], name="Add")]
 
 

@@ -105,13 +105,17 @@ def check(node: ir.Node, any_top_k: bool = False, split: int | None = None) -> s
     if top_k is None or top_k.as_int() < 1:
         return "has no positive top_k attribute"
     if top_k.as_int() != 1 and not any_top_k:
-        return (f"has top_k {top_k.as_int()}; com.microsoft.MoE can express only top_k 1 "
-                "(Llama 4 scales each expert's input by its own score, the op weights outputs)")
+        return (
+            f"has top_k {top_k.as_int()}; com.microsoft.MoE can express only top_k 1 "
+            "(Llama 4 scales each expert's input by its own score, the op weights outputs)"
+        )
     gate_up, down = node.inputs[2], node.inputs[3]
     for role, value in (("gate_up", gate_up), ("down", down)):
         if not _constant_weight(value):
-            return (f"has a {role} input ({value.name}) that is not an initializer with a value, "
-                    "so it cannot be re-laid out")
+            return (
+                f"has a {role} input ({value.name}) that is not an initializer with a value, "
+                "so it cannot be re-laid out"
+            )
     gu, dn = gate_up.const_value.shape, down.const_value.shape
     if len(gu) != 3 or len(dn) != 3 or gu[2] % 2 or gu[0] != dn[0] or gu[2] != 2 * dn[1] or gu[1] != dn[2]:
         return f"has expert weights of shapes {list(gu)} and {list(dn)}, expected [E, H, 2I] and [E, I, H]"
@@ -177,13 +181,15 @@ class Relayout:
         shape = self.shape(tuple(source.shape))
         row = int(np.prod(shape[1:])) * torch.empty((), dtype=dtype).element_size()
         step = max(1, min(experts, (chunk_bytes or CHUNK_BYTES) // max(row, 1)))
-        pieces = [(part, first, min(step, experts - first)) for part in range(parts) for first in range(0, experts, step)]
+        pieces = [
+            (part, first, min(step, experts - first)) for part in range(parts) for first in range(0, experts, step)
+        ]
         buffers = [torch.empty((step, *rest), dtype=dtype) for _ in range(min(2, len(pieces)))]
 
         def fill(index: int):
             part, first, count = pieces[index]
             piece = buffers[index % 2][:count]
-            piece.copy_(permuted[part, first:first + count])
+            piece.copy_(permuted[part, first : first + count])
             if self.scale != 1:
                 piece *= self.scale
             piece = piece.reshape(count, *shape[1:])
@@ -242,8 +248,9 @@ def relaid(source: ir.TensorProtocol, name: str, shape: tuple[int, ...], layout:
 
     stored = source.stored if isinstance(source, StreamedTensor) else None
     if stored is None:
-        return StreamedTensor(lambda: ir.tensor(layout(source.numpy()), dtype=source.dtype, name=name), source.dtype,
-                              shape, name)
+        return StreamedTensor(
+            lambda: ir.tensor(layout(source.numpy()), dtype=source.dtype, name=name), source.dtype, shape, name
+        )
 
     def compute() -> ir.TensorProtocol:
         return stored.checked(layout(stored.read(), dtype=torch.float32), name)
@@ -271,8 +278,9 @@ def relaid(source: ir.TensorProtocol, name: str, shape: tuple[int, ...], layout:
     return StreamedTensor(compute, source.dtype, shape, name, stored=stored, writer=write)
 
 
-def _weight(tape: ir.tape.Tape, node: ir.Node, value: ir.Value, name: str,
-            layout: Relayout, shape: tuple[int, ...]) -> ir.Value:
+def _weight(
+    tape: ir.tape.Tape, node: ir.Node, value: ir.Value, name: str, layout: Relayout, shape: tuple[int, ...]
+) -> ir.Value:
     existing = node.graph.initializers.get(name) if node.graph is not None else None
     if existing is not None:  # another MoE node shares these weights and was lowered already
         return existing
@@ -301,20 +309,38 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, split: int | Non
     logits, top_value, top_index = route(op, const, node)  # top_k 1 (check)
     score = top_score(op, top_value)  # [N, 1]
     routed_in = op("Mul", [x, score], name="experts/ScaleInput")  # [N, H]
-    lowest = op("ConstantOfShape", [op("Shape", [logits], name="router/Shape")],
-                {"value": ir.tensor(np.array([ml_dtypes.finfo(np_dtype).min], dtype=np_dtype))}, name="router/Lowest")
-    zeros = op("ConstantOfShape", [op("Shape", [top_index], name="router/IndexShape")],
-               {"value": ir.tensor(np.array([0], dtype=np_dtype))}, name="router/Zeros")
+    lowest = op(
+        "ConstantOfShape",
+        [op("Shape", [logits], name="router/Shape")],
+        {"value": ir.tensor(np.array([ml_dtypes.finfo(np_dtype).min], dtype=np_dtype))},
+        name="router/Lowest",
+    )
+    zeros = op(
+        "ConstantOfShape",
+        [op("Shape", [top_index], name="router/IndexShape")],
+        {"value": ir.tensor(np.array([0], dtype=np_dtype))},
+        name="router/Zeros",
+    )
     picks = op("ScatterElements", [lowest, top_index, zeros], {"axis": 1}, name="router/Picks")  # [N, E]
     if p > 1:
-        picks = op("Tile", [picks, const("router/parts", np.array([1, p], dtype=np.int64))],
-                   name="router/PerPart")  # [N, P*E]: part q of expert e is column q*E + e
+        picks = op(
+            "Tile", [picks, const("router/parts", np.array([1, p], dtype=np.int64))], name="router/PerPart"
+        )  # [N, P*E]: part q of expert e is column q*E + e
 
     routed = op(
-        "MoE", [routed_in, picks, fc1, None, fc2],
-        {"k": p, "activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
-         "activation_beta": 0.0, "normalize_routing_weights": 1, "use_sparse_mixer": 0},
-        name="experts/MoE", domain=MS_DOMAIN,
+        "MoE",
+        [routed_in, picks, fc1, None, fc2],
+        {
+            "k": p,
+            "activation_type": "swiglu",
+            "swiglu_fusion": 1,
+            "activation_alpha": 1.0,
+            "activation_beta": 0.0,
+            "normalize_routing_weights": 1,
+            "use_sparse_mixer": 0,
+        },
+        name="experts/MoE",
+        domain=MS_DOMAIN,
     )
     if x.dtype is not None:  # ONNX shape inference does not know the contrib op: annotate its output
         routed.dtype = x.dtype

@@ -71,8 +71,10 @@ def _packed(source: ir.TensorProtocol, rule: QuantRule, compute_dtype: str, axis
         return ir.tensor(np.ascontiguousarray(s.astype(numpy_dtype(compute_dtype))), name=f"{name}.q4_scales")
 
     compute = COMPUTE[compute_dtype]
-    return (StreamedTensor(b, ir.DataType.UINT8, b_shape, f"{name}.q4"),
-            StreamedTensor(scales, compute, out_dims + (blocks,), f"{name}.q4_scales"))
+    return (
+        StreamedTensor(b, ir.DataType.UINT8, b_shape, f"{name}.q4"),
+        StreamedTensor(scales, compute, out_dims + (blocks,), f"{name}.q4_scales"),
+    )
 
 
 def _register(graph: ir.Graph, tensor: StreamedTensor) -> ir.Value:
@@ -96,8 +98,10 @@ def _moe_check(node: ir.Node, rule: QuantRule) -> str | None:
         return "has expert weights that are not initializers read only by it"
     hidden, inter = int(fc1.shape[2]), int(fc2.shape[2])
     if hidden % rule.block_size or inter % rule.block_size:
-        return (f"has hidden size {hidden} and expert intermediate size {inter}; QMoE needs both to be "
-                f"multiples of the block size {rule.block_size}")
+        return (
+            f"has hidden size {hidden} and expert intermediate size {inter}; QMoE needs both to be "
+            f"multiples of the block size {rule.block_size}"
+        )
     return None
 
 
@@ -107,8 +111,8 @@ class QuantizeOrtPass(RewritePass):
 
     name = "quantize_ort"
 
-    def __init__(self, spec: QuantSpec, config: OrtQuantConfig = OrtQuantConfig()):
-        self.spec, self.config = spec, config
+    def __init__(self, spec: QuantSpec, config: OrtQuantConfig | None = None):
+        self.spec, self.config = spec, config or OrtQuantConfig()
 
     def rewrite(self, model: ir.Model) -> int:
         graph = model.graph
@@ -125,10 +129,19 @@ class QuantizeOrtPass(RewritePass):
             k, n = (int(d) for d in value.shape)
             b, scales = _packed(value.const_value, rule, self.spec.compute_dtype, 0, name)
             tape = ir.tape.Tape()
-            out = tape.op("MatMulNBits", [matmul.inputs[0], _register(graph, b), _register(graph, scales)],
-                          {"K": k, "N": n, "bits": 4, "block_size": rule.block_size,
-                           "accuracy_level": 4 if rule.activation == "int8_block" else self.config.accuracy_level},
-                          domain=MS_DOMAIN, name=f"{quant_scope(name)}/MatMulNBits")
+            out = tape.op(
+                "MatMulNBits",
+                [matmul.inputs[0], _register(graph, b), _register(graph, scales)],
+                {
+                    "K": k,
+                    "N": n,
+                    "bits": 4,
+                    "block_size": rule.block_size,
+                    "accuracy_level": 4 if rule.activation == "int8_block" else self.config.accuracy_level,
+                },
+                domain=MS_DOMAIN,
+                name=f"{quant_scope(name)}/MatMulNBits",
+            )
             out.type, out.shape = matmul.outputs[0].type, matmul.outputs[0].shape
             splice(graph, matmul, tape, out)
             graph.initializers.pop(name)
@@ -146,9 +159,21 @@ class QuantizeOrtPass(RewritePass):
             attributes["expert_weight_bits"] = ir.AttrInt64("expert_weight_bits", 4)
             attributes["block_size"] = ir.AttrInt64("block_size", rule.block_size)
             tape = ir.tape.Tape()
-            out = tape.op("QMoE", [node.inputs[0], node.inputs[1], _register(graph, fc1_q), _register(graph, fc1_s),
-                                   None, _register(graph, fc2_q), _register(graph, fc2_s)],
-                          attributes, domain=MS_DOMAIN, name=node.name.rsplit("/", 1)[0] + "/QMoE")
+            out = tape.op(
+                "QMoE",
+                [
+                    node.inputs[0],
+                    node.inputs[1],
+                    _register(graph, fc1_q),
+                    _register(graph, fc1_s),
+                    None,
+                    _register(graph, fc2_q),
+                    _register(graph, fc2_s),
+                ],
+                attributes,
+                domain=MS_DOMAIN,
+                name=node.name.rsplit("/", 1)[0] + "/QMoE",
+            )
             out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
             splice(graph, node, tape, out)
             for value in (fc1, fc2):

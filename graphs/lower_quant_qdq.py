@@ -43,8 +43,14 @@ import numpy as np
 import onnx_ir as ir
 
 from llama4_deploy.graphs.passes import LoweringError, RewritePass
-from llama4_deploy.graphs.quantize import (QuantRule, QuantSpec, fp8_activation_scale, fp8_channel, int4_blocked,
-                                           numpy_dtype)
+from llama4_deploy.graphs.quantize import (
+    QuantRule,
+    QuantSpec,
+    fp8_activation_scale,
+    fp8_channel,
+    int4_blocked,
+    numpy_dtype,
+)
 from llama4_deploy.graphs.streamed import StreamedTensor
 
 WEIGHT_DTYPES = {"int4": ir.DataType.INT4, "fp8": ir.DataType.FLOAT8E4M3FN}
@@ -58,11 +64,19 @@ def reduction_axis(value: ir.Value) -> int | str:
     for user, index in value.uses():
         if user.op_type == "MatMul" and index == 1:
             axes.add(-2)
-        elif user.op_type == "Gather" and index == 0 and all(
-                u.op_type == "MatMul" and i == 1 for u, i in user.outputs[0].uses()):
+        elif (
+            user.op_type == "Gather"
+            and index == 0
+            and all(u.op_type == "MatMul" and i == 1 for u, i in user.outputs[0].uses())
+        ):
             axes.add(-2)
-        elif user.op_type == "Gather" and index == 0 and all(  # the native-layout gather: weight on the left
-                u.op_type == "MatMul" and i == 0 for u, i in user.outputs[0].uses()):
+        elif (
+            user.op_type == "Gather"
+            and index == 0
+            and all(  # the native-layout gather: weight on the left
+                u.op_type == "MatMul" and i == 0 for u, i in user.outputs[0].uses()
+            )
+        ):
             axes.add(-1)
         elif user.domain == "com.microsoft" and user.op_type == "MoE" and index in (2, 4):
             axes.add(-1)
@@ -77,10 +91,16 @@ class QuantizedWeight:
     """The (q, scale) pair of one weight, computed once when the saver asks for either of them."""
 
     # the last weight quantized (held, so its identity cannot be reused): one weight at a time, O(layer) memory
-    _last: tuple["QuantizedWeight", tuple[np.ndarray, np.ndarray]] | None = None
+    _last: tuple[QuantizedWeight, tuple[np.ndarray, np.ndarray]] | None = None
 
-    def __init__(self, source: ir.TensorProtocol, rule: QuantRule, axis: int, compute_dtype: str,
-                 stored: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None):
+    def __init__(
+        self,
+        source: ir.TensorProtocol,
+        rule: QuantRule,
+        axis: int,
+        compute_dtype: str,
+        stored: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
+    ):
         self.source, self.rule, self.axis, self.compute_dtype = source, rule, axis, compute_dtype
         self.stored = stored  # pre-quantized (q, scale) in matmul layout, scale [.., 1, N]
 
@@ -112,11 +132,11 @@ class QuantizedWeight:
         dims = tuple(int(d) for d in self.source.shape)
         axis = self.axis % len(dims)
         if self.rule.weight == "int4":
-            scale = dims[:axis] + (-(-dims[axis] // self.rule.block_size),) + dims[axis + 1:]
+            scale = dims[:axis] + (-(-dims[axis] // self.rule.block_size),) + dims[axis + 1 :]
         elif len(dims) == 2:
             scale = (dims[1 - axis],)
         else:
-            scale = dims[:axis] + (1,) + dims[axis + 1:]
+            scale = dims[:axis] + (1,) + dims[axis + 1 :]
         return dims, scale
 
     def lazy(self, which: int, name: str, dtype: ir.DataType) -> StreamedTensor:
@@ -161,21 +181,39 @@ def quant_scope(name: str) -> str:
     return f"/{stamp}/quant/{rest}"
 
 
-def quantize_weight(graph: ir.Graph, value: ir.Value, rule: QuantRule, axis: int, compute_dtype: str,
-                    stored: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> ir.Value:
+def quantize_weight(
+    graph: ir.Graph,
+    value: ir.Value,
+    rule: QuantRule,
+    axis: int,
+    compute_dtype: str,
+    stored: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
+) -> ir.Value:
     """Replace initializer `value` by DequantizeLinear(q, scale); returns the dequantized value."""
     name = value.name
     weight = QuantizedWeight(value.const_value, rule, axis, compute_dtype, stored)
     q_shape, scale_shape = weight.shapes()
-    q = ir.Value(name=f"{name}.{rule.weight}", type=ir.TensorType(WEIGHT_DTYPES[rule.weight]), shape=ir.Shape(q_shape),
-                 const_value=weight.lazy(0, f"{name}.{rule.weight}", WEIGHT_DTYPES[rule.weight]))
-    scale = ir.Value(name=f"{name}.scale", type=ir.TensorType(COMPUTE[compute_dtype]), shape=ir.Shape(scale_shape),
-                     const_value=weight.lazy(1, f"{name}.scale", COMPUTE[compute_dtype]))
+    q = ir.Value(
+        name=f"{name}.{rule.weight}",
+        type=ir.TensorType(WEIGHT_DTYPES[rule.weight]),
+        shape=ir.Shape(q_shape),
+        const_value=weight.lazy(0, f"{name}.{rule.weight}", WEIGHT_DTYPES[rule.weight]),
+    )
+    scale = ir.Value(
+        name=f"{name}.scale",
+        type=ir.TensorType(COMPUTE[compute_dtype]),
+        shape=ir.Shape(scale_shape),
+        const_value=weight.lazy(1, f"{name}.scale", COMPUTE[compute_dtype]),
+    )
     graph.initializers.pop(name)
     graph.register_initializer(q)
     graph.register_initializer(scale)
-    node = ir.node("DequantizeLinear", [q, scale], dequantize_attributes(rule, axis, len(q_shape), q_shape[axis]),
-                   name=f"{quant_scope(name)}/DequantizeLinear")
+    node = ir.node(
+        "DequantizeLinear",
+        [q, scale],
+        dequantize_attributes(rule, axis, len(q_shape), q_shape[axis]),
+        name=f"{quant_scope(name)}/DequantizeLinear",
+    )
     out = node.outputs[0]
     ir.convenience.replace_all_uses_with(value, out)
     out.name, out.dtype, out.shape = f"{name}.dq", COMPUTE[compute_dtype], ir.Shape(q_shape)
@@ -183,8 +221,9 @@ def quantize_weight(graph: ir.Graph, value: ir.Value, rule: QuantRule, axis: int
     return out
 
 
-def quantize_weight_per_expert(graph: ir.Graph, value: ir.Value, rule: QuantRule, axis: int,
-                               compute_dtype: str) -> ir.Value:
+def quantize_weight_per_expert(
+    graph: ir.Graph, value: ir.Value, rule: QuantRule, axis: int, compute_dtype: str
+) -> ir.Value:
     """Replace a stacked [E, K, N] initializer by E 2-D DequantizeLinear nodes stacked back (module
     docstring); returns the stacked dequantized value [E, K, N]."""
     name = value.name
@@ -193,23 +232,40 @@ def quantize_weight_per_expert(graph: ir.Graph, value: ir.Value, rule: QuantRule
     (k, n), scale_shape = weight.slice_shapes()
     fmt, dtype = WEIGHT_DTYPES[rule.weight], COMPUTE[compute_dtype]
     scope = quant_scope(name)
-    axis0 = ir.node("Constant", [], {"value": ir.tensor(np.array([0], dtype=np.int64), name=f"{scope}/axis0")},
-                    name=f"{scope}/axis0")
+    axis0 = ir.node(
+        "Constant",
+        [],
+        {"value": ir.tensor(np.array([0], dtype=np.int64), name=f"{scope}/axis0")},
+        name=f"{scope}/axis0",
+    )
     axis0.outputs[0].name = f"{scope}/axis0"
     nodes, stacked = [axis0], []
     qs, scales = [], []
     for e in range(q_shape[0]):
-        qs.append(ir.Value(name=f"{name}.{e}.{rule.weight}", type=ir.TensorType(fmt), shape=ir.Shape((k, n)),
-                           const_value=weight.lazy_slice(0, e, f"{name}.{e}.{rule.weight}", fmt)))
+        qs.append(
+            ir.Value(
+                name=f"{name}.{e}.{rule.weight}",
+                type=ir.TensorType(fmt),
+                shape=ir.Shape((k, n)),
+                const_value=weight.lazy_slice(0, e, f"{name}.{e}.{rule.weight}", fmt),
+            )
+        )
     for e in range(q_shape[0]):  # all q slices, then all scales: each run reuses the cached arrays
-        scales.append(ir.Value(name=f"{name}.{e}.scale", type=ir.TensorType(dtype), shape=ir.Shape(scale_shape),
-                               const_value=weight.lazy_slice(1, e, f"{name}.{e}.scale", dtype)))
+        scales.append(
+            ir.Value(
+                name=f"{name}.{e}.scale",
+                type=ir.TensorType(dtype),
+                shape=ir.Shape(scale_shape),
+                const_value=weight.lazy_slice(1, e, f"{name}.{e}.scale", dtype),
+            )
+        )
     graph.initializers.pop(name)
     for v in qs + scales:
         graph.register_initializer(v)
     for e, (q, scale) in enumerate(zip(qs, scales)):
-        dq = ir.node("DequantizeLinear", [q, scale], dequantize_attributes(rule, -2, 2, k),
-                     name=f"{scope}/{e}/DequantizeLinear")
+        dq = ir.node(
+            "DequantizeLinear", [q, scale], dequantize_attributes(rule, -2, 2, k), name=f"{scope}/{e}/DequantizeLinear"
+        )
         dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = f"{name}.{e}.dq", dtype, ir.Shape((k, n))
         unsqueeze = ir.node("Unsqueeze", [dq.outputs[0], axis0.outputs[0]], name=f"{scope}/{e}/Unsqueeze")
         unsqueeze.outputs[0].name = f"{name}.{e}.dq3"
@@ -234,8 +290,9 @@ def quantize_activation(graph: ir.Graph, matmul: ir.Node, scale: float, compute_
     s_node = ir.node("Constant", [], {"value": s}, name=f"{prefix}/scale")
     z_node = ir.node("Constant", [], {"value": zero}, name=f"{prefix}/zero_point")
     quant = ir.node("QuantizeLinear", [x, s_node.outputs[0], z_node.outputs[0]], name=f"{prefix}/QuantizeLinear")
-    dequant = ir.node("DequantizeLinear", [quant.outputs[0], s_node.outputs[0], z_node.outputs[0]],
-                      name=f"{prefix}/DequantizeLinear")
+    dequant = ir.node(
+        "DequantizeLinear", [quant.outputs[0], s_node.outputs[0], z_node.outputs[0]], name=f"{prefix}/DequantizeLinear"
+    )
     for node in (s_node, z_node, quant, dequant):
         node.outputs[0].name = node.name
     quant.outputs[0].dtype = ir.DataType.FLOAT8E4M3FN
@@ -264,8 +321,13 @@ class QuantizeQdqPass(RewritePass):
 
     name = "quantize_qdq"
 
-    def __init__(self, spec: QuantSpec, activation_amax: Mapping[str, float] | None = None, per_expert: bool = False,
-                 stored: Mapping[str, Callable[[], tuple[np.ndarray, np.ndarray]]] | None = None):
+    def __init__(
+        self,
+        spec: QuantSpec,
+        activation_amax: Mapping[str, float] | None = None,
+        per_expert: bool = False,
+        stored: Mapping[str, Callable[[], tuple[np.ndarray, np.ndarray]]] | None = None,
+    ):
         self.spec, self.activation_amax, self.per_expert, self.stored = spec, activation_amax, per_expert, stored
 
     def _not_quantized(self, name: str, reason: str) -> LoweringError:
@@ -277,8 +339,11 @@ class QuantizeQdqPass(RewritePass):
         float_types = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
         for name, value in list(graph.initializers.items()):
             rule = self.spec.rule_for(name)
-            if rule is None or value.dtype not in float_types or any(
-                    user.op_type in ALREADY_QUANTIZED for user, _ in value.uses()):
+            if (
+                rule is None
+                or value.dtype not in float_types
+                or any(user.op_type in ALREADY_QUANTIZED for user, _ in value.uses())
+            ):
                 continue  # not named by the spec, or a scale of a weight quantized already
             axis = reduction_axis(value)
             if isinstance(axis, str):
@@ -286,23 +351,31 @@ class QuantizeQdqPass(RewritePass):
             if value.const_value is None:
                 raise self._not_quantized(name, "has no value to quantize")
             if rule.activation == "int8_block":
-                raise self._not_quantized(name, "needs int8 activations, which only ONNX Runtime's MatMulNBits "
-                                                "computes")
+                raise self._not_quantized(
+                    name, "needs int8 activations, which only ONNX Runtime's MatMulNBits computes"
+                )
             if rule.activation != "none" and any(u.domain == "com.microsoft" for u, _ in value.uses()):
-                raise self._not_quantized(name, "is read by ONNX Runtime's fused MoE kernel, where its fp8 activation "
-                                                "cannot be quantized; use the dense, gather or capacity dispatch")
+                raise self._not_quantized(
+                    name,
+                    "is read by ONNX Runtime's fused MoE kernel, where its fp8 activation "
+                    "cannot be quantized; use the dense, gather or capacity dispatch",
+                )
             base = name.split(".native")[0]  # re-laid-out expert copies share their source's activation
             source = None
             if rule.method == "checkpoint":
                 source = (self.stored or {}).get(name)
                 if source is None or axis != -2:
-                    raise self._not_quantized(name, "is pre-quantized in the checkpoint, but not in a matmul "
-                                                    "layout its stored FP8 fits")
+                    raise self._not_quantized(
+                        name, "is pre-quantized in the checkpoint, but not in a matmul layout its stored FP8 fits"
+                    )
             if self.per_expert and len(value.shape) == 3 and axis == -2:
                 if source is not None:
-                    raise self._not_quantized(name, "is pre-quantized in the checkpoint, and TensorRT's per-expert "
-                                                    "layout of stored FP8 experts is not built yet; build this "
-                                                    "checkpoint for --target onnxruntime")
+                    raise self._not_quantized(
+                        name,
+                        "is pre-quantized in the checkpoint, and TensorRT's per-expert "
+                        "layout of stored FP8 experts is not built yet; build this "
+                        "checkpoint for --target onnxruntime",
+                    )
                 dequantized = quantize_weight_per_expert(graph, value, rule, axis, self.spec.compute_dtype)
             else:
                 dequantized = quantize_weight(graph, value, rule, axis, self.spec.compute_dtype, source)
@@ -311,8 +384,9 @@ class QuantizeQdqPass(RewritePass):
                 if amax is None:
                     raise ValueError(f"weight {base} needs an fp8 activation scale but calibration has none for it")
                 for matmul in activation_consumers(dequantized):
-                    quantize_activation(graph, matmul, fp8_scale(amax, self.spec.compute_dtype),
-                                        self.spec.compute_dtype)
+                    quantize_activation(
+                        graph, matmul, fp8_scale(amax, self.spec.compute_dtype), self.spec.compute_dtype
+                    )
             count += 1
         if count:
             graph.opset_imports[""] = max(graph.opset_imports.get("", 21), 21)

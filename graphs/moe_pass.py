@@ -38,14 +38,20 @@ def node_prefix(node: ir.Node, strategy: str) -> str:
     return layer_scope(node, f"moe/{strategy}")
 
 
-def route(op: Callable[..., ir.Value], const: Callable[[str, object], ir.Value], node: ir.Node
-          ) -> tuple[ir.Value, ir.Value, ir.Value]:
+def route(
+    op: Callable[..., ir.Value], const: Callable[[str, object], ir.Value], node: ir.Node
+) -> tuple[ir.Value, ir.Value, ir.Value]:
     """(logits [N, E], top value [N, k], top index [N, k]) of `node`'s router, built with `scoped` builders."""
     x, router = node.inputs[:2]
     top_k = node.attributes["top_k"].as_int()
     logits = op("MatMul", [x, router], name="router/MatMul")
-    top_value, top_index = op("TopK", [logits, const("router/k", np.array([top_k], dtype=np.int64))], {"axis": -1},
-                              name="router/TopK", num_outputs=2)
+    top_value, top_index = op(
+        "TopK",
+        [logits, const("router/k", np.array([top_k], dtype=np.int64))],
+        {"axis": -1},
+        name="router/TopK",
+        num_outputs=2,
+    )
     return logits, top_value, top_index
 
 

@@ -42,6 +42,7 @@ runs them as they are.
 from __future__ import annotations
 
 import onnx
+
 # onnx.reference builds its operator table once, at import, and refuses a name two domains share (our Attention and
 # opset 23's): imported before register_schemas adds ours, so graphs/cost.py's constant folding works either way
 import onnx.reference  # noqa: F401

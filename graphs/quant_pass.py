@@ -16,9 +16,13 @@ from llama4_deploy.graphs.passes import RewritePass
 from llama4_deploy.graphs.quantize import QuantSpec
 
 
-def quantize_passes(spec: QuantSpec, activation_amax: Mapping[str, float] | None = None,
-                    ort: OrtQuantConfig = OrtQuantConfig(), per_expert: bool = False,
-                    stored: Mapping | None = None) -> list[RewritePass]:
+def quantize_passes(
+    spec: QuantSpec,
+    activation_amax: Mapping[str, float] | None = None,
+    ort: OrtQuantConfig | None = None,
+    per_expert: bool = False,
+    stored: Mapping | None = None,
+) -> list[RewritePass]:
     """Empty for an unquantized spec. `per_expert`: stacked expert weights as 2-D constants, one DequantizeLinear
     each (TensorRT). `stored`: pre-quantized (q, scale) readers by weight name (export/compressed_tensors.py)."""
     if not spec.quantized:

@@ -36,12 +36,28 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from llama4_deploy.graphs.forms import AUTO, BlockSize, ComputeDtype, Int4Compute, Precision, QuantForm, QuantMethod, values
+from llama4_deploy.graphs.forms import (
+    AUTO,
+    BlockSize,
+    ComputeDtype,
+    Int4Compute,
+    Precision,
+    QuantForm,
+    QuantMethod,
+    values,
+)
 
 INT4_MAX = 7
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-LINEAR_PATTERNS = ("layers.*.experts_*", "layers.*.shared_*", "layers.*.mlp_*",
-                   "layers.*.q", "layers.*.k", "layers.*.v", "layers.*.o")
+LINEAR_PATTERNS = (
+    "layers.*.experts_*",
+    "layers.*.shared_*",
+    "layers.*.mlp_*",
+    "layers.*.q",
+    "layers.*.k",
+    "layers.*.v",
+    "layers.*.o",
+)
 
 
 class Strict(BaseModel):
@@ -90,11 +106,15 @@ class QuantSpec(Strict):
     def native_moe_refusal(self) -> str | None:
         """Why the native MoE kernel cannot run this spec (None: it can)."""
         if self.activations:
-            return (f"precision {self.precision} quantizes expert activations, which the native MoE kernel cannot "
-                    f"take; use --moe-dispatch dense, gather, capacity or auto")
+            return (
+                f"precision {self.precision} quantizes expert activations, which the native MoE kernel cannot "
+                f"take; use --moe-dispatch dense, gather, capacity or auto"
+            )
         if any(rule.method == "checkpoint" for rule in self.rules):
-            return ("the checkpoint's FP8 experts go in as stored, and the native MoE kernel has no FP8 form; "
-                    "use --moe-dispatch dense, gather, capacity or auto")
+            return (
+                "the checkpoint's FP8 experts go in as stored, and the native MoE kernel has no FP8 form; "
+                "use --moe-dispatch dense, gather, capacity or auto"
+            )
         return None
 
     def dispatch_refusals(self) -> dict[str, str]:
@@ -143,8 +163,9 @@ def make_spec(config: QuantConfig, int4_form: QuantForm = "ort") -> QuantSpec:
     """The preset spec of a precision; `int4_form`: what form auto means for int4 on the build's target. Raises
     ValueError (one sentence) on a bad combination."""
     if config.block_size not in values(BlockSize):
-        raise ValueError(f"block size {config.block_size} is not supported; choose one of "
-                         f"{', '.join(map(str, values(BlockSize)))}")
+        raise ValueError(
+            f"block size {config.block_size} is not supported; choose one of {', '.join(map(str, values(BlockSize)))}"
+        )
     compute = config.compute_dtype or default_compute_dtype(config.precision)
     form = form_for(config.precision, config.form, int4_form)
     if config.precision == "fp16" and compute != "float16" or config.precision == "bf16" and compute != "bfloat16":
@@ -156,28 +177,43 @@ def make_spec(config: QuantConfig, int4_form: QuantForm = "ort") -> QuantSpec:
     if config.method == "awq" and config.precision != "int4":
         raise ValueError(f"--quant-method awq is for int4 weights; precision {config.precision} uses rtn")
     if config.int4_compute == "int8" and not (config.precision == "int4" and form == "ort"):
-        raise ValueError("--int4-compute int8 is ONNX Runtime's MatMulNBits kernel (accuracy_level 4): it needs "
-                         "--precision int4 and the ort form")
+        raise ValueError(
+            "--int4-compute int8 is ONNX Runtime's MatMulNBits kernel (accuracy_level 4): it needs "
+            "--precision int4 and the ort form"
+        )
     rules: tuple[QuantRule, ...] = ()
     if config.precision == "int4" and config.int4_compute == "int8":
         # MatMulNBits takes the 2-D linear layers (int8 activations); QMoE and the qdq fall-through keep floats
         int4 = dict(weight="int4", granularity="block", block_size=config.block_size, method=config.method)
-        rules = (QuantRule(patterns=LINEAR_PATTERNS[:1], **int4),
-                 QuantRule(patterns=LINEAR_PATTERNS[1:], activation="int8_block", **int4))
+        rules = (
+            QuantRule(patterns=LINEAR_PATTERNS[:1], **int4),
+            QuantRule(patterns=LINEAR_PATTERNS[1:], activation="int8_block", **int4),
+        )
     elif config.precision == "int4":
-        rules = (QuantRule(patterns=LINEAR_PATTERNS, weight="int4", granularity="block", block_size=config.block_size,
-                           method=config.method),)
+        rules = (
+            QuantRule(
+                patterns=LINEAR_PATTERNS,
+                weight="int4",
+                granularity="block",
+                block_size=config.block_size,
+                method=config.method,
+            ),
+        )
     elif config.precision == "fp8":
         rules = (QuantRule(patterns=LINEAR_PATTERNS, weight="fp8", granularity="channel", activation="fp8_tensor"),)
-    return QuantSpec(precision=config.precision, compute_dtype=compute, rules=rules,
-                     form=form if rules else "qdq")
+    return QuantSpec(precision=config.precision, compute_dtype=compute, rules=rules, form=form if rules else "qdq")
 
 
 def checkpoint_spec(patterns: tuple[str, ...], activations: bool, compute_dtype: str = "float32") -> QuantSpec:
     """The spec of a pre-quantized FP8 checkpoint: exactly the weights it stores in FP8 (`patterns`), taken as
     stored; with `activations`, static per-tensor FP8 activation scales from calibration."""
-    rule = QuantRule(patterns=patterns, weight="fp8", granularity="channel",
-                     activation="fp8_tensor" if activations else "none", method="checkpoint")
+    rule = QuantRule(
+        patterns=patterns,
+        weight="fp8",
+        granularity="channel",
+        activation="fp8_tensor" if activations else "none",
+        method="checkpoint",
+    )
     return QuantSpec(precision="fp8", compute_dtype=compute_dtype, rules=(rule,), form="qdq")
 
 
@@ -205,7 +241,7 @@ def int4_blocked(w: np.ndarray, axis: int, block: int, compute_dtype: str = "flo
     k = w.shape[axis]
     blocks = -(-k // block)
     q = np.empty(w.shape, dtype=np.int8)
-    scale = np.empty(w.shape[:axis] + (blocks,) + w.shape[axis + 1:], dtype=np.float32)
+    scale = np.empty(w.shape[:axis] + (blocks,) + w.shape[axis + 1 :], dtype=np.float32)
     if axis == 0 or w.ndim == 1:
         _int4_slab(w, q, scale, axis, block, compute_dtype)
         return q, scale
@@ -219,8 +255,9 @@ def int4_blocked(w: np.ndarray, axis: int, block: int, compute_dtype: str = "flo
 SLAB_ELEMENTS = 1 << 22  # int4_blocked's working set: 16 MB of float32 per temporary
 
 
-def _int4_slab(w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int, block: int,
-               compute_dtype: str = "float32") -> None:
+def _int4_slab(
+    w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int, block: int, compute_dtype: str = "float32"
+) -> None:
     """q and scale of `w` (a slab), written into the given arrays; the last block along `axis` may be partial."""
     k = w.shape[axis]
     blocks = scale.shape[axis]
@@ -293,7 +330,9 @@ def fake_quant_int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
 def fake_quant_activation(x: np.ndarray, scale: float) -> np.ndarray:
     import ml_dtypes  # deferred: `plan` imports this module for its specs, and ml_dtypes is slow to load
 
-    return np.clip(x / np.float32(scale), -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * np.float32(scale)
+    return np.clip(x / np.float32(scale), -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(
+        np.float32
+    ) * np.float32(scale)
 
 
 def pack_int4_rows(q: np.ndarray, block: int) -> np.ndarray:

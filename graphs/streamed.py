@@ -1,10 +1,10 @@
 """The build's one lazy-tensor type: a weight computed when the saver writes it into weights.data.
 
     checkpoint tensor ─read─► as stored (a torch view, its own dtype, graph layout)
-                      ─convert─► fp32, NaN/Inf checked                      llama4_deploy/build/steps/lower.py
-                      ─transform─► re-laid                                   graphs/lower_moe_native.py
-                                   narrowed to the compute dtype             graphs/compute_dtype.py
-                                   quantized, sliced per expert, packed       graphs/lower_quant_qdq.py, lower_quant_ort.py
+                      ─convert─► fp32, NaN/Inf checked             llama4_deploy/build/steps/lower.py
+                      ─transform─► re-laid                          graphs/lower_moe_native.py
+                                   narrowed to the compute dtype    graphs/compute_dtype.py
+                                   quantized, sliced per expert     graphs/lower_quant_qdq.py, lower_quant_ort.py
 
 Every weight of a linked graph is a StreamedTensor whose function reads its source only when evaluated, so nothing
 is read or computed before the save streams the tensors into the file one at a time (build memory is O(layer)). A
@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 class Stored(NamedTuple):
     """A checkpoint tensor before conversion: `read()` gives it as stored (a torch tensor in the checkpoint's dtype,
-    in graph layout); `checked(fp32 torch tensor, name)` is the conversion's check, giving the tensor as an ir tensor."""
+    in graph layout); `checked(fp32 torch tensor, name)` is the conversion's check, giving an ir tensor."""
 
     read: Callable[[], Any]
     checked: Callable[[Any, str], ir.TensorProtocol]
@@ -34,10 +34,18 @@ class StreamedTensor(ir.LazyTensor):
     """`compute()` when the tensor is read (onnx-ir's LazyTensor, not cached). `stored`: set on a checkpoint read
     that a transform may convert itself; `writer(file)`: writes the tensor's bytes in pieces."""
 
-    def __init__(self, compute: Callable[[], ir.TensorProtocol], dtype: ir.DataType, shape: Sequence[int] | ir.Shape,
-                 name: str, stored: Stored | None = None, writer: Callable[[Any], None] | None = None):
-        super().__init__(compute, dtype=dtype, shape=shape if isinstance(shape, ir.Shape) else ir.Shape(shape),
-                         name=name)
+    def __init__(
+        self,
+        compute: Callable[[], ir.TensorProtocol],
+        dtype: ir.DataType,
+        shape: Sequence[int] | ir.Shape,
+        name: str,
+        stored: Stored | None = None,
+        writer: Callable[[Any], None] | None = None,
+    ):
+        super().__init__(
+            compute, dtype=dtype, shape=shape if isinstance(shape, ir.Shape) else ir.Shape(shape), name=name
+        )
         self.stored, self._writer = stored, writer
 
     @property

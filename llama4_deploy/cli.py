@@ -12,7 +12,8 @@ from llama4_deploy import targets
 from llama4_deploy.build import BuildError
 from llama4_deploy.build.options import choices
 from llama4_deploy.build.recipe import RecipeError, available
-from llama4_deploy.planning.deployment import PRECISION_PLANS, plan as make_plan
+from llama4_deploy.planning.deployment import PRECISION_PLANS
+from llama4_deploy.planning.deployment import plan as make_plan
 
 # Commands import their implementation (build, runtime, onnx, torch) inside themselves, as _user_errors its error
 # types: start-up loads only click and the recipe schema, so `--help` and `compile`'s refusal answer at once
@@ -44,40 +45,80 @@ def main() -> None:
 @click.option("--recipe", help=f"recipe name ({', '.join(available())}) or a YAML path; default tiny")
 @click.option("--checkpoint", type=click.Path(), help="Hugging Face checkpoint directory")
 @click.option("--out", type=click.Path(), help="bundle directory (default build/<recipe>)")
-@click.option("--moe-dispatch", type=click.Choice(choices("moe_dispatch")),
-              help="MoE lowering (default: the recipe's, auto)")
-@click.option("--attention", type=click.Choice(choices("attention")),
-              help="attention form (default: the recipe's, auto: onnx23 for ONNX Runtime)")
-@click.option("--max-context", type=int, help="longest prompt + generation per row (default: the recipe's; a bare "
-              "checkpoint's max_position_embeddings, at most 32768)")
+@click.option(
+    "--moe-dispatch", type=click.Choice(choices("moe_dispatch")), help="MoE lowering (default: the recipe's, auto)"
+)
+@click.option(
+    "--attention",
+    type=click.Choice(choices("attention")),
+    help="attention form (default: the recipe's, auto: onnx23 for ONNX Runtime)",
+)
+@click.option(
+    "--max-context",
+    type=int,
+    help="longest prompt + generation per row (default: the recipe's; a bare "
+    "checkpoint's max_position_embeddings, at most 32768)",
+)
 @click.option("--max-batch", type=int, help="most rows per engine step (default: the recipe's)")
 @click.option("--prefill-tokens", type=int, help="most new tokens per row in one prefill step (default: the recipe's)")
 @click.option("--force", is_flag=True, help="replace --out even if it is not a bundle this tool wrote")
-@click.option("--precision", type=click.Choice(choices("precision")),
-              help="weights and compute dtype (default: the recipe's, fp32)")
-@click.option("--compute-dtype", type=click.Choice(choices("compute_dtype")),
-              help="dtype of activations (default: follows --precision; fp8/int4 compute in float32)")
-@click.option("--block-size", type=click.Choice(choices("block_size")), help="int4 block along the reduction axis (128)")
-@click.option("--quant-form", type=click.Choice(choices("quant_form")),
-              help="quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto")
-@click.option("--quant-method", type=click.Choice(choices("quant_method")),
-              help="int4 weight rounding: rtn (round to nearest, default) or awq (activation-aware scales)")
-@click.option("--int4-compute", type=click.Choice(choices("int4_compute")),
-              help="int4 ort form: float activations (default) or int8 ones (MatMulNBits accuracy_level 4, faster)")
-@click.option("--calibration", type=click.Path(),
-              help="fp8 activation / int4 awq calibration: text lines or a JSON list of token-id lists")
-@click.option("--stages", type=int, help="pipeline stages: split the layers into this many graphs, balanced by "
-              "weight bytes (default: the recipe's, 1)")
-@click.option("--target", type=click.Choice(choices("target")),
-              help="backend the bundle is for (default: the recipe's); tensorrt: a TensorRT-form bundle for "
-                   "llama4-deploy compile (bf16 compute unless --precision/--compute-dtype)")
+@click.option(
+    "--precision",
+    type=click.Choice(choices("precision")),
+    help="weights and compute dtype (default: the recipe's, fp32)",
+)
+@click.option(
+    "--compute-dtype",
+    type=click.Choice(choices("compute_dtype")),
+    help="dtype of activations (default: follows --precision; fp8/int4 compute in float32)",
+)
+@click.option(
+    "--block-size", type=click.Choice(choices("block_size")), help="int4 block along the reduction axis (128)"
+)
+@click.option(
+    "--quant-form",
+    type=click.Choice(choices("quant_form")),
+    help="quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto",
+)
+@click.option(
+    "--quant-method",
+    type=click.Choice(choices("quant_method")),
+    help="int4 weight rounding: rtn (round to nearest, default) or awq (activation-aware scales)",
+)
+@click.option(
+    "--int4-compute",
+    type=click.Choice(choices("int4_compute")),
+    help="int4 ort form: float activations (default) or int8 ones (MatMulNBits accuracy_level 4, faster)",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(),
+    help="fp8 activation / int4 awq calibration: text lines or a JSON list of token-id lists",
+)
+@click.option(
+    "--stages",
+    type=int,
+    help="pipeline stages: split the layers into this many graphs, balanced by weight bytes (default: the recipe's, 1)",
+)
+@click.option(
+    "--target",
+    type=click.Choice(choices("target")),
+    help="backend the bundle is for (default: the recipe's); tensorrt: a TensorRT-form bundle for "
+    "llama4-deploy compile (bf16 compute unless --precision/--compute-dtype)",
+)
 def build(recipe, checkpoint, out, force, block_size, **overrides) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
     try:
-        result = run_build(recipe=recipe, checkpoint=checkpoint, out=out, force=force,
-                           block_size=None if block_size is None else int(block_size), **overrides)
+        result = run_build(
+            recipe=recipe,
+            checkpoint=checkpoint,
+            out=out,
+            force=force,
+            block_size=None if block_size is None else int(block_size),
+            **overrides,
+        )
     except _user_errors() as err:
         raise UserError(str(err)) from None
     except KeyboardInterrupt:  # Ctrl-C: no bundle; the finished steps stay in the build cache (build_cache.py)
@@ -88,8 +129,10 @@ def build(recipe, checkpoint, out, force, block_size, **overrides) -> None:
     m = result.manifest
     shape = m["model"]
     graphs = {role: graph["moe_dispatch"] for role, graph in m["engine"]["graphs"].items()}
-    split = "".join(f", stage {i}: layers {s['layers'][0]}-{s['layers'][1] - 1}"
-                    for i, s in enumerate(m["engine"].get("stages", [])))
+    split = "".join(
+        f", stage {i}: layers {s['layers'][0]}-{s['layers'][1] - 1}"
+        for i, s in enumerate(m["engine"].get("stages", []))
+    )
     click.echo(
         f"built {result.bundle}: {shape['num_layers']} layers{split}, {shape['num_experts']} experts, "
         f"{m['engine']['precision']} {m['engine']['backend']}, MoE dispatch {graphs}, passes {result.passes}, "
@@ -105,8 +148,12 @@ def build(recipe, checkpoint, out, force, block_size, **overrides) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
-@click.option("--files", "files_only", is_flag=True,
-              help="only check every file's size and SHA-256 against the manifest (exit 2 naming a changed file)")
+@click.option(
+    "--files",
+    "files_only",
+    is_flag=True,
+    help="only check every file's size and SHA-256 against the manifest (exit 2 naming a changed file)",
+)
 def verify(bundle, threads, files_only) -> None:
     """Compare a bundle with transformers; exit 1 on mismatch."""
     try:
@@ -128,8 +175,9 @@ def verify(bundle, threads, files_only) -> None:
 
 @main.command(name="compile")
 @click.argument("bundle", type=click.Path())
-@click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
-              help="TensorRT builder optimization level")
+@click.option(
+    "--opt-level", default=3, show_default=True, type=click.IntRange(0, 5), help="TensorRT builder optimization level"
+)
 def compile_(bundle, opt_level) -> None:
     """Build TensorRT plans for a TensorRT-form bundle (on the GPU machine, with TensorRT installed)."""
     from llama4_deploy.targets.tensorrt_compile import CompileError, compile_bundle, tensorrt_missing
@@ -141,8 +189,10 @@ def compile_(bundle, opt_level) -> None:
         result = compile_bundle(bundle, opt_level=opt_level, log=lambda msg: click.echo(msg, err=True))
     except (CompileError, *_user_errors()) as err:
         raise UserError(str(err)) from None
-    click.echo(f"compiled {result.bundle}: {', '.join(result.plans.values())} for {result.record['gpu']} with "
-               f"TensorRT {result.record['tensorrt_version']} in {result.seconds:.1f}s")
+    click.echo(
+        f"compiled {result.bundle}: {', '.join(result.plans.values())} for {result.record['gpu']} with "
+        f"TensorRT {result.record['tensorrt_version']} in {result.seconds:.1f}s"
+    )
 
 
 @main.command()
@@ -188,8 +238,12 @@ def lint(path) -> None:
 
 @main.command()
 @click.argument("target")
-@click.option("--context", type=int, help="reference context in tokens per row: fit check and stage balance "
-              "(default: the recipe's max_context, else 32768)")
+@click.option(
+    "--context",
+    type=int,
+    help="reference context in tokens per row: fit check and stage balance "
+    "(default: the recipe's max_context, else 32768)",
+)
 @click.option("--stages", type=int, help="pipeline stages of the suggested split (default: fewest H100s that fit)")
 @click.option("--precision", type=click.Choice(PRECISION_PLANS), help="precision of the suggested split (default fp8)")
 def plan(target, context, stages, precision) -> None:
@@ -243,13 +297,20 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", type=int)
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
-@click.option("--verify-files/--no-verify-files", default=None,
-              help="check every file's SHA-256 at load (default: yes, unless LLAMA4_DEPLOY_VERIFY_FILES=0)")
+@click.option(
+    "--verify-files/--no-verify-files",
+    default=None,
+    help="check every file's SHA-256 at load (default: yes, unless LLAMA4_DEPLOY_VERIFY_FILES=0)",
+)
 @click.option("--allow-non-finite", is_flag=True, help="let NaN/Inf logits through instead of stopping")
-@click.option("--devices", help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "
-              "on ONNX Runtime, stage s on cuda:s on TensorRT)")
-def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads, verify_files,
-        allow_non_finite, devices) -> None:
+@click.option(
+    "--devices",
+    help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "
+    "on ONNX Runtime, stage s on cuda:s on TensorRT)",
+)
+def run(
+    bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads, verify_files, allow_non_finite, devices
+) -> None:
     """Generate from a prompt (text or token ids)."""
     from llama4_deploy.runtime import load
     from llama4_deploy.runtime.tokenizer import load_tokenizer
@@ -257,8 +318,9 @@ def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads, 
     if (prompt is None) == (ids is None):
         raise UserError("give exactly one of --prompt TEXT or --ids 1,2,3")
     try:
-        with load(bundle, threads=threads, verify_files=verify_files, allow_non_finite=allow_non_finite,
-                  devices=devices) as engine:
+        with load(
+            bundle, threads=threads, verify_files=verify_files, allow_non_finite=allow_non_finite, devices=devices
+        ) as engine:
             tokenizer = None
             if prompt is not None:
                 tokenizer = load_tokenizer(engine.manifest)
@@ -277,13 +339,22 @@ def run(bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads, 
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", default=8000, show_default=True, type=int, help="TCP port (0: any free port)")
 @click.option("--max-batch", type=int, help="rows of the running batch (default: the bundle's max_batch)")
-@click.option("--max-queue", default=64, show_default=True, type=int, help="requests that may wait for a row; "
-              "beyond it the server answers 429")
-@click.option("--drain-timeout", default=30.0, show_default=True, type=float,
-              help="seconds SIGTERM waits for in-flight requests")
+@click.option(
+    "--max-queue",
+    default=64,
+    show_default=True,
+    type=int,
+    help="requests that may wait for a row; beyond it the server answers 429",
+)
+@click.option(
+    "--drain-timeout", default=30.0, show_default=True, type=float, help="seconds SIGTERM waits for in-flight requests"
+)
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
-@click.option("--devices", help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "
-              "on ONNX Runtime, stage s on cuda:s on TensorRT)")
+@click.option(
+    "--devices",
+    help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "
+    "on ONNX Runtime, stage s on cuda:s on TensorRT)",
+)
 def serve(bundle, host, port, max_batch, max_queue, drain_timeout, threads, devices) -> None:
     """Serve a bundle over HTTP with OpenAI's API (needs the `serve` extra)."""
     try:
@@ -291,8 +362,17 @@ def serve(bundle, host, port, max_batch, max_queue, drain_timeout, threads, devi
     except ImportError as err:
         raise UserError(f"serve needs the serve extra (pip install 'llama4-deploy[serve]'): {err}") from None
     try:
-        run_serve(bundle, host=host, port=port, max_batch=max_batch, max_queue=max_queue, threads=threads,
-                  drain_timeout=drain_timeout, echo=lambda msg: click.echo(msg, err=True), devices=devices)
+        run_serve(
+            bundle,
+            host=host,
+            port=port,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            threads=threads,
+            drain_timeout=drain_timeout,
+            echo=lambda msg: click.echo(msg, err=True),
+            devices=devices,
+        )
     except _user_errors() as err:
         raise UserError(str(err)) from None
 

@@ -82,8 +82,9 @@ def token_ids(ids: Any, vocab_size: int, what: str) -> list[int]:
     checked = []
     for token in ids:
         if not _is_int(token):
-            raise TypeError(f"{what} has token id {_describe(token)} of type {type(token).__name__}; token ids "
-                            f"must be integers")
+            raise TypeError(
+                f"{what} has token id {_describe(token)} of type {type(token).__name__}; token ids must be integers"
+            )
         token = int(token)
         if not 0 <= token < vocab_size:
             raise ValueError(f"{what} has token id {token}, outside the vocabulary [0, {vocab_size})")
@@ -99,8 +100,9 @@ def prompt_list(prompts: Any) -> list[Any]:
         raise ValueError("no prompts given; pass a list of token-id lists")
     for i, prompt in enumerate(prompts):
         if _is_int(prompt):
-            raise TypeError(f"prompt {i} is the integer {int(prompt)}, not a list of token ids; pass [[1, 2, 3]] "
-                            f"for one prompt")
+            raise TypeError(
+                f"prompt {i} is the integer {int(prompt)}, not a list of token ids; pass [[1, 2, 3]] for one prompt"
+            )
     return prompts
 
 

@@ -38,22 +38,32 @@ def choose(manifest, requested: str | None = None, trt_available: bool | None = 
     engine = manifest.engine
     target = engine.get("backend")
     if target not in BACKENDS:
-        raise BundleError(f"bundle {manifest.name} targets {target}; this runtime runs onnxruntime and tensorrt bundles")
+        raise BundleError(
+            f"bundle {manifest.name} targets {target}; this runtime runs onnxruntime and tensorrt bundles"
+        )
     if target == "tensorrt" and not isinstance(engine.get("tensorrt"), dict):
-        raise BundleError(f"bundle {manifest.name} targets tensorrt but its manifest has no engine.tensorrt record "
-                          f"(profiles), so build --target tensorrt did not write it; rebuild it, or with --target "
-                          f"onnxruntime")
+        raise BundleError(
+            f"bundle {manifest.name} targets tensorrt but its manifest has no engine.tensorrt record "
+            f"(profiles), so build --target tensorrt did not write it; rebuild it, or with --target "
+            f"onnxruntime"
+        )
     available = tensorrt_importable() if trt_available is None else trt_available
     if requested == "tensorrt" or (requested is None and target == "tensorrt" and available and has_plans(engine)):
         if target != "tensorrt":
-            raise BundleError(f"bundle {manifest.name} is an ONNX Runtime bundle; build it with --target tensorrt and "
-                              f"run llama4-deploy compile on it to run it on TensorRT")
+            raise BundleError(
+                f"bundle {manifest.name} is an ONNX Runtime bundle; build it with --target tensorrt and "
+                f"run llama4-deploy compile on it to run it on TensorRT"
+            )
         if not has_plans(engine):
-            raise BundleError(f"bundle {manifest.name} has no TensorRT plans yet; run llama4-deploy compile "
-                              f"{manifest.path} on the GPU machine first")
+            raise BundleError(
+                f"bundle {manifest.name} has no TensorRT plans yet; run llama4-deploy compile "
+                f"{manifest.path} on the GPU machine first"
+            )
         if not available:
-            raise BundleError("the tensorrt backend needs TensorRT (pip install tensorrt on a machine with an NVIDIA "
-                              "GPU); without it, load(..., backend=None) runs the bundle's ONNX graphs on ONNX Runtime")
+            raise BundleError(
+                "the tensorrt backend needs TensorRT (pip install tensorrt on a machine with an NVIDIA "
+                "GPU); without it, load(..., backend=None) runs the bundle's ONNX graphs on ONNX Runtime"
+            )
         return "tensorrt"
     check_onnxruntime_dtype(manifest)
     if target == "tensorrt" and str(manifest.path) not in _said:
@@ -68,8 +78,12 @@ def check_onnxruntime_dtype(manifest) -> None:
     if manifest.engine.get("compute_dtype") != "bfloat16":
         return
     if manifest.engine.get("backend") == "tensorrt":
-        raise BundleError(f"bundle {manifest.name} computes in bfloat16, which ONNX Runtime's CPU cannot run; compile "
-                          f"it with llama4-deploy compile on a GPU machine, or rebuild it with --target tensorrt "
-                          f"--compute-dtype float16 (or float32) to run its graphs here")
-    raise BundleError(f"bundle {manifest.name} computes in bfloat16, which ONNX Runtime's CPU cannot run; "
-                      "rebuild it with --precision fp16 or fp32 to run it here (bf16 bundles are for TensorRT)")
+        raise BundleError(
+            f"bundle {manifest.name} computes in bfloat16, which ONNX Runtime's CPU cannot run; compile "
+            f"it with llama4-deploy compile on a GPU machine, or rebuild it with --target tensorrt "
+            f"--compute-dtype float16 (or float32) to run its graphs here"
+        )
+    raise BundleError(
+        f"bundle {manifest.name} computes in bfloat16, which ONNX Runtime's CPU cannot run; "
+        "rebuild it with --precision fp16 or fp32 to run it here (bf16 bundles are for TensorRT)"
+    )

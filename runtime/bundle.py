@@ -76,12 +76,34 @@ class Manifest:
         engine = self.engine
         records = engine.get("stages")
         if records is None:  # (.get: integrity checks build partial manifests of a few keys)
-            return [StageRecord(0, 0, len(self.raw.get("layers") or []), engine["graphs"], engine["external_data"],
-                                engine.get("weights_layout", ""), engine.get("inputs", []), engine.get("outputs", []),
-                                True)]
-        return [StageRecord(i, r["layers"][0], r["layers"][1], r["graphs"], r["external_data"], r["weights_layout"],
-                            r["inputs"], r["outputs"], i == len(records) - 1, r.get("device", i))
-                for i, r in enumerate(records)]
+            return [
+                StageRecord(
+                    0,
+                    0,
+                    len(self.raw.get("layers") or []),
+                    engine["graphs"],
+                    engine["external_data"],
+                    engine.get("weights_layout", ""),
+                    engine.get("inputs", []),
+                    engine.get("outputs", []),
+                    True,
+                )
+            ]
+        return [
+            StageRecord(
+                i,
+                r["layers"][0],
+                r["layers"][1],
+                r["graphs"],
+                r["external_data"],
+                r["weights_layout"],
+                r["inputs"],
+                r["outputs"],
+                i == len(records) - 1,
+                r.get("device", i),
+            )
+            for i, r in enumerate(records)
+        ]
 
     @property
     def profiles(self) -> dict[str, int]:
@@ -193,17 +215,21 @@ def validate_manifest(raw: Any, where: Path) -> None:
         if not isinstance(layer, dict) or layer.get("index") != position:
             raise BundleError(f"{where}: layers[{position}] must be an object with index {position}")
         if layer.get("attention") not in ("chunked", "global"):
-            raise BundleError(f"{where}: layer {position} has attention {layer.get('attention')!r}; "
-                              f"expected 'chunked' or 'global'")
+            raise BundleError(
+                f"{where}: layer {position} has attention {layer.get('attention')!r}; expected 'chunked' or 'global'"
+            )
         slots = layer.get("cache_slots")
-        if layer["attention"] == "chunked" and not (isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1):
+        if layer["attention"] == "chunked" and not (
+            isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1
+        ):
             raise BundleError(f"{where}: chunked layer {position} needs cache_slots >= 1, got {slots!r}")
     for key in ("inputs", "outputs"):
         if not all(isinstance(name, str) for name in raw["engine"][key]):
             raise BundleError(f"{where}: engine.{key} must be a list of names")
     eos = model.get("eos_token_ids")
-    if eos is not None and not (isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool)
-                                                              for i in eos)):
+    if eos is not None and not (
+        isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in eos)
+    ):
         raise BundleError(f"{where}: model.eos_token_ids must be a list of integers, got {eos!r}")
     engine = raw["engine"]
     graphs = engine["graphs"]
@@ -213,8 +239,10 @@ def validate_manifest(raw: Any, where: Path) -> None:
     if "stages" in engine:
         _validate_stages(engine, model["num_layers"], where)
     else:
-        for dotted, types, what in (("engine.external_data", str, "a file name"),
-                                    ("engine.weights_layout", str, "a string")):
+        for dotted, types, what in (
+            ("engine.external_data", str, "a file name"),
+            ("engine.weights_layout", str, "a string"),
+        ):
             value = _lookup(raw, dotted)
             if value is _MISSING:
                 raise BundleError(f"{where} has no {dotted}")
@@ -225,8 +253,9 @@ def validate_manifest(raw: Any, where: Path) -> None:
     for name, record in files.items():
         if not _plain_file_name(name):
             raise BundleError(f"{where}: files lists {name!r}, which is not a file inside the bundle")
-        if not (isinstance(record, dict) and isinstance(record.get("size"), int)
-                and isinstance(record.get("sha256"), str)):
+        if not (
+            isinstance(record, dict) and isinstance(record.get("size"), int) and isinstance(record.get("sha256"), str)
+        ):
             raise BundleError(f"{where}: files.{name} must record size and sha256")
     for key in ("tokenizer", "tokenizer_config"):
         name = raw.get(key)
@@ -254,15 +283,23 @@ def _validate_stages(engine: dict, num_layers: int, where: Path) -> None:
         if not isinstance(stage, dict):
             raise BundleError(f"{where}: {key} must be an object")
         layers = stage.get("layers")
-        if not (isinstance(layers, list) and len(layers) == 2 and all(type(n) is int for n in layers)
-                and layers[0] == expected_start and layers[1] > layers[0]):
-            raise BundleError(f"{where}: {key}.layers must be [{expected_start}, stop] with stop > {expected_start}, "
-                              f"got {layers!r}")
+        if not (
+            isinstance(layers, list)
+            and len(layers) == 2
+            and all(type(n) is int for n in layers)
+            and layers[0] == expected_start
+            and layers[1] > layers[0]
+        ):
+            raise BundleError(
+                f"{where}: {key}.layers must be [{expected_start}, stop] with stop > {expected_start}, got {layers!r}"
+            )
         expected_start = layers[1]
         graphs = stage.get("graphs")
         if not isinstance(graphs, dict) or set(graphs) != set(engine["graphs"]):
-            raise BundleError(f"{where}: {key}.graphs must give a graph for each role of engine.graphs "
-                              f"({', '.join(engine['graphs'])})")
+            raise BundleError(
+                f"{where}: {key}.graphs must give a graph for each role of engine.graphs "
+                f"({', '.join(engine['graphs'])})"
+            )
         _validate_graph_files(graphs, f"{key}.graphs", where)
         if not _plain_file_name(stage.get("external_data")):
             raise BundleError(f"{where}: {key}.external_data must name a file inside the bundle")
@@ -276,8 +313,9 @@ def _validate_stages(engine: dict, num_layers: int, where: Path) -> None:
             if not (isinstance(value, list) and all(isinstance(name, str) for name in value)):
                 raise BundleError(f"{where}: {key}.{names} must be a list of names")
     if expected_start != num_layers:
-        raise BundleError(f"{where}: engine.stages cover layers 0-{expected_start - 1}, but model.num_layers is "
-                          f"{num_layers}")
+        raise BundleError(
+            f"{where}: engine.stages cover layers 0-{expected_start - 1}, but model.num_layers is {num_layers}"
+        )
 
 
 def read_manifest(bundle_dir: str | Path) -> Manifest:
@@ -292,8 +330,10 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
     except OSError as err:
         raise BundleError(f"{manifest_path} cannot be read ({err.strerror})") from None
     if isinstance(raw, dict) and raw.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{manifest_path} has format_version {raw.get('format_version')}; this runtime reads "
-                          f"{FORMAT_VERSION} (rebuild the bundle)")
+        raise BundleError(
+            f"{manifest_path} has format_version {raw.get('format_version')}; this runtime reads "
+            f"{FORMAT_VERSION} (rebuild the bundle)"
+        )
     validate_manifest(raw, manifest_path)
     return Manifest(raw, path.resolve())
 

@@ -61,14 +61,18 @@ def placement(manifest, backend: str, devices: Sequence[str] | str | None) -> li
         raise TypeError(f"devices must be a list of device names, one per pipeline stage, got {devices!r}")
     stages = len(manifest.stages)
     if len(devices) != stages:
-        raise ValueError(f"devices lists {len(devices)} device(s) but bundle {manifest.name} has {stages} pipeline "
-                         f"stage(s); give one device per stage, in stage order")
+        raise ValueError(
+            f"devices lists {len(devices)} device(s) but bundle {manifest.name} has {stages} pipeline "
+            f"stage(s); give one device per stage, in stage order"
+        )
     placed = [parse(name, f"the device of stage {s}") for s, name in enumerate(devices)]
     if backend == "tensorrt":
         cpu = [s for s, device in enumerate(placed) if device.kind == CPU]
         if cpu:
-            raise ValueError(f"the tensorrt backend runs every stage on a GPU, but stage {cpu[0]} is placed on the cpu; "
-                             f"give cuda:N for it, or load with backend='onnxruntime' to run the graphs on the CPU")
+            raise ValueError(
+                f"the tensorrt backend runs every stage on a GPU, but stage {cpu[0]} is placed on the cpu; "
+                f"give cuda:N for it, or load with backend='onnxruntime' to run the graphs on the CPU"
+            )
     return placed
 
 
@@ -83,8 +87,10 @@ def onnxruntime_providers(device: Device, available: Sequence[str] | None = None
 
         available = onnxruntime.get_available_providers()
     if "CUDAExecutionProvider" not in available:
-        raise ValueError(f"{device} was asked for, but this onnxruntime has no CUDAExecutionProvider (it offers "
-                         f"{', '.join(available)}); install onnxruntime-gpu on a machine with an NVIDIA GPU, or "
-                         f"place the stages on 'cpu'")
+        raise ValueError(
+            f"{device} was asked for, but this onnxruntime has no CUDAExecutionProvider (it offers "
+            f"{', '.join(available)}); install onnxruntime-gpu on a machine with an NVIDIA GPU, or "
+            f"place the stages on 'cpu'"
+        )
     # the CPU provider takes what CUDA's does not implement (ONNX Runtime assigns nodes in provider order)
     return [("CUDAExecutionProvider", {"device_id": device.index}), "CPUExecutionProvider"]

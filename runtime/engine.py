@@ -40,8 +40,9 @@ class Generation:
     overflow_reruns: int = 0  # steps rerun on the exact engine after a capacity overflow
 
 
-def prefill_chunk(prompts: Sequence[Sequence[int]], done: Sequence[int],
-                  chunk_tokens: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def prefill_chunk(
+    prompts: Sequence[Sequence[int]], done: Sequence[int], chunk_tokens: int
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The next step of chunked prefill: row b feeds the next min(chunk_tokens, tokens left) tokens of
     prompts[b] from position done[b] on; a row with nothing left (an empty prompt: a row not prefilling)
     is all padding, and shorter rows are padded to the longest.
@@ -70,9 +71,16 @@ class Engine:
     methods (`prefill`, `decode_step`, `run_step`) are not guarded.
     """
 
-    def __init__(self, manifest: Manifest, threads: int | None = None, verify_files: bool = True,
-                 allow_non_finite: bool = False, prepack: bool = True, backend: str | None = None,
-                 devices=None):
+    def __init__(
+        self,
+        manifest: Manifest,
+        threads: int | None = None,
+        verify_files: bool = True,
+        allow_non_finite: bool = False,
+        prepack: bool = True,
+        backend: str | None = None,
+        devices=None,
+    ):
         self.manifest = manifest
         threads = arguments.threads(threads)
         self.allow_non_finite = arguments.flag(allow_non_finite, "allow_non_finite")
@@ -100,8 +108,7 @@ class Engine:
                 # ONNX Runtime's threads spin after a run and slow the next session's; the exact graph does not spin
                 steady = {graph["file"] for role, graph in stage.graphs.items() if role != "exact"}
                 for file in dict.fromkeys(graph["file"] for graph in stage.graphs.values()):
-                    self.runners[file] = self._open_graph(file, threads, file in steady, stage,
-                                                          providers[stage.index])
+                    self.runners[file] = self._open_graph(file, threads, file in steady, stage, providers[stage.index])
         self._stage_caches = [abi.past_names(stage.layers) for stage in self.stages]
         self._calls = threading.RLock()  # serializes generate / score
         self.vocab_size = manifest.vocab_size
@@ -125,21 +132,28 @@ class Engine:
         if not path.is_file():
             raise BundleError(f"bundle {self.manifest.path} is missing {file}, which its manifest lists")
         try:
-            runner = OnnxRuntimeRunner(path, threads=threads, providers=providers, spin=spin,
-                                       prepack=self.prepack).activate()
+            runner = OnnxRuntimeRunner(
+                path, threads=threads, providers=providers, spin=spin, prepack=self.prepack
+            ).activate()
         except Exception as err:  # ONNX Runtime's own errors for damaged graphs or external data
             reason = " ".join(str(err).split())[:300]
             raise BundleError(f"{file} in {self.manifest.path} cannot be loaded by ONNX Runtime ({reason})") from None
         session = runner.session
         if providers and providers[0] != "CPUExecutionProvider" and providers[0][0] not in session.get_providers():
             # ONNX Runtime falls back to the CPU when a provider fails to start: refuse rather than run elsewhere
-            raise BundleError(f"ONNX Runtime could not start {providers[0][0]} on device {providers[0][1]['device_id']} "
-                              f"for {file} (it runs on {', '.join(session.get_providers())}); check the GPU and its "
-                              f"CUDA libraries")
+            raise BundleError(
+                f"ONNX Runtime could not start {providers[0][0]} on device {providers[0][1]['device_id']} "
+                f"for {file} (it runs on {', '.join(session.get_providers())}); check the GPU and its "
+                f"CUDA libraries"
+            )
         integrity.check_layout(self.manifest, file, session.get_modelmeta().custom_metadata_map, stage)
-        integrity.check_graph_io(self.manifest, file,
-                                 {i.name: (i.type, list(i.shape)) for i in session.get_inputs()},
-                                 {o.name: (o.type, list(o.shape)) for o in session.get_outputs()}, stage)
+        integrity.check_graph_io(
+            self.manifest,
+            file,
+            {i.name: (i.type, list(i.shape)) for i in session.get_inputs()},
+            {o.name: (o.type, list(o.shape)) for o in session.get_outputs()},
+            stage,
+        )
         return runner
 
     def close(self) -> None:
@@ -149,7 +163,7 @@ class Engine:
             self._placement.close()  # the TensorRT stages' streams
             self._placement = None
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -203,7 +217,8 @@ class Engine:
         if not self.allow_non_finite and not np.isfinite(logits).all():
             raise NonFiniteLogitsError(
                 f"the engine produced NaN or Inf logits at step {self.steps}; the bundle's weights are likely "
-                f"damaged (load(..., allow_non_finite=True) lets them through)")
+                f"damaged (load(..., allow_non_finite=True) lets them through)"
+            )
 
     def prefill(self, cache: KVCache, prompts: list[list[int]], keep_all: bool = False):
         """Feed prompts in steps of the prefill profile; rows may differ in length.
@@ -280,8 +295,9 @@ class Engine:
                 step_logits = self.decode_step(cache, np.where(active, chosen, 0), active)
             tokens.extend(new)
             logits.extend(np.stack(rows) for rows in chosen_from)
-        return Generation(tokens, logits if return_logits else None, self.steps - steps_before,
-                          self.overflow_reruns - reruns_before)
+        return Generation(
+            tokens, logits if return_logits else None, self.steps - steps_before, self.overflow_reruns - reruns_before
+        )
 
     def score(self, ids: Sequence[int], mode: str = "prefill") -> np.ndarray:
         """Logits [len(ids), V] at every position, through the prefill path (in chunks of the
@@ -298,9 +314,15 @@ class Engine:
             return np.stack(rows)
 
 
-def load(bundle_dir: str | os.PathLike, threads: int | None = None, verify_files: bool | None = None,
-         allow_non_finite: bool = False, prepack: bool = True, backend: str | None = None,
-         devices=None) -> Engine:
+def load(
+    bundle_dir: str | os.PathLike,
+    threads: int | None = None,
+    verify_files: bool | None = None,
+    allow_non_finite: bool = False,
+    prepack: bool = True,
+    backend: str | None = None,
+    devices=None,
+) -> Engine:
     """Load a bundle built by `llama4-deploy build`. Logs (logger `llama4_deploy.runtime.engine`,
     INFO) what its KV cache costs per token and at the bundle's limits.
 
@@ -317,9 +339,21 @@ def load(bundle_dir: str | os.PathLike, threads: int | None = None, verify_files
         raise TypeError(f"bundle_dir must be a path, got {bundle_dir!r}")
     if verify_files is None:
         verify_files = integrity.verify_files_default()
-    engine = Engine(read_manifest(Path(bundle_dir)), threads=threads, verify_files=verify_files,
-                    allow_non_finite=allow_non_finite, prepack=prepack, backend=backend, devices=devices)
+    engine = Engine(
+        read_manifest(Path(bundle_dir)),
+        threads=threads,
+        verify_files=verify_files,
+        allow_non_finite=allow_non_finite,
+        prepack=prepack,
+        backend=backend,
+        devices=devices,
+    )
     # engine.cache_memory holds the figures
-    log.info("%s: %s backend on %s; %s", engine.manifest.name, engine.backend,
-             ", ".join(str(device) for device in engine.devices), engine.cache_memory)
+    log.info(
+        "%s: %s backend on %s; %s",
+        engine.manifest.name,
+        engine.backend,
+        ", ".join(str(device) for device in engine.devices),
+        engine.cache_memory,
+    )
     return engine

@@ -3,8 +3,9 @@
 Three checks, each refusing in one sentence (BundleError):
 - `check_files`: every file the manifest lists has its recorded size and SHA-256 (read in
   parallel, in large blocks; a file over 256 MiB also records the SHA-256 of each 256 MiB part,
-  so its parts are checked in parallel instead of one thread reading, say, 400 GB of weights). The build records them (`hash_files`); manifest.json itself is
-  not listed. `load(..., verify_files=False)` or LLAMA4_DEPLOY_VERIFY_FILES=0 skips this one.
+  so its parts are checked in parallel instead of one thread reading, say, 400 GB of weights). The build records
+  them (`hash_files`); manifest.json itself is not listed. `load(..., verify_files=False)` or
+  LLAMA4_DEPLOY_VERIFY_FILES=0 skips this one.
 - `check_layout`: a graph carries, in its metadata_props, the fingerprint of the weights.data
   layout it was saved against (name, offset, length, dtype, shape of every external tensor);
   it must equal the manifest's. A graph copied from another bundle is refused even when the
@@ -37,7 +38,12 @@ READ_BYTES = 16 << 20  # hashlib releases the GIL on large updates: threads hash
 PART_BYTES = 256 << 20  # files above this also record per-part hashes, checked in parallel
 VERIFY_ENV = "LLAMA4_DEPLOY_VERIFY_FILES"  # "0": skip the hash check (trusted fast starts)
 
-_ORT_DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)", "bool": "tensor(bool)"}
+_ORT_DTYPES = {
+    "float32": "tensor(float)",
+    "float16": "tensor(float16)",
+    "int64": "tensor(int64)",
+    "bool": "tensor(bool)",
+}
 
 
 def verify_files_default() -> bool:
@@ -67,13 +73,13 @@ class RecordHasher:
         """The parts' half of `update`."""
         view = memoryview(data).cast("B")
         while view:
-            block = view[:self.part_bytes - self._in_part]
+            block = view[: self.part_bytes - self._in_part]
             self._part.update(block)
             self._in_part += len(block)
             if self._in_part == self.part_bytes:
                 self._parts.append(self._part.hexdigest())
                 self._part, self._in_part = hashlib.sha256(), 0
-            view = view[len(block):]
+            view = view[len(block) :]
 
     def record(self) -> dict:
         record: dict = {"size": self.size, "sha256": self._whole.hexdigest()}
@@ -117,9 +123,13 @@ def hash_files(bundle_dir: Path, names: Iterable[str]) -> dict[str, dict]:
 def _hash_tasks(name: str, record: dict) -> list[tuple[str, int, int, str]]:
     """(name, offset, length, expected SHA-256) per part of a file, or one task for a whole file."""
     parts = record.get("parts")
-    if not (isinstance(parts, dict) and isinstance(parts.get("bytes"), int) and parts["bytes"] > 0
-            and isinstance(parts.get("sha256"), list)
-            and len(parts["sha256"]) == -(-record["size"] // parts["bytes"])):
+    if not (
+        isinstance(parts, dict)
+        and isinstance(parts.get("bytes"), int)
+        and parts["bytes"] > 0
+        and isinstance(parts.get("sha256"), list)
+        and len(parts["sha256"]) == -(-record["size"] // parts["bytes"])
+    ):
         return [(name, 0, record["size"], record["sha256"])]
     step = parts["bytes"]
     return [(name, i * step, min(step, record["size"] - i * step), digest) for i, digest in enumerate(parts["sha256"])]
@@ -142,11 +152,18 @@ def check_files(manifest: Manifest, names: Iterable[str] | None = None) -> tuple
             raise BundleError(f"bundle {manifest.path} is missing {name}, which its manifest lists")
         size = path.stat().st_size
         if size != records[name]["size"]:
-            raise BundleError(f"{name} in {manifest.path} has {size} bytes, the manifest records "
-                              f"{records[name]['size']}: the file was changed or truncated after the build")
+            raise BundleError(
+                f"{name} in {manifest.path} has {size} bytes, the manifest records "
+                f"{records[name]['size']}: the file was changed or truncated after the build"
+            )
     tasks = [task for name in names for task in _hash_tasks(name, records[name])]
-    log.info("checking SHA-256 of %d files (%.1f MB) in %d parts on %d threads", len(names),
-             sum(records[n]["size"] for n in names) / 1e6, len(tasks), _workers(len(tasks)))
+    log.info(
+        "checking SHA-256 of %d files (%.1f MB) in %d parts on %d threads",
+        len(names),
+        sum(records[n]["size"] for n in names) / 1e6,
+        len(tasks),
+        _workers(len(tasks)),
+    )
 
     def matches(task: tuple[str, int, int, str]) -> bool:
         name, offset, length, expected = task
@@ -155,15 +172,19 @@ def check_files(manifest: Manifest, names: Iterable[str] | None = None) -> tuple
     with ThreadPoolExecutor(_workers(len(tasks))) as pool:
         for (name, *_), ok in zip(tasks, pool.map(matches, tasks)):
             if not ok:
-                raise BundleError(f"{name} in {manifest.path} has changed since the build (its SHA-256 differs "
-                                  f"from the manifest's); rebuild the bundle or restore the file")
+                raise BundleError(
+                    f"{name} in {manifest.path} has changed since the build (its SHA-256 differs "
+                    f"from the manifest's); rebuild the bundle or restore the file"
+                )
     return len(names), sum(records[n]["size"] for n in names), time.perf_counter() - start
 
 
 def layout_fingerprint(entries: Iterable[tuple[str, int, int, str, tuple[int, ...]]]) -> str:
     """SHA-256 over (initializer name, offset, length, dtype, shape) of external tensors, by name."""
-    rows = sorted([name, int(offset), int(length), str(dtype), [int(d) for d in shape]]
-                  for name, offset, length, dtype, shape in entries)
+    rows = sorted(
+        [name, int(offset), int(length), str(dtype), [int(d) for d in shape]]
+        for name, offset, length, dtype, shape in entries
+    )
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -174,19 +195,29 @@ def check_layout(manifest: Manifest, file: str, metadata: dict[str, str], stage:
     chunk = metadata.get(CHUNK_KEY)
     for layer in manifest.layers:
         if layer.attention == "chunked" and chunk is not None and str(layer.slots) != chunk:
-            raise BundleError(f"{file} in {manifest.path} attends chunks of {chunk} tokens, but the manifest records "
-                              f"a ring of {layer.slots} slots for layer {layer.index}")
+            raise BundleError(
+                f"{file} in {manifest.path} attends chunks of {chunk} tokens, but the manifest records "
+                f"a ring of {layer.slots} slots for layer {layer.index}"
+            )
     got = metadata.get(LAYOUT_KEY)
     if got is None:
-        raise BundleError(f"{file} in {manifest.path} carries no weight-layout fingerprint; it was not written "
-                          f"by this bundle's build")
+        raise BundleError(
+            f"{file} in {manifest.path} carries no weight-layout fingerprint; it was not written by this bundle's build"
+        )
     if got != stage.weights_layout:
-        raise BundleError(f"{file} in {manifest.path} expects a different {stage.external_data} "
-                          f"layout than this bundle's (a graph from another bundle?); rebuild the bundle")
+        raise BundleError(
+            f"{file} in {manifest.path} expects a different {stage.external_data} "
+            f"layout than this bundle's (a graph from another bundle?); rebuild the bundle"
+        )
 
 
-def check_graph_io(manifest: Manifest, file: str, inputs: dict[str, tuple[str, list]],
-                   outputs: dict[str, tuple[str, list]], stage: StageRecord | None = None) -> None:
+def check_graph_io(
+    manifest: Manifest,
+    file: str,
+    inputs: dict[str, tuple[str, list]],
+    outputs: dict[str, tuple[str, list]],
+    stage: StageRecord | None = None,
+) -> None:
     """Declared inputs/outputs ({name: (ORT type string, dims)}) against the manifest's layers (those
     of `stage`, default the only one).
 
@@ -202,46 +233,62 @@ def check_graph_io(manifest: Manifest, file: str, inputs: dict[str, tuple[str, l
     for kind, declared, listed in (("inputs", inputs, stage.inputs), ("outputs", outputs, listed_outputs)):
         if set(declared) != set(listed):
             missing, extra = sorted(set(listed) - set(declared)), sorted(set(declared) - set(listed))
-            raise BundleError(f"{where} declares {kind} that disagree with the manifest (missing {missing}, "
-                              f"not in the manifest {extra})")
+            raise BundleError(
+                f"{where} declares {kind} that disagree with the manifest (missing {missing}, "
+                f"not in the manifest {extra})"
+            )
     cache_type = _ORT_DTYPES.get(engine["cache_dtype"], engine["cache_dtype"])
     kv_heads, head_dim = model["num_kv_heads"], model["head_dim"]
-    for layer in manifest.layers[stage.start:stage.stop]:
-        for name, declared in ((abi.past_key(layer.index), inputs), (abi.past_value(layer.index), inputs),
-                               (abi.present_key(layer.index), outputs), (abi.present_value(layer.index), outputs)):
+    for layer in manifest.layers[stage.start : stage.stop]:
+        for name, declared in (
+            (abi.past_key(layer.index), inputs),
+            (abi.past_value(layer.index), inputs),
+            (abi.present_key(layer.index), outputs),
+            (abi.present_value(layer.index), outputs),
+        ):
             if name not in declared:
                 raise BundleError(f"{where} has no {name}, though the manifest lists layer {layer.index}")
             dtype, dims = declared[name]
             if dtype != cache_type:
-                raise BundleError(f"{where} declares {name} as {dtype}, the manifest's cache dtype is "
-                                  f"{engine['cache_dtype']}")
+                raise BundleError(
+                    f"{where} declares {name} as {dtype}, the manifest's cache dtype is {engine['cache_dtype']}"
+                )
             if len(dims) != 4 or dims[1] != kv_heads or dims[3] != head_dim:
-                raise BundleError(f"{where} declares {name} with dims {dims}, the manifest implies "
-                                  f"[batch, {kv_heads}, cache, {head_dim}]")
+                raise BundleError(
+                    f"{where} declares {name} with dims {dims}, the manifest implies "
+                    f"[batch, {kv_heads}, cache, {head_dim}]"
+                )
             if declared is inputs:
                 _check_cache_dim(where, name, layer, dims[2])
     if not stage.last:
         dtype, dims = outputs[abi.HIDDEN_OUT]
         if dtype != cache_type or len(dims) != 3 or dims[2] != model["hidden_size"]:
-            raise BundleError(f"{where} declares {abi.HIDDEN_OUT} as {dtype} {dims}, the manifest implies "
-                              f"{engine['cache_dtype']} [batch, new, {model['hidden_size']}]")
+            raise BundleError(
+                f"{where} declares {abi.HIDDEN_OUT} as {dtype} {dims}, the manifest implies "
+                f"{engine['cache_dtype']} [batch, new, {model['hidden_size']}]"
+            )
         return
     logits_type = _ORT_DTYPES.get(engine["logits_dtype"], engine["logits_dtype"])
     dtype, dims = outputs[abi.LOGITS]
     vocab = dims[2] if len(dims) == 3 else None
     if dtype != logits_type or len(dims) != 3 or (isinstance(vocab, int) and vocab != manifest.vocab_size):
-        raise BundleError(f"{where} declares {abi.LOGITS} as {dtype} {dims}, the manifest implies "
-                          f"{engine['logits_dtype']} [batch, new, {manifest.vocab_size}]")
+        raise BundleError(
+            f"{where} declares {abi.LOGITS} as {dtype} {dims}, the manifest implies "
+            f"{engine['logits_dtype']} [batch, new, {manifest.vocab_size}]"
+        )
 
 
 def _check_cache_dim(where: str, name: str, layer, slots) -> None:
     graph_chunked = isinstance(slots, int) or slots == "ring"
     if layer.attention == "chunked" and not graph_chunked:
-        raise BundleError(f"the manifest marks layer {layer.index} chunked, but {where} declares {name} as a "
-                          f"global cache ({slots!r} slots)")
+        raise BundleError(
+            f"the manifest marks layer {layer.index} chunked, but {where} declares {name} as a "
+            f"global cache ({slots!r} slots)"
+        )
     if layer.attention == "global" and graph_chunked:
-        raise BundleError(f"the manifest marks layer {layer.index} global, but {where} declares {name} as a "
-                          f"chunked ring ({slots!r} slots)")
+        raise BundleError(
+            f"the manifest marks layer {layer.index} global, but {where} declares {name} as a "
+            f"chunked ring ({slots!r} slots)"
+        )
     if layer.attention == "chunked" and isinstance(slots, int) and slots != layer.slots:
-        raise BundleError(f"{where} declares {name} with a ring of {slots} slots, the manifest records "
-                          f"{layer.slots}")
+        raise BundleError(f"{where} declares {name} with a ring of {slots} slots, the manifest records {layer.slots}")

@@ -12,8 +12,8 @@ Who owns what, per step:
   The runner returns the step's new keys/values, [B, K, T, D]; `write()` stores them in place.
 - Capacity follows the filled context, not the maximum. S is one bucket for every layer, covering
   the longest row (`context_bucket`: 16, 32, ... 256, then steps of 1.25x at most, never beyond the
-  bundle's max_context); a chunked layer's ring has min(C, S) slots. While S < C no cached position reaches S, so a short ring is exact;
-  from the moment a row passes C its ring is the full C slots and wraps.
+  bundle's max_context); a chunked layer's ring has min(C, S) slots. While S < C no cached position reaches S, so a
+  short ring is exact; from the moment a row passes C its ring is the full C slots and wraps.
 - A buffer is exactly the array the engine is fed, so no step copies the cache; ONNX Runtime reads
   a contiguous host array in place (a slice of a larger buffer would be copied on every step). When
   a write needs more slots than the bucket, every buffer is reallocated at the next bucket and its
@@ -112,14 +112,18 @@ class KVCache:
         self.dtype = cache_dtype(manifest.engine.get("cache_dtype", "float32"))
         self._shape = (batch, model["num_kv_heads"], model["head_dim"])
         self._layers = [
-            _Layer(layer.index, layer.slots if layer.attention == "chunked" else 0,
-                   (abi.past_key(layer.index), abi.past_value(layer.index)),
-                   (abi.present_key(layer.index), abi.present_value(layer.index)))
+            _Layer(
+                layer.index,
+                layer.slots if layer.attention == "chunked" else 0,
+                (abi.past_key(layer.index), abi.past_value(layer.index)),
+                (abi.present_key(layer.index), abi.present_value(layer.index)),
+            )
             for layer in manifest.layers
         ]
         # layer -> where its buffers live (one storage for all, or each layer's stage's device)
-        self._storage_of = {layer.index: per_layer[layer.index] if per_layer is not None else self.storage
-                            for layer in self._layers}
+        self._storage_of = {
+            layer.index: per_layer[layer.index] if per_layer is not None else self.storage for layer in self._layers
+        }
         self.lengths = np.zeros(batch, dtype=np.int64)  # [B] tokens already cached per row
         self.bucket = context_bucket(0, self.max_context)
         self.keys: dict[int, Any] = {}  # layer -> [B, K, S, D]
@@ -165,7 +169,9 @@ class KVCache:
             return
         positions = positions[rows, steps]
         if positions.max() >= self.max_context:
-            raise ValueError(f"position {int(positions.max())} is beyond the bundle's context of {self.max_context} tokens")
+            raise ValueError(
+                f"position {int(positions.max())} is beyond the bundle's context of {self.max_context} tokens"
+            )
         new_lengths = self.lengths.copy()
         np.maximum.at(new_lengths, rows, positions + 1)
         self._reserve(int(new_lengths.max()))
@@ -212,8 +218,10 @@ class CacheMemory:
 
     def __str__(self) -> str:
         kinds = ", ".join(f"{kind} {size / 1024:.1f} KiB" for kind, size in self.bytes_per_token.items())
-        return (f"KV cache per token per row: {kinds} (chunked layers stop growing at {self.chunk} tokens); "
-                f"{self.at_max / 2**20:.1f} MiB at max context {self.max_context} x batch {self.max_batch}")
+        return (
+            f"KV cache per token per row: {kinds} (chunked layers stop growing at {self.chunk} tokens); "
+            f"{self.at_max / 2**20:.1f} MiB at max context {self.max_context} x batch {self.max_batch}"
+        )
 
 
 def cache_memory(manifest) -> CacheMemory:

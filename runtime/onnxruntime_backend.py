@@ -17,8 +17,14 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 
 class OnnxRuntimeRunner:
-    def __init__(self, model_path: str | Path, threads: int | None = None, providers: list[str] | None = None,
-                 spin: bool = True, prepack: bool = True):
+    def __init__(
+        self,
+        model_path: str | Path,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        spin: bool = True,
+        prepack: bool = True,
+    ):
         self.model_path = Path(model_path)
         self.threads = threads
         self.spin = spin  # intra-op threads spin-wait for the next run (ONNX Runtime's default)
@@ -32,7 +38,7 @@ class OnnxRuntimeRunner:
         self.output_names: list[str] = []
         self._validated: set[tuple] = set()  # feed signatures already checked
 
-    def activate(self) -> "OnnxRuntimeRunner":
+    def activate(self) -> OnnxRuntimeRunner:
         import onnxruntime as ort  # deferred: importing the runtime (the CLI, the build) need not load ONNX Runtime
 
         options = ort.SessionOptions()
@@ -57,7 +63,7 @@ class OnnxRuntimeRunner:
     def deactivate(self) -> None:
         self.session = None
 
-    def __enter__(self) -> "OnnxRuntimeRunner":
+    def __enter__(self) -> OnnxRuntimeRunner:
         return self.activate()
 
     def __exit__(self, *exc) -> None:
@@ -67,7 +73,9 @@ class OnnxRuntimeRunner:
         missing = set(self.inputs) - set(feeds)
         extra = set(feeds) - set(self.inputs)
         if missing or extra:
-            raise ValueError(f"feeds do not match the engine's inputs (missing {sorted(missing)}, unknown {sorted(extra)})")
+            raise ValueError(
+                f"feeds do not match the engine's inputs (missing {sorted(missing)}, unknown {sorted(extra)})"
+            )
         for name, array in feeds.items():
             dtype, dims = self.inputs[name]
             if array.dtype != dtype:
@@ -82,8 +90,12 @@ class OnnxRuntimeRunner:
         if self.session is None:
             raise RuntimeError("runner is not active; use it as a context manager or call activate()")
         # a float16 engine takes float32 feeds (caches the runtime keeps in float32): narrowed here
-        feeds = {name: array.astype(np.float16) if array.dtype == np.float32 and self.inputs.get(name, (None,))[0]
-                 is np.float16 else array for name, array in feeds.items()}
+        feeds = {
+            name: array.astype(np.float16)
+            if array.dtype == np.float32 and self.inputs.get(name, (None,))[0] is np.float16
+            else array
+            for name, array in feeds.items()
+        }
         signature = tuple((name, array.dtype, array.shape) for name, array in feeds.items())
         if signature not in self._validated:  # a decode loop repeats one signature: check it once
             self.validate(feeds)

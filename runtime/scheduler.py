@@ -133,8 +133,13 @@ def top_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple[t
 class Scheduler:
     """Continuous batching over `engine`; see the module docstring."""
 
-    def __init__(self, engine: Engine, max_batch: int | None = None, max_queue: int = 64,
-                 on_step: Callable[[StepRecord], None] | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int | None = None,
+        max_queue: int = 64,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ):
         max_batch = engine.max_batch if max_batch is None else max_batch
         if not 1 <= max_batch <= engine.max_batch:
             raise ValueError(f"max_batch is {max_batch}; the bundle's engine takes 1 to {engine.max_batch} rows")
@@ -305,13 +310,15 @@ class Scheduler:
             request.first_token_at = time.monotonic()
         row.last_token = token
         self._notify(request, Output(token, logprob, top))
-        reason = "stop" if token in request.stop_tokens else "length" if len(request.tokens) >= request.max_tokens else None
+        reason = (
+            "stop" if token in request.stop_tokens else "length" if len(request.tokens) >= request.max_tokens else None
+        )
         if reason:
             with self._work:
                 self._finish_locked(request, reason)
 
     # -- worker thread ----------------------------------------------------------------------------
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         """Step on a daemon worker thread until `stop()`; it sleeps while there is no work."""
         if self._worker is None:
             self._worker = threading.Thread(target=self._serve, name="llama4-deploy-scheduler", daemon=True)

@@ -51,7 +51,8 @@ def check_plans(plans: dict[str, Any], tensorrt_version: str, gpu: str, compute_
         raise BundleError(
             f"the plans in {bundle} were built with TensorRT {built[0]} for {built[1]} (compute capability "
             f"{built[2]}), but this machine has TensorRT {here[0]} and {here[1]} (compute capability {here[2]}); "
-            f"rebuild them here with llama4-deploy compile {bundle}")
+            f"rebuild them here with llama4-deploy compile {bundle}"
+        )
 
 
 def profile_index(profiles: list[dict[str, Any]], slots: int) -> int:
@@ -61,8 +62,9 @@ def profile_index(profiles: list[dict[str, Any]], slots: int) -> int:
         low, high = profile["cache_slots"]
         if low <= slots <= high:
             return index
-    raise ValueError(f"no optimization profile covers a cache of {slots} slots "
-                     f"(ranges {[p['cache_slots'] for p in profiles]})")
+    raise ValueError(
+        f"no optimization profile covers a cache of {slots} slots (ranges {[p['cache_slots'] for p in profiles]})"
+    )
 
 
 def copy_runs(rows: np.ndarray, slots: np.ndarray, steps: np.ndarray) -> list[tuple[int, int, int, int]]:
@@ -113,13 +115,13 @@ class DeviceBuffer:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     @classmethod
-    def empty(cls, shape, dtype, device: int = 0) -> "DeviceBuffer":
+    def empty(cls, shape, dtype, device: int = 0) -> DeviceBuffer:
         dtype = np.dtype(dtype)
         nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
         _set_device(device)  # cudaMalloc allocates on the current device
         return cls(int(_check(_cudart().cudaMalloc(nbytes), "cudaMalloc")), tuple(shape), dtype, device=device)
 
-    def __getitem__(self, index: slice) -> "DeviceBuffer":
+    def __getitem__(self, index: slice) -> DeviceBuffer:
         """buffer[:rows]: the leading rows, in place (the scheduler's view of a cache's rows in use)."""
         if not isinstance(index, slice) or index.start not in (None, 0) or index.step not in (None, 1):
             raise TypeError("a DeviceBuffer takes only leading-row slices, buffer[:rows]")
@@ -161,9 +163,19 @@ class DeviceStorage:
         grown = self.allocate((B, K, slots, D), buffer.dtype)  # leaves self.device current
         row = D * buffer.dtype.itemsize
         # every [b, k] row of S slots moves to a row of `slots` slots: one 2-D copy of B*K rows
-        _check(_cudart().cudaMemcpy2DAsync(grown.ptr, slots * row, buffer.ptr, S * row, S * row, B * K,
-                                           _cudart().cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream),
-               "cudaMemcpy2DAsync")
+        _check(
+            _cudart().cudaMemcpy2DAsync(
+                grown.ptr,
+                slots * row,
+                buffer.ptr,
+                S * row,
+                S * row,
+                B * K,
+                _cudart().cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                self.stream,
+            ),
+            "cudaMemcpy2DAsync",
+        )
         return grown
 
     def scatter(self, buffer: DeviceBuffer, rows, slots, new: DeviceBuffer, steps) -> None:
@@ -176,9 +188,19 @@ class DeviceStorage:
         for row, slot, step, length in copy_runs(np.asarray(rows), np.asarray(slots), np.asarray(steps)):
             dst = buffer.ptr + ((row * K) * S + slot) * D * item
             src = new.ptr + ((row * K) * T + step) * D * item
-            _check(cudart.cudaMemcpy2DAsync(dst, S * D * item, src, T * D * item, length * D * item, K,
-                                            cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream),
-                   "cudaMemcpy2DAsync")
+            _check(
+                cudart.cudaMemcpy2DAsync(
+                    dst,
+                    S * D * item,
+                    src,
+                    T * D * item,
+                    length * D * item,
+                    K,
+                    cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                    self.stream,
+                ),
+                "cudaMemcpy2DAsync",
+            )
 
 
 # -- the runner -----------------------------------------------------------------------------------
@@ -195,8 +217,14 @@ def _numpy_dtype(trt_dtype) -> np.dtype:
 class TensorRTRunner:
     """One plan: activate / infer / deactivate, the surface of OnnxRuntimeRunner."""
 
-    def __init__(self, plan_path: str | Path, profiles: list[dict[str, Any]], layers: list[dict[str, Any]],
-                 stream: int, device: int = 0):
+    def __init__(
+        self,
+        plan_path: str | Path,
+        profiles: list[dict[str, Any]],
+        layers: list[dict[str, Any]],
+        stream: int,
+        device: int = 0,
+    ):
         self.plan_path = Path(plan_path)
         # layers: the plan's own (its stage's); stream: its device's
         self.profiles, self.layers, self.stream, self.device = profiles, layers, stream, device
@@ -206,15 +234,17 @@ class TensorRTRunner:
         self._device: dict[str, DeviceBuffer] = {}  # staging for host inputs and every output, by name
         self._profile = -1
 
-    def activate(self) -> "TensorRTRunner":
+    def activate(self) -> TensorRTRunner:
         import tensorrt as trt  # deferred: TensorRT exists only on a GPU machine
 
         _set_device(self.device)  # an engine and its contexts live on the device current at deserialization
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
         if self.engine is None:
-            raise BundleError(f"{self.plan_path} cannot be deserialized by this TensorRT; rebuild it with "
-                              f"llama4-deploy compile {self.plan_path.parent}")
+            raise BundleError(
+                f"{self.plan_path} cannot be deserialized by this TensorRT; rebuild it with "
+                f"llama4-deploy compile {self.plan_path.parent}"
+            )
         self.context = self.engine.create_execution_context()
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
@@ -226,7 +256,7 @@ class TensorRTRunner:
         self.context = self.engine = None
         self._device.clear()
 
-    def __enter__(self) -> "TensorRTRunner":
+    def __enter__(self) -> TensorRTRunner:
         return self.activate()
 
     def __exit__(self, *exc) -> None:
@@ -235,7 +265,9 @@ class TensorRTRunner:
     def validate(self, feeds: dict[str, Any]) -> None:
         missing, extra = set(self.inputs) - set(feeds), set(feeds) - set(self.inputs)
         if missing or extra:
-            raise ValueError(f"feeds do not match the plan's inputs (missing {sorted(missing)}, unknown {sorted(extra)})")
+            raise ValueError(
+                f"feeds do not match the plan's inputs (missing {sorted(missing)}, unknown {sorted(extra)})"
+            )
         for name, value in feeds.items():
             if np.dtype(value.dtype) != self.inputs[name]:
                 raise ValueError(f"input {name} is {value.dtype}, the plan declares {self.inputs[name]}")
@@ -266,9 +298,12 @@ class TensorRTRunner:
                 continue
             host = np.ascontiguousarray(value)
             staged = self._staging(name, host.shape, host.dtype)
-            _check(cudart.cudaMemcpyAsync(staged.ptr, host.ctypes.data, host.nbytes,
-                                          cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream),
-                   "cudaMemcpyAsync")
+            _check(
+                cudart.cudaMemcpyAsync(
+                    staged.ptr, host.ctypes.data, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream
+                ),
+                "cudaMemcpyAsync",
+            )
             self.context.set_tensor_address(name, staged.ptr)
         outputs: dict[str, Any] = {}
         for name, dtype in self.outputs.items():
@@ -281,9 +316,16 @@ class TensorRTRunner:
             if name in outputs:
                 device = outputs[name]
                 host = np.empty(device.shape, dtype=device.dtype)
-                _check(cudart.cudaMemcpyAsync(host.ctypes.data, device.ptr, host.nbytes,
-                                              cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream),
-                       "cudaMemcpyAsync")
+                _check(
+                    cudart.cudaMemcpyAsync(
+                        host.ctypes.data,
+                        device.ptr,
+                        host.nbytes,
+                        cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                        self.stream,
+                    ),
+                    "cudaMemcpyAsync",
+                )
                 outputs[name] = host
         _check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         if abi.LOGITS in outputs:
@@ -324,19 +366,23 @@ class StagePlacement:
         count = int(_check(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount"))
         for stage, device in enumerate(devices):
             if not 0 <= device < count:
-                raise BundleError(f"stage {stage} is placed on cuda:{device}, but this machine has {count} GPU(s) "
-                                  f"(cuda:0 to cuda:{count - 1}); pass load(..., devices=[...]) with one of them")
+                raise BundleError(
+                    f"stage {stage} is placed on cuda:{device}, but this machine has {count} GPU(s) "
+                    f"(cuda:0 to cuda:{count - 1}); pass load(..., devices=[...]) with one of them"
+                )
         self.devices = list(devices)
         self.streams: dict[int, int] = {}
         for device in dict.fromkeys(self.devices):
             _set_device(device)  # a stream belongs to the device current at its creation
             self.streams[device] = int(_check(cudart.cudaStreamCreate(), "cudaStreamCreate"))
         self.storages = {device: DeviceStorage(stream, device) for device, stream in self.streams.items()}
-        self.layer_storage = {layer: self.storages[device] for layers, device in zip(stage_layers, self.devices)
-                              for layer in layers}
+        self.layer_storage = {
+            layer: self.storages[device] for layers, device in zip(stage_layers, self.devices) for layer in layers
+        }
         # (destination, source) -> direct peer access, for each stage boundary that crosses GPUs
-        self.peer = {(dst, src): _enable_peer(dst, src) for src, dst in zip(self.devices, self.devices[1:])
-                     if src != dst}
+        self.peer = {
+            (dst, src): _enable_peer(dst, src) for src, dst in zip(self.devices, self.devices[1:]) if src != dst
+        }
         self._inputs: dict[int, DeviceBuffer] = {}  # stage -> its hidden_states buffer on its GPU
         self._host: dict[int, np.ndarray] = {}  # stage -> host bounce buffer (no peer access)
 
@@ -353,19 +399,37 @@ class StagePlacement:
         target = DeviceBuffer(kept.ptr, hidden.shape, hidden.dtype, owned=False, device=dst)
         if self.peer[(dst, src)]:
             _set_device(dst)
-            _check(cudart.cudaMemcpyPeerAsync(target.ptr, dst, hidden.ptr, src, hidden.nbytes, self.streams[dst]),
-                   "cudaMemcpyPeerAsync")
+            _check(
+                cudart.cudaMemcpyPeerAsync(target.ptr, dst, hidden.ptr, src, hidden.nbytes, self.streams[dst]),
+                "cudaMemcpyPeerAsync",
+            )
             return target
         host = self._host.get(stage)
         if host is None or host.nbytes < hidden.nbytes:
             host = self._host[stage] = np.empty(hidden.nbytes, dtype=np.uint8)
         _set_device(src)
-        _check(cudart.cudaMemcpyAsync(host.ctypes.data, hidden.ptr, hidden.nbytes,
-                                      cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.streams[src]), "cudaMemcpyAsync")
+        _check(
+            cudart.cudaMemcpyAsync(
+                host.ctypes.data,
+                hidden.ptr,
+                hidden.nbytes,
+                cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                self.streams[src],
+            ),
+            "cudaMemcpyAsync",
+        )
         _check(cudart.cudaStreamSynchronize(self.streams[src]), "cudaStreamSynchronize")
         _set_device(dst)
-        _check(cudart.cudaMemcpyAsync(target.ptr, host.ctypes.data, hidden.nbytes,
-                                      cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.streams[dst]), "cudaMemcpyAsync")
+        _check(
+            cudart.cudaMemcpyAsync(
+                target.ptr,
+                host.ctypes.data,
+                hidden.nbytes,
+                cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                self.streams[dst],
+            ),
+            "cudaMemcpyAsync",
+        )
         return target
 
     def close(self) -> None:
@@ -398,8 +462,11 @@ def open_plans(manifest, devices: list[int] | None = None) -> tuple[dict[str, Te
             plan = plans["files"].get(graph_file)
             path = manifest.path / plan["plan"] if plan else None
             if path is None or not path.is_file():
-                raise BundleError(f"bundle {manifest.path} has no plan for {graph_file} on disk; rebuild the plans "
-                                  f"with llama4-deploy compile {manifest.path}")
-            runners[graph_file] = TensorRTRunner(path, record["profiles"][graph_file], own,
-                                                 placement.streams[device], device).activate()
+                raise BundleError(
+                    f"bundle {manifest.path} has no plan for {graph_file} on disk; rebuild the plans "
+                    f"with llama4-deploy compile {manifest.path}"
+                )
+            runners[graph_file] = TensorRTRunner(
+                path, record["profiles"][graph_file], own, placement.streams[device], device
+            ).activate()
     return runners, placement

@@ -27,7 +27,7 @@ class Tokenizer:
         """The vocabulary entry of one token (what logprobs name it by)."""
         return self._tokenizer.id_to_token(token) or ""
 
-    def stream(self, stop: tuple[str, ...] = ()) -> "TextStream":
+    def stream(self, stop: tuple[str, ...] = ()) -> TextStream:
         return TextStream(self._tokenizer, stop)
 
 

@@ -33,8 +33,17 @@ def write_checkpoint(
     text = random_model(config or tiny_config(), seed, logit_gain, router_gain)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     if multimodal:
-        vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                      vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, image_size=28, patch_size=14)
+        vision = dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vision_output_dim=32,
+            projector_input_dim=32,
+            projector_output_dim=32,
+            image_size=28,
+            patch_size=14,
+        )
         torch.manual_seed(seed)
         full = Llama4ForConditionalGeneration(Llama4Config(text_config=text.config.to_dict(), vision_config=vision))
         full.language_model.load_state_dict(text.state_dict())
@@ -48,7 +57,7 @@ def write_checkpoint(
 
 def write_tokenizer(path: Path, vocab_size: int) -> None:
     """A word-level tokenizer over `w0 ... w{n-1}` built with the tokenizers library."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {f"w{i}": i for i in range(vocab_size)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
@@ -57,8 +66,10 @@ def write_tokenizer(path: Path, vocab_size: int) -> None:
     tokenizer.save(str(path))
     # tokenizer_config.json's chat template, in Llama 4's structure but spelled in this vocabulary's
     # words (w1 begins the text, w7 ... w8 frame a header, w9 ends a turn), so it encodes to real ids
-    template = ("{{ bos_token }} {% for m in messages %}w7 {{ m['role'] }} w8 {{ m['content'] | trim }} w9 "
-                "{% endfor %}{% if add_generation_prompt %}w7 assistant w8{% endif %}")
+    template = (
+        "{{ bos_token }} {% for m in messages %}w7 {{ m['role'] }} w8 {{ m['content'] | trim }} w9 "
+        "{% endfor %}{% if add_generation_prompt %}w7 assistant w8{% endif %}"
+    )
     config = {"chat_template": template, "bos_token": "w1", "eos_token": "w9"}
     (path.parent / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
@@ -73,8 +84,9 @@ def tiny_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory) -> Path:
     """Sharded multimodal checkpoint (text model under `language_model.`) with a tokenizer."""
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "mm", seed=7, multimodal=True,
-                            max_shard_size="200KB", tokenizer=True)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "mm", seed=7, multimodal=True, max_shard_size="200KB", tokenizer=True
+    )
 
 
 @pytest.fixture(scope="session")
@@ -93,9 +105,9 @@ def assert_verify_matches_whole_model_reference(bundle: Path, monkeypatch) -> No
     """verify's report (layer-by-layer reference, export/layerwise.py) equals the one it gave with transformers'
     whole model as the reference (the way verify ran before): same rows, PASS, figures within 1e-6 (both
     references compute the same fp32 logits, so the figures are the same engine-vs-reference differences)."""
-    from llama4_deploy.quality import verify as verify_module
     from llama4_deploy.export import layerwise
     from llama4_deploy.export.reference import reference_logits, reference_model
+    from llama4_deploy.quality import verify as verify_module
 
     monkeypatch.setattr(verify_module, "_perplexity", lambda *args: None)  # unrelated to the reference
     layer_by_layer = verify_module.verify(str(bundle), log=lambda _: None)
@@ -112,7 +124,12 @@ def assert_verify_matches_whole_model_reference(bundle: Path, monkeypatch) -> No
     assert len(layer_by_layer.rows) == len(whole.rows) == 5
     for a, b in zip(layer_by_layer.rows, whole.rows):
         assert (a.path, a.prompt, a.tokens, a.greedy_agree, a.greedy_total) == (
-            b.path, b.prompt, b.tokens, b.greedy_agree, b.greedy_total)
+            b.path,
+            b.prompt,
+            b.tokens,
+            b.greedy_agree,
+            b.greedy_total,
+        )
         assert abs(a.comparison.value - b.comparison.value) <= 1e-6
         assert abs(a.comparison.tolerance - b.comparison.tolerance) <= 1e-6 * b.comparison.tolerance
 

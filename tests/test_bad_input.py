@@ -7,18 +7,27 @@ tracing, so each failing build here takes well under a second.
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from llama4_deploy.build import BuildError, build
-from llama4_deploy.cli import main
 from llama4_deploy.build.recipe import RECIPE_DIR, RecipeError
+from llama4_deploy.cli import main
 from llama4_deploy.runtime import abi, load
 from tests.conftest import write_checkpoint
 
@@ -72,7 +81,7 @@ def cli_error(result, *words: str) -> str:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: "), lines[0]
     assert result.stderr.rstrip("\n").endswith(lines[0])  # the error is the last thing printed
-    message = lines[0][len("error: "):]
+    message = lines[0][len("error: ") :]
     single_sentence(message)
     for word in words:
         assert word in message, (word, message)
@@ -147,8 +156,9 @@ def test_missing_shard(sharded, tmp_path):
     ck = copy_checkpoint(sharded, tmp_path)
     shard = sorted(ck.glob("model-*-of-*.safetensors"))[1]
     shard.unlink()
-    message = build_fails(tmp_path, BuildError, rf"^{INDEX} names shard {re.escape(shard.name)}, which is missing",
-                          checkpoint=ck)
+    message = build_fails(
+        tmp_path, BuildError, rf"^{INDEX} names shard {re.escape(shard.name)}, which is missing", checkpoint=ck
+    )
     assert str(ck.resolve()) in message
 
 
@@ -163,8 +173,7 @@ def test_missing_shard_cli(sharded, tmp_path):
 def test_index_names_missing_file(sharded, tmp_path):
     ck = copy_checkpoint(sharded, tmp_path)
     edit_index(ck, lambda wm: wm.__setitem__(Q_PROJ, "nope.safetensors"))
-    build_fails(tmp_path, BuildError, rf"^{INDEX} names shard nope\.safetensors, which is missing from ",
-                checkpoint=ck)
+    build_fails(tmp_path, BuildError, rf"^{INDEX} names shard nope\.safetensors, which is missing from ", checkpoint=ck)
 
 
 # -- (c) a truncated safetensors file -----------------------------------------------------------
@@ -207,8 +216,9 @@ def _set_model_type(ck: Path, model_type: str) -> None:
 def test_wrong_model_type(sharded, tmp_path):
     ck = copy_checkpoint(sharded, tmp_path)
     _set_model_type(ck, "llama")
-    build_fails(tmp_path, BuildError,
-                r"^config\.json has model_type 'llama'; expected 'llama4_text' or 'llama4'", checkpoint=ck)
+    build_fails(
+        tmp_path, BuildError, r"^config\.json has model_type 'llama'; expected 'llama4_text' or 'llama4'", checkpoint=ck
+    )
 
 
 def test_wrong_model_type_cli(single, tmp_path):
@@ -224,9 +234,12 @@ def test_tensor_wrong_shape(sharded, tmp_path):
     ck = copy_checkpoint(sharded, tmp_path)
     shard = ck / weight_map(ck)[Q_PROJ]
     rewrite_shard(shard, lambda t: t.__setitem__(Q_PROJ, torch.zeros(32, 64)))
-    build_fails(tmp_path, BuildError,
-                rf"^tensor {re.escape(Q_PROJ)} has shape \[32, 64\], config\.json implies {re.escape(str(Q_PROJ_SHAPE))}$",
-                checkpoint=ck)
+    build_fails(
+        tmp_path,
+        BuildError,
+        rf"^tensor {re.escape(Q_PROJ)} has shape \[32, 64\], config\.json implies {re.escape(str(Q_PROJ_SHAPE))}$",
+        checkpoint=ck,
+    )
 
 
 def test_tensor_wrong_shape_cli(single, tmp_path):
@@ -242,9 +255,12 @@ def test_missing_tensor_index_still_lists_it(sharded, tmp_path):
     ck = copy_checkpoint(sharded, tmp_path)
     shard = ck / weight_map(ck)[Q_PROJ]
     rewrite_shard(shard, lambda t: t.pop(Q_PROJ))
-    build_fails(tmp_path, BuildError,
-                rf"^{re.escape(shard.name)} does not hold tensor {re.escape(Q_PROJ)}, though the index says it does$",
-                checkpoint=ck)
+    build_fails(
+        tmp_path,
+        BuildError,
+        rf"^{re.escape(shard.name)} does not hold tensor {re.escape(Q_PROJ)}, though the index says it does$",
+        checkpoint=ck,
+    )
 
 
 def test_missing_tensor_index_consistent(sharded, tmp_path):
@@ -286,8 +302,9 @@ def test_unknown_recipe_key(tmp_path):
 
 def test_unknown_nested_recipe_key(tmp_path):
     path = _recipe_with(tmp_path, "extra-nested.yaml", lambda d: d["profiles"].__setitem__("max_batchez", 8))
-    build_fails(tmp_path, RecipeError, r"^recipe extra-nested\.yaml has unknown key 'profiles\.max_batchez'$",
-                recipe=str(path))
+    build_fails(
+        tmp_path, RecipeError, r"^recipe extra-nested\.yaml has unknown key 'profiles\.max_batchez'$", recipe=str(path)
+    )
 
 
 def test_unknown_recipe_key_cli(tmp_path):
@@ -318,8 +335,12 @@ def test_unknown_moe_dispatch(tmp_path):
 
 
 def test_unknown_attention_form(tmp_path):
-    build_fails(tmp_path, BuildError, r"^unknown attention form 'flash'; choose one of decomposed, onnx23, auto$",
-                attention="flash")
+    build_fails(
+        tmp_path,
+        BuildError,
+        r"^unknown attention form 'flash'; choose one of decomposed, onnx23, auto$",
+        attention="flash",
+    )
 
 
 # -- (h) token id outside the vocabulary --------------------------------------------------------
@@ -352,8 +373,11 @@ def test_token_outside_vocab_cli(tiny_bundle):
 # -- (i) prompt longer than the bundle's context ------------------------------------------------
 def test_prompt_longer_than_context_generate(engine):
     assert engine.manifest.max_context == 128
-    with pytest.raises(ValueError, match=r"^prompt 0 of 129 tokens plus 1 new ones exceeds the bundle's context "
-                                         r"of 128 tokens$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^prompt 0 of 129 tokens plus 1 new ones exceeds the bundle's context "
+        r"of 128 tokens$",
+    ):
         engine.generate([[1] * 129], 1)
 
 
@@ -367,8 +391,11 @@ def test_prompt_plus_new_tokens_longer_than_context(engine):
 
 def test_prompt_longer_than_context_score(engine):
     for mode in ("prefill", "decode"):
-        with pytest.raises(ValueError, match=r"^sequence of 129 tokens plus 0 new ones exceeds the bundle's context "
-                                             r"of 128 tokens$"):
+        with pytest.raises(
+            ValueError,
+            match=r"^sequence of 129 tokens plus 0 new ones exceeds the bundle's context "
+            r"of 128 tokens$",
+        ):
             engine.score([5] * 129, mode=mode)
     assert engine.score([5] * 128, mode="prefill").shape == (128, 512)
 
@@ -408,23 +435,15 @@ def test_empty_prompt_cli(tiny_bundle, ids):
 # and nothing left on disk (the test's directory is byte-for-byte as it was before the command).
 # Bundle cases damage a copy of the one session bundle (`tiny_bundle`); commands run in-process.
 # =================================================================================================
-import dataclasses
-import fcntl
-import signal
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable
-
-import numpy as np
 
 LAYER_GLOBAL, LAYER_CHUNKED = 3, 0  # tiny: layers 0-2 are chunked (RoPE), layer 3 is global (NoPE)
 
 
 def snapshot(root: Path) -> list[tuple[str, int, int]]:
-    return sorted((str(p.relative_to(root)), p.stat().st_size if p.is_file() else -1,
-                   p.stat().st_mtime_ns if p.is_file() else 0) for p in root.rglob("*"))
+    return sorted(
+        (str(p.relative_to(root)), p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns if p.is_file() else 0)
+        for p in root.rglob("*")
+    )
 
 
 def edit_manifest(edit: Callable[[dict], object]) -> Callable[[Path], None]:
@@ -433,6 +452,7 @@ def edit_manifest(edit: Callable[[dict], object]) -> Callable[[Path], None]:
         raw = json.loads(path.read_text())
         edit(raw)
         path.write_text(json.dumps(raw))
+
     return damage
 
 
@@ -440,6 +460,7 @@ def write_manifest_text(text: str | bytes) -> Callable[[Path], None]:
     def damage(bundle: Path) -> None:
         path = bundle / "manifest.json"
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
     return damage
 
 
@@ -453,12 +474,14 @@ def truncate(name: str) -> Callable[[Path], None]:
 
 def flip_byte(name: str, where: float, mask: int = 0xFF) -> Callable[[Path], None]:
     """XOR one byte at a relative position (for weights.data: byte 3 of a float32 holds the exponent)."""
+
     def damage(bundle: Path) -> None:
         path = bundle / name
         data = bytearray(path.read_bytes())
         at = int(len(data) * where) // 4 * 4 + (3 if mask == 0x40 else 0)
         data[at] ^= mask
         path.write_bytes(bytes(data))
+
     return damage
 
 
@@ -484,8 +507,16 @@ def graph_from_another_layout(bundle: Path) -> None:
     a, b = offsets[first.name]["offset"], offsets[second.name]["offset"]
     a.value, b.value = b.value, a.value
     info = lambda t: {e.key: e.value for e in t.external_data}  # noqa: E731
-    layout = layout_fingerprint((t.name, int(info(t).get("offset", 0)), int(info(t)["length"]),
-                                 onnx.TensorProto.DataType.Name(t.data_type), tuple(t.dims)) for t in external)
+    layout = layout_fingerprint(
+        (
+            t.name,
+            int(info(t).get("offset", 0)),
+            int(info(t)["length"]),
+            onnx.TensorProto.DataType.Name(t.data_type),
+            tuple(t.dims),
+        )
+        for t in external
+    )
     for prop in model.metadata_props:
         if prop.key == LAYOUT_KEY:
             prop.value = layout
@@ -511,6 +542,7 @@ def set_key(dotted: str, value) -> Callable[[dict], None]:
         for part in parents:
             node = node[part]
         node[last] = value
+
     return edit
 
 
@@ -521,6 +553,7 @@ def drop_key(dotted: str) -> Callable[[dict], None]:
         for part in parents:
             node = node[part]
         del node[last]
+
     return edit
 
 
@@ -549,57 +582,122 @@ BUNDLE_CASES = [
     BundleCase("manifest-is-list-run", write_manifest_text("[1, 2]"), RUN, ("manifest.json", "JSON array")),
     BundleCase("manifest-is-list-cost", write_manifest_text("[]"), COST, ("manifest.json", "JSON array")),
     BundleCase("manifest-is-null", write_manifest_text("null"), FILES, ("manifest.json", "JSON null")),
-    BundleCase("manifest-old-format", edit_manifest(set_key("format_version", 1)), RUN,
-               ("format_version 1", "rebuild")),
+    BundleCase(
+        "manifest-old-format", edit_manifest(set_key("format_version", 1)), RUN, ("format_version 1", "rebuild")
+    ),
     BundleCase("no-engine-run", edit_manifest(drop_key("engine")), RUN, ("has no engine",)),
     BundleCase("no-engine-cost", edit_manifest(drop_key("engine")), COST, ("has no engine",)),
     BundleCase("no-profiles", edit_manifest(drop_key("profiles")), RUN, ("has no profiles",)),
     BundleCase("no-head-dim-run", edit_manifest(drop_key("model.head_dim")), RUN, ("has no model.head_dim",)),
     BundleCase("no-head-dim-verify", edit_manifest(drop_key("model.head_dim")), VERIFY, ("has no model.head_dim",)),
-    BundleCase("head-dim-not-int", edit_manifest(set_key("model.head_dim", "16")), RUN,
-               ("model.head_dim must be an integer", "'16'")),
-    BundleCase("max-batch-zero", edit_manifest(set_key("profiles.max_batch", 0)), RUN,
-               ("profiles.max_batch must be at least 1",)),
+    BundleCase(
+        "head-dim-not-int",
+        edit_manifest(set_key("model.head_dim", "16")),
+        RUN,
+        ("model.head_dim must be an integer", "'16'"),
+    ),
+    BundleCase(
+        "max-batch-zero",
+        edit_manifest(set_key("profiles.max_batch", 0)),
+        RUN,
+        ("profiles.max_batch must be at least 1",),
+    ),
     BundleCase("layer-dropped", edit_manifest(lambda m: m["layers"].pop()), RUN, ("lists 3 layers", "num_layers is 4")),
     BundleCase("layer-attention-unknown", set_layer(1, attention="sliding"), RUN, ("layer 1", "'sliding'")),
     BundleCase("layer-index-wrong", set_layer(2, index=7), RUN, ("layers[2]", "index 2")),
-    BundleCase("no-weights-layout", edit_manifest(drop_key("engine.weights_layout")), RUN,
-               ("has no engine.weights_layout",)),
-    BundleCase("no-prefill-graph", edit_manifest(drop_key("engine.graphs.prefill")), RUN,
-               ("no engine.graphs.prefill",)),
-    BundleCase("graph-outside-bundle", edit_manifest(set_key("engine.graphs.decode.file", "../native.onnx")), RUN,
-               ("engine.graphs.decode", "inside the bundle")),
-    BundleCase("overflow-without-exact", edit_manifest(set_key("engine.graphs.prefill.reports_overflow", True)), RUN,
-               ("reports overflow", "no exact graph")),
-    BundleCase("files-not-recorded", edit_manifest(lambda m: m["files"].pop("weights.data")), RUN,
-               ("records no hash for weights.data",)),
-    BundleCase("files-record-incomplete", edit_manifest(lambda m: m["files"]["golden.npz"].pop("sha256")), FILES,
-               ("files.golden.npz", "size and sha256")),
-    BundleCase("files-outside-bundle", edit_manifest(lambda m: m["files"].update({"../x": {"size": 1, "sha256": "0"}})), FILES,
-               ("'../x'", "not a file inside the bundle")),
-    BundleCase("backend-tensorrt", edit_manifest(set_key("engine.backend", "tensorrt")), RUN,
-               ("targets tensorrt", "onnxruntime")),
-    BundleCase("tokenizer-unrecorded", edit_manifest(set_key("tokenizer", "tokenizer.json")), RUN,
-               ("records no hash for tokenizer.json",)),
+    BundleCase(
+        "no-weights-layout", edit_manifest(drop_key("engine.weights_layout")), RUN, ("has no engine.weights_layout",)
+    ),
+    BundleCase(
+        "no-prefill-graph", edit_manifest(drop_key("engine.graphs.prefill")), RUN, ("no engine.graphs.prefill",)
+    ),
+    BundleCase(
+        "graph-outside-bundle",
+        edit_manifest(set_key("engine.graphs.decode.file", "../native.onnx")),
+        RUN,
+        ("engine.graphs.decode", "inside the bundle"),
+    ),
+    BundleCase(
+        "overflow-without-exact",
+        edit_manifest(set_key("engine.graphs.prefill.reports_overflow", True)),
+        RUN,
+        ("reports overflow", "no exact graph"),
+    ),
+    BundleCase(
+        "files-not-recorded",
+        edit_manifest(lambda m: m["files"].pop("weights.data")),
+        RUN,
+        ("records no hash for weights.data",),
+    ),
+    BundleCase(
+        "files-record-incomplete",
+        edit_manifest(lambda m: m["files"]["golden.npz"].pop("sha256")),
+        FILES,
+        ("files.golden.npz", "size and sha256"),
+    ),
+    BundleCase(
+        "files-outside-bundle",
+        edit_manifest(lambda m: m["files"].update({"../x": {"size": 1, "sha256": "0"}})),
+        FILES,
+        ("'../x'", "not a file inside the bundle"),
+    ),
+    BundleCase(
+        "backend-tensorrt",
+        edit_manifest(set_key("engine.backend", "tensorrt")),
+        RUN,
+        ("targets tensorrt", "onnxruntime"),
+    ),
+    BundleCase(
+        "tokenizer-unrecorded",
+        edit_manifest(set_key("tokenizer", "tokenizer.json")),
+        RUN,
+        ("records no hash for tokenizer.json",),
+    ),
     # the manifest disagrees with the graph (finding 3): refused even with the hashes skipped
-    BundleCase("global-layer-marked-chunked", set_layer(LAYER_GLOBAL, attention="chunked", cache_slots=8), RUN,
-               ("marks layer 3 chunked", abi.past_key(3), "global cache")),
-    BundleCase("global-layer-marked-chunked-verify", set_layer(LAYER_GLOBAL, attention="chunked", cache_slots=8),
-               VERIFY, ("marks layer 3 chunked",)),
-    BundleCase("chunked-layer-marked-global", set_layer(LAYER_CHUNKED, attention="global", cache_slots=None),
-               RUN_UNCHECKED, ("marks layer 0 global", "chunked ring")),
-    BundleCase("ring-size-changed", set_layer(1, cache_slots=16), RUN, ("attends chunks of 8", "ring of 16 slots",
-                                                                        "layer 1")),
-    BundleCase("kv-heads-changed", edit_manifest(set_key("model.num_kv_heads", 4)), RUN,
-               (abi.past_key(0), "[batch, 4,")),
+    BundleCase(
+        "global-layer-marked-chunked",
+        set_layer(LAYER_GLOBAL, attention="chunked", cache_slots=8),
+        RUN,
+        ("marks layer 3 chunked", abi.past_key(3), "global cache"),
+    ),
+    BundleCase(
+        "global-layer-marked-chunked-verify",
+        set_layer(LAYER_GLOBAL, attention="chunked", cache_slots=8),
+        VERIFY,
+        ("marks layer 3 chunked",),
+    ),
+    BundleCase(
+        "chunked-layer-marked-global",
+        set_layer(LAYER_CHUNKED, attention="global", cache_slots=None),
+        RUN_UNCHECKED,
+        ("marks layer 0 global", "chunked ring"),
+    ),
+    BundleCase(
+        "ring-size-changed", set_layer(1, cache_slots=16), RUN, ("attends chunks of 8", "ring of 16 slots", "layer 1")
+    ),
+    BundleCase(
+        "kv-heads-changed", edit_manifest(set_key("model.num_kv_heads", 4)), RUN, (abi.past_key(0), "[batch, 4,")
+    ),
     BundleCase("head-dim-changed", edit_manifest(set_key("model.head_dim", 32)), RUN, (abi.past_key(0), ", 32]")),
     BundleCase("vocab-changed", edit_manifest(set_key("model.vocab_size", 1000)), RUN, (abi.LOGITS, "1000")),
-    BundleCase("input-unlisted", edit_manifest(lambda m: m["engine"]["inputs"].remove(abi.PAST_LENGTHS)), RUN,
-               ("inputs that disagree", abi.PAST_LENGTHS)),
-    BundleCase("output-extra", edit_manifest(lambda m: m["engine"]["outputs"].append(abi.present_key(9))), RUN,
-               ("outputs that disagree", abi.present_key(9))),
-    BundleCase("cache-dtype-changed", edit_manifest(set_key("engine.cache_dtype", "float16")), RUN,
-               (abi.past_key(0), "float16")),
+    BundleCase(
+        "input-unlisted",
+        edit_manifest(lambda m: m["engine"]["inputs"].remove(abi.PAST_LENGTHS)),
+        RUN,
+        ("inputs that disagree", abi.PAST_LENGTHS),
+    ),
+    BundleCase(
+        "output-extra",
+        edit_manifest(lambda m: m["engine"]["outputs"].append(abi.present_key(9))),
+        RUN,
+        ("outputs that disagree", abi.present_key(9)),
+    ),
+    BundleCase(
+        "cache-dtype-changed",
+        edit_manifest(set_key("engine.cache_dtype", "float16")),
+        RUN,
+        (abi.past_key(0), "float16"),
+    ),
     # files changed after the build (finding 2)
     BundleCase("weights-exponent-byte", flip_byte("weights.data", 0.5, 0x40), RUN, ("weights.data", "changed")),
     BundleCase("weights-mantissa-byte", flip_byte("weights.data", 0.3, 0x01), RUN, ("weights.data", "changed")),
@@ -607,8 +705,12 @@ BUNDLE_CASES = [
     BundleCase("weights-byte-files", flip_byte("weights.data", 0.9, 0x01), FILES, ("weights.data", "changed")),
     BundleCase("weights-truncated", truncate("weights.data"), RUN, ("weights.data", "truncated")),
     BundleCase("weights-truncated-files", truncate("weights.data"), FILES, ("weights.data", "truncated")),
-    BundleCase("weights-truncated-unchecked", truncate("weights.data"), RUN_UNCHECKED,
-               ("native.onnx", "cannot be loaded by ONNX Runtime")),
+    BundleCase(
+        "weights-truncated-unchecked",
+        truncate("weights.data"),
+        RUN_UNCHECKED,
+        ("native.onnx", "cannot be loaded by ONNX Runtime"),
+    ),
     BundleCase("weights-missing", remove("weights.data"), RUN, ("missing weights.data",)),
     BundleCase("weights-missing-verify", remove("weights.data"), VERIFY, ("missing weights.data",)),
     BundleCase("weights-nan-unchecked", fill_nan, RUN_UNCHECKED, ("NaN or Inf logits", "allow_non_finite")),
@@ -619,32 +721,69 @@ BUNDLE_CASES = [
     BundleCase("graph-truncated-run", truncate("native.onnx"), RUN, ("native.onnx", "truncated")),
     BundleCase("graph-truncated-cost", truncate("native.onnx"), COST, ("native.onnx", "truncated")),
     BundleCase("graph-truncated-lint", truncate("native.onnx"), LINT, ("native.onnx", "cannot be read as ONNX")),
-    BundleCase("graph-truncated-unchecked", truncate("native.onnx"), RUN_UNCHECKED,
-               ("native.onnx", "cannot be loaded by ONNX Runtime")),
+    BundleCase(
+        "graph-truncated-unchecked",
+        truncate("native.onnx"),
+        RUN_UNCHECKED,
+        ("native.onnx", "cannot be loaded by ONNX Runtime"),
+    ),
     BundleCase("graph-other-layout", graph_from_another_layout, RUN, ("native.onnx", "changed")),
-    BundleCase("graph-other-layout-unchecked", graph_from_another_layout, RUN_UNCHECKED,
-               ("native.onnx", "different weights.data layout")),
-    BundleCase("graph-no-fingerprint-unchecked", strip_fingerprint, RUN_UNCHECKED,
-               ("native.onnx", "no weight-layout fingerprint")),
+    BundleCase(
+        "graph-other-layout-unchecked",
+        graph_from_another_layout,
+        RUN_UNCHECKED,
+        ("native.onnx", "different weights.data layout"),
+    ),
+    BundleCase(
+        "graph-no-fingerprint-unchecked",
+        strip_fingerprint,
+        RUN_UNCHECKED,
+        ("native.onnx", "no weight-layout fingerprint"),
+    ),
     BundleCase("golden-changed", flip_byte("golden.npz", 0.5), FILES, ("golden.npz", "changed")),
     # verify needs the bundle's source
     BundleCase("source-missing", edit_manifest(drop_key("source")), VERIFY, ("no usable source record",)),
-    BundleCase("source-checkpoint-gone", edit_manifest(set_key("source", {"kind": "checkpoint", "path": "/nonexistent"})),
-               VERIFY, ("source checkpoint /nonexistent is gone",)),
-    BundleCase("tokenizer-damaged-unchecked", lambda b: [
-        (b / "tokenizer.json").write_text("{broken"),
-        edit_manifest(set_key("tokenizer", "tokenizer.json"))(b),
-        edit_manifest(lambda m: m["files"].update({"tokenizer.json": {"size": 7, "sha256": "0"}}))(b)],
-        ["run", "{b}", "--prompt", "w1 w2", "--no-verify-files"], ("tokenizer.json", "not a readable tokenizer")),
-    BundleCase("verify-settings-damaged", edit_manifest(set_key("verify", {"prompt_lengths": "19"})), VERIFY,
-               ("verify must hold", "prompt_lengths")),
-    BundleCase("eos-not-integers", edit_manifest(set_key("model.eos_token_ids", "143")), RUN,
-               ("model.eos_token_ids", "list of integers")),
-    BundleCase("inputs-not-names", edit_manifest(lambda m: m["engine"]["inputs"].append({"x": 1})), RUN,
-               ("engine.inputs", "list of names")),
+    BundleCase(
+        "source-checkpoint-gone",
+        edit_manifest(set_key("source", {"kind": "checkpoint", "path": "/nonexistent"})),
+        VERIFY,
+        ("source checkpoint /nonexistent is gone",),
+    ),
+    BundleCase(
+        "tokenizer-damaged-unchecked",
+        lambda b: [
+            (b / "tokenizer.json").write_text("{broken"),
+            edit_manifest(set_key("tokenizer", "tokenizer.json"))(b),
+            edit_manifest(lambda m: m["files"].update({"tokenizer.json": {"size": 7, "sha256": "0"}}))(b),
+        ],
+        ["run", "{b}", "--prompt", "w1 w2", "--no-verify-files"],
+        ("tokenizer.json", "not a readable tokenizer"),
+    ),
+    BundleCase(
+        "verify-settings-damaged",
+        edit_manifest(set_key("verify", {"prompt_lengths": "19"})),
+        VERIFY,
+        ("verify must hold", "prompt_lengths"),
+    ),
+    BundleCase(
+        "eos-not-integers",
+        edit_manifest(set_key("model.eos_token_ids", "143")),
+        RUN,
+        ("model.eos_token_ids", "list of integers"),
+    ),
+    BundleCase(
+        "inputs-not-names",
+        edit_manifest(lambda m: m["engine"]["inputs"].append({"x": 1})),
+        RUN,
+        ("engine.inputs", "list of names"),
+    ),
     # not a bundle at all
-    BundleCase("bundle-is-a-file", lambda b: (b / "weights.data").rename(b.parent / "file"),
-               ["run", "{b}/../file", "--ids", "1"], ("is not a bundle",)),
+    BundleCase(
+        "bundle-is-a-file",
+        lambda b: (b / "weights.data").rename(b.parent / "file"),
+        ["run", "{b}/../file", "--ids", "1"],
+        ("is not a bundle",),
+    ),
     BundleCase("bundle-does-not-exist", None, ["cost", "{b}/nope"], ("nope", "is not a bundle")),
     # bad arguments to run (finding 7)
     BundleCase("threads-zero", None, [*RUN, "--threads", "0"], ("threads is 0", "at least 1")),
@@ -734,25 +873,42 @@ def _foreign_manifest(tmp_path: Path) -> list[str]:
 
 BUILD_CASES = [
     BuildCase("out-not-a-bundle", _keep_dir, ("--out", "not a bundle written by llama4-deploy", "--force")),
-    BuildCase("out-is-a-file", lambda t: (t.joinpath("x").write_text("x"), ["--recipe", "tiny"])[1],
-              ("--out", "is a file")),
-    BuildCase("out-is-a-file-forced", lambda t: (t.joinpath("x").write_text("x"), ["--recipe", "tiny", "--force"])[1],
-              ("--out", "is a file")),
+    BuildCase(
+        "out-is-a-file", lambda t: (t.joinpath("x").write_text("x"), ["--recipe", "tiny"])[1], ("--out", "is a file")
+    ),
+    BuildCase(
+        "out-is-a-file-forced",
+        lambda t: (t.joinpath("x").write_text("x"), ["--recipe", "tiny", "--force"])[1],
+        ("--out", "is a file"),
+    ),
     BuildCase("out-bundle-plus-user-file", None, ("also holds notes.txt", "--force")),  # prepared in the test
-    BuildCase("out-under-a-file", lambda t: (t.joinpath("f").write_text("x"), ["--out", str(t / "f" / "x")])[1],
-              ("cannot be created", "is a file")),
+    BuildCase(
+        "out-under-a-file",
+        lambda t: (t.joinpath("f").write_text("x"), ["--out", str(t / "f" / "x")])[1],
+        ("cannot be created", "is a file"),
+    ),
     BuildCase("out-foreign-manifest", _foreign_manifest, ("not a bundle written by llama4-deploy",)),
-    BuildCase("out-holds-checkpoint", lambda t: [*_checkpoint(t, "{}"), "--out", str(t / "ck"), "--force"],
-              ("holds the checkpoint",)),
+    BuildCase(
+        "out-holds-checkpoint",
+        lambda t: [*_checkpoint(t, "{}"), "--out", str(t / "ck"), "--force"],
+        ("holds the checkpoint",),
+    ),
     BuildCase("out-locked", _lock_held, ("another build is writing", ".x.lock")),
-    BuildCase("recipe-config-typo", lambda t: _recipe(t, lambda d: d["random"]["config"].update(
-        attention_chunk_sizee=8)), ("random.config", "'attention_chunk_sizee'", "'attention_chunk_size'")),
+    BuildCase(
+        "recipe-config-typo",
+        lambda t: _recipe(t, lambda d: d["random"]["config"].update(attention_chunk_sizee=8)),
+        ("random.config", "'attention_chunk_sizee'", "'attention_chunk_size'"),
+    ),
     BuildCase("recipe-yaml-list", lambda t: _recipe(t, None, "- 1\n- 2\n"), ("r.yaml", "not a mapping")),
     BuildCase("recipe-invalid-yaml", lambda t: _recipe(t, None, "name: [unclosed\n"), ("r.yaml", "not valid YAML")),
-    BuildCase("recipe-max-batch-zero", lambda t: _recipe(t, lambda d: d["profiles"].update(max_batch=0)),
-              ("profiles.max_batch", "greater than or equal to 1")),
-    BuildCase("recipe-unknown-dispatch", lambda t: _recipe(t, lambda d: d.update(moe_dispatch="sparse")),
-              ("moe_dispatch",)),
+    BuildCase(
+        "recipe-max-batch-zero",
+        lambda t: _recipe(t, lambda d: d["profiles"].update(max_batch=0)),
+        ("profiles.max_batch", "greater than or equal to 1"),
+    ),
+    BuildCase(
+        "recipe-unknown-dispatch", lambda t: _recipe(t, lambda d: d.update(moe_dispatch="sparse")), ("moe_dispatch",)
+    ),
     BuildCase("recipe-missing", lambda t: ["--recipe", "no-such-recipe"], ("no recipe 'no-such-recipe'",)),
     BuildCase("checkpoint-dir-missing", lambda t: ["--checkpoint", str(t / "nowhere")], ("nowhere", "does not exist")),
     BuildCase("checkpoint-no-config", lambda t: _checkpoint(t, None), ("no config.json",)),
@@ -795,29 +951,57 @@ class ApiCase:
 
 
 API_CASES = [
-    ApiCase("ids-float", lambda e, b: e.generate([[1.7, 2.2]], 2), TypeError,
-            r"^prompt 0 has token id 1\.7 of type float; token ids must be integers$"),
+    ApiCase(
+        "ids-float",
+        lambda e, b: e.generate([[1.7, 2.2]], 2),
+        TypeError,
+        r"^prompt 0 has token id 1\.7 of type float; token ids must be integers$",
+    ),
     ApiCase("ids-numpy-float", lambda e, b: e.score(np.array([1.0, 2.0])), TypeError, r"token ids must be integers"),
     ApiCase("ids-bool", lambda e, b: e.generate([[True, 2]], 2), TypeError, r"token id True of type bool"),
     ApiCase("ids-string", lambda e, b: e.score("143"), TypeError, r"^sequence must be a list of integer token ids"),
     ApiCase("ids-2d-array", lambda e, b: e.score(np.array([[1, 2]])), TypeError, r"shape \[1, 2\]"),
     ApiCase("prompts-flat", lambda e, b: e.generate([1, 2, 3], 2), TypeError, r"^prompt 0 is the integer 1"),
     ApiCase("prompts-string", lambda e, b: e.generate("1 2 3", 2), TypeError, r"^prompts must be a list"),
-    ApiCase("stop-tokens-string", lambda e, b: e.generate([[1]], 2, stop_tokens="143"), TypeError,
-            r"^stop_tokens must be a list of integer token ids, got '143'$"),
-    ApiCase("stop-token-outside-vocab", lambda e, b: e.generate([[1]], 2, stop_tokens=[600]), ValueError,
-            r"^stop_tokens has token id 600, outside the vocabulary"),
-    ApiCase("temperature-negative-api", lambda e, b: e.generate([[1]], 2, temperature=-1), ValueError,
-            r"^temperature is -1\.0; it must be 0 \(greedy\) or more$"),
-    ApiCase("temperature-string", lambda e, b: e.generate([[1]], 2, temperature="0.7"), TypeError,
-            r"^temperature must be a number"),
+    ApiCase(
+        "stop-tokens-string",
+        lambda e, b: e.generate([[1]], 2, stop_tokens="143"),
+        TypeError,
+        r"^stop_tokens must be a list of integer token ids, got '143'$",
+    ),
+    ApiCase(
+        "stop-token-outside-vocab",
+        lambda e, b: e.generate([[1]], 2, stop_tokens=[600]),
+        ValueError,
+        r"^stop_tokens has token id 600, outside the vocabulary",
+    ),
+    ApiCase(
+        "temperature-negative-api",
+        lambda e, b: e.generate([[1]], 2, temperature=-1),
+        ValueError,
+        r"^temperature is -1\.0; it must be 0 \(greedy\) or more$",
+    ),
+    ApiCase(
+        "temperature-string",
+        lambda e, b: e.generate([[1]], 2, temperature="0.7"),
+        TypeError,
+        r"^temperature must be a number",
+    ),
     ApiCase("top-p-nan", lambda e, b: e.generate([[1]], 2, top_p=float("nan")), ValueError, r"^top_p is nan"),
     ApiCase("seed-float", lambda e, b: e.generate([[1]], 2, seed=1.5), TypeError, r"^seed must be an integer"),
-    ApiCase("max-new-tokens-float", lambda e, b: e.generate([[1]], 2.0), TypeError,
-            r"^max_new_tokens must be an integer, got 2\.0"),
+    ApiCase(
+        "max-new-tokens-float",
+        lambda e, b: e.generate([[1]], 2.0),
+        TypeError,
+        r"^max_new_tokens must be an integer, got 2\.0",
+    ),
     ApiCase("max-new-tokens-bool", lambda e, b: e.generate([[1]], True), TypeError, r"^max_new_tokens must be"),
-    ApiCase("return-logits-string", lambda e, b: e.generate([[1]], 2, return_logits="yes"), TypeError,
-            r"^return_logits must be True or False"),
+    ApiCase(
+        "return-logits-string",
+        lambda e, b: e.generate([[1]], 2, return_logits="yes"),
+        TypeError,
+        r"^return_logits must be True or False",
+    ),
     ApiCase("score-mode-unknown", lambda e, b: e.score([1, 2], mode="beam"), ValueError, r"^mode is 'beam'"),
     ApiCase("load-threads-zero", lambda e, b: load(b, threads=0), ValueError, r"^threads is 0; it must be at least 1$"),
     ApiCase("load-threads-string", lambda e, b: load(b, threads="2"), TypeError, r"^threads must be an integer"),
@@ -836,8 +1020,9 @@ def test_catalog_api(case, engine, tiny_bundle):
 def test_numpy_integer_ids_are_accepted(engine):
     # the strict checks take numpy integers (what tokenizers and arrays give) and change nothing
     expected = engine.generate([[1, 2, 3]], 3, stop_tokens=[])
-    got = engine.generate([np.array([1, 2, 3], dtype=np.int32)], np.int64(3), stop_tokens=np.array([], dtype=np.int64),
-                          seed=np.int64(0))
+    got = engine.generate(
+        [np.array([1, 2, 3], dtype=np.int32)], np.int64(3), stop_tokens=np.array([], dtype=np.int64), seed=np.int64(0)
+    )
     assert got.tokens == expected.tokens
 
 
@@ -849,8 +1034,11 @@ def test_global_layer_marked_chunked_is_refused_in_python(tiny_bundle, tmp_path)
     set_layer(LAYER_GLOBAL, attention="chunked", cache_slots=8)(bundle)
     from llama4_deploy.runtime import BundleError
 
-    with pytest.raises(BundleError, match=r"^the manifest marks layer 3 chunked, but native\.onnx in .* declares "
-                                          rf"{re.escape(abi.past_key(3))} as a global cache \('context' slots\)$"):
+    with pytest.raises(
+        BundleError,
+        match=r"^the manifest marks layer 3 chunked, but native\.onnx in .* declares "
+        rf"{re.escape(abi.past_key(3))} as a global cache \('context' slots\)$",
+    ):
         load(bundle, verify_files=False)
 
 
@@ -892,11 +1080,14 @@ def test_checkpoint_tokenizer_damaged(single, tmp_path):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("name, flags", [
-    ("model.layers.2.feed_forward.down_proj.weight", []),
-    # native dispatch converts and re-lays the experts in one copy (lower_moe_native.relaid): checked there too
-    ("model.layers.1.feed_forward.experts.gate_up_proj", ["--moe-dispatch", "native"]),
-])
+@pytest.mark.parametrize(
+    "name, flags",
+    [
+        ("model.layers.2.feed_forward.down_proj.weight", []),
+        # native dispatch converts and re-lays the experts in one copy (lower_moe_native.relaid): checked there too
+        ("model.layers.1.feed_forward.experts.gate_up_proj", ["--moe-dispatch", "native"]),
+    ],
+)
 def test_checkpoint_tensor_with_nan_is_refused(single, tmp_path, name, flags):
     # finding 4: named while it streams into weights.data; this case traces, so it takes seconds
     import torch
@@ -938,8 +1129,12 @@ def test_sigkilled_build_leaves_nothing_after_the_next_build(tmp_path):
     scratch_tmp.mkdir()
     out = tmp_path / "bundles" / "x"
     env = {**os.environ, "TMPDIR": str(scratch_tmp)}
-    process = subprocess.Popen([sys.executable, "-m", "llama4_deploy.cli", "build", "--recipe", "tiny",
-                                "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llama4_deploy.cli", "build", "--recipe", "tiny", "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not list(out.parent.glob(".x.build/checkpoint-*/model.safetensors")):  # the random checkpoint step
@@ -1011,7 +1206,7 @@ def test_large_files_are_checked_part_by_part(tmp_path):
     (tmp_path / "weights.data").write_bytes(data)
     record = file_record(tmp_path / "weights.data", part_bytes=4096)
     assert record["sha256"] == hashlib.sha256(data).hexdigest()
-    assert record["parts"]["sha256"] == [hashlib.sha256(data[i:i + 4096]).hexdigest() for i in (0, 4096, 8192)]
+    assert record["parts"]["sha256"] == [hashlib.sha256(data[i : i + 4096]).hexdigest() for i in (0, 4096, 8192)]
     raw = {"engine": {"graphs": {}, "external_data": "weights.data"}, "files": {"weights.data": record}}
     manifest = Manifest(raw, tmp_path)
     assert check_files(manifest)[:2] == (1, 10_000)

@@ -14,9 +14,32 @@ def test_bench_quick_run_prints_every_figure(capsys):
     out = capsys.readouterr().out
     assert "== tiny: transformers eager" in out
     header = next(line for line in out.splitlines() if line.startswith("dispatch"))
-    assert header.split() == ["dispatch", "decode", "b1", "ms", "eager", "b1", "x", "eager", "decode", "b2", "ms",
-                              "x", "eager", "prefill16", "t/s", "x", "eager", "prefill32", "t/s", "x", "eager",
-                              "roofline", "b1", "reruns"]
+    assert header.split() == [
+        "dispatch",
+        "decode",
+        "b1",
+        "ms",
+        "eager",
+        "b1",
+        "x",
+        "eager",
+        "decode",
+        "b2",
+        "ms",
+        "x",
+        "eager",
+        "prefill16",
+        "t/s",
+        "x",
+        "eager",
+        "prefill32",
+        "t/s",
+        "x",
+        "eager",
+        "roofline",
+        "b1",
+        "reruns",
+    ]
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("native", "capacity"))}
     assert set(rows) == {"native", "capacity"}
     for label, cells in rows.items():
@@ -34,8 +57,26 @@ def test_context_bench_quick_run_prints_the_sweep(capsys):
     assert bench_context.main(["--quick"]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.strip().startswith("context"))
-    assert header.split() == ["context", "before", "ms", "c64", "ms", "c8", "ms", "c64/c8", "before/now", "KV", "MB",
-                              "before", "KV", "MB", "c64", "KV", "MB", "c8"]
+    assert header.split() == [
+        "context",
+        "before",
+        "ms",
+        "c64",
+        "ms",
+        "c8",
+        "ms",
+        "c64/c8",
+        "before/now",
+        "KV",
+        "MB",
+        "before",
+        "KV",
+        "MB",
+        "c64",
+        "KV",
+        "MB",
+        "c8",
+    ]
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s", line)]
     assert [int(row[0]) for row in rows] == list(bench_context.QUICK.contexts)
     for row in rows:

@@ -16,9 +16,20 @@ from tools.synth import SynthConfig, SynthError, main, write_checkpoint
 # all, so a build that held the model (on top of its ~0.3 GB of imports and traced templates) would exceed
 # the bound below, while one that holds a layer or two stays under it. Chunk 8: verify's prompts cross two
 # chunks, so they are 11 to 20 tokens long (Maverick's 8192 would make them 20k)
-SMALL = SynthConfig(hidden_size=256, intermediate_size=256, intermediate_size_mlp=1024, num_hidden_layers=24,
-                    num_local_experts=64, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                    vocab_size=4096, attention_chunk_size=8, shard_bytes=96 << 20, seed=3)
+SMALL = SynthConfig(
+    hidden_size=256,
+    intermediate_size=256,
+    intermediate_size_mlp=1024,
+    num_hidden_layers=24,
+    num_local_experts=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    vocab_size=4096,
+    attention_chunk_size=8,
+    shard_bytes=96 << 20,
+    seed=3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +71,9 @@ def test_synth_checkpoint_is_what_transformers_expects(small_checkpoint):
     assert stored == expected
     assert index["metadata"]["total_size"] == SMALL.total_bytes == sum(2 * math.prod(s) for s in stored.values())
     assert len(set(index["weight_map"].values())) > 1  # sharded
-    with safe_open(str(small_checkpoint / index["weight_map"]["model.layers.1.feed_forward.experts.gate_up_proj"]),
-                   framework="pt") as handle:
+    with safe_open(
+        str(small_checkpoint / index["weight_map"]["model.layers.1.feed_forward.experts.gate_up_proj"]), framework="pt"
+    ) as handle:
         experts = handle.get_tensor("model.layers.1.feed_forward.experts.gate_up_proj").float()
     assert abs(experts.std().item() - 0.02) < 1e-3 and abs(experts.mean().item()) < 1e-3
     # the default is the 4 GB Maverick shape: 48 layers, 128 experts every second layer

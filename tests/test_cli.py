@@ -22,7 +22,7 @@ def user_error(result, *words: str) -> str:
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    message = lines[0][len("error: "):]
+    message = lines[0][len("error: ") :]
     assert not re.search(r"[.!?]\s+[A-Z]", message), message
     for word in words:
         assert word in message, (word, message)
@@ -41,8 +41,9 @@ def test_run_ids_prints_greedy_tokens(tiny_bundle):
 
 
 def test_run_ids_with_spaces_and_sampling_flags(tiny_bundle):
-    result = invoke("run", tiny_bundle, "--ids", "1, 2, 3", "--max-new-tokens", "4",
-                    "--temperature", "1.0", "--seed", "11")
+    result = invoke(
+        "run", tiny_bundle, "--ids", "1, 2, 3", "--max-new-tokens", "4", "--temperature", "1.0", "--seed", "11"
+    )
     assert result.exit_code == 0, result.output
     with load(tiny_bundle) as engine:
         expected = engine.generate([[1, 2, 3]], 4, temperature=1.0, seed=11).tokens[0]
@@ -102,10 +103,14 @@ def test_lint_flags_value_dependent_shape(tmp_path):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "ids"], ["y"], name="/bad/Reshape")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
-         helper.make_tensor_value_info("ids", TensorProto.INT64, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        [helper.make_node("Reshape", ["x", "ids"], ["y"], name="/bad/Reshape")],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
     path = tmp_path / "bad.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
     result = CliRunner().invoke(main, ["lint", str(path)])
@@ -118,8 +123,7 @@ def test_cost_table(tiny_bundle):
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert lines[0].split()[:3] == ["step", "graph", "GFLOP"]
-    assert [line.split()[0] + " " + line.split()[1] for line in lines[1:]] == [
-        "decode b1", "decode b4", "prefill 16"]
+    assert [line.split()[0] + " " + line.split()[1] for line in lines[1:]] == ["decode b1", "decode b4", "prefill 16"]
 
 
 # -- profiles from the command line ---------------------------------------------------------------
@@ -132,8 +136,9 @@ def test_bare_checkpoint_takes_its_context_from_max_position_embeddings(checkpoi
 
 def test_build_profile_flags_reach_the_manifest_and_the_runtime(tmp_path):
     out = tmp_path / "b"
-    result = invoke("build", "--recipe", "tiny", "--out", out, "--max-context", "48", "--max-batch", "2",
-                    "--prefill-tokens", "8")
+    result = invoke(
+        "build", "--recipe", "tiny", "--out", out, "--max-context", "48", "--max-batch", "2", "--prefill-tokens", "8"
+    )
     assert result.exit_code == 0, result.output
     assert "at max context 48 x batch 2" in result.stdout  # the cache memory line
     from tests.conftest import manifest
@@ -145,12 +150,15 @@ def test_build_profile_flags_reach_the_manifest_and_the_runtime(tmp_path):
             engine.generate([[1] * 41], 8)
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--max-context", "1"], ["--max-context", "1"]),
-    (["--max-batch", "0"], ["--max-batch", "0"]),
-    (["--prefill-tokens", "-3"], ["--prefill-tokens", "-3"]),
-    (["--max-context", "4096"], ["4096", "max_position_embeddings", "1024"]),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--max-context", "1"], ["--max-context", "1"]),
+        (["--max-batch", "0"], ["--max-batch", "0"]),
+        (["--prefill-tokens", "-3"], ["--prefill-tokens", "-3"]),
+        (["--max-context", "4096"], ["4096", "max_position_embeddings", "1024"]),
+    ],
+)
 def test_bad_profile_flags_are_one_sentence(tmp_path, flags, words):
     out = tmp_path / "b"
     result = invoke("build", "--recipe", "tiny", "--out", out, *flags)

@@ -43,8 +43,8 @@ def test_compile_and_run_plans(tmp_path):
     import numpy as np
 
     from llama4_deploy.build import build
-    from llama4_deploy.targets.tensorrt_compile import compile_bundle
     from llama4_deploy.runtime import load
+    from llama4_deploy.targets.tensorrt_compile import compile_bundle
 
     bundle = build("tiny", out=tmp_path / "tiny", target="tensorrt", compute_dtype="float32", log=lambda _: None).bundle
     ids = list(range(1, 40))

@@ -8,10 +8,10 @@ import importlib.util
 import numpy as np
 import pytest
 
-from tools import gpu_check
 from llama4_deploy.runtime import load
 from llama4_deploy.runtime.bundle import BundleError
 from tests.conftest import manifest
+from tools import gpu_check
 
 
 def test_prepare_tiny_bf16(tmp_path):
@@ -55,8 +55,9 @@ def test_reference_is_the_whole_model_simulation(tmp_path):
     from llama4_deploy.graphs.quantize import QuantSpec
     from llama4_deploy.runtime.bundle import read_manifest
 
-    bundle = build("tiny", out=tmp_path / "b", target="tensorrt", precision="int4", compute_dtype="float32",
-                   log=lambda _: None).bundle
+    bundle = build(
+        "tiny", out=tmp_path / "b", target="tensorrt", precision="int4", compute_dtype="float32", log=lambda _: None
+    ).bundle
     ids = list(range(3, 3 + gpu_check.PROMPT_TOKENS))
     m = read_manifest(bundle)
     whole = reference_model(m.raw["source"])

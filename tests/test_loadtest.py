@@ -13,8 +13,20 @@ pytest.importorskip("openai", reason="the test extra (openai client) is not inst
 def test_loadtest_prints_its_table_and_checks_every_answer(tiny_bundle, capsys):
     from tools.loadtest import main
 
-    code = main(["--bundle", str(tiny_bundle), "--requests", "1", "--max-tokens", "4", "--prompt-tokens", "6",
-                 "--time-limit", "120"])
+    code = main(
+        [
+            "--bundle",
+            str(tiny_bundle),
+            "--requests",
+            "1",
+            "--max-tokens",
+            "4",
+            "--prompt-tokens",
+            "6",
+            "--time-limit",
+            "120",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+[\d.]+\s+[\d.]+", out, flags=re.M)
@@ -27,11 +39,15 @@ def test_the_check_finds_lost_duplicated_and_mixed_up_answers():
     from tools.loadtest import check
 
     expected = {(1,): [5, 6], (2,): [7, 8]}
-    good = [{"index": 0, "prompt": [1], "tokens": [5, 6], "finish": "length", "ids": {"a"}},
-            {"index": 1, "prompt": [2], "tokens": [7, 8], "finish": "length", "ids": {"b"}}]
+    good = [
+        {"index": 0, "prompt": [1], "tokens": [5, 6], "finish": "length", "ids": {"a"}},
+        {"index": 1, "prompt": [2], "tokens": [7, 8], "finish": "length", "ids": {"b"}},
+    ]
     assert check(good, 2, expected, 2) == []
     assert check(good[:1], 2, expected, 2) == ["2 clients: 1 lost, 0 duplicated"]
-    assert check(good + good[1:], 2, expected, 2)[:2] == ["2 clients: 0 lost, 1 duplicated",
-                                                          "2 clients: response ids repeat or one answer spans several ids"]
+    assert check(good + good[1:], 2, expected, 2)[:2] == [
+        "2 clients: 0 lost, 1 duplicated",
+        "2 clients: response ids repeat or one answer spans several ids",
+    ]
     mixed = [good[0], {**good[1], "tokens": [5, 6]}]
     assert check(mixed, 2, expected, 2) == ["2 clients: 1 answers differ from generate on their prompt"]

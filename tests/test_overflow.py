@@ -16,12 +16,12 @@ import torch
 import yaml
 
 from llama4_deploy.build import build
-from llama4_deploy.quality.compare import compare, relative_logit_tolerance
-from llama4_deploy.export.reference import checkpoint_model, reference_logits
 from llama4_deploy.build.recipe import recipe_path
+from llama4_deploy.export.reference import checkpoint_model, reference_logits
+from llama4_deploy.quality.compare import compare, relative_logit_tolerance
+from llama4_deploy.quality.verify import verify
 from llama4_deploy.runtime import load
 from llama4_deploy.runtime.engine import KVCache
-from llama4_deploy.quality.verify import verify
 from tests.conftest import write_checkpoint
 
 HOT_EXPERT = 3
@@ -61,8 +61,9 @@ def test_router_really_is_adversarial(adversarial_checkpoint):
 
 
 def test_adversarial_routing_stays_exact(adversarial_checkpoint, tmp_path):
-    bundle = build(str(_recipe(tmp_path, 1.25)), checkpoint=adversarial_checkpoint, out=tmp_path / "b",
-                   log=lambda _: None).bundle
+    bundle = build(
+        str(_recipe(tmp_path, 1.25)), checkpoint=adversarial_checkpoint, out=tmp_path / "b", log=lambda _: None
+    ).bundle
     report = verify(str(bundle), log=lambda _: None)
     assert report.ok, report.table()
     assert report.graphs["prefill"] == "capacity"
@@ -79,8 +80,9 @@ def test_padding_takes_no_capacity(adversarial_checkpoint, tmp_path):
     """Prompts of 16, 2 and 2 tokens in one prefill step: 48 token slots, 20 real, all on expert 3.
     Capacity factor 4 gives ceil(4 * 48 / 8) = 24 slots: enough for the real tokens, not for
     the padding. No overflow may be reported, and the real rows must match transformers."""
-    bundle = build(str(_recipe(tmp_path, 4.0)), checkpoint=adversarial_checkpoint, out=tmp_path / "b",
-                   log=lambda _: None).bundle
+    bundle = build(
+        str(_recipe(tmp_path, 4.0)), checkpoint=adversarial_checkpoint, out=tmp_path / "b", log=lambda _: None
+    ).bundle
     rng = np.random.default_rng(5)
     prompts = [list(map(int, rng.integers(0, 512, n))) for n in (16, 2, 2)]
     reference = checkpoint_model(adversarial_checkpoint)

@@ -47,7 +47,6 @@ def test_every_dispatch_is_exact(recipe, dispatch, tmp_path):
     """Each MoE lowering against transformers. Capacity-limited steps that overflow are rerun on
     the exact graph; the capacity graph must still have produced some steps itself."""
     from llama4_deploy.build import build
-
     from tests.conftest import manifest
 
     bundle = build(recipe, out=tmp_path / recipe, moe_dispatch=dispatch, log=lambda _: None).bundle

@@ -9,9 +9,19 @@ import random
 
 import pytest
 
-from llama4_deploy.planning.deployment import (GPUS, PlanConfig, balanced_split, count_parameters, deployment, fewest_gpus,
-                                load_shape, longest_context, precision_bytes, stage_costs)
 from llama4_deploy.build.recipe import load_recipe
+from llama4_deploy.planning.deployment import (
+    GPUS,
+    PlanConfig,
+    balanced_split,
+    count_parameters,
+    deployment,
+    fewest_gpus,
+    load_shape,
+    longest_context,
+    precision_bytes,
+    stage_costs,
+)
 from tests.test_cli import invoke, user_error
 
 H100, H200 = GPUS
@@ -44,8 +54,15 @@ def test_precision_bytes_equal_the_built_bundles_initializers(tmp_path, tiny_bun
     from llama4_deploy.export.weights import all_weights
 
     shape = load_shape("tiny")[0]
-    int4 = build("tiny", out=tmp_path / "int4", precision="int4", quant_form="qdq", block_size=32,
-                 moe_dispatch="gather", log=lambda _: None).bundle
+    int4 = build(
+        "tiny",
+        out=tmp_path / "int4",
+        precision="int4",
+        quant_form="qdq",
+        block_size=32,
+        moe_dispatch="gather",
+        log=lambda _: None,
+    ).bundle
     for bundle, graph, precision in ((tiny_bundle, "native.onnx", "fp32"), (int4, "gather.onnx", "int4")):
         stored = {n: v.const_value.nbytes for n, v in ir.load(bundle / graph).graph.initializers.items()}
         names = all_weights(shape)
@@ -69,9 +86,15 @@ def test_meta_deployment_claims():
     assert not deployment(maverick, fp8, H100, 5, config.context, 1, config.prefill_tokens).fits
 
 
-@pytest.mark.parametrize("name,precision,gpu,stages,batch",
-                         [("scout", "int4", H100, 1, 1), ("scout", "int4", H100, 1, 8), ("maverick", "fp8", H200, 3, 1),
-                          ("maverick-mini", "fp32", H100, 1, 1)])
+@pytest.mark.parametrize(
+    "name,precision,gpu,stages,batch",
+    [
+        ("scout", "int4", H100, 1, 1),
+        ("scout", "int4", H100, 1, 8),
+        ("maverick", "fp8", H200, 3, 1),
+        ("maverick-mini", "fp32", H100, 1, 1),
+    ],
+)
 def test_longest_context_is_the_edge_of_fitting(name, precision, gpu, stages, batch):
     shape = load_shape(name)[0]
     p = precision_bytes(shape, precision)
@@ -93,8 +116,10 @@ def test_balanced_split_is_optimal_and_contiguous():
         split = balanced_split(costs, stages)
         assert len(split) == stages and all(len(r) for r in split)
         assert [i for r in split for i in r] == list(range(len(costs)))
-        best = min(max(sum(costs[a:b]) for a, b in zip((0, *cuts), (*cuts, len(costs))))
-                   for cuts in itertools.combinations(range(1, len(costs)), stages - 1))
+        best = min(
+            max(sum(costs[a:b]) for a, b in zip((0, *cuts), (*cuts, len(costs))))
+            for cuts in itertools.combinations(range(1, len(costs)), stages - 1)
+        )
         assert max(sum(costs[i] for i in r) for r in split) == best
 
 

@@ -28,9 +28,16 @@ ONE_MOE_KIND = {"num_hidden_layers": 6, "no_rope_layers": [1] * 6}
 _CHECKPOINTS: dict[str, Checkpoint] = {}
 
 
-@pytest.fixture(scope="module", params=[("scout-mini", None, {}), ("maverick-mini", None, {}),
-                                        ("maverick-mini", "int4", {}), ("tiny", None, ONE_MOE_KIND)],
-                ids=["scout-mini", "maverick-mini", "maverick-mini-int4", "tiny-one-moe-kind"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("scout-mini", None, {}),
+        ("maverick-mini", None, {}),
+        ("maverick-mini", "int4", {}),
+        ("tiny", None, ONE_MOE_KIND),
+    ],
+    ids=["scout-mini", "maverick-mini", "maverick-mini-int4", "tiny-one-moe-kind"],
+)
 def graphs(request, tmp_path_factory):
     name, precision, change = request.param
     recipe = resolve(name, None, precision=precision)
@@ -40,8 +47,16 @@ def graphs(request, tmp_path_factory):
     ckpt = _CHECKPOINTS[name]
     # the lowering's inputs as the load, trace and calibrate steps give them
     target = targets.get(recipe.backend)
-    ctx = BuildContext(recipe, target, None, False, bundle=tmp_path_factory.mktemp("bundle"), cache=None,
-                       log=lambda _: None, started=0.0)
+    ctx = BuildContext(
+        recipe,
+        target,
+        None,
+        False,
+        bundle=tmp_path_factory.mktemp("bundle"),
+        cache=None,
+        log=lambda _: None,
+        started=0.0,
+    )
     spec = load.quant_spec(recipe, target, ckpt)
     ctx.loaded = Loaded(ckpt, ckpt.path, recipe, [lower.one_stage(ckpt.shape)], spec, {}, [])
     ctx.templates, ctx.calibration = trace_templates(ckpt.shape), Calibration()
@@ -75,8 +90,9 @@ def test_priced_equals_whole_graph_at_every_point(graphs):
             per_kind = step_cost(priced[strategy].model, facts, dims, priced[strategy].multiplicity)
             assert per_kind == step_cost(whole[strategy], facts, dims), (strategy, dims)
             assert per_kind.unresolved == 0
-            assert dispatch.estimated_seconds(priced[strategy], facts, dims, machine) == \
-                dispatch.estimated_seconds(whole[strategy], facts, dims, machine), (strategy, dims)
+            assert dispatch.estimated_seconds(priced[strategy], facts, dims, machine) == dispatch.estimated_seconds(
+                whole[strategy], facts, dims, machine
+            ), (strategy, dims)
 
 
 def test_auto_choice_unchanged(graphs):
@@ -84,7 +100,9 @@ def test_auto_choice_unchanged(graphs):
     facts, profiles = shape.to_dict(), recipe.profiles.model_dump()
     excluded = tuple(s for s in dispatch.STRATEGIES if s not in whole)
     rules = targets.get(recipe.backend).dispatch
-    chosen = dispatch.choose("auto", rules, priced.__getitem__, facts, profiles, recipe.capacity_factor,
-                             excluded=excluded)
-    assert chosen == dispatch.choose("auto", rules, whole.__getitem__, facts, profiles, recipe.capacity_factor,
-                                     excluded=excluded)
+    chosen = dispatch.choose(
+        "auto", rules, priced.__getitem__, facts, profiles, recipe.capacity_factor, excluded=excluded
+    )
+    assert chosen == dispatch.choose(
+        "auto", rules, whole.__getitem__, facts, profiles, recipe.capacity_factor, excluded=excluded
+    )

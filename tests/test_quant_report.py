@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tools import quant_report
 from llama4_deploy.quality.verify import verify
+from tools import quant_report
 
 
 def _cells(line: str) -> list[str]:
@@ -38,8 +38,7 @@ def test_quick_report_on_tiny_shows_what_verify_reports(tmp_path):
         assert int(size.replace(",", "")) == _files(row.bundle)
         assert ratio == f"{_files(row.bundle) / fp32_bytes:.3f}x"
         # quality and parity: a second verify of the same bundle, at the same settings, gives the same figures
-        again = verify(str(row.bundle), new_tokens=quant_report.QUICK_NEW_TOKENS, perplexity=False,
-                       log=lambda _: None)
+        again = verify(str(row.bundle), new_tokens=quant_report.QUICK_NEW_TOKENS, perplexity=False, log=lambda _: None)
         assert row.report.quality == again.quality
         worst = max(again.rows, key=lambda r: r.comparison.value).comparison
         assert worst.value == again.max_abs_diff
@@ -54,18 +53,24 @@ def test_quick_report_on_tiny_shows_what_verify_reports(tmp_path):
             assert again.reference.startswith("fake-quant simulation")
             assert q["generated"] == quant_report.QUICK_NEW_TOKENS
             assert [cell[k] for k in ("min cos", "max KL", "mean KL", "greedy")] == [
-                f"{q['min_cosine']:.4f}", f"{q['max_kl']:.3g}", f"{q['mean_kl']:.3g}",
-                f"{q['generated_agree']}/{q['generated']}"]
+                f"{q['min_cosine']:.4f}",
+                f"{q['max_kl']:.3g}",
+                f"{q['mean_kl']:.3g}",
+                f"{q['generated_agree']}/{q['generated']}",
+            ]
     assert rows[1].precision == "fp16" and rows[2].form == "ort"
     assert rows[2].bytes < rows[0].bytes and rows[1].bytes < rows[0].bytes
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--recipes", "tiny,nope"], "unknown recipe 'nope'"),
-    (["--precisions", "int4-ort,fp9"], "unknown precision 'fp9'"),
-    (["--recipes", "scout"], "needs a checkpoint"),
-    (["--threads", "0"], "--threads"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--recipes", "tiny,nope"], "unknown recipe 'nope'"),
+        (["--precisions", "int4-ort,fp9"], "unknown precision 'fp9'"),
+        (["--recipes", "scout"], "needs a checkpoint"),
+        (["--threads", "0"], "--threads"),
+    ],
+)
 def test_bad_input_is_one_sentence_and_exit_2(argv, says, capsys):
     before = set(Path(tempfile.gettempdir()).glob("llama4-quant-report-*"))
     with pytest.raises(SystemExit) as exit_info:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import onnx_ir as ir
 import pytest
 
-from tools.bench import bundle_bytes
 from llama4_deploy.build import build
+from tools.bench import bundle_bytes
 
 TARGETS = {"fp8": 0.30, "int4": 0.18}
 CHOICES = [("fp8", None), ("int4", "qdq"), ("int4", "ort")]
@@ -21,8 +21,10 @@ CHOICES = [("fp8", None), ("int4", "qdq"), ("int4", "ort")]
 @pytest.fixture(scope="module")
 def fp32_bytes(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp32")
-    return {name: bundle_bytes(build(name, out=root / name, log=lambda _: None).bundle)
-            for name in ("scout-mini", "maverick-mini")}
+    return {
+        name: bundle_bytes(build(name, out=root / name, log=lambda _: None).bundle)
+        for name in ("scout-mini", "maverick-mini")
+    }
 
 
 @pytest.mark.parametrize("precision,form", CHOICES, ids=["fp8", "int4-qdq", "int4-ort"])

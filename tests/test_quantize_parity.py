@@ -14,7 +14,6 @@ import pytest
 
 from llama4_deploy.build import BuildError, build
 from llama4_deploy.quality.verify import SIMULATION_TOLERANCE, verify
-
 from tests.conftest import manifest
 from tests.test_cli import invoke, user_error
 
@@ -38,8 +37,9 @@ def _check(report):
 
 def test_int4_ort_uses_the_4bit_kernels(tmp_path):
     """Block 32 divides tiny's hidden (64) and expert (32) sizes, so the native MoE becomes QMoE."""
-    bundle = build("tiny", out=tmp_path / "int4", precision="int4", block_size=32, moe_dispatch="native",
-                   log=lambda _: None).bundle
+    bundle = build(
+        "tiny", out=tmp_path / "int4", precision="int4", block_size=32, moe_dispatch="native", log=lambda _: None
+    ).bundle
     m = manifest(bundle)
     assert m["engine"]["precision"] == "int4" and m["engine"]["quant_form"] == "ort"
     assert m["engine"]["quantization"]["rules"][0]["block_size"] == 32
@@ -54,12 +54,28 @@ def test_int4_ort_uses_the_4bit_kernels(tmp_path):
 def test_int4_int8_compute_verifies(tmp_path):
     """--int4-compute int8: MatMulNBits with accuracy_level 4 (int8 activations per block), QMoE's experts in float;
     checked against the simulation that rounds the same activations to int8 (verify.INT8_ACTIVATION_TOLERANCE)."""
-    result = invoke("build", "--recipe", "tiny", "--precision", "int4", "--int4-compute", "int8", "--block-size", "32",
-                    "--moe-dispatch", "native", "--out", tmp_path / "int8")
+    result = invoke(
+        "build",
+        "--recipe",
+        "tiny",
+        "--precision",
+        "int4",
+        "--int4-compute",
+        "int8",
+        "--block-size",
+        "32",
+        "--moe-dispatch",
+        "native",
+        "--out",
+        tmp_path / "int8",
+    )
     assert result.exit_code == 0, result.output
     bundle = tmp_path / "int8"
-    levels = {n.attributes["accuracy_level"].as_int() for n in ir.load(bundle / "native.onnx").graph
-              if n.op_type == "MatMulNBits"}
+    levels = {
+        n.attributes["accuracy_level"].as_int()
+        for n in ir.load(bundle / "native.onnx").graph
+        if n.op_type == "MatMulNBits"
+    }
     assert levels == {4}
     rules = manifest(bundle)["engine"]["quantization"]["rules"]
     assert [r["activation"] for r in rules] == ["none", "int8_block"]
@@ -69,8 +85,19 @@ def test_int4_int8_compute_verifies(tmp_path):
 def test_int4_qdq_and_cli(tmp_path):
     """The TensorRT form through the CLI (block 128, partial blocks on tiny's 64-wide axes), every
     weight a blocked INT4 DequantizeLinear, run by ONNX Runtime."""
-    result = invoke("build", "--recipe", "tiny", "--precision", "int4", "--quant-form", "qdq", "--moe-dispatch", "gather",
-                    "--out", tmp_path / "qdq")
+    result = invoke(
+        "build",
+        "--recipe",
+        "tiny",
+        "--precision",
+        "int4",
+        "--quant-form",
+        "qdq",
+        "--moe-dispatch",
+        "gather",
+        "--out",
+        tmp_path / "qdq",
+    )
     assert result.exit_code == 0, result.output
     assert "int4 onnxruntime" in result.stdout
     bundle = tmp_path / "qdq"
@@ -92,7 +119,9 @@ def test_fp8_qdq_with_calibration(tmp_path):
     assert "native" not in {g["moe_dispatch"] for g in m["engine"]["graphs"].values()}  # no Q/DQ inside the kernel
     graph = m["engine"]["graphs"]["decode"]["file"]
     ops = _ops(bundle / graph)
-    assert ops["QuantizeLinear"] >= 4 * 4 + 2 * 5 + 2 * 3 - 2 * 2  # q, k, v share one activation but each MatMul has its Q/DQ
+    assert (
+        ops["QuantizeLinear"] >= 4 * 4 + 2 * 5 + 2 * 3 - 2 * 2
+    )  # q, k, v share one activation but each MatMul has its Q/DQ
     _check(verify(str(bundle), log=lambda _: None))
 
 
@@ -137,8 +166,9 @@ def test_quality_floors_at_std_002(precision, std002_checkpoint, tmp_path):
     from llama4_deploy.export.simulate import quality
     from llama4_deploy.runtime import load
 
-    bundle = build(checkpoint=std002_checkpoint, out=tmp_path / precision, precision=precision,
-                   log=lambda _: None).bundle
+    bundle = build(
+        checkpoint=std002_checkpoint, out=tmp_path / precision, precision=precision, log=lambda _: None
+    ).bundle
     prompt = [int(t) for t in np.random.default_rng(5).integers(0, 512, 8)]
     with load(bundle) as engine:
         tokens = engine.generate([prompt], 32, stop_tokens=[]).tokens[0]
@@ -148,5 +178,5 @@ def test_quality_floors_at_std_002(precision, std002_checkpoint, tmp_path):
     min_cosine, max_kl = FLOORS[precision]
     assert q["min_cosine"] >= min_cosine and q["max_kl"] <= max_kl, q
     # greedy agreement over the 32 generated tokens is reported, not floored: at std 0.02 top logits nearly tie
-    agree = int((expected[len(prompt) - 1:-1].argmax(-1) == np.array(tokens)).sum())
+    agree = int((expected[len(prompt) - 1 : -1].argmax(-1) == np.array(tokens)).sum())
     print(f"{precision}: {q}, greedy {agree}/32")

@@ -37,23 +37,29 @@ def _interrupt(out: Path, after: str, sig: int) -> list[str]:
     # whatever the machine's speed (a fast build otherwise finishes before the parent reads the line)
     # SIGINT gets Python's own handler back: a shell starts background jobs with SIGINT ignored, children inherit
     # that, and a Ctrl-C would then never reach the build (as when `make test &` runs this test)
-    hold = ("import signal, sys, time\n"
-            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-            "from llama4_deploy.build import cache as build_cache\n"
-            "log = build_cache.BuildCache.__init__\n"
-            "def init(self, out, log_fn):\n"
-            "    def logged(message):\n"
-            "        log_fn(message)\n"
-            f"        if message.startswith('[cache] stored {after} '):\n"
-            "            time.sleep(60)\n"
-            "    log(self, out, logged)\n"
-            "build_cache.BuildCache.__init__ = init\n"
-            "from llama4_deploy.cli import main\n"
-            "sys.argv = ['llama4-deploy'] + sys.argv[1:]\n"
-            "main()\n")
-    process = subprocess.Popen([sys.executable, "-c", hold, "build", *ARGS, "--out", str(out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    hold = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "from llama4_deploy.build import cache as build_cache\n"
+        "log = build_cache.BuildCache.__init__\n"
+        "def init(self, out, log_fn):\n"
+        "    def logged(message):\n"
+        "        log_fn(message)\n"
+        f"        if message.startswith('[cache] stored {after} '):\n"
+        "            time.sleep(60)\n"
+        "    log(self, out, logged)\n"
+        "build_cache.BuildCache.__init__ = init\n"
+        "from llama4_deploy.cli import main\n"
+        "sys.argv = ['llama4-deploy'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", hold, "build", *ARGS, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     lines = []
     deadline = time.time() + 120
     try:
@@ -94,8 +100,12 @@ def test_ctrl_c_then_rerun_resumes(uninterrupted, tmp_path):
     assert lines[-1] == "interrupted: no bundle was written; rerun the same command to resume", lines[-3:]
     assert not out.exists()
     cache = tmp_path / ".b.build"
-    assert sorted(p.name.split("-")[0] for p in cache.iterdir() if p.is_dir()) == ["checkpoint", "plan", "stage0",
-                                                                                   "trace"]
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir() if p.is_dir()) == [
+        "checkpoint",
+        "plan",
+        "stage0",
+        "trace",
+    ]
     logged = _rerun(out)
     reused = [line.split()[2] for line in logged if line.startswith("[resume] reusing ")]
     assert reused == ["checkpoint", "trace", "plan", "stage0"], logged

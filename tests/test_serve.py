@@ -7,10 +7,8 @@ Servers listen on 127.0.0.1 with an ephemeral port; every request loop is bounde
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -29,7 +27,6 @@ from llama4_deploy.runtime import load  # noqa: E402
 from llama4_deploy.runtime.scheduler import Request  # noqa: E402
 from llama4_deploy.runtime.tokenizer import load_tokenizer  # noqa: E402
 from llama4_deploy.serving.server import Server, _uvicorn_server, bind  # noqa: E402
-
 from tests.runtime.test_engine import prompts_of  # noqa: E402
 
 TIMEOUT = 60  # seconds any one request may take on a loaded 2-core machine
@@ -82,8 +79,11 @@ class Live:
     def metrics(self) -> dict:
         """Samples by (name, sorted labels)."""
         _, text = self.get("/metrics")
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
 
 @pytest.fixture(scope="module")
@@ -122,15 +122,26 @@ def test_openai_client_completions_chat_streaming_and_models(live, engine):
 
     prompt = "w5 w6 w7 w8"
     expected = generated(engine, tokenizer.encode(prompt), 8)
-    done = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0,
-                                     extra_body={"ignore_eos": True})
+    done = client.completions.create(
+        model=name, prompt=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert done.choices[0].text == tokenizer.decode(expected) and done.choices[0].finish_reason == "length"
     assert done.usage.prompt_tokens == 4 and done.usage.completion_tokens == 8
-    by_ids = client.completions.create(model=name, prompt=tokenizer.encode(prompt), max_tokens=8, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    by_ids = client.completions.create(
+        model=name, prompt=tokenizer.encode(prompt), max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert by_ids.choices[0].text == done.choices[0].text
-    chunks = list(client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model=name,
+            prompt=prompt,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 8
@@ -142,12 +153,16 @@ def test_openai_client_completions_chat_streaming_and_models(live, engine):
     assert live.server.chat_template.render(messages) == rendered
     chat_prompt = tokenizer.encode(rendered, add_special_tokens=False)
     expected = generated(engine, chat_prompt, 6)
-    reply = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0,
-                                           extra_body={"ignore_eos": True})
+    reply = client.chat.completions.create(
+        model=name, messages=messages, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert reply.choices[0].message.content == tokenizer.decode(expected)
     assert reply.usage.prompt_tokens == len(chat_prompt)
-    deltas = list(client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0,
-                                                 stream=True, extra_body={"ignore_eos": True}))
+    deltas = list(
+        client.chat.completions.create(
+            model=name, messages=messages, max_tokens=6, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
     assert deltas[0].choices[0].delta.role == "assistant"
     assert "".join(d.choices[0].delta.content or "" for d in deltas) == reply.choices[0].message.content
     assert deltas[-1].choices[0].finish_reason == "length"
@@ -157,9 +172,19 @@ def test_sse_stream_ends_with_done_and_stop_strings_cut_the_text(live, engine):
     tokenizer = load_tokenizer(engine.manifest)
     expected = tokenizer.decode(generated(engine, [5, 6, 7], 10))
     stop = expected.split()[3]  # a word in the middle of the answer
-    status, headers, body = live.post("/v1/completions", {"model": engine.manifest.name, "prompt": [5, 6, 7],
-                                                          "max_tokens": 10, "temperature": 0, "stream": True,
-                                                          "stop": [stop], "ignore_eos": True}, raw=True)
+    status, headers, body = live.post(
+        "/v1/completions",
+        {
+            "model": engine.manifest.name,
+            "prompt": [5, 6, 7],
+            "max_tokens": 10,
+            "temperature": 0,
+            "stream": True,
+            "stop": [stop],
+            "ignore_eos": True,
+        },
+        raw=True,
+    )
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     assert body.endswith("data: [DONE]\n\n")
     events = [json.loads(line[6:]) for line in body.split("\n\n") if line.startswith("data: {")]
@@ -174,8 +199,13 @@ def test_concurrent_clients_each_get_what_generate_gives_alone(live, engine):
     client = live.client()
 
     def ask(i):
-        done = client.completions.create(model=engine.manifest.name, prompt=prompts[i], max_tokens=budgets[i],
-                                         temperature=0, extra_body={"ignore_eos": True})
+        done = client.completions.create(
+            model=engine.manifest.name,
+            prompt=prompts[i],
+            max_tokens=budgets[i],
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         return done.id, done.choices[0].token_ids
 
     with ThreadPoolExecutor(8) as pool:
@@ -186,20 +216,45 @@ def test_concurrent_clients_each_get_what_generate_gives_alone(live, engine):
 
 
 def test_seeded_sampling_over_http_equals_generate_with_the_seed(live, engine):
-    done = live.client().completions.create(model=engine.manifest.name, prompt=[9, 8, 7], max_tokens=8,
-                                            temperature=0.8, top_p=0.9, seed=3, logprobs=2,
-                                            extra_body={"ignore_eos": True})
+    done = live.client().completions.create(
+        model=engine.manifest.name,
+        prompt=[9, 8, 7],
+        max_tokens=8,
+        temperature=0.8,
+        top_p=0.9,
+        seed=3,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     expected = engine.generate([[9, 8, 7]], 8, temperature=0.8, top_p=0.9, seed=3, stop_tokens=[]).tokens[0]
     assert done.choices[0].token_ids == expected
-    assert len(done.choices[0].logprobs.top_logprobs) == 8 and all(len(t) == 2 for t in done.choices[0].logprobs.top_logprobs)
+    assert len(done.choices[0].logprobs.top_logprobs) == 8 and all(
+        len(t) == 2 for t in done.choices[0].logprobs.top_logprobs
+    )
     client = live.client()
-    chosen_only = client.completions.create(model=engine.manifest.name, prompt=[9, 8, 7], max_tokens=3, temperature=0,
-                                            logprobs=0, extra_body={"ignore_eos": True}).choices[0].logprobs
+    chosen_only = (
+        client.completions.create(
+            model=engine.manifest.name,
+            prompt=[9, 8, 7],
+            max_tokens=3,
+            temperature=0,
+            logprobs=0,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .logprobs
+    )
     assert len(chosen_only.token_logprobs) == 3 and all(lp <= 0 for lp in chosen_only.token_logprobs)
     assert chosen_only.top_logprobs == [{}, {}, {}]
-    chat = client.chat.completions.create(model=engine.manifest.name, messages=[{"role": "user", "content": "w4"}],
-                                          max_tokens=3, temperature=0, logprobs=True, top_logprobs=2,
-                                          extra_body={"ignore_eos": True}).choices[0]
+    chat = client.chat.completions.create(
+        model=engine.manifest.name,
+        messages=[{"role": "user", "content": "w4"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    ).choices[0]
     entries = chat.logprobs.content
     assert len(entries) == 3 and all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token for e in entries)
 
@@ -211,27 +266,31 @@ def test_the_built_in_chat_template_is_llama_4_s_header_format():
     assert template.source == "built-in Llama 4 header format"
     assert template.render([{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Hi"}]) == (
         "<|begin_of_text|><|header_start|>system<|header_end|>\n\nBe brief.<|eot|>"
-        "<|header_start|>user<|header_end|>\n\nHi<|eot|><|header_start|>assistant<|header_end|>\n\n")
+        "<|header_start|>user<|header_end|>\n\nHi<|eot|><|header_start|>assistant<|header_end|>\n\n"
+    )
 
 
 # -- errors ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("body, param, message", [
-    (b"{not json", None, "not valid JSON"),
-    (b"[1, 2]", None, "valid dictionary"),
-    ({"prompt": "w1"}, "model", "Field required"),
-    ({"model": "M", "prompt": "w1", "n": 2}, "n", "one choice per request"),
-    ({"model": "M", "prompt": "w1", "temperature": 5}, "temperature", "less than or equal to 2"),
-    ({"model": "M", "prompt": "w1", "top_p": 0}, "top_p", "greater than 0"),
-    ({"model": "M", "prompt": "w1", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-    ({"model": "M", "prompt": "w1", "logprobs": 50}, "logprobs", "less than or equal to 20"),
-    ({"model": "M", "prompt": "w1", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
-    ({"model": "M", "prompt": {"text": "w1"}}, "prompt", "valid"),
-    ({"model": "M", "prompt": [1, 99999]}, "prompt", "outside the vocabulary"),
-    ({"model": "M", "prompt": []}, "prompt", "prompt is empty"),
-    ({"model": "M", "prompt": [[1], [2]]}, "prompt", "one prompt per request"),
-    ({"model": "M", "prompt": [1] * 1020, "max_tokens": 10}, "prompt", "exceeds the bundle's context"),
-    ({"model": "M", "prompt": "w1", "echo": True}, "echo", "echo is not supported"),
-])
+@pytest.mark.parametrize(
+    "body, param, message",
+    [
+        (b"{not json", None, "not valid JSON"),
+        (b"[1, 2]", None, "valid dictionary"),
+        ({"prompt": "w1"}, "model", "Field required"),
+        ({"model": "M", "prompt": "w1", "n": 2}, "n", "one choice per request"),
+        ({"model": "M", "prompt": "w1", "temperature": 5}, "temperature", "less than or equal to 2"),
+        ({"model": "M", "prompt": "w1", "top_p": 0}, "top_p", "greater than 0"),
+        ({"model": "M", "prompt": "w1", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"model": "M", "prompt": "w1", "logprobs": 50}, "logprobs", "less than or equal to 20"),
+        ({"model": "M", "prompt": "w1", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+        ({"model": "M", "prompt": {"text": "w1"}}, "prompt", "valid"),
+        ({"model": "M", "prompt": [1, 99999]}, "prompt", "outside the vocabulary"),
+        ({"model": "M", "prompt": []}, "prompt", "prompt is empty"),
+        ({"model": "M", "prompt": [[1], [2]]}, "prompt", "one prompt per request"),
+        ({"model": "M", "prompt": [1] * 1020, "max_tokens": 10}, "prompt", "exceeds the bundle's context"),
+        ({"model": "M", "prompt": "w1", "echo": True}, "echo", "echo is not supported"),
+    ],
+)
 def test_invalid_completions_are_400_with_an_openai_error_object(live, engine, body, param, message):
     if isinstance(body, dict) and body.get("model") == "M":
         body = {**body, "model": engine.manifest.name}
@@ -244,26 +303,41 @@ def test_invalid_completions_are_400_with_an_openai_error_object(live, engine, b
 
 def test_a_bundle_without_tokenizer_takes_token_ids_only(tiny_bundle):
     with load(tiny_bundle) as engine, Live(engine) as live:
-        for path, body, param in [("/v1/completions", {"model": "tiny", "prompt": "w1 w2"}, "prompt"),
-                                  ("/v1/completions", {"model": "tiny", "prompt": [1], "stop": "x"}, "stop"),
-                                  ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
-                                   "messages")]:
+        for path, body, param in [
+            ("/v1/completions", {"model": "tiny", "prompt": "w1 w2"}, "prompt"),
+            ("/v1/completions", {"model": "tiny", "prompt": [1], "stop": "x"}, "stop"),
+            ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}, "messages"),
+        ]:
             status, _, answer = live.post(path, body)
-            assert status == 400 and answer["error"]["param"] == param and "no tokenizer.json" in answer["error"]["message"]
+            assert (
+                status == 400
+                and answer["error"]["param"] == param
+                and "no tokenizer.json" in answer["error"]["message"]
+            )
         full = generated(engine, [1, 2], 4)
-        status, _, answer = live.post("/v1/completions", {"model": "tiny", "prompt": [1, 2], "max_tokens": 4,
-                                                          "temperature": 0, "stop": [full[2]], "ignore_eos": True})
+        status, _, answer = live.post(
+            "/v1/completions",
+            {
+                "model": "tiny",
+                "prompt": [1, 2],
+                "max_tokens": 4,
+                "temperature": 0,
+                "stop": [full[2]],
+                "ignore_eos": True,
+            },
+        )
         assert status == 200 and answer["choices"][0]["finish_reason"] == "stop"  # an integer stop is a token id
         assert answer["choices"][0]["token_ids"] == full[: full.index(full[2])]  # the stop token itself is left out
 
 
 def test_chat_errors_unknown_model_and_route(live, engine):
     name = engine.manifest.name
-    for body, message in [({"model": name, "messages": []}, "at least 1 item"),
-                          ({"model": name, "messages": [{"role": "wizard", "content": "w1"}]}, "messages.0.role"),
-                          ({"model": name, "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
-                          ({"model": name, "messages": [{"role": "user", "content": "w1"}], "top_logprobs": -1},
-                           "top_logprobs")]:
+    for body, message in [
+        ({"model": name, "messages": []}, "at least 1 item"),
+        ({"model": name, "messages": [{"role": "wizard", "content": "w1"}]}, "messages.0.role"),
+        ({"model": name, "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ({"model": name, "messages": [{"role": "user", "content": "w1"}], "top_logprobs": -1}, "top_logprobs"),
+    ]:
         status, _, answer = live.post("/v1/chat/completions", body)
         assert status == 400 and message in answer["error"]["message"], answer
     status, _, answer = live.post("/v1/completions", {"model": "gpt-4", "prompt": "w1"})
@@ -295,10 +369,16 @@ def test_an_engine_error_fails_that_request_with_500_and_the_next_one_works(live
 
     monkeypatch.setattr(engine, "run_step", fails_once)
     status, _, answer = live.post("/v1/completions", {"model": engine.manifest.name, "prompt": [3, 4], "max_tokens": 3})
-    assert status == 500 and answer["error"] == {"message": "engine error: device lost", "type": "server_error",
-                                                 "param": None, "code": None}
-    status, _, answer = live.post("/v1/completions", {"model": engine.manifest.name, "prompt": [3, 4], "max_tokens": 3,
-                                                      "temperature": 0, "ignore_eos": True})
+    assert status == 500 and answer["error"] == {
+        "message": "engine error: device lost",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+    status, _, answer = live.post(
+        "/v1/completions",
+        {"model": engine.manifest.name, "prompt": [3, 4], "max_tokens": 3, "temperature": 0, "ignore_eos": True},
+    )
     assert status == 200 and answer["choices"][0]["token_ids"] == generated(engine, [3, 4], 3)
 
 
@@ -313,11 +393,14 @@ def _wait_for(condition, what):
 def test_a_client_that_disconnects_frees_its_row(engine, slow_steps):
     with Live(engine) as live:
         cancelled = lambda endpoint: live.metrics().get(
-            ("llama4_deploy_requests_total", (("endpoint", endpoint), ("finish_reason", "cancelled"))), 0)
+            ("llama4_deploy_requests_total", (("endpoint", endpoint), ("finish_reason", "cancelled"))), 0
+        )
         body = {"model": engine.manifest.name, "prompt": [1, 2, 3], "max_tokens": 100, "ignore_eos": True}
         # streamed: read the first event, then hang up
         conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=TIMEOUT)
-        conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), {"content-type": "application/json"})
+        conn.request(
+            "POST", "/v1/completions", json.dumps({**body, "stream": True}), {"content-type": "application/json"}
+        )
         response = conn.getresponse()
         assert response.read(7) == b"data: {"  # the first event has come
         conn.sock.shutdown(socket.SHUT_RDWR)
@@ -326,8 +409,11 @@ def test_a_client_that_disconnects_frees_its_row(engine, slow_steps):
         # not streamed: hang up while it runs (100 steps of >= 20 ms)
         sock = socket.create_connection(("127.0.0.1", live.port), timeout=TIMEOUT)
         payload = json.dumps(body).encode()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                     + f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
         _wait_for(lambda: live.server.scheduler.occupancy == 1, "the request to take a row")
         sock.close()
         _wait_for(lambda: cancelled("completions") == 2, "the unstreamed request to be cancelled")
@@ -352,15 +438,36 @@ def test_metrics_are_prometheus_text_with_the_usual_series(live, engine):
 
 # -- the CLI: SIGTERM drains, then exits 0 --------------------------------------------------------
 def test_sigterm_stops_intake_drains_the_running_request_and_exits_0(tiny_bundle):
-    server = subprocess.Popen([sys.executable, "-m", "llama4_deploy.cli", "serve", str(tiny_bundle), "--port", "0",
-                               "--max-batch", "1", "--drain-timeout", "30"], stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama4_deploy.cli",
+            "serve",
+            str(tiny_bundle),
+            "--port",
+            "0",
+            "--max-batch",
+            "1",
+            "--drain-timeout",
+            "30",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = server.stderr.readline()
         assert "serving tiny" in line, line
         port = int(line.rsplit(":", 1)[1])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-        body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 120, "temperature": 0, "stream": True,
-                "ignore_eos": True}
+        body = {
+            "model": "tiny",
+            "prompt": [1, 2, 3],
+            "max_tokens": 120,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
         conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
         response = conn.getresponse()
         first = response.read(7)
@@ -381,9 +488,14 @@ def test_sigterm_stops_intake_drains_the_running_request_and_exits_0(tiny_bundle
             server.wait()
 
 
-@pytest.mark.parametrize("args, message", [(["/no/such/bundle"], "is not a bundle"),
-                                           (["BUNDLE", "--max-batch", "9"], "takes 1 to 4 rows"),
-                                           (["BUNDLE", "--max-queue", "-1"], "--max-queue is -1")])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/no/such/bundle"], "is not a bundle"),
+        (["BUNDLE", "--max-batch", "9"], "takes 1 to 4 rows"),
+        (["BUNDLE", "--max-queue", "-1"], "--max-queue is -1"),
+    ],
+)
 def test_serve_bad_arguments_are_one_sentence(tiny_bundle, args, message):
     from tests.test_cli import invoke, user_error
 

@@ -32,15 +32,24 @@ DISPATCHES = ("dense", "gather", "capacity", "native")
 def bundles(tmp_path_factory):
     """maverick-mini with 1, 2 and 3 stages, every dispatch in each, from one written checkpoint."""
     from llama4_deploy.build import build
-    from llama4_deploy.export.reference import random_model
     from llama4_deploy.build.recipe import load_recipe
+    from llama4_deploy.export.reference import random_model
 
     root = tmp_path_factory.mktemp("stages")
     weights = load_recipe("maverick-mini").random
     random_model(weights.config, weights.seed, weights.logit_gain, weights.router_gain).save_pretrained(root / "ckpt")
-    return {n: build("maverick-mini", checkpoint=root / "ckpt", out=root / f"s{n}", stages=n, moe_dispatch="capacity",
-                     extra_dispatches=("dense", "gather"), log=lambda _: None).bundle
-            for n in (1, 2, 3)}
+    return {
+        n: build(
+            "maverick-mini",
+            checkpoint=root / "ckpt",
+            out=root / f"s{n}",
+            stages=n,
+            moe_dispatch="capacity",
+            extra_dispatches=("dense", "gather"),
+            log=lambda _: None,
+        ).bundle
+        for n in (1, 2, 3)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +62,10 @@ def _use(engine, dispatch: str) -> None:
     is the built prefill/decode role, native its exact graph, dense and gather the extra roles)."""
     built = engine.__dict__.setdefault("built_stages", engine.stages)
     role = next(r for r, graph in engine.graphs.items() if graph["moe_dispatch"] == dispatch)
-    engine.stages = [dataclasses.replace(stage, graphs={**stage.graphs, "prefill": stage.graphs[role],
-                                                        "decode": stage.graphs[role]})
-                     for stage in built]
+    engine.stages = [
+        dataclasses.replace(stage, graphs={**stage.graphs, "prefill": stage.graphs[role], "decode": stage.graphs[role]})
+        for stage in built
+    ]
 
 
 def test_manifest_records_the_split(bundles):
@@ -107,8 +117,10 @@ def test_split_balances_bytes_and_refuses_bad_counts():
         split_layers([1] * 4, 0)
 
 
-@pytest.mark.parametrize("stages, words", [("0", "--stages 0: input should be greater than or equal to 1"),
-                                           ("5", "--stages 5 exceeds the model's 4 layers")])
+@pytest.mark.parametrize(
+    "stages, words",
+    [("0", "--stages 0: input should be greater than or equal to 1"), ("5", "--stages 5 exceeds the model's 4 layers")],
+)
 def test_bad_stage_counts_are_one_sentence(stages, words, checkpoint_dir, tmp_path):
     from click.testing import CliRunner
 
@@ -116,8 +128,9 @@ def test_bad_stage_counts_are_one_sentence(stages, words, checkpoint_dir, tmp_pa
     from tests.test_bad_input import cli_error
 
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["build", "--checkpoint", str(checkpoint_dir), "--out", str(out),
-                                       "--stages", stages])
+    result = CliRunner().invoke(
+        main, ["build", "--checkpoint", str(checkpoint_dir), "--out", str(out), "--stages", stages]
+    )
     assert words in cli_error(result)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 

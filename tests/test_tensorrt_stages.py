@@ -26,15 +26,24 @@ REL_TOLERANCE = 1e-5
 def bundles(tmp_path_factory):
     """maverick-mini's TensorRT form at float32 compute in 1 and 2 stages, from one written checkpoint."""
     from llama4_deploy.build import build
-    from llama4_deploy.export.reference import random_model
     from llama4_deploy.build.recipe import load_recipe
+    from llama4_deploy.export.reference import random_model
 
     root = tmp_path_factory.mktemp("trt-stages")
     weights = load_recipe("maverick-mini").random
     random_model(weights.config, weights.seed, weights.logit_gain, weights.router_gain).save_pretrained(root / "ckpt")
-    return {n: build("maverick-mini", checkpoint=root / "ckpt", out=root / f"s{n}", target="tensorrt",
-                     compute_dtype="float32", stages=n, log=lambda _: None).bundle
-            for n in (1, 2)}
+    return {
+        n: build(
+            "maverick-mini",
+            checkpoint=root / "ckpt",
+            out=root / f"s{n}",
+            target="tensorrt",
+            compute_dtype="float32",
+            stages=n,
+            log=lambda _: None,
+        ).bundle
+        for n in (1, 2)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +55,18 @@ def test_every_stage_graph_is_in_the_tensorrt_form_with_its_own_profiles(bundles
     import onnx
     import onnx_ir as ir
 
-    from llama4_deploy.targets.tensorrt_compile import planned_files
     from llama4_deploy.graphs.lint_tensorrt import lint_tensorrt
     from llama4_deploy.targets.tensorrt import topk_bound
+    from llama4_deploy.targets.tensorrt_compile import planned_files
 
     m = manifest(bundles[2])
     engine = m["engine"]
     assert engine["backend"] == "tensorrt" and engine["compute_dtype"] == "float32"
     stages = engine["stages"]
     assert [s["layers"] for s in stages] == [[0, 2], [2, 4]] and [s["device"] for s in stages] == [0, 1]
-    assert {role: g["moe_dispatch"] for role, g in engine["graphs"].items()} == \
-        {role: g["moe_dispatch"] for role, g in manifest(bundles[1])["engine"]["graphs"].items()}
+    assert {role: g["moe_dispatch"] for role, g in engine["graphs"].items()} == {
+        role: g["moe_dispatch"] for role, g in manifest(bundles[1])["engine"]["graphs"].items()
+    }
     files = {g["file"] for s in stages for g in s["graphs"].values()}
     assert files == {f"stage{s}.{d}.onnx" for s in (0, 1) for d in ("capacity", "gather", "dense")}
     assert set(engine["tensorrt"]["profiles"]) == files
@@ -91,7 +101,9 @@ def test_two_stages_compute_what_one_stage_computes(engines):
         assert worst <= tolerance, f"{mode}: max |dlogit| {worst:.3e} > {tolerance:.3e}"
     assert engines[2].overflow_reruns > 0  # 24 tokens over 128 experts overflow the capacity graph: exact rerun
     prompts = [ids[:5], ids[:13]]
-    assert engines[2].generate(prompts, max_new_tokens=8).tokens == engines[1].generate(prompts, max_new_tokens=8).tokens
+    assert (
+        engines[2].generate(prompts, max_new_tokens=8).tokens == engines[1].generate(prompts, max_new_tokens=8).tokens
+    )
 
 
 def test_device_map_is_checked_at_load(bundles, engines):
@@ -111,8 +123,11 @@ def test_cli_devices(bundles, engines):
     """`run --devices`: one sentence where onnxruntime has no CUDA (the fixture already said, once, that the
     bundle's TensorRT-form graphs run on ONNX Runtime here), and the engine's own tokens on the CPU."""
     bundle = bundles[2]
-    user_error(invoke("run", bundle, "--ids", "1,2,3", "--max-new-tokens", "4", "--devices", "cuda:0,cuda:1"),
-               "no CUDAExecutionProvider", "onnxruntime-gpu")
+    user_error(
+        invoke("run", bundle, "--ids", "1,2,3", "--max-new-tokens", "4", "--devices", "cuda:0,cuda:1"),
+        "no CUDAExecutionProvider",
+        "onnxruntime-gpu",
+    )
     user_error(invoke("run", bundle, "--ids", "1,2,3", "--devices", "cpu"), "devices lists 1 device(s)")
     placed = invoke("run", bundle, "--ids", "1,2,3", "--max-new-tokens", "4", "--devices", "cpu,cpu")
     assert placed.exit_code == 0, placed.output

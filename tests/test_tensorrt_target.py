@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 from llama4_deploy.quality.verify import verify
-
 from tests.conftest import manifest
 from tests.test_cli import invoke, user_error
 
@@ -19,8 +18,15 @@ def test_quantized_tensorrt_form_matches_its_simulation(precision, block, tmp_pa
     from llama4_deploy.build import build
     from llama4_deploy.graphs.lint_tensorrt import lint_tensorrt
 
-    bundle = build("tiny", out=tmp_path / precision, target="tensorrt", precision=precision, block_size=block,
-                   compute_dtype="float32", log=lambda _: None).bundle
+    bundle = build(
+        "tiny",
+        out=tmp_path / precision,
+        target="tensorrt",
+        precision=precision,
+        block_size=block,
+        compute_dtype="float32",
+        log=lambda _: None,
+    ).bundle
     report = verify(str(bundle), log=lambda _: None)
     assert report.ok, report.table()
     assert report.reference == f"fake-quant simulation ({precision})"
@@ -36,12 +42,15 @@ def test_quantized_tensorrt_form_matches_its_simulation(precision, block, tmp_pa
     assert lint_tensorrt(model, topk_bound=1024) == []
 
 
-@pytest.mark.parametrize("flags, words", [
-    (("--precision", "int4", "--block-size", "32"), ("int4 block 32", "64 or 128")),
-    (("--precision", "int4", "--quant-form", "ort"), ("ort quantization form", "--quant-form qdq")),
-    (("--attention", "onnx23"), ("--attention decomposed",)),
-    (("--moe-dispatch", "native"), ("com.microsoft.MoE",)),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (("--precision", "int4", "--block-size", "32"), ("int4 block 32", "64 or 128")),
+        (("--precision", "int4", "--quant-form", "ort"), ("ort quantization form", "--quant-form qdq")),
+        (("--attention", "onnx23"), ("--attention decomposed",)),
+        (("--moe-dispatch", "native"), ("com.microsoft.MoE",)),
+    ],
+)
 def test_target_refuses_what_tensorrt_cannot_run(flags, words, tmp_path):
     user_error(invoke("build", "--recipe", "tiny", "--target", "tensorrt", *flags, "--out", tmp_path / "b"), *words)
     assert not (tmp_path / "b").exists()

@@ -27,8 +27,9 @@ from llama4_deploy.quality.verify import NOISE_MARGIN, verify
 
 @pytest.fixture(scope="module")
 def fp8_report(tmp_path_factory):
-    bundle = build(recipe="tiny-trained", precision="fp8", out=tmp_path_factory.mktemp("fp8") / "b",
-                   log=lambda _: None).bundle
+    bundle = build(
+        recipe="tiny-trained", precision="fp8", out=tmp_path_factory.mktemp("fp8") / "b", log=lambda _: None
+    ).bundle
     return verify(str(bundle), log=lambda _: None, perplexity=False)
 
 
@@ -76,6 +77,7 @@ def _wrong_axis(target):
     def axis(value):
         found = original(value)
         return ({-1: -2, -2: -1}[found]) if value.name == target and isinstance(found, int) else found
+
     return "reduction_axis", axis
 
 
@@ -84,6 +86,7 @@ def _no_activation_qdq(target):
 
     def consumers(dequantized):
         return [] if dequantized.name == f"{target}.dq" else original(dequantized)
+
     return "activation_consumers", consumers
 
 

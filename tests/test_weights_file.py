@@ -13,8 +13,8 @@ import onnx_ir as ir
 import pytest
 
 from llama4_deploy.build import weights_file
-from llama4_deploy.runtime.integrity import file_record
 from llama4_deploy.build.weights_file import WeightsFile, write_tensor
+from llama4_deploy.runtime.integrity import file_record
 
 PART = 1 << 20  # small parts, so a few MiB hold several (the build's are 256 MiB)
 BUFFER = 64 << 10  # small bounce buffers, so a few MiB take many flushes and every buffer is reused
@@ -103,8 +103,12 @@ def test_write_tensor_writes_tobytes(tmp_path):
         ir.tensor(rng.standard_normal((33, 7)).astype(np.float32), name="f32"),
         ir.tensor(rng.standard_normal((5, 9)).astype(ml_dtypes.bfloat16), name="bf16"),
         ir.tensor(rng.integers(-8, 8, (3, 5)).astype(ml_dtypes.int4), dtype=ir.DataType.INT4, name="int4"),
-        ir.LazyTensor(lambda: ir.tensor(np.arange(10, dtype=np.int64), name="lazy"), dtype=ir.DataType.INT64,
-                      shape=ir.Shape([10]), name="lazy"),
+        ir.LazyTensor(
+            lambda: ir.tensor(np.arange(10, dtype=np.int64), name="lazy"),
+            dtype=ir.DataType.INT64,
+            shape=ir.Shape([10]),
+            name="lazy",
+        ),
     ]
     with WeightsFile(tmp_path / "w", PART, buffer_bytes=BUFFER) as out:
         for tensor in tensors:

@@ -66,8 +66,9 @@ def transformers_decode_ms(model, vocab: int, batch: int, sizes: Sizes = FULL, s
         out = model(input_ids=ids, use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
         step = torch.randint(0, vocab, (batch, 1), generator=rng)
-        return 1e3 * median_seconds(lambda: model(input_ids=step, cache=cache, use_cache=True),
-                                     sizes.decode_repeats, warmup=3)
+        return 1e3 * median_seconds(
+            lambda: model(input_ids=step, cache=cache, use_cache=True), sizes.decode_repeats, warmup=3
+        )
 
 
 def bench_transformers(model, vocab: int, threads: int, sizes: Sizes = FULL) -> Figures:
@@ -80,8 +81,9 @@ def bench_transformers(model, vocab: int, threads: int, sizes: Sizes = FULL) -> 
         prefill = {}
         for tokens in sizes.prefill_tokens:
             ids = torch.randint(0, vocab, (1, tokens), generator=rng)
-            prefill[tokens] = tokens / median_seconds(lambda: model(input_ids=ids, use_cache=False),
-                                                       sizes.prefill_repeats, warmup=1)
+            prefill[tokens] = tokens / median_seconds(
+                lambda ids=ids: model(input_ids=ids, use_cache=False), sizes.prefill_repeats, warmup=1
+            )
     return Figures(decode, prefill)
 
 
@@ -96,13 +98,17 @@ def bench_engine(engine, vocab: int, sizes: Sizes = FULL) -> tuple[Figures, int,
         engine.prefill(cache, prompts)
         tokens = rng.integers(0, vocab, batch)
         active = np.ones(batch, dtype=bool)
-        decode[batch] = 1e3 * median_seconds(lambda: engine.decode_step(cache, tokens, active),
-                                              sizes.decode_repeats, warmup=3)
+        decode[batch] = 1e3 * median_seconds(
+            lambda cache=cache, tokens=tokens, active=active: engine.decode_step(cache, tokens, active),
+            sizes.decode_repeats,
+            warmup=3,
+        )
     prefill = {}
     for count in sizes.prefill_tokens:
         prompt = [list(rng.integers(0, vocab, count))]
         prefill[count] = count / median_seconds(
-            lambda: engine.prefill(KVCache(engine.manifest, 1), prompt), sizes.prefill_repeats, warmup=1)
+            lambda prompt=prompt: engine.prefill(KVCache(engine.manifest, 1), prompt), sizes.prefill_repeats, warmup=1
+        )
     return Figures(decode, prefill), engine.steps, engine.overflow_reruns
 
 
@@ -115,10 +121,12 @@ def roofline_ms(weight_bytes: float, threads: int, repeats: int = FULL.roofline_
     rows = max(1, int(weight_bytes // (4 * columns)))
     weight = np.random.default_rng(0).standard_normal((rows, columns), dtype=np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "roofline",
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "roofline",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, columns])],
-        [numpy_helper.from_array(weight, "w")])
+        [numpy_helper.from_array(weight, "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -188,17 +196,23 @@ def bench_precisions(name: str, precisions: list[str], threads: int, sizes: Size
 
     b1 = sizes.decode_batches[0]
     fp32 = build(name, out=scratch / f"{name}-fp32", log=lambda _: None).bundle
-    print(f"{'precision':<15}{'dispatch':<10}{f'decode b{b1} ms':>13}{f'fp32 b{b1} ms':>13}{'x fp32':>8}"
-          f"{'MB/step':>9}{f'roofline b{b1}':>13}{'size x fp32':>12}")
+    print(
+        f"{'precision':<15}{'dispatch':<10}{f'decode b{b1} ms':>13}{f'fp32 b{b1} ms':>13}{'x fp32':>8}"
+        f"{'MB/step':>9}{f'roofline b{b1}':>13}{'size x fp32':>12}"
+    )
     with load(fp32, threads=threads) as base:
         for choice in precisions:
-            bundle = build(name, out=scratch / f"{name}-{choice}", **precision_build_options(choice),
-                           log=lambda _: None).bundle
+            bundle = build(
+                name, out=scratch / f"{name}-{choice}", **precision_build_options(choice), log=lambda _: None
+            ).bundle
             with load(bundle, threads=threads) as engine:
                 speed = decode_speed(engine, bundle, base, threads, sizes)
-                print(f"{choice:<15}{engine.graphs['decode']['moe_dispatch']:<10}{speed.step_ms:>13.3f}"
-                      f"{speed.fp32_ms:>13.3f}{speed.x_fp32:>7.2f}x{speed.stored_bytes / 1e6:>9.2f}"
-                      f"{100 * speed.roofline:>12.0f}%{bundle_bytes(bundle) / bundle_bytes(fp32):>11.3f}x", flush=True)
+                print(
+                    f"{choice:<15}{engine.graphs['decode']['moe_dispatch']:<10}{speed.step_ms:>13.3f}"
+                    f"{speed.fp32_ms:>13.3f}{speed.x_fp32:>7.2f}x{speed.stored_bytes / 1e6:>9.2f}"
+                    f"{100 * speed.roofline:>12.0f}%{bundle_bytes(bundle) / bundle_bytes(fp32):>11.3f}x",
+                    flush=True,
+                )
 
 
 def bench_engine_decode(engine, vocab: int, batch: int, sizes: Sizes) -> float:
@@ -220,17 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     import onnx_ir as ir
 
     from llama4_deploy.build import build
+    from llama4_deploy.build.recipe import load_recipe
     from llama4_deploy.export.reference import random_model
     from llama4_deploy.graphs.cost import step_cost
-    from llama4_deploy.build.recipe import load_recipe
     from llama4_deploy.runtime import load
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default="scout-mini,maverick-mini")
     parser.add_argument("--dispatch", default=",".join(DISPATCHES))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precisions", default=",".join(PRECISIONS),
-                        help="precision-form rows against fp32 (empty: none)")
+    parser.add_argument(
+        "--precisions", default=",".join(PRECISIONS), help="precision-form rows against fp32 (empty: none)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run at tiny sizes (the figures mean nothing)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -245,24 +260,33 @@ def main(argv: list[str] | None = None) -> int:
             vocab = r.config["vocab_size"]
             print(f"\n== {name}: transformers eager", flush=True)
             hf = bench_transformers(reference, vocab, args.threads, sizes)
-            print(f"decode b{b1} {hf.decode_ms[b1]:.2f} ms, b{bn} {hf.decode_ms[bn]:.2f} ms; "
-                  f"prefill {p1} {hf.prefill_tps[p1]:.0f} tok/s, {p2} {hf.prefill_tps[p2]:.0f} tok/s")
-            header = (f"{'dispatch':<22}{f'decode b{b1} ms':>13}{f'eager b{b1}':>9}{'x eager':>9}"
-                      f"{f'decode b{bn} ms':>13}{'x eager':>9}"
-                      f"{f'prefill{p1} t/s':>15}{'x eager':>9}{f'prefill{p2} t/s':>16}{'x eager':>9}"
-                      f"{f'roofline b{b1}':>12}{'reruns':>9}")
+            print(
+                f"decode b{b1} {hf.decode_ms[b1]:.2f} ms, b{bn} {hf.decode_ms[bn]:.2f} ms; "
+                f"prefill {p1} {hf.prefill_tps[p1]:.0f} tok/s, {p2} {hf.prefill_tps[p2]:.0f} tok/s"
+            )
+            header = (
+                f"{'dispatch':<22}{f'decode b{b1} ms':>13}{f'eager b{b1}':>9}{'x eager':>9}"
+                f"{f'decode b{bn} ms':>13}{'x eager':>9}"
+                f"{f'prefill{p1} t/s':>15}{'x eager':>9}{f'prefill{p2} t/s':>16}{'x eager':>9}"
+                f"{f'roofline b{b1}':>12}{'reruns':>9}"
+            )
             rows = []
             for dispatch in args.dispatch.split(","):
-                bundle = build(name, out=Path(scratch) / f"{name}-{dispatch}", moe_dispatch=dispatch,
-                               log=lambda _: None).bundle
+                bundle = build(
+                    name, out=Path(scratch) / f"{name}-{dispatch}", moe_dispatch=dispatch, log=lambda _: None
+                ).bundle
                 with load(bundle, threads=args.threads) as engine:
                     graphs = engine.graphs
-                    label = dispatch if dispatch != "auto" else f"auto({graphs['decode']['moe_dispatch']}/" \
-                                                                 f"{graphs['prefill']['moe_dispatch']})"
+                    label = (
+                        dispatch
+                        if dispatch != "auto"
+                        else f"auto({graphs['decode']['moe_dispatch']}/{graphs['prefill']['moe_dispatch']})"
+                    )
                     figures, steps, reruns = bench_engine(engine, vocab, sizes)
                     decode_graph = ir.load(bundle / graphs["decode"]["file"])
-                    ideal = step_cost(decode_graph, engine.manifest.model,
-                                      {"batch": b1, "new": 1, "context": 128}).ideal
+                    ideal = step_cost(
+                        decode_graph, engine.manifest.model, {"batch": b1, "new": 1, "context": 128}
+                    ).ideal
                     step_ms = figures.decode_ms[b1]
                     roof = roofline_ms(ideal.weight_bytes, args.threads, sizes.roofline_repeats) / step_ms
                 eager_b1 = transformers_decode_ms(reference, vocab, b1, sizes)  # adjacent in time to this row
@@ -271,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{figures.decode_ms[bn]:>13.3f}{hf.decode_ms[bn] / figures.decode_ms[bn]:>8.1f}x"
                     f"{figures.prefill_tps[p1]:>15.0f}{figures.prefill_tps[p1] / hf.prefill_tps[p1]:>8.1f}x"
                     f"{figures.prefill_tps[p2]:>16.0f}{figures.prefill_tps[p2] / hf.prefill_tps[p2]:>8.1f}x"
-                    f"{100 * roof:>11.0f}%{f'{reruns}/{steps}':>9}")
+                    f"{100 * roof:>11.0f}%{f'{reruns}/{steps}':>9}"
+                )
                 print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
             if args.precisions:
                 print(f"\n== {name}: precisions against fp32 (auto dispatch)", flush=True)

@@ -62,16 +62,20 @@ class Measurement:
         by_stage = ", ".join(f"{name} {b / MIB:.0f}" for name, b in self.peak_anon_by_stage.items())
         anon_ok = "met" if self.peak_anon <= self.target_anon else "NOT met"
         rate_ok = "met" if self.mb_per_s >= TARGET_MB_S else "NOT met"
-        return "\n".join([
-            f"{self.precision}: built in {self.seconds:.1f}s, bundle {self.bundle_bytes / 1e9:.2f} GB",
-            f"  peak RssAnon {self.peak_anon / MIB:.0f} MiB; largest layer {self.largest_layer_bytes / MIB:.0f} MiB "
-            f"(fp32); target 2 x layer + 512 MiB = {self.target_anon / MIB:.0f} MiB: {anon_ok}",
-            f"  peak RssAnon by stage (MiB): {by_stage}",
-            f"  checkpoint read: {self.checkpoint_bytes / 1e9:.2f} GB in {self.seconds:.1f}s = {self.mb_per_s:.0f} MB/s "
-            f"over the whole build (target {TARGET_MB_S:.0f}: {rate_ok}); {self.save_mb_per_s:.0f} MB/s over the "
-            f"save stage, where the weights stream",
-            f"  stages: {stages}",
-        ])
+        return "\n".join(
+            [
+                f"{self.precision}: built in {self.seconds:.1f}s, bundle {self.bundle_bytes / 1e9:.2f} GB",
+                f"  peak RssAnon {self.peak_anon / MIB:.0f} MiB; "
+                f"largest layer {self.largest_layer_bytes / MIB:.0f} MiB "
+                f"(fp32); target 2 x layer + 512 MiB = {self.target_anon / MIB:.0f} MiB: {anon_ok}",
+                f"  peak RssAnon by stage (MiB): {by_stage}",
+                f"  checkpoint read: {self.checkpoint_bytes / 1e9:.2f} GB in {self.seconds:.1f}s = "
+                f"{self.mb_per_s:.0f} MB/s "
+                f"over the whole build (target {TARGET_MB_S:.0f}: {rate_ok}); {self.save_mb_per_s:.0f} MB/s over the "
+                f"save stage, where the weights stream",
+                f"  stages: {stages}",
+            ]
+        )
 
 
 def rss_anon(pid: int) -> int | None:
@@ -102,7 +106,7 @@ class AnonSampler:
                 self.samples.append((time.time(), value))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "AnonSampler":
+    def __enter__(self) -> AnonSampler:
         self._thread.start()
         return self
 
@@ -126,8 +130,10 @@ def largest_layer_bytes(checkpoint: Path) -> int:
     from llama4_deploy.export.weights import layer_weights
 
     shape = Checkpoint(checkpoint).shape
-    return max(sum(4 * _math.prod(s.checkpoint_shape) for s in layer_weights(shape, i, kind).values())
-               for i, kind in enumerate(shape.layer_kinds))
+    return max(
+        sum(4 * _math.prod(s.checkpoint_shape) for s in layer_weights(shape, i, kind).values())
+        for i, kind in enumerate(shape.layer_kinds)
+    )
 
 
 def checkpoint_bytes(checkpoint: Path) -> int:
@@ -142,8 +148,7 @@ def measure(checkpoint: Path, out: Path, precision: str, threads: int | None = N
         env = dict(os.environ)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-        child = subprocess.Popen([sys.executable, "-m", "tools.bench_build", "--child", json.dumps(args)],
-                                 env=env)
+        child = subprocess.Popen([sys.executable, "-m", "tools.bench_build", "--child", json.dumps(args)], env=env)
         with AnonSampler(child.pid) as sampler:
             code = child.wait()
         if code != 0:
@@ -152,9 +157,16 @@ def measure(checkpoint: Path, out: Path, precision: str, threads: int | None = N
     by_stage: dict[str, int] = {}
     for stage, start, end in result["step_spans"]:
         by_stage[stage] = max(by_stage.get(stage, 0), sampler.peak_between(start, end))
-    return Measurement(precision, result["seconds"], sampler.peak, by_stage, result["step_seconds"],
-                       checkpoint_bytes(checkpoint), largest_layer_bytes(checkpoint),
-                       sum(p.stat().st_size for p in out.iterdir()))
+    return Measurement(
+        precision,
+        result["seconds"],
+        sampler.peak,
+        by_stage,
+        result["step_seconds"],
+        checkpoint_bytes(checkpoint),
+        largest_layer_bytes(checkpoint),
+        sum(p.stat().st_size for p in out.iterdir()),
+    )
 
 
 @dataclasses.dataclass
@@ -172,10 +184,12 @@ class VerifyMeasurement:
 
     def summary(self) -> str:
         ok = "met" if self.peak_anon <= self.target_anon else "NOT met"
-        return (f"verify: {'PASS' if self.exit_code == 0 else f'exit {self.exit_code}'} in {self.seconds:.1f}s; peak "
-                f"RssAnon {self.peak_anon / MIB:.0f} MiB; largest layer {self.largest_layer_bytes / MIB:.0f} MiB (fp32), "
-                f"whole model {self.model_bytes / MIB:.0f} MiB (fp32); target 2 x layer + 512 MiB = "
-                f"{self.target_anon / MIB:.0f} MiB: {ok}")
+        return (
+            f"verify: {'PASS' if self.exit_code == 0 else f'exit {self.exit_code}'} in {self.seconds:.1f}s; peak "
+            f"RssAnon {self.peak_anon / MIB:.0f} MiB; largest layer {self.largest_layer_bytes / MIB:.0f} MiB (fp32), "
+            f"whole model {self.model_bytes / MIB:.0f} MiB (fp32); target 2 x layer + 512 MiB = "
+            f"{self.target_anon / MIB:.0f} MiB: {ok}"
+        )
 
 
 def measure_verify(bundle: Path, checkpoint: Path, threads: int | None = None) -> VerifyMeasurement:
@@ -184,13 +198,28 @@ def measure_verify(bundle: Path, checkpoint: Path, threads: int | None = None) -
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     start = time.time()
-    child = subprocess.Popen([sys.executable, "-c", "import sys; from llama4_deploy.cli import main; "
-                              "main(['verify', sys.argv[1]])", str(bundle)], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from llama4_deploy.cli import main; main(['verify', sys.argv[1]])",
+            str(bundle),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     with AnonSampler(child.pid) as sampler:
         output, _ = child.communicate()
-    return VerifyMeasurement(time.time() - start, sampler.peak, child.returncode, output,
-                             largest_layer_bytes(checkpoint), model_bytes(checkpoint))
+    return VerifyMeasurement(
+        time.time() - start,
+        sampler.peak,
+        child.returncode,
+        output,
+        largest_layer_bytes(checkpoint),
+        model_bytes(checkpoint),
+    )
 
 
 def model_bytes(checkpoint: Path) -> int:
@@ -209,8 +238,9 @@ def _child(spec: str) -> None:
 
     args = json.loads(spec)
     result = build(checkpoint=args["checkpoint"], out=args["out"], precision=args["precision"], force=True)
-    Path(args["result"]).write_text(json.dumps({"seconds": result.seconds, "step_seconds": result.step_seconds,
-                                                "step_spans": result.step_spans}))
+    Path(args["result"]).write_text(
+        json.dumps({"seconds": result.seconds, "step_seconds": result.step_seconds, "step_spans": result.step_spans})
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,9 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.json").is_file():  # any checkpoint given is measured as it is
         write_checkpoint(checkpoint)
-    print(f"checkpoint {checkpoint}: {checkpoint_bytes(checkpoint) / 1e9:.2f} GB in "
-          f"{len(list(checkpoint.glob('*.safetensors')))} shards; {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"checkpoint {checkpoint}: {checkpoint_bytes(checkpoint) / 1e9:.2f} GB in "
+        f"{len(list(checkpoint.glob('*.safetensors')))} shards; {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     measurements = []
     for precision in args.precisions.split(","):
         measurements.append(measure(checkpoint, Path(f"{args.out}-{precision}"), precision))

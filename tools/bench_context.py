@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from tools.bench import median_seconds
 from llama4_deploy.runtime import abi
 from llama4_deploy.runtime.kv_cache import KVCache
+from tools.bench import median_seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +89,10 @@ def fill(cache: KVCache, tokens: int, manifest, seed: int = 0) -> None:
     step = 1024
     for start in range(0, tokens, step):
         width = min(step, tokens - start)
-        outputs = {name: rng.standard_normal((1, K, width, D), dtype=np.float32)
-                   for name in abi.present_names(layer.index for layer in manifest.layers)}
+        outputs = {
+            name: rng.standard_normal((1, K, width, D), dtype=np.float32)
+            for name in abi.present_names(layer.index for layer in manifest.layers)
+        }
         cache.write(outputs, np.arange(start, start + width)[None])
 
 
@@ -133,27 +135,46 @@ def main(argv: list[str] | None = None) -> int:
     real, small = sizes.chunks
     max_context = max(sizes.contexts) + 512
 
-    print(f"\n== context: {sizes.recipe}, chunk {real} vs the same weights at chunk {small}; decode b1, "
-          f"{args.threads} threads; 'before' = chunk {real} with the previous cache layout", flush=True)
+    print(
+        f"\n== context: {sizes.recipe}, chunk {real} vs the same weights at chunk {small}; decode b1, "
+        f"{args.threads} threads; 'before' = chunk {real} with the previous cache layout",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="llama4-bench-context-") as scratch:
         engines = {}
         for chunk in sizes.chunks:
-            bundle = build(str(_recipe_with_chunk(sizes.recipe, chunk, Path(scratch))), out=Path(scratch) / f"c{chunk}",
-                           max_context=max_context, prefill_tokens=sizes.prefill_tokens, log=lambda _: None).bundle
+            bundle = build(
+                str(_recipe_with_chunk(sizes.recipe, chunk, Path(scratch))),
+                out=Path(scratch) / f"c{chunk}",
+                max_context=max_context,
+                prefill_tokens=sizes.prefill_tokens,
+                log=lambda _: None,
+            ).bundle
             engines[chunk] = load(bundle, threads=args.threads)
-        columns = [("before", engines[real], FullRingCache), (f"c{real}", engines[real], KVCache),
-                   (f"c{small}", engines[small], KVCache)]
-        print(f"{'context':>8}{'before ms':>11}{f'c{real} ms':>11}{f'c{small} ms':>10}{f'c{real}/c{small}':>11}"
-              f"{'before/now':>11}{'KV MB before':>13}{f'KV MB c{real}':>13}{f'KV MB c{small}':>12}", flush=True)
+        columns = [
+            ("before", engines[real], FullRingCache),
+            (f"c{real}", engines[real], KVCache),
+            (f"c{small}", engines[small], KVCache),
+        ]
+        print(
+            f"{'context':>8}{'before ms':>11}{f'c{real} ms':>11}{f'c{small} ms':>10}{f'c{real}/c{small}':>11}"
+            f"{'before/now':>11}{'KV MB before':>13}{f'KV MB c{real}':>13}{f'KV MB c{small}':>12}",
+            flush=True,
+        )
         for context in sizes.contexts:
             figures = [decode_ms(engine, cache, context, sizes.decode_repeats) for _, engine, cache in columns]
             (before, kv_before), (now, kv_now), (base, kv_base) = figures
-            print(f"{context:>8}{before:>11.2f}{now:>11.2f}{base:>10.2f}{now / base:>10.2f}x{before / now:>10.2f}x"
-                  f"{kv_before / 1e6:>13.1f}{kv_now / 1e6:>13.1f}{kv_base / 1e6:>12.1f}", flush=True)
+            print(
+                f"{context:>8}{before:>11.2f}{now:>11.2f}{base:>10.2f}{now / base:>10.2f}x{before / now:>10.2f}x"
+                f"{kv_before / 1e6:>13.1f}{kv_now / 1e6:>13.1f}{kv_base / 1e6:>12.1f}",
+                flush=True,
+            )
         tps = [prefill_tps(engine, cache, sizes.prefill_tokens, sizes.prefill_repeats) for _, engine, cache in columns]
-        print(f"prefill {sizes.prefill_tokens} tokens, tok/s: before {tps[0]:.0f}, c{real} {tps[1]:.0f}, "
-              f"c{small} {tps[2]:.0f}; c{small}/c{real} {tps[2] / tps[1]:.2f}x, now/before {tps[1] / tps[0]:.2f}x",
-              flush=True)
+        print(
+            f"prefill {sizes.prefill_tokens} tokens, tok/s: before {tps[0]:.0f}, c{real} {tps[1]:.0f}, "
+            f"c{small} {tps[2]:.0f}; c{small}/c{real} {tps[2] / tps[1]:.2f}x, now/before {tps[1] / tps[0]:.2f}x",
+            flush=True,
+        )
         for engine in engines.values():
             engine.close()
     return 0

@@ -73,14 +73,31 @@ def chain_session(kernel: str, k: int, n: int, count: int, threads: int, seed: i
             packed = rng.integers(0, 256, (n, blocks, BLOCK // 2), dtype=np.uint8)
             scales = rng.uniform(0.005, 0.02, (n, blocks)).astype(np.float32)
             initializers += [numpy_helper.from_array(packed, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]
-            nodes.append(helper.make_node(
-                "MatMulNBits", ["x", f"q{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft", K=k, N=n, bits=4,
-                block_size=BLOCK, accuracy_level=4 if kernel == "int4-int8" else 0))
+            nodes.append(
+                helper.make_node(
+                    "MatMulNBits",
+                    ["x", f"q{i}", f"s{i}"],
+                    [f"y{i}"],
+                    domain="com.microsoft",
+                    K=k,
+                    N=n,
+                    bits=4,
+                    block_size=BLOCK,
+                    accuracy_level=4 if kernel == "int4-int8" else 0,
+                )
+            )
         outputs.append(f"y{i}")
     nodes.append(helper.make_node("Concat", outputs, ["y"], axis=-1))
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n * count])], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n * count])],
+        initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 10
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -116,8 +133,11 @@ def chain_length(kernel: str, k: int, n: int, regime: str, cache: int, budget: i
 def run(shapes, threads: int, repeats: int, cache: int, budget: int, log=print) -> list[dict]:
     rows = []
     log(f"last-level cache {cache / 2**20:.0f} MiB; {threads} threads; M = 1 row; int4 block {BLOCK}")
-    log(f"{'K x N':<13}{'regime':<10}" + "".join(f"{k + ' µs':>14}{'GB/s':>8}" for k in KERNELS)
-        + "".join(f"{k + ' / fp32':>18}" for k in KERNELS[1:]))
+    log(
+        f"{'K x N':<13}{'regime':<10}"
+        + "".join(f"{k + ' µs':>14}{'GB/s':>8}" for k in KERNELS)
+        + "".join(f"{k + ' / fp32':>18}" for k in KERNELS[1:])
+    )
     for k, n in shapes:
         for regime in ("hot", "streamed"):
             row = {"k": k, "n": n, "regime": regime}
@@ -127,7 +147,8 @@ def run(shapes, threads: int, repeats: int, cache: int, budget: int, log=print) 
             fp32 = row["fp32"]
             cells = "".join(
                 (f"{row[kn]:>14.2f}{weight_bytes(kn, k, n) / row[kn] / 1e3:>8.1f}" if row[kn] else f"{'-':>14}{'-':>8}")
-                for kn in KERNELS)
+                for kn in KERNELS
+            )
             ratios = "".join((f"{fp32 / row[kn]:>17.2f}x" if fp32 and row[kn] else f"{'-':>18}") for kn in KERNELS[1:])
             log(f"{f'{k}x{n}':<13}{regime:<10}{cells}{ratios}")
             rows.append(row)
@@ -136,19 +157,25 @@ def run(shapes, threads: int, repeats: int, cache: int, budget: int, log=print) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=None, help="KxN,KxN,... (default: the real models' linears, then the minis')")
+    parser.add_argument(
+        "--shapes", default=None, help="KxN,KxN,... (default: the real models' linears, then the minis')"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="small shapes and a 4 MiB 'cache' (the figures mean nothing)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small shapes and a 4 MiB 'cache' (the figures mean nothing)"
+    )
     args = parser.parse_args(argv)
     try:
-        shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] if args.shapes
-                  else list(REAL_SHAPES + MINI_SHAPES))
+        shapes = (
+            [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+            if args.shapes
+            else list(REAL_SHAPES + MINI_SHAPES)
+        )
         if any(len(s) != 2 or s[0] % BLOCK or s[0] <= 0 or s[1] <= 0 for s in shapes):
             raise ValueError
     except ValueError:
-        print(f"error: --shapes takes KxN pairs with K a positive multiple of {BLOCK}, e.g. 5120x8192",
-              file=sys.stderr)
+        print(f"error: --shapes takes KxN pairs with K a positive multiple of {BLOCK}, e.g. 5120x8192", file=sys.stderr)
         return 2
     cache = 4 * 2**20 if args.quick else last_level_cache_bytes()
     budget = 8 * 2**30  # streamed chains stay under 8 GiB of weights per session

@@ -67,8 +67,8 @@ def reference_logits_for(bundle: Path, ids: list[int]) -> np.ndarray:
     weights are quantized; one decoder layer in memory at a time (verify's reference, export/layerwise.py)."""
     from llama4_deploy.export.layerwise import Pass, run_layer_by_layer
     from llama4_deploy.graphs.quantize import QuantSpec
-    from llama4_deploy.runtime.bundle import read_manifest
     from llama4_deploy.quality.verify import bundle_simulation, reference_weights
+    from llama4_deploy.runtime.bundle import read_manifest
 
     manifest = read_manifest(bundle)
     spec = QuantSpec.model_validate(manifest.engine["quantization"])
@@ -90,8 +90,9 @@ def prepare(work: str | Path, models=MODELS, precisions=PRECISIONS, log=print) -
         bundle, reference = work / name, work / f"{name}.reference.npz"
         if not (bundle / "manifest.json").is_file():
             t = time.time()
-            build(model, out=bundle, target="tensorrt", precision=precision, stages=stages, force=True,
-                  log=lambda _: None)
+            build(
+                model, out=bundle, target="tensorrt", precision=precision, stages=stages, force=True, log=lambda _: None
+            )
             log(f"[prepare] built {name} (TensorRT form, bf16 compute) in {time.time() - t:.1f}s")
         if not reference.is_file():
             ids = _prompt(read_manifest(bundle).vocab_size)
@@ -126,14 +127,19 @@ def _compare(name: str, got: np.ndarray, expected: np.ndarray, log) -> bool:
     from polygraphy.comparator.struct import IterationResult
 
     tolerance = REL_TOLERANCE * max(1.0, float(np.abs(expected).max()))
-    compare = CompareFunc.simple(atol={abi.LOGITS: tolerance}, rtol={abi.LOGITS: 0.0},
-                                 check_error_stat={abi.LOGITS: "max"})
-    result = compare(IterationResult({abi.LOGITS: got.astype(np.float32)}, runner_name="tensorrt"),
-                     IterationResult({abi.LOGITS: expected.astype(np.float32)}, runner_name="cpu-reference"))
+    compare = CompareFunc.simple(
+        atol={abi.LOGITS: tolerance}, rtol={abi.LOGITS: 0.0}, check_error_stat={abi.LOGITS: "max"}
+    )
+    result = compare(
+        IterationResult({abi.LOGITS: got.astype(np.float32)}, runner_name="tensorrt"),
+        IterationResult({abi.LOGITS: expected.astype(np.float32)}, runner_name="cpu-reference"),
+    )
     ok = bool(result[abi.LOGITS])
     greedy = int((got.argmax(-1) == expected.argmax(-1)).sum())
-    log(f"[compare] {name}: max |dlogit| {float(np.abs(got - expected).max()):.3e} (tolerance {tolerance:.3e}), "
-        f"greedy {greedy}/{len(expected)}: {'ok' if ok else 'FAIL'}")
+    log(
+        f"[compare] {name}: max |dlogit| {float(np.abs(got - expected).max()):.3e} (tolerance {tolerance:.3e}), "
+        f"greedy {greedy}/{len(expected)}: {'ok' if ok else 'FAIL'}"
+    )
     return ok
 
 
@@ -158,9 +164,11 @@ def _throughput(engine, prepared: Prepared, peak: float, log) -> None:
     start = time.perf_counter()
     engine.prefill(engine.new_cache(1), [prompt])
     prefill = tokens / (time.perf_counter() - start)
-    log(f"[speed] {prepared.name}: decode b1 {1 / step:,.0f} tokens/s ({step * 1e3:.3f} ms/step, "
+    log(
+        f"[speed] {prepared.name}: decode b1 {1 / step:,.0f} tokens/s ({step * 1e3:.3f} ms/step, "
         f"{moved / 1e6:.2f} MB/step, {moved / step / peak:.1%} of the measured {peak / 1e12:.2f} TB/s); "
-        f"prefill {tokens} tokens {prefill:,.0f} tokens/s")
+        f"prefill {tokens} tokens {prefill:,.0f} tokens/s"
+    )
 
 
 def _devices(bundle: Path, log) -> list[str]:
@@ -203,8 +211,10 @@ def run(work: str | Path, models=MODELS, precisions=PRECISIONS) -> int:
             if not _compare(item.name, got, reference["logits"], log):
                 failed.append(item.name)
             _throughput(engine, item, peak, log)
-    log(f"[gpu-check] {len(prepared) - len(failed)}/{len(prepared)} bundles match their CPU reference; "
-        f"{time.time() - start:.0f}s; log {work / LOG}")
+    log(
+        f"[gpu-check] {len(prepared) - len(failed)}/{len(prepared)} bundles match their CPU reference; "
+        f"{time.time() - start:.0f}s; log {work / LOG}"
+    )
     return 1 if failed else 0
 
 

@@ -36,8 +36,20 @@ def percentile(values, q):
 class ServerProcess:
     def __init__(self, bundle: Path, max_queue: int):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "llama4_deploy.cli", "serve", str(bundle), "--port", "0", "--max-queue", str(max_queue)],
-            stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "llama4_deploy.cli",
+                "serve",
+                str(bundle),
+                "--port",
+                "0",
+                "--max-queue",
+                str(max_queue),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         line = self.process.stderr.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         if not match:
@@ -54,8 +66,9 @@ def stream_one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
     start = time.perf_counter()
     first = None
     ids, finish, chunk_ids = [], None, set()
-    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True}):
+    for chunk in client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    ):
         chunk_ids.add(chunk.id)
         if not chunk.choices:
             continue
@@ -65,19 +78,28 @@ def stream_one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
         ids.extend(new)
         finish = chunk.choices[0].finish_reason or finish
     end = time.perf_counter()
-    return {"prompt": prompt, "tokens": ids, "finish": finish, "ids": chunk_ids, "start": start, "first": first,
-            "end": end}
+    return {
+        "prompt": prompt,
+        "tokens": ids,
+        "finish": finish,
+        "ids": chunk_ids,
+        "start": start,
+        "first": first,
+        "end": end,
+    }
 
 
-def run_level(url: str, model: str, prompts: list[list[int]], clients: int, requests: int, max_tokens: int,
-              time_limit: float) -> tuple[list[dict], float]:
+def run_level(
+    url: str, model: str, prompts: list[list[int]], clients: int, requests: int, max_tokens: int, time_limit: float
+) -> tuple[list[dict], float]:
     """`clients` closed-loop clients share `requests` requests (prompt i % len(prompts))."""
     import openai
 
     lock, queue = threading.Lock(), list(range(requests))
     # clients made beforehand and released together, so the first requests arrive as one burst
-    made = [openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=time_limit)
-            for _ in range(clients)]
+    made = [
+        openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=time_limit) for _ in range(clients)
+    ]
     ready = threading.Barrier(clients)
     deadline = time.monotonic() + time_limit
 
@@ -127,8 +149,11 @@ def main(argv=None) -> int:
     engine = load(args.bundle)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, engine.vocab_size, size=args.prompt_tokens).tolist() for _ in range(16)]
-    print(f"loadtest: {engine.manifest.name}, max_batch {engine.max_batch}, prompts of {args.prompt_tokens} tokens, "
-          f"{args.max_tokens} greedy tokens per answer; timings on a shared machine are noisy", flush=True)
+    print(
+        f"loadtest: {engine.manifest.name}, max_batch {engine.max_batch}, prompts of {args.prompt_tokens} tokens, "
+        f"{args.max_tokens} greedy tokens per answer; timings on a shared machine are noisy",
+        flush=True,
+    )
     # expected answers, and generate's decode rate on one batch of the 8 target prompts
     expected = {}
     for start in range(0, len(prompts), engine.max_batch):
@@ -152,14 +177,25 @@ def main(argv=None) -> int:
     try:
         for clients in LEVELS:
             requests = max(8, clients * args.requests)
-            answers, wall = run_level(server.url, engine.manifest.name, prompts, clients, requests, args.max_tokens,
-                                      args.time_limit)
+            answers, wall = run_level(
+                server.url, engine.manifest.name, prompts, clients, requests, args.max_tokens, args.time_limit
+            )
             problems += check(answers, requests, expected, clients)
             latency = [a["end"] - a["start"] for a in answers]
             ttft = [a["first"] - a["start"] for a in answers if a["first"] is not None]
             tokens = sum(len(a["tokens"]) for a in answers)
-            rows.append((f"{clients}", len(answers), len(answers) / wall, tokens / wall, percentile(latency, 50),
-                         percentile(latency, 99), percentile(ttft, 50), percentile(ttft, 99)))
+            rows.append(
+                (
+                    f"{clients}",
+                    len(answers),
+                    len(answers) / wall,
+                    tokens / wall,
+                    percentile(latency, 50),
+                    percentile(latency, 99),
+                    percentile(ttft, 50),
+                    percentile(ttft, 99),
+                )
+            )
         # the target: the same 8 prompts from 8 clients at once, 3 rounds, median
         rates = []
         for _ in range(3):
@@ -173,13 +209,20 @@ def main(argv=None) -> int:
     if code != 0:
         problems.append(f"the server exited {code} on SIGTERM")
 
-    print(f"\n{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'p50 lat s':>9} {'p99 lat s':>9} "
-          f"{'p50 TTFT s':>10} {'p99 TTFT s':>10}")
+    print(
+        f"\n{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'p50 lat s':>9} {'p99 lat s':>9} "
+        f"{'p50 TTFT s':>10} {'p99 TTFT s':>10}"
+    )
     for row in rows:
-        print(f"{row[0]:>7} {row[1]:>8} {row[2]:>7.2f} {row[3]:>7.1f} {row[4]:>9.3f} {row[5]:>9.3f} {row[6]:>10.3f} {row[7]:>10.3f}")
+        print(
+            f"{row[0]:>7} {row[1]:>8} {row[2]:>7.2f} {row[3]:>7.1f} {row[4]:>9.3f} {row[5]:>9.3f} "
+            f"{row[6]:>10.3f} {row[7]:>10.3f}"
+        )
     ratio = server_rate / generate_rate
-    print(f"\ndecode tokens/s, 8 prompts: generate on one batch {generate_rate:.1f}, server with 8 concurrent clients "
-          f"{server_rate:.1f} ({ratio:.0%} of generate; target >= 80%; medians of 3)")
+    print(
+        f"\ndecode tokens/s, 8 prompts: generate on one batch {generate_rate:.1f}, server with 8 concurrent clients "
+        f"{server_rate:.1f} ({ratio:.0%} of generate; target >= 80%; medians of 3)"
+    )
     if problems:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)

@@ -26,8 +26,8 @@ import dataclasses
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 STD002 = "tiny-std0.02"
 STD002_SEED = 3
@@ -46,8 +46,8 @@ class ReportError(ValueError):
 
 def write_std002_checkpoint(directory: Path) -> Path:
     """tiny's config at transformers' initialization (std 0.02), no peaked gains, saved by transformers."""
-    from llama4_deploy.export.reference import random_model
     from llama4_deploy.build.recipe import load_recipe
+    from llama4_deploy.export.reference import random_model
 
     config = dict(load_recipe("tiny").random.config)
     random_model(config, STD002_SEED, logit_gain=1.0, router_gain=1.0).save_pretrained(directory)
@@ -107,25 +107,34 @@ def check_arguments(recipes: list[str], choices: list[str], threads: int) -> Non
         except RecipeError as err:
             raise ReportError(str(err)) from None
         if recipe.random is None and recipe.checkpoint is None:
-            raise ReportError(f"recipe {name} needs a checkpoint of your own, and the report builds only recipes "
-                              f"that carry their weights ({', '.join(DEFAULT_RECIPES)})")
+            raise ReportError(
+                f"recipe {name} needs a checkpoint of your own, and the report builds only recipes "
+                f"that carry their weights ({', '.join(DEFAULT_RECIPES)})"
+            )
     for choice in choices:
         if choice not in CHOICES:
-            raise ReportError(f"unknown precision {choice!r}; choose from {', '.join(CHOICES)} (fp32 is always the "
-                              f"first row)")
+            raise ReportError(
+                f"unknown precision {choice!r}; choose from {', '.join(CHOICES)} (fp32 is always the first row)"
+            )
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ReportError(f"--threads {threads!r} is not a thread count; give an integer of at least 1")
 
 
-def build_rows(recipes: list[str], choices: list[str], scratch: Path, quick: bool = False, threads: int = 2,
-               progress: Callable[[str], None] = print) -> list[Row]:
+def build_rows(
+    recipes: list[str],
+    choices: list[str],
+    scratch: Path,
+    quick: bool = False,
+    threads: int = 2,
+    progress: Callable[[str], None] = print,
+) -> list[Row]:
     """Build, verify, size and (unless quick) time each recipe's fp32 bundle and one bundle per choice, under
     `scratch` (the caller's directory; nothing outside it is written, nothing is removed)."""
-    from tools.bench import FULL, bundle_bytes, decode_speed, precision_build_options
     from llama4_deploy.build import build
+    from llama4_deploy.quality.verify import verify
     from llama4_deploy.runtime import BundleError, load, read_manifest
     from llama4_deploy.runtime.backends import check_onnxruntime_dtype
-    from llama4_deploy.quality.verify import verify
+    from tools.bench import FULL, bundle_bytes, decode_speed, precision_build_options
 
     check_arguments(recipes, choices, threads)
     start = time.time()
@@ -158,8 +167,13 @@ def build_rows(recipes: list[str], choices: list[str], scratch: Path, quick: boo
                     say(f"{name} {choice}: {size / 1e6:.1f} MB; {NOT_RUN} (ONNX Runtime has no bf16 CPU kernels)")
                     continue
                 say(f"{name} {choice}: {size / 1e6:.1f} MB ({row.size_ratio:.3f}x fp32); verify")
-                row.report = verify(str(bundle), threads=threads, new_tokens=QUICK_NEW_TOKENS if quick else None,
-                                    perplexity=False, log=lambda message: say(f"{name} {choice}: {message}"))
+                row.report = verify(
+                    str(bundle),
+                    threads=threads,
+                    new_tokens=QUICK_NEW_TOKENS if quick else None,
+                    perplexity=False,
+                    log=lambda message, where=f"{name} {choice}": say(f"{where}: {message}"),
+                )
                 if quick:
                     continue
                 if base is None:  # the fp32 row: its engine is the base every other row is timed against
@@ -184,8 +198,12 @@ def _cells(row: Row) -> list[str]:
         if q is None:  # fp32: verify's reference is transformers fp32 itself
             quality = ["-", "-", "-", "-"]
         else:
-            quality = [f"{q['min_cosine']:.4f}", f"{q['max_kl']:.3g}", f"{q['mean_kl']:.3g}",
-                       f"{q['generated_agree']}/{q['generated']}"]
+            quality = [
+                f"{q['min_cosine']:.4f}",
+                f"{q['max_kl']:.3g}",
+                f"{q['mean_kl']:.3g}",
+                f"{q['generated_agree']}/{q['generated']}",
+            ]
         value, tolerance = row.worst()
         parity = [f"{value:.2e}", f"{tolerance:.2e}", "PASS" if row.report.ok else "FAIL"]
     floor = {None: "-", True: "pass", False: "FAIL"}[row.floor]
@@ -194,14 +212,36 @@ def _cells(row: Row) -> list[str]:
         speed = [NOT_RUN if row.not_run else "-", "-", "-", "-", "-"]
     else:
         s = row.speed
-        speed = [f"{s.step_ms:.3f}", f"{s.fp32_ms:.3f}", f"{s.x_fp32:.2f}x", f"{s.stored_bytes / 1e6:.2f}",
-                 f"{100 * s.roofline:.0f}%"]
+        speed = [
+            f"{s.step_ms:.3f}",
+            f"{s.fp32_ms:.3f}",
+            f"{s.x_fp32:.2f}x",
+            f"{s.stored_bytes / 1e6:.2f}",
+            f"{100 * s.roofline:.0f}%",
+        ]
     return cells + quality + parity + [floor] + size + speed
 
 
-HEADER = ["recipe", "precision", "form", "min cos", "max KL", "mean KL", "greedy", "max \\|dlogit\\| vs sim",
-          "tolerance", "vs sim", "floor", "bytes", "x fp32", "decode b1 ms", "fp32 b1 ms", "x fp32", "MB/step",
-          "roofline"]
+HEADER = [
+    "recipe",
+    "precision",
+    "form",
+    "min cos",
+    "max KL",
+    "mean KL",
+    "greedy",
+    "max \\|dlogit\\| vs sim",
+    "tolerance",
+    "vs sim",
+    "floor",
+    "bytes",
+    "x fp32",
+    "decode b1 ms",
+    "fp32 b1 ms",
+    "x fp32",
+    "MB/step",
+    "roofline",
+]
 
 
 def table(rows: list[Row]) -> str:
@@ -213,20 +253,28 @@ def table(rows: list[Row]) -> str:
 def legend(quick: bool, threads: int) -> str:
     from tools.bench import FULL
 
-    timing = ("--quick: no timing" if quick else
-              f"decode b1 after {FULL.context} cached tokens, median of {FULL.decode_repeats} steps, 3 rounds "
-              f"alternating with the fp32 engine (medians); {threads} ONNX Runtime threads")
-    return "\n".join([
-        "quality: llama4-deploy verify's figures against transformers fp32 (cosine and next-token KL over the "
-        "longest prompt and its generated tokens; greedy: generated tokens transformers' fp32 argmax agrees with)",
-        "vs sim: verify's largest max |dlogit| over its rows against the fake-quant simulation of the bundle's spec "
-        "(fp32 rows: against transformers fp32), that row's tolerance, and verify's PASS/FAIL (greedy identical too)",
-        f"floor: {STD002} only; fp8 min cos >= {FLOORS['fp8'][0]} and max KL <= {FLOORS['fp8'][1]}, int4 min cos >= "
-        f"{FLOORS['int4'][0]} and max KL <= {FLOORS['int4'][1]}",
-        "bytes: every file of the bundle; MB/step: weight bytes one decode step reads at the stored precision; "
-        "roofline: one MatMul streaming those bytes / the step",
-        timing,
-    ])
+    timing = (
+        "--quick: no timing"
+        if quick
+        else f"decode b1 after {FULL.context} cached tokens, median of {FULL.decode_repeats} steps, 3 rounds "
+        f"alternating with the fp32 engine (medians); {threads} ONNX Runtime threads"
+    )
+    return "\n".join(
+        [
+            "quality: llama4-deploy verify's figures against transformers fp32 (cosine and next-token KL over the "
+            "longest prompt and its generated tokens; greedy: generated tokens transformers' fp32 argmax agrees "
+            "with)",
+            "vs sim: verify's largest max |dlogit| over its rows against the fake-quant simulation of the bundle's "
+            "spec (fp32 rows: against transformers fp32), that row's tolerance, and verify's PASS/FAIL (greedy "
+            "identical too)",
+            f"floor: {STD002} only; fp8 min cos >= {FLOORS['fp8'][0]} and max KL <= {FLOORS['fp8'][1]}, "
+            f"int4 min cos >= "
+            f"{FLOORS['int4'][0]} and max KL <= {FLOORS['int4'][1]}",
+            "bytes: every file of the bundle; MB/step: weight bytes one decode step reads at the stored precision; "
+            "roofline: one MatMul streaming those bytes / the step",
+            timing,
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,8 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES))
     parser.add_argument("--precisions", default=",".join(CHOICES), help="rows after fp32: " + ", ".join(CHOICES))
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_NEW_TOKENS} new tokens per verify prompt and no timing (the test mode)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_NEW_TOKENS} new tokens per verify prompt and no timing (the test mode)",
+    )
     parser.add_argument("--threads", default="2", help="ONNX Runtime intra-op threads (2)")
 
     def refuse(message: str):
@@ -259,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     print(legend(args.quick, threads))
     ran = [row for row in rows if row.report is not None]
     floors = [row for row in rows if row.floor is not None]
-    print(f"verify PASS {sum(row.report.ok for row in ran)}/{len(ran)}; floors pass "
-          f"{sum(bool(row.floor) for row in floors)}/{len(floors)}")
+    print(
+        f"verify PASS {sum(row.report.ok for row in ran)}/{len(ran)}; floors pass "
+        f"{sum(bool(row.floor) for row in floors)}/{len(floors)}"
+    )
     return 0
 
 

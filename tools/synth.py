@@ -156,8 +156,11 @@ def _write_values(handle, name: str, dims: tuple[int, ...], seed: int, index: in
         progress(2 * n)
 
 
-def write_checkpoint(out: str | os.PathLike = DEFAULT_OUT, config: SynthConfig = SynthConfig(),
-                     log=lambda message: print(message, file=sys.stderr, flush=True)) -> Path:
+def write_checkpoint(
+    out: str | os.PathLike = DEFAULT_OUT,
+    config: SynthConfig = SynthConfig(),
+    log=lambda message: print(message, file=sys.stderr, flush=True),
+) -> Path:
     """Write the checkpoint into `out` (reused if it holds this very synth checkpoint); returns its path."""
     from tqdm import tqdm
 
@@ -182,9 +185,11 @@ def write_checkpoint(out: str | os.PathLike = DEFAULT_OUT, config: SynthConfig =
     def progress(n: int) -> None:  # a disabled tqdm (no terminal) counts nothing, so the log keeps its own count
         written[0] += n
         bar.update(n)
+
     try:
-        with tqdm(total=config.total_bytes, unit="B", unit_scale=True, desc="[synth] shards", file=sys.stderr,
-                  disable=None) as bar:
+        with tqdm(
+            total=config.total_bytes, unit="B", unit_scale=True, desc="[synth] shards", file=sys.stderr, disable=None
+        ) as bar:
             for number, shard in enumerate(shards, 1):
                 file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
                 with open(staging / file, "wb") as handle:
@@ -195,9 +200,13 @@ def write_checkpoint(out: str | os.PathLike = DEFAULT_OUT, config: SynthConfig =
                         index += 1
                 if not bar.disable:
                     continue
-                log(f"[synth] shard {number}/{len(shards)} written ({written[0] / 1e9:.2f} of {config.total_bytes / 1e9:.2f} GB)")
-        (staging / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": config.total_bytes}, "weight_map": weight_map}, indent=2))
+                log(
+                    f"[synth] shard {number}/{len(shards)} written "
+                    f"({written[0] / 1e9:.2f} of {config.total_bytes / 1e9:.2f} GB)"
+                )
+        (staging / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": config.total_bytes}, "weight_map": weight_map}, indent=2)
+        )
         (staging / "config.json").write_text(json.dumps(config.config_json(), indent=2))
         (staging / MARKER).write_text(json.dumps(record, indent=2))
         staging.rename(out)

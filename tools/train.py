@@ -108,6 +108,7 @@ def _log_to(path: Path | None) -> Callable[[str], None]:
 
 # -- corpus ------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Corpus:
     root: Path  # the unpacked package
@@ -146,8 +147,9 @@ def fetch_corpus(workdir: Path, log=print) -> Corpus:
                 raise TrainError(f"apt-get download {CORPUS_PACKAGE} failed; is a Debian mirror reachable?")
         debs = sorted(workdir.glob(f"{CORPUS_PACKAGE}_*.deb"))
     deb = debs[-1]
-    version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+    version = subprocess.run(
+        ["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     root = workdir / "unpacked"
     if not (root / CORPUS_SOURCES).is_dir():
         log(f"[corpus] unpacking {deb.name}")
@@ -155,8 +157,10 @@ def fetch_corpus(workdir: Path, log=print) -> Corpus:
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
     train, held = split_files(root / CORPUS_SOURCES)
     size = sum(f.stat().st_size for f in train + held)
-    log(f"[corpus] {CORPUS_PACKAGE} {version}: {len(train) + len(held)} files, {size / 1e6:.1f} MB; "
-        f"{len(train)} train, {len(held)} held out")
+    log(
+        f"[corpus] {CORPUS_PACKAGE} {version}: {len(train) + len(held)} files, {size / 1e6:.1f} MB; "
+        f"{len(train)} train, {len(held)} held out"
+    )
     return Corpus(root, version, train, held)
 
 
@@ -166,6 +170,7 @@ def read_texts(files: list[Path]) -> list[str]:
 
 # -- tokenizer ---------------------------------------------------------------------------------
 
+
 def train_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE (GPT-2 style: every byte representable, no unknown token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -173,15 +178,25 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
 
 
 def tokenizer_config() -> dict[str, Any]:
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-            "add_bos_token": False, "model_max_length": MODEL_CONFIG["max_position_embeddings"]}
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "add_bos_token": False,
+        "model_max_length": MODEL_CONFIG["max_position_embeddings"],
+    }
 
 
 def encode_documents(tokenizer, texts: list[str]):
@@ -198,6 +213,7 @@ def encode_documents(tokenizer, texts: list[str]):
 
 # -- model and the sparse training forward ----------------------------------------------------
 
+
 def build_model(config: dict[str, Any], seed: int, tokenizer=None):
     import torch
     from transformers import Llama4ForCausalLM, Llama4TextConfig
@@ -205,8 +221,11 @@ def build_model(config: dict[str, Any], seed: int, tokenizer=None):
     torch.manual_seed(seed)
     special = {}
     if tokenizer is not None:
-        special = {"bos_token_id": tokenizer.token_to_id(BOS), "eos_token_id": tokenizer.token_to_id(EOS),
-                   "pad_token_id": tokenizer.token_to_id(PAD)}
+        special = {
+            "bos_token_id": tokenizer.token_to_id(BOS),
+            "eos_token_id": tokenizer.token_to_id(EOS),
+            "pad_token_id": tokenizer.token_to_id(PAD),
+        }
     cfg = Llama4TextConfig(**config, **special)
     cfg._attn_implementation = "sdpa"
     return Llama4ForCausalLM(cfg)
@@ -278,6 +297,7 @@ def load_balancing_loss(router_logits: list, num_experts: int, top_k: int):
 
 # -- evaluation in torch (the engine's eval is llama4_deploy.quality.evaluate) ---------------------------
 
+
 def windows(ids, seq_len: int):
     """Non-overlapping windows of seq_len tokens over a token stream (the last partial one dropped)."""
     count = len(ids) // seq_len
@@ -299,8 +319,9 @@ def held_out_stats(model, ids, seq_len: int, batch: int = 16) -> tuple[float, li
             chunk = data[start : start + batch]
             router_logits.clear()
             logits = model(input_ids=chunk, use_cache=False).logits
-            nll += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                     chunk[:, 1:].reshape(-1), reduction="sum").item()
+            nll += torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1), reduction="sum"
+            ).item()
             count += chunk[:, 1:].numel()
             per_layer = [torch.bincount(r.argmax(-1), minlength=r.shape[-1]) for r in router_logits]
             loads = per_layer if not loads else [a + b for a, b in zip(loads, per_layer)]
@@ -310,6 +331,7 @@ def held_out_stats(model, ids, seq_len: int, batch: int = 16) -> tuple[float, li
 
 
 # -- training ----------------------------------------------------------------------------------
+
 
 def lr_at(step: int, s: TrainSettings) -> float:
     if step < s.warmup:
@@ -327,9 +349,12 @@ def train_model(model, train_ids, held_ids, s: TrainSettings, log) -> dict[str, 
     cfg = model.config
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95),
-                                  fused=True)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.lr,
+        betas=(0.9, 0.95),
+        fused=True,
+    )
     rng = np.random.default_rng(s.seed)
     history: dict[str, list] = {"step": [], "tokens": [], "loss": [], "aux": [], "eval_tokens": [], "eval_ppl": []}
     model.train()
@@ -360,9 +385,11 @@ def train_model(model, train_ids, held_ids, s: TrainSettings, log) -> dict[str, 
             history["tokens"].append(tokens)
             history["loss"].append(float(np.mean(window_loss)))
             history["aux"].append(float(np.mean(window_aux)))
-            log(f"[train] step {done}/{s.steps}  tokens {tokens / 1e6:.2f}M  loss {np.mean(window_loss):.3f}  "
+            log(
+                f"[train] step {done}/{s.steps}  tokens {tokens / 1e6:.2f}M  loss {np.mean(window_loss):.3f}  "
                 f"aux {np.mean(window_aux):.3f}  lr {lr_at(step, s):.2e}  {rate:,.0f} tokens/s  "
-                f"elapsed {elapsed / 60:.1f} min  eta {eta / 60:.1f} min")
+                f"elapsed {elapsed / 60:.1f} min  eta {eta / 60:.1f} min"
+            )
             window_loss, window_aux, window_start = [], [], time.time()
         if done % s.eval_every == 0 or done == s.steps:
             t = time.time()
@@ -371,8 +398,10 @@ def train_model(model, train_ids, held_ids, s: TrainSettings, log) -> dict[str, 
             history["eval_tokens"].append(done * s.batch * s.seq_len)
             history["eval_ppl"].append(ppl)
             lo, hi = min(min(x) for x in shares), max(max(x) for x in shares)
-            log(f"[eval] step {done}: held-out perplexity {ppl:.2f} (first {64 * s.seq_len} tokens); "
-                f"expert shares {lo:.1%}..{hi:.1%}")
+            log(
+                f"[eval] step {done}: held-out perplexity {ppl:.2f} (first {64 * s.seq_len} tokens); "
+                f"expert shares {lo:.1%}..{hi:.1%}"
+            )
     seconds = time.time() - started
     return {"seconds": seconds, "tokens": s.tokens, "tokens_per_s": s.tokens / seconds, "history": history}
 
@@ -385,8 +414,12 @@ def plot_curve(history: dict[str, list], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot([t / 1e6 for t in history["tokens"]], history["loss"], label="train loss (mean of 25 steps)")
-    ax.plot([t / 1e6 for t in history["eval_tokens"]], [math.log(p) for p in history["eval_ppl"]], "o-",
-            label="held-out loss (ln perplexity)")
+    ax.plot(
+        [t / 1e6 for t in history["eval_tokens"]],
+        [math.log(p) for p in history["eval_ppl"]],
+        "o-",
+        label="held-out loss (ln perplexity)",
+    )
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("tiny-trained: Llama 4 (6.8M params) on python3.11-doc")
@@ -398,6 +431,7 @@ def plot_curve(history: dict[str, list], path: Path) -> None:
 
 
 # -- the shipped checkpoint ----------------------------------------------------------------------
+
 
 def save_checkpoint(model, tokenizer, out: Path) -> None:
     import torch
@@ -424,8 +458,9 @@ def write_corpus_license(corpus: Corpus, path: Path) -> None:
     text = (corpus.root / CORPUS_LICENSE).read_text()
     start = text.index("PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2")
     end = text.index("BEOPEN.COM LICENSE AGREEMENT", start)
-    path.write_text(f"From the copyright file of Debian's {CORPUS_PACKAGE} {corpus.version}:\n\n"
-                    + text[start:end].rstrip() + "\n")
+    path.write_text(
+        f"From the copyright file of Debian's {CORPUS_PACKAGE} {corpus.version}:\n\n" + text[start:end].rstrip() + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,8 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     log_path = args.workdir / "train.log"
     log_path.unlink(missing_ok=True)
     log = _log_to(log_path)
-    log(f"[setup] {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; torch {torch.__version__}, "
-        f"{settings.threads} threads; settings {dataclasses.asdict(settings)}")
+    log(
+        f"[setup] {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; torch {torch.__version__}, "
+        f"{settings.threads} threads; settings {dataclasses.asdict(settings)}"
+    )
     try:
         corpus = fetch_corpus(args.workdir / "corpus", log)
     except TrainError as err:
@@ -456,17 +493,23 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     tokenizer = train_tokenizer(train_texts, MODEL_CONFIG["vocab_size"])
     train_ids, held_ids = encode_documents(tokenizer, train_texts), encode_documents(tokenizer, held_texts)
-    log(f"[tokenizer] byte-level BPE of {tokenizer.get_vocab_size()} tokens in {time.time() - t:.0f}s; "
-        f"{len(train_ids) / 1e6:.2f}M train tokens, {len(held_ids) / 1e6:.2f}M held-out tokens")
+    log(
+        f"[tokenizer] byte-level BPE of {tokenizer.get_vocab_size()} tokens in {time.time() - t:.0f}s; "
+        f"{len(train_ids) / 1e6:.2f}M train tokens, {len(held_ids) / 1e6:.2f}M held-out tokens"
+    )
     model = build_model(MODEL_CONFIG, settings.seed, tokenizer)
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     active = total - experts + experts * model.config.num_experts_per_tok // model.config.num_local_experts
-    log(f"[model] Llama4ForCausalLM {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token; "
-        f"layer types {model.config.layer_types}, MoE layers {model.config.moe_layers}")
+    log(
+        f"[model] Llama4ForCausalLM {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token; "
+        f"layer types {model.config.layer_types}, MoE layers {model.config.moe_layers}"
+    )
     result = train_model(model, train_ids, held_ids, settings, log)
-    log(f"[train] done: {result['tokens'] / 1e6:.2f}M tokens in {result['seconds'] / 60:.1f} min, "
-        f"{result['tokens_per_s']:,.0f} tokens/s (machine shared with other jobs)")
+    log(
+        f"[train] done: {result['tokens'] / 1e6:.2f}M tokens in {result['seconds'] / 60:.1f} min, "
+        f"{result['tokens_per_s']:,.0f} tokens/s (machine shared with other jobs)"
+    )
 
     staging = args.out.with_name(f".{args.out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -477,8 +520,10 @@ def main(argv: list[str] | None = None) -> int:
 
     shipped = Llama4ForCausalLM.from_pretrained(staging, dtype=torch.float32, use_safetensors=True)
     ppl, shares = held_out_stats(shipped, held_ids, settings.seq_len)
-    log(f"[eval] shipped bf16 weights: held-out perplexity {ppl:.2f} over {len(held_ids) // settings.seq_len} "
-        f"windows of {settings.seq_len} tokens")
+    log(
+        f"[eval] shipped bf16 weights: held-out perplexity {ppl:.2f} over {len(held_ids) // settings.seq_len} "
+        f"windows of {settings.seq_len} tokens"
+    )
     for layer, share in zip(model.config.moe_layers, shares):
         log(f"[eval] layer {layer} expert load: " + " ".join(f"{x:.1%}" for x in share))
     plot_curve(result["history"], staging / "loss.png")
@@ -487,19 +532,35 @@ def main(argv: list[str] | None = None) -> int:
     # the figure `llama4-deploy eval` reproduces on a bundle: the same windows of the shipped sample
     sample_ids = np.array(tokenizer.encode((staging / HELD_OUT_SAMPLE.name).read_text()).ids, dtype=np.int64)
     sample_ppl, _ = held_out_stats(shipped, sample_ids, settings.seq_len)
-    log(f"[eval] shipped bf16 weights: perplexity {sample_ppl:.3f} on {HELD_OUT_SAMPLE.name} "
-        f"({len(sample_ids) // settings.seq_len} windows of {settings.seq_len} tokens)")
-    (staging / "training.json").write_text(json.dumps({
-        "corpus": {"package": CORPUS_PACKAGE, "version": corpus.version, "train_files": len(corpus.train),
-                   "held_out_files": len(corpus.held_out), "train_tokens": int(len(train_ids)),
-                   "held_out_tokens": int(len(held_ids))},
-        "settings": dataclasses.asdict(settings),
-        "parameters": total, "active_parameters": active,
-        "seconds": round(result["seconds"], 1), "tokens_per_s": round(result["tokens_per_s"]),
-        "held_out_perplexity": round(ppl, 3), "held_out_sample_perplexity": round(sample_ppl, 3),
-        "expert_load": {str(layer): share for layer, share in zip(model.config.moe_layers, shares)},
-        "history": result["history"],
-    }, indent=1) + "\n")
+    log(
+        f"[eval] shipped bf16 weights: perplexity {sample_ppl:.3f} on {HELD_OUT_SAMPLE.name} "
+        f"({len(sample_ids) // settings.seq_len} windows of {settings.seq_len} tokens)"
+    )
+    (staging / "training.json").write_text(
+        json.dumps(
+            {
+                "corpus": {
+                    "package": CORPUS_PACKAGE,
+                    "version": corpus.version,
+                    "train_files": len(corpus.train),
+                    "held_out_files": len(corpus.held_out),
+                    "train_tokens": int(len(train_ids)),
+                    "held_out_tokens": int(len(held_ids)),
+                },
+                "settings": dataclasses.asdict(settings),
+                "parameters": total,
+                "active_parameters": active,
+                "seconds": round(result["seconds"], 1),
+                "tokens_per_s": round(result["tokens_per_s"]),
+                "held_out_perplexity": round(ppl, 3),
+                "held_out_sample_perplexity": round(sample_ppl, 3),
+                "expert_load": {str(layer): share for layer, share in zip(model.config.moe_layers, shares)},
+                "history": result["history"],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     shutil.copyfile(log_path, staging / "train.log")
     args.out.mkdir(parents=True, exist_ok=True)
     for produced in sorted(staging.iterdir()):  # replaces only what this script writes (the card stays)

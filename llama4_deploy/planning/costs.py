@@ -43,19 +43,34 @@ def bundle_costs(bundle: str | Path) -> list[CostRow]:
     for label, role, dims in profile_points(manifest.profiles):
         graph = graphs[role]
         stage_files = [stage.graphs[role]["file"] for stage in stages]
-        report = step_cost([models[f] for f in stage_files] if len(stages) > 1 else models[stage_files[0]],
-                           manifest.model, dims)
+        report = step_cost(
+            [models[f] for f in stage_files] if len(stages) > 1 else models[stage_files[0]], manifest.model, dims
+        )
         name = stage_files[0] if len(stages) == 1 else f"{len(stages)} stages"
-        rows.append(CostRow(label, name, graph["moe_dispatch"], report.graph.flops, report.graph.weight_bytes,
-                            *report.graph.ratio(report.ideal), *report.dense.ratio(report.ideal), report.unresolved))
+        rows.append(
+            CostRow(
+                label,
+                name,
+                graph["moe_dispatch"],
+                report.graph.flops,
+                report.graph.weight_bytes,
+                *report.graph.ratio(report.ideal),
+                *report.dense.ratio(report.ideal),
+                report.unresolved,
+            )
+        )
     return rows
 
 
 def cost_table(rows: list[CostRow]) -> str:
-    lines = [f"{'step':<14}{'graph':<16}{'GFLOP':>10}{'MB':>10}{'FLOPs/ideal':>13}{'bytes/ideal':>13}"
-             f"{'dense FLOPs':>13}{'dense bytes':>13}"]
+    lines = [
+        f"{'step':<14}{'graph':<16}{'GFLOP':>10}{'MB':>10}{'FLOPs/ideal':>13}{'bytes/ideal':>13}"
+        f"{'dense FLOPs':>13}{'dense bytes':>13}"
+    ]
     for r in rows:
-        lines.append(f"{r.point:<14}{r.graph:<16}{r.flops / 1e9:>10.3f}{r.weight_bytes / 1e6:>10.2f}"
-                     f"{r.flops_vs_ideal:>12.3f}x{r.bytes_vs_ideal:>12.3f}x{r.dense_flops_vs_ideal:>12.3f}x"
-                     f"{r.dense_bytes_vs_ideal:>12.3f}x")
+        lines.append(
+            f"{r.point:<14}{r.graph:<16}{r.flops / 1e9:>10.3f}{r.weight_bytes / 1e6:>10.2f}"
+            f"{r.flops_vs_ideal:>12.3f}x{r.bytes_vs_ideal:>12.3f}x{r.dense_flops_vs_ideal:>12.3f}x"
+            f"{r.dense_bytes_vs_ideal:>12.3f}x"
+        )
     return "\n".join(lines)

@@ -89,8 +89,16 @@ class ParameterCount:
 
     @property
     def total(self) -> int:
-        return (self.embed + self.attention + self.routed_experts + self.shared_experts + self.dense_mlp
-                + self.routers + self.norms + self.lm_head)
+        return (
+            self.embed
+            + self.attention
+            + self.routed_experts
+            + self.shared_experts
+            + self.dense_mlp
+            + self.routers
+            + self.norms
+            + self.lm_head
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,9 +208,19 @@ def count_parameters(shape: ModelShape) -> ParameterCount:
     parts = dict.fromkeys(("attention", "routed_experts", "shared_experts", "dense_mlp", "routers", "norms"), 0)
     for layer, kind in enumerate(shape.layer_kinds):
         for name, source in layer_weights(shape, layer, kind).items():
-            part = ("norms" if name.endswith("norm") else "routers" if name == "router"
-                    else "routed_experts" if name.startswith("experts_") else "shared_experts"
-                    if name.startswith("shared_") else "dense_mlp" if name.startswith("mlp_") else "attention")
+            part = (
+                "norms"
+                if name.endswith("norm")
+                else "routers"
+                if name == "router"
+                else "routed_experts"
+                if name.startswith("experts_")
+                else "shared_experts"
+                if name.startswith("shared_")
+                else "dense_mlp"
+                if name.startswith("mlp_")
+                else "attention"
+            )
             parts[part] += _numel(source)
     head = head_weights(shape)
     parts["norms"] += _numel(head["final_norm"])
@@ -240,10 +258,12 @@ def precision_bytes(shape: ModelShape, precision: str, config: PlanConfig = Plan
     # deferred: the CLI imports this module at start-up, and quantize brings numpy
     from llama4_deploy.graphs.quantize import QuantConfig, make_spec
 
-    compute = config.compute_dtype if precision in ("fp8", "int4") else {"fp32": "float32", "fp16": "float16",
-                                                                        "bf16": "bfloat16"}[precision]
-    spec = make_spec(QuantConfig(precision=precision, compute_dtype=compute, block_size=config.block_size,
-                                 form="qdq"))
+    compute = (
+        config.compute_dtype
+        if precision in ("fp8", "int4")
+        else {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
+    )
+    spec = make_spec(QuantConfig(precision=precision, compute_dtype=compute, block_size=config.block_size, form="qdq"))
     totals = {"quantized_params": 0, "quantized_bytes": 0, "scale_bytes": 0, "plain_params": 0, "plain_bytes": 0}
 
     def group(prefix: str, sources: dict[str, WeightSource]) -> int:
@@ -261,10 +281,15 @@ def precision_bytes(shape: ModelShape, precision: str, config: PlanConfig = Plan
     if shape.tie_word_embeddings:  # one tensor: stored once, with the embedding
         head = {"final_norm": head["final_norm"]}
     return Precision(
-        name=precision, compute_dtype=compute,
+        name=precision,
+        compute_dtype=compute,
         embed_bytes=group("embed", embed_weights(shape)),
-        layer_bytes=tuple(group(f"layers.{i}", layer_weights(shape, i, kind)) for i, kind in enumerate(shape.layer_kinds)),
-        head_bytes=group("head", head), **totals)
+        layer_bytes=tuple(
+            group(f"layers.{i}", layer_weights(shape, i, kind)) for i, kind in enumerate(shape.layer_kinds)
+        ),
+        head_bytes=group("head", head),
+        **totals,
+    )
 
 
 # -- memory per stage ------------------------------------------------------------------------------
@@ -279,8 +304,11 @@ def layer_kv_bytes(shape: ModelShape, precision: Precision, layer: int, context:
 
 
 def activation_bytes_per_token(shape: ModelShape, precision: Precision) -> int:
-    widths = (4 * shape.hidden_size + 2 * (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
-              + 3 * max(2 * shape.intermediate_size, shape.intermediate_size_mlp))
+    widths = (
+        4 * shape.hidden_size
+        + 2 * (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
+        + 3 * max(2 * shape.intermediate_size, shape.intermediate_size_mlp)
+    )
     return widths * DTYPE_BYTES[precision.compute_dtype]
 
 
@@ -304,26 +332,37 @@ def stage_costs(shape: ModelShape, precision: Precision, context: int, batch: in
     costs = [w + layer_kv_bytes(shape, precision, i, context, batch) for i, w in enumerate(precision.layer_bytes)]
     costs[0] += precision.embed_bytes
     last_extra = workspace_bytes(shape, precision, batch, prefill_tokens, True) - workspace_bytes(
-        shape, precision, batch, prefill_tokens, False)
+        shape, precision, batch, prefill_tokens, False
+    )
     costs[-1] += precision.head_bytes + last_extra
     return costs
 
 
-def deployment(shape: ModelShape, precision: Precision, gpu: GPU, stages: int, context: int, batch: int,
-               prefill_tokens: int, split: list[range] | None = None) -> Deployment:
+def deployment(
+    shape: ModelShape,
+    precision: Precision,
+    gpu: GPU,
+    stages: int,
+    context: int,
+    batch: int,
+    prefill_tokens: int,
+    split: list[range] | None = None,
+) -> Deployment:
     split = split or balanced_split(stage_costs(shape, precision, context, batch, prefill_tokens), stages)
     built = []
     for s, layers in enumerate(split):
         weights = sum(precision.layer_bytes[i] for i in layers)
         weights += (precision.embed_bytes if s == 0 else 0) + (precision.head_bytes if s == len(split) - 1 else 0)
         kv = sum(layer_kv_bytes(shape, precision, i, context, batch) for i in layers)
-        built.append(Stage(layers, weights, kv, workspace_bytes(shape, precision, batch, prefill_tokens,
-                                                                 s == len(split) - 1)))
+        built.append(
+            Stage(layers, weights, kv, workspace_bytes(shape, precision, batch, prefill_tokens, s == len(split) - 1))
+        )
     return Deployment(precision.name, gpu, context, batch, tuple(built))
 
 
-def longest_context(shape: ModelShape, precision: Precision, gpu: GPU, split: list[range], batch: int,
-                    prefill_tokens: int) -> int:
+def longest_context(
+    shape: ModelShape, precision: Precision, gpu: GPU, split: list[range], batch: int, prefill_tokens: int
+) -> int:
     """Most tokens per row whose KV fits beside each stage's weights and workspace (0: nothing fits), at most
     max_position_embeddings. KV grows with every layer up to C tokens, then with the global layers only."""
     probe = deployment(shape, precision, gpu, len(split), 0, batch, prefill_tokens, split)
@@ -342,8 +381,9 @@ def longest_context(shape: ModelShape, precision: Precision, gpu: GPU, split: li
     return int(best)
 
 
-def fewest_gpus(shape: ModelShape, precision: Precision, gpu: GPU, context: int, batch: int,
-                prefill_tokens: int) -> Deployment | None:
+def fewest_gpus(
+    shape: ModelShape, precision: Precision, gpu: GPU, context: int, batch: int, prefill_tokens: int
+) -> Deployment | None:
     """The smallest pipeline (one GPU per stage, at most one stage per layer) that fits, or None."""
     for stages in range(1, shape.num_layers + 1):
         plan = deployment(shape, precision, gpu, stages, context, batch, prefill_tokens)
@@ -375,8 +415,13 @@ def _ranges(split: Sequence[range]) -> str:
     return " | ".join(f"{r.start}-{r.stop - 1}" if len(r) > 1 else f"{r.start}" for r in split)
 
 
-def report(shape: ModelShape, source: str, config: PlanConfig = PlanConfig(), stages: int | None = None,
-           precision: str | None = None) -> str:
+def report(
+    shape: ModelShape,
+    source: str,
+    config: PlanConfig = PlanConfig(),
+    stages: int | None = None,
+    precision: str | None = None,
+) -> str:
     """The tables `llama4-deploy plan` prints."""
     params = count_parameters(shape)
     plans = {name: precision_bytes(shape, name, config) for name in PRECISION_PLANS}
@@ -384,7 +429,8 @@ def report(shape: ModelShape, source: str, config: PlanConfig = PlanConfig(), st
     lines = [
         f"plan for {source}: {shape.num_layers} layers ({len(shape.moe_layers)} MoE of {shape.num_experts} experts, "
         f"top-{shape.top_k}; {chunked} chunked at {shape.attention_chunk_size}, {shape.num_layers - chunked} global), "
-        f"hidden {shape.hidden_size}, vocab {shape.vocab_size}, max_position_embeddings {shape.max_position_embeddings}",
+        f"hidden {shape.hidden_size}, vocab {shape.vocab_size}, "
+        f"max_position_embeddings {shape.max_position_embeddings}",
         "",
         "parameters (text model)",
         f"  total {_b(params.total)}, active per token {_b(params.active)} (embeddings and lm_head included)",
@@ -400,9 +446,11 @@ def report(shape: ModelShape, source: str, config: PlanConfig = PlanConfig(), st
         f"{'total GiB':>11}{'total GB':>10}",
     ]
     for p in plans.values():
-        lines.append(f"  {p.name:<6}{p.compute_dtype:>10}{_b(p.quantized_params):>11}{_gib(p.quantized_bytes):>12}"
-                     f"{p.scale_bytes / GIB:>12.2f}{_gib(p.plain_bytes):>11}{_gib(p.total_bytes):>11}"
-                     f"{p.total_bytes / 1e9:>10.1f}")
+        lines.append(
+            f"  {p.name:<6}{p.compute_dtype:>10}{_b(p.quantized_params):>11}{_gib(p.quantized_bytes):>12}"
+            f"{p.scale_bytes / GIB:>12.2f}{_gib(p.plain_bytes):>11}{_gib(p.total_bytes):>11}"
+            f"{p.total_bytes / 1e9:>10.1f}"
+        )
     kv16 = plans["bf16"]
     slot = kv_bytes_per_slot(shape, kv16)
     lines += [
@@ -435,30 +483,42 @@ def report(shape: ModelShape, source: str, config: PlanConfig = PlanConfig(), st
                     f"{_gib(big.workspace_bytes):>7}{_gib(big.total_bytes):>8}{_gib(gpu.memory_bytes):>7}  "
                     f"{'yes' if d.fits else 'no':<5}"
                     + "".join(f"{_context_cell(c, shape):>12}" for c in contexts)
-                    + ("  <- fewest" if best is not None and n == len(best.stages) else ""))
-    lines.append("  (ctx: tokens per row; * = max_position_embeddings, the model's own limit; "
-                 "- = not even one token)")
+                    + ("  <- fewest" if best is not None and n == len(best.stages) else "")
+                )
+    lines.append("  (ctx: tokens per row; * = max_position_embeddings, the model's own limit; - = not even one token)")
     lines += ["", "fewest GPUs (batch 1, reference context):"]
     for p in plans.values():
-        parts = [f"{gpu.name} {len(d.stages) if d else 'none'}" for gpu in GPUS
-                 for d in [fewest[p.name, gpu.name]]]
+        parts = [f"{gpu.name} {len(d.stages) if d else 'none'}" for gpu in GPUS for d in [fewest[p.name, gpu.name]]]
         lines.append(f"  {p.name:<6}" + ", ".join(parts))
 
     claim = META_CONTEXT_CLAIM
-    lines += ["", f"Meta's {claim // 1_000_000}M-token context, batch 1"
-              + (f" (beyond this config's max_position_embeddings {shape.max_position_embeddings})"
-                 if claim > shape.max_position_embeddings else "")]
+    lines += [
+        "",
+        f"Meta's {claim // 1_000_000}M-token context, batch 1"
+        + (
+            f" (beyond this config's max_position_embeddings {shape.max_position_embeddings})"
+            if claim > shape.max_position_embeddings
+            else ""
+        ),
+    ]
     for name in ("bf16", "fp8", "int4"):
         p = plans[name]
-        global_kv = sum(layer_kv_bytes(shape, p, i, claim, 1) for i in range(shape.num_layers) if not shape.rope_layers[i])
+        global_kv = sum(
+            layer_kv_bytes(shape, p, i, claim, 1) for i in range(shape.num_layers) if not shape.rope_layers[i]
+        )
         ring_kv = sum(layer_kv_bytes(shape, p, i, claim, 1) for i in range(shape.num_layers) if shape.rope_layers[i])
         needs = []
         for gpu in GPUS:
             d = fewest_gpus(shape, p, gpu, claim, 1, config.prefill_tokens)
-            needs.append(f"{len(d.stages)} x {gpu.name}" if d else f"more than {shape.num_layers} x {gpu.name} "
-                         f"(one layer's cache alone is too big)")
-        lines.append(f"  {name:<6}global layers' KV {global_kv / 1e9:.1f} GB ({_gib(global_kv)} GiB) + rings "
-                     f"{_gib(ring_kv)} GiB, weights {_gib(p.total_bytes)} GiB: {', '.join(needs)}")
+            needs.append(
+                f"{len(d.stages)} x {gpu.name}"
+                if d
+                else f"more than {shape.num_layers} x {gpu.name} (one layer's cache alone is too big)"
+            )
+        lines.append(
+            f"  {name:<6}global layers' KV {global_kv / 1e9:.1f} GB ({_gib(global_kv)} GiB) + rings "
+            f"{_gib(ring_kv)} GiB, weights {_gib(p.total_bytes)} GiB: {', '.join(needs)}"
+        )
 
     chosen = plans[precision or "fp8"]
     gpu = GPUS[0]
@@ -466,18 +526,23 @@ def report(shape: ModelShape, source: str, config: PlanConfig = PlanConfig(), st
         best = fewest[chosen.name, gpu.name]
         stages = len(best.stages) if best else min(8, shape.num_layers)
     d = deployment(shape, chosen, gpu, stages, config.context, 1, config.prefill_tokens)
-    lines += ["", f"suggested stage split, {chosen.name} on {stages} x {gpu.name} (balances weights + KV at "
-              f"{_tokens(config.context)} tokens; embedding in the first stage, final norm and lm_head in the last): "
-              f"layers {_ranges([s.layers for s in d.stages])}",
-              "  GiB per stage: " + ", ".join(_gib(s.total_bytes) for s in d.stages)]
+    lines += [
+        "",
+        f"suggested stage split, {chosen.name} on {stages} x {gpu.name} (balances weights + KV at "
+        f"{_tokens(config.context)} tokens; embedding in the first stage, final norm and lm_head in the last): "
+        f"layers {_ranges([s.layers for s in d.stages])}",
+        "  GiB per stage: " + ", ".join(_gib(s.total_bytes) for s in d.stages),
+    ]
     return "\n".join(lines)
 
 
 def plan(target: str, context: int | None = None, stages: int | None = None, precision: str | None = None) -> str:
     """The report for a recipe or checkpoint dir; `context` defaults to the recipe's max_context (else 32768)."""
     shape, source, profiles = load_shape(target)
-    config = PlanConfig(context=context or profiles.get("max_context", PlanConfig.context),
-                        prefill_tokens=profiles.get("prefill_tokens", PlanConfig.prefill_tokens))
+    config = PlanConfig(
+        context=context or profiles.get("max_context", PlanConfig.context),
+        prefill_tokens=profiles.get("prefill_tokens", PlanConfig.prefill_tokens),
+    )
     if config.context < 1:
         raise PlanError(f"--context {config.context} must be at least 1 token")
     if stages is not None and not 1 <= stages <= shape.num_layers:

@@ -36,8 +36,10 @@ class Evaluation:
         return (self.tokens + self.windows) / self.seconds  # every token of a window is run
 
     def summary(self) -> str:
-        return (f"perplexity {self.perplexity:.3f} on {self.text.name} ({self.tokens} predicted tokens, "
-                f"{self.windows} windows of {self.window}); {self.tokens_per_s:,.0f} tokens/s through the prefill path")
+        return (
+            f"perplexity {self.perplexity:.3f} on {self.text.name} ({self.tokens} predicted tokens, "
+            f"{self.windows} windows of {self.window}); {self.tokens_per_s:,.0f} tokens/s through the prefill path"
+        )
 
 
 def default_text(manifest) -> Path:
@@ -47,8 +49,9 @@ def default_text(manifest) -> Path:
         path = Path(source["path"]) / HELD_OUT_SAMPLE
         if path.is_file():
             return path
-    raise ValueError(f"bundle {manifest.name} was not built from a checkpoint with a {HELD_OUT_SAMPLE}; "
-                     f"pass --text FILE")
+    raise ValueError(
+        f"bundle {manifest.name} was not built from a checkpoint with a {HELD_OUT_SAMPLE}; pass --text FILE"
+    )
 
 
 def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -59,8 +62,13 @@ def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> float:
     return float((log_z - logits[np.arange(len(targets)), targets]).sum())
 
 
-def evaluate(bundle: str | Path, text: str | Path | None = None, window: int | None = None,
-             max_windows: int | None = None, threads: int | None = None) -> Evaluation:
+def evaluate(
+    bundle: str | Path,
+    text: str | Path | None = None,
+    window: int | None = None,
+    max_windows: int | None = None,
+    threads: int | None = None,
+) -> Evaluation:
     manifest = read_manifest(Path(bundle))
     path = Path(text) if text is not None else default_text(manifest)
     if not path.is_file():

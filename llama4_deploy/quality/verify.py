@@ -21,7 +21,8 @@ import numpy as np
 
 from llama4_deploy.export import layerwise
 from llama4_deploy.export.awq import read_scales
-from llama4_deploy.export.simulate import quality as measure, simulate
+from llama4_deploy.export.simulate import quality as measure
+from llama4_deploy.export.simulate import simulate
 from llama4_deploy.graphs.quantize import QuantSpec
 from llama4_deploy.quality.compare import Comparison, compare, relative_logit_tolerance
 from llama4_deploy.quality.evaluate import default_text, evaluate
@@ -62,7 +63,7 @@ INT8_ACTIVATION_TOLERANCE = 5e-3
 # differ by 0.38 at the typical position, the jittered simulation by up to 0.45; scout-mini fp8 by 0.82-1.2 and up
 # to 1.10 over the generated positions, its argmax moved at 14% of positions), so there the bounds are the noise
 # floor, and the table says so: the check is as tight as the model allows, no tighter.
-ROUNDING_JITTER = 2.0 ** -20
+ROUNDING_JITTER = 2.0**-20
 # The floor is the worst of several draws: where the first tie a perturbation crosses lands decides how far one
 # draw moves, so one draw under-reads a chaotic model (scout-mini fp8: 0.41 at the typical position in one draw,
 # the engine's own prefill path 0.96). The sign flips the alternating pattern; the third draw is twice the size.
@@ -86,8 +87,11 @@ class Row:
 
     @property
     def ok(self) -> bool:
-        return (self.comparison.ok and (self.typical is None or self.typical.ok)
-                and (self.greedy_pooled or self.greedy_agree == self.greedy_total))
+        return (
+            self.comparison.ok
+            and (self.typical is None or self.typical.ok)
+            and (self.greedy_pooled or self.greedy_agree == self.greedy_total)
+        )
 
 
 @dataclasses.dataclass
@@ -105,7 +109,9 @@ class Report:
     # the simulation's largest move over JITTER_DRAWS, for specs that round activations: (max|dlogit|, typical
     # position, typical generated position, fraction of positions whose argmax it changes)
     rounding_noise: tuple[float, float, float, float] | None = None
-    greedy_allowed: int | None = None  # argmax disagreements allowed over the pooled rows (specs that round activations)
+    greedy_allowed: int | None = (
+        None  # argmax disagreements allowed over the pooled rows (specs that round activations)
+    )
     evaluation: Any = None  # a trained checkpoint's held-out perplexity (llama4_deploy.evaluate.Evaluation)
 
     @property
@@ -139,30 +145,39 @@ class Report:
             if not row.greedy_pooled and row.greedy_agree != row.greedy_total:
                 result = ("" if c.ok else result + "; ") + f"FAIL: greedy {row.greedy_agree}/{row.greedy_total}"
             if t is not None:
-                result += (f"; typical position {t.value:.3e} vs {t.tolerance:.3e}" if t.ok
-                           else f"; typical position FAIL: {t}")
+                result += (
+                    f"; typical position {t.value:.3e} vs {t.tolerance:.3e}"
+                    if t.ok
+                    else f"; typical position FAIL: {t}"
+                )
             lines.append(
                 f"{row.path:<16}{row.prompt:>7}{row.tokens:>8}{c.value:>14.3e}{c.tolerance:>12.3e}"
                 f"{f'{row.greedy_agree}/{row.greedy_total}':>10}  {result}"
             )
         if self.rounding_noise is not None:
             moved, typical, typical_generated, flipped = self.rounding_noise
-            lines.append(f"rounding-tie noise floor: with its rounded activations perturbed by {ROUNDING_JITTER:.2g} "
-                         f"relative ({len(JITTER_DRAWS)} draws, the largest move of each statistic), the simulation "
-                         f"moves by max|dlogit| {moved:.3e}, at the typical position (median over positions of "
-                         f"max|dlogit|) by {typical:.3e} over the sequence and {typical_generated:.3e} over the "
-                         f"generated positions, and changes the argmax at {flipped:.1%} of positions; each bound is at "
-                         f"least {NOISE_MARGIN:g}x its move")
+            lines.append(
+                f"rounding-tie noise floor: with its rounded activations perturbed by {ROUNDING_JITTER:.2g} "
+                f"relative ({len(JITTER_DRAWS)} draws, the largest move of each statistic), the simulation "
+                f"moves by max|dlogit| {moved:.3e}, at the typical position (median over positions of "
+                f"max|dlogit|) by {typical:.3e} over the sequence and {typical_generated:.3e} over the "
+                f"generated positions, and changes the argmax at {flipped:.1%} of positions; each bound is at "
+                f"least {NOISE_MARGIN:g}x its move"
+            )
             total = sum(row.greedy_total for row in self.rows if row.greedy_pooled)
-            lines.append(f"greedy over all rows: {self.greedy_disagreements} of {total} positions disagree, at most "
-                         f"{self.greedy_allowed} may ({NOISE_MARGIN:g}x that rate, rounded up)"
-                         + ("" if self.greedy_ok else ": FAIL"))
+            lines.append(
+                f"greedy over all rows: {self.greedy_disagreements} of {total} positions disagree, at most "
+                f"{self.greedy_allowed} may ({NOISE_MARGIN:g}x that rate, rounded up)"
+                + ("" if self.greedy_ok else ": FAIL")
+            )
         if self.quality is not None:
             q = self.quality
-            lines.append(f"reference: {self.reference}; quality against transformers fp32 over {q['positions']} "
-                         f"positions: min cosine {q['min_cosine']:.4f}, max KL {q['max_kl']:.4g}, mean KL "
-                         f"{q['mean_kl']:.4g}, greedy agreement {q['greedy_agree']}/{q['positions']} "
-                         f"(generated {q['generated_agree']}/{q['generated']})")
+            lines.append(
+                f"reference: {self.reference}; quality against transformers fp32 over {q['positions']} "
+                f"positions: min cosine {q['min_cosine']:.4f}, max KL {q['max_kl']:.4g}, mean KL "
+                f"{q['mean_kl']:.4g}, greedy agreement {q['greedy_agree']}/{q['positions']} "
+                f"(generated {q['generated_agree']}/{q['generated']})"
+            )
         if self.evaluation is not None:
             lines.append(self.evaluation.summary())
         lines.append("PASS" if self.ok else "FAIL")
@@ -174,7 +189,9 @@ def default_prompt_lengths(chunk: int, context: int, new_tokens: int) -> list[in
     room = context - new_tokens
     lengths = [2 * chunk + 3, chunk + 3, 2 * chunk + chunk // 2]
     if max(lengths) > room:
-        raise ValueError(f"the bundle's context ({context}) is too short to verify prompts crossing two chunks of {chunk}")
+        raise ValueError(
+            f"the bundle's context ({context}) is too short to verify prompts crossing two chunks of {chunk}"
+        )
     return lengths
 
 
@@ -185,13 +202,16 @@ def reference_weights(manifest):
     source = manifest.raw.get("source")
     where = manifest.path / "manifest.json"
     if not isinstance(source, dict) or source.get("kind") not in ("checkpoint", "random"):
-        raise BundleError(f"{where} has no usable source record (kind 'checkpoint' or 'random'), so there is "
-                          f"nothing to verify against")
+        raise BundleError(
+            f"{where} has no usable source record (kind 'checkpoint' or 'random'), so there is "
+            f"nothing to verify against"
+        )
     if source["kind"] == "checkpoint":
         path = source.get("path")
         if not isinstance(path, str) or not (Path(path) / "config.json").is_file():
-            raise BundleError(f"the bundle's source checkpoint {path} is gone; verify needs it to rebuild the "
-                              f"reference")
+            raise BundleError(
+                f"the bundle's source checkpoint {path} is gone; verify needs it to rebuild the reference"
+            )
     else:
         random = source.get("random")
         if not isinstance(random, dict) or not {"config", "seed", "logit_gain", "router_gain"} <= set(random):
@@ -210,15 +230,21 @@ def _verify_settings(manifest) -> dict:
     lengths = settings.get("prompt_lengths") if isinstance(settings, dict) else None
     new_tokens = settings.get("new_tokens", 32) if isinstance(settings, dict) else None
     positive = lambda n: isinstance(n, int) and not isinstance(n, bool) and n >= 1  # noqa: E731
-    if (not isinstance(settings, dict) or not positive(new_tokens)
-            or not (lengths is None or (isinstance(lengths, list) and lengths and all(map(positive, lengths))))):
-        raise BundleError(f"{manifest.path / 'manifest.json'}: verify must hold new_tokens >= 1 and prompt_lengths, "
-                          f"a list of positive integers or null")
+    if (
+        not isinstance(settings, dict)
+        or not positive(new_tokens)
+        or not (lengths is None or (isinstance(lengths, list) and lengths and all(map(positive, lengths))))
+    ):
+        raise BundleError(
+            f"{manifest.path / 'manifest.json'}: verify must hold new_tokens >= 1 and prompt_lengths, "
+            f"a list of positive integers or null"
+        )
     return settings
 
 
-def verify(bundle: str, threads: int | None = None, log=print, new_tokens: int | None = None,
-           perplexity: bool = True) -> Report:
+def verify(
+    bundle: str, threads: int | None = None, log=print, new_tokens: int | None = None, perplexity: bool = True
+) -> Report:
     """`new_tokens` overrides the manifest's (a quick check); `perplexity` False skips the held-out evaluation of a
     trained checkpoint's bundle (tools/quant_report.py reports parity and quality only)."""
     manifest = read_manifest(bundle)
@@ -240,8 +266,11 @@ def verify(bundle: str, threads: int | None = None, log=print, new_tokens: int |
         weights = reference_weights(manifest)
         spec, simulation, rel_tolerance = bundle_simulation(manifest)
         # the same simulation (spec, ranges and scales read once) with its rounded activations jittered
-        jittered = ([functools.partial(simulation, jitter=jitter) for jitter in JITTER_DRAWS]
-                    if spec is not None and _rounds_activations(spec) else [])
+        jittered = (
+            [functools.partial(simulation, jitter=jitter) for jitter in JITTER_DRAWS]
+            if spec is not None and _rounds_activations(spec)
+            else []
+        )
         if simulation is not None:
             log(f"[verify] reference: fake-quant simulation of {spec.summary()}")
         log(f"[verify] generating {new_tokens} tokens for {len(prompts)} prompts")
@@ -253,13 +282,16 @@ def verify(bundle: str, threads: int | None = None, log=print, new_tokens: int |
         passes = [layerwise.Pass(sequences, simulation)]
         passes += [layerwise.Pass([sequences[longest]])] if simulation is not None else []
         passes += [layerwise.Pass([sequences[longest]], draw) for draw in jittered]
-        log(f"[verify] reference logits layer by layer ({weights.config.num_hidden_layers} decoder layers, one in "
-            f"memory at a time)")
+        log(
+            f"[verify] reference logits layer by layer ({weights.config.num_hidden_layers} decoder layers, one in "
+            f"memory at a time)"
+        )
         try:
             reference_sets = layerwise.run_layer_by_layer(weights, passes)
         except (TypeError, ValueError, KeyError, OSError) as err:  # a damaged source tensor, read only now
-            raise BundleError(f"the reference model cannot be rebuilt from the bundle's source "
-                              f"({' '.join(str(err).split())[:300]})") from None
+            raise BundleError(
+                f"the reference model cannot be rebuilt from the bundle's source ({' '.join(str(err).split())[:300]})"
+            ) from None
         noise = None
         if jittered:  # passes 2, 3, ...: the draws, over the longest sequence
             simulated = reference_sets[0][longest]
@@ -270,9 +302,14 @@ def verify(bundle: str, threads: int | None = None, log=print, new_tokens: int |
                 # (the generate rows hold the tail of their sequences, and a move grows along the sequence once a
                 # tie has flipped)
                 rows_max = moved.max(-1)
-                moves.append((float(moved.max()), float(np.median(rows_max)),
-                              float(np.median(rows_max[len(prompts[longest]) - 1:])),
-                              float((drawn.argmax(-1) != simulated.argmax(-1)).mean())))
+                moves.append(
+                    (
+                        float(moved.max()),
+                        float(np.median(rows_max)),
+                        float(np.median(rows_max[len(prompts[longest]) - 1 :])),
+                        float((drawn.argmax(-1) != simulated.argmax(-1)).mean()),
+                    )
+                )
             noise = tuple(max(statistic) for statistic in zip(*moves))
 
         def checked(actual, expected, generated: bool) -> tuple[Comparison, Comparison | None]:
@@ -280,8 +317,10 @@ def verify(bundle: str, threads: int | None = None, log=print, new_tokens: int |
             base = relative_logit_tolerance(expected, rel_tolerance)
             if noise is None:
                 return compare(actual, expected, base), None
-            return (compare(actual, expected, max(base, NOISE_MARGIN * noise[0])),
-                    compare(actual, expected, max(base, NOISE_MARGIN * noise[2 if generated else 1]), TYPICAL))
+            return (
+                compare(actual, expected, max(base, NOISE_MARGIN * noise[0])),
+                compare(actual, expected, max(base, NOISE_MARGIN * noise[2 if generated else 1]), TYPICAL),
+            )
 
         for i, (prompt, tokens, logits) in enumerate(zip(prompts, generation.tokens, generation.logits)):
             expected_all = reference_sets[0][i]
@@ -296,8 +335,18 @@ def verify(bundle: str, threads: int | None = None, log=print, new_tokens: int |
             scored = engine.score(sequence, mode=mode)
             agree = int((scored.argmax(-1) == sequence_expected.argmax(-1)).sum())
             comparison, typical = checked(scored, sequence_expected, generated=False)
-            rows.append(Row(f"score:{mode}", longest, len(sequence), comparison, agree, len(sequence), typical,
-                            noise is not None))
+            rows.append(
+                Row(
+                    f"score:{mode}",
+                    longest,
+                    len(sequence),
+                    comparison,
+                    agree,
+                    len(sequence),
+                    typical,
+                    noise is not None,
+                )
+            )
             if mode == "prefill":
                 scored_prefill = scored
         steps, reruns = engine.steps, engine.overflow_reruns
@@ -308,15 +357,27 @@ def verify(bundle: str, threads: int | None = None, log=print, new_tokens: int |
         generated = generation.tokens[longest]
         start = len(prompts[longest]) - 1
         quality["generated"] = len(generated)
-        quality["generated_agree"] = int((full[start:start + len(generated)].argmax(-1) == np.array(generated)).sum())
+        quality["generated_agree"] = int((full[start : start + len(generated)].argmax(-1) == np.array(generated)).sum())
     tuning = None
     if model.get("attn_temperature_tuning") and not all(model["rope_layers"]):
         tuning = int(model["floor_scale"]) - 1  # floor((p + 1) / floor_scale) >= 1
-    return Report(rows, lengths, new_tokens, chunk, tuning, graphs, steps, reruns,
-                  "transformers fp32" if spec is None else f"fake-quant simulation ({spec.precision})", quality,
-                  rounding_noise=noise, greedy_allowed=None if noise is None else math.ceil(
-                      NOISE_MARGIN * noise[3] * sum(row.greedy_total for row in rows) - 1e-9),
-                  evaluation=_perplexity(bundle, manifest, threads, log) if perplexity else None)
+    return Report(
+        rows,
+        lengths,
+        new_tokens,
+        chunk,
+        tuning,
+        graphs,
+        steps,
+        reruns,
+        "transformers fp32" if spec is None else f"fake-quant simulation ({spec.precision})",
+        quality,
+        rounding_noise=noise,
+        greedy_allowed=None
+        if noise is None
+        else math.ceil(NOISE_MARGIN * noise[3] * sum(row.greedy_total for row in rows) - 1e-9),
+        evaluation=_perplexity(bundle, manifest, threads, log) if perplexity else None,
+    )
 
 
 def _int8_activations(manifest) -> bool:

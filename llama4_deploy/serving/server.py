@@ -28,13 +28,21 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
-                               generate_latest)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama4_deploy.runtime import load
@@ -74,7 +82,9 @@ class ChatTemplate:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         self.source = "tokenizer_config.json" if template else "built-in Llama 4 header format"
         self.special = {key: self._token(config.get(key)) for key in ("bos_token", "eos_token")}
-        self.special["bos_token"] = self.special["bos_token"] if template else (self.special["bos_token"] or DEFAULT_BOS)
+        self.special["bos_token"] = (
+            self.special["bos_token"] if template else (self.special["bos_token"] or DEFAULT_BOS)
+        )
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = self._raise
         self.template = env.from_string(template or DEFAULT_CHAT_TEMPLATE)
@@ -102,9 +112,15 @@ class Metrics:
         disable_created_metrics()  # no *_created series: they double the text and nobody graphs them
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("llama4_deploy_requests", "Requests finished, by endpoint and finish reason",
-                                ["endpoint", "finish_reason"], registry=r)
-        self.rejected = Counter("llama4_deploy_requests_rejected", "Requests refused, by HTTP status", ["status"], registry=r)
+        self.requests = Counter(
+            "llama4_deploy_requests",
+            "Requests finished, by endpoint and finish reason",
+            ["endpoint", "finish_reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "llama4_deploy_requests_rejected", "Requests refused, by HTTP status", ["status"], registry=r
+        )
         self.prompt_tokens = Counter("llama4_deploy_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("llama4_deploy_generation_tokens", "Tokens generated", registry=r)
         queue = Gauge("llama4_deploy_queue_depth", "Requests waiting for a batch row", registry=r)
@@ -113,12 +129,25 @@ class Metrics:
         rows.set_function(lambda: scheduler.occupancy)
         size = Gauge("llama4_deploy_batch_max_rows", "Rows of the running batch", registry=r)
         size.set(scheduler.max_batch)
-        self.step = Histogram("llama4_deploy_step_seconds", "Engine step time, by kind (prefill, decode)", ["kind"],
-                              buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5), registry=r)
-        self.ttft = Histogram("llama4_deploy_time_to_first_token_seconds", "Arrival to first token",
-                              buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30), registry=r)
-        self.latency = Histogram("llama4_deploy_request_seconds", "Arrival to last token",
-                                 buckets=(0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
+        self.step = Histogram(
+            "llama4_deploy_step_seconds",
+            "Engine step time, by kind (prefill, decode)",
+            ["kind"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "llama4_deploy_time_to_first_token_seconds",
+            "Arrival to first token",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
+        self.latency = Histogram(
+            "llama4_deploy_request_seconds",
+            "Arrival to last token",
+            buckets=(0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120),
+            registry=r,
+        )
 
     def observe_step(self, record: StepRecord) -> None:
         self.step.labels(record.kind).observe(record.seconds)
@@ -128,7 +157,7 @@ class Metrics:
 class _Run:
     """A submitted request seen from the event loop: its outputs as text deltas."""
 
-    def __init__(self, server: "Server", request: Request, stop_strings: tuple[str, ...], endpoint: str):
+    def __init__(self, server: Server, request: Request, stop_strings: tuple[str, ...], endpoint: str):
         self.server = server
         self.request = request
         self.endpoint = endpoint
@@ -137,8 +166,11 @@ class _Run:
         request.listener = lambda _, output: loop.call_soon_threadsafe(self.queue.put_nowait, output)
         tokenizer = server.tokenizer
         if stop_strings and tokenizer is None:
-            raise ClientError(f"bundle {server.model} has no tokenizer.json, so stop strings cannot be matched; "
-                              "give stop token ids instead", "stop")
+            raise ClientError(
+                f"bundle {server.model} has no tokenizer.json, so stop strings cannot be matched; "
+                "give stop token ids instead",
+                "stop",
+            )
         self.stream = tokenizer.stream(stop_strings) if tokenizer else None
         self.tokens: list[int] = []  # tokens whose text is in the answer
         self.finish_reason: str | None = None
@@ -148,8 +180,9 @@ class _Run:
         try:
             self.server.scheduler.submit(self.request)
         except QueueFull as err:
-            raise ClientError(f"the server is busy ({err}); retry after {RETRY_AFTER_S} s", status=429,
-                              code="queue_full") from None
+            raise ClientError(
+                f"the server is busy ({err}); retry after {RETRY_AFTER_S} s", status=429, code="queue_full"
+            ) from None
         except ValueError as err:
             raise ClientError(str(err), "prompt") from None
         self.server.metrics.prompt_tokens.inc(len(self.request.prompt))
@@ -190,7 +223,11 @@ class _Run:
 
     def usage(self) -> dict:
         prompt = len(self.request.prompt)
-        return {"prompt_tokens": prompt, "completion_tokens": len(self.tokens), "total_tokens": prompt + len(self.tokens)}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": len(self.tokens),
+            "total_tokens": prompt + len(self.tokens),
+        }
 
 
 # -- the server ---------------------------------------------------------------------------------
@@ -213,13 +250,19 @@ class Server:
     # -- request translation ------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
         if model != self.model:
-            raise ClientError(f"model {model!r} does not exist; this server serves {self.model!r}", "model",
-                              status=404, code="model_not_found")
+            raise ClientError(
+                f"model {model!r} does not exist; this server serves {self.model!r}",
+                "model",
+                status=404,
+                code="model_not_found",
+            )
 
     def _encode(self, text: str, param: str, special: bool = True) -> list[int]:
         if self.tokenizer is None:
-            raise ClientError(f"bundle {self.model} has no tokenizer.json, so text cannot be encoded; "
-                              "send the prompt as token ids", param)
+            raise ClientError(
+                f"bundle {self.model} has no tokenizer.json, so text cannot be encoded; send the prompt as token ids",
+                param,
+            )
         return self.tokenizer.encode(text, add_special_tokens=special)
 
     def _prompt_ids(self, prompt) -> list[int]:
@@ -233,8 +276,15 @@ class Server:
 
     def _request(self, body, prompt: list[int], max_tokens: int, logprobs: int | None) -> Request:
         stop = set(body.stop_ids()) | (set() if body.ignore_eos else set(self.engine.manifest.eos_token_ids))
-        return Request(prompt, max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                       stop_tokens=frozenset(stop), logprobs=logprobs)
+        return Request(
+            prompt,
+            max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop_tokens=frozenset(stop),
+            logprobs=logprobs,
+        )
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.token_text(token) if self.tokenizer else str(token)
@@ -253,27 +303,42 @@ class Server:
         def logprobs_of(outputs: list[Output]) -> dict | None:
             if not want_logprobs:
                 return None
-            return {"tokens": [self._token_text(o.token) for o in outputs],
-                    "token_logprobs": [o.logprob for o in outputs],
-                    "top_logprobs": [{self._token_text(t): lp for t, lp in o.top_logprobs} for o in outputs],
-                    "text_offset": []}
+            return {
+                "tokens": [self._token_text(o.token) for o in outputs],
+                "token_logprobs": [o.logprob for o in outputs],
+                "top_logprobs": [{self._token_text(t): lp for t, lp in o.top_logprobs} for o in outputs],
+                "text_offset": [],
+            }
 
         if body.stream:
+
             async def events():
                 async for text, outputs in run.deltas():
-                    choice = {"index": 0, "text": text, "logprobs": logprobs_of(outputs), "finish_reason": None,
-                              "token_ids": [o.token for o in outputs]}
+                    choice = {
+                        "index": 0,
+                        "text": text,
+                        "logprobs": logprobs_of(outputs),
+                        "finish_reason": None,
+                        "token_ids": [o.token for o in outputs],
+                    }
                     yield _sse({**head, "choices": [choice]})
-                for chunk in _stream_end(run, head, {"index": 0, "text": "", "logprobs": None,
-                                                     "finish_reason": run.finish_reason}, body):
+                for chunk in _stream_end(
+                    run, head, {"index": 0, "text": "", "logprobs": None, "finish_reason": run.finish_reason}, body
+                ):
                     yield chunk
+
             return StreamingResponse(events(), media_type="text/event-stream")
 
         text, outputs = await _collect(run, http)
         if run.error or run.finish_reason == "cancelled":
             return _error_response(run)
-        choice = {"index": 0, "text": text, "logprobs": logprobs_of(outputs), "finish_reason": run.finish_reason,
-                  "token_ids": run.tokens}
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": logprobs_of(outputs),
+            "finish_reason": run.finish_reason,
+            "token_ids": run.tokens,
+        }
         return {**head, "choices": [choice], "usage": run.usage()}
 
     async def chat_completions(self, body: ChatCompletionRequest, http: HttpRequest):
@@ -289,33 +354,67 @@ class Server:
 
         def entry(o: Output) -> dict:
             name = self._token_text(o.token)
-            return {"token": name, "logprob": o.logprob, "bytes": list(name.encode()),
-                    "top_logprobs": [{"token": self._token_text(t), "logprob": lp,
-                                      "bytes": list(self._token_text(t).encode())} for t, lp in o.top_logprobs]}
+            return {
+                "token": name,
+                "logprob": o.logprob,
+                "bytes": list(name.encode()),
+                "top_logprobs": [
+                    {"token": self._token_text(t), "logprob": lp, "bytes": list(self._token_text(t).encode())}
+                    for t, lp in o.top_logprobs
+                ],
+            }
 
         if body.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model}
 
             async def events():
-                yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]})
+                yield _sse(
+                    {
+                        **head,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
                 async for text, outputs in run.deltas():
                     logprobs = {"content": [entry(o) for o in outputs]} if body.logprobs else None
-                    yield _sse({**head, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": logprobs,
-                                                     "finish_reason": None}]})
-                for chunk in _stream_end(run, head, {"index": 0, "delta": {}, "logprobs": None,
-                                                     "finish_reason": run.finish_reason}, body):
+                    yield _sse(
+                        {
+                            **head,
+                            "choices": [
+                                {"index": 0, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
+                            ],
+                        }
+                    )
+                for chunk in _stream_end(
+                    run, head, {"index": 0, "delta": {}, "logprobs": None, "finish_reason": run.finish_reason}, body
+                ):
                     yield chunk
+
             return StreamingResponse(events(), media_type="text/event-stream")
 
         text, outputs = await _collect(run, http)
         if run.error or run.finish_reason == "cancelled":
             return _error_response(run)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": {"content": [entry(o) for o in outputs]} if body.logprobs else None,
-                  "finish_reason": run.finish_reason}
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model,
-                "choices": [choice], "usage": run.usage()}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": {"content": [entry(o) for o in outputs]} if body.logprobs else None,
+            "finish_reason": run.finish_reason,
+        }
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": run.usage(),
+        }
 
     # -- app ---------------------------------------------------------------------------------------
     def _make_app(self) -> FastAPI:
@@ -331,9 +430,18 @@ class Server:
 
         @app.get("/v1/models")
         async def models():
-            return {"object": "list", "data": [{"id": self.model, "object": "model", "created": self.created,
-                                                "owned_by": "llama4-deploy",
-                                                "max_model_len": self.engine.manifest.max_context}]}
+            return {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model,
+                        "object": "model",
+                        "created": self.created,
+                        "owned_by": "llama4-deploy",
+                        "max_model_len": self.engine.manifest.max_context,
+                    }
+                ],
+            }
 
         @app.get("/health")
         async def health():
@@ -347,7 +455,10 @@ class Server:
         async def invalid(_, err: RequestValidationError):
             first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
             if first.get("type") == "json_invalid":
-                where, message = None, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
+                where, message = (
+                    None,
+                    f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})",
+                )
             else:
                 where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
                 message = f"{where}: {first['msg']}" if where else f"the request body: {first['msg']}"
@@ -358,8 +469,16 @@ class Server:
         async def client_error(_, err: ClientError):
             self.metrics.rejected.labels(str(err.status)).inc()
             headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else None
-            kind = "rate_limit_error" if err.status == 429 else "not_found_error" if err.status == 404 else "invalid_request_error"
-            return JSONResponse(error_body(str(err), kind, err.param, err.code), status_code=err.status, headers=headers)
+            kind = (
+                "rate_limit_error"
+                if err.status == 429
+                else "not_found_error"
+                if err.status == 404
+                else "invalid_request_error"
+            )
+            return JSONResponse(
+                error_body(str(err), kind, err.param, err.code), status_code=err.status, headers=headers
+            )
 
         @app.exception_handler(StarletteHTTPException)
         async def http_error(_, err: StarletteHTTPException):
@@ -395,6 +514,7 @@ def _error_response(run: _Run) -> JSONResponse:
 
 async def _collect(run: _Run, http: HttpRequest) -> tuple[str, list[Output]]:
     """Gather a non-streamed answer; if the client disconnects first, cancel the request."""
+
     async def gather():
         text, outputs = [], []
         async for piece, new in run.deltas():
@@ -461,8 +581,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(bundle, host: str = "127.0.0.1", port: int = 8000, max_batch: int | None = None, max_queue: int = 64,
-          threads: int | None = None, drain_timeout: float = 30.0, echo=print, devices=None) -> None:
+def serve(
+    bundle,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int | None = None,
+    max_queue: int = 64,
+    threads: int | None = None,
+    drain_timeout: float = 30.0,
+    echo=print,
+    devices=None,
+) -> None:
     """Load a bundle and serve it until SIGTERM/SIGINT; `echo` gets the one-line status messages. `devices`:
     load's (one device per pipeline stage)."""
     if max_queue < 0:
@@ -476,11 +605,16 @@ def serve(bundle, host: str = "127.0.0.1", port: int = 8000, max_batch: int | No
         bound = sock.getsockname()[1]
 
         def on_signal(sig):
-            echo(f"{signal.Signals(sig).name}: no new requests; draining {server.scheduler.occupancy + server.scheduler.queue_depth} "
-                 f"in-flight request(s) for at most {drain_timeout:g} s")
+            echo(
+                f"{signal.Signals(sig).name}: no new requests; draining "
+                f"{server.scheduler.occupancy + server.scheduler.queue_depth} "
+                f"in-flight request(s) for at most {drain_timeout:g} s"
+            )
 
-        echo(f"serving {server.model} ({server.scheduler.max_batch} rows, queue {max_queue}, chat template: "
-             f"{server.chat_template.source}) on http://{host}:{bound}")
+        echo(
+            f"serving {server.model} ({server.scheduler.max_batch} rows, queue {max_queue}, chat template: "
+            f"{server.chat_template.source}) on http://{host}:{bound}"
+        )
         uv = _uvicorn_server(server.app, drain_timeout, on_signal)
         asyncio.run(uv.serve(sockets=[sock]))
         echo("stopped")

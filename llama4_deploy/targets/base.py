@@ -37,13 +37,15 @@ class Target:
         """The engine roles' dispatches, given the cost model's choice (graphs/dispatch.py, `choose`)."""
         return chosen
 
-    def lint(self, model: ir.Model, profiles: dict[str, int], facts: dict[str, Any],
-             capacity_factor: float) -> list[str]:
+    def lint(
+        self, model: ir.Model, profiles: dict[str, int], facts: dict[str, Any], capacity_factor: float
+    ) -> list[str]:
         """Problems the backend's parser would find in a graph, beyond the static-shape lint every target runs."""
         return []
 
-    def check_graph(self, model: ir.Model, strategy: str, profiles: dict[str, int], facts: dict[str, Any],
-                    capacity_factor: float) -> None:
+    def check_graph(
+        self, model: ir.Model, strategy: str, profiles: dict[str, int], facts: dict[str, Any], capacity_factor: float
+    ) -> None:
         """Raise TargetError (one sentence, the first problem) if the backend would refuse the graph."""
         problems = self.lint(model, profiles, facts, capacity_factor)
         if problems:
@@ -52,7 +54,12 @@ class Target:
 
     parser = "the backend"  # names what refuses a graph, in check_graph's sentence
 
-    def manifest_record(self, stages: list[dict[str, Any]], profiles: dict[str, int], model: dict[str, Any],
-                        layers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    def manifest_record(
+        self,
+        stages: list[dict[str, Any]],
+        profiles: dict[str, int],
+        model: dict[str, Any],
+        layers: list[dict[str, Any]],
+    ) -> dict[str, Any] | None:
         """What the manifest records under `engine.<name>` (None: nothing)."""
         return None

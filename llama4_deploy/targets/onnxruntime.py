@@ -1,8 +1,8 @@
 """The ONNX Runtime target (the default): every form ONNX Runtime runs, its contrib kernels included.
 
-    attention      onnx23 (the opset-23 Attention op: one kernel per layer) unless --attention decomposed
-    MoE dispatch   auto: priced among dense, gather, capacity and native (com.microsoft.MoE) at a CPU's balance
-    quantization   int4: ort (MatMulNBits, QMoE) unless --quant-form qdq; fp8: qdq
+attention      onnx23 (the opset-23 Attention op: one kernel per layer) unless --attention decomposed
+MoE dispatch   auto: priced among dense, gather, capacity and native (com.microsoft.MoE) at a CPU's balance
+quantization   int4: ort (MatMulNBits, QMoE) unless --quant-form qdq; fp8: qdq
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ class OnnxRuntimeTarget(Target):
     def dispatch_refusals(self, spec: QuantSpec) -> dict[str, str]:
         refusals = super().dispatch_refusals(spec)
         if spec.compute_dtype == "float16":
-            refusals["capacity"] = ("ONNX Runtime's CPU has no float16 ScatterND with reduction add, which the "
-                                    "capacity dispatch combines expert outputs with; use --moe-dispatch dense, "
-                                    "gather, native or auto")
+            refusals["capacity"] = (
+                "ONNX Runtime's CPU has no float16 ScatterND with reduction add, which the "
+                "capacity dispatch combines expert outputs with; use --moe-dispatch dense, "
+                "gather, native or auto"
+            )
         return refusals
 
 

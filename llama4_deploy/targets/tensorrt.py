@@ -46,14 +46,20 @@ class TensorRTTarget(Target):
         """TensorRT's forms fixed; `precision` / `compute_dtype`: what the user passed (None: not passed), which
         decide the default compute dtype (bfloat16)."""
         if recipe["quant_form"] == "ort":
-            raise TargetError("the ort quantization form uses ONNX Runtime's contrib kernels, which TensorRT cannot "
-                              "run; use --quant-form qdq (or auto) with --target tensorrt")
+            raise TargetError(
+                "the ort quantization form uses ONNX Runtime's contrib kernels, which TensorRT cannot "
+                "run; use --quant-form qdq (or auto) with --target tensorrt"
+            )
         if recipe["attention"] == "onnx23":
-            raise TargetError("TensorRT's Attention op takes no past key/value inputs, so --attention onnx23 cannot "
-                              "target it; use --attention decomposed (or auto)")
+            raise TargetError(
+                "TensorRT's Attention op takes no past key/value inputs, so --attention onnx23 cannot "
+                "target it; use --attention decomposed (or auto)"
+            )
         if recipe["moe_dispatch"] == "native":
-            raise TargetError("the native MoE dispatch is ONNX Runtime's com.microsoft.MoE, which TensorRT cannot "
-                              "run; use --moe-dispatch gather, capacity, dense or auto")
+            raise TargetError(
+                "the native MoE dispatch is ONNX Runtime's com.microsoft.MoE, which TensorRT cannot "
+                "run; use --moe-dispatch gather, capacity, dense or auto"
+            )
         update: dict[str, Any] = {"quant_form": "qdq", "attention": "decomposed"}
         chosen = precision or recipe["precision"]
         if precision is None and recipe["precision"] == "fp32":
@@ -62,8 +68,10 @@ class TensorRTTarget(Target):
         if chosen in ("fp8", "int4") and compute_dtype is None and recipe["compute_dtype"] is None:
             update["compute_dtype"] = "bfloat16"
         if chosen == "int4" and recipe["block_size"] not in (64, 128):
-            raise TargetError(f"int4 block {recipe['block_size']} is not a block TensorRT documents for INT4 "
-                              f"DequantizeLinear (64 or 128); use --block-size 64 or 128 with --target tensorrt")
+            raise TargetError(
+                f"int4 block {recipe['block_size']} is not a block TensorRT documents for INT4 "
+                f"DequantizeLinear (64 or 128); use --block-size 64 or 128 with --target tensorrt"
+            )
         return update
 
     def roles(self, requested: str, chosen: dict[str, str]) -> dict[str, str]:
@@ -74,12 +82,18 @@ class TensorRTTarget(Target):
         exact = chosen.get("exact") or ("gather" if chosen.get("prefill") == "gather" else chosen["prefill"])
         return {"prefill": "capacity", "decode": "gather", "exact": exact if exact in ("gather", "dense") else "gather"}
 
-    def lint(self, model: ir.Model, profiles: dict[str, int], facts: dict[str, Any],
-             capacity_factor: float) -> list[str]:
+    def lint(
+        self, model: ir.Model, profiles: dict[str, int], facts: dict[str, Any], capacity_factor: float
+    ) -> list[str]:
         return lint_tensorrt(model, topk_bound=topk_bound(profiles, facts, capacity_factor))
 
-    def manifest_record(self, stages: list[dict[str, Any]], profiles: dict[str, int], model: dict[str, Any],
-                        layers: list[dict[str, Any]]) -> dict[str, Any]:
+    def manifest_record(
+        self,
+        stages: list[dict[str, Any]],
+        profiles: dict[str, int],
+        model: dict[str, Any],
+        layers: list[dict[str, Any]],
+    ) -> dict[str, Any]:
         """engine.tensorrt: what `compile` builds plans for, one plan per graph file of every pipeline stage
         (`stages`: the build's stage records; plans: filled in by compile)."""
         return {

@@ -33,9 +33,11 @@ from llama4_deploy.runtime.integrity import check_files, hash_files
 
 TIMING_CACHE = "timing.cache"
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default builder optimization level
-INSTALL_HINT = ("TensorRT is not installed: run `pip install tensorrt cuda-python` (or `pip install "
-                "'llama4-deploy[tensorrt]'`) on the machine with the NVIDIA GPU the plans are for, and run "
-                "llama4-deploy compile there")
+INSTALL_HINT = (
+    "TensorRT is not installed: run `pip install tensorrt cuda-python` (or `pip install "
+    "'llama4-deploy[tensorrt]'`) on the machine with the NVIDIA GPU the plans are for, and run "
+    "llama4-deploy compile there"
+)
 
 
 class CompileError(ValueError):
@@ -55,7 +57,10 @@ def tensorrt_missing() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
         return INSTALL_HINT
     if importlib.util.find_spec("cuda") is None:
-        return "cuda-python is not installed: run `pip install cuda-python` next to TensorRT (compile reads the GPU's name and compute capability with it)"
+        return (
+            "cuda-python is not installed: run `pip install cuda-python` next to TensorRT (compile reads the "
+            "GPU's name and compute capability with it)"
+        )
     return None
 
 
@@ -67,8 +72,12 @@ def device_facts() -> dict[str, Any]:
     if err != cudart.cudaError_t.cudaSuccess:
         raise CompileError(f"no CUDA device could be queried ({err}); compile needs an NVIDIA GPU")
     name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
-    return {"gpu": name.rstrip("\x00"), "compute_capability": f"{prop.major}.{prop.minor}",
-            "memory_bytes": int(prop.totalGlobalMem), "memory_bus_bits": int(prop.memoryBusWidth)}
+    return {
+        "gpu": name.rstrip("\x00"),
+        "compute_capability": f"{prop.major}.{prop.minor}",
+        "memory_bytes": int(prop.totalGlobalMem),
+        "memory_bus_bits": int(prop.memoryBusWidth),
+    }
 
 
 def plan_name(graph_file: str) -> str:
@@ -77,7 +86,7 @@ def plan_name(graph_file: str) -> str:
 
 def planned_files(record: dict[str, Any]) -> dict[str, str]:
     """{graph file: plan file} compile builds for an engine.tensorrt record: one plan per graph file with
-    profiles, which is every graph of every pipeline stage (`stage<s>.<dispatch>.onnx` -> `stage<s>.<dispatch>.plan`)."""
+    profiles, which is every graph of every pipeline stage (`stage<s>.<dispatch>.onnx` -> `.plan`)."""
     return {graph_file: plan_name(graph_file) for graph_file in record["profiles"]}
 
 
@@ -118,15 +127,20 @@ def _progress_monitor(log: Callable[[str], None]):
     return Progress()
 
 
-def loaders(graph: Path, profiles: list[dict[str, Any]], timing_cache: Path, opt_level: int,
-            log: Callable[[str], None]):
+def loaders(
+    graph: Path, profiles: list[dict[str, Any]], timing_cache: Path, opt_level: int, log: Callable[[str], None]
+):
     """(network, config, plan bytes) loaders for one graph: composed, nothing built until `plan()` is called."""
     # deferred: `compile` refuses without TensorRT before loading polygraphy's TensorRT loaders
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
 
     network = NetworkFromOnnxPath(str(graph), strongly_typed=True)
-    config = CreateConfig(profiles=_profiles(profiles), load_timing_cache=str(timing_cache),
-                          builder_optimization_level=opt_level, progress_monitor=_progress_monitor(log))
+    config = CreateConfig(
+        profiles=_profiles(profiles),
+        load_timing_cache=str(timing_cache),
+        builder_optimization_level=opt_level,
+        progress_monitor=_progress_monitor(log),
+    )
     return network, config, EngineBytesFromNetwork(network, config, save_timing_cache=str(timing_cache))
 
 
@@ -134,13 +148,17 @@ def _read_bundle(bundle: Path):
     manifest = read_manifest(bundle)
     record = manifest.engine.get("tensorrt")
     if manifest.engine.get("backend") != "tensorrt" or not isinstance(record, dict) or not record.get("profiles"):
-        raise CompileError(f"bundle {bundle} is not a TensorRT-form bundle; build it with llama4-deploy build "
-                           f"--target tensorrt first")
+        raise CompileError(
+            f"bundle {bundle} is not a TensorRT-form bundle; build it with llama4-deploy build --target tensorrt first"
+        )
     return manifest, record
 
 
-def compile_bundle(bundle: str | Path, opt_level: int = DEFAULT_OPT_LEVEL,
-                   log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> CompileResult:
+def compile_bundle(
+    bundle: str | Path,
+    opt_level: int = DEFAULT_OPT_LEVEL,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+) -> CompileResult:
     """Build a plan per graph file of a TensorRT-form bundle and record them in its manifest."""
     missing = tensorrt_missing()
     if missing:
@@ -152,11 +170,12 @@ def compile_bundle(bundle: str | Path, opt_level: int = DEFAULT_OPT_LEVEL,
     manifest, record = _read_bundle(bundle)
     import tensorrt as trt  # deferred: TensorRT exists only on the GPU machine
 
-
     check_files(manifest)  # compile what the build wrote, not a changed copy
     facts = device_facts()
-    log(f"[compile] TensorRT {trt.__version__} on {facts['gpu']} (compute capability {facts['compute_capability']}),"
-        f" builder optimization level {opt_level}")
+    log(
+        f"[compile] TensorRT {trt.__version__} on {facts['gpu']} (compute capability {facts['compute_capability']}),"
+        f" builder optimization level {opt_level}"
+    )
     timing_cache = bundle / TIMING_CACHE
     written: dict[str, str] = {}
     temps: list[Path] = []
@@ -173,7 +192,7 @@ def compile_bundle(bundle: str | Path, opt_level: int = DEFAULT_OPT_LEVEL,
                 f.write(serialized)
             written[graph_file] = plan
             log(f"[compile] {plan}: {temp.stat().st_size / 1e6:.1f} MB in {time.time() - t:.1f}s")
-        for graph_file, plan in written.items():
+        for plan in written.values():
             (bundle / f".{plan}.tmp").replace(bundle / plan)
     finally:
         for temp in temps:

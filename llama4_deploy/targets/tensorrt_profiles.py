@@ -11,8 +11,8 @@ per dynamic dimension). The engine ABI (docs/engine-abi.md) has four dynamic dim
 One graph file may serve several roles (gather.onnx is often both `decode` and `exact`), and a
 plan is built per file, so profiles are per file: `new` runs to prefill_tokens unless the file
 serves only `decode`. The cache dimension gets one profile per range of buckets, each range at
-most RANGE_RATIO times its lowest bound (ends at 128, 1024, 8192, ...), so TensorRT tunes attention for a context near the
-one it runs (a single 16 ... 131072 profile would tune for one end only). The runtime picks, per
+most RANGE_RATIO times its lowest bound (ends at 128, 1024, 8192, ...), so TensorRT tunes attention for a context
+near the one it runs (a single 16 ... 131072 profile would tune for one end only). The runtime picks, per
 step, the profile whose range holds the current bucket (runtime/tensorrt_backend.py,
 `profile_index`). opt is the range's largest bucket: the step costs the most there.
 
@@ -54,8 +54,13 @@ def _dims(low: int, opt: int, high: int) -> dict[str, int]:
     return {"min": low, "opt": opt, "max": high}
 
 
-def file_profiles(roles: list[str], profiles: dict[str, int], model: dict[str, Any],
-                  layers: list[dict[str, Any]], first_input: str = abi.INPUT_IDS) -> list[dict[str, Any]]:
+def file_profiles(
+    roles: list[str],
+    profiles: dict[str, int],
+    model: dict[str, Any],
+    layers: list[dict[str, Any]],
+    first_input: str = abi.INPUT_IDS,
+) -> list[dict[str, Any]]:
     """The optimization profiles of one graph file serving `roles` (prefill, decode, exact), whose
     graph takes `first_input` (input_ids, or a later stage's hidden_states) and the caches of `layers`.
 
@@ -73,11 +78,10 @@ def file_profiles(roles: list[str], profiles: dict[str, int], model: dict[str, A
             "ring": _dims(min(chunk, low), min(chunk, high), min(chunk, high)),
         }
 
-        def shape(*names):
+        def shape(*names, dims=dims):
             return {key: [dims[n][key] if isinstance(n, str) else n for n in names] for key in ("min", "opt", "max")}
 
-        first = (shape("batch", "new") if first_input == abi.INPUT_IDS
-                 else shape("batch", "new", model["hidden_size"]))
+        first = shape("batch", "new") if first_input == abi.INPUT_IDS else shape("batch", "new", model["hidden_size"])
         shapes = {first_input: first, abi.POSITION_IDS: shape("batch", "new"), abi.PAST_LENGTHS: shape("batch")}
         for layer in layers:
             slots = "ring" if layer["attention"] == "chunked" else "context"
@@ -95,19 +99,24 @@ def file_profiles(roles: list[str], profiles: dict[str, int], model: dict[str, A
     return rings
 
 
-def bundle_profiles(graphs: dict[str, dict[str, Any]], profiles: dict[str, int], model: dict[str, Any],
-                    layers: list[dict[str, Any]], first_input: str = abi.INPUT_IDS) -> dict[str, list[dict[str, Any]]]:
+def bundle_profiles(
+    graphs: dict[str, dict[str, Any]],
+    profiles: dict[str, int],
+    model: dict[str, Any],
+    layers: list[dict[str, Any]],
+    first_input: str = abi.INPUT_IDS,
+) -> dict[str, list[dict[str, Any]]]:
     """{graph file: its profiles} for a manifest's `engine.graphs` (role -> record with `file`), or for one
     stage's graphs (its `layers`, its `first_input`)."""
     roles: dict[str, list[str]] = {}
     for role, record in graphs.items():
         roles.setdefault(record["file"], []).append(role)
-    return {file: file_profiles(file_roles, profiles, model, layers, first_input)
-            for file, file_roles in roles.items()}
+    return {file: file_profiles(file_roles, profiles, model, layers, first_input) for file, file_roles in roles.items()}
 
 
-def stage_profiles(stages: list[dict[str, Any]], profiles: dict[str, int], model: dict[str, Any],
-                   layers: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def stage_profiles(
+    stages: list[dict[str, Any]], profiles: dict[str, int], model: dict[str, Any], layers: list[dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
     """{graph file: its profiles} over every pipeline stage of a manifest (`engine.stages` records: `layers`
     [start, stop), `graphs`, `inputs`); one stage gives bundle_profiles of the whole model."""
     out: dict[str, list[dict[str, Any]]] = {}

@@ -55,8 +55,15 @@ def test_awq_bundle_verifies_against_its_simulation(tmp_path):
     from llama4_deploy.build import build
     from llama4_deploy.quality.verify import verify
 
-    bundle = build("tiny", out=tmp_path / "awq", precision="int4", quant_method="awq", block_size=32,
-                   moe_dispatch="native", log=lambda _: None).bundle
+    bundle = build(
+        "tiny",
+        out=tmp_path / "awq",
+        precision="int4",
+        quant_method="awq",
+        block_size=32,
+        moe_dispatch="native",
+        log=lambda _: None,
+    ).bundle
     m = manifest(bundle)
     assert m["engine"]["quantization"]["rules"][0]["method"] == "awq"
     assert m["calibration"]["awq_scales"] == "awq_scales.npz" and (bundle / "awq_scales.npz").is_file()

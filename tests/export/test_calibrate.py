@@ -17,7 +17,12 @@ def test_layer_by_layer_ranges_equal_whole_model_ones(tmp_path):
     ids = calibration_ids(None, Checkpoint(ckpt), seed=2)[:3] + [[7, 8, 9]]  # ragged lengths
     layered = collect_amax(ckpt, ids)
     whole = collect_amax_whole_model(ckpt, ids)
-    assert set(layered) == set(whole) and {"layers.0.q", "layers.1.experts_gate_up", "layers.3.experts_down",
-                                           "layers.2.mlp_down", "layers.0.o"} <= set(layered)
+    assert set(layered) == set(whole) and {
+        "layers.0.q",
+        "layers.1.experts_gate_up",
+        "layers.3.experts_down",
+        "layers.2.mlp_down",
+        "layers.0.o",
+    } <= set(layered)
     names = sorted(whole)
     np.testing.assert_allclose([layered[n] for n in names], [whole[n] for n in names], rtol=1e-6)

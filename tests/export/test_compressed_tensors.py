@@ -54,24 +54,34 @@ def write_fp8_checkpoint(directory: Path, seed: int = 0, logit_gain: float = 40.
                 else:
                     linears = {"down_proj": p[e].T}
                 for kind, w in linears.items():
-                    tensors[f"{m[1]}.{e}.{kind}.weight"], tensors[f"{m[1]}.{e}.{kind}.weight_scale"] = \
-                        _fp8_per_channel(w.contiguous())
+                    tensors[f"{m[1]}.{e}.{kind}.weight"], tensors[f"{m[1]}.{e}.{kind}.weight_scale"] = _fp8_per_channel(
+                        w.contiguous()
+                    )
         elif QUANTIZED.match(name.removesuffix(".weight")):
             tensors[name], tensors[name.removesuffix("weight") + "weight_scale"] = _fp8_per_channel(p)
         else:
             tensors[name] = p.to(torch.bfloat16)  # the release keeps unquantized modules in bf16
     directory.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, directory / "model.safetensors", metadata={"format": "pt"}
+    )
     config = model.config.to_dict()
     fp8 = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "block_structure": None}
     config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": {**fp8, "strategy": "channel", "dynamic": False, "observer": "minmax"},
-            "input_activations": {**fp8, "strategy": "token", "dynamic": True, "observer": None},
-            "output_activations": None}},
-        "ignore": IGNORE, "kv_cache_scheme": None}
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {**fp8, "strategy": "channel", "dynamic": False, "observer": "minmax"},
+                "input_activations": {**fp8, "strategy": "token", "dynamic": True, "observer": None},
+                "output_activations": None,
+            }
+        },
+        "ignore": IGNORE,
+        "kv_cache_scheme": None,
+    }
     (directory / "config.json").write_text(json.dumps(config, indent=1))
     return directory
 
@@ -89,26 +99,40 @@ def test_prequantized_fp8_builds_as_stored_and_verifies(tmp_path):
     m = manifest(bundle)
     rule = m["engine"]["quantization"]["rules"][0]
     assert m["engine"]["precision"] == "fp8" and m["engine"]["quant_form"] == "qdq" and rule["method"] == "checkpoint"
-    assert rule["patterns"] == ["layers.*.q", "layers.*.k", "layers.*.v", "layers.*.o",
-                                "layers.*.experts_gate_up", "layers.*.experts_down"]
+    assert rule["patterns"] == [
+        "layers.*.q",
+        "layers.*.k",
+        "layers.*.v",
+        "layers.*.o",
+        "layers.*.experts_gate_up",
+        "layers.*.experts_down",
+    ]
     assert rule["activation"] == "fp8_tensor" and m["calibration"]["source"] == "seeded random tokens"
 
-    raw = {k: (v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v.float()).numpy()
-           for k, v in load_file(ckpt / "model.safetensors").items()}  # float8 as its stored bytes
+    raw = {
+        k: (v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v.float()).numpy()
+        for k, v in load_file(ckpt / "model.safetensors").items()
+    }  # float8 as its stored bytes
     graph = ir.load(bundle / m["engine"]["graphs"]["decode"]["file"]).graph
     stored = {name: v.const_value.numpy() for name, v in graph.initializers.items()}
     fp8 = raw.__getitem__
     experts = "model.layers.1.feed_forward.experts"
-    gate_up = np.stack([np.concatenate([fp8(f"{experts}.{e}.gate_proj.weight").T, fp8(f"{experts}.{e}.up_proj.weight").T],
-                                       axis=1) for e in range(8)])
+    gate_up = np.stack(
+        [
+            np.concatenate([fp8(f"{experts}.{e}.gate_proj.weight").T, fp8(f"{experts}.{e}.up_proj.weight").T], axis=1)
+            for e in range(8)
+        ]
+    )
     assert stored["layers.1.experts_gate_up.fp8"].dtype == ml_dtypes.float8_e4m3fn
     np.testing.assert_array_equal(stored["layers.1.experts_gate_up.fp8"].view(np.uint8), gate_up)  # bit for bit
     scale = np.concatenate([raw[f"{experts}.3.gate_proj.weight_scale"], raw[f"{experts}.3.up_proj.weight_scale"]])
     np.testing.assert_array_equal(stored["layers.1.experts_gate_up.scale"][3, 0], scale.astype(np.float32)[:, 0])
-    np.testing.assert_array_equal(stored["layers.2.q.fp8"].view(np.uint8),
-                                  fp8("model.layers.2.self_attn.q_proj.weight").T)
-    np.testing.assert_array_equal(stored["layers.2.q.scale"],
-                                  raw["model.layers.2.self_attn.q_proj.weight_scale"].astype(np.float32)[:, 0])
+    np.testing.assert_array_equal(
+        stored["layers.2.q.fp8"].view(np.uint8), fp8("model.layers.2.self_attn.q_proj.weight").T
+    )
+    np.testing.assert_array_equal(
+        stored["layers.2.q.scale"], raw["model.layers.2.self_attn.q_proj.weight_scale"].astype(np.float32)[:, 0]
+    )
     for unquantized in ("layers.1.shared_gate", "layers.0.mlp_up", "layers.1.router", "head.lm_head"):
         assert stored[unquantized].dtype == np.float32, unquantized  # ignored modules stay in the compute dtype
 
@@ -147,12 +171,17 @@ def test_static_activation_scales_cost_against_per_token(tmp_path):
     assert per_token["min_cosine"] >= 0.98 and per_token["max_kl"] <= 0.005, per_token
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda q: q.update(quant_method="gptq"), "quant_method 'gptq'"),
-    (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=4, type="int", strategy="group"),
-     "only symmetric FP8"),
-    (lambda q: q.update(ignore=IGNORE + ["re:.*self_attn.*"]), "ignore but stored in float8_e4m3fn"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda q: q.update(quant_method="gptq"), "quant_method 'gptq'"),
+        (
+            lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=4, type="int", strategy="group"),
+            "only symmetric FP8",
+        ),
+        (lambda q: q.update(ignore=IGNORE + ["re:.*self_attn.*"]), "ignore but stored in float8_e4m3fn"),
+    ],
+)
 def test_bad_quantization_config_refuses(tmp_path, change, message):
     from llama4_deploy.build import BuildError, build
 

@@ -9,9 +9,9 @@ import copy
 import numpy as np
 import pytest
 
+from llama4_deploy.build.recipe import load_recipe
 from llama4_deploy.export.layerwise import CheckpointWeights, Pass, RandomWeights, run_layer_by_layer
 from llama4_deploy.export.reference import checkpoint_model, random_model, reference_logits
-from llama4_deploy.build.recipe import load_recipe
 
 # x max|logit|: both sides are transformers' own modules running the same ops in the same order in fp32 on the
 # same [1, T, H] tensors (one sequence at a time), so nothing but a change of summation order could separate them

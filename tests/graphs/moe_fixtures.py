@@ -11,16 +11,18 @@ import torch
 from llama4_deploy.graphs import ops
 
 
-def hf_moe(num_experts: int = 8, hidden: int = 32, intermediate: int = 16, seed: int = 0,
-           hot_expert: int | None = None):
+def hf_moe(
+    num_experts: int = 8, hidden: int = 32, intermediate: int = 16, seed: int = 0, hot_expert: int | None = None
+):
     """(Llama4TextMoe with N(0, 0.3) weights, {deploy name: array}). `hot_expert` adds +100 to that
     expert's router column, so (for inputs with positive entries) every token picks it."""
     from transformers import Llama4TextConfig
     from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
     torch.manual_seed(seed)
-    cfg = Llama4TextConfig(hidden_size=hidden, intermediate_size=intermediate, num_local_experts=num_experts,
-                           num_experts_per_tok=1)
+    cfg = Llama4TextConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_local_experts=num_experts, num_experts_per_tok=1
+    )
     moe = Llama4TextMoe(cfg).eval()
     with torch.no_grad():
         for p in moe.parameters():
@@ -38,8 +40,14 @@ def hf_moe(num_experts: int = 8, hidden: int = 32, intermediate: int = 16, seed:
     return moe, weights
 
 
-def moe_model(weights: dict[str, np.ndarray], hidden: int, top_k: int = 1, token_valid: bool = False,
-              tensors: dict[str, ir.TensorProtocol] | None = None, as_inputs: tuple[str, ...] = ()) -> ir.Model:
+def moe_model(
+    weights: dict[str, np.ndarray],
+    hidden: int,
+    top_k: int = 1,
+    token_valid: bool = False,
+    tensors: dict[str, ir.TensorProtocol] | None = None,
+    as_inputs: tuple[str, ...] = (),
+) -> ir.Model:
     """One llama4_deploy.MoE node named /layers.1/node_moe. Weights are initializers (with
     `tensors` overriding their data), except those named in `as_inputs`; with `token_valid` the
     node gets the optional token mask as a graph input."""
@@ -58,8 +66,14 @@ def moe_model(weights: dict[str, np.ndarray], hidden: int, top_k: int = 1, token
         valid = ir.Value(name="token_valid", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape(["tokens"]))
         inputs.append(valid)
         values.append(valid)
-    node = ir.Node(ops.DOMAIN, ops.MOE, [x, *values], attributes=[ir.AttrInt64("top_k", top_k)],
-                   name="/layers.1/node_moe", num_outputs=1)
+    node = ir.Node(
+        ops.DOMAIN,
+        ops.MOE,
+        [x, *values],
+        attributes=[ir.AttrInt64("top_k", top_k)],
+        name="/layers.1/node_moe",
+        num_outputs=1,
+    )
     node.outputs[0].name = "y"
     graph = ir.Graph(inputs, node.outputs, nodes=[node], initializers=inits, opset_imports={"": 21, ops.DOMAIN: 1})
     return ir.Model(graph, ir_version=10)

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from llama4_deploy import targets
+from llama4_deploy.build.recipe import load_recipe
 from llama4_deploy.build.steps.lower import link_model
 from llama4_deploy.export.checkpoint import Checkpoint
 from llama4_deploy.export.trace import trace_templates
 from llama4_deploy.graphs import dispatch
 from llama4_deploy.graphs.cost import step_cost
 from llama4_deploy.graphs.lower_attention import LowerAttentionPass
-from llama4_deploy.build.recipe import load_recipe
-from llama4_deploy import targets
 from tests.conftest import write_checkpoint
 
 DECODE = [{"batch": 1, "new": 1, "context": 256}, {"batch": 8, "new": 1, "context": 256}]

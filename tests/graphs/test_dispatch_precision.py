@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from llama4_deploy import targets
 from llama4_deploy.export.observe import experts_forward
 from llama4_deploy.graphs.compute_dtype import ComputeDtypePass
 from llama4_deploy.graphs.lower_moe_capacity import CapacityConfig, LowerMoeCapacityPass
@@ -27,10 +28,15 @@ from llama4_deploy.graphs.lower_moe_gather import LowerMoeGatherPass
 from llama4_deploy.graphs.lower_moe_native import LowerMoeNativePass
 from llama4_deploy.graphs.passes import LoweringError, run_passes
 from llama4_deploy.graphs.quant_pass import quantize_passes
-from llama4_deploy.graphs.quantize import (QuantConfig, fake_quant, fake_quant_activation, fake_quant_int8_blocks,
-                                           fp8_activation_scale, make_spec)
+from llama4_deploy.graphs.quantize import (
+    QuantConfig,
+    fake_quant,
+    fake_quant_activation,
+    fake_quant_int8_blocks,
+    fp8_activation_scale,
+    make_spec,
+)
 from llama4_deploy.quality.verify import SIMULATION_TOLERANCE
-from llama4_deploy import targets
 from tests.graphs.moe_fixtures import hf_moe, moe_model, run_ort, transformers_output
 
 E, H, I, TOKENS = 8, 64, 32, 12
@@ -46,13 +52,16 @@ SHARED = {"shared_gate": "gate_proj", "shared_up": "up_proj", "shared_down": "do
 
 def _spec(choice: str):
     precision, form, compute = (choice.split("-") + ["", ""])[:3]
-    spec = make_spec(QuantConfig(precision=precision, block_size=32, form=form or "auto", int4_compute=compute or "float"))
+    spec = make_spec(
+        QuantConfig(precision=precision, block_size=32, form=form or "auto", int4_compute=compute or "float")
+    )
     if len(spec.rules) == 2:  # int8 compute: experts keep float activations, the shared expert's MatMulNBits int8
         patterns = (PATTERNS[:2], PATTERNS[2:])
     else:
         patterns = (PATTERNS,) * len(spec.rules)
-    return spec.model_copy(update={"rules": tuple(r.model_copy(update={"patterns": p})
-                                                  for r, p in zip(spec.rules, patterns))})
+    return spec.model_copy(
+        update={"rules": tuple(r.model_copy(update={"patterns": p}) for r, p in zip(spec.rules, patterns))}
+    )
 
 
 def _inputs(moe, x):
@@ -70,8 +79,12 @@ def _inputs(moe, x):
 
 def _hook(moe, transform):
     """transform(name, activation) on every quantized weight's input: shared expert Linears and both expert matmuls."""
-    handles = [getattr(moe.shared_expert, module).register_forward_pre_hook(
-        lambda m, args, n=name: (transform(n, args[0]),) + args[1:]) for name, module in SHARED.items()]
+    handles = [
+        getattr(moe.shared_expert, module).register_forward_pre_hook(
+            lambda m, args, n=name: (transform(n, args[0]),) + args[1:]
+        )
+        for name, module in SHARED.items()
+    ]
     names = {"x.experts_gate_up": "gate_up", "x.experts_down": "down"}
     moe.experts._record = ("x", lambda name, t: transform(names[name], t))
     moe.experts.forward = types.MethodType(experts_forward, moe.experts)
@@ -90,8 +103,9 @@ def _simulate(moe, spec, amax):
     int8 = next((r for r in spec.rules if r.activation == "int8_block"), None)
     if int8 is not None:  # MatMulNBits (accuracy_level 4) on the shared expert: int8 inputs per row and block
         for module in SHARED.values():
-            getattr(moe.shared_expert, module).register_forward_pre_hook(lambda m, args: (torch.from_numpy(
-                fake_quant_int8_blocks(args[0].numpy(), int8.block_size)),))
+            getattr(moe.shared_expert, module).register_forward_pre_hook(
+                lambda m, args: (torch.from_numpy(fake_quant_int8_blocks(args[0].numpy(), int8.block_size)),)
+            )
     if spec.activations:
         scales = {name: fp8_activation_scale(value) for name, value in amax.items()}
         _hook(moe, lambda name, t: torch.from_numpy(fake_quant_activation(t.detach().numpy(), scales[name])))
@@ -118,16 +132,22 @@ def test_dispatch_x_precision(dispatch, choice):
     if spec.activations and dispatch == "native":
         assert refusals["native"].startswith("precision fp8 quantizes expert activations")
         amax = {n: 1.0 for n in ("gate_up", "down", "shared_gate", "shared_up", "shared_down")}
-        with pytest.raises(LoweringError, match="^weight gate_up.native_fc1 was not quantized to fp8: it is read by "
-                                                "ONNX Runtime's fused MoE kernel, where its fp8 activation cannot be "
-                                                "quantized"):
+        with pytest.raises(
+            LoweringError,
+            match="^weight gate_up.native_fc1 was not quantized to fp8: it is read by "
+            "ONNX Runtime's fused MoE kernel, where its fp8 activation cannot be "
+            "quantized",
+        ):
             run_passes(model, quantize_passes(spec, amax))
         return
     counts = run_passes(model, quantize_passes(spec, amax))
     ops = {n.op_type for n in model.graph}
     if spec.quantized:
-        assert sum(counts.values()) == 5 if dispatch != "native" or not choice.startswith("int4-ort") else \
-        counts["quantize_ort"] == 4
+        assert (
+            sum(counts.values()) == 5
+            if dispatch != "native" or not choice.startswith("int4-ort")
+            else counts["quantize_ort"] == 4
+        )
     if choice.startswith("int4-ort"):
         assert "MatMulNBits" in ops and (("QMoE" in ops) == (dispatch == "native"))
     if choice == "fp8":

@@ -27,7 +27,14 @@ def templates(tiny_checkpoint):
 
 def test_templates_one_per_kind(templates, tiny_checkpoint):
     # tiny: layers 0, 2 RoPE dense; 1 RoPE MoE; 3 NoPE MoE
-    assert sorted(templates) == ["embed", "head", "nope_global_moe", "prologue", "rope_chunked_dense", "rope_chunked_moe"]
+    assert sorted(templates) == [
+        "embed",
+        "head",
+        "nope_global_moe",
+        "prologue",
+        "rope_chunked_dense",
+        "rope_chunked_moe",
+    ]
     for name in ("rope_chunked_dense", "nope_global_moe", "rope_chunked_moe"):
         nodes = [n for n in templates[name].graph if n.domain == "llama4_deploy"]
         assert sorted(n.op_type for n in nodes) == (["Attention", "MoE"] if name.endswith("moe") else ["Attention"])
@@ -38,8 +45,15 @@ def test_templates_one_per_kind(templates, tiny_checkpoint):
     assert templates["prologue"].graph.initializers["rope_inv_freq"].const_value is not None
     # masks, RoPE angles and temperature are computed once, in the prologue, not per layer
     assert [v.name for v in templates["prologue"].graph.outputs] == [
-        "token_valid", "chunked_cache_mask", "chunked_new_mask", "rope_cos", "rope_sin",
-        "global_cache_mask", "global_new_mask", "temperature"]
+        "token_valid",
+        "chunked_cache_mask",
+        "chunked_new_mask",
+        "rope_cos",
+        "rope_sin",
+        "global_cache_mask",
+        "global_new_mask",
+        "temperature",
+    ]
     assert not any(n.op_type in ("Cos", "Sin", "Mod") for n in layer)
 
 
@@ -69,7 +83,6 @@ def test_link_rejects_wrong_weight_shape(templates):
 
 def test_build_is_byte_identical(tmp_path):
     from llama4_deploy.build import build
-
     from llama4_deploy.export import trace
 
     digests = []

@@ -22,8 +22,10 @@ def _init(name, array, dtype=None):
 
 
 def _model(nodes, inputs, outputs, initializers=(), opset=21) -> ir.Model:
-    return ir.Model(ir.Graph(inputs, outputs, nodes=nodes, initializers=list(initializers),
-                             opset_imports={"": opset}), ir_version=10)
+    return ir.Model(
+        ir.Graph(inputs, outputs, nodes=nodes, initializers=list(initializers), opset_imports={"": opset}),
+        ir_version=10,
+    )
 
 
 def _unary(op_type, dtype=F, attributes=None, domain=""):
@@ -44,8 +46,11 @@ def test_clean_graph_has_no_problem():
 
 
 def test_opset_outside_9_to_24():
-    _one(lint_tensorrt(_model([ir.node("Relu", [x := _value("x")], name="/Relu")], [x], [], opset=25)),
-         "opset is 25", "9 to 24")
+    _one(
+        lint_tensorrt(_model([ir.node("Relu", [x := _value("x")], name="/Relu")], [x], [], opset=25)),
+        "opset is 25",
+        "9 to 24",
+    )
 
 
 def test_non_standard_domain():
@@ -146,8 +151,10 @@ def _dq(q_array, q_dtype, scale, attributes, zero=None, constant=True):
 
 def test_dq_zero_point_must_be_zero():
     q = np.ones((4, 2), dtype=np.int8)
-    _one(lint_tensorrt(_dq(q, None, np.ones(2, np.float32), {"axis": 1}, zero=(np.full(2, 3, np.int8), None))),
-         "non-zero zero point")
+    _one(
+        lint_tensorrt(_dq(q, None, np.ones(2, np.float32), {"axis": 1}, zero=(np.full(2, 3, np.int8), None))),
+        "non-zero zero point",
+    )
     assert lint_tensorrt(_dq(q, None, np.ones(2, np.float32), {"axis": 1}, zero=(np.zeros(2, np.int8), None))) == []
 
 
@@ -212,8 +219,11 @@ def test_cli_lint_applies_tensorrt_rules_to_a_tensorrt_bundle(tmp_path):
     node = ir.node("ScatterND", [data, index, update], {"reduction": "add"}, name="/ScatterND")
     node.outputs[0].name = "out"
     ir.save(_model([node], [data, index, update], node.outputs), tmp_path / "capacity.onnx")
-    record = {"engine": {"backend": "tensorrt", "graphs": {}}, "profiles": {"max_batch": 1, "prefill_tokens": 8},
-              "model": {"top_k": 1, "num_experts": 8}}
+    record = {
+        "engine": {"backend": "tensorrt", "graphs": {}},
+        "profiles": {"max_batch": 1, "prefill_tokens": 8},
+        "model": {"top_k": 1, "num_experts": 8},
+    }
     (tmp_path / "manifest.json").write_text(json.dumps(record))
     result = invoke("lint", tmp_path)
     assert result.exit_code == 1 and "reduction=add" in result.output, result.output

@@ -22,15 +22,30 @@ def _model(shapes_known: bool = True) -> ir.Model:
     ops.register_schemas()
     f, b = ir.TensorType(ir.DataType.FLOAT), ir.TensorType(ir.DataType.BOOL)
     dims = {
-        "query": ["batch", "new", Q, D], "key": ["batch", K, "new", D], "value": ["batch", K, "new", D],
-        "cache_mask": ["batch", 1, 1, "new", "slots"], "new_mask": ["batch", 1, 1, "new", "new"],
-        "past_key": ["batch", K, "slots", D], "past_value": ["batch", K, "slots", D],
+        "query": ["batch", "new", Q, D],
+        "key": ["batch", K, "new", D],
+        "value": ["batch", K, "new", D],
+        "cache_mask": ["batch", 1, 1, "new", "slots"],
+        "new_mask": ["batch", 1, 1, "new", "new"],
+        "past_key": ["batch", K, "slots", D],
+        "past_value": ["batch", K, "slots", D],
     }
-    inputs = [ir.Value(name=n, type=b if n.endswith("_mask") else f,
-                       shape=ir.Shape(dims[n] if shapes_known or n != "query" else ["batch", "new", "h", D]))
-              for n in ops.ATTENTION_INPUTS]
-    node = ir.Node(ops.DOMAIN, ops.ATTENTION, inputs, attributes=[ir.AttrFloat32("scale", SCALE)],
-                   name="/layers.0/node_attention", num_outputs=1)
+    inputs = [
+        ir.Value(
+            name=n,
+            type=b if n.endswith("_mask") else f,
+            shape=ir.Shape(dims[n] if shapes_known or n != "query" else ["batch", "new", "h", D]),
+        )
+        for n in ops.ATTENTION_INPUTS
+    ]
+    node = ir.Node(
+        ops.DOMAIN,
+        ops.ATTENTION,
+        inputs,
+        attributes=[ir.AttrFloat32("scale", SCALE)],
+        name="/layers.0/node_attention",
+        num_outputs=1,
+    )
     out = node.outputs[0]
     out.name, out.type, out.shape = "context", f, ir.Shape(["batch", "new", Q * D])
     graph = ir.Graph(inputs, [out], nodes=[node], opset_imports={"": 21, ops.DOMAIN: ops.VERSION}, name="attention")
@@ -40,8 +55,10 @@ def _model(shapes_known: bool = True) -> ir.Model:
 def _feeds(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {
-        "query": rng.normal(size=(B, T, Q, D)), "key": rng.normal(size=(B, K, T, D)),
-        "value": rng.normal(size=(B, K, T, D)), "past_key": rng.normal(size=(B, K, S, D)),
+        "query": rng.normal(size=(B, T, Q, D)),
+        "key": rng.normal(size=(B, K, T, D)),
+        "value": rng.normal(size=(B, K, T, D)),
+        "past_key": rng.normal(size=(B, K, S, D)),
         "past_value": rng.normal(size=(B, K, S, D)),
     }
     feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
@@ -54,8 +71,9 @@ def _feeds(seed: int = 0) -> dict[str, np.ndarray]:
 
 def _eager(feeds) -> np.ndarray:
     t = {k: torch.from_numpy(v) for k, v in feeds.items()}
-    return modules.attention(t["query"], t["key"], t["value"], t["cache_mask"], t["new_mask"],
-                             t["past_key"], t["past_value"], SCALE).numpy()
+    return modules.attention(
+        t["query"], t["key"], t["value"], t["cache_mask"], t["new_mask"], t["past_key"], t["past_value"], SCALE
+    ).numpy()
 
 
 def _run(model: ir.Model, feeds) -> np.ndarray:
@@ -101,8 +119,10 @@ def test_refusals():
     model = _model(shapes_known=False)
     with pytest.raises(LoweringError) as refusal:
         LowerAttentionPass("onnx23")(model)
-    assert str(refusal.value) == ("attention node /layers.0/node_attention was not lowered to onnx23: it has query "
-                                  "heads h, kv heads 2 and head size 8; expected integers with Q a multiple of K")
+    assert str(refusal.value) == (
+        "attention node /layers.0/node_attention was not lowered to onnx23: it has query "
+        "heads h, kv heads 2 and head size 8; expected integers with Q a multiple of K"
+    )
     assert [n.op_type for n in model.graph] == [ops.ATTENTION]  # nothing changed
     with pytest.raises(ValueError, match="unknown attention form 'flash'"):
         LowerAttentionPass("flash")

@@ -43,7 +43,9 @@ def test_matches_transformers_moe():
     expected = transformers_output(moe, x)
     assert_close_fp32(_run(model, x), expected)
     # the routed part matters: without the experts the output is far off
-    shared_only = (x @ weights["shared_gate"]) / (1 + np.exp(-(x @ weights["shared_gate"]))) * (x @ weights["shared_up"])
+    shared_only = (
+        (x @ weights["shared_gate"]) / (1 + np.exp(-(x @ weights["shared_gate"]))) * (x @ weights["shared_up"])
+    )
     assert np.abs(shared_only @ weights["shared_down"] - expected).max() > 0.1
 
 
@@ -52,8 +54,9 @@ def test_refusal_names_the_node_and_why():
     model = moe_model(weights, hidden=32, top_k=9)  # more than the 8 experts
     with pytest.raises(LoweringError) as refusal:
         LowerMoeDensePass()(model)
-    assert str(refusal.value) == ("MoE node /layers.1/node_moe was not lowered to dense: it top_k 9 exceeds the "
-                                  "8 experts")
+    assert str(refusal.value) == (
+        "MoE node /layers.1/node_moe was not lowered to dense: it top_k 9 exceeds the 8 experts"
+    )
     assert [n.op_type for n in model.graph] == [ops.MOE]
 
 
@@ -67,6 +70,15 @@ def test_top_k_above_one_matches_eager_op(top_k):
     model = moe_model(weights, hidden=32, top_k=top_k)
     LowerMoeDensePass()(model)
     t = {k: torch.from_numpy(v) for k, v in weights.items()}
-    expected = moe(torch.from_numpy(x), t["router"], t["gate_up"], t["down"], t["shared_gate"], t["shared_up"],
-                   t["shared_down"], torch.ones(5, dtype=torch.bool), top_k).numpy()
+    expected = moe(
+        torch.from_numpy(x),
+        t["router"],
+        t["gate_up"],
+        t["down"],
+        t["shared_gate"],
+        t["shared_up"],
+        t["shared_down"],
+        torch.ones(5, dtype=torch.bool),
+        top_k,
+    ).numpy()
     np.testing.assert_allclose(_run(model, x), expected, atol=1e-5 * np.abs(expected).max(), rtol=0)

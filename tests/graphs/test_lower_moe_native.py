@@ -9,7 +9,14 @@ import pytest
 
 from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.lower_moe_native import (
-    MS_DOMAIN, LowerMoeNativePass, fc1_layout, fc1_relayout, fc2_layout, fc2_relayout, parts, relaid,
+    MS_DOMAIN,
+    LowerMoeNativePass,
+    fc1_layout,
+    fc1_relayout,
+    fc2_layout,
+    fc2_relayout,
+    parts,
+    relaid,
 )
 from llama4_deploy.graphs.passes import LoweringError
 from llama4_deploy.graphs.streamed import Stored, StreamedTensor
@@ -48,15 +55,28 @@ def test_structure_and_count():
     assert model.graph.outputs[0].name == "y"
     moe = moe_nodes[0]
     attrs = {name: attr.value for name, attr in moe.attributes.items()}
-    assert attrs == {"k": 1, "activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
-                     "activation_beta": 0.0, "normalize_routing_weights": 1, "use_sparse_mixer": 0}
+    assert attrs == {
+        "k": 1,
+        "activation_type": "swiglu",
+        "swiglu_fusion": 1,
+        "activation_alpha": 1.0,
+        "activation_beta": 0.0,
+        "normalize_routing_weights": 1,
+        "use_sparse_mixer": 0,
+    }
     fc1, bias, fc2 = moe.inputs[2], moe.inputs[3], moe.inputs[4]
     assert bias is None and len(moe.inputs) == 5
     assert (fc1.name, fc1.shape.numpy()) == ("gate_up.native_fc1", (E, 2 * I, H))
     assert (fc2.name, fc2.shape.numpy()) == ("down.native_fc2", (E, H, I))
     # the originals are replaced, not duplicated; the shared expert and router stay as they were
-    assert set(model.graph.initializers) == {"router", "shared_gate", "shared_up", "shared_down",
-                                             "gate_up.native_fc1", "down.native_fc2"}
+    assert set(model.graph.initializers) == {
+        "router",
+        "shared_gate",
+        "shared_up",
+        "shared_down",
+        "gate_up.native_fc1",
+        "down.native_fc2",
+    }
 
 
 def test_weight_layouts():
@@ -80,9 +100,9 @@ def test_split_weight_layouts(p):
     assert fc1.shape == (p * E, 2 * ip, H) and fc2.shape == (p * E, H, ip)
     for q in range(p):
         part = slice(q * ip, (q + 1) * ip)
-        np.testing.assert_array_equal(fc1[q * E:(q + 1) * E, 0::2], gate_up[..., :I][..., part].transpose(0, 2, 1))
-        np.testing.assert_array_equal(fc1[q * E:(q + 1) * E, 1::2], gate_up[..., I:][..., part].transpose(0, 2, 1))
-        np.testing.assert_array_equal(fc2[q * E:(q + 1) * E], p * down[:, part].transpose(0, 2, 1))
+        np.testing.assert_array_equal(fc1[q * E : (q + 1) * E, 0::2], gate_up[..., :I][..., part].transpose(0, 2, 1))
+        np.testing.assert_array_equal(fc1[q * E : (q + 1) * E, 1::2], gate_up[..., I:][..., part].transpose(0, 2, 1))
+        np.testing.assert_array_equal(fc2[q * E : (q + 1) * E], p * down[:, part].transpose(0, 2, 1))
 
 
 @pytest.mark.parametrize("p", [1, 2])
@@ -128,12 +148,17 @@ def test_streamed_write_is_the_whole_layout(tmp_path, p, chunk_bytes, monkeypatc
         raw = torch.from_numpy(values).to(torch.bfloat16)
         checked = []
 
-        def finish(tensor, name):
+        def finish(tensor, name, checked=checked):
             checked.append(tensor.shape[0])
             return ir.tensor(tensor.contiguous().numpy(), name=name)
 
-        source = StreamedTensor(lambda: ir.tensor(values, name=key), ir.DataType.FLOAT, values.shape, key,  # noqa: B023
-                                stored=Stored(lambda: raw, finish))  # noqa: B023
+        source = StreamedTensor(
+            lambda values=values, key=key: ir.tensor(values, name=key),
+            ir.DataType.FLOAT,
+            values.shape,
+            key,
+            stored=Stored(lambda raw=raw: raw, finish),
+        )
         want = relayout(values)
         tensor = relaid(source, f"{key}.relaid", want.shape, relayout)
         assert isinstance(tensor, StreamedTensor) and tensor.writes_in_pieces
@@ -182,7 +207,11 @@ def test_split_experts_match_transformers_moe(split):
     assert LowerMoeNativePass(split)(model).count == 1
     [node] = [n for n in model.graph if n.op_type == "MoE"]
     assert node.attributes["k"].as_int() == split
-    assert node.inputs[2].name == f"gate_up.native{split}_fc1" and node.inputs[2].shape.numpy() == (split * E, 2 * I // split, H)
+    assert node.inputs[2].name == f"gate_up.native{split}_fc1" and node.inputs[2].shape.numpy() == (
+        split * E,
+        2 * I // split,
+        H,
+    )
     assert_close_fp32(_run(model, x), transformers_output(moe, x))
 
 
@@ -190,8 +219,11 @@ def test_split_must_divide():
     _, weights = _hf_moe()
     with pytest.raises(ValueError, match="power of two"):
         LowerMoeNativePass(split=3)
-    with pytest.raises(LoweringError, match="^MoE node /layers.1/node_moe was not lowered to native: it has an "
-                                            "intermediate size of 32, not divisible by split 64$"):
+    with pytest.raises(
+        LoweringError,
+        match="^MoE node /layers.1/node_moe was not lowered to native: it has an "
+        "intermediate size of 32, not divisible by split 64$",
+    ):
         LowerMoeNativePass(split=64)(_moe_model(weights))
 
 
@@ -204,6 +236,7 @@ def test_weights_stay_lazy():
         def load():
             reads.append(name)
             return ir.tensor(weights[name], name=name)
+
         return ir.LazyTensor(load, dtype=ir.DataType.FLOAT, shape=ir.Shape(weights[name].shape), name=name)
 
     model = _moe_model(weights, tensors={"gate_up": lazy("gate_up"), "down": lazy("down")})
@@ -223,9 +256,11 @@ def test_refuses_top_k_above_one():
     model = _moe_model(weights, top_k=2)
     with pytest.raises(LoweringError) as refusal:
         LowerMoeNativePass()(model)
-    assert str(refusal.value) == ("MoE node /layers.1/node_moe was not lowered to native: it has top_k 2; "
-                                  "com.microsoft.MoE can express only top_k 1 (Llama 4 scales each expert's input "
-                                  "by its own score, the op weights outputs)")
+    assert str(refusal.value) == (
+        "MoE node /layers.1/node_moe was not lowered to native: it has top_k 2; "
+        "com.microsoft.MoE can express only top_k 1 (Llama 4 scales each expert's input "
+        "by its own score, the op weights outputs)"
+    )
     # nothing changed: the node, its domain, its weights
     assert [(n.domain, n.op_type) for n in model.graph] == [(ops.DOMAIN, ops.MOE)]
     assert ops.DOMAIN in model.opset_imports and MS_DOMAIN not in model.opset_imports
@@ -238,8 +273,10 @@ def test_refuses_weights_without_value(name):
     model = _moe_model(weights, as_inputs=(name,))
     with pytest.raises(LoweringError) as refusal:
         LowerMoeNativePass()(model)
-    assert str(refusal.value) == (f"MoE node /layers.1/node_moe was not lowered to native: it has a {name} input "
-                                  f"({name}) that is not an initializer with a value, so it cannot be re-laid out")
+    assert str(refusal.value) == (
+        f"MoE node /layers.1/node_moe was not lowered to native: it has a {name} input "
+        f"({name}) that is not an initializer with a value, so it cannot be re-laid out"
+    )
 
 
 def test_two_layers_sharing_weights():
@@ -252,8 +289,14 @@ def test_two_layers_sharing_weights():
     def two_layers():
         model = _moe_model(weights)
         first = next(iter(model.graph))
-        second = ir.Node(ops.DOMAIN, ops.MOE, [first.outputs[0], *first.inputs[1:]],
-                         attributes=[ir.AttrInt64("top_k", 1)], name="/layers.3/node_moe", num_outputs=1)
+        second = ir.Node(
+            ops.DOMAIN,
+            ops.MOE,
+            [first.outputs[0], *first.inputs[1:]],
+            attributes=[ir.AttrInt64("top_k", 1)],
+            name="/layers.3/node_moe",
+            num_outputs=1,
+        )
         model.graph.append(second)
         first.outputs[0].name, second.outputs[0].name = "y1", "y"
         model.graph.outputs[0] = second.outputs[0]
@@ -263,7 +306,9 @@ def test_two_layers_sharing_weights():
     assert LowerMoeNativePass()(native).count == 2
     LowerMoeDensePass()(dense)
     assert sorted(n.name for n in native.graph if n.op_type == "MoE") == [
-        "/layers.1/moe/native/experts/MoE", "/layers.3/moe/native/experts/MoE"]
+        "/layers.1/moe/native/experts/MoE",
+        "/layers.3/moe/native/experts/MoE",
+    ]
     assert [name for name in native.graph.initializers if "native" in name] == ["gate_up.native_fc1", "down.native_fc2"]
     x = _x(seed=3)
     expected = _run(dense, x)

@@ -139,8 +139,9 @@ def test_gather_native_layout(tokens, split):
     native = _model(weights)
     LowerMoeNativePass(split)(native)
     for name in (f"gate_up.{tag}_fc1", f"down.{tag}_fc2"):
-        np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(),
-                                      native.graph.initializers[name].const_value.numpy())
+        np.testing.assert_array_equal(
+            model.graph.initializers[name].const_value.numpy(), native.graph.initializers[name].const_value.numpy()
+        )
     x = np.random.default_rng(tokens).normal(size=(tokens, H)).astype(np.float32)
     expected = transformers_output(moe, x)
     assert_close_fp32(_run(model, x, np.ones(tokens, bool))["y"], expected)
@@ -164,16 +165,21 @@ def test_capacity_refuses_a_node_without_token_valid():
     model = moe_model(weights, H)  # no token_valid input
     with pytest.raises(LoweringError) as refusal:
         LowerMoeCapacityPass()(model)
-    assert str(refusal.value) == ("MoE node /layers.1/node_moe was not lowered to capacity: it has no token_valid "
-                                  "input, so padding could take capacity")
+    assert str(refusal.value) == (
+        "MoE node /layers.1/node_moe was not lowered to capacity: it has no token_valid "
+        "input, so padding could take capacity"
+    )
     assert len(list(model.graph)) == 1 and MOE_OVERFLOW not in [o.name for o in model.graph.outputs]
 
 
 def test_gather_native_layout_refuses_what_the_native_layout_cannot_hold():
     _, weights = hf_moe(E, H, I)
     model = _model(weights)
-    with pytest.raises(LoweringError, match="^MoE node /layers.1/node_moe was not lowered to gather: it has an "
-                                            "intermediate size of 16, not divisible by split 32$"):
+    with pytest.raises(
+        LoweringError,
+        match="^MoE node /layers.1/node_moe was not lowered to gather: it has an "
+        "intermediate size of 16, not divisible by split 32$",
+    ):
         LowerMoeGatherPass("native", split=32)(model)
     assert set(model.graph.initializers) >= {"gate_up", "down"}
     with pytest.raises(ValueError, match="unknown gather layout 'rows'"):

@@ -46,21 +46,35 @@ def test_result_carries_the_count():
 
 def test_pipeline_collects_the_pass_table_in_order():
     model = _moe()
-    pipeline = PassPipeline([ComputeDtypePass("float16"), CountNodes(), LowerMoeDensePass(),
-                             LowerAttentionPass("onnx23"), ClearMetadataAndDocStringPass()])
+    pipeline = PassPipeline(
+        [
+            ComputeDtypePass("float16"),
+            CountNodes(),
+            LowerMoeDensePass(),
+            LowerAttentionPass("onnx23"),
+            ClearMetadataAndDocStringPass(),
+        ]
+    )
     assert isinstance(pipeline, ir.passes.PassManager)
     result = pipeline(model)
     # six float weights and the input x re-typed; onnx-ir's own pass runs, uncounted
-    assert list(result.counts.items()) == [("compute_dtype_float16", 7), ("count_nodes", 1), ("lower_moe_dense", 1),
-                                           ("lower_attention_onnx23", 0)]
+    assert list(result.counts.items()) == [
+        ("compute_dtype_float16", 7),
+        ("count_nodes", 1),
+        ("lower_moe_dense", 1),
+        ("lower_attention_onnx23", 0),
+    ]
     assert result.model is model and result.modified
 
 
 def test_nested_pipelines_merge_and_no_passes_is_an_empty_table():
     model = _moe()
     inner = PassPipeline([LowerMoeDensePass(), LowerAttentionPass("decomposed")])
-    assert run_passes(model, [CountNodes(), inner]) == {"count_nodes": 1, "lower_moe_dense": 1,
-                                                        "lower_attention_decomposed": 0}
+    assert run_passes(model, [CountNodes(), inner]) == {
+        "count_nodes": 1,
+        "lower_moe_dense": 1,
+        "lower_attention_decomposed": 0,
+    }
     assert run_passes(model, []) == {}
 
 
@@ -70,8 +84,9 @@ def test_a_refusal_is_raised_as_its_sentence_and_changes_nothing():
     with pytest.raises(LoweringError) as refusal:
         run_passes(model, [CountNodes(), LowerMoeDensePass()])
     assert isinstance(refusal.value, ValueError)
-    assert str(refusal.value) == ("MoE node /layers.1/node_moe was not lowered to dense: it top_k 9 exceeds the "
-                                  "8 experts")
+    assert str(refusal.value) == (
+        "MoE node /layers.1/node_moe was not lowered to dense: it top_k 9 exceeds the 8 experts"
+    )
     assert [(n.domain, n.op_type) for n in model.graph] == [(ops.DOMAIN, ops.MOE)]
     with pytest.raises(ir.passes.PassError):  # what the plain PassManager does with it
         ir.passes.PassManager([LowerMoeDensePass()])(model)
@@ -90,8 +105,17 @@ def test_pass_names_are_the_build_pass_table():
         ComputeDtypePass("float8")
 
 
-@pytest.mark.parametrize("strategy, options", [("dense", {}), ("gather", {}), ("gather", {"layout": "native"}),
-                                               ("capacity", {}), ("native", {}), ("native", {"split": 2})])
+@pytest.mark.parametrize(
+    "strategy, options",
+    [
+        ("dense", {}),
+        ("gather", {}),
+        ("gather", {"layout": "native"}),
+        ("capacity", {}),
+        ("native", {}),
+        ("native", {"split": 2}),
+    ],
+)
 def test_every_lowering_opens_with_the_same_router(strategy, options):
     """MatMul, the k constant and TopK, named under the strategy's scope, first in the replacement and wired alike;
     then the score: sigmoid of the top value, where the strategy scores before routing."""
@@ -100,8 +124,11 @@ def test_every_lowering_opens_with_the_same_router(strategy, options):
     prefix = f"/layers.1/moe/{strategy}/router/"
     nodes = list(model.graph)
     matmul, k, top_k = nodes[:3]
-    assert [(n.name, n.op_type) for n in nodes[:3]] == [(prefix + "MatMul", "MatMul"), (prefix + "k", "Constant"),
-                                                        (prefix + "TopK", "TopK")]
+    assert [(n.name, n.op_type) for n in nodes[:3]] == [
+        (prefix + "MatMul", "MatMul"),
+        (prefix + "k", "Constant"),
+        (prefix + "TopK", "TopK"),
+    ]
     assert [v.name for v in matmul.inputs] == ["x", "router"]
     assert list(top_k.inputs) == [matmul.outputs[0], k.outputs[0]] and top_k.attributes["axis"].as_int() == -1
     assert k.attributes["value"].as_tensor().numpy().tolist() == [1]

@@ -12,9 +12,16 @@ from llama4_deploy.runtime.devices import Device, onnxruntime_providers, parse, 
 
 
 def _stage(index: int, layers: list[int], **extra) -> dict:
-    return {"index": index, "layers": layers, "graphs": {"prefill": {"file": f"stage{index}.gather.onnx"},
-                                                         "decode": {"file": f"stage{index}.gather.onnx"}},
-            "external_data": f"stage{index}.weights.data", "weights_layout": "", "inputs": [], "outputs": [], **extra}
+    return {
+        "index": index,
+        "layers": layers,
+        "graphs": {"prefill": {"file": f"stage{index}.gather.onnx"}, "decode": {"file": f"stage{index}.gather.onnx"}},
+        "external_data": f"stage{index}.weights.data",
+        "weights_layout": "",
+        "inputs": [],
+        "outputs": [],
+        **extra,
+    }
 
 
 def _manifest(stages: list[dict] | None) -> Manifest:
@@ -48,13 +55,17 @@ def test_defaults_per_backend():
 def test_overrides_are_validated_in_one_sentence():
     assert placement(TWO, "onnxruntime", ["cuda:1", "cpu"]) == [Device("cuda", 1), Device("cpu")]
     assert placement(TWO, "tensorrt", "cuda:1,cuda:0") == [Device("cuda", 1), Device("cuda", 0)]  # the CLI's form
-    with pytest.raises(ValueError, match=r"^devices lists 1 device\(s\) but bundle mini has 2 pipeline stage\(s\); "
-                                         r"give one device per stage"):
+    with pytest.raises(
+        ValueError,
+        match=r"^devices lists 1 device\(s\) but bundle mini has 2 pipeline stage\(s\); "
+        r"give one device per stage",
+    ):
         placement(TWO, "onnxruntime", ["cpu"])
     with pytest.raises(ValueError, match="^the device of stage 1 is 'gpu:1', which is not a device name"):
         placement(TWO, "onnxruntime", ["cpu", "gpu:1"])
-    with pytest.raises(ValueError, match="^the tensorrt backend runs every stage on a GPU, but stage 0 is placed on "
-                                         "the cpu"):
+    with pytest.raises(
+        ValueError, match="^the tensorrt backend runs every stage on a GPU, but stage 0 is placed on the cpu"
+    ):
         placement(TWO, "tensorrt", ["cpu", "cuda:0"])
     with pytest.raises(TypeError, match="list of device names"):
         placement(TWO, "onnxruntime", {"cpu": 0})
@@ -62,8 +73,10 @@ def test_overrides_are_validated_in_one_sentence():
 
 def test_onnxruntime_providers():
     assert onnxruntime_providers(Device("cpu")) == ["CPUExecutionProvider"]
-    assert onnxruntime_providers(Device("cuda", 1), ["CUDAExecutionProvider", "CPUExecutionProvider"]) == \
-        [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert onnxruntime_providers(Device("cuda", 1), ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        ("CUDAExecutionProvider", {"device_id": 1}),
+        "CPUExecutionProvider",
+    ]
     import onnxruntime
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
@@ -73,8 +86,11 @@ def test_onnxruntime_providers():
 
 
 def test_manifest_stage_device_is_checked():
-    _validate_stages({"graphs": {"prefill": {}, "decode": {}}, "stages": [_stage(0, [0, 2], device=1),
-                                                                          _stage(1, [2, 4])]}, 4, Path("m.json"))
+    _validate_stages(
+        {"graphs": {"prefill": {}, "decode": {}}, "stages": [_stage(0, [0, 2], device=1), _stage(1, [2, 4])]},
+        4,
+        Path("m.json"),
+    )
     for bad in (-1, "0", 1.0, True):
         engine = {"graphs": {"prefill": {}, "decode": {}}, "stages": [_stage(0, [0, 2]), _stage(1, [2, 4], device=bad)]}
         with pytest.raises(BundleError, match=r"engine\.stages\[1\]\.device must be a GPU index"):

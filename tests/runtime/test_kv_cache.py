@@ -9,12 +9,12 @@ import pytest
 import yaml
 
 from llama4_deploy.build import build
-from llama4_deploy.quality.compare import compare, relative_logit_tolerance
-from llama4_deploy.export.reference import reference_logits, reference_model
 from llama4_deploy.build.recipe import load_recipe
+from llama4_deploy.export.reference import reference_logits, reference_model
+from llama4_deploy.quality.compare import compare, relative_logit_tolerance
+from llama4_deploy.quality.verify import verify
 from llama4_deploy.runtime import abi, load
 from llama4_deploy.runtime.kv_cache import KVCache, context_bucket
-from llama4_deploy.quality.verify import verify
 
 # fp32 engine vs fp32 eager: only the order of floating-point sums differs (~1e-6 relative); the
 # recipes' peaked heads keep greedy choices whole units apart. Same bound as `verify`.
@@ -57,9 +57,27 @@ def present(batch, tokens, seed):
 
 
 def test_buckets_double_up_to_256_then_grow_by_at_most_a_quarter_capped_by_the_context():
-    assert [context_bucket(n, 160) for n in (0, 1, 16, 17, 33, 64, 65, 129, 160)] == [16, 16, 16, 32, 64, 64, 128, 160, 160]
-    assert [context_bucket(n, 10**6) for n in (256, 257, 320, 321, 4096, 4097, 5121, 7169)] == \
-        [256, 320, 320, 384, 4096, 5120, 6144, 8192]
+    assert [context_bucket(n, 160) for n in (0, 1, 16, 17, 33, 64, 65, 129, 160)] == [
+        16,
+        16,
+        16,
+        32,
+        64,
+        64,
+        128,
+        160,
+        160,
+    ]
+    assert [context_bucket(n, 10**6) for n in (256, 257, 320, 321, 4096, 4097, 5121, 7169)] == [
+        256,
+        320,
+        320,
+        384,
+        4096,
+        5120,
+        6144,
+        8192,
+    ]
     buckets = sorted({context_bucket(n, 10**6) for n in range(1, 8193)})
     assert len(buckets) == 25 and all(b / a <= 1.25 for a, b in zip(buckets[4:], buckets[5:]))
     assert all(context_bucket(n, 10**6) <= 1.25 * n for n in range(257, 8193))  # at most 20% of slots empty
@@ -153,9 +171,13 @@ def test_boundaries_of_buckets_and_a_chunk_longer_than_the_first_buckets(tmp_pat
     # Prompts are ragged and cross the buckets (16, 32, 64) and the chunk at different steps;
     # the prefill step (24) is longer than what is left of the first bucket; 32 new tokens
     # cross more boundaries on the decode path. verify checks generate and score on both paths.
-    path = recipe_file(tmp_path, "tiny-c40", {"attention_chunk_size": 40},
-                       {"max_batch": 4, "prefill_tokens": 24, "max_context": 160},
-                       {"prompt_lengths": [15, 33, 47, 81], "new_tokens": 32})
+    path = recipe_file(
+        tmp_path,
+        "tiny-c40",
+        {"attention_chunk_size": 40},
+        {"max_batch": 4, "prefill_tokens": 24, "max_context": 160},
+        {"prompt_lengths": [15, 33, 47, 81], "new_tokens": 32},
+    )
     bundle = build(str(path), out=tmp_path / "bundle", log=lambda _: None).bundle
     report = verify(bundle, log=lambda _: None)
     assert report.ok, report.table()
@@ -166,9 +188,12 @@ def test_boundaries_of_buckets_and_a_chunk_longer_than_the_first_buckets(tmp_pat
 def long_context(tmp_path_factory):
     """Tiny widths at Llama 4's real chunk (8192) and temperature floor (8192)."""
     tmp = tmp_path_factory.mktemp("chunk8192")
-    path = recipe_file(tmp, "tiny-c8192",
-                       {"attention_chunk_size": 8192, "floor_scale": 8192, "max_position_embeddings": 16384},
-                       {"max_batch": 2, "prefill_tokens": 2048, "max_context": 8448})
+    path = recipe_file(
+        tmp,
+        "tiny-c8192",
+        {"attention_chunk_size": 8192, "floor_scale": 8192, "max_position_embeddings": 16384},
+        {"max_batch": 2, "prefill_tokens": 2048, "max_context": 8448},
+    )
     bundle = build(str(path), out=tmp / "bundle", log=lambda _: None).bundle
     with load(bundle) as engine:
         yield engine

@@ -10,7 +10,6 @@ import pytest
 
 from llama4_deploy.runtime import abi, load
 from llama4_deploy.runtime.scheduler import QueueFull, Request, Scheduler, run_requests
-
 from tests.runtime.test_engine import prompts_of
 
 # Scheduler vs generate on one bundle: only the batch composition differs, which changes summation
@@ -110,8 +109,11 @@ def test_a_step_feeds_the_rows_in_use_only(engine, monkeypatch):
     a, b = scheduler.submit(Request([1, 2, 3], 6)), scheduler.submit(Request([4, 5], 2))
     scheduler.run_until_idle()
     assert {rows for rows, _ in fed} == {2, 1}  # the second row leaves first; then row 0 alone
-    assert [first.tokens, a.tokens, b.tokens] == [alone(engine, [1, 2, 3], 3), alone(engine, [1, 2, 3], 6),
-                                                  alone(engine, [4, 5], 2)]
+    assert [first.tokens, a.tokens, b.tokens] == [
+        alone(engine, [1, 2, 3], 3),
+        alone(engine, [1, 2, 3], 6),
+        alone(engine, [4, 5], 2),
+    ]
 
 
 def test_cancel_frees_the_row_at_the_next_step_and_tells_the_listener(engine):

@@ -26,8 +26,12 @@ def _manifest(tmp_path: Path, backend="tensorrt", plans=None, compute="float32",
     return Manifest({"name": "tiny", "engine": engine}, tmp_path)
 
 
-PLANS = {"tensorrt_version": "10.15.1", "gpu": "NVIDIA H200", "compute_capability": "9.0",
-         "files": {"gather.onnx": {"plan": "gather.plan"}}}
+PLANS = {
+    "tensorrt_version": "10.15.1",
+    "gpu": "NVIDIA H200",
+    "compute_capability": "9.0",
+    "files": {"gather.onnx": {"plan": "gather.plan"}},
+}
 
 
 def test_onnxruntime_bundle_stays_on_onnxruntime(tmp_path):
@@ -50,10 +54,13 @@ def test_tensorrt_picked_when_plans_and_tensorrt_exist(tmp_path):
     assert backends.choose(_manifest(tmp_path, plans=None), trt_available=True) == "onnxruntime"  # not compiled
 
 
-@pytest.mark.parametrize("plans, available, message", [
-    (None, True, "has no TensorRT plans yet; run llama4-deploy compile"),
-    (PLANS, False, "needs TensorRT (pip install tensorrt"),
-])
+@pytest.mark.parametrize(
+    "plans, available, message",
+    [
+        (None, True, "has no TensorRT plans yet; run llama4-deploy compile"),
+        (PLANS, False, "needs TensorRT (pip install tensorrt"),
+    ],
+)
 def test_tensorrt_requested_but_impossible(tmp_path, plans, available, message):
     with pytest.raises(BundleError, match=message.replace("(", r"\(")):
         backends.choose(_manifest(tmp_path, plans=plans), "tensorrt", trt_available=available)
@@ -73,8 +80,11 @@ def test_tensorrt_manifest_without_its_record(tmp_path):
 
 def test_plans_for_another_tensorrt_or_gpu_are_refused():
     tensorrt_backend.check_plans(PLANS, "10.15.1", "NVIDIA H200", "9.0", "b")
-    for here in (("10.16.0", "NVIDIA H200", "9.0"), ("10.15.1", "NVIDIA H100 80GB HBM3", "9.0"),
-                 ("10.15.1", "NVIDIA B200", "10.0")):
+    for here in (
+        ("10.16.0", "NVIDIA H200", "9.0"),
+        ("10.15.1", "NVIDIA H100 80GB HBM3", "9.0"),
+        ("10.15.1", "NVIDIA B200", "10.0"),
+    ):
         with pytest.raises(BundleError, match="rebuild them here with llama4-deploy compile b$"):
             tensorrt_backend.check_plans(PLANS, *here, bundle="b")
 
@@ -107,8 +117,9 @@ class _HostCuda:
         self.log: list[tuple] = []
         self.frees, self.wrong_device_frees = 0, []
         self.cudaError_t = types.SimpleNamespace(cudaSuccess=0, cudaErrorPeerAccessAlreadyEnabled=704)
-        self.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2,
-                                                    cudaMemcpyDeviceToDevice=3)
+        self.cudaMemcpyKind = types.SimpleNamespace(
+            cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3
+        )
 
     def device_of(self, ptr: int) -> int:
         """The device whose allocation holds `ptr` (a base or an interior pointer)."""
@@ -215,7 +226,11 @@ def test_device_storage_writes_what_host_storage_writes(monkeypatch):
     ctypes.memmove(new_device.ptr, new.ctypes.data, new.nbytes)
     buf_device, buf_host = device.allocate((B, K, S, D), np.float32), host.allocate((B, K, S, D), np.float32)
     # row 0: a prefill run of 5 slots; row 1: a ring that wraps (slots 6, 7, 0) from steps 2..4
-    rows, slots, steps = np.array([0] * 5 + [1] * 3), np.array([0, 1, 2, 3, 4, 6, 7, 0]), np.array([0, 1, 2, 3, 4, 2, 3, 4])
+    rows, slots, steps = (
+        np.array([0] * 5 + [1] * 3),
+        np.array([0, 1, 2, 3, 4, 6, 7, 0]),
+        np.array([0, 1, 2, 3, 4, 2, 3, 4]),
+    )
     device.scatter(buf_device, rows, slots, new_device, steps)
     host.scatter(buf_host, rows, slots, new, steps)
     np.testing.assert_array_equal(_host(buf_device), buf_host)
@@ -242,8 +257,12 @@ class _StagedManifest:
         from llama4_deploy.runtime.bundle import LayerCache
 
         self.model = {"num_kv_heads": 2, "head_dim": 4, "attention_chunk_size": 16}
-        self.layers = [LayerCache(0, "chunked", 16), LayerCache(1, "chunked", 16), LayerCache(2, "chunked", 16),
-                       LayerCache(3, "global", None)]
+        self.layers = [
+            LayerCache(0, "chunked", 16),
+            LayerCache(1, "chunked", 16),
+            LayerCache(2, "chunked", 16),
+            LayerCache(3, "global", None),
+        ]
         self.max_context = 64
         self.engine = {"cache_dtype": "float32"}
 
@@ -269,17 +288,20 @@ def test_stage_device_plan(monkeypatch, peer):
     assert cuda.log == ([("enable_peer", 1, 0)] if peer else [])  # GPU 1 reads GPU 0's memory: the boundary
     manifest = _StagedManifest()
     device_cache, host_cache = KVCache(manifest, 2, plan.layer_storage), KVCache(manifest, 2)
-    owners = {layer: {cuda.device_of(device_cache.keys[layer].ptr), cuda.device_of(device_cache.values[layer].ptr)}
-              for layer in range(4)}
+    owners = {
+        layer: {cuda.device_of(device_cache.keys[layer].ptr), cuda.device_of(device_cache.values[layer].ptr)}
+        for layer in range(4)
+    }
     assert owners == {0: {0}, 1: {0}, 2: {1}, 3: {1}}
     rng = np.random.default_rng(1)
     for tokens, start in ((20, 0), (1, 20)):  # a prefill past the 16-slot bucket (global buffers grow), a decode
         positions = np.tile(np.arange(start, start + tokens), (2, 1))
-        positions[1, tokens // 2:] = -1  # row 1 is shorter: padding is never written
+        positions[1, tokens // 2 :] = -1  # row 1 is shorter: padding is never written
         new = {name: rng.normal(size=(2, 2, tokens, 4)).astype(np.float32) for name in abi.present_names(range(4))}
         cuda.log.clear()
-        device_cache.write({name: _on_device(cuda, array, 0 if int(name[-1]) < 2 else 1)
-                            for name, array in new.items()}, positions)
+        device_cache.write(
+            {name: _on_device(cuda, array, 0 if int(name[-1]) < 2 else 1) for name, array in new.items()}, positions
+        )
         host_cache.write(new, positions)
         assert {entry[1] for entry in cuda.log if entry[0] == "memcpy2d"} == {0, 1}  # each GPU writes its own
     assert device_cache.grown == host_cache.grown == 1
