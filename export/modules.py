@@ -274,9 +274,8 @@ class DecoderLayer(nn.Module):
 
         present_key = key.transpose(1, 2)  # [B, K, T, D]
         present_value = value.transpose(1, 2)
-        context = torch.ops.llama4_deploy.attention(
-            query, present_key, present_value, cache_mask, new_mask, past_key, past_value, D**-0.5
-        )  # [B, T, Q * D]
+        context = torch.ops.llama4_deploy.attention(query, present_key, present_value, cache_mask, new_mask,
+                                                    past_key, past_value, D**-0.5)  # [B, T, Q * D]  # fmt: skip
         return context @ self.o, present_key, present_value
 
     # -- feed-forward ---------------------------------------------------------------------------
