@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from llama4_deploy.graphs.passes import RewritePass
+from llama4_deploy.graphs.passes import FormPass
 from llama4_deploy.graphs.quantize import numpy_dtype
 from llama4_deploy.graphs.streamed import StreamedTensor
 
@@ -49,21 +49,14 @@ def _narrow_attribute_tensor(node: ir.Node, compute_dtype: str) -> bool:
     return True
 
 
-class ComputeDtypePass(RewritePass):
-    """Re-type the graph to `compute_dtype`; counts the initializers, nodes and graph inputs/outputs changed
+class ComputeDtypePass(FormPass):
+    """Re-type the graph to a compute dtype; counts the initializers, nodes and graph inputs/outputs changed
     (none for float32)."""
 
-    def __init__(self, compute_dtype: str):
-        if compute_dtype != "float32" and compute_dtype not in DTYPES:
-            raise ValueError(f"unknown compute dtype {compute_dtype!r}; expected float32 or one of {', '.join(DTYPES)}")
-        self.compute_dtype = compute_dtype
-
-    @property
-    def name(self) -> str:
-        return f"compute_dtype_{self.compute_dtype}"
+    forms, family, what = ("float32", *DTYPES), "compute_dtype", "compute dtype"
 
     def rewrite(self, model: ir.Model) -> int:
-        compute_dtype = self.compute_dtype
+        compute_dtype = self.form
         if compute_dtype == "float32":
             return 0
         target = DTYPES[compute_dtype]

@@ -44,7 +44,7 @@ import onnx_ir as ir
 
 from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.forms import AttentionForm, values
-from llama4_deploy.graphs.passes import LoweringError, RewritePass
+from llama4_deploy.graphs.passes import FormPass, LoweringError
 from llama4_deploy.graphs.rewrite import layer_scope, scoped, splice
 
 FORMS: tuple[str, ...] = values(AttentionForm)
@@ -128,18 +128,11 @@ def _onnx23(op, const, inputs, scale: float, dtype, q: int, k: int, d: int) -> i
     return op("Reshape", [context, const("out_shape", np.array([0, 0, q * d], dtype=np.int64))], name="Out")
 
 
-class LowerAttentionPass(RewritePass):
-    """Replace every llama4_deploy.Attention node by `form`; raises LoweringError naming the first node whose
-    head counts are unknown, before any is replaced."""
+class LowerAttentionPass(FormPass):
+    """Replace every llama4_deploy.Attention node by the form given; raises LoweringError naming the first node
+    whose head counts are unknown, before any is replaced."""
 
-    def __init__(self, form: str):
-        if form not in FORMS:
-            raise ValueError(f"unknown attention form {form!r}; expected one of {', '.join(FORMS)}")
-        self.form = form
-
-    @property
-    def name(self) -> str:
-        return f"lower_attention_{self.form}"
+    forms, family, what = FORMS, "lower_attention", "attention form"
 
     def rewrite(self, model: ir.Model) -> int:
         build = _decomposed if self.form == "decomposed" else _onnx23

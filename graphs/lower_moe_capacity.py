@@ -50,7 +50,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llama4_deploy.graphs.lower_moe_dense import check as check_dense
-from llama4_deploy.graphs.lower_moe_dense import shared_expert, silu
+from llama4_deploy.graphs.lower_moe_dense import shared_expert, stacked_experts
 from llama4_deploy.graphs.moe_pass import MoeLoweringPass, route
 from llama4_deploy.graphs.rewrite import scoped
 
@@ -246,18 +246,7 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str, config: Capacity
         ],
         name="dispatch/ScaleInput",
     )  # [E, C, H]
-    gate, up = op(
-        "Split",
-        [op("MatMul", [expert_in, gate_up], name="experts/GateUp")],
-        {"axis": -1, "num_outputs": 2},
-        name="experts/Split",
-        num_outputs=2,
-    )
-    expert_out = op(
-        "MatMul",
-        [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"), down],
-        name="experts/Down",
-    )  # [E, C, H]
+    expert_out = stacked_experts(tape, op, expert_in, gate_up, down, prefix)  # [E, C, H]
     if config.combine == "gather":
         combined = _combine_gather(op, const, x, top_index, slot_token, slot_used, capacity, expert_out, zero)
     else:

@@ -54,6 +54,14 @@ def shared_expert(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> ir.Value:
     return tape.op("MatMul", [glu, shared_down], name=f"{prefix}/shared/Down")
 
 
+def stacked_experts(tape: ir.tape.Tape, op, rows: ir.Value, gate_up: ir.Value, down: ir.Value, prefix: str) -> ir.Value:
+    """Each expert's SwiGLU on its own rows, batched over the expert stack: `rows` [E, R, H] -> [E, R, H]."""
+    both = op("MatMul", [rows, gate_up], name="experts/GateUp")
+    gate, up = op("Split", [both], {"axis": -1, "num_outputs": 2}, name="experts/Split", num_outputs=2)
+    glu = op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU")
+    return op("MatMul", [glu, down], name="experts/Down")
+
+
 def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value]:
     x, gate_up, down = node.inputs[0], *node.inputs[2:4]
     np_dtype = (x.dtype or ir.DataType.FLOAT).numpy()
@@ -73,18 +81,7 @@ def replacement(tape: ir.tape.Tape, node: ir.Node, prefix: str) -> list[ir.Value
         "Unsqueeze", [op("Transpose", [score], {"perm": [1, 0]}), const("axis_last", np.array([-1], dtype=np.int64))]
     )
     routed_in = op("Mul", [expert_score, x], name="experts/ScaleInput")  # [E, N, H]
-    gate, up = op(
-        "Split",
-        [op("MatMul", [routed_in, gate_up], name="experts/GateUp")],
-        {"axis": -1, "num_outputs": 2},
-        name="experts/Split",
-        num_outputs=2,
-    )
-    expert_out = op(
-        "MatMul",
-        [op("Mul", [silu(tape, gate, f"{prefix}/experts/silu"), up], name="experts/GLU"), down],
-        name="experts/Down",
-    )  # [E, N, H]
+    expert_out = stacked_experts(tape, op, routed_in, gate_up, down, prefix)  # [E, N, H]
     routed = op(
         "ReduceSum", [expert_out, const("axis0", np.array([0], dtype=np.int64))], {"keepdims": 0}, name="experts/Sum"
     )

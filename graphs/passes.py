@@ -41,6 +41,24 @@ class RewritePass(ir.passes.InPlacePass):
         return RewriteResult(model, modified=count > 0, count=count)
 
 
+class FormPass(RewritePass):
+    """A pass that rewrites a graph into one of several forms, and is named after the one it was given
+    (`lower_attention_onnx23`, `compute_dtype_float16`)."""
+
+    forms: tuple[str, ...]  # the forms it can produce
+    family: str  # its name before the form
+    what: str  # what a form is called, for the refusal of an unknown one
+
+    def __init__(self, form: str):
+        if form not in self.forms:
+            raise ValueError(f"unknown {self.what} {form!r}; expected one of {', '.join(self.forms)}")
+        self.form = form
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}_{self.form}"
+
+
 class PassPipeline(ir.passes.PassManager):
     """Run passes once each, in order, and collect `{pass name: count}` (a nested pipeline's counts are merged in;
     a pass that does not count is run and left out of the table). A pass's error reaches the caller as raised:

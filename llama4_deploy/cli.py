@@ -41,83 +41,58 @@ def main() -> None:
     """Compile Llama 4 checkpoints into static-shape engines, verify them, run them."""
 
 
+# the build's overrides, one flag per build() keyword (build/options.py); a choice flag's values are the schema's
+_BUILD_FLAGS = (
+    ("moe_dispatch", "MoE lowering (default: the recipe's, auto)"),
+    ("attention", "attention form (default: the recipe's, auto: onnx23 for ONNX Runtime)"),
+    (
+        "max_context",
+        "longest prompt + generation per row (default: the recipe's; a bare checkpoint's "
+        "max_position_embeddings, at most 32768)",
+    ),
+    ("max_batch", "most rows per engine step (default: the recipe's)"),
+    ("prefill_tokens", "most new tokens per row in one prefill step (default: the recipe's)"),
+    ("precision", "weights and compute dtype (default: the recipe's, fp32)"),
+    ("compute_dtype", "dtype of activations (default: follows --precision; fp8/int4 compute in float32)"),
+    ("block_size", "int4 block along the reduction axis (128)"),
+    ("quant_form", "quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto"),
+    ("quant_method", "int4 weight rounding: rtn (round to nearest, default) or awq (activation-aware scales)"),
+    ("int4_compute", "int4 ort form: float activations (default) or int8 ones (MatMulNBits accuracy_level 4, faster)"),
+    ("calibration", "fp8 activation / int4 awq calibration: text lines or a JSON list of token-id lists"),
+    (
+        "stages",
+        "pipeline stages: split the layers into this many graphs, balanced by weight bytes (default: the recipe's, 1)",
+    ),
+    (
+        "target",
+        "backend the bundle is for (default: the recipe's); tensorrt: a TensorRT-form bundle for "
+        "llama4-deploy compile (bf16 compute unless --precision/--compute-dtype)",
+    ),
+)
+_FLAG_TYPES = {"max_context": int, "max_batch": int, "prefill_tokens": int, "stages": int, "calibration": click.Path()}
+
+
+def _build_flags(command):
+    for argument, help_text in reversed(_BUILD_FLAGS):
+        kind = _FLAG_TYPES.get(argument) or click.Choice(choices(argument))
+        command = click.option(f"--{argument.replace('_', '-')}", type=kind, help=help_text)(command)
+    return command
+
+
 @main.command()
 @click.option("--recipe", help=f"recipe name ({', '.join(available())}) or a YAML path; default tiny")
 @click.option("--checkpoint", type=click.Path(), help="Hugging Face checkpoint directory")
 @click.option("--out", type=click.Path(), help="bundle directory (default build/<recipe>)")
-@click.option(
-    "--moe-dispatch", type=click.Choice(choices("moe_dispatch")), help="MoE lowering (default: the recipe's, auto)"
-)
-@click.option(
-    "--attention",
-    type=click.Choice(choices("attention")),
-    help="attention form (default: the recipe's, auto: onnx23 for ONNX Runtime)",
-)
-@click.option(
-    "--max-context",
-    type=int,
-    help="longest prompt + generation per row (default: the recipe's; a bare "
-    "checkpoint's max_position_embeddings, at most 32768)",
-)
-@click.option("--max-batch", type=int, help="most rows per engine step (default: the recipe's)")
-@click.option("--prefill-tokens", type=int, help="most new tokens per row in one prefill step (default: the recipe's)")
 @click.option("--force", is_flag=True, help="replace --out even if it is not a bundle this tool wrote")
-@click.option(
-    "--precision",
-    type=click.Choice(choices("precision")),
-    help="weights and compute dtype (default: the recipe's, fp32)",
-)
-@click.option(
-    "--compute-dtype",
-    type=click.Choice(choices("compute_dtype")),
-    help="dtype of activations (default: follows --precision; fp8/int4 compute in float32)",
-)
-@click.option(
-    "--block-size", type=click.Choice(choices("block_size")), help="int4 block along the reduction axis (128)"
-)
-@click.option(
-    "--quant-form",
-    type=click.Choice(choices("quant_form")),
-    help="quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto",
-)
-@click.option(
-    "--quant-method",
-    type=click.Choice(choices("quant_method")),
-    help="int4 weight rounding: rtn (round to nearest, default) or awq (activation-aware scales)",
-)
-@click.option(
-    "--int4-compute",
-    type=click.Choice(choices("int4_compute")),
-    help="int4 ort form: float activations (default) or int8 ones (MatMulNBits accuracy_level 4, faster)",
-)
-@click.option(
-    "--calibration",
-    type=click.Path(),
-    help="fp8 activation / int4 awq calibration: text lines or a JSON list of token-id lists",
-)
-@click.option(
-    "--stages",
-    type=int,
-    help="pipeline stages: split the layers into this many graphs, balanced by weight bytes (default: the recipe's, 1)",
-)
-@click.option(
-    "--target",
-    type=click.Choice(choices("target")),
-    help="backend the bundle is for (default: the recipe's); tensorrt: a TensorRT-form bundle for "
-    "llama4-deploy compile (bf16 compute unless --precision/--compute-dtype)",
-)
+@_build_flags
 def build(recipe, checkpoint, out, force, block_size, **overrides) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
     try:
+        block_size = None if block_size is None else int(block_size)
         result = run_build(
-            recipe=recipe,
-            checkpoint=checkpoint,
-            out=out,
-            force=force,
-            block_size=None if block_size is None else int(block_size),
-            **overrides,
+            recipe=recipe, checkpoint=checkpoint, out=out, force=force, block_size=block_size, **overrides
         )
     except _user_errors() as err:
         raise UserError(str(err)) from None
@@ -355,24 +330,14 @@ def run(
     help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "
     "on ONNX Runtime, stage s on cuda:s on TensorRT)",
 )
-def serve(bundle, host, port, max_batch, max_queue, drain_timeout, threads, devices) -> None:
+def serve(bundle, **options) -> None:
     """Serve a bundle over HTTP with OpenAI's API (needs the `serve` extra)."""
     try:
         from llama4_deploy.serving.server import serve as run_serve
     except ImportError as err:
         raise UserError(f"serve needs the serve extra (pip install 'llama4-deploy[serve]'): {err}") from None
     try:
-        run_serve(
-            bundle,
-            host=host,
-            port=port,
-            max_batch=max_batch,
-            max_queue=max_queue,
-            threads=threads,
-            drain_timeout=drain_timeout,
-            echo=lambda msg: click.echo(msg, err=True),
-            devices=devices,
-        )
+        run_serve(bundle, echo=lambda msg: click.echo(msg, err=True), **options)
     except _user_errors() as err:
         raise UserError(str(err)) from None
 

@@ -33,17 +33,9 @@ def write_checkpoint(
     text = random_model(config or tiny_config(), seed, logit_gain, router_gain)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     if multimodal:
-        vision = dict(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            vision_output_dim=32,
-            projector_input_dim=32,
-            projector_output_dim=32,
-            image_size=28,
-            patch_size=14,
-        )
+        widths = dict(hidden_size=32, intermediate_size=32, vision_output_dim=32, projector_input_dim=32)
+        vision = dict(widths, projector_output_dim=32, num_hidden_layers=1, num_attention_heads=2, image_size=28)
+        vision["patch_size"] = 14
         torch.manual_seed(seed)
         full = Llama4ForConditionalGeneration(Llama4Config(text_config=text.config.to_dict(), vision_config=vision))
         full.language_model.load_state_dict(text.state_dict())
@@ -53,6 +45,23 @@ def write_checkpoint(
     if tokenizer:
         write_tokenizer(directory / "tokenizer.json", text.config.vocab_size)
     return directory
+
+
+def recipe_checkpoint(name: str, directory: Path) -> Path:
+    """A recipe's seeded random weights written as a checkpoint: what a build of the recipe reads."""
+    from llama4_deploy.build.recipe import load_recipe
+    from llama4_deploy.export.reference import random_model
+
+    weights = load_recipe(name).random
+    random_model(weights.config, weights.seed, weights.logit_gain, weights.router_gain).save_pretrained(directory)
+    return directory
+
+
+def quiet_build(recipe: str | None, out: Path, **options) -> Path:
+    """build() without its progress log; the bundle's directory."""
+    from llama4_deploy.build import build
+
+    return build(recipe, out=out, log=lambda _: None, **options).bundle
 
 
 def write_tokenizer(path: Path, vocab_size: int) -> None:

@@ -22,6 +22,7 @@ from llama4_deploy.planning.deployment import (
     precision_bytes,
     stage_costs,
 )
+from tests.conftest import quiet_build
 from tests.test_cli import invoke, user_error
 
 H100, H200 = GPUS
@@ -50,19 +51,11 @@ def test_parameter_counts_equal_transformers_and_the_published_figures():
 def test_precision_bytes_equal_the_built_bundles_initializers(tmp_path, tiny_bundle):
     import onnx_ir as ir
 
-    from llama4_deploy.build import build
     from llama4_deploy.export.weights import all_weights
 
     shape = load_shape("tiny")[0]
-    int4 = build(
-        "tiny",
-        out=tmp_path / "int4",
-        precision="int4",
-        quant_form="qdq",
-        block_size=32,
-        moe_dispatch="gather",
-        log=lambda _: None,
-    ).bundle
+    int4_qdq = dict(precision="int4", quant_form="qdq", block_size=32, moe_dispatch="gather")
+    int4 = quiet_build("tiny", tmp_path / "int4", **int4_qdq)
     for bundle, graph, precision in ((tiny_bundle, "native.onnx", "fp32"), (int4, "gather.onnx", "int4")):
         stored = {n: v.const_value.nbytes for n, v in ir.load(bundle / graph).graph.initializers.items()}
         names = all_weights(shape)

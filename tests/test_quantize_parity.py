@@ -54,21 +54,8 @@ def test_int4_ort_uses_the_4bit_kernels(tmp_path):
 def test_int4_int8_compute_verifies(tmp_path):
     """--int4-compute int8: MatMulNBits with accuracy_level 4 (int8 activations per block), QMoE's experts in float;
     checked against the simulation that rounds the same activations to int8 (verify.INT8_ACTIVATION_TOLERANCE)."""
-    result = invoke(
-        "build",
-        "--recipe",
-        "tiny",
-        "--precision",
-        "int4",
-        "--int4-compute",
-        "int8",
-        "--block-size",
-        "32",
-        "--moe-dispatch",
-        "native",
-        "--out",
-        tmp_path / "int8",
-    )
+    flags = "--recipe tiny --precision int4 --int4-compute int8 --block-size 32 --moe-dispatch native".split()
+    result = invoke("build", *flags, "--out", tmp_path / "int8")
     assert result.exit_code == 0, result.output
     bundle = tmp_path / "int8"
     levels = {
@@ -85,19 +72,8 @@ def test_int4_int8_compute_verifies(tmp_path):
 def test_int4_qdq_and_cli(tmp_path):
     """The TensorRT form through the CLI (block 128, partial blocks on tiny's 64-wide axes), every
     weight a blocked INT4 DequantizeLinear, run by ONNX Runtime."""
-    result = invoke(
-        "build",
-        "--recipe",
-        "tiny",
-        "--precision",
-        "int4",
-        "--quant-form",
-        "qdq",
-        "--moe-dispatch",
-        "gather",
-        "--out",
-        tmp_path / "qdq",
-    )
+    flags = "--recipe tiny --precision int4 --quant-form qdq --moe-dispatch gather".split()
+    result = invoke("build", *flags, "--out", tmp_path / "qdq")
     assert result.exit_code == 0, result.output
     assert "int4 onnxruntime" in result.stdout
     bundle = tmp_path / "qdq"

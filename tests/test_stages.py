@@ -22,7 +22,7 @@ import pytest
 
 from llama4_deploy.build.stages import split_layers
 from llama4_deploy.runtime import abi
-from tests.conftest import opened_engines
+from tests.conftest import opened_engines, quiet_build, recipe_checkpoint
 
 REL_TOLERANCE = 1e-5
 DISPATCHES = ("dense", "gather", "capacity", "native")
@@ -31,25 +31,10 @@ DISPATCHES = ("dense", "gather", "capacity", "native")
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """maverick-mini with 1, 2 and 3 stages, every dispatch in each, from one written checkpoint."""
-    from llama4_deploy.build import build
-    from llama4_deploy.build.recipe import load_recipe
-    from llama4_deploy.export.reference import random_model
-
     root = tmp_path_factory.mktemp("stages")
-    weights = load_recipe("maverick-mini").random
-    random_model(weights.config, weights.seed, weights.logit_gain, weights.router_gain).save_pretrained(root / "ckpt")
-    return {
-        n: build(
-            "maverick-mini",
-            checkpoint=root / "ckpt",
-            out=root / f"s{n}",
-            stages=n,
-            moe_dispatch="capacity",
-            extra_dispatches=("dense", "gather"),
-            log=lambda _: None,
-        ).bundle
-        for n in (1, 2, 3)
-    }
+    ckpt = recipe_checkpoint("maverick-mini", root / "ckpt")
+    every = dict(checkpoint=ckpt, moe_dispatch="capacity", extra_dispatches=("dense", "gather"))
+    return {n: quiet_build("maverick-mini", root / f"s{n}", stages=n, **every) for n in (1, 2, 3)}
 
 
 @pytest.fixture(scope="module")

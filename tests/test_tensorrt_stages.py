@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from llama4_deploy.runtime import abi
-from tests.conftest import manifest, opened_engines
+from tests.conftest import manifest, opened_engines, quiet_build, recipe_checkpoint
 from tests.test_cli import invoke, user_error
 
 REL_TOLERANCE = 1e-5
@@ -25,25 +25,10 @@ REL_TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """maverick-mini's TensorRT form at float32 compute in 1 and 2 stages, from one written checkpoint."""
-    from llama4_deploy.build import build
-    from llama4_deploy.build.recipe import load_recipe
-    from llama4_deploy.export.reference import random_model
-
     root = tmp_path_factory.mktemp("trt-stages")
-    weights = load_recipe("maverick-mini").random
-    random_model(weights.config, weights.seed, weights.logit_gain, weights.router_gain).save_pretrained(root / "ckpt")
-    return {
-        n: build(
-            "maverick-mini",
-            checkpoint=root / "ckpt",
-            out=root / f"s{n}",
-            target="tensorrt",
-            compute_dtype="float32",
-            stages=n,
-            log=lambda _: None,
-        ).bundle
-        for n in (1, 2)
-    }
+    ckpt = recipe_checkpoint("maverick-mini", root / "ckpt")
+    trt = dict(checkpoint=ckpt, target="tensorrt", compute_dtype="float32")
+    return {n: quiet_build("maverick-mini", root / f"s{n}", stages=n, **trt) for n in (1, 2)}
 
 
 @pytest.fixture(scope="module")

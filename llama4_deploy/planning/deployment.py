@@ -401,14 +401,10 @@ def _gib(size: int) -> str:
     return f"{size / GIB:.1f}"
 
 
-def _tokens(count: int) -> str:
-    return f"{count:,}"
-
-
 def _context_cell(tokens: int, shape: ModelShape) -> str:
     if not tokens:
         return "-"
-    return _tokens(tokens) + ("*" if tokens == shape.max_position_embeddings else "")
+    return f"{tokens:,}" + ("*" if tokens == shape.max_position_embeddings else "")
 
 
 def _ranges(split: Sequence[range]) -> str:
@@ -460,7 +456,7 @@ def report(
         f"per token (global layers) plus {chunked} rings of {shape.attention_chunk_size} slots "
         f"({_gib(slot * chunked * shape.attention_chunk_size)} GiB) per row",
         "",
-        f"per-GPU memory in GiB, largest stage, at {_tokens(config.context)} tokens, batch 1 (workspace: "
+        f"per-GPU memory in GiB, largest stage, at {config.context:,} tokens, batch 1 (workspace: "
         f"{RUNTIME_OVERHEAD // GIB} GiB runtime + one step of {config.prefill_tokens} tokens per row); "
         f"longest context that fits at batch {' and '.join(map(str, config.batches))}",
         f"  {'plan':<6}{'GPU':<12}{'stages':>7}{'weights':>9}{'KV':>7}{'work':>7}{'total':>8}{'of':>7}  {'fits':<5}"
@@ -529,7 +525,7 @@ def report(
     lines += [
         "",
         f"suggested stage split, {chosen.name} on {stages} x {gpu.name} (balances weights + KV at "
-        f"{_tokens(config.context)} tokens; embedding in the first stage, final norm and lm_head in the last): "
+        f"{config.context:,} tokens; embedding in the first stage, final norm and lm_head in the last): "
         f"layers {_ranges([s.layers for s in d.stages])}",
         "  GiB per stage: " + ", ".join(_gib(s.total_bytes) for s in d.stages),
     ]

@@ -11,6 +11,8 @@ from llama4_deploy.graphs.forms import AUTO, AttentionForm, QuantForm
 from llama4_deploy.graphs.quantize import QuantSpec
 from llama4_deploy.targets import TargetError
 
+Json = dict[str, Any]  # a manifest record, a recipe's keys, the model's facts
+
 
 class Target:
     """A backend's bundle form. Subclasses set the class attributes and override what differs."""
@@ -21,7 +23,7 @@ class Target:
     int4_form: QuantForm  # the quantized form `auto` means for int4
     per_expert_weights: bool = False  # quantized expert stacks as per-expert 2-D constants (lower_quant_qdq.py)
 
-    def configure(self, recipe: dict[str, Any], precision: str | None, compute_dtype: str | None) -> dict[str, Any]:
+    def configure(self, recipe: Json, precision: str | None, compute_dtype: str | None) -> Json:
         """Recipe keys the target fixes, given the recipe (with the build's overrides) and the precision flags the
         user passed (None: not passed). Raises TargetError on a choice the backend cannot run."""
         return {}
@@ -37,14 +39,12 @@ class Target:
         """The engine roles' dispatches, given the cost model's choice (graphs/dispatch.py, `choose`)."""
         return chosen
 
-    def lint(
-        self, model: ir.Model, profiles: dict[str, int], facts: dict[str, Any], capacity_factor: float
-    ) -> list[str]:
+    def lint(self, model: ir.Model, profiles: dict[str, int], facts: Json, capacity_factor: float) -> list[str]:
         """Problems the backend's parser would find in a graph, beyond the static-shape lint every target runs."""
         return []
 
     def check_graph(
-        self, model: ir.Model, strategy: str, profiles: dict[str, int], facts: dict[str, Any], capacity_factor: float
+        self, model: ir.Model, strategy: str, profiles: dict[str, int], facts: Json, capacity_factor: float
     ) -> None:
         """Raise TargetError (one sentence, the first problem) if the backend would refuse the graph."""
         problems = self.lint(model, profiles, facts, capacity_factor)
@@ -55,11 +55,7 @@ class Target:
     parser = "the backend"  # names what refuses a graph, in check_graph's sentence
 
     def manifest_record(
-        self,
-        stages: list[dict[str, Any]],
-        profiles: dict[str, int],
-        model: dict[str, Any],
-        layers: list[dict[str, Any]],
-    ) -> dict[str, Any] | None:
+        self, stages: list[Json], profiles: dict[str, int], model: Json, layers: list[Json]
+    ) -> Json | None:
         """What the manifest records under `engine.<name>` (None: nothing)."""
         return None

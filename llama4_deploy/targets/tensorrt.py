@@ -19,14 +19,13 @@ verified on any machine and compiled to plans on the GPU machine (`llama4-deploy
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import onnx_ir as ir
 
 from llama4_deploy.graphs.dispatch import DispatchRules, Machine
 from llama4_deploy.graphs.lint_tensorrt import TENSORRT_VERSION, lint_tensorrt
 from llama4_deploy.targets import TargetError
-from llama4_deploy.targets.base import Target
+from llama4_deploy.targets.base import Json, Target
 from llama4_deploy.targets.tensorrt_profiles import stage_profiles
 
 # a recipe's fp32 precision under --target tensorrt, by the --compute-dtype given (None: none given)
@@ -42,7 +41,7 @@ class TensorRTTarget(Target):
     per_expert_weights = True
     parser = f"TensorRT {TENSORRT_VERSION}"
 
-    def configure(self, recipe: dict[str, Any], precision: str | None, compute_dtype: str | None) -> dict[str, Any]:
+    def configure(self, recipe: Json, precision: str | None, compute_dtype: str | None) -> Json:
         """TensorRT's forms fixed; `precision` / `compute_dtype`: what the user passed (None: not passed), which
         decide the default compute dtype (bfloat16)."""
         if recipe["quant_form"] == "ort":
@@ -60,7 +59,7 @@ class TensorRTTarget(Target):
                 "the native MoE dispatch is ONNX Runtime's com.microsoft.MoE, which TensorRT cannot "
                 "run; use --moe-dispatch gather, capacity, dense or auto"
             )
-        update: dict[str, Any] = {"quant_form": "qdq", "attention": "decomposed"}
+        update: Json = {"quant_form": "qdq", "attention": "decomposed"}
         chosen = precision or recipe["precision"]
         if precision is None and recipe["precision"] == "fp32":
             chosen = _PRECISION_FOR_COMPUTE[compute_dtype]
@@ -82,18 +81,10 @@ class TensorRTTarget(Target):
         exact = chosen.get("exact") or ("gather" if chosen.get("prefill") == "gather" else chosen["prefill"])
         return {"prefill": "capacity", "decode": "gather", "exact": exact if exact in ("gather", "dense") else "gather"}
 
-    def lint(
-        self, model: ir.Model, profiles: dict[str, int], facts: dict[str, Any], capacity_factor: float
-    ) -> list[str]:
+    def lint(self, model: ir.Model, profiles: dict[str, int], facts: Json, capacity_factor: float) -> list[str]:
         return lint_tensorrt(model, topk_bound=topk_bound(profiles, facts, capacity_factor))
 
-    def manifest_record(
-        self,
-        stages: list[dict[str, Any]],
-        profiles: dict[str, int],
-        model: dict[str, Any],
-        layers: list[dict[str, Any]],
-    ) -> dict[str, Any]:
+    def manifest_record(self, stages: list[Json], profiles: dict[str, int], model: Json, layers: list[Json]) -> Json:
         """engine.tensorrt: what `compile` builds plans for, one plan per graph file of every pipeline stage
         (`stages`: the build's stage records; plans: filled in by compile)."""
         return {
@@ -103,7 +94,7 @@ class TensorRTTarget(Target):
         }
 
 
-def topk_bound(profiles: dict[str, int], model: dict[str, Any], capacity_factor: float) -> int:
+def topk_bound(profiles: dict[str, int], model: Json, capacity_factor: float) -> int:
     """The largest TopK K of any graph under the profiles: the capacity dispatch's slots per expert at
     max_batch x prefill_tokens tokens, or top_k (the router's)."""
     tokens = profiles["max_batch"] * profiles["prefill_tokens"]

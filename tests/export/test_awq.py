@@ -7,7 +7,7 @@ import copy
 
 import numpy as np
 
-from tests.conftest import manifest, tiny_config
+from tests.conftest import manifest, quiet_build, tiny_config
 
 OUTLIERS = [3, 17, 40, 61]  # hidden channels whose RMSNorm gain is raised x30: every linear input has outliers
 
@@ -52,18 +52,10 @@ def test_awq_has_lower_error_than_rtn_with_outlier_channels(tmp_path):
 
 def test_awq_bundle_verifies_against_its_simulation(tmp_path):
     """int4 awq through ONNX Runtime's QMoE and MatMulNBits (native dispatch, block 32 divides tiny's sizes)."""
-    from llama4_deploy.build import build
     from llama4_deploy.quality.verify import verify
 
-    bundle = build(
-        "tiny",
-        out=tmp_path / "awq",
-        precision="int4",
-        quant_method="awq",
-        block_size=32,
-        moe_dispatch="native",
-        log=lambda _: None,
-    ).bundle
+    awq = dict(precision="int4", quant_method="awq", block_size=32, moe_dispatch="native")
+    bundle = quiet_build("tiny", tmp_path / "awq", **awq)
     m = manifest(bundle)
     assert m["engine"]["quantization"]["rules"][0]["method"] == "awq"
     assert m["calibration"]["awq_scales"] == "awq_scales.npz" and (bundle / "awq_scales.npz").is_file()

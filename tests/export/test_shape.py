@@ -5,38 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from llama4_deploy.build.recipe import load_recipe
 from llama4_deploy.export.shape import ConfigError, LayerKind, ModelShape
 
-SCOUT = dict(
-    model_type="llama4_text",
-    vocab_size=202048,
-    hidden_size=5120,
-    intermediate_size=8192,
-    intermediate_size_mlp=16384,
-    num_hidden_layers=48,
-    num_attention_heads=40,
-    num_key_value_heads=8,
-    head_dim=128,
-    num_local_experts=16,
-    interleave_moe_layer_step=1,
-    attention_chunk_size=8192,
-    use_qk_norm=True,
-    rope_parameters=dict(
-        rope_type="llama3",
-        rope_theta=500000.0,
-        factor=16.0,
-        low_freq_factor=1.0,
-        high_freq_factor=1.0,
-        original_max_position_embeddings=8192,
-    ),
-)
-MAVERICK = dict(
-    SCOUT,
-    num_local_experts=128,
-    interleave_moe_layer_step=2,
-    use_qk_norm=False,
-    rope_parameters=dict(rope_type="default", rope_theta=500000.0),
-)
+# the published config.json of Scout's and Maverick's text models, as their recipes hold them
+SCOUT = load_recipe("scout").published_config
+MAVERICK = load_recipe("maverick").published_config
 
 
 def test_scout_layer_kinds():

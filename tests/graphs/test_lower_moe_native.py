@@ -55,10 +55,8 @@ def test_structure_and_count():
     assert model.graph.outputs[0].name == "y"
     moe = moe_nodes[0]
     attrs = {name: attr.value for name, attr in moe.attributes.items()}
+    assert (attrs.pop("k"), attrs.pop("activation_type"), attrs.pop("swiglu_fusion")) == (1, "swiglu", 1)
     assert attrs == {
-        "k": 1,
-        "activation_type": "swiglu",
-        "swiglu_fusion": 1,
         "activation_alpha": 1.0,
         "activation_beta": 0.0,
         "normalize_routing_weights": 1,

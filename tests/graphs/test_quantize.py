@@ -13,6 +13,18 @@ import pytest
 from llama4_deploy.graphs.quantize import QuantConfig, fake_quant, fp8_channel, int4_blocked, make_spec, pack_int4_rows
 
 
+def _weight_model(op_type: str, x_shape, name: str, w: np.ndarray) -> ir.Model:
+    """y = op(x, w) with `w` the initializer `name`, in the node scope its layer gives it."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(x_shape))
+    weight = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(w.shape))
+    weight.const_value = ir.tensor(w, name=name)
+    layer = ".".join(name.split(".")[:2])
+    node = ir.node(op_type, [x, weight], name=f"/{layer}/{op_type}")
+    node.outputs[0].name = "y"
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[weight], opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
 def test_presets_name_the_linear_layers_only():
     spec = make_spec(QuantConfig(precision="int4"))
     assert spec.form == "ort" and spec.compute_dtype == "float32" and spec.rules[0].block_size == 128
@@ -113,17 +125,7 @@ def node_attribute(model: ir.Model, name: str) -> int:
 
 
 def _matmul_model(w: np.ndarray) -> ir.Model:
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([3, w.shape[0]]))
-    weight = ir.Value(
-        name="layers.0.q",
-        type=ir.TensorType(ir.DataType.FLOAT),
-        shape=ir.Shape(w.shape),
-        const_value=ir.tensor(w, name="layers.0.q"),
-    )
-    node = ir.node("MatMul", [x, weight], name="/layers.0/MatMul")
-    node.outputs[0].name = "y"
-    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[weight], opset_imports={"": 21})
-    return ir.Model(graph, ir_version=10)
+    return _weight_model("MatMul", (3, w.shape[0]), "layers.0.q", w)
 
 
 @pytest.mark.parametrize("form", ["qdq", "ort", "ort-int8"])
@@ -186,18 +188,7 @@ def test_per_expert_layout_is_the_stacked_numbers(precision):
     spec = make_spec(QuantConfig(precision=precision, block_size=64, form="qdq"))
     outs = {}
     for per_expert in (False, True):
-        xv = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(x.shape))
-        weight = ir.Value(
-            name="layers.1.experts_down",
-            type=ir.TensorType(ir.DataType.FLOAT),
-            shape=ir.Shape(w.shape),
-            const_value=ir.tensor(w, name="layers.1.experts_down"),
-        )
-        node = ir.node("MatMul", [xv, weight], name="/layers.1/MatMul")
-        node.outputs[0].name = "y"
-        model = ir.Model(
-            ir.Graph([xv], node.outputs, nodes=[node], initializers=[weight], opset_imports={"": 21}), ir_version=10
-        )
+        model = _weight_model("MatMul", x.shape, "layers.1.experts_down", w)
         run_passes(model, quantize_passes(spec, {"layers.1.experts_down": 3.0}, per_expert=per_expert))
         dqs = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None]
         assert len(dqs) == (4 if per_expert else 1)
@@ -214,18 +205,7 @@ def test_a_weight_neither_form_can_quantize_is_refused():
     from llama4_deploy.graphs.quant_pass import quantize_passes
 
     w = np.random.default_rng(0).normal(0, 0.02, (3, 96)).astype(np.float32)
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([3, 96]))
-    weight = ir.Value(
-        name="layers.0.q",
-        type=ir.TensorType(ir.DataType.FLOAT),
-        shape=ir.Shape(w.shape),
-        const_value=ir.tensor(w, name="layers.0.q"),
-    )
-    node = ir.node("Add", [x, weight], name="/layers.0/Add")
-    node.outputs[0].name = "y"
-    model = ir.Model(
-        ir.Graph([x], node.outputs, nodes=[node], initializers=[weight], opset_imports={"": 21}), ir_version=10
-    )
+    model = _weight_model("Add", (3, 96), "layers.0.q", w)
     spec = make_spec(QuantConfig(precision="int4", block_size=32))
     assert spec.form == "ort"
     with pytest.raises(LoweringError) as refusal:
@@ -241,18 +221,7 @@ def test_the_ort_form_leaves_what_its_kernels_cannot_take_to_qdq():
     from llama4_deploy.graphs.quant_pass import quantize_passes
 
     w = np.random.default_rng(1).normal(0, 0.02, (4, 64, 24)).astype(np.float32)  # [E, K, N]
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([4, 3, 64]))
-    weight = ir.Value(
-        name="layers.1.experts_down",
-        type=ir.TensorType(ir.DataType.FLOAT),
-        shape=ir.Shape(w.shape),
-        const_value=ir.tensor(w, name="layers.1.experts_down"),
-    )
-    node = ir.node("MatMul", [x, weight], name="/layers.1/MatMul")
-    node.outputs[0].name = "y"
-    model = ir.Model(
-        ir.Graph([x], node.outputs, nodes=[node], initializers=[weight], opset_imports={"": 21}), ir_version=10
-    )
+    model = _weight_model("MatMul", (4, 3, 64), "layers.1.experts_down", w)
     counts = run_passes(model, quantize_passes(make_spec(QuantConfig(precision="int4", block_size=32))))
     assert counts == {"quantize_ort": 0, "quantize_qdq": 1}
     assert [n.op_type for n in model.graph] == ["DequantizeLinear", "MatMul"]
