@@ -37,7 +37,12 @@ def write_checkpoint(
         vision = dict(widths, projector_output_dim=32, num_hidden_layers=1, num_attention_heads=2, image_size=28)
         vision["patch_size"] = 14
         torch.manual_seed(seed)
-        full = Llama4ForConditionalGeneration(Llama4Config(text_config=text.config.to_dict(), vision_config=vision))
+        # the image tokens index the text vocabulary (the build refuses ids outside it): its last three ids
+        vocab = text.config.vocab_size
+        images = dict(boi_token_index=vocab - 3, eoi_token_index=vocab - 2, image_token_index=vocab - 1)
+        full = Llama4ForConditionalGeneration(
+            Llama4Config(text_config=text.config.to_dict(), vision_config=vision, **images)
+        )
         full.language_model.load_state_dict(text.state_dict())
         full.save_pretrained(directory, **kwargs)
     else:

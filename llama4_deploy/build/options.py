@@ -71,9 +71,10 @@ def resolve(recipe: str | None, checkpoint: str | Path | None, **overrides: Any)
         raise TypeError(f"build() got an unexpected keyword argument {unknown[0]!r}")
     given = {key: value for key, value in overrides.items() if value is not None}
     if recipe is None and checkpoint is not None:
-        base = Recipe(name=Path(checkpoint).resolve().name, description=f"fp32 ONNX Runtime build of {checkpoint}")
+        base = _validated({"name": Path(checkpoint).resolve().name,  # named after the checkpoint's directory
+                           "description": f"fp32 ONNX Runtime build of {checkpoint}"}, {})
     else:
-        base = load_recipe(recipe or DEFAULT_RECIPE)
+        base = load_recipe(DEFAULT_RECIPE if recipe is None else recipe)
     data = base.model_dump()
     for argument, value in given.items():
         *parents, leaf = OVERRIDES[argument].split(".")

@@ -1,8 +1,11 @@
-"""Recipes: one YAML per target, validated on load; unknown keys are rejected."""
+"""Recipes: one YAML per target, validated on load: unknown or repeated keys are rejected, and every value is strictly
+typed (no bool or string where a number is meant, no float where an integer is); a random recipe's model config is
+checked as a checkpoint's config.json is (export/shape.py), before any weights are made."""
 
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,13 +27,14 @@ class RecipeError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: pydantic's lax mode reads `true` as 1 and '512' as 512, which a recipe must never mean
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class RandomWeights(Strict):
     """Seeded random weights for a Llama4TextConfig (transformers builds them, so verify can too)."""
 
-    seed: int
+    seed: int = Field(ge=0)
     config: dict[str, Any]
     logit_gain: float = Field(1.0, gt=0)  # scales lm_head: peaked logits, no near-ties
     router_gain: float = Field(1.0, gt=0)  # scales routers: well-separated expert choices
@@ -47,14 +51,47 @@ class RandomWeights(Strict):
                 raise ValueError(f"{key!r} is not a Llama4TextConfig field{hint}")
         return config
 
+    def shape(self) -> ModelShape:
+        """The model these weights have: the config over Llama4TextConfig's defaults, read as a checkpoint's
+        config.json is (every size a positive integer, top-k within the experts, token ids in the vocabulary)."""
+        try:
+            shape = ModelShape.from_config(
+                {**llama4_text_config_defaults(), **self.config, "model_type": "llama4_text"}, source="random.config"
+            )
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        from transformers import Llama4TextConfig  # deferred: heavy, and `plan` reads recipes without it
+        from transformers.utils import logging as transformers_logging
 
-def llama4_text_config_keys() -> frozenset[str]:
-    """Keyword arguments Llama4TextConfig takes (transformers, imported only when a recipe has a config)."""
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # its rope warnings are the build's to print, not every load's
+        try:  # the keys ModelShape does not read are transformers' to check
+            Llama4TextConfig(**self.config)
+        except Exception as err:  # huggingface_hub's strict-dataclass errors span lines
+            raise ValueError(f"random.config is not a valid Llama4TextConfig ({' '.join(str(err).split())})") from None
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        return shape
+
+
+@functools.cache
+def _llama4_text_config_signature() -> dict[str, Any]:
     from transformers import Llama4TextConfig  # deferred: heavy, and `plan` reads recipes without it
 
     params = inspect.signature(Llama4TextConfig.__init__).parameters
-    keys = {name for name, p in params.items() if name != "self" and p.kind is not p.VAR_KEYWORD}
-    return frozenset(keys | set(getattr(Llama4TextConfig, "attribute_map", {})))
+    names = {name: p.default for name, p in params.items() if name != "self" and p.kind is not p.VAR_KEYWORD}
+    return {"params": names, "aliases": tuple(getattr(Llama4TextConfig, "attribute_map", {}))}
+
+
+def llama4_text_config_keys() -> frozenset[str]:
+    """Keyword arguments Llama4TextConfig takes (transformers, imported only when a recipe has a config)."""
+    signature = _llama4_text_config_signature()
+    return frozenset(set(signature["params"]) | set(signature["aliases"]))
+
+
+def llama4_text_config_defaults() -> dict[str, Any]:
+    """Llama4TextConfig's defaults, for the keys a random config leaves out."""
+    return {k: v for k, v in _llama4_text_config_signature()["params"].items() if v is not inspect.Parameter.empty}
 
 
 class Profiles(Strict):
@@ -64,7 +101,7 @@ class Profiles(Strict):
 
 
 class Verify(Strict):
-    prompt_lengths: list[int] | None = None  # None: derived from the chunk size (verify.py)
+    prompt_lengths: list[Annotated[int, Field(ge=1)]] | None = None  # None: derived from the chunk size (verify.py)
     new_tokens: int = Field(32, ge=1)
 
 
@@ -101,6 +138,37 @@ class Recipe(Strict):
     profiles: Profiles = Profiles()
     verify: Verify = Verify()
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        """The default --out is build/<name>: a name that is a path would write somewhere else."""
+        if (
+            not name.strip()
+            or name != name.strip()
+            or name.startswith((".", "-"))
+            or "/" in name
+            or "\\" in name
+            or not name.isprintable()
+            or len(name) > 128
+        ):
+            raise ValueError(
+                "not a plain name: the default --out is build/<name>, so a name must be at most 128 printable "
+                "characters with no path separator, not starting with '.' or '-'"
+            )
+        return name
+
+    @field_validator("extra_dispatches", mode="before")
+    @classmethod
+    def _list_as_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value  # YAML has lists; strict mode takes tuples only
+
+    @field_validator("block_size", mode="before")
+    @classmethod
+    def _integer_block(cls, value: Any) -> Any:
+        if type(value) is not int:  # a Literal compares by equality, so 64.0 and '64' would pass as 64
+            raise ValueError("it must be an integer: 32, 64 or 128")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _expected_from_published(cls, data: Any) -> Any:
@@ -110,9 +178,9 @@ class Recipe(Strict):
         if not isinstance(published, dict):
             raise ValueError("expect_config is a list of names, which needs published_config to read them from")
         try:
-            facts = ModelShape.from_config(published).to_dict()
+            facts = ModelShape.from_config(published, source="published_config").to_dict()
         except ConfigError as err:
-            raise ValueError(f"published_config: {err}") from None
+            raise ValueError(str(err)) from None
         unknown = [key for key in data["expect_config"] if key not in facts]
         if unknown:
             raise ValueError(f"expect_config names {unknown[0]!r}, which is not a ModelShape field")
@@ -124,6 +192,12 @@ class Recipe(Strict):
     def _one_weight_source(self) -> "Recipe":
         if self.random is not None and self.checkpoint is not None:
             raise ValueError("give either random or checkpoint, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _random_config_is_a_model(self) -> "Recipe":
+        if self.random is not None:
+            self.random.shape()
         return self
 
     @property
@@ -142,15 +216,50 @@ def available() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
+class _RepeatedKey(Exception):
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: the base constructor names it
+                continue
+            if first != key_node.start_mark.line:
+                raise _RepeatedKey(key, first + 1, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
 def load_recipe(name_or_path: str) -> Recipe:
+    if not name_or_path.strip():
+        raise RecipeError(f"--recipe is empty; give a recipe name ({', '.join(available())}) or a YAML path")
+    # deferred: the runtime package loads numpy, and the CLI's start-up reads recipes without it
+    from llama4_deploy.runtime.paths import kind
+
     path = recipe_path(name_or_path)
-    if not path.is_file():
+    found = kind(path)
+    if found == "missing":
         raise RecipeError(f"no recipe {name_or_path!r}; known recipes: {', '.join(available())}")
+    if found != "a file":
+        raise RecipeError(f"recipe {path} is {found}, not a file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         if not isinstance(data, dict):
             raise RecipeError(f"recipe {path.name} is a YAML {type(data).__name__}, not a mapping of keys")
         return Recipe.model_validate(data)
+    except _RepeatedKey as err:
+        raise RecipeError(
+            f"recipe {path.name} gives key {err.key!r} twice (lines {err.first} and {err.again}), and YAML would "
+            f"silently keep the second"
+        ) from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         problem = " ".join(str(err).split())  # YAML errors span lines
         raise RecipeError(f"recipe {path} is not valid YAML ({problem})") from None
@@ -162,4 +271,11 @@ def load_recipe(name_or_path: str) -> Recipe:
         message = first["msg"].removeprefix("Value error, ")
         if not where:  # a check across fields (model_validator)
             raise RecipeError(f"recipe {path.name}: {message}") from None
-        raise RecipeError(f"recipe {path.name}: {where}: {message}") from None
+        raise RecipeError(f"recipe {path.name}: {where} {_quoted(first)}: {message}") from None
+
+
+def _quoted(error: dict[str, Any]) -> str:
+    """The offending value, quoted as the YAML gave it, with its type where the type is the problem."""
+    value = error.get("input")
+    text = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return f"{text} ({type(value).__name__})" if error["type"].endswith("_type") else text

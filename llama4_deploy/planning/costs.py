@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from llama4_deploy.export.shape import ConfigError, ModelShape
 from llama4_deploy.graphs.cost import profile_points, step_cost
 from llama4_deploy.runtime.bundle import BundleError, read_manifest
 from llama4_deploy.runtime.integrity import check_files
@@ -28,6 +29,10 @@ class CostRow:
 
 def bundle_costs(bundle: str | Path) -> list[CostRow]:
     manifest = read_manifest(bundle)
+    try:  # the sizes the cost model divides and multiplies by, checked as a config's are, before any graph is read
+        ModelShape.from_facts(manifest.model, str(manifest.path / "manifest.json"))
+    except ConfigError as err:
+        raise BundleError(str(err)) from None
     graphs = manifest.engine["graphs"]
     stages = manifest.stages  # a split bundle is costed as the sum of its stages' graphs
     files = sorted({g["file"] for stage in stages for g in stage.graphs.values()})

@@ -170,14 +170,12 @@ def load_shape(target: str) -> tuple[ModelShape, str, dict[str, Any]]:
     profiles = recipe.profiles.model_dump()
     try:
         if recipe.published_config is not None:
-            return ModelShape.from_config(recipe.published_config), f"recipe {recipe.name} (published config)", profiles
+            shape = ModelShape.from_config(recipe.published_config, source="published_config")
+            return shape, f"recipe {recipe.name} (published config)", profiles
         if recipe.checkpoint_path is not None:
             return _checkpoint_shape(recipe.checkpoint_path), f"recipe {recipe.name} ({recipe.checkpoint})", profiles
-        if recipe.random is not None:
-            from transformers import Llama4TextConfig  # deferred: heavy, and only a random recipe needs it
-
-            config = Llama4TextConfig(**recipe.random.config).to_dict()
-            return ModelShape.from_config(config), f"recipe {recipe.name} (random config)", profiles
+        if recipe.random is not None:  # the shape the recipe's load validated, as transformers fills in its config
+            return recipe.random.shape(), f"recipe {recipe.name} (random config)", profiles
     except ConfigError as err:
         raise PlanError(f"recipe {recipe.name}: {err}") from None
     raise PlanError(f"recipe {recipe.name} has no published_config, checkpoint or random config to plan from")
@@ -194,9 +192,9 @@ def _checkpoint_shape(path: Path) -> ModelShape:
     if not isinstance(config, dict):
         raise PlanError(f"{config_path} is not a JSON object")
     try:
-        return ModelShape.from_config(config)
+        return ModelShape.from_config(config, source=str(config_path))
     except ConfigError as err:
-        raise PlanError(f"{config_path}: {err}") from None
+        raise PlanError(str(err)) from None
 
 
 # -- parameters ------------------------------------------------------------------------------------
@@ -536,7 +534,7 @@ def plan(target: str, context: int | None = None, stages: int | None = None, pre
     """The report for a recipe or checkpoint dir; `context` defaults to the recipe's max_context (else 32768)."""
     shape, source, profiles = load_shape(target)
     config = PlanConfig(
-        context=context or profiles.get("max_context", PlanConfig.context),
+        context=context if context is not None else profiles.get("max_context", PlanConfig.context),
         prefill_tokens=profiles.get("prefill_tokens", PlanConfig.prefill_tokens),
     )
     if config.context < 1:
