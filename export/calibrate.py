@@ -31,6 +31,7 @@ from llama4_deploy.export import layerwise
 from llama4_deploy.export.observe import linear_inputs
 from llama4_deploy.export.reference import checkpoint_model
 from llama4_deploy.export.shape import ModelShape
+from llama4_deploy.runtime.paths import PathError, read_utf8
 
 RANDOM_SEQUENCES = 8
 RANDOM_TOKENS = 64
@@ -47,9 +48,10 @@ def calibration_ids(path: str | Path | None, checkpoint, seed: int = 0) -> list[
         rng = np.random.default_rng(seed)
         return [[int(t) for t in rng.integers(0, vocab, RANDOM_TOKENS)] for _ in range(RANDOM_SEQUENCES)]
     path = Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"calibration file {path} does not exist")
-    text = path.read_text()
+    try:
+        text, _ = read_utf8(path, "calibration file")
+    except PathError as err:
+        raise CalibrationError(str(err)) from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,18 @@ from safetensors import safe_open
 
 from llama4_deploy.export.compressed_tensors import CompressedTensorsError, CompressedTensorsFP8, LogicalTensors
 from llama4_deploy.export.shape import ConfigError, ModelShape
+from llama4_deploy.export.weights import all_weights
+from llama4_deploy.runtime.paths import PathError, directory, kind
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors' names of the dtypes the build converts to float32
+FP8_DTYPE = "F8_E4M3"  # compressed-tensors' float8_e4m3fn weights
+
+
+def _natural(name: str) -> list:
+    """Sort key putting layer 10 after layer 9."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 class CheckpointError(ValueError):
@@ -34,11 +44,16 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).resolve()
-        if not self.path.is_dir():
-            raise CheckpointError(f"checkpoint directory {self.path} does not exist")
+        try:
+            directory(self.path, "checkpoint directory")
+        except PathError as err:
+            raise CheckpointError(str(err)) from None
         config_path = self.path / "config.json"
-        if not config_path.is_file():
+        found = kind(config_path)
+        if found == "missing":
             raise CheckpointError(f"{self.path} has no config.json; pass a Hugging Face checkpoint directory")
+        if found != "a file":
+            raise CheckpointError(f"{config_path} is {found}, not a file")
         try:
             self.config: dict[str, Any] = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -108,6 +123,69 @@ class Checkpoint:
                 raise CheckpointError(f"{shard.name} is not a readable safetensors file ({err})") from None
             self._handles[shard] = handle
         return handle
+
+    # -- agreement with config.json -----------------------------------------------------------------
+    def check_tensors(self) -> None:
+        """The checkpoint holds exactly the model config.json describes: every tensor it implies (export/weights.py),
+        with the shape it implies and a floating-point dtype (or, in a compressed-tensors checkpoint, FP8 with its
+        scales), and no tensor of the text model besides (a layer config.json does not count, an expert stack in a
+        dense layer: the build would drop it silently). A multimodal checkpoint's vision tensors are not the text
+        model's. Raises CheckpointError naming the first problem."""
+        expected: set[str] = set()
+        for source in all_weights(self.shape).values():
+            name = source.checkpoint_name
+            if not self.has(name):
+                raise CheckpointError(f"tensor {self.prefix}{name} is missing from the checkpoint")
+            got, implied = self.tensor_shape(name), source.checkpoint_shape
+            if got != implied:
+                raise CheckpointError(
+                    f"tensor {self.prefix}{name} has shape {list(got)}, config.json implies {list(implied)}"
+                )
+            for stored in self._stored(name):
+                expected.add(stored)
+                dtype = self._slice(stored).get_dtype()
+                if dtype not in FLOAT_DTYPES and not (dtype == FP8_DTYPE and self.logical is not None):
+                    raise CheckpointError(
+                        f"tensor {self.prefix}{stored} is stored as {dtype}; the build reads floating-point weights "
+                        f"({', '.join(FLOAT_DTYPES)}), or FP8 in a compressed-tensors checkpoint, and never converts "
+                        f"another type silently"
+                    )
+        extra = sorted(set(self._text_tensors()) - expected, key=_natural)
+        if extra:
+            raise CheckpointError(self._unexpected(extra[0], len(extra)))
+
+    def _stored(self, name: str) -> list[str]:
+        """The stored tensors a logical tensor is read from: itself, or a compressed-tensors checkpoint's per-expert
+        Linear weights, and the FP8 scales beside them."""
+        if self.logical is None:
+            return [name]
+        modules = self._logical(self.logical.stored_modules, name)
+        if modules is None:
+            return [name] + ([f"{name[: -len('.weight')]}.weight_scale"] if self.quantized(name) else [])
+        return [f"{m}.{part}" for m in modules for part in ("weight", "weight_scale") if self._raw_has(f"{m}.{part}")]
+
+    def _text_tensors(self) -> list[str]:
+        """Every stored tensor of the text model, named without the multimodal prefix."""
+        return [name[len(self.prefix) :] for name in self._file_of if name.startswith(self.prefix)]
+
+    def _unexpected(self, name: str, count: int) -> str:
+        more = f" (and {count - 1} more)" if count > 1 else ""
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        if layer and int(layer[1]) >= self.shape.num_layers:
+            others = f", and {count - 1} more tensors" if count > 1 else ""
+            return (
+                f"the checkpoint holds layer {layer[1]} ({self.prefix}{name}{others}), but config.json's "
+                f"num_hidden_layers is {self.shape.num_layers}; the build would drop it"
+            )
+        if name == "lm_head.weight" and self.shape.tie_word_embeddings:
+            return (
+                f"the checkpoint holds {self.prefix}{name}, but config.json ties the output head to the embeddings "
+                f"(tie_word_embeddings true); the build would ignore it"
+            )
+        return (
+            f"the checkpoint holds tensor {self.prefix}{name}{more}, which the model config.json describes does not "
+            f"have; the build would ignore it"
+        )
 
     # -- tensors ------------------------------------------------------------------------------
     def has(self, name: str) -> bool:

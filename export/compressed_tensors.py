@@ -152,6 +152,11 @@ class LogicalTensors:
         kinds = ("gate_proj", "up_proj") if which == "gate_up_proj" else ("down_proj",)
         return [f"{prefix}.{e}.{kind}" for e in range(self.num_experts) for kind in kinds]
 
+    def stored_modules(self, name: str) -> list[str] | None:
+        """The per-expert Linear modules a stacked expert tensor is read from, or None for a tensor stored as named."""
+        experts = self._experts(name)
+        return None if experts is None else self._parts(*experts)
+
     def has(self, name: str) -> bool:
         experts = self._experts(name)
         if experts is None:

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llama4_deploy.runtime.paths import kind
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: file hashes (`files`) and the weight-layout fingerprint (`engine.weights_layout`)
 GOLDEN = "golden.npz"
@@ -231,6 +233,21 @@ def validate_manifest(raw: Any, where: Path) -> None:
         isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in eos)
     ):
         raise BundleError(f"{where}: model.eos_token_ids must be a list of integers, got {eos!r}")
+    vocab = model["vocab_size"]
+    for key, ids in (("eos_token_ids", eos or []), ("bos_token_id", [model.get("bos_token_id")])):
+        bad = next((i for i in ids if i is not None and not (type(i) is int and 0 <= i < vocab)), None)
+        if bad is not None:
+            raise BundleError(f"{where}: model.{key} holds {bad!r}, not a token id inside the vocabulary [0, {vocab})")
+    # the limits the model was trained to: a manifest asking for more context than the model has was edited
+    positions = model.get("max_position_embeddings")
+    if positions is not None:
+        if type(positions) is not int or positions < 1:
+            raise BundleError(f"{where}: model.max_position_embeddings must be a positive integer, got {positions!r}")
+        if raw["profiles"]["max_context"] > positions:
+            raise BundleError(
+                f"{where}: profiles.max_context {raw['profiles']['max_context']} exceeds the model's "
+                f"max_position_embeddings of {positions}"
+            )
     engine = raw["engine"]
     graphs = engine["graphs"]
     for role in ("prefill", "decode"):
@@ -322,6 +339,9 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
     path = Path(bundle_dir)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
+        found = kind(manifest_path)
+        if found not in ("missing", "a file"):  # read_text would block on a FIFO
+            raise BundleError(f"{manifest_path} is {found}, not a file")
         raise BundleError(f"{path} is not a bundle: it has no {MANIFEST}")
     try:
         raw = json.loads(manifest_path.read_text(encoding="utf-8"))

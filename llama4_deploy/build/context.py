@@ -82,6 +82,7 @@ class BuildContext:
     cache: BuildCache  # finished steps, reused by a rerun (llama4_deploy/build/cache.py)
     log: Callable[[str], None]
     started: float  # time.time() at the start of the build
+    force: bool = False  # --force: a KV cache larger than this machine's memory is built anyway (steps/load.py)
     # each step's result, in the order the steps run
     loaded: Loaded | None = None
     templates: dict[str, Any] | None = None

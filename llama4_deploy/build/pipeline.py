@@ -50,11 +50,15 @@ def build(recipe: str | None = None, checkpoint: str | Path | None = None, out: 
     """Build a bundle. `recipe` names a recipe (default tiny, or a plain fp32 ONNX Runtime build when only
     `checkpoint` is given) or a YAML path; `checkpoint` is a Hugging Face checkpoint directory (default: the recipe's
     own, or its seeded random weights). `out` (default build/<recipe>) may hold only a bundle this tool wrote, or
-    nothing, unless `force` (outdir.py). `overrides` replace recipe keys, one per CLI flag (options.OVERRIDES):
+    nothing, unless `force` (outdir.py); `force` also builds a KV cache larger than this machine's memory. `overrides` replace recipe keys, one per CLI flag (options.OVERRIDES):
     moe_dispatch, attention, max_context, max_batch, prefill_tokens, precision, compute_dtype, block_size,
     quant_form, quant_method, int4_compute, calibration, stages, extra_dispatches, target; None keeps the recipe's.
     A bare checkpoint's context defaults to its max_position_embeddings, at most load.DEFAULT_MAX_CONTEXT."""
     started = time.time()
+    for flag, value in (("--recipe", recipe), ("--checkpoint", checkpoint), ("--out", out),
+                        ("--calibration", overrides.get("calibration"))):
+        if isinstance(value, str) and not value.strip():  # "" would otherwise mean the default, or the current dir
+            raise BuildError(f"{flag} is empty; give a value or leave the option out for its default")
     bare_checkpoint = recipe is None and checkpoint is not None
     chosen = resolve(recipe, checkpoint, **overrides)
     out = Path(out or Path("build") / chosen.name).resolve()
@@ -79,7 +83,7 @@ def build(recipe: str | None = None, checkpoint: str | Path | None = None, out: 
                     recipe=chosen, target=targets.get(chosen.backend),
                     checkpoint=None if checkpoint is None else Path(checkpoint),
                     context_from_checkpoint=bare_checkpoint and overrides.get("max_context") is None,
-                    bundle=staging.dir, cache=cache, log=log, started=started)
+                    bundle=staging.dir, cache=cache, log=log, started=started, force=force)
                 run_steps(ctx)
                 staging.commit()
                 resumable = False

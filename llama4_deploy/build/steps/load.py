@@ -4,7 +4,8 @@ against its config and the recipe; the context length, the pipeline-stage split 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import hashlib
+import os
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,9 +20,9 @@ from llama4_deploy.export.checkpoint import Checkpoint, CheckpointError
 from llama4_deploy.export.compressed_tensors import CompressedTensorsError, checkpoint_quant_spec, stored_fp8
 from llama4_deploy.export.reference import random_model
 from llama4_deploy.export.shape import ModelShape
-from llama4_deploy.export.weights import all_weights
 from llama4_deploy.graphs.quantize import QuantConfig, QuantSpec, make_spec
 from llama4_deploy.runtime.bundle import BundleError
+from llama4_deploy.runtime.paths import PathError, regular_file, utf8
 from llama4_deploy.runtime.tokenizer import Tokenizer
 from llama4_deploy.targets.base import Target
 
@@ -29,11 +30,15 @@ from llama4_deploy.targets.base import Target
 # (Scout and Maverick declare 10M tokens; the cache is sized by the filled context, so a higher cap
 # costs nothing until used, but TensorRT profiles and golden checks are planned at this length)
 DEFAULT_MAX_CONTEXT = 32768
+GIB = 1024**3
+CACHE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}  # the KV cache is kept in the compute dtype
 
 
 def run(ctx: BuildContext) -> Loaded:
     recipe, log = ctx.recipe, ctx.log
-    if ctx.checkpoint is None:
+    calibration = calibration_identity(recipe.calibration)  # a file it cannot read is refused before any work
+    if ctx.checkpoint is None:  # the recipe gives the sizes: its limits are checked before any weights are made
+        check_limits(recipe, recipe.random.shape(), quant_spec(recipe, ctx.target).compute_dtype, ctx.force)
         key = step_key("checkpoint", recipe.random.model_dump(mode="json"))
         identity: Any = {"random checkpoint": key}
         if ctx.cache.get("checkpoint", key) is None:
@@ -50,7 +55,7 @@ def run(ctx: BuildContext) -> Loaded:
         with timed("load"):
             checkpoint = Checkpoint(source_dir)
             check_expected(recipe, checkpoint.shape)
-            check_weights(checkpoint)
+            checkpoint.check_tensors()
         if checkpoint.tokenizer_file is not None:  # copied into the bundle: refuse a damaged one now, not at run time
             Tokenizer(checkpoint.tokenizer_file)
     except (CheckpointError, BundleError) as err:
@@ -66,22 +71,31 @@ def run(ctx: BuildContext) -> Loaded:
         recipe = recipe.model_copy(update={"profiles": profiles})
         log(f"[profiles] max context {context} tokens (the checkpoint's max_position_embeddings "
             f"{shape.max_position_embeddings}, capped at {DEFAULT_MAX_CONTEXT}; --max-context sets it)")
-    if recipe.profiles.max_context > shape.max_position_embeddings:
-        raise BuildError(f"max context {recipe.profiles.max_context} exceeds the checkpoint's "
-                         f"max_position_embeddings of {shape.max_position_embeddings}")
+    spec = quant_spec(recipe, ctx.target, checkpoint)
+    check_limits(recipe, shape, spec.compute_dtype, ctx.force)
     log(f"[profiles] {recipe.profiles.model_dump()}")
     split = stage_split(shape, recipe.stages, log)
-    spec = quant_spec(recipe, ctx.target, checkpoint)
     if checkpoint.logical is not None:
         log(f"[precision] {checkpoint.path.name} is pre-quantized FP8 (compressed-tensors): its FP8 weights and "
             f"scales go in as stored; its dynamic per-token activation scales become static per-tensor ones "
             f"(calibration)")
     log(f"[precision] {spec.summary()}")
-    calibration_file = Path(recipe.calibration) if recipe.calibration else None
-    calibration_identity = ([calibration_file.stat().st_size, calibration_file.stat().st_mtime_ns]
-                            if calibration_file is not None and calibration_file.is_file() else None)
-    inputs = [recipe.model_dump(mode="json"), identity, calibration_identity]
+    inputs = [recipe.model_dump(mode="json"), identity, calibration]
     return Loaded(checkpoint, source_dir, recipe, split, spec, stored_fp8(checkpoint, shape), inputs)
+
+
+def calibration_identity(path: str | None) -> str | None:
+    """What a calibration file contributes to the cache keys: the SHA-256 of its bytes (its size and mtime could
+    stay the same through an edit), after checking it is a regular file of UTF-8 text (export/calibrate.py reads
+    it after tracing: a file it would refuse is refused now)."""
+    if path is None:
+        return None
+    try:
+        data = regular_file(path, "calibration file").read_bytes()
+        utf8(data, f"calibration file {path}")
+    except PathError as err:
+        raise BuildError(str(err)) from None
+    return hashlib.sha256(data).hexdigest()
 
 
 def check_expected(recipe: Recipe, shape: ModelShape) -> None:
@@ -96,17 +110,25 @@ def check_expected(recipe: Recipe, shape: ModelShape) -> None:
                              f"is it the right model?")
 
 
-def check_weights(checkpoint: Checkpoint) -> None:
-    """Every tensor config.json implies is in the checkpoint, with the shape it implies."""
-    for source in all_weights(checkpoint.shape).values():
-        if not checkpoint.has(source.checkpoint_name):
-            raise BuildError(f"tensor {checkpoint.prefix}{source.checkpoint_name} is missing from the checkpoint")
-        got = checkpoint.tensor_shape(source.checkpoint_name)
-        if got != source.checkpoint_shape:
-            raise BuildError(
-                f"tensor {checkpoint.prefix}{source.checkpoint_name} has shape {list(got)}, "
-                f"config.json implies {list(source.checkpoint_shape)}"
-            )
+def check_limits(recipe: Recipe, shape: ModelShape, compute_dtype: str, force: bool) -> None:
+    """The profiles within the model's limits: the context within max_position_embeddings, and the KV cache at
+    max_batch rows of max_context tokens within this machine's memory (the bound; `force` builds past it, for a
+    bundle that runs elsewhere), refused in one sentence before anything is traced."""
+    profiles = recipe.profiles
+    if profiles.max_context > shape.max_position_embeddings:
+        raise BuildError(f"max context {profiles.max_context} exceeds the checkpoint's "
+                         f"max_position_embeddings of {shape.max_position_embeddings}")
+    needed = shape.kv_cache_bytes(profiles.max_batch, profiles.max_context, CACHE_ITEMSIZE[compute_dtype])
+    memory = machine_memory()
+    if needed > memory and not force:
+        raise BuildError(f"max_batch {profiles.max_batch} x max_context {profiles.max_context} needs a KV cache of "
+                         f"{needed / GIB:,.2f} GiB ({compute_dtype}), more than this machine's {memory / GIB:,.1f} GiB "
+                         f"of memory; lower --max-batch or --max-context, or pass --force to build it anyway")
+
+
+def machine_memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def stage_split(shape: ModelShape, stages: int, log) -> list[Stage]:
