@@ -156,6 +156,19 @@ def check_files(manifest: Manifest, names: Iterable[str] | None = None) -> tuple
                 f"{name} in {manifest.path} has {size} bytes, the manifest records "
                 f"{records[name]['size']}: the file was changed or truncated after the build"
             )
+    changed = first_hash_mismatch(manifest.path, {name: records[name] for name in names})
+    if changed is not None:
+        raise BundleError(
+            f"{changed} in {manifest.path} has changed since the build (its SHA-256 differs "
+            f"from the manifest's); rebuild the bundle or restore the file"
+        )
+    return len(names), sum(records[n]["size"] for n in names), time.perf_counter() - start
+
+
+def first_hash_mismatch(directory: Path, records: dict[str, dict]) -> str | None:
+    """The first file (by name) of `records` whose SHA-256 differs from its record's, or None; the sizes are
+    assumed checked. Every part of every file is hashed on a pool of threads."""
+    names = sorted(records)
     tasks = [task for name in names for task in _hash_tasks(name, records[name])]
     log.info(
         "checking SHA-256 of %d files (%.1f MB) in %d parts on %d threads",
@@ -167,16 +180,13 @@ def check_files(manifest: Manifest, names: Iterable[str] | None = None) -> tuple
 
     def matches(task: tuple[str, int, int, str]) -> bool:
         name, offset, length, expected = task
-        return _slice_sha256(manifest.path / name, offset, length) == expected
+        return _slice_sha256(directory / name, offset, length) == expected
 
     with ThreadPoolExecutor(_workers(len(tasks))) as pool:
         for (name, *_), ok in zip(tasks, pool.map(matches, tasks)):
             if not ok:
-                raise BundleError(
-                    f"{name} in {manifest.path} has changed since the build (its SHA-256 differs "
-                    f"from the manifest's); rebuild the bundle or restore the file"
-                )
-    return len(names), sum(records[n]["size"] for n in names), time.perf_counter() - start
+                return name
+    return None
 
 
 def layout_fingerprint(entries: Iterable[tuple[str, int, int, str, tuple[int, ...]]]) -> str:

@@ -9,6 +9,7 @@ step was stored; the rerun runs in this process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -126,3 +127,107 @@ def test_kill_then_rerun_resumes(uninterrupted, tmp_path):
     assert not any(line.startswith("[load] recipe tiny: seeded random weights") for line in logged)
     assert any(line.startswith("[out] removed 1 staging dir") for line in logged), logged
     _same_bundle(out, uninterrupted)
+
+
+# -- a cached step is reused only while it holds what it stored (issue 26) ------------------------------------------
+KEY = "0123456789abcdef" * 4
+
+
+def _stored_step(tmp_path: Path) -> tuple:
+    from llama4_deploy.build.cache import BuildCache
+
+    logged: list[str] = []
+    cache = BuildCache(tmp_path / "x", logged.append).open()
+    with cache.put("trace", KEY) as (directory, record):
+        (directory / "a.onnx").write_bytes(b"graph a")
+        (directory / "b.onnx").write_bytes(b"graph b")
+        record["templates"] = ["a", "b"]
+    return cache, logged
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "tamper, problem",
+    [
+        (lambda e: _flip_last_byte(e / "a.onnx"), "a.onnx has another SHA-256"),
+        (lambda e: os.truncate(e / "b.onnx", 3), "b.onnx has 3 bytes, 7 were stored"),
+        (lambda e: (e / "a.onnx").unlink(), "a.onnx is gone"),
+        (lambda e: (e / "notes.txt").write_text("mine"), "notes.txt was added"),
+        (lambda e: (e / "record.json").write_text("{"), "its record.json is unreadable"),
+        (
+            lambda e: (e / "record.json").write_text(json.dumps({"key": KEY, "record": {"templates": []}})),
+            "its record.json was not written by this build",
+        ),
+    ],
+    ids=["edited", "truncated", "removed", "added", "record-damaged", "record-without-hashes"],
+)
+def test_changed_cached_step_is_recomputed(tmp_path, tamper, problem):
+    cache, logged = _stored_step(tmp_path)
+    record = json.loads((cache.entry("trace", KEY) / "record.json").read_text())
+    assert record["files"] == {
+        name: {"size": 7, "sha256": hashlib.sha256(data).hexdigest()}
+        for name, data in (("a.onnx", b"graph a"), ("b.onnx", b"graph b"))
+    }
+    assert cache.get("trace", KEY) == (cache.entry("trace", KEY), {"templates": ["a", "b"]})
+    assert logged[-1] == f"[resume] reusing trace (key {KEY[:12]})"
+    tamper(cache.entry("trace", KEY))
+    assert cache.get("trace", KEY) is None
+    assert logged[-1] == f"[resume] trace (key {KEY[:12]}) no longer holds what it stored ({problem}); recomputing it"
+    assert not cache.entry("trace", KEY).exists()
+    with cache.put("trace", KEY) as (directory, record):  # stored again under the same key
+        (directory / "a.onnx").write_bytes(b"graph a")
+    assert cache.get("trace", KEY)[1] == {}
+
+
+def test_edited_cached_checkpoint_is_recomputed(tiny_bundle, tmp_path, monkeypatch):
+    """The issue's case: a build stopped after `[cache] stored checkpoint`, the cached model.safetensors edited in
+    place (same size, one weight's byte changed); the rerun says so, makes the weights again, and writes the bundle
+    an uninterrupted build writes."""
+    from llama4_deploy.build import build
+    from llama4_deploy.build.steps import trace
+
+    out = tmp_path / "b"
+    logged: list[str] = []
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trace, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build("tiny", out=out, log=logged.append)
+    monkeypatch.undo()
+    assert any(line.startswith("[cache] stored checkpoint ") for line in logged), logged
+    [entry] = (tmp_path / ".b.build").glob("checkpoint-*")
+    _flip_last_byte(entry / "model.safetensors")  # the last byte of the last tensor's data: still a valid file
+    logged.clear()
+    build("tiny", out=out, log=logged.append)
+    key = entry.name.split("-")[1][:12]
+    assert logged[0] == (
+        f"[resume] checkpoint (key {key}) no longer holds what it stored (model.safetensors has another SHA-256); "
+        f"recomputing it"
+    ), logged[:3]
+    assert not any(line.startswith("[resume] reusing") for line in logged), logged
+    assert (
+        json.loads((out / "manifest.json").read_text())["files"]
+        == json.loads((tiny_bundle / "manifest.json").read_text())["files"]
+    )
+
+
+def test_calibration_key_is_its_content(tmp_path):
+    # an edit that keeps the size and the mtime (a restored timestamp) still changes the calibration's key
+    from llama4_deploy.build.steps.load import calibration_identity
+
+    path = tmp_path / "calibration.txt"
+    path.write_text("w1 w2 w3\n")
+    stat = path.stat()
+    before = calibration_identity(str(path))
+    path.write_text("w1 w2 w4\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert calibration_identity(str(path)) != before
+    assert calibration_identity(None) is None

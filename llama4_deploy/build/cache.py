@@ -9,14 +9,22 @@
 
 A step's key is the SHA-256 of what it reads: the recipe (with every override), the checkpoint's
 identity (name, size and mtime of each file of its directory, or the key of the random checkpoint
-step), the keys of the steps it consumes, and the code (the SHA-256 of every source file of the
-package and the versions of torch, transformers, onnx, onnx-ir, onnxscript and onnxruntime). A
-rerun after an interrupted build (Ctrl-C, or a kill: SIGKILL included) finds the finished steps
-under the same keys and reuses them ("[resume] reusing ..."); anything changed gives new keys, so
-stale work is never reused. The cache is used only under the build's lock on --out (outdir.py); a
-finished step appears by a rename, so a killed build leaves only `.partial-` directories, which
-the next build removes. Files enter the staging bundle as hard links (a copy where the file system
-has none), so a reused step costs no copy.
+step), the calibration file's SHA-256, the keys of the steps it consumes, and the code (the SHA-256
+of every source file of the package and the versions of the libraries that compute or write a
+step's files: torch, transformers, onnx, onnx-ir, onnxscript, onnxruntime, numpy, ml-dtypes,
+safetensors, tokenizers). A rerun after an interrupted build (Ctrl-C, or a kill: SIGKILL included)
+finds the finished steps under the same keys and reuses them ("[resume] reusing ..."); anything
+changed gives new keys, so stale work is never reused.
+
+A finished step's record.json also holds the size and SHA-256 of every file the step wrote, and a
+step is reused only when its directory holds exactly those files with those hashes: a file edited,
+truncated, removed or added since (by hand, or by a killed process) makes the rerun say so
+("[resume] ... recomputing") and compute the step again, instead of building from it.
+
+The cache is used only under the build's lock on --out (outdir.py); a finished step appears by a
+rename, so a killed build leaves only `.partial-` directories, which the next build removes. Files
+enter the staging bundle as hard links (a copy where the file system has none), so a reused step
+costs no copy.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import llama4_deploy
 import llama4_deploy.export
 import llama4_deploy.graphs
 import llama4_deploy.runtime
+from llama4_deploy.runtime.integrity import first_hash_mismatch, hash_files
 
 MARKER = "llama4-deploy-build-cache"
 RECORD = "record.json"
@@ -46,8 +55,20 @@ class CacheError(ValueError):
     """A build cache this build must not touch; the message is one sentence."""
 
 
-# the libraries whose versions decide what a step writes
-_LIBRARIES = ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime")
+# the libraries whose versions decide what a step writes (numpy and ml-dtypes compute and convert weights,
+# safetensors writes the random checkpoint, tokenizers encodes calibration text)
+_LIBRARIES = (
+    "torch",
+    "transformers",
+    "onnx",
+    "onnx-ir",
+    "onnxscript",
+    "onnxruntime",
+    "numpy",
+    "ml-dtypes",
+    "safetensors",
+    "tokenizers",
+)
 _CODE: str | None = None
 
 
@@ -122,26 +143,66 @@ class BuildCache:
         return names
 
     def get(self, step: str, key: str) -> tuple[Path, dict[str, Any]] | None:
-        """The directory and record of a finished step with this key, or None."""
+        """The directory and record of a finished step with this key whose files are still the ones it wrote, or
+        None. A step whose files changed since is removed, and the log says why it is computed again."""
         entry = self.entry(step, key)
-        record = entry / RECORD
-        if not record.is_file():
+        if not entry.exists():
             return None
-        data = json.loads(record.read_text())
-        if data.get("key") != key:
+        problem = self._changed(entry, key)
+        if problem is not None:
+            self.log(f"[resume] {step} (key {key[:12]}) no longer holds what it stored ({problem}); recomputing it")
+            # the tool's own entry, under the lock: the step is written again
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             return None
         self.log(f"[resume] reusing {step} (key {key[:12]})")
-        return entry, data["record"]
+        return entry, json.loads((entry / RECORD).read_text())["record"]
+
+    def _changed(self, entry: Path, key: str) -> str | None:
+        """What differs between a finished step's directory and its record (a phrase), or None."""
+        try:
+            data = json.loads((entry / RECORD).read_text())
+        except (OSError, ValueError):
+            return f"its {RECORD} is unreadable"
+        files = data.get("files") if isinstance(data, dict) else None
+        if not (
+            isinstance(files, dict)
+            and data.get("key") == key
+            and "record" in data
+            and all(
+                isinstance(r, dict) and isinstance(r.get("size"), int) and isinstance(r.get("sha256"), str)
+                for r in files.values()
+            )
+        ):
+            return f"its {RECORD} was not written by this build"
+        present = {p.name for p in entry.iterdir() if p.name != RECORD}
+        for name in sorted(set(files) | present):
+            path = entry / name
+            if name not in present:
+                return f"{name} is gone"
+            if name not in files:
+                return f"{name} was added"
+            size = path.stat().st_size if path.is_file() else -1
+            if size != files[name].get("size"):
+                return f"{name} has {size} bytes, {files[name]['size']} were stored"
+        changed = first_hash_mismatch(entry, files)
+        return None if changed is None else f"{changed} has another SHA-256"
 
     @contextlib.contextmanager
     def put(self, step: str, key: str) -> Iterator[tuple[Path, dict[str, Any]]]:
         """A directory to write a step's files into and a dict for its record; both are kept under the
-        key only when the block completes (a rename), and removed if it raises."""
+        key only when the block completes (a rename), and removed if it raises. The size and SHA-256 of every
+        file in the directory are recorded beside them; a step that hashed its files as it wrote them (the
+        save step) leaves those records in record["files"], and the rest are hashed here."""
         partial = Path(tempfile.mkdtemp(prefix=f"{step}-{key[:32]}{PARTIAL}", dir=self.dir))
         record: dict[str, Any] = {}
         try:
             yield partial, record
-            (partial / RECORD).write_text(json.dumps({"key": key, "record": record}, indent=1) + "\n")
+            known = record.get("files") if isinstance(record.get("files"), dict) else {}
+            names = sorted(p.name for p in partial.iterdir())
+            files = {**hash_files(partial, [n for n in names if n not in known]),
+                     **{n: known[n] for n in names if n in known}}
+            data = {"key": key, "record": record, "files": dict(sorted(files.items()))}
+            (partial / RECORD).write_text(json.dumps(data, indent=1) + "\n")
             partial.rename(self.entry(step, key))
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
