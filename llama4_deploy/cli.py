@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -83,7 +84,11 @@ def _build_flags(command):
 @click.option("--recipe", help=f"recipe name ({', '.join(available())}) or a YAML path; default tiny")
 @click.option("--checkpoint", type=click.Path(), help="Hugging Face checkpoint directory")
 @click.option("--out", type=click.Path(), help="bundle directory (default build/<recipe>)")
-@click.option("--force", is_flag=True, help="replace --out even if it is not a bundle this tool wrote")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="replace --out even if it is not a bundle this tool wrote; build a KV cache larger than this machine's memory",
+)
 @_build_flags
 def build(recipe, checkpoint, out, force, block_size, **overrides) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
@@ -190,20 +195,31 @@ def lint(path) -> None:
     import onnx_ir as ir
 
     from llama4_deploy.graphs.lint import lint_static
+    from llama4_deploy.runtime.paths import kind
 
+    if not path.strip():
+        raise UserError("the path to lint is empty; give an ONNX file or a bundle directory")
     target = Path(path)
-    graphs = sorted(target.glob("*.onnx")) if target.is_dir() else [target]
+    found = kind(target)
+    if found not in ("a file", "a directory", "missing"):
+        raise UserError(f"{path} is {found}, neither an ONNX file nor a bundle directory")
+    graphs = sorted(target.glob("*.onnx")) if found == "a directory" else [target]
     if not graphs or not all(g.is_file() for g in graphs):
         raise UserError(f"{path} is neither an ONNX file nor a bundle directory with .onnx graphs")
     bundle_lint = _target_lint(target)  # a bundle's graphs: its target's parser rules too
     failed = False
     for graph in graphs:
+        if graph.stat().st_size == 0:  # protobuf reads no bytes as an empty model, which has nothing to flag
+            raise UserError(f"{graph} is empty (0 bytes), not an ONNX model")
         try:
             model = ir.load(graph)
             problems = lint_static(model) + bundle_lint(model)
         except Exception as err:  # onnx's own parse errors
             reason = " ".join(str(err).split())[:300]
             raise UserError(f"{graph} cannot be read as ONNX ({reason or type(err).__name__})") from None
+        if model.ir_version < 1 or not model.opset_imports or not model.graph.outputs:
+            # a few stray bytes can parse as a protobuf message: a model declares its IR version, opsets and outputs
+            raise UserError(f"{graph} is not an ONNX model (it declares no IR version, opset or graph output)")
         click.echo(f"{graph.name}: {'clean' if not problems else f'{len(problems)} problem(s)'}")
         for problem in problems:
             click.echo(f"  {problem}")
@@ -246,12 +262,19 @@ def _target_lint(path):
 @click.argument("bundle", type=click.Path())
 @click.option("--text", type=click.Path(), help="text file (default: the checkpoint's held-out sample)")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
-def eval_(bundle, text, threads) -> None:
+@click.option(
+    "--errors",
+    type=click.Choice(["strict", "replace"]),
+    default="strict",
+    show_default=True,
+    help="a --text that is not valid UTF-8: refuse it, or read each undecodable byte as U+FFFD (and say how many)",
+)
+def eval_(bundle, text, threads, errors) -> None:
     """Perplexity on held-out text through the prefill path, and tokens/s."""
     from llama4_deploy.quality.evaluate import evaluate
 
     try:
-        click.echo(evaluate(bundle, text, threads=threads).summary())
+        click.echo(evaluate(bundle, text, threads=threads, errors=errors).summary())
     except _user_errors() as err:
         raise UserError(str(err)) from None
 
@@ -292,6 +315,13 @@ def run(
 
     if (prompt is None) == (ids is None):
         raise UserError("give exactly one of --prompt TEXT or --ids 1,2,3")
+    try:  # argv bytes that are not UTF-8 arrive as lone surrogates, which no tokenizer takes
+        (prompt or "").encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UserError(
+            f"--prompt is not valid Unicode text: character {err.start} is {prompt[err.start]!r}, a lone surrogate "
+            f"(bytes that are not UTF-8)"
+        ) from None
     try:
         with load(
             bundle, threads=threads, verify_files=verify_files, allow_non_finite=allow_non_finite, devices=devices
@@ -309,22 +339,52 @@ def run(
     click.echo(tokenizer.decode(tokens) if tokenizer else ",".join(map(str, tokens)))
 
 
+def _within(minimum: float, maximum: float | None = None, must: str | None = None):
+    """A click callback refusing, in one `error:` sentence before the command runs, a number outside
+    [minimum, maximum] or not finite (click's own float type takes nan and inf)."""
+
+    def check(ctx, param, value):
+        if value is None:
+            return value
+        if not (math.isfinite(value) and minimum <= value and (maximum is None or value <= maximum)):
+            bounds = must or (f"at least {minimum}" if maximum is None else f"in [{minimum}, {maximum}]")
+            raise UserError(f"--{param.name.replace('_', '-')} is {value}; it must be {bounds}")
+        return value
+
+    return check
+
+
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
-@click.option("--port", default=8000, show_default=True, type=int, help="TCP port (0: any free port)")
-@click.option("--max-batch", type=int, help="rows of the running batch (default: the bundle's max_batch)")
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=int,
+    callback=_within(0, 65535, "a TCP port in [0, 65535] (0: any free port)"),
+    help="TCP port (0: any free port)",
+)
+@click.option(
+    "--max-batch", type=int, callback=_within(1), help="rows of the running batch (default: the bundle's max_batch)"
+)
 @click.option(
     "--max-queue",
     default=64,
     show_default=True,
     type=int,
+    callback=_within(0),
     help="requests that may wait for a row; beyond it the server answers 429",
 )
 @click.option(
-    "--drain-timeout", default=30.0, show_default=True, type=float, help="seconds SIGTERM waits for in-flight requests"
+    "--drain-timeout",
+    default=30.0,
+    show_default=True,
+    type=float,
+    callback=_within(0, must="a finite number of seconds, 0 or more"),
+    help="seconds SIGTERM waits for in-flight requests",
 )
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads")
+@click.option("--threads", type=int, callback=_within(1), help="ONNX Runtime intra-op threads")
 @click.option(
     "--devices",
     help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from llama4_deploy.runtime import load, read_manifest
+from llama4_deploy.runtime.paths import read_utf8
 from llama4_deploy.runtime.tokenizer import load_tokenizer
 
 HELD_OUT_SAMPLE = "held-out-sample.txt"  # written next to the weights by tools.train
@@ -30,6 +31,7 @@ class Evaluation:
     windows: int
     window: int  # tokens per window
     seconds: float
+    replaced_bytes: int = 0  # undecodable bytes of the text read as U+FFFD (errors="replace")
 
     @property
     def tokens_per_s(self) -> float:
@@ -39,6 +41,7 @@ class Evaluation:
         return (
             f"perplexity {self.perplexity:.3f} on {self.text.name} ({self.tokens} predicted tokens, "
             f"{self.windows} windows of {self.window}); {self.tokens_per_s:,.0f} tokens/s through the prefill path"
+            + (f"; {self.replaced_bytes} undecodable bytes of the text read as U+FFFD" if self.replaced_bytes else "")
         )
 
 
@@ -68,13 +71,20 @@ def evaluate(
     window: int | None = None,
     max_windows: int | None = None,
     threads: int | None = None,
+    errors: str = "strict",
 ) -> Evaluation:
+    """`errors`: "strict" refuses a text that is not valid UTF-8 (a perplexity of random bytes means nothing);
+    "replace" reads each undecodable byte as U+FFFD and the result says how many there were."""
+    if errors not in ("strict", "replace"):
+        raise ValueError(f"errors is {errors!r}; it must be 'strict' or 'replace'")
     manifest = read_manifest(Path(bundle))
-    path = Path(text) if text is not None else default_text(manifest)
-    if not path.is_file():
-        raise ValueError(f"text file {path} does not exist")
+    source = text if text is not None else default_text(manifest)
+    content, replaced = read_utf8(
+        source, "text file", replace=errors == "replace", hint="--errors replace reads each undecodable byte as U+FFFD"
+    )
+    path = Path(source)
     tokenizer = load_tokenizer(manifest)
-    ids = np.array(tokenizer.encode(path.read_text(encoding="utf-8", errors="replace")), dtype=np.int64)
+    ids = np.array(tokenizer.encode(content), dtype=np.int64)
     window = window or manifest.max_context
     if window < 2 or window > manifest.max_context:
         raise ValueError(f"window is {window}; it must be in [2, the bundle's context of {manifest.max_context}]")
@@ -92,4 +102,4 @@ def evaluate(
             nll += log_softmax_nll(logits[:-1], chunk[1:])
             predicted += window - 1
         seconds = time.perf_counter() - start
-    return Evaluation(path, math.exp(nll / predicted), predicted, count, window, seconds)
+    return Evaluation(path, math.exp(nll / predicted), predicted, count, window, seconds, replaced)
