@@ -29,7 +29,7 @@ from llama4_deploy.build import BuildError, build
 from llama4_deploy.build.recipe import RECIPE_DIR, RecipeError
 from llama4_deploy.cli import main
 from llama4_deploy.runtime import abi, load
-from tests.conftest import write_checkpoint
+from tests.conftest import tiny_config, write_checkpoint
 
 INDEX = "model.safetensors.index.json"
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
@@ -801,8 +801,8 @@ def test_catalog_bundle(case, tiny_bundle, tmp_path):
 
 
 def test_catalog_is_large_and_distinct():
-    cases = BUNDLE_CASES + BUILD_CASES + API_CASES
-    assert len({c.id for c in cases}) == len(cases) >= 60
+    cases = BUNDLE_CASES + BUILD_CASES + API_CASES + HARDENED_BUILD_CASES + HARDENED_BUNDLE_CASES
+    assert len({c.id for c in cases}) == len(cases) >= 200
 
 
 # -- builds: --out policy, lock, recipes, checkpoints (exit 2 before any tracing) ------------------
@@ -1204,3 +1204,466 @@ def test_large_files_are_checked_part_by_part(tmp_path):
         (tmp_path / "weights.data").write_bytes(bytes(changed))
         with pytest.raises(BundleError, match=r"^weights\.data in .* has changed since the build"):
             check_files(manifest)
+
+
+# =================================================================================================
+# The catalog, part 2 (issue 26): strictly typed recipes and flags, one validation of model sizes
+# (build, plan, cost), checkpoints that disagree with their config, the manifest's limits, commands
+# on wrong files. Same contract: exit 2, one `error:` sentence naming the problem, no traceback,
+# nothing changed on disk. Every refusal comes before any work (no weights made, nothing traced).
+# =================================================================================================
+
+
+def _tiny_config_json(**changes) -> dict:
+    """The tiny recipe's model as transformers writes its config.json, with `changes`."""
+    from transformers import Llama4TextConfig
+
+    return {**Llama4TextConfig(**tiny_config()).to_dict(), **changes}
+
+
+def _config_dir(tmp_path: Path, config: dict) -> Path:
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps(config))
+    return ck
+
+
+def _random_config(**changes) -> Callable[[Path], list[str]]:
+    return lambda t: _recipe(t, lambda d: d["random"]["config"].update(changes))
+
+
+def _recipe_key(dotted: str, value) -> Callable[[Path], list[str]]:
+    return lambda t: _recipe(t, set_key(dotted, value))
+
+
+def _recipe_text(edit: Callable[[str], str]) -> Callable[[Path], list[str]]:
+    return lambda t: _recipe(t, None, edit((RECIPE_DIR / "tiny.yaml").read_text()))
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _not_a_file(make: Callable[[Path], object], *args: str, name: str = "p") -> Callable[[Path], list[str]]:
+    """`make` turns tmp_path/name into a directory or a FIFO; the args name it with {p}."""
+
+    def prepare(tmp_path: Path) -> list[str]:
+        make(tmp_path / name)
+        return [a.replace("{p}", str(tmp_path / name)) for a in args]
+
+    return prepare
+
+
+FP8 = ["--recipe", "tiny", "--precision", "fp8"]
+
+HARDENED_BUILD_CASES = [
+    # a random recipe's model sizes, checked as config.json's are, before any weights are made
+    BuildCase("recipe-vocab-string", _random_config(vocab_size="512"), ("vocab_size '512' (a string)", "positive")),
+    BuildCase("recipe-vocab-float", _random_config(vocab_size=512.5), ("vocab_size 512.5", "positive integer")),
+    BuildCase("recipe-hidden-negative", _random_config(hidden_size=-64), ("hidden_size -64", "positive integer")),
+    BuildCase("recipe-layers-bool", _random_config(num_hidden_layers=True), ("num_hidden_layers True (a boolean)",)),
+    BuildCase("recipe-experts-zero", _random_config(num_local_experts=0), ("num_local_experts 0", "positive")),
+    BuildCase(
+        "recipe-top-k-above-experts",
+        _random_config(num_experts_per_tok=9),
+        ("num_experts_per_tok 9, more than its num_local_experts 8",),
+    ),
+    BuildCase(
+        "recipe-heads-not-multiple",
+        _random_config(num_attention_heads=3),
+        ("num_attention_heads 3, not a multiple of num_key_value_heads 2",),
+    ),
+    BuildCase("recipe-head-dim-odd", _random_config(head_dim=15), ("head_dim 15, which is odd",)),
+    BuildCase(
+        "recipe-moe-layer-outside",
+        _random_config(moe_layers=[1, 7]),
+        ("moe_layers naming layer 7", "num_hidden_layers is 4"),
+    ),
+    BuildCase("recipe-chunk-zero", _random_config(attention_chunk_size=0), ("attention_chunk_size 0",)),
+    BuildCase("recipe-eps-negative", _random_config(rms_norm_eps=-1e-5), ("rms_norm_eps -1e-05", "positive number")),
+    BuildCase(
+        "recipe-qk-norm-string", _random_config(use_qk_norm="false"), ("use_qk_norm 'false' (a string)", "true or")
+    ),
+    BuildCase("recipe-eos-outside-vocab", _random_config(eos_token_id=600), ("eos_token_id 600", "[0, 512)")),
+    BuildCase("recipe-eos-list-outside", _random_config(eos_token_id=[2, 512]), ("eos_token_id [2, 512]", "512")),
+    BuildCase("recipe-bos-bool", _random_config(bos_token_id=True), ("bos_token_id True (a boolean)",)),
+    BuildCase("recipe-pad-negative", _random_config(pad_token_id=-1), ("pad_token_id -1", "[0, 512)")),
+    BuildCase(
+        "recipe-config-other-field",
+        _random_config(initializer_range="x"),
+        ("not a valid Llama4TextConfig", "initializer_range"),
+    ),
+    # recipe values: no bool for a number, no string for a number, no float for an integer
+    BuildCase("recipe-max-batch-true", _recipe_key("profiles.max_batch", True), ("profiles.max_batch True (bool)",)),
+    BuildCase("recipe-max-context-string", _recipe_key("profiles.max_context", "128"), ("max_context '128' (str)",)),
+    BuildCase("recipe-seed-bool", _recipe_key("random.seed", True), ("random.seed True (bool)",)),
+    BuildCase("recipe-seed-negative", _recipe_key("random.seed", -1), ("random.seed -1", "greater than or equal")),
+    BuildCase("recipe-gain-string", _recipe_key("random.logit_gain", "40"), ("random.logit_gain '40' (str)",)),
+    BuildCase("recipe-capacity-bool", _recipe_key("capacity_factor", True), ("capacity_factor True (bool)",)),
+    BuildCase("recipe-block-size-float", _recipe_key("block_size", 64.0), ("block_size 64.0", "an integer")),
+    BuildCase("recipe-stages-float", _recipe_key("stages", 1.0), ("stages 1.0 (float)",)),
+    BuildCase(
+        "recipe-prompt-length-bool", _recipe_key("verify.prompt_lengths", [19, True]), ("prompt_lengths.1 True",)
+    ),
+    BuildCase("recipe-new-tokens-string", _recipe_key("verify.new_tokens", "32"), ("new_tokens '32' (str)",)),
+    BuildCase("recipe-required-string", _recipe_key("checkpoint_required", "yes"), ("checkpoint_required 'yes'",)),
+    BuildCase(
+        "recipe-duplicate-key",
+        _recipe_text(lambda text: text.replace("  max_batch: 4\n", "  max_batch: 4\n  max_batch: 8\n")),
+        ("r.yaml gives key 'max_batch' twice", "lines 40 and 41"),
+    ),
+    BuildCase(
+        "recipe-duplicate-top-key",
+        _recipe_text(lambda text: text + "name: other\n"),
+        ("gives key 'name' twice", "lines 1 and"),
+    ),
+    BuildCase("recipe-name-a-path", _recipe_key("name", "../../escaped_out"), ("'../../escaped_out'", "plain name")),
+    BuildCase("recipe-name-hidden", _recipe_key("name", ".x"), ("name '.x'", "plain name")),
+    BuildCase("recipe-name-empty", _recipe_key("name", ""), ("name ''", "plain name")),
+    # paths: empty, or a directory or FIFO where a file is expected (never "does not exist", never a hang)
+    BuildCase("recipe-empty", lambda t: ["--recipe", ""], ("--recipe is empty",)),
+    BuildCase("out-empty", lambda t: ["--recipe", "tiny", "--out", ""], ("--out is empty",)),
+    BuildCase("checkpoint-empty", lambda t: ["--checkpoint", ""], ("--checkpoint is empty",)),
+    BuildCase("calibration-empty", lambda t: [*FP8, "--calibration", ""], ("--calibration is empty",)),
+    BuildCase(
+        "recipe-is-a-directory",
+        _not_a_file(Path.mkdir, "--recipe", "{p}", name="p.yaml"),
+        ("p.yaml is a directory, not a file",),
+    ),
+    BuildCase(
+        "recipe-is-a-fifo",
+        lambda t: ["--recipe", str(_fifo(t / "r.yaml"))],
+        ("r.yaml is a FIFO (named pipe), not a file",),
+    ),
+    BuildCase(
+        "checkpoint-is-a-file",
+        lambda t: (t.joinpath("f").write_text("x"), ["--checkpoint", str(t / "f")])[1],
+        ("checkpoint directory", "is a file, not a directory"),
+    ),
+    BuildCase(
+        "checkpoint-is-a-fifo", _not_a_file(_fifo, "--checkpoint", "{p}"), ("is a FIFO (named pipe), not a directory",)
+    ),
+    BuildCase(
+        "checkpoint-config-is-a-directory",
+        lambda t: [*_checkpoint(t, None), (t / "ck" / "config.json").mkdir()][:2],
+        ("config.json is a directory, not a file",),
+    ),
+    BuildCase(
+        "calibration-is-a-directory",
+        _not_a_file(Path.mkdir, *FP8, "--calibration", "{p}"),
+        ("calibration file", "is a directory, not a file"),
+    ),
+    BuildCase(
+        "calibration-is-a-fifo",
+        _not_a_file(_fifo, *FP8, "--calibration", "{p}"),
+        ("calibration file", "is a FIFO (named pipe), not a file"),
+    ),
+    BuildCase(
+        "calibration-not-utf8",
+        lambda t: (t.joinpath("c.txt").write_bytes(b"w1 w2\n\xff w3\n"), [*FP8, "--calibration", str(t / "c.txt")])[1],
+        ("calibration file", "not valid UTF-8 text (byte 0xff at offset 6)"),
+    ),
+    # limits: the KV cache against this machine's memory (--force builds past it), the context against the model's
+    BuildCase(
+        "max-batch-huge",
+        lambda t: ["--recipe", "tiny", "--max-batch", "1000000000"],
+        ("max_batch 1000000000 x max_context 128", "KV cache of 36,239.62 GiB (float32)", "this machine's", "--force"),
+    ),
+    BuildCase(
+        "max-context-beyond-the-model",
+        lambda t: ["--recipe", "tiny", "--max-context", "2048"],
+        ("max context 2048 exceeds", "max_position_embeddings of 1024"),
+    ),
+    # a checkpoint's config.json: read before any tensor is
+    BuildCase(
+        "checkpoint-experts-zero",
+        lambda t: ["--checkpoint", str(_config_dir(t, _tiny_config_json(num_local_experts=0)))],
+        ("config.json has num_local_experts 0", "positive integer"),
+    ),
+    BuildCase(
+        "checkpoint-vocab-string",
+        lambda t: ["--checkpoint", str(_config_dir(t, _tiny_config_json(vocab_size="512")))],
+        ("config.json has vocab_size '512' (a string)",),
+    ),
+    BuildCase(
+        "checkpoint-eos-outside-vocab",
+        lambda t: ["--checkpoint", str(_config_dir(t, _tiny_config_json(eos_token_id=600)))],
+        ("config.json has eos_token_id 600", "[0, 512)"),
+    ),
+    BuildCase(
+        "checkpoint-image-token-outside-vocab",
+        lambda t: [
+            "--checkpoint",
+            str(_config_dir(t, {"model_type": "llama4", "text_config": _tiny_config_json(), "image_token_index": 600})),
+        ],
+        ("config.json has image_token_index 600", "[0, 512)"),
+    ),
+    BuildCase(
+        "checkpoint-rope-factor-missing",
+        lambda t: [
+            "--checkpoint",
+            str(_config_dir(t, _tiny_config_json(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0}))),
+        ],
+        ("rope_parameters lacks 'factor'", "llama3"),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", HARDENED_BUILD_CASES, ids=[c.id for c in HARDENED_BUILD_CASES])
+def test_catalog_build_inputs(case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default --out (build/<name>) would land here, and be seen
+    args = case.prepare(tmp_path)
+    if "--out" not in args:
+        args = [*args, "--out", str(tmp_path / "x")]
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["build", *args])
+    cli_error(result, *case.words)
+    assert snapshot(tmp_path) == before, "the build changed or left files on disk"
+
+
+def test_recipe_named_as_a_path_writes_nothing_outside(tmp_path, monkeypatch):
+    # the issue's case: without --out, `name: ../../escaped_out` wrote build/../../escaped_out
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = _recipe(work, set_key("name", "../../escaped_out"))
+    before = snapshot(tmp_path)
+    cli_error(CliRunner().invoke(main, ["build", *args]), "'../../escaped_out'", "not a plain name")
+    assert snapshot(tmp_path) == before
+
+
+def test_huge_kv_cache_builds_with_force():
+    # past the bound, --force builds: the check reads the machine, the override is the user's
+    from llama4_deploy.build.recipe import load_recipe
+    from llama4_deploy.build.steps.load import check_limits, machine_memory
+
+    recipe = load_recipe("tiny")
+    huge = recipe.model_copy(update={"profiles": recipe.profiles.model_copy(update={"max_batch": 10**9})})
+    with pytest.raises(BuildError, match=rf"this machine's {machine_memory() / 2**30:,.1f} GiB of memory"):
+        check_limits(huge, recipe.random.shape(), "float32", force=False)
+    check_limits(huge, recipe.random.shape(), "float32", force=True)
+    check_limits(recipe, recipe.random.shape(), "float32", force=False)
+
+
+def _edit_config(ck: Path, **changes) -> None:
+    config = json.loads((ck / "config.json").read_text())
+    config.update(changes)
+    (ck / "config.json").write_text(json.dumps(config))
+
+
+ROUTER = "model.layers.{}.feed_forward.router.weight"
+
+
+def _retyped(name: str, dtype: str) -> Callable[[Path], None]:
+    def edit(tensors: dict) -> None:
+        import torch
+
+        tensors[name] = tensors[name].to(getattr(torch, dtype))
+
+    return lambda ck: rewrite_shard(ck / "model.safetensors", edit)
+
+
+def _added(name: str, like: str) -> Callable[[Path], None]:
+    return lambda ck: rewrite_shard(ck / "model.safetensors", lambda t: t.update({name: t[like].clone()}))
+
+
+# -- the checkpoint agrees with its config: every implied tensor, floating dtypes, nothing left over -----------
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        # the issue's case: the config counts 2 of the checkpoint's 4 layers
+        (
+            lambda ck: _edit_config(ck, num_hidden_layers=2, moe_layers=[1], no_rope_layers=[1, 1]),
+            ("the checkpoint holds layer 2 (model.layers.2.", "and 20 more tensors", "num_hidden_layers is 2"),
+        ),
+        # the same, with the config's own layer lists left at 4 layers: refused naming the list
+        (lambda ck: _edit_config(ck, num_hidden_layers=2), ("moe_layers naming layer 3", "num_hidden_layers is 2")),
+        (_retyped(Q_PROJ, "int32"), (f"tensor {Q_PROJ} is stored as I32", "floating-point")),
+        (_retyped(Q_PROJ, "float8_e4m3fn"), (f"tensor {Q_PROJ} is stored as F8_E4M3", "compressed-tensors")),
+        (
+            _added(ROUTER.format(0), like=ROUTER.format(1)),  # a router in dense layer 0
+            (f"holds tensor {ROUTER.format(0)}", "would ignore it"),
+        ),
+        (
+            lambda ck: _edit_config(ck, tie_word_embeddings=True),
+            ("holds lm_head.weight", "tie_word_embeddings true"),
+        ),
+        (lambda ck: _edit_config(ck, eos_token_id=[2, 600]), ("config.json has eos_token_id [2, 600]", "600")),
+        (lambda ck: _edit_config(ck, bos_token_id=512), ("config.json has bos_token_id 512", "[0, 512)")),
+    ],
+    ids=["layers-not-counted", "layer-list-beyond", "int32", "raw-fp8", "extra-tensor", "tied-head", "eos", "bos"],
+)
+def test_checkpoint_disagrees_with_config(single, tmp_path, edit, words):
+    ck = copy_checkpoint(single, tmp_path)
+    edit(ck)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["build", "--checkpoint", str(ck), "--out", str(tmp_path / "x")])
+    cli_error(result, *words)
+    assert snapshot(tmp_path) == before
+
+
+def test_multimodal_image_tokens_in_vocab(checkpoint_dir, tmp_path):
+    # the session's multimodal checkpoint builds (its image tokens are the text vocabulary's last ids); one moved
+    # outside is refused before any tensor is read, its vision tensors never counted as the text model's
+    ck = copy_checkpoint(checkpoint_dir, tmp_path)
+    _edit_config(ck, eoi_token_index=512)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["build", "--checkpoint", str(ck), "--out", str(tmp_path / "x")])
+    cli_error(result, "config.json has eoi_token_index 512", "[0, 512)")
+    assert snapshot(tmp_path) == before
+
+
+# -- the manifest's limits at load, the sizes `cost` divides by, commands on wrong files, serve's flags ----------
+def _write(name: str, data: bytes) -> Callable[[Path], None]:
+    return lambda bundle: (bundle / name).write_bytes(data)
+
+
+def _text_beside(data: bytes) -> Callable[[Path], None]:
+    return lambda bundle: (bundle.parent / "t.txt").write_bytes(data)
+
+
+def _plan_checkpoint(**changes) -> Callable[[Path], None]:
+    return lambda bundle: _config_dir(bundle.parent, _tiny_config_json(**changes))
+
+
+SERVE = ["serve", "{b}"]
+EVAL = ["eval", "{b}", "--text"]
+
+HARDENED_BUNDLE_CASES = [
+    BundleCase(
+        "eos-outside-vocab",
+        edit_manifest(set_key("model.eos_token_ids", [2, 600])),
+        RUN,
+        ("model.eos_token_ids holds 600", "[0, 512)"),
+    ),
+    BundleCase("bos-outside-vocab", edit_manifest(set_key("model.bos_token_id", 512)), RUN, ("model.bos_token_id",)),
+    BundleCase(
+        "context-beyond-the-model",
+        edit_manifest(set_key("profiles.max_context", 2048)),
+        RUN,
+        ("profiles.max_context 2048 exceeds", "max_position_embeddings of 1024"),
+    ),
+    BundleCase(
+        "max-positions-not-int",
+        edit_manifest(set_key("model.max_position_embeddings", "1024")),
+        RUN_UNCHECKED,
+        ("model.max_position_embeddings must be a positive integer",),
+    ),
+    BundleCase(
+        "manifest-is-a-fifo",
+        lambda b: [(b / "manifest.json").unlink(), os.mkfifo(b / "manifest.json")],
+        RUN,
+        ("manifest.json is a FIFO (named pipe), not a file",),
+    ),
+    BundleCase(
+        "cost-experts-zero",
+        edit_manifest(set_key("model.num_experts", 0)),
+        COST,
+        ("model.num_experts 0", "positive integer"),
+    ),
+    BundleCase(
+        "cost-top-k-above-experts",
+        edit_manifest(set_key("model.top_k", 9)),
+        COST,
+        ("model.top_k 9, more than its model.num_experts 8",),
+    ),
+    BundleCase(
+        "cost-hidden-negative", edit_manifest(set_key("model.hidden_size", -64)), COST, ("model.hidden_size -64",)
+    ),
+    BundleCase("cost-heads-string", edit_manifest(set_key("model.num_heads", "4")), COST, ("model.num_heads '4'",)),
+    # lint on something that is not an ONNX model
+    BundleCase("lint-empty-file", _write("e.onnx", b""), ["lint", "{b}/e.onnx"], ("e.onnx is empty (0 bytes)",)),
+    BundleCase("lint-empty-in-bundle", _write("e.onnx", b""), LINT, ("e.onnx is empty (0 bytes)",)),
+    BundleCase(
+        "lint-text-file", _write("t.onnx", b"hello\n"), ["lint", "{b}/t.onnx"], ("t.onnx cannot be read as ONNX",)
+    ),
+    BundleCase(
+        "lint-stray-bytes",
+        _write("s.onnx", b"\x08\x07"),
+        ["lint", "{b}/s.onnx"],
+        ("s.onnx is not an ONNX model", "no IR version, opset or graph output"),
+    ),
+    BundleCase(
+        "lint-fifo",
+        lambda b: os.mkfifo(b / "f.onnx"),
+        ["lint", "{b}/f.onnx"],
+        ("f.onnx is a FIFO (named pipe), neither an ONNX file nor a bundle directory",),
+    ),
+    BundleCase("lint-empty-path", None, ["lint", ""], ("path to lint is empty",)),
+    # eval --text: UTF-8 or refused (--errors replace says how much it replaced); a file, not a directory or FIFO
+    BundleCase(
+        "eval-text-not-utf8",
+        _text_beside(b"w1 w2 \xff\xfe w3"),
+        [*EVAL, "{b}/../t.txt"],
+        ("t.txt is not valid UTF-8 text (byte 0xff at offset 6)", "--errors replace"),
+    ),
+    BundleCase(
+        "eval-text-random-bytes",
+        _text_beside(bytes(range(128, 256)) * 64),
+        [*EVAL, "{b}/../t.txt"],
+        ("not valid UTF-8 text (byte 0x80 at offset 0)",),
+    ),
+    BundleCase("eval-text-directory", None, [*EVAL, "{b}"], ("text file", "is a directory, not a file")),
+    BundleCase(
+        "eval-text-fifo",
+        lambda b: os.mkfifo(b.parent / "t.txt"),
+        [*EVAL, "{b}/../t.txt"],
+        ("t.txt is a FIFO (named pipe), not a file",),
+    ),
+    BundleCase("eval-text-empty", None, [*EVAL, ""], ("text file is an empty path",)),
+    # the same bytes the server answers 400 to, through run --prompt (argv bytes that are not UTF-8)
+    BundleCase(
+        "run-prompt-lone-surrogate",
+        None,
+        ["run", "{b}", "--prompt", "w1 \ud800 w2"],
+        ("--prompt is not valid Unicode text", "character 3", "lone surrogate"),
+    ),
+    # serve's flags, refused before the bundle is opened
+    BundleCase("serve-port-above", None, [*SERVE, "--port", "99999"], ("--port is 99999", "[0, 65535]")),
+    BundleCase("serve-port-negative", None, [*SERVE, "--port", "-1"], ("--port is -1",)),
+    BundleCase("serve-drain-nan", None, [*SERVE, "--drain-timeout", "nan"], ("--drain-timeout is nan", "finite")),
+    BundleCase("serve-drain-inf", None, [*SERVE, "--drain-timeout", "inf"], ("--drain-timeout is inf",)),
+    BundleCase("serve-drain-negative", None, [*SERVE, "--drain-timeout", "-1"], ("--drain-timeout is -1.0",)),
+    BundleCase("serve-queue-negative", None, [*SERVE, "--max-queue", "-1"], ("--max-queue is -1", "at least 0")),
+    BundleCase("serve-batch-zero", None, [*SERVE, "--max-batch", "0"], ("--max-batch is 0", "at least 1")),
+    BundleCase("serve-threads-zero", None, [*SERVE, "--threads", "0"], ("--threads is 0",)),
+    # plan: the same validation of the sizes as the build's
+    BundleCase(
+        "plan-experts-zero",
+        _plan_checkpoint(num_local_experts=0),
+        ["plan", "{b}/../ck"],
+        ("config.json has num_local_experts 0", "positive integer"),
+    ),
+    BundleCase("plan-hidden-negative", _plan_checkpoint(hidden_size=-64), ["plan", "{b}/../ck"], ("hidden_size -64",)),
+    BundleCase(
+        "plan-top-k-above-experts",
+        _plan_checkpoint(num_experts_per_tok=9),
+        ["plan", "{b}/../ck"],
+        ("num_experts_per_tok 9, more than its num_local_experts 8",),
+    ),
+    BundleCase(
+        "plan-recipe-experts-zero",
+        lambda b: _recipe(b.parent, lambda d: d["random"]["config"].update(num_local_experts=0)),
+        ["plan", "{b}/../r.yaml"],
+        ("random.config has num_local_experts 0",),
+    ),
+    BundleCase("plan-context-zero", None, ["plan", "tiny", "--context", "0"], ("--context 0",)),
+]
+
+
+@pytest.mark.parametrize("case", HARDENED_BUNDLE_CASES, ids=[c.id for c in HARDENED_BUNDLE_CASES])
+def test_catalog_commands(case, tiny_bundle, tmp_path):
+    test_catalog_bundle(case, tiny_bundle, tmp_path)
+
+
+def test_eval_replaces_undecodable_bytes_when_asked(checkpoint_bundle, tmp_path):
+    # --errors replace: the text is read with each undecodable byte as U+FFFD, and the summary says how many
+    words = " ".join(f"w{i % 500}" for i in range(1100)).encode()
+    (tmp_path / "t.txt").write_bytes(words[:100] + b" \xff \xfe\xfd " + words[100:])
+    text = str(tmp_path / "t.txt")
+    cli_error(CliRunner().invoke(main, ["eval", str(checkpoint_bundle), "--text", text]), "not valid UTF-8")
+    result = CliRunner().invoke(main, ["eval", str(checkpoint_bundle), "--text", text, "--errors", "replace"])
+    assert result.exit_code == 0, result.output
+    assert "; 3 undecodable bytes of the text read as U+FFFD" in result.stdout
+    assert re.match(r"perplexity \d+\.\d+ on t\.txt \(1023 predicted tokens, 1 windows of 1024\)", result.stdout)
