@@ -50,9 +50,10 @@ def build(recipe: str | None = None, checkpoint: str | Path | None = None, out: 
     """Build a bundle. `recipe` names a recipe (default tiny, or a plain fp32 ONNX Runtime build when only
     `checkpoint` is given) or a YAML path; `checkpoint` is a Hugging Face checkpoint directory (default: the recipe's
     own, or its seeded random weights). `out` (default build/<recipe>) may hold only a bundle this tool wrote, or
-    nothing, unless `force` (outdir.py); `force` also builds a KV cache larger than this machine's memory. `overrides` replace recipe keys, one per CLI flag (options.OVERRIDES):
-    moe_dispatch, attention, max_context, max_batch, prefill_tokens, precision, compute_dtype, block_size,
-    quant_form, quant_method, int4_compute, calibration, stages, extra_dispatches, target; None keeps the recipe's.
+    nothing, unless `force` (outdir.py); `force` also builds a KV cache larger than this machine's memory
+    (steps/load.py). `overrides` replace recipe keys, one per CLI flag (options.OVERRIDES): moe_dispatch, attention,
+    max_context, max_batch, prefill_tokens, precision, compute_dtype, block_size, quant_form, quant_method,
+    int4_compute, calibration, stages, extra_dispatches, target; None keeps the recipe's.
     A bare checkpoint's context defaults to its max_position_embeddings, at most load.DEFAULT_MAX_CONTEXT."""
     started = time.time()
     for flag, value in (("--recipe", recipe), ("--checkpoint", checkpoint), ("--out", out),
