@@ -137,6 +137,12 @@ class Recipe(Strict):
     capacity_factor: float = Field(1.25, gt=0)  # slots per expert = ceil(factor * tokens * k / experts)
     profiles: Profiles = Profiles()
     verify: Verify = Verify()
+    # images (a checkpoint with a vision_config): build the vision engine (False: text only, --no-vision), how many
+    # images one step encodes (the tiles profile: images x (max_patches + 1)), and whether a checkpoint's vision
+    # config must be the published Scout/Maverick one (export/vision.py PUBLISHED_VISION)
+    vision: bool = True
+    images_per_step: Annotated[int, Field(ge=1, strict=True)] = 2
+    expect_vision: bool = False
 
     @field_validator("name")
     @classmethod

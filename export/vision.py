@@ -1,0 +1,456 @@
+"""Llama 4's vision tower and projector in deploy form, and its export to the bundle's vision engine.
+
+The deploy-form module computes what transformers' `Llama4VisionModel` followed by `Llama4MultiModalProjector`
+computes (`Llama4ForConditionalGeneration.get_image_features`, then `multi_modal_projector`), written for export:
+
+    pixel_values [T, C, S, S]
+      -> patches: the Unfold convolution as reshape + transpose + one MatMul   [T, P, D]   (P = (S/p)^2)
+      -> + class embedding (appended last), + positional embedding, LayerNorm    [T, P+1, D]
+      -> encoder layers: LayerNorm, attention with 2-D RoPE on interleaved pairs (real-valued: cos/sin tables
+         precomputed from the reference's own `_compute_freqs_ci`), bidirectional; LayerNorm, MLP (GELU)
+      -> LayerNorm, drop the class token, pixel shuffle (ratio r: static reshapes/transposes) [T, P*r^2, D/r^2]
+      -> adapter MLP (fc1, GELU, fc2, GELU), projector (one MatMul to the text width)      [T, P*r^2, hidden]
+
+Tiles T is the only dynamic dimension (a profile dimension, bounded by images per step x (max_patches + 1)).
+Weights are stored in float32, unquantized at every precision: Meta's own FP8 release of Maverick keeps the
+vision tower and projector in bf16 (its quantization config ignores `vision_model` and `multi_modal_projector`),
+and the tower is under 1% of the model's bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+VISION_PREFIX = "vision_model."
+PROJECTOR = "multi_modal_projector.linear_1.weight"
+IMAGE_TOKENS = (
+    "<|image|>",
+    "<|image_start|>",
+    "<|image_end|>",
+    "<|patch|>",
+    "<|tile_x_separator|>",
+    "<|tile_y_separator|>",
+)
+# the published Scout / Maverick vision config (recipes check a checkpoint against it, like the text config)
+PUBLISHED_VISION = {
+    "hidden_size": 1408,
+    "num_hidden_layers": 34,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "pixel_shuffle_ratio": 0.5,
+}
+PUBLISHED_PROJECTION = 5120  # the projector's output: the text model's hidden size
+
+
+class VisionConfigError(ValueError):
+    """A vision_config (or its weights) the build cannot take, in one sentence."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionShape:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+    pixel_shuffle_ratio: float
+    projector_input_dim: int
+    projector_output_dim: int
+    vision_output_dim: int
+    rope_theta: float
+    text_hidden_size: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return self.patches_per_side**2 // int(round(1.0 / self.pixel_shuffle_ratio**2))
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> VisionShape:
+        vision = config.get("vision_config")
+        text = config.get("text_config") or {}
+        if not isinstance(vision, dict):
+            raise VisionConfigError("config.json has no vision_config object")
+        required = (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "image_size",
+            "patch_size",
+            "pixel_shuffle_ratio",
+            "projector_input_dim",
+            "projector_output_dim",
+            "vision_output_dim",
+        )
+        for key in required:
+            value = vision.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise VisionConfigError(f"vision_config.{key} is {value!r}; a positive number is required")
+        rope = vision.get("rope_parameters") or {}
+        shape = cls(
+            hidden_size=int(vision["hidden_size"]),
+            intermediate_size=int(vision["intermediate_size"]),
+            num_layers=int(vision["num_hidden_layers"]),
+            num_heads=int(vision["num_attention_heads"]),
+            image_size=int(vision["image_size"]),
+            patch_size=int(vision["patch_size"]),
+            num_channels=int(vision.get("num_channels", 3)),
+            pixel_shuffle_ratio=float(vision["pixel_shuffle_ratio"]),
+            projector_input_dim=int(vision["projector_input_dim"]),
+            projector_output_dim=int(vision["projector_output_dim"]),
+            vision_output_dim=int(vision["vision_output_dim"]),
+            rope_theta=float(rope.get("rope_theta", vision.get("rope_theta", 10000.0))),
+            text_hidden_size=int(text.get("hidden_size", 0)),
+        )
+        shape.check()
+        return shape
+
+    def check(self) -> None:
+        """The geometry the tower's reshapes need (the reference would fail or compute garbage otherwise)."""
+        if self.hidden_size % self.num_heads or self.head_dim % 4:
+            raise VisionConfigError(
+                f"vision_config hidden_size {self.hidden_size} over {self.num_heads} heads must give a head_dim "
+                "divisible by 4 (2-D RoPE rotates pairs on each axis)"
+            )
+        if self.image_size % self.patch_size:
+            raise VisionConfigError(
+                f"vision_config image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        shuffle = int(round(1.0 / self.pixel_shuffle_ratio))
+        if abs(1.0 / self.pixel_shuffle_ratio - shuffle) > 1e-9 or self.patches_per_side % shuffle:
+            raise VisionConfigError(
+                f"vision_config pixel_shuffle_ratio {self.pixel_shuffle_ratio} must be 1/n with n dividing the "
+                f"{self.patches_per_side} patches per side"
+            )
+        shuffled = self.hidden_size * shuffle * shuffle
+        if self.intermediate_size != shuffled:
+            raise VisionConfigError(
+                f"vision_config intermediate_size {self.intermediate_size} must equal hidden_size x "
+                f"{shuffle * shuffle} = {shuffled}: the pixel shuffle's output feeds the adapter's fc1"
+            )
+        if self.projector_input_dim != self.projector_output_dim:
+            raise VisionConfigError(
+                f"vision_config projector_input_dim {self.projector_input_dim} must equal projector_output_dim "
+                f"{self.projector_output_dim} (the adapter's fc2 maps one to the other and back)"
+            )
+        if self.vision_output_dim != self.projector_output_dim:
+            raise VisionConfigError(
+                f"vision_config vision_output_dim {self.vision_output_dim} must equal projector_output_dim "
+                f"{self.projector_output_dim}: the projector reads the adapter's output"
+            )
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the tower and projector with the shape this config implies (checkpoint names)."""
+        d, i, p, c = self.hidden_size, self.intermediate_size, self.patch_size, self.num_channels
+        v = VISION_PREFIX
+        shapes = {
+            f"{v}patch_embedding.linear.weight": (d, c * p * p),
+            f"{v}class_embedding": (d,),
+            f"{v}positional_embedding_vlm": (self.patches_per_side**2 + 1, d),
+            f"{v}layernorm_pre.weight": (d,),
+            f"{v}layernorm_pre.bias": (d,),
+            f"{v}layernorm_post.weight": (d,),
+            f"{v}layernorm_post.bias": (d,),
+            f"{v}vision_adapter.mlp.fc1.weight": (self.projector_input_dim, i),
+            f"{v}vision_adapter.mlp.fc2.weight": (self.projector_output_dim, self.projector_output_dim),
+            PROJECTOR: (self.text_hidden_size, self.vision_output_dim),
+        }
+        for layer in range(self.num_layers):
+            prefix = f"{v}model.layers.{layer}."
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                shapes[f"{prefix}self_attn.{proj}.weight"] = (d, d)
+                shapes[f"{prefix}self_attn.{proj}.bias"] = (d,)
+            shapes[f"{prefix}mlp.fc1.weight"] = (i, d)
+            shapes[f"{prefix}mlp.fc1.bias"] = (i,)
+            shapes[f"{prefix}mlp.fc2.weight"] = (d, i)
+            shapes[f"{prefix}mlp.fc2.bias"] = (d,)
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                shapes[f"{prefix}{norm}.weight"] = (d,)
+                shapes[f"{prefix}{norm}.bias"] = (d,)
+        return shapes
+
+
+def published_mismatches(shape: VisionShape) -> list[str]:
+    """Where a checkpoint's vision config differs from the published Scout/Maverick one ("key: got, published")."""
+    got = dataclasses.asdict(shape)
+    names = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"}
+    out = [
+        f"vision_config.{key} {got[names.get(key, key)]} (published {value})"
+        for key, value in PUBLISHED_VISION.items()
+        if got[names.get(key, key)] != value
+    ]
+    if shape.text_hidden_size != PUBLISHED_PROJECTION:
+        out.append(f"projector output {shape.text_hidden_size} (published {PUBLISHED_PROJECTION})")
+    return out
+
+
+def read_vision_weights(checkpoint, shape: VisionShape) -> dict[str, torch.Tensor]:
+    """The tower's and projector's tensors (float32), checked against the shapes the vision_config implies."""
+    out = {}
+    for name, implied in shape.weight_shapes().items():
+        if not checkpoint.has_full(name):
+            raise VisionConfigError(f"tensor {name} is missing from the checkpoint (its vision_config implies it)")
+        got = checkpoint.full_shape(name)
+        if got != implied:
+            raise VisionConfigError(
+                f"tensor {name} has shape {list(got)}, but the checkpoint's vision_config implies {list(implied)}"
+            )
+        tensor = checkpoint.full_tensor(name).to(torch.float32)
+        if not bool(torch.isfinite(tensor).all()):
+            raise VisionConfigError(f"checkpoint tensor {name} holds NaN or Inf values; the build refuses them")
+        out[name] = tensor
+    return out
+
+
+def rope_tables(shape: VisionShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [P+1, head_dim/2] of the reference's 2-D RoPE (its own `_compute_freqs_ci`, taken apart)."""
+    from types import SimpleNamespace
+
+    from transformers.models.llama4.modeling_llama4 import Llama4VisionRotaryEmbedding
+
+    config = SimpleNamespace(
+        image_size=shape.image_size,
+        patch_size=shape.patch_size,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_heads,
+        rope_parameters={"rope_theta": shape.rope_theta},
+    )
+    freqs = Llama4VisionRotaryEmbedding._compute_freqs_ci(config)  # complex [P+1, 1, head_dim/2]
+    return freqs.real[:, 0].float().contiguous(), freqs.imag[:, 0].float().contiguous()
+
+
+class _Layer(nn.Module):
+    def __init__(self, shape: VisionShape):
+        super().__init__()
+        d, i = shape.hidden_size, shape.intermediate_size
+        self.input_layernorm = nn.LayerNorm(d)
+        self.post_attention_layernorm = nn.LayerNorm(d)
+        self.q_proj, self.k_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.v_proj, self.o_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, i), nn.Linear(i, d)
+        self.heads, self.head_dim = shape.num_heads, shape.head_dim
+
+    def forward(self, x, cos, sin):  # x [T, L, D]; cos/sin [L, hd/2]
+        tiles, length, width = x.shape
+        h = self.input_layernorm(x)
+        q = self.q_proj(h).reshape(tiles, length, self.heads, self.head_dim)
+        k = self.k_proj(h).reshape(tiles, length, self.heads, self.head_dim)
+        v = self.v_proj(h).reshape(tiles, length, self.heads, self.head_dim)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [T, heads, L, hd]
+        scores = torch.matmul(q, k.transpose(2, 3)) * (self.head_dim**-0.5)
+        attended = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(tiles, length, width)
+        x = x + self.o_proj(attended)
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.post_attention_layernorm(x))))
+
+
+def _rotate(x, cos, sin):
+    """RoPE on interleaved pairs (2i, 2i+1), as the reference's complex product: x [T, L, heads, hd]."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).reshape(x.shape)
+
+
+class DeployVision(nn.Module):
+    """pixel_values [T, C, S, S] -> image features [T, tokens_per_tile, text hidden] (see the module docstring)."""
+
+    def __init__(self, shape: VisionShape):
+        super().__init__()
+        self.shape = shape
+        d = shape.hidden_size
+        self.patch = nn.Linear(shape.num_channels * shape.patch_size**2, d, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(d))
+        self.positional_embedding = nn.Parameter(torch.zeros(shape.patches_per_side**2 + 1, d))
+        self.layernorm_pre, self.layernorm_post = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.layers = nn.ModuleList(_Layer(shape) for _ in range(shape.num_layers))
+        self.adapter_fc1 = nn.Linear(shape.intermediate_size, shape.projector_input_dim, bias=False)
+        self.adapter_fc2 = nn.Linear(shape.projector_output_dim, shape.projector_output_dim, bias=False)
+        self.projector = nn.Linear(shape.vision_output_dim, shape.text_hidden_size, bias=False)
+        cos, sin = rope_tables(shape)
+        self.register_buffer("rope_cos", cos)
+        self.register_buffer("rope_sin", sin)
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> DeployVision:
+        v = VISION_PREFIX
+        own = {
+            "patch.weight": f"{v}patch_embedding.linear.weight",
+            "class_embedding": f"{v}class_embedding",
+            "positional_embedding": f"{v}positional_embedding_vlm",
+            "layernorm_pre.weight": f"{v}layernorm_pre.weight",
+            "layernorm_pre.bias": f"{v}layernorm_pre.bias",
+            "layernorm_post.weight": f"{v}layernorm_post.weight",
+            "layernorm_post.bias": f"{v}layernorm_post.bias",
+            "adapter_fc1.weight": f"{v}vision_adapter.mlp.fc1.weight",
+            "adapter_fc2.weight": f"{v}vision_adapter.mlp.fc2.weight",
+            "projector.weight": PROJECTOR,
+        }
+        for layer in range(self.shape.num_layers):
+            src = f"{v}model.layers.{layer}."
+            for part in ("weight", "bias"):
+                for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                    own[f"layers.{layer}.{proj}.{part}"] = f"{src}self_attn.{proj}.{part}"
+                for fc in ("fc1", "fc2"):
+                    own[f"layers.{layer}.{fc}.{part}"] = f"{src}mlp.{fc}.{part}"
+                for norm in ("input_layernorm", "post_attention_layernorm"):
+                    own[f"layers.{layer}.{norm}.{part}"] = f"{src}{norm}.{part}"
+        state = {mine: tensors[theirs] for mine, theirs in own.items()}
+        state["rope_cos"], state["rope_sin"] = self.rope_cos, self.rope_sin
+        self.load_state_dict(state, strict=True)
+        return self.eval()
+
+    def forward(self, pixel_values):
+        s = self.shape
+        tiles = pixel_values.shape[0]
+        grid, p, c = s.patches_per_side, s.patch_size, s.num_channels
+        # Unfold(kernel p, stride p): features ordered (channel, row, col) within a patch, patches row-major
+        patches = pixel_values.reshape(tiles, c, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5)
+        x = self.patch(patches.reshape(tiles, grid * grid, c * p * p))
+        cls = self.class_embedding.reshape(1, 1, -1).expand(tiles, 1, s.hidden_size)
+        x = torch.cat([x, cls], dim=1) + self.positional_embedding
+        x = self.layernorm_pre(x)
+        for layer in self.layers:
+            x = layer(x, self.rope_cos, self.rope_sin)
+        x = self.layernorm_post(x)[:, :-1, :]
+        x = _pixel_shuffle(x, grid, s.pixel_shuffle_ratio)
+        x = nn.functional.gelu(self.adapter_fc2(nn.functional.gelu(self.adapter_fc1(x))))
+        return self.projector(x)
+
+
+def _pixel_shuffle(x, grid: int, ratio: float):
+    """The reference's `pixel_shuffle` with every size static (grid, ratio from the config)."""
+    tiles, _, channels = x.shape
+    narrow, up = int(grid * ratio), int(channels / ratio)
+    x = x.reshape(tiles, grid, narrow, up).permute(0, 2, 1, 3)
+    x = x.reshape(tiles, narrow, narrow, int(channels / (ratio * ratio))).permute(0, 2, 1, 3)
+    return x.reshape(tiles, narrow * narrow, int(channels / (ratio * ratio)))
+
+
+def export_vision(module: DeployVision, path: Path, max_tiles: int) -> None:
+    """The vision engine's ONNX graph (`pixel_values` [tiles, C, S, S] -> `image_features`), weights in
+    `<name>.data` beside it; tiles is dynamic, 1 .. max_tiles."""
+    import onnx_ir as ir
+
+    s = module.shape
+    example = torch.zeros(2 if max_tiles > 2 else max_tiles, s.num_channels, s.image_size, s.image_size)
+    tiles = torch.export.Dim("tiles", min=1, max=max(max_tiles, 2))
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            opset_version=21,
+            input_names=["pixel_values"],
+            output_names=["image_features"],
+            dynamic_shapes=({0: tiles},),
+            optimize=True,
+            verbose=False,
+        )
+    model = program.model
+    model.graph.inputs[0].shape = ir.Shape(["tiles", s.num_channels, s.image_size, s.image_size])
+    model.graph.outputs[0].shape = ir.Shape(["tiles", s.tokens_per_tile, s.text_hidden_size])
+    ir.save(model, path, external_data=f"{path.name}.data")
+
+
+def image_processor_config(directory: Path) -> dict[str, Any]:
+    """The image processor's settings from `processor_config.json` (transformers 5 nests them under
+    `image_processor`) or `preprocessor_config.json` (the file the published checkpoints carry)."""
+    for name, nested in (("processor_config.json", True), ("preprocessor_config.json", False)):
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise VisionConfigError(f"{path} is not valid JSON ({err})") from None
+        if nested:
+            data = data.get("image_processor") if isinstance(data, dict) else None
+            if data is None:
+                continue
+        if not isinstance(data, dict):
+            raise VisionConfigError(f"{path} is not a JSON object")
+        return data
+    raise VisionConfigError(
+        f"{directory} has no processor_config.json or preprocessor_config.json: the image preprocessing is unknown"
+    )
+
+
+def image_spec(directory: Path, shape: VisionShape) -> dict[str, Any]:
+    """The manifest's image preprocessing record (runtime/images.py ImageSpec), checked against the vision config."""
+    data = image_processor_config(directory)
+    processor_type = data.get("image_processor_type", "Llama4ImageProcessor")
+    if not str(processor_type).startswith("Llama4ImageProcessor"):
+        raise VisionConfigError(f"the checkpoint's image processor is {processor_type}, not Llama4ImageProcessor")
+    size = data.get("size") or {}
+    side = size.get("height")
+    if side != size.get("width") or side != shape.image_size:
+        raise VisionConfigError(
+            f"the image processor's size {size} must be square and equal vision_config.image_size {shape.image_size}"
+        )
+    for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+        if data.get(flag, True) is not True:
+            raise VisionConfigError(f"the image processor sets {flag} {data[flag]!r}; only true is supported")
+    if data.get("resample", 2) != 2:
+        raise VisionConfigError(f"the image processor's resample is {data['resample']}; only bilinear (2) is supported")
+    max_patches = data.get("max_patches", 16)
+    if not isinstance(max_patches, int) or isinstance(max_patches, bool) or max_patches < 1:
+        raise VisionConfigError(f"the image processor's max_patches is {max_patches!r}; a positive integer is needed")
+    return {
+        "tile_size": shape.image_size,
+        "max_patches": max_patches,
+        "patch_size": shape.patch_size,
+        "pixel_shuffle_ratio": shape.pixel_shuffle_ratio,
+        "image_mean": [float(v) for v in data.get("image_mean", [0.5, 0.5, 0.5])],
+        "image_std": [float(v) for v in data.get("image_std", [0.5, 0.5, 0.5])],
+        "rescale_factor": float(data.get("rescale_factor", 1 / 255)),
+        "resize_to_max_canvas": bool(data.get("resize_to_max_canvas", False)),
+    }
+
+
+def image_token_ids(tokenizer_file: Path | None, config: dict[str, Any]) -> dict[str, int]:
+    """The ids of Llama 4's image special tokens from tokenizer.json, checked against config.json's."""
+    if tokenizer_file is None:
+        raise VisionConfigError("a vision bundle needs the checkpoint's tokenizer.json (for the image tokens' ids)")
+    data = json.loads(tokenizer_file.read_text())
+    added = {t.get("content"): t.get("id") for t in data.get("added_tokens", []) if isinstance(t, dict)}
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    ids = {}
+    for token in IMAGE_TOKENS:
+        token_id = added.get(token, vocab.get(token) if isinstance(vocab, dict) else None)
+        if not isinstance(token_id, int):
+            raise VisionConfigError(f"tokenizer.json has no {token} token, which image prompts need")
+        ids[token] = token_id
+    patch = config.get("image_token_index", config.get("image_token_id"))
+    if patch is not None and patch != ids["<|patch|>"]:
+        raise VisionConfigError(
+            f"config.json's image_token_index {patch} is not tokenizer.json's <|patch|> id {ids['<|patch|>']}"
+        )
+    return ids
+
+
+def reference_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """transformers' image features for the same pixel values: `get_image_features`, then the projector."""
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=pixel_values, return_dict=True).last_hidden_state
+        return model.multi_modal_projector(features)
+
+
+def tiles_limit(images_per_step: int, max_patches: int) -> int:
+    return max(1, images_per_step) * (max_patches + (1 if max_patches > 1 else 0))
