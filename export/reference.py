@@ -82,3 +82,34 @@ def reference_logits(model, ids: list[int]):
     """Logits [len(ids), vocab] of one unpadded sequence, no cache (the simplest correct path)."""
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+
+
+def multimodal_reference(source: dict):
+    """Llama4ForConditionalGeneration (fp32, eager attention) from a bundle's source record: the image reference."""
+    if source.get("kind") != "checkpoint":
+        raise ValueError("the image reference needs the checkpoint a vision bundle was built from")
+    kwargs = dict(dtype=torch.float32, attn_implementation="eager", use_safetensors=True)
+    return Llama4ForConditionalGeneration.from_pretrained(str(source["path"]), **kwargs).eval()
+
+
+def multimodal_logits(model, input_ids, pixel_values, prompt_length: int | None = None):
+    """Llama4ForConditionalGeneration's logits [T, V] for one sequence with images: its forward's own steps
+    (input embeddings, `get_image_features`, the projector, `get_placeholder_mask`, masked_scatter, the language
+    model). transformers 5.24's `forward` computes exactly these, then fails building its output object
+    ('MoeCausalLMOutputWithPast' has no attribute 'image_outputs'), so the steps are called here. `prompt_length`:
+    only <|patch|> positions before it take image features, as in generation, where images enter with the prompt
+    and a generated <|patch|> id is an ordinary token."""
+    with torch.no_grad():
+        ids = torch.as_tensor(input_ids).reshape(1, -1)
+        embeds = model.get_input_embeddings()(ids)
+        if pixel_values is not None:
+            features = model.get_image_features(pixel_values=torch.as_tensor(pixel_values), return_dict=True)
+            flat = features.last_hidden_state.reshape(-1, features.last_hidden_state.shape[-1])
+            projected = model.multi_modal_projector(flat).to(embeds.dtype)
+            if prompt_length is None:
+                mask = model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=projected)
+            else:
+                placed = (ids == model.config.image_token_id) & (torch.arange(ids.shape[1]) < prompt_length)
+                mask = placed.unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, projected)
+        return model.language_model(inputs_embeds=embeds).logits[0].float().numpy()

@@ -89,11 +89,17 @@ def _build_flags(command):
     is_flag=True,
     help="replace --out even if it is not a bundle this tool wrote; build a KV cache larger than this machine's memory",
 )
+@click.option(
+    "--no-vision",
+    is_flag=True,
+    help="a multimodal checkpoint: build its text model only, without the vision engine (images then refused)",
+)
 @_build_flags
-def build(recipe, checkpoint, out, force, block_size, **overrides) -> None:
+def build(recipe, checkpoint, out, force, block_size, no_vision, **overrides) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
+    overrides["vision"] = False if no_vision else None
     try:
         block_size = None if block_size is None else int(block_size)
         result = run_build(
@@ -306,8 +312,26 @@ def _parse_ids(text: str) -> list[int]:
     help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "
     "on ONNX Runtime, stage s on cuda:s on TensorRT)",
 )
+@click.option(
+    "--image",
+    "image_files",
+    multiple=True,
+    type=click.Path(),
+    help="an image file for the prompt's next <|image|> placeholder (repeatable, in order; a vision bundle)",
+)
 def run(
-    bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads, verify_files, allow_non_finite, devices
+    bundle,
+    prompt,
+    ids,
+    max_new_tokens,
+    temperature,
+    top_p,
+    seed,
+    threads,
+    verify_files,
+    allow_non_finite,
+    devices,
+    image_files,
 ) -> None:
     """Generate from a prompt (text or token ids)."""
     from llama4_deploy.runtime import load
@@ -332,7 +356,14 @@ def run(
                 prompt_ids = tokenizer.encode(prompt)
             else:
                 prompt_ids = _parse_ids(ids)
-            result = engine.generate([prompt_ids], max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+            result = engine.generate(
+                [prompt_ids],
+                max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                images=[list(image_files)] if image_files else None,
+            )
     except _user_errors() as err:
         raise UserError(str(err)) from None
     tokens = result.tokens[0]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama4_deploy.runtime import abi, arguments, backends, integrity
+from llama4_deploy.runtime import abi, arguments, backends, images, integrity
 from llama4_deploy.runtime.bundle import BundleError, Manifest, read_manifest
 from llama4_deploy.runtime.devices import onnxruntime_providers, placement
 from llama4_deploy.runtime.kv_cache import KVCache, cache_memory
@@ -109,6 +109,9 @@ class Engine:
                 steady = {graph["file"] for role, graph in stage.graphs.items() if role != "exact"}
                 for file in dict.fromkeys(graph["file"] for graph in stage.graphs.values()):
                     self.runners[file] = self._open_graph(file, threads, file in steady, stage, providers[stage.index])
+        self.vision = engine.get("vision")  # the vision engine and embedding step (runtime/images.py), or None
+        if self.vision is not None:
+            self._open_vision(threads)
         self._stage_caches = [abi.past_names(stage.layers) for stage in self.stages]
         self._calls = threading.RLock()  # serializes generate / score
         self.vocab_size = manifest.vocab_size
@@ -156,6 +159,48 @@ class Engine:
         )
         return runner
 
+    def _open_vision(self, threads: int | None) -> None:
+        """The vision graph, the embedding step and the prefill graph that takes hidden_states (ONNX Runtime)."""
+        if self.backend == "tensorrt":
+            raise BundleError("images run on ONNX Runtime only: load this bundle with backend='onnxruntime'")
+        vision = self.vision
+        self.vision_runner = self._open_side_graph(vision["file"], threads, weights=False)
+        self.embed_runner = self._open_side_graph(vision["embed"], threads, weights=True)
+        self.embeds_runner = self._open_side_graph(vision["prefill"], threads, weights=True)
+        self.image_spec = images.ImageSpec(
+            tile_size=vision["image"]["tile_size"],
+            max_patches=vision["image"]["max_patches"],
+            patch_size=vision["image"]["patch_size"],
+            pixel_shuffle_ratio=vision["image"]["pixel_shuffle_ratio"],
+            image_mean=tuple(vision["image"]["image_mean"]),
+            image_std=tuple(vision["image"]["image_std"]),
+            rescale_factor=vision["image"]["rescale_factor"],
+            resize_to_max_canvas=vision["image"]["resize_to_max_canvas"],
+        )
+        tokens = vision["tokens"]
+        self.image_tokens = images.ImageTokens(
+            image=tokens["<|image|>"],
+            image_start=tokens["<|image_start|>"],
+            image_end=tokens["<|image_end|>"],
+            patch=tokens["<|patch|>"],
+            tile_x_separator=tokens["<|tile_x_separator|>"],
+            tile_y_separator=tokens["<|tile_y_separator|>"],
+        )
+
+    def _open_side_graph(self, file: str, threads: int | None, weights: bool) -> OnnxRuntimeRunner:
+        path = self.manifest.path / file
+        if not path.is_file():
+            raise BundleError(f"bundle {self.manifest.path} is missing {file}, which its manifest lists")
+        try:
+            runner = OnnxRuntimeRunner(path, threads=threads, prepack=self.prepack).activate()
+        except Exception as err:  # ONNX Runtime's own errors for damaged graphs or external data
+            reason = " ".join(str(err).split())[:300]
+            raise BundleError(f"{file} in {self.manifest.path} cannot be loaded by ONNX Runtime ({reason})") from None
+        if weights:  # the embedding graphs read the stage's weights file: its layout must be theirs
+            integrity.check_layout(self.manifest, file, runner.session.get_modelmeta().custom_metadata_map)
+        self.runners[file] = runner
+        return runner
+
     def close(self) -> None:
         for runner in getattr(self, "runners", {}).values():
             runner.deactivate()
@@ -182,6 +227,35 @@ class Engine:
         return ids
 
     # -- steps ----------------------------------------------------------------------------------
+    def run_embeds_step(self, cache: KVCache, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One prefill step from embeddings [B, T, H] (image prompts: the embedding step's output with image
+        features at the patch positions); returns logits [B, T, V] and updates the cache. One stage only."""
+        feeds = {abi.HIDDEN_IN: embeds, abi.POSITION_IDS: positions, abi.PAST_LENGTHS: cache.lengths.copy()}
+        feeds.update(cache.feeds())
+        outputs = self.embeds_runner.infer(feeds)
+        if abi.MOE_OVERFLOW in outputs and outputs[abi.MOE_OVERFLOW].any():
+            raise ValueError(
+                "an image prompt's prefill overflowed the capacity MoE dispatch, which has no exact rerun for "
+                "embeddings; build with another --moe-dispatch for images"
+            )
+        cache.write(outputs, positions)
+        self.steps += 1
+        self._check_finite(outputs[abi.LOGITS])
+        return outputs[abi.LOGITS]
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """The embedding step: ids [B, T] -> hidden states [B, T, H] (float32)."""
+        return self.embed_runner.infer({abi.INPUT_IDS: ids})[abi.HIDDEN_IN].astype(np.float32)
+
+    def encode_images(self, prepared: list[images.PreparedImage]) -> np.ndarray:
+        """Image features [sum of tiles x tokens_per_tile, H], one vision run per image (its tiles batched), in
+        the order the images' <|patch|> tokens appear."""
+        rows = []
+        for image in prepared:
+            features = self.vision_runner.infer({self.vision["input"]: image.pixel_values})[self.vision["output"]]
+            rows.append(features.reshape(-1, features.shape[-1]).astype(np.float32))
+        return np.concatenate(rows) if rows else np.zeros((0, self.manifest.model["hidden_size"]), np.float32)
+
     def run_step(self, cache: KVCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One engine call on ids/positions [B, T]; returns logits [B, T, V] and updates the cache.
 
@@ -220,8 +294,10 @@ class Engine:
                 f"damaged (load(..., allow_non_finite=True) lets them through)"
             )
 
-    def prefill(self, cache: KVCache, prompts: list[list[int]], keep_all: bool = False):
-        """Feed prompts in steps of the prefill profile; rows may differ in length.
+    def prefill(self, cache: KVCache, prompts: list[list[int]], keep_all: bool = False, features=None):
+        """Feed prompts in steps of the prefill profile; rows may differ in length. `features`: per row its image
+        features [patch tokens, H] (None or empty for a text row), scattered into the row's <|patch|> positions in
+        order; a group with any image runs every chunk through the embedding step.
 
         Returns the logits [B, V] at each prompt's last token, and, with keep_all, the logits at
         every position of each prompt.
@@ -230,9 +306,21 @@ class Engine:
         done = [0] * batch
         last = np.zeros((batch, self.vocab_size), dtype=np.float32)
         every = [[] for _ in prompts]
+        with_images = features is not None and any(f is not None and len(f) for f in features)
+        used = [0] * batch  # features scattered so far, per row
         while any(done[b] < len(prompts[b]) for b in range(batch)):
             ids, positions, take = prefill_chunk(prompts, done, self.prefill_tokens)
-            logits = self.run_step(cache, ids, positions)
+            if with_images:
+                embeds = self.embed(ids)
+                for b, row in enumerate(features):
+                    if row is None or not len(row):
+                        continue
+                    slots = np.flatnonzero(ids[b, : take[b]] == self.image_tokens.patch)
+                    embeds[b, slots] = row[used[b] : used[b] + len(slots)]
+                    used[b] += len(slots)
+                logits = self.run_embeds_step(cache, embeds, positions)
+            else:
+                logits = self.run_step(cache, ids, positions)
             for b in range(batch):
                 if take[b]:
                     if keep_all:
@@ -257,21 +345,75 @@ class Engine:
         seed: int | None = None,
         stop_tokens: Sequence[int] | None = None,
         return_logits: bool = False,
+        images: list | None = None,
     ) -> Generation:
+        """`images`: one list per prompt of PIL images, HWC uint8 arrays, file paths or encoded bytes, one per
+        `<|image|>` placeholder id in that prompt, in order (runtime/images.py); None: text only."""
         prompts = arguments.prompt_list(prompts)
         max_new_tokens = arguments.integer(max_new_tokens, "max_new_tokens", 1)
         temperature = arguments.temperature(temperature)
         top_p = arguments.top_p(top_p)
         seed = arguments.seed(seed)
         return_logits = arguments.flag(return_logits, "return_logits")
-        prompts = [self._check_prompt(p, max_new_tokens, f"prompt {i}") for i, p in enumerate(prompts)]
+        features = None
+        if images is not None or self.vision is not None:
+            prompts, features = self.prepare_images(prompts, images, max_new_tokens)
+        else:
+            prompts = [self._check_prompt(p, max_new_tokens, f"prompt {i}") for i, p in enumerate(prompts)]
         stop = arguments.stop_tokens(stop_tokens, self.vocab_size)
         if stop is None:
             stop = set(self.manifest.eos_token_ids)
         with self._calls:
-            return self._generate(prompts, max_new_tokens, temperature, top_p, seed, stop, return_logits)
+            return self._generate(prompts, max_new_tokens, temperature, top_p, seed, stop, return_logits, features)
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_p, seed, stop, return_logits) -> Generation:
+    def prepare_images(self, prompts, images_per_prompt, new_tokens: int):
+        """Prompts with their <|image|> placeholders expanded and each row's image features (None for a row with
+        no image); every image is decoded, checked and encoded before any prompt is prefilled."""
+        if images_per_prompt is not None and self.vision is None:
+            raise ValueError(
+                "this bundle has no vision engine (built from a text-only checkpoint or with --no-vision); "
+                "it takes text only"
+            )
+        if images_per_prompt is None:
+            images_per_prompt = [[] for _ in prompts]
+        if isinstance(images_per_prompt, (str, bytes)) or not isinstance(images_per_prompt, (list, tuple)):
+            raise TypeError("images must be a list with one list of images per prompt")
+        if len(images_per_prompt) != len(prompts):
+            raise ValueError(
+                f"images has {len(images_per_prompt)} lists for {len(prompts)} prompts; give one per prompt"
+            )
+        expanded, features = [], []
+        for i, (prompt, given) in enumerate(zip(prompts, images_per_prompt)):
+            ids = arguments.token_ids(prompt, self.vocab_size, f"prompt {i}")
+            if given is None:
+                given = []
+            if isinstance(given, (str, bytes)) or not isinstance(given, (list, tuple)):
+                raise TypeError(f"images[{i}] must be a list of images for prompt {i}")
+            if self.image_tokens.patch in ids:
+                raise ValueError(
+                    f"prompt {i} holds <|patch|> (id {self.image_tokens.patch}) tokens itself; mark each image with "
+                    f"one <|image|> placeholder (id {self.image_tokens.image}) and pass the image"
+                )
+            prepared = [
+                images.preprocess(source, self.image_spec, f"prompt {i} image {j}") for j, source in enumerate(given)
+            ]
+            full = images.expand_placeholders(
+                ids, prepared, self.image_spec.tokens_per_tile, self.image_tokens, f"prompt {i}"
+            )
+            image_tokens = len(full) - len(ids) + len(prepared)
+            if len(full) + new_tokens > self.manifest.max_context:
+                raise ValueError(
+                    f"prompt {i} of {len(full)} tokens ({image_tokens} of them for {len(prepared)} "
+                    f"image{'s' * (len(prepared) != 1)}) plus {new_tokens} new ones exceeds the bundle's context of "
+                    f"{self.manifest.max_context} tokens"
+                )
+            expanded.append(self._check_prompt(full, new_tokens, f"prompt {i}"))
+            features.append(self.encode_images(prepared) if prepared else None)
+        return expanded, features
+
+    def _generate(
+        self, prompts, max_new_tokens, temperature, top_p, seed, stop, return_logits, features=None
+    ) -> Generation:
         rng = np.random.default_rng(seed)
         tokens: list[list[int]] = []
         logits: list[np.ndarray] = []
@@ -279,7 +421,8 @@ class Engine:
         for start in range(0, len(prompts), self.max_batch):
             group = prompts[start : start + self.max_batch]
             cache = self.new_cache(len(group))
-            step_logits, _ = self.prefill(cache, group)
+            group_features = None if features is None else features[start : start + self.max_batch]
+            step_logits, _ = self.prefill(cache, group, features=group_features)
             active = np.ones(len(group), dtype=bool)
             new = [[] for _ in group]
             chosen_from = [[] for _ in group]

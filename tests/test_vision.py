@@ -1,0 +1,157 @@
+"""Images end to end: a multimodal checkpoint the tests write (tests/vision_fixtures.py) builds a bundle with a vision
+engine; its features, and generation with images, against transformers' Llama4ForConditionalGeneration.
+
+Tolerances: the vision engine's features and the logits within 1e-3 x max(1, max |value|), the text path's fp32
+rule (quality/verify.py REL_TOLERANCE: summation order only), greedy tokens identical.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llama4_deploy.runtime import images as im
+from tests.vision_fixtures import write_vision_checkpoint
+
+REL = 1e-3
+
+
+@pytest.fixture(scope="session")
+def vision_checkpoint(tmp_path_factory):
+    return write_vision_checkpoint(tmp_path_factory.mktemp("vision") / "mm", seed=3)
+
+
+@pytest.fixture(scope="session")
+def vision_bundle(tmp_path_factory, vision_checkpoint):
+    from llama4_deploy.build import build
+
+    out = tmp_path_factory.mktemp("bundles") / "vision"
+    return build(checkpoint=vision_checkpoint, out=out, max_context=128, log=lambda _: None).bundle
+
+
+@pytest.fixture(scope="session")
+def vision_engine(vision_bundle):
+    from llama4_deploy.runtime import load
+
+    with load(vision_bundle) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def reference(vision_checkpoint):
+    from llama4_deploy.export.reference import multimodal_reference
+
+    return multimodal_reference({"kind": "checkpoint", "path": str(vision_checkpoint)})
+
+
+def _picture(height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def test_bundle_records_the_vision_engine(vision_bundle):
+    manifest = json.loads((vision_bundle / "manifest.json").read_text())
+    vision = manifest["engine"]["vision"]
+    assert vision["tokens_per_tile"] == 4 and vision["max_tiles"] == 2 * (4 + 1)
+    assert vision["image"]["tile_size"] == 56 and vision["image"]["max_patches"] == 4
+    assert vision["tokens"]["<|patch|>"] == 509  # config.json's image_token_index
+    for name in ("vision.onnx", "vision.onnx.data", vision["embed"], vision["prefill"]):
+        assert name in manifest["files"]  # hashed, so load checks them
+
+
+def test_features_equal_get_image_features(vision_engine, reference):
+    import torch
+
+    from llama4_deploy.export.vision import reference_features
+
+    for shape in ((56, 56), (56, 112), (150, 130)):  # grids 1x1, 1x2 (+ global), 2x2 (+ global)
+        prepared = im.preprocess(_picture(*shape, seed=shape[1]), vision_engine.image_spec)
+        got = vision_engine.encode_images([prepared]).reshape(prepared.tiles, 4, -1)
+        want = reference_features(reference, torch.from_numpy(prepared.pixel_values)).numpy()
+        assert np.abs(got - want).max() <= REL * max(1.0, np.abs(want).max()), shape
+
+
+def _reference_logits(reference, ids, pixel_values, prompt_length=None):
+    from llama4_deploy.export.reference import multimodal_logits
+
+    return multimodal_logits(reference, ids, pixel_values, prompt_length)
+
+
+def test_generate_with_images_equals_reference(vision_engine, reference):
+    """A ragged batch: one prompt with two images (grids 2x2 and 1x1), one with none, one with a 1x2 image; greedy
+    tokens identical to the reference's argmax over the same sequences, logits within tolerance."""
+    engine = vision_engine
+    image = engine.image_tokens.image
+    prompts = [[11, 12, image, 13, 14, image, 15], [21, 22, 23, 24], [31, image, 32, 33]]
+    pictures = [[_picture(120, 110, 1), _picture(40, 50, 2)], [], [_picture(56, 112, 3)]]
+    new = 6
+    result = engine.generate(prompts, new, images=pictures, stop_tokens=[], return_logits=True)
+    grids = []
+    for prompt, given, tokens, logits in zip(prompts, pictures, result.tokens, result.logits):
+        prepared = [im.preprocess(p, engine.image_spec) for p in given]
+        grids.append([p.aspect_ratio for p in prepared])
+        ids = im.expand_placeholders(prompt, prepared, engine.image_spec.tokens_per_tile, engine.image_tokens)
+        pixels = np.concatenate([p.pixel_values for p in prepared]) if prepared else None
+        expected = _reference_logits(reference, ids + tokens, pixels, len(ids))
+        expected = expected[len(ids) - 1 : len(ids) - 1 + len(tokens)]
+        assert tokens == expected.argmax(-1).tolist()
+        assert np.abs(logits - expected).max() <= REL * max(1.0, np.abs(expected).max())
+    assert grids == [[(2, 2), (1, 1)], [], [(1, 2)]]
+
+
+def test_images_change_the_answer(vision_engine):
+    """Two different images in the same prompt give different first-token logits: the features reach the decoder."""
+    engine = vision_engine
+    prompt = [5, engine.image_tokens.image, 6, 7]
+    a = engine.generate([prompt], 1, images=[[_picture(56, 56, 8)]], return_logits=True).logits[0]
+    b = engine.generate([prompt], 1, images=[[_picture(56, 56, 9)]], return_logits=True).logits[0]
+    assert np.abs(a - b).max() > 1e-2
+
+
+def test_verify_adds_image_rows(vision_bundle, monkeypatch):
+    from llama4_deploy.quality import verify as verify_module
+
+    monkeypatch.setattr(verify_module, "_perplexity", lambda *args: None)
+    report = verify_module.verify(str(vision_bundle), log=lambda _: None, new_tokens=6)
+    image_rows = [row for row in report.rows if row.path.startswith(("vision", "image"))]
+    assert report.ok, report.table()
+    assert {row.path for row in image_rows} >= {"vision 1x1", "vision 1x2", "vision 2x2", "image 2x2", "image 1x1+2x2"}
+    assert all(row.greedy_agree == row.greedy_total for row in image_rows)
+
+
+def test_run_with_image_equals_generate(vision_bundle, vision_engine, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from llama4_deploy.cli import main
+    from llama4_deploy.runtime.tokenizer import load_tokenizer
+
+    path = tmp_path / "picture.png"
+    Image.fromarray(_picture(90, 130, 5)).save(path)
+    prompt = "w3 w4 <|image|> w5"
+    result = CliRunner().invoke(
+        main, ["run", str(vision_bundle), "--prompt", prompt, "--image", str(path), "--max-new-tokens", "5"]
+    )
+    assert result.exit_code == 0, result.output
+    tokenizer = load_tokenizer(vision_engine.manifest)
+    ids = tokenizer.encode(prompt)
+    assert vision_engine.image_tokens.image in ids
+    expected = vision_engine.generate([ids], 5, images=[[str(path)]]).tokens[0]
+    assert result.output.strip().splitlines()[-1] == tokenizer.decode(expected)
+
+
+def test_no_vision_builds_text_only(vision_checkpoint, tmp_path):
+    """--no-vision: the text model alone (no vision files, no embeddings graphs); images are then refused."""
+    from llama4_deploy.build import build
+    from llama4_deploy.runtime import load
+
+    bundle = build(
+        checkpoint=vision_checkpoint, out=tmp_path / "text", max_context=64, vision=False, log=lambda _: None
+    ).bundle
+    names = {p.name for p in bundle.iterdir()}
+    assert not names & {"vision.onnx", "vision.onnx.data", "embed.onnx"}
+    with load(bundle) as engine:
+        assert engine.vision is None
+        with pytest.raises(ValueError, match="^this bundle has no vision engine .*; it takes text only$"):
+            engine.generate([[1, 2, 508]], 2, images=[[_picture(20, 20, 1)]])
