@@ -354,8 +354,10 @@ def verify(
             if spec is None:
                 rows += image_rows(engine, manifest.raw["source"], new_tokens, log, Row)
             else:  # the image path is the same graphs at the same precision; its reference rows are fp32's
-                log("[verify] image rows are compared for fp32 bundles only; this one's text rows apply to its "
-                    "image prompts' decoder unchanged")
+                log(
+                    "[verify] image rows are compared for fp32 bundles only; this one's text rows apply to its "
+                    "image prompts' decoder unchanged"
+                )
         steps, reruns = engine.steps, engine.overflow_reruns
     quality = None
     if simulation is not None:
