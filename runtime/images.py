@@ -20,6 +20,7 @@ Letters: T tiles, C channels (3), S the tile side (image_size), H/W image height
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # A stated limit on decoded pixels (Pillow's own bomb guard warns at 89M and refuses at 179M): larger images are
 # refused before decoding, so a small compressed file cannot exhaust memory.
@@ -113,14 +116,20 @@ def open_image(source, name: str = "image"):
                 )
             if width == 0 or height == 0:
                 raise ImageError(f"{label} is {width}x{height}: an image with no pixels")
-            opened.seek(0)  # the first frame of an animated image
+            frames = getattr(opened, "n_frames", 1)
+            if frames > 1:  # an animation: its first frame is the image (as a browser's still of a GIF)
+                log.warning("%s is animated (%d frames); its first frame is taken", label, frames)
+            opened.seek(0)
             opened.load()
             image = ImageOps.exif_transpose(opened)
             image = image.copy() if image is opened else image
     except ImageError:
         raise
-    except Image.DecompressionBombError as error:
-        raise ImageError(f"{label} is a decompression bomb: {error}") from None
+    except Image.DecompressionBombError:  # Pillow's own guard, at twice its warning size: before ours could run
+        raise ImageError(
+            f"{label} declares more pixels than the limit of {MAX_IMAGE_PIXELS} (a decompression bomb or an image "
+            "too large to encode)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"{label} cannot be decoded as an image (truncated or corrupt): {error}") from None
     return _check_mode(image, label)

@@ -155,3 +155,52 @@ def test_no_vision_builds_text_only(vision_checkpoint, tmp_path):
         assert engine.vision is None
         with pytest.raises(ValueError, match="^this bundle has no vision engine .*; it takes text only$"):
             engine.generate([[1, 2, 508]], 2, images=[[_picture(20, 20, 1)]])
+
+
+@pytest.mark.parametrize(
+    "prompts, pictures, words",
+    [
+        (
+            [[1, 508, 2, 508]],
+            [[np.zeros((9, 9, 3), np.uint8)]],
+            "prompt 0 has 2 <|image|> placeholders but 1 image was",
+        ),
+        ([[1, 2]], [[np.zeros((9, 9, 3), np.uint8)]], "prompt 0 has 0 <|image|> placeholders but 1 image was given"),
+        ([[1, 508]], None, "prompt 0 has 1 <|image|> placeholder but 0 images were given"),
+        ([[1, 509, 2]], None, "prompt 0 holds <|patch|> (id 509) tokens itself"),
+        ([[1, 508]], [[b"\x89PNG broken"]], "prompt 0 image 0 cannot be decoded as an image (truncated or corrupt)"),
+        ([[1, 2], [3]], [[]], "images has 1 lists for 2 prompts; give one per prompt"),
+        (
+            [[1] + [508] * 6],
+            [[np.zeros((120, 120, 3), np.uint8)] * 6],
+            "prompt 0 of 163 tokens (162 of them for 6 images) plus 4 new ones exceeds the bundle's context of 128",
+        ),
+    ],
+    ids=["more-placeholders", "more-images", "no-images", "raw-patch", "corrupt", "lists", "context"],
+)
+def test_bad_image_requests_are_one_sentence(vision_engine, prompts, pictures, words):
+    steps = vision_engine.steps
+    with pytest.raises(ValueError) as info:
+        vision_engine.generate(prompts, 4, images=pictures)
+    assert words in str(info.value) and "\n" not in str(info.value)
+    assert vision_engine.steps == steps  # refused before any engine step
+
+
+def test_vision_config_disagreeing_with_projector_is_refused(vision_checkpoint, tmp_path):
+    import shutil
+
+    from llama4_deploy.build import BuildError, build
+
+    checkpoint = tmp_path / "ck"
+    shutil.copytree(vision_checkpoint, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    for key in ("projector_input_dim", "projector_output_dim", "vision_output_dim"):
+        config["vision_config"][key] = 48
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BuildError) as info:
+        build(checkpoint=checkpoint, out=tmp_path / "out", log=lambda _: None)
+    assert str(info.value) == (
+        "tensor vision_model.vision_adapter.mlp.fc1.weight has shape [64, 128], but the checkpoint's vision_config "
+        "implies [48, 128] (--no-vision builds the text model only)"
+    )
+    assert not (tmp_path / "out").exists()
