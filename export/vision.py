@@ -47,6 +47,31 @@ PUBLISHED_VISION = {
     "pixel_shuffle_ratio": 0.5,
 }
 PUBLISHED_PROJECTION = 5120  # the projector's output: the text model's hidden size
+# where a random multimodal model (recipe tiny-vision, the tests' checkpoints) puts the image tokens: the last ids
+RANDOM_IMAGE_TOKENS = (
+    "<|image_start|>",
+    "<|image_end|>",
+    "<|image|>",
+    "<|patch|>",
+    "<|tile_x_separator|>",
+    "<|tile_y_separator|>",
+)
+
+
+def random_image_token_ids(vocab_size: int) -> dict[str, int]:
+    return {token: vocab_size - len(RANDOM_IMAGE_TOKENS) + i for i, token in enumerate(RANDOM_IMAGE_TOKENS)}
+
+
+def write_image_tokenizer(path: Path, vocab_size: int, specials: dict[str, int]) -> None:
+    """A word-level tokenizer.json over `w0 ...` with the image special tokens at the given ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size) if i not in set(specials.values())} | specials
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    tokenizer.add_special_tokens(list(specials))
+    tokenizer.save(str(path))
 
 
 class VisionConfigError(ValueError):

@@ -109,15 +109,48 @@ def test_images_change_the_answer(vision_engine):
     assert np.abs(a - b).max() > 1e-2
 
 
-def test_verify_adds_image_rows(vision_bundle, monkeypatch):
+def test_tiny_vision_recipe_builds_and_verifies(tmp_path, monkeypatch):
+    """The random multimodal recipe: its text rows and its image rows (features for grids 1x1, 1x2, 2x2; generation
+    with one image and with two of different grids) pass against Llama4ForConditionalGeneration."""
+    from llama4_deploy.build import build
     from llama4_deploy.quality import verify as verify_module
 
+    bundle = build("tiny-vision", out=tmp_path / "tv", log=lambda _: None).bundle
     monkeypatch.setattr(verify_module, "_perplexity", lambda *args: None)
-    report = verify_module.verify(str(vision_bundle), log=lambda _: None, new_tokens=6)
-    image_rows = [row for row in report.rows if row.path.startswith(("vision", "image"))]
+    report = verify_module.verify(str(bundle), log=lambda _: None, new_tokens=8)
     assert report.ok, report.table()
-    assert {row.path for row in image_rows} >= {"vision 1x1", "vision 1x2", "vision 2x2", "image 2x2", "image 1x1+2x2"}
-    assert all(row.greedy_agree == row.greedy_total for row in image_rows)
+    image_rows = [row for row in report.rows if row.path.startswith(("vision", "image"))]
+    assert [row.path for row in image_rows] == [
+        "vision 1x1",
+        "vision 1x2",
+        "vision 2x2",
+        "image 2x2",
+        "image 1x1+2x2",
+    ]
+    assert all(row.greedy_agree == row.greedy_total == 8 for row in image_rows if row.path.startswith("image"))
+
+
+def test_published_vision_config_is_checked():
+    from llama4_deploy.build.recipe import load_recipe
+    from llama4_deploy.export.vision import PUBLISHED_VISION, VisionShape, published_mismatches
+
+    published = dict(
+        PUBLISHED_VISION,
+        intermediate_size=5632,
+        projector_input_dim=4096,
+        projector_output_dim=4096,
+        vision_output_dim=4096,
+        rope_parameters={"rope_theta": 10000.0},
+    )
+    shape = VisionShape.from_config({"vision_config": published, "text_config": {"hidden_size": 5120}})
+    assert published_mismatches(shape) == [] and shape.tokens_per_tile == 144
+    tiny = VisionShape.from_config({"vision_config": dict(published, num_hidden_layers=2), "text_config": {}})
+    assert published_mismatches(tiny) == [
+        "vision_config.num_hidden_layers 2 (published 34)",
+        "projector output 0 (published 5120)",
+    ]
+    assert load_recipe("scout").expect_vision and load_recipe("maverick").expect_vision
+    assert not load_recipe("tiny-vision").expect_vision
 
 
 def test_run_with_image_equals_generate(vision_bundle, vision_engine, tmp_path):

@@ -38,6 +38,23 @@ class RandomWeights(Strict):
     config: dict[str, Any]
     logit_gain: float = Field(1.0, gt=0)  # scales lm_head: peaked logits, no near-ties
     router_gain: float = Field(1.0, gt=0)  # scales routers: well-separated expert choices
+    # a Llama4VisionConfig: the weights are a multimodal checkpoint (export/reference.py random_multimodal), its
+    # processor tiling at most max_patches tiles
+    vision_config: dict[str, Any] | None = None
+    max_patches: int = Field(16, ge=1)
+
+    @field_validator("vision_config")
+    @classmethod
+    def _valid_vision_config(cls, config: dict[str, Any] | None) -> dict[str, Any] | None:
+        if config is None:
+            return None
+        from llama4_deploy.export.vision import VisionConfigError, VisionShape
+
+        try:
+            VisionShape.from_config({"vision_config": config, "text_config": {}})
+        except VisionConfigError as err:
+            raise ValueError(str(err)) from None
+        return config
 
     @field_validator("config")
     @classmethod

@@ -18,7 +18,7 @@ from llama4_deploy.build.recipe import Profiles, Recipe
 from llama4_deploy.build.stages import Stage, model_split
 from llama4_deploy.export.checkpoint import Checkpoint, CheckpointError
 from llama4_deploy.export.compressed_tensors import CompressedTensorsError, checkpoint_quant_spec, stored_fp8
-from llama4_deploy.export.reference import random_model
+from llama4_deploy.export.reference import random_model, write_random_multimodal
 from llama4_deploy.export.shape import ModelShape
 from llama4_deploy.export.vision import (
     VisionConfigError,
@@ -53,7 +53,10 @@ def run(ctx: BuildContext) -> Loaded:
             log(f"[load] recipe {recipe.name}: seeded random weights (seed {recipe.random.seed})")
             with ctx.cache.put("checkpoint", key) as (directory, _):
                 r = recipe.random
-                random_model(r.config, r.seed, r.logit_gain, r.router_gain).save_pretrained(directory)
+                if r.vision_config is not None:  # a multimodal checkpoint: weights, tokenizer, processor files
+                    write_random_multimodal(r.model_dump(mode="json"), directory)
+                else:
+                    random_model(r.config, r.seed, r.logit_gain, r.router_gain).save_pretrained(directory)
         source_dir = ctx.cache.entry("checkpoint", key)
     else:
         source_dir = ctx.checkpoint
