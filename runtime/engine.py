@@ -167,6 +167,8 @@ class Engine:
         self.vision_runner = self._open_side_graph(vision["file"], threads, weights=False)
         self.embed_runner = self._open_side_graph(vision["embed"], threads, weights=True)
         self.embeds_runner = self._open_side_graph(vision["prefill"], threads, weights=True)
+        exact = vision.get("exact")
+        self.embeds_exact_runner = self._open_side_graph(exact, threads, weights=True) if exact else None
         self.image_spec = images.ImageSpec(
             tile_size=vision["image"]["tile_size"],
             max_patches=vision["image"]["max_patches"],
@@ -233,11 +235,14 @@ class Engine:
         feeds = {abi.HIDDEN_IN: embeds, abi.POSITION_IDS: positions, abi.PAST_LENGTHS: cache.lengths.copy()}
         feeds.update(cache.feeds())
         outputs = self.embeds_runner.infer(feeds)
-        if abi.MOE_OVERFLOW in outputs and outputs[abi.MOE_OVERFLOW].any():
-            raise ValueError(
-                "an image prompt's prefill overflowed the capacity MoE dispatch, which has no exact rerun for "
-                "embeddings; build with another --moe-dispatch for images"
-            )
+        if abi.MOE_OVERFLOW in outputs and outputs[abi.MOE_OVERFLOW].any():  # rerun exactly, before any write
+            if self.embeds_exact_runner is None:
+                raise BundleError(
+                    "the embeddings prefill graph reported a capacity overflow, and the bundle has no "
+                    "exact graph to rerun it on; rebuild the bundle"
+                )
+            outputs = self.embeds_exact_runner.infer(feeds)
+            self.overflow_reruns += 1
         cache.write(outputs, positions)
         self.steps += 1
         self._check_finite(outputs[abi.LOGITS])

@@ -237,3 +237,13 @@ def test_vision_config_disagreeing_with_projector_is_refused(vision_checkpoint, 
         "implies [48, 128] (--no-vision builds the text model only)"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_vision_graph_passes_the_tensorrt_lint(vision_bundle):
+    """The vision graph holds only what TensorRT 10.15's ONNX parser documents (the tensorrt target lints it at
+    build; the graph does not depend on the target)."""
+    import onnx_ir as ir
+
+    from llama4_deploy.graphs.lint_tensorrt import lint_tensorrt
+
+    assert lint_tensorrt(ir.load(vision_bundle / "vision.onnx")) == []

@@ -136,4 +136,5 @@ def vision_record(plan, embeddings: dict[str, str]) -> dict[str, Any]:
         "tokens": plan.tokens,
         "embed": embeddings["embed"],
         "prefill": embeddings["prefill"],
+        "exact": embeddings.get("exact"),  # the capacity dispatch's overflow rerun, when the prefill graph has one
     }

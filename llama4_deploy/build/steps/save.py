@@ -40,6 +40,10 @@ def run(ctx: BuildContext, stage: Stage) -> SavedStage:
             models[embeddings_graph_name(prefill)] = lower.embeddings_graph(ctx, prefill, chosen.layout(prefill))
             embeddings = {"embed": graph_file(stage, EMBED_GRAPH),
                           "prefill": graph_file(stage, embeddings_graph_name(prefill))}
+            exact = chosen.roles.get("exact")
+            if exact is not None and exact != prefill:  # a capacity overflow reruns the step exactly, as for text
+                models[embeddings_graph_name(exact)] = lower.embeddings_graph(ctx, exact, chosen.layout(exact))
+                embeddings["exact"] = graph_file(stage, embeddings_graph_name(exact))
         if stage.count > 1:
             ctx.log(f"[stage {stage.index}] layers {stage.start}-{stage.stop - 1}: {len(models)} graphs")
         with ctx.cache.put(step, key) as (directory, record):

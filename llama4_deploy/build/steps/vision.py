@@ -1,6 +1,6 @@
 """Step `vision`: a multimodal checkpoint's vision tower and projector exported as the bundle's vision engine
 (export/vision.py: `vision.onnx`, weights in `vision.onnx.data`, float32 at every precision), linted like the text
-graphs, and checked on ONNX Runtime against the deploy-form module it was exported from; kept in the build cache."""
+graphs (the static-shape lint; for the tensorrt target also its parser lint), and checked on ONNX Runtime against the deploy-form module it was exported from; kept in the build cache."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from llama4_deploy.build.context import BuildContext
 from llama4_deploy.build.options import BuildError
 from llama4_deploy.export.vision import DeployVision, VisionConfigError, export_vision, read_vision_weights
 from llama4_deploy.graphs.lint import lint_static
+from llama4_deploy.graphs.lint_tensorrt import lint_tensorrt
 
 GRAPH = "vision.onnx"
 # export vs its own module on random tiles: the same fp32 ops, reassociated by ONNX Runtime's kernels
@@ -37,9 +38,15 @@ def run(ctx: BuildContext) -> dict[str, Any] | None:
             except VisionConfigError as err:
                 raise BuildError(f"{err} (--no-vision builds the text model only)") from None
             export_vision(module, directory / GRAPH, plan.max_tiles)
-            problems = lint_static(ir.load(directory / GRAPH))
+            graph = ir.load(directory / GRAPH)
+            problems = lint_static(graph)
             if problems:
                 raise BuildError(f"the vision graph breaks the static-shape rule: {problems[0]}")
+            if ctx.target.name == "tensorrt":  # what TensorRT's ONNX parser documents, as for the text graphs
+                problems = lint_tensorrt(graph)
+                if problems:
+                    raise BuildError(f"the vision graph breaks the TensorRT parser lint: {problems[0]}")
+                record["tensorrt_lint"] = "pass"
             record["export_error"] = _check_export(module, directory / GRAPH, plan)
     else:
         record = hit[1]
