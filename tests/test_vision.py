@@ -247,3 +247,34 @@ def test_vision_graph_passes_the_tensorrt_lint(vision_bundle):
     from llama4_deploy.graphs.lint_tensorrt import lint_tensorrt
 
     assert lint_tensorrt(ir.load(vision_bundle / "vision.onnx")) == []
+
+
+def test_cost_prices_one_tile(vision_bundle):
+    """`cost` adds the vision engine's FLOPs and weight bytes per tile; its MatMuls alone are known in closed form
+    (tiny tower: 16 patches + the class token, hidden 32, 2 layers, 4 tokens out at 128 -> 64 -> 64 -> 64)."""
+    from llama4_deploy.planning.costs import bundle_costs, cost_table
+
+    rows = bundle_costs(vision_bundle)
+    tile = rows[-1]
+    assert (tile.point, tile.graph) == ("image tile", "vision.onnx") and tile.unresolved == 0
+    tokens, d, i = 17, 32, 128
+    matmuls = 2 * 16 * 588 * d + 2 * (
+        2 * tokens * d * d * 4 + 2 * 2 * tokens * tokens * 16 * 2 + 2 * 2 * tokens * d * i
+    )
+    matmuls += 2 * 4 * i * 64 + 2 * 4 * 64 * 64 + 2 * 4 * 64 * 64
+    assert matmuls <= tile.flops <= 1.5 * matmuls  # plus the element-wise ops, each one FLOP per element
+    params = 588 * d + d + 17 * d + 4 * d + 2 * (4 * (d * d + d) + 2 * d * i + i + d + 4 * d) + i * 64 + 64 * 64
+    params += 64 * 64  # the projector to the text width 64
+    # bytes read per step: every weight once, plus the small RoPE tables each rotation reads again
+    assert 4 * params <= tile.weight_bytes <= 1.05 * 4 * params
+    assert "image tile    vision.onnx" in cost_table(rows)
+
+
+def test_plan_adds_the_vision_engine():
+    from llama4_deploy.planning.deployment import plan
+
+    scout = plan("scout")
+    assert "vision engine (34 layers at hidden 1408, tiles of 336 pixels, 144 tokens per tile" in scout
+    assert "weights 0.87B parameters: 3.2 GiB as built" in scout
+    assert "one image is at most 2,467 tokens" in scout  # 4x4 tiles x 144 + 16 separators + 144 + 3 markers
+    assert "vision engine" in plan("tiny-vision") and "vision engine" not in plan("tiny")

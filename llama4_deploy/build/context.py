@@ -20,7 +20,7 @@ from llama4_deploy.build.recipe import Recipe
 from llama4_deploy.build.stages import Stage
 from llama4_deploy.export.checkpoint import Checkpoint
 from llama4_deploy.export.shape import ModelShape
-from llama4_deploy.export.vision import VisionShape
+from llama4_deploy.export.vision_shape import VisionShape
 from llama4_deploy.graphs.quantize import QuantSpec
 from llama4_deploy.targets.base import Target
 

@@ -48,7 +48,7 @@ class RandomWeights(Strict):
     def _valid_vision_config(cls, config: dict[str, Any] | None) -> dict[str, Any] | None:
         if config is None:
             return None
-        from llama4_deploy.export.vision import VisionConfigError, VisionShape
+        from llama4_deploy.export.vision_shape import VisionConfigError, VisionShape
 
         try:
             VisionShape.from_config({"vision_config": config, "text_config": {}})

@@ -20,7 +20,7 @@ from llama4_deploy.export.checkpoint import Checkpoint, CheckpointError
 from llama4_deploy.export.compressed_tensors import CompressedTensorsError, checkpoint_quant_spec, stored_fp8
 from llama4_deploy.export.reference import random_model, write_random_multimodal
 from llama4_deploy.export.shape import ModelShape
-from llama4_deploy.export.vision import (
+from llama4_deploy.export.vision_shape import (
     VisionConfigError,
     VisionShape,
     image_spec,
