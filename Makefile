@@ -47,6 +47,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tools.bench
 	$(BIN)/python -m tools.bench_context
+	$(BIN)/python -m tools.bench_images
 
 # One decode linear (M = 1) at the real models' shapes and the minis': fp32 MatMul vs 4-bit MatMulNBits with float
 # and int8 activations, cache-resident and streamed from DRAM: the ceiling the kernels put on a 4-bit decode (minutes)

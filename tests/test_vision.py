@@ -278,3 +278,14 @@ def test_plan_adds_the_vision_engine():
     assert "weights 0.87B parameters: 3.2 GiB as built" in scout
     assert "one image is at most 2,467 tokens" in scout  # 4x4 tiles x 144 + 16 separators + 144 + 3 markers
     assert "vision engine" in plan("tiny-vision") and "vision engine" not in plan("tiny")
+
+
+def test_bench_images_runs(vision_bundle):
+    """tools/bench_images.py (make bench) on the session's vision bundle: one timing of each kind, finite figures."""
+    from tools.bench_images import bench
+
+    lines = bench(vision_bundle, threads=1, repeats=1)
+    assert lines[0].startswith("preprocess 1024x768 -> ") and "images/s" in lines[1]
+    rows = [line.split() for line in lines[3:]]
+    assert [int(row[0]) for row in rows] == [1, 10]
+    assert all(float(value.rstrip("x")) > 0 for row in rows for value in row[1:])
