@@ -394,6 +394,11 @@ def _within(minimum: float, maximum: float | None = None, must: str | None = Non
     help="largest request body; a larger one is answered 413",
 )
 @click.option(
+    "--ignore-unknown-fields",
+    is_flag=True,
+    help="ignore request fields the server does not know instead of answering 400 (for clients that send extras)",
+)
+@click.option(
     "--devices",
     help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "
     "on ONNX Runtime, stage s on cuda:s on TensorRT)",

@@ -657,3 +657,91 @@ def test_sigterm_past_the_drain_timeout_answers_503_without_a_traceback(tiny_bun
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+# -- no silent ignoring (issue 27 item 1) --------------------------------------------------------------
+# a value that asks for something, per refused field (the ones protocol.REFUSED lists)
+ASKING = {
+    "suffix": "w9",
+    "best_of": 3,
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "w1"},
+    "reasoning_effort": "high",
+    "web_search_options": {},
+    "service_tier": "flex",
+    "response_format": {"type": "json_object"},
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "tool_choice": "required",
+    "functions": [{"name": "f", "parameters": {}}],
+    "function_call": "auto",
+    "logit_bias": {"5": 100},
+    "presence_penalty": 1.0,
+    "frequency_penalty": 5.0,
+    "top_k": 5,
+    "min_p": 0.1,
+    "repetition_penalty": 1.3,
+    "min_tokens": 2,
+    "chat_template_kwargs": {"enable_thinking": True},
+    "guided_json": {"type": "object"},
+    "guided_regex": "w[0-9]",
+    "guided_choice": ["w1", "w2"],
+    "guided_grammar": "root ::= 'w1'",
+}
+CHAT_ONLY = {"audio", "modalities", "prediction", "reasoning_effort", "web_search_options", "tools", "tool_choice"}
+CHAT_ONLY |= {"functions", "function_call", "chat_template_kwargs"}
+
+
+def test_every_refused_field_is_a_400_naming_it_unless_it_asks_for_nothing(live, engine):
+    from llama4_deploy.serving.protocol import REFUSED
+
+    assert set(ASKING) >= set(REFUSED)
+    name = engine.manifest.name
+    for field in REFUSED:
+        path, body = (
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w1"}]})
+            if field in CHAT_ONLY
+            else ("/v1/completions", {"prompt": "w1"})
+        )
+        status, _, answer = live.post(path, {"model": name, **body, "max_tokens": 1, field: ASKING[field]})
+        assert status == 400 and answer["error"]["param"] == field, (field, answer)
+        assert answer["error"]["message"].startswith(f"{field}: not supported by this server ("), answer
+
+
+def test_unknown_fields_are_400_naming_them_and_bookkeeping_fields_are_accepted(live, engine):
+    name, client = engine.manifest.name, live.client()
+    for path, body, param in [
+        ("/v1/completions", {"prompt": [5, 6, 7], "temprature": 0}, "temprature"),
+        ("/v1/completions", {"prompt": [5], "stream": True, "stream_options": {"include_usage": True, "x": 1}}, None),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w1", "weight": 2}]}, None),
+    ]:
+        status, _, answer = live.post(path, {"model": name, **body})
+        param = param or answer["error"]["param"]
+        assert status == 400 and answer["error"]["param"] in ("temprature", "stream_options.x", "messages.0.weight")
+        assert (
+            f"{param}: unknown field" in answer["error"]["message"]
+            and "--ignore-unknown-fields" in answer["error"]["message"]
+        )
+    with pytest.raises(openai.BadRequestError, match="guided_decoding_backend: unknown field"):
+        client.completions.create(model=name, prompt="w1", extra_body={"guided_decoding_backend": "xgrammar"})
+    # store, metadata and user: accepted, without effect on the answer
+    expected = generated(engine, [5, 6, 7], 3)
+    done = client.completions.create(
+        model=name,
+        prompt=[5, 6, 7],
+        max_tokens=3,
+        temperature=0,
+        user="u1",
+        extra_body={"ignore_eos": True, "store": False, "metadata": {"k": "v"}},
+    )
+    assert done.choices[0].token_ids == expected
+
+
+def test_ignore_unknown_fields_drops_them(engine):
+    with Live(engine, ignore_unknown_fields=True) as live:
+        body = {"model": engine.manifest.name, "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}
+        status, _, answer = live.post("/v1/completions", {**body, "ignore_eos": True, "vendor_extra": {"a": 1}})
+        assert status == 200 and answer["choices"][0]["token_ids"] == generated(engine, [5, 6, 7], 3)
+        # a known field is still checked, and a refused one still refused
+        assert live.post("/v1/completions", {**body, "max_tokens": "3"})[0] == 400
+        assert live.post("/v1/completions", {**body, "suffix": "w1"})[0] == 400

@@ -46,6 +46,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama4_deploy.runtime import load
@@ -247,7 +248,9 @@ class Server:
         max_batch: int | None = None,
         max_queue: int = 64,
         max_request_bytes: int = MAX_REQUEST_BYTES,
+        ignore_unknown_fields: bool = False,
     ):
+        self.ignore_unknown_fields = ignore_unknown_fields
         if max_request_bytes < 1:
             raise ValueError(f"--max-request-bytes is {max_request_bytes}; it must be at least 1")
         self.max_request_bytes = max_request_bytes
@@ -327,7 +330,26 @@ class Server:
         return self.tokenizer.token_text(token) if self.tokenizer else str(token)
 
     # -- endpoints -------------------------------------------------------------------------------
-    async def completions(self, body: CompletionRequest, http: HttpRequest):
+    async def _body(self, http: HttpRequest, schema):
+        """The request body validated by `schema`, with unknown fields refused or (--ignore-unknown-fields)
+        dropped; errors go through the same 400 handler as FastAPI's own."""
+        raw = await http.body()
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as err:
+            reason = str(err).split("\n")[0] if isinstance(err, ValueError) else "nested too deeply"
+            raise RequestValidationError(
+                [{"type": "json_invalid", "loc": ("body",), "ctx": {"error": reason}}]
+            ) from None
+        try:
+            return schema.model_validate(data, context={"ignore_unknown": self.ignore_unknown_fields})
+        except ValidationError as err:
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]
+            ) from None
+
+    async def completions(self, http: HttpRequest):
+        body = await self._body(http, CompletionRequest)
         self._check_model(body.model)
         max_tokens = body.max_tokens or 16
         prompt = await asyncio.to_thread(self._prompt_ids, body.prompt, max_tokens)
@@ -378,9 +400,13 @@ class Server:
         }
         return {**head, "choices": [choice], "usage": run.usage()}
 
-    async def chat_completions(self, body: ChatCompletionRequest, http: HttpRequest):
+    async def chat_completions(self, http: HttpRequest):
+        body = await self._body(http, ChatCompletionRequest)
         self._check_model(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [
+            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name is not None else {})}
+            for m in body.messages
+        ]
         prompt = await asyncio.to_thread(self._chat_ids, messages)
         room = self.engine.manifest.max_context - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
@@ -498,7 +524,14 @@ class Server:
         @app.exception_handler(RequestValidationError)
         async def invalid(_, err: RequestValidationError):
             first = _most_telling(err.errors())
-            if first.get("type") == "json_invalid":
+            if first.get("type") == "extra_forbidden":
+                loc = first.get("loc", ())
+                where = ".".join(filter(None, [_param(loc[:-1]), str(loc[-1])]))
+                message = (
+                    f"{where}: unknown field; this server does not carry it out "
+                    "(--ignore-unknown-fields makes it ignore fields it does not know)"
+                )
+            elif first.get("type") == "json_invalid":
                 where, message = (
                     None,
                     f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})",
@@ -553,7 +586,7 @@ def _most_telling(errors: list) -> dict:
     client meant is the one our own validators speak for (a value_error), else the one it got deepest in."""
     if not errors:
         return {"loc": (), "msg": "invalid request"}
-    ours = [e for e in errors if e.get("type") == "value_error"]
+    ours = [e for e in errors if e.get("type") in ("value_error", "extra_forbidden")]
     return ours[0] if ours else max(errors, key=lambda e: len(_param(e.get("loc", ())).split(".")))
 
 
@@ -728,6 +761,7 @@ def serve(
     echo=print,
     devices=None,
     max_request_bytes: int = MAX_REQUEST_BYTES,
+    ignore_unknown_fields: bool = False,
 ) -> None:
     """Load a bundle and serve it until SIGTERM/SIGINT; `echo` gets the one-line status messages. `devices`:
     load's (one device per pipeline stage)."""
@@ -737,7 +771,13 @@ def serve(
         raise ValueError(f"--drain-timeout is {drain_timeout}; it must be 0 or more")
     engine = load(bundle, threads=threads, devices=devices)
     try:
-        server = Server(engine, max_batch=max_batch, max_queue=max_queue, max_request_bytes=max_request_bytes)
+        server = Server(
+            engine,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_request_bytes=max_request_bytes,
+            ignore_unknown_fields=ignore_unknown_fields,
+        )
         sock = bind(host, port)
         bound = sock.getsockname()[1]
 
