@@ -745,3 +745,77 @@ def test_ignore_unknown_fields_drops_them(engine):
         # a known field is still checked, and a refused one still refused
         assert live.post("/v1/completions", {**body, "max_tokens": "3"})[0] == 400
         assert live.post("/v1/completions", {**body, "suffix": "w1"})[0] == 400
+
+
+# -- text that equals the tokens, logprobs as text (issue 27 item 4) ---------------------------------------
+@pytest.fixture(scope="module")
+def byte_level_live(engine, tmp_path_factory):
+    """The module's engine served with a byte-level BPE of the engine's 512 ids (trained here on text full of
+    multi-byte characters), so random-weight completions end inside characters as a real model's can."""
+    import random
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from llama4_deploy.runtime.tokenizer import Tokenizer
+
+    rng = random.Random(0)
+    chars = list("abcdefghij klmno ") + list("éñüß世界漢字日本語🦙😀ωπ")
+    corpus = ["".join(rng.choice(chars) for _ in range(200)) for _ in range(200)]
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=engine.vocab_size, initial_alphabet=alphabet, show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    assert bpe.get_vocab_size() == engine.vocab_size
+    path = tmp_path_factory.mktemp("byte-level") / "tokenizer.json"
+    bpe.save(str(path))
+    with Live(engine) as live:
+        live.server.tokenizer = Tokenizer(path)
+        yield live
+
+
+def test_text_equals_decode_of_the_tokens_streamed_or_not(byte_level_live, engine):
+    live, tokenizer = byte_level_live, byte_level_live.server.tokenizer
+    client, name = live.client(), engine.manifest.name
+    prompts = prompts_of([3, 5, 2, 7, 4, 6, 3, 8, 5, 2, 4, 6], seed=5, vocab=engine.vocab_size)
+    ended_inside = 0
+    for i, prompt in enumerate(prompts):
+        kwargs = {"model": name, "prompt": prompt, "max_tokens": 5 + i % 4, "temperature": 0}
+        kwargs["extra_body"] = {"ignore_eos": True}
+        done = client.completions.create(**kwargs).choices[0]
+        assert done.text == tokenizer.decode(done.token_ids), i
+        chunks = list(client.completions.create(**kwargs, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == done.text, i
+        ended_inside += done.text.endswith("\ufffd")
+    assert ended_inside >= 2  # the case the flush is for happened (a character cut by max_tokens)
+
+
+def test_logprobs_name_tokens_by_their_text_bytes_and_offsets(byte_level_live, engine):
+    live, tokenizer = byte_level_live, byte_level_live.server.tokenizer
+    client, name = live.client(), engine.manifest.name
+    prompt = prompts_of([6], seed=9, vocab=engine.vocab_size)[0]
+    done = client.completions.create(
+        model=name, prompt=prompt, max_tokens=12, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
+    ).choices[0]
+    lp = done.logprobs
+    assert lp.tokens == [tokenizer.decode([t]) for t in done.token_ids]
+    # each offset is where the token's text begins in the answer: the length of the tokens before it, decoded,
+    # where they end on a whole character; the tokens of one character share the offset where it begins
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    whole = [i for i in range(len(done.token_ids)) if "\ufffd" not in tokenizer.decode(done.token_ids[:i])]
+    assert len(whole) >= 3 and all(lp.text_offset[i] == len(tokenizer.decode(done.token_ids[:i])) for i in whole)
+    chat = client.chat.completions.create(
+        model=name,
+        messages=[{"role": "user", "content": "ab 世界"}],
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    ).choices[0]
+    entries = chat.logprobs.content
+    raw = b"".join(bytes(e.bytes) for e in entries)  # each token's own bytes, a character's parts included
+    assert raw.decode("utf-8", errors="replace") == chat.message.content
+    assert all(e.top_logprobs[0].bytes == e.bytes for e in entries)

@@ -179,6 +179,7 @@ class _Run:
             )
         self.stream = tokenizer.stream(stop_strings) if tokenizer else None
         self.tokens: list[int] = []  # tokens whose text is in the answer
+        self.offsets: list[int] = []  # the character offset in the answer where each token's text begins
         self.finish_reason: str | None = None
         self.error: str | None = None
 
@@ -210,6 +211,7 @@ class _Run:
                 if output.token in self.request.stop_tokens:  # its text is not part of the answer
                     continue
                 self.tokens.append(output.token)
+                self.offsets.append(len(self.stream.text) if self.stream else 0)  # where its text begins
                 self.server.metrics.generation_tokens.inc()
                 piece = self.stream.push(output.token) if self.stream else ""
                 if self.stream and self.stream.stopped:
@@ -329,6 +331,9 @@ class Server:
     def _token_text(self, token: int) -> str:
         return self.tokenizer.token_text(token) if self.tokenizer else str(token)
 
+    def _token_bytes(self, token: int) -> list[int]:
+        return list(self.tokenizer.token_bytes(token) if self.tokenizer else str(token).encode())
+
     # -- endpoints -------------------------------------------------------------------------------
     async def _body(self, http: HttpRequest, schema):
         """The request body validated by `schema`, with unknown fields refused or (--ignore-unknown-fields)
@@ -366,7 +371,7 @@ class Server:
                 "tokens": [self._token_text(o.token) for o in outputs],
                 "token_logprobs": [o.logprob for o in outputs],
                 "top_logprobs": [{self._token_text(t): lp for t, lp in o.top_logprobs} for o in outputs],
-                "text_offset": [],
+                "text_offset": run.offsets[len(run.offsets) - len(outputs) :],
             }
 
         if body.stream:
@@ -420,9 +425,9 @@ class Server:
             return {
                 "token": name,
                 "logprob": o.logprob,
-                "bytes": list(name.encode()),
+                "bytes": self._token_bytes(o.token),
                 "top_logprobs": [
-                    {"token": self._token_text(t), "logprob": lp, "bytes": list(self._token_text(t).encode())}
+                    {"token": self._token_text(t), "logprob": lp, "bytes": self._token_bytes(t)}
                     for t, lp in o.top_logprobs
                 ],
             }
