@@ -819,3 +819,74 @@ def test_logprobs_name_tokens_by_their_text_bytes_and_offsets(byte_level_live, e
     raw = b"".join(bytes(e.bytes) for e in entries)  # each token's own bytes, a character's parts included
     assert raw.decode("utf-8", errors="replace") == chat.message.content
     assert all(e.top_logprobs[0].bytes == e.bytes for e in entries)
+
+
+# -- sampling controls (issue 27 item 2): honored over HTTP as `generate` honors them --------------------------
+@pytest.mark.parametrize(
+    "controls",
+    [
+        {"top_k": 3},
+        {"min_p": 0.2},
+        {"presence_penalty": 2.0},
+        {"frequency_penalty": -2.0},
+        {"repetition_penalty": 1.8},
+        {"logit_bias": {"7": 30.0, "9": -100}},
+        {"top_k": 5, "min_p": 0.05, "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.2},
+    ],
+    ids=lambda c: "+".join(c),
+)
+def test_sampling_controls_over_http_equal_generate_with_them(live, engine, controls):
+    prompt = [9, 8, 7, 9, 8]
+    done = live.client().completions.create(
+        model=engine.manifest.name,
+        prompt=prompt,
+        max_tokens=16,
+        temperature=0.9,
+        seed=11,
+        extra_body={"ignore_eos": True, **controls},
+    )
+    as_python = {k: ({int(t): b for t, b in v.items()} if k == "logit_bias" else v) for k, v in controls.items()}
+    expected = engine.generate([prompt], 16, temperature=0.9, seed=11, stop_tokens=[], **as_python).tokens[0]
+    plain = engine.generate([prompt], 16, temperature=0.9, seed=11, stop_tokens=[]).tokens[0]
+    assert done.choices[0].token_ids == expected
+    assert expected != plain  # the control changed what was drawn: it is carried out, not accepted and ignored
+
+
+def test_greedy_logit_bias_and_min_tokens(live, engine):
+    name, client = engine.manifest.name, live.client()
+    forced = client.completions.create(
+        model=name, prompt=[1, 2], max_tokens=4, temperature=0, extra_body={"ignore_eos": True}, logit_bias={"42": 100}
+    )
+    assert forced.choices[0].token_ids == [42, 42, 42, 42]
+    # min_tokens: the first greedy token made a stop token; it may end the answer only from the 4th token on
+    first = generated(engine, [3, 4], 1)[0]
+    body = {"model": name, "prompt": [3, 4], "max_tokens": 6, "temperature": 0, "stop_token_ids": [first]}
+    status, _, stopped = live.post("/v1/completions", body)
+    assert (
+        status == 200 and stopped["choices"][0]["token_ids"] == [] and stopped["choices"][0]["finish_reason"] == "stop"
+    )
+    status, _, held = live.post("/v1/completions", {**body, "min_tokens": 3})
+    expected = engine.generate([[3, 4]], 6, stop_tokens=[first], min_tokens=3).tokens[0]
+    tokens = held["choices"][0]["token_ids"]
+    assert status == 200 and len(tokens) >= 3 and first not in tokens[:3]
+    assert tokens == [t for t in expected if t != first]  # the stop token itself is not in the answer
+
+
+@pytest.mark.parametrize(
+    "extra, param, words",
+    [
+        ({"top_k": -2}, "top_k", "greater than or equal to -1"),
+        ({"min_p": 1.5}, "min_p", "less than or equal to 1"),
+        ({"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+        ({"frequency_penalty": 5.0}, "frequency_penalty", "less than or equal to 2"),
+        ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5", "less than or equal to 100"),
+        ({"logit_bias": {"w5": 1}}, "logit_bias", "key 'w5' is not a token id"),
+        ({"logit_bias": {"99999": 1}}, "logit_bias", "token id 99999, outside the vocabulary"),
+        ({"min_tokens": 20, "max_tokens": 4}, "min_tokens", "more than max_tokens 4"),
+        ({"top_k": "5"}, "top_k", "valid integer"),
+    ],
+)
+def test_sampling_controls_out_of_range_are_400_naming_them(live, engine, extra, param, words):
+    status, _, answer = live.post("/v1/completions", {"model": engine.manifest.name, "prompt": [1], **extra})
+    assert status == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer

@@ -78,13 +78,6 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "tool_choice": (lambda v: v is None or v == "none", "no tool calls yet"),
     "functions": (lambda v: v is None or v == [], "no function calls"),
     "function_call": (lambda v: v is None or v == "none", "no function calls"),
-    "logit_bias": (lambda v: v is None or v == {}, "not carried out yet"),
-    "presence_penalty": (lambda v: v is None or v == 0, "not carried out yet"),
-    "frequency_penalty": (lambda v: v is None or v == 0, "not carried out yet"),
-    "top_k": (lambda v: v is None or v in (0, -1), "not carried out yet"),
-    "min_p": (lambda v: v is None or v == 0, "not carried out yet"),
-    "repetition_penalty": (lambda v: v is None or v == 1, "not carried out yet"),
-    "min_tokens": (lambda v: v is None or v == 0, "not carried out yet"),
     "chat_template_kwargs": (lambda v: v is None or v == {}, "not carried out yet"),
     "guided_json": (lambda v: v is None, "no structured output yet"),
     "guided_regex": (lambda v: v is None, "no structured output yet"),
@@ -120,14 +113,15 @@ class _Sampling(_Strict):
     user: Text | None = None
     store: Flag | None = None
     metadata: dict[Text, Text] | None = None
+    # runtime/sampling.py's controls, in OpenAI's ranges (vLLM's for top_k, min_p, repetition_penalty, min_tokens)
+    top_k: Annotated[int, Strict(), Field(ge=-1)] | None = None  # -1 or 0: off
+    min_p: Annotated[Number, Field(ge=0.0, le=1.0)] | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0.0)] | None = None
+    logit_bias: dict[Text, Annotated[Number, Field(ge=-100.0, le=100.0)]] | None = None  # {"token id": bias}
+    min_tokens: Annotated[int, Strict(), Field(ge=0)] | None = None
     # known, and refused unless they ask for nothing (REFUSED says why)
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    top_k: Any = None
-    min_p: Any = None
-    repetition_penalty: Any = None
-    min_tokens: Any = None
     best_of: Any = None
     service_tier: Any = None
     guided_json: Any = None
@@ -136,14 +130,15 @@ class _Sampling(_Strict):
     guided_grammar: Any = None
     response_format: Any = None
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_keys(cls, bias):
+        for key in bias or {}:
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"key {key!r} is not a token id (OpenAI's keys are token ids written as strings)")
+        return bias
+
     @field_validator(
-        "logit_bias",
-        "presence_penalty",
-        "frequency_penalty",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "min_tokens",
         "best_of",
         "service_tier",
         "guided_json",

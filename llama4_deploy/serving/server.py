@@ -318,7 +318,7 @@ class Server:
 
     def _request(self, body, prompt: list[int], max_tokens: int, logprobs: int | None) -> Request:
         stop = set(body.stop_ids()) | (set() if body.ignore_eos else set(self.engine.manifest.eos_token_ids))
-        return Request(
+        request = Request(
             prompt,
             max_tokens,
             temperature=body.temperature,
@@ -326,7 +326,21 @@ class Server:
             seed=body.seed,
             stop_tokens=frozenset(stop),
             logprobs=logprobs,
+            top_k=body.top_k or 0,
+            min_p=body.min_p or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            logit_bias={int(token): bias for token, bias in (body.logit_bias or {}).items()},
+            min_tokens=body.min_tokens or 0,
         )
+        try:  # the checks that need the vocabulary (logit_bias ids) or two fields (min_tokens, max_tokens)
+            request.sampling.check(self.engine.vocab_size)
+        except ValueError as err:
+            raise ClientError(str(err), str(err).split()[0]) from None
+        if request.min_tokens > max_tokens:
+            raise ClientError(f"min_tokens is {request.min_tokens}, more than max_tokens {max_tokens}", "min_tokens")
+        return request
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.token_text(token) if self.tokenizer else str(token)
@@ -584,6 +598,7 @@ class Server:
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+_TAG_PREFIXES = ("function-", "constrained-", "lax-", "strict-", "json-")
 
 
 def _most_telling(errors: list) -> dict:
@@ -602,7 +617,8 @@ def _param(loc) -> str:
     for part in loc:
         if part == "body" and not parts:
             continue
-        if isinstance(part, int) or (part.isidentifier() and part not in _TYPE_NAMES):
+        tag = isinstance(part, str) and (part in _TYPE_NAMES or "[" in part or part.startswith(_TAG_PREFIXES))
+        if not tag:
             parts.append(str(part))
     return ".".join(parts)
 
