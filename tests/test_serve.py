@@ -682,7 +682,6 @@ ASKING = {
     "min_p": 0.1,
     "repetition_penalty": 1.3,
     "min_tokens": 2,
-    "chat_template_kwargs": {"enable_thinking": True},
     "guided_json": {"type": "object"},
     "guided_regex": "w[0-9]",
     "guided_choice": ["w1", "w2"],
@@ -890,3 +889,37 @@ def test_greedy_logit_bias_and_min_tokens(live, engine):
 def test_sampling_controls_out_of_range_are_400_naming_them(live, engine, extra, param, words):
     status, _, answer = live.post("/v1/completions", {"model": engine.manifest.name, "prompt": [1], **extra})
     assert status == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer
+
+
+def test_chat_template_kwargs_reach_the_template(engine):
+    with Live(engine) as live:
+        # a template that reads a variable of its own, as Llama 4's and others' read tools or flags
+        source = (
+            "{{ bos_token }} {% for m in messages %}{{ m['content'] }} {% endfor %}"
+            "{% if extra %}w{{ extra }}{% endif %}"
+        )
+        live.server.chat_template.template = live.server.chat_template.template.environment.from_string(source)
+        body = {"model": engine.manifest.name, "messages": [{"role": "user", "content": "w3"}], "max_tokens": 1}
+        status, _, plain = live.post("/v1/chat/completions", body)
+        status2, _, extra = live.post("/v1/chat/completions", {**body, "chat_template_kwargs": {"extra": 5}})
+        assert status == status2 == 200
+        assert extra["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] + 1  # "w5" was rendered
+        status, _, answer = live.post("/v1/chat/completions", {**body, "chat_template_kwargs": {"messages": []}})
+        assert status == 400 and answer["error"]["param"] == "chat_template_kwargs"
+
+
+def test_the_readme_table_names_every_request_field():
+    # the table of OpenAI parameters cannot drift from the schemas: every field is in it, and nothing else
+    import re
+    from pathlib import Path
+
+    from llama4_deploy.serving.protocol import ChatCompletionRequest, CompletionRequest, StreamOptions
+
+    readme = Path(__file__).parent.parent.joinpath("README.md").read_text()
+    table = readme.split("## OpenAI parameters of `serve`")[1].split("\n## ")[0]
+    names = [name for row in table.splitlines()[6:] for name in re.findall(r"`([a-z_.]+)`", row.split("|")[1])]
+    named = {part for name in names for part in name.split(".")}  # stream_options.include_usage: both fields
+    fields = (
+        set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields) | set(StreamOptions.model_fields)
+    )
+    assert named == fields, (named - fields, fields - named)

@@ -78,7 +78,6 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "tool_choice": (lambda v: v is None or v == "none", "no tool calls yet"),
     "functions": (lambda v: v is None or v == [], "no function calls"),
     "function_call": (lambda v: v is None or v == "none", "no function calls"),
-    "chat_template_kwargs": (lambda v: v is None or v == {}, "not carried out yet"),
     "guided_json": (lambda v: v is None, "no structured output yet"),
     "guided_regex": (lambda v: v is None, "no structured output yet"),
     "guided_choice": (lambda v: v is None, "no structured output yet"),
@@ -251,7 +250,15 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    chat_template_kwargs: Any = None
+    chat_template_kwargs: dict[Text, Any] | None = None  # vLLM's: more variables for the chat template
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _not_reserved(cls, kwargs):
+        reserved = sorted(set(kwargs or {}) & {"messages", "add_generation_prompt", "bos_token", "eos_token"})
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be set here: the server renders them from the request")
+        return kwargs
 
     @field_validator(
         "audio",
@@ -263,7 +270,6 @@ class ChatCompletionRequest(_Sampling):
         "tool_choice",
         "functions",
         "function_call",
-        "chat_template_kwargs",
     )
     @classmethod
     def _refused_here(cls, value, info: ValidationInfo):

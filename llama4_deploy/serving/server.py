@@ -103,9 +103,12 @@ class ChatTemplate:
     def _raise(message: str):
         raise ClientError(message, "messages")
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], variables: dict | None = None) -> str:
+        """The prompt text; `variables` (the request's chat_template_kwargs) are more names the template sees."""
         try:
-            return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
+            return self.template.render(
+                **(variables or {}), messages=messages, add_generation_prompt=True, **self.special
+            )
         except TemplateError as err:
             raise ClientError(f"the chat template cannot render these messages ({err})", "messages") from None
 
@@ -299,9 +302,9 @@ class Server:
         self._check_length(ids, max_tokens, "prompt")
         return ids
 
-    def _chat_ids(self, messages: list[dict]) -> list[int]:
+    def _chat_ids(self, messages: list[dict], variables: dict | None = None) -> list[int]:
         """The rendered chat template's token ids (on a worker thread)."""
-        ids = self._encode(self.chat_template.render(messages), "messages", special=False)
+        ids = self._encode(self.chat_template.render(messages, variables), "messages", special=False)
         self._check_length(ids, 1, "messages")
         return ids
 
@@ -426,7 +429,7 @@ class Server:
             {"role": m.role, "content": m.text(), **({"name": m.name} if m.name is not None else {})}
             for m in body.messages
         ]
-        prompt = await asyncio.to_thread(self._chat_ids, messages)
+        prompt = await asyncio.to_thread(self._chat_ids, messages, body.chat_template_kwargs)
         room = self.engine.manifest.max_context - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
