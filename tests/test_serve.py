@@ -923,3 +923,106 @@ def test_the_readme_table_names_every_request_field():
         set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields) | set(StreamOptions.model_fields)
     )
     assert named == fields, (named - fields, fields - named)
+
+
+# -- operations (issue 27 item 7) ------------------------------------------------------------------------
+def test_api_key_model_name_template_cors_tokenize_version_and_access_log(engine, tmp_path, caplog):
+    import logging
+
+    from llama4_deploy import __version__
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ bos_token }} {% for m in messages %}w4 {{ m['content'] }} {% endfor %}w5")
+    options = dict(api_key="s3cret", served_model_name="my-llama", chat_template=template)
+    with Live(engine, **options, allowed_origins=("https://app.example",), log_requests=True) as live:
+        caplog.set_level(logging.INFO, logger="llama4_deploy.serving.access")
+        body = {"model": "my-llama", "prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+        status, headers, answer = live.post("/v1/completions", body)
+        assert (
+            status == 401
+            and answer["error"]["code"] == "invalid_api_key"
+            and "no API key" in answer["error"]["message"]
+        )
+        with pytest.raises(openai.AuthenticationError, match="the API key is not valid"):
+            live.client().models.list()  # the client sends "Bearer unused"
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="s3cret", max_retries=0, timeout=TIMEOUT)
+        assert [m.id for m in client.models.list().data] == ["my-llama"]
+        assert client.models.retrieve("my-llama").id == "my-llama"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve(engine.manifest.name)
+        done = client.completions.create(
+            model="my-llama", prompt=[5, 6, 7], max_tokens=2, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert done.choices[0].token_ids == generated(engine, [5, 6, 7], 2) and done.model == "my-llama"
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            client.completions.create(model=engine.manifest.name, prompt=[5], max_tokens=1)
+        assert live.get("/health")[0] == 200 and live.get("/metrics")[0] == 200  # open without the key
+        assert json.loads(live.get("/version")[1]) == {"version": __version__}
+
+        # --chat-template: the file's template renders the messages; /tokenize shows it
+        conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=TIMEOUT)
+        auth = {"content-type": "application/json", "authorization": "Bearer s3cret"}
+
+        def call(path, payload):
+            conn.request("POST", path, json.dumps(payload), auth)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+
+        messages = [{"role": "user", "content": "w9 w10"}]
+        status, tokens = call("/tokenize", {"model": "my-llama", "messages": messages})
+        tokenizer = load_tokenizer(engine.manifest)
+        assert status == 200 and tokens["tokens"] == tokenizer.encode("w1 w4 w9 w10 w5", add_special_tokens=False)
+        chat = client.chat.completions.create(model="my-llama", messages=messages, max_tokens=1)
+        assert chat.usage.prompt_tokens == tokens["count"] == 5
+        status, text = call("/detokenize", {"model": "my-llama", "tokens": tokens["tokens"]})
+        assert status == 200 and text == {"prompt": "w1 w4 w9 w10 w5"}
+        status, refused = call("/detokenize", {"model": "my-llama", "tokens": [99999]})
+        assert status == 400 and "outside the vocabulary" in refused["error"]["message"]
+        status, prompt_ids = call("/tokenize", {"model": "my-llama", "prompt": "w3 w4"})
+        assert prompt_ids["tokens"] == tokenizer.encode("w3 w4")
+
+        # CORS: a preflight from the allowed origin is answered (before the key is asked for); another is not
+        for origin, allowed in [("https://app.example", True), ("https://evil.example", False)]:
+            conn.request(
+                "OPTIONS",
+                "/v1/completions",
+                headers={"origin": origin, "access-control-request-method": "POST"},
+            )
+            response = conn.getresponse()
+            response.read()
+            assert (response.getheader("access-control-allow-origin") == origin) == allowed, origin
+        conn.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "llama4_deploy.serving.access"]
+    assert any(" POST /v1/completions 401 " in line for line in lines), lines
+    assert any(" POST /v1/completions 200 " in line for line in lines)
+    assert not any("w9" in line for line in lines)  # never the prompt
+
+
+def test_serve_options_reach_the_server_and_the_key_comes_from_the_environment(tiny_bundle, monkeypatch):
+    from click.testing import CliRunner
+
+    from llama4_deploy.cli import main
+    from llama4_deploy.serving import server as server_module
+
+    seen = {}
+    monkeypatch.setattr(server_module, "serve", lambda bundle, **kwargs: seen.update(kwargs))
+    args = ["serve", str(tiny_bundle), "--served-model-name", "m", "--allowed-origins", "*", "--log-requests"]
+    result = CliRunner().invoke(main, args, env={"LLAMA4_DEPLOY_API_KEY": "from-env"})
+    assert result.exit_code == 0, result.output
+    assert seen["api_key"] == "from-env" and seen["served_model_name"] == "m" and seen["allowed_origins"] == ("*",)
+    assert seen["log_requests"] is True and seen["ignore_unknown_fields"] is False
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (lambda p: p.write_bytes(b"\xff{{ x }}"), "is not UTF-8 text"),
+        (lambda p: p.write_text("{% for %}"), "is not a valid Jinja template"),
+        (lambda p: p.mkdir(), "is not a file"),
+    ],
+)
+def test_a_bad_chat_template_file_is_one_sentence(tiny_bundle, tmp_path, write, message):
+    from tests.test_cli import invoke, user_error
+
+    write(tmp_path / "t.jinja")
+    user_error(invoke("serve", str(tiny_bundle), "--port", "0", "--chat-template", str(tmp_path / "t.jinja")), message)

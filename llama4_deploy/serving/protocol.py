@@ -276,6 +276,20 @@ class ChatCompletionRequest(_Sampling):
         return _refuse_unless_no_op(value, info)
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a prompt (or chat messages, rendered by the template) to token ids."""
+
+    model: Text
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: Flag = True
+
+
+class DetokenizeRequest(_Strict):
+    model: Text
+    tokens: list[TokenId]
+
+
 def error_body(
     message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
 ) -> dict:

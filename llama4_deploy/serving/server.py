@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import signal
@@ -34,6 +35,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -49,11 +51,18 @@ from prometheus_client import (
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llama4_deploy import __version__
 from llama4_deploy.runtime import load
 from llama4_deploy.runtime.engine import Engine
 from llama4_deploy.runtime.scheduler import Output, QueueFull, Request, Scheduler, StepRecord, Unavailable
 from llama4_deploy.runtime.tokenizer import Tokenizer, load_tokenizer
-from llama4_deploy.serving.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from llama4_deploy.serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    error_body,
+)
 
 log = logging.getLogger("llama4_deploy.serving.server")
 RETRY_AFTER_S = 1
@@ -81,12 +90,14 @@ class ChatTemplate:
     """The checkpoint's Jinja chat template (tokenizer_config.json) or Llama 4's header format,
     rendered in Jinja's immutable sandbox as transformers does."""
 
-    def __init__(self, config_path: Path | None):
+    def __init__(self, config_path: Path | None, template_file: Path | None = None):
         config = json.loads(config_path.read_text()) if config_path and config_path.is_file() else {}
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         self.source = "tokenizer_config.json" if template else "built-in Llama 4 header format"
+        if template_file is not None:  # --chat-template FILE: the operator's template over the checkpoint's
+            template, self.source = _read_template(Path(template_file)), str(template_file)
         self.special = {key: self._token(config.get(key)) for key in ("bos_token", "eos_token")}
         self.special["bos_token"] = (
             self.special["bos_token"] if template else (self.special["bos_token"] or DEFAULT_BOS)
@@ -111,6 +122,21 @@ class ChatTemplate:
             )
         except TemplateError as err:
             raise ClientError(f"the chat template cannot render these messages ({err})", "messages") from None
+
+
+def _read_template(path: Path) -> str:
+    """A --chat-template file: UTF-8 Jinja that parses, or one sentence saying what is wrong with it."""
+    if not path.is_file():
+        raise ValueError(f"--chat-template {path} is not a file")
+    try:
+        template = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--chat-template {path} is not UTF-8 text (byte at offset {err.start})") from None
+    try:
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).parse(template)
+    except TemplateError as err:
+        raise ValueError(f"--chat-template {path} is not a valid Jinja template ({err})") from None
+    return template
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -254,22 +280,43 @@ class Server:
         max_queue: int = 64,
         max_request_bytes: int = MAX_REQUEST_BYTES,
         ignore_unknown_fields: bool = False,
+        api_key: str | None = None,
+        served_model_name: str | None = None,
+        chat_template: Path | None = None,
+        allowed_origins: tuple[str, ...] = (),
+        log_requests: bool = False,
     ):
+        if api_key is not None and not api_key:
+            raise ValueError("--api-key is empty; give a key, or leave the option out to serve without one")
+        if served_model_name is not None and not served_model_name.strip():
+            raise ValueError("--served-model-name is empty")
+        self.api_key = api_key
+        self.allowed_origins = tuple(allowed_origins)
+        self.log_requests = log_requests
         self.ignore_unknown_fields = ignore_unknown_fields
         if max_request_bytes < 1:
             raise ValueError(f"--max-request-bytes is {max_request_bytes}; it must be at least 1")
         self.max_request_bytes = max_request_bytes
         self.engine = engine
-        self.model = engine.manifest.name
+        self.model = served_model_name or engine.manifest.name
         self.created = int(time.time())
         self.tokenizer: Tokenizer | None = None
         if engine.manifest.tokenizer_path is not None and engine.manifest.tokenizer_path.is_file():
             self.tokenizer = load_tokenizer(engine.manifest)
-        self.chat_template = ChatTemplate(engine.manifest.tokenizer_config_path)
+        self.chat_template = ChatTemplate(engine.manifest.tokenizer_config_path, chat_template)
         self.scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
         self.metrics = Metrics(self.scheduler)
         self.scheduler.on_step = self.metrics.observe_step
         self.app = self._make_app()
+
+    def _model_card(self) -> dict:
+        return {
+            "id": self.model,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "llama4-deploy",
+            "max_model_len": self.engine.manifest.max_context,
+        }
 
     # -- request translation ------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -515,18 +562,42 @@ class Server:
 
         @app.get("/v1/models")
         async def models():
-            return {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.model,
-                        "object": "model",
-                        "created": self.created,
-                        "owned_by": "llama4-deploy",
-                        "max_model_len": self.engine.manifest.max_context,
-                    }
-                ],
-            }
+            return {"object": "list", "data": [self._model_card()]}
+
+        @app.get("/v1/models/{model_id:path}")
+        async def model(model_id: str):
+            self._check_model(model_id)
+            return self._model_card()
+
+        @app.post("/tokenize")
+        async def tokenize(http: HttpRequest):
+            body = await self._body(http, TokenizeRequest)
+            self._check_model(body.model)
+            if body.messages is not None:
+                messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+                text = self.chat_template.render(messages)
+                ids = await asyncio.to_thread(self._encode, text, "messages", False)
+            elif body.prompt is not None:
+                ids = await asyncio.to_thread(self._encode, body.prompt, "prompt", body.add_special_tokens)
+            else:
+                raise ClientError("give prompt or messages", "prompt")
+            return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.manifest.max_context}
+
+        @app.post("/detokenize")
+        async def detokenize(http: HttpRequest):
+            body = await self._body(http, DetokenizeRequest)
+            self._check_model(body.model)
+            if self.tokenizer is None:
+                raise ClientError(f"bundle {self.model} has no tokenizer.json, so tokens cannot be decoded", "tokens")
+            vocab = self.engine.vocab_size
+            outside = [t for t in body.tokens if t >= vocab]
+            if outside:
+                raise ClientError(f"tokens has token id {outside[0]}, outside the vocabulary [0, {vocab})", "tokens")
+            return {"prompt": self.tokenizer.decode(body.tokens)}
+
+        @app.get("/version")
+        async def version():
+            return {"version": __version__}
 
         @app.get("/health")
         async def health():
@@ -593,7 +664,16 @@ class Server:
             log.error("request failed: %s: %s", type(err).__name__, err)
             return JSONResponse(error_body(f"internal server error ({type(err).__name__})", "server_error"), 500)
 
-        return _BodyLimit(app, self.max_request_bytes, lambda: self.metrics.rejected.labels("413").inc())
+        outer = _BodyLimit(app, self.max_request_bytes, lambda: self.metrics.rejected.labels("413").inc())
+        if self.api_key is not None:
+            outer = _ApiKey(outer, self.api_key, lambda: self.metrics.rejected.labels("401").inc())
+        if self.log_requests:
+            outer = _AccessLog(outer)
+        if self.allowed_origins:  # outermost: a preflight OPTIONS is answered before the key is asked for
+            outer = CORSMiddleware(
+                outer, allow_origins=list(self.allowed_origins), allow_methods=["*"], allow_headers=["*"]
+            )
+        return outer
 
     def drain(self, timeout: float) -> None:
         """Stop intake (503 from now on) and cancel what still runs after `timeout` seconds (a 503 each)."""
@@ -624,6 +704,73 @@ def _param(loc) -> str:
         if not tag:
             parts.append(str(part))
     return ".".join(parts)
+
+
+PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # what --api-key guards; /health, /metrics, /version stay open
+access_log = logging.getLogger("llama4_deploy.serving.access")
+
+
+class _ApiKey:
+    """ASGI middleware: with --api-key, the OpenAI routes need `Authorization: Bearer <key>` (compared in
+    constant time, so the answer's timing says nothing about the key); otherwise 401 with an error object."""
+
+    def __init__(self, app, key: str, on_reject):
+        self.app, self.key, self.on_reject = app, key.encode(), on_reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED) or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key):
+            return await self.app(scope, receive, send)
+        self.on_reject()
+        reason = "no API key was given" if not header else "the API key is not valid"
+        body = json.dumps(
+            error_body(
+                f"{reason}; send it as 'Authorization: Bearer <key>'", "invalid_request_error", code="invalid_api_key"
+            )
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _AccessLog:
+    """ASGI middleware (--log-requests): one line per request: method, path, status, seconds, body bytes; never
+    the prompt's text."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status, size = time.monotonic(), [0], [0]
+
+        async def counting_receive():
+            message = await receive()
+            size[0] += len(message.get("body", b""))
+            return message
+
+        async def watching_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, watching_send)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            access_log.info(
+                "%s %s %s %d %.3fs %dB",
+                client[0],
+                scope["method"],
+                scope["path"],
+                status[0],
+                time.monotonic() - start,
+                size[0],
+            )
 
 
 class _BodyLimit:
@@ -786,6 +933,11 @@ def serve(
     devices=None,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     ignore_unknown_fields: bool = False,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    chat_template: str | None = None,
+    allowed_origins: tuple[str, ...] = (),
+    log_requests: bool = False,
 ) -> None:
     """Load a bundle and serve it until SIGTERM/SIGINT; `echo` gets the one-line status messages. `devices`:
     load's (one device per pipeline stage)."""
@@ -801,7 +953,17 @@ def serve(
             max_queue=max_queue,
             max_request_bytes=max_request_bytes,
             ignore_unknown_fields=ignore_unknown_fields,
+            api_key=api_key,
+            served_model_name=served_model_name,
+            chat_template=Path(chat_template) if chat_template is not None else None,
+            allowed_origins=allowed_origins,
+            log_requests=log_requests,
         )
+        if log_requests:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s access %(message)s"))
+            access_log.addHandler(handler)
+            access_log.setLevel(logging.INFO)
         sock = bind(host, port)
         bound = sock.getsockname()[1]
 
