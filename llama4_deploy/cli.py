@@ -386,6 +386,14 @@ def _within(minimum: float, maximum: float | None = None, must: str | None = Non
 )
 @click.option("--threads", type=int, callback=_within(1), help="ONNX Runtime intra-op threads")
 @click.option(
+    "--max-request-bytes",
+    default=32 * 2**20,
+    show_default=True,
+    type=int,
+    callback=_within(1),
+    help="largest request body; a larger one is answered 413",
+)
+@click.option(
     "--devices",
     help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "
     "on ONNX Runtime, stage s on cuda:s on TensorRT)",

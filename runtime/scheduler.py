@@ -22,6 +22,11 @@ the same seed).
 Thread model: `submit` and `cancel` may be called from any thread; `step` runs on one thread at a
 time (`start()` runs it on a worker thread that sleeps while there is no work). Outputs reach each
 request's `listener`, called on the stepping thread.
+
+Faults: an engine error fails the requests of that step; any other exception raised by a step fails the
+requests holding a row (the step's) and the worker goes on with the next step. Should the worker
+thread itself end, every waiting and running request is failed, `alive` turns False and `submit`
+raises `Unavailable`, so nothing waits for a thread that is gone.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ _ids = itertools.count(1)
 
 class QueueFull(RuntimeError):
     """The waiting queue holds max_queue requests; retry later."""
+
+
+class Unavailable(RuntimeError):
+    """The scheduler takes no requests: it is draining for shutdown, or its worker thread has stopped."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +165,8 @@ class Scheduler:
         self._work = threading.Condition(threading.RLock())  # a listener may call cancel()
         self._worker: threading.Thread | None = None
         self._stopping = False
+        self._draining: str | None = None  # why intake is closed while running requests finish
+        self.died: str | None = None  # why the worker thread ended, if it did
 
     # -- intake (any thread) --------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -171,8 +182,12 @@ class Scheduler:
             raise ValueError(f"logprobs is {request.logprobs}; it must be in [0, {self.engine.vocab_size}]")
         request.prompt = self.engine._check_prompt(request.prompt, request.max_tokens)
         with self._work:
+            if self.died is not None:
+                raise Unavailable(f"the scheduler thread has stopped ({self.died})")
+            if self._draining is not None:
+                raise Unavailable(self._draining)
             if self._stopping:
-                raise QueueFull("the scheduler is shutting down")
+                raise Unavailable("the scheduler is shutting down")
             if len(self._waiting) >= self.max_queue and self._free_rows_locked() <= 0:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue {self.max_queue})")
             self._waiting.append(request)
@@ -197,6 +212,35 @@ class Scheduler:
     def occupancy(self) -> int:
         """Rows holding a request (prefilling or decoding)."""
         return sum(row is not None for row in self.rows)
+
+    @property
+    def alive(self) -> bool:
+        """False once a started worker thread has ended other than by `stop()`."""
+        return self.died is None
+
+    @property
+    def draining(self) -> bool:
+        return self._draining is not None
+
+    def drain(self, timeout: float, reason: str = "the server is shutting down") -> None:
+        """Refuse new requests from now on; requests still waiting or running after `timeout` seconds are
+        cancelled (finish_reason "cancelled", `error` None) so their callers can answer them."""
+        with self._work:
+            if self._draining is not None:
+                return
+            self._draining = reason
+        timer = threading.Timer(timeout, self.cancel_all)
+        timer.daemon = True
+        timer.start()
+
+    def cancel_all(self) -> None:
+        """End every waiting request now and every running one at the start of the next step, as cancelled
+        (rows change only on the stepping thread, never under a step that is running)."""
+        with self._work:
+            for request in list(self._waiting):
+                self._finish_locked(request, "cancelled")
+            self._cancelled.update(row.request for row in self.rows if row is not None)
+            self._work.notify_all()
 
     @property
     def idle(self) -> bool:
@@ -233,8 +277,14 @@ class Scheduler:
             for b, row in enumerate(self.rows):
                 if row is None and self._waiting:
                     request = self._waiting.popleft()
+                    try:
+                        rng = np.random.default_rng(request.seed)
+                    except (TypeError, ValueError) as err:  # only this request fails
+                        request.finish_reason, request.error = "error", f"cannot seed the sampler: {err}"
+                        self._notify(request, Output(None, finish_reason="error", error=request.error))
+                        continue
                     self.cache.reset_row(b)
-                    self.rows[b] = _Row(request, np.random.default_rng(request.seed))
+                    self.rows[b] = _Row(request, rng)
 
     def _finish_locked(self, request: Request, reason: str, error: str | None = None) -> None:
         """End a request wherever it is (waiting or in a row) and tell its listener once."""
@@ -326,13 +376,35 @@ class Scheduler:
         return self
 
     def _serve(self) -> None:
-        while True:
-            with self._work:
-                while not self._stopping and not self._waiting and not self._cancelled and not self.occupancy:
-                    self._work.wait()
-                if self._stopping:
-                    return
-            self.step()
+        try:
+            while True:
+                with self._work:
+                    while not self._stopping and not self._waiting and not self._cancelled and not self.occupancy:
+                        self._work.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self.step()
+                except Exception as err:
+                    self._fail_step(err)
+        except BaseException as err:  # the thread ends here: say why, and let nothing wait for it
+            self._on_death(err)
+
+    def _fail_step(self, err: Exception) -> None:
+        """A step raised outside the engine call: fail the requests holding rows (the step's), keep the rest."""
+        with self._work:
+            failed = [row.request for row in self.rows if row is not None]
+            log.exception("scheduler step failed; failing its %d request(s)", len(failed))
+            for request in failed:
+                self._finish_locked(request, "error", f"internal error in the scheduler step: {err}")
+
+    def _on_death(self, err: BaseException) -> None:
+        """The worker thread is ending on an exception: nothing may wait for it any more."""
+        with self._work:
+            self.died = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            log.critical("the scheduler thread stopped (%s); failing every request", self.died, exc_info=err)
+            for request in list(self._waiting) + [row.request for row in self.rows if row is not None]:
+                self._finish_locked(request, "error", f"the scheduler thread stopped ({self.died})")
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new requests, let the worker finish its step, then cancel what is left."""

@@ -18,7 +18,9 @@ class Tokenizer:
             raise BundleError(f"{path} is not a readable tokenizer.json ({reason})") from None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it): a server tokenizing a huge prompt on a
+        # worker thread keeps answering meanwhile
+        return self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids)

@@ -283,7 +283,7 @@ def test_the_built_in_chat_template_is_llama_4_s_header_format():
         ({"model": "M", "prompt": "w1", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
         ({"model": "M", "prompt": "w1", "logprobs": 50}, "logprobs", "less than or equal to 20"),
         ({"model": "M", "prompt": "w1", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
-        ({"model": "M", "prompt": {"text": "w1"}}, "prompt", "valid"),
+        ({"model": "M", "prompt": {"text": "w1"}}, "prompt", "must be a string, a list of token ids"),
         ({"model": "M", "prompt": [1, 99999]}, "prompt", "outside the vocabulary"),
         ({"model": "M", "prompt": []}, "prompt", "prompt is empty"),
         ({"model": "M", "prompt": [[1], [2]]}, "prompt", "one prompt per request"),
@@ -501,3 +501,159 @@ def test_serve_bad_arguments_are_one_sentence(tiny_bundle, args, message):
 
     args = [str(tiny_bundle) if a == "BUNDLE" else a for a in args]
     user_error(invoke("serve", *args, "--port", "0"), message)
+
+
+# -- the server survives any request (issue 26) -------------------------------------------------------
+def _greedy_still_equals_generate(live, engine):
+    body = {"model": engine.manifest.name, "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    status, _, answer = live.post("/v1/completions", body)
+    assert status == 200 and answer["choices"][0]["token_ids"] == generated(engine, [5, 6, 7], 3), answer
+
+
+def test_a_scheduler_fault_fails_that_step_and_the_scheduler_goes_on(live, engine, monkeypatch):
+    # a fault outside the engine call (in sampling, bookkeeping, ...) raised once on the scheduler thread
+    scheduler = live.server.scheduler
+    real, calls = scheduler._emit, []
+
+    def fails_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return real(*args)
+
+    monkeypatch.setattr(scheduler, "_emit", fails_once)
+    status, _, answer = live.post("/v1/completions", {"model": engine.manifest.name, "prompt": [3, 4], "max_tokens": 3})
+    assert status == 500 and answer["error"] == {
+        "message": "internal error in the scheduler step: injected fault",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+    assert scheduler.alive and scheduler.occupancy == 0
+    status, text = live.get("/health")
+    assert status == 200 and json.loads(text)["status"] == "ok"
+    _greedy_still_equals_generate(live, engine)
+
+
+def test_a_dead_scheduler_thread_answers_503_instead_of_hanging(engine):
+    with Live(engine) as live:
+        scheduler = live.server.scheduler
+
+        def dies(*args):
+            raise SystemExit("injected: the thread ends")  # what no `except Exception` catches
+
+        scheduler.step = dies
+        status, _, answer = live.post(
+            "/v1/completions", {"model": engine.manifest.name, "prompt": [3], "max_tokens": 2}
+        )
+        assert status == 500 and "the scheduler thread stopped (SystemExit: injected" in answer["error"]["message"]
+        _wait_for(lambda: not scheduler._worker.is_alive(), "the scheduler thread to end")
+        status, text = live.get("/health")
+        assert status == 503 and json.loads(text)["status"] == "error"
+        assert "the scheduler thread has stopped" in json.loads(text)["reason"]
+        status, _, answer = live.post(
+            "/v1/completions", {"model": engine.manifest.name, "prompt": [3], "max_tokens": 2}
+        )
+        assert status == 503 and answer["error"]["type"] == "server_error" and answer["error"]["code"] == "unavailable"
+        assert "the scheduler thread has stopped" in answer["error"]["message"]
+
+
+def test_health_answers_while_a_10_mb_prompt_is_tokenized(live, engine):
+    # 10 MiB of text, ~100k tokens: seconds of tokenizing on a worker thread, then refused for the context
+    prompt = ("w5" * 50 + " ") * (10 * 2**20 // 101)
+    result = {}
+
+    def ask():
+        result["answer"] = live.post("/v1/completions", {"model": engine.manifest.name, "prompt": prompt})
+
+    asker = threading.Thread(target=ask)
+    start = time.monotonic()
+    asker.start()
+    latencies = []
+    while asker.is_alive():
+        asked = time.monotonic()
+        status, _ = live.get("/health")
+        latencies.append(time.monotonic() - asked)
+        assert status == 200
+        time.sleep(0.05)
+    took = time.monotonic() - start
+    status, _, answer = result["answer"]
+    assert status == 400 and "exceeds the bundle's context" in answer["error"]["message"]
+    # the request took seconds; /health never waited for it (it waited 12 s when tokenizing blocked the loop)
+    assert took > 1.0 and len(latencies) >= 5, (took, latencies)
+    assert max(latencies) < 1.0, latencies
+    _greedy_still_equals_generate(live, engine)
+
+
+def test_a_body_over_max_request_bytes_is_413(engine):
+    with Live(engine, max_request_bytes=4096) as live:
+        body = {"model": engine.manifest.name, "prompt": "w1 " * 2000}
+        status, _, answer = live.post("/v1/completions", body)
+        assert status == 413 and answer["error"]["type"] == "invalid_request_error"
+        assert answer["error"]["code"] == "request_too_large"
+        assert "exceeds the server's limit of 4096 bytes (--max-request-bytes)" in answer["error"]["message"]
+        # chunked: no Content-Length, refused once the bytes pass the limit
+        conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=TIMEOUT)
+        chunks = (json.dumps(body).encode()[i : i + 1000] for i in range(0, 7000, 1000))
+        conn.request("POST", "/v1/completions", chunks, {"content-type": "application/json"}, encode_chunked=True)
+        response = conn.getresponse()
+        assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+        conn.close()
+        assert live.metrics()[("llama4_deploy_requests_rejected_total", (("status", "413"),))] == 2
+        _greedy_still_equals_generate(live, engine)
+
+
+def test_a_drain_answers_the_requests_it_cancels_with_503(engine, slow_steps):
+    with Live(engine, max_batch=1) as live:
+        name = engine.manifest.name
+        body = {"model": name, "prompt": [1, 2, 3], "max_tokens": 100, "ignore_eos": True}
+        conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=TIMEOUT)
+        conn.request(
+            "POST", "/v1/completions", json.dumps({**body, "stream": True}), {"content-type": "application/json"}
+        )
+        streamed = conn.getresponse()
+        assert streamed.read(7) == b"data: {"  # it holds the only row
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(live.post, "/v1/completions", body)
+            _wait_for(lambda: live.server.scheduler.queue_depth == 1, "the second request to wait")
+            live.server.drain(0.2)
+            status, text = live.get("/health")
+            assert status == 503 and json.loads(text)["status"] == "draining"
+            status, _, refused = live.post("/v1/completions", body)  # intake is closed
+            assert status == 503 and "shutting down" in refused["error"]["message"]
+            status, _, answer = queued.result(TIMEOUT)
+        assert status == 503 and answer["error"]["type"] == "server_error"
+        assert "cancelled (the server is shutting down)" in answer["error"]["message"]
+        rest = streamed.read().decode()
+        assert rest.endswith("data: [DONE]\n\n")
+        last = json.loads([e for e in rest.split("\n\n") if e.startswith("data: {")][-1][6:])
+        assert last["error"]["type"] == "server_error" and "shutting down" in last["error"]["message"]
+
+
+def test_sigterm_past_the_drain_timeout_answers_503_without_a_traceback(tiny_bundle):
+    args = ["serve", str(tiny_bundle), "--port", "0", "--max-batch", "1", "--drain-timeout", "0"]
+    server = subprocess.Popen([sys.executable, "-m", "llama4_deploy.cli", *args], stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stderr.readline()
+        port = int(line.rsplit(":", 1)[1])
+        body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 120, "ignore_eos": True}
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        conn.request(
+            "POST", "/v1/completions", json.dumps({**body, "stream": True}), {"content-type": "application/json"}
+        )
+        streamed = conn.getresponse()
+        assert streamed.read(7) == b"data: {"
+        waiting = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        waiting.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+        server.send_signal(signal.SIGTERM)
+        queued = waiting.getresponse()
+        assert queued.status == 503 and "shutting down" in json.loads(queued.read())["error"]["message"]
+        rest = streamed.read().decode()
+        assert rest.endswith("data: [DONE]\n\n") and '"server_error"' in rest
+        assert server.wait(TIMEOUT) == 0
+        log = server.stderr.read()
+        assert "Traceback" not in log and "CancelledError" not in log and "stopped" in log, log
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

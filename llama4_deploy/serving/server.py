@@ -7,10 +7,13 @@ through an asyncio queue.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics (Prometheus text).
-Faults: invalid input -> 400 with an OpenAI error object (never 500); a full queue -> 429 with
-Retry-After; a client that disconnects cancels its request and frees its row; an engine error fails
-that step's requests (500 / an error event); SIGTERM stops intake, drains in-flight requests for
-at most `drain_timeout` seconds, then exits 0.
+Faults: invalid input -> 400 with an OpenAI error object (never 500); a body over `max_request_bytes`
+-> 413; a full queue -> 429 with Retry-After; a client that disconnects cancels its request and frees its
+row; an error in a scheduler step fails that step's requests (500 / an error event) and the scheduler
+goes on; should its thread ever stop, /health and new requests answer 503. SIGTERM stops intake (503),
+drains in-flight requests for at most `drain_timeout` seconds, answers what is left with a 503 error
+object, then exits 0. Tokenizing and chat-template rendering run on worker threads, so a huge prompt
+never stalls the event loop (/health answers meanwhile).
 """
 
 from __future__ import annotations
@@ -47,12 +50,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama4_deploy.runtime import load
 from llama4_deploy.runtime.engine import Engine
-from llama4_deploy.runtime.scheduler import Output, QueueFull, Request, Scheduler, StepRecord
+from llama4_deploy.runtime.scheduler import Output, QueueFull, Request, Scheduler, StepRecord, Unavailable
 from llama4_deploy.runtime.tokenizer import Tokenizer, load_tokenizer
 from llama4_deploy.serving.protocol import ChatCompletionRequest, CompletionRequest, error_body
 
 log = logging.getLogger("llama4_deploy.serving.server")
 RETRY_AFTER_S = 1
+MAX_REQUEST_BYTES = 32 * 2**20  # a body above it is answered 413 before it is read; --max-request-bytes
+DRAIN_GRACE_S = 5  # uvicorn cancels handlers this long after the drain has answered what was left
 # Llama 4's header format; used when the bundle has no tokenizer_config.json with a chat_template
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -183,6 +188,8 @@ class _Run:
             raise ClientError(
                 f"the server is busy ({err}); retry after {RETRY_AFTER_S} s", status=429, code="queue_full"
             ) from None
+        except Unavailable as err:
+            raise ClientError(f"the server takes no requests: {err}", status=503, code="unavailable") from None
         except ValueError as err:
             raise ClientError(str(err), "prompt") from None
         self.server.metrics.prompt_tokens.inc(len(self.request.prompt))
@@ -234,7 +241,16 @@ class _Run:
 class Server:
     """Engine + scheduler + tokenizer + chat template + metrics behind one FastAPI app."""
 
-    def __init__(self, engine: Engine, max_batch: int | None = None, max_queue: int = 64):
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int | None = None,
+        max_queue: int = 64,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+    ):
+        if max_request_bytes < 1:
+            raise ValueError(f"--max-request-bytes is {max_request_bytes}; it must be at least 1")
+        self.max_request_bytes = max_request_bytes
         self.engine = engine
         self.model = engine.manifest.name
         self.created = int(time.time())
@@ -265,14 +281,35 @@ class Server:
             )
         return self.tokenizer.encode(text, add_special_tokens=special)
 
-    def _prompt_ids(self, prompt) -> list[int]:
+    def _prompt_ids(self, prompt, max_tokens: int) -> list[int]:
+        """Token ids of a completion prompt (on a worker thread: tokenizing may take seconds)."""
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one prompt
         if isinstance(prompt, str):
-            return self._encode(prompt, "prompt")
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return prompt
-        raise ClientError("prompt holds several prompts; send one prompt per request", "prompt")
+            ids = self._encode(prompt, "prompt")
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            ids = prompt
+        else:
+            raise ClientError("prompt holds several prompts; send one prompt per request", "prompt")
+        self._check_length(ids, max_tokens, "prompt")
+        return ids
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        """The rendered chat template's token ids (on a worker thread)."""
+        ids = self._encode(self.chat_template.render(messages), "messages", special=False)
+        self._check_length(ids, 1, "messages")
+        return ids
+
+    def _check_length(self, ids: list[int], max_tokens: int, param: str) -> None:
+        """The context check before the per-token checks of `submit`, which a huge prompt would make slow."""
+        context = self.engine.manifest.max_context
+        if len(ids) + max_tokens > context:
+            what = "prompt" if param == "prompt" else "the rendered messages"
+            raise ClientError(
+                f"{what} of {len(ids)} tokens plus {max_tokens} new ones exceeds the bundle's context of "
+                f"{context} tokens",
+                param,
+            )
 
     def _request(self, body, prompt: list[int], max_tokens: int, logprobs: int | None) -> Request:
         stop = set(body.stop_ids()) | (set() if body.ignore_eos else set(self.engine.manifest.eos_token_ids))
@@ -292,8 +329,8 @@ class Server:
     # -- endpoints -------------------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, http: HttpRequest):
         self._check_model(body.model)
-        prompt = self._prompt_ids(body.prompt)
         max_tokens = body.max_tokens or 16
+        prompt = await asyncio.to_thread(self._prompt_ids, body.prompt, max_tokens)
         run = _Run(self, self._request(body, prompt, max_tokens, body.logprobs), body.stop_strings(), "completions")
         run.submit()
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -343,8 +380,8 @@ class Server:
 
     async def chat_completions(self, body: ChatCompletionRequest, http: HttpRequest):
         self._check_model(body.model)
-        rendered = self.chat_template.render([{"role": m.role, "content": m.text()} for m in body.messages])
-        prompt = self._encode(rendered, "messages", special=False)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt = await asyncio.to_thread(self._chat_ids, messages)
         room = self.engine.manifest.max_context - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -445,7 +482,14 @@ class Server:
 
         @app.get("/health")
         async def health():
-            return {"status": "ok", "queue_depth": self.scheduler.queue_depth, "running": self.scheduler.occupancy}
+            scheduler = self.scheduler
+            state = {"queue_depth": scheduler.queue_depth, "running": scheduler.occupancy}
+            if not scheduler.alive:
+                reason = f"the scheduler thread has stopped ({scheduler.died})"
+                return JSONResponse({"status": "error", "reason": reason, **state}, status_code=503)
+            if scheduler.draining:
+                return JSONResponse({"status": "draining", **state}, status_code=503)
+            return {"status": "ok", **state}
 
         @app.get("/metrics")
         async def metrics():
@@ -453,15 +497,18 @@ class Server:
 
         @app.exception_handler(RequestValidationError)
         async def invalid(_, err: RequestValidationError):
-            first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+            first = _most_telling(err.errors())
             if first.get("type") == "json_invalid":
                 where, message = (
                     None,
                     f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})",
                 )
             else:
-                where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-                message = f"{where}: {first['msg']}" if where else f"the request body: {first['msg']}"
+                where = _param(first.get("loc", ()))
+                reason = first["msg"]
+                if first.get("type") == "value_error":  # our validators' sentences, without pydantic's prefix
+                    reason = str(first.get("ctx", {}).get("error", reason))
+                message = f"{where}: {reason}" if where else f"the request body: {reason}"
             self.metrics.rejected.labels("400").inc()
             return JSONResponse(error_body(message, param=where or None), status_code=400)
 
@@ -474,6 +521,8 @@ class Server:
                 if err.status == 429
                 else "not_found_error"
                 if err.status == 404
+                else "server_error"
+                if err.status >= 500
                 else "invalid_request_error"
             )
             return JSONResponse(
@@ -484,7 +533,89 @@ class Server:
         async def http_error(_, err: StarletteHTTPException):
             return JSONResponse(error_body(str(err.detail), "invalid_request_error"), status_code=err.status_code)
 
-        return app
+        @app.exception_handler(Exception)
+        async def internal(_, err: Exception):  # a bug must still answer with an error object, not plain text
+            log.error("request failed: %s: %s", type(err).__name__, err)
+            return JSONResponse(error_body(f"internal server error ({type(err).__name__})", "server_error"), 500)
+
+        return _BodyLimit(app, self.max_request_bytes, lambda: self.metrics.rejected.labels("413").inc())
+
+    def drain(self, timeout: float) -> None:
+        """Stop intake (503 from now on) and cancel what still runs after `timeout` seconds (a 503 each)."""
+        self.scheduler.drain(timeout)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _most_telling(errors: list) -> dict:
+    """The error to report from pydantic's list: a union field fails once per member, and the member the
+    client meant is the one our own validators speak for (a value_error), else the one it got deepest in."""
+    if not errors:
+        return {"loc": (), "msg": "invalid request"}
+    ours = [e for e in errors if e.get("type") == "value_error"]
+    return ours[0] if ours else max(errors, key=lambda e: len(_param(e.get("loc", ())).split(".")))
+
+
+def _param(loc) -> str:
+    """A field's path from a pydantic error location, without the union member tags pydantic inserts
+    (`prompt.list[int].0` -> `prompt.0`)."""
+    parts = []
+    for part in loc:
+        if part == "body" and not parts:
+            continue
+        if isinstance(part, int) or (part.isidentifier() and part not in _TYPE_NAMES):
+            parts.append(str(part))
+    return ".".join(parts)
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body above `limit` bytes is answered 413 with an OpenAI error object,
+    by its Content-Length before anything is read, or as soon as a chunked body passes the limit."""
+
+    def __init__(self, app, limit: int, on_reject):
+        self.app, self.limit, self.on_reject = app, limit, on_reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send, int(length))
+        body, more = [], True
+        size = 0
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            body.append(message.get("body", b""))
+            size += len(body[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._refuse(send, None)
+        buffered = {"type": "http.request", "body": b"".join(body), "more_body": False}
+
+        async def replay():
+            nonlocal buffered
+            if buffered is not None:
+                message, buffered = buffered, None
+                return message
+            return await receive()  # after the body: the disconnect a handler may watch for
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send, length: int | None) -> None:
+        self.on_reject()
+        size = f"of {length} bytes " if length is not None else ""
+        body = json.dumps(
+            error_body(
+                f"the request body {size}exceeds the server's limit of {self.limit} bytes (--max-request-bytes)",
+                code="request_too_large",
+            )
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def _sse(payload: dict) -> str:
@@ -543,6 +674,9 @@ async def _collect(run: _Run, http: HttpRequest) -> tuple[str, list[Output]]:
 
 # -- running it ---------------------------------------------------------------------------------------
 def _uvicorn_server(app, drain_timeout: float, on_signal=None):
+    """uvicorn with our signal handling; it cancels handlers only DRAIN_GRACE_S after the drain, by which time
+    the drain has answered every request left (so no handler dies with a CancelledError)."""
+
     class DrainingServer(uvicorn.Server):
         """uvicorn re-raises SIGTERM after a graceful shutdown (exit 143); a drained server exits 0."""
 
@@ -563,7 +697,9 @@ def _uvicorn_server(app, drain_timeout: float, on_signal=None):
                 on_signal(sig)
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout, lifespan="on")
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=drain_timeout + DRAIN_GRACE_S, lifespan="on"
+    )
     return DrainingServer(config)
 
 
@@ -591,6 +727,7 @@ def serve(
     drain_timeout: float = 30.0,
     echo=print,
     devices=None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
 ) -> None:
     """Load a bundle and serve it until SIGTERM/SIGINT; `echo` gets the one-line status messages. `devices`:
     load's (one device per pipeline stage)."""
@@ -600,7 +737,7 @@ def serve(
         raise ValueError(f"--drain-timeout is {drain_timeout}; it must be 0 or more")
     engine = load(bundle, threads=threads, devices=devices)
     try:
-        server = Server(engine, max_batch=max_batch, max_queue=max_queue)
+        server = Server(engine, max_batch=max_batch, max_queue=max_queue, max_request_bytes=max_request_bytes)
         sock = bind(host, port)
         bound = sock.getsockname()[1]
 
@@ -610,6 +747,7 @@ def serve(
                 f"{server.scheduler.occupancy + server.scheduler.queue_depth} "
                 f"in-flight request(s) for at most {drain_timeout:g} s"
             )
+            server.drain(drain_timeout)
 
         echo(
             f"serving {server.model} ({server.scheduler.max_batch} rows, queue {max_queue}, chat template: "
