@@ -44,7 +44,7 @@ import numpy as np
 from llama4_deploy.runtime.abi import PAD_POSITION
 from llama4_deploy.runtime.engine import Engine, prefill_chunk
 from llama4_deploy.runtime.kv_cache import KVCache
-from llama4_deploy.runtime.sampling import sample
+from llama4_deploy.runtime.sampling import History, SamplingParams, sample
 
 log = logging.getLogger("llama4_deploy.runtime.scheduler")
 _ids = itertools.count(1)
@@ -79,6 +79,14 @@ class Request:
     stop_tokens: frozenset[int] = frozenset()  # ending tokens; the one hit is the last output token
     logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the k most likely
     listener: Callable[[Request, Output], None] | None = None
+    # the rest of runtime/sampling.py's parameters
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
+    min_tokens: int = 0
     # set by the scheduler
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     tokens: list[int] = dataclasses.field(default_factory=list)
@@ -91,11 +99,27 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.min_p,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.repetition_penalty,
+            self.logit_bias,
+            self.min_tokens,
+        )
+
 
 @dataclasses.dataclass(eq=False)
 class _Row:
     request: Request
     rng: np.random.Generator
+    params: SamplingParams
+    history: History
     prefilled: int = 0  # prompt tokens already in the cache
     last_token: int = 0  # fed in the next decode step
 
@@ -174,10 +198,9 @@ class Scheduler:
         max_queue requests are already waiting."""
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens is {request.max_tokens}; it must be at least 1")
-        if request.temperature < 0:
-            raise ValueError(f"temperature is {request.temperature}; it must be 0 or more")
-        if not 0.0 < request.top_p <= 1.0:
-            raise ValueError(f"top_p is {request.top_p}; it must be in (0, 1]")
+        request.sampling.check(self.engine.vocab_size)
+        if request.min_tokens > request.max_tokens:
+            raise ValueError(f"min_tokens is {request.min_tokens}, more than max_tokens {request.max_tokens}")
         if request.logprobs is not None and not 0 <= request.logprobs <= self.engine.vocab_size:
             raise ValueError(f"logprobs is {request.logprobs}; it must be in [0, {self.engine.vocab_size}]")
         request.prompt = self.engine._check_prompt(request.prompt, request.max_tokens)
@@ -284,7 +307,8 @@ class Scheduler:
                         self._notify(request, Output(None, finish_reason="error", error=request.error))
                         continue
                     self.cache.reset_row(b)
-                    self.rows[b] = _Row(request, rng)
+                    params = request.sampling
+                    self.rows[b] = _Row(request, rng, params, History(request.prompt, self.engine.vocab_size, params))
 
     def _finish_locked(self, request: Request, reason: str, error: str | None = None) -> None:
         """End a request wherever it is (waiting or in a row) and tell its listener once."""
@@ -331,11 +355,14 @@ class Scheduler:
         logits = self._run("prefill", rows, ids, positions)  # [b, T, V], b = rows up to the last one in use
         if logits is None:
             return
+        complete = []
         for b in rows:
             row = self.rows[b]
             row.prefilled += take[b]
             if not row.prefilling:
-                self._emit(b, logits[b, take[b] - 1])
+                complete.append(b)
+        if complete:
+            self._emit(complete, logits[complete, [take[b] - 1 for b in complete]])
 
     def _decode_step(self, rows: list[int]) -> None:
         ids = np.zeros((self.max_batch, 1), dtype=np.int64)  # [B, 1]
@@ -346,24 +373,36 @@ class Scheduler:
         logits = self._run("decode", rows, ids, positions)  # [b, 1, V]
         if logits is None:
             return
-        for b in rows:
-            self._emit(b, logits[b, 0])
+        self._emit(rows, logits[rows, 0])
 
-    def _emit(self, b: int, logits: np.ndarray) -> None:
-        """Sample row b's next token from logits [V], hand it to the listener, finish if done."""
-        row = self.rows[b]
-        request = row.request
-        token = int(sample(logits[None], request.temperature, request.top_p, row.rng)[0])
-        logprob, top = (None, ()) if request.logprobs is None else top_logprobs(logits, token, request.logprobs)
-        request.tokens.append(token)
-        if request.first_token_at is None:
-            request.first_token_at = time.monotonic()
-        row.last_token = token
-        self._notify(request, Output(token, logprob, top))
-        reason = (
-            "stop" if token in request.stop_tokens else "length" if len(request.tokens) >= request.max_tokens else None
+    def _emit(self, rows: list[int], logits: np.ndarray) -> None:
+        """Sample the next token of each of `rows` from logits [n, V] (one sampler call for them all), hand each
+        to its listener, finish the requests that are done."""
+        live = [self.rows[b] for b in rows]
+        chosen = sample(
+            logits,
+            [row.params for row in live],
+            [row.rng for row in live],
+            [row.history for row in live],
+            [row.request.stop_tokens for row in live],
         )
-        if reason:
+        now = time.monotonic()
+        for i, row in enumerate(live):
+            request, token = row.request, int(chosen[i])
+            k = request.logprobs
+            logprob, top = (None, ()) if k is None else top_logprobs(logits[i], token, k)
+            request.tokens.append(token)
+            row.history.add(token)
+            if request.first_token_at is None:
+                request.first_token_at = now
+            row.last_token = token
+            self._notify(request, Output(token, logprob, top))
+            if token in request.stop_tokens:
+                reason = "stop"
+            elif len(request.tokens) >= request.max_tokens:
+                reason = "length"
+            else:
+                continue
             with self._work:
                 self._finish_locked(request, reason)
 
