@@ -269,14 +269,41 @@ def _target_lint(path):
     show_default=True,
     help="a --text that is not valid UTF-8: refuse it, or read each undecodable byte as U+FFFD (and say how many)",
 )
-def eval_(bundle, text, threads, errors) -> None:
-    """Perplexity on held-out text through the prefill path, and tokens/s."""
-    from llama4_deploy.quality.evaluate import evaluate
+@click.option(
+    "--tasks",
+    help="lm-evaluation-harness tasks, comma-separated, run on the bundle instead of perplexity (the eval extra)",
+)
+@click.option("--include-path", type=click.Path(), help="a folder of lm-eval task YAML files of your own (--tasks)")
+@click.option("--limit", type=int, help="at most this many documents per task (--tasks)")
+def eval_(bundle, text, threads, errors, tasks, include_path, limit) -> None:
+    """Perplexity on held-out text through the prefill path, and tokens/s; with --tasks, lm-eval's tasks."""
+    if tasks is None:
+        for flag, value in (("--include-path", include_path), ("--limit", limit)):
+            if value is not None:
+                raise UserError(f"{flag} goes with --tasks")
+        from llama4_deploy.quality.evaluate import evaluate
 
+        try:
+            click.echo(evaluate(bundle, text, threads=threads, errors=errors).summary())
+        except _user_errors() as err:
+            raise UserError(str(err)) from None
+        return
+    if text is not None:
+        raise UserError("--text is for perplexity; lm-eval's tasks bring their own documents (drop --text or --tasks)")
     try:
-        click.echo(evaluate(bundle, text, threads=threads, errors=errors).summary())
+        from lm_eval.utils import make_table
+
+        from llama4_deploy.quality.harness import run_tasks
+    except ImportError as err:
+        raise UserError(f"--tasks needs the eval extra (pip install 'llama4-deploy[eval]'): {err}") from None
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    try:
+        results = run_tasks(bundle, names, include_path=include_path, limit=limit, threads=threads)
     except _user_errors() as err:
         raise UserError(str(err)) from None
+    click.echo(make_table(results))
+    if "groups" in results:
+        click.echo(make_table(results, "groups"))
 
 
 def _parse_ids(text: str) -> list[int]:
