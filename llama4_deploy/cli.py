@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -134,8 +135,21 @@ def build(recipe, checkpoint, out, force, block_size, **overrides) -> None:
     is_flag=True,
     help="only check every file's size and SHA-256 against the manifest (exit 2 naming a changed file)",
 )
-def verify(bundle, threads, files_only) -> None:
-    """Compare a bundle with transformers; exit 1 on mismatch."""
+@click.option(
+    "--plot",
+    type=click.Path(),
+    help="write a PNG of max |dlogit| and max |dhidden| per decoder layer against transformers' (layer by layer)",
+)
+def verify(bundle, threads, files_only, plot) -> None:
+    """Compare a bundle with transformers; exit 1 on mismatch (naming the first layer that leaves the tolerance)."""
+    if plot is not None:
+        if files_only:
+            raise UserError("--plot draws the layer-by-layer comparison, which --files does not run")
+        _check_png_path(plot, "--plot")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib (pip install 'llama4-deploy[eval]')") from None
     try:
         if files_only:
             from llama4_deploy.runtime import read_manifest
@@ -146,10 +160,17 @@ def verify(bundle, threads, files_only) -> None:
             return
         from llama4_deploy.quality.verify import verify as run_verify  # loads torch, which --files does not need
 
-        report = run_verify(bundle, threads=threads, log=lambda msg: click.echo(msg, err=True))
+        report = run_verify(bundle, threads=threads, log=lambda msg: click.echo(msg, err=True), layers=plot is not None)
     except _user_errors() as err:
         raise UserError(str(err)) from None
     click.echo(report.table())
+    if plot is not None:
+        from llama4_deploy.quality.layers import plot as draw
+
+        written = _write_png(
+            plot, lambda path: draw(report.layers, path, f"{Path(bundle).name}: engine vs transformers")
+        )
+        click.echo(f"wrote {written}")
     sys.exit(0 if report.ok else 1)
 
 
@@ -304,6 +325,29 @@ def eval_(bundle, text, threads, errors, tasks, include_path, limit) -> None:
     click.echo(make_table(results))
     if "groups" in results:
         click.echo(make_table(results, "groups"))
+
+
+def _check_png_path(path: str, flag: str) -> None:
+    """Refuse, before any work, a PNG path whose folder is missing or that names a folder."""
+    target = Path(path)
+    if target.suffix.lower() != ".png":
+        raise UserError(f"{flag} {path} does not end in .png")
+    if target.is_dir():
+        raise UserError(f"{flag} {path} is a directory")
+    if not target.parent.is_dir():
+        raise UserError(f"{flag} {path}: the folder {target.parent} does not exist")
+
+
+def _write_png(path: str, draw) -> Path:
+    """draw(temporary path) then rename into place: a PNG appears whole or not at all."""
+    target = Path(path)
+    partial = target.with_name(f".{target.stem}.partial.png")
+    try:
+        draw(partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def _parse_ids(text: str) -> list[int]:
