@@ -296,8 +296,47 @@ def _target_lint(path):
 )
 @click.option("--include-path", type=click.Path(), help="a folder of lm-eval task YAML files of your own (--tasks)")
 @click.option("--limit", type=int, help="at most this many documents per task (--tasks)")
-def eval_(bundle, text, threads, errors, tasks, include_path, limit) -> None:
-    """Perplexity on held-out text through the prefill path, and tokens/s; with --tasks, lm-eval's tasks."""
+@click.option(
+    "--needle",
+    is_flag=True,
+    help="passkey retrieval sweep: accuracy by prompt length x needle depth, a heatmap PNG and a JSON of every trial",
+)
+@click.option("--haystack", type=click.Path(), help="filler text for --needle (default: the held-out sample)")
+@click.option("--compare", type=click.Path(), help="--needle on a second bundle too: both tables and the difference")
+@click.option(
+    "--lengths", help="--needle prompt lengths, comma-separated (default: 256 doubling to the context, and the chunk's)"
+)
+@click.option("--depth-steps", type=int, default=5, show_default=True, help="--needle depths from 0% to 100%")
+@click.option("--trials", type=int, default=5, show_default=True, help="--needle trials per cell, each its own key")
+@click.option("--out", type=click.Path(), help="--needle's folder for needle.png and needle.json (default needle-NAME)")
+def eval_(
+    bundle,
+    text,
+    threads,
+    errors,
+    tasks,
+    include_path,
+    limit,
+    needle,
+    haystack,
+    compare,
+    lengths,
+    depth_steps,
+    trials,
+    out,
+) -> None:
+    """Perplexity on held-out text through the prefill path, and tokens/s; with --tasks, lm-eval's tasks; with
+    --needle, a long-context retrieval sweep."""
+    needle_flags = (("--haystack", haystack), ("--compare", compare), ("--lengths", lengths), ("--out", out))
+    if not needle:
+        for flag, value in needle_flags:
+            if value is not None:
+                raise UserError(f"{flag} goes with --needle")
+    else:
+        if tasks is not None or text is not None:
+            raise UserError("--needle runs alone: drop --tasks and --text")
+        _needle(bundle, haystack, compare, lengths, depth_steps, trials, out, threads)
+        return
     if tasks is None:
         for flag, value in (("--include-path", include_path), ("--limit", limit)):
             if value is not None:
@@ -325,6 +364,44 @@ def eval_(bundle, text, threads, errors, tasks, include_path, limit) -> None:
     click.echo(make_table(results))
     if "groups" in results:
         click.echo(make_table(results, "groups"))
+
+
+def _needle(bundle, haystack, compare, lengths, depth_steps, trials, out, threads) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("--needle needs matplotlib (pip install 'llama4-deploy[eval]')") from None
+    from llama4_deploy.quality.needle import accuracy_table, sweep, write_outputs
+
+    try:
+        parsed = None if lengths is None else [int(n) for n in lengths.split(",") if n.strip()]
+    except ValueError:
+        raise UserError(f"--lengths must be comma-separated integers, got {lengths!r}") from None
+    folder = Path(out) if out is not None else Path(f"needle-{Path(bundle).name}")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is not a directory")
+    options = dict(lengths=parsed, depth_steps=depth_steps, trials=trials, threads=threads)
+    try:
+        sweeps = [sweep(bundle, haystack, **options)]
+        if compare is not None:
+            sweeps.append(sweep(compare, haystack, tokenizer_of=bundle, **options))
+    except _user_errors() as err:
+        raise UserError(str(err)) from None
+    for result in sweeps:
+        click.echo(result.table())
+    if len(sweeps) == 2:
+        first, second = sweeps
+        click.echo(
+            accuracy_table(
+                second.accuracy() - first.accuracy(),
+                first.lengths,
+                first.depths,
+                f"difference, {Path(second.bundle).name} - {Path(first.bundle).name} (percentage points)",
+                signed=True,
+            )
+        )
+    for path in write_outputs(sweeps, folder, _write_png):
+        click.echo(f"wrote {path}")
 
 
 def _check_png_path(path: str, flag: str) -> None:
