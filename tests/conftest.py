@@ -33,7 +33,8 @@ def write_checkpoint(
     text = random_model(config or tiny_config(), seed, logit_gain, router_gain)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     if multimodal:
-        widths = dict(hidden_size=32, intermediate_size=32, vision_output_dim=32, projector_input_dim=32)
+        # intermediate_size is 4 x hidden_size: the pixel shuffle's output width (export/vision_shape.py checks it)
+        widths = dict(hidden_size=32, intermediate_size=128, vision_output_dim=32, projector_input_dim=32)
         vision = dict(widths, projector_output_dim=32, num_hidden_layers=1, num_attention_heads=2, image_size=28)
         vision["patch_size"] = 14
         torch.manual_seed(seed)

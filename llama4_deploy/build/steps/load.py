@@ -3,7 +3,6 @@ against its config and the recipe; the context length, the pipeline-stage split 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from typing import Any
@@ -77,19 +76,25 @@ def run(ctx: BuildContext) -> Loaded:
         try:
             profiles = Profiles.model_validate({**recipe.profiles.model_dump(), "max_context": context})
         except ValidationError:
-            raise BuildError(f"the checkpoint's max_position_embeddings of {shape.max_position_embeddings} leaves "
-                             f"no context to build for") from None
+            raise BuildError(
+                f"the checkpoint's max_position_embeddings of {shape.max_position_embeddings} leaves "
+                f"no context to build for"
+            ) from None
         recipe = recipe.model_copy(update={"profiles": profiles})
-        log(f"[profiles] max context {context} tokens (the checkpoint's max_position_embeddings "
-            f"{shape.max_position_embeddings}, capped at {DEFAULT_MAX_CONTEXT}; --max-context sets it)")
+        log(
+            f"[profiles] max context {context} tokens (the checkpoint's max_position_embeddings "
+            f"{shape.max_position_embeddings}, capped at {DEFAULT_MAX_CONTEXT}; --max-context sets it)"
+        )
     spec = quant_spec(recipe, ctx.target, checkpoint)
     check_limits(recipe, shape, spec.compute_dtype, ctx.force)
     log(f"[profiles] {recipe.profiles.model_dump()}")
     split = stage_split(shape, recipe.stages, log)
     if checkpoint.logical is not None:
-        log(f"[precision] {checkpoint.path.name} is pre-quantized FP8 (compressed-tensors): its FP8 weights and "
+        log(
+            f"[precision] {checkpoint.path.name} is pre-quantized FP8 (compressed-tensors): its FP8 weights and "
             f"scales go in as stored; its dynamic per-token activation scales become static per-tensor ones "
-            f"(calibration)")
+            f"(calibration)"
+        )
     log(f"[precision] {spec.summary()}")
     inputs = [recipe.model_dump(mode="json"), identity, calibration]
     vision = vision_plan(recipe, checkpoint, source_dir, split, log)
@@ -109,25 +114,32 @@ def vision_plan(recipe: Recipe, checkpoint: Checkpoint, source_dir, split: list[
         if recipe.expect_vision:
             wrong = published_mismatches(shape)
             if wrong:
-                raise BuildError(f"checkpoint has {wrong[0]}, but recipe {recipe.name} expects the published vision "
-                                 f"config; is it the right model? (--no-vision builds its text model only)")
+                raise BuildError(
+                    f"checkpoint has {wrong[0]}, but recipe {recipe.name} expects the published vision "
+                    f"config; is it the right model? (--no-vision builds its text model only)"
+                )
         for name, implied in shape.weight_shapes().items():
             if not checkpoint.has_full(name):
                 raise VisionConfigError(f"tensor {name} is missing from the checkpoint (its vision_config implies it)")
             got = checkpoint.full_shape(name)
             if got != implied:
-                raise VisionConfigError(f"tensor {name} has shape {list(got)}, but the checkpoint's vision_config "
-                                        f"implies {list(implied)}")
+                raise VisionConfigError(
+                    f"tensor {name} has shape {list(got)}, but the checkpoint's vision_config implies {list(implied)}"
+                )
         image = image_spec(source_dir, shape)
         tokens = image_token_ids(checkpoint.tokenizer_file, checkpoint.config)
     except VisionConfigError as err:
         raise BuildError(f"{err} (--no-vision builds the text model only)") from None
     if len(split) > 1:
-        raise BuildError(f"images need a one-stage build (the embedding step feeds the first stage); use --stages 1, "
-                         f"or --no-vision for a text-only bundle in {len(split)} stages")
+        raise BuildError(
+            f"images need a one-stage build (the embedding step feeds the first stage); use --stages 1, "
+            f"or --no-vision for a text-only bundle in {len(split)} stages"
+        )
     max_tiles = tiles_limit(recipe.images_per_step, image["max_patches"])
-    log(f"[vision] {shape.num_layers} layers at hidden {shape.hidden_size}, tiles of {shape.image_size} "
-        f"({shape.tokens_per_tile} tokens each), up to {max_tiles} tiles per step")
+    log(
+        f"[vision] {shape.num_layers} layers at hidden {shape.hidden_size}, tiles of {shape.image_size} "
+        f"({shape.tokens_per_tile} tokens each), up to {max_tiles} tiles per step"
+    )
     return VisionPlan(shape, image, tokens, max_tiles)
 
 
@@ -153,8 +165,9 @@ def check_expected(recipe: Recipe, shape: ModelShape) -> None:
         if isinstance(got, tuple):
             got = list(got)
         if got != want:
-            raise BuildError(f"checkpoint has {key}={got!r}, but recipe {recipe.name} expects {want!r}; "
-                             f"is it the right model?")
+            raise BuildError(
+                f"checkpoint has {key}={got!r}, but recipe {recipe.name} expects {want!r}; is it the right model?"
+            )
 
 
 def check_limits(recipe: Recipe, shape: ModelShape, compute_dtype: str, force: bool) -> None:
@@ -163,14 +176,18 @@ def check_limits(recipe: Recipe, shape: ModelShape, compute_dtype: str, force: b
     bundle that runs elsewhere), refused in one sentence before anything is traced."""
     profiles = recipe.profiles
     if profiles.max_context > shape.max_position_embeddings:
-        raise BuildError(f"max context {profiles.max_context} exceeds the checkpoint's "
-                         f"max_position_embeddings of {shape.max_position_embeddings}")
+        raise BuildError(
+            f"max context {profiles.max_context} exceeds the checkpoint's "
+            f"max_position_embeddings of {shape.max_position_embeddings}"
+        )
     needed = shape.kv_cache_bytes(profiles.max_batch, profiles.max_context, CACHE_ITEMSIZE[compute_dtype])
     memory = machine_memory()
     if needed > memory and not force:
-        raise BuildError(f"max_batch {profiles.max_batch} x max_context {profiles.max_context} needs a KV cache of "
-                         f"{needed / GIB:,.2f} GiB ({compute_dtype}), more than this machine's {memory / GIB:,.1f} GiB "
-                         f"of memory; lower --max-batch or --max-context, or pass --force to build it anyway")
+        raise BuildError(
+            f"max_batch {profiles.max_batch} x max_context {profiles.max_context} needs a KV cache of "
+            f"{needed / GIB:,.2f} GiB ({compute_dtype}), more than this machine's {memory / GIB:,.1f} GiB "
+            f"of memory; lower --max-batch or --max-context, or pass --force to build it anyway"
+        )
 
 
 def machine_memory() -> int:
@@ -181,8 +198,9 @@ def machine_memory() -> int:
 def stage_split(shape: ModelShape, stages: int, log) -> list[Stage]:
     """The layers of each pipeline stage (llama4_deploy/build/stages.py), balanced by weight bytes."""
     if stages > shape.num_layers:
-        raise BuildError(f"--stages {stages} exceeds the model's {shape.num_layers} layers; each stage needs at "
-                         f"least one layer")
+        raise BuildError(
+            f"--stages {stages} exceeds the model's {shape.num_layers} layers; each stage needs at least one layer"
+        )
     split = model_split(shape, stages)
     if stages > 1:
         log(f"[stages] {stages} stages: " + ", ".join(f"layers {s.start}-{s.stop - 1}" for s in split))
@@ -195,8 +213,16 @@ def quant_spec(recipe: Recipe, target: Target, checkpoint: Checkpoint | None = N
     try:
         if checkpoint is not None and checkpoint.logical is not None:
             return checkpoint_quant_spec(checkpoint, recipe.precision, recipe.compute_dtype, recipe.quant_form)
-        return make_spec(QuantConfig(precision=recipe.precision, compute_dtype=recipe.compute_dtype,
-                                     block_size=recipe.block_size, form=recipe.quant_form,
-                                     method=recipe.quant_method, int4_compute=recipe.int4_compute), target.int4_form)
+        return make_spec(
+            QuantConfig(
+                precision=recipe.precision,
+                compute_dtype=recipe.compute_dtype,
+                block_size=recipe.block_size,
+                form=recipe.quant_form,
+                method=recipe.quant_method,
+                int4_compute=recipe.int4_compute,
+            ),
+            target.int4_form,
+        )
     except (ValueError, CompressedTensorsError) as err:
         raise BuildError(str(err)) from None

@@ -4,9 +4,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 from llama4_deploy.build.cache import step_key
 from llama4_deploy.build.clock import timed
 from llama4_deploy.build.context import BuildContext, SavedStage
@@ -31,15 +28,19 @@ def run(ctx: BuildContext, stage: Stage) -> SavedStage:
     hit = ctx.cache.get(step, key)
     if hit is None:
         passes = dict(chosen.passes) if stage.count == 1 else {}
-        models = {strategy: lower.stage_graph(ctx, stage, strategy, passes, chosen.layout(strategy))
-                  for strategy in chosen.strategies}
+        models = {
+            strategy: lower.stage_graph(ctx, stage, strategy, passes, chosen.layout(strategy))
+            for strategy in chosen.strategies
+        }
         embeddings = {}
         if vision:  # the embedding step and the prefill graph that takes its hidden_states (image prompts)
             prefill = chosen.roles["prefill"]
             models[EMBED_GRAPH] = lower.embed_graph(ctx)
             models[embeddings_graph_name(prefill)] = lower.embeddings_graph(ctx, prefill, chosen.layout(prefill))
-            embeddings = {"embed": graph_file(stage, EMBED_GRAPH),
-                          "prefill": graph_file(stage, embeddings_graph_name(prefill))}
+            embeddings = {
+                "embed": graph_file(stage, EMBED_GRAPH),
+                "prefill": graph_file(stage, embeddings_graph_name(prefill)),
+            }
             exact = chosen.roles.get("exact")
             if exact is not None and exact != prefill:  # a capacity overflow reruns the step exactly, as for text
                 models[embeddings_graph_name(exact)] = lower.embeddings_graph(ctx, exact, chosen.layout(exact))
@@ -49,13 +50,17 @@ def run(ctx: BuildContext, stage: Stage) -> SavedStage:
         with ctx.cache.put(step, key) as (directory, record):
             with timed("save"):
                 layout, data_record = save_stage_graphs(models, directory, stage)
-            overflow = {s for s, model in models.items() if any(o.name == abi.MOE_OVERFLOW for o in model.graph.outputs)}
+            overflow = {
+                s for s, model in models.items() if any(o.name == abi.MOE_OVERFLOW for o in model.graph.outputs)
+            }
             stage_inputs, stage_outputs = abi.stage_io(stage.layers, stage.first, stage.last, overflow=bool(overflow))
             record["stage"] = {
                 "index": stage.index,
                 "layers": [stage.start, stage.stop],
-                "graphs": {role: {"file": graph_file(stage, s), "reports_overflow": s in overflow}
-                           for role, s in chosen.roles.items()},
+                "graphs": {
+                    role: {"file": graph_file(stage, s), "reports_overflow": s in overflow}
+                    for role, s in chosen.roles.items()
+                },
                 "external_data": data_file(stage),
                 "weights_layout": layout,  # every graph of the stage carries it in its metadata_props
                 "inputs": stage_inputs,
@@ -64,8 +69,7 @@ def run(ctx: BuildContext, stage: Stage) -> SavedStage:
             if embeddings:
                 record["stage"]["embeddings"] = embeddings
             record["passes"] = passes
-            files = {**hash_files(directory, [graph_file(stage, s) for s in models]),
-                     data_file(stage): data_record}
+            files = {**hash_files(directory, [graph_file(stage, s) for s in models]), data_file(stage): data_record}
             record["files"] = dict(sorted(files.items()))
         for strategy in chosen.strategies:
             lower.forget(ctx, stage, strategy, chosen.layout(strategy))  # saved: free

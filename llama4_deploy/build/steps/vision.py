@@ -1,6 +1,7 @@
 """Step `vision`: a multimodal checkpoint's vision tower and projector exported as the bundle's vision engine
 (export/vision.py: `vision.onnx`, weights in `vision.onnx.data`, float32 at every precision), linted like the text
-graphs (the static-shape lint; for the tensorrt target also its parser lint), and checked on ONNX Runtime against the deploy-form module it was exported from; kept in the build cache."""
+graphs (the static-shape lint; for the tensorrt target also its parser lint), and checked on ONNX Runtime against
+the deploy-form module it was exported from; kept in the build cache."""
 
 from __future__ import annotations
 
