@@ -289,3 +289,19 @@ def test_bench_images_runs(vision_bundle):
     rows = [line.split() for line in lines[3:]]
     assert [int(row[0]) for row in rows] == [1, 10]
     assert all(float(value.rstrip("x")) > 0 for row in rows for value in row[1:])
+
+
+def test_continuous_batching_with_images_equals_generate(vision_engine):
+    """The scheduler (what the server runs) with image requests in the batch: each request's tokens equal
+    Engine.generate on it alone; the long image prompt prefills in chunks between the other rows' decode steps."""
+    from llama4_deploy.runtime.scheduler import run_requests
+
+    engine = vision_engine
+    image = engine.image_tokens.image
+    prompts = [[3, image, 4, 5], [6, 7, 8], [9, image, 10, image]]
+    pictures = [[_picture(150, 130, 21)], None, [_picture(40, 70, 22), _picture(56, 112, 23)]]
+    requests = run_requests(engine, prompts, 5, images=pictures)
+    for prompt, given, request in zip(prompts, pictures, requests):
+        alone = engine.generate([prompt], 5, images=[given] if given else None, stop_tokens=[]).tokens[0]
+        assert request.error is None and request.tokens == alone and len(alone) == 5
+    assert requests[0].features is not None and requests[1].features is None
