@@ -156,8 +156,15 @@ def write_random_multimodal(random: dict[str, Any], directory: Path) -> None:
     model.save_pretrained(directory)
     vocab = model.config.text_config.vocab_size
     write_image_tokenizer(directory / "tokenizer.json", vocab, random_image_token_ids(vocab))
+    processor = random_processor_config(random)
+    (directory / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+
+
+def random_processor_config(random: dict[str, Any]) -> dict[str, Any]:
+    """processor_config.json of a random multimodal model, as transformers 5.24's Llama4Processor.save_pretrained
+    writes it for these settings (tests/test_vision.py compares the two)."""
     side = random["vision_config"]["image_size"]
-    processor = {
+    return {
         "fake_image_token": "<|image|>",
         "image_processor": {
             "do_convert_rgb": True,
@@ -177,4 +184,3 @@ def write_random_multimodal(random: dict[str, Any], directory: Path) -> None:
         "patch_size": random["vision_config"]["patch_size"],
         "processor_class": "Llama4Processor",
     }
-    (directory / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")

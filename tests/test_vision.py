@@ -24,11 +24,11 @@ def vision_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def vision_bundle(tmp_path_factory, vision_checkpoint):
+def vision_bundle(tmp_path_factory):
+    """The tiny-vision recipe's bundle: its seeded random weights written as a multimodal checkpoint by the build."""
     from llama4_deploy.build import build
 
-    out = tmp_path_factory.mktemp("bundles") / "vision"
-    return build(checkpoint=vision_checkpoint, out=out, max_context=128, log=lambda _: None).bundle
+    return build("tiny-vision", out=tmp_path_factory.mktemp("bundles") / "tiny-vision", log=lambda _: None).bundle
 
 
 @pytest.fixture(scope="session")
@@ -40,10 +40,10 @@ def vision_engine(vision_bundle):
 
 
 @pytest.fixture(scope="session")
-def reference(vision_checkpoint):
+def reference(vision_bundle):
     from llama4_deploy.export.reference import multimodal_reference
 
-    return multimodal_reference({"kind": "checkpoint", "path": str(vision_checkpoint)})
+    return multimodal_reference(json.loads((vision_bundle / "manifest.json").read_text())["source"])
 
 
 def _picture(height: int, width: int, seed: int) -> np.ndarray:
@@ -109,15 +109,13 @@ def test_images_change_the_answer(vision_engine):
     assert np.abs(a - b).max() > 1e-2
 
 
-def test_tiny_vision_recipe_builds_and_verifies(tmp_path, monkeypatch):
+def test_tiny_vision_recipe_builds_and_verifies(vision_bundle, monkeypatch):
     """The random multimodal recipe: its text rows and its image rows (features for grids 1x1, 1x2, 2x2; generation
     with one image and with two of different grids) pass against Llama4ForConditionalGeneration."""
-    from llama4_deploy.build import build
     from llama4_deploy.quality import verify as verify_module
 
-    bundle = build("tiny-vision", out=tmp_path / "tv", log=lambda _: None).bundle
     monkeypatch.setattr(verify_module, "_perplexity", lambda *args: None)
-    report = verify_module.verify(str(bundle), log=lambda _: None, new_tokens=8)
+    report = verify_module.verify(str(vision_bundle), log=lambda _: None, new_tokens=8)
     assert report.ok, report.table()
     image_rows = [row for row in report.rows if row.path.startswith(("vision", "image"))]
     assert [row.path for row in image_rows] == [
@@ -128,6 +126,27 @@ def test_tiny_vision_recipe_builds_and_verifies(tmp_path, monkeypatch):
         "image 1x1+2x2",
     ]
     assert all(row.greedy_agree == row.greedy_total == 8 for row in image_rows if row.path.startswith("image"))
+
+
+def test_checkpoint_written_by_save_pretrained_reads_as_the_recipe(vision_checkpoint, vision_bundle):
+    """A multimodal checkpoint as transformers writes it (weights, Llama4Processor's processor_config.json and
+    preprocessor_config.json, a tokenizer with the image tokens) gives the build the same vision engine record as
+    the tiny-vision recipe's own files; the recipe's processor_config.json is what Llama4Processor writes."""
+    from llama4_deploy.build.recipe import load_recipe
+    from llama4_deploy.build.stages import Stage
+    from llama4_deploy.build.steps.load import vision_plan
+    from llama4_deploy.export.checkpoint import Checkpoint
+    from llama4_deploy.export.reference import random_processor_config
+
+    names = {p.name for p in vision_checkpoint.iterdir()}
+    assert {"processor_config.json", "preprocessor_config.json", "tokenizer.json", "config.json"} <= names
+    checkpoint = Checkpoint(vision_checkpoint)
+    plan = vision_plan(load_recipe("tiny-vision"), checkpoint, vision_checkpoint, [Stage(0, 0, 4, 1)], lambda _: None)
+    recorded = json.loads((vision_bundle / "manifest.json").read_text())["engine"]["vision"]
+    assert plan.image == recorded["image"] and plan.tokens == recorded["tokens"]
+    assert plan.max_tiles == recorded["max_tiles"] and plan.shape.tokens_per_tile == recorded["tokens_per_tile"]
+    theirs = json.loads((vision_checkpoint / "processor_config.json").read_text())
+    assert random_processor_config(load_recipe("tiny-vision").random.model_dump(mode="json")) == theirs
 
 
 def test_published_vision_config_is_checked():

@@ -101,17 +101,42 @@ PUBLISHED = im.ImageSpec()  # Scout/Maverick's processor: tiles of 336, at most 
 TINY = im.ImageSpec(tile_size=56, max_patches=4)
 
 
+IDS_CASES = ("wide-1000x200", "tiny-20x30", "square-1344-exact-4x4", "png-bytes")
+TEXTS = [("w3 <|image|> w4 w5", IDS_CASES[:1]), ("<|image|> w6 <|image|> w7 <|image|>", IDS_CASES[1:]), ("w3 w4", ())]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Every case through the reference processor at both tile geometries, in one child process."""
+    """Every case through the reference processor at both tile geometries, and the processor's input_ids for the
+    texts, in one child process."""
+    from tests.vision_fixtures import write_image_tokenizer
+
     work = tmp_path_factory.mktemp("images")
-    jobs, keys = [], []
+    write_image_tokenizer(work, 512)
+    jobs, keys, saved = [], [], {}
     for name in sorted(CASES):
-        saved = _save_input(CASES[name](), work / name)
+        saved[name] = _save_input(CASES[name](), work / name)
         for spec in (PUBLISHED, TINY):
-            jobs.append({"op": "pixels", "image": saved, "tile_size": spec.tile_size, "max_patches": spec.max_patches})
+            jobs.append(
+                {"op": "pixels", "image": saved[name], "tile_size": spec.tile_size, "max_patches": spec.max_patches}
+            )
             keys.append((name, spec.tile_size))
-    return dict(zip(keys, run_reference(jobs, work / "reference")))
+    for spec in (PUBLISHED, TINY):
+        for text, chosen in TEXTS:
+            jobs.append(
+                {
+                    "op": "ids",
+                    "text": text,
+                    "images": [saved[n] for n in chosen],
+                    "tokenizer": str(work),
+                    "tile_size": spec.tile_size,
+                    "max_patches": spec.max_patches,
+                }
+            )
+            keys.append((text, spec.tile_size))
+    results = dict(zip(keys, run_reference(jobs, work / "reference")))
+    results["tokenizer"] = work / "tokenizer.json"
+    return results
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -145,14 +170,13 @@ def test_file_path_equals_bytes(tmp_path):
     assert a.aspect_ratio == (2, 1)  # 400x240 rotated a quarter turn is tall: two tiles down
 
 
-def test_expanded_ids_equal_processor(tmp_path):
+def test_expanded_ids_equal_processor(reference):
     """Llama4Processor's input_ids for text with <|image|> placeholders equal the runtime's expansion, for the
     published tile geometry (144 tokens per tile) and a tiny one (4 per tile), with one and several images."""
     from tokenizers import Tokenizer
 
-    from tests.vision_fixtures import image_token_ids, write_image_tokenizer
+    from tests.vision_fixtures import image_token_ids
 
-    write_image_tokenizer(tmp_path, 512)
     ids = image_token_ids(512)
     tokens = im.ImageTokens(
         image=ids["<|image|>"],
@@ -162,30 +186,15 @@ def test_expanded_ids_equal_processor(tmp_path):
         tile_x_separator=ids["<|tile_x_separator|>"],
         tile_y_separator=ids["<|tile_y_separator|>"],
     )
-    raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    names = ("wide-1000x200", "tiny-20x30", "square-1344-exact-4x4", "png-bytes")
-    saved = {name: _save_input(CASES[name](), tmp_path / name) for name in names}
-    texts = [("w3 <|image|> w4 w5", names[:1]), ("<|image|> w6 <|image|> w7 <|image|>", names[1:]), ("w3 w4", ())]
-    jobs, expected_inputs = [], []
+    raw = Tokenizer.from_file(str(reference["tokenizer"]))
     for spec in (PUBLISHED, TINY):
-        for text, chosen in texts:
-            jobs.append(
-                {
-                    "op": "ids",
-                    "text": text,
-                    "images": [saved[n] for n in chosen],
-                    "tokenizer": str(tmp_path),
-                    "tile_size": spec.tile_size,
-                    "max_patches": spec.max_patches,
-                }
-            )
-            expected_inputs.append((spec, text, chosen))
-    for (spec, text, chosen), expected in zip(expected_inputs, run_reference(jobs, tmp_path / "reference")):
-        prompt = raw.encode(text, add_special_tokens=False).ids
-        prepared = [im.preprocess(CASES[n](), spec) for n in chosen]
-        got = im.expand_placeholders(prompt, prepared, spec.tokens_per_tile, tokens)
-        assert got == expected["input_ids"].tolist(), (text, spec.tile_size)
-        if prepared:  # the processor's pixel values are the images' tiles in order
-            stacked = np.concatenate([p.pixel_values for p in prepared])
-            assert np.abs(stacked - expected["pixel_values"]).max() <= PIXEL_TOLERANCE
+        for text, chosen in TEXTS:
+            expected = reference[(text, spec.tile_size)]
+            prompt = raw.encode(text, add_special_tokens=False).ids
+            prepared = [im.preprocess(CASES[n](), spec) for n in chosen]
+            got = im.expand_placeholders(prompt, prepared, spec.tokens_per_tile, tokens)
+            assert got == expected["input_ids"].tolist(), (text, spec.tile_size)
+            if prepared:  # the processor's pixel values are the images' tiles in order
+                stacked = np.concatenate([p.pixel_values for p in prepared])
+                assert np.abs(stacked - expected["pixel_values"]).max() <= PIXEL_TOLERANCE
     assert PUBLISHED.tokens_per_tile == 144 and TINY.tokens_per_tile == 4
