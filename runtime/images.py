@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # A stated limit on decoded pixels (Pillow's own bomb guard warns at 89M and refuses at 179M): larger images are
 # refused before decoding, so a small compressed file cannot exhaust memory.
 MAX_IMAGE_PIXELS = 64_000_000
+MAX_IMAGE_BYTES = 64 << 20  # an encoded image file read from disk
 
 
 class ImageError(ValueError):
@@ -410,3 +411,49 @@ def expand_placeholders(
         else:
             out.append(token)
     return out
+
+
+# -- image URLs (OpenAI's image_url content parts) ---------------------------------------------------------------
+
+
+def image_from_url(url: str, allowed_local_media_path: str | Path | None = None, name: str = "image_url") -> bytes:
+    """The encoded bytes an `image_url` names: a `data:image/...;base64,` URL, or a `file://` URL (or a plain path)
+    inside `allowed_local_media_path`; remote URLs are refused (nothing is fetched from a production server)."""
+    import base64
+    import binascii
+    from urllib.parse import unquote, urlparse
+
+    if not isinstance(url, str) or not url:
+        raise ImageError(f"{name} is empty; give a data: URL or a file under --allowed-local-media-path")
+    if url.startswith("data:"):
+        header, comma, payload = url.partition(",")
+        if not comma or ";base64" not in header:
+            raise ImageError(f"{name} is a data: URL without ';base64,'; send the image base64-encoded")
+        media = header[len("data:") :].split(";")[0]
+        if media and not media.startswith("image/"):
+            raise ImageError(f"{name} is a data: URL of {media!r}, not an image")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageError(f"{name} is a data: URL whose payload is not valid base64") from None
+    scheme = urlparse(url).scheme.lower()
+    if scheme in ("http", "https", "ftp"):
+        raise ImageError(
+            f"{name} is a remote URL ({scheme}); this server does not fetch URLs: send the image as a data: URL, "
+            "or as a file under --allowed-local-media-path"
+        )
+    if scheme not in ("", "file"):
+        raise ImageError(f"{name} has the scheme {scheme!r}; use data: or file:")
+    if allowed_local_media_path is None:
+        raise ImageError(f"{name} names a local file, which this server reads only under --allowed-local-media-path")
+    path = Path(unquote(urlparse(url).path) if scheme == "file" else url)
+    root = Path(allowed_local_media_path).resolve()
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise ImageError(f"{name} names {str(path)!r}, which does not exist") from None
+    if not resolved.is_relative_to(root) or not resolved.is_file():
+        raise ImageError(f"{name} names {str(path)!r}, which is not a file under --allowed-local-media-path {root}")
+    if resolved.stat().st_size > MAX_IMAGE_BYTES:
+        raise ImageError(f"{name} names a file of {resolved.stat().st_size} bytes, more than {MAX_IMAGE_BYTES}")
+    return resolved.read_bytes()

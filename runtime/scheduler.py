@@ -208,7 +208,11 @@ class Scheduler:
             raise ValueError(f"min_tokens is {request.min_tokens}, more than max_tokens {request.max_tokens}")
         if request.logprobs is not None and not 0 <= request.logprobs <= self.engine.vocab_size:
             raise ValueError(f"logprobs is {request.logprobs}; it must be in [0, {self.engine.vocab_size}]")
-        if request.images is not None or self.engine.vision is not None:
+        if request.features is not None:  # prepared by the caller (Engine.prepare_images): expanded, encoded
+            if request.images is not None:
+                raise ValueError("give a request either its images or their prepared features, not both")
+            request.prompt = self.engine._check_prompt(request.prompt, request.max_tokens)
+        elif request.images is not None or self.engine.vision is not None:
             prompts, features = self.engine.prepare_images([request.prompt], [request.images], request.max_tokens)
             request.prompt, request.features = prompts[0], features[0]
         else:

@@ -112,3 +112,32 @@ def test_placeholders_and_images_must_agree():
         im.expand_placeholders([1, 9, 2, 9], [one], SPEC.tokens_per_tile, tokens, "prompt 2")
     with pytest.raises(im.ImageError, match=r"^prompt 0 has 0 <\|image\|> placeholders but 2 images were given"):
         im.expand_placeholders([1, 2], [one, one], SPEC.tokens_per_tile, tokens, "prompt 0")
+
+
+def test_image_urls(tmp_path):
+    """OpenAI image_url values: data: URLs decode; files only under the allowed directory; remote URLs refused."""
+    import base64
+
+    png = _png(Image.new("RGB", (5, 5), (1, 2, 3)))
+    assert im.image_from_url("data:image/png;base64," + base64.b64encode(png).decode()) == png
+    (tmp_path / "media").mkdir()
+    (tmp_path / "media" / "a.png").write_bytes(png)
+    (tmp_path / "secret.png").write_bytes(png)
+    allowed = tmp_path / "media"
+    assert im.image_from_url(f"file://{allowed}/a.png", allowed) == png
+    assert im.image_from_url(str(allowed / "a.png"), allowed) == png
+    refusals = [
+        ("https://example.com/cat.png", allowed, "is a remote URL (https); this server does not fetch URLs"),
+        (f"file://{tmp_path}/secret.png", allowed, "which is not a file under --allowed-local-media-path"),
+        (f"file://{allowed}/../secret.png", allowed, "which is not a file under --allowed-local-media-path"),
+        (f"file://{allowed}/a.png", None, "reads only under --allowed-local-media-path"),
+        (f"file://{allowed}/missing.png", allowed, "which does not exist"),
+        ("data:image/png;base64,@@@", None, "payload is not valid base64"),
+        ("data:text/plain;base64,aGk=", None, "is a data: URL of 'text/plain', not an image"),
+        ("data:image/png,rawbytes", None, "without ';base64,'"),
+        ("gopher://x", None, "has the scheme 'gopher'"),
+    ]
+    for url, root, words in refusals:
+        with pytest.raises(im.ImageError) as info:
+            im.image_from_url(url, root, "messages[0].content[1].image_url")
+        assert words in str(info.value) and str(info.value).startswith("messages[0].content[1].image_url")
