@@ -158,3 +158,26 @@ def opened_engines(bundles: dict):
     yield opened
     for engine in opened.values():
         engine.close()
+
+
+@pytest.fixture(scope="session")
+def vision_bundle(tmp_path_factory):
+    """The tiny-vision recipe's bundle: its seeded random weights written as a multimodal checkpoint by the build."""
+    from llama4_deploy.build import build
+
+    return build("tiny-vision", out=tmp_path_factory.mktemp("bundles") / "tiny-vision", log=lambda _: None).bundle
+
+
+@pytest.fixture(scope="session")
+def vision_engine(vision_bundle):
+    from llama4_deploy.runtime import load
+
+    with load(vision_bundle) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def multimodal_model(vision_bundle):
+    from llama4_deploy.export.reference import multimodal_reference
+
+    return multimodal_reference(json.loads((vision_bundle / "manifest.json").read_text())["source"])

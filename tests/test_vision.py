@@ -23,29 +23,6 @@ def vision_checkpoint(tmp_path_factory):
     return write_vision_checkpoint(tmp_path_factory.mktemp("vision") / "mm", seed=3)
 
 
-@pytest.fixture(scope="session")
-def vision_bundle(tmp_path_factory):
-    """The tiny-vision recipe's bundle: its seeded random weights written as a multimodal checkpoint by the build."""
-    from llama4_deploy.build import build
-
-    return build("tiny-vision", out=tmp_path_factory.mktemp("bundles") / "tiny-vision", log=lambda _: None).bundle
-
-
-@pytest.fixture(scope="session")
-def vision_engine(vision_bundle):
-    from llama4_deploy.runtime import load
-
-    with load(vision_bundle) as engine:
-        yield engine
-
-
-@pytest.fixture(scope="session")
-def reference(vision_bundle):
-    from llama4_deploy.export.reference import multimodal_reference
-
-    return multimodal_reference(json.loads((vision_bundle / "manifest.json").read_text())["source"])
-
-
 def _picture(height: int, width: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
 
@@ -60,7 +37,7 @@ def test_bundle_records_the_vision_engine(vision_bundle):
         assert name in manifest["files"]  # hashed, so load checks them
 
 
-def test_features_equal_get_image_features(vision_engine, reference):
+def test_features_equal_get_image_features(vision_engine, multimodal_model):
     import torch
 
     from llama4_deploy.export.vision import reference_features
@@ -68,17 +45,17 @@ def test_features_equal_get_image_features(vision_engine, reference):
     for shape in ((56, 56), (56, 112), (150, 130)):  # grids 1x1, 1x2 (+ global), 2x2 (+ global)
         prepared = im.preprocess(_picture(*shape, seed=shape[1]), vision_engine.image_spec)
         got = vision_engine.encode_images([prepared]).reshape(prepared.tiles, 4, -1)
-        want = reference_features(reference, torch.from_numpy(prepared.pixel_values)).numpy()
+        want = reference_features(multimodal_model, torch.from_numpy(prepared.pixel_values)).numpy()
         assert np.abs(got - want).max() <= REL * max(1.0, np.abs(want).max()), shape
 
 
-def _reference_logits(reference, ids, pixel_values, prompt_length=None):
+def _reference_logits(multimodal_model, ids, pixel_values, prompt_length=None):
     from llama4_deploy.export.reference import multimodal_logits
 
-    return multimodal_logits(reference, ids, pixel_values, prompt_length)
+    return multimodal_logits(multimodal_model, ids, pixel_values, prompt_length)
 
 
-def test_generate_with_images_equals_reference(vision_engine, reference):
+def test_generate_with_images_equals_reference(vision_engine, multimodal_model):
     """A ragged batch: one prompt with two images (grids 2x2 and 1x1), one with none, one with a 1x2 image; greedy
     tokens identical to the reference's argmax over the same sequences, logits within tolerance."""
     engine = vision_engine
@@ -93,7 +70,7 @@ def test_generate_with_images_equals_reference(vision_engine, reference):
         grids.append([p.aspect_ratio for p in prepared])
         ids = im.expand_placeholders(prompt, prepared, engine.image_spec.tokens_per_tile, engine.image_tokens)
         pixels = np.concatenate([p.pixel_values for p in prepared]) if prepared else None
-        expected = _reference_logits(reference, ids + tokens, pixels, len(ids))
+        expected = _reference_logits(multimodal_model, ids + tokens, pixels, len(ids))
         expected = expected[len(ids) - 1 : len(ids) - 1 + len(tokens)]
         assert tokens == expected.argmax(-1).tolist()
         assert np.abs(logits - expected).max() <= REL * max(1.0, np.abs(expected).max())
