@@ -301,3 +301,18 @@ def test_continuous_batching_with_images_equals_generate(vision_engine):
         alone = engine.generate([prompt], 5, images=[given] if given else None, stop_tokens=[]).tokens[0]
         assert request.error is None and request.tokens == alone and len(alone) == 5
     assert requests[0].features is not None and requests[1].features is None
+
+
+def test_text_prompts_keep_the_input_ids_path(vision_engine, tiny_bundle, monkeypatch):
+    """A vision bundle's text-only prompts run the text graphs (never the embedding step) and give what the tiny
+    recipe's text-only bundle gives: tiny-vision's text model is tiny's."""
+    from llama4_deploy.runtime import load
+
+    def no_embeddings(*args):
+        raise AssertionError("a text-only prompt went through the embedding step")
+
+    monkeypatch.setattr(vision_engine, "run_embeds_step", no_embeddings)
+    prompts = [list(range(10, 40)), list(range(50, 61))]
+    with load(tiny_bundle) as text_only:
+        expected = text_only.generate(prompts, 8, stop_tokens=[]).tokens
+    assert vision_engine.generate(prompts, 8, stop_tokens=[]).tokens == expected
