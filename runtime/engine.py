@@ -110,6 +110,13 @@ class Engine:
                 for file in dict.fromkeys(graph["file"] for graph in stage.graphs.values()):
                     self.runners[file] = self._open_graph(file, threads, file in steady, stage, providers[stage.index])
         self.vision = engine.get("vision")  # the vision engine and embedding step (runtime/images.py), or None
+        self._no_vision = (
+            "this bundle has no vision engine (built from a text-only checkpoint or with --no-vision); "
+            "it takes text only"
+        )
+        if self.vision is not None and self.backend == "tensorrt":  # text runs there; images are refused
+            self.vision = None
+            self._no_vision = "images run on ONNX Runtime only: load this bundle with backend='onnxruntime'"
         if self.vision is not None:
             self._open_vision(threads)
         self._stage_caches = [abi.past_names(stage.layers) for stage in self.stages]
@@ -161,8 +168,6 @@ class Engine:
 
     def _open_vision(self, threads: int | None) -> None:
         """The vision graph, the embedding step and the prefill graph that takes hidden_states (ONNX Runtime)."""
-        if self.backend == "tensorrt":
-            raise BundleError("images run on ONNX Runtime only: load this bundle with backend='onnxruntime'")
         vision = self.vision
         self.vision_runner = self._open_side_graph(vision["file"], threads, weights=False)
         self.embed_runner = self._open_side_graph(vision["embed"], threads, weights=True)
@@ -395,10 +400,7 @@ class Engine:
         """Prompts with their <|image|> placeholders expanded and each row's image features (None for a row with
         no image); every image is decoded, checked and encoded before any prompt is prefilled."""
         if images_per_prompt is not None and self.vision is None:
-            raise ValueError(
-                "this bundle has no vision engine (built from a text-only checkpoint or with --no-vision); "
-                "it takes text only"
-            )
+            raise ValueError(self._no_vision)
         if images_per_prompt is None:
             images_per_prompt = [[] for _ in prompts]
         if isinstance(images_per_prompt, (str, bytes)) or not isinstance(images_per_prompt, (list, tuple)):
