@@ -595,8 +595,16 @@ def _within(minimum: float, maximum: float | None = None, must: str | None = Non
     help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "
     "on ONNX Runtime, stage s on cuda:s on TensorRT)",
 )
+@click.option(
+    "--allowed-local-media-path",
+    type=click.Path(),
+    help="a directory whose files image_url parts may name (file:// URLs or paths); default: data: URLs only",
+)
 def serve(bundle, **options) -> None:
     """Serve a bundle over HTTP with OpenAI's API (needs the `serve` extra)."""
+    media = options.get("allowed_local_media_path")
+    if media is not None and not Path(media).is_dir():
+        raise UserError(f"--allowed-local-media-path {media!r} is not a directory")
     try:
         from llama4_deploy.serving.server import serve as run_serve
     except ImportError as err:

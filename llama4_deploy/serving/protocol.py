@@ -221,17 +221,34 @@ class TextPart(_Strict):
     text: Text
 
 
+class ImageURL(_Strict):
+    url: Text  # a data: URL, or a file under --allowed-local-media-path (remote URLs are refused)
+    detail: Literal["auto"] | None = None  # Llama 4's processor has one resolution rule: tiles of image_size
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart] | None = None
+    content: Text | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
     name: Text | None = None  # OpenAI's participant name: passed to the chat template
 
-    def text(self) -> str:
+    def text(self, image_marker: str = "") -> str:
+        """The message's text, each image part as `image_marker` where it stands."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text if isinstance(part, TextPart) else image_marker for part in self.content)
+
+    def image_urls(self) -> list[tuple[int, str]]:
+        """(part index, url) of each image part, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [(j, part.image_url.url) for j, part in enumerate(self.content) if isinstance(part, ImagePart)]
 
 
 class ChatCompletionRequest(_Sampling):

@@ -54,6 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llama4_deploy import __version__
 from llama4_deploy.runtime import load
 from llama4_deploy.runtime.engine import Engine
+from llama4_deploy.runtime.images import image_from_url
 from llama4_deploy.runtime.scheduler import Output, QueueFull, Request, Scheduler, StepRecord, Unavailable
 from llama4_deploy.runtime.tokenizer import Tokenizer, load_tokenizer
 from llama4_deploy.serving.protocol import (
@@ -75,6 +76,10 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
 )
 DEFAULT_BOS = "<|begin_of_text|>"
+
+
+# where an image part stands in the rendered chat (a private-use character no tokenizer merges with text)
+IMAGE_MARKER = "\ue000image\ue000"
 
 
 class ClientError(ValueError):
@@ -285,6 +290,7 @@ class Server:
         chat_template: Path | None = None,
         allowed_origins: tuple[str, ...] = (),
         log_requests: bool = False,
+        allowed_local_media_path: Path | None = None,
     ):
         if api_key is not None and not api_key:
             raise ValueError("--api-key is empty; give a key, or leave the option out to serve without one")
@@ -298,6 +304,8 @@ class Server:
             raise ValueError(f"--max-request-bytes is {max_request_bytes}; it must be at least 1")
         self.max_request_bytes = max_request_bytes
         self.engine = engine
+        # image_url parts may name files only under this directory (None: data: URLs only)
+        self.allowed_local_media_path = allowed_local_media_path
         self.model = served_model_name or engine.manifest.name
         self.created = int(time.time())
         self.tokenizer: Tokenizer | None = None
@@ -354,6 +362,30 @@ class Server:
         ids = self._encode(self.chat_template.render(messages, variables), "messages", special=False)
         self._check_length(ids, 1, "messages")
         return ids
+
+    def _chat_image_ids(self, messages: list[dict], variables: dict | None, urls: list[tuple[str, str]]):
+        """(expanded token ids, image features) of a chat with image parts (on a worker thread): the template's
+        text around each image's marker encoded as text, the marker as the <|image|> id, then the runtime's own
+        expansion and encoding (runtime/images.py, Engine.prepare_images)."""
+        pieces = self.chat_template.render(messages, variables).split(IMAGE_MARKER)
+        if len(pieces) != len(urls) + 1:
+            raise ClientError(
+                f"the chat template placed {len(pieces) - 1} of the {len(urls)} images; it must render each "
+                "message's content once",
+                "messages",
+            )
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            ids += self._encode(piece, "messages", special=False) if piece else []
+            if k < len(urls):
+                ids.append(self.engine.image_tokens.image)
+        try:
+            sources = [image_from_url(url, self.allowed_local_media_path, param) for param, url in urls]
+            prompts, features = self.engine.prepare_images([ids], [sources], 1)
+        except ValueError as err:
+            raise ClientError(str(err), "messages") from None
+        self._check_length(prompts[0], 1, "messages")
+        return prompts[0], features[0]
 
     def _check_length(self, ids: list[int], max_tokens: int, param: str) -> None:
         """The context check before the per-token checks of `submit`, which a huge prompt would make slow."""
@@ -472,15 +504,32 @@ class Server:
     async def chat_completions(self, http: HttpRequest):
         body = await self._body(http, ChatCompletionRequest)
         self._check_model(body.model)
+        urls = [
+            (f"messages[{i}].content[{j}].image_url", url)
+            for i, m in enumerate(body.messages)
+            for j, url in m.image_urls()
+        ]
+        if urls and self.engine.vision is None:
+            raise ClientError(
+                f"bundle {self.model} has no vision engine (built from a text-only checkpoint or with --no-vision); "
+                "send text only",
+                urls[0][0],
+            )
         messages = [
-            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name is not None else {})}
+            {"role": m.role, "content": m.text(IMAGE_MARKER), **({"name": m.name} if m.name is not None else {})}
             for m in body.messages
         ]
-        prompt = await asyncio.to_thread(self._chat_ids, messages, body.chat_template_kwargs)
+        features = None
+        if urls:  # the placeholders expanded and the images encoded before the request is queued
+            prompt, features = await asyncio.to_thread(self._chat_image_ids, messages, body.chat_template_kwargs, urls)
+        else:
+            prompt = await asyncio.to_thread(self._chat_ids, messages, body.chat_template_kwargs)
         room = self.engine.manifest.max_context - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        run = _Run(self, self._request(body, prompt, max_tokens, top), body.stop_strings(), "chat.completions")
+        request = self._request(body, prompt, max_tokens, top)
+        request.features = features
+        run = _Run(self, request, body.stop_strings(), "chat.completions")
         run.submit()
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -938,6 +987,7 @@ def serve(
     chat_template: str | None = None,
     allowed_origins: tuple[str, ...] = (),
     log_requests: bool = False,
+    allowed_local_media_path: str | None = None,
 ) -> None:
     """Load a bundle and serve it until SIGTERM/SIGINT; `echo` gets the one-line status messages. `devices`:
     load's (one device per pipeline stage)."""
@@ -958,6 +1008,7 @@ def serve(
             chat_template=Path(chat_template) if chat_template is not None else None,
             allowed_origins=allowed_origins,
             log_requests=log_requests,
+            allowed_local_media_path=allowed_local_media_path,
         )
         if log_requests:
             handler = logging.StreamHandler()
