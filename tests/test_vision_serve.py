@@ -121,3 +121,19 @@ def test_image_tokens_count_against_the_context(live):
     status, _, payload = live.post("/v1/chat/completions", body)
     assert status == 400 and "exceeds the bundle's context of 128 tokens" in payload["error"]["message"], payload
     assert im.ImageSpec(tile_size=56, max_patches=4).tokens_per_tile == 4
+
+
+@pytest.mark.parametrize(
+    "part, words",
+    [
+        ({"type": "text", "image_url": {"url": "data:,"}}, "a text part holds text and no image_url"),
+        ({"type": "image_url", "text": "w1"}, "an image_url part holds image_url and no text"),
+        ({"type": "image_url", "image_url": {"url": "data:,", "detail": "high"}}, "detail"),
+        ({"type": "input_audio", "input_audio": {}}, "input_audio"),
+    ],
+    ids=["text-with-image", "image-without-url", "detail-high", "audio"],
+)
+def test_malformed_parts_are_400(live, part, words):
+    body = {"model": live.server.model, "messages": [{"role": "user", "content": [part]}], "max_tokens": 2}
+    status, _, payload = live.post("/v1/chat/completions", body)
+    assert status == 400 and words in payload["error"]["message"] + str(payload["error"]["param"]), payload

@@ -216,24 +216,31 @@ class CompletionRequest(_Sampling):
         return echo
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: Text
-
-
 class ImageURL(_Strict):
     url: Text  # a data: URL, or a file under --allowed-local-media-path (remote URLs are refused)
     detail: Literal["auto"] | None = None  # Llama 4's processor has one resolution rule: tiles of image_size
 
 
-class ImagePart(_Strict):
-    type: Literal["image_url"]
-    image_url: ImageURL
+class ContentPart(_Strict):
+    """One part of a message's content: OpenAI's text part or image_url part (one model, so an error's location
+    is the part's own field, `messages.0.content.0.text`)."""
+
+    type: Literal["text", "image_url"]
+    text: Text | None = None
+    image_url: ImageURL | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if self.type == "text" and (self.text is None or self.image_url is not None):
+            raise ValueError("a text part holds text and no image_url")
+        if self.type == "image_url" and (self.image_url is None or self.text is not None):
+            raise ValueError("an image_url part holds image_url and no text")
+        return self
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    content: Text | list[ContentPart] | None = None
     name: Text | None = None  # OpenAI's participant name: passed to the chat template
 
     def text(self, image_marker: str = "") -> str:
@@ -242,13 +249,13 @@ class ChatMessage(_Strict):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text if isinstance(part, TextPart) else image_marker for part in self.content)
+        return "".join(part.text if part.type == "text" else image_marker for part in self.content)
 
     def image_urls(self) -> list[tuple[int, str]]:
         """(part index, url) of each image part, in order."""
         if not isinstance(self.content, list):
             return []
-        return [(j, part.image_url.url) for j, part in enumerate(self.content) if isinstance(part, ImagePart)]
+        return [(j, part.image_url.url) for j, part in enumerate(self.content) if part.type == "image_url"]
 
 
 class ChatCompletionRequest(_Sampling):
