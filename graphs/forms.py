@@ -15,7 +15,7 @@ QuantMethod = Literal["rtn", "awq"]
 Int4Compute = Literal["float", "int8"]  # int8: MatMulNBits quantizes its activation per block
 BlockSize = Literal[32, 64, 128]  # int4 block along the reduction axis
 MoEDispatch = Literal["dense", "gather", "capacity", "native"]
-AttentionForm = Literal["decomposed", "onnx23"]
+AttentionForm = Literal["decomposed", "onnx23", "gqa"]  # gqa: ONNX Runtime's kernel over an in-place cache
 
 
 def values(literal) -> tuple:

@@ -121,6 +121,15 @@ class _LeadingRows:
     def write(self, outputs: dict, positions: np.ndarray) -> None:
         self.cache.write(outputs, positions)  # positions [b, T]: its rows are the cache's first b rows
 
+    def step_width(self, tokens: int) -> int:
+        return self.cache.step_width(tokens, self.lengths)
+
+    def reserve_step(self, width: int) -> None:
+        self.cache.reserve_step(width, self.lengths)
+
+    def advance(self, positions: np.ndarray) -> None:
+        self.cache.advance(positions)  # positions [b, T]: its rows are the cache's first b rows
+
 
 def top_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
     """Log-probability of `token` and the k most likely tokens under logits [V] (log-softmax in float64)."""
