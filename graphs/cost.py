@@ -151,6 +151,7 @@ def _fold_small_values(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
 
 
 _GQA = "GroupQueryAttention"  # the gqa attention form (graphs/lower_attention_gqa.py)
+_SKIP_NORM = "SkipSimplifiedLayerNormalization"  # its residual add + norm (graphs/lower_skip_norm.py)
 
 
 def _structure_proto(model: ir.Model) -> onnx.ModelProto:
@@ -176,9 +177,20 @@ def _stand_ins(proto: onnx.ModelProto) -> None:
     only, each becomes a standard node of the same output shape, name and output name, in one pass: MoE, QMoE and
     GroupQueryAttention (output: the first input's shape; its present outputs, the past buffers, are dropped) an
     Identity, MatMulNBits ([.., K] -> [.., N]) a MatMul by a [K, N] stand-in weight of its scales' dtype (A's:
-    both are T1), declared external and never read. Without this, each of a
+    both are T1), declared external and never read; SkipSimplifiedLayerNormalization an Add giving its output and
+    an Identity of it giving the sum. Without this, each of a
     layer's kernels cost an inference round and a many-layer graph ran out of rounds with later layers unresolved."""
     elem_types = {t.name: t.data_type for t in proto.graph.initializer}
+    nodes = []
+    for node in proto.graph.node:
+        nodes.append(node)
+        if node.domain == "com.microsoft" and node.op_type == _SKIP_NORM:  # both outputs: the sum's shape
+            total = node.output[3]
+            nodes.append(onnx.helper.make_node("Identity", [node.output[0]], [total], name=f"{node.name}/sum"))
+            del node.input[2:], node.output[1:], node.attribute[:]
+            node.op_type, node.domain = "Add", ""
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
     for node in proto.graph.node:
         if node.domain != "com.microsoft" or node.op_type not in ("MoE", "QMoE", "MatMulNBits", _GQA):
             continue

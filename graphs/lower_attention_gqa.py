@@ -10,12 +10,14 @@ in place, so no step copies the cache or builds a mask).
                                past    = past_lengths (global) | past_lengths mod C (chunked)   # [B] P_b
                                seqlens = Cast(Max(past + new, 1) - 1, int32)                     # T_b - 1
                                total   = Cast(Shape(past_key.first)[2], int32)                   # buffer slots
-             context, present_key.l, present_value.l = GroupQueryAttention(
+             attended, present_key.l, present_value.l = GroupQueryAttention(
                    Reshape(query, [0, 0, Q * D]), Reshape(Transpose(key, [0, 2, 1, 3]), [0, 0, K * D]),
                    (value likewise), past_key, past_value, seqlens, total, query_seqlens=new;
                    num_heads Q, kv_num_heads K, scale)                      # present: [B, K, S, D], the buffer
+             context = Where(Unsqueeze(position_ids >= 0, 2), attended, 0)  # padded rows: finite (zeros)
 
-    The prologue's masks lose their last readers and are removed with every other unused node.
+    Unused nodes are removed. The prologue's masks stay where the exported layers read a dimension from their shape
+    (once per step per layer kind, not per layer); no layer reads their values any more.
 
 Why it is exact (ONNX Runtime 1.32's GroupQueryAttention, CPU; its schema's "Right-padded query chunks"):
 with `query_seqlens`, row b's first Q_b query rows are its real tokens, its cache holds T_b = seqlens_k[b] + 1
@@ -30,7 +32,8 @@ kernel computes the op exactly when slot j of row b holds the key the op's masks
   [0, P_b) hold positions [floor(p / C) * C, p) of the current chunk, and the runtime splits a step that would cross
   a chunk boundary (P_b + T <= C for every row), so query s at position p = past_lengths[b] + s attends exactly
   [floor(p / C) * C, p], the op's chunked mask. A new chunk (P_b = 0) sees nothing of the previous one.
-- Padding: a padded query row's output is unspecified, as the op's is meaningless; it is never a key (never written).
+- Padding: a padded query row's output, unspecified by the kernel, is set to zeros (the op's is finite and
+  meaningless); a padded token is never a key (never written).
   A row with no real token (Q_b = 0, idle) keeps its cache; T_b >= 1 is required, so it is given max(P_b, 1).
 Only the order of floating-point sums differs from the decomposed form (the kernel's GEMM and softmax in fp32).
 What stays outside the kernel, computed as before: RoPE (the kernel's rotary would take chunk-relative positions on
@@ -79,12 +82,14 @@ def _why_not(node: ir.Node, graph: ir.Graph, heads) -> str | None:
 
 
 def _lengths(graph: ir.Graph, chunk: int | None, first_past: ir.Value) -> tuple[ir.tape.Tape, tuple[ir.Value, ...]]:
-    """The kernel's length inputs for one kind of layer: (query_seqlens, seqlens_k, total_sequence_length)."""
+    """The kernel's length inputs for one kind of layer, (query_seqlens, seqlens_k, total_sequence_length), and which
+    query rows are real tokens ([B, T, 1] bool)."""
     tape = ir.tape.Tape()
     kind = "chunked" if chunk else "global"
     op, const = scoped(tape, f"/attention/gqa/{kind}")
     positions, past = _graph_value(graph, abi.POSITION_IDS), _graph_value(graph, abi.PAST_LENGTHS)
-    real = op("Cast", [op("GreaterOrEqual", [positions, const("zero", np.array(0, dtype=np.int64))])], {"to": 7})
+    valid = op("GreaterOrEqual", [positions, const("zero", np.array(0, dtype=np.int64))], name="Valid")  # [B, T]
+    real = op("Cast", [valid], {"to": 7})
     new = op("ReduceSum", [real, const("axis1", np.array([1], dtype=np.int64))], {"keepdims": 0}, name="New")
     if chunk:
         past = op("Mod", [past, const("chunk", np.array(chunk, dtype=np.int64))], name="InChunk")
@@ -92,7 +97,8 @@ def _lengths(graph: ir.Graph, chunk: int | None, first_past: ir.Value) -> tuple[
     seqlens = op("Cast", [op("Sub", [total, const("one_", np.array(1, dtype=np.int64))])], {"to": 6}, name="Seqlens")
     slots = op("Shape", [first_past], {"start": 2, "end": 3}, name="Slots")
     bound = op("Cast", [op("Squeeze", [slots, const("axis0", np.array([0], dtype=np.int64))])], {"to": 6}, name="Bound")
-    return tape, (op("Cast", [new], {"to": 6}, name="QuerySeqlens"), seqlens, bound)
+    rows = op("Unsqueeze", [valid, const("axis2", np.array([2], dtype=np.int64))], name="ValidRows")  # [B, T, 1]
+    return tape, (op("Cast", [new], {"to": 6}, name="QuerySeqlens"), seqlens, bound, rows)
 
 
 def _replace(graph: ir.Graph, node: ir.Node, outputs: list, q: int, k: int, d: int, lengths) -> None:
@@ -108,14 +114,18 @@ def _replace(graph: ir.Graph, node: ir.Node, outputs: list, q: int, k: int, d: i
         shape = const(f"{label}_shape", np.array([0, 0, width], dtype=np.int64))
         return op("Reshape", [x, shape], name=f"{label}Flat")  # [B, T, width]
 
-    query_seqlens, seqlens, bound = lengths
-    context, present_key, present_value = op(
+    query_seqlens, seqlens, bound, valid_rows = lengths
+    attended, present_key, present_value = op(
         "GroupQueryAttention",
         [tokens_flat(query, q * d, "Query", transpose=False), tokens_flat(key, k * d, "Key"),
          tokens_flat(value, k * d, "Value"), past_key, past_value, seqlens, bound, *([None] * 9), query_seqlens],
         {"num_heads": q, "kv_num_heads": k, "scale": node.attributes["scale"].as_float()},
         domain=CONTRIB, num_outputs=3, name="GroupQueryAttention",
     )  # fmt: skip
+    # the kernel leaves a padded query row's output unspecified (possibly not even finite): zeros there, as the op
+    # promises a finite, meaningless row
+    zero = const("zero", np.array(0, dtype=query.dtype.numpy() if query.dtype else np.float32))
+    context = op("Where", [valid_rows, attended, zero], name="PaddedRows")
     graph.insert_before(node, tape.nodes)
     old = node.outputs[0]
     name, old.name = old.name, None

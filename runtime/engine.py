@@ -112,7 +112,8 @@ class Engine:
         self._stage_caches = [abi.past_names(stage.layers) for stage in self.stages]
         # the gqa attention form writes each layer's new keys/values into the buffer it reads (bound as both the
         # past input and the present output): per stage, present name -> past name
-        self.in_place = any(g.get("attention") == "gqa" for stage in self.stages for g in stage.graphs.values())
+        # (engine.graphs records the form; every graph of a bundle, in every stage, has the same one)
+        self.in_place = any(graph.get("attention") == "gqa" for graph in self.graphs.values())
         self._shared = [
             dict(zip(abi.present_names(stage.layers), abi.past_names(stage.layers))) for stage in self.stages
         ]
@@ -239,8 +240,9 @@ class Engine:
             )
         parts, start = [], 0
         while start < ids.shape[1]:
-            width = cache.step_width(ids.shape[1] - start)
-            cache.reserve_step(width)
+            idle = positions[:, start] < 0  # real tokens come first: a row padded here has none left
+            width = cache.step_width(ids.shape[1] - start, idle)
+            cache.reserve_step(width, idle)
             part = self._step_in_place(cache, ids[:, start : start + width], positions[:, start : start + width])
             parts.append(part)
             start += width

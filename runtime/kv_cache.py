@@ -191,23 +191,25 @@ class KVCache:
         self.lengths = new_lengths
 
     # -- written in place by the engine (the gqa attention form, graphs/lower_attention_gqa.py) ------------------
-    def step_width(self, tokens: int, lengths: np.ndarray | None = None) -> int:
+    def step_width(self, tokens: int, idle: np.ndarray, lengths: np.ndarray | None = None) -> int:
         """How many of the next `tokens` columns one in-place step may take: every row's buffer must hold its past
-        plus the whole padded step, P_b + T (the kernel's contract), where a chunked layer's P_b is the row's place
-        in its current chunk and an idle row counts at least 1. So a step that would cross a chunk boundary (or
-        pass the bundle's context) is cut there. `lengths`: the rows stepped (default: all)."""
+        P_b plus the whole padded step (the kernel's contract), where a chunked layer's P_b is the row's place in its
+        current chunk and an idle row (`idle` [B]: no real token left in the step) counts at least 1. So a step that
+        would cross a chunk boundary (or pass the bundle's context) is cut there. `lengths`: the rows stepped
+        (default: all)."""
         lengths = self.lengths if lengths is None else lengths
-        width = min(tokens, self.max_context - int(np.maximum(lengths, 1).max()))
+        floor = idle.astype(lengths.dtype)  # an idle row's past is at least 1
+        width = min(tokens, self.max_context - int(np.maximum(lengths, floor).max()))
         for ring in {layer.ring for layer in self._layers if layer.ring}:
-            width = min(width, ring - int(np.maximum(lengths % ring, 1).max()))
+            width = min(width, ring - int(np.maximum(lengths % ring, floor).max()))
         if width < 1:
             raise ValueError(f"a row of this cache is full (its context of {self.max_context} tokens reached)")
         return width
 
-    def reserve_step(self, width: int, lengths: np.ndarray | None = None) -> None:
+    def reserve_step(self, width: int, idle: np.ndarray, lengths: np.ndarray | None = None) -> None:
         """Grow the buffers so an in-place step of `width` columns fits every row (see step_width)."""
         lengths = self.lengths if lengths is None else lengths
-        self._reserve(int(np.maximum(lengths, 1).max()) + width)
+        self._reserve(int(np.maximum(lengths, idle.astype(lengths.dtype)).max()) + width)
 
     def advance(self, positions: np.ndarray) -> None:
         """Count the step's real tokens (positions [B, T], -1 for padding) whose keys/values the engine wrote in

@@ -121,11 +121,11 @@ class _LeadingRows:
     def write(self, outputs: dict, positions: np.ndarray) -> None:
         self.cache.write(outputs, positions)  # positions [b, T]: its rows are the cache's first b rows
 
-    def step_width(self, tokens: int) -> int:
-        return self.cache.step_width(tokens, self.lengths)
+    def step_width(self, tokens: int, idle: np.ndarray) -> int:
+        return self.cache.step_width(tokens, idle, self.lengths)
 
-    def reserve_step(self, width: int) -> None:
-        self.cache.reserve_step(width, self.lengths)
+    def reserve_step(self, width: int, idle: np.ndarray) -> None:
+        self.cache.reserve_step(width, idle, self.lengths)
 
     def advance(self, positions: np.ndarray) -> None:
         self.cache.advance(positions)  # positions [b, T]: its rows are the cache's first b rows

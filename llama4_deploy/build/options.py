@@ -33,6 +33,7 @@ OVERRIDES = {
     "quant_form": "quant_form",
     "quant_method": "quant_method",
     "int4_compute": "int4_compute",
+    "int4_zero_point": "int4_zero_point",
     "calibration": "calibration",
     "stages": "stages",
     "extra_dispatches": "extra_dispatches",
@@ -41,7 +42,7 @@ OVERRIDES = {
 # what a value of each key is called in "unknown X 'y'; choose one of ..."
 _NAMES = {"moe_dispatch": "MoE dispatch", "extra_dispatches": "MoE dispatch", "attention": "attention form",
           "backend": "target", "quant_form": "quantization form", "quant_method": "quantization method",
-          "int4_compute": "int4 compute", "compute_dtype": "compute dtype", "block_size": "block size"}
+          "int4_compute": "int4 compute", "int4_zero_point": "int4 zero point", "compute_dtype": "compute dtype", "block_size": "block size"}
 
 
 class BuildError(ValueError):

@@ -14,8 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llama4_deploy.export.shape import ConfigError, ModelShape
-from llama4_deploy.graphs.forms import (AUTO, AttentionForm, BlockSize, ComputeDtype, Int4Compute, MoEDispatch,
-                                        Precision, QuantForm, QuantMethod)
+from llama4_deploy.graphs.forms import (AUTO, AttentionForm, BlockSize, ComputeDtype, Int4Compute, Int4ZeroPoint,
+                                        MoEDispatch, Precision, QuantForm, QuantMethod)
 from llama4_deploy.targets import TargetName
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -124,6 +124,7 @@ class Recipe(Strict):
     quant_form: Literal[QuantForm, AUTO] = AUTO  # auto: the target's (ort, the 4-bit kernels, for int4 on ONNX Runtime)
     quant_method: QuantMethod = "rtn"  # awq: activation-aware int4 scales (export/awq.py)
     int4_compute: Int4Compute = "float"  # int8: MatMulNBits' int8 activations (graphs/quantize.py)
+    int4_zero_point: Int4ZeroPoint = "symmetric"  # asymmetric: a zero point per block (graphs/quantize.py)
     calibration: str | None = None  # text lines or a JSON list of id lists; None: seeded random tokens
     backend: TargetName = "onnxruntime"  # the build target (llama4_deploy/targets/)
     moe_dispatch: Literal[MoEDispatch, AUTO] = AUTO

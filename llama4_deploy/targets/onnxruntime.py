@@ -16,7 +16,7 @@ class OnnxRuntimeTarget(Target):
     name = "onnxruntime"
     # priced at a 2-core AVX2 CPU's fp32 balance; ScatterND's reduction combines capacity slots
     dispatch = DispatchRules(name, STRATEGIES, Machine(60e9, 15e9), capacity_combine="scatter_add")
-    attention_auto = "onnx23"
+    attention_auto = "gqa"
     int4_form = "ort"
 
     def dispatch_refusals(self, spec: QuantSpec) -> dict[str, str]:

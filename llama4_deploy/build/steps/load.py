@@ -150,6 +150,7 @@ def quant_spec(recipe: Recipe, target: Target, checkpoint: Checkpoint | None = N
             return checkpoint_quant_spec(checkpoint, recipe.precision, recipe.compute_dtype, recipe.quant_form)
         return make_spec(QuantConfig(precision=recipe.precision, compute_dtype=recipe.compute_dtype,
                                      block_size=recipe.block_size, form=recipe.quant_form,
-                                     method=recipe.quant_method, int4_compute=recipe.int4_compute), target.int4_form)
+                                     method=recipe.quant_method, int4_compute=recipe.int4_compute,
+                                     int4_zero_point=recipe.int4_zero_point), target.int4_form)
     except (ValueError, CompressedTensorsError) as err:
         raise BuildError(str(err)) from None
