@@ -51,7 +51,7 @@ bench-kernels: $(STAMP)
 
 # Ours against llama.cpp on one scout-shaped checkpoint the bench writes (tools/bench_peers.py): llama-cpp-python
 # built from its source release into its own venv, build/peers/venv (the `peers` extra's pin; ~15 minutes once, never
-# part of make test); llama.cpp's own converter and quantizer make f32, Q8_0, Q4_0 and Q4_K_M. QUICK=1: a smoke run
+# part of make test; its multimodal library is not built); llama.cpp's own converter and quantizer make f32, Q8_0, Q4_0 and Q4_K_M. QUICK=1: a smoke run
 PEERS := build/peers
 LLAMA_CPP_PYTHON := 0.3.36
 PEERS_SRC := $(PEERS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
@@ -60,7 +60,7 @@ $(PEERS_STAMP):
 	$(PYTHON) -m venv $(PEERS)/venv
 	$(PEERS)/venv/bin/pip download --quiet --disable-pip-version-check --no-binary :all: --no-deps llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(PEERS)
 	tar xzf $(PEERS_SRC).tar.gz -C $(PEERS)
-	CMAKE_BUILD_PARALLEL_LEVEL=2 nice -n 10 $(PEERS)/venv/bin/pip install --quiet --disable-pip-version-check $(PEERS_SRC)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 nice -n 10 $(PEERS)/venv/bin/pip install --quiet --disable-pip-version-check $(PEERS_SRC)
 	touch $@
 
 bench-peers: $(STAMP) $(PEERS_STAMP)

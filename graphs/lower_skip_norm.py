@@ -1,6 +1,6 @@
 """Fuse a residual add and the RMS norm reading it into ONNX Runtime's com.microsoft.SkipSimplifiedLayerNormalization:
 part of the gqa form (the ONNX Runtime kernels' form, graphs/lower_attention_gqa.py), one kernel where there were
-seven nodes, at every decoder layer's post-attention norm and every next layer's (or the head's) input norm.
+seven nodes, at every decoder layer's post-attention norm (the add and the norm in one layer).
 
     before:  h = Add(a, b)                                                  # the residual stream
              y = Mul(Div(h, Sqrt(Add(ReduceMean(Pow(h, 2), axes=[-1], keepdims=1), eps))), w)   # w [H], a weight
@@ -11,12 +11,17 @@ seven nodes, at every decoder layer's post-attention norm and every next layer's
 Why it is exact: the kernel computes s = input + skip, then s / sqrt(mean(s^2 over the last axis) + epsilon) * gamma
 and returns s as its fourth output: the same expression, h included, with only the order of the floating-point sums
 (and the kernel's accumulation width) differing. The first layer's input norm reads no Add and the QK norms have no
-weight; ONNX Runtime fuses the former into SimplifiedLayerNormalization itself and they are left alone.
+weight; ONNX Runtime fuses the former into SimplifiedLayerNormalization itself and they are left alone. So are a
+layer's last add and the next layer's (or the head's) input norm: the MoE dispatch planner prices one layer per kind
+for all of them (llama4_deploy/build/stage_graphs.py, CostingLayers), which holds only while every layer of a kind
+has the same nodes, and the first layer's input norm reads the embedding, not an add.
 
 `check` says why a candidate did not match, so a run that fuses nothing can be read.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import onnx_ir as ir
@@ -24,6 +29,7 @@ import onnx_ir as ir
 from llama4_deploy.graphs.passes import RewritePass
 
 CONTRIB = "com.microsoft"
+_LAYER = re.compile(r"/layers\.\d+/")
 FUSED = "SkipSimplifiedLayerNormalization"
 
 
@@ -79,6 +85,9 @@ def match(add: ir.Node) -> tuple[list[ir.Node], float, ir.Value] | str:
     width = h.shape[-1] if h.shape is not None else None
     if not weight.is_initializer() or weight.shape is None or list(weight.shape) != [width]:
         return f"the norm's weight is not a [{width}] initializer"
+    layer_of = lambda node: (_LAYER.match(node.name or "") or [None])[0]  # noqa: E731
+    if layer_of(add) is None or layer_of(add) != layer_of(scale):
+        return "the add and the norm are not in one layer"
     return [pow_, mean, plus, sqrt, div, scale], float(eps.ravel()[0]), weight
 
 
