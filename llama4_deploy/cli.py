@@ -534,6 +534,32 @@ def _within(minimum: float, maximum: float | None = None, must: str | None = Non
 )
 @click.option("--threads", type=int, callback=_within(1), help="ONNX Runtime intra-op threads")
 @click.option(
+    "--max-request-bytes",
+    default=32 * 2**20,
+    show_default=True,
+    type=int,
+    callback=_within(1),
+    help="largest request body; a larger one is answered 413",
+)
+@click.option(
+    "--api-key",
+    envvar="LLAMA4_DEPLOY_API_KEY",
+    help="require 'Authorization: Bearer KEY' on the OpenAI routes (default: $LLAMA4_DEPLOY_API_KEY; none: open)",
+)
+@click.option("--served-model-name", help="the model name clients send and see (default: the bundle's name)")
+@click.option("--chat-template", help="a Jinja chat template file used instead of the checkpoint's")
+@click.option(
+    "--allowed-origins",
+    multiple=True,
+    help="an origin browsers may call from (CORS; repeat the option for several, '*' for any)",
+)
+@click.option("--log-requests", is_flag=True, help="an access log line per request on stderr (never the prompt)")
+@click.option(
+    "--ignore-unknown-fields",
+    is_flag=True,
+    help="ignore request fields the server does not know instead of answering 400 (for clients that send extras)",
+)
+@click.option(
     "--devices",
     help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "
     "on ONNX Runtime, stage s on cuda:s on TensorRT)",

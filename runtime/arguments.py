@@ -67,6 +67,20 @@ def seed(value: Any) -> int | None:
     return None if value is None else integer(value, "seed", 0)
 
 
+def logit_bias(value: Any) -> dict[int, float]:
+    """{token id: bias}; the ids may be given as strings of digits (OpenAI's JSON keys)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"logit_bias must be a dict of token id to bias, got {_describe(value)}")
+    checked = {}
+    for token, bias in value.items():
+        if isinstance(token, str) and token.isdigit():
+            token = int(token)
+        checked[integer(token, "a logit_bias token id")] = real(bias, f"logit_bias of token {token}")
+    return checked
+
+
 def flag(value: Any, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {_describe(value)}")

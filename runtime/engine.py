@@ -26,7 +26,7 @@ from llama4_deploy.runtime.bundle import BundleError, Manifest, read_manifest
 from llama4_deploy.runtime.devices import onnxruntime_providers, placement
 from llama4_deploy.runtime.kv_cache import KVCache, cache_memory
 from llama4_deploy.runtime.onnxruntime_backend import OnnxRuntimeRunner
-from llama4_deploy.runtime.sampling import sample
+from llama4_deploy.runtime.sampling import History, SamplingParams, sample
 from llama4_deploy.runtime.tensorrt_backend import open_plans
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,16 @@ class Engine:
         seed: int | None = None,
         stop_tokens: Sequence[int] | None = None,
         return_logits: bool = False,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logit_bias: dict[int, float] | None = None,
+        min_tokens: int = 0,
     ) -> Generation:
+        """Generate up to max_new_tokens per prompt; the sampling parameters are runtime/sampling.py's (each
+        row of the batch draws from one generator seeded with `seed`, in row order)."""
         prompts = arguments.prompt_list(prompts)
         max_new_tokens = arguments.integer(max_new_tokens, "max_new_tokens", 1)
         temperature = arguments.temperature(temperature)
@@ -268,10 +277,21 @@ class Engine:
         stop = arguments.stop_tokens(stop_tokens, self.vocab_size)
         if stop is None:
             stop = set(self.manifest.eos_token_ids)
+        params = SamplingParams(
+            temperature,
+            top_p,
+            arguments.integer(top_k, "top_k"),
+            arguments.real(min_p, "min_p"),
+            arguments.real(presence_penalty, "presence_penalty"),
+            arguments.real(frequency_penalty, "frequency_penalty"),
+            arguments.real(repetition_penalty, "repetition_penalty"),
+            arguments.logit_bias(logit_bias),
+            arguments.integer(min_tokens, "min_tokens"),
+        ).check(self.vocab_size)
         with self._calls:
-            return self._generate(prompts, max_new_tokens, temperature, top_p, seed, stop, return_logits)
+            return self._generate(prompts, max_new_tokens, params, seed, stop, return_logits)
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_p, seed, stop, return_logits) -> Generation:
+    def _generate(self, prompts, max_new_tokens, params, seed, stop, return_logits) -> Generation:
         rng = np.random.default_rng(seed)
         tokens: list[list[int]] = []
         logits: list[np.ndarray] = []
@@ -283,9 +303,12 @@ class Engine:
             active = np.ones(len(group), dtype=bool)
             new = [[] for _ in group]
             chosen_from = [[] for _ in group]
+            histories = [History(prompt, self.vocab_size, params) for prompt in group]
+            stops = [stop] * len(group)
             for step in range(max_new_tokens):
-                chosen = sample(step_logits, temperature, top_p, rng)
+                chosen = sample(step_logits, params, rng, histories, stops)
                 for b in np.flatnonzero(active):
+                    histories[b].add(int(chosen[b]))
                     new[b].append(int(chosen[b]))
                     chosen_from[b].append(step_logits[b].copy())
                     if int(chosen[b]) in stop:

@@ -22,6 +22,11 @@ the same seed).
 Thread model: `submit` and `cancel` may be called from any thread; `step` runs on one thread at a
 time (`start()` runs it on a worker thread that sleeps while there is no work). Outputs reach each
 request's `listener`, called on the stepping thread.
+
+Faults: an engine error fails the requests of that step; any other exception raised by a step fails the
+requests holding a row (the step's) and the worker goes on with the next step. Should the worker
+thread itself end, every waiting and running request is failed, `alive` turns False and `submit`
+raises `Unavailable`, so nothing waits for a thread that is gone.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import numpy as np
 from llama4_deploy.runtime.abi import PAD_POSITION
 from llama4_deploy.runtime.engine import Engine, prefill_chunk
 from llama4_deploy.runtime.kv_cache import KVCache
-from llama4_deploy.runtime.sampling import sample
+from llama4_deploy.runtime.sampling import History, SamplingParams, sample
 
 log = logging.getLogger("llama4_deploy.runtime.scheduler")
 _ids = itertools.count(1)
@@ -47,6 +52,10 @@ _ids = itertools.count(1)
 
 class QueueFull(RuntimeError):
     """The waiting queue holds max_queue requests; retry later."""
+
+
+class Unavailable(RuntimeError):
+    """The scheduler takes no requests: it is draining for shutdown, or its worker thread has stopped."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +79,14 @@ class Request:
     stop_tokens: frozenset[int] = frozenset()  # ending tokens; the one hit is the last output token
     logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the k most likely
     listener: Callable[[Request, Output], None] | None = None
+    # the rest of runtime/sampling.py's parameters
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
+    min_tokens: int = 0
     # set by the scheduler
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     tokens: list[int] = dataclasses.field(default_factory=list)
@@ -82,11 +99,27 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.min_p,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.repetition_penalty,
+            self.logit_bias,
+            self.min_tokens,
+        )
+
 
 @dataclasses.dataclass(eq=False)
 class _Row:
     request: Request
     rng: np.random.Generator
+    params: SamplingParams
+    history: History
     prefilled: int = 0  # prompt tokens already in the cache
     last_token: int = 0  # fed in the next decode step
 
@@ -156,6 +189,8 @@ class Scheduler:
         self._work = threading.Condition(threading.RLock())  # a listener may call cancel()
         self._worker: threading.Thread | None = None
         self._stopping = False
+        self._draining: str | None = None  # why intake is closed while running requests finish
+        self.died: str | None = None  # why the worker thread ended, if it did
 
     # -- intake (any thread) --------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -163,16 +198,19 @@ class Scheduler:
         max_queue requests are already waiting."""
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens is {request.max_tokens}; it must be at least 1")
-        if request.temperature < 0:
-            raise ValueError(f"temperature is {request.temperature}; it must be 0 or more")
-        if not 0.0 < request.top_p <= 1.0:
-            raise ValueError(f"top_p is {request.top_p}; it must be in (0, 1]")
+        request.sampling.check(self.engine.vocab_size)
+        if request.min_tokens > request.max_tokens:
+            raise ValueError(f"min_tokens is {request.min_tokens}, more than max_tokens {request.max_tokens}")
         if request.logprobs is not None and not 0 <= request.logprobs <= self.engine.vocab_size:
             raise ValueError(f"logprobs is {request.logprobs}; it must be in [0, {self.engine.vocab_size}]")
         request.prompt = self.engine._check_prompt(request.prompt, request.max_tokens)
         with self._work:
+            if self.died is not None:
+                raise Unavailable(f"the scheduler thread has stopped ({self.died})")
+            if self._draining is not None:
+                raise Unavailable(self._draining)
             if self._stopping:
-                raise QueueFull("the scheduler is shutting down")
+                raise Unavailable("the scheduler is shutting down")
             if len(self._waiting) >= self.max_queue and self._free_rows_locked() <= 0:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue {self.max_queue})")
             self._waiting.append(request)
@@ -197,6 +235,35 @@ class Scheduler:
     def occupancy(self) -> int:
         """Rows holding a request (prefilling or decoding)."""
         return sum(row is not None for row in self.rows)
+
+    @property
+    def alive(self) -> bool:
+        """False once a started worker thread has ended other than by `stop()`."""
+        return self.died is None
+
+    @property
+    def draining(self) -> bool:
+        return self._draining is not None
+
+    def drain(self, timeout: float, reason: str = "the server is shutting down") -> None:
+        """Refuse new requests from now on; requests still waiting or running after `timeout` seconds are
+        cancelled (finish_reason "cancelled", `error` None) so their callers can answer them."""
+        with self._work:
+            if self._draining is not None:
+                return
+            self._draining = reason
+        timer = threading.Timer(timeout, self.cancel_all)
+        timer.daemon = True
+        timer.start()
+
+    def cancel_all(self) -> None:
+        """End every waiting request now and every running one at the start of the next step, as cancelled
+        (rows change only on the stepping thread, never under a step that is running)."""
+        with self._work:
+            for request in list(self._waiting):
+                self._finish_locked(request, "cancelled")
+            self._cancelled.update(row.request for row in self.rows if row is not None)
+            self._work.notify_all()
 
     @property
     def idle(self) -> bool:
@@ -233,8 +300,15 @@ class Scheduler:
             for b, row in enumerate(self.rows):
                 if row is None and self._waiting:
                     request = self._waiting.popleft()
+                    try:
+                        rng = np.random.default_rng(request.seed)
+                    except (TypeError, ValueError) as err:  # only this request fails
+                        request.finish_reason, request.error = "error", f"cannot seed the sampler: {err}"
+                        self._notify(request, Output(None, finish_reason="error", error=request.error))
+                        continue
                     self.cache.reset_row(b)
-                    self.rows[b] = _Row(request, np.random.default_rng(request.seed))
+                    params = request.sampling
+                    self.rows[b] = _Row(request, rng, params, History(request.prompt, self.engine.vocab_size, params))
 
     def _finish_locked(self, request: Request, reason: str, error: str | None = None) -> None:
         """End a request wherever it is (waiting or in a row) and tell its listener once."""
@@ -281,11 +355,14 @@ class Scheduler:
         logits = self._run("prefill", rows, ids, positions)  # [b, T, V], b = rows up to the last one in use
         if logits is None:
             return
+        complete = []
         for b in rows:
             row = self.rows[b]
             row.prefilled += take[b]
             if not row.prefilling:
-                self._emit(b, logits[b, take[b] - 1])
+                complete.append(b)
+        if complete:
+            self._emit(complete, logits[complete, [take[b] - 1 for b in complete]])
 
     def _decode_step(self, rows: list[int]) -> None:
         ids = np.zeros((self.max_batch, 1), dtype=np.int64)  # [B, 1]
@@ -296,24 +373,36 @@ class Scheduler:
         logits = self._run("decode", rows, ids, positions)  # [b, 1, V]
         if logits is None:
             return
-        for b in rows:
-            self._emit(b, logits[b, 0])
+        self._emit(rows, logits[rows, 0])
 
-    def _emit(self, b: int, logits: np.ndarray) -> None:
-        """Sample row b's next token from logits [V], hand it to the listener, finish if done."""
-        row = self.rows[b]
-        request = row.request
-        token = int(sample(logits[None], request.temperature, request.top_p, row.rng)[0])
-        logprob, top = (None, ()) if request.logprobs is None else top_logprobs(logits, token, request.logprobs)
-        request.tokens.append(token)
-        if request.first_token_at is None:
-            request.first_token_at = time.monotonic()
-        row.last_token = token
-        self._notify(request, Output(token, logprob, top))
-        reason = (
-            "stop" if token in request.stop_tokens else "length" if len(request.tokens) >= request.max_tokens else None
+    def _emit(self, rows: list[int], logits: np.ndarray) -> None:
+        """Sample the next token of each of `rows` from logits [n, V] (one sampler call for them all), hand each
+        to its listener, finish the requests that are done."""
+        live = [self.rows[b] for b in rows]
+        chosen = sample(
+            logits,
+            [row.params for row in live],
+            [row.rng for row in live],
+            [row.history for row in live],
+            [row.request.stop_tokens for row in live],
         )
-        if reason:
+        now = time.monotonic()
+        for i, row in enumerate(live):
+            request, token = row.request, int(chosen[i])
+            k = request.logprobs
+            logprob, top = (None, ()) if k is None else top_logprobs(logits[i], token, k)
+            request.tokens.append(token)
+            row.history.add(token)
+            if request.first_token_at is None:
+                request.first_token_at = now
+            row.last_token = token
+            self._notify(request, Output(token, logprob, top))
+            if token in request.stop_tokens:
+                reason = "stop"
+            elif len(request.tokens) >= request.max_tokens:
+                reason = "length"
+            else:
+                continue
             with self._work:
                 self._finish_locked(request, reason)
 
@@ -326,13 +415,35 @@ class Scheduler:
         return self
 
     def _serve(self) -> None:
-        while True:
-            with self._work:
-                while not self._stopping and not self._waiting and not self._cancelled and not self.occupancy:
-                    self._work.wait()
-                if self._stopping:
-                    return
-            self.step()
+        try:
+            while True:
+                with self._work:
+                    while not self._stopping and not self._waiting and not self._cancelled and not self.occupancy:
+                        self._work.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self.step()
+                except Exception as err:
+                    self._fail_step(err)
+        except BaseException as err:  # the thread ends here: say why, and let nothing wait for it
+            self._on_death(err)
+
+    def _fail_step(self, err: Exception) -> None:
+        """A step raised outside the engine call: fail the requests holding rows (the step's), keep the rest."""
+        with self._work:
+            failed = [row.request for row in self.rows if row is not None]
+            log.exception("scheduler step failed; failing its %d request(s)", len(failed))
+            for request in failed:
+                self._finish_locked(request, "error", f"internal error in the scheduler step: {err}")
+
+    def _on_death(self, err: BaseException) -> None:
+        """The worker thread is ending on an exception: nothing may wait for it any more."""
+        with self._work:
+            self.died = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            log.critical("the scheduler thread stopped (%s); failing every request", self.died, exc_info=err)
+            for request in list(self._waiting) + [row.request for row in self.rows if row is not None]:
+                self._finish_locked(request, "error", f"the scheduler thread stopped ({self.died})")
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new requests, let the worker finish its step, then cancel what is left."""

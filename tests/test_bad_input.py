@@ -801,7 +801,7 @@ def test_catalog_bundle(case, tiny_bundle, tmp_path):
 
 
 def test_catalog_is_large_and_distinct():
-    cases = BUNDLE_CASES + BUILD_CASES + API_CASES + HARDENED_BUILD_CASES + HARDENED_BUNDLE_CASES
+    cases = BUNDLE_CASES + BUILD_CASES + API_CASES + HARDENED_BUILD_CASES + HARDENED_BUNDLE_CASES + SERVER_CASES
     assert len({c.id for c in cases}) == len(cases) >= 200
 
 
@@ -1628,6 +1628,9 @@ HARDENED_BUNDLE_CASES = [
     BundleCase("serve-queue-negative", None, [*SERVE, "--max-queue", "-1"], ("--max-queue is -1", "at least 0")),
     BundleCase("serve-batch-zero", None, [*SERVE, "--max-batch", "0"], ("--max-batch is 0", "at least 1")),
     BundleCase("serve-threads-zero", None, [*SERVE, "--threads", "0"], ("--threads is 0",)),
+    BundleCase(
+        "serve-max-request-bytes-zero", None, [*SERVE, "--max-request-bytes", "0"], ("--max-request-bytes is 0",)
+    ),
     # plan: the same validation of the sizes as the build's
     BundleCase(
         "plan-experts-zero",
@@ -1667,3 +1670,178 @@ def test_eval_replaces_undecodable_bytes_when_asked(checkpoint_bundle, tmp_path)
     assert result.exit_code == 0, result.output
     assert "; 3 undecodable bytes of the text read as U+FFFD" in result.stdout
     assert re.match(r"perplexity \d+\.\d+ on t\.txt \(1023 predicted tokens, 1 windows of 1024\)", result.stdout)
+
+
+# =================================================================================================
+# The catalog, part 3 (issue 26): requests the server must refuse. Each case asserts the HTTP status, OpenAI's
+# error object (message, type, param, code) whose message is one line naming the field, and afterwards the
+# server still answers: a greedy completion equal to `generate`. One server for the module.
+# =================================================================================================
+@dataclasses.dataclass(frozen=True)
+class ServerCase:
+    id: str
+    body: dict | bytes  # dict: completed with the served model's name (unless it sets "model")
+    status: int
+    param: str | None  # the error object's param
+    words: tuple[str, ...]  # what the message must say
+    path: str = "/v1/completions"
+
+
+CHAT = "/v1/chat/completions"
+
+
+def _chat(content, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": content}], **extra}
+
+
+SERVER_CASES = [
+    # no string or bool where a number or token id is meant (the server used to coerce them)
+    ServerCase("http-max-tokens-string", {"prompt": "w1", "max_tokens": "8"}, 400, "max_tokens", ("valid integer",)),
+    ServerCase("http-max-tokens-bool", {"prompt": "w1", "max_tokens": True}, 400, "max_tokens", ("valid integer",)),
+    ServerCase("http-max-tokens-float", {"prompt": "w1", "max_tokens": 8.5}, 400, "max_tokens", ("valid integer",)),
+    ServerCase("http-prompt-bools", {"prompt": [True, False]}, 400, "prompt", ("item 0 is true, a boolean",)),
+    ServerCase("http-prompt-float-ids", {"prompt": [1.5, 2]}, 400, "prompt", ("item 0 is 1.5",)),
+    ServerCase("http-prompt-nested-bool", {"prompt": [[1, True]]}, 400, "prompt", ("item 0, entry 1 is True",)),
+    ServerCase("http-prompt-number", {"prompt": 17}, 400, "prompt", ("must be a string, a list of token ids",)),
+    ServerCase("http-prompt-negative-id", {"prompt": [1, -2]}, 400, "prompt.1", ("greater than or equal to 0",)),
+    ServerCase(
+        "http-temperature-string", {"prompt": "w1", "temperature": "0.7"}, 400, "temperature", ("valid number",)
+    ),
+    ServerCase("http-temperature-bool", {"prompt": "w1", "temperature": True}, 400, "temperature", ("valid number",)),
+    ServerCase("http-top-p-string", {"prompt": "w1", "top_p": "1"}, 400, "top_p", ("valid number",)),
+    ServerCase("http-logprobs-bool", {"prompt": "w1", "logprobs": True}, 400, "logprobs", ("valid integer",)),
+    ServerCase("http-n-string", {"prompt": "w1", "n": "1"}, 400, "n", ("valid integer",)),
+    ServerCase("http-stream-string", {"prompt": "w1", "stream": "true"}, 400, "stream", ("valid boolean",)),
+    ServerCase("http-ignore-eos-number", {"prompt": "w1", "ignore_eos": 1}, 400, "ignore_eos", ("valid boolean",)),
+    ServerCase(
+        "http-include-usage-string",
+        {"prompt": "w1", "stream": True, "stream_options": {"include_usage": "yes"}},
+        400,
+        "stream_options.include_usage",
+        ("valid boolean",),
+    ),
+    ServerCase("http-stop-bool", {"prompt": "w1", "stop": [True]}, 400, "stop.0", ("valid",)),
+    ServerCase(
+        "http-stop-token-ids-strings",
+        {"prompt": "w1", "stop_token_ids": ["5"]},
+        400,
+        "stop_token_ids.0",
+        ("valid integer",),
+    ),
+    ServerCase(
+        "http-top-logprobs-string", {**_chat("w1"), "top_logprobs": "2"}, 400, "top_logprobs", ("valid integer",), CHAT
+    ),
+    ServerCase(
+        "http-chat-max-tokens-bool", {**_chat("w1"), "max_tokens": True}, 400, "max_tokens", ("valid integer",), CHAT
+    ),
+    # finite numbers: NaN and infinities say so (NaN used to get "less than or equal to 2")
+    ServerCase(
+        "http-temperature-nan", b'{"model": "M", "prompt": "w1", "temperature": NaN}', 400, "temperature", ("finite",)
+    ),
+    ServerCase(
+        "http-temperature-inf",
+        b'{"model": "M", "prompt": "w1", "temperature": Infinity}',
+        400,
+        "temperature",
+        ("finite",),
+    ),
+    ServerCase("http-top-p-nan", b'{"model": "M", "prompt": "w1", "top_p": NaN}', 400, "top_p", ("finite",)),
+    ServerCase(
+        "http-chat-temperature-nan",
+        b'{"model": "M", "messages": [{"role": "user", "content": "w1"}], "temperature": -Infinity}',
+        400,
+        "temperature",
+        ("finite",),
+        CHAT,
+    ),
+    # seeds in [0, 2^64): -1 used to kill the scheduler thread
+    ServerCase(
+        "http-seed-negative",
+        {"prompt": "w1", "seed": -1, "temperature": 0.7},
+        400,
+        "seed",
+        ("greater than or equal to 0",),
+    ),
+    ServerCase(
+        "http-seed-2-64",
+        {"prompt": "w1", "seed": 2**64, "temperature": 0.7},
+        400,
+        "seed",
+        ("less than 18446744073709551616",),
+    ),
+    ServerCase("http-seed-float", {"prompt": "w1", "seed": 1.5}, 400, "seed", ("valid integer",)),
+    ServerCase("http-seed-string", {"prompt": "w1", "seed": "7"}, 400, "seed", ("valid integer",)),
+    ServerCase(
+        "http-chat-seed-negative", {**_chat("w1"), "seed": -1}, 400, "seed", ("greater than or equal to 0",), CHAT
+    ),
+    # text is Unicode scalar values: a lone surrogate (JSON's \ud800 escape) used to be a bare 500
+    ServerCase(
+        "http-prompt-lone-surrogate",
+        {"prompt": "a \ud800 b"},
+        400,
+        "prompt",
+        ("lone surrogate (U+D800)", "character 2"),
+    ),
+    ServerCase(
+        "http-prompt-list-lone-surrogate", {"prompt": ["w1 \udfff"]}, 400, "prompt.0", ("lone surrogate (U+DFFF)",)
+    ),
+    ServerCase(
+        "http-stop-lone-surrogate", {"prompt": "w1", "stop": "\ud83d"}, 400, "stop", ("lone surrogate (U+D83D)",)
+    ),
+    ServerCase("http-chat-lone-surrogate", _chat("a \ud800 b"), 400, "messages.0.content", ("lone surrogate",), CHAT),
+    ServerCase(
+        "http-chat-part-lone-surrogate",
+        _chat([{"type": "text", "text": "\udc00"}]),
+        400,
+        "messages.0.content.0.text",
+        ("lone surrogate (U+DC00)",),
+        CHAT,
+    ),
+    ServerCase("http-model-lone-surrogate", {"model": "\ud800", "prompt": "w1"}, 400, "model", ("lone surrogate",)),
+    # the body itself
+    ServerCase(
+        "http-body-over-the-limit",
+        {"prompt": "w1 " * 400_000},
+        413,
+        None,
+        ("exceeds the server's limit of 1048576 bytes",),
+    ),
+    ServerCase(
+        "http-prompt-far-beyond-context",
+        {"prompt": "w5 " * 5000},
+        400,
+        "prompt",
+        ("5000 tokens", "exceeds the bundle's context"),
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def catalog_server(checkpoint_bundle):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from tests.test_serve import Live
+
+    with load(checkpoint_bundle) as engine, Live(engine, max_request_bytes=2**20) as live:
+        yield live, engine
+
+
+@pytest.mark.parametrize("case", SERVER_CASES, ids=[c.id for c in SERVER_CASES])
+def test_catalog_server(case, catalog_server):
+    live, engine = catalog_server
+    name = engine.manifest.name
+    body = case.body.replace(b'"M"', json.dumps(name).encode()) if isinstance(case.body, bytes) else case.body
+    if isinstance(body, dict):
+        body = json.dumps({"model": name, **body}).encode()  # json escapes a lone surrogate as \ud800
+    status, _, answer = live.post(case.path, body)
+    assert status == case.status, answer
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == case.param, error
+    single_sentence(error["message"])
+    for word in (*case.words, *([case.param] if case.param else [])):
+        assert word in error["message"], (word, error["message"])
+    # the server still answers, with what generate gives
+    expected = engine.generate([[5, 6, 7]], 3, stop_tokens=[]).tokens[0]
+    ok = {"model": name, "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    status, _, answer = live.post("/v1/completions", ok)
+    assert status == 200 and answer["choices"][0]["token_ids"] == expected, answer

@@ -283,7 +283,7 @@ def test_the_built_in_chat_template_is_llama_4_s_header_format():
         ({"model": "M", "prompt": "w1", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
         ({"model": "M", "prompt": "w1", "logprobs": 50}, "logprobs", "less than or equal to 20"),
         ({"model": "M", "prompt": "w1", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
-        ({"model": "M", "prompt": {"text": "w1"}}, "prompt", "valid"),
+        ({"model": "M", "prompt": {"text": "w1"}}, "prompt", "must be a string, a list of token ids"),
         ({"model": "M", "prompt": [1, 99999]}, "prompt", "outside the vocabulary"),
         ({"model": "M", "prompt": []}, "prompt", "prompt is empty"),
         ({"model": "M", "prompt": [[1], [2]]}, "prompt", "one prompt per request"),
@@ -501,3 +501,528 @@ def test_serve_bad_arguments_are_one_sentence(tiny_bundle, args, message):
 
     args = [str(tiny_bundle) if a == "BUNDLE" else a for a in args]
     user_error(invoke("serve", *args, "--port", "0"), message)
+
+
+# -- the server survives any request (issue 26) -------------------------------------------------------
+def _greedy_still_equals_generate(live, engine):
+    body = {"model": engine.manifest.name, "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    status, _, answer = live.post("/v1/completions", body)
+    assert status == 200 and answer["choices"][0]["token_ids"] == generated(engine, [5, 6, 7], 3), answer
+
+
+def test_a_scheduler_fault_fails_that_step_and_the_scheduler_goes_on(live, engine, monkeypatch):
+    # a fault outside the engine call (in sampling, bookkeeping, ...) raised once on the scheduler thread
+    scheduler = live.server.scheduler
+    real, calls = scheduler._emit, []
+
+    def fails_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return real(*args)
+
+    monkeypatch.setattr(scheduler, "_emit", fails_once)
+    status, _, answer = live.post("/v1/completions", {"model": engine.manifest.name, "prompt": [3, 4], "max_tokens": 3})
+    assert status == 500 and answer["error"] == {
+        "message": "internal error in the scheduler step: injected fault",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+    assert scheduler.alive and scheduler.occupancy == 0
+    status, text = live.get("/health")
+    assert status == 200 and json.loads(text)["status"] == "ok"
+    _greedy_still_equals_generate(live, engine)
+
+
+def test_a_dead_scheduler_thread_answers_503_instead_of_hanging(engine):
+    with Live(engine) as live:
+        scheduler = live.server.scheduler
+
+        def dies(*args):
+            raise SystemExit("injected: the thread ends")  # what no `except Exception` catches
+
+        scheduler.step = dies
+        status, _, answer = live.post(
+            "/v1/completions", {"model": engine.manifest.name, "prompt": [3], "max_tokens": 2}
+        )
+        assert status == 500 and "the scheduler thread stopped (SystemExit: injected" in answer["error"]["message"]
+        _wait_for(lambda: not scheduler._worker.is_alive(), "the scheduler thread to end")
+        status, text = live.get("/health")
+        assert status == 503 and json.loads(text)["status"] == "error"
+        assert "the scheduler thread has stopped" in json.loads(text)["reason"]
+        status, _, answer = live.post(
+            "/v1/completions", {"model": engine.manifest.name, "prompt": [3], "max_tokens": 2}
+        )
+        assert status == 503 and answer["error"]["type"] == "server_error" and answer["error"]["code"] == "unavailable"
+        assert "the scheduler thread has stopped" in answer["error"]["message"]
+
+
+def test_health_answers_while_a_10_mb_prompt_is_tokenized(live, engine):
+    # 10 MiB of text, ~100k tokens: seconds of tokenizing on a worker thread, then refused for the context
+    prompt = ("w5" * 50 + " ") * (10 * 2**20 // 101)
+    result = {}
+
+    def ask():
+        result["answer"] = live.post("/v1/completions", {"model": engine.manifest.name, "prompt": prompt})
+
+    asker = threading.Thread(target=ask)
+    start = time.monotonic()
+    asker.start()
+    latencies = []
+    while asker.is_alive():
+        asked = time.monotonic()
+        status, _ = live.get("/health")
+        latencies.append(time.monotonic() - asked)
+        assert status == 200
+        time.sleep(0.05)
+    took = time.monotonic() - start
+    status, _, answer = result["answer"]
+    assert status == 400 and "exceeds the bundle's context" in answer["error"]["message"]
+    # the request took seconds; /health never waited for it (it waited 12 s when tokenizing blocked the loop)
+    assert took > 1.0 and len(latencies) >= 5, (took, latencies)
+    assert max(latencies) < 1.0, latencies
+    _greedy_still_equals_generate(live, engine)
+
+
+def test_a_body_over_max_request_bytes_is_413(engine):
+    with Live(engine, max_request_bytes=4096) as live:
+        body = {"model": engine.manifest.name, "prompt": "w1 " * 2000}
+        status, _, answer = live.post("/v1/completions", body)
+        assert status == 413 and answer["error"]["type"] == "invalid_request_error"
+        assert answer["error"]["code"] == "request_too_large"
+        assert "exceeds the server's limit of 4096 bytes (--max-request-bytes)" in answer["error"]["message"]
+        # chunked: no Content-Length, refused once the bytes pass the limit
+        conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=TIMEOUT)
+        chunks = (json.dumps(body).encode()[i : i + 1000] for i in range(0, 7000, 1000))
+        conn.request("POST", "/v1/completions", chunks, {"content-type": "application/json"}, encode_chunked=True)
+        response = conn.getresponse()
+        assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+        conn.close()
+        assert live.metrics()[("llama4_deploy_requests_rejected_total", (("status", "413"),))] == 2
+        _greedy_still_equals_generate(live, engine)
+
+
+def test_a_drain_answers_the_requests_it_cancels_with_503(engine, slow_steps):
+    with Live(engine, max_batch=1) as live:
+        name = engine.manifest.name
+        body = {"model": name, "prompt": [1, 2, 3], "max_tokens": 100, "ignore_eos": True}
+        conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=TIMEOUT)
+        conn.request(
+            "POST", "/v1/completions", json.dumps({**body, "stream": True}), {"content-type": "application/json"}
+        )
+        streamed = conn.getresponse()
+        assert streamed.read(7) == b"data: {"  # it holds the only row
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(live.post, "/v1/completions", body)
+            _wait_for(lambda: live.server.scheduler.queue_depth == 1, "the second request to wait")
+            live.server.drain(0.2)
+            status, text = live.get("/health")
+            assert status == 503 and json.loads(text)["status"] == "draining"
+            status, _, refused = live.post("/v1/completions", body)  # intake is closed
+            assert status == 503 and "shutting down" in refused["error"]["message"]
+            status, _, answer = queued.result(TIMEOUT)
+        assert status == 503 and answer["error"]["type"] == "server_error"
+        assert "cancelled (the server is shutting down)" in answer["error"]["message"]
+        rest = streamed.read().decode()
+        assert rest.endswith("data: [DONE]\n\n")
+        last = json.loads([e for e in rest.split("\n\n") if e.startswith("data: {")][-1][6:])
+        assert last["error"]["type"] == "server_error" and "shutting down" in last["error"]["message"]
+
+
+def test_sigterm_past_the_drain_timeout_answers_503_without_a_traceback(tiny_bundle):
+    args = ["serve", str(tiny_bundle), "--port", "0", "--max-batch", "1", "--drain-timeout", "0"]
+    server = subprocess.Popen([sys.executable, "-m", "llama4_deploy.cli", *args], stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stderr.readline()
+        port = int(line.rsplit(":", 1)[1])
+        body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 120, "ignore_eos": True}
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        conn.request(
+            "POST", "/v1/completions", json.dumps({**body, "stream": True}), {"content-type": "application/json"}
+        )
+        streamed = conn.getresponse()
+        assert streamed.read(7) == b"data: {"
+        waiting = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        waiting.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+        server.send_signal(signal.SIGTERM)
+        queued = waiting.getresponse()
+        assert queued.status == 503 and "shutting down" in json.loads(queued.read())["error"]["message"]
+        rest = streamed.read().decode()
+        assert rest.endswith("data: [DONE]\n\n") and '"server_error"' in rest
+        assert server.wait(TIMEOUT) == 0
+        log = server.stderr.read()
+        assert "Traceback" not in log and "CancelledError" not in log and "stopped" in log, log
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+# -- no silent ignoring (issue 27 item 1) --------------------------------------------------------------
+# a value that asks for something, per refused field (the ones protocol.REFUSED lists)
+ASKING = {
+    "suffix": "w9",
+    "best_of": 3,
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "w1"},
+    "reasoning_effort": "high",
+    "web_search_options": {},
+    "service_tier": "flex",
+    "response_format": {"type": "json_object"},
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "tool_choice": "required",
+    "functions": [{"name": "f", "parameters": {}}],
+    "function_call": "auto",
+    "logit_bias": {"5": 100},
+    "presence_penalty": 1.0,
+    "frequency_penalty": 5.0,
+    "top_k": 5,
+    "min_p": 0.1,
+    "repetition_penalty": 1.3,
+    "min_tokens": 2,
+    "guided_json": {"type": "object"},
+    "guided_regex": "w[0-9]",
+    "guided_choice": ["w1", "w2"],
+    "guided_grammar": "root ::= 'w1'",
+}
+CHAT_ONLY = {"audio", "modalities", "prediction", "reasoning_effort", "web_search_options", "tools", "tool_choice"}
+CHAT_ONLY |= {"functions", "function_call", "chat_template_kwargs"}
+
+
+def test_every_refused_field_is_a_400_naming_it_unless_it_asks_for_nothing(live, engine):
+    from llama4_deploy.serving.protocol import REFUSED
+
+    assert set(ASKING) >= set(REFUSED)
+    name = engine.manifest.name
+    for field in REFUSED:
+        path, body = (
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w1"}]})
+            if field in CHAT_ONLY
+            else ("/v1/completions", {"prompt": "w1"})
+        )
+        status, _, answer = live.post(path, {"model": name, **body, "max_tokens": 1, field: ASKING[field]})
+        assert status == 400 and answer["error"]["param"] == field, (field, answer)
+        assert answer["error"]["message"].startswith(f"{field}: not supported by this server ("), answer
+
+
+def test_unknown_fields_are_400_naming_them_and_bookkeeping_fields_are_accepted(live, engine):
+    name, client = engine.manifest.name, live.client()
+    for path, body, param in [
+        ("/v1/completions", {"prompt": [5, 6, 7], "temprature": 0}, "temprature"),
+        ("/v1/completions", {"prompt": [5], "stream": True, "stream_options": {"include_usage": True, "x": 1}}, None),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w1", "weight": 2}]}, None),
+    ]:
+        status, _, answer = live.post(path, {"model": name, **body})
+        param = param or answer["error"]["param"]
+        assert status == 400 and answer["error"]["param"] in ("temprature", "stream_options.x", "messages.0.weight")
+        assert (
+            f"{param}: unknown field" in answer["error"]["message"]
+            and "--ignore-unknown-fields" in answer["error"]["message"]
+        )
+    with pytest.raises(openai.BadRequestError, match="guided_decoding_backend: unknown field"):
+        client.completions.create(model=name, prompt="w1", extra_body={"guided_decoding_backend": "xgrammar"})
+    # store, metadata and user: accepted, without effect on the answer
+    expected = generated(engine, [5, 6, 7], 3)
+    done = client.completions.create(
+        model=name,
+        prompt=[5, 6, 7],
+        max_tokens=3,
+        temperature=0,
+        user="u1",
+        extra_body={"ignore_eos": True, "store": False, "metadata": {"k": "v"}},
+    )
+    assert done.choices[0].token_ids == expected
+
+
+def test_ignore_unknown_fields_drops_them(engine):
+    with Live(engine, ignore_unknown_fields=True) as live:
+        body = {"model": engine.manifest.name, "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}
+        status, _, answer = live.post("/v1/completions", {**body, "ignore_eos": True, "vendor_extra": {"a": 1}})
+        assert status == 200 and answer["choices"][0]["token_ids"] == generated(engine, [5, 6, 7], 3)
+        # a known field is still checked, and a refused one still refused
+        assert live.post("/v1/completions", {**body, "max_tokens": "3"})[0] == 400
+        assert live.post("/v1/completions", {**body, "suffix": "w1"})[0] == 400
+
+
+# -- text that equals the tokens, logprobs as text (issue 27 item 4) ---------------------------------------
+@pytest.fixture(scope="module")
+def byte_level_live(engine, tmp_path_factory):
+    """The module's engine served with a byte-level BPE of the engine's 512 ids (trained here on text full of
+    multi-byte characters), so random-weight completions end inside characters as a real model's can."""
+    import random
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from llama4_deploy.runtime.tokenizer import Tokenizer
+
+    rng = random.Random(0)
+    chars = list("abcdefghij klmno ") + list("éñüß世界漢字日本語🦙😀ωπ")
+    corpus = ["".join(rng.choice(chars) for _ in range(200)) for _ in range(200)]
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=engine.vocab_size, initial_alphabet=alphabet, show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    assert bpe.get_vocab_size() == engine.vocab_size
+    path = tmp_path_factory.mktemp("byte-level") / "tokenizer.json"
+    bpe.save(str(path))
+    with Live(engine) as live:
+        live.server.tokenizer = Tokenizer(path)
+        yield live
+
+
+def test_text_equals_decode_of_the_tokens_streamed_or_not(byte_level_live, engine):
+    live, tokenizer = byte_level_live, byte_level_live.server.tokenizer
+    client, name = live.client(), engine.manifest.name
+    prompts = prompts_of([3, 5, 2, 7, 4, 6, 3, 8, 5, 2, 4, 6], seed=5, vocab=engine.vocab_size)
+    ended_inside = 0
+    for i, prompt in enumerate(prompts):
+        kwargs = {"model": name, "prompt": prompt, "max_tokens": 5 + i % 4, "temperature": 0}
+        kwargs["extra_body"] = {"ignore_eos": True}
+        done = client.completions.create(**kwargs).choices[0]
+        assert done.text == tokenizer.decode(done.token_ids), i
+        chunks = list(client.completions.create(**kwargs, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == done.text, i
+        ended_inside += done.text.endswith("\ufffd")
+    assert ended_inside >= 2  # the case the flush is for happened (a character cut by max_tokens)
+
+
+def test_logprobs_name_tokens_by_their_text_bytes_and_offsets(byte_level_live, engine):
+    live, tokenizer = byte_level_live, byte_level_live.server.tokenizer
+    client, name = live.client(), engine.manifest.name
+    prompt = prompts_of([6], seed=9, vocab=engine.vocab_size)[0]
+    done = client.completions.create(
+        model=name, prompt=prompt, max_tokens=12, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
+    ).choices[0]
+    lp = done.logprobs
+    assert lp.tokens == [tokenizer.decode([t]) for t in done.token_ids]
+    # each offset is where the token's text begins in the answer: the length of the tokens before it, decoded,
+    # where they end on a whole character; the tokens of one character share the offset where it begins
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    whole = [i for i in range(len(done.token_ids)) if "\ufffd" not in tokenizer.decode(done.token_ids[:i])]
+    assert len(whole) >= 3 and all(lp.text_offset[i] == len(tokenizer.decode(done.token_ids[:i])) for i in whole)
+    chat = client.chat.completions.create(
+        model=name,
+        messages=[{"role": "user", "content": "ab 世界"}],
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    ).choices[0]
+    entries = chat.logprobs.content
+    raw = b"".join(bytes(e.bytes) for e in entries)  # each token's own bytes, a character's parts included
+    assert raw.decode("utf-8", errors="replace") == chat.message.content
+    assert all(e.top_logprobs[0].bytes == e.bytes for e in entries)
+
+
+# -- sampling controls (issue 27 item 2): honored over HTTP as `generate` honors them --------------------------
+@pytest.mark.parametrize(
+    "controls",
+    [
+        {"top_k": 3},
+        {"min_p": 0.2},
+        {"presence_penalty": 2.0},
+        {"frequency_penalty": -2.0},
+        {"repetition_penalty": 1.8},
+        {"logit_bias": {"7": 30.0, "9": -100}},
+        {"top_k": 5, "min_p": 0.05, "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.2},
+    ],
+    ids=lambda c: "+".join(c),
+)
+def test_sampling_controls_over_http_equal_generate_with_them(live, engine, controls):
+    prompt = [9, 8, 7, 9, 8]
+    done = live.client().completions.create(
+        model=engine.manifest.name,
+        prompt=prompt,
+        max_tokens=16,
+        temperature=0.9,
+        seed=11,
+        extra_body={"ignore_eos": True, **controls},
+    )
+    as_python = {k: ({int(t): b for t, b in v.items()} if k == "logit_bias" else v) for k, v in controls.items()}
+    expected = engine.generate([prompt], 16, temperature=0.9, seed=11, stop_tokens=[], **as_python).tokens[0]
+    plain = engine.generate([prompt], 16, temperature=0.9, seed=11, stop_tokens=[]).tokens[0]
+    assert done.choices[0].token_ids == expected
+    assert expected != plain  # the control changed what was drawn: it is carried out, not accepted and ignored
+
+
+def test_greedy_logit_bias_and_min_tokens(live, engine):
+    name, client = engine.manifest.name, live.client()
+    forced = client.completions.create(
+        model=name, prompt=[1, 2], max_tokens=4, temperature=0, extra_body={"ignore_eos": True}, logit_bias={"42": 100}
+    )
+    assert forced.choices[0].token_ids == [42, 42, 42, 42]
+    # min_tokens: the first greedy token made a stop token; it may end the answer only from the 4th token on
+    first = generated(engine, [3, 4], 1)[0]
+    body = {"model": name, "prompt": [3, 4], "max_tokens": 6, "temperature": 0, "stop_token_ids": [first]}
+    status, _, stopped = live.post("/v1/completions", body)
+    assert (
+        status == 200 and stopped["choices"][0]["token_ids"] == [] and stopped["choices"][0]["finish_reason"] == "stop"
+    )
+    status, _, held = live.post("/v1/completions", {**body, "min_tokens": 3})
+    expected = engine.generate([[3, 4]], 6, stop_tokens=[first], min_tokens=3).tokens[0]
+    tokens = held["choices"][0]["token_ids"]
+    assert status == 200 and len(tokens) >= 3 and first not in tokens[:3]
+    assert tokens == [t for t in expected if t != first]  # the stop token itself is not in the answer
+
+
+@pytest.mark.parametrize(
+    "extra, param, words",
+    [
+        ({"top_k": -2}, "top_k", "greater than or equal to -1"),
+        ({"min_p": 1.5}, "min_p", "less than or equal to 1"),
+        ({"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+        ({"frequency_penalty": 5.0}, "frequency_penalty", "less than or equal to 2"),
+        ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5", "less than or equal to 100"),
+        ({"logit_bias": {"w5": 1}}, "logit_bias", "key 'w5' is not a token id"),
+        ({"logit_bias": {"99999": 1}}, "logit_bias", "token id 99999, outside the vocabulary"),
+        ({"min_tokens": 20, "max_tokens": 4}, "min_tokens", "more than max_tokens 4"),
+        ({"top_k": "5"}, "top_k", "valid integer"),
+    ],
+)
+def test_sampling_controls_out_of_range_are_400_naming_them(live, engine, extra, param, words):
+    status, _, answer = live.post("/v1/completions", {"model": engine.manifest.name, "prompt": [1], **extra})
+    assert status == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer
+
+
+def test_chat_template_kwargs_reach_the_template(engine):
+    with Live(engine) as live:
+        # a template that reads a variable of its own, as Llama 4's and others' read tools or flags
+        source = (
+            "{{ bos_token }} {% for m in messages %}{{ m['content'] }} {% endfor %}"
+            "{% if extra %}w{{ extra }}{% endif %}"
+        )
+        live.server.chat_template.template = live.server.chat_template.template.environment.from_string(source)
+        body = {"model": engine.manifest.name, "messages": [{"role": "user", "content": "w3"}], "max_tokens": 1}
+        status, _, plain = live.post("/v1/chat/completions", body)
+        status2, _, extra = live.post("/v1/chat/completions", {**body, "chat_template_kwargs": {"extra": 5}})
+        assert status == status2 == 200
+        assert extra["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] + 1  # "w5" was rendered
+        status, _, answer = live.post("/v1/chat/completions", {**body, "chat_template_kwargs": {"messages": []}})
+        assert status == 400 and answer["error"]["param"] == "chat_template_kwargs"
+
+
+def test_the_readme_table_names_every_request_field():
+    # the table of OpenAI parameters cannot drift from the schemas: every field is in it, and nothing else
+    import re
+    from pathlib import Path
+
+    from llama4_deploy.serving.protocol import ChatCompletionRequest, CompletionRequest, StreamOptions
+
+    readme = Path(__file__).parent.parent.joinpath("README.md").read_text()
+    table = readme.split("## OpenAI parameters of `serve`")[1].split("\n## ")[0]
+    names = [name for row in table.splitlines()[6:] for name in re.findall(r"`([a-z_.]+)`", row.split("|")[1])]
+    named = {part for name in names for part in name.split(".")}  # stream_options.include_usage: both fields
+    fields = (
+        set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields) | set(StreamOptions.model_fields)
+    )
+    assert named == fields, (named - fields, fields - named)
+
+
+# -- operations (issue 27 item 7) ------------------------------------------------------------------------
+def test_api_key_model_name_template_cors_tokenize_version_and_access_log(engine, tmp_path, caplog):
+    import logging
+
+    from llama4_deploy import __version__
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ bos_token }} {% for m in messages %}w4 {{ m['content'] }} {% endfor %}w5")
+    options = dict(api_key="s3cret", served_model_name="my-llama", chat_template=template)
+    with Live(engine, **options, allowed_origins=("https://app.example",), log_requests=True) as live:
+        caplog.set_level(logging.INFO, logger="llama4_deploy.serving.access")
+        body = {"model": "my-llama", "prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+        status, headers, answer = live.post("/v1/completions", body)
+        assert (
+            status == 401
+            and answer["error"]["code"] == "invalid_api_key"
+            and "no API key" in answer["error"]["message"]
+        )
+        with pytest.raises(openai.AuthenticationError, match="the API key is not valid"):
+            live.client().models.list()  # the client sends "Bearer unused"
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="s3cret", max_retries=0, timeout=TIMEOUT)
+        assert [m.id for m in client.models.list().data] == ["my-llama"]
+        assert client.models.retrieve("my-llama").id == "my-llama"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve(engine.manifest.name)
+        done = client.completions.create(
+            model="my-llama", prompt=[5, 6, 7], max_tokens=2, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert done.choices[0].token_ids == generated(engine, [5, 6, 7], 2) and done.model == "my-llama"
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            client.completions.create(model=engine.manifest.name, prompt=[5], max_tokens=1)
+        assert live.get("/health")[0] == 200 and live.get("/metrics")[0] == 200  # open without the key
+        assert json.loads(live.get("/version")[1]) == {"version": __version__}
+
+        # --chat-template: the file's template renders the messages; /tokenize shows it
+        conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=TIMEOUT)
+        auth = {"content-type": "application/json", "authorization": "Bearer s3cret"}
+
+        def call(path, payload):
+            conn.request("POST", path, json.dumps(payload), auth)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+
+        messages = [{"role": "user", "content": "w9 w10"}]
+        status, tokens = call("/tokenize", {"model": "my-llama", "messages": messages})
+        tokenizer = load_tokenizer(engine.manifest)
+        assert status == 200 and tokens["tokens"] == tokenizer.encode("w1 w4 w9 w10 w5", add_special_tokens=False)
+        chat = client.chat.completions.create(model="my-llama", messages=messages, max_tokens=1)
+        assert chat.usage.prompt_tokens == tokens["count"] == 5
+        status, text = call("/detokenize", {"model": "my-llama", "tokens": tokens["tokens"]})
+        assert status == 200 and text == {"prompt": "w1 w4 w9 w10 w5"}
+        status, refused = call("/detokenize", {"model": "my-llama", "tokens": [99999]})
+        assert status == 400 and "outside the vocabulary" in refused["error"]["message"]
+        status, prompt_ids = call("/tokenize", {"model": "my-llama", "prompt": "w3 w4"})
+        assert prompt_ids["tokens"] == tokenizer.encode("w3 w4")
+
+        # CORS: a preflight from the allowed origin is answered (before the key is asked for); another is not
+        for origin, allowed in [("https://app.example", True), ("https://evil.example", False)]:
+            conn.request(
+                "OPTIONS",
+                "/v1/completions",
+                headers={"origin": origin, "access-control-request-method": "POST"},
+            )
+            response = conn.getresponse()
+            response.read()
+            assert (response.getheader("access-control-allow-origin") == origin) == allowed, origin
+        conn.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "llama4_deploy.serving.access"]
+    assert any(" POST /v1/completions 401 " in line for line in lines), lines
+    assert any(" POST /v1/completions 200 " in line for line in lines)
+    assert not any("w9" in line for line in lines)  # never the prompt
+
+
+def test_serve_options_reach_the_server_and_the_key_comes_from_the_environment(tiny_bundle, monkeypatch):
+    from click.testing import CliRunner
+
+    from llama4_deploy.cli import main
+    from llama4_deploy.serving import server as server_module
+
+    seen = {}
+    monkeypatch.setattr(server_module, "serve", lambda bundle, **kwargs: seen.update(kwargs))
+    args = ["serve", str(tiny_bundle), "--served-model-name", "m", "--allowed-origins", "*", "--log-requests"]
+    result = CliRunner().invoke(main, args, env={"LLAMA4_DEPLOY_API_KEY": "from-env"})
+    assert result.exit_code == 0, result.output
+    assert seen["api_key"] == "from-env" and seen["served_model_name"] == "m" and seen["allowed_origins"] == ("*",)
+    assert seen["log_requests"] is True and seen["ignore_unknown_fields"] is False
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (lambda p: p.write_bytes(b"\xff{{ x }}"), "is not UTF-8 text"),
+        (lambda p: p.write_text("{% for %}"), "is not a valid Jinja template"),
+        (lambda p: p.mkdir(), "is not a file"),
+    ],
+)
+def test_a_bad_chat_template_file_is_one_sentence(tiny_bundle, tmp_path, write, message):
+    from tests.test_cli import invoke, user_error
+
+    write(tmp_path / "t.jinja")
+    user_error(invoke("serve", str(tiny_bundle), "--port", "0", "--chat-template", str(tmp_path / "t.jinja")), message)

@@ -1,7 +1,7 @@
 """The build pipeline: recipes and options, the steps from checkpoint to bundle (steps/), the build cache and --out.
 
-    from llama4_deploy.build import build
-    build(recipe="tiny", out="build/tiny", precision="int4")
+from llama4_deploy.build import build
+build(recipe="tiny", out="build/tiny", precision="int4")
 """
 
 from __future__ import annotations

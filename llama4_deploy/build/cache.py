@@ -113,12 +113,14 @@ class BuildCache:
         self.dir = out.parent / f".{out.name}.build"
         self.log = log
 
-    def open(self) -> "BuildCache":
+    def open(self) -> BuildCache:
         """Create the cache, or take over this tool's own one (removing killed builds' partial steps)."""
         if self.dir.exists():
             if not (self.dir.is_dir() and (self.dir / MARKER).is_file()):
-                raise CacheError(f"{self.dir} exists and is not a build cache written by llama4-deploy; move it away "
-                                 f"so the build can keep its resumable steps there")
+                raise CacheError(
+                    f"{self.dir} exists and is not a build cache written by llama4-deploy; move it away "
+                    f"so the build can keep its resumable steps there"
+                )
             for path in self.dir.iterdir():
                 if PARTIAL in path.name and path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
@@ -128,8 +130,11 @@ class BuildCache:
         return self
 
     def finished(self) -> list[str]:
-        return sorted(p.name for p in self.dir.iterdir() if p.is_dir() and PARTIAL not in p.name) \
-            if self.dir.is_dir() else []
+        return (
+            sorted(p.name for p in self.dir.iterdir() if p.is_dir() and PARTIAL not in p.name)
+            if self.dir.is_dir()
+            else []
+        )
 
     def entry(self, step: str, key: str) -> Path:
         """Where a finished step with this key lives."""
@@ -199,8 +204,10 @@ class BuildCache:
             yield partial, record
             known = record.get("files") if isinstance(record.get("files"), dict) else {}
             names = sorted(p.name for p in partial.iterdir())
-            files = {**hash_files(partial, [n for n in names if n not in known]),
-                     **{n: known[n] for n in names if n in known}}
+            files = {
+                **hash_files(partial, [n for n in names if n not in known]),
+                **{n: known[n] for n in names if n in known},
+            }
             data = {"key": key, "record": record, "files": dict(sorted(files.items()))}
             (partial / RECORD).write_text(json.dumps(data, indent=1) + "\n")
             partial.rename(self.entry(step, key))
@@ -217,5 +224,6 @@ class BuildCache:
         if not keep or not self.finished():
             shutil.rmtree(self.dir, ignore_errors=True)
         else:
-            self.log(f"[resume] kept {len(self.finished())} finished step(s) in {self.dir}; "
-                     f"rerun the same build to resume")
+            self.log(
+                f"[resume] kept {len(self.finished())} finished step(s) in {self.dir}; rerun the same build to resume"
+            )

@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import time
 
-_CURRENT: contextvars.ContextVar["StepClock | None"] = contextvars.ContextVar("step_clock", default=None)
+_CURRENT: contextvars.ContextVar[StepClock | None] = contextvars.ContextVar("step_clock", default=None)
 
 
 class StepClock:

@@ -71,7 +71,6 @@ class SavedStage:
     passes: dict[str, int]
 
 
-
 @dataclasses.dataclass
 class BuildContext:
     recipe: Recipe  # the options, validated (llama4_deploy/build/options.py)

@@ -39,9 +39,17 @@ OVERRIDES = {
     "target": "backend",
 }
 # what a value of each key is called in "unknown X 'y'; choose one of ..."
-_NAMES = {"moe_dispatch": "MoE dispatch", "extra_dispatches": "MoE dispatch", "attention": "attention form",
-          "backend": "target", "quant_form": "quantization form", "quant_method": "quantization method",
-          "int4_compute": "int4 compute", "compute_dtype": "compute dtype", "block_size": "block size"}
+_NAMES = {
+    "moe_dispatch": "MoE dispatch",
+    "extra_dispatches": "MoE dispatch",
+    "attention": "attention form",
+    "backend": "target",
+    "quant_form": "quantization form",
+    "quant_method": "quantization method",
+    "int4_compute": "int4 compute",
+    "compute_dtype": "compute dtype",
+    "block_size": "block size",
+}
 
 
 class BuildError(ValueError):
@@ -71,8 +79,13 @@ def resolve(recipe: str | None, checkpoint: str | Path | None, **overrides: Any)
         raise TypeError(f"build() got an unexpected keyword argument {unknown[0]!r}")
     given = {key: value for key, value in overrides.items() if value is not None}
     if recipe is None and checkpoint is not None:
-        base = _validated({"name": Path(checkpoint).resolve().name,  # named after the checkpoint's directory
-                           "description": f"fp32 ONNX Runtime build of {checkpoint}"}, {})
+        base = _validated(
+            {
+                "name": Path(checkpoint).resolve().name,  # named after the checkpoint's directory
+                "description": f"fp32 ONNX Runtime build of {checkpoint}",
+            },
+            {},
+        )
     else:
         base = load_recipe(DEFAULT_RECIPE if recipe is None else recipe)
     data = base.model_dump()
@@ -81,11 +94,14 @@ def resolve(recipe: str | None, checkpoint: str | Path | None, **overrides: Any)
         node = data
         for parent in parents:
             node = node[parent]
-        node[leaf] = tuple(value) if argument == "extra_dispatches" else str(value) if argument == "calibration" else value
+        node[leaf] = (
+            tuple(value) if argument == "extra_dispatches" else str(value) if argument == "calibration" else value
+        )
     chosen = _validated(data, given)
     try:
-        fixed = targets.get(chosen.backend).configure(chosen.model_dump(), given.get("precision"),
-                                                      given.get("compute_dtype"))
+        fixed = targets.get(chosen.backend).configure(
+            chosen.model_dump(), given.get("precision"), given.get("compute_dtype")
+        )
     except TargetError as err:
         raise BuildError(str(err)) from None
     return _validated({**chosen.model_dump(), **fixed}, given) if fixed else chosen
@@ -107,9 +123,16 @@ def _sentence(error: dict[str, Any], given: dict[str, Any]) -> str:
         return message
     argument = next((a for a, k in OVERRIDES.items() if k == key), key)
     if error["type"] == "literal_error":
-        allowed = ", ".join(map(str, values(_field(key).annotation) if argument != "extra_dispatches"
-                                else values(_field(key).annotation.__args__[0])))
+        allowed = ", ".join(
+            map(
+                str,
+                values(_field(key).annotation)
+                if argument != "extra_dispatches"
+                else values(_field(key).annotation.__args__[0]),
+            )
+        )
         where = " in extra_dispatches" if argument == "extra_dispatches" else ""
-        return f"unknown {_NAMES.get(loc[-1], loc[-1].replace('_', ' '))} {error['input']!r}{where}; choose one of {allowed}"
+        name = _NAMES.get(loc[-1], loc[-1].replace("_", " "))
+        return f"unknown {name} {error['input']!r}{where}; choose one of {allowed}"
     flag = "--" + argument.replace("_", "-") if argument in given else key
     return f"{flag} {error['input']!r}: {message[:1].lower() + message[1:]}"

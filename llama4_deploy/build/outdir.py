@@ -2,8 +2,9 @@
 
 - `check_out`: `--out` may replace only a bundle this tool wrote (its manifest says
   `written_by: llama4-deploy`, or is a format-1 manifest with a build record, and the directory
-  holds nothing the manifest does not list) or an empty directory; anything else needs `force`. A file at `--out` is refused, `force` or not,
-  and so is an `--out` that holds the checkpoint being read. All before any work.
+  holds nothing the manifest does not list) or an empty directory; anything else needs `force`.
+  A file at `--out` is refused, `force` or not, and so is an `--out` that
+  holds the checkpoint being read. All before any work.
 - `Staging`: a build holds an exclusive lock, `.NAME.lock` beside `--out` (flock: the kernel
   drops it when the process dies, SIGKILL included), for its whole run; a second build to the
   same `--out` is refused. Under the lock it removes the staging dirs of the same `--out` whose
@@ -47,13 +48,17 @@ def check_out(out: Path, force: bool, checkpoint: Path | None = None) -> None:
         return
     files = written_by_this_tool(out)
     if files is None:
-        raise OutDirError(f"--out {out} exists and is not a bundle written by llama4-deploy; pass --force to "
-                          f"replace it, or choose another --out")
+        raise OutDirError(
+            f"--out {out} exists and is not a bundle written by llama4-deploy; pass --force to "
+            f"replace it, or choose another --out"
+        )
     listed = set(files) | {MANIFEST}
     foreign = [name for name in entries if name not in listed]
     if foreign:
-        raise OutDirError(f"--out {out} is a bundle but also holds {foreign[0]}, which the build did not write; "
-                          f"pass --force to replace it all, or move that file")
+        raise OutDirError(
+            f"--out {out} is a bundle but also holds {foreign[0]}, which the build did not write; "
+            f"pass --force to replace it all, or move that file"
+        )
 
 
 def _start_token(pid: int) -> str | None:
@@ -96,7 +101,7 @@ class Staging:
         self._lock_fd: int | None = None
         self.removed_stale: list[str] = []
 
-    def __enter__(self) -> "Staging":
+    def __enter__(self) -> Staging:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
@@ -135,8 +140,10 @@ class Staging:
             except OSError as err:
                 os.close(fd)
                 if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise OutDirError(f"another build is writing {self.out} (it holds {self.lock_path.name}); "
-                                      f"wait for it or choose another --out") from None
+                    raise OutDirError(
+                        f"another build is writing {self.out} (it holds {self.lock_path.name}); "
+                        f"wait for it or choose another --out"
+                    ) from None
                 raise
             try:  # the holder before us may have removed the file after we opened it: lock the live one
                 same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
@@ -162,7 +169,7 @@ class Staging:
     def _remove_stale(self) -> None:
         """Remove staging dirs of this --out whose owner process is gone (a killed build's)."""
         for path in self.out.parent.glob(f"{self.prefix}*"):
-            owner = path.name[len(self.prefix):].split("-")
+            owner = path.name[len(self.prefix) :].split("-")
             if len(owner) < 3 or not owner[0].isdigit() or not path.is_dir():
                 continue  # not named by this tool: leave it alone
             if not _owner_alive(int(owner[0]), owner[1]):

@@ -45,8 +45,14 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def build(recipe: str | None = None, checkpoint: str | Path | None = None, out: str | Path | None = None,
-          log: Callable[[str], None] = _stderr, force: bool = False, **overrides: Any) -> BuildResult:
+def build(
+    recipe: str | None = None,
+    checkpoint: str | Path | None = None,
+    out: str | Path | None = None,
+    log: Callable[[str], None] = _stderr,
+    force: bool = False,
+    **overrides: Any,
+) -> BuildResult:
     """Build a bundle. `recipe` names a recipe (default tiny, or a plain fp32 ONNX Runtime build when only
     `checkpoint` is given) or a YAML path; `checkpoint` is a Hugging Face checkpoint directory (default: the recipe's
     own, or its seeded random weights). `out` (default build/<recipe>) may hold only a bundle this tool wrote, or
@@ -56,8 +62,12 @@ def build(recipe: str | None = None, checkpoint: str | Path | None = None, out: 
     int4_compute, calibration, stages, extra_dispatches, target; None keeps the recipe's.
     A bare checkpoint's context defaults to its max_position_embeddings, at most load.DEFAULT_MAX_CONTEXT."""
     started = time.time()
-    for flag, value in (("--recipe", recipe), ("--checkpoint", checkpoint), ("--out", out),
-                        ("--calibration", overrides.get("calibration"))):
+    for flag, value in (
+        ("--recipe", recipe),
+        ("--checkpoint", checkpoint),
+        ("--out", out),
+        ("--calibration", overrides.get("calibration")),
+    ):
         if isinstance(value, str) and not value.strip():  # "" would otherwise mean the default, or the current dir
             raise BuildError(f"{flag} is empty; give a value or leave the option out for its default")
     bare_checkpoint = recipe is None and checkpoint is not None
@@ -75,16 +85,24 @@ def build(recipe: str | None = None, checkpoint: str | Path | None = None, out: 
         check_out(out, force, None if checkpoint is None else Path(checkpoint))
         with Staging(out) as staging, clock.running():
             if staging.removed_stale:
-                log(f"[out] removed {len(staging.removed_stale)} staging dir(s) of killed builds: "
-                    f"{', '.join(staging.removed_stale)}")
+                log(
+                    f"[out] removed {len(staging.removed_stale)} staging dir(s) of killed builds: "
+                    f"{', '.join(staging.removed_stale)}"
+                )
             cache = BuildCache(out, log).open()  # resumable steps, under the lock
             resumable = True  # an interrupt or a crash keeps the finished steps for a rerun
             try:
                 ctx = BuildContext(
-                    recipe=chosen, target=targets.get(chosen.backend),
+                    recipe=chosen,
+                    target=targets.get(chosen.backend),
                     checkpoint=None if checkpoint is None else Path(checkpoint),
                     context_from_checkpoint=bare_checkpoint and overrides.get("max_context") is None,
-                    bundle=staging.dir, cache=cache, log=log, started=started, force=force)
+                    bundle=staging.dir,
+                    cache=cache,
+                    log=log,
+                    started=started,
+                    force=force,
+                )
                 run_steps(ctx)
                 staging.commit()
                 resumable = False
@@ -96,8 +114,9 @@ def build(recipe: str | None = None, checkpoint: str | Path | None = None, out: 
     except (OutDirError, CacheError) as err:
         raise BuildError(str(err)) from None
     log(f"[steps] {', '.join(f'{k} {v:.1f}s' for k, v in clock.seconds.items())}")
-    return BuildResult(out, time.time() - started, _peak_rss_mb(), passes_of(ctx), ctx.manifest, dict(clock.seconds),
-                       list(clock.spans))
+    return BuildResult(
+        out, time.time() - started, _peak_rss_mb(), passes_of(ctx), ctx.manifest, dict(clock.seconds), list(clock.spans)
+    )
 
 
 def run_steps(ctx: BuildContext) -> None:

@@ -14,8 +14,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llama4_deploy.export.shape import ConfigError, ModelShape
-from llama4_deploy.graphs.forms import (AUTO, AttentionForm, BlockSize, ComputeDtype, Int4Compute, MoEDispatch,
-                                        Precision, QuantForm, QuantMethod)
+from llama4_deploy.graphs.forms import (
+    AUTO,
+    AttentionForm,
+    BlockSize,
+    ComputeDtype,
+    Int4Compute,
+    MoEDispatch,
+    Precision,
+    QuantForm,
+    QuantMethod,
+)
 from llama4_deploy.targets import TargetName
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -184,18 +193,19 @@ class Recipe(Strict):
         unknown = [key for key in data["expect_config"] if key not in facts]
         if unknown:
             raise ValueError(f"expect_config names {unknown[0]!r}, which is not a ModelShape field")
-        expected = {key: list(facts[key]) if isinstance(facts[key], tuple) else facts[key]
-                    for key in data["expect_config"]}
+        expected = {
+            key: list(facts[key]) if isinstance(facts[key], tuple) else facts[key] for key in data["expect_config"]
+        }
         return {**data, "expect_config": expected}
 
     @model_validator(mode="after")
-    def _one_weight_source(self) -> "Recipe":
+    def _one_weight_source(self) -> Recipe:
         if self.random is not None and self.checkpoint is not None:
             raise ValueError("give either random or checkpoint, not both")
         return self
 
     @model_validator(mode="after")
-    def _random_config_is_a_model(self) -> "Recipe":
+    def _random_config_is_a_model(self) -> Recipe:
         if self.random is not None:
             self.random.shape()
         return self

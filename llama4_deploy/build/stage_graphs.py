@@ -39,7 +39,6 @@ from llama4_deploy.runtime import abi
 from llama4_deploy.runtime.integrity import CHUNK_KEY, LAYOUT_KEY, layout_fingerprint
 
 
-
 def file_prefix(stage: Stage) -> str:
     return "" if stage.count == 1 else f"stage{stage.index}."
 
@@ -54,11 +53,15 @@ def graph_file(stage: Stage, strategy: str) -> str:
 
 def stage_inputs(shape, stage: Stage):
     """The engine ABI's inputs of one stage (docs/engine-abi.md)."""
+
     def value(name, dtype, dims):
         return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
 
-    first = (value(abi.INPUT_IDS, ir.DataType.INT64, ["batch", "new"]) if stage.first
-             else value(abi.HIDDEN_IN, ir.DataType.FLOAT, ["batch", "new", shape.hidden_size]))
+    first = (
+        value(abi.INPUT_IDS, ir.DataType.INT64, ["batch", "new"])
+        if stage.first
+        else value(abi.HIDDEN_IN, ir.DataType.FLOAT, ["batch", "new", shape.hidden_size])
+    )
     inputs = [
         first,
         value(abi.POSITION_IDS, ir.DataType.INT64, ["batch", "new"]),
@@ -95,8 +98,9 @@ def link_stage(checkpoint, templates, stage: Stage, weight: Callable[[Any, str],
             prologue_inputs[f"{scope}_past_key"] = abi.past_key(layers[0])
     stamps = []
     if stage.first:
-        stamps.append(Stamp("embed", "embed", {"input_ids": abi.INPUT_IDS},
-                            stamp_weights("embed", weights.embed_weights(shape))))
+        stamps.append(
+            Stamp("embed", "embed", {"input_ids": abi.INPUT_IDS}, stamp_weights("embed", weights.embed_weights(shape)))
+        )
         hidden = "embed.hidden_states"
     else:
         hidden = abi.HIDDEN_IN
@@ -106,14 +110,22 @@ def link_stage(checkpoint, templates, stage: Stage, weight: Callable[[Any, str],
     for layer in stage.layers:
         kind = shape.layer_kinds[layer]
         prefix = f"layers.{layer}"
-        bindings = {**shared, "hidden_states": hidden, "past_key": abi.past_key(layer),
-                    "past_value": abi.past_value(layer)}
-        stamps.append(Stamp(kind.name, prefix, bindings, stamp_weights(prefix, weights.layer_weights(shape, layer, kind))))
+        bindings = {
+            **shared,
+            "hidden_states": hidden,
+            "past_key": abi.past_key(layer),
+            "past_value": abi.past_value(layer),
+        }
+        stamps.append(
+            Stamp(kind.name, prefix, bindings, stamp_weights(prefix, weights.layer_weights(shape, layer, kind)))
+        )
         hidden = f"{prefix}.hidden_states_out"
         outputs[abi.present_key(layer)] = f"{prefix}.present_key"
         outputs[abi.present_value(layer)] = f"{prefix}.present_value"
     if stage.last:
-        stamps.append(Stamp("head", "head", {"hidden_states": hidden}, stamp_weights("head", weights.head_weights(shape))))
+        stamps.append(
+            Stamp("head", "head", {"hidden_states": hidden}, stamp_weights("head", weights.head_weights(shape)))
+        )
         final = {abi.LOGITS: "head.logits"}
     else:
         final = {abi.HIDDEN_OUT: hidden}
@@ -185,14 +197,18 @@ def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> 
         for name, value in model.graph.initializers.items():
             kept = union.setdefault(name, value)
             if (kept.dtype, tuple(kept.shape)) != (value.dtype, tuple(value.shape)):  # one name, one tensor
-                raise ValueError(f"weight {name} is {kept.dtype} {tuple(kept.shape)} in one graph and {value.dtype} "
-                                 f"{tuple(value.shape)} in the {strategy} graph")
+                raise ValueError(
+                    f"weight {name} is {kept.dtype} {tuple(kept.shape)} in one graph and {value.dtype} "
+                    f"{tuple(value.shape)} in the {strategy} graph"
+                )
     label = "[save] weights" if stage.count == 1 else f"[save] stage {stage.index} weights"
     final = directory / data_file(stage)
     stored: dict[str, ir.ExternalTensor] = {}
     total = sum(v.const_value.nbytes for v in union.values() if v.const_value.nbytes > INLINE_BYTES)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr, disable=None) as bar, \
-            WeightsFile(directory / f".{final.name}.partial", direct=total > DIRECT_BYTES) as out:
+    with (
+        tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr, disable=None) as bar,
+        WeightsFile(directory / f".{final.name}.partial", direct=total > DIRECT_BYTES) as out,
+    ):
         for name, value in union.items():
             tensor, offset = value.const_value, out.tell()
             if tensor.nbytes <= INLINE_BYTES:  # stays in the graph (shape inference reads such constants)
@@ -200,13 +216,21 @@ def save_stage_graphs(models: dict[str, Any], directory: Path, stage: Stage) -> 
             write_tensor(tensor, out)
             if out.tell() - offset != tensor.nbytes:
                 raise ValueError(f"weight {name} wrote {out.tell() - offset} bytes, not its {tensor.nbytes}")
-            stored[name] = ir.ExternalTensor(final.name, offset, tensor.nbytes, tensor.dtype, shape=ir.Shape(
-                tensor.shape), name=name, base_dir=directory)
+            stored[name] = ir.ExternalTensor(
+                final.name,
+                offset,
+                tensor.nbytes,
+                tensor.dtype,
+                shape=ir.Shape(tensor.shape),
+                name=name,
+                base_dir=directory,
+            )
             bar.update(tensor.nbytes)
         data_record = out.finish()
         out.path.replace(final)
-    layout = layout_fingerprint((name, t.offset or 0, t.length, t.dtype.name, tuple(t.shape))
-                                for name, t in stored.items())
+    layout = layout_fingerprint(
+        (name, t.offset or 0, t.length, t.dtype.name, tuple(t.shape)) for name, t in stored.items()
+    )
     for strategy, model in models.items():
         for name, value in model.graph.initializers.items():
             if name in stored:

@@ -78,6 +78,7 @@ def split_layers(layer_bytes: Sequence[int], stages: int, first_bytes: int = 0, 
 def model_split(shape, stages: int, bytes_per_element: float = 4.0) -> list[Stage]:
     """`split_layers` over a model's weights as config.json sizes them (export/weights.py), at
     `bytes_per_element` (4: the fp32 graph; a uniform precision plan gives the same split)."""
+
     def size(sources) -> int:
         return int(sum(math.prod(s.checkpoint_shape) for s in sources.values()) * bytes_per_element)
 

@@ -40,8 +40,7 @@ class WeightsFile:
 
     `direct=False` writes through the page cache (a test's choice; O_DIRECT also falls back to it by itself)."""
 
-    def __init__(self, path: Path, part_bytes: int = PART_BYTES, direct: bool = True,
-                 buffer_bytes: int = BUFFER_BYTES):
+    def __init__(self, path: Path, part_bytes: int = PART_BYTES, direct: bool = True, buffer_bytes: int = BUFFER_BYTES):
         if buffer_bytes % BLOCK:
             raise ValueError(f"buffer_bytes must be a multiple of {BLOCK}, got {buffer_bytes}")
         self.path = Path(path)
@@ -62,8 +61,9 @@ class WeightsFile:
         self._buffers = [mmap.mmap(-1, buffer_bytes) for _ in range(BUFFERS)]  # anonymous maps: page-aligned
         self._free = deque(range(BUFFERS))
         self._busy: deque[tuple[int, list[Future]]] = deque()
-        self._workers = [ThreadPoolExecutor(1, thread_name_prefix=f"weights-{role}")
-                         for role in ("write", "sha256", "parts")]
+        self._workers = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"weights-{role}") for role in ("write", "sha256", "parts")
+        ]
         self._current, self._filled, self._flushed, self.size = self._free.popleft(), 0, 0, 0
         self._finished = False
 
@@ -83,7 +83,7 @@ class WeightsFile:
         written = len(view)
         while view:
             take = min(self._buffer_bytes - self._filled, len(view))
-            self._buffers[self._current][self._filled:self._filled + take] = view[:take]
+            self._buffers[self._current][self._filled : self._filled + take] = view[:take]
             self._filled += take
             view = view[take:]
             if self._filled == self._buffer_bytes:
@@ -105,9 +105,16 @@ class WeightsFile:
         index, length, offset = self._current, self._filled, self._flushed
         data = memoryview(self._buffers[index])[:length]
         write, whole, parts = self._workers
-        self._busy.append((index, [write.submit(self._pwrite, index, length, offset),
-                                   whole.submit(self._hasher.update_whole, data),
-                                   parts.submit(self._hasher.update_parts, data)]))
+        self._busy.append(
+            (
+                index,
+                [
+                    write.submit(self._pwrite, index, length, offset),
+                    whole.submit(self._hasher.update_whole, data),
+                    parts.submit(self._hasher.update_parts, data),
+                ],
+            )
+        )
         self._flushed += length
         self._release()
         self._current, self._filled = self._free.popleft(), 0
@@ -133,7 +140,7 @@ class WeightsFile:
                 # the file system took O_DIRECT at open but not this write: write through the page cache
                 fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
                 self.direct = False
-                view = view[:max(0, length - (padded - len(view)))]
+                view = view[: max(0, length - (padded - len(view)))]
                 continue
             view, offset = view[done:], offset + done
 
@@ -159,8 +166,12 @@ def write_tensor(tensor, out: WeightsFile) -> None:
         tensor.tofile(out)
         return
     array = tensor.raw
-    if (isinstance(array, np.ndarray) and tensor.dtype.bitwidth % 8 == 0 and array.dtype == tensor.dtype.numpy()
-            and array.dtype.byteorder in "=<|"):
+    if (
+        isinstance(array, np.ndarray)
+        and tensor.dtype.bitwidth % 8 == 0
+        and array.dtype == tensor.dtype.numpy()
+        and array.dtype.byteorder in "=<|"
+    ):
         out.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
     else:
         out.write(tensor.tobytes())

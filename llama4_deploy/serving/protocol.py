@@ -1,38 +1,154 @@
 """The OpenAI wire protocol `llama4-deploy serve` speaks: request bodies as pydantic models mirroring
 OpenAI's schemas (plus vLLM's `ignore_eos` and `stop_token_ids`), and the error object.
 
-Unknown fields are ignored, as OpenAI-compatible servers do; known fields are checked here, so a bad
-value becomes a 400 with an OpenAI-style error object before it reaches the scheduler.
+No request is answered 200 unless it is carried out: an unknown field is a 400 naming it, as OpenAI's own
+API answers (`--ignore-unknown-fields`, for clients that send extras, drops them instead: the validation
+context's `ignore_unknown`); every known field is honored, or refused with a 400 naming it unless it holds
+its no-op value (`REFUSED`), or is one of the few accepted without effect (`store`, `metadata`, `user`).
+
+Every field is strictly typed, so the scheduler never sees a value it cannot use: no string or bool
+where a number or token id is meant (`"max_tokens": "8"`, `true` as 1 and `[true, false]` as ids are
+refused), numbers finite, seeds in [0, 2^64), and text made of Unicode scalar values (a lone surrogate,
+which JSON's `\\ud800` escape can carry, is refused naming the field). A bad value becomes a 400 with an
+OpenAI-style error object before the request reaches the scheduler.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs (completions allow 5; we allow the chat limit)
+SEED_LIMIT = 2**64  # numpy's generators take any non-negative integer; OpenAI's seeds are 64-bit
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+def scalar_values(text: str) -> str:
+    """Refuse text that is not a sequence of Unicode scalar values (it cannot be encoded as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"not valid Unicode text: character {err.start} is a lone surrogate (U+{ord(text[err.start]):04X})"
+        ) from None
+    return text
 
 
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+Text = Annotated[str, Strict(), AfterValidator(scalar_values)]
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]  # an int is a number; a bool or string is not
+Count = Annotated[int, Strict()]
+TokenId = Annotated[int, Strict(), Field(ge=0)]
+Flag = Annotated[bool, Strict()]
 
-    model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_unknown(cls, data: Any, info: ValidationInfo) -> Any:
+        """With `--ignore-unknown-fields`, fields the schema does not name are dropped instead of refused."""
+        if isinstance(data, dict) and info.context and info.context.get("ignore_unknown"):
+            return {key: value for key, value in data.items() if key in cls.model_fields}
+        return data
+
+
+# Fields of OpenAI's (and vLLM's) requests this server does not carry out: refused with a 400 naming the field
+# unless they hold the value that asks for nothing, given here as a predicate, with why they are refused.
+REFUSED: dict[str, tuple[Any, str]] = {
+    "suffix": (lambda v: v is None or v == "", "no fill-in-the-middle: the model has no suffix format"),
+    "best_of": (lambda v: v is None or v == 1, "one sample per choice"),
+    "audio": (lambda v: v is None, "text output only"),
+    "modalities": (lambda v: v is None or v == ["text"], "text output only"),
+    "prediction": (lambda v: v is None, "no predicted outputs"),
+    "reasoning_effort": (lambda v: v is None, "the model has no reasoning mode"),
+    "web_search_options": (lambda v: v is None, "no web search"),
+    "service_tier": (lambda v: v in (None, "auto", "default"), "one service tier"),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, "no structured output yet"),
+    "tools": (lambda v: v is None or v == [], "no tool calls yet"),
+    "tool_choice": (lambda v: v is None or v == "none", "no tool calls yet"),
+    "functions": (lambda v: v is None or v == [], "no function calls"),
+    "function_call": (lambda v: v is None or v == "none", "no function calls"),
+    "guided_json": (lambda v: v is None, "no structured output yet"),
+    "guided_regex": (lambda v: v is None, "no structured output yet"),
+    "guided_choice": (lambda v: v is None, "no structured output yet"),
+    "guided_grammar": (lambda v: v is None, "no structured output yet"),
+}
+
+
+def _refuse_unless_no_op(value: Any, info: ValidationInfo) -> Any:
+    allowed, why = REFUSED[info.field_name]
+    if not allowed(value):
+        raise ValueError(f"not supported by this server ({why}); leave it out")
+    return value
+
+
+class StreamOptions(_Strict):
+    include_usage: Flag = False
+
+
+class _Sampling(_Strict):
+    model: Text
+    temperature: Number = Field(1.0, ge=0.0, le=2.0)
+    top_p: Number = Field(1.0, gt=0.0, le=1.0)
+    seed: Annotated[int, Strict(), Field(ge=0, lt=SEED_LIMIT)] | None = None
     # strings end the text before them; integers are token ids (as `stop_token_ids`)
-    stop: str | list[str | int] | None = None
-    stop_token_ids: list[int] | None = None
-    stream: bool = False
+    stop: Text | list[Text | TokenId] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    stream: Flag = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    ignore_eos: bool = False  # vLLM's: generate max_tokens tokens whatever the model says
-    user: str | None = None
+    n: Count = 1
+    ignore_eos: Flag = False  # vLLM's: generate max_tokens tokens whatever the model says
+    # accepted without effect (OpenAI's bookkeeping fields; documented as such in the README)
+    user: Text | None = None
+    store: Flag | None = None
+    metadata: dict[Text, Text] | None = None
+    # runtime/sampling.py's controls, in OpenAI's ranges (vLLM's for top_k, min_p, repetition_penalty, min_tokens)
+    top_k: Annotated[int, Strict(), Field(ge=-1)] | None = None  # -1 or 0: off
+    min_p: Annotated[Number, Field(ge=0.0, le=1.0)] | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0.0)] | None = None
+    logit_bias: dict[Text, Annotated[Number, Field(ge=-100.0, le=100.0)]] | None = None  # {"token id": bias}
+    min_tokens: Annotated[int, Strict(), Field(ge=0)] | None = None
+    # known, and refused unless they ask for nothing (REFUSED says why)
+    best_of: Any = None
+    service_tier: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    response_format: Any = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_keys(cls, bias):
+        for key in bias or {}:
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"key {key!r} is not a token id (OpenAI's keys are token ids written as strings)")
+        return bias
+
+    @field_validator(
+        "best_of",
+        "service_tier",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "response_format",
+    )
+    @classmethod
+    def _refused(cls, value, info: ValidationInfo):
+        return _refuse_unless_no_op(value, info)
 
     @field_validator("n")
     @classmethod
@@ -59,11 +175,38 @@ class _Sampling(BaseModel):
         return [s for s in stop if isinstance(s, int)] + list(self.stop_token_ids or [])
 
 
+def _prompt_shape(prompt):
+    """Name what is wrong with a prompt that is none of OpenAI's four forms, in one sentence."""
+    forms = "a string, a list of token ids, or a list of either"
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, list):
+        raise ValueError(f"must be {forms}, got {type(prompt).__name__}")
+    for i, item in enumerate(prompt):
+        if isinstance(item, bool):
+            raise ValueError(f"item {i} is {str(item).lower()}, a boolean, not a token id")
+        if isinstance(item, list):
+            for j, token in enumerate(item):
+                if not isinstance(token, int) or isinstance(token, bool):
+                    raise ValueError(f"item {i}, entry {j} is {token!r}, not an integer token id")
+        elif not isinstance(item, (int, str)):
+            raise ValueError(f"item {i} is {item!r}; it must be {forms}")
+    return prompt
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    prompt: Text | list[TokenId] | list[Text] | list[list[TokenId]]
+    max_tokens: Annotated[int, Strict(), Field(ge=1)] | None = 16
+    logprobs: Annotated[int, Strict(), Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: Flag = False
+    suffix: Any = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _refused_here(cls, value, info: ValidationInfo):
+        return _refuse_unless_no_op(value, info)
+
+    _prompt_form = field_validator("prompt", mode="before")(_prompt_shape)
 
     @field_validator("echo")
     @classmethod
@@ -73,16 +216,15 @@ class CompletionRequest(_Sampling):
         return echo
 
 
-class TextPart(BaseModel):
+class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None  # OpenAI's participant name: passed to the chat template
 
     def text(self) -> str:
         if self.content is None:
@@ -94,10 +236,58 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Annotated[int, Strict(), Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Strict(), Field(ge=1)] | None = None
+    logprobs: Flag = False
+    top_logprobs: Annotated[int, Strict(), Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    parallel_tool_calls: Flag | None = None  # without tools it asks for nothing
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    chat_template_kwargs: dict[Text, Any] | None = None  # vLLM's: more variables for the chat template
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _not_reserved(cls, kwargs):
+        reserved = sorted(set(kwargs or {}) & {"messages", "add_generation_prompt", "bos_token", "eos_token"})
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be set here: the server renders them from the request")
+        return kwargs
+
+    @field_validator(
+        "audio",
+        "modalities",
+        "prediction",
+        "reasoning_effort",
+        "web_search_options",
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+    )
+    @classmethod
+    def _refused_here(cls, value, info: ValidationInfo):
+        return _refuse_unless_no_op(value, info)
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a prompt (or chat messages, rendered by the template) to token ids."""
+
+    model: Text
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: Flag = True
+
+
+class DetokenizeRequest(_Strict):
+    model: Text
+    tokens: list[TokenId]
 
 
 def error_body(

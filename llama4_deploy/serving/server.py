@@ -7,16 +7,20 @@ through an asyncio queue.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics (Prometheus text).
-Faults: invalid input -> 400 with an OpenAI error object (never 500); a full queue -> 429 with
-Retry-After; a client that disconnects cancels its request and frees its row; an engine error fails
-that step's requests (500 / an error event); SIGTERM stops intake, drains in-flight requests for
-at most `drain_timeout` seconds, then exits 0.
+Faults: invalid input -> 400 with an OpenAI error object (never 500); a body over `max_request_bytes`
+-> 413; a full queue -> 429 with Retry-After; a client that disconnects cancels its request and frees its
+row; an error in a scheduler step fails that step's requests (500 / an error event) and the scheduler
+goes on; should its thread ever stop, /health and new requests answer 503. SIGTERM stops intake (503),
+drains in-flight requests for at most `drain_timeout` seconds, answers what is left with a 503 error
+object, then exits 0. Tokenizing and chat-template rendering run on worker threads, so a huge prompt
+never stalls the event loop (/health answers meanwhile).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import signal
@@ -31,6 +35,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -43,16 +48,26 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llama4_deploy import __version__
 from llama4_deploy.runtime import load
 from llama4_deploy.runtime.engine import Engine
-from llama4_deploy.runtime.scheduler import Output, QueueFull, Request, Scheduler, StepRecord
+from llama4_deploy.runtime.scheduler import Output, QueueFull, Request, Scheduler, StepRecord, Unavailable
 from llama4_deploy.runtime.tokenizer import Tokenizer, load_tokenizer
-from llama4_deploy.serving.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from llama4_deploy.serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    error_body,
+)
 
 log = logging.getLogger("llama4_deploy.serving.server")
 RETRY_AFTER_S = 1
+MAX_REQUEST_BYTES = 32 * 2**20  # a body above it is answered 413 before it is read; --max-request-bytes
+DRAIN_GRACE_S = 5  # uvicorn cancels handlers this long after the drain has answered what was left
 # Llama 4's header format; used when the bundle has no tokenizer_config.json with a chat_template
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -75,12 +90,14 @@ class ChatTemplate:
     """The checkpoint's Jinja chat template (tokenizer_config.json) or Llama 4's header format,
     rendered in Jinja's immutable sandbox as transformers does."""
 
-    def __init__(self, config_path: Path | None):
+    def __init__(self, config_path: Path | None, template_file: Path | None = None):
         config = json.loads(config_path.read_text()) if config_path and config_path.is_file() else {}
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         self.source = "tokenizer_config.json" if template else "built-in Llama 4 header format"
+        if template_file is not None:  # --chat-template FILE: the operator's template over the checkpoint's
+            template, self.source = _read_template(Path(template_file)), str(template_file)
         self.special = {key: self._token(config.get(key)) for key in ("bos_token", "eos_token")}
         self.special["bos_token"] = (
             self.special["bos_token"] if template else (self.special["bos_token"] or DEFAULT_BOS)
@@ -97,11 +114,29 @@ class ChatTemplate:
     def _raise(message: str):
         raise ClientError(message, "messages")
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], variables: dict | None = None) -> str:
+        """The prompt text; `variables` (the request's chat_template_kwargs) are more names the template sees."""
         try:
-            return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
+            return self.template.render(
+                **(variables or {}), messages=messages, add_generation_prompt=True, **self.special
+            )
         except TemplateError as err:
             raise ClientError(f"the chat template cannot render these messages ({err})", "messages") from None
+
+
+def _read_template(path: Path) -> str:
+    """A --chat-template file: UTF-8 Jinja that parses, or one sentence saying what is wrong with it."""
+    if not path.is_file():
+        raise ValueError(f"--chat-template {path} is not a file")
+    try:
+        template = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--chat-template {path} is not UTF-8 text (byte at offset {err.start})") from None
+    try:
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).parse(template)
+    except TemplateError as err:
+        raise ValueError(f"--chat-template {path} is not a valid Jinja template ({err})") from None
+    return template
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -173,6 +208,7 @@ class _Run:
             )
         self.stream = tokenizer.stream(stop_strings) if tokenizer else None
         self.tokens: list[int] = []  # tokens whose text is in the answer
+        self.offsets: list[int] = []  # the character offset in the answer where each token's text begins
         self.finish_reason: str | None = None
         self.error: str | None = None
 
@@ -183,6 +219,8 @@ class _Run:
             raise ClientError(
                 f"the server is busy ({err}); retry after {RETRY_AFTER_S} s", status=429, code="queue_full"
             ) from None
+        except Unavailable as err:
+            raise ClientError(f"the server takes no requests: {err}", status=503, code="unavailable") from None
         except ValueError as err:
             raise ClientError(str(err), "prompt") from None
         self.server.metrics.prompt_tokens.inc(len(self.request.prompt))
@@ -202,6 +240,7 @@ class _Run:
                 if output.token in self.request.stop_tokens:  # its text is not part of the answer
                     continue
                 self.tokens.append(output.token)
+                self.offsets.append(len(self.stream.text) if self.stream else 0)  # where its text begins
                 self.server.metrics.generation_tokens.inc()
                 piece = self.stream.push(output.token) if self.stream else ""
                 if self.stream and self.stream.stopped:
@@ -234,18 +273,50 @@ class _Run:
 class Server:
     """Engine + scheduler + tokenizer + chat template + metrics behind one FastAPI app."""
 
-    def __init__(self, engine: Engine, max_batch: int | None = None, max_queue: int = 64):
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int | None = None,
+        max_queue: int = 64,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        ignore_unknown_fields: bool = False,
+        api_key: str | None = None,
+        served_model_name: str | None = None,
+        chat_template: Path | None = None,
+        allowed_origins: tuple[str, ...] = (),
+        log_requests: bool = False,
+    ):
+        if api_key is not None and not api_key:
+            raise ValueError("--api-key is empty; give a key, or leave the option out to serve without one")
+        if served_model_name is not None and not served_model_name.strip():
+            raise ValueError("--served-model-name is empty")
+        self.api_key = api_key
+        self.allowed_origins = tuple(allowed_origins)
+        self.log_requests = log_requests
+        self.ignore_unknown_fields = ignore_unknown_fields
+        if max_request_bytes < 1:
+            raise ValueError(f"--max-request-bytes is {max_request_bytes}; it must be at least 1")
+        self.max_request_bytes = max_request_bytes
         self.engine = engine
-        self.model = engine.manifest.name
+        self.model = served_model_name or engine.manifest.name
         self.created = int(time.time())
         self.tokenizer: Tokenizer | None = None
         if engine.manifest.tokenizer_path is not None and engine.manifest.tokenizer_path.is_file():
             self.tokenizer = load_tokenizer(engine.manifest)
-        self.chat_template = ChatTemplate(engine.manifest.tokenizer_config_path)
+        self.chat_template = ChatTemplate(engine.manifest.tokenizer_config_path, chat_template)
         self.scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
         self.metrics = Metrics(self.scheduler)
         self.scheduler.on_step = self.metrics.observe_step
         self.app = self._make_app()
+
+    def _model_card(self) -> dict:
+        return {
+            "id": self.model,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "llama4-deploy",
+            "max_model_len": self.engine.manifest.max_context,
+        }
 
     # -- request translation ------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -265,18 +336,39 @@ class Server:
             )
         return self.tokenizer.encode(text, add_special_tokens=special)
 
-    def _prompt_ids(self, prompt) -> list[int]:
+    def _prompt_ids(self, prompt, max_tokens: int) -> list[int]:
+        """Token ids of a completion prompt (on a worker thread: tokenizing may take seconds)."""
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one prompt
         if isinstance(prompt, str):
-            return self._encode(prompt, "prompt")
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return prompt
-        raise ClientError("prompt holds several prompts; send one prompt per request", "prompt")
+            ids = self._encode(prompt, "prompt")
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            ids = prompt
+        else:
+            raise ClientError("prompt holds several prompts; send one prompt per request", "prompt")
+        self._check_length(ids, max_tokens, "prompt")
+        return ids
+
+    def _chat_ids(self, messages: list[dict], variables: dict | None = None) -> list[int]:
+        """The rendered chat template's token ids (on a worker thread)."""
+        ids = self._encode(self.chat_template.render(messages, variables), "messages", special=False)
+        self._check_length(ids, 1, "messages")
+        return ids
+
+    def _check_length(self, ids: list[int], max_tokens: int, param: str) -> None:
+        """The context check before the per-token checks of `submit`, which a huge prompt would make slow."""
+        context = self.engine.manifest.max_context
+        if len(ids) + max_tokens > context:
+            what = "prompt" if param == "prompt" else "the rendered messages"
+            raise ClientError(
+                f"{what} of {len(ids)} tokens plus {max_tokens} new ones exceeds the bundle's context of "
+                f"{context} tokens",
+                param,
+            )
 
     def _request(self, body, prompt: list[int], max_tokens: int, logprobs: int | None) -> Request:
         stop = set(body.stop_ids()) | (set() if body.ignore_eos else set(self.engine.manifest.eos_token_ids))
-        return Request(
+        request = Request(
             prompt,
             max_tokens,
             temperature=body.temperature,
@@ -284,16 +376,52 @@ class Server:
             seed=body.seed,
             stop_tokens=frozenset(stop),
             logprobs=logprobs,
+            top_k=body.top_k or 0,
+            min_p=body.min_p or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            logit_bias={int(token): bias for token, bias in (body.logit_bias or {}).items()},
+            min_tokens=body.min_tokens or 0,
         )
+        try:  # the checks that need the vocabulary (logit_bias ids) or two fields (min_tokens, max_tokens)
+            request.sampling.check(self.engine.vocab_size)
+        except ValueError as err:
+            raise ClientError(str(err), str(err).split()[0]) from None
+        if request.min_tokens > max_tokens:
+            raise ClientError(f"min_tokens is {request.min_tokens}, more than max_tokens {max_tokens}", "min_tokens")
+        return request
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.token_text(token) if self.tokenizer else str(token)
 
+    def _token_bytes(self, token: int) -> list[int]:
+        return list(self.tokenizer.token_bytes(token) if self.tokenizer else str(token).encode())
+
     # -- endpoints -------------------------------------------------------------------------------
-    async def completions(self, body: CompletionRequest, http: HttpRequest):
+    async def _body(self, http: HttpRequest, schema):
+        """The request body validated by `schema`, with unknown fields refused or (--ignore-unknown-fields)
+        dropped; errors go through the same 400 handler as FastAPI's own."""
+        raw = await http.body()
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as err:
+            reason = str(err).split("\n")[0] if isinstance(err, ValueError) else "nested too deeply"
+            raise RequestValidationError(
+                [{"type": "json_invalid", "loc": ("body",), "ctx": {"error": reason}}]
+            ) from None
+        try:
+            return schema.model_validate(data, context={"ignore_unknown": self.ignore_unknown_fields})
+        except ValidationError as err:
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]
+            ) from None
+
+    async def completions(self, http: HttpRequest):
+        body = await self._body(http, CompletionRequest)
         self._check_model(body.model)
-        prompt = self._prompt_ids(body.prompt)
         max_tokens = body.max_tokens or 16
+        prompt = await asyncio.to_thread(self._prompt_ids, body.prompt, max_tokens)
         run = _Run(self, self._request(body, prompt, max_tokens, body.logprobs), body.stop_strings(), "completions")
         run.submit()
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -307,7 +435,7 @@ class Server:
                 "tokens": [self._token_text(o.token) for o in outputs],
                 "token_logprobs": [o.logprob for o in outputs],
                 "top_logprobs": [{self._token_text(t): lp for t, lp in o.top_logprobs} for o in outputs],
-                "text_offset": [],
+                "text_offset": run.offsets[len(run.offsets) - len(outputs) :],
             }
 
         if body.stream:
@@ -341,10 +469,14 @@ class Server:
         }
         return {**head, "choices": [choice], "usage": run.usage()}
 
-    async def chat_completions(self, body: ChatCompletionRequest, http: HttpRequest):
+    async def chat_completions(self, http: HttpRequest):
+        body = await self._body(http, ChatCompletionRequest)
         self._check_model(body.model)
-        rendered = self.chat_template.render([{"role": m.role, "content": m.text()} for m in body.messages])
-        prompt = self._encode(rendered, "messages", special=False)
+        messages = [
+            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name is not None else {})}
+            for m in body.messages
+        ]
+        prompt = await asyncio.to_thread(self._chat_ids, messages, body.chat_template_kwargs)
         room = self.engine.manifest.max_context - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -357,9 +489,9 @@ class Server:
             return {
                 "token": name,
                 "logprob": o.logprob,
-                "bytes": list(name.encode()),
+                "bytes": self._token_bytes(o.token),
                 "top_logprobs": [
-                    {"token": self._token_text(t), "logprob": lp, "bytes": list(self._token_text(t).encode())}
+                    {"token": self._token_text(t), "logprob": lp, "bytes": self._token_bytes(t)}
                     for t, lp in o.top_logprobs
                 ],
             }
@@ -430,22 +562,53 @@ class Server:
 
         @app.get("/v1/models")
         async def models():
-            return {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.model,
-                        "object": "model",
-                        "created": self.created,
-                        "owned_by": "llama4-deploy",
-                        "max_model_len": self.engine.manifest.max_context,
-                    }
-                ],
-            }
+            return {"object": "list", "data": [self._model_card()]}
+
+        @app.get("/v1/models/{model_id:path}")
+        async def model(model_id: str):
+            self._check_model(model_id)
+            return self._model_card()
+
+        @app.post("/tokenize")
+        async def tokenize(http: HttpRequest):
+            body = await self._body(http, TokenizeRequest)
+            self._check_model(body.model)
+            if body.messages is not None:
+                messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+                text = self.chat_template.render(messages)
+                ids = await asyncio.to_thread(self._encode, text, "messages", False)
+            elif body.prompt is not None:
+                ids = await asyncio.to_thread(self._encode, body.prompt, "prompt", body.add_special_tokens)
+            else:
+                raise ClientError("give prompt or messages", "prompt")
+            return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.manifest.max_context}
+
+        @app.post("/detokenize")
+        async def detokenize(http: HttpRequest):
+            body = await self._body(http, DetokenizeRequest)
+            self._check_model(body.model)
+            if self.tokenizer is None:
+                raise ClientError(f"bundle {self.model} has no tokenizer.json, so tokens cannot be decoded", "tokens")
+            vocab = self.engine.vocab_size
+            outside = [t for t in body.tokens if t >= vocab]
+            if outside:
+                raise ClientError(f"tokens has token id {outside[0]}, outside the vocabulary [0, {vocab})", "tokens")
+            return {"prompt": self.tokenizer.decode(body.tokens)}
+
+        @app.get("/version")
+        async def version():
+            return {"version": __version__}
 
         @app.get("/health")
         async def health():
-            return {"status": "ok", "queue_depth": self.scheduler.queue_depth, "running": self.scheduler.occupancy}
+            scheduler = self.scheduler
+            state = {"queue_depth": scheduler.queue_depth, "running": scheduler.occupancy}
+            if not scheduler.alive:
+                reason = f"the scheduler thread has stopped ({scheduler.died})"
+                return JSONResponse({"status": "error", "reason": reason, **state}, status_code=503)
+            if scheduler.draining:
+                return JSONResponse({"status": "draining", **state}, status_code=503)
+            return {"status": "ok", **state}
 
         @app.get("/metrics")
         async def metrics():
@@ -453,15 +616,25 @@ class Server:
 
         @app.exception_handler(RequestValidationError)
         async def invalid(_, err: RequestValidationError):
-            first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-            if first.get("type") == "json_invalid":
+            first = _most_telling(err.errors())
+            if first.get("type") == "extra_forbidden":
+                loc = first.get("loc", ())
+                where = ".".join(filter(None, [_param(loc[:-1]), str(loc[-1])]))
+                message = (
+                    f"{where}: unknown field; this server does not carry it out "
+                    "(--ignore-unknown-fields makes it ignore fields it does not know)"
+                )
+            elif first.get("type") == "json_invalid":
                 where, message = (
                     None,
                     f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})",
                 )
             else:
-                where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-                message = f"{where}: {first['msg']}" if where else f"the request body: {first['msg']}"
+                where = _param(first.get("loc", ()))
+                reason = first["msg"]
+                if first.get("type") == "value_error":  # our validators' sentences, without pydantic's prefix
+                    reason = str(first.get("ctx", {}).get("error", reason))
+                message = f"{where}: {reason}" if where else f"the request body: {reason}"
             self.metrics.rejected.labels("400").inc()
             return JSONResponse(error_body(message, param=where or None), status_code=400)
 
@@ -474,6 +647,8 @@ class Server:
                 if err.status == 429
                 else "not_found_error"
                 if err.status == 404
+                else "server_error"
+                if err.status >= 500
                 else "invalid_request_error"
             )
             return JSONResponse(
@@ -484,7 +659,167 @@ class Server:
         async def http_error(_, err: StarletteHTTPException):
             return JSONResponse(error_body(str(err.detail), "invalid_request_error"), status_code=err.status_code)
 
-        return app
+        @app.exception_handler(Exception)
+        async def internal(_, err: Exception):  # a bug must still answer with an error object, not plain text
+            log.error("request failed: %s: %s", type(err).__name__, err)
+            return JSONResponse(error_body(f"internal server error ({type(err).__name__})", "server_error"), 500)
+
+        outer = _BodyLimit(app, self.max_request_bytes, lambda: self.metrics.rejected.labels("413").inc())
+        if self.api_key is not None:
+            outer = _ApiKey(outer, self.api_key, lambda: self.metrics.rejected.labels("401").inc())
+        if self.log_requests:
+            outer = _AccessLog(outer)
+        if self.allowed_origins:  # outermost: a preflight OPTIONS is answered before the key is asked for
+            outer = CORSMiddleware(
+                outer, allow_origins=list(self.allowed_origins), allow_methods=["*"], allow_headers=["*"]
+            )
+        return outer
+
+    def drain(self, timeout: float) -> None:
+        """Stop intake (503 from now on) and cancel what still runs after `timeout` seconds (a 503 each)."""
+        self.scheduler.drain(timeout)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+_TAG_PREFIXES = ("function-", "constrained-", "lax-", "strict-", "json-")
+
+
+def _most_telling(errors: list) -> dict:
+    """The error to report from pydantic's list: a union field fails once per member, and the member the
+    client meant is the one our own validators speak for (a value_error), else the one it got deepest in."""
+    if not errors:
+        return {"loc": (), "msg": "invalid request"}
+    ours = [e for e in errors if e.get("type") in ("value_error", "extra_forbidden")]
+    return ours[0] if ours else max(errors, key=lambda e: len(_param(e.get("loc", ())).split(".")))
+
+
+def _param(loc) -> str:
+    """A field's path from a pydantic error location, without the union member tags pydantic inserts
+    (`prompt.list[int].0` -> `prompt.0`)."""
+    parts = []
+    for part in loc:
+        if part == "body" and not parts:
+            continue
+        tag = isinstance(part, str) and (part in _TYPE_NAMES or "[" in part or part.startswith(_TAG_PREFIXES))
+        if not tag:
+            parts.append(str(part))
+    return ".".join(parts)
+
+
+PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # what --api-key guards; /health, /metrics, /version stay open
+access_log = logging.getLogger("llama4_deploy.serving.access")
+
+
+class _ApiKey:
+    """ASGI middleware: with --api-key, the OpenAI routes need `Authorization: Bearer <key>` (compared in
+    constant time, so the answer's timing says nothing about the key); otherwise 401 with an error object."""
+
+    def __init__(self, app, key: str, on_reject):
+        self.app, self.key, self.on_reject = app, key.encode(), on_reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED) or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key):
+            return await self.app(scope, receive, send)
+        self.on_reject()
+        reason = "no API key was given" if not header else "the API key is not valid"
+        body = json.dumps(
+            error_body(
+                f"{reason}; send it as 'Authorization: Bearer <key>'", "invalid_request_error", code="invalid_api_key"
+            )
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _AccessLog:
+    """ASGI middleware (--log-requests): one line per request: method, path, status, seconds, body bytes; never
+    the prompt's text."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status, size = time.monotonic(), [0], [0]
+
+        async def counting_receive():
+            message = await receive()
+            size[0] += len(message.get("body", b""))
+            return message
+
+        async def watching_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, watching_send)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            access_log.info(
+                "%s %s %s %d %.3fs %dB",
+                client[0],
+                scope["method"],
+                scope["path"],
+                status[0],
+                time.monotonic() - start,
+                size[0],
+            )
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body above `limit` bytes is answered 413 with an OpenAI error object,
+    by its Content-Length before anything is read, or as soon as a chunked body passes the limit."""
+
+    def __init__(self, app, limit: int, on_reject):
+        self.app, self.limit, self.on_reject = app, limit, on_reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send, int(length))
+        body, more = [], True
+        size = 0
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            body.append(message.get("body", b""))
+            size += len(body[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._refuse(send, None)
+        buffered = {"type": "http.request", "body": b"".join(body), "more_body": False}
+
+        async def replay():
+            nonlocal buffered
+            if buffered is not None:
+                message, buffered = buffered, None
+                return message
+            return await receive()  # after the body: the disconnect a handler may watch for
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send, length: int | None) -> None:
+        self.on_reject()
+        size = f"of {length} bytes " if length is not None else ""
+        body = json.dumps(
+            error_body(
+                f"the request body {size}exceeds the server's limit of {self.limit} bytes (--max-request-bytes)",
+                code="request_too_large",
+            )
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def _sse(payload: dict) -> str:
@@ -543,6 +878,9 @@ async def _collect(run: _Run, http: HttpRequest) -> tuple[str, list[Output]]:
 
 # -- running it ---------------------------------------------------------------------------------------
 def _uvicorn_server(app, drain_timeout: float, on_signal=None):
+    """uvicorn with our signal handling; it cancels handlers only DRAIN_GRACE_S after the drain, by which time
+    the drain has answered every request left (so no handler dies with a CancelledError)."""
+
     class DrainingServer(uvicorn.Server):
         """uvicorn re-raises SIGTERM after a graceful shutdown (exit 143); a drained server exits 0."""
 
@@ -563,7 +901,9 @@ def _uvicorn_server(app, drain_timeout: float, on_signal=None):
                 on_signal(sig)
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout, lifespan="on")
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=drain_timeout + DRAIN_GRACE_S, lifespan="on"
+    )
     return DrainingServer(config)
 
 
@@ -591,6 +931,13 @@ def serve(
     drain_timeout: float = 30.0,
     echo=print,
     devices=None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    ignore_unknown_fields: bool = False,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    chat_template: str | None = None,
+    allowed_origins: tuple[str, ...] = (),
+    log_requests: bool = False,
 ) -> None:
     """Load a bundle and serve it until SIGTERM/SIGINT; `echo` gets the one-line status messages. `devices`:
     load's (one device per pipeline stage)."""
@@ -600,7 +947,23 @@ def serve(
         raise ValueError(f"--drain-timeout is {drain_timeout}; it must be 0 or more")
     engine = load(bundle, threads=threads, devices=devices)
     try:
-        server = Server(engine, max_batch=max_batch, max_queue=max_queue)
+        server = Server(
+            engine,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_request_bytes=max_request_bytes,
+            ignore_unknown_fields=ignore_unknown_fields,
+            api_key=api_key,
+            served_model_name=served_model_name,
+            chat_template=Path(chat_template) if chat_template is not None else None,
+            allowed_origins=allowed_origins,
+            log_requests=log_requests,
+        )
+        if log_requests:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s access %(message)s"))
+            access_log.addHandler(handler)
+            access_log.setLevel(logging.INFO)
         sock = bind(host, port)
         bound = sock.getsockname()[1]
 
@@ -610,6 +973,7 @@ def serve(
                 f"{server.scheduler.occupancy + server.scheduler.queue_depth} "
                 f"in-flight request(s) for at most {drain_timeout:g} s"
             )
+            server.drain(drain_timeout)
 
         echo(
             f"serving {server.model} ({server.scheduler.max_batch} rows, queue {max_queue}, chat template: "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llama4_deploy.runtime import abi, load
-from llama4_deploy.runtime.scheduler import QueueFull, Request, Scheduler, run_requests
+from llama4_deploy.runtime.scheduler import QueueFull, Request, Scheduler, Unavailable, run_requests
 from tests.runtime.test_engine import prompts_of
 
 # Scheduler vs generate on one bundle: only the batch composition differs, which changes summation
@@ -186,5 +186,84 @@ def test_the_worker_thread_serves_until_stopped(engine):
         assert request.tokens == alone(engine, [1, 2, 3], 5)
     finally:
         scheduler.stop()
-    with pytest.raises(QueueFull, match="shutting down"):
+    with pytest.raises(Unavailable, match="shutting down"):
         scheduler.submit(Request([1], 1))
+
+
+def _finished(requests, timeout=60):
+    done = threading.Event()
+    left = set(requests)
+
+    def listener(request, output):
+        if output.finish_reason:
+            left.discard(request)
+            if not left:
+                done.set()
+
+    for request in requests:
+        request.listener = listener
+    return done
+
+
+def test_a_step_fault_fails_the_requests_holding_rows_and_the_worker_goes_on(engine, monkeypatch):
+    scheduler = Scheduler(engine, max_batch=1)
+    real, calls = scheduler._emit, []
+
+    def fails_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return real(*args)
+
+    monkeypatch.setattr(scheduler, "_emit", fails_once)
+    first, waiting = Request([1, 2, 3], 4), Request([4, 5], 4)
+    done = _finished([first, waiting])
+    scheduler.submit(first)
+    scheduler.submit(waiting)  # no row for it yet: not in the failing step
+    scheduler.start()
+    try:
+        assert done.wait(60)
+        assert first.finish_reason == "error" and first.error == "internal error in the scheduler step: injected fault"
+        assert waiting.finish_reason == "length" and waiting.tokens == alone(engine, [4, 5], 4)
+        assert scheduler.alive
+    finally:
+        scheduler.stop()
+
+
+def test_a_worker_that_dies_fails_everything_and_refuses_new_requests(engine, monkeypatch):
+    scheduler = Scheduler(engine, max_batch=1)
+
+    def dies():
+        raise SystemExit("injected")
+
+    monkeypatch.setattr(scheduler, "step", dies)
+    requests = [Request([1, 2], 3), Request([3], 3)]
+    done = _finished(requests)
+    for request in requests:
+        scheduler.submit(request)
+    scheduler.start()
+    assert done.wait(60)
+    assert [r.finish_reason for r in requests] == ["error", "error"]
+    assert requests[0].error == "the scheduler thread stopped (SystemExit: injected)"
+    assert not scheduler.alive
+    with pytest.raises(Unavailable, match="the scheduler thread has stopped"):
+        scheduler.submit(Request([1], 1))
+
+
+def test_drain_refuses_intake_and_cancels_what_is_left_after_the_timeout(engine):
+    scheduler = Scheduler(engine, max_batch=1)
+    running, waiting = Request([1, 2], 50), Request([3], 50)
+    done = _finished([running, waiting])
+    scheduler.submit(running)
+    scheduler.submit(waiting)
+    scheduler.step()  # `running` holds the row
+    scheduler.drain(0)
+    with pytest.raises(Unavailable, match="shutting down"):
+        scheduler.submit(Request([1], 1))
+    for _ in range(1000):  # the timer's thread cancels; the next step frees the row
+        if running.finished:
+            break
+        done.wait(0.01)
+        scheduler.step()
+    assert len(running.tokens) < 50 and waiting.finish_reason == "cancelled" and running.finish_reason == "cancelled"
+    assert scheduler.occupancy == 0

@@ -5,12 +5,8 @@ Either writes its record file into the bundle."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from llama4_deploy.build.cache import step_key
 from llama4_deploy.build.context import BuildContext, Calibration
@@ -69,6 +65,10 @@ def _awq(ctx: BuildContext) -> Calibration:
     ids = _ids(ctx)
     ctx.log(f"[awq] scale search over {len(ids)} sequences, {sum(map(len, ids))} tokens from {_source(loaded.recipe)}")
     scales = awq.run(loaded.source_dir, loaded.checkpoint, ids, loaded.spec.rules[0], ctx.log)
-    record = {**awq.write_scales(ctx.bundle, scales), "source": _source(loaded.recipe), "sequences": len(ids),
-              "tokens": sum(map(len, ids))}
+    record = {
+        **awq.write_scales(ctx.bundle, scales),
+        "source": _source(loaded.recipe),
+        "sequences": len(ids),
+        "tokens": sum(map(len, ids)),
+    }
     return Calibration(None, record, awq.transforms(loaded.shape, scales))

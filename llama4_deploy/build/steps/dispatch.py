@@ -5,8 +5,6 @@ lowering them again). Kept in the build cache."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from llama4_deploy.build.cache import step_key
 from llama4_deploy.build.clock import timed
 from llama4_deploy.build.context import BuildContext, Dispatch
@@ -45,8 +43,15 @@ def run(ctx: BuildContext) -> Dispatch:
                     raise BuildError(refusals[wanted])
             # priced on the unsplit model: every stage gets the same dispatch per role
             with timed("dispatch"):  # costs every candidate lowering (its link and lower count as theirs)
-                roles = dispatch.choose(recipe.moe_dispatch, target.dispatch, priced, shape.to_dict(),
-                                        recipe.profiles.model_dump(), recipe.capacity_factor, excluded=tuple(refusals))
+                roles = dispatch.choose(
+                    recipe.moe_dispatch,
+                    target.dispatch,
+                    priced,
+                    shape.to_dict(),
+                    recipe.profiles.model_dump(),
+                    recipe.capacity_factor,
+                    excluded=tuple(refusals),
+                )
         except BuildError:
             raise
         except ValueError as err:

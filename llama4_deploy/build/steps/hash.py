@@ -17,7 +17,9 @@ def run(ctx: BuildContext) -> dict[str, Any]:
     started = time.time()
     written = {name: record for saved in ctx.saved for name, record in saved.files.items()}
     with timed("hash"):
-        fresh = hash_files(ctx.bundle, [p.name for p in ctx.bundle.iterdir() if p.name != MANIFEST and p.name not in written])
+        fresh = hash_files(
+            ctx.bundle, [p.name for p in ctx.bundle.iterdir() if p.name != MANIFEST and p.name not in written]
+        )
     manifest["files"] = dict(sorted({**written, **fresh}.items()))
     write_manifest(ctx.bundle, manifest)
     ctx.log(f"[hash] SHA-256 of {len(manifest['files'])} files in {time.time() - started:.1f}s")

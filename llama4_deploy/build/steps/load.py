@@ -3,7 +3,6 @@ against its config and the recipe; the context length, the pipeline-stage split 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from typing import Any
@@ -66,19 +65,25 @@ def run(ctx: BuildContext) -> Loaded:
         try:
             profiles = Profiles.model_validate({**recipe.profiles.model_dump(), "max_context": context})
         except ValidationError:
-            raise BuildError(f"the checkpoint's max_position_embeddings of {shape.max_position_embeddings} leaves "
-                             f"no context to build for") from None
+            raise BuildError(
+                f"the checkpoint's max_position_embeddings of {shape.max_position_embeddings} leaves "
+                f"no context to build for"
+            ) from None
         recipe = recipe.model_copy(update={"profiles": profiles})
-        log(f"[profiles] max context {context} tokens (the checkpoint's max_position_embeddings "
-            f"{shape.max_position_embeddings}, capped at {DEFAULT_MAX_CONTEXT}; --max-context sets it)")
+        log(
+            f"[profiles] max context {context} tokens (the checkpoint's max_position_embeddings "
+            f"{shape.max_position_embeddings}, capped at {DEFAULT_MAX_CONTEXT}; --max-context sets it)"
+        )
     spec = quant_spec(recipe, ctx.target, checkpoint)
     check_limits(recipe, shape, spec.compute_dtype, ctx.force)
     log(f"[profiles] {recipe.profiles.model_dump()}")
     split = stage_split(shape, recipe.stages, log)
     if checkpoint.logical is not None:
-        log(f"[precision] {checkpoint.path.name} is pre-quantized FP8 (compressed-tensors): its FP8 weights and "
+        log(
+            f"[precision] {checkpoint.path.name} is pre-quantized FP8 (compressed-tensors): its FP8 weights and "
             f"scales go in as stored; its dynamic per-token activation scales become static per-tensor ones "
-            f"(calibration)")
+            f"(calibration)"
+        )
     log(f"[precision] {spec.summary()}")
     inputs = [recipe.model_dump(mode="json"), identity, calibration]
     return Loaded(checkpoint, source_dir, recipe, split, spec, stored_fp8(checkpoint, shape), inputs)
@@ -106,8 +111,9 @@ def check_expected(recipe: Recipe, shape: ModelShape) -> None:
         if isinstance(got, tuple):
             got = list(got)
         if got != want:
-            raise BuildError(f"checkpoint has {key}={got!r}, but recipe {recipe.name} expects {want!r}; "
-                             f"is it the right model?")
+            raise BuildError(
+                f"checkpoint has {key}={got!r}, but recipe {recipe.name} expects {want!r}; is it the right model?"
+            )
 
 
 def check_limits(recipe: Recipe, shape: ModelShape, compute_dtype: str, force: bool) -> None:
@@ -116,14 +122,18 @@ def check_limits(recipe: Recipe, shape: ModelShape, compute_dtype: str, force: b
     bundle that runs elsewhere), refused in one sentence before anything is traced."""
     profiles = recipe.profiles
     if profiles.max_context > shape.max_position_embeddings:
-        raise BuildError(f"max context {profiles.max_context} exceeds the checkpoint's "
-                         f"max_position_embeddings of {shape.max_position_embeddings}")
+        raise BuildError(
+            f"max context {profiles.max_context} exceeds the checkpoint's "
+            f"max_position_embeddings of {shape.max_position_embeddings}"
+        )
     needed = shape.kv_cache_bytes(profiles.max_batch, profiles.max_context, CACHE_ITEMSIZE[compute_dtype])
     memory = machine_memory()
     if needed > memory and not force:
-        raise BuildError(f"max_batch {profiles.max_batch} x max_context {profiles.max_context} needs a KV cache of "
-                         f"{needed / GIB:,.2f} GiB ({compute_dtype}), more than this machine's {memory / GIB:,.1f} GiB "
-                         f"of memory; lower --max-batch or --max-context, or pass --force to build it anyway")
+        raise BuildError(
+            f"max_batch {profiles.max_batch} x max_context {profiles.max_context} needs a KV cache of "
+            f"{needed / GIB:,.2f} GiB ({compute_dtype}), more than this machine's {memory / GIB:,.1f} GiB "
+            f"of memory; lower --max-batch or --max-context, or pass --force to build it anyway"
+        )
 
 
 def machine_memory() -> int:
@@ -134,8 +144,9 @@ def machine_memory() -> int:
 def stage_split(shape: ModelShape, stages: int, log) -> list[Stage]:
     """The layers of each pipeline stage (llama4_deploy/build/stages.py), balanced by weight bytes."""
     if stages > shape.num_layers:
-        raise BuildError(f"--stages {stages} exceeds the model's {shape.num_layers} layers; each stage needs at "
-                         f"least one layer")
+        raise BuildError(
+            f"--stages {stages} exceeds the model's {shape.num_layers} layers; each stage needs at least one layer"
+        )
     split = model_split(shape, stages)
     if stages > 1:
         log(f"[stages] {stages} stages: " + ", ".join(f"layers {s.start}-{s.stop - 1}" for s in split))
@@ -148,8 +159,16 @@ def quant_spec(recipe: Recipe, target: Target, checkpoint: Checkpoint | None = N
     try:
         if checkpoint is not None and checkpoint.logical is not None:
             return checkpoint_quant_spec(checkpoint, recipe.precision, recipe.compute_dtype, recipe.quant_form)
-        return make_spec(QuantConfig(precision=recipe.precision, compute_dtype=recipe.compute_dtype,
-                                     block_size=recipe.block_size, form=recipe.quant_form,
-                                     method=recipe.quant_method, int4_compute=recipe.int4_compute), target.int4_form)
+        return make_spec(
+            QuantConfig(
+                precision=recipe.precision,
+                compute_dtype=recipe.compute_dtype,
+                block_size=recipe.block_size,
+                form=recipe.quant_form,
+                method=recipe.quant_method,
+                int4_compute=recipe.int4_compute,
+            ),
+            target.int4_form,
+        )
     except (ValueError, CompressedTensorsError) as err:
         raise BuildError(str(err)) from None

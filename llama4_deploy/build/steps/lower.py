@@ -21,7 +21,7 @@ from llama4_deploy.graphs import dispatch
 from llama4_deploy.graphs.compute_dtype import ComputeDtypePass
 from llama4_deploy.graphs.lint import lint_static
 from llama4_deploy.graphs.lower_attention import LowerAttentionPass
-from llama4_deploy.graphs.passes import LoweringError, run_passes
+from llama4_deploy.graphs.passes import run_passes
 from llama4_deploy.graphs.quant_pass import quantize_passes
 from llama4_deploy.graphs.streamed import Stored, StreamedTensor
 from llama4_deploy.targets import TargetError
@@ -44,31 +44,39 @@ def checkpoint_weight(checkpoint: Checkpoint, source: WeightSource, name: str, r
         # only a non-finite sum (a bad value, or an overflow of large ones) pays for the element-wise check
         finite = torch.isfinite(tensor) if not bool(torch.isfinite(tensor.sum())) else None
         if finite is not None and not bool(finite.all()):
-            raise BuildError(f"checkpoint tensor {checkpoint.prefix}{source.checkpoint_name} holds "
-                             f"{int((~finite).sum())} NaN or Inf values; the build refuses non-finite weights")
+            raise BuildError(
+                f"checkpoint tensor {checkpoint.prefix}{source.checkpoint_name} holds "
+                f"{int((~finite).sum())} NaN or Inf values; the build refuses non-finite weights"
+            )
         return ir.tensor(tensor.contiguous().numpy(), name=tensor_name)
 
     def compute() -> ir.TensorProtocol:
         tensor = checked(read().to(torch.float32), name)
         return tensor if rewrite is None else ir.tensor(rewrite(tensor.numpy()), name=name)
 
-    return StreamedTensor(compute, ir.DataType.FLOAT, dims, name,
-                          stored=Stored(read, checked) if rewrite is None else None)
+    return StreamedTensor(
+        compute, ir.DataType.FLOAT, dims, name, stored=Stored(read, checked) if rewrite is None else None
+    )
 
 
 def link_model(checkpoint: Checkpoint, templates: dict[str, Any], rewrites=None) -> tuple[ir.Model, int]:
     """The unsplit model linked: embed, prologue, every layer, head (llama4_deploy/build/stage_graphs.py), and the
     number of stamps. `rewrites`: weight name -> a function applied to that weight as it streams (AWQ's scales)."""
-    return link_stage(checkpoint, templates, one_stage(checkpoint.shape),
-                      lambda source, name: checkpoint_weight(checkpoint, source, name, (rewrites or {}).get(name)))
+    return link_stage(
+        checkpoint,
+        templates,
+        one_stage(checkpoint.shape),
+        lambda source, name: checkpoint_weight(checkpoint, source, name, (rewrites or {}).get(name)),
+    )
 
 
 def one_stage(shape) -> Stage:
     return Stage(0, 0, shape.num_layers, 1)
 
 
-def stage_graph(ctx: BuildContext, stage: Stage, strategy: str, passes: dict[str, int],
-                layout: str = "matmul") -> ir.Model:
+def stage_graph(
+    ctx: BuildContext, stage: Stage, strategy: str, passes: dict[str, int], layout: str = "matmul"
+) -> ir.Model:
     """`lower`'s graph, kept in the context until saved (`forget`), its pass counts added to `passes` once."""
     key = (stage.count, stage.index, strategy, layout)
     if key not in ctx.lowered:
@@ -81,8 +89,9 @@ def forget(ctx: BuildContext, stage: Stage, strategy: str, layout: str = "matmul
     ctx.lowered.pop((stage.count, stage.index, strategy, layout), None)
 
 
-def lower(ctx: BuildContext, stage, strategy: str, layout: str = "matmul",
-          checks: bool = True) -> tuple[ir.Model, dict[str, int]]:
+def lower(
+    ctx: BuildContext, stage, strategy: str, layout: str = "matmul", checks: bool = True
+) -> tuple[ir.Model, dict[str, int]]:
     """One stage's graph for one MoE dispatch (`stage`: a Stage, or the dispatch step's CostingLayers) and its pass
     counts. `layout` "native": a gather reading the native graph's expert weights (a bundle with both stores them
     once, graphs/lower_moe_gather.py). Without `checks` (a graph that is only priced): no lint."""
@@ -93,22 +102,35 @@ def lower(ctx: BuildContext, stage, strategy: str, layout: str = "matmul",
     attention = target.attention_form(recipe.attention)
     counts: dict[str, int] = {}
     with timed("link"):
-        model, counts["link"] = link_stage(checkpoint, ctx.require("templates"), stage,
-                                           lambda source, name: checkpoint_weight(checkpoint, source, name,
-                                                                                  rewrites.get(name)))
+        model, counts["link"] = link_stage(
+            checkpoint,
+            ctx.require("templates"),
+            stage,
+            lambda source, name: checkpoint_weight(checkpoint, source, name, rewrites.get(name)),
+        )
     # quantized experts are 4-8x smaller than the fp32 ones the native part split is sized for: keep them whole,
     # so each expert's weights are quantized exactly as the checkpoint lays them out
-    moe = dispatch.lowering(strategy, recipe.capacity_factor, target.dispatch.capacity_combine,
-                            split=1 if spec.quantized else None, layout=layout)
+    moe = dispatch.lowering(
+        strategy,
+        recipe.capacity_factor,
+        target.dispatch.capacity_combine,
+        split=1 if spec.quantized else None,
+        layout=layout,
+    )
     narrow = [ComputeDtypePass(spec.compute_dtype)] if spec.compute_dtype != "float32" else []
     try:
         with timed("lower"):
             counts.update(run_passes(model, [*narrow, moe, LowerAttentionPass(attention)]))
         if spec.quantized:
             with timed("quantize"):  # the graph rewrite; the numbers are computed as `save` streams
-                counts.update(run_passes(model, quantize_passes(spec, calibration.amax,
-                                                                per_expert=target.per_expert_weights,
-                                                                stored=loaded.stored_fp8)))
+                counts.update(
+                    run_passes(
+                        model,
+                        quantize_passes(
+                            spec, calibration.amax, per_expert=target.per_expert_weights, stored=loaded.stored_fp8
+                        ),
+                    )
+                )
     except ValueError as err:  # LoweringError included: one sentence naming the node or weight
         raise BuildError(str(err)) from None
     counts[moe.name] = counts.pop(moe.name)  # last in the pass table, where the manifest has always listed it
@@ -120,8 +142,9 @@ def lower(ctx: BuildContext, stage, strategy: str, layout: str = "matmul",
         raise BuildError(f"the {strategy} graph breaks the static-shape rule: {problems[0]}")
     with timed("lint"):
         try:
-            target.check_graph(model, strategy, recipe.profiles.model_dump(), loaded.shape.to_dict(),
-                               recipe.capacity_factor)
+            target.check_graph(
+                model, strategy, recipe.profiles.model_dump(), loaded.shape.to_dict(), recipe.capacity_factor
+            )
         except TargetError as err:
             raise BuildError(str(err)) from None
     return model, counts

@@ -36,12 +36,16 @@ def run(ctx: BuildContext) -> dict[str, Any]:
     ]
     graphs = {}
     for role, strategy in chosen.roles.items():
-        graphs[role] = {"moe_dispatch": strategy, "attention": ctx.target.attention_form(recipe.attention),
-                        "reports_overflow": any(stage["graphs"][role]["reports_overflow"] for stage in stages)}
+        graphs[role] = {
+            "moe_dispatch": strategy,
+            "attention": ctx.target.attention_form(recipe.attention),
+            "reports_overflow": any(stage["graphs"][role]["reports_overflow"] for stage in stages),
+        }
         if strategy == "capacity":
             graphs[role]["capacity_factor"] = recipe.capacity_factor
-    inputs, outputs = abi.stage_io(range(shape.num_layers), first=True, last=True,
-                                   overflow=any(g["reports_overflow"] for g in graphs.values()))
+    inputs, outputs = abi.stage_io(
+        range(shape.num_layers), first=True, last=True, overflow=any(g["reports_overflow"] for g in graphs.values())
+    )
     engine = {
         "backend": recipe.backend,
         "precision": spec.precision,
@@ -68,8 +72,11 @@ def run(ctx: BuildContext) -> dict[str, Any]:
         "profiles": recipe.profiles.model_dump(),
         "tokenizer": "tokenizer.json" if checkpoint.tokenizer_file is not None else None,
         "tokenizer_config": "tokenizer_config.json" if checkpoint.tokenizer_config_file is not None else None,
-        "source": ({"kind": "checkpoint", "path": str(checkpoint.path)} if ctx.checkpoint is not None
-                   else {"kind": "random", "recipe": recipe.name, "random": recipe.random.model_dump()}),
+        "source": (
+            {"kind": "checkpoint", "path": str(checkpoint.path)}
+            if ctx.checkpoint is not None
+            else {"kind": "random", "recipe": recipe.name, "random": recipe.random.model_dump()}
+        ),
         "verify": recipe.verify.model_dump(),
         "golden": GOLDEN,
         "build": {

@@ -4,9 +4,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 from llama4_deploy.build.cache import step_key
 from llama4_deploy.build.clock import timed
 from llama4_deploy.build.context import BuildContext, SavedStage
@@ -24,28 +21,36 @@ def run(ctx: BuildContext, stage: Stage) -> SavedStage:
     hit = ctx.cache.get(step, key)
     if hit is None:
         passes = dict(chosen.passes) if stage.count == 1 else {}
-        models = {strategy: lower.stage_graph(ctx, stage, strategy, passes, chosen.layout(strategy))
-                  for strategy in chosen.strategies}
+        models = {
+            strategy: lower.stage_graph(ctx, stage, strategy, passes, chosen.layout(strategy))
+            for strategy in chosen.strategies
+        }
         if stage.count > 1:
             ctx.log(f"[stage {stage.index}] layers {stage.start}-{stage.stop - 1}: {len(models)} graphs")
         with ctx.cache.put(step, key) as (directory, record):
             with timed("save"):
                 layout, data_record = save_stage_graphs(models, directory, stage)
-            overflow = {s for s, model in models.items() if any(o.name == abi.MOE_OVERFLOW for o in model.graph.outputs)}
+            overflow = {
+                s for s, model in models.items() if any(o.name == abi.MOE_OVERFLOW for o in model.graph.outputs)
+            }
             stage_inputs, stage_outputs = abi.stage_io(stage.layers, stage.first, stage.last, overflow=bool(overflow))
             record["stage"] = {
                 "index": stage.index,
                 "layers": [stage.start, stage.stop],
-                "graphs": {role: {"file": graph_file(stage, s), "reports_overflow": s in overflow}
-                           for role, s in chosen.roles.items()},
+                "graphs": {
+                    role: {"file": graph_file(stage, s), "reports_overflow": s in overflow}
+                    for role, s in chosen.roles.items()
+                },
                 "external_data": data_file(stage),
                 "weights_layout": layout,  # every graph of the stage carries it in its metadata_props
                 "inputs": stage_inputs,
                 "outputs": stage_outputs,
             }
             record["passes"] = passes
-            files = {**hash_files(directory, [graph_file(stage, s) for s in chosen.strategies]),
-                     data_file(stage): data_record}
+            files = {
+                **hash_files(directory, [graph_file(stage, s) for s in chosen.strategies]),
+                data_file(stage): data_record,
+            }
             record["files"] = dict(sorted(files.items()))
         for strategy in chosen.strategies:
             lower.forget(ctx, stage, strategy, chosen.layout(strategy))  # saved: free
