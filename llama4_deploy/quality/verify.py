@@ -379,6 +379,7 @@ def verify(
                     rel_tolerance,
                     simulation,
                     floor=0.0 if noise is None else NOISE_MARGIN * noise[0],
+                    typical_floor=None if noise is None else NOISE_MARGIN * noise[1],
                 )
             except ValueError as err:  # a TensorRT engine, a graph without the layer outputs: the verdict stands
                 if layers:
