@@ -46,7 +46,7 @@ def main() -> None:
 # the build's overrides, one flag per build() keyword (build/options.py); a choice flag's values are the schema's
 _BUILD_FLAGS = (
     ("moe_dispatch", "MoE lowering (default: the recipe's, auto)"),
-    ("attention", "attention form (default: the recipe's, auto: onnx23 for ONNX Runtime)"),
+    ("attention", "attention form (default: the recipe's, auto: gqa for ONNX Runtime)"),
     (
         "max_context",
         "longest prompt + generation per row (default: the recipe's; a bare checkpoint's "
@@ -60,6 +60,7 @@ _BUILD_FLAGS = (
     ("quant_form", "quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto"),
     ("quant_method", "int4 weight rounding: rtn (round to nearest, default) or awq (activation-aware scales)"),
     ("int4_compute", "int4 ort form: float activations (default) or int8 ones (MatMulNBits accuracy_level 4, faster)"),
+    ("int4_zero_point", "int4 ort form: symmetric blocks (default) or asymmetric ones with a 4-bit zero point each"),
     ("calibration", "fp8 activation / int4 awq calibration: text lines or a JSON list of token-id lists"),
     (
         "stages",

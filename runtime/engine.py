@@ -110,6 +110,13 @@ class Engine:
                 for file in dict.fromkeys(graph["file"] for graph in stage.graphs.values()):
                     self.runners[file] = self._open_graph(file, threads, file in steady, stage, providers[stage.index])
         self._stage_caches = [abi.past_names(stage.layers) for stage in self.stages]
+        # the gqa attention form writes each layer's new keys/values into the buffer it reads (bound as both the
+        # past input and the present output): per stage, present name -> past name
+        # (engine.graphs records the form; every graph of a bundle, in every stage, has the same one)
+        self.in_place = any(graph.get("attention") == "gqa" for graph in self.graphs.values())
+        self._shared = [
+            dict(zip(abi.present_names(stage.layers), abi.past_names(stage.layers))) for stage in self.stages
+        ]
         self._calls = threading.RLock()  # serializes generate / score
         self.vocab_size = manifest.vocab_size
         self.max_batch = manifest.profiles["max_batch"]
@@ -189,6 +196,8 @@ class Engine:
         layers' caches. A capacity-limited graph reports `moe_overflow`; that stage is then rerun
         on its exact graph (before anything is written, and before the next stage reads its
         output), so results never depend on capacity."""
+        if self.in_place:
+            return self._run_in_place(cache, ids, positions)
         role = "decode" if ids.shape[1] == 1 else "prefill"
         caches = cache.feeds()
         shared = {abi.POSITION_IDS: positions, abi.PAST_LENGTHS: cache.lengths.copy()}
@@ -210,6 +219,55 @@ class Engine:
         cache.write(outputs, positions)
         self.steps += 1
         self._check_finite(outputs[abi.LOGITS])
+        return outputs[abi.LOGITS]
+
+    def _run_in_place(self, cache: KVCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """run_step for graphs that write the cache in place (graphs/lower_attention_gqa.py): each row's real tokens
+        must be its next positions, padding after them; the step is cut where a row's chunk ends (or the buffers
+        would pass the context), the buffers grown before each part, the lengths advanced after it."""
+        lengths = cache.lengths
+        for row in range(len(positions)):
+            real = int((positions[row] >= 0).sum())
+            expected = np.arange(lengths[row], lengths[row] + real)
+            if (positions[row, :real] != expected).any() or (positions[row, real:] >= 0).any():
+                raise ValueError(
+                    f"row {row} feeds positions {positions[row].tolist()}; this bundle's attention (gqa) writes the "
+                    f"cache in place and takes each row's next positions from {int(lengths[row])} on, padding last"
+                )
+        if positions.max(initial=-1) >= self.manifest.max_context:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond the bundle's context of {self.manifest.max_context} tokens"
+            )
+        parts, start = [], 0
+        while start < ids.shape[1]:
+            idle = positions[:, start] < 0  # real tokens come first: a row padded here has none left
+            width = cache.step_width(ids.shape[1] - start, idle)
+            cache.reserve_step(width, idle)
+            part = self._step_in_place(cache, ids[:, start : start + width], positions[:, start : start + width])
+            parts.append(part)
+            start += width
+        logits = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        self._check_finite(logits)
+        return logits
+
+    def _step_in_place(self, cache: KVCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        role = "decode" if ids.shape[1] == 1 else "prefill"
+        caches = cache.feeds()
+        shared = {abi.POSITION_IDS: np.ascontiguousarray(positions), abi.PAST_LENGTHS: cache.lengths.copy()}
+        hidden, rerun, outputs = np.ascontiguousarray(ids), False, {}
+        for stage, names, in_place in zip(self.stages, self._stage_caches, self._shared):
+            feeds = {(abi.INPUT_IDS if stage.index == 0 else abi.HIDDEN_IN): hidden, **shared}
+            feeds.update({name: caches[name] for name in names})
+            graph = stage.graphs[role]
+            outputs = self.runners[graph["file"]].infer_in_place(feeds, in_place)
+            if graph.get("reports_overflow") and outputs[abi.MOE_OVERFLOW].any():
+                # the rerun recomputes every key/value the first run wrote, into the same slots
+                outputs = self.runners[stage.graphs["exact"]["file"]].infer_in_place(feeds, in_place)
+                rerun = True
+            hidden = outputs.get(abi.HIDDEN_OUT)
+        self.overflow_reruns += rerun
+        cache.advance(positions)
+        self.steps += 1
         return outputs[abi.LOGITS]
 
     def _check_finite(self, logits: np.ndarray) -> None:

@@ -154,6 +154,15 @@ class _LeadingRows:
     def write(self, outputs: dict, positions: np.ndarray) -> None:
         self.cache.write(outputs, positions)  # positions [b, T]: its rows are the cache's first b rows
 
+    def step_width(self, tokens: int, idle: np.ndarray) -> int:
+        return self.cache.step_width(tokens, idle, self.lengths)
+
+    def reserve_step(self, width: int, idle: np.ndarray) -> None:
+        self.cache.reserve_step(width, idle, self.lengths)
+
+    def advance(self, positions: np.ndarray) -> None:
+        self.cache.advance(positions)  # positions [b, T]: its rows are the cache's first b rows
+
 
 def top_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
     """Log-probability of `token` and the k most likely tokens under logits [V] (log-softmax in float64)."""

@@ -100,7 +100,13 @@ class _Capture:
         self.runner, self.engine, self.steps = runner, engine, steps
 
     def infer(self, feeds):
-        outputs = self.runner.infer(feeds)
+        return self._keep(self.runner.infer(feeds))
+
+    def infer_in_place(self, feeds, shared):
+        """The gqa attention form's call (the cache written in place; runtime/onnxruntime_backend.py)."""
+        return self._keep(self.runner.infer_in_place(feeds, shared))
+
+    def _keep(self, outputs):
         # keyed by the engine's step: an overflow rerun on the exact graph replaces its step's record
         self.steps[self.engine.steps] = {name: value for name, value in outputs.items() if "/layers." in name}
         return {name: value for name, value in outputs.items() if "/layers." not in name}
