@@ -87,9 +87,12 @@ class Request:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
     min_tokens: int = 0
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's log-probability and the k most likely
     # set by the scheduler
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     tokens: list[int] = dataclasses.field(default_factory=list)
+    # with prompt_logprobs: (logprob, top) per prompt token, (None, ()) for the first
+    prompt_scores: list[tuple[float | None, tuple[tuple[int, float], ...]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
     arrived: float = dataclasses.field(default_factory=time.monotonic)
@@ -358,11 +361,25 @@ class Scheduler:
         complete = []
         for b in rows:
             row = self.rows[b]
+            if row.request.prompt_logprobs is not None:
+                self._score_prompt(row, logits[b, : take[b]])
             row.prefilled += take[b]
             if not row.prefilling:
                 complete.append(b)
         if complete:
             self._emit(complete, logits[complete, [take[b] - 1 for b in complete]])
+
+    @staticmethod
+    def _score_prompt(row: _Row, logits: np.ndarray) -> None:
+        """Log-probabilities of the prompt's tokens from this chunk's logits [t, V]: position j predicts token
+        j + 1 (the first token has none)."""
+        request, start = row.request, row.prefilled
+        if start == 0:
+            request.prompt_scores.append((None, ()))
+        for t in range(len(logits)):
+            target = start + t + 1
+            if target < len(request.prompt):
+                request.prompt_scores.append(top_logprobs(logits[t], request.prompt[target], request.prompt_logprobs))
 
     def _decode_step(self, rows: list[int]) -> None:
         ids = np.zeros((self.max_batch, 1), dtype=np.int64)  # [B, 1]

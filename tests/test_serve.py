@@ -286,9 +286,7 @@ def test_the_built_in_chat_template_is_llama_4_s_header_format():
         ({"model": "M", "prompt": {"text": "w1"}}, "prompt", "must be a string, a list of token ids"),
         ({"model": "M", "prompt": [1, 99999]}, "prompt", "outside the vocabulary"),
         ({"model": "M", "prompt": []}, "prompt", "prompt is empty"),
-        ({"model": "M", "prompt": [[1], [2]]}, "prompt", "one prompt per request"),
         ({"model": "M", "prompt": [1] * 1020, "max_tokens": 10}, "prompt", "exceeds the bundle's context"),
-        ({"model": "M", "prompt": "w1", "echo": True}, "echo", "echo is not supported"),
     ],
 )
 def test_invalid_completions_are_400_with_an_openai_error_object(live, engine, body, param, message):
@@ -645,6 +643,15 @@ def test_sigterm_past_the_drain_timeout_answers_503_without_a_traceback(tiny_bun
         assert streamed.read(7) == b"data: {"
         waiting = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
         waiting.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+
+        def queued_depth():
+            health = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+            health.request("GET", "/health")
+            depth = json.loads(health.getresponse().read())["queue_depth"]
+            health.close()
+            return depth
+
+        _wait_for(lambda: queued_depth() == 1, "the second request to wait for the row")  # then SIGTERM
         server.send_signal(signal.SIGTERM)
         queued = waiting.getresponse()
         assert queued.status == 503 and "shutting down" in json.loads(queued.read())["error"]["message"]
@@ -1026,3 +1033,65 @@ def test_a_bad_chat_template_file_is_one_sentence(tiny_bundle, tmp_path, write, 
 
     write(tmp_path / "t.jinja")
     user_error(invoke("serve", str(tiny_bundle), "--port", "0", "--chat-template", str(tmp_path / "t.jinja")), message)
+
+
+# -- echo, prompt logprobs, prompt lists (issue 27 item 3, in part) ------------------------------------------
+def _log_softmax(logits):
+    import numpy as np
+
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_engine_score_does(live, engine):
+    # what lm-eval's loglikelihood asks: echo + logprobs, then reads the prompt tokens' log-probabilities
+    tokenizer = load_tokenizer(engine.manifest)
+    text = "w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16 w17 w18 w19 w20 w21 w22 w23"  # more than one prefill chunk
+    ids = tokenizer.encode(text)
+    done = live.client().completions.create(
+        model=engine.manifest.name, prompt=text, max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
+    choice = done.choices[0]
+    reference = _log_softmax(engine.score(ids))  # [T, V]
+    expected = [None] + [float(reference[j - 1, ids[j]]) for j in range(1, len(ids))]
+    lp = choice.logprobs
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
+    # the same logits through the same prefill: equal to float64 rounding of the log-softmax
+    assert all(abs(a - b) < 1e-9 for a, b in zip(lp.token_logprobs[1 : len(ids)], expected[1:]))
+    assert lp.top_logprobs[0] is None and all(len(t) == 1 for t in lp.top_logprobs[1:])
+    assert choice.text.startswith(text) and lp.tokens[: len(ids)] == [tokenizer.decode([t]) for t in ids]
+    assert lp.text_offset[: len(ids)] == [len(tokenizer.decode(ids[:j])) for j in range(len(ids))]
+    assert lp.text_offset[len(ids)] == len(text)  # the completion's first token begins after the prompt
+    assert choice.token_ids == generated(engine, ids, 1)
+
+
+def test_a_list_of_prompts_gets_one_choice_each_streamed_or_not(live, engine):
+    tokenizer = load_tokenizer(engine.manifest)
+    prompts = ["w5 w6 w7", "w9 w8 w7 w6", "w20 w21"]
+    ids = [tokenizer.encode(p) for p in prompts]
+    expected = [generated(engine, p, 4) for p in ids]
+    client = live.client()
+    done = client.completions.create(
+        model=engine.manifest.name, prompt=prompts, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    assert [c.token_ids for c in done.choices] == expected
+    assert [c.text for c in done.choices] == [tokenizer.decode(e) for e in expected]
+    assert done.usage.prompt_tokens == sum(len(p) for p in ids) and done.usage.completion_tokens == 12
+    chunks = list(
+        client.completions.create(
+            model=engine.manifest.name,
+            prompt=ids,  # as token ids this time
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            echo=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    for i in range(len(prompts)):
+        text = "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
+        assert text == tokenizer.decode(ids[i]) + tokenizer.decode(expected[i])  # echo: the ids' text
+    assert (
+        sorted(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason) == ["length"] * 3
+    )

@@ -208,13 +208,6 @@ class CompletionRequest(_Sampling):
 
     _prompt_form = field_validator("prompt", mode="before")(_prompt_shape)
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported; the response holds the new text only")
-        return echo
-
 
 class TextPart(_Strict):
     type: Literal["text"]

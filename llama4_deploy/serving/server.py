@@ -260,14 +260,6 @@ class _Run:
             metrics.ttft.observe(request.first_token_at - request.arrived)
             metrics.latency.observe(time.monotonic() - request.arrived)
 
-    def usage(self) -> dict:
-        prompt = len(self.request.prompt)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": len(self.tokens),
-            "total_tokens": prompt + len(self.tokens),
-        }
-
 
 # -- the server ---------------------------------------------------------------------------------
 class Server:
@@ -336,18 +328,39 @@ class Server:
             )
         return self.tokenizer.encode(text, add_special_tokens=special)
 
-    def _prompt_ids(self, prompt, max_tokens: int) -> list[int]:
-        """Token ids of a completion prompt (on a worker thread: tokenizing may take seconds)."""
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one prompt
-        if isinstance(prompt, str):
-            ids = self._encode(prompt, "prompt")
-        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            ids = prompt
-        else:
-            raise ClientError("prompt holds several prompts; send one prompt per request", "prompt")
-        self._check_length(ids, max_tokens, "prompt")
+    @staticmethod
+    def _prompts(prompt) -> list[str | list[int]]:
+        """OpenAI's four prompt forms as a list of prompts (a string or token ids each)."""
+        if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
+            return [prompt]
+        return list(prompt)
+
+    def _prompt_ids(self, prompts: list, max_tokens: int) -> list[list[int]]:
+        """Token ids of each completion prompt (on a worker thread: tokenizing may take seconds)."""
+        ids = []
+        for i, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            ids.append(self._encode(prompt, param) if isinstance(prompt, str) else prompt)
+            self._check_length(ids[-1], max_tokens, param)
         return ids
+
+    def _echo(self, prompt: str | list[int], ids: list[int], scores, k: int | None, head: int) -> tuple[str, dict]:
+        """The prompt's text as given (or decoded from its ids), and its logprobs part: each prompt token's
+        text, log-probability (None for the first), top-k and offset."""
+        text = prompt if isinstance(prompt, str) else (self.tokenizer.decode(ids) if self.tokenizer else "")
+        if k is None:
+            return text, {}
+        stream, offsets = (self.tokenizer.stream() if self.tokenizer else None), []
+        for token in ids:
+            offsets.append(head + (len(stream.text) if stream else 0))
+            if stream:
+                stream.push(token)
+        return text, {
+            "tokens": [self._token_text(t) for t in ids],
+            "token_logprobs": [lp for lp, _ in scores],
+            "top_logprobs": [None if lp is None else {self._token_text(t): v for t, v in top} for lp, top in scores],
+            "text_offset": offsets,
+        }
 
     def _chat_ids(self, messages: list[dict], variables: dict | None = None) -> list[int]:
         """The rendered chat template's token ids (on a worker thread)."""
@@ -421,53 +434,87 @@ class Server:
         body = await self._body(http, CompletionRequest)
         self._check_model(body.model)
         max_tokens = body.max_tokens or 16
-        prompt = await asyncio.to_thread(self._prompt_ids, body.prompt, max_tokens)
-        run = _Run(self, self._request(body, prompt, max_tokens, body.logprobs), body.stop_strings(), "completions")
-        run.submit()
+        prompts = self._prompts(body.prompt)
+        if len(prompts) > self.scheduler.max_queue + self.scheduler.max_batch:
+            raise ClientError(
+                f"prompt holds {len(prompts)} prompts; this server takes at most "
+                f"{self.scheduler.max_queue + self.scheduler.max_batch} in one request (--max-queue + rows)",
+                "prompt",
+            )
+        ids = await asyncio.to_thread(self._prompt_ids, prompts, max_tokens)
+        k = body.logprobs
+        runs = []
+        for prompt in ids:
+            request = self._request(body, prompt, max_tokens, k)
+            request.prompt_logprobs = k if body.echo and k is not None else None
+            runs.append(_Run(self, request, body.stop_strings(), "completions"))
+        _submit_all(runs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model}
-        want_logprobs = body.logprobs is not None
 
-        def logprobs_of(outputs: list[Output]) -> dict | None:
-            if not want_logprobs:
+        def logprobs_of(run: _Run, outputs: list[Output], shift: int = 0) -> dict | None:
+            if k is None:
                 return None
             return {
                 "tokens": [self._token_text(o.token) for o in outputs],
                 "token_logprobs": [o.logprob for o in outputs],
                 "top_logprobs": [{self._token_text(t): lp for t, lp in o.top_logprobs} for o in outputs],
-                "text_offset": run.offsets[len(run.offsets) - len(outputs) :],
+                "text_offset": [shift + o for o in run.offsets[len(run.offsets) - len(outputs) :]],
             }
+
+        def echoed(i: int, text: str, logprobs: dict | None) -> tuple[str, dict | None]:
+            """Prepend prompt i's text (and its logprobs) when echo asks for it."""
+            if not body.echo:
+                return text, logprobs
+            run = runs[i]
+            prompt_text, part = self._echo(prompts[i], run.request.prompt, run.request.prompt_scores, k, 0)
+            if logprobs is not None:
+                logprobs = {key: part[key] + logprobs[key] for key in logprobs}
+            return prompt_text + text, logprobs
 
         if body.stream:
 
             async def events():
-                async for text, outputs in run.deltas():
+                first = [True] * len(runs)
+                async for i, text, outputs in _merged(runs):
+                    logprobs = logprobs_of(runs[i], outputs)
+                    if first[i]:
+                        first[i] = False
+                        shift = len(echoed(i, "", None)[0]) if body.echo else 0
+                        if logprobs is not None and shift:
+                            logprobs["text_offset"] = [shift + o for o in logprobs["text_offset"]]
+                        text, logprobs = echoed(i, text, logprobs)
                     choice = {
-                        "index": 0,
+                        "index": i,
                         "text": text,
-                        "logprobs": logprobs_of(outputs),
+                        "logprobs": logprobs,
                         "finish_reason": None,
                         "token_ids": [o.token for o in outputs],
                     }
                     yield _sse({**head, "choices": [choice]})
-                for chunk in _stream_end(
-                    run, head, {"index": 0, "text": "", "logprobs": None, "finish_reason": run.finish_reason}, body
-                ):
+                for chunk in _stream_end(runs, head, lambda i, run: {"index": i, "text": "", "logprobs": None}, body):
                     yield chunk
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        text, outputs = await _collect(run, http)
-        if run.error or run.finish_reason == "cancelled":
-            return _error_response(run)
-        choice = {
-            "index": 0,
-            "text": text,
-            "logprobs": logprobs_of(outputs),
-            "finish_reason": run.finish_reason,
-            "token_ids": run.tokens,
-        }
-        return {**head, "choices": [choice], "usage": run.usage()}
+        answers = await _collect(runs, http)
+        failed = next((run for run in runs if run.error or run.finish_reason == "cancelled"), None)
+        if failed is not None:
+            return _error_response(failed)
+        choices = []
+        for i, (run, (text, outputs)) in enumerate(zip(runs, answers)):
+            shift = len(echoed(i, "", None)[0]) if body.echo else 0
+            text, logprobs = echoed(i, text, logprobs_of(run, outputs, shift))
+            choices.append(
+                {
+                    "index": i,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": run.finish_reason,
+                    "token_ids": run.tokens,
+                }
+            )
+        return {**head, "choices": choices, "usage": _usage(runs)}
 
     async def chat_completions(self, http: HttpRequest):
         body = await self._body(http, ChatCompletionRequest)
@@ -481,7 +528,7 @@ class Server:
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
         run = _Run(self, self._request(body, prompt, max_tokens, top), body.stop_strings(), "chat.completions")
-        run.submit()
+        _submit_all([run])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def entry(o: Output) -> dict:
@@ -523,14 +570,12 @@ class Server:
                             ],
                         }
                     )
-                for chunk in _stream_end(
-                    run, head, {"index": 0, "delta": {}, "logprobs": None, "finish_reason": run.finish_reason}, body
-                ):
+                for chunk in _stream_end([run], head, lambda i, run: {"index": i, "delta": {}, "logprobs": None}, body):
                     yield chunk
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        text, outputs = await _collect(run, http)
+        [(text, outputs)] = await _collect([run], http)
         if run.error or run.finish_reason == "cancelled":
             return _error_response(run)
         choice = {
@@ -545,7 +590,7 @@ class Server:
             "created": created,
             "model": self.model,
             "choices": [choice],
-            "usage": run.usage(),
+            "usage": _usage([run]),
         }
 
     # -- app ---------------------------------------------------------------------------------------
@@ -826,16 +871,65 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _stream_end(run, head: dict, last_choice: dict, body):
-    """The closing events of a stream: an error event, or the choice that carries finish_reason (and usage,
-    when asked); then OpenAI's terminator."""
-    if run.error or run.finish_reason == "cancelled":
-        yield _sse(_run_error(run))
+def _stream_end(runs: list[_Run], head: dict, last_choice, body):
+    """The closing events of a stream: an error event, or per choice the one that carries finish_reason
+    (`last_choice(index, run)` without it), and usage when asked; then OpenAI's terminator."""
+    failed = next((run for run in runs if run.error or run.finish_reason == "cancelled"), None)
+    if failed is not None:
+        yield _sse(_run_error(failed))
     else:
-        yield _sse({**head, "choices": [last_choice]})
+        for i, run in enumerate(runs):
+            yield _sse({**head, "choices": [{**last_choice(i, run), "finish_reason": run.finish_reason}]})
         if body.stream_options and body.stream_options.include_usage:
-            yield _sse({**head, "choices": [], "usage": run.usage()})
+            yield _sse({**head, "choices": [], "usage": _usage(runs)})
     yield "data: [DONE]\n\n"
+
+
+def _usage(runs: list[_Run]) -> dict:
+    prompt = sum(len(run.request.prompt) for run in runs)
+    completion = sum(len(run.tokens) for run in runs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _submit_all(runs: list[_Run]) -> None:
+    """Submit every run, or none: if one is refused (a full queue), the ones already queued are cancelled."""
+    for i, run in enumerate(runs):
+        try:
+            run.submit()
+        except ClientError:
+            for queued in runs[:i]:
+                queued.server.scheduler.cancel(queued.request)
+            raise
+
+
+async def _merged(runs: list[_Run]) -> AsyncIterator[tuple[int, str, list[Output]]]:
+    """(choice index, text, outputs) of several runs as they come; cancels them all if the stream is dropped."""
+    if len(runs) == 1:
+        async for text, outputs in runs[0].deltas():
+            yield 0, text, outputs
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, run: _Run) -> None:
+        try:
+            async for text, outputs in run.deltas():
+                await queue.put((i, text, outputs))
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.ensure_future(pump(i, run)) for i, run in enumerate(runs)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()  # a run's deltas() cancels its request when stopped early
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _run_error(run: _Run) -> dict:
@@ -847,15 +941,18 @@ def _error_response(run: _Run) -> JSONResponse:
     return JSONResponse(_run_error(run), status_code=500 if run.error else 503)
 
 
-async def _collect(run: _Run, http: HttpRequest) -> tuple[str, list[Output]]:
-    """Gather a non-streamed answer; if the client disconnects first, cancel the request."""
+async def _collect(runs: list[_Run], http: HttpRequest) -> list[tuple[str, list[Output]]]:
+    """Gather the non-streamed answers (text, outputs) of runs; if the client disconnects first, cancel them."""
 
-    async def gather():
+    async def one(run: _Run):
         text, outputs = [], []
         async for piece, new in run.deltas():
             text.append(piece)
             outputs.extend(new)
         return "".join(text), outputs
+
+    async def gather():
+        return await asyncio.gather(*(one(run) for run in runs))
 
     async def disconnected():
         while (await http.receive())["type"] != "http.disconnect":
