@@ -88,6 +88,9 @@ class Request:
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
     min_tokens: int = 0
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's log-probability and the k most likely
+    # more samples of the same prompt (OpenAI's n): admitted with this request, each in its own row, their
+    # cache rows copied from this one's once its prefill is done instead of prefilling the prompt again
+    siblings: list[Request] = dataclasses.field(default_factory=list)
     # set by the scheduler
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     tokens: list[int] = dataclasses.field(default_factory=list)
@@ -125,10 +128,16 @@ class _Row:
     history: History
     prefilled: int = 0  # prompt tokens already in the cache
     last_token: int = 0  # fed in the next decode step
+    forks: list[int] = dataclasses.field(default_factory=list)  # rows waiting for this row's prefill
+    waiting: bool = False  # a sibling whose cache row is copied from its leader's when that prefill is done
 
     @property
     def prefilling(self) -> bool:
-        return self.prefilled < len(self.request.prompt)
+        return not self.waiting and self.prefilled < len(self.request.prompt)
+
+    @property
+    def decoding(self) -> bool:
+        return not self.waiting and self.prefilled >= len(self.request.prompt)
 
 
 @dataclasses.dataclass
@@ -207,6 +216,13 @@ class Scheduler:
         if request.logprobs is not None and not 0 <= request.logprobs <= self.engine.vocab_size:
             raise ValueError(f"logprobs is {request.logprobs}; it must be in [0, {self.engine.vocab_size}]")
         request.prompt = self.engine._check_prompt(request.prompt, request.max_tokens)
+        if 1 + len(request.siblings) > self.max_batch:
+            raise ValueError(
+                f"n is {1 + len(request.siblings)}; the samples of a prompt run together, at most {self.max_batch}"
+            )
+        for sibling in request.siblings:
+            sibling.sampling.check(self.engine.vocab_size)
+            sibling.prompt = request.prompt
         with self._work:
             if self.died is not None:
                 raise Unavailable(f"the scheduler thread has stopped ({self.died})")
@@ -281,7 +297,7 @@ class Scheduler:
         if prefilling:
             self._prefill_step(prefilling)
             ran = True
-        decoding = [b for b, row in enumerate(self.rows) if row is not None and not row.prefilling]
+        decoding = [b for b, row in enumerate(self.rows) if row is not None and row.decoding]
         if decoding:
             self._decode_step(decoding)
             ran = True
@@ -300,27 +316,44 @@ class Scheduler:
             for request in list(self._cancelled):
                 self._finish_locked(request, "cancelled")
             self._cancelled.clear()
-            for b, row in enumerate(self.rows):
-                if row is None and self._waiting:
-                    request = self._waiting.popleft()
+            while self._waiting:
+                request = self._waiting[0]
+                group = [request, *[s for s in request.siblings if not s.finished]]
+                free = [b for b, row in enumerate(self.rows) if row is None]
+                if len(free) < len(group):  # a group joins together, first come first served
+                    break
+                self._waiting.popleft()
+                if request.finished:  # cancelled while it waited: its siblings run on their own
+                    group = group[1:]
+                share = self.cache.can_copy_rows and len(group) > 1 and group[0] is request
+                for i, (b, member) in enumerate(zip(free, group)):
                     try:
-                        rng = np.random.default_rng(request.seed)
+                        rng = np.random.default_rng(member.seed)
                     except (TypeError, ValueError) as err:  # only this request fails
-                        request.finish_reason, request.error = "error", f"cannot seed the sampler: {err}"
-                        self._notify(request, Output(None, finish_reason="error", error=request.error))
+                        member.finish_reason, member.error = "error", f"cannot seed the sampler: {err}"
+                        self._notify(member, Output(None, finish_reason="error", error=member.error))
                         continue
                     self.cache.reset_row(b)
-                    params = request.sampling
-                    self.rows[b] = _Row(request, rng, params, History(request.prompt, self.engine.vocab_size, params))
+                    params = member.sampling
+                    history = History(member.prompt, self.engine.vocab_size, params)
+                    self.rows[b] = _Row(member, rng, params, history, waiting=share and i > 0)
+                    if share and i > 0:
+                        self.rows[free[0]].forks.append(b)
 
     def _finish_locked(self, request: Request, reason: str, error: str | None = None) -> None:
         """End a request wherever it is (waiting or in a row) and tell its listener once."""
         if request.finished:
             return
         if request in self._waiting:
+            at = self._waiting.index(request)
             self._waiting.remove(request)
+            for sibling in reversed([s for s in request.siblings if not s.finished]):
+                self._waiting.insert(at, sibling)  # they wait on as requests of their own
         for b, row in enumerate(self.rows):
             if row is not None and row.request is request:
+                for fork in row.forks:  # siblings still waiting for this prefill: they prefill on their own
+                    if self.rows[fork] is not None:
+                        self.rows[fork].waiting = False
                 self.rows[b] = None
         request.finish_reason, request.error = reason, error
         self._notify(request, Output(None, finish_reason=reason, error=error))
@@ -358,16 +391,32 @@ class Scheduler:
         logits = self._run("prefill", rows, ids, positions)  # [b, T, V], b = rows up to the last one in use
         if logits is None:
             return
-        complete = []
+        complete, source = [], []  # rows whose first token is due, and the (row, position) of their logits
         for b in rows:
             row = self.rows[b]
             if row.request.prompt_logprobs is not None:
                 self._score_prompt(row, logits[b, : take[b]])
             row.prefilled += take[b]
             if not row.prefilling:
-                complete.append(b)
+                for ready in (b, *self._fork(b)):  # siblings sample their first token from the same logits
+                    complete.append(ready)
+                    source.append((b, take[b] - 1))
         if complete:
-            self._emit(complete, logits[complete, [take[b] - 1 for b in complete]])
+            self._emit(complete, logits[[b for b, _ in source], [t for _, t in source]])
+
+    def _fork(self, b: int) -> list[int]:
+        """Copy row b's cache into the rows of its waiting siblings; returns those rows."""
+        forks = []
+        for fork in self.rows[b].forks:
+            sibling = self.rows[fork]
+            if sibling is None or not sibling.waiting:
+                continue
+            self.cache.copy_row(b, fork)
+            sibling.prefilled, sibling.waiting = len(sibling.request.prompt), False
+            sibling.request.prompt_scores = list(self.rows[b].request.prompt_scores)
+            forks.append(fork)
+        self.rows[b].forks = []
+        return forks
 
     @staticmethod
     def _score_prompt(row: _Row, logits: np.ndarray) -> None:

@@ -277,7 +277,8 @@ def test_the_built_in_chat_template_is_llama_4_s_header_format():
         (b"{not json", None, "not valid JSON"),
         (b"[1, 2]", None, "valid dictionary"),
         ({"prompt": "w1"}, "model", "Field required"),
-        ({"model": "M", "prompt": "w1", "n": 2}, "n", "one choice per request"),
+        ({"model": "M", "prompt": "w1", "n": 0}, "n", "greater than or equal to 1"),
+        ({"model": "M", "prompt": "w1", "n": 9}, "n", "n is 9; the samples of a prompt run together"),
         ({"model": "M", "prompt": "w1", "temperature": 5}, "temperature", "less than or equal to 2"),
         ({"model": "M", "prompt": "w1", "top_p": 0}, "top_p", "greater than 0"),
         ({"model": "M", "prompt": "w1", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
@@ -342,8 +343,8 @@ def test_chat_errors_unknown_model_and_route(live, engine):
     assert status == 404 and answer["error"]["code"] == "model_not_found"
     status, text = live.get("/v1/nothing")
     assert status == 404 and json.loads(text)["error"]["message"] == "Not Found"
-    with pytest.raises(openai.BadRequestError, match="one choice per request"):
-        live.client().completions.create(model=name, prompt="w1", n=2)
+    with pytest.raises(openai.BadRequestError, match="n is 5"):
+        live.client().completions.create(model=name, prompt="w1", n=5)
 
 
 def test_a_full_queue_answers_429_with_retry_after(engine, slow_steps):
@@ -1095,3 +1096,43 @@ def test_a_list_of_prompts_gets_one_choice_each_streamed_or_not(live, engine):
     assert (
         sorted(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason) == ["length"] * 3
     )
+
+
+def test_n_samples_share_the_prefill_and_each_equals_generate_with_its_seed(live, engine):
+    prompt = [4, 9, 16, 25, 36]
+    kinds = []
+    live.server.scheduler.on_step = lambda record: kinds.append((record.kind, record.tokens))
+    try:
+        done = live.client().completions.create(
+            model=engine.manifest.name,
+            prompt=prompt,
+            max_tokens=6,
+            temperature=1.0,
+            seed=21,
+            n=3,
+            extra_body={"ignore_eos": True},
+        )
+    finally:
+        live.server.scheduler.on_step = live.server.metrics.observe_step
+    for j, choice in enumerate(done.choices):
+        assert choice.index == j
+        assert choice.token_ids == engine.generate([prompt], 6, temperature=1.0, seed=21 + j, stop_tokens=[]).tokens[0]
+    assert len({tuple(c.token_ids) for c in done.choices}) > 1  # three samples, not one answer three times
+    assert sum(tokens for kind, tokens in kinds if kind == "prefill") == len(prompt)  # prefilled once
+    assert done.usage.completion_tokens == 18
+    chunks = list(
+        live.client().chat.completions.create(
+            model=engine.manifest.name,
+            messages=[{"role": "user", "content": "w3 w4"}],
+            max_tokens=3,
+            temperature=0,
+            n=2,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    texts = [
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        for i in (0, 1)
+    ]
+    assert texts[0] == texts[1] and texts[0]  # greedy: both samples alike

@@ -106,7 +106,7 @@ class _Sampling(_Strict):
     stop_token_ids: list[TokenId] | None = None
     stream: Flag = False
     stream_options: StreamOptions | None = None
-    n: Count = 1
+    n: Annotated[int, Strict(), Field(ge=1)] = 1  # samples per prompt, sharing its prefill; at most the rows
     ignore_eos: Flag = False  # vLLM's: generate max_tokens tokens whatever the model says
     # accepted without effect (OpenAI's bookkeeping fields; documented as such in the README)
     user: Text | None = None
@@ -149,13 +149,6 @@ class _Sampling(_Strict):
     @classmethod
     def _refused(cls, value, info: ValidationInfo):
         return _refuse_unless_no_op(value, info)
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"n is {n}; this server returns one choice per request (n=1)")
-        return n
 
     @field_validator("stop")
     @classmethod

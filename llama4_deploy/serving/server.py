@@ -57,6 +57,7 @@ from llama4_deploy.runtime.engine import Engine
 from llama4_deploy.runtime.scheduler import Output, QueueFull, Request, Scheduler, StepRecord, Unavailable
 from llama4_deploy.runtime.tokenizer import Tokenizer, load_tokenizer
 from llama4_deploy.serving.protocol import (
+    SEED_LIMIT,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -405,6 +406,20 @@ class Server:
             raise ClientError(f"min_tokens is {request.min_tokens}, more than max_tokens {max_tokens}", "min_tokens")
         return request
 
+    def _samples(self, body, prompt: list[int], max_tokens: int, logprobs: int | None) -> list[Request]:
+        """The n samples of one prompt: the first request carries the others as siblings, so the scheduler
+        prefills the prompt once; sample j draws with seed + j (each choice equals generate with its seed)."""
+        if body.n > self.scheduler.max_batch:
+            raise ClientError(
+                f"n is {body.n}; the samples of a prompt run together in this server's {self.scheduler.max_batch} rows",
+                "n",
+            )
+        requests = [self._request(body, prompt, max_tokens, logprobs) for _ in range(body.n)]
+        for j, request in enumerate(requests):
+            request.seed = None if body.seed is None else (body.seed + j) % SEED_LIMIT
+        requests[0].siblings = requests[1:]
+        return requests
+
     def _token_text(self, token: int) -> str:
         return self.tokenizer.token_text(token) if self.tokenizer else str(token)
 
@@ -444,10 +459,10 @@ class Server:
         ids = await asyncio.to_thread(self._prompt_ids, prompts, max_tokens)
         k = body.logprobs
         runs = []
-        for prompt in ids:
-            request = self._request(body, prompt, max_tokens, k)
-            request.prompt_logprobs = k if body.echo and k is not None else None
-            runs.append(_Run(self, request, body.stop_strings(), "completions"))
+        for prompt in ids:  # choice index: prompt i's sample j is i * n + j
+            for request in self._samples(body, prompt, max_tokens, k):
+                request.prompt_logprobs = k if body.echo and k is not None else None
+                runs.append(_Run(self, request, body.stop_strings(), "completions"))
         _submit_all(runs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model}
@@ -463,11 +478,11 @@ class Server:
             }
 
         def echoed(i: int, text: str, logprobs: dict | None) -> tuple[str, dict | None]:
-            """Prepend prompt i's text (and its logprobs) when echo asks for it."""
+            """Prepend choice i's prompt text (and its logprobs) when echo asks for it."""
             if not body.echo:
                 return text, logprobs
             run = runs[i]
-            prompt_text, part = self._echo(prompts[i], run.request.prompt, run.request.prompt_scores, k, 0)
+            prompt_text, part = self._echo(prompts[i // body.n], run.request.prompt, run.request.prompt_scores, k, 0)
             if logprobs is not None:
                 logprobs = {key: part[key] + logprobs[key] for key in logprobs}
             return prompt_text + text, logprobs
@@ -527,8 +542,10 @@ class Server:
         room = self.engine.manifest.max_context - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        run = _Run(self, self._request(body, prompt, max_tokens, top), body.stop_strings(), "chat.completions")
-        _submit_all([run])
+        runs = [
+            _Run(self, r, body.stop_strings(), "chat.completions") for r in self._samples(body, prompt, max_tokens, top)
+        ]
+        _submit_all(runs)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def entry(o: Output) -> dict:
@@ -547,50 +564,38 @@ class Server:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model}
 
             async def events():
-                yield _sse(
-                    {
-                        **head,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ],
-                    }
-                )
-                async for text, outputs in run.deltas():
+                for i in range(len(runs)):
+                    role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+                    yield _sse({**head, "choices": [{**role, "finish_reason": None}]})
+                async for i, text, outputs in _merged(runs):
                     logprobs = {"content": [entry(o) for o in outputs]} if body.logprobs else None
-                    yield _sse(
-                        {
-                            **head,
-                            "choices": [
-                                {"index": 0, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
-                            ],
-                        }
-                    )
-                for chunk in _stream_end([run], head, lambda i, run: {"index": i, "delta": {}, "logprobs": None}, body):
+                    delta = {"index": i, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
+                    yield _sse({**head, "choices": [delta]})
+                for chunk in _stream_end(runs, head, lambda i, run: {"index": i, "delta": {}, "logprobs": None}, body):
                     yield chunk
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        [(text, outputs)] = await _collect([run], http)
-        if run.error or run.finish_reason == "cancelled":
-            return _error_response(run)
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": {"content": [entry(o) for o in outputs]} if body.logprobs else None,
-            "finish_reason": run.finish_reason,
-        }
+        answers = await _collect(runs, http)
+        failed = next((run for run in runs if run.error or run.finish_reason == "cancelled"), None)
+        if failed is not None:
+            return _error_response(failed)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": {"content": [entry(o) for o in outputs]} if body.logprobs else None,
+                "finish_reason": run.finish_reason,
+            }
+            for i, (run, (text, outputs)) in enumerate(zip(runs, answers))
+        ]
         return {
             "id": rid,
             "object": "chat.completion",
             "created": created,
             "model": self.model,
-            "choices": [choice],
-            "usage": _usage([run]),
+            "choices": choices,
+            "usage": _usage(runs),
         }
 
     # -- app ---------------------------------------------------------------------------------------
@@ -892,8 +897,12 @@ def _usage(runs: list[_Run]) -> dict:
 
 
 def _submit_all(runs: list[_Run]) -> None:
-    """Submit every run, or none: if one is refused (a full queue), the ones already queued are cancelled."""
+    """Submit every run, or none: if one is refused (a full queue), the ones already queued are cancelled.
+    Siblings go in with the request that carries them."""
+    siblings = {id(s) for run in runs for s in run.request.siblings}
     for i, run in enumerate(runs):
+        if id(run.request) in siblings:
+            continue
         try:
             run.submit()
         except ClientError:
