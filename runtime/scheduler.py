@@ -38,6 +38,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -91,6 +92,7 @@ class Request:
     # more samples of the same prompt (OpenAI's n): admitted with this request, each in its own row, their
     # cache rows copied from this one's once its prefill is done instead of prefilling the prompt again
     siblings: list[Request] = dataclasses.field(default_factory=list)
+    grammar: Any = None  # a compiled grammar (runtime/grammar.py): the tokens are masked to what it allows
     # set by the scheduler
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     tokens: list[int] = dataclasses.field(default_factory=list)
@@ -129,6 +131,7 @@ class _Row:
     prefilled: int = 0  # prompt tokens already in the cache
     last_token: int = 0  # fed in the next decode step
     forks: list[int] = dataclasses.field(default_factory=list)  # rows waiting for this row's prefill
+    constraint: Any = None  # runtime/grammar.py's Constraint, for a request with a grammar
     waiting: bool = False  # a sibling whose cache row is copied from its leader's when that prefill is done
 
     @property
@@ -336,7 +339,12 @@ class Scheduler:
                     self.cache.reset_row(b)
                     params = member.sampling
                     history = History(member.prompt, self.engine.vocab_size, params)
-                    self.rows[b] = _Row(member, rng, params, history, waiting=share and i > 0)
+                    constraint = None
+                    if member.grammar is not None:
+                        from llama4_deploy.runtime.grammar import Constraint  # deferred: xgrammar imports torch
+
+                        constraint = Constraint(member.grammar, self.engine.vocab_size)
+                    self.rows[b] = _Row(member, rng, params, history, waiting=share and i > 0, constraint=constraint)
                     if share and i > 0:
                         self.rows[free[0]].forks.append(b)
 
@@ -445,6 +453,11 @@ class Scheduler:
         """Sample the next token of each of `rows` from logits [n, V] (one sampler call for them all), hand each
         to its listener, finish the requests that are done."""
         live = [self.rows[b] for b in rows]
+        if any(row.constraint is not None for row in live):
+            logits = logits.copy()  # the engine's logits stay as they were; the masked ones are sampled
+            for i, row in enumerate(live):
+                if row.constraint is not None:
+                    logits[i, ~row.constraint.allowed()] = -np.inf
         chosen = sample(
             logits,
             [row.params for row in live],
@@ -463,7 +476,9 @@ class Scheduler:
                 request.first_token_at = now
             row.last_token = token
             self._notify(request, Output(token, logprob, top))
-            if token in request.stop_tokens:
+            if row.constraint is not None:
+                row.constraint.accept(token)
+            if token in request.stop_tokens or (row.constraint is not None and row.constraint.complete):
                 reason = "stop"
             elif len(request.tokens) >= request.max_tokens:
                 reason = "length"

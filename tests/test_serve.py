@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -1136,3 +1137,69 @@ def test_n_samples_share_the_prefill_and_each_equals_generate_with_its_seed(live
         for i in (0, 1)
     ]
     assert texts[0] == texts[1] and texts[0]  # greedy: both samples alike
+
+
+# -- structured output (issue 27 item 5) ---------------------------------------------------------------------
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_output_parses_and_validates_while_free_requests_share_the_batch(byte_level_live, engine):
+    pytest.importorskip("xgrammar")
+    live, name = byte_level_live, engine.manifest.name
+    client = live.client()
+    free_prompt = [5, 6, 7]
+
+    def constrained(kind):
+        common = {"model": name, "max_tokens": 40, "temperature": 0.8, "seed": 1}
+        if kind == "schema":
+            fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
+            reply = client.chat.completions.create(
+                messages=[{"role": "user", "content": "ab"}], response_format=fmt, **common
+            )
+            return reply.choices[0].message.content, reply.choices[0].finish_reason
+        extra = {"choice": {"guided_choice": ["yes", "no", "maybe"]}, "regex": {"guided_regex": "w[0-9]{2}"}}[kind]
+        done = client.completions.create(prompt=[9, 8], extra_body=extra, **common)
+        return done.choices[0].text, done.choices[0].finish_reason
+
+    def free():
+        done = client.completions.create(
+            model=name, prompt=free_prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
+        return done.choices[0].token_ids
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = {kind: pool.submit(constrained, kind) for kind in ("schema", "choice", "regex")}
+        unconstrained = pool.submit(free)
+        answers = {kind: f.result(TIMEOUT) for kind, f in futures.items()}
+        assert unconstrained.result(TIMEOUT) == generated(engine, free_prompt, 12)  # unaffected by the masks
+    text, reason = answers["schema"]
+    document = json.loads(text)
+    assert reason == "stop" and set(document) == {"ok", "n"}
+    assert isinstance(document["ok"], bool) and document["n"] in (1, 2, 3)
+    assert answers["choice"] == (answers["choice"][0], "stop") and answers["choice"][0] in ("yes", "no", "maybe")
+    assert re.fullmatch(r"w[0-9]{2}", answers["regex"][0]) and answers["regex"][1] == "stop"
+
+
+def test_structured_output_requests_that_cannot_be_compiled_are_400(byte_level_live, engine):
+    pytest.importorskip("xgrammar")
+    name = engine.manifest.name
+    for extra, param, words in [
+        ({"guided_regex": "w[0-9"}, "guided_regex", "cannot be compiled into a grammar"),
+        ({"guided_regex": "w1", "guided_choice": ["a"]}, "response_format", "both ask for a structure"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+            "needs json_schema.schema",
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format.type", "'text', 'json_object' or 'json_schema'"),
+        ({"guided_choice": []}, "guided_choice", "at least 1 item"),
+    ]:
+        status, _, answer = byte_level_live.post("/v1/completions", {"model": name, "prompt": [1], **extra})
+        assert status == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer

@@ -73,15 +73,10 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "reasoning_effort": (lambda v: v is None, "the model has no reasoning mode"),
     "web_search_options": (lambda v: v is None, "no web search"),
     "service_tier": (lambda v: v in (None, "auto", "default"), "one service tier"),
-    "response_format": (lambda v: v is None or v == {"type": "text"}, "no structured output yet"),
     "tools": (lambda v: v is None or v == [], "no tool calls yet"),
     "tool_choice": (lambda v: v is None or v == "none", "no tool calls yet"),
     "functions": (lambda v: v is None or v == [], "no function calls"),
     "function_call": (lambda v: v is None or v == "none", "no function calls"),
-    "guided_json": (lambda v: v is None, "no structured output yet"),
-    "guided_regex": (lambda v: v is None, "no structured output yet"),
-    "guided_choice": (lambda v: v is None, "no structured output yet"),
-    "guided_grammar": (lambda v: v is None, "no structured output yet"),
 }
 
 
@@ -94,6 +89,17 @@ def _refuse_unless_no_op(value: Any, info: ValidationInfo) -> Any:
 
 class StreamOptions(_Strict):
     include_usage: Flag = False
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[Text, Any] | None = None  # {"name", "schema", "strict", "description"}
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and not isinstance((self.json_schema or {}).get("schema"), dict):
+            raise ValueError("type json_schema needs json_schema.schema, a JSON schema object")
+        return self
 
 
 class _Sampling(_Strict):
@@ -123,11 +129,12 @@ class _Sampling(_Strict):
     # known, and refused unless they ask for nothing (REFUSED says why)
     best_of: Any = None
     service_tier: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    response_format: Any = None
+    # structured output (runtime/grammar.py): OpenAI's response_format, vLLM's guided_* extras
+    response_format: ResponseFormat | None = None
+    guided_json: dict[Text, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    guided_grammar: Text | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -140,11 +147,6 @@ class _Sampling(_Strict):
     @field_validator(
         "best_of",
         "service_tier",
-        "guided_json",
-        "guided_regex",
-        "guided_choice",
-        "guided_grammar",
-        "response_format",
     )
     @classmethod
     def _refused(cls, value, info: ValidationInfo):
@@ -156,6 +158,27 @@ class _Sampling(_Strict):
         if isinstance(stop, list) and len(stop) > 4:
             raise ValueError(f"stop has {len(stop)} entries; give at most 4")
         return stop
+
+    def structure(self) -> tuple[str, str, Any] | None:
+        """(field, kind, source) of the one structure asked for, or None; two at once is refused."""
+        asked = [
+            (field, kind, value)
+            for field, kind, value in [
+                ("guided_json", "schema", self.guided_json),
+                ("guided_regex", "regex", self.guided_regex),
+                ("guided_choice", "choice", self.guided_choice),
+                ("guided_grammar", "ebnf", self.guided_grammar),
+            ]
+            if value is not None
+        ]
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            asked.append(("response_format", "json", None))
+        elif rf is not None and rf.type == "json_schema":
+            asked.append(("response_format", "schema", rf.json_schema["schema"]))
+        if len(asked) > 1:
+            raise ValueError(f"{asked[0][0]} and {asked[1][0]} both ask for a structure; give one")
+        return asked[0] if asked else None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

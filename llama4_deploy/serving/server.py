@@ -54,6 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llama4_deploy import __version__
 from llama4_deploy.runtime import load
 from llama4_deploy.runtime.engine import Engine
+from llama4_deploy.runtime.grammar import GrammarError, Grammars
 from llama4_deploy.runtime.scheduler import Output, QueueFull, Request, Scheduler, StepRecord, Unavailable
 from llama4_deploy.runtime.tokenizer import Tokenizer, load_tokenizer
 from llama4_deploy.serving.protocol import (
@@ -297,6 +298,9 @@ class Server:
         if engine.manifest.tokenizer_path is not None and engine.manifest.tokenizer_path.is_file():
             self.tokenizer = load_tokenizer(engine.manifest)
         self.chat_template = ChatTemplate(engine.manifest.tokenizer_config_path, chat_template)
+        self.grammars = (
+            Grammars(self._token_bytes_of, engine.vocab_size, engine.manifest.eos_token_ids) if self.tokenizer else None
+        )
         self.scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
         self.metrics = Metrics(self.scheduler)
         self.scheduler.on_step = self.metrics.observe_step
@@ -420,6 +424,32 @@ class Server:
         requests[0].siblings = requests[1:]
         return requests
 
+    def _token_bytes_of(self, token: int) -> bytes:
+        return self.tokenizer.token_bytes(token)
+
+    def _grammar(self, body):
+        """The compiled grammar a request asks for, or None (on a worker thread: the first compile takes seconds)."""
+        try:
+            asked = body.structure()
+        except ValueError as err:
+            raise ClientError(str(err), "response_format") from None
+        if asked is None:
+            return None
+        field, kind, source = asked
+        if self.grammars is None:
+            raise ClientError(f"bundle {self.model} has no tokenizer.json, so {field} cannot be enforced", field)
+        make = {
+            "json": lambda: self.grammars.json_object(),
+            "schema": lambda: self.grammars.json_schema(source),
+            "regex": lambda: self.grammars.regex(source),
+            "choice": lambda: self.grammars.choice(source),
+            "ebnf": lambda: self.grammars.ebnf(source),
+        }[kind]
+        try:
+            return make()
+        except GrammarError as err:
+            raise ClientError(f"{field} {err}", field) from None
+
     def _token_text(self, token: int) -> str:
         return self.tokenizer.token_text(token) if self.tokenizer else str(token)
 
@@ -457,11 +487,13 @@ class Server:
                 "prompt",
             )
         ids = await asyncio.to_thread(self._prompt_ids, prompts, max_tokens)
+        grammar = await asyncio.to_thread(self._grammar, body)
         k = body.logprobs
         runs = []
         for prompt in ids:  # choice index: prompt i's sample j is i * n + j
             for request in self._samples(body, prompt, max_tokens, k):
                 request.prompt_logprobs = k if body.echo and k is not None else None
+                request.grammar = grammar
                 runs.append(_Run(self, request, body.stop_strings(), "completions"))
         _submit_all(runs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -542,9 +574,11 @@ class Server:
         room = self.engine.manifest.max_context - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        runs = [
-            _Run(self, r, body.stop_strings(), "chat.completions") for r in self._samples(body, prompt, max_tokens, top)
-        ]
+        grammar = await asyncio.to_thread(self._grammar, body)
+        requests = self._samples(body, prompt, max_tokens, top)
+        for request in requests:
+            request.grammar = grammar
+        runs = [_Run(self, r, body.stop_strings(), "chat.completions") for r in requests]
         _submit_all(runs)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
