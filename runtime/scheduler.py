@@ -102,6 +102,7 @@ class Request:
     error: str | None = None
     arrived: float = dataclasses.field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    admitted_at: float | None = None  # when it took a batch row (queue time: admitted_at - arrived)
 
     @property
     def finished(self) -> bool:
@@ -259,6 +260,12 @@ class Scheduler:
         return sum(row is not None for row in self.rows)
 
     @property
+    def kv_cache_usage(self) -> float:
+        """Cached tokens of the rows holding requests over what the rows can hold (0 to 1)."""
+        used = sum(int(self.cache.lengths[b]) for b, row in enumerate(self.rows) if row is not None)
+        return used / (self.max_batch * self.engine.manifest.max_context)
+
+    @property
     def alive(self) -> bool:
         """False once a started worker thread has ended other than by `stop()`."""
         return self.died is None
@@ -337,6 +344,7 @@ class Scheduler:
                         self._notify(member, Output(None, finish_reason="error", error=member.error))
                         continue
                     self.cache.reset_row(b)
+                    member.admitted_at = time.monotonic()
                     params = member.sampling
                     history = History(member.prompt, self.engine.vocab_size, params)
                     constraint = None

@@ -432,6 +432,11 @@ def test_metrics_are_prometheus_text_with_the_usual_series(live, engine):
     assert samples[("llama4_deploy_step_seconds_count", (("kind", "decode"),))] >= 1
     assert samples[("llama4_deploy_step_seconds_count", (("kind", "prefill"),))] >= 1
     assert samples[("llama4_deploy_time_to_first_token_seconds_count", ())] >= 1
+    assert samples[("llama4_deploy_queue_time_seconds_count", ())] >= 1
+    assert samples[("llama4_deploy_inter_token_latency_seconds_count", ())] >= 1
+    assert samples[("llama4_deploy_kv_cache_usage_ratio", ())] == 0  # nothing running now
+    assert samples[("llama4_deploy_model", (("model_name", engine.manifest.name),))] == 1
+    assert samples[("process_resident_memory_bytes", ())] > 0
     status, text = live.get("/health")
     assert status == 200 and json.loads(text)["status"] == "ok"
 

@@ -45,6 +45,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -145,10 +146,27 @@ def _read_template(path: Path) -> str:
 class Metrics:
     """Prometheus metrics, named as serving dashboards already graph them."""
 
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self, scheduler: Scheduler, model_name: str):
         disable_created_metrics()  # no *_created series: they double the text and nobody graphs them
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        info = Gauge("llama4_deploy_model", "The served model (always 1)", ["model_name"], registry=r)
+        info.labels(model_name).set(1)
+        usage = Gauge("llama4_deploy_kv_cache_usage_ratio", "Cached tokens of the busy rows over capacity", registry=r)
+        usage.set_function(lambda: scheduler.kv_cache_usage)
+        self.queue_time = Histogram(
+            "llama4_deploy_queue_time_seconds",
+            "Arrival to taking a batch row",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "llama4_deploy_inter_token_latency_seconds",
+            "Time between two tokens of a request",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
+            registry=r,
+        )
         self.requests = Counter(
             "llama4_deploy_requests",
             "Requests finished, by endpoint and finish reason",
@@ -210,6 +228,7 @@ class _Run:
             )
         self.stream = tokenizer.stream(stop_strings) if tokenizer else None
         self.tokens: list[int] = []  # tokens whose text is in the answer
+        self._last_token_at: float | None = None
         self.offsets: list[int] = []  # the character offset in the answer where each token's text begins
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -241,6 +260,10 @@ class _Run:
                     break
                 if output.token in self.request.stop_tokens:  # its text is not part of the answer
                     continue
+                now = time.monotonic()
+                if self._last_token_at is not None:
+                    self.server.metrics.inter_token.observe(now - self._last_token_at)
+                self._last_token_at = now
                 self.tokens.append(output.token)
                 self.offsets.append(len(self.stream.text) if self.stream else 0)  # where its text begins
                 self.server.metrics.generation_tokens.inc()
@@ -258,6 +281,8 @@ class _Run:
     def _record(self) -> None:
         metrics, request = self.server.metrics, self.request
         metrics.requests.labels(self.endpoint, self.finish_reason).inc()
+        if request.admitted_at is not None:
+            metrics.queue_time.observe(request.admitted_at - request.arrived)
         if request.first_token_at is not None:
             metrics.ttft.observe(request.first_token_at - request.arrived)
             metrics.latency.observe(time.monotonic() - request.arrived)
@@ -302,7 +327,7 @@ class Server:
             Grammars(self._token_bytes_of, engine.vocab_size, engine.manifest.eos_token_ids) if self.tokenizer else None
         )
         self.scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
-        self.metrics = Metrics(self.scheduler)
+        self.metrics = Metrics(self.scheduler, self.model)
         self.scheduler.on_step = self.metrics.observe_step
         self.app = self._make_app()
 

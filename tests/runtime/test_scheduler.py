@@ -285,3 +285,13 @@ def test_siblings_share_the_prefill_and_sample_with_their_own_seeds(engine):
         assert request.tokens == alone(engine, prompt, 5, temperature=1.0, seed=seed)
     assert other.tokens == alone(engine, [7, 8], 4)
     assert sum(tokens for kind, tokens in fed if kind == "prefill") == len(prompt) + 2  # the prompt once
+
+
+def test_kv_cache_usage_counts_the_busy_rows_tokens(engine):
+    scheduler = Scheduler(engine, max_batch=2)
+    request = scheduler.submit(Request([1, 2, 3], 3))
+    assert scheduler.kv_cache_usage == 0
+    scheduler.step()  # prefill (3 tokens) and the first decode step (1 more)
+    assert scheduler.kv_cache_usage == 4 / (2 * engine.manifest.max_context) and request.admitted_at is not None
+    scheduler.run_until_idle()
+    assert scheduler.kv_cache_usage == 0
