@@ -1208,3 +1208,95 @@ def test_structured_output_requests_that_cannot_be_compiled_are_400(byte_level_l
     ]:
         status, _, answer = byte_level_live.post("/v1/completions", {"model": name, "prompt": [1], **extra})
         assert status == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer
+
+
+# -- tool calls (issue 27 item 6) -----------------------------------------------------------------------------
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["paris", "rome"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_required_and_named_tool_choice_always_give_valid_calls(byte_level_live, engine):
+    pytest.importorskip("xgrammar")
+    client, name = byte_level_live.client(), engine.manifest.name
+    messages = [{"role": "user", "content": "ab"}]
+    common = {"model": name, "messages": messages, "tools": [WEATHER, CLOCK], "max_tokens": 60, "temperature": 0.7}
+    reply = client.chat.completions.create(tool_choice="required", seed=3, **common).choices[0]
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    call = reply.message.tool_calls[0]
+    assert call.function.name in ("get_weather", "get_time") and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    assert arguments == {} if call.function.name == "get_time" else arguments["city"] in ("paris", "rome")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(client.chat.completions.create(tool_choice=named, seed=4, stream=True, **common))
+    calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(calls) == 1 and calls[0][0].function.name == "get_weather"
+    assert json.loads(calls[0][0].function.arguments)["city"] in ("paris", "rome")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    # earlier calls and their results go back through the template (the checkpoint's renders their content)
+    history = messages + [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+            ],
+        },
+        {"role": "tool", "content": "sunny", "tool_call_id": call.id},
+    ]
+    follow = client.chat.completions.create(
+        model=name, messages=history, tools=[WEATHER, CLOCK], tool_choice="none", max_tokens=3, temperature=0
+    )
+    assert follow.choices[0].message.tool_calls is None and follow.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    "extra, param, words",
+    [
+        ({"tool_choice": "required"}, "tool_choice", "tools is empty"),
+        (
+            {"tools": [CLOCK], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+            "'nope', which is not in tools",
+        ),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name", "pattern"),
+        (
+            {"tools": [CLOCK], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "tool_choice",
+            "both ask",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [
+                            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}
+                        ],
+                    }
+                ]
+            },
+            "messages.0.tool_calls",
+            "is not JSON",
+        ),
+    ],
+)
+def test_tool_requests_that_cannot_be_carried_out_are_400(byte_level_live, engine, extra, param, words):
+    body = {"model": engine.manifest.name, "messages": [{"role": "user", "content": "ab"}], "max_tokens": 2, **extra}
+    status, _, answer = byte_level_live.post("/v1/chat/completions", body)
+    assert status == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer

@@ -73,8 +73,6 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "reasoning_effort": (lambda v: v is None, "the model has no reasoning mode"),
     "web_search_options": (lambda v: v is None, "no web search"),
     "service_tier": (lambda v: v in (None, "auto", "default"), "one service tier"),
-    "tools": (lambda v: v is None or v == [], "no tool calls yet"),
-    "tool_choice": (lambda v: v is None or v == "none", "no tool calls yet"),
     "functions": (lambda v: v is None or v == [], "no function calls"),
     "function_call": (lambda v: v is None or v == "none", "no function calls"),
 }
@@ -230,10 +228,44 @@ class TextPart(_Strict):
     text: Text
 
 
+class CalledFunction(_Strict):
+    name: Text
+    arguments: Text  # JSON, as OpenAI sends it back
+
+
+class AssistantToolCall(_Strict):
+    id: Text
+    type: Literal["function"]
+    function: CalledFunction
+
+
+class FunctionSpec(_Strict):
+    name: Annotated[str, Strict(), Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[Text, Any] | None = None  # a JSON schema
+    strict: Flag | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(_Strict):
+    name: Text
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None  # OpenAI's participant name: passed to the chat template
+    tool_calls: list[AssistantToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool message answers this call
 
     def text(self) -> str:
         if self.content is None:
@@ -255,8 +287,8 @@ class ChatCompletionRequest(_Sampling):
     prediction: Any = None
     reasoning_effort: Any = None
     web_search_options: Any = None
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: Any = None
     function_call: Any = None
     chat_template_kwargs: dict[Text, Any] | None = None  # vLLM's: more variables for the chat template
@@ -275,8 +307,6 @@ class ChatCompletionRequest(_Sampling):
         "prediction",
         "reasoning_effort",
         "web_search_options",
-        "tools",
-        "tool_choice",
         "functions",
         "function_call",
     )

@@ -66,6 +66,7 @@ from llama4_deploy.serving.protocol import (
     TokenizeRequest,
     error_body,
 )
+from llama4_deploy.serving.tools import PARSERS, call_schema, parse
 
 log = logging.getLogger("llama4_deploy.serving.server")
 RETRY_AFTER_S = 1
@@ -299,6 +300,7 @@ class Server:
         max_queue: int = 64,
         max_request_bytes: int = MAX_REQUEST_BYTES,
         ignore_unknown_fields: bool = False,
+        tool_call_parser: str = "llama4_json",
         api_key: str | None = None,
         served_model_name: str | None = None,
         chat_template: Path | None = None,
@@ -313,6 +315,9 @@ class Server:
         self.allowed_origins = tuple(allowed_origins)
         self.log_requests = log_requests
         self.ignore_unknown_fields = ignore_unknown_fields
+        if tool_call_parser not in PARSERS:
+            raise ValueError(f"--tool-call-parser is {tool_call_parser!r}; choose {' or '.join(PARSERS)}")
+        self.tool_call_parser = tool_call_parser
         if max_request_bytes < 1:
             raise ValueError(f"--max-request-bytes is {max_request_bytes}; it must be at least 1")
         self.max_request_bytes = max_request_bytes
@@ -448,6 +453,67 @@ class Server:
             request.seed = None if body.seed is None else (body.seed + j) % SEED_LIMIT
         requests[0].siblings = requests[1:]
         return requests
+
+    def _message(self, i: int, m) -> dict:
+        """A request message as the chat template sees it: earlier tool calls' arguments as objects (Llama 4's
+        templates write them with tojson), a tool message's call id."""
+        message = {"role": m.role, "content": m.text()}
+        if m.name is not None:
+            message["name"] = m.name
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            calls = []
+            for j, call in enumerate(m.tool_calls):
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except ValueError:
+                    raise ClientError(
+                        f"messages.{i}.tool_calls.{j}.function.arguments is not JSON", f"messages.{i}.tool_calls"
+                    ) from None
+                calls.append(
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.function.name, "arguments": arguments},
+                    }
+                )
+            message["tool_calls"] = calls
+        return message
+
+    def _tools(self, body) -> tuple[list[dict], dict | None]:
+        """The tools the template sees (none with tool_choice "none") and, for "required" or a named function,
+        the JSON schema every reply must satisfy."""
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
+        choice = body.tool_choice
+        if choice is None or choice == "none" or not tools:
+            if choice not in (None, "none", "auto"):
+                raise ClientError("tool_choice asks for a tool call but tools is empty", "tool_choice")
+            return ([] if choice == "none" else tools), None
+        if choice == "auto":
+            return tools, None
+        functions = [tool["function"] for tool in tools]
+        if not isinstance(choice, str):
+            functions = [f for f in functions if f["name"] == choice.function.name]
+            if not functions:
+                raise ClientError(f"tool_choice names {choice.function.name!r}, which is not in tools", "tool_choice")
+        if self.tool_call_parser != "llama4_json":
+            raise ClientError(
+                f"tool_choice {choice if isinstance(choice, str) else 'naming a function'} is enforced with "
+                "--tool-call-parser llama4_json only",
+                "tool_choice",
+            )
+        return tools, call_schema(functions)
+
+    def _compile_schema(self, schema: dict):
+        if self.grammars is None:
+            raise ClientError(
+                f"bundle {self.model} has no tokenizer.json, so tool calls cannot be enforced", "tool_choice"
+            )
+        try:
+            return self.grammars.json_schema(schema)
+        except GrammarError as err:
+            raise ClientError(f"the tools' parameters {err}", "tools") from None
 
     def _token_bytes_of(self, token: int) -> bytes:
         return self.tokenizer.token_bytes(token)
@@ -591,15 +657,19 @@ class Server:
     async def chat_completions(self, http: HttpRequest):
         body = await self._body(http, ChatCompletionRequest)
         self._check_model(body.model)
-        messages = [
-            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name is not None else {})}
-            for m in body.messages
-        ]
-        prompt = await asyncio.to_thread(self._chat_ids, messages, body.chat_template_kwargs)
+        messages = [self._message(i, m) for i, m in enumerate(body.messages)]
+        tools, schema = self._tools(body)
+        variables = {**(body.chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
+        prompt = await asyncio.to_thread(self._chat_ids, messages, variables)
         room = self.engine.manifest.max_context - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        grammar = await asyncio.to_thread(self._grammar, body)
+        if schema is not None:  # tool_choice "required" or a named function: the call is enforced
+            if body.structure() is not None:
+                raise ClientError("tool_choice and response_format both ask for a structure; give one", "tool_choice")
+            grammar = await asyncio.to_thread(self._compile_schema, schema)
+        else:
+            grammar = await asyncio.to_thread(self._grammar, body)
         requests = self._samples(body, prompt, max_tokens, top)
         for request in requests:
             request.grammar = grammar
@@ -619,6 +689,16 @@ class Server:
                 ],
             }
 
+        names = {tool["function"]["name"] for tool in tools}
+
+        def message(run: _Run, text: str) -> dict:
+            """The reply: tool calls when the text is wholly calls to the request's functions, else content."""
+            calls = parse(self.tool_call_parser, text, names) if names else None
+            if calls is None:
+                return {"role": "assistant", "content": text}
+            run.finish_reason = "tool_calls"
+            return {"role": "assistant", "content": None, "tool_calls": [call.openai() for call in calls]}
+
         if body.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model}
 
@@ -626,6 +706,27 @@ class Server:
                 for i in range(len(runs)):
                     role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
                     yield _sse({**head, "choices": [{**role, "finish_reason": None}]})
+                if names:  # a reply is a call or content only once it is whole: sent at its end
+                    texts = [""] * len(runs)
+                    async for i, text, _ in _merged(runs):
+                        texts[i] += text
+                    for i, run in enumerate(runs):
+                        if run.error or run.finish_reason == "cancelled":
+                            continue
+                        reply = message(run, texts[i])
+                        if reply["content"] is None:
+                            calls = [{"index": j, **c} for j, c in enumerate(reply["tool_calls"])]
+                            delta = {"tool_calls": calls}
+                        else:
+                            delta = {"content": reply["content"]}
+                        yield _sse(
+                            {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
+                        )
+                    for chunk in _stream_end(
+                        runs, head, lambda i, run: {"index": i, "delta": {}, "logprobs": None}, body
+                    ):
+                        yield chunk
+                    return
                 async for i, text, outputs in _merged(runs):
                     logprobs = {"content": [entry(o) for o in outputs]} if body.logprobs else None
                     delta = {"index": i, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
@@ -642,7 +743,7 @@ class Server:
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": text},
+                "message": message(run, text),
                 "logprobs": {"content": [entry(o) for o in outputs]} if body.logprobs else None,
                 "finish_reason": run.finish_reason,
             }
@@ -1098,6 +1199,7 @@ def serve(
     devices=None,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     ignore_unknown_fields: bool = False,
+    tool_call_parser: str = "llama4_json",
     api_key: str | None = None,
     served_model_name: str | None = None,
     chat_template: str | None = None,
@@ -1118,6 +1220,7 @@ def serve(
             max_queue=max_queue,
             max_request_bytes=max_request_bytes,
             ignore_unknown_fields=ignore_unknown_fields,
+            tool_call_parser=tool_call_parser,
             api_key=api_key,
             served_model_name=served_model_name,
             chat_template=Path(chat_template) if chat_template is not None else None,
