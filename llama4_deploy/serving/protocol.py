@@ -318,14 +318,14 @@ class ChatCompletionRequest(_Sampling):
 class TokenizeRequest(_Strict):
     """vLLM's /tokenize: a prompt (or chat messages, rendered by the template) to token ids."""
 
-    model: Text
+    model: Text | None = None  # optional, as vLLM's (lm-eval's remote tokenizer sends none); checked when given
     prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: Flag = True
 
 
 class DetokenizeRequest(_Strict):
-    model: Text
+    model: Text | None = None
     tokens: list[TokenId]
 
 

@@ -108,7 +108,8 @@ class ChatTemplate:
         )
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = self._raise
-        self.template = env.from_string(template or DEFAULT_CHAT_TEMPLATE)
+        self.text = template or DEFAULT_CHAT_TEMPLATE
+        self.template = env.from_string(self.text)
 
     @staticmethod
     def _token(value) -> str:
@@ -782,7 +783,8 @@ class Server:
         @app.post("/tokenize")
         async def tokenize(http: HttpRequest):
             body = await self._body(http, TokenizeRequest)
-            self._check_model(body.model)
+            if body.model is not None:
+                self._check_model(body.model)
             if body.messages is not None:
                 messages = [{"role": m.role, "content": m.text()} for m in body.messages]
                 text = self.chat_template.render(messages)
@@ -796,7 +798,8 @@ class Server:
         @app.post("/detokenize")
         async def detokenize(http: HttpRequest):
             body = await self._body(http, DetokenizeRequest)
-            self._check_model(body.model)
+            if body.model is not None:
+                self._check_model(body.model)
             if self.tokenizer is None:
                 raise ClientError(f"bundle {self.model} has no tokenizer.json, so tokens cannot be decoded", "tokens")
             vocab = self.engine.vocab_size
@@ -804,6 +807,17 @@ class Server:
             if outside:
                 raise ClientError(f"tokens has token id {outside[0]}, outside the vocabulary [0, {vocab})", "tokens")
             return {"prompt": self.tokenizer.decode(body.tokens)}
+
+        @app.get("/tokenizer_info")
+        async def tokenizer_info():  # vLLM's: what a remote-tokenizer client (lm-eval) needs besides /tokenize
+            special = self.chat_template.special
+            return {
+                "eos_token": special.get("eos_token") or None,
+                "bos_token": special.get("bos_token") or None,
+                "pad_token": None,
+                "chat_template": self.chat_template.text,
+                "model_max_length": self.engine.manifest.max_context,
+            }
 
         @app.get("/version")
         async def version():
@@ -916,7 +930,12 @@ def _param(loc) -> str:
     return ".".join(parts)
 
 
-PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # what --api-key guards; /health, /metrics, /version stay open
+PROTECTED = (
+    "/v1/",
+    "/tokenize",
+    "/detokenize",
+    "/tokenizer_info",
+)  # what --api-key guards; /health, /metrics, /version stay open
 access_log = logging.getLogger("llama4_deploy.serving.access")
 
 
