@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[build,serve,test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[build,serve,test,eval]'
 	touch $(STAMP)
 
 engine: $(STAMP)
@@ -68,7 +68,7 @@ bench-build: synth-checkpoint
 # Reproduce checkpoints/tiny-trained from scratch: corpus from Debian's python3.11-doc, tokenizer,
 # training (a fixed token budget), model card figures in build/train-tiny/train.log. Not part of make test.
 $(TRAIN_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[build,test,train]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[build,test,eval,train]'
 	touch $(TRAIN_STAMP)
 
 train-tiny: $(TRAIN_STAMP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -134,8 +135,21 @@ def build(recipe, checkpoint, out, force, block_size, **overrides) -> None:
     is_flag=True,
     help="only check every file's size and SHA-256 against the manifest (exit 2 naming a changed file)",
 )
-def verify(bundle, threads, files_only) -> None:
-    """Compare a bundle with transformers; exit 1 on mismatch."""
+@click.option(
+    "--plot",
+    type=click.Path(),
+    help="write a PNG of max |dlogit| and max |dhidden| per decoder layer against transformers' (layer by layer)",
+)
+def verify(bundle, threads, files_only, plot) -> None:
+    """Compare a bundle with transformers; exit 1 on mismatch (naming the first layer that leaves the tolerance)."""
+    if plot is not None:
+        if files_only:
+            raise UserError("--plot draws the layer-by-layer comparison, which --files does not run")
+        _check_png_path(plot, "--plot")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib (pip install 'llama4-deploy[eval]')") from None
     try:
         if files_only:
             from llama4_deploy.runtime import read_manifest
@@ -146,10 +160,17 @@ def verify(bundle, threads, files_only) -> None:
             return
         from llama4_deploy.quality.verify import verify as run_verify  # loads torch, which --files does not need
 
-        report = run_verify(bundle, threads=threads, log=lambda msg: click.echo(msg, err=True))
+        report = run_verify(bundle, threads=threads, log=lambda msg: click.echo(msg, err=True), layers=plot is not None)
     except _user_errors() as err:
         raise UserError(str(err)) from None
     click.echo(report.table())
+    if plot is not None:
+        from llama4_deploy.quality.layers import plot as draw
+
+        written = _write_png(
+            plot, lambda path: draw(report.layers, path, f"{Path(bundle).name}: engine vs transformers")
+        )
+        click.echo(f"wrote {written}")
     sys.exit(0 if report.ok else 1)
 
 
@@ -269,14 +290,141 @@ def _target_lint(path):
     show_default=True,
     help="a --text that is not valid UTF-8: refuse it, or read each undecodable byte as U+FFFD (and say how many)",
 )
-def eval_(bundle, text, threads, errors) -> None:
-    """Perplexity on held-out text through the prefill path, and tokens/s."""
-    from llama4_deploy.quality.evaluate import evaluate
+@click.option(
+    "--tasks",
+    help="lm-evaluation-harness tasks, comma-separated, run on the bundle instead of perplexity (the eval extra)",
+)
+@click.option("--include-path", type=click.Path(), help="a folder of lm-eval task YAML files of your own (--tasks)")
+@click.option("--limit", type=int, help="at most this many documents per task (--tasks)")
+@click.option(
+    "--needle",
+    is_flag=True,
+    help="passkey retrieval sweep: accuracy by prompt length x needle depth, a heatmap PNG and a JSON of every trial",
+)
+@click.option("--haystack", type=click.Path(), help="filler text for --needle (default: the held-out sample)")
+@click.option("--compare", type=click.Path(), help="--needle on a second bundle too: both tables and the difference")
+@click.option(
+    "--lengths", help="--needle prompt lengths, comma-separated (default: 256 doubling to the context, and the chunk's)"
+)
+@click.option("--depth-steps", type=int, default=5, show_default=True, help="--needle depths from 0% to 100%")
+@click.option("--trials", type=int, default=5, show_default=True, help="--needle trials per cell, each its own key")
+@click.option("--out", type=click.Path(), help="--needle's folder for needle.png and needle.json (default needle-NAME)")
+def eval_(
+    bundle,
+    text,
+    threads,
+    errors,
+    tasks,
+    include_path,
+    limit,
+    needle,
+    haystack,
+    compare,
+    lengths,
+    depth_steps,
+    trials,
+    out,
+) -> None:
+    """Perplexity on held-out text through the prefill path, and tokens/s; with --tasks, lm-eval's tasks; with
+    --needle, a long-context retrieval sweep."""
+    needle_flags = (("--haystack", haystack), ("--compare", compare), ("--lengths", lengths), ("--out", out))
+    if not needle:
+        for flag, value in needle_flags:
+            if value is not None:
+                raise UserError(f"{flag} goes with --needle")
+    else:
+        if tasks is not None or text is not None:
+            raise UserError("--needle runs alone: drop --tasks and --text")
+        _needle(bundle, haystack, compare, lengths, depth_steps, trials, out, threads)
+        return
+    if tasks is None:
+        for flag, value in (("--include-path", include_path), ("--limit", limit)):
+            if value is not None:
+                raise UserError(f"{flag} goes with --tasks")
+        from llama4_deploy.quality.evaluate import evaluate
 
+        try:
+            click.echo(evaluate(bundle, text, threads=threads, errors=errors).summary())
+        except _user_errors() as err:
+            raise UserError(str(err)) from None
+        return
+    if text is not None:
+        raise UserError("--text is for perplexity; lm-eval's tasks bring their own documents (drop --text or --tasks)")
     try:
-        click.echo(evaluate(bundle, text, threads=threads, errors=errors).summary())
+        from lm_eval.utils import make_table
+
+        from llama4_deploy.quality.harness import run_tasks
+    except ImportError as err:
+        raise UserError(f"--tasks needs the eval extra (pip install 'llama4-deploy[eval]'): {err}") from None
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    try:
+        results = run_tasks(bundle, names, include_path=include_path, limit=limit, threads=threads)
     except _user_errors() as err:
         raise UserError(str(err)) from None
+    click.echo(make_table(results))
+    if "groups" in results:
+        click.echo(make_table(results, "groups"))
+
+
+def _needle(bundle, haystack, compare, lengths, depth_steps, trials, out, threads) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("--needle needs matplotlib (pip install 'llama4-deploy[eval]')") from None
+    from llama4_deploy.quality.needle import accuracy_table, sweep, write_outputs
+
+    try:
+        parsed = None if lengths is None else [int(n) for n in lengths.split(",") if n.strip()]
+    except ValueError:
+        raise UserError(f"--lengths must be comma-separated integers, got {lengths!r}") from None
+    folder = Path(out) if out is not None else Path(f"needle-{Path(bundle).name}")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is not a directory")
+    options = dict(lengths=parsed, depth_steps=depth_steps, trials=trials, threads=threads)
+    try:
+        sweeps = [sweep(bundle, haystack, **options)]
+        if compare is not None:
+            sweeps.append(sweep(compare, haystack, tokenizer_of=bundle, **options))
+    except _user_errors() as err:
+        raise UserError(str(err)) from None
+    for result in sweeps:
+        click.echo(result.table())
+    if len(sweeps) == 2:
+        first, second = sweeps
+        click.echo(
+            accuracy_table(
+                second.accuracy() - first.accuracy(),
+                first.lengths,
+                first.depths,
+                f"difference, {Path(second.bundle).name} - {Path(first.bundle).name} (percentage points)",
+                signed=True,
+            )
+        )
+    for path in write_outputs(sweeps, folder, _write_png):
+        click.echo(f"wrote {path}")
+
+
+def _check_png_path(path: str, flag: str) -> None:
+    """Refuse, before any work, a PNG path whose folder is missing or that names a folder."""
+    target = Path(path)
+    if target.suffix.lower() != ".png":
+        raise UserError(f"{flag} {path} does not end in .png")
+    if target.is_dir():
+        raise UserError(f"{flag} {path} is a directory")
+    if not target.parent.is_dir():
+        raise UserError(f"{flag} {path}: the folder {target.parent} does not exist")
+
+
+def _write_png(path: str, draw) -> Path:
+    """draw(temporary path) then rename into place: a PNG appears whole or not at all."""
+    target = Path(path)
+    partial = target.with_name(f".{target.stem}.partial.png")
+    try:
+        draw(partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def _parse_ids(text: str) -> list[int]:

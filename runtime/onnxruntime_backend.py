@@ -24,8 +24,12 @@ class OnnxRuntimeRunner:
         providers: list[str] | None = None,
         spin: bool = True,
         prepack: bool = True,
+        serialized: bytes | None = None,
     ):
         self.model_path = Path(model_path)
+        # a changed copy of the graph at model_path, held in memory (verify's layer probes): its external data is
+        # still read from model_path's folder
+        self.serialized = serialized
         self.threads = threads
         self.spin = spin  # intra-op threads spin-wait for the next run (ONNX Runtime's default)
         # ONNX Runtime memory-maps external initializers (file-backed pages, shared with the page cache), but
@@ -55,7 +59,12 @@ class OnnxRuntimeRunner:
             # and no CPU arena: the arena keeps every intermediate it ever allocated (a Q/DQ graph's dequantized
             # expert stacks, layer after layer) for the session's life; without it each is freed after its node
             options.enable_cpu_mem_arena = False
-        self.session = ort.InferenceSession(str(self.model_path), options, providers=self.providers)
+        if self.serialized is not None:
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(self.model_path.parent)
+            )
+        model = self.serialized if self.serialized is not None else str(self.model_path)
+        self.session = ort.InferenceSession(model, options, providers=self.providers)
         self.inputs = {i.name: (_ORT_TYPES.get(i.type), list(i.shape)) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         return self

@@ -113,6 +113,7 @@ class Report:
         None  # argmax disagreements allowed over the pooled rows (specs that round activations)
     )
     evaluation: Any = None  # a trained checkpoint's held-out perplexity (llama4_deploy.evaluate.Evaluation)
+    layers: Any = None  # layer by layer (quality/layers.py LayerReport): when verify fails, or for --plot
 
     @property
     def ok(self) -> bool:
@@ -180,6 +181,8 @@ class Report:
             )
         if self.evaluation is not None:
             lines.append(self.evaluation.summary())
+        if self.layers is not None:
+            lines.append(self.layers.table())
         lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
 
@@ -243,10 +246,17 @@ def _verify_settings(manifest) -> dict:
 
 
 def verify(
-    bundle: str, threads: int | None = None, log=print, new_tokens: int | None = None, perplexity: bool = True
+    bundle: str,
+    threads: int | None = None,
+    log=print,
+    new_tokens: int | None = None,
+    perplexity: bool = True,
+    layers: bool = False,
 ) -> Report:
     """`new_tokens` overrides the manifest's (a quick check); `perplexity` False skips the held-out evaluation of a
-    trained checkpoint's bundle (tools/quant_report.py reports parity and quality only)."""
+    trained checkpoint's bundle (tools/quant_report.py reports parity and quality only). The layer-by-layer
+    comparison (quality/layers.py: which layer's hidden states first leave the tolerance) runs when the check
+    fails, or always with `layers` (verify --plot draws it)."""
     manifest = read_manifest(bundle)
     model = manifest.model
     settings = _verify_settings(manifest)
@@ -349,6 +359,26 @@ def verify(
             )
             if mode == "prefill":
                 scored_prefill = scored
+        greedy_allowed = (
+            None if noise is None else math.ceil(NOISE_MARGIN * noise[3] * sum(row.greedy_total for row in rows) - 1e-9)
+        )
+        failed = not all(row.ok for row in rows) or (
+            greedy_allowed is not None
+            and sum(r.greedy_total - r.greedy_agree for r in rows if r.greedy_pooled) > greedy_allowed
+        )
+        by_layer = None
+        if layers or failed:
+            from llama4_deploy.quality.layers import layer_report
+
+            log(f"[verify] layer by layer: the engine's hidden states against the reference's ({len(sequence)} tokens)")
+            by_layer = layer_report(
+                engine,
+                reference_weights(manifest),  # drawn again: a recipe's random weights are read once, in order
+                sequence,
+                rel_tolerance,
+                simulation,
+                floor=0.0 if noise is None else NOISE_MARGIN * noise[0],
+            )
         steps, reruns = engine.steps, engine.overflow_reruns
     quality = None
     if simulation is not None:
@@ -373,10 +403,9 @@ def verify(
         "transformers fp32" if spec is None else f"fake-quant simulation ({spec.precision})",
         quality,
         rounding_noise=noise,
-        greedy_allowed=None
-        if noise is None
-        else math.ceil(NOISE_MARGIN * noise[3] * sum(row.greedy_total for row in rows) - 1e-9),
+        greedy_allowed=greedy_allowed,
         evaluation=_perplexity(bundle, manifest, threads, log) if perplexity else None,
+        layers=by_layer,
     )
 
 
