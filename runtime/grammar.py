@@ -9,6 +9,7 @@ for structure (the runtime imports neither torch nor transformers at import time
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import threading
@@ -22,13 +23,17 @@ class GrammarError(ValueError):
     """What a request asked for cannot be compiled (a bad schema, regex or grammar)."""
 
 
+CACHED_GRAMMARS = 64  # distinct grammars kept compiled; the least recently used goes first
+
+
 class Grammars:
-    """Compiles grammars for one vocabulary, once per distinct request (cached)."""
+    """Compiles grammars for one vocabulary, once per distinct request (the last CACHED_GRAMMARS are kept, so
+    clients sending ever new schemas cannot grow the server's memory without bound)."""
 
     def __init__(self, token_bytes: Callable[[int], bytes], vocab_size: int, stop_token_ids: Sequence[int]):
         self._token_bytes, self.vocab_size, self._stop = token_bytes, vocab_size, list(stop_token_ids)
         self._compiler = None
-        self._cache: dict[tuple[str, str], Any] = {}
+        self._cache: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def _xgr(self):
@@ -45,13 +50,17 @@ class Grammars:
     def _compile(self, kind: str, source: str, make) -> Any:
         with self._lock:
             key = (kind, source)
-            if key not in self._cache:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+            else:
                 xgr, compiler = self._xgr()
                 try:
                     self._cache[key] = make(compiler)
                 except Exception as err:  # xgrammar raises RuntimeError/ValueError subclasses with its reason
                     reason = " ".join(str(err).split())[:300]
                     raise GrammarError(f"cannot be compiled into a grammar ({reason})") from None
+                if len(self._cache) > CACHED_GRAMMARS:
+                    self._cache.popitem(last=False)
             return self._cache[key]
 
     def json_object(self):
