@@ -1300,3 +1300,62 @@ def test_tool_requests_that_cannot_be_carried_out_are_400(byte_level_live, engin
     body = {"model": engine.manifest.name, "messages": [{"role": "user", "content": "ab"}], "max_tokens": 2, **extra}
     status, _, answer = byte_level_live.post("/v1/chat/completions", body)
     assert status == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer
+
+
+def test_health_answers_503_while_the_bundle_loads(engine):
+    from llama4_deploy.serving.server import Loading
+
+    release = threading.Event()
+
+    def make_server():
+        release.wait(TIMEOUT)  # the weights are "loading" until the test says so
+        return Server(engine)
+
+    app = Loading(make_server)
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    uv = _uvicorn_server(app, drain_timeout=5)
+    thread = threading.Thread(target=lambda: asyncio.run(uv.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: uv.started, "the server to listen")
+
+        def get(path, body=None):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+            conn.request("POST" if body else "GET", path, json.dumps(body) if body else None)
+            response = conn.getresponse()
+            answer = (response.status, response.getheader("retry-after"), json.loads(response.read()))
+            conn.close()
+            return answer
+
+        assert get("/health") == (503, "1", {"status": "loading"})
+        status, retry, answer = get("/v1/completions", {"model": engine.manifest.name, "prompt": [1]})
+        assert status == 503 and retry == "1" and answer["error"]["code"] == "loading"
+        release.set()
+        _wait_for(lambda: get("/health")[0] == 200, "the bundle to load")
+        body = {
+            "model": engine.manifest.name,
+            "prompt": [5, 6, 7],
+            "max_tokens": 3,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        status, _, answer = get("/v1/completions", body)
+        assert status == 200 and answer["choices"][0]["token_ids"] == generated(engine, [5, 6, 7], 3)
+    finally:
+        release.set()
+        uv.should_exit = True
+        thread.join(TIMEOUT)
+    assert app.server.scheduler._worker is None  # shutdown stopped its scheduler (the engine is the caller's)
+
+
+def test_a_load_that_fails_after_listening_exits_with_its_one_sentence(tiny_bundle, tmp_path):
+    import shutil
+
+    from tests.test_cli import invoke, user_error
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    weights = next(bundle.glob("*.data"))
+    weights.write_bytes(weights.read_bytes()[:-64])  # found by the file check when the engine loads
+    user_error(invoke("serve", str(bundle), "--port", "0"), weights.name)

@@ -53,7 +53,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama4_deploy import __version__
-from llama4_deploy.runtime import load
+from llama4_deploy.runtime import load, read_manifest
 from llama4_deploy.runtime.engine import Engine
 from llama4_deploy.runtime.grammar import GrammarError, Grammars
 from llama4_deploy.runtime.scheduler import Output, QueueFull, Request, Scheduler, StepRecord, Unavailable
@@ -1162,6 +1162,67 @@ async def _collect(runs: list[_Run], http: HttpRequest) -> list[tuple[str, list[
 
 
 # -- running it ---------------------------------------------------------------------------------------
+class Loading:
+    """The ASGI app of `serve`: it listens at once and loads the bundle on a thread; meanwhile /health answers
+    503 {"status": "loading"} and every other route a 503 error object with Retry-After. Once loaded, the
+    server's app answers (its scheduler started here, stopped at shutdown). A load that fails is kept in `failed`
+    and `on_failure` stops the server, whose caller then raises it."""
+
+    def __init__(self, make_server):
+        self.make_server = make_server
+        self.server: Server | None = None
+        self.failed: BaseException | None = None
+        self.on_failure = lambda: None
+        self.on_ready = lambda server: None
+        self._thread: threading.Thread | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self._lifespan(receive, send)
+        if self.server is not None:
+            return await self.server.app(scope, receive, send)
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/health":
+            body = {"status": "loading"}
+        else:
+            body = error_body("the server is still loading its bundle; retry shortly", "server_error", code="loading")
+        payload = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"retry-after", str(RETRY_AFTER_S).encode())]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    def _load(self) -> None:
+        try:
+            server = self.make_server()
+            server.scheduler.start()
+            self.server = server
+            self.on_ready(server)
+        except BaseException as err:  # said by the caller once the server has stopped
+            self.failed = err
+            self.on_failure()
+
+    async def _lifespan(self, receive, send):
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._thread = threading.Thread(target=self._load, name="llama4-deploy-load", daemon=True)
+                self._thread.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await asyncio.to_thread(self.close)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def close(self) -> None:
+        """Wait for the load and stop the scheduler (the caller closes the engine it made)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.server is not None:
+            self.server.scheduler.stop()
+
+
 def _uvicorn_server(app, drain_timeout: float, on_signal=None):
     """uvicorn with our signal handling; it cancels handlers only DRAIN_GRACE_S after the drain, by which time
     the drain has answered every request left (so no handler dies with a CancelledError)."""
@@ -1231,43 +1292,66 @@ def serve(
         raise ValueError(f"--max-queue is {max_queue}; it must be 0 or more")
     if drain_timeout < 0:
         raise ValueError(f"--drain-timeout is {drain_timeout}; it must be 0 or more")
-    engine = load(bundle, threads=threads, devices=devices)
-    try:
-        server = Server(
-            engine,
-            max_batch=max_batch,
-            max_queue=max_queue,
-            max_request_bytes=max_request_bytes,
-            ignore_unknown_fields=ignore_unknown_fields,
-            tool_call_parser=tool_call_parser,
-            api_key=api_key,
-            served_model_name=served_model_name,
-            chat_template=Path(chat_template) if chat_template is not None else None,
-            allowed_origins=allowed_origins,
-            log_requests=log_requests,
-        )
-        if log_requests:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s access %(message)s"))
-            access_log.addHandler(handler)
-            access_log.setLevel(logging.INFO)
-        sock = bind(host, port)
-        bound = sock.getsockname()[1]
+    # what can be refused without loading the weights is refused before anything listens
+    manifest = read_manifest(bundle)
+    rows = manifest.profiles["max_batch"]
+    if max_batch is not None and not 1 <= max_batch <= rows:
+        raise ValueError(f"max_batch is {max_batch}; the bundle's engine takes 1 to {rows} rows")
+    if chat_template is not None:
+        _read_template(Path(chat_template))
+    if log_requests:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s access %(message)s"))
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)
+    sock = bind(host, port)
+    bound = sock.getsockname()[1]
 
-        def on_signal(sig):
-            echo(
-                f"{signal.Signals(sig).name}: no new requests; draining "
-                f"{server.scheduler.occupancy + server.scheduler.queue_depth} "
-                f"in-flight request(s) for at most {drain_timeout:g} s"
+    def make_server() -> Server:
+        engine = load(bundle, threads=threads, devices=devices)
+        try:
+            server = Server(
+                engine,
+                max_batch=max_batch,
+                max_queue=max_queue,
+                max_request_bytes=max_request_bytes,
+                ignore_unknown_fields=ignore_unknown_fields,
+                tool_call_parser=tool_call_parser,
+                api_key=api_key,
+                served_model_name=served_model_name,
+                chat_template=Path(chat_template) if chat_template is not None else None,
+                allowed_origins=allowed_origins,
+                log_requests=log_requests,
             )
+        except BaseException:
+            engine.close()
+            raise
+        return server
+
+    app = Loading(make_server)
+    app.on_ready = lambda server: echo(  # once it answers: a client reading this line may send at once
+        f"serving {server.model} ({server.scheduler.max_batch} rows, queue {max_queue}, chat template: "
+        f"{server.chat_template.source}) on http://{host}:{bound}"
+    )
+
+    def on_signal(sig):
+        server = app.server
+        running = server.scheduler.occupancy + server.scheduler.queue_depth if server else 0
+        echo(
+            f"{signal.Signals(sig).name}: no new requests; draining {running} "
+            f"in-flight request(s) for at most {drain_timeout:g} s"
+        )
+        if server is not None:
             server.drain(drain_timeout)
 
-        echo(
-            f"serving {server.model} ({server.scheduler.max_batch} rows, queue {max_queue}, chat template: "
-            f"{server.chat_template.source}) on http://{host}:{bound}"
-        )
-        uv = _uvicorn_server(server.app, drain_timeout, on_signal)
+    uv = _uvicorn_server(app, drain_timeout, on_signal)
+    app.on_failure = lambda: setattr(uv, "should_exit", True)
+    try:
         asyncio.run(uv.serve(sockets=[sock]))
-        echo("stopped")
     finally:
-        engine.close()
+        app.close()
+        if app.server is not None:
+            app.server.engine.close()
+    if app.failed is not None:
+        raise app.failed
+    echo("stopped")
