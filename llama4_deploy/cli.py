@@ -297,6 +297,11 @@ def _target_lint(path):
 @click.option("--include-path", type=click.Path(), help="a folder of lm-eval task YAML files of your own (--tasks)")
 @click.option("--limit", type=int, help="at most this many documents per task (--tasks)")
 @click.option(
+    "--allow-downloads",
+    is_flag=True,
+    help="--tasks: let lm-eval fetch task data from the Hugging Face Hub (default: local files and the cache only)",
+)
+@click.option(
     "--needle",
     is_flag=True,
     help="passkey retrieval sweep: accuracy by prompt length x needle depth, a heatmap PNG and a JSON of every trial",
@@ -317,6 +322,7 @@ def eval_(
     tasks,
     include_path,
     limit,
+    allow_downloads,
     needle,
     haystack,
     compare,
@@ -338,7 +344,11 @@ def eval_(
         _needle(bundle, haystack, compare, lengths, depth_steps, trials, out, threads)
         return
     if tasks is None:
-        for flag, value in (("--include-path", include_path), ("--limit", limit)):
+        for flag, value in (
+            ("--include-path", include_path),
+            ("--limit", limit),
+            ("--allow-downloads", allow_downloads or None),
+        ):
             if value is not None:
                 raise UserError(f"{flag} goes with --tasks")
         from llama4_deploy.quality.evaluate import evaluate
@@ -350,6 +360,8 @@ def eval_(
         return
     if text is not None:
         raise UserError("--text is for perplexity; lm-eval's tasks bring their own documents (drop --text or --tasks)")
+    # before lm-eval (and so datasets and huggingface_hub) is imported: they read the switch at import
+    os.environ.update({} if allow_downloads else {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     try:
         from lm_eval.utils import make_table
 
@@ -358,7 +370,9 @@ def eval_(
         raise UserError(f"--tasks needs the eval extra (pip install 'llama4-deploy[eval]'): {err}") from None
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     try:
-        results = run_tasks(bundle, names, include_path=include_path, limit=limit, threads=threads)
+        results = run_tasks(
+            bundle, names, include_path=include_path, limit=limit, threads=threads, allow_downloads=allow_downloads
+        )
     except _user_errors() as err:
         raise UserError(str(err)) from None
     click.echo(make_table(results))
