@@ -568,6 +568,13 @@ def _within(minimum: float, maximum: float | None = None, must: str | None = Non
     multiple=True,
     help="an origin browsers may call from (CORS; repeat the option for several, '*' for any)",
 )
+@click.option(
+    "--tool-call-parser",
+    type=click.Choice(["llama4_json", "llama4_pythonic"]),
+    default="llama4_json",
+    show_default=True,
+    help="how the model writes tool calls (as the chat template teaches it; vLLM's parser names)",
+)
 @click.option("--log-requests", is_flag=True, help="an access log line per request on stderr (never the prompt)")
 @click.option(
     "--ignore-unknown-fields",

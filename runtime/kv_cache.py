@@ -65,6 +65,10 @@ class HostStorage:
         grown[:, :, : buffer.shape[2]] = buffer
         return grown
 
+    def copy_row(self, buffer, source: int, target: int) -> None:
+        """buffer[target] = buffer[source], in place (one prompt's cache shared by several samples)."""
+        buffer[target] = buffer[source]
+
     def scatter(self, buffer, rows, slots, new, steps):
         if len(rows) <= 2:  # plain indexing per row beats fancy indexing for a row or two (docs/benchmarks.md)
             for row, slot, step in zip(rows.tolist(), slots.tolist(), steps.tolist()):
@@ -223,6 +227,19 @@ class KVCache:
                 f"position {int(positions.max())} is beyond the bundle's context of {self.max_context} tokens"
             )
         np.maximum.at(self.lengths, rows, positions + 1)
+
+    @property
+    def can_copy_rows(self) -> bool:
+        return all(hasattr(storage, "copy_row") for storage in self._storage_of.values())
+
+    def copy_row(self, source: int, target: int) -> None:
+        """Make row `target` hold what row `source` holds (its length and every layer's slots): n samples of
+        one prompt share its prefill. Only where every storage can copy rows (`can_copy_rows`)."""
+        for layer in self._layers:
+            storage = self._storage_of[layer.index]
+            storage.copy_row(self.keys[layer.index], source, target)
+            storage.copy_row(self.values[layer.index], source, target)
+        self.lengths[target] = self.lengths[source]
 
     def reset_row(self, row: int) -> None:
         """Empty one row for a new sequence (continuous batching). Its stale slots stay in the buffers
