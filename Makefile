@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 
-.PHONY: engine test bench loadtest setup clean train-tiny plan synth-checkpoint bench-build bench-kernels gpu-check quant-report
+.PHONY: engine test bench loadtest setup clean train-tiny train-passkey plan synth-checkpoint bench-build bench-kernels gpu-check quant-report bench-peers
 
 setup: $(STAMP)
 
@@ -54,6 +54,23 @@ bench: $(STAMP)
 bench-kernels: $(STAMP)
 	$(BIN)/python -m tools.bench_kernels
 
+# Ours against llama.cpp on one scout-shaped checkpoint the bench writes (tools/bench_peers.py): llama-cpp-python
+# built from its source release into its own venv, build/peers/venv (the `peers` extra's pin; ~15 minutes once, never
+# part of make test; its multimodal library is not built); llama.cpp's own converter and quantizer make f32, Q8_0, Q4_0 and Q4_K_M. QUICK=1: a smoke run
+PEERS := build/peers
+LLAMA_CPP_PYTHON := 0.3.36
+PEERS_SRC := $(PEERS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
+PEERS_STAMP := $(PEERS)/venv/.installed-$(LLAMA_CPP_PYTHON)
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS)/venv
+	$(PEERS)/venv/bin/pip download --quiet --disable-pip-version-check --no-binary :all: --no-deps llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(PEERS)
+	tar xzf $(PEERS_SRC).tar.gz -C $(PEERS)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 nice -n 10 $(PEERS)/venv/bin/pip install --quiet --disable-pip-version-check $(PEERS_SRC)
+	touch $@
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python -m tools.bench_peers --llama-cpp $(PEERS_SRC)/vendor/llama.cpp --peers-python $(PEERS)/venv/bin/python $(if $(QUICK),--quick)
+
 # One table per recipe x precision x form: quality vs transformers fp32 and parity vs the fake-quant simulation
 # (verify's figures), bundle size vs fp32, decode b1 vs the fp32 engine timed alternately (10-20 minutes on 2 cores)
 quant-report: $(STAMP)
@@ -78,6 +95,12 @@ $(TRAIN_STAMP): $(STAMP)
 
 train-tiny: $(TRAIN_STAMP)
 	$(BIN)/python -m tools.train
+
+# Reproduce checkpoints/tiny-passkey: tiny-trained fine-tuned on documentation + synthetic passkey documents
+# (256 tokens), then built at 2048 tokens with temperature tuning on and off and swept by eval --needle; heatmaps,
+# loss curve and log beside the weights (docs/training.md). Not part of make test.
+train-passkey: $(TRAIN_STAMP)
+	nice -n 5 $(BIN)/python -m tools.train_passkey
 
 # `llama4-deploy serve` under 1, 4, 8 and 16 concurrent clients on loopback (scout-mini by default)
 LOADTEST_MODEL ?= scout-mini

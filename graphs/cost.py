@@ -5,7 +5,8 @@ and ONNX shape inference (with data propagation) gives every node's output shape
 
 - MatMul / Gemm: 2 x (output elements) x (reduction length) FLOPs;
 - Attention (opset 23): its two matmuls, 4 x (output elements) x (keys), plus 2 per score
-  (mask and softmax), as the decomposed form counts them;
+  (mask and softmax), as the decomposed form counts them; GroupQueryAttention likewise, its keys the cache
+  buffer's slots (which hold the new tokens too);
 - data movement (Gather, Reshape, Transpose, Concat, Slice, Expand, ...): no FLOPs;
 - every other node: one FLOP per output element (norms, activations, masks: small);
 - weight bytes: each read of an initializer by a node counts its full size, except Gather,
@@ -149,6 +150,10 @@ def _fold_small_values(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
     return folded
 
 
+_GQA = "GroupQueryAttention"  # the gqa attention form (graphs/lower_attention_gqa.py)
+_SKIP_NORM = "SkipSimplifiedLayerNormalization"  # its residual add + norm (graphs/lower_skip_norm.py)
+
+
 def _structure_proto(model: ir.Model) -> onnx.ModelProto:
     """The model as a proto whose large initializers are external references that are never
     read: shape inference needs their shapes only, and reading them would load every weight."""
@@ -169,14 +174,28 @@ def _structure_proto(model: ir.Model) -> onnx.ModelProto:
 
 def _stand_ins(proto: onnx.ModelProto) -> None:
     """ONNX has no schema for ONNX Runtime's com.microsoft kernels, so shape inference stops at them. For shapes
-    only, each becomes a standard node of the same output shape, name and output name, in one pass: MoE and QMoE
-    (output: the input's shape) an Identity, MatMulNBits ([.., K] -> [.., N]) a MatMul by a [K, N] stand-in
-    weight of its scales' dtype (A's: both are T1), declared external and never read. Without this, each of a
+    only, each becomes a standard node of the same output shape, name and output name, in one pass: MoE, QMoE and
+    GroupQueryAttention (output: the first input's shape; its present outputs, the past buffers, are dropped) an
+    Identity, MatMulNBits ([.., K] -> [.., N]) a MatMul by a [K, N] stand-in weight of its scales' dtype (A's:
+    both are T1), declared external and never read; SkipSimplifiedLayerNormalization an Add giving its output and
+    an Identity of it giving the sum. Without this, each of a
     layer's kernels cost an inference round and a many-layer graph ran out of rounds with later layers unresolved."""
     elem_types = {t.name: t.data_type for t in proto.graph.initializer}
+    nodes = []
     for node in proto.graph.node:
-        if node.domain != "com.microsoft" or node.op_type not in ("MoE", "QMoE", "MatMulNBits"):
+        nodes.append(node)
+        if node.domain == "com.microsoft" and node.op_type == _SKIP_NORM:  # both outputs: the sum's shape
+            total = node.output[3]
+            nodes.append(onnx.helper.make_node("Identity", [node.output[0]], [total], name=f"{node.name}/sum"))
+            del node.input[2:], node.output[1:], node.attribute[:]
+            node.op_type, node.domain = "Add", ""
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    for node in proto.graph.node:
+        if node.domain != "com.microsoft" or node.op_type not in ("MoE", "QMoE", "MatMulNBits", _GQA):
             continue
+        if node.op_type == _GQA:  # output: the flattened query's shape; the presents are the past buffers
+            del node.output[1:]
         if node.op_type == "MatMulNBits":
             k = next(a.i for a in node.attribute if a.name == "K")
             n = next(a.i for a in node.attribute if a.name == "N")
@@ -268,6 +287,10 @@ def node_costs(model: ir.Model, dims: dict[str, int]) -> list[NodeCost]:
         elif node.domain in ("", "ai.onnx") and node.op_type == "Attention":
             keys = (shapes.get(node.inputs[3].name) or (0,))[-1]  # the mask's last axis: S + T
             flops = 4.0 * elements * keys + 2.0 * elements / out[-1] * keys
+        elif node.domain == "com.microsoft" and node.op_type == _GQA:
+            keys = (shapes.get(node.inputs[3].name) or (0, 0, 0))[2]  # the cache buffer's slots (new tokens included)
+            scores = elements // (out[-1] // node.attributes["num_heads"].as_int())  # B x T x heads
+            flops = 4.0 * elements * keys + 2.0 * scores * keys
         elif node.op_type in MOVEMENT:
             flops = 0.0
         else:

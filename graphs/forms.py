@@ -13,9 +13,10 @@ ComputeDtype = Literal["float32", "float16", "bfloat16"]
 QuantForm = Literal["qdq", "ort"]  # standard Q/DQ (TensorRT's contract), ONNX Runtime's 4-bit kernels
 QuantMethod = Literal["rtn", "awq"]
 Int4Compute = Literal["float", "int8"]  # int8: MatMulNBits quantizes its activation per block
+Int4ZeroPoint = Literal["symmetric", "asymmetric"]  # asymmetric: a 4-bit zero point per block (as Q4_1 / Q4_K)
 BlockSize = Literal[32, 64, 128]  # int4 block along the reduction axis
 MoEDispatch = Literal["dense", "gather", "capacity", "native"]
-AttentionForm = Literal["decomposed", "onnx23"]
+AttentionForm = Literal["decomposed", "onnx23", "gqa"]  # gqa: ONNX Runtime's kernel over an in-place cache
 
 
 def values(literal) -> tuple:

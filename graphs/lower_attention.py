@@ -33,7 +33,10 @@
     because ONNX Runtime's CPU kernel requires them whenever past is given; nothing reads them.
     The model's default opset becomes 23.
 
-Both forms read the head counts from the query and key shapes (Q, K and D must be known).
+`gqa` (ONNX Runtime: com.microsoft.GroupQueryAttention over a cache buffer shared by past and present, written in
+place) is its own file, graphs/lower_attention_gqa.py, with its exactness argument; this pass dispatches to it.
+
+Every form reads the head counts from the query and key shapes (Q, K and D must be known).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import onnx_ir as ir
 
 from llama4_deploy.graphs import ops
 from llama4_deploy.graphs.forms import AttentionForm, values
+from llama4_deploy.graphs.lower_attention_gqa import lower_gqa
 from llama4_deploy.graphs.passes import FormPass, LoweringError
 from llama4_deploy.graphs.rewrite import layer_scope, scoped, splice
 
@@ -135,6 +139,8 @@ class LowerAttentionPass(FormPass):
     forms, family, what = FORMS, "lower_attention", "attention form"
 
     def rewrite(self, model: ir.Model) -> int:
+        if self.form == "gqa":
+            return lower_gqa(model, _heads)
         build = _decomposed if self.form == "decomposed" else _onnx23
         graph = model.graph
         nodes = attention_nodes(model)

@@ -31,7 +31,15 @@ from pydantic import BaseModel, ConfigDict
 
 from llama4_deploy.graphs.lower_quant_qdq import COMPUTE, QuantizedWeight, quant_scope
 from llama4_deploy.graphs.passes import RewritePass
-from llama4_deploy.graphs.quantize import QuantRule, QuantSpec, numpy_dtype, pack_int4_rows
+from llama4_deploy.graphs.quantize import (
+    QuantRule,
+    QuantSpec,
+    int4_blocked_asymmetric,
+    numpy_dtype,
+    pack_int4_rows,
+    pack_uint4,
+    pack_zero_points,
+)
 from llama4_deploy.graphs.rewrite import splice
 from llama4_deploy.graphs.streamed import StreamedTensor
 
@@ -43,10 +51,32 @@ class OrtQuantConfig(BaseModel):
     accuracy_level: int = 0  # 0: activations stay in the compute dtype (the spec's numbers)
 
 
+class _Asymmetric:
+    """(u, scale, zero) of one weight in the kernels' [.., N, K] layout, computed once for its three tensors."""
+
+    _last: tuple[_Asymmetric, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+
+    def __init__(self, source: ir.TensorProtocol, rule: QuantRule, axis: int, compute_dtype: str):
+        self.source, self.rule, self.axis, self.compute_dtype = source, rule, axis, compute_dtype
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if _Asymmetric._last is not None and _Asymmetric._last[0] is self:
+            return _Asymmetric._last[1]
+        w = np.asarray(self.source.numpy(), dtype=np.float32)
+        u, scale, zero = int4_blocked_asymmetric(w, self.axis, self.rule.block_size, self.compute_dtype)
+        if self.axis % w.ndim == w.ndim - 2:  # matmul layout [K, N]: the kernels want [N, K]
+            u, scale, zero = (np.swapaxes(a, -1, -2) for a in (u, scale, zero))
+        result = (u, scale, zero)
+        _Asymmetric._last = (self, result)
+        return result
+
+
 def _packed(source: ir.TensorProtocol, rule: QuantRule, compute_dtype: str, axis: int, name: str, flat: bool = False):
-    """Lazy (B, scales) in the kernels' [.., N, K] layout from a weight quantized along `axis`;
-    `flat`: B as [.., N, K/2] (QMoE) instead of [.., N, blocks, block/2] (MatMulNBits)."""
+    """Lazy (B, scales) in the kernels' [.., N, K] layout from a weight quantized along `axis`, and the packed zero
+    points [.., N, ceil(blocks / 2)] of an asymmetric rule (else None); `flat`: B as [.., N, K/2] (QMoE) instead of
+    [.., N, blocks, block/2] (MatMulNBits)."""
     weight = QuantizedWeight(source, rule, axis, compute_dtype)
+    asymmetric = _Asymmetric(source, rule, axis, compute_dtype) if rule.zero_point else None
     dims = tuple(int(d) for d in source.shape)
     k = dims[axis]
     blocks = -(-k // rule.block_size)
@@ -57,6 +87,9 @@ def _packed(source: ir.TensorProtocol, rule: QuantRule, compute_dtype: str, axis
     b_shape = out_dims + ((blocks * rule.block_size // 2,) if flat else (blocks, rule.block_size // 2))
 
     def b() -> ir.TensorProtocol:
+        if asymmetric is not None:
+            packed = pack_uint4(asymmetric.arrays()[0], rule.block_size)
+            return ir.tensor(np.ascontiguousarray(packed.reshape(b_shape)), name=f"{name}.q4")
         q, _ = weight.arrays()
         q = np.asarray(q.astype(np.int8))
         if axis % q.ndim == q.ndim - 2:
@@ -65,15 +98,23 @@ def _packed(source: ir.TensorProtocol, rule: QuantRule, compute_dtype: str, axis
         return ir.tensor(np.ascontiguousarray(packed.reshape(b_shape)), name=f"{name}.q4")
 
     def scales() -> ir.TensorProtocol:
-        _, s = weight.arrays()
-        if axis % s.ndim == s.ndim - 2:
-            s = np.swapaxes(s, -1, -2)
+        if asymmetric is not None:
+            s = asymmetric.arrays()[1]
+        else:
+            _, s = weight.arrays()
+            if axis % s.ndim == s.ndim - 2:
+                s = np.swapaxes(s, -1, -2)
         return ir.tensor(np.ascontiguousarray(s.astype(numpy_dtype(compute_dtype))), name=f"{name}.q4_scales")
 
+    def zero_points() -> ir.TensorProtocol:
+        return ir.tensor(np.ascontiguousarray(pack_zero_points(asymmetric.arrays()[2])), name=f"{name}.q4_zero_points")
+
     compute = COMPUTE[compute_dtype]
+    zp_shape = out_dims + (-(-blocks // 2),)
     return (
         StreamedTensor(b, ir.DataType.UINT8, b_shape, f"{name}.q4"),
         StreamedTensor(scales, compute, out_dims + (blocks,), f"{name}.q4_scales"),
+        StreamedTensor(zero_points, ir.DataType.UINT8, zp_shape, f"{name}.q4_zero_points") if asymmetric else None,
     )
 
 
@@ -127,11 +168,12 @@ class QuantizeOrtPass(RewritePass):
                 continue  # left to lower_quant_qdq (module docstring)
             matmul = value.uses()[0][0]
             k, n = (int(d) for d in value.shape)
-            b, scales = _packed(value.const_value, rule, self.spec.compute_dtype, 0, name)
+            b, scales, zero_points = _packed(value.const_value, rule, self.spec.compute_dtype, 0, name)
             tape = ir.tape.Tape()
+            zp = [_register(graph, zero_points)] if zero_points is not None else []
             out = tape.op(
                 "MatMulNBits",
-                [matmul.inputs[0], _register(graph, b), _register(graph, scales)],
+                [matmul.inputs[0], _register(graph, b), _register(graph, scales), *zp],
                 {
                     "K": k,
                     "N": n,
@@ -153,8 +195,10 @@ class QuantizeOrtPass(RewritePass):
                 continue
             if _moe_check(node, rule):
                 continue  # left to lower_quant_qdq (module docstring)
-            fc1_q, fc1_s = _packed(fc1.const_value, rule, self.spec.compute_dtype, 2, fc1.name, flat=True)
-            fc2_q, fc2_s = _packed(fc2.const_value, rule, self.spec.compute_dtype, 2, fc2.name, flat=True)
+            fc1_q, fc1_s, fc1_z = _packed(fc1.const_value, rule, self.spec.compute_dtype, 2, fc1.name, flat=True)
+            fc2_q, fc2_s, fc2_z = _packed(fc2.const_value, rule, self.spec.compute_dtype, 2, fc2.name, flat=True)
+            # inputs 7-10 (fc2 bias, fc3 weights, scales, bias) absent; 11, 12: an asymmetric rule's zero points
+            zero_points = [None, None, None, None, _register(graph, fc1_z), _register(graph, fc2_z)] if fc1_z else []
             attributes = {a.name: a for a in node.attributes.values()}
             attributes["expert_weight_bits"] = ir.AttrInt64("expert_weight_bits", 4)
             attributes["block_size"] = ir.AttrInt64("block_size", rule.block_size)
@@ -169,6 +213,7 @@ class QuantizeOrtPass(RewritePass):
                     None,
                     _register(graph, fc2_q),
                     _register(graph, fc2_s),
+                    *zero_points,
                 ],
                 attributes,
                 domain=MS_DOMAIN,

@@ -350,6 +350,10 @@ class QuantizeQdqPass(RewritePass):
                 raise self._not_quantized(name, axis)
             if value.const_value is None:
                 raise self._not_quantized(name, "has no value to quantize")
+            if rule.zero_point:
+                raise self._not_quantized(
+                    name, "has asymmetric int4 blocks, whose zero points only ONNX Runtime's MatMulNBits and QMoE take"
+                )
             if rule.activation == "int8_block":
                 raise self._not_quantized(
                     name, "needs int8 activations, which only ONNX Runtime's MatMulNBits computes"

@@ -14,6 +14,8 @@ initializer names, which are the deploy-form parameter names under their stamp: 
                                                  its input to int8 per row and block (accuracy_level 4)
              method        rtn | awq | checkpoint   round to nearest; activation-aware scales (export/awq.py);
                                                   stored FP8 taken as the pre-quantized checkpoint holds it
+             zero_point    false | true          int4 only: asymmetric blocks with a 4-bit zero point each
+                                                 (--int4-zero-point asymmetric; the ort form's kernels take it)
 
 Presets follow Meta's deployment notes and ModelOpt's FP8_DEFAULT_CFG / INT4 configs: every
 linear layer of the decoder (routed experts per expert, shared expert, dense MLPs, attention
@@ -23,9 +25,12 @@ The numbers (one definition, used by the graph passes and by the fake-quant simu
 
     int4   scale[b, n] = amax(|w[block b, n]|) / 7, rounded to the compute dtype (1 where amax is 0)
            q = clip(rint(w / scale), -8, 7)                      symmetric, zero point 0
+    int4   lo = min(min(w[block]), 0), hi = max(max(w[block]), 0)        asymmetric (zero_point), as Q4_1 / Q4_K
+           scale = (hi - lo) / 15, rounded to the compute dtype (1 where hi == lo)
+           z = clip(rint(-lo / scale), 0, 15);  u = clip(rint(w / scale) + z, 0, 15);  w' = (u - z) * scale
     fp8    scale[n] = amax(|w[:, n]|) / 448, rounded to the compute dtype (1 where amax is 0)
            q = float8_e4m3fn(clip(w / scale, -448, 448))          round to nearest even
-    dequantized w' = q * scale
+    dequantized w' = q * scale (asymmetric int4: (u - z) * scale; 0 is exact, as every representable range holds it)
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from llama4_deploy.graphs.forms import (
     BlockSize,
     ComputeDtype,
     Int4Compute,
+    Int4ZeroPoint,
     Precision,
     QuantForm,
     QuantMethod,
@@ -71,6 +77,7 @@ class QuantRule(Strict):
     block_size: int | None = None
     activation: Literal["none", "fp8_tensor", "int8_block"] = "none"
     method: Literal["rtn", "awq", "checkpoint"] = "rtn"
+    zero_point: bool = False  # int4: asymmetric blocks, a 4-bit zero point each
 
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in self.patterns)
@@ -121,7 +128,15 @@ class QuantSpec(Strict):
         """MoE dispatches this spec cannot run on any target, each with its one-sentence reason (a target adds its
         own: llama4_deploy/targets/)."""
         native = self.native_moe_refusal()
-        return {"native": native} if native else {}
+        refusals = {"native": native} if native else {}
+        if any(rule.zero_point for rule in self.rules):
+            # the other dispatches keep stacked expert weights, which only the qdq form (zero point 0) would take
+            reason = (
+                "asymmetric int4 experts are ONNX Runtime's QMoE kernel (zero points); use --moe-dispatch native "
+                "or auto"
+            )
+            refusals.update({strategy: reason for strategy in ("dense", "gather", "capacity")})
+        return refusals
 
     def summary(self) -> str:
         if not self.rules:
@@ -129,6 +144,7 @@ class QuantSpec(Strict):
         parts = []
         for rule in self.rules:
             what = f"{rule.weight} {rule.granularity}" + (f" {rule.block_size}" if rule.block_size else "")
+            what += " asymmetric" if rule.zero_point else ""
             act = "" if rule.activation == "none" else f", activations {rule.activation}"
             parts.append(f"{what} ({rule.method}{act}) on {', '.join(rule.patterns)}")
         return f"{self.precision} [{self.form}]: {self.compute_dtype} compute; " + "; ".join(parts)
@@ -145,6 +161,8 @@ class QuantConfig(Strict):
     # int4: "float" keeps activations in the compute dtype (the spec's weight-only INT4); "int8" lets ONNX Runtime's
     # MatMulNBits quantize its activation to int8 per block (accuracy_level 4, the fast CPU kernels)
     int4_compute: Int4Compute = "float"
+    # int4: "asymmetric" stores a 4-bit zero point per block (MatMulNBits' and QMoE's zero_points inputs)
+    int4_zero_point: Int4ZeroPoint = "symmetric"
 
 
 def default_compute_dtype(precision: str) -> str:
@@ -181,24 +199,24 @@ def make_spec(config: QuantConfig, int4_form: QuantForm = "ort") -> QuantSpec:
             "--int4-compute int8 is ONNX Runtime's MatMulNBits kernel (accuracy_level 4): it needs "
             "--precision int4 and the ort form"
         )
+    asymmetric = config.int4_zero_point == "asymmetric"
+    if asymmetric and not (config.precision == "int4" and form == "ort"):
+        raise ValueError(
+            "--int4-zero-point asymmetric is ONNX Runtime's MatMulNBits / QMoE zero points: it needs "
+            "--precision int4 and the ort form"
+        )
     rules: tuple[QuantRule, ...] = ()
+    int4 = dict(
+        weight="int4", granularity="block", block_size=config.block_size, method=config.method, zero_point=asymmetric
+    )
     if config.precision == "int4" and config.int4_compute == "int8":
         # MatMulNBits takes the 2-D linear layers (int8 activations); QMoE and the qdq fall-through keep floats
-        int4 = dict(weight="int4", granularity="block", block_size=config.block_size, method=config.method)
         rules = (
             QuantRule(patterns=LINEAR_PATTERNS[:1], **int4),
             QuantRule(patterns=LINEAR_PATTERNS[1:], activation="int8_block", **int4),
         )
     elif config.precision == "int4":
-        rules = (
-            QuantRule(
-                patterns=LINEAR_PATTERNS,
-                weight="int4",
-                granularity="block",
-                block_size=config.block_size,
-                method=config.method,
-            ),
-        )
+        rules = (QuantRule(patterns=LINEAR_PATTERNS, **int4),)
     elif config.precision == "fp8":
         rules = (QuantRule(patterns=LINEAR_PATTERNS, weight="fp8", granularity="channel", activation="fp8_tensor"),)
     return QuantSpec(precision=config.precision, compute_dtype=compute, rules=rules, form=form if rules else "qdq")
@@ -277,6 +295,36 @@ def _int4_slab(
     np.moveaxis(q, axis, -1)[...] = values.reshape(values.shape[:-2] + (padded_k,))[..., :k]
 
 
+def int4_blocked_asymmetric(
+    w: np.ndarray, axis: int, block: int, compute_dtype: str = "float32"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(u uint8 in [0, 15] shaped like w, scale float32 and zero point uint8 in [0, 15], both with `axis` shrunk to
+    ceil(K / block)): the module docstring's asymmetric int4. A partial last block is padded with zeros, which do
+    not move its range (0 is always inside it)."""
+    w = np.asarray(w, dtype=np.float32)
+    axis %= w.ndim
+    k = w.shape[axis]
+    blocks = -(-k // block)
+    moved = np.moveaxis(w, axis, -1)
+    padded = np.zeros(moved.shape[:-1] + (blocks * block,), dtype=np.float32)
+    padded[..., :k] = moved
+    grouped = padded.reshape(moved.shape[:-1] + (blocks, block))
+    lo = np.minimum(grouped.min(-1), 0)
+    hi = np.maximum(grouped.max(-1), 0)
+    span = hi - lo
+    scale = np.where(span > 0, span / np.float32(15), np.float32(1)).astype(np.float32)
+    scale = scale.astype(numpy_dtype(compute_dtype)).astype(np.float32)
+    zero = np.clip(np.rint(-lo / scale), 0, 15)
+    u = np.clip(np.rint(grouped / scale[..., None]) + zero[..., None], 0, 15).astype(np.uint8)
+    u = np.moveaxis(u.reshape(padded.shape)[..., :k], -1, axis)
+    return np.ascontiguousarray(u), np.moveaxis(scale, -1, axis), np.moveaxis(zero.astype(np.uint8), -1, axis)
+
+
+def int4_dequantize_asymmetric(u: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int, block: int):
+    take = lambda a: np.take(np.repeat(a, block, axis=axis), np.arange(u.shape[axis]), axis=axis)  # noqa: E731
+    return (u.astype(np.float32) - take(zero).astype(np.float32)) * take(scale)
+
+
 def int4_dequantize(q: np.ndarray, scale: np.ndarray, axis: int, block: int) -> np.ndarray:
     expanded = np.repeat(scale, block, axis=axis)
     expanded = np.take(expanded, np.arange(q.shape[axis]), axis=axis)
@@ -303,6 +351,9 @@ def fp8_activation_scale(amax: float, compute_dtype: str = "float32") -> float:
 
 def fake_quant(w: np.ndarray, rule: QuantRule, axis: int, compute_dtype: str = "float32") -> np.ndarray:
     """w quantized and dequantized per `rule` along reduction `axis` (what the engine computes with)."""
+    if rule.weight == "int4" and rule.zero_point:
+        u, scale, zero = int4_blocked_asymmetric(w, axis, rule.block_size, compute_dtype)
+        return int4_dequantize_asymmetric(u, scale, zero, axis, rule.block_size)
     if rule.weight == "int4":
         q, scale = int4_blocked(w, axis, rule.block_size, compute_dtype)
         return int4_dequantize(q, scale, axis, rule.block_size)
@@ -333,6 +384,26 @@ def fake_quant_activation(x: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(x / np.float32(scale), -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(
         np.float32
     ) * np.float32(scale)
+
+
+def pack_uint4(u: np.ndarray, block: int) -> np.ndarray:
+    """uint4 values [..., K] (in [0, 15], stored as they are) -> [..., ceil(K/block), block/2] uint8, element 2j in
+    the low nibble of byte j, a partial last block padded with 0: MatMulNBits' / QMoE's B with zero points."""
+    k = u.shape[-1]
+    blocks = -(-k // block)
+    stored = np.zeros(u.shape[:-1] + (blocks * block,), dtype=np.uint8)
+    stored[..., :k] = u
+    packed = stored[..., 0::2] | (stored[..., 1::2] << 4)
+    return packed.reshape(u.shape[:-1] + (blocks, block // 2))
+
+
+def pack_zero_points(zero: np.ndarray) -> np.ndarray:
+    """zero points [..., blocks] (in [0, 15]) -> [..., ceil(blocks / 2)] uint8, low nibble first (the kernels'
+    packed zero_points; an odd count's last high nibble is 0)."""
+    blocks = zero.shape[-1]
+    stored = np.zeros(zero.shape[:-1] + (blocks + blocks % 2,), dtype=np.uint8)
+    stored[..., :blocks] = zero
+    return stored[..., 0::2] | (stored[..., 1::2] << 4)
 
 
 def pack_int4_rows(q: np.ndarray, block: int) -> np.ndarray:

@@ -46,7 +46,7 @@ def main() -> None:
 # the build's overrides, one flag per build() keyword (build/options.py); a choice flag's values are the schema's
 _BUILD_FLAGS = (
     ("moe_dispatch", "MoE lowering (default: the recipe's, auto)"),
-    ("attention", "attention form (default: the recipe's, auto: onnx23 for ONNX Runtime)"),
+    ("attention", "attention form (default: the recipe's, auto: gqa for ONNX Runtime)"),
     (
         "max_context",
         "longest prompt + generation per row (default: the recipe's; a bare checkpoint's "
@@ -60,6 +60,7 @@ _BUILD_FLAGS = (
     ("quant_form", "quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto"),
     ("quant_method", "int4 weight rounding: rtn (round to nearest, default) or awq (activation-aware scales)"),
     ("int4_compute", "int4 ort form: float activations (default) or int8 ones (MatMulNBits accuracy_level 4, faster)"),
+    ("int4_zero_point", "int4 ort form: symmetric blocks (default) or asymmetric ones with a 4-bit zero point each"),
     ("calibration", "fp8 activation / int4 awq calibration: text lines or a JSON list of token-id lists"),
     (
         "stages",
@@ -303,6 +304,11 @@ def _target_lint(path):
 @click.option("--include-path", type=click.Path(), help="a folder of lm-eval task YAML files of your own (--tasks)")
 @click.option("--limit", type=int, help="at most this many documents per task (--tasks)")
 @click.option(
+    "--allow-downloads",
+    is_flag=True,
+    help="--tasks: let lm-eval fetch task data from the Hugging Face Hub (default: local files and the cache only)",
+)
+@click.option(
     "--needle",
     is_flag=True,
     help="passkey retrieval sweep: accuracy by prompt length x needle depth, a heatmap PNG and a JSON of every trial",
@@ -323,6 +329,7 @@ def eval_(
     tasks,
     include_path,
     limit,
+    allow_downloads,
     needle,
     haystack,
     compare,
@@ -344,7 +351,11 @@ def eval_(
         _needle(bundle, haystack, compare, lengths, depth_steps, trials, out, threads)
         return
     if tasks is None:
-        for flag, value in (("--include-path", include_path), ("--limit", limit)):
+        for flag, value in (
+            ("--include-path", include_path),
+            ("--limit", limit),
+            ("--allow-downloads", allow_downloads or None),
+        ):
             if value is not None:
                 raise UserError(f"{flag} goes with --tasks")
         from llama4_deploy.quality.evaluate import evaluate
@@ -356,6 +367,8 @@ def eval_(
         return
     if text is not None:
         raise UserError("--text is for perplexity; lm-eval's tasks bring their own documents (drop --text or --tasks)")
+    # before lm-eval (and so datasets and huggingface_hub) is imported: they read the switch at import
+    os.environ.update({} if allow_downloads else {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     try:
         from lm_eval.utils import make_table
 
@@ -364,7 +377,9 @@ def eval_(
         raise UserError(f"--tasks needs the eval extra (pip install 'llama4-deploy[eval]'): {err}") from None
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     try:
-        results = run_tasks(bundle, names, include_path=include_path, limit=limit, threads=threads)
+        results = run_tasks(
+            bundle, names, include_path=include_path, limit=limit, threads=threads, allow_downloads=allow_downloads
+        )
     except _user_errors() as err:
         raise UserError(str(err)) from None
     click.echo(make_table(results))
@@ -583,6 +598,13 @@ def _within(minimum: float, maximum: float | None = None, must: str | None = Non
     "--allowed-origins",
     multiple=True,
     help="an origin browsers may call from (CORS; repeat the option for several, '*' for any)",
+)
+@click.option(
+    "--tool-call-parser",
+    type=click.Choice(["llama4_json", "llama4_pythonic"]),
+    default="llama4_json",
+    show_default=True,
+    help="how the model writes tool calls (as the chat template teaches it; vLLM's parser names)",
 )
 @click.option("--log-requests", is_flag=True, help="an access log line per request on stderr (never the prompt)")
 @click.option(

@@ -120,6 +120,13 @@ class Engine:
         if self.vision is not None:
             self._open_vision(threads)
         self._stage_caches = [abi.past_names(stage.layers) for stage in self.stages]
+        # the gqa attention form writes each layer's new keys/values into the buffer it reads (bound as both the
+        # past input and the present output): per stage, present name -> past name
+        # (engine.graphs records the form; every graph of a bundle, in every stage, has the same one)
+        self.in_place = any(graph.get("attention") == "gqa" for graph in self.graphs.values())
+        self._shared = [
+            dict(zip(abi.present_names(stage.layers), abi.past_names(stage.layers))) for stage in self.stages
+        ]
         self._calls = threading.RLock()  # serializes generate / score
         self.vocab_size = manifest.vocab_size
         self.max_batch = manifest.profiles["max_batch"]
@@ -237,6 +244,8 @@ class Engine:
     def run_embeds_step(self, cache: KVCache, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One prefill step from embeddings [B, T, H] (image prompts: the embedding step's output with image
         features at the patch positions); returns logits [B, T, V] and updates the cache. One stage only."""
+        if self.in_place:
+            return self._run_in_place(cache, None, positions, embeds)
         feeds = {abi.HIDDEN_IN: embeds, abi.POSITION_IDS: positions, abi.PAST_LENGTHS: cache.lengths.copy()}
         feeds.update(cache.feeds())
         outputs = self.embeds_runner.infer(feeds)
@@ -273,6 +282,8 @@ class Engine:
         layers' caches. A capacity-limited graph reports `moe_overflow`; that stage is then rerun
         on its exact graph (before anything is written, and before the next stage reads its
         output), so results never depend on capacity."""
+        if self.in_place:
+            return self._run_in_place(cache, ids, positions)
         role = "decode" if ids.shape[1] == 1 else "prefill"
         caches = cache.feeds()
         shared = {abi.POSITION_IDS: positions, abi.PAST_LENGTHS: cache.lengths.copy()}
@@ -294,6 +305,80 @@ class Engine:
         cache.write(outputs, positions)
         self.steps += 1
         self._check_finite(outputs[abi.LOGITS])
+        return outputs[abi.LOGITS]
+
+    def _run_in_place(self, cache: KVCache, ids, positions: np.ndarray, embeds=None) -> np.ndarray:
+        """run_step for graphs that write the cache in place (graphs/lower_attention_gqa.py): each row's real tokens
+        must be its next positions, padding after them; the step is cut where a row's chunk ends (or the buffers
+        would pass the context), the buffers grown before each part, the lengths advanced after it."""
+        lengths = cache.lengths
+        for row in range(len(positions)):
+            real = int((positions[row] >= 0).sum())
+            expected = np.arange(lengths[row], lengths[row] + real)
+            if (positions[row, :real] != expected).any() or (positions[row, real:] >= 0).any():
+                raise ValueError(
+                    f"row {row} feeds positions {positions[row].tolist()}; this bundle's attention (gqa) writes the "
+                    f"cache in place and takes each row's next positions from {int(lengths[row])} on, padding last"
+                )
+        if positions.max(initial=-1) >= self.manifest.max_context:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond the bundle's context of {self.manifest.max_context} tokens"
+            )
+        parts, start, total = [], 0, positions.shape[1]
+        while start < total:
+            idle = positions[:, start] < 0  # real tokens come first: a row padded here has none left
+            width = cache.step_width(total - start, idle)
+            cache.reserve_step(width, idle)
+            cut = slice(start, start + width)
+            if embeds is not None:  # an image prompt's prefill: the embeddings graph, one stage
+                part = self._embeds_in_place(cache, embeds[:, cut], positions[:, cut])
+            else:
+                part = self._step_in_place(cache, ids[:, cut], positions[:, cut])
+            parts.append(part)
+            start += width
+        logits = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        self._check_finite(logits)
+        return logits
+
+    def _embeds_in_place(self, cache: KVCache, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """_step_in_place for the embeddings prefill graph (hidden_states in, one stage)."""
+        feeds = {
+            abi.HIDDEN_IN: np.ascontiguousarray(embeds),
+            abi.POSITION_IDS: np.ascontiguousarray(positions),
+            abi.PAST_LENGTHS: cache.lengths.copy(),
+            **cache.feeds(),
+        }
+        outputs = self.embeds_runner.infer_in_place(feeds, self._shared[0])
+        if abi.MOE_OVERFLOW in outputs and outputs[abi.MOE_OVERFLOW].any():  # rerun exactly, into the same slots
+            if self.embeds_exact_runner is None:
+                raise BundleError(
+                    "the embeddings prefill graph reported a capacity overflow, and the bundle has no "
+                    "exact graph to rerun it on; rebuild the bundle"
+                )
+            outputs = self.embeds_exact_runner.infer_in_place(feeds, self._shared[0])
+            self.overflow_reruns += 1
+        cache.advance(positions)
+        self.steps += 1
+        return outputs[abi.LOGITS]
+
+    def _step_in_place(self, cache: KVCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        role = "decode" if ids.shape[1] == 1 else "prefill"
+        caches = cache.feeds()
+        shared = {abi.POSITION_IDS: np.ascontiguousarray(positions), abi.PAST_LENGTHS: cache.lengths.copy()}
+        hidden, rerun, outputs = np.ascontiguousarray(ids), False, {}
+        for stage, names, in_place in zip(self.stages, self._stage_caches, self._shared):
+            feeds = {(abi.INPUT_IDS if stage.index == 0 else abi.HIDDEN_IN): hidden, **shared}
+            feeds.update({name: caches[name] for name in names})
+            graph = stage.graphs[role]
+            outputs = self.runners[graph["file"]].infer_in_place(feeds, in_place)
+            if graph.get("reports_overflow") and outputs[abi.MOE_OVERFLOW].any():
+                # the rerun recomputes every key/value the first run wrote, into the same slots
+                outputs = self.runners[stage.graphs["exact"]["file"]].infer_in_place(feeds, in_place)
+                rerun = True
+            hidden = outputs.get(abi.HIDDEN_OUT)
+        self.overflow_reruns += rerun
+        cache.advance(positions)
+        self.steps += 1
         return outputs[abi.LOGITS]
 
     def _check_finite(self, logits: np.ndarray) -> None:

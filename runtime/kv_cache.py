@@ -19,6 +19,9 @@ Who owns what, per step:
   a write needs more slots than the bucket, every buffer is reallocated at the next bucket and its
   filled slots copied: geometric growth, so amortized O(1) per token (25 reallocations from 0 to
   8192 tokens).
+- The gqa attention form writes the new keys/values itself, into the buffers it is fed (bound as the graph's
+  present outputs too): the engine asks `step_width` how many tokens the next step may take, `reserve_step` grows
+  the buffers before it, and `advance` counts the tokens after it; `write` is not used.
 - Buffer operations (allocate, grow, scatter new rows) go through a storage object. `HostStorage`
   keeps numpy arrays for ONNX Runtime on the CPU; a GPU backend supplies device arrays with the same
   three operations, so the cache never leaves the device and only the small index arrays computed
@@ -61,6 +64,10 @@ class HostStorage:
         grown = np.zeros(buffer.shape[:2] + (slots,) + buffer.shape[3:], dtype=buffer.dtype)
         grown[:, :, : buffer.shape[2]] = buffer
         return grown
+
+    def copy_row(self, buffer, source: int, target: int) -> None:
+        """buffer[target] = buffer[source], in place (one prompt's cache shared by several samples)."""
+        buffer[target] = buffer[source]
 
     def scatter(self, buffer, rows, slots, new, steps):
         if len(rows) <= 2:  # plain indexing per row beats fancy indexing for a row or two (docs/benchmarks.md)
@@ -186,6 +193,53 @@ class KVCache:
             storage.scatter(self.keys[layer.index], r, p, outputs[layer.outputs[0]], t)
             storage.scatter(self.values[layer.index], r, p, outputs[layer.outputs[1]], t)
         self.lengths = new_lengths
+
+    # -- written in place by the engine (the gqa attention form, graphs/lower_attention_gqa.py) ------------------
+    def step_width(self, tokens: int, idle: np.ndarray, lengths: np.ndarray | None = None) -> int:
+        """How many of the next `tokens` columns one in-place step may take: every row's buffer must hold its past
+        P_b plus the whole padded step (the kernel's contract), where a chunked layer's P_b is the row's place in its
+        current chunk and an idle row (`idle` [B]: no real token left in the step) counts at least 1. So a step that
+        would cross a chunk boundary (or pass the bundle's context) is cut there. `lengths`: the rows stepped
+        (default: all)."""
+        lengths = self.lengths if lengths is None else lengths
+        floor = idle.astype(lengths.dtype)  # an idle row's past is at least 1
+        width = min(tokens, self.max_context - int(np.maximum(lengths, floor).max()))
+        for ring in {layer.ring for layer in self._layers if layer.ring}:
+            width = min(width, ring - int(np.maximum(lengths % ring, floor).max()))
+        if width < 1:
+            raise ValueError(f"a row of this cache is full (its context of {self.max_context} tokens reached)")
+        return width
+
+    def reserve_step(self, width: int, idle: np.ndarray, lengths: np.ndarray | None = None) -> None:
+        """Grow the buffers so an in-place step of `width` columns fits every row (see step_width)."""
+        lengths = self.lengths if lengths is None else lengths
+        self._reserve(int(np.maximum(lengths, idle.astype(lengths.dtype)).max()) + width)
+
+    def advance(self, positions: np.ndarray) -> None:
+        """Count the step's real tokens (positions [B, T], -1 for padding) whose keys/values the engine wrote in
+        place; their slots were reserved by reserve_step."""
+        rows, steps = np.nonzero(positions >= 0)
+        if not len(rows):
+            return
+        positions = positions[rows, steps]
+        if positions.max() >= self.max_context:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond the bundle's context of {self.max_context} tokens"
+            )
+        np.maximum.at(self.lengths, rows, positions + 1)
+
+    @property
+    def can_copy_rows(self) -> bool:
+        return all(hasattr(storage, "copy_row") for storage in self._storage_of.values())
+
+    def copy_row(self, source: int, target: int) -> None:
+        """Make row `target` hold what row `source` holds (its length and every layer's slots): n samples of
+        one prompt share its prefill. Only where every storage can copy rows (`can_copy_rows`)."""
+        for layer in self._layers:
+            storage = self._storage_of[layer.index]
+            storage.copy_row(self.keys[layer.index], source, target)
+            storage.copy_row(self.values[layer.index], source, target)
+        self.lengths[target] = self.lengths[source]
 
     def reset_row(self, row: int) -> None:
         """Empty one row for a new sequence (continuous batching). Its stale slots stay in the buffers

@@ -96,8 +96,7 @@ class OnnxRuntimeRunner:
                     raise ValueError(f"input {name} has {got} on axis {axis}, the engine declares {want}")
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.session is None:
-            raise RuntimeError("runner is not active; use it as a context manager or call activate()")
+        self._check_active()
         # a float16 engine takes float32 feeds (caches the runtime keeps in float32): narrowed here
         feeds = {
             name: array.astype(np.float16)
@@ -110,3 +109,34 @@ class OnnxRuntimeRunner:
             self.validate(feeds)
             self._validated.add(signature)
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+    def infer_in_place(self, feeds: dict[str, np.ndarray], shared: dict[str, str]) -> dict[str, np.ndarray]:
+        """Run with I/O binding: each output named in `shared` (output -> input) is bound to its input's buffer, so
+        the graph writes it in place (the gqa attention form's cache, graphs/lower_attention_gqa.py); returns the
+        other outputs. The feeds must already have the engine's dtypes: a buffer written in place is not narrowed."""
+        import onnxruntime as ort
+
+        self._check_active()
+        signature = tuple((name, array.dtype, array.shape) for name, array in feeds.items())
+        if signature not in self._validated:
+            self.validate(feeds)
+            self._validated.add(signature)
+        binding = self.session.io_binding()
+        values = {}
+        for name, array in feeds.items():
+            # a C-contiguous host array is wrapped, not copied: the kernel's writes land in the caller's buffer
+            values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            binding.bind_ortvalue_input(name, values[name])
+        for name in self.output_names:
+            if name in shared:
+                binding.bind_ortvalue_output(name, values[shared[name]])
+            else:
+                binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return {
+            name: value.numpy() for name, value in zip(self.output_names, binding.get_outputs()) if name not in shared
+        }
+
+    def _check_active(self) -> None:
+        if self.session is None:
+            raise RuntimeError("runner is not active; use it as a context manager or call activate()")

@@ -38,6 +38,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -91,13 +92,21 @@ class Request:
     # the prompt is expanded and the images encoded (on the submitting thread), their features kept here
     images: list | None = None
     features: np.ndarray | None = dataclasses.field(default=None, repr=False)  # [patch tokens, H]
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's log-probability and the k most likely
+    # more samples of the same prompt (OpenAI's n): admitted with this request, each in its own row, their
+    # cache rows copied from this one's once its prefill is done instead of prefilling the prompt again
+    siblings: list[Request] = dataclasses.field(default_factory=list)
+    grammar: Any = None  # a compiled grammar (runtime/grammar.py): the tokens are masked to what it allows
     # set by the scheduler
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     tokens: list[int] = dataclasses.field(default_factory=list)
+    # with prompt_logprobs: (logprob, top) per prompt token, (None, ()) for the first
+    prompt_scores: list[tuple[float | None, tuple[tuple[int, float], ...]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
     arrived: float = dataclasses.field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    admitted_at: float | None = None  # when it took a batch row (queue time: admitted_at - arrived)
 
     @property
     def finished(self) -> bool:
@@ -127,10 +136,17 @@ class _Row:
     prefilled: int = 0  # prompt tokens already in the cache
     last_token: int = 0  # fed in the next decode step
     features_used: int = 0  # image features already scattered into prefill steps
+    forks: list[int] = dataclasses.field(default_factory=list)  # rows waiting for this row's prefill
+    constraint: Any = None  # runtime/grammar.py's Constraint, for a request with a grammar
+    waiting: bool = False  # a sibling whose cache row is copied from its leader's when that prefill is done
 
     @property
     def prefilling(self) -> bool:
-        return self.prefilled < len(self.request.prompt)
+        return not self.waiting and self.prefilled < len(self.request.prompt)
+
+    @property
+    def decoding(self) -> bool:
+        return not self.waiting and self.prefilled >= len(self.request.prompt)
 
 
 @dataclasses.dataclass
@@ -158,6 +174,15 @@ class _LeadingRows:
 
     def write(self, outputs: dict, positions: np.ndarray) -> None:
         self.cache.write(outputs, positions)  # positions [b, T]: its rows are the cache's first b rows
+
+    def step_width(self, tokens: int, idle: np.ndarray) -> int:
+        return self.cache.step_width(tokens, idle, self.lengths)
+
+    def reserve_step(self, width: int, idle: np.ndarray) -> None:
+        self.cache.reserve_step(width, idle, self.lengths)
+
+    def advance(self, positions: np.ndarray) -> None:
+        self.cache.advance(positions)  # positions [b, T]: its rows are the cache's first b rows
 
 
 def top_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
@@ -217,6 +242,13 @@ class Scheduler:
             request.prompt, request.features = prompts[0], features[0]
         else:
             request.prompt = self.engine._check_prompt(request.prompt, request.max_tokens)
+        if 1 + len(request.siblings) > self.max_batch:
+            raise ValueError(
+                f"n is {1 + len(request.siblings)}; the samples of a prompt run together, at most {self.max_batch}"
+            )
+        for sibling in request.siblings:
+            sibling.sampling.check(self.engine.vocab_size)
+            sibling.prompt = request.prompt
         with self._work:
             if self.died is not None:
                 raise Unavailable(f"the scheduler thread has stopped ({self.died})")
@@ -248,6 +280,12 @@ class Scheduler:
     def occupancy(self) -> int:
         """Rows holding a request (prefilling or decoding)."""
         return sum(row is not None for row in self.rows)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Cached tokens of the rows holding requests over what the rows can hold (0 to 1)."""
+        used = sum(int(self.cache.lengths[b]) for b, row in enumerate(self.rows) if row is not None)
+        return used / (self.max_batch * self.engine.manifest.max_context)
 
     @property
     def alive(self) -> bool:
@@ -291,7 +329,7 @@ class Scheduler:
         if prefilling:
             self._prefill_step(prefilling)
             ran = True
-        decoding = [b for b, row in enumerate(self.rows) if row is not None and not row.prefilling]
+        decoding = [b for b, row in enumerate(self.rows) if row is not None and row.decoding]
         if decoding:
             self._decode_step(decoding)
             ran = True
@@ -310,27 +348,50 @@ class Scheduler:
             for request in list(self._cancelled):
                 self._finish_locked(request, "cancelled")
             self._cancelled.clear()
-            for b, row in enumerate(self.rows):
-                if row is None and self._waiting:
-                    request = self._waiting.popleft()
+            while self._waiting:
+                request = self._waiting[0]
+                group = [request, *[s for s in request.siblings if not s.finished]]
+                free = [b for b, row in enumerate(self.rows) if row is None]
+                if len(free) < len(group):  # a group joins together, first come first served
+                    break
+                self._waiting.popleft()
+                if request.finished:  # cancelled while it waited: its siblings run on their own
+                    group = group[1:]
+                share = self.cache.can_copy_rows and len(group) > 1 and group[0] is request
+                for i, (b, member) in enumerate(zip(free, group)):
                     try:
-                        rng = np.random.default_rng(request.seed)
+                        rng = np.random.default_rng(member.seed)
                     except (TypeError, ValueError) as err:  # only this request fails
-                        request.finish_reason, request.error = "error", f"cannot seed the sampler: {err}"
-                        self._notify(request, Output(None, finish_reason="error", error=request.error))
+                        member.finish_reason, member.error = "error", f"cannot seed the sampler: {err}"
+                        self._notify(member, Output(None, finish_reason="error", error=member.error))
                         continue
                     self.cache.reset_row(b)
-                    params = request.sampling
-                    self.rows[b] = _Row(request, rng, params, History(request.prompt, self.engine.vocab_size, params))
+                    member.admitted_at = time.monotonic()
+                    params = member.sampling
+                    history = History(member.prompt, self.engine.vocab_size, params)
+                    constraint = None
+                    if member.grammar is not None:
+                        from llama4_deploy.runtime.grammar import Constraint  # deferred: xgrammar imports torch
+
+                        constraint = Constraint(member.grammar, self.engine.vocab_size)
+                    self.rows[b] = _Row(member, rng, params, history, waiting=share and i > 0, constraint=constraint)
+                    if share and i > 0:
+                        self.rows[free[0]].forks.append(b)
 
     def _finish_locked(self, request: Request, reason: str, error: str | None = None) -> None:
         """End a request wherever it is (waiting or in a row) and tell its listener once."""
         if request.finished:
             return
         if request in self._waiting:
+            at = self._waiting.index(request)
             self._waiting.remove(request)
+            for sibling in reversed([s for s in request.siblings if not s.finished]):
+                self._waiting.insert(at, sibling)  # they wait on as requests of their own
         for b, row in enumerate(self.rows):
             if row is not None and row.request is request:
+                for fork in row.forks:  # siblings still waiting for this prefill: they prefill on their own
+                    if self.rows[fork] is not None:
+                        self.rows[fork].waiting = False
                 self.rows[b] = None
         request.finish_reason, request.error = reason, error
         self._notify(request, Output(None, finish_reason=reason, error=error))
@@ -378,14 +439,44 @@ class Scheduler:
         logits = self._run("prefill", rows, ids, positions, images)  # [b, T, V], b = rows up to the last one in use
         if logits is None:
             return
-        complete = []
+        complete, source = [], []  # rows whose first token is due, and the (row, position) of their logits
         for b in rows:
             row = self.rows[b]
+            if row.request.prompt_logprobs is not None:
+                self._score_prompt(row, logits[b, : take[b]])
             row.prefilled += take[b]
             if not row.prefilling:
-                complete.append(b)
+                for ready in (b, *self._fork(b)):  # siblings sample their first token from the same logits
+                    complete.append(ready)
+                    source.append((b, take[b] - 1))
         if complete:
-            self._emit(complete, logits[complete, [take[b] - 1 for b in complete]])
+            self._emit(complete, logits[[b for b, _ in source], [t for _, t in source]])
+
+    def _fork(self, b: int) -> list[int]:
+        """Copy row b's cache into the rows of its waiting siblings; returns those rows."""
+        forks = []
+        for fork in self.rows[b].forks:
+            sibling = self.rows[fork]
+            if sibling is None or not sibling.waiting:
+                continue
+            self.cache.copy_row(b, fork)
+            sibling.prefilled, sibling.waiting = len(sibling.request.prompt), False
+            sibling.request.prompt_scores = list(self.rows[b].request.prompt_scores)
+            forks.append(fork)
+        self.rows[b].forks = []
+        return forks
+
+    @staticmethod
+    def _score_prompt(row: _Row, logits: np.ndarray) -> None:
+        """Log-probabilities of the prompt's tokens from this chunk's logits [t, V]: position j predicts token
+        j + 1 (the first token has none)."""
+        request, start = row.request, row.prefilled
+        if start == 0:
+            request.prompt_scores.append((None, ()))
+        for t in range(len(logits)):
+            target = start + t + 1
+            if target < len(request.prompt):
+                request.prompt_scores.append(top_logprobs(logits[t], request.prompt[target], request.prompt_logprobs))
 
     def _embeds(self, rows: list[int], ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """The embedding step for a prefill chunk, each image row's next features at its <|patch|> positions."""
@@ -415,6 +506,11 @@ class Scheduler:
         """Sample the next token of each of `rows` from logits [n, V] (one sampler call for them all), hand each
         to its listener, finish the requests that are done."""
         live = [self.rows[b] for b in rows]
+        if any(row.constraint is not None for row in live):
+            logits = logits.copy()  # the engine's logits stay as they were; the masked ones are sampled
+            for i, row in enumerate(live):
+                if row.constraint is not None:
+                    logits[i, ~row.constraint.allowed()] = -np.inf
         chosen = sample(
             logits,
             [row.params for row in live],
@@ -433,7 +529,9 @@ class Scheduler:
                 request.first_token_at = now
             row.last_token = token
             self._notify(request, Output(token, logprob, top))
-            if token in request.stop_tokens:
+            if row.constraint is not None:
+                row.constraint.accept(token)
+            if token in request.stop_tokens or (row.constraint is not None and row.constraint.complete):
                 reason = "stop"
             elif len(request.tokens) >= request.max_tokens:
                 reason = "length"

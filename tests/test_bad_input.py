@@ -335,7 +335,7 @@ def test_unknown_attention_form(tmp_path):
     build_fails(
         tmp_path,
         BuildError,
-        r"^unknown attention form 'flash'; choose one of decomposed, onnx23, auto$",
+        r"^unknown attention form 'flash'; choose one of decomposed, onnx23, gqa, auto$",
         attention="flash",
     )
 

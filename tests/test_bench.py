@@ -51,10 +51,10 @@ def test_bench_quick_run_prints_every_figure(capsys):
     assert rows["native"][-1].startswith("0/")  # an exact dispatch never reruns
 
 
-def test_context_bench_quick_run_prints_the_sweep(capsys):
+def test_context_bench_quick_run_prints_the_sweep(capsys, tmp_path):
     from tools import bench_context
 
-    assert bench_context.main(["--quick"]) == 0
+    assert bench_context.main(["--quick", "--plot", str(tmp_path / "decode.png")]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.strip().startswith("context"))
     assert header.split() == [
@@ -77,7 +77,7 @@ def test_context_bench_quick_run_prints_the_sweep(capsys):
         "MB",
         "c8",
     ]
-    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s", line)]
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s", line) and len(line.split()) > 2]
     assert [int(row[0]) for row in rows] == list(bench_context.QUICK.contexts)
     for row in rows:
         numbers = [float(cell.rstrip("x")) for cell in row[1:6]]
@@ -86,6 +86,12 @@ def test_context_bench_quick_run_prints_the_sweep(capsys):
     # slots, and the previous layout always fed 64-slot rings and copied the global bucket
     assert float(rows[1][-2]) >= float(rows[1][-1])
     assert re.search(r"prefill 32 tokens, tok/s: before \d+, c64 \d+, c8 \d+", out)
+    # decode ms/step per precision (the real-chunk bundle at int4), and the plot of every line
+    precision = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+[\d.]+$", line)]
+    assert [int(row[0]) for row in precision] == list(bench_context.QUICK.contexts)
+    assert all(float(row[1]) > 0 for row in precision)
+    assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decode.png"]
 
 
 def test_bench_precision_rows(capsys):

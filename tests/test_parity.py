@@ -52,7 +52,7 @@ def test_every_dispatch_is_exact(recipe, dispatch, tmp_path):
     bundle = build(recipe, out=tmp_path / recipe, moe_dispatch=dispatch, log=lambda _: None).bundle
     report = verify(str(bundle), log=lambda _: None)
     _check(report)
-    assert {g["attention"] for g in manifest(bundle)["engine"]["graphs"].values()} == {"onnx23"}
+    assert {g["attention"] for g in manifest(bundle)["engine"]["graphs"].values()} == {"gqa"}
     if dispatch != "auto":
         assert report.graphs["prefill"] == report.graphs["decode"] == dispatch
     uses_capacity = "capacity" in (report.graphs["prefill"], report.graphs["decode"])

@@ -69,6 +69,47 @@ def test_int4_int8_compute_verifies(tmp_path):
     _check(verify(str(bundle), log=lambda _: None))
 
 
+def test_int4_asymmetric_zero_points_verify(tmp_path):
+    """--int4-zero-point asymmetric (block 32, through the CLI): every MatMulNBits and QMoE carries packed 4-bit zero
+    points, and the bundle matches the simulation that rounds each block to [lo, hi] with its own zero point."""
+    flags = "--recipe tiny --precision int4 --int4-zero-point asymmetric --block-size 32".split()
+    result = invoke("build", *flags, "--out", tmp_path / "asym")
+    assert result.exit_code == 0, result.output
+    bundle = tmp_path / "asym"
+    m = manifest(bundle)
+    assert {r["zero_point"] for r in m["engine"]["quantization"]["rules"]} == {True}
+    assert m["engine"]["graphs"]["decode"]["moe_dispatch"] == "native"  # auto: the other dispatches refuse
+    graph = ir.load(bundle / "native.onnx").graph
+    kernels = [n for n in graph if n.op_type in ("MatMulNBits", "QMoE")]
+    assert len(kernels) == 4 * 4 + 2 * 3 + 2 * 3 + 2
+    for node in kernels:
+        zero_points = node.inputs[3] if node.op_type == "MatMulNBits" else node.inputs[11]
+        assert zero_points is not None and zero_points.dtype == ir.DataType.UINT8
+    _check(verify(str(bundle), log=lambda _: None))
+    user_error(
+        invoke("build", *flags, "--quant-form", "qdq", "--out", tmp_path / "qdq"), "--int4-zero-point", "ort form"
+    )
+    with pytest.raises(BuildError, match="asymmetric int4 experts are ONNX Runtime's QMoE kernel"):
+        build("tiny", out=tmp_path / "g", precision="int4", int4_zero_point="asymmetric", moe_dispatch="gather",
+              log=lambda _: None)  # fmt: skip
+    assert not (tmp_path / "g").exists()
+
+
+def test_int4_asymmetric_numbers():
+    from llama4_deploy.graphs.quantize import int4_blocked_asymmetric, int4_dequantize_asymmetric
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((70, 5)).astype(np.float32) + 0.5  # a partial last block (70 = 2 x 32 + 6)
+    w[:32, 0] = np.abs(w[:32, 0])  # an all-positive block: lo = 0, zero point 0
+    u, scale, zero = int4_blocked_asymmetric(w, 0, 32)
+    assert u.dtype == zero.dtype == np.uint8 and u.max() <= 15 and zero.max() <= 15
+    assert scale.shape == zero.shape == (3, 5) and zero[0, 0] == 0
+    back = int4_dequantize_asymmetric(u, scale, zero, 0, 32)
+    # round to nearest within a block's [lo, hi]: at most half a step off, and zero exactly representable
+    assert np.all(np.abs(back - w) <= np.repeat(scale, 32, 0)[:70] * 0.5 + 1e-6)
+    assert np.all(int4_dequantize_asymmetric(zero[:1].repeat(32, 0), scale[:1], zero[:1], 0, 32) == 0)
+
+
 def test_int4_qdq_and_cli(tmp_path):
     """The TensorRT form through the CLI (block 128, partial blocks on tiny's 64-wide axes), every
     weight a blocked INT4 DequantizeLinear, run by ONNX Runtime."""

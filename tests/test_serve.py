@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -277,7 +278,8 @@ def test_the_built_in_chat_template_is_llama_4_s_header_format():
         (b"{not json", None, "not valid JSON"),
         (b"[1, 2]", None, "valid dictionary"),
         ({"prompt": "w1"}, "model", "Field required"),
-        ({"model": "M", "prompt": "w1", "n": 2}, "n", "one choice per request"),
+        ({"model": "M", "prompt": "w1", "n": 0}, "n", "greater than or equal to 1"),
+        ({"model": "M", "prompt": "w1", "n": 9}, "n", "n is 9; the samples of a prompt run together"),
         ({"model": "M", "prompt": "w1", "temperature": 5}, "temperature", "less than or equal to 2"),
         ({"model": "M", "prompt": "w1", "top_p": 0}, "top_p", "greater than 0"),
         ({"model": "M", "prompt": "w1", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
@@ -286,9 +288,7 @@ def test_the_built_in_chat_template_is_llama_4_s_header_format():
         ({"model": "M", "prompt": {"text": "w1"}}, "prompt", "must be a string, a list of token ids"),
         ({"model": "M", "prompt": [1, 99999]}, "prompt", "outside the vocabulary"),
         ({"model": "M", "prompt": []}, "prompt", "prompt is empty"),
-        ({"model": "M", "prompt": [[1], [2]]}, "prompt", "one prompt per request"),
         ({"model": "M", "prompt": [1] * 1020, "max_tokens": 10}, "prompt", "exceeds the bundle's context"),
-        ({"model": "M", "prompt": "w1", "echo": True}, "echo", "echo is not supported"),
     ],
 )
 def test_invalid_completions_are_400_with_an_openai_error_object(live, engine, body, param, message):
@@ -344,8 +344,8 @@ def test_chat_errors_unknown_model_and_route(live, engine):
     assert status == 404 and answer["error"]["code"] == "model_not_found"
     status, text = live.get("/v1/nothing")
     assert status == 404 and json.loads(text)["error"]["message"] == "Not Found"
-    with pytest.raises(openai.BadRequestError, match="one choice per request"):
-        live.client().completions.create(model=name, prompt="w1", n=2)
+    with pytest.raises(openai.BadRequestError, match="n is 5"):
+        live.client().completions.create(model=name, prompt="w1", n=5)
 
 
 def test_a_full_queue_answers_429_with_retry_after(engine, slow_steps):
@@ -432,6 +432,11 @@ def test_metrics_are_prometheus_text_with_the_usual_series(live, engine):
     assert samples[("llama4_deploy_step_seconds_count", (("kind", "decode"),))] >= 1
     assert samples[("llama4_deploy_step_seconds_count", (("kind", "prefill"),))] >= 1
     assert samples[("llama4_deploy_time_to_first_token_seconds_count", ())] >= 1
+    assert samples[("llama4_deploy_queue_time_seconds_count", ())] >= 1
+    assert samples[("llama4_deploy_inter_token_latency_seconds_count", ())] >= 1
+    assert samples[("llama4_deploy_kv_cache_usage_ratio", ())] == 0  # nothing running now
+    assert samples[("llama4_deploy_model", (("model_name", engine.manifest.name),))] == 1
+    assert samples[("process_resident_memory_bytes", ())] > 0
     status, text = live.get("/health")
     assert status == 200 and json.loads(text)["status"] == "ok"
 
@@ -645,6 +650,15 @@ def test_sigterm_past_the_drain_timeout_answers_503_without_a_traceback(tiny_bun
         assert streamed.read(7) == b"data: {"
         waiting = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
         waiting.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+
+        def queued_depth():
+            health = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+            health.request("GET", "/health")
+            depth = json.loads(health.getresponse().read())["queue_depth"]
+            health.close()
+            return depth
+
+        _wait_for(lambda: queued_depth() == 1, "the second request to wait for the row")  # then SIGTERM
         server.send_signal(signal.SIGTERM)
         queued = waiting.getresponse()
         assert queued.status == 503 and "shutting down" in json.loads(queued.read())["error"]["message"]
@@ -1026,3 +1040,322 @@ def test_a_bad_chat_template_file_is_one_sentence(tiny_bundle, tmp_path, write, 
 
     write(tmp_path / "t.jinja")
     user_error(invoke("serve", str(tiny_bundle), "--port", "0", "--chat-template", str(tmp_path / "t.jinja")), message)
+
+
+# -- echo, prompt logprobs, prompt lists (issue 27 item 3, in part) ------------------------------------------
+def _log_softmax(logits):
+    import numpy as np
+
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_engine_score_does(live, engine):
+    # what lm-eval's loglikelihood asks: echo + logprobs, then reads the prompt tokens' log-probabilities
+    tokenizer = load_tokenizer(engine.manifest)
+    text = "w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16 w17 w18 w19 w20 w21 w22 w23"  # more than one prefill chunk
+    ids = tokenizer.encode(text)
+    done = live.client().completions.create(
+        model=engine.manifest.name, prompt=text, max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
+    choice = done.choices[0]
+    reference = _log_softmax(engine.score(ids))  # [T, V]
+    expected = [None] + [float(reference[j - 1, ids[j]]) for j in range(1, len(ids))]
+    lp = choice.logprobs
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
+    # the same logits through the same prefill: equal to float64 rounding of the log-softmax
+    assert all(abs(a - b) < 1e-9 for a, b in zip(lp.token_logprobs[1 : len(ids)], expected[1:]))
+    assert lp.top_logprobs[0] is None and all(len(t) == 1 for t in lp.top_logprobs[1:])
+    assert choice.text.startswith(text) and lp.tokens[: len(ids)] == [tokenizer.decode([t]) for t in ids]
+    assert lp.text_offset[: len(ids)] == [len(tokenizer.decode(ids[:j])) for j in range(len(ids))]
+    assert lp.text_offset[len(ids)] == len(text)  # the completion's first token begins after the prompt
+    assert choice.token_ids == generated(engine, ids, 1)
+
+
+def test_a_list_of_prompts_gets_one_choice_each_streamed_or_not(live, engine):
+    tokenizer = load_tokenizer(engine.manifest)
+    prompts = ["w5 w6 w7", "w9 w8 w7 w6", "w20 w21"]
+    ids = [tokenizer.encode(p) for p in prompts]
+    expected = [generated(engine, p, 4) for p in ids]
+    client = live.client()
+    done = client.completions.create(
+        model=engine.manifest.name, prompt=prompts, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    assert [c.token_ids for c in done.choices] == expected
+    assert [c.text for c in done.choices] == [tokenizer.decode(e) for e in expected]
+    assert done.usage.prompt_tokens == sum(len(p) for p in ids) and done.usage.completion_tokens == 12
+    chunks = list(
+        client.completions.create(
+            model=engine.manifest.name,
+            prompt=ids,  # as token ids this time
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            echo=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    for i in range(len(prompts)):
+        text = "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
+        assert text == tokenizer.decode(ids[i]) + tokenizer.decode(expected[i])  # echo: the ids' text
+    assert (
+        sorted(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason) == ["length"] * 3
+    )
+
+
+def test_n_samples_share_the_prefill_and_each_equals_generate_with_its_seed(live, engine):
+    prompt = [4, 9, 16, 25, 36]
+    kinds = []
+    live.server.scheduler.on_step = lambda record: kinds.append((record.kind, record.tokens))
+    try:
+        done = live.client().completions.create(
+            model=engine.manifest.name,
+            prompt=prompt,
+            max_tokens=6,
+            temperature=1.0,
+            seed=21,
+            n=3,
+            extra_body={"ignore_eos": True},
+        )
+    finally:
+        live.server.scheduler.on_step = live.server.metrics.observe_step
+    for j, choice in enumerate(done.choices):
+        assert choice.index == j
+        assert choice.token_ids == engine.generate([prompt], 6, temperature=1.0, seed=21 + j, stop_tokens=[]).tokens[0]
+    assert len({tuple(c.token_ids) for c in done.choices}) > 1  # three samples, not one answer three times
+    assert sum(tokens for kind, tokens in kinds if kind == "prefill") == len(prompt)  # prefilled once
+    assert done.usage.completion_tokens == 18
+    chunks = list(
+        live.client().chat.completions.create(
+            model=engine.manifest.name,
+            messages=[{"role": "user", "content": "w3 w4"}],
+            max_tokens=3,
+            temperature=0,
+            n=2,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    texts = [
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        for i in (0, 1)
+    ]
+    assert texts[0] == texts[1] and texts[0]  # greedy: both samples alike
+
+
+# -- structured output (issue 27 item 5) ---------------------------------------------------------------------
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_output_parses_and_validates_while_free_requests_share_the_batch(byte_level_live, engine):
+    pytest.importorskip("xgrammar")
+    live, name = byte_level_live, engine.manifest.name
+    client = live.client()
+    free_prompt = [5, 6, 7]
+
+    def constrained(kind):
+        common = {"model": name, "max_tokens": 40, "temperature": 0.8, "seed": 1}
+        if kind == "schema":
+            fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
+            reply = client.chat.completions.create(
+                messages=[{"role": "user", "content": "ab"}], response_format=fmt, **common
+            )
+            return reply.choices[0].message.content, reply.choices[0].finish_reason
+        extra = {"choice": {"guided_choice": ["yes", "no", "maybe"]}, "regex": {"guided_regex": "w[0-9]{2}"}}[kind]
+        done = client.completions.create(prompt=[9, 8], extra_body=extra, **common)
+        return done.choices[0].text, done.choices[0].finish_reason
+
+    def free():
+        done = client.completions.create(
+            model=name, prompt=free_prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
+        return done.choices[0].token_ids
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = {kind: pool.submit(constrained, kind) for kind in ("schema", "choice", "regex")}
+        unconstrained = pool.submit(free)
+        answers = {kind: f.result(TIMEOUT) for kind, f in futures.items()}
+        assert unconstrained.result(TIMEOUT) == generated(engine, free_prompt, 12)  # unaffected by the masks
+    text, reason = answers["schema"]
+    document = json.loads(text)
+    assert reason == "stop" and set(document) == {"ok", "n"}
+    assert isinstance(document["ok"], bool) and document["n"] in (1, 2, 3)
+    assert answers["choice"] == (answers["choice"][0], "stop") and answers["choice"][0] in ("yes", "no", "maybe")
+    assert re.fullmatch(r"w[0-9]{2}", answers["regex"][0]) and answers["regex"][1] == "stop"
+
+
+def test_structured_output_requests_that_cannot_be_compiled_are_400(byte_level_live, engine):
+    pytest.importorskip("xgrammar")
+    name = engine.manifest.name
+    for extra, param, words in [
+        ({"guided_regex": "w[0-9"}, "guided_regex", "cannot be compiled into a grammar"),
+        ({"guided_regex": "w1", "guided_choice": ["a"]}, "response_format", "both ask for a structure"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+            "needs json_schema.schema",
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format.type", "'text', 'json_object' or 'json_schema'"),
+        ({"guided_choice": []}, "guided_choice", "at least 1 item"),
+    ]:
+        status, _, answer = byte_level_live.post("/v1/completions", {"model": name, "prompt": [1], **extra})
+        assert status == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer
+
+
+# -- tool calls (issue 27 item 6) -----------------------------------------------------------------------------
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["paris", "rome"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_required_and_named_tool_choice_always_give_valid_calls(byte_level_live, engine):
+    pytest.importorskip("xgrammar")
+    client, name = byte_level_live.client(), engine.manifest.name
+    messages = [{"role": "user", "content": "ab"}]
+    common = {"model": name, "messages": messages, "tools": [WEATHER, CLOCK], "max_tokens": 60, "temperature": 0.7}
+    reply = client.chat.completions.create(tool_choice="required", seed=3, **common).choices[0]
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    call = reply.message.tool_calls[0]
+    assert call.function.name in ("get_weather", "get_time") and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    assert arguments == {} if call.function.name == "get_time" else arguments["city"] in ("paris", "rome")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(client.chat.completions.create(tool_choice=named, seed=4, stream=True, **common))
+    calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(calls) == 1 and calls[0][0].function.name == "get_weather"
+    assert json.loads(calls[0][0].function.arguments)["city"] in ("paris", "rome")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    # earlier calls and their results go back through the template (the checkpoint's renders their content)
+    history = messages + [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+            ],
+        },
+        {"role": "tool", "content": "sunny", "tool_call_id": call.id},
+    ]
+    follow = client.chat.completions.create(
+        model=name, messages=history, tools=[WEATHER, CLOCK], tool_choice="none", max_tokens=3, temperature=0
+    )
+    assert follow.choices[0].message.tool_calls is None and follow.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    "extra, param, words",
+    [
+        ({"tool_choice": "required"}, "tool_choice", "tools is empty"),
+        (
+            {"tools": [CLOCK], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+            "'nope', which is not in tools",
+        ),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name", "pattern"),
+        (
+            {"tools": [CLOCK], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "tool_choice",
+            "both ask",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [
+                            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}
+                        ],
+                    }
+                ]
+            },
+            "messages.0.tool_calls",
+            "is not JSON",
+        ),
+    ],
+)
+def test_tool_requests_that_cannot_be_carried_out_are_400(byte_level_live, engine, extra, param, words):
+    body = {"model": engine.manifest.name, "messages": [{"role": "user", "content": "ab"}], "max_tokens": 2, **extra}
+    status, _, answer = byte_level_live.post("/v1/chat/completions", body)
+    assert status == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer
+
+
+def test_health_answers_503_while_the_bundle_loads(engine):
+    from llama4_deploy.serving.server import Loading
+
+    release = threading.Event()
+
+    def make_server():
+        release.wait(TIMEOUT)  # the weights are "loading" until the test says so
+        return Server(engine)
+
+    app = Loading(make_server)
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    uv = _uvicorn_server(app, drain_timeout=5)
+    thread = threading.Thread(target=lambda: asyncio.run(uv.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: uv.started, "the server to listen")
+
+        def get(path, body=None):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+            conn.request("POST" if body else "GET", path, json.dumps(body) if body else None)
+            response = conn.getresponse()
+            answer = (response.status, response.getheader("retry-after"), json.loads(response.read()))
+            conn.close()
+            return answer
+
+        assert get("/health") == (503, "1", {"status": "loading"})
+        status, retry, answer = get("/v1/completions", {"model": engine.manifest.name, "prompt": [1]})
+        assert status == 503 and retry == "1" and answer["error"]["code"] == "loading"
+        release.set()
+        _wait_for(lambda: get("/health")[0] == 200, "the bundle to load")
+        body = {
+            "model": engine.manifest.name,
+            "prompt": [5, 6, 7],
+            "max_tokens": 3,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        status, _, answer = get("/v1/completions", body)
+        assert status == 200 and answer["choices"][0]["token_ids"] == generated(engine, [5, 6, 7], 3)
+    finally:
+        release.set()
+        uv.should_exit = True
+        thread.join(TIMEOUT)
+    assert app.server.scheduler._worker is None  # shutdown stopped its scheduler (the engine is the caller's)
+
+
+def test_a_load_that_fails_after_listening_exits_with_its_one_sentence(tiny_bundle, tmp_path):
+    import shutil
+
+    from tests.test_cli import invoke, user_error
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    weights = next(bundle.glob("*.data"))
+    weights.write_bytes(weights.read_bytes()[:-64])  # found by the file check when the engine loads
+    user_error(invoke("serve", str(bundle), "--port", "0"), weights.name)

@@ -48,6 +48,7 @@ def test_quantized_tensorrt_form_matches_its_simulation(precision, block, tmp_pa
         (("--precision", "int4", "--block-size", "32"), ("int4 block 32", "64 or 128")),
         (("--precision", "int4", "--quant-form", "ort"), ("ort quantization form", "--quant-form qdq")),
         (("--attention", "onnx23"), ("--attention decomposed",)),
+        (("--attention", "gqa"), ("GroupQueryAttention", "--attention decomposed")),
         (("--moe-dispatch", "native"), ("com.microsoft.MoE",)),
     ],
 )

@@ -29,7 +29,7 @@ import yaml
 
 from llama4_deploy.runtime import abi
 from llama4_deploy.runtime.kv_cache import KVCache
-from tools.bench import median_seconds
+from tools.bench import median_seconds, precision_build_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +40,13 @@ class Sizes:
     prefill_tokens: int = 1024
     decode_repeats: int = 30
     prefill_repeats: int = 3
+    # the real-chunk bundle again at these precisions (tools/bench.py's `precision[-form]` choices): decode ms/step
+    # against context per precision, the second table and the plot's other lines
+    precisions: tuple[str, ...] = ("fp8", "int4-ort")
 
 
 FULL = Sizes()
-QUICK = Sizes("tiny", (64, 8), (16, 40), 32, 2, 1)  # a smoke run: exercises every path, proves nothing
+QUICK = Sizes("tiny", (64, 8), (16, 40), 32, 2, 1, ("int4-ort",))  # a smoke run: every path, proves nothing
 
 
 class FullRingCache(KVCache):
@@ -130,8 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke run at tiny sizes (the figures mean nothing)")
+    parser.add_argument(
+        "--plot", type=Path, default=Path("build/bench/decode-context.png"), help="PNG of decode ms/step vs context"
+    )
+    parser.add_argument("--precisions", help="comma-separated precisions of the real-chunk bundle besides fp32")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    if args.precisions is not None:
+        sizes = dataclasses.replace(sizes, precisions=tuple(p for p in args.precisions.split(",") if p))
     real, small = sizes.chunks
     max_context = max(sizes.contexts) + 512
 
@@ -161,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{'before/now':>11}{'KV MB before':>13}{f'KV MB c{real}':>13}{f'KV MB c{small}':>12}",
             flush=True,
         )
+        curves = {name: [] for name, _, _ in columns}
         for context in sizes.contexts:
             figures = [decode_ms(engine, cache, context, sizes.decode_repeats) for _, engine, cache in columns]
+            for (name, _, _), (ms, _) in zip(columns, figures):
+                curves[name].append(ms)
             (before, kv_before), (now, kv_now), (base, kv_base) = figures
             print(
                 f"{context:>8}{before:>11.2f}{now:>11.2f}{base:>10.2f}{now / base:>10.2f}x{before / now:>10.2f}x"
@@ -177,7 +189,67 @@ def main(argv: list[str] | None = None) -> int:
         )
         for engine in engines.values():
             engine.close()
+        by_precision = precision_curves(sizes, real, max_context, args.threads, Path(scratch))
+    lines = {f"c{real} fp32": curves[f"c{real}"], **by_precision, f"c{small} fp32": curves[f"c{small}"]}
+    lines[f"c{real} fp32, previous cache layout"] = curves["before"]
+    plot_curves(lines, sizes, args.plot)
+    print(f"wrote {args.plot}", flush=True)
     return 0
+
+
+def precision_curves(sizes: Sizes, chunk: int, max_context: int, threads: int, scratch: Path) -> dict[str, list]:
+    """Decode ms/step at each context of the real-chunk bundle built at each of sizes.precisions."""
+    from llama4_deploy.build import build
+    from llama4_deploy.runtime import load
+
+    if not sizes.precisions:
+        return {}
+    print(
+        f"{'context':>8}" + "".join(f"{f'{choice} ms':>14}" for choice in sizes.precisions) + f"   (chunk {chunk})",
+        flush=True,
+    )
+    curves = {}
+    for choice in sizes.precisions:
+        bundle = build(
+            str(_recipe_with_chunk(sizes.recipe, chunk, scratch)),
+            out=scratch / f"c{chunk}-{choice}",
+            max_context=max_context,
+            prefill_tokens=sizes.prefill_tokens,
+            log=lambda _: None,
+            **{k: v for k, v in precision_build_options(choice).items() if v is not None},
+        ).bundle
+        with load(bundle, threads=threads) as engine:
+            curves[f"c{chunk} {choice}"] = [
+                decode_ms(engine, KVCache, context, sizes.decode_repeats)[0] for context in sizes.contexts
+            ]
+    for i, context in enumerate(sizes.contexts):
+        print(f"{context:>8}" + "".join(f"{curves[f'c{chunk} {c}'][i]:>14.2f}" for c in sizes.precisions), flush=True)
+    return curves
+
+
+def plot_curves(curves: dict[str, list], sizes: Sizes, path: Path) -> None:
+    """Decode ms/step against tokens already cached, one line per bundle (matplotlib, PNG written whole)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: a file only
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    for name, values in curves.items():
+        ax.plot(sizes.contexts, values, "o-" if "previous" not in name else "x--", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes.contexts, [str(c) for c in sizes.contexts])
+    ax.set_xlabel("tokens already cached (context)")
+    ax.set_ylabel("decode step, batch 1 (ms, median)")
+    ax.set_title(f"{sizes.recipe}: decode ms/step vs context, per chunk and precision")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.partial.png")
+    fig.savefig(partial)
+    plt.close(fig)
+    partial.replace(path)
 
 
 if __name__ == "__main__":

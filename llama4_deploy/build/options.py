@@ -33,6 +33,7 @@ OVERRIDES = {
     "quant_form": "quant_form",
     "quant_method": "quant_method",
     "int4_compute": "int4_compute",
+    "int4_zero_point": "int4_zero_point",
     "calibration": "calibration",
     "stages": "stages",
     "extra_dispatches": "extra_dispatches",
@@ -48,6 +49,7 @@ _NAMES = {
     "quant_form": "quantization form",
     "quant_method": "quantization method",
     "int4_compute": "int4 compute",
+    "int4_zero_point": "int4 zero point",
     "compute_dtype": "compute dtype",
     "block_size": "block size",
 }

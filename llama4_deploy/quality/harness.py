@@ -21,6 +21,7 @@ lm-eval asks a model three things; each goes through the runtime path that serve
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -202,6 +203,15 @@ def cut_at_stop(text: str, until: Sequence[str]) -> str:
     return text[: min(hits)] if hits else text
 
 
+def offline(allow_downloads: bool) -> None:
+    """Without `allow_downloads`, datasets and huggingface_hub read only local files and their cache: lm-eval's
+    own tasks fetch their data from the Hugging Face Hub, which this tool does only when asked. Set before either
+    library is imported (both read the switch at import)."""
+    if not allow_downloads:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
 def run_tasks(
     bundle: str | Path,
     tasks: Sequence[str],
@@ -209,8 +219,11 @@ def run_tasks(
     limit: int | None = None,
     threads: int | None = None,
     max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+    allow_downloads: bool = False,
 ) -> dict:
-    """lm-eval's simple_evaluate over the bundle; lm-eval's results dict (`lm_eval.utils.make_table` prints it)."""
+    """lm-eval's simple_evaluate over the bundle; lm-eval's results dict (`lm_eval.utils.make_table` prints it).
+    `allow_downloads`: let lm-eval fetch task data from the Hugging Face Hub (off: local files and the cache only)."""
+    offline(allow_downloads)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -231,10 +244,15 @@ def run_tasks(
             + ("" if include_path else " (a task of your own: --include-path DIR with its YAML)")
         )
     with load(bundle, threads=threads) as engine:
-        return simple_evaluate(
-            model=BundleLM(engine, max_gen_toks=max_gen_toks),
-            tasks=list(tasks),
-            limit=limit,
-            task_manager=manager,
-            log_samples=True,
-        )
+        try:
+            return simple_evaluate(
+                model=BundleLM(engine, max_gen_toks=max_gen_toks),
+                tasks=list(tasks),
+                limit=limit,
+                task_manager=manager,
+                log_samples=True,
+            )
+        except (ConnectionError, OSError) as err:  # task data that is neither local nor cached
+            reason = " ".join(str(err).split())[:300]
+            hint = "" if allow_downloads else "; --allow-downloads lets lm-eval fetch it from the Hugging Face Hub"
+            raise ValueError(f"lm-eval could not load the task data ({reason}){hint}") from None

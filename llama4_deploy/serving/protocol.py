@@ -73,15 +73,8 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "reasoning_effort": (lambda v: v is None, "the model has no reasoning mode"),
     "web_search_options": (lambda v: v is None, "no web search"),
     "service_tier": (lambda v: v in (None, "auto", "default"), "one service tier"),
-    "response_format": (lambda v: v is None or v == {"type": "text"}, "no structured output yet"),
-    "tools": (lambda v: v is None or v == [], "no tool calls yet"),
-    "tool_choice": (lambda v: v is None or v == "none", "no tool calls yet"),
     "functions": (lambda v: v is None or v == [], "no function calls"),
     "function_call": (lambda v: v is None or v == "none", "no function calls"),
-    "guided_json": (lambda v: v is None, "no structured output yet"),
-    "guided_regex": (lambda v: v is None, "no structured output yet"),
-    "guided_choice": (lambda v: v is None, "no structured output yet"),
-    "guided_grammar": (lambda v: v is None, "no structured output yet"),
 }
 
 
@@ -96,6 +89,17 @@ class StreamOptions(_Strict):
     include_usage: Flag = False
 
 
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[Text, Any] | None = None  # {"name", "schema", "strict", "description"}
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and not isinstance((self.json_schema or {}).get("schema"), dict):
+            raise ValueError("type json_schema needs json_schema.schema, a JSON schema object")
+        return self
+
+
 class _Sampling(_Strict):
     model: Text
     temperature: Number = Field(1.0, ge=0.0, le=2.0)
@@ -106,7 +110,7 @@ class _Sampling(_Strict):
     stop_token_ids: list[TokenId] | None = None
     stream: Flag = False
     stream_options: StreamOptions | None = None
-    n: Count = 1
+    n: Annotated[int, Strict(), Field(ge=1)] = 1  # samples per prompt, sharing its prefill; at most the rows
     ignore_eos: Flag = False  # vLLM's: generate max_tokens tokens whatever the model says
     # accepted without effect (OpenAI's bookkeeping fields; documented as such in the README)
     user: Text | None = None
@@ -123,11 +127,12 @@ class _Sampling(_Strict):
     # known, and refused unless they ask for nothing (REFUSED says why)
     best_of: Any = None
     service_tier: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    response_format: Any = None
+    # structured output (runtime/grammar.py): OpenAI's response_format, vLLM's guided_* extras
+    response_format: ResponseFormat | None = None
+    guided_json: dict[Text, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    guided_grammar: Text | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -140,22 +145,10 @@ class _Sampling(_Strict):
     @field_validator(
         "best_of",
         "service_tier",
-        "guided_json",
-        "guided_regex",
-        "guided_choice",
-        "guided_grammar",
-        "response_format",
     )
     @classmethod
     def _refused(cls, value, info: ValidationInfo):
         return _refuse_unless_no_op(value, info)
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"n is {n}; this server returns one choice per request (n=1)")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -163,6 +156,27 @@ class _Sampling(_Strict):
         if isinstance(stop, list) and len(stop) > 4:
             raise ValueError(f"stop has {len(stop)} entries; give at most 4")
         return stop
+
+    def structure(self) -> tuple[str, str, Any] | None:
+        """(field, kind, source) of the one structure asked for, or None; two at once is refused."""
+        asked = [
+            (field, kind, value)
+            for field, kind, value in [
+                ("guided_json", "schema", self.guided_json),
+                ("guided_regex", "regex", self.guided_regex),
+                ("guided_choice", "choice", self.guided_choice),
+                ("guided_grammar", "ebnf", self.guided_grammar),
+            ]
+            if value is not None
+        ]
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            asked.append(("response_format", "json", None))
+        elif rf is not None and rf.type == "json_schema":
+            asked.append(("response_format", "schema", rf.json_schema["schema"]))
+        if len(asked) > 1:
+            raise ValueError(f"{asked[0][0]} and {asked[1][0]} both ask for a structure; give one")
+        return asked[0] if asked else None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -208,13 +222,6 @@ class CompletionRequest(_Sampling):
 
     _prompt_form = field_validator("prompt", mode="before")(_prompt_shape)
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported; the response holds the new text only")
-        return echo
-
 
 class ImageURL(_Strict):
     url: Text  # a data: URL, or a file under --allowed-local-media-path (remote URLs are refused)
@@ -238,10 +245,44 @@ class ContentPart(_Strict):
         return self
 
 
+class CalledFunction(_Strict):
+    name: Text
+    arguments: Text  # JSON, as OpenAI sends it back
+
+
+class AssistantToolCall(_Strict):
+    id: Text
+    type: Literal["function"]
+    function: CalledFunction
+
+
+class FunctionSpec(_Strict):
+    name: Annotated[str, Strict(), Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[Text, Any] | None = None  # a JSON schema
+    strict: Flag | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(_Strict):
+    name: Text
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None  # OpenAI's participant name: passed to the chat template
+    tool_calls: list[AssistantToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool message answers this call
 
     def text(self, image_marker: str = "") -> str:
         """The message's text, each image part as `image_marker` where it stands."""
@@ -270,8 +311,8 @@ class ChatCompletionRequest(_Sampling):
     prediction: Any = None
     reasoning_effort: Any = None
     web_search_options: Any = None
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: Any = None
     function_call: Any = None
     chat_template_kwargs: dict[Text, Any] | None = None  # vLLM's: more variables for the chat template
@@ -290,8 +331,6 @@ class ChatCompletionRequest(_Sampling):
         "prediction",
         "reasoning_effort",
         "web_search_options",
-        "tools",
-        "tool_choice",
         "functions",
         "function_call",
     )
@@ -303,14 +342,14 @@ class ChatCompletionRequest(_Sampling):
 class TokenizeRequest(_Strict):
     """vLLM's /tokenize: a prompt (or chat messages, rendered by the template) to token ids."""
 
-    model: Text
+    model: Text | None = None  # optional, as vLLM's (lm-eval's remote tokenizer sends none); checked when given
     prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: Flag = True
 
 
 class DetokenizeRequest(_Strict):
-    model: Text
+    model: Text | None = None
     tokens: list[TokenId]
 
 

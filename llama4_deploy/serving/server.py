@@ -45,6 +45,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -52,18 +53,21 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama4_deploy import __version__
-from llama4_deploy.runtime import load
+from llama4_deploy.runtime import load, read_manifest
 from llama4_deploy.runtime.engine import Engine
+from llama4_deploy.runtime.grammar import GrammarError, Grammars
 from llama4_deploy.runtime.images import image_from_url
 from llama4_deploy.runtime.scheduler import Output, QueueFull, Request, Scheduler, StepRecord, Unavailable
 from llama4_deploy.runtime.tokenizer import Tokenizer, load_tokenizer
 from llama4_deploy.serving.protocol import (
+    SEED_LIMIT,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
     error_body,
 )
+from llama4_deploy.serving.tools import PARSERS, call_schema, parse
 
 log = logging.getLogger("llama4_deploy.serving.server")
 RETRY_AFTER_S = 1
@@ -109,7 +113,8 @@ class ChatTemplate:
         )
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = self._raise
-        self.template = env.from_string(template or DEFAULT_CHAT_TEMPLATE)
+        self.text = template or DEFAULT_CHAT_TEMPLATE
+        self.template = env.from_string(self.text)
 
     @staticmethod
     def _token(value) -> str:
@@ -148,10 +153,27 @@ def _read_template(path: Path) -> str:
 class Metrics:
     """Prometheus metrics, named as serving dashboards already graph them."""
 
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self, scheduler: Scheduler, model_name: str):
         disable_created_metrics()  # no *_created series: they double the text and nobody graphs them
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        info = Gauge("llama4_deploy_model", "The served model (always 1)", ["model_name"], registry=r)
+        info.labels(model_name).set(1)
+        usage = Gauge("llama4_deploy_kv_cache_usage_ratio", "Cached tokens of the busy rows over capacity", registry=r)
+        usage.set_function(lambda: scheduler.kv_cache_usage)
+        self.queue_time = Histogram(
+            "llama4_deploy_queue_time_seconds",
+            "Arrival to taking a batch row",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "llama4_deploy_inter_token_latency_seconds",
+            "Time between two tokens of a request",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
+            registry=r,
+        )
         self.requests = Counter(
             "llama4_deploy_requests",
             "Requests finished, by endpoint and finish reason",
@@ -213,6 +235,7 @@ class _Run:
             )
         self.stream = tokenizer.stream(stop_strings) if tokenizer else None
         self.tokens: list[int] = []  # tokens whose text is in the answer
+        self._last_token_at: float | None = None
         self.offsets: list[int] = []  # the character offset in the answer where each token's text begins
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -244,6 +267,10 @@ class _Run:
                     break
                 if output.token in self.request.stop_tokens:  # its text is not part of the answer
                     continue
+                now = time.monotonic()
+                if self._last_token_at is not None:
+                    self.server.metrics.inter_token.observe(now - self._last_token_at)
+                self._last_token_at = now
                 self.tokens.append(output.token)
                 self.offsets.append(len(self.stream.text) if self.stream else 0)  # where its text begins
                 self.server.metrics.generation_tokens.inc()
@@ -261,17 +288,11 @@ class _Run:
     def _record(self) -> None:
         metrics, request = self.server.metrics, self.request
         metrics.requests.labels(self.endpoint, self.finish_reason).inc()
+        if request.admitted_at is not None:
+            metrics.queue_time.observe(request.admitted_at - request.arrived)
         if request.first_token_at is not None:
             metrics.ttft.observe(request.first_token_at - request.arrived)
             metrics.latency.observe(time.monotonic() - request.arrived)
-
-    def usage(self) -> dict:
-        prompt = len(self.request.prompt)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": len(self.tokens),
-            "total_tokens": prompt + len(self.tokens),
-        }
 
 
 # -- the server ---------------------------------------------------------------------------------
@@ -285,6 +306,7 @@ class Server:
         max_queue: int = 64,
         max_request_bytes: int = MAX_REQUEST_BYTES,
         ignore_unknown_fields: bool = False,
+        tool_call_parser: str = "llama4_json",
         api_key: str | None = None,
         served_model_name: str | None = None,
         chat_template: Path | None = None,
@@ -298,22 +320,28 @@ class Server:
             raise ValueError("--served-model-name is empty")
         self.api_key = api_key
         self.allowed_origins = tuple(allowed_origins)
+        # image_url parts may name files only under this directory (None: data: URLs only)
+        self.allowed_local_media_path = allowed_local_media_path
         self.log_requests = log_requests
         self.ignore_unknown_fields = ignore_unknown_fields
+        if tool_call_parser not in PARSERS:
+            raise ValueError(f"--tool-call-parser is {tool_call_parser!r}; choose {' or '.join(PARSERS)}")
+        self.tool_call_parser = tool_call_parser
         if max_request_bytes < 1:
             raise ValueError(f"--max-request-bytes is {max_request_bytes}; it must be at least 1")
         self.max_request_bytes = max_request_bytes
         self.engine = engine
-        # image_url parts may name files only under this directory (None: data: URLs only)
-        self.allowed_local_media_path = allowed_local_media_path
         self.model = served_model_name or engine.manifest.name
         self.created = int(time.time())
         self.tokenizer: Tokenizer | None = None
         if engine.manifest.tokenizer_path is not None and engine.manifest.tokenizer_path.is_file():
             self.tokenizer = load_tokenizer(engine.manifest)
         self.chat_template = ChatTemplate(engine.manifest.tokenizer_config_path, chat_template)
+        self.grammars = (
+            Grammars(self._token_bytes_of, engine.vocab_size, engine.manifest.eos_token_ids) if self.tokenizer else None
+        )
         self.scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
-        self.metrics = Metrics(self.scheduler)
+        self.metrics = Metrics(self.scheduler, self.model)
         self.scheduler.on_step = self.metrics.observe_step
         self.app = self._make_app()
 
@@ -344,18 +372,39 @@ class Server:
             )
         return self.tokenizer.encode(text, add_special_tokens=special)
 
-    def _prompt_ids(self, prompt, max_tokens: int) -> list[int]:
-        """Token ids of a completion prompt (on a worker thread: tokenizing may take seconds)."""
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one prompt
-        if isinstance(prompt, str):
-            ids = self._encode(prompt, "prompt")
-        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            ids = prompt
-        else:
-            raise ClientError("prompt holds several prompts; send one prompt per request", "prompt")
-        self._check_length(ids, max_tokens, "prompt")
+    @staticmethod
+    def _prompts(prompt) -> list[str | list[int]]:
+        """OpenAI's four prompt forms as a list of prompts (a string or token ids each)."""
+        if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
+            return [prompt]
+        return list(prompt)
+
+    def _prompt_ids(self, prompts: list, max_tokens: int) -> list[list[int]]:
+        """Token ids of each completion prompt (on a worker thread: tokenizing may take seconds)."""
+        ids = []
+        for i, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            ids.append(self._encode(prompt, param) if isinstance(prompt, str) else prompt)
+            self._check_length(ids[-1], max_tokens, param)
         return ids
+
+    def _echo(self, prompt: str | list[int], ids: list[int], scores, k: int | None, head: int) -> tuple[str, dict]:
+        """The prompt's text as given (or decoded from its ids), and its logprobs part: each prompt token's
+        text, log-probability (None for the first), top-k and offset."""
+        text = prompt if isinstance(prompt, str) else (self.tokenizer.decode(ids) if self.tokenizer else "")
+        if k is None:
+            return text, {}
+        stream, offsets = (self.tokenizer.stream() if self.tokenizer else None), []
+        for token in ids:
+            offsets.append(head + (len(stream.text) if stream else 0))
+            if stream:
+                stream.push(token)
+        return text, {
+            "tokens": [self._token_text(t) for t in ids],
+            "token_logprobs": [lp for lp, _ in scores],
+            "top_logprobs": [None if lp is None else {self._token_text(t): v for t, v in top} for lp, top in scores],
+            "text_offset": offsets,
+        }
 
     def _chat_ids(self, messages: list[dict], variables: dict | None = None) -> list[int]:
         """The rendered chat template's token ids (on a worker thread)."""
@@ -424,6 +473,107 @@ class Server:
             raise ClientError(f"min_tokens is {request.min_tokens}, more than max_tokens {max_tokens}", "min_tokens")
         return request
 
+    def _samples(self, body, prompt: list[int], max_tokens: int, logprobs: int | None) -> list[Request]:
+        """The n samples of one prompt: the first request carries the others as siblings, so the scheduler
+        prefills the prompt once; sample j draws with seed + j (each choice equals generate with its seed)."""
+        if body.n > self.scheduler.max_batch:
+            raise ClientError(
+                f"n is {body.n}; the samples of a prompt run together in this server's {self.scheduler.max_batch} rows",
+                "n",
+            )
+        requests = [self._request(body, prompt, max_tokens, logprobs) for _ in range(body.n)]
+        for j, request in enumerate(requests):
+            request.seed = None if body.seed is None else (body.seed + j) % SEED_LIMIT
+        requests[0].siblings = requests[1:]
+        return requests
+
+    def _message(self, i: int, m) -> dict:
+        """A request message as the chat template sees it: earlier tool calls' arguments as objects (Llama 4's
+        templates write them with tojson), a tool message's call id."""
+        message = {"role": m.role, "content": m.text(IMAGE_MARKER)}
+        if m.name is not None:
+            message["name"] = m.name
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            calls = []
+            for j, call in enumerate(m.tool_calls):
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except ValueError:
+                    raise ClientError(
+                        f"messages.{i}.tool_calls.{j}.function.arguments is not JSON", f"messages.{i}.tool_calls"
+                    ) from None
+                calls.append(
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.function.name, "arguments": arguments},
+                    }
+                )
+            message["tool_calls"] = calls
+        return message
+
+    def _tools(self, body) -> tuple[list[dict], dict | None]:
+        """The tools the template sees (none with tool_choice "none") and, for "required" or a named function,
+        the JSON schema every reply must satisfy."""
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
+        choice = body.tool_choice
+        if choice is None or choice == "none" or not tools:
+            if choice not in (None, "none", "auto"):
+                raise ClientError("tool_choice asks for a tool call but tools is empty", "tool_choice")
+            return ([] if choice == "none" else tools), None
+        if choice == "auto":
+            return tools, None
+        functions = [tool["function"] for tool in tools]
+        if not isinstance(choice, str):
+            functions = [f for f in functions if f["name"] == choice.function.name]
+            if not functions:
+                raise ClientError(f"tool_choice names {choice.function.name!r}, which is not in tools", "tool_choice")
+        if self.tool_call_parser != "llama4_json":
+            raise ClientError(
+                f"tool_choice {choice if isinstance(choice, str) else 'naming a function'} is enforced with "
+                "--tool-call-parser llama4_json only",
+                "tool_choice",
+            )
+        return tools, call_schema(functions)
+
+    def _compile_schema(self, schema: dict):
+        if self.grammars is None:
+            raise ClientError(
+                f"bundle {self.model} has no tokenizer.json, so tool calls cannot be enforced", "tool_choice"
+            )
+        try:
+            return self.grammars.json_schema(schema)
+        except GrammarError as err:
+            raise ClientError(f"the tools' parameters {err}", "tools") from None
+
+    def _token_bytes_of(self, token: int) -> bytes:
+        return self.tokenizer.token_bytes(token)
+
+    def _grammar(self, body):
+        """The compiled grammar a request asks for, or None (on a worker thread: the first compile takes seconds)."""
+        try:
+            asked = body.structure()
+        except ValueError as err:
+            raise ClientError(str(err), "response_format") from None
+        if asked is None:
+            return None
+        field, kind, source = asked
+        if self.grammars is None:
+            raise ClientError(f"bundle {self.model} has no tokenizer.json, so {field} cannot be enforced", field)
+        make = {
+            "json": lambda: self.grammars.json_object(),
+            "schema": lambda: self.grammars.json_schema(source),
+            "regex": lambda: self.grammars.regex(source),
+            "choice": lambda: self.grammars.choice(source),
+            "ebnf": lambda: self.grammars.ebnf(source),
+        }[kind]
+        try:
+            return make()
+        except GrammarError as err:
+            raise ClientError(f"{field} {err}", field) from None
+
     def _token_text(self, token: int) -> str:
         return self.tokenizer.token_text(token) if self.tokenizer else str(token)
 
@@ -453,53 +603,89 @@ class Server:
         body = await self._body(http, CompletionRequest)
         self._check_model(body.model)
         max_tokens = body.max_tokens or 16
-        prompt = await asyncio.to_thread(self._prompt_ids, body.prompt, max_tokens)
-        run = _Run(self, self._request(body, prompt, max_tokens, body.logprobs), body.stop_strings(), "completions")
-        run.submit()
+        prompts = self._prompts(body.prompt)
+        if len(prompts) > self.scheduler.max_queue + self.scheduler.max_batch:
+            raise ClientError(
+                f"prompt holds {len(prompts)} prompts; this server takes at most "
+                f"{self.scheduler.max_queue + self.scheduler.max_batch} in one request (--max-queue + rows)",
+                "prompt",
+            )
+        ids = await asyncio.to_thread(self._prompt_ids, prompts, max_tokens)
+        grammar = await asyncio.to_thread(self._grammar, body)
+        k = body.logprobs
+        runs = []
+        for prompt in ids:  # choice index: prompt i's sample j is i * n + j
+            for request in self._samples(body, prompt, max_tokens, k):
+                request.prompt_logprobs = k if body.echo and k is not None else None
+                request.grammar = grammar
+                runs.append(_Run(self, request, body.stop_strings(), "completions"))
+        _submit_all(runs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model}
-        want_logprobs = body.logprobs is not None
 
-        def logprobs_of(outputs: list[Output]) -> dict | None:
-            if not want_logprobs:
+        def logprobs_of(run: _Run, outputs: list[Output], shift: int = 0) -> dict | None:
+            if k is None:
                 return None
             return {
                 "tokens": [self._token_text(o.token) for o in outputs],
                 "token_logprobs": [o.logprob for o in outputs],
                 "top_logprobs": [{self._token_text(t): lp for t, lp in o.top_logprobs} for o in outputs],
-                "text_offset": run.offsets[len(run.offsets) - len(outputs) :],
+                "text_offset": [shift + o for o in run.offsets[len(run.offsets) - len(outputs) :]],
             }
+
+        def echoed(i: int, text: str, logprobs: dict | None) -> tuple[str, dict | None]:
+            """Prepend choice i's prompt text (and its logprobs) when echo asks for it."""
+            if not body.echo:
+                return text, logprobs
+            run = runs[i]
+            prompt_text, part = self._echo(prompts[i // body.n], run.request.prompt, run.request.prompt_scores, k, 0)
+            if logprobs is not None:
+                logprobs = {key: part[key] + logprobs[key] for key in logprobs}
+            return prompt_text + text, logprobs
 
         if body.stream:
 
             async def events():
-                async for text, outputs in run.deltas():
+                first = [True] * len(runs)
+                async for i, text, outputs in _merged(runs):
+                    logprobs = logprobs_of(runs[i], outputs)
+                    if first[i]:
+                        first[i] = False
+                        shift = len(echoed(i, "", None)[0]) if body.echo else 0
+                        if logprobs is not None and shift:
+                            logprobs["text_offset"] = [shift + o for o in logprobs["text_offset"]]
+                        text, logprobs = echoed(i, text, logprobs)
                     choice = {
-                        "index": 0,
+                        "index": i,
                         "text": text,
-                        "logprobs": logprobs_of(outputs),
+                        "logprobs": logprobs,
                         "finish_reason": None,
                         "token_ids": [o.token for o in outputs],
                     }
                     yield _sse({**head, "choices": [choice]})
-                for chunk in _stream_end(
-                    run, head, {"index": 0, "text": "", "logprobs": None, "finish_reason": run.finish_reason}, body
-                ):
+                for chunk in _stream_end(runs, head, lambda i, run: {"index": i, "text": "", "logprobs": None}, body):
                     yield chunk
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        text, outputs = await _collect(run, http)
-        if run.error or run.finish_reason == "cancelled":
-            return _error_response(run)
-        choice = {
-            "index": 0,
-            "text": text,
-            "logprobs": logprobs_of(outputs),
-            "finish_reason": run.finish_reason,
-            "token_ids": run.tokens,
-        }
-        return {**head, "choices": [choice], "usage": run.usage()}
+        answers = await _collect(runs, http)
+        failed = next((run for run in runs if run.error or run.finish_reason == "cancelled"), None)
+        if failed is not None:
+            return _error_response(failed)
+        choices = []
+        for i, (run, (text, outputs)) in enumerate(zip(runs, answers)):
+            shift = len(echoed(i, "", None)[0]) if body.echo else 0
+            text, logprobs = echoed(i, text, logprobs_of(run, outputs, shift))
+            choices.append(
+                {
+                    "index": i,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": run.finish_reason,
+                    "token_ids": run.tokens,
+                }
+            )
+        return {**head, "choices": choices, "usage": _usage(runs)}
 
     async def chat_completions(self, http: HttpRequest):
         body = await self._body(http, ChatCompletionRequest)
@@ -515,22 +701,29 @@ class Server:
                 "send text only",
                 urls[0][0],
             )
-        messages = [
-            {"role": m.role, "content": m.text(IMAGE_MARKER), **({"name": m.name} if m.name is not None else {})}
-            for m in body.messages
-        ]
+        messages = [self._message(i, m) for i, m in enumerate(body.messages)]
+        tools, schema = self._tools(body)
+        variables = {**(body.chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
         features = None
         if urls:  # the placeholders expanded and the images encoded before the request is queued
-            prompt, features = await asyncio.to_thread(self._chat_image_ids, messages, body.chat_template_kwargs, urls)
+            prompt, features = await asyncio.to_thread(self._chat_image_ids, messages, variables, urls)
         else:
-            prompt = await asyncio.to_thread(self._chat_ids, messages, body.chat_template_kwargs)
+            prompt = await asyncio.to_thread(self._chat_ids, messages, variables)
         room = self.engine.manifest.max_context - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        request = self._request(body, prompt, max_tokens, top)
-        request.features = features
-        run = _Run(self, request, body.stop_strings(), "chat.completions")
-        run.submit()
+        if schema is not None:  # tool_choice "required" or a named function: the call is enforced
+            if body.structure() is not None:
+                raise ClientError("tool_choice and response_format both ask for a structure; give one", "tool_choice")
+            grammar = await asyncio.to_thread(self._compile_schema, schema)
+        else:
+            grammar = await asyncio.to_thread(self._grammar, body)
+        requests = self._samples(body, prompt, max_tokens, top)
+        for request in requests:
+            request.grammar = grammar
+            request.features = features  # read only: the samples of one prompt share its image features
+        runs = [_Run(self, r, body.stop_strings(), "chat.completions") for r in requests]
+        _submit_all(runs)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def entry(o: Output) -> dict:
@@ -545,56 +738,73 @@ class Server:
                 ],
             }
 
+        names = {tool["function"]["name"] for tool in tools}
+
+        def message(run: _Run, text: str) -> dict:
+            """The reply: tool calls when the text is wholly calls to the request's functions, else content."""
+            calls = parse(self.tool_call_parser, text, names) if names else None
+            if calls is None:
+                return {"role": "assistant", "content": text}
+            run.finish_reason = "tool_calls"
+            return {"role": "assistant", "content": None, "tool_calls": [call.openai() for call in calls]}
+
         if body.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model}
 
             async def events():
-                yield _sse(
-                    {
-                        **head,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ],
-                    }
-                )
-                async for text, outputs in run.deltas():
+                for i in range(len(runs)):
+                    role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+                    yield _sse({**head, "choices": [{**role, "finish_reason": None}]})
+                if names:  # a reply is a call or content only once it is whole: sent at its end
+                    texts = [""] * len(runs)
+                    async for i, text, _ in _merged(runs):
+                        texts[i] += text
+                    for i, run in enumerate(runs):
+                        if run.error or run.finish_reason == "cancelled":
+                            continue
+                        reply = message(run, texts[i])
+                        if reply["content"] is None:
+                            calls = [{"index": j, **c} for j, c in enumerate(reply["tool_calls"])]
+                            delta = {"tool_calls": calls}
+                        else:
+                            delta = {"content": reply["content"]}
+                        yield _sse(
+                            {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
+                        )
+                    for chunk in _stream_end(
+                        runs, head, lambda i, run: {"index": i, "delta": {}, "logprobs": None}, body
+                    ):
+                        yield chunk
+                    return
+                async for i, text, outputs in _merged(runs):
                     logprobs = {"content": [entry(o) for o in outputs]} if body.logprobs else None
-                    yield _sse(
-                        {
-                            **head,
-                            "choices": [
-                                {"index": 0, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
-                            ],
-                        }
-                    )
-                for chunk in _stream_end(
-                    run, head, {"index": 0, "delta": {}, "logprobs": None, "finish_reason": run.finish_reason}, body
-                ):
+                    delta = {"index": i, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
+                    yield _sse({**head, "choices": [delta]})
+                for chunk in _stream_end(runs, head, lambda i, run: {"index": i, "delta": {}, "logprobs": None}, body):
                     yield chunk
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        text, outputs = await _collect(run, http)
-        if run.error or run.finish_reason == "cancelled":
-            return _error_response(run)
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": {"content": [entry(o) for o in outputs]} if body.logprobs else None,
-            "finish_reason": run.finish_reason,
-        }
+        answers = await _collect(runs, http)
+        failed = next((run for run in runs if run.error or run.finish_reason == "cancelled"), None)
+        if failed is not None:
+            return _error_response(failed)
+        choices = [
+            {
+                "index": i,
+                "message": message(run, text),
+                "logprobs": {"content": [entry(o) for o in outputs]} if body.logprobs else None,
+                "finish_reason": run.finish_reason,
+            }
+            for i, (run, (text, outputs)) in enumerate(zip(runs, answers))
+        ]
         return {
             "id": rid,
             "object": "chat.completion",
             "created": created,
             "model": self.model,
-            "choices": [choice],
-            "usage": run.usage(),
+            "choices": choices,
+            "usage": _usage(runs),
         }
 
     # -- app ---------------------------------------------------------------------------------------
@@ -621,7 +831,8 @@ class Server:
         @app.post("/tokenize")
         async def tokenize(http: HttpRequest):
             body = await self._body(http, TokenizeRequest)
-            self._check_model(body.model)
+            if body.model is not None:
+                self._check_model(body.model)
             if body.messages is not None:
                 messages = [{"role": m.role, "content": m.text()} for m in body.messages]
                 text = self.chat_template.render(messages)
@@ -635,7 +846,8 @@ class Server:
         @app.post("/detokenize")
         async def detokenize(http: HttpRequest):
             body = await self._body(http, DetokenizeRequest)
-            self._check_model(body.model)
+            if body.model is not None:
+                self._check_model(body.model)
             if self.tokenizer is None:
                 raise ClientError(f"bundle {self.model} has no tokenizer.json, so tokens cannot be decoded", "tokens")
             vocab = self.engine.vocab_size
@@ -643,6 +855,17 @@ class Server:
             if outside:
                 raise ClientError(f"tokens has token id {outside[0]}, outside the vocabulary [0, {vocab})", "tokens")
             return {"prompt": self.tokenizer.decode(body.tokens)}
+
+        @app.get("/tokenizer_info")
+        async def tokenizer_info():  # vLLM's: what a remote-tokenizer client (lm-eval) needs besides /tokenize
+            special = self.chat_template.special
+            return {
+                "eos_token": special.get("eos_token") or None,
+                "bos_token": special.get("bos_token") or None,
+                "pad_token": None,
+                "chat_template": self.chat_template.text,
+                "model_max_length": self.engine.manifest.max_context,
+            }
 
         @app.get("/version")
         async def version():
@@ -755,7 +978,12 @@ def _param(loc) -> str:
     return ".".join(parts)
 
 
-PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # what --api-key guards; /health, /metrics, /version stay open
+PROTECTED = (
+    "/v1/",
+    "/tokenize",
+    "/detokenize",
+    "/tokenizer_info",
+)  # what --api-key guards; /health, /metrics, /version stay open
 access_log = logging.getLogger("llama4_deploy.serving.access")
 
 
@@ -875,16 +1103,69 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _stream_end(run, head: dict, last_choice: dict, body):
-    """The closing events of a stream: an error event, or the choice that carries finish_reason (and usage,
-    when asked); then OpenAI's terminator."""
-    if run.error or run.finish_reason == "cancelled":
-        yield _sse(_run_error(run))
+def _stream_end(runs: list[_Run], head: dict, last_choice, body):
+    """The closing events of a stream: an error event, or per choice the one that carries finish_reason
+    (`last_choice(index, run)` without it), and usage when asked; then OpenAI's terminator."""
+    failed = next((run for run in runs if run.error or run.finish_reason == "cancelled"), None)
+    if failed is not None:
+        yield _sse(_run_error(failed))
     else:
-        yield _sse({**head, "choices": [last_choice]})
+        for i, run in enumerate(runs):
+            yield _sse({**head, "choices": [{**last_choice(i, run), "finish_reason": run.finish_reason}]})
         if body.stream_options and body.stream_options.include_usage:
-            yield _sse({**head, "choices": [], "usage": run.usage()})
+            yield _sse({**head, "choices": [], "usage": _usage(runs)})
     yield "data: [DONE]\n\n"
+
+
+def _usage(runs: list[_Run]) -> dict:
+    prompt = sum(len(run.request.prompt) for run in runs)
+    completion = sum(len(run.tokens) for run in runs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _submit_all(runs: list[_Run]) -> None:
+    """Submit every run, or none: if one is refused (a full queue), the ones already queued are cancelled.
+    Siblings go in with the request that carries them."""
+    siblings = {id(s) for run in runs for s in run.request.siblings}
+    for i, run in enumerate(runs):
+        if id(run.request) in siblings:
+            continue
+        try:
+            run.submit()
+        except ClientError:
+            for queued in runs[:i]:
+                queued.server.scheduler.cancel(queued.request)
+            raise
+
+
+async def _merged(runs: list[_Run]) -> AsyncIterator[tuple[int, str, list[Output]]]:
+    """(choice index, text, outputs) of several runs as they come; cancels them all if the stream is dropped."""
+    if len(runs) == 1:
+        async for text, outputs in runs[0].deltas():
+            yield 0, text, outputs
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, run: _Run) -> None:
+        try:
+            async for text, outputs in run.deltas():
+                await queue.put((i, text, outputs))
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.ensure_future(pump(i, run)) for i, run in enumerate(runs)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()  # a run's deltas() cancels its request when stopped early
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _run_error(run: _Run) -> dict:
@@ -896,15 +1177,18 @@ def _error_response(run: _Run) -> JSONResponse:
     return JSONResponse(_run_error(run), status_code=500 if run.error else 503)
 
 
-async def _collect(run: _Run, http: HttpRequest) -> tuple[str, list[Output]]:
-    """Gather a non-streamed answer; if the client disconnects first, cancel the request."""
+async def _collect(runs: list[_Run], http: HttpRequest) -> list[tuple[str, list[Output]]]:
+    """Gather the non-streamed answers (text, outputs) of runs; if the client disconnects first, cancel them."""
 
-    async def gather():
+    async def one(run: _Run):
         text, outputs = [], []
         async for piece, new in run.deltas():
             text.append(piece)
             outputs.extend(new)
         return "".join(text), outputs
+
+    async def gather():
+        return await asyncio.gather(*(one(run) for run in runs))
 
     async def disconnected():
         while (await http.receive())["type"] != "http.disconnect":
@@ -926,6 +1210,67 @@ async def _collect(run: _Run, http: HttpRequest) -> tuple[str, list[Output]]:
 
 
 # -- running it ---------------------------------------------------------------------------------------
+class Loading:
+    """The ASGI app of `serve`: it listens at once and loads the bundle on a thread; meanwhile /health answers
+    503 {"status": "loading"} and every other route a 503 error object with Retry-After. Once loaded, the
+    server's app answers (its scheduler started here, stopped at shutdown). A load that fails is kept in `failed`
+    and `on_failure` stops the server, whose caller then raises it."""
+
+    def __init__(self, make_server):
+        self.make_server = make_server
+        self.server: Server | None = None
+        self.failed: BaseException | None = None
+        self.on_failure = lambda: None
+        self.on_ready = lambda server: None
+        self._thread: threading.Thread | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self._lifespan(receive, send)
+        if self.server is not None:
+            return await self.server.app(scope, receive, send)
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/health":
+            body = {"status": "loading"}
+        else:
+            body = error_body("the server is still loading its bundle; retry shortly", "server_error", code="loading")
+        payload = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"retry-after", str(RETRY_AFTER_S).encode())]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    def _load(self) -> None:
+        try:
+            server = self.make_server()
+            server.scheduler.start()
+            self.server = server
+            self.on_ready(server)
+        except BaseException as err:  # said by the caller once the server has stopped
+            self.failed = err
+            self.on_failure()
+
+    async def _lifespan(self, receive, send):
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._thread = threading.Thread(target=self._load, name="llama4-deploy-load", daemon=True)
+                self._thread.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await asyncio.to_thread(self.close)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def close(self) -> None:
+        """Wait for the load and stop the scheduler (the caller closes the engine it made)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.server is not None:
+            self.server.scheduler.stop()
+
+
 def _uvicorn_server(app, drain_timeout: float, on_signal=None):
     """uvicorn with our signal handling; it cancels handlers only DRAIN_GRACE_S after the drain, by which time
     the drain has answered every request left (so no handler dies with a CancelledError)."""
@@ -982,6 +1327,7 @@ def serve(
     devices=None,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     ignore_unknown_fields: bool = False,
+    tool_call_parser: str = "llama4_json",
     api_key: str | None = None,
     served_model_name: str | None = None,
     chat_template: str | None = None,
@@ -995,43 +1341,67 @@ def serve(
         raise ValueError(f"--max-queue is {max_queue}; it must be 0 or more")
     if drain_timeout < 0:
         raise ValueError(f"--drain-timeout is {drain_timeout}; it must be 0 or more")
-    engine = load(bundle, threads=threads, devices=devices)
-    try:
-        server = Server(
-            engine,
-            max_batch=max_batch,
-            max_queue=max_queue,
-            max_request_bytes=max_request_bytes,
-            ignore_unknown_fields=ignore_unknown_fields,
-            api_key=api_key,
-            served_model_name=served_model_name,
-            chat_template=Path(chat_template) if chat_template is not None else None,
-            allowed_origins=allowed_origins,
-            log_requests=log_requests,
-            allowed_local_media_path=allowed_local_media_path,
-        )
-        if log_requests:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s access %(message)s"))
-            access_log.addHandler(handler)
-            access_log.setLevel(logging.INFO)
-        sock = bind(host, port)
-        bound = sock.getsockname()[1]
+    # what can be refused without loading the weights is refused before anything listens
+    manifest = read_manifest(bundle)
+    rows = manifest.profiles["max_batch"]
+    if max_batch is not None and not 1 <= max_batch <= rows:
+        raise ValueError(f"max_batch is {max_batch}; the bundle's engine takes 1 to {rows} rows")
+    if chat_template is not None:
+        _read_template(Path(chat_template))
+    if log_requests:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s access %(message)s"))
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)
+    sock = bind(host, port)
+    bound = sock.getsockname()[1]
 
-        def on_signal(sig):
-            echo(
-                f"{signal.Signals(sig).name}: no new requests; draining "
-                f"{server.scheduler.occupancy + server.scheduler.queue_depth} "
-                f"in-flight request(s) for at most {drain_timeout:g} s"
+    def make_server() -> Server:
+        engine = load(bundle, threads=threads, devices=devices)
+        try:
+            server = Server(
+                engine,
+                max_batch=max_batch,
+                max_queue=max_queue,
+                max_request_bytes=max_request_bytes,
+                ignore_unknown_fields=ignore_unknown_fields,
+                tool_call_parser=tool_call_parser,
+                api_key=api_key,
+                served_model_name=served_model_name,
+                chat_template=Path(chat_template) if chat_template is not None else None,
+                allowed_origins=allowed_origins,
+                log_requests=log_requests,
+                allowed_local_media_path=None if allowed_local_media_path is None else Path(allowed_local_media_path),
             )
+        except BaseException:
+            engine.close()
+            raise
+        return server
+
+    app = Loading(make_server)
+    app.on_ready = lambda server: echo(  # once it answers: a client reading this line may send at once
+        f"serving {server.model} ({server.scheduler.max_batch} rows, queue {max_queue}, chat template: "
+        f"{server.chat_template.source}) on http://{host}:{bound}"
+    )
+
+    def on_signal(sig):
+        server = app.server
+        running = server.scheduler.occupancy + server.scheduler.queue_depth if server else 0
+        echo(
+            f"{signal.Signals(sig).name}: no new requests; draining {running} "
+            f"in-flight request(s) for at most {drain_timeout:g} s"
+        )
+        if server is not None:
             server.drain(drain_timeout)
 
-        echo(
-            f"serving {server.model} ({server.scheduler.max_batch} rows, queue {max_queue}, chat template: "
-            f"{server.chat_template.source}) on http://{host}:{bound}"
-        )
-        uv = _uvicorn_server(server.app, drain_timeout, on_signal)
+    uv = _uvicorn_server(app, drain_timeout, on_signal)
+    app.on_failure = lambda: setattr(uv, "should_exit", True)
+    try:
         asyncio.run(uv.serve(sockets=[sock]))
-        echo("stopped")
     finally:
-        engine.close()
+        app.close()
+        if app.server is not None:
+            app.server.engine.close()
+    if app.failed is not None:
+        raise app.failed
+    echo("stopped")

@@ -1,6 +1,7 @@
 """The ONNX Runtime target (the default): every form ONNX Runtime runs, its contrib kernels included.
 
-attention      onnx23 (the opset-23 Attention op: one kernel per layer) unless --attention decomposed
+attention      gqa (GroupQueryAttention over the cache written in place, norms fused) unless --attention onnx23
+               or decomposed
 MoE dispatch   auto: priced among dense, gather, capacity and native (com.microsoft.MoE) at a CPU's balance
 quantization   int4: ort (MatMulNBits, QMoE) unless --quant-form qdq; fp8: qdq
 """
@@ -16,7 +17,7 @@ class OnnxRuntimeTarget(Target):
     name = "onnxruntime"
     # priced at a 2-core AVX2 CPU's fp32 balance; ScatterND's reduction combines capacity slots
     dispatch = DispatchRules(name, STRATEGIES, Machine(60e9, 15e9), capacity_combine="scatter_add")
-    attention_auto = "onnx23"
+    attention_auto = "gqa"
     int4_form = "ort"
 
     def dispatch_refusals(self, spec: QuantSpec) -> dict[str, str]:

@@ -54,6 +54,11 @@ class TensorRTTarget(Target):
                 "TensorRT's Attention op takes no past key/value inputs, so --attention onnx23 cannot "
                 "target it; use --attention decomposed (or auto)"
             )
+        if recipe["attention"] == "gqa":
+            raise TargetError(
+                "the gqa attention form is ONNX Runtime's com.microsoft.GroupQueryAttention, which TensorRT "
+                "cannot run; use --attention decomposed (or auto)"
+            )
         if recipe["moe_dispatch"] == "native":
             raise TargetError(
                 "the native MoE dispatch is ONNX Runtime's com.microsoft.MoE, which TensorRT cannot "

@@ -59,6 +59,8 @@ doc_to_target: label
 target_delimiter: ""
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
 """)
     (folder / "l4d_generate.yaml").write_text(f"""task: l4d_generate
 dataset_path: json
@@ -76,6 +78,8 @@ generation_kwargs:
   do_sample: false
 metric_list:
   - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
 """)
 
 
@@ -195,4 +199,17 @@ def test_eval_cli_runs_a_local_task_and_prints_lm_evals_table(trained_bundle, ta
     # (an unknown task name reads lm-eval's whole task index, ~20 s, before it is refused: not repeated here)
     user_error(invoke("eval", trained_bundle, "--tasks", "x", "--include-path", tasks / "choice.jsonl"), "directory")
     user_error(invoke("eval", trained_bundle, "--limit", "2"), "--limit goes with --tasks")
+    # a task whose data is on the Hub: nothing is fetched without --allow-downloads
+    (tasks / "remote").mkdir(exist_ok=True)
+    (tasks / "remote" / "l4d_remote.yaml").write_text(
+        (tasks / "l4d_choice.yaml")
+        .read_text()
+        .replace("l4d_choice", "l4d_remote")
+        .replace("dataset_path: json", "dataset_path: someone/data")
+    )
+    user_error(
+        invoke("eval", trained_bundle, "--tasks", "l4d_remote", "--include-path", tasks / "remote"),
+        "could not load the task data",
+        "--allow-downloads",
+    )
     user_error(invoke("eval", trained_bundle, "--tasks", "l4d_choice", "--text", tasks / "choice.jsonl"), "--text")

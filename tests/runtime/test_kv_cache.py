@@ -229,3 +229,26 @@ def test_real_chunk_size_ragged_rows_one_before_one_after_the_boundary(long_cont
         alone = engine.generate([prompt], 8, stop_tokens=[], return_logits=True)
         assert tokens == alone.tokens[0]
         np.testing.assert_allclose(logits, alone.logits[0], atol=1e-4)  # summation order only
+
+
+def test_in_place_steps_are_cut_at_chunk_boundaries_and_reserved_before_they_run():
+    # C = 40, context 160: what the gqa form's runtime asks before each in-place step (runtime/engine.py)
+    cache = KVCache(FakeManifest(), 2)
+    busy, one_idle = np.array([False, False]), np.array([False, True])
+    assert cache.step_width(64, busy) == 40  # from a chunk start: the whole chunk
+    cache.lengths[:] = [35, 0]
+    assert cache.step_width(64, busy) == 5  # row 0 reaches its chunk's end at 40
+    cache.lengths[:] = [40, 79]
+    assert cache.step_width(64, busy) == 1 and cache.step_width(64, np.array([True, False])) == 1
+    cache.lengths[:] = [80, 0]
+    assert cache.step_width(64, one_idle) == 39  # an idle row counts at least one slot of past
+    cache.reserve_step(39, one_idle)
+    assert cache.keys[2].shape[2] == 128 and cache.keys[0].shape[2] == 40  # 80 + 39 slots fit before the step
+    cache.lengths[:] = [159, 3]
+    assert cache.step_width(8, busy) == 1
+    cache.lengths[:] = [160, 3]
+    with pytest.raises(ValueError, match="a row of this cache is full"):
+        cache.step_width(1, np.array([True, False]))
+    cache.lengths[:] = [10, 3]
+    cache.advance(np.array([[10, 11, -1], [3, -1, -1]]))
+    assert cache.lengths.tolist() == [12, 4]

@@ -267,3 +267,31 @@ def test_drain_refuses_intake_and_cancels_what_is_left_after_the_timeout(engine)
         scheduler.step()
     assert len(running.tokens) < 50 and waiting.finish_reason == "cancelled" and running.finish_reason == "cancelled"
     assert scheduler.occupancy == 0
+
+
+def test_siblings_share_the_prefill_and_sample_with_their_own_seeds(engine):
+    prompt = list(range(1, 40))  # several prefill steps
+    fed = []
+    scheduler = Scheduler(engine, on_step=lambda r: fed.append((r.kind, r.tokens)))
+    leader = Request(prompt, 5, temperature=1.0, seed=3)
+    leader.siblings = [
+        Request(list(prompt), 5, temperature=1.0, seed=4),
+        Request(list(prompt), 5, temperature=1.0, seed=5),
+    ]
+    other = scheduler.submit(Request([7, 8], 4))  # an unrelated request shares the batch
+    scheduler.submit(leader)
+    scheduler.run_until_idle()
+    for request, seed in zip([leader, *leader.siblings], (3, 4, 5)):
+        assert request.tokens == alone(engine, prompt, 5, temperature=1.0, seed=seed)
+    assert other.tokens == alone(engine, [7, 8], 4)
+    assert sum(tokens for kind, tokens in fed if kind == "prefill") == len(prompt) + 2  # the prompt once
+
+
+def test_kv_cache_usage_counts_the_busy_rows_tokens(engine):
+    scheduler = Scheduler(engine, max_batch=2)
+    request = scheduler.submit(Request([1, 2, 3], 3))
+    assert scheduler.kv_cache_usage == 0
+    scheduler.step()  # prefill (3 tokens) and the first decode step (1 more)
+    assert scheduler.kv_cache_usage == 4 / (2 * engine.manifest.max_context) and request.admitted_at is not None
+    scheduler.run_until_idle()
+    assert scheduler.kv_cache_usage == 0

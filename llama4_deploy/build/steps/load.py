@@ -221,6 +221,7 @@ def quant_spec(recipe: Recipe, target: Target, checkpoint: Checkpoint | None = N
                 form=recipe.quant_form,
                 method=recipe.quant_method,
                 int4_compute=recipe.int4_compute,
+                int4_zero_point=recipe.int4_zero_point,
             ),
             target.int4_form,
         )

@@ -21,6 +21,7 @@ from llama4_deploy.graphs import dispatch
 from llama4_deploy.graphs.compute_dtype import ComputeDtypePass
 from llama4_deploy.graphs.lint import lint_static
 from llama4_deploy.graphs.lower_attention import LowerAttentionPass
+from llama4_deploy.graphs.lower_skip_norm import FuseSkipNormPass
 from llama4_deploy.graphs.passes import run_passes
 from llama4_deploy.graphs.quant_pass import quantize_passes
 from llama4_deploy.graphs.streamed import Stored, StreamedTensor
@@ -120,7 +121,9 @@ def lower(
     narrow = [ComputeDtypePass(spec.compute_dtype)] if spec.compute_dtype != "float32" else []
     try:
         with timed("lower"):
-            counts.update(run_passes(model, [*narrow, moe, LowerAttentionPass(attention)]))
+            # the gqa form is ONNX Runtime's kernels' form: its residual adds and norms fused too
+            fused = [FuseSkipNormPass()] if attention == "gqa" else []
+            counts.update(run_passes(model, [*narrow, moe, LowerAttentionPass(attention), *fused]))
         if spec.quantized:
             with timed("quantize"):  # the graph rewrite; the numbers are computed as `save` streams
                 counts.update(
