@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[build,serve,test,eval]'
+	# the tests' image-preprocessing reference (transformers' Llama4ImageProcessor runs on torchvision): kept out of
+	# site-packages, since this torchvision's compiled ops do not load beside the CPU torch and transformers would
+	# then fail to import; tests/vision_reference.py runs it in a subprocess (see its docstring)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --target $(VENV)/reference torchvision==0.28.0
 	touch $(STAMP)
 
 engine: $(STAMP)
@@ -43,6 +47,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tools.bench
 	$(BIN)/python -m tools.bench_context
+	$(BIN)/python -m tools.bench_images
 
 # One decode linear (M = 1) at the real models' shapes and the minis': fp32 MatMul vs 4-bit MatMulNBits with float
 # and int8 activations, cache-resident and streamed from DRAM: the ceiling the kernels put on a 4-bit decode (minutes)

@@ -234,6 +234,25 @@ class Checkpoint:
         except Exception as err:
             raise CheckpointError(f"tensor {full} in {shard.name} cannot be read ({err})") from None
 
+    # -- tensors outside the text model (a multimodal checkpoint's vision tower and projector), by full name ------
+    def has_full(self, full: str) -> bool:
+        return full in self._file_of
+
+    def full_names(self) -> list[str]:
+        return list(self._file_of)
+
+    def full_shape(self, full: str) -> tuple[int, ...]:
+        return tuple(self._open(self._file_of[full]).get_slice(full).get_shape())
+
+    def full_tensor(self, full: str):
+        shard = self._file_of.get(full)
+        if shard is None:
+            raise CheckpointError(f"tensor {full} is missing from the checkpoint in {self.path}")
+        try:
+            return self._open(shard).get_tensor(full)
+        except Exception as err:
+            raise CheckpointError(f"tensor {full} in {shard.name} cannot be read ({err})") from None
+
     @property
     def tokenizer_file(self) -> Path | None:
         path = self.path / "tokenizer.json"

@@ -82,3 +82,105 @@ def reference_logits(model, ids: list[int]):
     """Logits [len(ids), vocab] of one unpadded sequence, no cache (the simplest correct path)."""
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+
+
+def multimodal_reference(source: dict):
+    """Llama4ForConditionalGeneration (fp32, eager attention) from a bundle's source record: the image reference."""
+    if source.get("kind") == "random":
+        return random_multimodal(source["random"])
+    if source.get("kind") != "checkpoint":
+        raise ValueError("the image reference needs the checkpoint or random weights a vision bundle was built from")
+    kwargs = dict(dtype=torch.float32, attn_implementation="eager", use_safetensors=True)
+    return Llama4ForConditionalGeneration.from_pretrained(str(source["path"]), **kwargs).eval()
+
+
+def multimodal_logits(model, input_ids, pixel_values, prompt_length: int | None = None):
+    """Llama4ForConditionalGeneration's logits [T, V] for one sequence with images: its forward's own steps
+    (input embeddings, `get_image_features`, the projector, `get_placeholder_mask`, masked_scatter, the language
+    model). transformers 5.24's `forward` computes exactly these, then fails building its output object
+    ('MoeCausalLMOutputWithPast' has no attribute 'image_outputs'), so the steps are called here. `prompt_length`:
+    only <|patch|> positions before it take image features, as in generation, where images enter with the prompt
+    and a generated <|patch|> id is an ordinary token."""
+    with torch.no_grad():
+        ids = torch.as_tensor(input_ids).reshape(1, -1)
+        embeds = model.get_input_embeddings()(ids)
+        if pixel_values is not None:
+            features = model.get_image_features(pixel_values=torch.as_tensor(pixel_values), return_dict=True)
+            flat = features.last_hidden_state.reshape(-1, features.last_hidden_state.shape[-1])
+            projected = model.multi_modal_projector(flat).to(embeds.dtype)
+            if prompt_length is None:
+                mask = model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=projected)
+            else:
+                placed = (ids == model.config.image_token_id) & (torch.arange(ids.shape[1]) < prompt_length)
+                mask = placed.unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, projected)
+        return model.language_model(inputs_embeds=embeds).logits[0].float().numpy()
+
+
+def random_multimodal(random: dict[str, Any]):
+    """A seeded random Llama4ForConditionalGeneration: the text model is `random_model`'s (the same weights the
+    text reference rebuilds), the vision tower and projector drawn after it from the same seed. The image tokens
+    are the vocabulary's last six ids (export/vision.py RANDOM_IMAGE_TOKENS). The projector is drawn at unit gain
+    (std 1/sqrt(fan-in)): at transformers' std 0.02 image features are ~100x smaller than token embeddings and
+    would barely move the logits, so a wrong scatter could pass verification."""
+    from transformers import Llama4Config
+
+    from llama4_deploy.export.vision import random_image_token_ids
+
+    text = random_model(random["config"], random["seed"], random["logit_gain"], random["router_gain"])
+    ids = random_image_token_ids(text.config.vocab_size)
+    torch.manual_seed(random["seed"])
+    config = Llama4Config(
+        text_config=text.config.to_dict(),
+        vision_config=dict(random["vision_config"]),
+        boi_token_index=ids["<|image_start|>"],
+        eoi_token_index=ids["<|image_end|>"],
+        image_token_index=ids["<|patch|>"],
+    )
+    model = Llama4ForConditionalGeneration(config)
+    model.language_model.load_state_dict(text.state_dict())
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(random["seed"] + 1)
+        weight = model.multi_modal_projector.linear_1.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator) / weight.shape[1] ** 0.5)
+    return model.eval()
+
+
+def write_random_multimodal(random: dict[str, Any], directory: Path) -> None:
+    """`random_multimodal` as a checkpoint: its weights and config by save_pretrained, a word-level tokenizer.json
+    with the image tokens as its last ids, and processor_config.json as transformers 5.24's Llama4Processor writes
+    it (written here: the image processor class needs torchvision, which the build does not)."""
+    from llama4_deploy.export.vision import random_image_token_ids, write_image_tokenizer
+
+    model = random_multimodal(random)
+    model.save_pretrained(directory)
+    vocab = model.config.text_config.vocab_size
+    write_image_tokenizer(directory / "tokenizer.json", vocab, random_image_token_ids(vocab))
+    processor = random_processor_config(random)
+    (directory / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+
+
+def random_processor_config(random: dict[str, Any]) -> dict[str, Any]:
+    """processor_config.json of a random multimodal model, as transformers 5.24's Llama4Processor.save_pretrained
+    writes it for these settings (tests/test_vision.py compares the two)."""
+    side = random["vision_config"]["image_size"]
+    return {
+        "fake_image_token": "<|image|>",
+        "image_processor": {
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_processor_type": "Llama4ImageProcessor",
+            "image_std": [0.5, 0.5, 0.5],
+            "max_patches": random.get("max_patches", 16),
+            "resample": 2,
+            "rescale_factor": 1 / 255,
+            "resize_to_max_canvas": False,
+            "size": {"height": side, "width": side},
+        },
+        "image_token": "<|image|>",
+        "patch_size": random["vision_config"]["patch_size"],
+        "processor_class": "Llama4Processor",
+    }

@@ -91,11 +91,17 @@ def _build_flags(command):
     is_flag=True,
     help="replace --out even if it is not a bundle this tool wrote; build a KV cache larger than this machine's memory",
 )
+@click.option(
+    "--no-vision",
+    is_flag=True,
+    help="a multimodal checkpoint: build its text model only, without the vision engine (images then refused)",
+)
 @_build_flags
-def build(recipe, checkpoint, out, force, block_size, **overrides) -> None:
+def build(recipe, checkpoint, out, force, block_size, no_vision, **overrides) -> None:
     """Build a bundle from a recipe and/or a checkpoint."""
     from llama4_deploy.build import build as run_build
 
+    overrides["vision"] = False if no_vision else None
     try:
         block_size = None if block_size is None else int(block_size)
         result = run_build(
@@ -469,8 +475,26 @@ def _parse_ids(text: str) -> list[int]:
     help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "
     "on ONNX Runtime, stage s on cuda:s on TensorRT)",
 )
+@click.option(
+    "--image",
+    "image_files",
+    multiple=True,
+    type=click.Path(),
+    help="an image file for the prompt's next <|image|> placeholder (repeatable, in order; a vision bundle)",
+)
 def run(
-    bundle, prompt, ids, max_new_tokens, temperature, top_p, seed, threads, verify_files, allow_non_finite, devices
+    bundle,
+    prompt,
+    ids,
+    max_new_tokens,
+    temperature,
+    top_p,
+    seed,
+    threads,
+    verify_files,
+    allow_non_finite,
+    devices,
+    image_files,
 ) -> None:
     """Generate from a prompt (text or token ids)."""
     from llama4_deploy.runtime import load
@@ -495,7 +519,14 @@ def run(
                 prompt_ids = tokenizer.encode(prompt)
             else:
                 prompt_ids = _parse_ids(ids)
-            result = engine.generate([prompt_ids], max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+            result = engine.generate(
+                [prompt_ids],
+                max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                images=[list(image_files)] if image_files else None,
+            )
     except _user_errors() as err:
         raise UserError(str(err)) from None
     tokens = result.tokens[0]
@@ -586,8 +617,16 @@ def _within(minimum: float, maximum: float | None = None, must: str | None = Non
     help="device of each pipeline stage, comma-separated: cpu or cuda:N (default: cpu "
     "on ONNX Runtime, stage s on cuda:s on TensorRT)",
 )
+@click.option(
+    "--allowed-local-media-path",
+    type=click.Path(),
+    help="a directory whose files image_url parts may name (file:// URLs or paths); default: data: URLs only",
+)
 def serve(bundle, **options) -> None:
     """Serve a bundle over HTTP with OpenAI's API (needs the `serve` extra)."""
+    media = options.get("allowed_local_media_path")
+    if media is not None and not Path(media).is_dir():
+        raise UserError(f"--allowed-local-media-path {media!r} is not a directory")
     try:
         from llama4_deploy.serving.server import serve as run_serve
     except ImportError as err:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama4_deploy.runtime import abi, arguments, backends, integrity
+from llama4_deploy.runtime import abi, arguments, backends, images, integrity
 from llama4_deploy.runtime.bundle import BundleError, Manifest, read_manifest
 from llama4_deploy.runtime.devices import onnxruntime_providers, placement
 from llama4_deploy.runtime.kv_cache import KVCache, cache_memory
@@ -109,6 +109,16 @@ class Engine:
                 steady = {graph["file"] for role, graph in stage.graphs.items() if role != "exact"}
                 for file in dict.fromkeys(graph["file"] for graph in stage.graphs.values()):
                     self.runners[file] = self._open_graph(file, threads, file in steady, stage, providers[stage.index])
+        self.vision = engine.get("vision")  # the vision engine and embedding step (runtime/images.py), or None
+        self._no_vision = (
+            "this bundle has no vision engine (built from a text-only checkpoint or with --no-vision); "
+            "it takes text only"
+        )
+        if self.vision is not None and self.backend == "tensorrt":  # text runs there; images are refused
+            self.vision = None
+            self._no_vision = "images run on ONNX Runtime only: load this bundle with backend='onnxruntime'"
+        if self.vision is not None:
+            self._open_vision(threads)
         self._stage_caches = [abi.past_names(stage.layers) for stage in self.stages]
         # the gqa attention form writes each layer's new keys/values into the buffer it reads (bound as both the
         # past input and the present output): per stage, present name -> past name
@@ -163,6 +173,48 @@ class Engine:
         )
         return runner
 
+    def _open_vision(self, threads: int | None) -> None:
+        """The vision graph, the embedding step and the prefill graph that takes hidden_states (ONNX Runtime)."""
+        vision = self.vision
+        self.vision_runner = self._open_side_graph(vision["file"], threads, weights=False)
+        self.embed_runner = self._open_side_graph(vision["embed"], threads, weights=True)
+        self.embeds_runner = self._open_side_graph(vision["prefill"], threads, weights=True)
+        exact = vision.get("exact")
+        self.embeds_exact_runner = self._open_side_graph(exact, threads, weights=True) if exact else None
+        self.image_spec = images.ImageSpec(
+            tile_size=vision["image"]["tile_size"],
+            max_patches=vision["image"]["max_patches"],
+            patch_size=vision["image"]["patch_size"],
+            pixel_shuffle_ratio=vision["image"]["pixel_shuffle_ratio"],
+            image_mean=tuple(vision["image"]["image_mean"]),
+            image_std=tuple(vision["image"]["image_std"]),
+            rescale_factor=vision["image"]["rescale_factor"],
+            resize_to_max_canvas=vision["image"]["resize_to_max_canvas"],
+        )
+        tokens = vision["tokens"]
+        self.image_tokens = images.ImageTokens(
+            image=tokens["<|image|>"],
+            image_start=tokens["<|image_start|>"],
+            image_end=tokens["<|image_end|>"],
+            patch=tokens["<|patch|>"],
+            tile_x_separator=tokens["<|tile_x_separator|>"],
+            tile_y_separator=tokens["<|tile_y_separator|>"],
+        )
+
+    def _open_side_graph(self, file: str, threads: int | None, weights: bool) -> OnnxRuntimeRunner:
+        path = self.manifest.path / file
+        if not path.is_file():
+            raise BundleError(f"bundle {self.manifest.path} is missing {file}, which its manifest lists")
+        try:
+            runner = OnnxRuntimeRunner(path, threads=threads, prepack=self.prepack).activate()
+        except Exception as err:  # ONNX Runtime's own errors for damaged graphs or external data
+            reason = " ".join(str(err).split())[:300]
+            raise BundleError(f"{file} in {self.manifest.path} cannot be loaded by ONNX Runtime ({reason})") from None
+        if weights:  # the embedding graphs read the stage's weights file: its layout must be theirs
+            integrity.check_layout(self.manifest, file, runner.session.get_modelmeta().custom_metadata_map)
+        self.runners[file] = runner
+        return runner
+
     def close(self) -> None:
         for runner in getattr(self, "runners", {}).values():
             runner.deactivate()
@@ -189,6 +241,40 @@ class Engine:
         return ids
 
     # -- steps ----------------------------------------------------------------------------------
+    def run_embeds_step(self, cache: KVCache, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One prefill step from embeddings [B, T, H] (image prompts: the embedding step's output with image
+        features at the patch positions); returns logits [B, T, V] and updates the cache. One stage only."""
+        if self.in_place:
+            return self._run_in_place(cache, None, positions, embeds)
+        feeds = {abi.HIDDEN_IN: embeds, abi.POSITION_IDS: positions, abi.PAST_LENGTHS: cache.lengths.copy()}
+        feeds.update(cache.feeds())
+        outputs = self.embeds_runner.infer(feeds)
+        if abi.MOE_OVERFLOW in outputs and outputs[abi.MOE_OVERFLOW].any():  # rerun exactly, before any write
+            if self.embeds_exact_runner is None:
+                raise BundleError(
+                    "the embeddings prefill graph reported a capacity overflow, and the bundle has no "
+                    "exact graph to rerun it on; rebuild the bundle"
+                )
+            outputs = self.embeds_exact_runner.infer(feeds)
+            self.overflow_reruns += 1
+        cache.write(outputs, positions)
+        self.steps += 1
+        self._check_finite(outputs[abi.LOGITS])
+        return outputs[abi.LOGITS]
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """The embedding step: ids [B, T] -> hidden states [B, T, H] (float32)."""
+        return self.embed_runner.infer({abi.INPUT_IDS: ids})[abi.HIDDEN_IN].astype(np.float32)
+
+    def encode_images(self, prepared: list[images.PreparedImage]) -> np.ndarray:
+        """Image features [sum of tiles x tokens_per_tile, H], one vision run per image (its tiles batched), in
+        the order the images' <|patch|> tokens appear."""
+        rows = []
+        for image in prepared:
+            features = self.vision_runner.infer({self.vision["input"]: image.pixel_values})[self.vision["output"]]
+            rows.append(features.reshape(-1, features.shape[-1]).astype(np.float32))
+        return np.concatenate(rows) if rows else np.zeros((0, self.manifest.model["hidden_size"]), np.float32)
+
     def run_step(self, cache: KVCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One engine call on ids/positions [B, T]; returns logits [B, T, V] and updates the cache.
 
@@ -221,7 +307,7 @@ class Engine:
         self._check_finite(outputs[abi.LOGITS])
         return outputs[abi.LOGITS]
 
-    def _run_in_place(self, cache: KVCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _run_in_place(self, cache: KVCache, ids, positions: np.ndarray, embeds=None) -> np.ndarray:
         """run_step for graphs that write the cache in place (graphs/lower_attention_gqa.py): each row's real tokens
         must be its next positions, padding after them; the step is cut where a row's chunk ends (or the buffers
         would pass the context), the buffers grown before each part, the lengths advanced after it."""
@@ -238,17 +324,42 @@ class Engine:
             raise ValueError(
                 f"position {int(positions.max())} is beyond the bundle's context of {self.manifest.max_context} tokens"
             )
-        parts, start = [], 0
-        while start < ids.shape[1]:
+        parts, start, total = [], 0, positions.shape[1]
+        while start < total:
             idle = positions[:, start] < 0  # real tokens come first: a row padded here has none left
-            width = cache.step_width(ids.shape[1] - start, idle)
+            width = cache.step_width(total - start, idle)
             cache.reserve_step(width, idle)
-            part = self._step_in_place(cache, ids[:, start : start + width], positions[:, start : start + width])
+            cut = slice(start, start + width)
+            if embeds is not None:  # an image prompt's prefill: the embeddings graph, one stage
+                part = self._embeds_in_place(cache, embeds[:, cut], positions[:, cut])
+            else:
+                part = self._step_in_place(cache, ids[:, cut], positions[:, cut])
             parts.append(part)
             start += width
         logits = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
         self._check_finite(logits)
         return logits
+
+    def _embeds_in_place(self, cache: KVCache, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """_step_in_place for the embeddings prefill graph (hidden_states in, one stage)."""
+        feeds = {
+            abi.HIDDEN_IN: np.ascontiguousarray(embeds),
+            abi.POSITION_IDS: np.ascontiguousarray(positions),
+            abi.PAST_LENGTHS: cache.lengths.copy(),
+            **cache.feeds(),
+        }
+        outputs = self.embeds_runner.infer_in_place(feeds, self._shared[0])
+        if abi.MOE_OVERFLOW in outputs and outputs[abi.MOE_OVERFLOW].any():  # rerun exactly, into the same slots
+            if self.embeds_exact_runner is None:
+                raise BundleError(
+                    "the embeddings prefill graph reported a capacity overflow, and the bundle has no "
+                    "exact graph to rerun it on; rebuild the bundle"
+                )
+            outputs = self.embeds_exact_runner.infer_in_place(feeds, self._shared[0])
+            self.overflow_reruns += 1
+        cache.advance(positions)
+        self.steps += 1
+        return outputs[abi.LOGITS]
 
     def _step_in_place(self, cache: KVCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         role = "decode" if ids.shape[1] == 1 else "prefill"
@@ -278,8 +389,10 @@ class Engine:
                 f"damaged (load(..., allow_non_finite=True) lets them through)"
             )
 
-    def prefill(self, cache: KVCache, prompts: list[list[int]], keep_all: bool = False):
-        """Feed prompts in steps of the prefill profile; rows may differ in length.
+    def prefill(self, cache: KVCache, prompts: list[list[int]], keep_all: bool = False, features=None):
+        """Feed prompts in steps of the prefill profile; rows may differ in length. `features`: per row its image
+        features [patch tokens, H] (None or empty for a text row), scattered into the row's <|patch|> positions in
+        order; a group with any image runs every chunk through the embedding step.
 
         Returns the logits [B, V] at each prompt's last token, and, with keep_all, the logits at
         every position of each prompt.
@@ -288,9 +401,21 @@ class Engine:
         done = [0] * batch
         last = np.zeros((batch, self.vocab_size), dtype=np.float32)
         every = [[] for _ in prompts]
+        with_images = features is not None and any(f is not None and len(f) for f in features)
+        used = [0] * batch  # features scattered so far, per row
         while any(done[b] < len(prompts[b]) for b in range(batch)):
             ids, positions, take = prefill_chunk(prompts, done, self.prefill_tokens)
-            logits = self.run_step(cache, ids, positions)
+            if with_images:
+                embeds = self.embed(ids)
+                for b, row in enumerate(features):
+                    if row is None or not len(row):
+                        continue
+                    slots = np.flatnonzero(ids[b, : take[b]] == self.image_tokens.patch)
+                    embeds[b, slots] = row[used[b] : used[b] + len(slots)]
+                    used[b] += len(slots)
+                logits = self.run_embeds_step(cache, embeds, positions)
+            else:
+                logits = self.run_step(cache, ids, positions)
             for b in range(batch):
                 if take[b]:
                     if keep_all:
@@ -322,16 +447,18 @@ class Engine:
         repetition_penalty: float = 1.0,
         logit_bias: dict[int, float] | None = None,
         min_tokens: int = 0,
+        images: list | None = None,
     ) -> Generation:
         """Generate up to max_new_tokens per prompt; the sampling parameters are runtime/sampling.py's (each
-        row of the batch draws from one generator seeded with `seed`, in row order)."""
+        row of the batch draws from one generator seeded with `seed`, in row order). `images`: one list per prompt
+        of PIL images, HWC uint8 arrays, file paths or encoded bytes, one per `<|image|>` placeholder id in that
+        prompt, in order (runtime/images.py); None: text only."""
         prompts = arguments.prompt_list(prompts)
         max_new_tokens = arguments.integer(max_new_tokens, "max_new_tokens", 1)
         temperature = arguments.temperature(temperature)
         top_p = arguments.top_p(top_p)
         seed = arguments.seed(seed)
         return_logits = arguments.flag(return_logits, "return_logits")
-        prompts = [self._check_prompt(p, max_new_tokens, f"prompt {i}") for i, p in enumerate(prompts)]
         stop = arguments.stop_tokens(stop_tokens, self.vocab_size)
         if stop is None:
             stop = set(self.manifest.eos_token_ids)
@@ -346,10 +473,57 @@ class Engine:
             arguments.logit_bias(logit_bias),
             arguments.integer(min_tokens, "min_tokens"),
         ).check(self.vocab_size)
+        features = None  # images are decoded and encoded last: every cheap check first
+        if images is not None or self.vision is not None:
+            prompts, features = self.prepare_images(prompts, images, max_new_tokens)
+        else:
+            prompts = [self._check_prompt(p, max_new_tokens, f"prompt {i}") for i, p in enumerate(prompts)]
         with self._calls:
-            return self._generate(prompts, max_new_tokens, params, seed, stop, return_logits)
+            return self._generate(prompts, max_new_tokens, params, seed, stop, return_logits, features)
 
-    def _generate(self, prompts, max_new_tokens, params, seed, stop, return_logits) -> Generation:
+    def prepare_images(self, prompts, images_per_prompt, new_tokens: int):
+        """Prompts with their <|image|> placeholders expanded and each row's image features (None for a row with
+        no image); every image is decoded, checked and encoded before any prompt is prefilled."""
+        if images_per_prompt is not None and self.vision is None:
+            raise ValueError(self._no_vision)
+        if images_per_prompt is None:
+            images_per_prompt = [[] for _ in prompts]
+        if isinstance(images_per_prompt, (str, bytes)) or not isinstance(images_per_prompt, (list, tuple)):
+            raise TypeError("images must be a list with one list of images per prompt")
+        if len(images_per_prompt) != len(prompts):
+            raise ValueError(
+                f"images has {len(images_per_prompt)} lists for {len(prompts)} prompts; give one per prompt"
+            )
+        expanded, features = [], []
+        for i, (prompt, given) in enumerate(zip(prompts, images_per_prompt)):
+            ids = arguments.token_ids(prompt, self.vocab_size, f"prompt {i}")
+            if given is None:
+                given = []
+            if isinstance(given, (str, bytes)) or not isinstance(given, (list, tuple)):
+                raise TypeError(f"images[{i}] must be a list of images for prompt {i}")
+            if self.image_tokens.patch in ids:
+                raise ValueError(
+                    f"prompt {i} holds <|patch|> (id {self.image_tokens.patch}) tokens itself; mark each image with "
+                    f"one <|image|> placeholder (id {self.image_tokens.image}) and pass the image"
+                )
+            prepared = [
+                images.preprocess(source, self.image_spec, f"prompt {i} image {j}") for j, source in enumerate(given)
+            ]
+            full = images.expand_placeholders(
+                ids, prepared, self.image_spec.tokens_per_tile, self.image_tokens, f"prompt {i}"
+            )
+            image_tokens = len(full) - len(ids) + len(prepared)
+            if len(full) + new_tokens > self.manifest.max_context:
+                raise ValueError(
+                    f"prompt {i} of {len(full)} tokens ({image_tokens} of them for {len(prepared)} "
+                    f"image{'s' * (len(prepared) != 1)}) plus {new_tokens} new ones exceeds the bundle's context of "
+                    f"{self.manifest.max_context} tokens"
+                )
+            expanded.append(self._check_prompt(full, new_tokens, f"prompt {i}"))
+            features.append(self.encode_images(prepared) if prepared else None)
+        return expanded, features
+
+    def _generate(self, prompts, max_new_tokens, params, seed, stop, return_logits, features=None) -> Generation:
         rng = np.random.default_rng(seed)
         tokens: list[list[int]] = []
         logits: list[np.ndarray] = []
@@ -357,7 +531,8 @@ class Engine:
         for start in range(0, len(prompts), self.max_batch):
             group = prompts[start : start + self.max_batch]
             cache = self.new_cache(len(group))
-            step_logits, _ = self.prefill(cache, group)
+            group_features = None if features is None else features[start : start + self.max_batch]
+            step_logits, _ = self.prefill(cache, group, features=group_features)
             active = np.ones(len(group), dtype=bool)
             new = [[] for _ in group]
             chosen_from = [[] for _ in group]

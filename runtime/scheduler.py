@@ -88,6 +88,10 @@ class Request:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
     min_tokens: int = 0
+    # images for the prompt's <|image|> placeholders, in order (Engine.generate's `images` for one prompt); at submit
+    # the prompt is expanded and the images encoded (on the submitting thread), their features kept here
+    images: list | None = None
+    features: np.ndarray | None = dataclasses.field(default=None, repr=False)  # [patch tokens, H]
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's log-probability and the k most likely
     # more samples of the same prompt (OpenAI's n): admitted with this request, each in its own row, their
     # cache rows copied from this one's once its prefill is done instead of prefilling the prompt again
@@ -131,6 +135,7 @@ class _Row:
     history: History
     prefilled: int = 0  # prompt tokens already in the cache
     last_token: int = 0  # fed in the next decode step
+    features_used: int = 0  # image features already scattered into prefill steps
     forks: list[int] = dataclasses.field(default_factory=list)  # rows waiting for this row's prefill
     constraint: Any = None  # runtime/grammar.py's Constraint, for a request with a grammar
     waiting: bool = False  # a sibling whose cache row is copied from its leader's when that prefill is done
@@ -228,7 +233,15 @@ class Scheduler:
             raise ValueError(f"min_tokens is {request.min_tokens}, more than max_tokens {request.max_tokens}")
         if request.logprobs is not None and not 0 <= request.logprobs <= self.engine.vocab_size:
             raise ValueError(f"logprobs is {request.logprobs}; it must be in [0, {self.engine.vocab_size}]")
-        request.prompt = self.engine._check_prompt(request.prompt, request.max_tokens)
+        if request.features is not None:  # prepared by the caller (Engine.prepare_images): expanded, encoded
+            if request.images is not None:
+                raise ValueError("give a request either its images or their prepared features, not both")
+            request.prompt = self.engine._check_prompt(request.prompt, request.max_tokens)
+        elif request.images is not None or self.engine.vision is not None:
+            prompts, features = self.engine.prepare_images([request.prompt], [request.images], request.max_tokens)
+            request.prompt, request.features = prompts[0], features[0]
+        else:
+            request.prompt = self.engine._check_prompt(request.prompt, request.max_tokens)
         if 1 + len(request.siblings) > self.max_batch:
             raise ValueError(
                 f"n is {1 + len(request.siblings)}; the samples of a prompt run together, at most {self.max_batch}"
@@ -391,12 +404,21 @@ class Scheduler:
         except Exception:  # a broken listener must not take the batch down
             log.exception("listener of request %d failed", request.id)
 
-    def _run(self, kind: str, rows: list[int], ids: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
-        """One engine call; on an engine error only the requests in this step fail (and are logged)."""
+    def _run(
+        self, kind: str, rows: list[int], ids: np.ndarray, positions: np.ndarray, images: bool = False
+    ) -> np.ndarray | None:
+        """One engine call; on an engine error only the requests in this step fail (and are logged). `images`: a
+        prefill step holding image features, run through the embedding step (Engine.run_embeds_step)."""
         start = time.perf_counter()
         used = max(rows) + 1  # admission fills the lowest free row, so rows in use stay near the front
         try:
-            logits = self.engine.run_step(_LeadingRows(self.cache, used), ids[:used], positions[:used])
+            cache = _LeadingRows(self.cache, used)
+            if images:
+                logits = self.engine.run_embeds_step(
+                    cache, self._embeds(rows, ids[:used], positions[:used]), positions[:used]
+                )
+            else:
+                logits = self.engine.run_step(cache, ids[:used], positions[:used])
         except Exception as err:
             log.exception("%s step failed; failing its %d request(s)", kind, len(rows))
             with self._work:
@@ -413,7 +435,8 @@ class Scheduler:
         for b in rows:
             prompts[b], done[b] = self.rows[b].request.prompt, self.rows[b].prefilled
         ids, positions, take = prefill_chunk(prompts, done, self.engine.prefill_tokens)  # [B, T]
-        logits = self._run("prefill", rows, ids, positions)  # [b, T, V], b = rows up to the last one in use
+        images = any(self.rows[b].request.features is not None for b in rows)
+        logits = self._run("prefill", rows, ids, positions, images)  # [b, T, V], b = rows up to the last one in use
         if logits is None:
             return
         complete, source = [], []  # rows whose first token is due, and the (row, position) of their logits
@@ -454,6 +477,19 @@ class Scheduler:
             target = start + t + 1
             if target < len(request.prompt):
                 request.prompt_scores.append(top_logprobs(logits[t], request.prompt[target], request.prompt_logprobs))
+
+    def _embeds(self, rows: list[int], ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The embedding step for a prefill chunk, each image row's next features at its <|patch|> positions."""
+        embeds = self.engine.embed(ids)  # [b, T, H]
+        patch = self.engine.image_tokens.patch
+        for b in rows:
+            row = self.rows[b]
+            if row.request.features is None:
+                continue
+            slots = np.flatnonzero((ids[b] == patch) & (positions[b] >= 0))  # padding is never a patch
+            embeds[b, slots] = row.request.features[row.features_used : row.features_used + len(slots)]
+            row.features_used += len(slots)
+        return embeds
 
     def _decode_step(self, rows: list[int]) -> None:
         ids = np.zeros((self.max_batch, 1), dtype=np.int64)  # [B, 1]
@@ -556,9 +592,13 @@ class Scheduler:
                 self._finish_locked(request, "cancelled")
 
 
-def run_requests(engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int, **kwargs) -> list[Request]:
-    """Run prompts through a Scheduler to completion (all submitted at once); for tests and benchmarks."""
+def run_requests(
+    engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int, images=None, **kwargs
+) -> list[Request]:
+    """Run prompts through a Scheduler to completion (all submitted at once); for tests and benchmarks. `images`:
+    one list per prompt, as Engine.generate's."""
     scheduler = Scheduler(engine, max_queue=len(prompts))
-    requests = [scheduler.submit(Request(list(p), max_tokens, **kwargs)) for p in prompts]
+    given = images if images is not None else [None] * len(prompts)
+    requests = [scheduler.submit(Request(list(p), max_tokens, images=g, **kwargs)) for p, g in zip(prompts, given)]
     scheduler.run_until_idle()
     return requests

@@ -33,7 +33,8 @@ def write_checkpoint(
     text = random_model(config or tiny_config(), seed, logit_gain, router_gain)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     if multimodal:
-        widths = dict(hidden_size=32, intermediate_size=32, vision_output_dim=32, projector_input_dim=32)
+        # intermediate_size is 4 x hidden_size: the pixel shuffle's output width (export/vision_shape.py checks it)
+        widths = dict(hidden_size=32, intermediate_size=128, vision_output_dim=32, projector_input_dim=32)
         vision = dict(widths, projector_output_dim=32, num_hidden_layers=1, num_attention_heads=2, image_size=28)
         vision["patch_size"] = 14
         torch.manual_seed(seed)
@@ -108,7 +109,8 @@ def checkpoint_bundle(tmp_path_factory, checkpoint_dir) -> Path:
     from llama4_deploy.build import build
 
     out = tmp_path_factory.mktemp("bundles") / "from-checkpoint"
-    return build(checkpoint=checkpoint_dir, out=out, log=lambda _: None).bundle
+    # its vision tower is a stub (no processor files, no image tokens): the text model is what these tests build
+    return build(checkpoint=checkpoint_dir, out=out, vision=False, log=lambda _: None).bundle
 
 
 def manifest(bundle: Path) -> dict:
@@ -156,3 +158,26 @@ def opened_engines(bundles: dict):
     yield opened
     for engine in opened.values():
         engine.close()
+
+
+@pytest.fixture(scope="session")
+def vision_bundle(tmp_path_factory):
+    """The tiny-vision recipe's bundle: its seeded random weights written as a multimodal checkpoint by the build."""
+    from llama4_deploy.build import build
+
+    return build("tiny-vision", out=tmp_path_factory.mktemp("bundles") / "tiny-vision", log=lambda _: None).bundle
+
+
+@pytest.fixture(scope="session")
+def vision_engine(vision_bundle):
+    from llama4_deploy.runtime import load
+
+    with load(vision_bundle) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def multimodal_model(vision_bundle):
+    from llama4_deploy.export.reference import multimodal_reference
+
+    return multimodal_reference(json.loads((vision_bundle / "manifest.json").read_text())["source"])

@@ -1631,6 +1631,12 @@ HARDENED_BUNDLE_CASES = [
     BundleCase(
         "serve-max-request-bytes-zero", None, [*SERVE, "--max-request-bytes", "0"], ("--max-request-bytes is 0",)
     ),
+    BundleCase(
+        "serve-media-path-missing",
+        None,
+        [*SERVE, "--allowed-local-media-path", "{b}/no-such-dir"],
+        ("--allowed-local-media-path", "no-such-dir", "is not a directory"),
+    ),
     # plan: the same validation of the sizes as the build's
     BundleCase(
         "plan-experts-zero",

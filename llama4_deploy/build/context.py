@@ -20,6 +20,7 @@ from llama4_deploy.build.recipe import Recipe
 from llama4_deploy.build.stages import Stage
 from llama4_deploy.export.checkpoint import Checkpoint
 from llama4_deploy.export.shape import ModelShape
+from llama4_deploy.export.vision_shape import VisionShape
 from llama4_deploy.graphs.quantize import QuantSpec
 from llama4_deploy.targets.base import Target
 
@@ -35,10 +36,21 @@ class Loaded:
     stored_fp8: dict[str, Any]
     # what every later step's cache key reads: the recipe, the weights' identity, the calibration file's
     inputs: list[Any]
+    vision: VisionPlan | None = None  # the vision engine to build (a multimodal checkpoint, unless --no-vision)
 
     @property
     def shape(self) -> ModelShape:
         return self.checkpoint.shape
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionPlan:
+    """What the vision step exports and the manifest records (export/vision.py)."""
+
+    shape: VisionShape
+    image: dict[str, Any]  # the preprocessing settings (runtime/images.py ImageSpec)
+    tokens: dict[str, int]  # Llama 4's image special tokens -> ids
+    max_tiles: int  # the tiles profile: images per step x (max_patches + the global tile)
 
 
 @dataclasses.dataclass(frozen=True)

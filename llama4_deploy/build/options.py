@@ -38,6 +38,7 @@ OVERRIDES = {
     "stages": "stages",
     "extra_dispatches": "extra_dispatches",
     "target": "backend",
+    "vision": "vision",
 }
 # what a value of each key is called in "unknown X 'y'; choose one of ..."
 _NAMES = {

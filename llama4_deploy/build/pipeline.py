@@ -22,7 +22,7 @@ from llama4_deploy.build.clock import StepClock
 from llama4_deploy.build.context import BuildContext
 from llama4_deploy.build.options import BuildError, resolve
 from llama4_deploy.build.outdir import OutDirError, Staging, check_out
-from llama4_deploy.build.steps import calibrate, dispatch, golden, hash, load, manifest, save, trace
+from llama4_deploy.build.steps import calibrate, dispatch, golden, hash, load, manifest, save, trace, vision
 from llama4_deploy.build.steps.manifest import passes_of
 from llama4_deploy.export.checkpoint import CheckpointError
 
@@ -128,6 +128,7 @@ def run_steps(ctx: BuildContext) -> None:
         ctx.dispatch = dispatch.run(ctx)
         for stage in ctx.loaded.split:
             ctx.saved.append(save.run(ctx, stage))
+        vision.run(ctx)
     except CheckpointError as err:  # a tensor that fails to read while streaming
         raise BuildError(str(err)) from None
     ctx.log(f"[passes] {passes_of(ctx)}")

@@ -48,6 +48,23 @@ class RandomWeights(Strict):
     config: dict[str, Any]
     logit_gain: float = Field(1.0, gt=0)  # scales lm_head: peaked logits, no near-ties
     router_gain: float = Field(1.0, gt=0)  # scales routers: well-separated expert choices
+    # a Llama4VisionConfig: the weights are a multimodal checkpoint (export/reference.py random_multimodal), its
+    # processor tiling at most max_patches tiles
+    vision_config: dict[str, Any] | None = None
+    max_patches: int = Field(16, ge=1)
+
+    @field_validator("vision_config")
+    @classmethod
+    def _valid_vision_config(cls, config: dict[str, Any] | None) -> dict[str, Any] | None:
+        if config is None:
+            return None
+        from llama4_deploy.export.vision_shape import VisionConfigError, VisionShape
+
+        try:
+            VisionShape.from_config({"vision_config": config, "text_config": {}})
+        except VisionConfigError as err:
+            raise ValueError(str(err)) from None
+        return config
 
     @field_validator("config")
     @classmethod
@@ -148,6 +165,12 @@ class Recipe(Strict):
     capacity_factor: float = Field(1.25, gt=0)  # slots per expert = ceil(factor * tokens * k / experts)
     profiles: Profiles = Profiles()
     verify: Verify = Verify()
+    # images (a checkpoint with a vision_config): build the vision engine (False: text only, --no-vision), how many
+    # images one step encodes (the tiles profile: images x (max_patches + 1)), and whether a checkpoint's vision
+    # config must be the published Scout/Maverick one (export/vision.py PUBLISHED_VISION)
+    vision: bool = True
+    images_per_step: Annotated[int, Field(ge=1, strict=True)] = 2
+    expect_vision: bool = False
 
     @field_validator("name")
     @classmethod

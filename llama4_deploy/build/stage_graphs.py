@@ -39,6 +39,36 @@ from llama4_deploy.runtime import abi
 from llama4_deploy.runtime.integrity import CHUNK_KEY, LAYOUT_KEY, layout_fingerprint
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbeddingsStage(Stage):
+    """The whole model taking `hidden_states` instead of `input_ids`: the text graph an image prompt's prefill runs
+    (the embedding step in front of it scatters image features into the patch positions). Linked like a later
+    pipeline stage that also holds the first layers."""
+
+    @property
+    def first(self) -> bool:
+        return False
+
+
+EMBED_GRAPH = "embed"  # input_ids -> hidden_states: the embedding step, sharing the stage's weights file
+
+
+def embeddings_graph_name(strategy: str) -> str:
+    """The saved name (`<name>.onnx`) of the embeddings-input graph for one MoE dispatch."""
+    return f"embeds.{strategy}"
+
+
+def link_embed(checkpoint, templates, weight: Callable[[Any, str], Any]):
+    """input_ids [batch, new] -> hidden_states [batch, new, hidden]: the embedding alone (the embed template)."""
+    shape = checkpoint.shape
+    ids = ir.Value(name=abi.INPUT_IDS, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "new"]))
+    sources = weights.embed_weights(shape)
+    stamp = Stamp(
+        "embed", "embed", {"input_ids": abi.INPUT_IDS}, {k: weight(src, f"embed.{k}") for k, src in sources.items()}
+    )
+    return link(templates, [ids], [stamp], {abi.HIDDEN_IN: "embed.hidden_states"})
+
+
 def file_prefix(stage: Stage) -> str:
     return "" if stage.count == 1 else f"stage{stage.index}."
 

@@ -64,7 +64,29 @@ def bundle_costs(bundle: str | Path) -> list[CostRow]:
                 report.unresolved,
             )
         )
+    vision = manifest.engine.get("vision")
+    if vision is not None:
+        rows.append(vision_cost(manifest, vision))
     return rows
+
+
+def vision_cost(manifest, vision: dict) -> CostRow:
+    """The vision engine's FLOPs and weight bytes for one tile (its graph at tiles = 1); no ideal to compare with."""
+    from llama4_deploy.graphs.cost import graph_cost
+
+    check_files(manifest, [vision["file"]])
+    try:
+        model = ir.load(manifest.path / vision["file"])  # external weights stay on disk (read lazily)
+    except Exception as err:  # onnx's own parse errors
+        reason = " ".join(str(err).split())[:300]
+        raise BundleError(f"{vision['file']} in {manifest.path} cannot be read as ONNX ({reason})") from None
+    total, _, unresolved = graph_cost(model, {"tiles": 1})
+    nan = float("nan")
+    return CostRow("image tile", vision["file"], "-", total.flops, total.weight_bytes, nan, nan, nan, nan, unresolved)
+
+
+def _ratio(value: float) -> str:
+    return f"{'-':>13}" if value != value else f"{value:>12.3f}x"
 
 
 def cost_table(rows: list[CostRow]) -> str:
@@ -75,7 +97,7 @@ def cost_table(rows: list[CostRow]) -> str:
     for r in rows:
         lines.append(
             f"{r.point:<14}{r.graph:<16}{r.flops / 1e9:>10.3f}{r.weight_bytes / 1e6:>10.2f}"
-            f"{r.flops_vs_ideal:>12.3f}x{r.bytes_vs_ideal:>12.3f}x{r.dense_flops_vs_ideal:>12.3f}x"
-            f"{r.dense_bytes_vs_ideal:>12.3f}x"
+            f"{_ratio(r.flops_vs_ideal)}{_ratio(r.bytes_vs_ideal)}{_ratio(r.dense_flops_vs_ideal)}"
+            f"{_ratio(r.dense_bytes_vs_ideal)}"
         )
     return "\n".join(lines)

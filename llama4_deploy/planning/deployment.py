@@ -432,7 +432,7 @@ def report(
         f"{_b(params.dense_mlp)}, attention {_b(params.attention)}, embeddings {_b(params.embed)}, lm_head "
         f"{_b(params.lm_head)}, routers {params.routers / 1e6:.1f}M, norms {params.norms / 1e6:.2f}M",
         "  (the published totals of the multimodal checkpoints, 109B Scout and 400B Maverick, add the ~0.9B vision "
-        "encoder, which this project does not deploy)",
+        "encoder: its table is at the end)",
         "",
         f"weights by precision plan (scales in the compute dtype; int4 blocks of {config.block_size} along the "
         f"reduction axis, fp8 one scale per output channel; router, embeddings, lm_head and norms unquantized)",
@@ -530,6 +530,81 @@ def report(
     return "\n".join(lines)
 
 
+# the published Scout/Maverick vision config in full (export/vision.py PUBLISHED_VISION names the facts a checkpoint
+# must match; these are the rest of its sizes), and their processor's tile cap
+PUBLISHED_VISION_SIZES = {
+    "intermediate_size": 5632,
+    "projector_input_dim": 4096,
+    "projector_output_dim": 4096,
+    "vision_output_dim": 4096,
+    "rope_parameters": {"rope_theta": 10000.0},
+}
+PUBLISHED_MAX_PATCHES = 16
+
+
+def vision_of(target: str, shape: ModelShape):
+    """(VisionShape, max_patches) of a plan target that has a vision tower, else None."""
+    from llama4_deploy.export.vision_shape import (
+        PUBLISHED_VISION,
+        VisionConfigError,
+        VisionShape,
+        image_processor_config,
+    )
+
+    text = {"hidden_size": shape.hidden_size}
+    path = Path(target)
+    try:
+        if path.is_dir():
+            config = json.loads((path / "config.json").read_text())
+            if not isinstance(config.get("vision_config"), dict):
+                return None
+            try:
+                patches = int(image_processor_config(path).get("max_patches", PUBLISHED_MAX_PATCHES))
+            except VisionConfigError:
+                patches = PUBLISHED_MAX_PATCHES  # no processor files: the published processor's cap
+            return VisionShape.from_config({"vision_config": config["vision_config"], "text_config": text}), patches
+        recipe = load_recipe(target)
+        if recipe.expect_vision:
+            vision = {**PUBLISHED_VISION, **PUBLISHED_VISION_SIZES}
+            return VisionShape.from_config({"vision_config": vision, "text_config": text}), PUBLISHED_MAX_PATCHES
+        if recipe.random is not None and recipe.random.vision_config is not None:
+            vision = {"vision_config": recipe.random.vision_config, "text_config": text}
+            return VisionShape.from_config(vision), recipe.random.max_patches
+    except VisionConfigError as err:
+        raise PlanError(str(err)) from None
+    return None
+
+
+def image_tokens(vision, max_patches: int) -> int:
+    """The most tokens one image becomes (Llama4Processor's layout): the largest grid of at most max_patches tiles
+    with its separators, the global tile, and the start, <|image|> and end markers."""
+    best = 0
+    for rows in range(1, max_patches + 1):
+        cols = max_patches // rows
+        tiles = rows * cols
+        grid = tiles * vision.tokens_per_tile + rows * (cols - 1) + rows if tiles > 1 else 0
+        best = max(best, grid)
+    return best + vision.tokens_per_tile + 3
+
+
+def vision_report(vision, max_patches: int, shape: ModelShape, context: int) -> list[str]:
+    """The vision engine's weights and the KV an image's tokens take, for `plan`."""
+    params = sum(math.prod(dims) for dims in vision.weight_shapes().values())
+    tokens = image_tokens(vision, max_patches)
+    kv16 = precision_bytes(shape, "bf16")
+    per_token = kv_bytes_per_slot(shape, kv16) * shape.num_layers  # every layer while under the chunk
+    return [
+        "",
+        f"vision engine ({vision.num_layers} layers at hidden {vision.hidden_size}, tiles of {vision.image_size} "
+        f"pixels, {vision.tokens_per_tile} tokens per tile, at most {max_patches} tiles + the global one per image)",
+        f"  weights {_b(params)} parameters: {_gib(params * 4)} GiB as built (float32 at every precision: "
+        f"Meta's FP8 release keeps the tower unquantized), {_gib(params * 2)} GiB in bf16; add them to the first "
+        f"stage's weights above",
+        f"  one image is at most {tokens:,} tokens: {_gib(tokens * per_token)} GiB of KV (bf16) per image, "
+        f"{tokens * 100 / context:.1f}% of a {context:,}-token context",
+    ]
+
+
 def plan(target: str, context: int | None = None, stages: int | None = None, precision: str | None = None) -> str:
     """The report for a recipe or checkpoint dir; `context` defaults to the recipe's max_context (else 32768)."""
     shape, source, profiles = load_shape(target)
@@ -543,4 +618,8 @@ def plan(target: str, context: int | None = None, stages: int | None = None, pre
         raise PlanError(f"--stages {stages} must be between 1 and the model's {shape.num_layers} layers")
     if precision is not None and precision not in PRECISION_PLANS:
         raise PlanError(f"--precision {precision!r} is not one of {', '.join(PRECISION_PLANS)}")
-    return report(shape, source, config, stages, precision)
+    text = report(shape, source, config, stages, precision)
+    vision = vision_of(target, shape)
+    if vision is not None:
+        text += "\n" + "\n".join(vision_report(*vision, shape, config.context))
+    return text

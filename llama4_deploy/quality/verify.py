@@ -26,6 +26,7 @@ from llama4_deploy.export.simulate import simulate
 from llama4_deploy.graphs.quantize import QuantSpec
 from llama4_deploy.quality.compare import Comparison, compare, relative_logit_tolerance
 from llama4_deploy.quality.evaluate import default_text, evaluate
+from llama4_deploy.quality.images import image_rows
 from llama4_deploy.runtime import BundleError, load, read_manifest
 
 REL_TOLERANCE = 1e-3  # fp32 engine vs fp32 eager: summation order only, far below this
@@ -359,6 +360,14 @@ def verify(
             )
             if mode == "prefill":
                 scored_prefill = scored
+        if engine.vision is not None:
+            if spec is None:
+                rows += image_rows(engine, manifest.raw["source"], new_tokens, log, Row)
+            else:  # the image path is the same graphs at the same precision; its reference rows are fp32's
+                log(
+                    "[verify] image rows are compared for fp32 bundles only; this one's text rows apply to its "
+                    "image prompts' decoder unchanged"
+                )
         greedy_allowed = (
             None if noise is None else math.ceil(NOISE_MARGIN * noise[3] * sum(row.greedy_total for row in rows) - 1e-9)
         )

@@ -223,9 +223,26 @@ class CompletionRequest(_Sampling):
     _prompt_form = field_validator("prompt", mode="before")(_prompt_shape)
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: Text
+class ImageURL(_Strict):
+    url: Text  # a data: URL, or a file under --allowed-local-media-path (remote URLs are refused)
+    detail: Literal["auto"] | None = None  # Llama 4's processor has one resolution rule: tiles of image_size
+
+
+class ContentPart(_Strict):
+    """One part of a message's content: OpenAI's text part or image_url part (one model, so an error's location
+    is the part's own field, `messages.0.content.0.text`)."""
+
+    type: Literal["text", "image_url"]
+    text: Text | None = None
+    image_url: ImageURL | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if self.type == "text" and (self.text is None or self.image_url is not None):
+            raise ValueError("a text part holds text and no image_url")
+        if self.type == "image_url" and (self.image_url is None or self.text is not None):
+            raise ValueError("an image_url part holds image_url and no text")
+        return self
 
 
 class CalledFunction(_Strict):
@@ -262,17 +279,24 @@ class NamedToolChoice(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart] | None = None
+    content: Text | list[ContentPart] | None = None
     name: Text | None = None  # OpenAI's participant name: passed to the chat template
     tool_calls: list[AssistantToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: Text | None = None  # a tool message answers this call
 
-    def text(self) -> str:
+    def text(self, image_marker: str = "") -> str:
+        """The message's text, each image part as `image_marker` where it stands."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text if part.type == "text" else image_marker for part in self.content)
+
+    def image_urls(self) -> list[tuple[int, str]]:
+        """(part index, url) of each image part, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [(j, part.image_url.url) for j, part in enumerate(self.content) if part.type == "image_url"]
 
 
 class ChatCompletionRequest(_Sampling):

@@ -56,6 +56,7 @@ from llama4_deploy import __version__
 from llama4_deploy.runtime import load, read_manifest
 from llama4_deploy.runtime.engine import Engine
 from llama4_deploy.runtime.grammar import GrammarError, Grammars
+from llama4_deploy.runtime.images import image_from_url
 from llama4_deploy.runtime.scheduler import Output, QueueFull, Request, Scheduler, StepRecord, Unavailable
 from llama4_deploy.runtime.tokenizer import Tokenizer, load_tokenizer
 from llama4_deploy.serving.protocol import (
@@ -79,6 +80,10 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
 )
 DEFAULT_BOS = "<|begin_of_text|>"
+
+
+# where an image part stands in the rendered chat (a private-use character no tokenizer merges with text)
+IMAGE_MARKER = "\ue000image\ue000"
 
 
 class ClientError(ValueError):
@@ -307,6 +312,7 @@ class Server:
         chat_template: Path | None = None,
         allowed_origins: tuple[str, ...] = (),
         log_requests: bool = False,
+        allowed_local_media_path: Path | None = None,
     ):
         if api_key is not None and not api_key:
             raise ValueError("--api-key is empty; give a key, or leave the option out to serve without one")
@@ -314,6 +320,8 @@ class Server:
             raise ValueError("--served-model-name is empty")
         self.api_key = api_key
         self.allowed_origins = tuple(allowed_origins)
+        # image_url parts may name files only under this directory (None: data: URLs only)
+        self.allowed_local_media_path = allowed_local_media_path
         self.log_requests = log_requests
         self.ignore_unknown_fields = ignore_unknown_fields
         if tool_call_parser not in PARSERS:
@@ -404,6 +412,30 @@ class Server:
         self._check_length(ids, 1, "messages")
         return ids
 
+    def _chat_image_ids(self, messages: list[dict], variables: dict | None, urls: list[tuple[str, str]]):
+        """(expanded token ids, image features) of a chat with image parts (on a worker thread): the template's
+        text around each image's marker encoded as text, the marker as the <|image|> id, then the runtime's own
+        expansion and encoding (runtime/images.py, Engine.prepare_images)."""
+        pieces = self.chat_template.render(messages, variables).split(IMAGE_MARKER)
+        if len(pieces) != len(urls) + 1:
+            raise ClientError(
+                f"the chat template placed {len(pieces) - 1} of the {len(urls)} images; it must render each "
+                "message's content once",
+                "messages",
+            )
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            ids += self._encode(piece, "messages", special=False) if piece else []
+            if k < len(urls):
+                ids.append(self.engine.image_tokens.image)
+        try:
+            sources = [image_from_url(url, self.allowed_local_media_path, param) for param, url in urls]
+            prompts, features = self.engine.prepare_images([ids], [sources], 1)
+        except ValueError as err:
+            raise ClientError(str(err), "messages") from None
+        self._check_length(prompts[0], 1, "messages")
+        return prompts[0], features[0]
+
     def _check_length(self, ids: list[int], max_tokens: int, param: str) -> None:
         """The context check before the per-token checks of `submit`, which a huge prompt would make slow."""
         context = self.engine.manifest.max_context
@@ -458,7 +490,7 @@ class Server:
     def _message(self, i: int, m) -> dict:
         """A request message as the chat template sees it: earlier tool calls' arguments as objects (Llama 4's
         templates write them with tojson), a tool message's call id."""
-        message = {"role": m.role, "content": m.text()}
+        message = {"role": m.role, "content": m.text(IMAGE_MARKER)}
         if m.name is not None:
             message["name"] = m.name
         if m.tool_call_id is not None:
@@ -658,10 +690,25 @@ class Server:
     async def chat_completions(self, http: HttpRequest):
         body = await self._body(http, ChatCompletionRequest)
         self._check_model(body.model)
+        urls = [
+            (f"messages[{i}].content[{j}].image_url", url)
+            for i, m in enumerate(body.messages)
+            for j, url in m.image_urls()
+        ]
+        if urls and self.engine.vision is None:
+            raise ClientError(
+                f"bundle {self.model} has no vision engine (built from a text-only checkpoint or with --no-vision); "
+                "send text only",
+                urls[0][0],
+            )
         messages = [self._message(i, m) for i, m in enumerate(body.messages)]
         tools, schema = self._tools(body)
         variables = {**(body.chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
-        prompt = await asyncio.to_thread(self._chat_ids, messages, variables)
+        features = None
+        if urls:  # the placeholders expanded and the images encoded before the request is queued
+            prompt, features = await asyncio.to_thread(self._chat_image_ids, messages, variables, urls)
+        else:
+            prompt = await asyncio.to_thread(self._chat_ids, messages, variables)
         room = self.engine.manifest.max_context - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -674,6 +721,7 @@ class Server:
         requests = self._samples(body, prompt, max_tokens, top)
         for request in requests:
             request.grammar = grammar
+            request.features = features  # read only: the samples of one prompt share its image features
         runs = [_Run(self, r, body.stop_strings(), "chat.completions") for r in requests]
         _submit_all(runs)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -1285,6 +1333,7 @@ def serve(
     chat_template: str | None = None,
     allowed_origins: tuple[str, ...] = (),
     log_requests: bool = False,
+    allowed_local_media_path: str | None = None,
 ) -> None:
     """Load a bundle and serve it until SIGTERM/SIGINT; `echo` gets the one-line status messages. `devices`:
     load's (one device per pipeline stage)."""
@@ -1322,6 +1371,7 @@ def serve(
                 chat_template=Path(chat_template) if chat_template is not None else None,
                 allowed_origins=allowed_origins,
                 log_requests=log_requests,
+                allowed_local_media_path=None if allowed_local_media_path is None else Path(allowed_local_media_path),
             )
         except BaseException:
             engine.close()

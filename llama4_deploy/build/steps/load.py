@@ -11,14 +11,22 @@ from pydantic import ValidationError
 
 from llama4_deploy.build.cache import checkpoint_identity, step_key
 from llama4_deploy.build.clock import timed
-from llama4_deploy.build.context import BuildContext, Loaded
+from llama4_deploy.build.context import BuildContext, Loaded, VisionPlan
 from llama4_deploy.build.options import BuildError
 from llama4_deploy.build.recipe import Profiles, Recipe
 from llama4_deploy.build.stages import Stage, model_split
 from llama4_deploy.export.checkpoint import Checkpoint, CheckpointError
 from llama4_deploy.export.compressed_tensors import CompressedTensorsError, checkpoint_quant_spec, stored_fp8
-from llama4_deploy.export.reference import random_model
+from llama4_deploy.export.reference import random_model, write_random_multimodal
 from llama4_deploy.export.shape import ModelShape
+from llama4_deploy.export.vision_shape import (
+    VisionConfigError,
+    VisionShape,
+    image_spec,
+    image_token_ids,
+    published_mismatches,
+    tiles_limit,
+)
 from llama4_deploy.graphs.quantize import QuantConfig, QuantSpec, make_spec
 from llama4_deploy.runtime.bundle import BundleError
 from llama4_deploy.runtime.paths import PathError, regular_file, utf8
@@ -44,7 +52,10 @@ def run(ctx: BuildContext) -> Loaded:
             log(f"[load] recipe {recipe.name}: seeded random weights (seed {recipe.random.seed})")
             with ctx.cache.put("checkpoint", key) as (directory, _):
                 r = recipe.random
-                random_model(r.config, r.seed, r.logit_gain, r.router_gain).save_pretrained(directory)
+                if r.vision_config is not None:  # a multimodal checkpoint: weights, tokenizer, processor files
+                    write_random_multimodal(r.model_dump(mode="json"), directory)
+                else:
+                    random_model(r.config, r.seed, r.logit_gain, r.router_gain).save_pretrained(directory)
         source_dir = ctx.cache.entry("checkpoint", key)
     else:
         source_dir = ctx.checkpoint
@@ -86,7 +97,50 @@ def run(ctx: BuildContext) -> Loaded:
         )
     log(f"[precision] {spec.summary()}")
     inputs = [recipe.model_dump(mode="json"), identity, calibration]
-    return Loaded(checkpoint, source_dir, recipe, split, spec, stored_fp8(checkpoint, shape), inputs)
+    vision = vision_plan(recipe, checkpoint, source_dir, split, log)
+    return Loaded(checkpoint, source_dir, recipe, split, spec, stored_fp8(checkpoint, shape), inputs, vision)
+
+
+def vision_plan(recipe: Recipe, checkpoint: Checkpoint, source_dir, split: list[Stage], log) -> VisionPlan | None:
+    """The vision engine a multimodal checkpoint adds (None: a text-only checkpoint, or --no-vision), its config,
+    weights' shapes, processor files and image tokens checked now, before anything is traced."""
+    if not isinstance(checkpoint.config.get("vision_config"), dict):
+        return None
+    if not recipe.vision:
+        log("[vision] --no-vision: the checkpoint's vision tower is not built; the bundle takes text only")
+        return None
+    try:
+        shape = VisionShape.from_config(checkpoint.config)
+        if recipe.expect_vision:
+            wrong = published_mismatches(shape)
+            if wrong:
+                raise BuildError(
+                    f"checkpoint has {wrong[0]}, but recipe {recipe.name} expects the published vision "
+                    f"config; is it the right model? (--no-vision builds its text model only)"
+                )
+        for name, implied in shape.weight_shapes().items():
+            if not checkpoint.has_full(name):
+                raise VisionConfigError(f"tensor {name} is missing from the checkpoint (its vision_config implies it)")
+            got = checkpoint.full_shape(name)
+            if got != implied:
+                raise VisionConfigError(
+                    f"tensor {name} has shape {list(got)}, but the checkpoint's vision_config implies {list(implied)}"
+                )
+        image = image_spec(source_dir, shape)
+        tokens = image_token_ids(checkpoint.tokenizer_file, checkpoint.config)
+    except VisionConfigError as err:
+        raise BuildError(f"{err} (--no-vision builds the text model only)") from None
+    if len(split) > 1:
+        raise BuildError(
+            f"images need a one-stage build (the embedding step feeds the first stage); use --stages 1, "
+            f"or --no-vision for a text-only bundle in {len(split)} stages"
+        )
+    max_tiles = tiles_limit(recipe.images_per_step, image["max_patches"])
+    log(
+        f"[vision] {shape.num_layers} layers at hidden {shape.hidden_size}, tiles of {shape.image_size} "
+        f"({shape.tokens_per_tile} tokens each), up to {max_tiles} tiles per step"
+    )
+    return VisionPlan(shape, image, tokens, max_tiles)
 
 
 def calibration_identity(path: str | None) -> str | None:

@@ -13,7 +13,7 @@ import torch
 from llama4_deploy.build.clock import timed
 from llama4_deploy.build.context import BuildContext
 from llama4_deploy.build.options import BuildError
-from llama4_deploy.build.stage_graphs import link_stage
+from llama4_deploy.build.stage_graphs import EmbeddingsStage, link_embed, link_stage
 from llama4_deploy.build.stages import Stage
 from llama4_deploy.export.checkpoint import Checkpoint
 from llama4_deploy.export.weights import WeightSource
@@ -151,3 +151,25 @@ def lower(
         except TargetError as err:
             raise BuildError(str(err)) from None
     return model, counts
+
+
+def embed_graph(ctx: BuildContext) -> ir.Model:
+    """The embedding step's graph (input_ids -> hidden_states), in the compute dtype, linted."""
+    loaded = ctx.require("loaded")
+    checkpoint, spec = loaded.checkpoint, loaded.spec
+    model, _ = link_embed(
+        checkpoint, ctx.require("templates"), lambda source, name: checkpoint_weight(checkpoint, source, name)
+    )
+    if spec.compute_dtype != "float32":
+        run_passes(model, [ComputeDtypePass(spec.compute_dtype)])
+    problems = lint_static(model)
+    if problems:
+        raise BuildError(f"the embed graph breaks the static-shape rule: {problems[0]}")
+    return model
+
+
+def embeddings_graph(ctx: BuildContext, strategy: str, layout: str = "matmul") -> ir.Model:
+    """The whole model taking hidden_states (stage_graphs.EmbeddingsStage), lowered like the prefill graph."""
+    shape = ctx.require("loaded").shape
+    model, _ = lower(ctx, EmbeddingsStage(0, 0, shape.num_layers, 1), strategy, layout=layout)
+    return model

@@ -104,6 +104,8 @@ def run(ctx: BuildContext) -> dict[str, Any]:
     record = ctx.target.manifest_record(stages, recipe.profiles.model_dump(), manifest["model"], manifest["layers"])
     if record is not None:
         engine[ctx.target.name] = record
+    if loaded.vision is not None:
+        engine["vision"] = vision_record(loaded.vision, stages[0]["embeddings"])
     manifest["files"] = {}
     write_manifest(ctx.bundle, manifest)
     return manifest
@@ -116,3 +118,30 @@ def passes_of(ctx: BuildContext) -> dict[str, int]:
         for name, count in saved.passes.items():
             passes[name] = passes.get(name, 0) + count
     return passes
+
+
+def vision_record(plan, embeddings: dict[str, str]) -> dict[str, Any]:
+    """The manifest's `engine.vision`: the vision graph and its profile, the preprocessing, the image tokens, and
+    the embedding step (docs/engine-abi.md, "Images")."""
+    shape = plan.shape
+    return {
+        "file": "vision.onnx",
+        "external_data": "vision.onnx.data",
+        "input": "pixel_values",  # [tiles, channels, image_size, image_size] float32
+        "output": "image_features",  # [tiles, tokens_per_tile, hidden] float32
+        "max_tiles": plan.max_tiles,
+        "tokens_per_tile": shape.tokens_per_tile,
+        "dtype": "float32",  # unquantized at every precision (export/vision.py)
+        "config": {
+            "hidden_size": shape.hidden_size,
+            "num_layers": shape.num_layers,
+            "num_heads": shape.num_heads,
+            "intermediate_size": shape.intermediate_size,
+            "projector_output": shape.text_hidden_size,
+        },
+        "image": plan.image,
+        "tokens": plan.tokens,
+        "embed": embeddings["embed"],
+        "prefill": embeddings["prefill"],
+        "exact": embeddings.get("exact"),  # the capacity dispatch's overflow rerun, when the prefill graph has one
+    }

@@ -7,7 +7,13 @@ from __future__ import annotations
 from llama4_deploy.build.cache import step_key
 from llama4_deploy.build.clock import timed
 from llama4_deploy.build.context import BuildContext, SavedStage
-from llama4_deploy.build.stage_graphs import data_file, graph_file, save_stage_graphs
+from llama4_deploy.build.stage_graphs import (
+    EMBED_GRAPH,
+    data_file,
+    embeddings_graph_name,
+    graph_file,
+    save_stage_graphs,
+)
 from llama4_deploy.build.stages import Stage
 from llama4_deploy.build.steps import lower
 from llama4_deploy.runtime import abi
@@ -16,7 +22,8 @@ from llama4_deploy.runtime.integrity import hash_files
 
 def run(ctx: BuildContext, stage: Stage) -> SavedStage:
     loaded, chosen = ctx.require("loaded"), ctx.require("dispatch")
-    key = step_key("stage", loaded.inputs, [stage.index, stage.start, stage.stop, stage.count], chosen.roles)
+    vision = loaded.vision is not None
+    key = step_key("stage", loaded.inputs, [stage.index, stage.start, stage.stop, stage.count], chosen.roles, vision)
     step = f"stage{stage.index}"
     hit = ctx.cache.get(step, key)
     if hit is None:
@@ -25,6 +32,19 @@ def run(ctx: BuildContext, stage: Stage) -> SavedStage:
             strategy: lower.stage_graph(ctx, stage, strategy, passes, chosen.layout(strategy))
             for strategy in chosen.strategies
         }
+        embeddings = {}
+        if vision:  # the embedding step and the prefill graph that takes its hidden_states (image prompts)
+            prefill = chosen.roles["prefill"]
+            models[EMBED_GRAPH] = lower.embed_graph(ctx)
+            models[embeddings_graph_name(prefill)] = lower.embeddings_graph(ctx, prefill, chosen.layout(prefill))
+            embeddings = {
+                "embed": graph_file(stage, EMBED_GRAPH),
+                "prefill": graph_file(stage, embeddings_graph_name(prefill)),
+            }
+            exact = chosen.roles.get("exact")
+            if exact is not None and exact != prefill:  # a capacity overflow reruns the step exactly, as for text
+                models[embeddings_graph_name(exact)] = lower.embeddings_graph(ctx, exact, chosen.layout(exact))
+                embeddings["exact"] = graph_file(stage, embeddings_graph_name(exact))
         if stage.count > 1:
             ctx.log(f"[stage {stage.index}] layers {stage.start}-{stage.stop - 1}: {len(models)} graphs")
         with ctx.cache.put(step, key) as (directory, record):
@@ -46,11 +66,10 @@ def run(ctx: BuildContext, stage: Stage) -> SavedStage:
                 "inputs": stage_inputs,
                 "outputs": stage_outputs,
             }
+            if embeddings:
+                record["stage"]["embeddings"] = embeddings
             record["passes"] = passes
-            files = {
-                **hash_files(directory, [graph_file(stage, s) for s in chosen.strategies]),
-                data_file(stage): data_record,
-            }
+            files = {**hash_files(directory, [graph_file(stage, s) for s in models]), data_file(stage): data_record}
             record["files"] = dict(sorted(files.items()))
         for strategy in chosen.strategies:
             lower.forget(ctx, stage, strategy, chosen.layout(strategy))  # saved: free
