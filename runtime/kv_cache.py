@@ -168,17 +168,23 @@ class KVCache:
         self.bucket = bucket
         self.grown += 1
 
-    def write(self, outputs: dict[str, Any], positions: np.ndarray) -> None:
-        """Store the step's new keys/values (present_*.l [B, K, T, D]) at their slots and advance
-        the lengths; positions [B, T] with -1 for padding, as fed to the engine."""
+    def _real_positions(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows, columns and positions of a step's real tokens (positions [B, T], -1 for padding), each within the
+        bundle's context."""
         rows, steps = np.nonzero(positions >= 0)
-        if not len(rows):
-            return
         positions = positions[rows, steps]
-        if positions.max() >= self.max_context:
+        if len(rows) and positions.max() >= self.max_context:
             raise ValueError(
                 f"position {int(positions.max())} is beyond the bundle's context of {self.max_context} tokens"
             )
+        return rows, steps, positions
+
+    def write(self, outputs: dict[str, Any], positions: np.ndarray) -> None:
+        """Store the step's new keys/values (present_*.l [B, K, T, D]) at their slots and advance
+        the lengths; positions [B, T] with -1 for padding, as fed to the engine."""
+        rows, steps, positions = self._real_positions(positions)
+        if not len(rows):
+            return
         new_lengths = self.lengths.copy()
         np.maximum.at(new_lengths, rows, positions + 1)
         self._reserve(int(new_lengths.max()))
@@ -218,14 +224,9 @@ class KVCache:
     def advance(self, positions: np.ndarray) -> None:
         """Count the step's real tokens (positions [B, T], -1 for padding) whose keys/values the engine wrote in
         place; their slots were reserved by reserve_step."""
-        rows, steps = np.nonzero(positions >= 0)
+        rows, steps, positions = self._real_positions(positions)
         if not len(rows):
             return
-        positions = positions[rows, steps]
-        if positions.max() >= self.max_context:
-            raise ValueError(
-                f"position {int(positions.max())} is beyond the bundle's context of {self.max_context} tokens"
-            )
         np.maximum.at(self.lengths, rows, positions + 1)
 
     @property

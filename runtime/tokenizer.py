@@ -117,18 +117,24 @@ class TextStream:
             return ""
         self._ids.append(token)
         self.text += self._decoder.step(self._tokenizer, token) or ""
-        if self.stop:
-            search_from = max(0, self._sent - self._hold)
-            hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                self.stopped = True
-                return self.flush()
+        if self._cut_at_stop():
+            return self.flush()
         safe = len(self.text) - self._hold if self.stop else len(self.text)
         if safe <= self._sent:
             return ""
         piece, self._sent = self.text[self._sent : safe], safe
         return piece
+
+    def _cut_at_stop(self) -> bool:
+        """End the text at the first stop string it holds (searched from where held-back text begins)."""
+        if not self.stop:
+            return False
+        search_from = max(0, self._sent - self._hold)
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+        return bool(hits)
 
     def flush(self) -> str:
         """The held-back rest, at the end of the sequence: text that could have begun a stop string, and the
@@ -138,12 +144,7 @@ class TextStream:
             whole = self._tokenizer.decode(self._ids, skip_special_tokens=False)
             if whole.startswith(self.text):
                 self.text = whole
-            if self.stop:
-                search_from = max(0, self._sent - self._hold)
-                hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
-                if hits:
-                    self.text = self.text[: min(hits)]
-                    self.stopped = True
+            self._cut_at_stop()
         piece, self._sent = self.text[self._sent :], len(self.text)
         return piece
 

@@ -181,3 +181,16 @@ def multimodal_model(vision_bundle):
     from llama4_deploy.export.reference import multimodal_reference
 
     return multimodal_reference(json.loads((vision_bundle / "manifest.json").read_text())["source"])
+
+
+def fails_once(real, message: str):
+    """`real`, except that its first call raises RuntimeError(message): a fault injected once."""
+    calls = []
+
+    def wrapper(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(message)
+        return real(*args)
+
+    return wrapper

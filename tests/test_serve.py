@@ -28,6 +28,7 @@ from llama4_deploy.runtime import load  # noqa: E402
 from llama4_deploy.runtime.scheduler import Request  # noqa: E402
 from llama4_deploy.runtime.tokenizer import load_tokenizer  # noqa: E402
 from llama4_deploy.serving.server import Server, _uvicorn_server, bind  # noqa: E402
+from tests.conftest import fails_once  # noqa: E402
 from tests.runtime.test_engine import prompts_of  # noqa: E402
 
 TIMEOUT = 60  # seconds any one request may take on a loaded 2-core machine
@@ -359,15 +360,7 @@ def test_a_full_queue_answers_429_with_retry_after(engine, slow_steps):
 
 
 def test_an_engine_error_fails_that_request_with_500_and_the_next_one_works(live, engine, monkeypatch):
-    real, calls = engine.run_step, []
-
-    def fails_once(*args):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("device lost")
-        return real(*args)
-
-    monkeypatch.setattr(engine, "run_step", fails_once)
+    monkeypatch.setattr(engine, "run_step", fails_once(engine.run_step, "device lost"))
     status, _, answer = live.post("/v1/completions", {"model": engine.manifest.name, "prompt": [3, 4], "max_tokens": 3})
     assert status == 500 and answer["error"] == {
         "message": "engine error: device lost",
@@ -518,15 +511,7 @@ def _greedy_still_equals_generate(live, engine):
 def test_a_scheduler_fault_fails_that_step_and_the_scheduler_goes_on(live, engine, monkeypatch):
     # a fault outside the engine call (in sampling, bookkeeping, ...) raised once on the scheduler thread
     scheduler = live.server.scheduler
-    real, calls = scheduler._emit, []
-
-    def fails_once(*args):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("injected fault")
-        return real(*args)
-
-    monkeypatch.setattr(scheduler, "_emit", fails_once)
+    monkeypatch.setattr(scheduler, "_emit", fails_once(scheduler._emit, "injected fault"))
     status, _, answer = live.post("/v1/completions", {"model": engine.manifest.name, "prompt": [3, 4], "max_tokens": 3})
     assert status == 500 and answer["error"] == {
         "message": "internal error in the scheduler step: injected fault",

@@ -10,6 +10,7 @@ import pytest
 
 from llama4_deploy.runtime import abi, load
 from llama4_deploy.runtime.scheduler import QueueFull, Request, Scheduler, Unavailable, run_requests
+from tests.conftest import fails_once
 from tests.runtime.test_engine import prompts_of
 
 # Scheduler vs generate on one bundle: only the batch composition differs, which changes summation
@@ -158,15 +159,7 @@ def test_an_engine_error_fails_only_the_requests_of_that_step(engine, monkeypatc
     scheduler = Scheduler(engine)
     a, b = (scheduler.submit(Request(p, 6)) for p in prompts_of([5, 7], seed=8))
     scheduler.step()  # prefill of a and b, then their first decode step
-    real_run_step, calls = engine.run_step, []
-
-    def failing(*args):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("device lost")
-        return real_run_step(*args)
-
-    monkeypatch.setattr(engine, "run_step", failing)
+    monkeypatch.setattr(engine, "run_step", fails_once(engine.run_step, "device lost"))
     c = scheduler.submit(Request(prompts_of([6], seed=9)[0], 6))
     scheduler.step()  # prefill of c fails: only c fails; a and b decode on
     scheduler.run_until_idle()
@@ -207,15 +200,7 @@ def _finished(requests, timeout=60):
 
 def test_a_step_fault_fails_the_requests_holding_rows_and_the_worker_goes_on(engine, monkeypatch):
     scheduler = Scheduler(engine, max_batch=1)
-    real, calls = scheduler._emit, []
-
-    def fails_once(*args):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("injected fault")
-        return real(*args)
-
-    monkeypatch.setattr(scheduler, "_emit", fails_once)
+    monkeypatch.setattr(scheduler, "_emit", fails_once(scheduler._emit, "injected fault"))
     first, waiting = Request([1, 2, 3], 4), Request([4, 5], 4)
     done = _finished([first, waiting])
     scheduler.submit(first)
