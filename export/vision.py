@@ -33,6 +33,7 @@ from llama4_deploy.export.vision_shape import (  # noqa: F401 - the build and te
     VISION_PREFIX,
     VisionConfigError,
     VisionShape,
+    check_vision_shapes,
     image_processor_config,
     image_spec,
     image_token_ids,
@@ -45,15 +46,9 @@ from llama4_deploy.export.vision_shape import (  # noqa: F401 - the build and te
 
 def read_vision_weights(checkpoint, shape: VisionShape) -> dict[str, torch.Tensor]:
     """The tower's and projector's tensors (float32), checked against the shapes the vision_config implies."""
+    check_vision_shapes(checkpoint, shape)
     out = {}
-    for name, implied in shape.weight_shapes().items():
-        if not checkpoint.has_full(name):
-            raise VisionConfigError(f"tensor {name} is missing from the checkpoint (its vision_config implies it)")
-        got = checkpoint.full_shape(name)
-        if got != implied:
-            raise VisionConfigError(
-                f"tensor {name} has shape {list(got)}, but the checkpoint's vision_config implies {list(implied)}"
-            )
+    for name in shape.weight_shapes():
         tensor = checkpoint.full_tensor(name).to(torch.float32)
         if not bool(torch.isfinite(tensor).all()):
             raise VisionConfigError(f"checkpoint tensor {name} holds NaN or Inf values; the build refuses them")

@@ -287,3 +287,15 @@ def image_token_ids(tokenizer_file: Path | None, config: dict[str, Any]) -> dict
 
 def tiles_limit(images_per_step: int, max_patches: int) -> int:
     return max(1, images_per_step) * (max_patches + (1 if max_patches > 1 else 0))
+
+
+def check_vision_shapes(checkpoint, shape: VisionShape) -> None:
+    """Every tensor of the tower and projector the vision_config implies is in the checkpoint with that shape."""
+    for name, implied in shape.weight_shapes().items():
+        if not checkpoint.has_full(name):
+            raise VisionConfigError(f"tensor {name} is missing from the checkpoint (its vision_config implies it)")
+        got = checkpoint.full_shape(name)
+        if got != implied:
+            raise VisionConfigError(
+                f"tensor {name} has shape {list(got)}, but the checkpoint's vision_config implies {list(implied)}"
+            )

@@ -22,6 +22,7 @@ from llama4_deploy.export.shape import ModelShape
 from llama4_deploy.export.vision_shape import (
     VisionConfigError,
     VisionShape,
+    check_vision_shapes,
     image_spec,
     image_token_ids,
     published_mismatches,
@@ -118,14 +119,7 @@ def vision_plan(recipe: Recipe, checkpoint: Checkpoint, source_dir, split: list[
                     f"checkpoint has {wrong[0]}, but recipe {recipe.name} expects the published vision "
                     f"config; is it the right model? (--no-vision builds its text model only)"
                 )
-        for name, implied in shape.weight_shapes().items():
-            if not checkpoint.has_full(name):
-                raise VisionConfigError(f"tensor {name} is missing from the checkpoint (its vision_config implies it)")
-            got = checkpoint.full_shape(name)
-            if got != implied:
-                raise VisionConfigError(
-                    f"tensor {name} has shape {list(got)}, but the checkpoint's vision_config implies {list(implied)}"
-                )
+        check_vision_shapes(checkpoint, shape)
         image = image_spec(source_dir, shape)
         tokens = image_token_ids(checkpoint.tokenizer_file, checkpoint.config)
     except VisionConfigError as err:
