@@ -31,6 +31,8 @@ from pathlib import Path
 
 from tools.train import (
     CHECKPOINT_DIR,
+    EOS,
+    HELD_OUT_SAMPLE,
     REPO,
     _log_to,
     encode_documents,
@@ -45,38 +47,63 @@ PASSKEY_DIR = REPO / "checkpoints" / "tiny-passkey"
 MAX_POSITIONS = 4096
 SWEEP_LENGTHS = [128, 192, 252, 384, 512, 1024, 2044]  # 252 and 2044: room for the answer in 256 / 2048
 SWEEP_CONTEXT = 2048
+# within the first stage's documents, at the chunk boundary (the answer starts a chunk of its own), within the
+# training length and at its end
+PROBE_LENGTHS = (112, 128, 240, 256)
 
 
 @dataclasses.dataclass(frozen=True)
 class PasskeySettings:
     seed: int = 0
-    seq_len: int = 256
-    batch: int = 8
-    steps: int = 200
+    # the curriculum: (steps, sequence length, rows per step) in order. Short documents first: the copy is learned
+    # where the needle is a few dozen tokens from the question, then carried to the full training length.
+    stages: tuple[tuple[int, int, int], ...] = ((600, 128, 16), (600, 192, 10), (1000, 256, 8))
     lr: float = 2e-3
-    warmup: int = 10
+    warmup: int = 20
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     aux_loss_coef: float = 0.01
-    passkey_share: float = 0.75  # of the rows of a batch
+    answer_weight: float = 5.0  # the answer's mean loss, added to the language-model loss with this weight
+    passkey_share: float = 0.875  # of the rows of a batch; the rest are plain documentation windows
+    probe_every: int = 200
     threads: int = 2
 
     @property
+    def steps(self) -> int:
+        return sum(steps for steps, _, _ in self.stages)
+
+    @property
     def tokens(self) -> int:
-        return self.steps * self.batch * self.seq_len
+        return sum(steps * length * rows for steps, length, rows in self.stages)
+
+    def stage_at(self, step: int) -> tuple[int, int]:
+        """(sequence length, rows) of the batch at `step`."""
+        for steps, length, rows in self.stages:
+            if step < steps:
+                return length, rows
+            step -= steps
+        return self.stages[-1][1:]
 
 
-def passkey_document(tokenizer_ids, filler_ids, length: int, rng) -> tuple[list[int], list[int]]:
-    """(ids of `length` tokens: intro, filler with the needle at a uniform depth, question, answer; the positions
-    of the answer's tokens)."""
+def passkey_document(
+    tokenizer_ids, filler_ids, length: int | None, rng, prompt_length: int | None = None
+) -> tuple[list[int], list[int]]:
+    """(ids: intro, filler with the needle at a uniform depth, question, answer; the positions of the answer's
+    tokens). `length` tokens in all, or, given `prompt_length`, that many before the answer. The answer is the key
+    and the full stop that follows it in the needle, so the model learns to end the key where eval --needle reads
+    it."""
     from llama4_deploy.quality.needle import INTRO, KEY_DIGITS, NEEDLE, QUESTION
 
     encode = tokenizer_ids
     key = str(int(rng.integers(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS)))
     intro, needle = encode(INTRO), encode(NEEDLE.format(key=key))
-    question, answer = encode(QUESTION), encode(" " + key)
+    question, answer = encode(QUESTION), encode(" " + key) + encode(".")
+    if prompt_length is not None:
+        length = prompt_length + len(answer)
     filler = length - len(intro) - len(needle) - len(question) - len(answer)
+    if filler < 0:
+        raise ValueError(f"a passkey document of {length} tokens cannot hold the intro, needle, question and answer")
     start = int(rng.integers(0, len(filler_ids) - filler))
     stream = filler_ids[start : start + filler].tolist()
     at = int(rng.integers(0, filler + 1))
@@ -84,9 +111,70 @@ def passkey_document(tokenizer_ids, filler_ids, length: int, rng) -> tuple[list[
     return ids, list(range(length - len(answer), length))
 
 
-def train(model, tokenizer, train_ids, s: PasskeySettings, log) -> dict:
+def shortest_document(encode) -> int:
+    """Tokens of a passkey document with no filler, its key at the most tokens it can take (one a digit, three
+    times: twice in the needle, once in the answer), and a few filler tokens."""
+    from llama4_deploy.quality.needle import INTRO, KEY_DIGITS, NEEDLE, QUESTION
+
+    fixed = sum(len(encode(text)) for text in (INTRO, NEEDLE.format(key=""), QUESTION, " ", "."))
+    return fixed + 3 * KEY_DIGITS + 4
+
+
+def passkey_row(
+    encode, filler_ids, row_len: int, shortest: int, eos: int, rng, chunk: int = 0
+) -> tuple[list[int], list[int]]:
+    """A training row of `row_len` tokens: a passkey document of a length uniform in [shortest, row_len], then the
+    end-of-text token and documentation up to the row's end. The question then sits at every position of the
+    row, not at one: trained at one document length, the model ties retrieval to that position and fails a
+    prompt a few tokens longer. With `chunk`, half the documents instead have a prompt of a whole number of
+    attention chunks, as eval --needle's lengths mostly are: the answer then starts a chunk, where the RoPE layers
+    see nothing before it and only the NoPE layer can carry the key on."""
+    from llama4_deploy.quality.needle import KEY_DIGITS
+
+    aligned = [n for n in range(chunk, row_len - KEY_DIGITS, chunk) if n >= shortest] if chunk else []
+    if aligned and rng.random() < 0.5:
+        ids, where = passkey_document(encode, filler_ids, None, rng, prompt_length=int(rng.choice(aligned)))
+    else:
+        ids, where = passkey_document(encode, filler_ids, int(rng.integers(shortest, row_len + 1)), rng)
+    rest = row_len - len(ids)
+    if rest:
+        start = int(rng.integers(0, len(filler_ids) - rest))
+        ids = ids + [eos] + filler_ids[start : start + rest - 1].tolist()
+    return ids, where
+
+
+def probe(model, tokenizer, haystack: str, lengths, trials: int = 16, seed: int = 1) -> dict[int, float]:
+    """Exact match of greedy answers in torch (the sparse forward), prompts laid out by eval --needle's own code
+    (quality/needle.py) on `haystack`: {length: fraction right}, depths spread 0-100%. A cheap check during
+    training; the shipped figures come from the engine's sweep."""
+    import torch
+
+    from llama4_deploy.quality.needle import KEY_DIGITS, Prompts, answer_key, plan_trials
+
+    prompts = Prompts(tokenizer, haystack)
+    depths = [i / (trials - 1) for i in range(trials)] if trials > 1 else [0.5]
+    answer_tokens = len(tokenizer.encode(" " + "9" * KEY_DIGITS, add_special_tokens=False)) + 1
+    was_training = model.training
+    model.eval()
+    scores = {}
+    with torch.no_grad():
+        for length in lengths:
+            planned = plan_trials(prompts, [length], depths, 1, seed)
+            ids = torch.tensor([prompts.build(t) for t in planned])
+            for _ in range(answer_tokens):
+                logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            answers = [tokenizer.decode(row[length:].tolist()) for row in ids]
+            scores[length] = sum(answer_key(a) == t.key for a, t in zip(answers, planned)) / len(planned)
+    model.train(was_training)
+    return scores
+
+
+def train(model, tokenizer, train_ids, s: PasskeySettings, log, probe_text: str | None = None) -> dict:
     import numpy as np
     import torch
+
+    from llama4_deploy.runtime.tokenizer import Tokenizer as RuntimeTokenizer
 
     torch.set_num_threads(s.threads)
     router_logits = use_sparse_moe(model)
@@ -100,20 +188,36 @@ def train(model, tokenizer, train_ids, s: PasskeySettings, log) -> dict:
         fused=True,
     )
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    probe_tokenizer = RuntimeTokenizer.__new__(RuntimeTokenizer)  # the runtime's wrapper over the same tokenizer
+    probe_tokenizer._tokenizer = tokenizer
     rng = np.random.default_rng(s.seed)
-    passkey_rows = round(s.batch * s.passkey_share)
-    history = {"step": [], "tokens": [], "loss": [], "answer_loss": [], "answer_accuracy": []}
-    window = {"loss": [], "answer": [], "hit": []}
+    eos = tokenizer.token_to_id(EOS)
+    shortest = shortest_document(encode)
+    history = {
+        "step": [],
+        "tokens": [],
+        "seq_len": [],
+        "loss": [],
+        "answer_loss": [],
+        "answer_accuracy": [],
+        "first_token_accuracy": [],
+        "probe_step": [],
+        "probe": [],
+    }
+    window = {"loss": [], "answer": [], "hit": [], "first": []}
     started = time.time()
+    tokens = 0
     model.train()
     for step in range(s.steps):
+        seq_len, batch_rows = s.stage_at(step)
+        passkey_rows = max(1, round(batch_rows * s.passkey_share))
         rows, answers = [], []
         for _ in range(passkey_rows):
-            ids, where = passkey_document(encode, train_ids, s.seq_len + 1, rng)
+            ids, where = passkey_row(encode, train_ids, seq_len + 1, shortest, eos, rng, cfg.attention_chunk_size)
             rows.append(ids)
             answers.append(where)
-        for start in rng.integers(0, len(train_ids) - s.seq_len - 1, size=s.batch - passkey_rows):
-            rows.append(train_ids[start : start + s.seq_len + 1].tolist())
+        for start in rng.integers(0, len(train_ids) - seq_len - 1, size=batch_rows - passkey_rows):
+            rows.append(train_ids[start : start + seq_len + 1].tolist())
         batch = torch.tensor(rows)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, s)
@@ -126,31 +230,48 @@ def train(model, tokenizer, train_ids, s: PasskeySettings, log) -> dict:
         answer_logits = logits[row_index, positions]
         answer_targets = batch[row_index, positions + 1]
         answer = torch.nn.functional.cross_entropy(answer_logits, answer_targets)
+        firsts = torch.tensor([0] + [len(where) for where in answers[:-1]]).cumsum(0)
         aux = load_balancing_loss(router_logits, cfg.num_local_experts, cfg.num_experts_per_tok)
         optimizer.zero_grad(set_to_none=True)
-        (lm + answer + s.aux_loss_coef * aux).backward()
+        (lm + s.answer_weight * answer + s.aux_loss_coef * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         optimizer.step()
+        tokens += batch_rows * seq_len
         window["loss"].append(lm.item())
         window["answer"].append(answer.item())
-        window["hit"].append((answer_logits.argmax(-1) == answer_targets).float().mean().item())
+        hits = answer_logits.argmax(-1) == answer_targets
+        window["hit"].append(hits.float().mean().item())
+        window["first"].append(hits[firsts].float().mean().item())  # the key's first token: the retrieval itself
         done = step + 1
-        if done % 10 == 0 or done == s.steps:
+        if done % 20 == 0 or done == s.steps:
             elapsed = time.time() - started
             history["step"].append(done)
-            history["tokens"].append(done * s.batch * s.seq_len)
+            history["tokens"].append(tokens)
+            history["seq_len"].append(seq_len)
             history["loss"].append(float(np.mean(window["loss"])))
             history["answer_loss"].append(float(np.mean(window["answer"])))
             history["answer_accuracy"].append(float(np.mean(window["hit"])))
+            history["first_token_accuracy"].append(float(np.mean(window["first"])))
             log(
-                f"[train] step {done}/{s.steps}  lm loss {history['loss'][-1]:.3f}  answer loss "
-                f"{history['answer_loss'][-1]:.3f}  answer tokens right {history['answer_accuracy'][-1]:.0%}  "
-                f"lr {lr_at(step, s):.2e}  {done * s.batch * s.seq_len / elapsed:,.0f} tokens/s  elapsed "
-                f"{elapsed / 60:.1f} min  eta {elapsed / done * (s.steps - done) / 60:.1f} min"
+                f"[train] step {done}/{s.steps}  length {seq_len}  lm loss {history['loss'][-1]:.3f}  answer loss "
+                f"{history['answer_loss'][-1]:.3f}  answer tokens right {history['answer_accuracy'][-1]:.0%} "
+                f"(first {history['first_token_accuracy'][-1]:.0%})  "
+                f"lr {lr_at(step, s):.2e}  {tokens / elapsed:,.0f} tokens/s  elapsed {elapsed / 60:.1f} min  "
+                f"eta {elapsed / done * (s.steps - done) / 60:.1f} min"
             )
-            window = {"loss": [], "answer": [], "hit": []}
+            window = {"loss": [], "answer": [], "hit": [], "first": []}
+        if probe_text is not None and (done % s.probe_every == 0 or done == s.steps):
+            t = time.time()
+            scores = probe(model, probe_tokenizer, probe_text, PROBE_LENGTHS)
+            started += time.time() - t  # probing is not training time
+            history["probe_step"].append(done)
+            history["probe"].append({str(n): v for n, v in scores.items()})
+            log(
+                f"[probe] step {done}: greedy exact match (torch, 16 prompts each) "
+                + ", ".join(f"{n} tokens {v:.0%}" for n, v in scores.items())
+            )
     seconds = time.time() - started
-    return {"seconds": seconds, "tokens": s.tokens, "tokens_per_s": s.tokens / seconds, "history": history}
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "history": history}
 
 
 def plot_curve(history: dict, path: Path) -> None:
@@ -215,17 +336,45 @@ def sweep_both(checkpoint: Path, workdir: Path, out: Path, log, trials: int = 5)
     return {"lengths": on["lengths"], "depths": on["depths"], "on": on["accuracy"], "off": off["accuracy"]}
 
 
+def parse_stages(text: str) -> tuple[tuple[int, int, int], ...]:
+    """'600x128x16,1000x256x8' -> ((600, 128, 16), (1000, 256, 8))."""
+    import argparse
+
+    try:
+        stages = tuple(tuple(int(n) for n in part.split("x")) for part in text.split(","))
+    except ValueError:
+        stages = ()
+    if not stages or any(len(stage) != 3 or min(stage) < 1 for stage in stages):
+        raise argparse.ArgumentTypeError(f"{text!r} is not STEPSxLENGTHxROWS[,...] of positive integers")
+    return stages
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description="Reproduce checkpoints/tiny-passkey from checkpoints/tiny-trained.")
     parser.add_argument("--out", type=Path, default=PASSKEY_DIR)
     parser.add_argument("--workdir", type=Path, default=REPO / "build" / "train-passkey")
-    parser.add_argument("--steps", type=int, default=PasskeySettings.steps, help="optimizer steps (2048 tokens each)")
+    parser.add_argument(
+        "--stages",
+        type=parse_stages,
+        default=PasskeySettings.stages,
+        help="the curriculum: STEPSxLENGTHxROWS,... (default: the shipped recipe's)",
+    )
+    parser.add_argument("--lr", type=float, default=PasskeySettings.lr)
+    parser.add_argument("--answer-weight", type=float, default=PasskeySettings.answer_weight)
+    parser.add_argument("--threads", type=int, default=PasskeySettings.threads)
+    parser.add_argument("--probe-every", type=int, default=PasskeySettings.probe_every, help="steps between probes")
     parser.add_argument("--trials", type=int, default=5, help="needle trials per cell of each sweep")
     parser.add_argument("--no-sweep", action="store_true", help="train and save only (no bundles, no heatmaps)")
     args = parser.parse_args(argv)
-    settings = PasskeySettings(steps=args.steps)
+    settings = PasskeySettings(
+        stages=args.stages,
+        lr=args.lr,
+        answer_weight=args.answer_weight,
+        threads=args.threads,
+        probe_every=args.probe_every,
+    )
 
     import torch
     from tokenizers import Tokenizer
@@ -245,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"[corpus] {len(train_ids) / 1e6:.2f}M training tokens (tiny-trained's training files)")
     model = Llama4ForCausalLM.from_pretrained(CHECKPOINT_DIR, dtype=torch.float32, use_safetensors=True)
     model.config._attn_implementation = "sdpa"
-    result = train(model, tokenizer, train_ids, settings, log)
+    result = train(model, tokenizer, train_ids, settings, log, probe_text=HELD_OUT_SAMPLE.read_text())
     log(f"[train] done: {result['tokens'] / 1e6:.2f}M tokens in {result['seconds'] / 60:.1f} min")
 
     # staged under the workdir, named as the checkpoint (the build takes the folder's name for the bundle's)
