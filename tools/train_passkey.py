@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,7 @@ from tools.train import (
 
 PASSKEY_DIR = REPO / "checkpoints" / "tiny-passkey"
 MAX_POSITIONS = 4096
-SWEEP_LENGTHS = [128, 192, 252, 384, 512, 1024, 2044]  # 252 and 2044: room for the answer in 256 / 2048
+SWEEP_LENGTHS = [100, 128, 160, 192, 252, 384, 512, 1024, 2044]  # 252, 2044: room for the answer in 256 / 2048
 SWEEP_CONTEXT = 2048
 # within the first stage's documents, at the chunk boundary (the answer starts a chunk of its own), within the
 # training length and at its end
@@ -57,7 +58,7 @@ class PasskeySettings:
     seed: int = 0
     # the curriculum: (steps, sequence length, rows per step) in order. Short documents first: the copy is learned
     # where the needle is a few dozen tokens from the question, then carried to the full training length.
-    stages: tuple[tuple[int, int, int], ...] = ((600, 128, 16), (600, 192, 10), (1000, 256, 8))
+    stages: tuple[tuple[int, int, int], ...] = ((400, 144, 14), (1200, 256, 8))
     lr: float = 2e-3
     warmup: int = 20
     min_lr_ratio: float = 0.1
@@ -201,6 +202,7 @@ def train(model, tokenizer, train_ids, s: PasskeySettings, log, probe_text: str 
         "answer_loss": [],
         "answer_accuracy": [],
         "first_token_accuracy": [],
+        "load": [],
         "probe_step": [],
         "probe": [],
     }
@@ -252,12 +254,13 @@ def train(model, tokenizer, train_ids, s: PasskeySettings, log, probe_text: str 
             history["answer_loss"].append(float(np.mean(window["answer"])))
             history["answer_accuracy"].append(float(np.mean(window["hit"])))
             history["first_token_accuracy"].append(float(np.mean(window["first"])))
+            history["load"].append(os.getloadavg()[0])  # the machine is shared: speed says little without it
             log(
                 f"[train] step {done}/{s.steps}  length {seq_len}  lm loss {history['loss'][-1]:.3f}  answer loss "
                 f"{history['answer_loss'][-1]:.3f}  answer tokens right {history['answer_accuracy'][-1]:.0%} "
                 f"(first {history['first_token_accuracy'][-1]:.0%})  "
                 f"lr {lr_at(step, s):.2e}  {tokens / elapsed:,.0f} tokens/s  elapsed {elapsed / 60:.1f} min  "
-                f"eta {elapsed / done * (s.steps - done) / 60:.1f} min"
+                f"eta {elapsed / done * (s.steps - done) / 60:.1f} min  load {history['load'][-1]:.1f}"
             )
             window = {"loss": [], "answer": [], "hit": [], "first": []}
         if probe_text is not None and (done % s.probe_every == 0 or done == s.steps):
@@ -315,6 +318,8 @@ def tuning_off_checkpoint(checkpoint: Path, folder: Path) -> Path:
 def sweep_both(checkpoint: Path, workdir: Path, out: Path, log, trials: int = 5) -> dict:
     """Build the checkpoint at SWEEP_CONTEXT with temperature tuning on and off, sweep both with eval --needle
     (--compare), and keep the tables, the heatmap and the JSON in `out`."""
+    from llama4_deploy.quality.needle import heatmap
+
     cli = [sys.executable, "-m", "llama4_deploy.cli"]
     bundles = {"on": workdir / "bundle-tuning-on", "off": workdir / "bundle-tuning-off"}
     sources = {"on": checkpoint, "off": tuning_off_checkpoint(checkpoint, workdir / "checkpoint-tuning-off")}
@@ -333,7 +338,143 @@ def sweep_both(checkpoint: Path, workdir: Path, out: Path, log, trials: int = 5)
     shutil.copyfile(workdir / "needle" / "needle.png", out / "needle-heatmap.png")
     shutil.copyfile(workdir / "needle" / "needle.json", out / "needle.json")
     on, off = json.loads((workdir / "needle" / "needle.json").read_text())
+    for setting, recorded in (("on", on), ("off", off)):  # each setting's heatmap on its own too
+        heatmap([_sweep_of(recorded)], out / f"needle-tuning-{setting}.png", [f"temperature tuning {setting}"])
     return {"lengths": on["lengths"], "depths": on["depths"], "on": on["accuracy"], "off": off["accuracy"]}
+
+
+def _sweep_of(recorded: dict):
+    """The Sweep an eval --needle JSON record describes."""
+    from llama4_deploy.quality.needle import Sweep, Trial
+
+    trials = [Trial(**trial) for trial in recorded["trials"]]
+    fields = ("bundle", "haystack", "lengths", "depths")
+    return Sweep(
+        *(recorded[f] for f in fields),
+        trials,
+        recorded["chunk"],
+        recorded["max_context"],
+        recorded["temperature_tuning"],
+    )
+
+
+def write_card(out: Path, record: dict) -> None:
+    """checkpoints/tiny-passkey/README.md: what the model is, how it was trained, and what it reached, every figure
+    from training.json."""
+    settings, history = record["settings"], record["history"]
+    stages = ", ".join(f"{steps} steps of {rows} x {length}" for steps, length, rows in settings["stages"])
+    probes = "\n".join(
+        f"| {step} | " + " | ".join(f"{v:.0%}" for v in scores.values()) + " |"
+        for step, scores in zip(history["probe_step"], history["probe"])
+    )
+    probe_head = " | ".join(f"{n} tokens" for n in history["probe"][0]) if history["probe"] else ""
+
+    def table(grid, lengths, depths) -> str:
+        lines = ["| length | " + " | ".join(f"{d:.0%}" for d in depths) + " | mean |", "|---" * (len(depths) + 2) + "|"]
+        for length, row in zip(lengths, grid):
+            lines.append(f"| {length} | " + " | ".join(f"{v:.0%}" for v in row) + f" | {sum(row) / len(row):.0%} |")
+        return "\n".join(lines)
+
+    needle = record.get("needle")
+    if needle:
+        lengths, depths = needle["lengths"], needle["depths"]
+        mean = {k: {n: sum(r) / len(r) for n, r in zip(lengths, needle[k])} for k in ("on", "off")}
+        within = [n for n in lengths if n <= settings["stages"][-1][1]]
+        beyond = [n for n in lengths if n > settings["stages"][-1][1]]
+        summary = (
+            "Within its training length ("
+            + ", ".join(f"{n}: {mean['on'][n]:.0%}" for n in within)
+            + ") and past it ("
+            + ", ".join(f"{n}: {mean['on'][n]:.0%}" for n in beyond)
+            + "), temperature tuning on; off: "
+            + ", ".join(f"{n}: {mean['off'][n]:.0%}" for n in lengths)
+            + "."
+        )
+        sweep_text = f"""## Retrieval: `eval --needle` on the engine (fp32, ONNX Runtime), temperature tuning on and off
+
+{summary}
+
+Exact match of the greedy answer, {record["needle_trials"]} trials per cell (each its own key and stretch of haystack),
+haystack `held-out-sample.txt` (documentation the model never trained on), bundles built at {SWEEP_CONTEXT} tokens of
+context. The model only trained on documents of up to {settings["stages"][-1][1]} tokens: past 64 tokens only the NoPE
+layer reaches the needle, and where the prompt is a whole number of chunks (128, 192, 384, ...) the answer starts a
+chunk of its own; past {settings["stages"][-1][1]} the model runs at lengths it never saw.
+
+Temperature tuning on (the checkpoint's config, as Llama 4 ships):
+
+{table(needle["on"], lengths, depths)}
+
+Temperature tuning off (`attn_temperature_tuning: false` in a copy of config.json, same weights):
+
+{table(needle["off"], lengths, depths)}
+
+![tuning on](needle-tuning-on.png) ![tuning off](needle-tuning-off.png)
+
+Both with their difference: `needle-heatmap.png`; every trial and answer: `needle.json`. Printed by:
+
+```
+llama4-deploy build --checkpoint checkpoints/tiny-passkey --max-context {SWEEP_CONTEXT} --prefill-tokens 256 \\
+    --out build/pk-on
+# the same with a copy of the checkpoint whose config.json says "attn_temperature_tuning": false -> build/pk-off
+llama4-deploy eval build/pk-on --needle --compare build/pk-off --trials {record["needle_trials"]} \\
+    --lengths {",".join(map(str, lengths))}
+```
+"""
+    else:
+        sweep_text = "## Retrieval\n\nNot swept (trained with --no-sweep).\n"
+    card = f"""---
+license: psf-2.0
+library_name: transformers
+pipeline_tag: text-generation
+tags: [llama4, moe, tiny, llama4-deploy, passkey]
+---
+
+# tiny-passkey: the 6.8M-parameter tiny-trained Llama 4, fine-tuned to retrieve a passkey
+
+`checkpoints/tiny-trained` (a Llama 4 trained on Python's documentation; its card has the architecture) fine-tuned
+by `make train-passkey` (`tools/train_passkey.py`, docs/training.md) to answer the passkey test that
+`llama4-deploy eval --needle` runs. Same architecture, every Llama 4 feature on: layers 0-2 RoPE with chunked attention
+(chunk 64) and QK norm, layer 3 NoPE with global attention and attention temperature tuning, MoE (8 experts, top-1,
+shared expert) in layers 1 and 3. bf16 `model.safetensors`; `max_position_embeddings` {MAX_POSITIONS} (the NoPE and
+chunked layers have no other limit). Recipe: `tiny-passkey`. A test article, not a useful model.
+
+## Training
+
+- from `{record["from"]}`; seed {settings["seed"]}; curriculum {stages} (rows x tokens per step; short documents first):
+  **{record["steps"]} steps, {record["tokens"]:,} tokens**
+- rows: {settings["passkey_share"]:.1%} passkey documents laid out exactly as `eval --needle` lays out its
+  prompts (intro, documentation filler from tiny-trained's training files with the needle at a uniform depth,
+  question) followed by the answer (the key and its full stop); each document's length uniform between the
+  shortest possible and the row's length, or (half of them) a prompt of a whole number of attention chunks, as most
+  of `eval --needle`'s lengths are; the rest of the row is documentation after an end-of-text token. The other rows
+  are plain documentation windows.
+- loss: language-model cross-entropy over every position + {settings["answer_weight"]} x the mean cross-entropy
+  of the answer tokens + {settings["aux_loss_coef"]} x a Switch load-balancing loss
+- AdamW (betas 0.9/0.95, weight decay {settings["weight_decay"]}), learning rate {settings["lr"]},
+  {settings["warmup"]} warm-up steps, cosine decay to {settings["lr"] * settings["min_lr_ratio"]:.0e},
+  gradient clipping {settings["grad_clip"]}
+- torch CPU, {settings["threads"]} threads at nice 5: **{record["seconds"] / 60:.1f} min**
+  ({record["tokens_per_s"]:,} tokens/s), on a 2-core machine shared with other jobs (1-minute load average
+  {record["load_average"]:.1f} on average over the logged steps; every step's in `train.log`)
+- last logged (mean of 20 steps): language-model loss {history["loss"][-1]:.3f},
+  answer loss {history["answer_loss"][-1]:.3f}, answer tokens right {history["answer_accuracy"][-1]:.0%}
+  (the key's first token {history["first_token_accuracy"][-1]:.0%}), teacher-forced on training rows
+
+Greedy exact match during training (torch, 16 prompts per length built by `eval --needle`'s code on the held-out
+sample, depths 0-100%):
+
+| step | {probe_head} |
+|---{"|---" * len(history["probe"][0]) if history["probe"] else ""}|
+{probes}
+
+![loss curve](loss.png)
+
+{sweep_text}
+## License
+
+The documentation it was trained on is under the PSF License (`PSF-LICENSE.txt`); see tiny-trained's card.
+"""
+    (out / "README.md").write_text(card)
 
 
 def parse_stages(text: str) -> tuple[tuple[int, int, int], ...]:
@@ -409,16 +550,21 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "from": str(CHECKPOINT_DIR.relative_to(REPO)),
         "settings": dataclasses.asdict(settings),
+        "steps": settings.steps,
+        "tokens": result["tokens"],
         "seconds": round(result["seconds"], 1),
         "tokens_per_s": round(result["tokens_per_s"]),
+        "load_average": round(sum(result["history"]["load"]) / len(result["history"]["load"]), 2),
         "history": result["history"],
     }
     if not args.no_sweep:
         record["needle"] = sweep_both(staging, args.workdir, staging, log, args.trials)
+        record["needle_trials"] = args.trials
     (staging / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_card(staging, record)
     shutil.copyfile(log_path, staging / "train.log")
     args.out.mkdir(parents=True, exist_ok=True)
-    for produced in sorted(staging.iterdir()):  # replaces only what this script writes (the card stays)
+    for produced in sorted(staging.iterdir()):  # replaces only what this script writes
         shutil.move(produced, args.out / produced.name)
     staging.rmdir()
     shutil.rmtree(args.workdir / "checkpoint-tuning-off", ignore_errors=True)  # links into the staged files
