@@ -46,7 +46,7 @@ from tools.train import (
 
 PASSKEY_DIR = REPO / "checkpoints" / "tiny-passkey"
 MAX_POSITIONS = 4096
-SWEEP_LENGTHS = [100, 128, 160, 192, 252, 384, 512, 1024, 2044]  # 252, 2044: room for the answer in 256 / 2048
+SWEEP_LENGTHS = [100, 128, 160, 192, 248, 384, 512, 1024, 2040]  # 248, 2040: room for the answer in 256 / 2048
 SWEEP_CONTEXT = 2048
 # within the first stage's documents, at the chunk boundary (the answer starts a chunk of its own), within the
 # training length and at its end
@@ -68,7 +68,7 @@ class PasskeySettings:
     answer_weight: float = 5.0  # the answer's mean loss, added to the language-model loss with this weight
     passkey_share: float = 0.875  # of the rows of a batch; the rest are plain documentation windows
     probe_every: int = 200
-    threads: int = 2
+    threads: int = 1  # two threads stall each other when other jobs share the 2 cores (docs/training.md)
 
     @property
     def steps(self) -> int:
@@ -150,11 +150,10 @@ def probe(model, tokenizer, haystack: str, lengths, trials: int = 16, seed: int 
     training; the shipped figures come from the engine's sweep."""
     import torch
 
-    from llama4_deploy.quality.needle import KEY_DIGITS, Prompts, answer_key, plan_trials
+    from llama4_deploy.quality.needle import ANSWER_TOKENS, Prompts, answer_key, plan_trials
 
     prompts = Prompts(tokenizer, haystack)
     depths = [i / (trials - 1) for i in range(trials)] if trials > 1 else [0.5]
-    answer_tokens = len(tokenizer.encode(" " + "9" * KEY_DIGITS, add_special_tokens=False)) + 1
     was_training = model.training
     model.eval()
     scores = {}
@@ -162,7 +161,7 @@ def probe(model, tokenizer, haystack: str, lengths, trials: int = 16, seed: int 
         for length in lengths:
             planned = plan_trials(prompts, [length], depths, 1, seed)
             ids = torch.tensor([prompts.build(t) for t in planned])
-            for _ in range(answer_tokens):
+            for _ in range(ANSWER_TOKENS):
                 logits = model(input_ids=ids, use_cache=False).logits[:, -1]
                 ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
             answers = [tokenizer.decode(row[length:].tolist()) for row in ids]
@@ -453,9 +452,9 @@ chunked layers have no other limit). Recipe: `tiny-passkey`. A test article, not
 - AdamW (betas 0.9/0.95, weight decay {settings["weight_decay"]}), learning rate {settings["lr"]},
   {settings["warmup"]} warm-up steps, cosine decay to {settings["lr"] * settings["min_lr_ratio"]:.0e},
   gradient clipping {settings["grad_clip"]}
-- torch CPU, {settings["threads"]} threads at nice 5: **{record["seconds"] / 60:.1f} min**
-  ({record["tokens_per_s"]:,} tokens/s), on a 2-core machine shared with other jobs (1-minute load average
-  {record["load_average"]:.1f} on average over the logged steps; every step's in `train.log`)
+- torch CPU, {settings["threads"]} thread{"s" if settings["threads"] > 1 else ""} at nice 5:
+  **{record["seconds"] / 60:.1f} min** ({record["tokens_per_s"]:,} tokens/s), on a 2-core machine shared with other
+  jobs (1-minute load average {record["load_average"]:.1f} on average over the logged steps; each in `train.log`)
 - last logged (mean of 20 steps): language-model loss {history["loss"][-1]:.3f},
   answer loss {history["answer_loss"][-1]:.3f}, answer tokens right {history["answer_accuracy"][-1]:.0%}
   (the key's first token {history["first_token_accuracy"][-1]:.0%}), teacher-forced on training rows
@@ -475,6 +474,26 @@ sample, depths 0-100%):
 The documentation it was trained on is under the PSF License (`PSF-LICENSE.txt`); see tiny-trained's card.
 """
     (out / "README.md").write_text(card)
+
+
+def sweep_again(checkpoint: Path, workdir: Path, trials: int) -> int:
+    """Sweep a trained checkpoint again (say after a change to eval --needle): its heatmaps, needle.json, the sweep's
+    lines of train.log, training.json's figures and the card are replaced; the weights are not touched."""
+    record_path = checkpoint / "training.json"
+    if not record_path.is_file():
+        print(f"{checkpoint} has no training.json; --sweep-only sweeps a checkpoint this tool trained", file=sys.stderr)
+        return 1
+    record = json.loads(record_path.read_text())
+    lines: list[str] = []
+    log = _log_to(workdir / "sweep.log")
+    record["needle"] = sweep_both(checkpoint, workdir, checkpoint, lambda m: (lines.append(m), log(m)), trials)
+    record["needle_trials"] = trials
+    shutil.rmtree(workdir / "checkpoint-tuning-off", ignore_errors=True)
+    kept = [x for x in (checkpoint / "train.log").read_text().splitlines() if not x.startswith(("[sweep]", "[done]"))]
+    (checkpoint / "train.log").write_text("\n".join(kept + lines) + "\n")
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    write_card(checkpoint, record)
+    return 0
 
 
 def parse_stages(text: str) -> tuple[tuple[int, int, int], ...]:
@@ -508,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-every", type=int, default=PasskeySettings.probe_every, help="steps between probes")
     parser.add_argument("--trials", type=int, default=5, help="needle trials per cell of each sweep")
     parser.add_argument("--no-sweep", action="store_true", help="train and save only (no bundles, no heatmaps)")
+    parser.add_argument(
+        "--sweep-only", action="store_true", help="no training: sweep the checkpoint in --out again, rewrite its card"
+    )
     args = parser.parse_args(argv)
     settings = PasskeySettings(
         stages=args.stages,
@@ -522,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import Llama4ForCausalLM
 
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.sweep_only:
+        return sweep_again(args.out, args.workdir, args.trials)
     log_path = args.workdir / "train.log"
     log_path.unlink(missing_ok=True)
     log = _log_to(log_path)

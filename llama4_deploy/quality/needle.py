@@ -36,6 +36,10 @@ INTRO = (
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
 KEY_DIGITS = 5
+# Tokens generated per trial: the most the key can take (one token per character of " <key>", the most any byte-level
+# or digit-splitting tokenizer makes of it) and one more. A budget sized on one key's tokens cuts off keys whose
+# digits the tokenizer splits further, and scores a right answer wrong.
+ANSWER_TOKENS = KEY_DIGITS + 2
 FIRST_LENGTH = 256
 DEPTH_STEPS = 5
 TRIALS = 5
@@ -220,7 +224,7 @@ def sweep(
     text, _ = read_utf8(source, "haystack file")
     tokenizer = load_tokenizer(read_manifest(Path(tokenizer_of)) if tokenizer_of else manifest)
     prompts = Prompts(tokenizer, text)
-    answer_tokens = len(tokenizer.encode(" " + "9" * KEY_DIGITS, add_special_tokens=False)) + 1
+    answer_tokens = ANSWER_TOKENS
     chunk = manifest.model["attention_chunk_size"]
     if lengths is None:
         # the fixed pieces and at least 32 filler tokens

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from llama4_deploy.quality.needle import Prompts, Trial, answer_key, default_depths, default_lengths
+from llama4_deploy.quality.needle import ANSWER_TOKENS, Prompts, Trial, answer_key, default_depths, default_lengths
 from tests.test_cli import invoke, user_error
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,7 +20,7 @@ def test_default_grid_doubles_to_the_context_and_straddles_the_chunk():
     assert lengths == [256, 512, 1024, 2048, 4096, 8192, 8192 + 1024, 16380]
     assert default_depths() == [0.0, 0.25, 0.5, 0.75, 1.0]
     # the chunk (64) is shorter than the fixed pieces: only the length just past it and the full context
-    assert default_lengths(max_context=256, chunk=64, answer_tokens=4, shortest=80) == [96, 252]
+    assert default_lengths(max_context=256, chunk=64, answer_tokens=ANSWER_TOKENS, shortest=80) == [96, 249]
 
 
 def test_answer_is_scored_by_exact_match_of_the_first_number():
@@ -57,7 +57,7 @@ def test_every_trial_is_the_engines_greedy_answer_to_its_prompt(swept, trained_e
         assert ids[trial.needle_at : trial.needle_at + len(needle)] == needle
         assert trial.key in tokenizer.decode(needle)
         built.append(ids)
-    generated = trained_engine.generate(built, 4, temperature=0.0).tokens
+    generated = trained_engine.generate(built, ANSWER_TOKENS, temperature=0.0).tokens
     for record, tokens in zip(first["trials"], generated):
         assert record["answer"] == tokenizer.decode(tokens)
         assert record["correct"] == (answer_key(record["answer"]) == record["key"])
