@@ -360,12 +360,17 @@ def _sweep_of(recorded: dict):
 def write_card(out: Path, record: dict) -> None:
     """checkpoints/tiny-passkey/README.md: what the model is, how it was trained, and what it reached, every figure
     from training.json."""
+    from llama4_deploy.quality.needle import ANSWER_TOKENS
+
     settings, history = record["settings"], record["history"]
     stages = ", ".join(f"{steps} steps of {rows} x {length}" for steps, length, rows in settings["stages"])
     probes = "\n".join(
         f"| {step} | " + " | ".join(f"{v:.0%}" for v in scores.values()) + " |"
         for step, scores in zip(history["probe_step"], history["probe"])
     )
+    probe_note = f"answers of {record['probe_answer_tokens']} tokens"
+    if record["probe_answer_tokens"] < ANSWER_TOKENS:
+        probe_note += ", which cut off keys the tokenizer splits into more tokens, and scored them wrong"
     probe_head = " | ".join(f"{n} tokens" for n in history["probe"][0]) if history["probe"] else ""
 
     def table(grid, lengths, depths) -> str:
@@ -460,7 +465,7 @@ chunked layers have no other limit). Recipe: `tiny-passkey`. A test article, not
   (the key's first token {history["first_token_accuracy"][-1]:.0%}), teacher-forced on training rows
 
 Greedy exact match during training (torch, 16 prompts per length built by `eval --needle`'s code on the held-out
-sample, depths 0-100%):
+sample, depths 0-100%, the same 16 keys at each length; {probe_note}):
 
 | step | {probe_head} |
 |---{"|---" * len(history["probe"][0]) if history["probe"] else ""}|
@@ -469,6 +474,8 @@ sample, depths 0-100%):
 ![loss curve](loss.png)
 
 {sweep_text}
+Beyond the recipe's {SWEEP_CONTEXT} tokens of context: docs/training.md.
+
 ## License
 
 The documentation it was trained on is under the PSF License (`PSF-LICENSE.txt`); see tiny-trained's card.
@@ -543,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     from tokenizers import Tokenizer
     from transformers import Llama4ForCausalLM
 
+    from llama4_deploy.quality import needle
+
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.sweep_only:
         return sweep_again(args.out, args.workdir, args.trials)
@@ -579,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(result["seconds"], 1),
         "tokens_per_s": round(result["tokens_per_s"]),
         "load_average": round(sum(result["history"]["load"]) / len(result["history"]["load"]), 2),
+        "probe_answer_tokens": needle.ANSWER_TOKENS,
         "history": result["history"],
     }
     if not args.no_sweep:
