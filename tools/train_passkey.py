@@ -277,23 +277,32 @@ def train(model, tokenizer, train_ids, s: PasskeySettings, log, probe_text: str 
 
 
 def plot_curve(history: dict, path: Path) -> None:
+    """Losses (left axis) and the fractions right (right axis) against steps; a dashed line where the rows lengthen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, left = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, left = plt.subplots(figsize=(8, 4.5), dpi=100)
     left.plot(history["step"], history["loss"], label="language-model loss")
-    left.plot(history["step"], history["answer_loss"], label="passkey answer loss")
-    left.set_xlabel("step (2048 tokens each)")
+    left.plot(history["step"], history["answer_loss"], label="answer loss")
+    left.set_xlabel("optimizer step")
     left.set_ylabel("cross-entropy (nats/token)")
     right = left.twinx()
-    right.plot(history["step"], history["answer_accuracy"], "g:", label="answer tokens right (training rows)")
+    right.plot(history["step"], history["first_token_accuracy"], "g:", label="key's first token right (training rows)")
+    if history["probe"]:
+        means = [sum(scores.values()) / len(scores) for scores in history["probe"]]
+        right.plot(history["probe_step"], means, "ko-", markersize=4, label="greedy exact match (probe)")
     right.set_ylabel("fraction right")
-    right.set_ylim(0, 1)
-    left.set_title("tiny-passkey: tiny-trained fine-tuned on docs + passkey documents (256 tokens)")
-    left.legend(loc="upper center", fontsize=8)
-    right.legend(loc="center right", fontsize=8)
+    right.set_ylim(0, 1.02)
+    lengths = history["seq_len"]
+    for i in range(1, len(lengths)):
+        if lengths[i] != lengths[i - 1]:
+            left.axvline(history["step"][i - 1], color="grey", linestyle="--", linewidth=1)
+    rows = " then ".join(dict.fromkeys(str(n) for n in lengths))
+    left.set_title(f"tiny-passkey: tiny-trained fine-tuned on passkey documents ({rows}-token rows)", fontsize=10)
+    left.legend(loc="center right", bbox_to_anchor=(1.0, 0.42), fontsize=8)
+    right.legend(loc="center right", bbox_to_anchor=(1.0, 0.24), fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
