@@ -124,11 +124,6 @@ def vision_plan(recipe: Recipe, checkpoint: Checkpoint, source_dir, split: list[
         tokens = image_token_ids(checkpoint.tokenizer_file, checkpoint.config)
     except VisionConfigError as err:
         raise BuildError(f"{err} (--no-vision builds the text model only)") from None
-    if len(split) > 1:
-        raise BuildError(
-            f"images need a one-stage build (the embedding step feeds the first stage); use --stages 1, "
-            f"or --no-vision for a text-only bundle in {len(split)} stages"
-        )
     max_tiles = tiles_limit(recipe.images_per_step, image["max_patches"])
     log(
         f"[vision] {shape.num_layers} layers at hidden {shape.hidden_size}, tiles of {shape.image_size} "

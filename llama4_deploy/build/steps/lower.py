@@ -176,8 +176,8 @@ def embed_graph(ctx: BuildContext) -> ir.Model:
     return model
 
 
-def embeddings_graph(ctx: BuildContext, strategy: str, layout: str = "matmul") -> ir.Model:
-    """The whole model taking hidden_states (stage_graphs.EmbeddingsStage), lowered like the prefill graph."""
-    shape = ctx.require("loaded").shape
-    model, _ = lower(ctx, EmbeddingsStage(0, 0, shape.num_layers, 1), strategy, layout=layout)
+def embeddings_graph(ctx: BuildContext, stage: Stage, strategy: str, layout: str = "matmul") -> ir.Model:
+    """The first stage taking hidden_states (stage_graphs.EmbeddingsStage; one stage: the whole model), lowered like
+    its prefill graph; with several stages it hands hidden_states on to stage 1's graphs, as stage 0's do."""
+    model, _ = lower(ctx, EmbeddingsStage(stage.index, stage.start, stage.stop, stage.count), strategy, layout=layout)
     return model
