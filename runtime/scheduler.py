@@ -19,6 +19,11 @@ running requests for more than one prefill step. Each row samples from its own l
 generator, so a request's output equals `Engine.generate` run alone on it (greedy, and sampled with
 the same seed).
 
+A burst that finds the batch empty prefills as one step: with `admission_wait` set, the worker, woken by
+a request while no row is in use, waits until no further request arrived for `admission_wait` seconds
+(at most four times that, or until the waiting requests fill every row) before its first step. Requests
+that arrive while rows are decoding never wait: they join at the next step.
+
 Thread model: `submit` and `cancel` may be called from any thread; `step` runs on one thread at a
 time (`start()` runs it on a worker thread that sleeps while there is no work). Outputs reach each
 request's `listener`, called on the stepping thread.
@@ -202,12 +207,16 @@ class Scheduler:
         max_batch: int | None = None,
         max_queue: int = 64,
         on_step: Callable[[StepRecord], None] | None = None,
+        admission_wait: float = 0.0,
     ):
         max_batch = engine.max_batch if max_batch is None else max_batch
         if not 1 <= max_batch <= engine.max_batch:
             raise ValueError(f"max_batch is {max_batch}; the bundle's engine takes 1 to {engine.max_batch} rows")
         if max_queue < 0:
             raise ValueError(f"max_queue is {max_queue}; it must be 0 or more")
+        if not 0 <= admission_wait <= 1:
+            raise ValueError(f"admission_wait is {admission_wait} s; it must be in [0, 1]")
+        self.admission_wait = admission_wait
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -556,12 +565,29 @@ class Scheduler:
                         self._work.wait()
                     if self._stopping:
                         return
+                    if not self.occupancy:
+                        self._settle_burst()
                 try:
                     self.step()
                 except Exception as err:
                     self._fail_step(err)
         except BaseException as err:  # the thread ends here: say why, and let nothing wait for it
             self._on_death(err)
+
+    def _settle_burst(self) -> None:
+        """(holding the lock, no row in use) Let arrivals settle so a burst prefills as one step rather than one
+        request alone and the rest a step later, behind its first token: wait while each request follows the last
+        within `admission_wait`, for at most 4 × admission_wait, or until the waiting requests fill the rows."""
+        if self.admission_wait <= 0:
+            return
+        deadline = time.monotonic() + 4 * self.admission_wait
+        while not self._stopping and len(self._waiting) < self.max_batch:
+            seen, left = len(self._waiting), deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._work.wait(min(self.admission_wait, left))
+            if len(self._waiting) <= seen:  # nothing new within admission_wait: the burst is over
+                return
 
     def _fail_step(self, err: Exception) -> None:
         """A step raised outside the engine call: fail the requests holding rows (the step's), keep the rest."""

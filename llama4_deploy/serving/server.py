@@ -72,6 +72,9 @@ from llama4_deploy.serving.tools import PARSERS, call_schema, parse
 log = logging.getLogger("llama4_deploy.serving.server")
 RETRY_AFTER_S = 1
 MAX_REQUEST_BYTES = 32 * 2**20  # a body above it is answered 413 before it is read; --max-request-bytes
+# a burst of requests reaching an idle server arrives over a few milliseconds: waiting that long lets it prefill as
+# one step (Scheduler's admission_wait); a lone request pays it once in its time to first token
+ADMISSION_WAIT_MS = 5.0
 DRAIN_GRACE_S = 5  # uvicorn cancels handlers this long after the drain has answered what was left
 # Llama 4's header format; used when the bundle has no tokenizer_config.json with a chat_template
 DEFAULT_CHAT_TEMPLATE = (
@@ -313,6 +316,7 @@ class Server:
         allowed_origins: tuple[str, ...] = (),
         log_requests: bool = False,
         allowed_local_media_path: Path | None = None,
+        admission_wait_ms: float = ADMISSION_WAIT_MS,
     ):
         if api_key is not None and not api_key:
             raise ValueError("--api-key is empty; give a key, or leave the option out to serve without one")
@@ -340,7 +344,11 @@ class Server:
         self.grammars = (
             Grammars(self._token_bytes_of, engine.vocab_size, engine.manifest.eos_token_ids) if self.tokenizer else None
         )
-        self.scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
+        if not 0 <= admission_wait_ms <= 1000:
+            raise ValueError(f"--admission-wait-ms is {admission_wait_ms}; it must be in [0, 1000]")
+        self.scheduler = Scheduler(
+            engine, max_batch=max_batch, max_queue=max_queue, admission_wait=admission_wait_ms / 1000
+        )
         self.metrics = Metrics(self.scheduler, self.model)
         self.scheduler.on_step = self.metrics.observe_step
         self.app = self._make_app()
@@ -1334,6 +1342,7 @@ def serve(
     allowed_origins: tuple[str, ...] = (),
     log_requests: bool = False,
     allowed_local_media_path: str | None = None,
+    admission_wait_ms: float = ADMISSION_WAIT_MS,
 ) -> None:
     """Load a bundle and serve it until SIGTERM/SIGINT; `echo` gets the one-line status messages. `devices`:
     load's (one device per pipeline stage)."""
@@ -1372,6 +1381,7 @@ def serve(
                 allowed_origins=allowed_origins,
                 log_requests=log_requests,
                 allowed_local_media_path=None if allowed_local_media_path is None else Path(allowed_local_media_path),
+                admission_wait_ms=admission_wait_ms,
             )
         except BaseException:
             engine.close()
