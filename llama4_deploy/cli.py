@@ -589,6 +589,11 @@ def _within(minimum: float, maximum: float | None = None, must: str | None = Non
     "together; 0: prefill the first request at once",
 )
 @click.option(
+    "--trace-steps",
+    type=click.Path(dir_okay=False),
+    help="a new file to write one JSON line per engine step to (kind, seconds, rows, tokens, start time)",
+)
+@click.option(
     "--max-request-bytes",
     default=32 * 2**20,
     show_default=True,

@@ -160,6 +160,7 @@ class StepRecord:
     seconds: float
     rows: int  # rows with real tokens in the step
     tokens: int  # real tokens fed
+    started: float = 0.0  # time.perf_counter() when the engine call began (the host's monotonic clock)
 
 
 class _LeadingRows:
@@ -435,7 +436,7 @@ class Scheduler:
                     self._finish_locked(self.rows[b].request, "error", f"engine error: {err}")
             return None
         if self.on_step is not None:
-            self.on_step(StepRecord(kind, time.perf_counter() - start, len(rows), int((positions >= 0).sum())))
+            self.on_step(StepRecord(kind, time.perf_counter() - start, len(rows), int((positions >= 0).sum()), start))
         return logits
 
     def _prefill_step(self, rows: list[int]) -> None:
