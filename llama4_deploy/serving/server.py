@@ -267,6 +267,7 @@ class _Run:
         self.offsets: list[int] = []  # the character offset in the answer where each token's text begins
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.cumulative_logprob = 0.0  # of every token taken, the stop token too (best_of ranks by it, as vLLM)
 
     def submit(self) -> None:
         try:
@@ -293,6 +294,8 @@ class _Run:
                     if tail:
                         yield tail, []
                     break
+                if output.logprob is not None:
+                    self.cumulative_logprob += output.logprob
                 if output.token in self.request.stop_tokens:  # its text is not part of the answer
                     continue
                 now = time.monotonic()
@@ -521,15 +524,35 @@ class Server:
             raise ClientError(f"min_tokens is {request.min_tokens}, more than max_tokens {max_tokens}", "min_tokens")
         return request
 
-    def _samples(self, body, prompt: list[int], max_tokens: int, logprobs: int | None) -> list[Request]:
-        """The n samples of one prompt: the first request carries the others as siblings, so the scheduler
-        prefills the prompt once; sample j draws with seed + j (each choice equals generate with its seed)."""
-        if body.n > self.scheduler.max_batch:
+    def _sample_count(self, body) -> int:
+        """How many samples of each prompt are generated: best_of (of which the n best are returned), else n."""
+        count, field = (body.n, "n") if body.best_of is None else (body.best_of, "best_of")
+        if count < body.n:
             raise ClientError(
-                f"n is {body.n}; the samples of a prompt run together in this server's {self.scheduler.max_batch} rows",
-                "n",
+                f"best_of is {count}, less than n {body.n}; best_of samples are generated and the n best returned",
+                "best_of",
             )
-        requests = [self._request(body, prompt, max_tokens, logprobs) for _ in range(body.n)]
+        if body.stream and count > body.n:
+            raise ClientError(
+                f"best_of {count} with n {body.n} cannot be streamed: the best are known only once all are done",
+                "best_of",
+            )
+        if count > self.scheduler.max_batch:
+            raise ClientError(
+                f"{field} is {count}; the samples of a prompt run together in this server's "
+                f"{self.scheduler.max_batch} rows",
+                field,
+            )
+        return count
+
+    def _samples(self, body, prompt: list[int], max_tokens: int, logprobs: int | None) -> list[Request]:
+        """The samples of one prompt (n, or best_of): the first request carries the others as siblings, so the
+        scheduler prefills the prompt once; sample j draws with seed + j (each equals generate with its seed). With
+        best_of > n each sample's token log-probabilities are computed, to rank the samples by their sum."""
+        count = self._sample_count(body)
+        if count > body.n and logprobs is None:
+            logprobs = 0
+        requests = [self._request(body, prompt, max_tokens, logprobs) for _ in range(count)]
         for j, request in enumerate(requests):
             request.seed = None if body.seed is None else (body.seed + j) % SEED_LIMIT
         requests[0].siblings = requests[1:]
@@ -662,7 +685,7 @@ class Server:
         grammar = await asyncio.to_thread(self._grammar, body)
         k = body.logprobs
         runs = []
-        for prompt in ids:  # choice index: prompt i's sample j is i * n + j
+        for prompt in ids:  # run index: prompt i's sample j is i * samples + j
             for request in self._samples(body, prompt, max_tokens, k):
                 request.prompt_logprobs = k if body.echo and k is not None else None
                 request.grammar = grammar
@@ -681,12 +704,14 @@ class Server:
                 "text_offset": [shift + o for o in run.offsets[len(run.offsets) - len(outputs) :]],
             }
 
+        samples = len(runs) // len(ids)
+
         def echoed(i: int, text: str, logprobs: dict | None) -> tuple[str, dict | None]:
-            """Prepend choice i's prompt text (and its logprobs) when echo asks for it."""
+            """Prepend run i's prompt text (and its logprobs) when echo asks for it."""
             if not body.echo:
                 return text, logprobs
             run = runs[i]
-            prompt_text, part = self._echo(prompts[i // body.n], run.request.prompt, run.request.prompt_scores, k, 0)
+            prompt_text, part = self._echo(prompts[i // samples], run.request.prompt, run.request.prompt_scores, k, 0)
             if logprobs is not None:
                 logprobs = {key: part[key] + logprobs[key] for key in logprobs}
             return prompt_text + text, logprobs
@@ -721,12 +746,13 @@ class Server:
         if failed is not None:
             return _error_response(failed)
         choices = []
-        for i, (run, (text, outputs)) in enumerate(zip(runs, answers)):
+        for index, i in enumerate(_best(runs, samples, body.n)):
+            run, (text, outputs) = runs[i], answers[i]
             shift = len(echoed(i, "", None)[0]) if body.echo else 0
             text, logprobs = echoed(i, text, logprobs_of(run, outputs, shift))
             choices.append(
                 {
-                    "index": i,
+                    "index": index,
                     "text": text,
                     "logprobs": logprobs,
                     "finish_reason": run.finish_reason,
@@ -837,6 +863,7 @@ class Server:
         failed = next((run for run in runs if run.error or run.finish_reason == "cancelled"), None)
         if failed is not None:
             return _error_response(failed)
+        kept = [(runs[i], answers[i]) for i in _best(runs, len(runs), body.n)]
         choices = [
             {
                 "index": i,
@@ -844,7 +871,7 @@ class Server:
                 "logprobs": {"content": [entry(o) for o in outputs]} if body.logprobs else None,
                 "finish_reason": run.finish_reason,
             }
-            for i, (run, (text, outputs)) in enumerate(zip(runs, answers))
+            for i, (run, (text, outputs)) in enumerate(kept)
         ]
         return {
             "id": rid,
@@ -1165,7 +1192,20 @@ def _stream_end(runs: list[_Run], head: dict, last_choice, body):
     yield "data: [DONE]\n\n"
 
 
+def _best(runs: list[_Run], samples: int, n: int) -> list[int]:
+    """Indices of the runs to answer with: of each prompt's `samples` runs (consecutive), the n with the highest
+    cumulative log-probability, best first (vLLM's best_of), or all of them in order when no more than n ran."""
+    if samples == n:
+        return list(range(len(runs)))
+    kept = []
+    for start in range(0, len(runs), samples):
+        group = range(start, start + samples)
+        kept += sorted(group, key=lambda i: -runs[i].cumulative_logprob)[:n]  # stable: ties keep sample order
+    return kept
+
+
 def _usage(runs: list[_Run]) -> dict:
+    """Tokens of every run, those of best_of's samples not returned too (all were generated, as OpenAI bills)."""
     prompt = sum(len(run.request.prompt) for run in runs)
     completion = sum(len(run.tokens) for run in runs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
