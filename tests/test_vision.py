@@ -235,6 +235,23 @@ def test_vision_config_disagreeing_with_projector_is_refused(vision_checkpoint, 
     assert not (tmp_path / "out").exists()
 
 
+def test_vision_graph_is_stamped_per_layer(vision_bundle):
+    """The vision graph is linked from three templates traced once (export/vision.py: embed, one encoder layer,
+    head), the layer template stamped per layer with that layer's weights, as the text layers are: each layer's
+    nodes under its own scope and its weights under its own names, and the same node count in every layer."""
+    import onnx_ir as ir
+
+    graph = ir.load(vision_bundle / "vision.onnx").graph
+    names = set(graph.initializers)
+    for layer in (0, 1):  # tiny-vision's two encoder layers
+        for weight in ("q_proj.weight", "k_proj.bias", "fc1.weight", "input_layernorm.weight"):
+            assert f"layers.{layer}.{weight}" in names
+    assert {"embed.patch.weight", "embed.positional_embedding", "head.projector.weight"} <= names
+    per_layer = [sum(1 for node in graph if node.name.startswith(f"/layers.{layer}/")) for layer in (0, 1)]
+    assert per_layer[0] == per_layer[1] > 0
+    assert sum(1 for node in graph if node.name.startswith(("/embed/", "/layers.", "/head/"))) == len(graph)
+
+
 def test_vision_graph_passes_the_tensorrt_lint(vision_bundle):
     """The vision graph holds only what TensorRT 10.15's ONNX parser documents (the tensorrt target lints it at
     build; the graph does not depend on the target)."""

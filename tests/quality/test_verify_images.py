@@ -79,7 +79,7 @@ def test_damaged_vision_weight_fails_verify(vision_bundles, tmp_path):
     still pass."""
     bundle = tmp_path / "damaged"
     shutil.copytree(vision_bundles("fp8"), bundle)
-    _scale_initializer(bundle / "vision.onnx", "positional_embedding", 1.5)
+    _scale_initializer(bundle / "vision.onnx", "embed.positional_embedding", 1.5)
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["files"]["vision.onnx.data"] = file_record(bundle / "vision.onnx.data")
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
