@@ -216,11 +216,21 @@ def _pixel_shuffle(x, grid: int, ratio: float):
     return x.reshape(tiles, narrow * narrow, int(channels / (ratio * ratio)))
 
 
+_VISION_TEMPLATES: dict[VisionShape, dict[str, Any]] = {}
+
+
 def trace_vision_templates(shape: VisionShape) -> dict[str, Any]:
     """The vision engine's three ONNX templates, each traced once with placeholder weights (export/trace.py's
     tracer, fake tensors): `vision.embed` (pixel_values -> hidden_states), `vision.layer` (hidden_states ->
     hidden_states_out, the RoPE tables as its constants) and `vision.head` (hidden_states -> image_features).
-    Tiles is their dynamic dimension."""
+    Tiles is their dynamic dimension. Memoized per shape within the process, as the text templates are (linking
+    clones templates, never mutates them)."""
+    if shape not in _VISION_TEMPLATES:
+        _VISION_TEMPLATES[shape] = _trace_vision_templates(shape)
+    return _VISION_TEMPLATES[shape]
+
+
+def _trace_vision_templates(shape: VisionShape) -> dict[str, Any]:
     from llama4_deploy.export.trace import _export
 
     side, width, length = shape.image_size, shape.hidden_size, shape.patches_per_side**2 + 1
