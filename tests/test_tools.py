@@ -282,6 +282,7 @@ def test_a_named_function_admits_only_its_own_calls():
             "names 'y', which is not",
         ),
         ({"name": "f", "parameters": {"type": "array"}}, "a function's parameters are an object"),
+        ({"name": "f", "parameters": {"properties": {"x": {"type": "string", "enum": [1, 2]}}}}, "none of its enum"),
         ({"name": "f", "parameters": {"properties": {"x": {"type": "number", "minimum": 0.5}}}}, "for integers only"),
         ({"name": "f", "parameters": {"properties": {"x": {"type": "integer", "maximum": -1}}}}, "no integer from 0"),
     ],

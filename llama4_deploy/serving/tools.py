@@ -169,6 +169,16 @@ def python_literal(value: Any, where: str) -> str:
     raise ToolSchemaError(f"{where} holds {value!r}, which is not a JSON value")
 
 
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return "integer"
+    return {float: "number", str: "string", list: "array", dict: "object"}.get(type(value), "unknown")
+
+
 def _literal_forms(value: Any, where: str) -> list[str]:
     """The ways to write `value` a model may choose: a string in double or single quotes, anything else one way."""
     double = python_literal(value, where)
@@ -269,6 +279,13 @@ class _PythonicGrammar:
             values = [schema["const"]] if "const" in schema else schema["enum"]
             if not isinstance(values, list) or not values:
                 raise ToolSchemaError(f"{where}.enum is not a non-empty list")
+            if "type" in schema:  # both apply: the values of the type
+                types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+                values = [
+                    v for v in values if _json_type(v) in types or (_json_type(v) == "integer" and "number" in types)
+                ]
+                if not values:
+                    raise ToolSchemaError(f"{where} allows no value: none of its enum is of its type")
             forms = [form for v in values for form in _literal_forms(v, where)]
             return self.rule(" | ".join(_ebnf(form) for form in forms))
         types = schema.get("type")
