@@ -580,6 +580,20 @@ def _within(minimum: float, maximum: float | None = None, must: str | None = Non
 )
 @click.option("--threads", type=int, callback=_within(1), help="ONNX Runtime intra-op threads")
 @click.option(
+    "--admission-wait-ms",
+    default=5.0,
+    show_default=True,
+    type=float,
+    callback=_within(0, 1000),
+    help="on an idle server, wait until requests stop arriving for this long (at most 4x) so a burst prefills "
+    "together; 0: prefill the first request at once",
+)
+@click.option(
+    "--trace-steps",
+    type=click.Path(dir_okay=False),
+    help="a new file to write one JSON line per engine step to (kind, seconds, rows, tokens, start time)",
+)
+@click.option(
     "--max-request-bytes",
     default=32 * 2**20,
     show_default=True,

@@ -342,8 +342,8 @@ class Engine:
 
     def _embeds_in_place(self, cache: KVCache, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """_step_in_place for the embeddings prefill graph (hidden_states in, one stage)."""
-        feeds = {
-            abi.HIDDEN_IN: np.ascontiguousarray(embeds),
+        feeds = {  # in the graph's own dtype: an fp16 graph is not narrowed for it on this path (infer_in_place)
+            abi.HIDDEN_IN: np.ascontiguousarray(embeds, dtype=self.embeds_runner.inputs[abi.HIDDEN_IN][0]),
             abi.POSITION_IDS: np.ascontiguousarray(positions),
             abi.PAST_LENGTHS: cache.lengths.copy(),
             **cache.feeds(),

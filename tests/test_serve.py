@@ -1459,3 +1459,26 @@ def test_a_load_that_fails_after_listening_exits_with_its_one_sentence(tiny_bund
     weights = next(bundle.glob("*.data"))
     weights.write_bytes(weights.read_bytes()[:-64])  # found by the file check when the engine loads
     user_error(invoke("serve", str(bundle), "--port", "0"), weights.name)
+
+
+# -- where the time goes (issue 27 item 10) ----------------------------------------------------------------
+def test_trace_steps_writes_one_line_per_engine_step(engine, tmp_path):
+    trace = tmp_path / "steps.jsonl"
+    with open(trace, "x", buffering=1) as file, Live(engine, trace_steps=file) as live:
+        body = {"model": engine.manifest.name, "prompt": [1, 2, 3], "max_tokens": 5, "ignore_eos": True}
+        status, _, answer = live.post("/v1/completions", body)
+        assert status == 200 and len(answer["choices"][0]["token_ids"]) == 5, answer
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    # a 3-token prompt: one prefill step feeding 3 tokens (its first token), then 4 decode steps of 1 token
+    assert [(s["kind"], s["rows"], s["tokens"]) for s in steps] == [("prefill", 1, 3)] + [("decode", 1, 1)] * 4
+    assert all(s["seconds"] > 0 for s in steps)
+    assert all(b["started"] >= a["started"] + a["seconds"] for a, b in zip(steps, steps[1:]))
+
+
+def test_trace_steps_never_writes_over_a_file(tiny_bundle, tmp_path):
+    from tests.test_cli import invoke, user_error
+
+    existing = tmp_path / "mine.jsonl"
+    existing.write_text("keep me\n")
+    user_error(invoke("serve", str(tiny_bundle), "--port", "0", "--trace-steps", str(existing)), "exists")
+    assert existing.read_text() == "keep me\n"

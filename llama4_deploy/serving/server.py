@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -72,6 +73,9 @@ from llama4_deploy.serving.tools import PARSERS, ToolSchemaError, call_schema, p
 log = logging.getLogger("llama4_deploy.serving.server")
 RETRY_AFTER_S = 1
 MAX_REQUEST_BYTES = 32 * 2**20  # a body above it is answered 413 before it is read; --max-request-bytes
+# a burst of requests reaching an idle server arrives over a few milliseconds: waiting that long lets it prefill as
+# one step (Scheduler's admission_wait); a lone request pays it once in its time to first token
+ADMISSION_WAIT_MS = 5.0
 DRAIN_GRACE_S = 5  # uvicorn cancels handlers this long after the drain has answered what was left
 # Llama 4's header format; used when the bundle has no tokenizer_config.json with a chat_template
 DEFAULT_CHAT_TEMPLATE = (
@@ -216,6 +220,30 @@ class Metrics:
 
 
 # -- one request's run ----------------------------------------------------------------------------
+class _Handoff:
+    """Outputs from the scheduler thread to the event loop's request queues: a step hands every row its token, and
+    waking the loop once for them all (not once per token: a self-pipe write and a loop iteration each) leaves the
+    cores to the engine."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue, Output]] = []
+        self._lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, output: Output) -> None:
+        with self._lock:
+            self._pending.append((queue, output))
+            if len(self._pending) > 1:  # a wake-up is already on its way and will take this one too
+                return
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, output in pending:
+            queue.put_nowait(output)
+
+
 class _Run:
     """A submitted request seen from the event loop: its outputs as text deltas."""
 
@@ -224,8 +252,8 @@ class _Run:
         self.request = request
         self.endpoint = endpoint
         self.queue: asyncio.Queue[Output] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        request.listener = lambda _, output: loop.call_soon_threadsafe(self.queue.put_nowait, output)
+        handoff = server.handoff(asyncio.get_running_loop())
+        request.listener = lambda _, output: handoff.put(self.queue, output)
         tokenizer = server.tokenizer
         if stop_strings and tokenizer is None:
             raise ClientError(
@@ -316,7 +344,10 @@ class Server:
         allowed_origins: tuple[str, ...] = (),
         log_requests: bool = False,
         allowed_local_media_path: Path | None = None,
+        admission_wait_ms: float = ADMISSION_WAIT_MS,
+        trace_steps=None,
     ):
+        """`trace_steps`: an open text file that gets one JSON line per engine step (serve --trace-steps)."""
         if api_key is not None and not api_key:
             raise ValueError("--api-key is empty; give a key, or leave the option out to serve without one")
         if served_model_name is not None and not served_model_name.strip():
@@ -343,10 +374,27 @@ class Server:
         self.grammars = (
             Grammars(self._token_bytes_of, engine.vocab_size, engine.manifest.eos_token_ids) if self.tokenizer else None
         )
-        self.scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
+        if not 0 <= admission_wait_ms <= 1000:
+            raise ValueError(f"--admission-wait-ms is {admission_wait_ms}; it must be in [0, 1000]")
+        self.scheduler = Scheduler(
+            engine, max_batch=max_batch, max_queue=max_queue, admission_wait=admission_wait_ms / 1000
+        )
         self.metrics = Metrics(self.scheduler, self.model)
-        self.scheduler.on_step = self.metrics.observe_step
+        self.trace_steps = trace_steps
+        self._handoff: _Handoff | None = None
+        self.scheduler.on_step = self._on_step
         self.app = self._make_app()
+
+    def handoff(self, loop: asyncio.AbstractEventLoop) -> _Handoff:
+        """The one _Handoff into `loop` (the server runs one event loop; a new one, in tests, gets its own)."""
+        if self._handoff is None or self._handoff.loop is not loop:
+            self._handoff = _Handoff(loop)
+        return self._handoff
+
+    def _on_step(self, record: StepRecord) -> None:
+        self.metrics.observe_step(record)
+        if self.trace_steps is not None:
+            self.trace_steps.write(json.dumps(dataclasses.asdict(record)) + "\n")
 
     def _model_card(self) -> dict:
         return {
@@ -1341,6 +1389,27 @@ def _uvicorn_server(app, drain_timeout: float, on_signal=None):
     return DrainingServer(config)
 
 
+def _new_trace(path: Path):
+    """The --trace-steps file, created here (an existing file is never overwritten), line-buffered."""
+    try:
+        return open(path, "x", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed by _close_trace)
+    except FileExistsError:
+        raise ValueError(
+            f"--trace-steps {path} exists; name a new file (an existing one is never overwritten)"
+        ) from None
+    except OSError as err:
+        raise ValueError(f"--trace-steps {path} cannot be created ({err.strerror})") from None
+
+
+def _close_trace(trace, keep: bool) -> None:
+    """Close the trace file; one the server never got to write (it did not load) is removed."""
+    if trace is None:
+        return
+    trace.close()
+    if not keep:
+        Path(trace.name).unlink(missing_ok=True)
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket; port 0 picks a free one (read it back with getsockname)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -1374,9 +1443,12 @@ def serve(
     allowed_origins: tuple[str, ...] = (),
     log_requests: bool = False,
     allowed_local_media_path: str | None = None,
+    admission_wait_ms: float = ADMISSION_WAIT_MS,
+    trace_steps: str | None = None,
 ) -> None:
     """Load a bundle and serve it until SIGTERM/SIGINT; `echo` gets the one-line status messages. `devices`:
-    load's (one device per pipeline stage)."""
+    load's (one device per pipeline stage). `trace_steps`: a new file for one JSON line per engine step (kind,
+    seconds, rows, tokens, started on time.perf_counter's clock)."""
     if max_queue < 0:
         raise ValueError(f"--max-queue is {max_queue}; it must be 0 or more")
     if drain_timeout < 0:
@@ -1393,7 +1465,12 @@ def serve(
         handler.setFormatter(logging.Formatter("%(asctime)s access %(message)s"))
         access_log.addHandler(handler)
         access_log.setLevel(logging.INFO)
-    sock = bind(host, port)
+    trace = _new_trace(Path(trace_steps)) if trace_steps is not None else None
+    try:
+        sock = bind(host, port)
+    except BaseException:
+        _close_trace(trace, keep=False)
+        raise
     bound = sock.getsockname()[1]
 
     def make_server() -> Server:
@@ -1412,6 +1489,8 @@ def serve(
                 allowed_origins=allowed_origins,
                 log_requests=log_requests,
                 allowed_local_media_path=None if allowed_local_media_path is None else Path(allowed_local_media_path),
+                admission_wait_ms=admission_wait_ms,
+                trace_steps=trace,
             )
         except BaseException:
             engine.close()
@@ -1442,6 +1521,7 @@ def serve(
         app.close()
         if app.server is not None:
             app.server.engine.close()
+        _close_trace(trace, keep=app.server is not None)
     if app.failed is not None:
         raise app.failed
     echo("stopped")

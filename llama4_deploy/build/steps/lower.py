@@ -154,7 +154,8 @@ def lower(
 
 
 def embed_graph(ctx: BuildContext) -> ir.Model:
-    """The embedding step's graph (input_ids -> hidden_states), in the compute dtype, linted."""
+    """The embedding step's graph (input_ids -> hidden_states), in the compute dtype, linted (static shapes and the
+    target's checks)."""
     loaded = ctx.require("loaded")
     checkpoint, spec = loaded.checkpoint, loaded.spec
     model, _ = link_embed(
@@ -165,6 +166,13 @@ def embed_graph(ctx: BuildContext) -> ir.Model:
     problems = lint_static(model)
     if problems:
         raise BuildError(f"the embed graph breaks the static-shape rule: {problems[0]}")
+    recipe = loaded.recipe
+    try:  # the target's own checks too (for tensorrt its parser lint), as for the stage graphs
+        ctx.target.check_graph(
+            model, "embed", recipe.profiles.model_dump(), loaded.shape.to_dict(), recipe.capacity_factor
+        )
+    except TargetError as err:
+        raise BuildError(str(err)) from None
     return model
 
 
