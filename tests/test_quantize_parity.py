@@ -13,7 +13,7 @@ import onnx_ir as ir
 import pytest
 
 from llama4_deploy.build import BuildError, build
-from llama4_deploy.quality.verify import SIMULATION_TOLERANCE, verify
+from llama4_deploy.quality.verify import INT8_ACTIVATION_TOLERANCE, SIMULATION_TOLERANCE, verify
 from tests.conftest import manifest
 from tests.test_cli import invoke, user_error
 
@@ -67,6 +67,18 @@ def _fixed_bounds(monkeypatch) -> list[float]:
     return bounds
 
 
+def _against_bounds(reference: str, report, bounds: list[float]) -> str:
+    """Each row's max |dlogit| as a multiple of max(1, max |logit|) (its fixed bound / INT8_ACTIVATION_TOLERANCE)."""
+    lines = [f"vs the {reference}: verify {'PASS' if report.ok else 'FAIL'}"]
+    for row, bound in zip(report.rows, bounds):
+        relative = row.comparison.value / bound * INT8_ACTIVATION_TOLERANCE
+        lines.append(
+            f"  {row.path:<14} max|dlogit| {row.comparison.value:.3e} = {relative:.1e} x max logit, "
+            f"greedy {row.greedy_agree}/{row.greedy_total}"
+        )
+    return "\n".join(lines)
+
+
 def test_int4_int8_compute_verifies(tmp_path, monkeypatch):
     """--int4-compute int8: MatMulNBits and QMoE with accuracy_level 4 (int8 activations per row and block; QMoE on
     both expert matmuls), against the simulation that rounds the same activations to int8. Bound: every row within
@@ -97,6 +109,7 @@ def test_int4_int8_compute_verifies(tmp_path, monkeypatch):
     bounds = _fixed_bounds(monkeypatch)
     report = verify(str(bundle), log=lambda _: None)
     _check(report)
+    print(_against_bounds("int8 simulation", report, bounds))  # pytest -s: the figures docs/precision.md quotes
     assert len(bounds) == len(report.rows) and all(row.comparison.value <= b for row, b in zip(report.rows, bounds))
 
     def float_experts(model, spec, *args, **kwargs):
@@ -110,6 +123,7 @@ def test_int4_int8_compute_verifies(tmp_path, monkeypatch):
     monkeypatch.setattr(verifying, "simulate", float_experts)
     bounds.clear()
     missed = verify(str(bundle), log=lambda _: None)
+    print(_against_bounds("float-expert simulation", missed, bounds))
     assert not missed.ok
     assert any(row.greedy_agree < row.greedy_total for row in missed.rows)
     assert max(row.comparison.value / b for row, b in zip(missed.rows, bounds)) > 1
