@@ -747,9 +747,9 @@ def test_ignore_unknown_fields_drops_them(engine):
 
 # -- text that equals the tokens, logprobs as text (issue 27 item 4) ---------------------------------------
 @pytest.fixture(scope="module")
-def byte_level_live(engine, tmp_path_factory):
-    """The module's engine served with a byte-level BPE of the engine's 512 ids (trained here on text full of
-    multi-byte characters), so random-weight completions end inside characters as a real model's can."""
+def byte_level_tokenizer(engine, tmp_path_factory):
+    """A byte-level BPE of the engine's 512 ids (trained here on text full of multi-byte characters): it spells any
+    text, and random-weight completions end inside characters as a real model's can."""
     import random
 
     from tokenizers import Tokenizer as HFTokenizer
@@ -769,8 +769,14 @@ def byte_level_live(engine, tmp_path_factory):
     assert bpe.get_vocab_size() == engine.vocab_size
     path = tmp_path_factory.mktemp("byte-level") / "tokenizer.json"
     bpe.save(str(path))
+    return Tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def byte_level_live(engine, byte_level_tokenizer):
+    """The module's engine served with the byte-level tokenizer."""
     with Live(engine) as live:
-        live.server.tokenizer = Tokenizer(path)
+        live.server.tokenizer = byte_level_tokenizer
         yield live
 
 
@@ -1306,6 +1312,56 @@ def test_required_and_named_tool_choice_always_give_valid_calls(byte_level_live,
         model=name, messages=history, tools=[WEATHER, CLOCK], tool_choice="none", max_tokens=3, temperature=0
     )
     assert follow.choices[0].message.tool_calls is None and follow.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.fixture(scope="module")
+def pythonic_live(engine, byte_level_tokenizer, tmp_path_factory):
+    """The engine served with --tool-call-parser llama4_pythonic, the tests' pythonic template and the byte-level
+    tokenizer (which spells any call)."""
+    from tests.test_tools import PYTHONIC_TEMPLATE
+
+    path = tmp_path_factory.mktemp("pythonic") / "template.jinja"
+    path.write_text(PYTHONIC_TEMPLATE)
+    with Live(engine, tool_call_parser="llama4_pythonic", chat_template=path) as live:
+        live.server.tokenizer = byte_level_tokenizer
+        yield live
+
+
+def test_required_and_named_tool_choice_with_the_pythonic_parser_give_valid_calls(pythonic_live, engine):
+    pytest.importorskip("xgrammar")
+    jsonschema = pytest.importorskip("jsonschema")
+    from tests.test_tools import CLOCK, FORECAST
+
+    client, name = pythonic_live.client(), engine.manifest.name
+    tools = [{"type": "function", "function": f} for f in (FORECAST, CLOCK)]
+    schemas = {f["name"]: f["parameters"] for f in (FORECAST, CLOCK)}
+    common = {"model": name, "messages": [{"role": "user", "content": "ab"}], "tools": tools, "max_tokens": 120}
+    named = {"type": "function", "function": {"name": "forecast"}}
+    seen = set()
+    for seed in range(4):
+        for choice, stream in (("required", False), ("required", True), (named, False), (named, True)):
+            kwargs = {**common, "tool_choice": choice, "seed": seed, "temperature": 2.0}
+            if stream:
+                chunks = list(client.chat.completions.create(stream=True, **kwargs))
+                calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+                reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+                assert len(calls) == 1 and reasons == ["tool_calls"], (seed, choice, chunks)
+                call = calls[0][0]
+            else:
+                reply = client.chat.completions.create(**kwargs).choices[0]
+                assert reply.finish_reason == "tool_calls" and reply.message.content is None, (seed, choice, reply)
+                assert len(reply.message.tool_calls) == 1
+                call = reply.message.tool_calls[0]
+            assert call.function.name in (("forecast",) if choice is named else ("forecast", "get_time"))
+            arguments = json.loads(call.function.arguments)
+            jsonschema.validate(arguments, schemas[call.function.name])  # the reference validator, not ours
+            seen.add((call.function.name, json.dumps(arguments)))
+    assert len(seen) > 3, seen  # the grammar left the model choices: both functions, optional arguments or not
+    # a function the pythonic form cannot call is refused, naming where
+    body = {**common, "tools": [{"type": "function", "function": {"name": "get-time"}}], "tool_choice": "required"}
+    status, _, answer = pythonic_live.post("/v1/chat/completions", body)
+    assert status == 400 and answer["error"]["param"] == "tools", answer
+    assert "'get-time' is not a name vLLM's pythonic parser reads" in answer["error"]["message"]
 
 
 @pytest.mark.parametrize(

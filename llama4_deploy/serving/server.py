@@ -68,7 +68,7 @@ from llama4_deploy.serving.protocol import (
     TokenizeRequest,
     error_body,
 )
-from llama4_deploy.serving.tools import PARSERS, call_schema, parse
+from llama4_deploy.serving.tools import PARSERS, ToolSchemaError, call_schema, parse, pythonic_call_grammar
 
 log = logging.getLogger("llama4_deploy.serving.server")
 RETRY_AFTER_S = 1
@@ -585,9 +585,10 @@ class Server:
             message["tool_calls"] = calls
         return message
 
-    def _tools(self, body) -> tuple[list[dict], dict | None]:
+    def _tools(self, body) -> tuple[list[dict], tuple[str, dict | str] | None]:
         """The tools the template sees (none with tool_choice "none") and, for "required" or a named function,
-        the JSON schema every reply must satisfy."""
+        what every reply must satisfy: ("schema", a JSON schema) for the JSON call form, ("ebnf", a grammar) for
+        the pythonic one."""
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
         choice = body.tool_choice
         if choice is None or choice == "none" or not tools:
@@ -596,26 +597,25 @@ class Server:
             return ([] if choice == "none" else tools), None
         if choice == "auto":
             return tools, None
-        functions = [tool["function"] for tool in tools]
+        functions = [{**tool["function"], "index": i} for i, tool in enumerate(tools)]
         if not isinstance(choice, str):
             functions = [f for f in functions if f["name"] == choice.function.name]
             if not functions:
                 raise ClientError(f"tool_choice names {choice.function.name!r}, which is not in tools", "tool_choice")
-        if self.tool_call_parser != "llama4_json":
-            raise ClientError(
-                f"tool_choice {choice if isinstance(choice, str) else 'naming a function'} is enforced with "
-                "--tool-call-parser llama4_json only",
-                "tool_choice",
-            )
-        return tools, call_schema(functions)
+        if self.tool_call_parser == "llama4_pythonic":
+            try:
+                return tools, ("ebnf", pythonic_call_grammar(functions))
+            except ToolSchemaError as err:
+                raise ClientError(str(err), "tools") from None
+        return tools, ("schema", call_schema([{k: v for k, v in f.items() if k != "index"} for f in functions]))
 
-    def _compile_schema(self, schema: dict):
+    def _compile_tools(self, kind: str, source):
         if self.grammars is None:
             raise ClientError(
                 f"bundle {self.model} has no tokenizer.json, so tool calls cannot be enforced", "tool_choice"
             )
         try:
-            return self.grammars.json_schema(schema)
+            return self.grammars.json_schema(source) if kind == "schema" else self.grammars.ebnf(source)
         except GrammarError as err:
             raise ClientError(f"the tools' parameters {err}", "tools") from None
 
@@ -776,7 +776,7 @@ class Server:
                 urls[0][0],
             )
         messages = [self._message(i, m) for i, m in enumerate(body.messages)]
-        tools, schema = self._tools(body)
+        tools, enforced = self._tools(body)
         variables = {**(body.chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
         features = None
         if urls:  # the placeholders expanded and the images encoded before the request is queued
@@ -786,10 +786,10 @@ class Server:
         room = self.engine.manifest.max_context - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        if schema is not None:  # tool_choice "required" or a named function: the call is enforced
+        if enforced is not None:  # tool_choice "required" or a named function: the call is enforced
             if body.structure() is not None:
                 raise ClientError("tool_choice and response_format both ask for a structure; give one", "tool_choice")
-            grammar = await asyncio.to_thread(self._compile_schema, schema)
+            grammar = await asyncio.to_thread(self._compile_tools, *enforced)
         else:
             grammar = await asyncio.to_thread(self._grammar, body)
         requests = self._samples(body, prompt, max_tokens, top)
