@@ -59,7 +59,7 @@ _BUILD_FLAGS = (
     ("block_size", "int4 block along the reduction axis (128)"),
     ("quant_form", "quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto"),
     ("quant_method", "int4 weight rounding: rtn (round to nearest, default) or awq (activation-aware scales)"),
-    ("int4_compute", "int4 ort form: float activations (default) or int8 ones (MatMulNBits accuracy_level 4, faster)"),
+    ("int4_compute", "int4 ort form: float activations (default) or int8 (MatMulNBits, QMoE accuracy_level 4: faster)"),
     ("int4_zero_point", "int4 ort form: symmetric blocks (default) or asymmetric ones with a 4-bit zero point each"),
     ("calibration", "fp8 activation / int4 awq calibration: text lines or a JSON list of token-id lists"),
     (

@@ -36,10 +36,10 @@ REL_TOLERANCE = 1e-3  # fp32 engine vs fp32 eager: summation order only, far bel
 #   an activation rounding to a neighbouring fp8 value now and then), so twice the fp32 bound;
 # float16: every activation rounds to 11 bits (relative 2^-11 ~ 5e-4 per op; observed 8e-4 on tiny).
 SIMULATION_TOLERANCE = {"float32": 2e-3, "float16": 5e-3}
-# int4 with int8 activations (--int4-compute int8, MatMulNBits accuracy_level 4): the simulation rounds each
-# activation to int8 exactly as the kernel does (graphs/quantize.py fake_quant_int8_blocks), but an input that sits
+# int4 with int8 activations (--int4-compute int8, MatMulNBits and QMoE accuracy_level 4): the simulation rounds each
+# activation to int8 exactly as the kernels do (graphs/quantize.py fake_quant_int8_blocks), but an input that sits
 # within float summation noise of a rounding tie lands on the neighbouring int8 value (1/127 of its block's |max|)
-# in one of the two; observed on tiny: 1e-5 x max logit without such a flip, 2.6e-3 with one
+# in one of the two (docs/precision.md has the figures)
 INT8_ACTIVATION_TOLERANCE = 5e-3
 # Rounded activations (fp8, int8) make the computation itself tie-sensitive: where an activation sits within float
 # summation noise of a rounding tie, two float orders of the same graph round it to neighbouring values, and a

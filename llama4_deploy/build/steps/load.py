@@ -46,7 +46,9 @@ def run(ctx: BuildContext) -> Loaded:
     recipe, log = ctx.recipe, ctx.log
     calibration = calibration_identity(recipe.calibration)  # a file it cannot read is refused before any work
     if ctx.checkpoint is None:  # the recipe gives the sizes: its limits are checked before any weights are made
-        check_limits(recipe, recipe.random.shape(), quant_spec(recipe, ctx.target).compute_dtype, ctx.force)
+        spec = quant_spec(recipe, ctx.target)
+        check_limits(recipe, recipe.random.shape(), spec.compute_dtype, ctx.force)
+        check_int8_experts(spec, recipe.random.shape())
         key = step_key("checkpoint", recipe.random.model_dump(mode="json"))
         identity: Any = {"random checkpoint": key}
         if ctx.cache.get("checkpoint", key) is None:
@@ -88,6 +90,7 @@ def run(ctx: BuildContext) -> Loaded:
         )
     spec = quant_spec(recipe, ctx.target, checkpoint)
     check_limits(recipe, shape, spec.compute_dtype, ctx.force)
+    check_int8_experts(spec, shape)
     log(f"[profiles] {recipe.profiles.model_dump()}")
     split = stage_split(shape, recipe.stages, log)
     if checkpoint.logical is not None:
@@ -177,6 +180,14 @@ def check_limits(recipe: Recipe, shape: ModelShape, compute_dtype: str, force: b
             f"{needed / GIB:,.2f} GiB ({compute_dtype}), more than this machine's {memory / GIB:,.1f} GiB "
             f"of memory; lower --max-batch or --max-context, or pass --force to build it anyway"
         )
+
+
+def check_int8_experts(spec: QuantSpec, shape: ModelShape) -> None:
+    """int8 expert activations only where QMoE takes the experts (QuantSpec.int8_experts_refusal), refused in one
+    sentence before anything is traced."""
+    refusal = spec.int8_experts_refusal(shape.hidden_size, shape.intermediate_size) if shape.moe_layers else None
+    if refusal:
+        raise BuildError(refusal)
 
 
 def machine_memory() -> int:
