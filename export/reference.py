@@ -90,8 +90,30 @@ def multimodal_reference(source: dict):
         return random_multimodal(source["random"])
     if source.get("kind") != "checkpoint":
         raise ValueError("the image reference needs the checkpoint or random weights a vision bundle was built from")
+    config = json.loads((Path(source["path"]) / "config.json").read_text())
+    if "quantization_config" in config or "quantization_config" in config.get("text_config", {}):
+        return dequantized_multimodal(source["path"])
     kwargs = dict(dtype=torch.float32, attn_implementation="eager", use_safetensors=True)
     return Llama4ForConditionalGeneration.from_pretrained(str(source["path"]), **kwargs).eval()
+
+
+def dequantized_multimodal(path: str | Path):
+    """Llama4ForConditionalGeneration in fp32 from a pre-quantized (compressed-tensors FP8) multimodal checkpoint:
+    its language model holds `dequantized_model`'s weights, its vision tower and projector the checkpoint's as stored
+    (Meta's FP8 release leaves them unquantized), read through our reader as `dequantized_model` does."""
+    from transformers import Llama4Config
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config.get("text_config", {}).pop("quantization_config", None)
+    model = Llama4ForConditionalGeneration(Llama4Config.from_dict(config))
+    model.language_model.load_state_dict(dequantized_model(path).state_dict())
+    checkpoint = Checkpoint(path)
+    with torch.no_grad():
+        for part in ("vision_model", "multi_modal_projector"):
+            for name, tensor in getattr(model, part).state_dict().items():
+                tensor.copy_(checkpoint.full_tensor(f"{part}.{name}").to(torch.float32))
+    return model.eval()
 
 
 def multimodal_logits(model, input_ids, pixel_values, prompt_length: int | None = None):

@@ -4,9 +4,11 @@ Each weight the spec names is replaced in place by its quantized-then-dequantize
 (graphs/quantize.py, the very functions the graph passes use), along the same reduction axis the
 engine contracts; with fp8 activations, every activation entering a quantized linear layer is
 fake-quantized with its calibrated per-tensor scale (forward pre-hooks on nn.Linear, and a
-replacement forward for the stacked experts that quantizes both of their matmul inputs). The
-model then computes what the engine computes, in fp32: the engine must match it tightly, which
-catches wiring errors (a wrong axis, a transposed scale) that quality metrics against fp32 hide.
+replacement forward for the stacked experts that quantizes both of their matmul inputs); with int8
+activations (--int4-compute int8), each such input is rounded to int8 per row and block, as ONNX
+Runtime's MatMulNBits and QMoE round it. The model then computes what the engine computes, in
+fp32: the engine must match it tightly, which catches wiring errors (a wrong axis, a transposed
+scale) that quality metrics against fp32 hide.
 """
 
 from __future__ import annotations
@@ -74,20 +76,26 @@ def simulate(
                 continue
             param = module_at(model, checkpoint_name)
             param.copy_(torch.from_numpy(fake_quant(param.numpy(), rule, axis % param.ndim, spec.compute_dtype)))
+
+    def int8(x, block: int):
+        return torch.from_numpy(fake_quant_int8_blocks(jittered(x, jitter).detach().numpy(), block)).to(x.dtype)
+
     for handle_name, checkpoint_name, _ in weights:
         rule = spec.rule_for(handle_name)
+        if handle_name.endswith(("experts_gate_up", "experts_down")):
+            continue  # the stacked experts' two matmuls: below
         if rule is not None and rule.activation == "int8_block":  # MatMulNBits' int8 input, per row and block
             module = module_at(model, checkpoint_name.rsplit(".", 1)[0])
-            module.register_forward_pre_hook(
-                lambda m, args, b=rule.block_size: (
-                    (
-                        torch.from_numpy(fake_quant_int8_blocks(jittered(args[0], jitter).detach().numpy(), b)).to(
-                            args[0].dtype
-                        ),
-                    )
-                    + args[1:]
-                )
-            )
+            module.register_forward_pre_hook(lambda m, args, b=rule.block_size: (int8(args[0], b),) + args[1:])
+    if spec.int8_experts is not None:
+        # QMoE with accuracy_level 4 (graphs/lower_quant_ort.py): fc1's input (each token's routed row, x times its
+        # score; the rows of experts a token did not pick are 0 here and stay 0) and fc2's input (the SwiGLU output)
+        # rounded per row and block of K, as MatMulNBits rounds its input
+        def int8_experts(name, x):
+            rule = spec.rule_for(name)
+            return x if rule is None or rule.activation != "int8_block" else int8(x, rule.block_size)
+
+        _hook_experts(model, shape, layers, int8_experts)
     if spec.activations:
         scales = {
             name: fp8_activation_scale(amax, spec.compute_dtype) for name, amax in (activation_amax or {}).items()
@@ -107,12 +115,18 @@ def simulate(
                 continue
             module = module_at(model, checkpoint_name.rsplit(".", 1)[0])
             module.register_forward_pre_hook(lambda m, args, n=handle_name: (quantize(n, args[0]),) + args[1:])
-        for layer, kind in enumerate(shape.layer_kinds):
-            if kind.moe and (layers is None or layer in layers):
-                experts = model.model.layers[layer].feed_forward.experts
-                experts._record = (f"layers.{layer}", quantize)
-                experts.forward = types.MethodType(experts_forward, experts)
+        _hook_experts(model, shape, layers, quantize)
     return model
+
+
+def _hook_experts(model, shape: ModelShape, layers, transform) -> None:
+    """`transform(name, x)` on both matmul inputs of every chosen MoE layer's stacked experts (observe.experts_forward;
+    `name`: the deploy-form weight the input feeds, `layers.3.experts_gate_up` / `layers.3.experts_down`)."""
+    for layer, kind in enumerate(shape.layer_kinds):
+        if kind.moe and (layers is None or layer in layers):
+            experts = model.model.layers[layer].feed_forward.experts
+            experts._record = (f"layers.{layer}", transform)
+            experts.forward = types.MethodType(experts_forward, experts)
 
 
 def _layer_of(name: str) -> int | None:

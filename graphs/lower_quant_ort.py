@@ -7,7 +7,7 @@
 
     before:  y = com.microsoft.MoE(x, picks, fc1, None, fc2; k, swiglu, ...)     (lower_moe_native.py)
     after:   y = com.microsoft.QMoE(x, picks, fc1q, fc1_scales, None, fc2q, fc2_scales;
-                                    same attributes, expert_weight_bits=4, block_size=Bk)
+                                    same attributes, expert_weight_bits=4, block_size=Bk[, accuracy_level=4])
              fc1q [E, 2I, H/2] uint8, fc1_scales [E, 2I, H/Bk]; fc2q [E, H, I/2], fc2_scales [E, H, I/Bk]
 
 Valid because both kernels dequantize (stored - 8) * scale with the default zero point 8 for
@@ -16,7 +16,14 @@ symmetric int4 (graphs/quantize.py): the same numbers as the qdq form, in one fu
 reads 4-bit weights. accuracy_level 0 keeps activations in their dtype; a rule with activation
 `int8_block` (--int4-compute int8) sets 4, where the kernel quantizes its input to int8 per row
 and block (graphs/quantize.py fake_quant_int8_blocks) and runs int8 dot products: the fast CPU
-kernels, with numbers the simulation models.
+kernels, with numbers the simulation models. QMoE takes the same attribute (ONNX Runtime 1.32's
+schema: "for block-wise 4-bit experts, 0 or 1 keeps fp32 activations and 4 allows int8
+activations"): its CPU kernel (contrib_ops/cpu/moe/moe_quantization_cpu.cc) runs each expert's
+fc1 and fc2 as MatMulNBits' MLAS GEMM (MlasQNBitGemmBatch, compute type SQNBIT_CompInt8) over the
+gathered rows, so fc1's input (each routed token's row, here x * sigmoid(score)) and fc2's input
+(the SwiGLU output of that row) are each quantized per row and block of K exactly as MatMulNBits
+quantizes its input. The kernel takes that path only with prepacked, block-wise weights whose
+scales are initializers (what this pass writes; verify and the golden step prepack).
 
 Not lowered here, by design (not an error: lower_quant_qdq.py, the pass after this one, quantizes them):
 weights with other consumers, 3-D weights outside the MoE kernel, and QMoE experts whose hidden or
@@ -202,6 +209,8 @@ class QuantizeOrtPass(RewritePass):
             attributes = {a.name: a for a in node.attributes.values()}
             attributes["expert_weight_bits"] = ir.AttrInt64("expert_weight_bits", 4)
             attributes["block_size"] = ir.AttrInt64("block_size", rule.block_size)
+            if rule.activation == "int8_block":  # int8 inputs to both expert matmuls (module docstring)
+                attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 4)
             tape = ir.tape.Tape()
             out = tape.op(
                 "QMoE",

@@ -356,7 +356,9 @@ class QuantizeQdqPass(RewritePass):
                 )
             if rule.activation == "int8_block":
                 raise self._not_quantized(
-                    name, "needs int8 activations, which only ONNX Runtime's MatMulNBits computes"
+                    name,
+                    "needs int8 activations, which only ONNX Runtime's MatMulNBits and QMoE compute (QMoE: experts "
+                    "under the native dispatch, hidden and intermediate sizes multiples of the block size)",
                 )
             if rule.activation != "none" and any(u.domain == "com.microsoft" for u, _ in value.uses()):
                 raise self._not_quantized(

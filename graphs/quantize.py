@@ -10,8 +10,9 @@ initializer names, which are the deploy-form parameter names under their stamp: 
              granularity   block | channel       int4: blocks along the reduction axis; fp8: per output channel
              block_size    32 | 64 | 128         int4 only; the last block of an axis shorter than it is partial
              activation    none | fp8_tensor     fp8: static per-tensor scale on each activation feeding the MatMul
-                           | int8_block          int4 with --int4-compute int8: ONNX Runtime's MatMulNBits quantizes
-                                                 its input to int8 per row and block (accuracy_level 4)
+                           | int8_block          int4 with --int4-compute int8: ONNX Runtime's MatMulNBits and QMoE
+                                                 quantize each matmul input to int8 per row and block
+                                                 (accuracy_level 4; QMoE: both expert matmuls)
              method        rtn | awq | checkpoint   round to nearest; activation-aware scales (export/awq.py);
                                                   stored FP8 taken as the pre-quantized checkpoint holds it
              zero_point    false | true          int4 only: asymmetric blocks with a 4-bit zero point each
@@ -105,10 +106,31 @@ class QuantSpec(Strict):
 
     @property
     def int8_activations(self) -> bool:
-        """Whether some MatMulNBits quantizes its input to int8 (--int4-compute int8). ONNX Runtime 1.32 takes the
-        int8 path only on prepacked weights: without prepacking (session.disable_prepacking) accuracy_level 4
-        dequantizes the weight and multiplies in float, so whatever checks these numbers must prepack."""
+        """Whether some MatMulNBits or QMoE quantizes its input to int8 (--int4-compute int8). ONNX Runtime 1.32
+        takes the int8 path only on prepacked weights: without prepacking (session.disable_prepacking) accuracy_level
+        4 dequantizes the weight and multiplies in float, so whatever checks these numbers must prepack."""
         return any(rule.activation == "int8_block" for rule in self.rules)
+
+    @property
+    def int8_experts(self) -> QuantRule | None:
+        """The rule of the routed experts where their activations are int8 (QMoE with accuracy_level 4), else None."""
+        rule = self.rule_for("layers.0.experts_gate_up")
+        return rule if rule is not None and rule.activation == "int8_block" else None
+
+    def int8_experts_refusal(self, hidden: int, intermediate: int) -> str | None:
+        """Why a model of this hidden and expert intermediate size cannot have int8 expert activations (None: it
+        can, or the spec has none): only QMoE computes them, and QMoE needs both sizes to be multiples of the block
+        (quantized builds keep experts whole: lower_moe_native.py's part split is 1)."""
+        rule = self.int8_experts
+        if rule is None or not (hidden % rule.block_size or intermediate % rule.block_size):
+            return None
+        fits = [b for b in values(BlockSize) if not hidden % b and not intermediate % b]
+        return (
+            f"--int4-compute int8 runs the routed experts on ONNX Runtime's QMoE kernel, which needs the hidden size "
+            f"({hidden}) and the expert intermediate size ({intermediate}) to be multiples of the block size "
+            f"({rule.block_size}); "
+            + (f"use --block-size {' or '.join(map(str, fits))}" if fits else "no supported block size divides both")
+        )
 
     def native_moe_refusal(self) -> str | None:
         """Why the native MoE kernel cannot run this spec (None: it can)."""
@@ -136,6 +158,13 @@ class QuantSpec(Strict):
                 "or auto"
             )
             refusals.update({strategy: reason for strategy in ("dense", "gather", "capacity")})
+        elif self.int8_experts is not None:
+            # the other dispatches' experts go through the qdq form's DequantizeLinear -> MatMul, in float
+            reason = (
+                "int8 expert activations (--int4-compute int8) are ONNX Runtime's QMoE kernel (accuracy_level 4); "
+                "use --moe-dispatch native or auto"
+            )
+            refusals.update({strategy: reason for strategy in ("dense", "gather", "capacity")})
         return refusals
 
     def summary(self) -> str:
@@ -159,7 +188,7 @@ class QuantConfig(Strict):
     form: Literal[QuantForm, "auto"] = "auto"
     method: QuantMethod = "rtn"  # awq: int4 only (export/awq.py)
     # int4: "float" keeps activations in the compute dtype (the spec's weight-only INT4); "int8" lets ONNX Runtime's
-    # MatMulNBits quantize its activation to int8 per block (accuracy_level 4, the fast CPU kernels)
+    # MatMulNBits and QMoE quantize their activations to int8 per block (accuracy_level 4, the fast CPU kernels)
     int4_compute: Int4Compute = "float"
     # int4: "asymmetric" stores a 4-bit zero point per block (MatMulNBits' and QMoE's zero_points inputs)
     int4_zero_point: Int4ZeroPoint = "symmetric"
@@ -196,7 +225,7 @@ def make_spec(config: QuantConfig, int4_form: QuantForm = "ort") -> QuantSpec:
         raise ValueError(f"--quant-method awq is for int4 weights; precision {config.precision} uses rtn")
     if config.int4_compute == "int8" and not (config.precision == "int4" and form == "ort"):
         raise ValueError(
-            "--int4-compute int8 is ONNX Runtime's MatMulNBits kernel (accuracy_level 4): it needs "
+            "--int4-compute int8 is ONNX Runtime's MatMulNBits and QMoE kernels (accuracy_level 4): it needs "
             "--precision int4 and the ort form"
         )
     asymmetric = config.int4_zero_point == "asymmetric"
@@ -209,14 +238,11 @@ def make_spec(config: QuantConfig, int4_form: QuantForm = "ort") -> QuantSpec:
     int4 = dict(
         weight="int4", granularity="block", block_size=config.block_size, method=config.method, zero_point=asymmetric
     )
-    if config.precision == "int4" and config.int4_compute == "int8":
-        # MatMulNBits takes the 2-D linear layers (int8 activations); QMoE and the qdq fall-through keep floats
-        rules = (
-            QuantRule(patterns=LINEAR_PATTERNS[:1], **int4),
-            QuantRule(patterns=LINEAR_PATTERNS[1:], activation="int8_block", **int4),
-        )
-    elif config.precision == "int4":
-        rules = (QuantRule(patterns=LINEAR_PATTERNS, **int4),)
+    if config.precision == "int4":
+        # int8: MatMulNBits takes the 2-D linear layers and QMoE the routed experts, both with int8 activations; the
+        # qdq form computes neither, so what would fall through to it is refused (dispatch_refusals, the qdq pass)
+        activation = "int8_block" if config.int4_compute == "int8" else "none"
+        rules = (QuantRule(patterns=LINEAR_PATTERNS, activation=activation, **int4),)
     elif config.precision == "fp8":
         rules = (QuantRule(patterns=LINEAR_PATTERNS, weight="fp8", granularity="channel", activation="fp8_tensor"),)
     return QuantSpec(precision=config.precision, compute_dtype=compute, rules=rules, form=form if rules else "qdq")
@@ -362,7 +388,8 @@ def fake_quant(w: np.ndarray, rule: QuantRule, axis: int, compute_dtype: str = "
 
 
 def fake_quant_int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
-    """x [.., K] as MatMulNBits with accuracy_level 4 sees it: per row and block of K, scale = amax / 127,
+    """x [.., K] as MatMulNBits (and QMoE, which runs each expert's two matmuls on MatMulNBits' MLAS kernels) with
+    accuracy_level 4 sees it: per row and block of K, scale = amax / 127,
     q = rint(x * (127 / amax)) (round half to even), x' = q * scale; a partial last block is its own block."""
     x = np.asarray(x, dtype=np.float32)
     k = x.shape[-1]

@@ -59,7 +59,7 @@ _BUILD_FLAGS = (
     ("block_size", "int4 block along the reduction axis (128)"),
     ("quant_form", "quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto"),
     ("quant_method", "int4 weight rounding: rtn (round to nearest, default) or awq (activation-aware scales)"),
-    ("int4_compute", "int4 ort form: float activations (default) or int8 ones (MatMulNBits accuracy_level 4, faster)"),
+    ("int4_compute", "int4 ort form: float activations (default) or int8 (MatMulNBits, QMoE accuracy_level 4: faster)"),
     ("int4_zero_point", "int4 ort form: symmetric blocks (default) or asymmetric ones with a 4-bit zero point each"),
     ("calibration", "fp8 activation / int4 awq calibration: text lines or a JSON list of token-id lists"),
     (
@@ -579,6 +579,20 @@ def _within(minimum: float, maximum: float | None = None, must: str | None = Non
     help="seconds SIGTERM waits for in-flight requests",
 )
 @click.option("--threads", type=int, callback=_within(1), help="ONNX Runtime intra-op threads")
+@click.option(
+    "--admission-wait-ms",
+    default=5.0,
+    show_default=True,
+    type=float,
+    callback=_within(0, 1000),
+    help="on an idle server, wait until requests stop arriving for this long (at most 4x) so a burst prefills "
+    "together; 0: prefill the first request at once",
+)
+@click.option(
+    "--trace-steps",
+    type=click.Path(dir_okay=False),
+    help="a new file to write one JSON line per engine step to (kind, seconds, rows, tokens, start time)",
+)
 @click.option(
     "--max-request-bytes",
     default=32 * 2**20,

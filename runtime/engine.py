@@ -243,24 +243,9 @@ class Engine:
     # -- steps ----------------------------------------------------------------------------------
     def run_embeds_step(self, cache: KVCache, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One prefill step from embeddings [B, T, H] (image prompts: the embedding step's output with image
-        features at the patch positions); returns logits [B, T, V] and updates the cache. One stage only."""
-        if self.in_place:
-            return self._run_in_place(cache, None, positions, embeds)
-        feeds = {abi.HIDDEN_IN: embeds, abi.POSITION_IDS: positions, abi.PAST_LENGTHS: cache.lengths.copy()}
-        feeds.update(cache.feeds())
-        outputs = self.embeds_runner.infer(feeds)
-        if abi.MOE_OVERFLOW in outputs and outputs[abi.MOE_OVERFLOW].any():  # rerun exactly, before any write
-            if self.embeds_exact_runner is None:
-                raise BundleError(
-                    "the embeddings prefill graph reported a capacity overflow, and the bundle has no "
-                    "exact graph to rerun it on; rebuild the bundle"
-                )
-            outputs = self.embeds_exact_runner.infer(feeds)
-            self.overflow_reruns += 1
-        cache.write(outputs, positions)
-        self.steps += 1
-        self._check_finite(outputs[abi.LOGITS])
-        return outputs[abi.LOGITS]
+        features at the patch positions); returns logits [B, T, V] and updates the cache. The first stage runs its
+        embeddings prefill graph, later stages their prefill graphs on its hidden_states."""
+        return self.run_step(cache, None, positions, embeds)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """The embedding step: ids [B, T] -> hidden states [B, T, H] (float32)."""
@@ -275,27 +260,46 @@ class Engine:
             rows.append(features.reshape(-1, features.shape[-1]).astype(np.float32))
         return np.concatenate(rows) if rows else np.zeros((0, self.manifest.model["hidden_size"]), np.float32)
 
-    def run_step(self, cache: KVCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One engine call on ids/positions [B, T]; returns logits [B, T, V] and updates the cache.
+    def _stage_graph(self, stage, role: str, embeds: bool):
+        """(runner, its exact rerun's runner or None, the name its first input takes) of one stage in a step; an
+        image prompt's prefill (`embeds`) runs the first stage's embeddings graph (hidden_states in)."""
+        if embeds and stage.index == 0:
+            return self.embeds_runner, self.embeds_exact_runner, abi.HIDDEN_IN
+        graph = stage.graphs[role]
+        exact = self.runners[stage.graphs["exact"]["file"]] if graph.get("reports_overflow") else None
+        return self.runners[graph["file"]], exact, (abi.INPUT_IDS if stage.index == 0 else abi.HIDDEN_IN)
+
+    @staticmethod
+    def _exact(runner):
+        if runner is None:
+            raise BundleError(
+                "a prefill graph reported a capacity overflow, and the bundle has no exact graph to rerun it on; "
+                "rebuild the bundle"
+            )
+        return runner
+
+    def run_step(self, cache: KVCache, ids, positions: np.ndarray, embeds=None) -> np.ndarray:
+        """One engine call on ids/positions [B, T] (or, for an image prompt's prefill, embeddings [B, T, H] in
+        place of ids); returns logits [B, T, V] and updates the cache.
 
         Pipeline stages run in order, each handing hidden_states to the next; each reads its own
         layers' caches. A capacity-limited graph reports `moe_overflow`; that stage is then rerun
         on its exact graph (before anything is written, and before the next stage reads its
         output), so results never depend on capacity."""
         if self.in_place:
-            return self._run_in_place(cache, ids, positions)
-        role = "decode" if ids.shape[1] == 1 else "prefill"
+            return self._run_in_place(cache, ids, positions, embeds)
+        role = "decode" if embeds is None and ids.shape[1] == 1 else "prefill"
         caches = cache.feeds()
         shared = {abi.POSITION_IDS: positions, abi.PAST_LENGTHS: cache.lengths.copy()}
         outputs: dict[str, np.ndarray] = {}
-        hidden, rerun = ids, False
+        hidden, rerun = (ids if embeds is None else embeds), False
         for stage, names in zip(self.stages, self._stage_caches):
-            feeds = {(abi.INPUT_IDS if stage.index == 0 else abi.HIDDEN_IN): hidden, **shared}
+            runner, exact, first = self._stage_graph(stage, role, embeds is not None)
+            feeds = {first: hidden, **shared}
             feeds.update(caches if len(self.stages) == 1 else {name: caches[name] for name in names})
-            graph = stage.graphs[role]
-            stage_outputs = self.runners[graph["file"]].infer(feeds)
-            if graph.get("reports_overflow") and stage_outputs[abi.MOE_OVERFLOW].any():
-                stage_outputs = self.runners[stage.graphs["exact"]["file"]].infer(feeds)
+            stage_outputs = runner.infer(feeds)
+            if abi.MOE_OVERFLOW in stage_outputs and stage_outputs[abi.MOE_OVERFLOW].any():
+                stage_outputs = self._exact(exact).infer(feeds)
                 rerun = True
             hidden = stage_outputs.get(abi.HIDDEN_OUT)
             if hidden is not None and self._hand_off is not None:  # onto the next stage's device
@@ -330,8 +334,8 @@ class Engine:
             width = cache.step_width(total - start, idle)
             cache.reserve_step(width, idle)
             cut = slice(start, start + width)
-            if embeds is not None:  # an image prompt's prefill: the embeddings graph, one stage
-                part = self._embeds_in_place(cache, embeds[:, cut], positions[:, cut])
+            if embeds is not None:  # an image prompt's prefill: the first stage's embeddings graph
+                part = self._step_in_place(cache, None, positions[:, cut], embeds[:, cut])
             else:
                 part = self._step_in_place(cache, ids[:, cut], positions[:, cut])
             parts.append(part)
@@ -340,40 +344,23 @@ class Engine:
         self._check_finite(logits)
         return logits
 
-    def _embeds_in_place(self, cache: KVCache, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """_step_in_place for the embeddings prefill graph (hidden_states in, one stage)."""
-        feeds = {
-            abi.HIDDEN_IN: np.ascontiguousarray(embeds),
-            abi.POSITION_IDS: np.ascontiguousarray(positions),
-            abi.PAST_LENGTHS: cache.lengths.copy(),
-            **cache.feeds(),
-        }
-        outputs = self.embeds_runner.infer_in_place(feeds, self._shared[0])
-        if abi.MOE_OVERFLOW in outputs and outputs[abi.MOE_OVERFLOW].any():  # rerun exactly, into the same slots
-            if self.embeds_exact_runner is None:
-                raise BundleError(
-                    "the embeddings prefill graph reported a capacity overflow, and the bundle has no "
-                    "exact graph to rerun it on; rebuild the bundle"
-                )
-            outputs = self.embeds_exact_runner.infer_in_place(feeds, self._shared[0])
-            self.overflow_reruns += 1
-        cache.advance(positions)
-        self.steps += 1
-        return outputs[abi.LOGITS]
-
-    def _step_in_place(self, cache: KVCache, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        role = "decode" if ids.shape[1] == 1 else "prefill"
+    def _step_in_place(self, cache: KVCache, ids, positions: np.ndarray, embeds=None) -> np.ndarray:
+        role = "decode" if embeds is None and ids.shape[1] == 1 else "prefill"
         caches = cache.feeds()
         shared = {abi.POSITION_IDS: np.ascontiguousarray(positions), abi.PAST_LENGTHS: cache.lengths.copy()}
-        hidden, rerun, outputs = np.ascontiguousarray(ids), False, {}
+        if embeds is None:
+            hidden = np.ascontiguousarray(ids)
+        else:  # in the graph's own dtype: an fp16 graph is not narrowed for it on this path (infer_in_place)
+            hidden = np.ascontiguousarray(embeds, dtype=self.embeds_runner.inputs[abi.HIDDEN_IN][0])
+        rerun, outputs = False, {}
         for stage, names, in_place in zip(self.stages, self._stage_caches, self._shared):
-            feeds = {(abi.INPUT_IDS if stage.index == 0 else abi.HIDDEN_IN): hidden, **shared}
+            runner, exact, first = self._stage_graph(stage, role, embeds is not None)
+            feeds = {first: hidden, **shared}
             feeds.update({name: caches[name] for name in names})
-            graph = stage.graphs[role]
-            outputs = self.runners[graph["file"]].infer_in_place(feeds, in_place)
-            if graph.get("reports_overflow") and outputs[abi.MOE_OVERFLOW].any():
+            outputs = runner.infer_in_place(feeds, in_place)
+            if abi.MOE_OVERFLOW in outputs and outputs[abi.MOE_OVERFLOW].any():
                 # the rerun recomputes every key/value the first run wrote, into the same slots
-                outputs = self.runners[stage.graphs["exact"]["file"]].infer_in_place(feeds, in_place)
+                outputs = self._exact(exact).infer_in_place(feeds, in_place)
                 rerun = True
             hidden = outputs.get(abi.HIDDEN_OUT)
         self.overflow_reruns += rerun

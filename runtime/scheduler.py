@@ -19,6 +19,11 @@ running requests for more than one prefill step. Each row samples from its own l
 generator, so a request's output equals `Engine.generate` run alone on it (greedy, and sampled with
 the same seed).
 
+A burst that finds the batch empty prefills as one step: with `admission_wait` set, the worker, woken by
+a request while no row is in use, waits until no further request arrived for `admission_wait` seconds
+(at most four times that, or until the waiting requests fill every row) before its first step. Requests
+that arrive while rows are decoding never wait: they join at the next step.
+
 Thread model: `submit` and `cancel` may be called from any thread; `step` runs on one thread at a
 time (`start()` runs it on a worker thread that sleeps while there is no work). Outputs reach each
 request's `listener`, called on the stepping thread.
@@ -155,6 +160,7 @@ class StepRecord:
     seconds: float
     rows: int  # rows with real tokens in the step
     tokens: int  # real tokens fed
+    started: float = 0.0  # time.perf_counter() when the engine call began (the host's monotonic clock)
 
 
 class _LeadingRows:
@@ -202,12 +208,16 @@ class Scheduler:
         max_batch: int | None = None,
         max_queue: int = 64,
         on_step: Callable[[StepRecord], None] | None = None,
+        admission_wait: float = 0.0,
     ):
         max_batch = engine.max_batch if max_batch is None else max_batch
         if not 1 <= max_batch <= engine.max_batch:
             raise ValueError(f"max_batch is {max_batch}; the bundle's engine takes 1 to {engine.max_batch} rows")
         if max_queue < 0:
             raise ValueError(f"max_queue is {max_queue}; it must be 0 or more")
+        if not 0 <= admission_wait <= 1:
+            raise ValueError(f"admission_wait is {admission_wait} s; it must be in [0, 1]")
+        self.admission_wait = admission_wait
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -426,7 +436,7 @@ class Scheduler:
                     self._finish_locked(self.rows[b].request, "error", f"engine error: {err}")
             return None
         if self.on_step is not None:
-            self.on_step(StepRecord(kind, time.perf_counter() - start, len(rows), int((positions >= 0).sum())))
+            self.on_step(StepRecord(kind, time.perf_counter() - start, len(rows), int((positions >= 0).sum()), start))
         return logits
 
     def _prefill_step(self, rows: list[int]) -> None:
@@ -556,12 +566,29 @@ class Scheduler:
                         self._work.wait()
                     if self._stopping:
                         return
+                    if not self.occupancy:
+                        self._settle_burst()
                 try:
                     self.step()
                 except Exception as err:
                     self._fail_step(err)
         except BaseException as err:  # the thread ends here: say why, and let nothing wait for it
             self._on_death(err)
+
+    def _settle_burst(self) -> None:
+        """(holding the lock, no row in use) Let arrivals settle so a burst prefills as one step rather than one
+        request alone and the rest a step later, behind its first token: wait while each request follows the last
+        within `admission_wait`, for at most 4 × admission_wait, or until the waiting requests fill the rows."""
+        if self.admission_wait <= 0:
+            return
+        deadline = time.monotonic() + 4 * self.admission_wait
+        while not self._stopping and len(self._waiting) < self.max_batch:
+            seen, left = len(self._waiting), deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._work.wait(min(self.admission_wait, left))
+            if len(self._waiting) <= seen:  # nothing new within admission_wait: the burst is over
+                return
 
     def _fail_step(self, err: Exception) -> None:
         """A step raised outside the engine call: fail the requests holding rows (the step's), keep the rest."""

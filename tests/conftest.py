@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llama4_deploy.build.recipe import load_recipe
@@ -194,3 +195,17 @@ def fails_once(real, message: str):
         return real(*args)
 
     return wrapper
+
+
+def ranked_samples(engine, prompt, count, max_tokens, seed, **controls):
+    """The `count` samples `generate` draws for `prompt` with seeds seed + j, each with its cumulative
+    log-probability (the log-softmax, in float64, of the logits each token was sampled from), best first (vLLM's
+    best_of ranking; ties keep sample order)."""
+    scored = []
+    for j in range(count):
+        done = engine.generate([prompt], max_tokens, seed=seed + j, stop_tokens=[], return_logits=True, **controls)
+        tokens, logits = done.tokens[0], done.logits[0].astype(np.float64)  # [steps, V]
+        logprobs = logits - logits.max(-1, keepdims=True)
+        logprobs -= np.log(np.exp(logprobs).sum(-1, keepdims=True))
+        scored.append((float(logprobs[np.arange(len(tokens)), tokens].sum()), j, tokens))
+    return sorted(scored, key=lambda s: -s[0])

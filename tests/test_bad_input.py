@@ -1626,6 +1626,7 @@ HARDENED_BUNDLE_CASES = [
     BundleCase("serve-drain-inf", None, [*SERVE, "--drain-timeout", "inf"], ("--drain-timeout is inf",)),
     BundleCase("serve-drain-negative", None, [*SERVE, "--drain-timeout", "-1"], ("--drain-timeout is -1.0",)),
     BundleCase("serve-queue-negative", None, [*SERVE, "--max-queue", "-1"], ("--max-queue is -1", "at least 0")),
+    BundleCase("serve-admission-wait", None, [*SERVE, "--admission-wait-ms", "2000"], ("--admission-wait-ms is 2000",)),
     BundleCase("serve-batch-zero", None, [*SERVE, "--max-batch", "0"], ("--max-batch is 0", "at least 1")),
     BundleCase("serve-threads-zero", None, [*SERVE, "--threads", "0"], ("--threads is 0",)),
     BundleCase(

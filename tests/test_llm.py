@@ -9,6 +9,7 @@ pytest.importorskip("jinja2", reason="the serve extra is not installed")
 
 import llama4_deploy  # noqa: E402
 from llama4_deploy import LLM, SamplingParams  # noqa: E402
+from tests.conftest import ranked_samples  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,18 @@ def test_generate_text_prompts_equal_the_engine(llm):
     for j, out in enumerate(sampled[0].outputs):
         expected = engine.generate([[9, 8, 7]], 6, temperature=0.8, top_k=20, seed=2 + j, stop_tokens=[]).tokens[0]
         assert out.index == j and out.token_ids == expected
+
+
+def test_best_of_returns_the_n_most_likely_samples(llm):
+    ranked = ranked_samples(llm.engine, [4, 9, 16, 25, 36], 4, 6, 30, temperature=1.0)
+    assert sorted(j for _, j, _ in ranked[:2]) != [0, 1]  # the ranking decides, not the sample order
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=30, n=2, best_of=4, ignore_eos=True)
+    outputs = llm.generate([[4, 9, 16, 25, 36]], params)[0].outputs
+    assert [(o.index, o.token_ids) for o in outputs] == [(j, tokens) for _, j, tokens in ranked[:2]]
+    # 1e-5: the scheduler's steps hold other rows than generate's, so the fp32 logits differ in their last bits
+    assert [o.cumulative_logprob for o in outputs] == pytest.approx([score for score, _, _ in ranked[:2]], abs=1e-5)
+    with pytest.raises(ValueError, match="best_of is 1, less than n 2"):
+        llm.generate("w1", SamplingParams(n=2, best_of=1))
 
 
 def test_stop_strings_and_chat(llm):

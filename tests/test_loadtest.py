@@ -33,6 +33,13 @@ def test_loadtest_prints_its_table_and_checks_every_answer(tiny_bundle, capsys):
     assert rows == [("1", "8"), ("4", "8"), ("8", "8"), ("16", "16")]
     assert re.search(r"generate on one batch [\d.]+, server with 8 concurrent clients [\d.]+ \(\d+% of generate", out)
     assert "every answer arrived once and equals generate on its prompt" in out
+    # the breakdown comes from the server's step trace: a round of 4 tokens is 3 decode steps (4 with one step more,
+    # as when a prefill lands inside the span); its engine time is real (more than 0 ms per step)
+    steps = re.search(r"^decode steps in the span\s+3\s+(\d+)$", out, flags=re.M)
+    assert steps and 3 <= int(steps.group(1)) <= 4, out
+    engine_ms = re.search(r"^engine ms per decode step\s+([\d.]+)\s+([\d.]+)$", out, flags=re.M)
+    assert engine_ms and float(engine_ms.group(1)) > 0 and float(engine_ms.group(2)) > 0, out
+    assert re.search(r"^CPU s of the server / of the clients\s+[\d.]+/[\d.]+$", out, flags=re.M), out
 
 
 def test_the_check_finds_lost_duplicated_and_mixed_up_answers():

@@ -28,7 +28,7 @@ from llama4_deploy.runtime import load  # noqa: E402
 from llama4_deploy.runtime.scheduler import Request  # noqa: E402
 from llama4_deploy.runtime.tokenizer import load_tokenizer  # noqa: E402
 from llama4_deploy.serving.server import Server, _uvicorn_server, bind  # noqa: E402
-from tests.conftest import fails_once  # noqa: E402
+from tests.conftest import fails_once, ranked_samples  # noqa: E402
 from tests.runtime.test_engine import prompts_of  # noqa: E402
 
 TIMEOUT = 60  # seconds any one request may take on a loaded 2-core machine
@@ -747,9 +747,9 @@ def test_ignore_unknown_fields_drops_them(engine):
 
 # -- text that equals the tokens, logprobs as text (issue 27 item 4) ---------------------------------------
 @pytest.fixture(scope="module")
-def byte_level_live(engine, tmp_path_factory):
-    """The module's engine served with a byte-level BPE of the engine's 512 ids (trained here on text full of
-    multi-byte characters), so random-weight completions end inside characters as a real model's can."""
+def byte_level_tokenizer(engine, tmp_path_factory):
+    """A byte-level BPE of the engine's 512 ids (trained here on text full of multi-byte characters): it spells any
+    text, and random-weight completions end inside characters as a real model's can."""
     import random
 
     from tokenizers import Tokenizer as HFTokenizer
@@ -769,8 +769,14 @@ def byte_level_live(engine, tmp_path_factory):
     assert bpe.get_vocab_size() == engine.vocab_size
     path = tmp_path_factory.mktemp("byte-level") / "tokenizer.json"
     bpe.save(str(path))
+    return Tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def byte_level_live(engine, byte_level_tokenizer):
+    """The module's engine served with the byte-level tokenizer."""
     with Live(engine) as live:
-        live.server.tokenizer = Tokenizer(path)
+        live.server.tokenizer = byte_level_tokenizer
         yield live
 
 
@@ -1129,6 +1135,65 @@ def test_n_samples_share_the_prefill_and_each_equals_generate_with_its_seed(live
     assert texts[0] == texts[1] and texts[0]  # greedy: both samples alike
 
 
+def test_best_of_returns_the_n_most_likely_samples_of_one_prefill(live, engine):
+    prompt, name = [4, 9, 16, 25, 36], engine.manifest.name
+    ranked = ranked_samples(engine, prompt, 4, 6, 30, temperature=1.0)
+    # the case ranking is for: the best two are not simply the first two samples, and no near-tie decides it
+    assert sorted(j for _, j, _ in ranked[:2]) != [0, 1] and ranked[1][0] - ranked[2][0] > 1e-3
+    kinds = []
+    live.server.scheduler.on_step = lambda record: kinds.append((record.kind, record.tokens))
+    try:
+        done = live.client().completions.create(
+            model=name,
+            prompt=prompt,
+            max_tokens=6,
+            temperature=1.0,
+            seed=30,
+            n=2,
+            extra_body={"ignore_eos": True, "best_of": 4},  # this openai client has no best_of argument
+        )
+    finally:
+        live.server.scheduler.on_step = live.server.metrics.observe_step
+    assert [c.token_ids for c in done.choices] == [tokens for _, _, tokens in ranked[:2]]
+    assert [c.index for c in done.choices] == [0, 1] and all(c.logprobs is None for c in done.choices)
+    assert sum(tokens for kind, tokens in kinds if kind == "prefill") == len(prompt)  # prefilled once for all 4
+    assert done.usage.completion_tokens == 4 * 6  # every generated token, the two not returned too
+    # chat: the best of three, its logprobs (asked for) summing to the ranking's score
+    messages = [{"role": "user", "content": "w3 w4"}]
+    rendered = live.server.chat_template.render(messages)
+    ids = live.server.tokenizer.encode(rendered, add_special_tokens=False)
+    best = ranked_samples(engine, ids, 3, 4, 7, temperature=1.0)[0]
+    reply = live.client().chat.completions.create(
+        model=name,
+        messages=messages,
+        max_tokens=4,
+        temperature=1.0,
+        seed=7,
+        logprobs=True,
+        extra_body={"ignore_eos": True, "best_of": 3},
+    )
+    assert len(reply.choices) == 1 and reply.usage.completion_tokens == 3 * 4
+    # 1e-5: the scheduler's steps hold other rows than generate's, so the fp32 logits differ in their last bits
+    assert sum(e.logprob for e in reply.choices[0].logprobs.content) == pytest.approx(best[0], abs=1e-5)
+    assert live.server.tokenizer.decode(best[2]) == reply.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        ({"n": 3, "best_of": 2}, "best_of is 2, less than n 3"),
+        ({"best_of": 3, "stream": True}, "best_of 3 with n 1 cannot be streamed"),
+        ({"best_of": 99}, "best_of is 99; the samples of a prompt run together in this server's"),
+        ({"best_of": 0}, "greater than or equal to 1"),
+        ({"best_of": "2"}, "valid integer"),
+    ],
+)
+def test_best_of_combinations_that_cannot_be_carried_out_are_400(live, engine, extra, words):
+    body = {"model": engine.manifest.name, "prompt": [1, 2], "max_tokens": 2, "temperature": 1.0, **extra}
+    status, _, answer = live.post("/v1/completions", body)
+    assert status == 400 and answer["error"]["param"] == "best_of" and words in answer["error"]["message"], answer
+
+
 # -- structured output (issue 27 item 5) ---------------------------------------------------------------------
 
 
@@ -1249,6 +1314,56 @@ def test_required_and_named_tool_choice_always_give_valid_calls(byte_level_live,
     assert follow.choices[0].message.tool_calls is None and follow.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.fixture(scope="module")
+def pythonic_live(engine, byte_level_tokenizer, tmp_path_factory):
+    """The engine served with --tool-call-parser llama4_pythonic, the tests' pythonic template and the byte-level
+    tokenizer (which spells any call)."""
+    from tests.test_tools import PYTHONIC_TEMPLATE
+
+    path = tmp_path_factory.mktemp("pythonic") / "template.jinja"
+    path.write_text(PYTHONIC_TEMPLATE)
+    with Live(engine, tool_call_parser="llama4_pythonic", chat_template=path) as live:
+        live.server.tokenizer = byte_level_tokenizer
+        yield live
+
+
+def test_required_and_named_tool_choice_with_the_pythonic_parser_give_valid_calls(pythonic_live, engine):
+    pytest.importorskip("xgrammar")
+    jsonschema = pytest.importorskip("jsonschema")
+    from tests.test_tools import CLOCK, FORECAST
+
+    client, name = pythonic_live.client(), engine.manifest.name
+    tools = [{"type": "function", "function": f} for f in (FORECAST, CLOCK)]
+    schemas = {f["name"]: f["parameters"] for f in (FORECAST, CLOCK)}
+    common = {"model": name, "messages": [{"role": "user", "content": "ab"}], "tools": tools, "max_tokens": 120}
+    named = {"type": "function", "function": {"name": "forecast"}}
+    seen = set()
+    for seed in range(4):
+        for choice, stream in (("required", False), ("required", True), (named, False), (named, True)):
+            kwargs = {**common, "tool_choice": choice, "seed": seed, "temperature": 2.0}
+            if stream:
+                chunks = list(client.chat.completions.create(stream=True, **kwargs))
+                calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+                reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+                assert len(calls) == 1 and reasons == ["tool_calls"], (seed, choice, chunks)
+                call = calls[0][0]
+            else:
+                reply = client.chat.completions.create(**kwargs).choices[0]
+                assert reply.finish_reason == "tool_calls" and reply.message.content is None, (seed, choice, reply)
+                assert len(reply.message.tool_calls) == 1
+                call = reply.message.tool_calls[0]
+            assert call.function.name in (("forecast",) if choice is named else ("forecast", "get_time"))
+            arguments = json.loads(call.function.arguments)
+            jsonschema.validate(arguments, schemas[call.function.name])  # the reference validator, not ours
+            seen.add((call.function.name, json.dumps(arguments)))
+    assert len(seen) > 3, seen  # the grammar left the model choices: both functions, optional arguments or not
+    # a function the pythonic form cannot call is refused, naming where
+    body = {**common, "tools": [{"type": "function", "function": {"name": "get-time"}}], "tool_choice": "required"}
+    status, _, answer = pythonic_live.post("/v1/chat/completions", body)
+    assert status == 400 and answer["error"]["param"] == "tools", answer
+    assert "'get-time' is not a name vLLM's pythonic parser reads" in answer["error"]["message"]
+
+
 @pytest.mark.parametrize(
     "extra, param, words",
     [
@@ -1344,3 +1459,26 @@ def test_a_load_that_fails_after_listening_exits_with_its_one_sentence(tiny_bund
     weights = next(bundle.glob("*.data"))
     weights.write_bytes(weights.read_bytes()[:-64])  # found by the file check when the engine loads
     user_error(invoke("serve", str(bundle), "--port", "0"), weights.name)
+
+
+# -- where the time goes (issue 27 item 10) ----------------------------------------------------------------
+def test_trace_steps_writes_one_line_per_engine_step(engine, tmp_path):
+    trace = tmp_path / "steps.jsonl"
+    with open(trace, "x", buffering=1) as file, Live(engine, trace_steps=file) as live:
+        body = {"model": engine.manifest.name, "prompt": [1, 2, 3], "max_tokens": 5, "ignore_eos": True}
+        status, _, answer = live.post("/v1/completions", body)
+        assert status == 200 and len(answer["choices"][0]["token_ids"]) == 5, answer
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    # a 3-token prompt: one prefill step feeding 3 tokens (its first token), then 4 decode steps of 1 token
+    assert [(s["kind"], s["rows"], s["tokens"]) for s in steps] == [("prefill", 1, 3)] + [("decode", 1, 1)] * 4
+    assert all(s["seconds"] > 0 for s in steps)
+    assert all(b["started"] >= a["started"] + a["seconds"] for a, b in zip(steps, steps[1:]))
+
+
+def test_trace_steps_never_writes_over_a_file(tiny_bundle, tmp_path):
+    from tests.test_cli import invoke, user_error
+
+    existing = tmp_path / "mine.jsonl"
+    existing.write_text("keep me\n")
+    user_error(invoke("serve", str(tiny_bundle), "--port", "0", "--trace-steps", str(existing)), "exists")
+    assert existing.read_text() == "keep me\n"

@@ -235,6 +235,23 @@ def test_vision_config_disagreeing_with_projector_is_refused(vision_checkpoint, 
     assert not (tmp_path / "out").exists()
 
 
+def test_vision_graph_is_stamped_per_layer(vision_bundle):
+    """The vision graph is linked from three templates traced once (export/vision.py: embed, one encoder layer,
+    head), the layer template stamped per layer with that layer's weights, as the text layers are: each layer's
+    nodes under its own scope and its weights under its own names, and the same node count in every layer."""
+    import onnx_ir as ir
+
+    graph = ir.load(vision_bundle / "vision.onnx").graph
+    names = set(graph.initializers)
+    for layer in (0, 1):  # tiny-vision's two encoder layers
+        for weight in ("q_proj.weight", "k_proj.bias", "fc1.weight", "input_layernorm.weight"):
+            assert f"layers.{layer}.{weight}" in names
+    assert {"embed.patch.weight", "embed.positional_embedding", "head.projector.weight"} <= names
+    per_layer = [sum(1 for node in graph if node.name.startswith(f"/layers.{layer}/")) for layer in (0, 1)]
+    assert per_layer[0] == per_layer[1] > 0
+    assert sum(1 for node in graph if node.name.startswith(("/embed/", "/layers.", "/head/"))) == len(graph)
+
+
 def test_vision_graph_passes_the_tensorrt_lint(vision_bundle):
     """The vision graph holds only what TensorRT 10.15's ONNX parser documents (the tensorrt target lints it at
     build; the graph does not depend on the target)."""
@@ -316,3 +333,30 @@ def test_text_prompts_keep_the_input_ids_path(vision_engine, tiny_bundle, monkey
     with load(tiny_bundle) as text_only:
         expected = text_only.generate(prompts, 8, stop_tokens=[]).tokens
     assert vision_engine.generate(prompts, 8, stop_tokens=[]).tokens == expected
+
+
+def test_two_stage_bundle_with_images_equals_one_stage(vision_engine, tmp_path):
+    """--stages 2 with images: the embedding step feeds stage 0's embeddings prefill graph (hidden_states in), whose
+    hidden_states stage 1's ordinary graphs take. A ragged batch (one image, two images of different grids, none)
+    gives the one-stage bundle's greedy tokens, and its logits within 1e-5 x max(1, max|logit|): the same ops, cut
+    at a stage boundary, so float reassociation at most."""
+    from llama4_deploy.build import build
+    from llama4_deploy.runtime import load
+
+    bundle = build("tiny-vision", out=tmp_path / "s2", stages=2, log=lambda _: None).bundle
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    first, second = manifest["engine"]["stages"]
+    assert first["embeddings"]["embed"] == "stage0.embed.onnx" and "embeddings" not in second
+    assert manifest["engine"]["vision"]["prefill"] == first["embeddings"]["prefill"]
+    assert first["embeddings"]["prefill"].startswith("stage0.embeds.")
+    image = vision_engine.image_tokens.image
+    prompts = [[5, image, 6, 7], [8, image, 9, 10, image, 11], [12, 13, 14]]
+    pictures = [[_picture(112, 112, 21)], [_picture(56, 56, 22), _picture(56, 112, 23)], []]
+    kwargs = dict(images=pictures, stop_tokens=[], return_logits=True)
+    one = vision_engine.generate(prompts, 8, **kwargs)
+    with load(bundle) as engine:
+        assert len(engine.stages) == 2
+        two = engine.generate(prompts, 8, **kwargs)
+    assert two.tokens == one.tokens
+    for got, want in zip(two.logits, one.logits):
+        assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())

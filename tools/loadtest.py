@@ -10,15 +10,24 @@ The target row: 8 clients sending the same 8 prompts at once, aggregate decode t
 (sum of tokens after the first, over the span from the first first-token to the last answer) against
 `generate` on one batch of those 8 prompts in this process, measured in the same run (decode time =
 generate(N tokens) - generate(1 token)).
+
+Under the target row, where a round's time went: the server writes one line per engine step
+(`serve --trace-steps`), and the table splits each round's span into engine decode steps, prefill
+steps, and the rest (the scheduler's own work between steps — sampling, bookkeeping, handing tokens
+to the event loop — and waiting for a core), with the CPU seconds the server and the clients used.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +43,7 @@ def percentile(values, q):
 
 
 class ServerProcess:
-    def __init__(self, bundle: Path, max_queue: int):
+    def __init__(self, bundle: Path, max_queue: int, extra: list[str] = ()):
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -46,6 +55,7 @@ class ServerProcess:
                 "0",
                 "--max-queue",
                 str(max_queue),
+                *extra,
             ],
             stderr=subprocess.PIPE,
             text=True,
@@ -56,6 +66,11 @@ class ServerProcess:
             self.process.kill()
             raise SystemExit(f"error: the server did not start: {line.strip() or self.process.stderr.read()[-500:]}")
         self.url = f"http://127.0.0.1:{match.group(1)}"
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the server process has used (all its threads)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> int:
         self.process.terminate()
@@ -135,6 +150,34 @@ def check(answers: list[dict], requests: int, expected: dict[tuple, list[int]], 
     return problems
 
 
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def breakdown(rounds: list[dict], steps: list[dict]) -> dict:
+    """Medians over the target rounds of where each round's span (first first token to last answer) went."""
+    per = []
+    for r in rounds:
+        inside = [s for s in steps if s["started"] + s["seconds"] > r["span_start"] and s["started"] < r["span_end"]]
+        decode = [s["seconds"] for s in inside if s["kind"] == "decode"]
+        prefill = [s["seconds"] for s in inside if s["kind"] == "prefill"]
+        span = r["span_end"] - r["span_start"]
+        per.append(
+            {
+                "span": span,
+                "decode_steps": len(decode),
+                "decode_ms": 1e3 * statistics.mean(decode) if decode else float("nan"),
+                "prefill_steps": len(prefill),
+                "prefill_ms": 1e3 * sum(prefill),
+                "outside_ms": 1e3 * (span - sum(decode) - sum(prefill)),
+                "server_cpu": r["server_cpu"],
+                "client_cpu": r["client_cpu"],
+            }
+        )
+    return {key: statistics.median(p[key] for p in per) for key in per[0]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default="build/scout-mini")
@@ -142,6 +185,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=24, help="tokens per prompt")
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each level (at least 8 in all)")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per level at most")
+    parser.add_argument(
+        "--admission-wait-ms", type=float, help="the server's --admission-wait-ms (default: serve's own)"
+    )
     args = parser.parse_args(argv)
 
     from llama4_deploy.runtime import load
@@ -161,7 +207,7 @@ def main(argv=None) -> int:
         for prompt, tokens in zip(group, engine.generate(group, args.max_tokens, stop_tokens=[]).tokens):
             expected[tuple(prompt)] = tokens
     target = prompts[:8]
-    runs = []
+    runs, step_ms = [], []
     for _ in range(3):
         t0 = time.perf_counter()
         engine.generate(target, 1, stop_tokens=[])
@@ -169,10 +215,16 @@ def main(argv=None) -> int:
         engine.generate(target, args.max_tokens, stop_tokens=[])
         t2 = time.perf_counter()
         runs.append(len(target) * (args.max_tokens - 1) / ((t2 - t1) - (t1 - t0)))
+        step_ms.append(1e3 * ((t2 - t1) - (t1 - t0)) / (args.max_tokens - 1))
     generate_rate = statistics.median(runs)
     engine.close()
 
-    server = ServerProcess(Path(args.bundle), max_queue=64)
+    scratch = tempfile.TemporaryDirectory(prefix="loadtest-")
+    trace = Path(scratch.name) / "steps.jsonl"
+    extra = ["--trace-steps", str(trace)]
+    if args.admission_wait_ms is not None:
+        extra += ["--admission-wait-ms", str(args.admission_wait_ms)]
+    server = ServerProcess(Path(args.bundle), max_queue=64, extra=extra)
     rows, problems = [], []
     try:
         for clients in LEVELS:
@@ -197,15 +249,27 @@ def main(argv=None) -> int:
                 )
             )
         # the target: the same 8 prompts from 8 clients at once, 3 rounds, median
-        rates = []
+        rates, rounds = [], []
         for _ in range(3):
+            cpu = server.cpu_seconds(), own_cpu_seconds()
             answers, _ = run_level(server.url, engine.manifest.name, target, 8, 8, args.max_tokens, args.time_limit)
             problems += check(answers, 8, expected, 8)
-            span = max(a["end"] for a in answers) - min(a["first"] for a in answers)
-            rates.append(sum(len(a["tokens"]) - 1 for a in answers) / span)
+            start, end = min(a["first"] for a in answers), max(a["end"] for a in answers)
+            rates.append(sum(len(a["tokens"]) - 1 for a in answers) / (end - start))
+            rounds.append(
+                {
+                    "span_start": start,
+                    "span_end": end,
+                    "server_cpu": server.cpu_seconds() - cpu[0],
+                    "client_cpu": own_cpu_seconds() - cpu[1],
+                }
+            )
         server_rate = statistics.median(rates)
     finally:
         code = server.stop()
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    scratch.cleanup()
+    split = breakdown(rounds, steps)
     if code != 0:
         problems.append(f"the server exited {code} on SIGTERM")
 
@@ -223,6 +287,20 @@ def main(argv=None) -> int:
         f"\ndecode tokens/s, 8 prompts: generate on one batch {generate_rate:.1f}, server with 8 concurrent clients "
         f"{server_rate:.1f} ({ratio:.0%} of generate; target >= 80%; medians of 3)"
     )
+    generate_ms = statistics.median(step_ms)
+    print(
+        f"\nwhere a target round went (8 answers x {args.max_tokens} tokens, medians of 3; span = first first token "
+        "to last answer):"
+    )
+    print(f"{'':44} {'generate':>9} {'server':>9}")
+    print(f"{'decode steps in the span':44} {args.max_tokens - 1:>9} {split['decode_steps']:>9.0f}")
+    print(f"{'engine ms per decode step':44} {generate_ms:>9.2f} {split['decode_ms']:>9.2f}")
+    prefill = f"{split['prefill_steps']:.0f} ({split['prefill_ms']:.0f})"
+    outside = split["outside_ms"] / max(split["decode_steps"], 1)
+    print(f"{'prefill steps in the span (ms in all)':44} {'0 (0)':>9} {prefill:>9}")
+    print(f"{'outside the engine, ms per decode step':44} {'':>9} {outside:>9.2f}")
+    print(f"{'span ms':44} {generate_ms * (args.max_tokens - 1):>9.1f} {1e3 * split['span']:>9.1f}")
+    print(f"{'CPU s of the server / of the clients':44} {'':>9} {split['server_cpu']:>4.2f}/{split['client_cpu']:.2f}")
     if problems:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)

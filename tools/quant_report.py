@@ -64,6 +64,7 @@ class Row:
     report: object | None = None  # verify.Report; None when not run
     speed: object | None = None  # bench.DecodeSpeed; None in --quick mode or when not run
     not_run: str | None = None  # why the bundle was not run (bf16 on the CPU)
+    block: int = 128  # int4 block size (int8_block_size)
 
     @property
     def precision(self) -> str:
@@ -71,7 +72,7 @@ class Row:
 
     @property
     def form(self) -> str:
-        return self.choice.partition("-")[2] or "-"
+        return (self.choice.partition("-")[2] or "-") + ("" if self.block == 128 else f" (block {self.block})")
 
     @property
     def size_ratio(self) -> float:
@@ -90,6 +91,24 @@ class Row:
         """verify's row with the largest max |dlogit|: (value, its tolerance)."""
         row = max(self.report.rows, key=lambda r: r.comparison.value)
         return row.comparison.value, row.comparison.tolerance
+
+
+def int8_block_size(name: str) -> int:
+    """The int4 block of a recipe's int8-activation row: the build's 128 where it divides the hidden and expert
+    intermediate sizes, else the largest block that does (int8 expert activations are QMoE's, which needs both to be
+    multiples of the block; tiny's 64 and 32 take 32, tiny-trained's 192 and 384 take 64), so every recipe has the
+    row; the table's form cell names a block other than 128."""
+    import json
+
+    from llama4_deploy.build.recipe import load_recipe
+    from llama4_deploy.export.shape import ModelShape
+
+    recipe = load_recipe("tiny" if name == STD002 else name)
+    if recipe.random is not None:
+        shape = recipe.random.shape()
+    else:
+        shape = ModelShape.from_config(json.loads((recipe.checkpoint_path / "config.json").read_text()))
+    return next(b for b in (128, 64, 32) if not shape.hidden_size % b and not shape.intermediate_size % b)
 
 
 def check_arguments(recipes: list[str], choices: list[str], threads: int) -> None:
@@ -154,11 +173,13 @@ def build_rows(
             base = None
             for choice in ["fp32"] + list(choices):
                 options = precision_build_options(choice) if choice != "fp32" else {}
+                if options.get("int4_compute") == "int8":
+                    options["block_size"] = int8_block_size(name)
                 say(f"{name} {choice}: building")
                 bundle = build(**source, out=scratch / f"{name}-{choice}", log=lambda _: None, **options).bundle
                 size = bundle_bytes(bundle)
                 fp32_bytes = fp32_bytes or size
-                row = Row(name, choice, bundle, size, fp32_bytes)
+                row = Row(name, choice, bundle, size, fp32_bytes, block=options.get("block_size", 128))
                 rows.append(row)
                 try:
                     check_onnxruntime_dtype(read_manifest(bundle))

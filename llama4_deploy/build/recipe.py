@@ -150,7 +150,7 @@ class Recipe(Strict):
     block_size: BlockSize = 128  # int4 block along the reduction axis
     quant_form: Literal[QuantForm, AUTO] = AUTO  # auto: the target's (ort, the 4-bit kernels, for int4 on ONNX Runtime)
     quant_method: QuantMethod = "rtn"  # awq: activation-aware int4 scales (export/awq.py)
-    int4_compute: Int4Compute = "float"  # int8: MatMulNBits' int8 activations (graphs/quantize.py)
+    int4_compute: Int4Compute = "float"  # int8: MatMulNBits' and QMoE's int8 activations (graphs/quantize.py)
     int4_zero_point: Int4ZeroPoint = "symmetric"  # asymmetric: a zero point per block (graphs/quantize.py)
     calibration: str | None = None  # text lines or a JSON list of id lists; None: seeded random tokens
     backend: TargetName = "onnxruntime"  # the build target (llama4_deploy/targets/)

@@ -41,9 +41,10 @@ from llama4_deploy.runtime.integrity import CHUNK_KEY, LAYOUT_KEY, layout_finger
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingsStage(Stage):
-    """The whole model taking `hidden_states` instead of `input_ids`: the text graph an image prompt's prefill runs
-    (the embedding step in front of it scatters image features into the patch positions). Linked like a later
-    pipeline stage that also holds the first layers."""
+    """The first stage taking `hidden_states` instead of `input_ids` (one stage: the whole model): the text graph an
+    image prompt's prefill runs first (the embedding step in front of it scatters image features into the patch
+    positions); with several stages it hands `hidden_states_out` to stage 1's ordinary graphs. Linked like a later
+    pipeline stage that holds the first stage's layers."""
 
     @property
     def first(self) -> bool:

@@ -1,10 +1,15 @@
 """verify's image rows: a vision bundle against transformers' `Llama4ForConditionalGeneration`.
 
 - `vision`: the vision engine's features for the same pixel values against `get_image_features` followed by the
-  projector, one row per image (tile grids 1x1, 1x2 and 2x2 where max_patches allows);
+  projector, one row per image (tile grids 1x1, 1x2 and 2x2 where max_patches allows). The tower is float32 at every
+  precision (export/vision.py), so these rows keep the fp32 tolerance at every precision;
 - `image generate`: greedy generation with one image, and with two images of different grids, against the
   reference's logits over the same sequence (its forward's own steps, export/reference.py `multimodal_logits`,
-  teacher-forced on the engine's tokens): logits within the text path's tolerance, greedy tokens identical.
+  teacher-forced on the engine's tokens). For an fp32 bundle the reference is the fp32 model; for an fp16, FP8 or
+  INT4 bundle its language model is first turned into the fake-quant simulation of the bundle's spec
+  (export/simulate.py, the same as the text rows'), and each row is checked exactly as the text rows are (verify's
+  `checked`: the spec's tolerance, and where activations are rounded the rounding-tie noise floor, the typical
+  position and the pooled greedy agreement); the quality against the fp32 model is reported as for the text rows.
 
 The images are written here (a seeded gradient plus noise), the pixel values are the runtime's own preprocessing
 (equal to the reference processor's, tests/runtime/test_images.py), and the expanded ids are the runtime's.
@@ -38,12 +43,32 @@ def test_images(tile: int, max_patches: int) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def image_rows(engine, source: dict[str, Any], new_tokens: int, log, row_type) -> list:
-    """The image rows of verify's report (`row_type`: verify's Row)."""
+def image_rows(
+    engine,
+    source: dict[str, Any],
+    new_tokens: int,
+    log,
+    row_type,
+    checked=None,
+    simulation=None,
+    pooled: bool = False,
+) -> tuple[list, dict[str, Any] | None]:
+    """The image rows of verify's report (`row_type`: verify's Row), and for a non-fp32 bundle the image prompts'
+    quality against the fp32 model (None for fp32). `checked(actual, expected, generated)`: verify's comparison of
+    the text rows, (max|dlogit| comparison, typical-position comparison or None); default the fp32 rule.
+    `simulation(language_model)`: turns the reference's language model into the bundle's fake-quant simulation, in
+    place (None: the bundle is fp32). `pooled`: greedy agreement is checked over all rows together (specs that
+    round activations), as for the text rows."""
     import torch
 
     from llama4_deploy.export.reference import multimodal_logits, multimodal_reference
+    from llama4_deploy.export.simulate import quality as measure
     from llama4_deploy.export.vision import reference_features
+
+    if checked is None:
+
+        def checked(actual, expected, generated):
+            return compare(actual, expected, relative_logit_tolerance(expected, REL_TOLERANCE)), None
 
     model = multimodal_reference(source)
     spec, tokens = engine.image_spec, engine.image_tokens
@@ -70,13 +95,26 @@ def image_rows(engine, source: dict[str, Any], new_tokens: int, log, row_type) -
         prompts.append(prompt)
         sources.append([picture for _, picture in case])
     generation = engine.generate(prompts, new_tokens, images=sources, stop_tokens=[], return_logits=True)
-    for index, (prompt, given, new, logits) in enumerate(zip(prompts, sources, generation.tokens, generation.logits)):
+    sequences = []  # (expanded prompt ids, generated tokens, pixel values, grids) per prompt
+    for prompt, given, new in zip(prompts, sources, generation.tokens):
         prepared = [im.preprocess(s, spec) for s in given]
         ids = im.expand_placeholders(prompt, prepared, spec.tokens_per_tile, tokens)
-        out = multimodal_logits(model, ids + new, np.concatenate([p.pixel_values for p in prepared]), len(ids))
-        expected = out[len(ids) - 1 : len(ids) - 1 + len(new)]
-        agree = int((expected.argmax(-1) == np.asarray(new)).sum())
-        comparison = compare(logits, expected, relative_logit_tolerance(expected, REL_TOLERANCE))
         grids = "+".join(f"{p.aspect_ratio[0]}x{p.aspect_ratio[1]}" for p in prepared)
-        rows.append(row_type(f"image {grids}", index, len(new), comparison, agree, len(new)))
-    return rows
+        sequences.append((ids, new, np.concatenate([p.pixel_values for p in prepared]), grids))
+
+    def generated_logits(ids, new, pixels):
+        out = multimodal_logits(model, ids + new, pixels, len(ids))
+        return out[len(ids) - 1 : len(ids) - 1 + len(new)]
+
+    quality = None
+    if simulation is not None:  # the fp32 model's logits first: the simulation changes the model in place
+        full = [generated_logits(ids, new, pixels) for ids, new, pixels, _ in sequences]
+        log("[verify] image rows against the fake-quant simulation of the bundle's spec")
+        simulation(model.language_model)
+        quality = measure(np.concatenate(generation.logits), np.concatenate(full))
+    for index, ((ids, new, pixels, grids), logits) in enumerate(zip(sequences, generation.logits)):
+        expected = generated_logits(ids, new, pixels)
+        agree = int((expected.argmax(-1) == np.asarray(new)).sum())
+        comparison, typical = checked(logits, expected, True)
+        rows.append(row_type(f"image {grids}", index, len(new), comparison, agree, len(new), typical, pooled))
+    return rows, quality

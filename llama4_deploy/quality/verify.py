@@ -36,10 +36,10 @@ REL_TOLERANCE = 1e-3  # fp32 engine vs fp32 eager: summation order only, far bel
 #   an activation rounding to a neighbouring fp8 value now and then), so twice the fp32 bound;
 # float16: every activation rounds to 11 bits (relative 2^-11 ~ 5e-4 per op; observed 8e-4 on tiny).
 SIMULATION_TOLERANCE = {"float32": 2e-3, "float16": 5e-3}
-# int4 with int8 activations (--int4-compute int8, MatMulNBits accuracy_level 4): the simulation rounds each
-# activation to int8 exactly as the kernel does (graphs/quantize.py fake_quant_int8_blocks), but an input that sits
+# int4 with int8 activations (--int4-compute int8, MatMulNBits and QMoE accuracy_level 4): the simulation rounds each
+# activation to int8 exactly as the kernels do (graphs/quantize.py fake_quant_int8_blocks), but an input that sits
 # within float summation noise of a rounding tie lands on the neighbouring int8 value (1/127 of its block's |max|)
-# in one of the two; observed on tiny: 1e-5 x max logit without such a flip, 2.6e-3 with one
+# in one of the two (docs/precision.md has the figures)
 INT8_ACTIVATION_TOLERANCE = 5e-3
 # Rounded activations (fp8, int8) make the computation itself tie-sensitive: where an activation sits within float
 # summation noise of a rounding tie, two float orders of the same graph round it to neighbouring values, and a
@@ -115,6 +115,7 @@ class Report:
     )
     evaluation: Any = None  # a trained checkpoint's held-out perplexity (llama4_deploy.evaluate.Evaluation)
     layers: Any = None  # layer by layer (quality/layers.py LayerReport): when verify fails, or for --plot
+    image_quality: dict[str, Any] | None = None  # the image rows' generated positions vs transformers fp32
 
     @property
     def ok(self) -> bool:
@@ -179,6 +180,13 @@ class Report:
                 f"positions: min cosine {q['min_cosine']:.4f}, max KL {q['max_kl']:.4g}, mean KL "
                 f"{q['mean_kl']:.4g}, greedy agreement {q['greedy_agree']}/{q['positions']} "
                 f"(generated {q['generated_agree']}/{q['generated']})"
+            )
+        if self.image_quality is not None:
+            q = self.image_quality
+            lines.append(
+                f"image prompts: quality against transformers fp32 over their {q['positions']} generated positions: "
+                f"min cosine {q['min_cosine']:.4f}, max KL {q['max_kl']:.4g}, mean KL {q['mean_kl']:.4g}, greedy "
+                f"agreement {q['greedy_agree']}/{q['positions']}"
             )
         if self.evaluation is not None:
             lines.append(self.evaluation.summary())
@@ -360,14 +368,13 @@ def verify(
             )
             if mode == "prefill":
                 scored_prefill = scored
-        if engine.vision is not None:
-            if spec is None:
-                rows += image_rows(engine, manifest.raw["source"], new_tokens, log, Row)
-            else:  # the image path is the same graphs at the same precision; its reference rows are fp32's
-                log(
-                    "[verify] image rows are compared for fp32 bundles only; this one's text rows apply to its "
-                    "image prompts' decoder unchanged"
-                )
+        image_quality = None
+        if engine.vision is not None:  # checked as the text rows are, against the same simulation (images.py)
+            whole = None if simulation is None else functools.partial(simulation, index=None)
+            found, image_quality = image_rows(
+                engine, manifest.raw["source"], new_tokens, log, Row, checked, whole, noise is not None
+            )
+            rows += found
         greedy_allowed = (
             None if noise is None else math.ceil(NOISE_MARGIN * noise[3] * sum(row.greedy_total for row in rows) - 1e-9)
         )
@@ -421,6 +428,7 @@ def verify(
         greedy_allowed=greedy_allowed,
         evaluation=_perplexity(bundle, manifest, threads, log) if perplexity else None,
         layers=by_layer,
+        image_quality=image_quality,
     )
 
 
@@ -436,8 +444,9 @@ def _rounds_activations(spec) -> bool:
 def bundle_simulation(manifest):
     """(spec, simulation, tolerance): for a non-fp32 bundle, `simulation(model, index, jitter=0.0)` turns decoder
     layer `index` of the layer-by-layer reference into the fake-quant simulation of the bundle's spec
-    (export/simulate.py, the whole-model simulation restricted to that layer; `jitter`: with its rounded activations
-    perturbed, for the noise floor); (None, None, fp32 tolerance) otherwise."""
+    (export/simulate.py, the whole-model simulation restricted to that layer; `index` None: a whole
+    Llama4ForCausalLM, the image rows' reference; `jitter`: with its rounded activations perturbed, for the noise
+    floor); (None, None, fp32 tolerance) otherwise."""
     raw = manifest.engine.get("quantization")
     if raw is None or raw["precision"] == "fp32":
         return None, None, REL_TOLERANCE
@@ -451,7 +460,7 @@ def bundle_simulation(manifest):
         awq_scales = read_scales(manifest.path, calibration)
 
     def simulation(model, index, jitter: float = 0.0):
-        simulate(model, spec, amax, awq_scales=awq_scales, layers=[index], jitter=jitter)
+        simulate(model, spec, amax, awq_scales=awq_scales, layers=None if index is None else [index], jitter=jitter)
 
     tolerance = SIMULATION_TOLERANCE[spec.compute_dtype]
     if spec.int8_activations:

@@ -22,7 +22,8 @@ from llama4_deploy.serving.server import ChatTemplate
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """What to generate: vLLM's names and meanings (temperature 0 is greedy; sample j of n draws with seed + j)."""
+    """What to generate: vLLM's names and meanings (temperature 0 is greedy; sample j draws with seed + j; with
+    best_of, best_of samples are drawn and the n with the highest cumulative log-probability returned, best first)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -36,6 +37,7 @@ class SamplingParams:
     min_tokens: int = 0
     seed: int | None = None
     n: int = 1
+    best_of: int | None = None
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
@@ -61,6 +63,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    cumulative_logprob: float | None = None  # with best_of > n: what the samples were ranked by
 
 
 @dataclasses.dataclass
@@ -122,6 +125,15 @@ class LLM:
         sampler = params.sampler(self.engine.vocab_size)
         max_tokens = arguments.integer(params.max_tokens, "max_tokens", 1)
         n = arguments.integer(params.n, "n", 1)
+        count = n if params.best_of is None else arguments.integer(params.best_of, "best_of", 1)
+        if count < n:
+            raise ValueError(f"best_of is {count}, less than n {n}; best_of samples are drawn and the n best returned")
+        field = "n" if params.best_of is None else "best_of"
+        if count > self.engine.max_batch:
+            raise ValueError(
+                f"{field} is {count}; the samples of a prompt run together, at most {self.engine.max_batch}"
+            )
+        rank = count > n  # each sample's token log-probabilities are computed to rank the samples by their sum
         seed = arguments.seed(params.seed)
         stop = set(arguments.token_ids(params.stop_token_ids, self.engine.vocab_size, "stop_token_ids"))
         if not arguments.flag(params.ignore_eos, "ignore_eos"):
@@ -129,11 +141,11 @@ class LLM:
         stop_strings = tuple(params.stop)
         if not all(isinstance(s, str) for s in stop_strings):
             raise TypeError(f"stop must be a list of strings, got {params.stop!r}")
-        scheduler = Scheduler(self.engine, max_queue=len(ids) * n)
+        scheduler = Scheduler(self.engine, max_queue=len(ids) * count)
         runs = []
         for prompt in ids:
             group = []
-            for j in range(n):
+            for j in range(count):
                 request = Request(
                     prompt,
                     max_tokens,
@@ -148,20 +160,24 @@ class LLM:
                     repetition_penalty=sampler.repetition_penalty,
                     logit_bias=dict(sampler.logit_bias),
                     min_tokens=sampler.min_tokens,
+                    logprobs=0 if rank else None,
                 )
                 group.append(_Text(self.tokenizer.stream(stop_strings), scheduler, request))
             group[0].request.siblings = [run.request for run in group[1:]]
             scheduler.submit(group[0].request)
             runs.append(group)
         scheduler.run_until_idle()
-        return [
-            RequestOutput(
-                text,
-                prompt,
-                [CompletionOutput(j, run.text(), run.tokens, run.finish_reason) for j, run in enumerate(group)],
-            )
-            for text, prompt, group in zip(texts, ids, runs)
-        ]
+        outputs = []
+        for text, prompt, group in zip(texts, ids, runs):
+            kept = list(enumerate(group))  # index: the sample's own (seed + index), as vLLM's CompletionOutput.index
+            if rank:
+                kept = sorted(kept, key=lambda item: -item[1].cumulative_logprob)[:n]  # stable: ties in sample order
+            completions = [
+                CompletionOutput(j, run.text(), run.tokens, run.finish_reason, run.cumulative_logprob if rank else None)
+                for j, run in kept
+            ]
+            outputs.append(RequestOutput(text, prompt, completions))
+        return outputs
 
 
 class _Text:
@@ -172,13 +188,18 @@ class _Text:
         self.stream, self.scheduler, self.request = stream, scheduler, request
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
+        self.cumulative_logprob = 0.0  # of every token taken, the stop token too (as the server's best_of)
         request.listener = self._on_output
 
     def _on_output(self, request: Request, output) -> None:
         if output.token is None:
             self.finish_reason = self.finish_reason or output.finish_reason
             return
-        if self.finish_reason is not None or output.token in request.stop_tokens:
+        if self.finish_reason is not None:
+            return
+        if output.logprob is not None:
+            self.cumulative_logprob += output.logprob
+        if output.token in request.stop_tokens:
             return
         self.tokens.append(output.token)
         self.stream.push(output.token)

@@ -66,7 +66,6 @@ class _Strict(BaseModel):
 # unless they hold the value that asks for nothing, given here as a predicate, with why they are refused.
 REFUSED: dict[str, tuple[Any, str]] = {
     "suffix": (lambda v: v is None or v == "", "no fill-in-the-middle: the model has no suffix format"),
-    "best_of": (lambda v: v is None or v == 1, "one sample per choice"),
     "audio": (lambda v: v is None, "text output only"),
     "modalities": (lambda v: v is None or v == ["text"], "text output only"),
     "prediction": (lambda v: v is None, "no predicted outputs"),
@@ -111,6 +110,9 @@ class _Sampling(_Strict):
     stream: Flag = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Strict(), Field(ge=1)] = 1  # samples per prompt, sharing its prefill; at most the rows
+    # samples generated per prompt (sharing its prefill), of which the n with the highest cumulative log-probability
+    # are returned (vLLM's ranking); at least n; None: n
+    best_of: Annotated[int, Strict(), Field(ge=1)] | None = None
     ignore_eos: Flag = False  # vLLM's: generate max_tokens tokens whatever the model says
     # accepted without effect (OpenAI's bookkeeping fields; documented as such in the README)
     user: Text | None = None
@@ -125,7 +127,6 @@ class _Sampling(_Strict):
     logit_bias: dict[Text, Annotated[Number, Field(ge=-100.0, le=100.0)]] | None = None  # {"token id": bias}
     min_tokens: Annotated[int, Strict(), Field(ge=0)] | None = None
     # known, and refused unless they ask for nothing (REFUSED says why)
-    best_of: Any = None
     service_tier: Any = None
     # structured output (runtime/grammar.py): OpenAI's response_format, vLLM's guided_* extras
     response_format: ResponseFormat | None = None
@@ -142,10 +143,7 @@ class _Sampling(_Strict):
                 raise ValueError(f"key {key!r} is not a token id (OpenAI's keys are token ids written as strings)")
         return bias
 
-    @field_validator(
-        "best_of",
-        "service_tier",
-    )
+    @field_validator("service_tier")
     @classmethod
     def _refused(cls, value, info: ValidationInfo):
         return _refuse_unless_no_op(value, info)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -67,11 +68,14 @@ from llama4_deploy.serving.protocol import (
     TokenizeRequest,
     error_body,
 )
-from llama4_deploy.serving.tools import PARSERS, call_schema, parse
+from llama4_deploy.serving.tools import PARSERS, ToolSchemaError, call_schema, parse, pythonic_call_grammar
 
 log = logging.getLogger("llama4_deploy.serving.server")
 RETRY_AFTER_S = 1
 MAX_REQUEST_BYTES = 32 * 2**20  # a body above it is answered 413 before it is read; --max-request-bytes
+# a burst of requests reaching an idle server arrives over a few milliseconds: waiting that long lets it prefill as
+# one step (Scheduler's admission_wait); a lone request pays it once in its time to first token
+ADMISSION_WAIT_MS = 5.0
 DRAIN_GRACE_S = 5  # uvicorn cancels handlers this long after the drain has answered what was left
 # Llama 4's header format; used when the bundle has no tokenizer_config.json with a chat_template
 DEFAULT_CHAT_TEMPLATE = (
@@ -216,6 +220,30 @@ class Metrics:
 
 
 # -- one request's run ----------------------------------------------------------------------------
+class _Handoff:
+    """Outputs from the scheduler thread to the event loop's request queues: a step hands every row its token, and
+    waking the loop once for them all (not once per token: a self-pipe write and a loop iteration each) leaves the
+    cores to the engine."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue, Output]] = []
+        self._lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, output: Output) -> None:
+        with self._lock:
+            self._pending.append((queue, output))
+            if len(self._pending) > 1:  # a wake-up is already on its way and will take this one too
+                return
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, output in pending:
+            queue.put_nowait(output)
+
+
 class _Run:
     """A submitted request seen from the event loop: its outputs as text deltas."""
 
@@ -224,8 +252,8 @@ class _Run:
         self.request = request
         self.endpoint = endpoint
         self.queue: asyncio.Queue[Output] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        request.listener = lambda _, output: loop.call_soon_threadsafe(self.queue.put_nowait, output)
+        handoff = server.handoff(asyncio.get_running_loop())
+        request.listener = lambda _, output: handoff.put(self.queue, output)
         tokenizer = server.tokenizer
         if stop_strings and tokenizer is None:
             raise ClientError(
@@ -239,6 +267,7 @@ class _Run:
         self.offsets: list[int] = []  # the character offset in the answer where each token's text begins
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.cumulative_logprob = 0.0  # of every token taken, the stop token too (best_of ranks by it, as vLLM)
 
     def submit(self) -> None:
         try:
@@ -265,6 +294,8 @@ class _Run:
                     if tail:
                         yield tail, []
                     break
+                if output.logprob is not None:
+                    self.cumulative_logprob += output.logprob
                 if output.token in self.request.stop_tokens:  # its text is not part of the answer
                     continue
                 now = time.monotonic()
@@ -313,7 +344,10 @@ class Server:
         allowed_origins: tuple[str, ...] = (),
         log_requests: bool = False,
         allowed_local_media_path: Path | None = None,
+        admission_wait_ms: float = ADMISSION_WAIT_MS,
+        trace_steps=None,
     ):
+        """`trace_steps`: an open text file that gets one JSON line per engine step (serve --trace-steps)."""
         if api_key is not None and not api_key:
             raise ValueError("--api-key is empty; give a key, or leave the option out to serve without one")
         if served_model_name is not None and not served_model_name.strip():
@@ -340,10 +374,27 @@ class Server:
         self.grammars = (
             Grammars(self._token_bytes_of, engine.vocab_size, engine.manifest.eos_token_ids) if self.tokenizer else None
         )
-        self.scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
+        if not 0 <= admission_wait_ms <= 1000:
+            raise ValueError(f"--admission-wait-ms is {admission_wait_ms}; it must be in [0, 1000]")
+        self.scheduler = Scheduler(
+            engine, max_batch=max_batch, max_queue=max_queue, admission_wait=admission_wait_ms / 1000
+        )
         self.metrics = Metrics(self.scheduler, self.model)
-        self.scheduler.on_step = self.metrics.observe_step
+        self.trace_steps = trace_steps
+        self._handoff: _Handoff | None = None
+        self.scheduler.on_step = self._on_step
         self.app = self._make_app()
+
+    def handoff(self, loop: asyncio.AbstractEventLoop) -> _Handoff:
+        """The one _Handoff into `loop` (the server runs one event loop; a new one, in tests, gets its own)."""
+        if self._handoff is None or self._handoff.loop is not loop:
+            self._handoff = _Handoff(loop)
+        return self._handoff
+
+    def _on_step(self, record: StepRecord) -> None:
+        self.metrics.observe_step(record)
+        if self.trace_steps is not None:
+            self.trace_steps.write(json.dumps(dataclasses.asdict(record)) + "\n")
 
     def _model_card(self) -> dict:
         return {
@@ -473,15 +524,35 @@ class Server:
             raise ClientError(f"min_tokens is {request.min_tokens}, more than max_tokens {max_tokens}", "min_tokens")
         return request
 
-    def _samples(self, body, prompt: list[int], max_tokens: int, logprobs: int | None) -> list[Request]:
-        """The n samples of one prompt: the first request carries the others as siblings, so the scheduler
-        prefills the prompt once; sample j draws with seed + j (each choice equals generate with its seed)."""
-        if body.n > self.scheduler.max_batch:
+    def _sample_count(self, body) -> int:
+        """How many samples of each prompt are generated: best_of (of which the n best are returned), else n."""
+        count, field = (body.n, "n") if body.best_of is None else (body.best_of, "best_of")
+        if count < body.n:
             raise ClientError(
-                f"n is {body.n}; the samples of a prompt run together in this server's {self.scheduler.max_batch} rows",
-                "n",
+                f"best_of is {count}, less than n {body.n}; best_of samples are generated and the n best returned",
+                "best_of",
             )
-        requests = [self._request(body, prompt, max_tokens, logprobs) for _ in range(body.n)]
+        if body.stream and count > body.n:
+            raise ClientError(
+                f"best_of {count} with n {body.n} cannot be streamed: the best are known only once all are done",
+                "best_of",
+            )
+        if count > self.scheduler.max_batch:
+            raise ClientError(
+                f"{field} is {count}; the samples of a prompt run together in this server's "
+                f"{self.scheduler.max_batch} rows",
+                field,
+            )
+        return count
+
+    def _samples(self, body, prompt: list[int], max_tokens: int, logprobs: int | None) -> list[Request]:
+        """The samples of one prompt (n, or best_of): the first request carries the others as siblings, so the
+        scheduler prefills the prompt once; sample j draws with seed + j (each equals generate with its seed). With
+        best_of > n each sample's token log-probabilities are computed, to rank the samples by their sum."""
+        count = self._sample_count(body)
+        if count > body.n and logprobs is None:
+            logprobs = 0
+        requests = [self._request(body, prompt, max_tokens, logprobs) for _ in range(count)]
         for j, request in enumerate(requests):
             request.seed = None if body.seed is None else (body.seed + j) % SEED_LIMIT
         requests[0].siblings = requests[1:]
@@ -514,9 +585,10 @@ class Server:
             message["tool_calls"] = calls
         return message
 
-    def _tools(self, body) -> tuple[list[dict], dict | None]:
+    def _tools(self, body) -> tuple[list[dict], tuple[str, dict | str] | None]:
         """The tools the template sees (none with tool_choice "none") and, for "required" or a named function,
-        the JSON schema every reply must satisfy."""
+        what every reply must satisfy: ("schema", a JSON schema) for the JSON call form, ("ebnf", a grammar) for
+        the pythonic one."""
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
         choice = body.tool_choice
         if choice is None or choice == "none" or not tools:
@@ -525,26 +597,25 @@ class Server:
             return ([] if choice == "none" else tools), None
         if choice == "auto":
             return tools, None
-        functions = [tool["function"] for tool in tools]
+        functions = [{**tool["function"], "index": i} for i, tool in enumerate(tools)]
         if not isinstance(choice, str):
             functions = [f for f in functions if f["name"] == choice.function.name]
             if not functions:
                 raise ClientError(f"tool_choice names {choice.function.name!r}, which is not in tools", "tool_choice")
-        if self.tool_call_parser != "llama4_json":
-            raise ClientError(
-                f"tool_choice {choice if isinstance(choice, str) else 'naming a function'} is enforced with "
-                "--tool-call-parser llama4_json only",
-                "tool_choice",
-            )
-        return tools, call_schema(functions)
+        if self.tool_call_parser == "llama4_pythonic":
+            try:
+                return tools, ("ebnf", pythonic_call_grammar(functions))
+            except ToolSchemaError as err:
+                raise ClientError(str(err), "tools") from None
+        return tools, ("schema", call_schema([{k: v for k, v in f.items() if k != "index"} for f in functions]))
 
-    def _compile_schema(self, schema: dict):
+    def _compile_tools(self, kind: str, source):
         if self.grammars is None:
             raise ClientError(
                 f"bundle {self.model} has no tokenizer.json, so tool calls cannot be enforced", "tool_choice"
             )
         try:
-            return self.grammars.json_schema(schema)
+            return self.grammars.json_schema(source) if kind == "schema" else self.grammars.ebnf(source)
         except GrammarError as err:
             raise ClientError(f"the tools' parameters {err}", "tools") from None
 
@@ -614,7 +685,7 @@ class Server:
         grammar = await asyncio.to_thread(self._grammar, body)
         k = body.logprobs
         runs = []
-        for prompt in ids:  # choice index: prompt i's sample j is i * n + j
+        for prompt in ids:  # run index: prompt i's sample j is i * samples + j
             for request in self._samples(body, prompt, max_tokens, k):
                 request.prompt_logprobs = k if body.echo and k is not None else None
                 request.grammar = grammar
@@ -633,12 +704,14 @@ class Server:
                 "text_offset": [shift + o for o in run.offsets[len(run.offsets) - len(outputs) :]],
             }
 
+        samples = len(runs) // len(ids)
+
         def echoed(i: int, text: str, logprobs: dict | None) -> tuple[str, dict | None]:
-            """Prepend choice i's prompt text (and its logprobs) when echo asks for it."""
+            """Prepend run i's prompt text (and its logprobs) when echo asks for it."""
             if not body.echo:
                 return text, logprobs
             run = runs[i]
-            prompt_text, part = self._echo(prompts[i // body.n], run.request.prompt, run.request.prompt_scores, k, 0)
+            prompt_text, part = self._echo(prompts[i // samples], run.request.prompt, run.request.prompt_scores, k, 0)
             if logprobs is not None:
                 logprobs = {key: part[key] + logprobs[key] for key in logprobs}
             return prompt_text + text, logprobs
@@ -673,12 +746,13 @@ class Server:
         if failed is not None:
             return _error_response(failed)
         choices = []
-        for i, (run, (text, outputs)) in enumerate(zip(runs, answers)):
+        for index, i in enumerate(_best(runs, samples, body.n)):
+            run, (text, outputs) = runs[i], answers[i]
             shift = len(echoed(i, "", None)[0]) if body.echo else 0
             text, logprobs = echoed(i, text, logprobs_of(run, outputs, shift))
             choices.append(
                 {
-                    "index": i,
+                    "index": index,
                     "text": text,
                     "logprobs": logprobs,
                     "finish_reason": run.finish_reason,
@@ -702,7 +776,7 @@ class Server:
                 urls[0][0],
             )
         messages = [self._message(i, m) for i, m in enumerate(body.messages)]
-        tools, schema = self._tools(body)
+        tools, enforced = self._tools(body)
         variables = {**(body.chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
         features = None
         if urls:  # the placeholders expanded and the images encoded before the request is queued
@@ -712,10 +786,10 @@ class Server:
         room = self.engine.manifest.max_context - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        if schema is not None:  # tool_choice "required" or a named function: the call is enforced
+        if enforced is not None:  # tool_choice "required" or a named function: the call is enforced
             if body.structure() is not None:
                 raise ClientError("tool_choice and response_format both ask for a structure; give one", "tool_choice")
-            grammar = await asyncio.to_thread(self._compile_schema, schema)
+            grammar = await asyncio.to_thread(self._compile_tools, *enforced)
         else:
             grammar = await asyncio.to_thread(self._grammar, body)
         requests = self._samples(body, prompt, max_tokens, top)
@@ -789,6 +863,7 @@ class Server:
         failed = next((run for run in runs if run.error or run.finish_reason == "cancelled"), None)
         if failed is not None:
             return _error_response(failed)
+        kept = [(runs[i], answers[i]) for i in _best(runs, len(runs), body.n)]
         choices = [
             {
                 "index": i,
@@ -796,7 +871,7 @@ class Server:
                 "logprobs": {"content": [entry(o) for o in outputs]} if body.logprobs else None,
                 "finish_reason": run.finish_reason,
             }
-            for i, (run, (text, outputs)) in enumerate(zip(runs, answers))
+            for i, (run, (text, outputs)) in enumerate(kept)
         ]
         return {
             "id": rid,
@@ -1117,7 +1192,20 @@ def _stream_end(runs: list[_Run], head: dict, last_choice, body):
     yield "data: [DONE]\n\n"
 
 
+def _best(runs: list[_Run], samples: int, n: int) -> list[int]:
+    """Indices of the runs to answer with: of each prompt's `samples` runs (consecutive), the n with the highest
+    cumulative log-probability, best first (vLLM's best_of), or all of them in order when no more than n ran."""
+    if samples == n:
+        return list(range(len(runs)))
+    kept = []
+    for start in range(0, len(runs), samples):
+        group = range(start, start + samples)
+        kept += sorted(group, key=lambda i: -runs[i].cumulative_logprob)[:n]  # stable: ties keep sample order
+    return kept
+
+
 def _usage(runs: list[_Run]) -> dict:
+    """Tokens of every run, those of best_of's samples not returned too (all were generated, as OpenAI bills)."""
     prompt = sum(len(run.request.prompt) for run in runs)
     completion = sum(len(run.tokens) for run in runs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -1301,6 +1389,27 @@ def _uvicorn_server(app, drain_timeout: float, on_signal=None):
     return DrainingServer(config)
 
 
+def _new_trace(path: Path):
+    """The --trace-steps file, created here (an existing file is never overwritten), line-buffered."""
+    try:
+        return open(path, "x", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed by _close_trace)
+    except FileExistsError:
+        raise ValueError(
+            f"--trace-steps {path} exists; name a new file (an existing one is never overwritten)"
+        ) from None
+    except OSError as err:
+        raise ValueError(f"--trace-steps {path} cannot be created ({err.strerror})") from None
+
+
+def _close_trace(trace, keep: bool) -> None:
+    """Close the trace file; one the server never got to write (it did not load) is removed."""
+    if trace is None:
+        return
+    trace.close()
+    if not keep:
+        Path(trace.name).unlink(missing_ok=True)
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket; port 0 picks a free one (read it back with getsockname)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -1334,9 +1443,12 @@ def serve(
     allowed_origins: tuple[str, ...] = (),
     log_requests: bool = False,
     allowed_local_media_path: str | None = None,
+    admission_wait_ms: float = ADMISSION_WAIT_MS,
+    trace_steps: str | None = None,
 ) -> None:
     """Load a bundle and serve it until SIGTERM/SIGINT; `echo` gets the one-line status messages. `devices`:
-    load's (one device per pipeline stage)."""
+    load's (one device per pipeline stage). `trace_steps`: a new file for one JSON line per engine step (kind,
+    seconds, rows, tokens, started on time.perf_counter's clock)."""
     if max_queue < 0:
         raise ValueError(f"--max-queue is {max_queue}; it must be 0 or more")
     if drain_timeout < 0:
@@ -1353,7 +1465,12 @@ def serve(
         handler.setFormatter(logging.Formatter("%(asctime)s access %(message)s"))
         access_log.addHandler(handler)
         access_log.setLevel(logging.INFO)
-    sock = bind(host, port)
+    trace = _new_trace(Path(trace_steps)) if trace_steps is not None else None
+    try:
+        sock = bind(host, port)
+    except BaseException:
+        _close_trace(trace, keep=False)
+        raise
     bound = sock.getsockname()[1]
 
     def make_server() -> Server:
@@ -1372,6 +1489,8 @@ def serve(
                 allowed_origins=allowed_origins,
                 log_requests=log_requests,
                 allowed_local_media_path=None if allowed_local_media_path is None else Path(allowed_local_media_path),
+                admission_wait_ms=admission_wait_ms,
+                trace_steps=trace,
             )
         except BaseException:
             engine.close()
@@ -1402,6 +1521,7 @@ def serve(
         app.close()
         if app.server is not None:
             app.server.engine.close()
+        _close_trace(trace, keep=app.server is not None)
     if app.failed is not None:
         raise app.failed
     echo("stopped")

@@ -55,7 +55,8 @@ class Target:
     parser = "the backend"  # names what refuses a graph, in check_graph's sentence
 
     def manifest_record(
-        self, stages: list[Json], profiles: dict[str, int], model: Json, layers: list[Json]
+        self, stages: list[Json], profiles: dict[str, int], model: Json, layers: list[Json], vision: Json | None = None
     ) -> Json | None:
-        """What the manifest records under `engine.<name>` (None: nothing)."""
+        """What the manifest records under `engine.<name>` (None: nothing); `vision`: the manifest's engine.vision,
+        if the bundle has a vision engine."""
         return None

@@ -11,7 +11,8 @@ verified on any machine and compiled to plans on the GPU machine (`llama4-deploy
     compute dtype  bfloat16 unless --precision / --compute-dtype say otherwise (fp16, fp32)
     every graph    passes graphs/lint_tensorrt.py (TensorRT 10.15's operator table and Q/DQ rules)
     manifest       engine.tensorrt: the pinned TensorRT version and each graph file's optimization
-                   profiles (llama4_deploy/targets/tensorrt_profiles.py), every pipeline stage's graph files included
+                   profiles (llama4_deploy/targets/tensorrt_profiles.py), every pipeline stage's graph files included,
+                   and a vision bundle's vision graph (tiles 1 ... max_tiles), embedding step and embeddings prefill
     stages         --stages N: each stage graph in this form, linted on its own; `compile` builds one plan
                    per stage graph file and the tensorrt backend runs stage s on its device
 """
@@ -26,7 +27,7 @@ from llama4_deploy.graphs.dispatch import DispatchRules, Machine
 from llama4_deploy.graphs.lint_tensorrt import TENSORRT_VERSION, lint_tensorrt
 from llama4_deploy.targets import TargetError
 from llama4_deploy.targets.base import Json, Target
-from llama4_deploy.targets.tensorrt_profiles import stage_profiles
+from llama4_deploy.targets.tensorrt_profiles import stage_profiles, vision_profiles
 
 # a recipe's fp32 precision under --target tensorrt, by the --compute-dtype given (None: none given)
 _PRECISION_FOR_COMPUTE = {None: "bf16", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -89,14 +90,16 @@ class TensorRTTarget(Target):
     def lint(self, model: ir.Model, profiles: dict[str, int], facts: Json, capacity_factor: float) -> list[str]:
         return lint_tensorrt(model, topk_bound=topk_bound(profiles, facts, capacity_factor))
 
-    def manifest_record(self, stages: list[Json], profiles: dict[str, int], model: Json, layers: list[Json]) -> Json:
-        """engine.tensorrt: what `compile` builds plans for, one plan per graph file of every pipeline stage
-        (`stages`: the build's stage records; plans: filled in by compile)."""
-        return {
-            "linted_for": TENSORRT_VERSION,
-            "profiles": stage_profiles(stages, profiles, model, layers),
-            "plans": None,
-        }
+    def manifest_record(
+        self, stages: list[Json], profiles: dict[str, int], model: Json, layers: list[Json], vision: Json | None = None
+    ) -> Json:
+        """engine.tensorrt: what `compile` builds plans for, one plan per graph file of every pipeline stage, and
+        with `vision` (the manifest's engine.vision) the vision graph, the embedding step and the prefill graphs that
+        take its hidden_states (`stages`: the build's stage records; plans: filled in by compile)."""
+        files = stage_profiles(stages, profiles, model, layers)
+        if vision is not None:
+            files.update(vision_profiles(vision))
+        return {"linted_for": TENSORRT_VERSION, "profiles": files, "plans": None}
 
 
 def topk_bound(profiles: dict[str, int], model: Json, capacity_factor: float) -> int:

@@ -21,6 +21,15 @@ stage 0, `hidden_states` [batch, new, hidden] after it, and only its own layers'
 whose layers are all chunked sees no context bucket, only rings of R = min(C, S) slots, so its
 profiles' `cache_slots` range over R (what the runtime then selects on, `cache_slots`), and a
 profile whose ring range lies inside the one before it is dropped (rings stop growing at C).
+
+Images (a bundle with `engine.vision`): three more graph files, each with its own plan.
+
+    vision.onnx            pixel_values [tiles, channels, side, side]: one profile, tiles 1 ... max_tiles (the
+                           recipe's images per step x (max_patches + 1)), opt at one image's largest grid
+                           (max_patches + 1 tiles: the runtime runs the vision engine once per image)
+    embed.onnx             input_ids [batch, new]: one profile, as the prefill's
+    embeds.<dispatch>.onnx the prefill graph taking hidden_states [batch, new, hidden] (and the exact rerun's
+                           graph): the cache profiles of the first stage's layers, as a later stage's graph gets
 """
 
 from __future__ import annotations
@@ -118,10 +127,51 @@ def stage_profiles(
     stages: list[dict[str, Any]], profiles: dict[str, int], model: dict[str, Any], layers: list[dict[str, Any]]
 ) -> dict[str, list[dict[str, Any]]]:
     """{graph file: its profiles} over every pipeline stage of a manifest (`engine.stages` records: `layers`
-    [start, stop), `graphs`, `inputs`); one stage gives bundle_profiles of the whole model."""
+    [start, stop), `graphs`, `inputs`, and on the first stage of a vision bundle `embeddings`); one stage gives
+    bundle_profiles of the whole model."""
     out: dict[str, list[dict[str, Any]]] = {}
     for stage in stages:
         start, stop = stage["layers"]
         own = [layer for layer in layers if start <= layer["index"] < stop]
         out.update(bundle_profiles(stage["graphs"], profiles, model, own, stage["inputs"][0]))
+        embeddings = stage.get("embeddings")
+        if embeddings:
+            out.update(embeddings_profiles(embeddings, profiles, model, own))
     return out
+
+
+def embeddings_profiles(
+    embeddings: dict[str, str | None], profiles: dict[str, int], model: dict[str, Any], layers: list[dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """{graph file: its profiles} of the embedding step (`embed`: input_ids -> hidden_states) and of the prefill
+    graphs that take its hidden_states (`prefill`, and `exact` where the capacity dispatch reruns), over the
+    caches of `layers` (the first stage's)."""
+    batch, new = profiles["max_batch"], profiles["prefill_tokens"]
+    dims = {"min": [1, 1], "opt": [batch, new], "max": [batch, new]}
+    out: dict[str, list[dict[str, Any]]] = {embeddings["embed"]: [{"shapes": {abi.INPUT_IDS: dims}}]}
+    for role in ("prefill", "exact"):
+        if embeddings.get(role):
+            out[embeddings[role]] = file_profiles(["prefill"], profiles, model, layers, abi.HIDDEN_IN)
+    return out
+
+
+def vision_profiles(vision: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """{vision graph file: its one profile}: pixel_values [tiles, channels, side, side] with tiles from 1 to the
+    bundle's max_tiles, optimized for one image's largest grid (max_patches tiles and the global one), what each
+    vision run is fed (one run per image). `vision`: the manifest's engine.vision record."""
+    side, channels = vision["image"]["tile_size"], vision["config"]["num_channels"]
+    high, patches = vision["max_tiles"], vision["image"]["max_patches"]
+    opt = min(patches + (1 if patches > 1 else 0), high)  # one tile alone has no global tile beside it
+    return {
+        vision["file"]: [
+            {
+                "shapes": {
+                    vision["input"]: {
+                        "min": [1, channels, side, side],
+                        "opt": [opt, channels, side, side],
+                        "max": [high, channels, side, side],
+                    }
+                }
+            }
+        ]
+    }

@@ -37,14 +37,43 @@ def _fp8_per_channel(w):
 
 
 def write_fp8_checkpoint(directory: Path, seed: int = 0, logit_gain: float = 40.0, router_gain: float = 25.0) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
     from llama4_deploy.export.reference import random_model
 
     model = random_model(tiny_config(), seed, logit_gain, router_gain)
+    directory.mkdir(parents=True)
+    return _write_fp8(directory, _fp8_tensors(model.state_dict()), model.config.to_dict(), IGNORE)
+
+
+def write_fp8_multimodal_checkpoint(directory: Path) -> Path:
+    """tiny-vision's random multimodal model (export/reference.py random_multimodal, its tokenizer and processor
+    files) with its text model quantized as `write_fp8_checkpoint` does, under `language_model.`, and the vision
+    tower and projector in bf16, unquantized, as Meta's FP8 Maverick stores them."""
+    import torch
+
+    from llama4_deploy.build.recipe import load_recipe
+    from llama4_deploy.export.reference import random_multimodal, write_random_multimodal
+
+    random = load_recipe("tiny-vision").random.model_dump(mode="json")
+    directory.mkdir(parents=True)
+    write_random_multimodal(random, directory)  # tokenizer, processor files; its weights are replaced below
+    for stale in directory.glob("model*.safetensors*"):
+        stale.unlink()
+    model = random_multimodal(random)
+    tensors = {f"language_model.{k}": v for k, v in _fp8_tensors(model.language_model.state_dict()).items()}
+    for part in ("vision_model", "multi_modal_projector"):
+        tensors.update({f"{part}.{k}": v.to(torch.bfloat16) for k, v in getattr(model, part).state_dict().items()})
+    return _write_fp8(
+        directory, tensors, model.config.to_dict(), IGNORE + ["re:vision_model.*", "re:multi_modal_projector.*"]
+    )
+
+
+def _fp8_tensors(state: dict) -> dict:
+    """A Llama4ForCausalLM state dict as llm-compressor stores it: FP8 per-output-channel weights with their bf16
+    scales for the quantized linears (experts unpacked per expert), the rest in bf16."""
+    import torch
+
     tensors = {}
-    for name, p in model.state_dict().items():
+    for name, p in state.items():
         m = re.match(r"(.*feed_forward\.experts)\.(gate_up_proj|down_proj)$", name)
         if m:  # unpacked per expert, as llm-compressor saves Llama 4's experts
             for e in range(p.shape[0]):
@@ -61,11 +90,15 @@ def write_fp8_checkpoint(directory: Path, seed: int = 0, logit_gain: float = 40.
             tensors[name], tensors[name.removesuffix("weight") + "weight_scale"] = _fp8_per_channel(p)
         else:
             tensors[name] = p.to(torch.bfloat16)  # the release keeps unquantized modules in bf16
-    directory.mkdir(parents=True)
+    return tensors
+
+
+def _write_fp8(directory: Path, tensors: dict, config: dict, ignore: list[str]) -> Path:
+    from safetensors.torch import save_file
+
     save_file(
         {k: v.contiguous() for k, v in tensors.items()}, directory / "model.safetensors", metadata={"format": "pt"}
     )
-    config = model.config.to_dict()
     fp8 = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "block_structure": None}
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
@@ -79,7 +112,7 @@ def write_fp8_checkpoint(directory: Path, seed: int = 0, logit_gain: float = 40.
                 "output_activations": None,
             }
         },
-        "ignore": IGNORE,
+        "ignore": ignore,
         "kv_cache_scheme": None,
     }
     (directory / "config.json").write_text(json.dumps(config, indent=1))
@@ -192,3 +225,27 @@ def test_bad_quantization_config_refuses(tmp_path, change, message):
     with pytest.raises(BuildError, match=message):
         build(checkpoint=ckpt, out=tmp_path / "out", log=lambda _: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_prequantized_multimodal_reference(tmp_path):
+    """verify's image reference for a pre-quantized multimodal checkpoint (transformers cannot load it without the
+    compressed-tensors package): its language model is exactly `dequantized_model`'s, its vision tower and projector
+    the stored bf16 values, and its image features and logits are those of the fp32 model holding the same values."""
+    import torch
+
+    from llama4_deploy.export.checkpoint import Checkpoint
+    from llama4_deploy.export.reference import dequantized_model, multimodal_logits, multimodal_reference
+
+    path = write_fp8_multimodal_checkpoint(tmp_path / "mm")
+    model = multimodal_reference({"kind": "checkpoint", "path": str(path)})
+    text = dequantized_model(path)
+    for name, tensor in text.state_dict().items():
+        assert torch.equal(model.language_model.state_dict()[name], tensor), name
+    checkpoint = Checkpoint(path)
+    for name, tensor in model.vision_model.state_dict().items():
+        assert torch.equal(tensor, checkpoint.full_tensor(f"vision_model.{name}").float()), name
+    assert model.multi_modal_projector.linear_1.weight.dtype == torch.float32
+    ids = [1, 2, 3, 4]
+    with torch.no_grad():
+        want = text(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(multimodal_logits(model, ids, None) - want).max() <= 1e-5 * max(1.0, np.abs(want).max())

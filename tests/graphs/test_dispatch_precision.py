@@ -8,7 +8,10 @@ the graph indeed fails there, which the test also checks).
 Tolerance: verify.SIMULATION_TOLERANCE x max(1, max |y|), by compute dtype (float32: the same dequantized weights,
 summation order and an occasional neighbouring fp8 activation value; float16: 11-bit activations), the bound the
 whole-model verify uses. The int4 ort form under native dispatch is ONNX Runtime's QMoE (block 32 divides H and I);
-under the others its experts fall through to blocked DequantizeLinear and the shared expert is MatMulNBits.
+under the others its experts fall through to blocked DequantizeLinear and the shared expert is MatMulNBits. With int8
+activations (--int4-compute int8) QMoE runs accuracy_level 4 and the simulation rounds both expert matmul inputs to
+int8 per row and block, as the shared expert's MatMulNBits inputs; the other dispatches are refused (their experts'
+DequantizeLinear -> MatMul would compute in float).
 """
 
 from __future__ import annotations
@@ -50,18 +53,25 @@ LOWER = {
 SHARED = {"shared_gate": "gate_proj", "shared_up": "up_proj", "shared_down": "down_proj"}
 
 
-def _spec(choice: str):
+def _preset(choice: str):
     precision, form, compute = (choice.split("-") + ["", ""])[:3]
-    spec = make_spec(
+    return make_spec(
         QuantConfig(precision=precision, block_size=32, form=form or "auto", int4_compute=compute or "float")
     )
-    if len(spec.rules) == 2:  # int8 compute: experts keep float activations, the shared expert's MatMulNBits int8
-        patterns = (PATTERNS[:2], PATTERNS[2:])
-    else:
-        patterns = (PATTERNS,) * len(spec.rules)
-    return spec.model_copy(
-        update={"rules": tuple(r.model_copy(update={"patterns": p}) for r, p in zip(spec.rules, patterns))}
-    )
+
+
+def _spec(choice: str, expert_activation: str | None = None):
+    """The preset of `choice` on the fixture's weight names; `expert_activation` replaces the experts' activation
+    (a rule of their own)."""
+    spec = _preset(choice)
+    rules = tuple(r.model_copy(update={"patterns": PATTERNS}) for r in spec.rules)
+    if expert_activation is not None:
+        (rule,) = rules
+        rules = (
+            rule.model_copy(update={"patterns": PATTERNS[:2], "activation": expert_activation}),
+            rule.model_copy(update={"patterns": PATTERNS[2:]}),
+        )
+    return spec.model_copy(update={"rules": rules})
 
 
 def _inputs(moe, x):
@@ -100,12 +110,15 @@ def _simulate(moe, spec, amax):
             for name, module in SHARED.items():
                 w = getattr(moe.shared_expert, module).weight
                 w.copy_(torch.from_numpy(fake_quant(w.numpy(), spec.rule_for(name), 1)))
-    int8 = next((r for r in spec.rules if r.activation == "int8_block"), None)
-    if int8 is not None:  # MatMulNBits (accuracy_level 4) on the shared expert: int8 inputs per row and block
-        for module in SHARED.values():
-            getattr(moe.shared_expert, module).register_forward_pre_hook(
-                lambda m, args: (torch.from_numpy(fake_quant_int8_blocks(args[0].numpy(), int8.block_size)),)
-            )
+
+    def int8(name, t):
+        rule = spec.rule_for(name)
+        if rule is None or rule.activation != "int8_block":
+            return t
+        return torch.from_numpy(fake_quant_int8_blocks(t.detach().numpy(), rule.block_size))
+
+    if spec.int8_activations:  # MatMulNBits and QMoE (accuracy_level 4): int8 inputs per row and block
+        _hook(moe, int8)
     if spec.activations:
         scales = {name: fp8_activation_scale(value) for name, value in amax.items()}
         _hook(moe, lambda name, t: torch.from_numpy(fake_quant_activation(t.detach().numpy(), scales[name])))
@@ -122,13 +135,19 @@ def test_dispatch_x_precision(dispatch, choice):
     model = moe_model(weights, H, token_valid=True)
     ComputeDtypePass(spec.compute_dtype)(model)
     assert LOWER[dispatch](model).count == 1
-    refusals = targets.get("onnxruntime").dispatch_refusals(spec)
+    refusals = targets.get("onnxruntime").dispatch_refusals(_preset(choice))  # the preset names the build's weights
     if choice == "fp16" and dispatch == "capacity":
         assert refusals["capacity"].startswith("ONNX Runtime's CPU has no float16 ScatterND with reduction add")
         with pytest.raises(Exception, match="MLFloat16 data type is not supported with ScatterND"):
             run_ort(model, x=x.astype(np.float16), token_valid=np.ones(TOKENS, bool))
         return
-    assert dispatch not in refusals or (choice, dispatch) == ("fp8", "native")
+    int8_experts = choice == "int4-ort-int8"
+    assert (dispatch in refusals) == ((choice, dispatch) == ("fp8", "native") or int8_experts and dispatch != "native")
+    if int8_experts and dispatch != "native":  # only QMoE computes int8 expert activations
+        assert refusals[dispatch].startswith("int8 expert activations (--int4-compute int8) are ONNX Runtime's QMoE")
+        with pytest.raises(LoweringError, match="^weight gate_up.* it needs int8 activations, which only ONNX Runtime"):
+            run_passes(model, quantize_passes(spec))
+        return
     if spec.activations and dispatch == "native":
         assert refusals["native"].startswith("precision fp8 quantizes expert activations")
         amax = {n: 1.0 for n in ("gate_up", "down", "shared_gate", "shared_up", "shared_down")}
@@ -159,3 +178,8 @@ def test_dispatch_x_precision(dispatch, choice):
     assert np.abs(got - expected).max() <= tolerance, (np.abs(got - expected).max(), tolerance)
     if spec.quantized:  # the simulation is of the quantization, not of fp32
         assert np.abs(transformers_output(hf_moe(E, H, I, seed=1)[0], x) - expected).max() > 10 * tolerance
+    if int8_experts:  # QMoE rounds both expert inputs to int8: float experts miss (by 0.31, the bound 0.068)
+        (qmoe,) = [n for n in model.graph if n.op_type == "QMoE"]
+        assert qmoe.attributes["accuracy_level"].as_int() == 4
+        float_experts = transformers_output(_simulate(hf_moe(E, H, I, seed=1)[0], _spec(choice, "none"), amax), x)
+        assert np.abs(got - float_experts).max() > 2 * tolerance

@@ -4,6 +4,7 @@ prefill chunks interleave with decode steps, cancellation, a full queue, an engi
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -280,3 +281,60 @@ def test_kv_cache_usage_counts_the_busy_rows_tokens(engine):
     assert scheduler.kv_cache_usage == 4 / (2 * engine.manifest.max_context) and request.admitted_at is not None
     scheduler.run_until_idle()
     assert scheduler.kv_cache_usage == 0
+
+
+def _stepping(scheduler):
+    """Record (kind, rows, start time) of each engine step the worker runs."""
+    steps = []
+    scheduler.on_step = lambda record: steps.append((record.kind, record.rows, time.monotonic() - record.seconds))
+    return steps
+
+
+def test_a_burst_reaching_an_idle_scheduler_prefills_as_one_step(engine):
+    prompts = prompts_of([5, 9, 3, 7], seed=11)
+    for wait, first_rows in ((0.6, 4), (0.0, 1)):
+        scheduler = Scheduler(engine, admission_wait=wait)
+        steps = _stepping(scheduler)
+        requests = [Request(p, 4) for p in prompts]
+        done = _finished(requests)
+        scheduler.start()
+        try:
+            scheduler.submit(requests[0])
+            # without the wait the worker starts on the first request at once; with it, the others (arriving
+            # 0.3 s later, within the wait of 0.6 s) join the first prefill
+            time.sleep(0.3)
+            for request in requests[1:]:
+                scheduler.submit(request)
+            assert done.wait(60)
+        finally:
+            scheduler.stop()
+        prefills = [rows for kind, rows, _ in steps if kind == "prefill"]
+        assert prefills[0] == first_rows, (wait, prefills)
+        assert [r.tokens for r in requests] == [alone(engine, p, 4) for p in prompts]
+
+
+def test_the_admission_wait_never_delays_a_running_batch(engine):
+    # a request arriving while another decodes joins at the next step: no gap between steps near the wait
+    scheduler = Scheduler(engine, admission_wait=1.0)
+    steps = _stepping(scheduler)
+    first, second = Request([1, 2, 3], 30), Request([4, 5], 5)
+    done = _finished([first, second])
+    scheduler.start()
+    try:
+        submitted = time.monotonic()
+        scheduler.submit(first)
+        while len(steps) < 3:  # the first request is decoding
+            time.sleep(0.001)
+        scheduler.submit(second)
+        assert done.wait(60)
+    finally:
+        scheduler.stop()
+    starts = [start for _, _, start in steps]
+    assert starts[0] - submitted >= 1.0  # alone on an idle scheduler: it waited for company, once
+    assert max(b - a for a, b in zip(starts[1:], starts[2:])) < 0.5, "a step waited while rows were decoding"
+    assert second.tokens == alone(engine, [4, 5], 5)
+
+
+def test_admission_wait_out_of_range_is_one_sentence(engine):
+    with pytest.raises(ValueError, match=r"admission_wait is 2 s; it must be in \[0, 1\]"):
+        Scheduler(engine, admission_wait=2)

@@ -46,7 +46,9 @@ def run(ctx: BuildContext) -> Loaded:
     recipe, log = ctx.recipe, ctx.log
     calibration = calibration_identity(recipe.calibration)  # a file it cannot read is refused before any work
     if ctx.checkpoint is None:  # the recipe gives the sizes: its limits are checked before any weights are made
-        check_limits(recipe, recipe.random.shape(), quant_spec(recipe, ctx.target).compute_dtype, ctx.force)
+        spec = quant_spec(recipe, ctx.target)
+        check_limits(recipe, recipe.random.shape(), spec.compute_dtype, ctx.force)
+        check_int8_experts(spec, recipe.random.shape())
         key = step_key("checkpoint", recipe.random.model_dump(mode="json"))
         identity: Any = {"random checkpoint": key}
         if ctx.cache.get("checkpoint", key) is None:
@@ -88,6 +90,7 @@ def run(ctx: BuildContext) -> Loaded:
         )
     spec = quant_spec(recipe, ctx.target, checkpoint)
     check_limits(recipe, shape, spec.compute_dtype, ctx.force)
+    check_int8_experts(spec, shape)
     log(f"[profiles] {recipe.profiles.model_dump()}")
     split = stage_split(shape, recipe.stages, log)
     if checkpoint.logical is not None:
@@ -124,11 +127,6 @@ def vision_plan(recipe: Recipe, checkpoint: Checkpoint, source_dir, split: list[
         tokens = image_token_ids(checkpoint.tokenizer_file, checkpoint.config)
     except VisionConfigError as err:
         raise BuildError(f"{err} (--no-vision builds the text model only)") from None
-    if len(split) > 1:
-        raise BuildError(
-            f"images need a one-stage build (the embedding step feeds the first stage); use --stages 1, "
-            f"or --no-vision for a text-only bundle in {len(split)} stages"
-        )
     max_tiles = tiles_limit(recipe.images_per_step, image["max_patches"])
     log(
         f"[vision] {shape.num_layers} layers at hidden {shape.hidden_size}, tiles of {shape.image_size} "
@@ -182,6 +180,14 @@ def check_limits(recipe: Recipe, shape: ModelShape, compute_dtype: str, force: b
             f"{needed / GIB:,.2f} GiB ({compute_dtype}), more than this machine's {memory / GIB:,.1f} GiB "
             f"of memory; lower --max-batch or --max-context, or pass --force to build it anyway"
         )
+
+
+def check_int8_experts(spec: QuantSpec, shape: ModelShape) -> None:
+    """int8 expert activations only where QMoE takes the experts (QuantSpec.int8_experts_refusal), refused in one
+    sentence before anything is traced."""
+    refusal = spec.int8_experts_refusal(shape.hidden_size, shape.intermediate_size) if shape.moe_layers else None
+    if refusal:
+        raise BuildError(refusal)
 
 
 def machine_memory() -> int:

@@ -154,7 +154,8 @@ def lower(
 
 
 def embed_graph(ctx: BuildContext) -> ir.Model:
-    """The embedding step's graph (input_ids -> hidden_states), in the compute dtype, linted."""
+    """The embedding step's graph (input_ids -> hidden_states), in the compute dtype, linted (static shapes and the
+    target's checks)."""
     loaded = ctx.require("loaded")
     checkpoint, spec = loaded.checkpoint, loaded.spec
     model, _ = link_embed(
@@ -165,11 +166,18 @@ def embed_graph(ctx: BuildContext) -> ir.Model:
     problems = lint_static(model)
     if problems:
         raise BuildError(f"the embed graph breaks the static-shape rule: {problems[0]}")
+    recipe = loaded.recipe
+    try:  # the target's own checks too (for tensorrt its parser lint), as for the stage graphs
+        ctx.target.check_graph(
+            model, "embed", recipe.profiles.model_dump(), loaded.shape.to_dict(), recipe.capacity_factor
+        )
+    except TargetError as err:
+        raise BuildError(str(err)) from None
     return model
 
 
-def embeddings_graph(ctx: BuildContext, strategy: str, layout: str = "matmul") -> ir.Model:
-    """The whole model taking hidden_states (stage_graphs.EmbeddingsStage), lowered like the prefill graph."""
-    shape = ctx.require("loaded").shape
-    model, _ = lower(ctx, EmbeddingsStage(0, 0, shape.num_layers, 1), strategy, layout=layout)
+def embeddings_graph(ctx: BuildContext, stage: Stage, strategy: str, layout: str = "matmul") -> ir.Model:
+    """The first stage taking hidden_states (stage_graphs.EmbeddingsStage; one stage: the whole model), lowered like
+    its prefill graph; with several stages it hands hidden_states on to stage 1's graphs, as stage 0's do."""
+    model, _ = lower(ctx, EmbeddingsStage(stage.index, stage.start, stage.stop, stage.count), strategy, layout=layout)
     return model

@@ -101,11 +101,13 @@ def run(ctx: BuildContext) -> dict[str, Any]:
     manifest["calibration"] = calibration.record
     if spec.compute_dtype == "bfloat16":
         manifest["golden"] = None
-    record = ctx.target.manifest_record(stages, recipe.profiles.model_dump(), manifest["model"], manifest["layers"])
-    if record is not None:
-        engine[ctx.target.name] = record
     if loaded.vision is not None:
         engine["vision"] = vision_record(loaded.vision, stages[0]["embeddings"])
+    record = ctx.target.manifest_record(
+        stages, recipe.profiles.model_dump(), manifest["model"], manifest["layers"], engine.get("vision")
+    )
+    if record is not None:
+        engine[ctx.target.name] = record
     manifest["files"] = {}
     write_manifest(ctx.bundle, manifest)
     return manifest
@@ -138,6 +140,7 @@ def vision_record(plan, embeddings: dict[str, str]) -> dict[str, Any]:
             "num_heads": shape.num_heads,
             "intermediate_size": shape.intermediate_size,
             "projector_output": shape.text_hidden_size,
+            "num_channels": shape.num_channels,
         },
         "image": plan.image,
         "tokens": plan.tokens,

@@ -33,17 +33,17 @@ def run(ctx: BuildContext, stage: Stage) -> SavedStage:
             for strategy in chosen.strategies
         }
         embeddings = {}
-        if vision:  # the embedding step and the prefill graph that takes its hidden_states (image prompts)
+        if vision and stage.first:  # the embedding step and the first stage's prefill taking its hidden_states
             prefill = chosen.roles["prefill"]
             models[EMBED_GRAPH] = lower.embed_graph(ctx)
-            models[embeddings_graph_name(prefill)] = lower.embeddings_graph(ctx, prefill, chosen.layout(prefill))
+            models[embeddings_graph_name(prefill)] = lower.embeddings_graph(ctx, stage, prefill, chosen.layout(prefill))
             embeddings = {
                 "embed": graph_file(stage, EMBED_GRAPH),
                 "prefill": graph_file(stage, embeddings_graph_name(prefill)),
             }
             exact = chosen.roles.get("exact")
             if exact is not None and exact != prefill:  # a capacity overflow reruns the step exactly, as for text
-                models[embeddings_graph_name(exact)] = lower.embeddings_graph(ctx, exact, chosen.layout(exact))
+                models[embeddings_graph_name(exact)] = lower.embeddings_graph(ctx, stage, exact, chosen.layout(exact))
                 embeddings["exact"] = graph_file(stage, embeddings_graph_name(exact))
         if stage.count > 1:
             ctx.log(f"[stage {stage.index}] layers {stage.start}-{stage.stop - 1}: {len(models)} graphs")
