@@ -33,11 +33,11 @@ def test_loadtest_prints_its_table_and_checks_every_answer(tiny_bundle, capsys):
     assert rows == [("1", "8"), ("4", "8"), ("8", "8"), ("16", "16")]
     assert re.search(r"generate on one batch [\d.]+, server with 8 concurrent clients [\d.]+ \(\d+% of generate", out)
     assert "every answer arrived once and equals generate on its prompt" in out
-    # the breakdown comes from the server's step trace: the span holds at least the last answer's 3 decode steps (4
-    # tokens), at most 3 per wave of rows (8 clients on tiny's 4 rows: 2 waves, which may overlap) and a few more when
+    # the breakdown comes from the server's step trace: after a round's first prefill come at least the last answer's
+    # 3 decode steps (4 tokens), at most 3 per wave of rows (8 clients on tiny's 4 rows: 2 waves) and a few more when
     # a wave's prefill is split; its engine time is real
     waves = -(-8 // int(re.search(r"max_batch (\d+)", out).group(1)))
-    steps = re.search(r"^decode steps in the span\s+3\s+(\d+)$", out, flags=re.M)
+    steps = re.search(r"^decode steps after the first token\s+3\s+(\d+)$", out, flags=re.M)
     assert steps and 3 <= int(steps.group(1)) <= 3 * waves + 3, out
     engine_ms = re.search(r"^engine ms per decode step\s+([\d.]+)\s+([\d.]+)$", out, flags=re.M)
     assert engine_ms and float(engine_ms.group(1)) > 0 and float(engine_ms.group(2)) > 0, out

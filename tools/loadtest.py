@@ -156,21 +156,26 @@ def own_cpu_seconds() -> float:
 
 
 def breakdown(rounds: list[dict], steps: list[dict]) -> dict:
-    """Medians over the target rounds of where each round's span (first first token to last answer) went."""
+    """Medians over the target rounds of where each round went, on the server's clock: from the end of its first
+    prefill step (the first token exists) to the end of its last step, split into engine steps and the rest. (The
+    clients' span starts when the first token reaches a client, by which time a short step may be over already.)"""
     per = []
     for r in rounds:
-        inside = [s for s in steps if s["started"] + s["seconds"] > r["span_start"] and s["started"] < r["span_end"]]
-        decode = [s["seconds"] for s in inside if s["kind"] == "decode"]
-        prefill = [s["seconds"] for s in inside if s["kind"] == "prefill"]
-        span = r["span_end"] - r["span_start"]
+        own = sorted((s for s in steps if r["sent"] <= s["started"] <= r["span_end"]), key=lambda s: s["started"])
+        first = next(s for s in own if s["kind"] == "prefill")
+        start = first["started"] + first["seconds"]
+        after = [s for s in own if s["started"] >= start]
+        end = max(s["started"] + s["seconds"] for s in after) if after else start
+        decode = [s["seconds"] for s in after if s["kind"] == "decode"]
+        prefill = [s["seconds"] for s in after if s["kind"] == "prefill"]
         per.append(
             {
-                "span": span,
+                "span": r["span_end"] - r["span_start"],
                 "decode_steps": len(decode),
                 "decode_ms": 1e3 * statistics.mean(decode) if decode else float("nan"),
                 "prefill_steps": len(prefill),
                 "prefill_ms": 1e3 * sum(prefill),
-                "outside_ms": 1e3 * (span - sum(decode) - sum(prefill)),
+                "outside_ms": 1e3 * ((end - start) - sum(decode) - sum(prefill)),
                 "server_cpu": r["server_cpu"],
                 "client_cpu": r["client_cpu"],
             }
@@ -185,6 +190,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=24, help="tokens per prompt")
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each level (at least 8 in all)")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per level at most")
+    parser.add_argument(
+        "--rounds", type=int, default=7, help="rounds of the target row and of generate; medians (a round takes <1 s)"
+    )
     parser.add_argument(
         "--admission-wait-ms", type=float, help="the server's --admission-wait-ms (default: serve's own)"
     )
@@ -208,7 +216,7 @@ def main(argv=None) -> int:
             expected[tuple(prompt)] = tokens
     target = prompts[:8]
     runs, step_ms = [], []
-    for _ in range(3):
+    for _ in range(args.rounds):
         t0 = time.perf_counter()
         engine.generate(target, 1, stop_tokens=[])
         t1 = time.perf_counter()
@@ -248,16 +256,17 @@ def main(argv=None) -> int:
                     percentile(ttft, 99),
                 )
             )
-        # the target: the same 8 prompts from 8 clients at once, 3 rounds, median
+        # the target: the same 8 prompts from 8 clients at once, median over the rounds
         rates, rounds = [], []
-        for _ in range(3):
-            cpu = server.cpu_seconds(), own_cpu_seconds()
+        for _ in range(args.rounds):
+            cpu, sent = (server.cpu_seconds(), own_cpu_seconds()), time.perf_counter()
             answers, _ = run_level(server.url, engine.manifest.name, target, 8, 8, args.max_tokens, args.time_limit)
             problems += check(answers, 8, expected, 8)
             start, end = min(a["first"] for a in answers), max(a["end"] for a in answers)
             rates.append(sum(len(a["tokens"]) - 1 for a in answers) / (end - start))
             rounds.append(
                 {
+                    "sent": sent,
                     "span_start": start,
                     "span_end": end,
                     "server_cpu": server.cpu_seconds() - cpu[0],
@@ -285,19 +294,20 @@ def main(argv=None) -> int:
     ratio = server_rate / generate_rate
     print(
         f"\ndecode tokens/s, 8 prompts: generate on one batch {generate_rate:.1f}, server with 8 concurrent clients "
-        f"{server_rate:.1f} ({ratio:.0%} of generate; target >= 80%; medians of 3)"
+        f"{server_rate:.1f} ({ratio:.0%} of generate; target >= 80%; medians of {args.rounds})"
     )
     generate_ms = statistics.median(step_ms)
     print(
-        f"\nwhere a target round went (8 answers x {args.max_tokens} tokens, medians of 3; span = first first token "
-        "to last answer):"
+        f"\nwhere a target round went (8 answers x {args.max_tokens} tokens, medians of {args.rounds}; steps from the "
+        "end of the round's first prefill, on the server's clock; span = first first token to last answer, at the "
+        "clients):"
     )
     print(f"{'':44} {'generate':>9} {'server':>9}")
-    print(f"{'decode steps in the span':44} {args.max_tokens - 1:>9} {split['decode_steps']:>9.0f}")
+    print(f"{'decode steps after the first token':44} {args.max_tokens - 1:>9} {split['decode_steps']:>9.0f}")
     print(f"{'engine ms per decode step':44} {generate_ms:>9.2f} {split['decode_ms']:>9.2f}")
     prefill = f"{split['prefill_steps']:.0f} ({split['prefill_ms']:.0f})"
     outside = split["outside_ms"] / max(split["decode_steps"], 1)
-    print(f"{'prefill steps in the span (ms in all)':44} {'0 (0)':>9} {prefill:>9}")
+    print(f"{'prefill steps after it (ms in all)':44} {'0 (0)':>9} {prefill:>9}")
     print(f"{'outside the engine, ms per decode step':44} {'':>9} {outside:>9.2f}")
     print(f"{'span ms':44} {generate_ms * (args.max_tokens - 1):>9.1f} {1e3 * split['span']:>9.1f}")
     print(f"{'CPU s of the server / of the clients':44} {'':>9} {split['server_cpu']:>4.2f}/{split['client_cpu']:.2f}")
