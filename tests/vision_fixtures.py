@@ -11,16 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llama4_deploy.export.vision_shape import RANDOM_IMAGE_TOKENS
 from tests.vision_reference import run_reference
 
-IMAGE_TOKENS = (
-    "<|image_start|>",
-    "<|image_end|>",
-    "<|image|>",
-    "<|patch|>",
-    "<|tile_x_separator|>",
-    "<|tile_y_separator|>",
-)
+# the test checkpoints put the image tokens where the product's random multimodal model does: the last ids
+IMAGE_TOKENS = RANDOM_IMAGE_TOKENS
 
 # reduced widths: the published tower is hidden 1408, 34 layers, 16 heads, image 336, patch 14, projector 4096;
 # intermediate_size must be 4 x hidden (the pixel shuffle's output width feeds the adapter's fc1)

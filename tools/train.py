@@ -340,6 +340,21 @@ def lr_at(step: int, s: TrainSettings) -> float:
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def adamw(model, s):
+    """AdamW over the model, weight decay `s.weight_decay` on the matrices but the embeddings (make train-tiny's and
+    make train-passkey's optimizer)."""
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.lr,
+        betas=(0.9, 0.95),
+        fused=True,
+    )
+
+
 def train_model(model, train_ids, held_ids, s: TrainSettings, log) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -347,14 +362,7 @@ def train_model(model, train_ids, held_ids, s: TrainSettings, log) -> dict[str, 
     torch.set_num_threads(s.threads)
     router_logits = use_sparse_moe(model)
     cfg = model.config
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=s.lr,
-        betas=(0.9, 0.95),
-        fused=True,
-    )
+    optimizer = adamw(model, s)
     rng = np.random.default_rng(s.seed)
     history: dict[str, list] = {"step": [], "tokens": [], "loss": [], "aux": [], "eval_tokens": [], "eval_ppl": []}
     model.train()

@@ -36,6 +36,7 @@ from tools.train import (
     HELD_OUT_SAMPLE,
     REPO,
     _log_to,
+    adamw,
     encode_documents,
     fetch_corpus,
     load_balancing_loss,
@@ -179,14 +180,7 @@ def train(model, tokenizer, train_ids, s: PasskeySettings, log, probe_text: str 
     torch.set_num_threads(s.threads)
     router_logits = use_sparse_moe(model)
     cfg = model.config
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=s.lr,
-        betas=(0.9, 0.95),
-        fused=True,
-    )
+    optimizer = adamw(model, s)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
     probe_tokenizer = RuntimeTokenizer.__new__(RuntimeTokenizer)  # the runtime's wrapper over the same tokenizer
     probe_tokenizer._tokenizer = tokenizer
