@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 pytest.importorskip("openai", reason="the test extra (openai client) is not installed")
+pytest.importorskip("aiohttp", reason="the test extra (aiohttp, the load generator) is not installed")
 
 
 def test_loadtest_prints_its_table_and_checks_every_answer(tiny_bundle, capsys):
@@ -32,6 +33,8 @@ def test_loadtest_prints_its_table_and_checks_every_answer(tiny_bundle, capsys):
     rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+[\d.]+\s+[\d.]+", out, flags=re.M)
     assert rows == [("1", "8"), ("4", "8"), ("8", "8"), ("16", "16")]
     assert re.search(r"generate on one batch [\d.]+, server with 8 concurrent clients [\d.]+ \(\d+% of generate", out)
+    assert re.search(r"per round \d+% to \d+%, \d of 7 below 80%", out), out
+    assert re.search(r"^the same rounds from OpenAI's Python client .*: \d+% of generate; per round", out, flags=re.M)
     assert "every answer arrived once and equals generate on its prompt" in out
     # the breakdown comes from the server's step trace: after a round's first prefill come at least the last answer's
     # 3 decode steps (4 tokens), at most 3 per wave of rows (8 clients on tiny's 4 rows: 2 waves) and a few more when
