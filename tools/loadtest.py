@@ -86,8 +86,28 @@ class ServerProcess:
         return self.process.wait(60)
 
 
+class _Answer:
+    """One streamed answer as its client saw it: tokens, finish reason, the response ids of its chunks, times."""
+
+    def __init__(self, prompt: list[int]):
+        self.prompt, self.start, self.first = prompt, time.perf_counter(), None
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.ids: set[str] = set()
+
+    def chunk(self, rid: str, token_ids: list[int] | None = None, finish: str | None = None) -> None:
+        self.ids.add(rid)
+        if token_ids and self.first is None:
+            self.first = time.perf_counter()
+        self.tokens.extend(token_ids or [])
+        self.finish = finish or self.finish
+
+    def done(self) -> dict:
+        return {**vars(self), "end": time.perf_counter()}
+
+
 async def _stream(session, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
-    """One streamed greedy completion read with aiohttp: its tokens, finish reason, response ids and times."""
+    """One streamed greedy completion read with aiohttp."""
     import aiohttp
 
     body = {
@@ -98,9 +118,7 @@ async def _stream(session, url: str, model: str, prompt: list[int], max_tokens: 
         "stream": True,
         "ignore_eos": True,
     }
-    start = time.perf_counter()
-    first = None
-    ids, finish, chunk_ids = [], None, set()
+    answer = _Answer(prompt)
     try:
         async with session.post(f"{url}/v1/completions", json=body) as response:
             if response.status != 200:
@@ -109,26 +127,11 @@ async def _stream(session, url: str, model: str, prompt: list[int], max_tokens: 
                 if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
                 chunk = json.loads(line[6:])
-                chunk_ids.add(chunk["id"])
-                if not chunk["choices"]:
-                    continue
-                new = chunk["choices"][0].get("token_ids") or []
-                if new and first is None:
-                    first = time.perf_counter()
-                ids.extend(new)
-                finish = chunk["choices"][0]["finish_reason"] or finish
+                choice = chunk["choices"][0] if chunk["choices"] else {}
+                answer.chunk(chunk["id"], choice.get("token_ids"), choice.get("finish_reason"))
     except aiohttp.ClientError as err:
         raise SystemExit(f"error: a client lost the server: {err}") from None
-    end = time.perf_counter()
-    return {
-        "prompt": prompt,
-        "tokens": ids,
-        "finish": finish,
-        "ids": chunk_ids,
-        "start": start,
-        "first": first,
-        "end": end,
-    }
+    return answer.done()
 
 
 def run_level(
@@ -171,30 +174,16 @@ def make_openai_clients(url: str, clients: int, time_limit: float) -> list:
 
 
 def _stream_openai(client, model: str, prompt: list[int], max_tokens: int) -> dict:
-    start = time.perf_counter()
-    first = None
-    ids, finish, chunk_ids = [], None, set()
+    answer = _Answer(prompt)
     for chunk in client.completions.create(
         model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, extra_body={"ignore_eos": True}
     ):
-        chunk_ids.add(chunk.id)
-        if not chunk.choices:
-            continue
-        new = (chunk.choices[0].model_extra or {}).get("token_ids") or []
-        if new and first is None:
-            first = time.perf_counter()
-        ids.extend(new)
-        finish = chunk.choices[0].finish_reason or finish
-    end = time.perf_counter()
-    return {
-        "prompt": prompt,
-        "tokens": ids,
-        "finish": finish,
-        "ids": chunk_ids,
-        "start": start,
-        "first": first,
-        "end": end,
-    }
+        choice = chunk.choices[0] if chunk.choices else None
+        if choice is None:
+            answer.chunk(chunk.id)
+        else:
+            answer.chunk(chunk.id, (choice.model_extra or {}).get("token_ids"), choice.finish_reason)
+    return answer.done()
 
 
 def run_level_openai(made: list, model: str, prompts: list[list[int]], max_tokens: int, time_limit: float):
