@@ -14,6 +14,7 @@ QuantForm = Literal["qdq", "ort"]  # standard Q/DQ (TensorRT's contract), ONNX R
 QuantMethod = Literal["rtn", "awq"]
 Int4Compute = Literal["float", "int8"]  # int8: MatMulNBits and QMoE quantize their activations per block
 Int4ZeroPoint = Literal["symmetric", "asymmetric"]  # asymmetric: a 4-bit zero point per block (as Q4_1 / Q4_K)
+Int8Weight = Literal["q", "k", "v", "o", "shared", "mlp"]  # an int4 build's projections kept at 8 bits
 BlockSize = Literal[32, 64, 128]  # int4 block along the reduction axis
 MoEDispatch = Literal["dense", "gather", "capacity", "native"]
 AttentionForm = Literal["decomposed", "onnx23", "gqa"]  # gqa: ONNX Runtime's kernel over an in-place cache

@@ -5,14 +5,19 @@
              B      [N, ceil(K/Bk), Bk/2] uint8   column n's int4 values q + 8, two per byte, low nibble first
              scales [N, ceil(K/Bk)]               in the compute dtype
 
+    before:  y = MatMul(x, W)                                   W [K, N], a rule with weight int8 (--int8-weights)
+    after:   y = com.microsoft.MatMulNBits(x, B, scales; K, N, bits=8, block_size=Bk, accuracy_level)
+             B      [N, ceil(K/Bk), Bk] uint8                   column n's int8 values q + 128, one per byte
+
     before:  y = com.microsoft.MoE(x, picks, fc1, None, fc2; k, swiglu, ...)     (lower_moe_native.py)
     after:   y = com.microsoft.QMoE(x, picks, fc1q, fc1_scales, None, fc2q, fc2_scales;
                                     same attributes, expert_weight_bits=4, block_size=Bk[, accuracy_level=4])
              fc1q [E, 2I, H/2] uint8, fc1_scales [E, 2I, H/Bk]; fc2q [E, H, I/2], fc2_scales [E, H, I/Bk]
 
 Valid because both kernels dequantize (stored - 8) * scale with the default zero point 8 for
-4 bits (the contrib op docs for onnxruntime 1.32), which is exactly q * scale of the spec's
-symmetric int4 (graphs/quantize.py): the same numbers as the qdq form, in one fused kernel that
+4 bits, and MatMulNBits (stored - 128) * scale with the default 128 for 8 bits (the contrib op
+docs for onnxruntime 1.32), which is exactly q * scale of the spec's symmetric int4 and int8
+(graphs/quantize.py): the same numbers as the qdq form, in one fused kernel that
 reads 4-bit weights. accuracy_level 0 keeps activations in their dtype; a rule with activation
 `int8_block` (--int4-compute int8) sets 4, where the kernel quantizes its input to int8 per row
 and block (graphs/quantize.py fake_quant_int8_blocks) and runs int8 dot products: the fast CPU
@@ -44,6 +49,7 @@ from llama4_deploy.graphs.quantize import (
     int4_blocked_asymmetric,
     numpy_dtype,
     pack_int4_rows,
+    pack_int8_rows,
     pack_uint4,
     pack_zero_points,
 )
@@ -91,9 +97,16 @@ def _packed(source: ir.TensorProtocol, rule: QuantRule, compute_dtype: str, axis
         out_dims = dims[:-2] + (dims[-1],)
     else:
         out_dims = dims[:-1]
-    b_shape = out_dims + ((blocks * rule.block_size // 2,) if flat else (blocks, rule.block_size // 2))
+    per_byte = 1 if rule.weight == "int8" else 2
+    b_shape = out_dims + ((blocks * rule.block_size // per_byte,) if flat else (blocks, rule.block_size // per_byte))
 
     def b() -> ir.TensorProtocol:
+        if rule.weight == "int8":
+            q, _ = weight.arrays()
+            q = np.swapaxes(q, -1, -2) if axis % q.ndim == q.ndim - 2 else q
+            return ir.tensor(
+                np.ascontiguousarray(pack_int8_rows(q, rule.block_size).reshape(b_shape)), name=f"{name}.q8"
+            )
         if asymmetric is not None:
             packed = pack_uint4(asymmetric.arrays()[0], rule.block_size)
             return ir.tensor(np.ascontiguousarray(packed.reshape(b_shape)), name=f"{name}.q4")
@@ -167,7 +180,7 @@ class QuantizeOrtPass(RewritePass):
         count = 0
         for name, value in list(graph.initializers.items()):
             rule = self.spec.rule_for(name)
-            if rule is None or rule.weight != "int4" or value.const_value is None:
+            if rule is None or rule.weight not in ("int4", "int8") or value.const_value is None:
                 continue
             if any(u.domain == MS_DOMAIN for u, _ in value.uses()):
                 continue  # expert weights of the MoE kernel: below
@@ -184,7 +197,7 @@ class QuantizeOrtPass(RewritePass):
                 {
                     "K": k,
                     "N": n,
-                    "bits": 4,
+                    "bits": 8 if rule.weight == "int8" else 4,
                     "block_size": rule.block_size,
                     "accuracy_level": 4 if rule.activation == "int8_block" else self.config.accuracy_level,
                 },

@@ -49,11 +49,12 @@ from llama4_deploy.graphs.quantize import (
     fp8_activation_scale,
     fp8_channel,
     int4_blocked,
+    int_blocked,
     numpy_dtype,
 )
 from llama4_deploy.graphs.streamed import StreamedTensor
 
-WEIGHT_DTYPES = {"int4": ir.DataType.INT4, "fp8": ir.DataType.FLOAT8E4M3FN}
+WEIGHT_DTYPES = {"int4": ir.DataType.INT4, "int8": ir.DataType.INT8, "fp8": ir.DataType.FLOAT8E4M3FN}
 ALREADY_QUANTIZED = ("DequantizeLinear", "MatMulNBits", "QMoE")
 COMPUTE = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 
@@ -120,6 +121,8 @@ class QuantizedWeight:
         if self.rule.weight == "int4":
             q, scale = int4_blocked(w, axis, self.rule.block_size, self.compute_dtype)
             q = q.astype(ml_dtypes.int4)
+        elif self.rule.weight == "int8":
+            q, scale = int_blocked(w, axis, self.rule.block_size, self.compute_dtype, bits=8)
         else:
             q, scale = fp8_channel(w, axis, self.compute_dtype)
             if w.ndim == 2:
@@ -131,7 +134,7 @@ class QuantizedWeight:
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         dims = tuple(int(d) for d in self.source.shape)
         axis = self.axis % len(dims)
-        if self.rule.weight == "int4":
+        if self.rule.weight in ("int4", "int8"):
             scale = dims[:axis] + (-(-dims[axis] // self.rule.block_size),) + dims[axis + 1 :]
         elif len(dims) == 2:
             scale = (dims[1 - axis],)
@@ -165,7 +168,7 @@ class QuantizedWeight:
 
 
 def dequantize_attributes(rule: QuantRule, axis: int, rank: int, k: int) -> dict[str, int]:
-    if rule.weight == "int4":
+    if rule.weight in ("int4", "int8"):
         return {"axis": axis % rank, "block_size": rule.block_size}
     if rank == 2:
         return {"axis": 1 - axis % rank}

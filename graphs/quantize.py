@@ -6,9 +6,10 @@ initializer names, which are the deploy-form parameter names under their stamp: 
 `layers.3.experts_gate_up.native_fc1`) and says how they are stored:
 
     rule     patterns      ["layers.*.experts_*", "layers.*.shared_*", "layers.*.mlp_*", "layers.*.[qkvo]"]
-             weight        int4 | fp8            storage format of the weight
-             granularity   block | channel       int4: blocks along the reduction axis; fp8: per output channel
-             block_size    32 | 64 | 128         int4 only; the last block of an axis shorter than it is partial
+             weight        int4 | int8 | fp8     storage format of the weight (int8: an int4 build's projections kept at
+                                                 8 bits, --int8-weights, as llama.cpp's Q4_K_M keeps attention V at 6)
+             granularity   block | channel       int4/int8: blocks along the reduction axis; fp8: per output channel
+             block_size    32 | 64 | 128         int4/int8 only; the last block of an axis shorter than it is partial
              activation    none | fp8_tensor     fp8: static per-tensor scale on each activation feeding the MatMul
                            | int8_block          int4 with --int4-compute int8: ONNX Runtime's MatMulNBits and QMoE
                                                  quantize each matmul input to int8 per row and block
@@ -29,6 +30,8 @@ The numbers (one definition, used by the graph passes and by the fake-quant simu
     int4   lo = min(min(w[block]), 0), hi = max(max(w[block]), 0)        asymmetric (zero_point), as Q4_1 / Q4_K
            scale = (hi - lo) / 15, rounded to the compute dtype (1 where hi == lo)
            z = clip(rint(-lo / scale), 0, 15);  u = clip(rint(w / scale) + z, 0, 15);  w' = (u - z) * scale
+    int8   scale[b, n] = amax(|w[block b, n]|) / 127, rounded to the compute dtype (1 where amax is 0)
+           q = clip(rint(w / scale), -127, 127)                  symmetric, zero point 0
     fp8    scale[n] = amax(|w[:, n]|) / 448, rounded to the compute dtype (1 where amax is 0)
            q = float8_e4m3fn(clip(w / scale, -448, 448))          round to nearest even
     dequantized w' = q * scale (asymmetric int4: (u - z) * scale; 0 is exact, as every representable range holds it)
@@ -48,6 +51,7 @@ from llama4_deploy.graphs.forms import (
     ComputeDtype,
     Int4Compute,
     Int4ZeroPoint,
+    Int8Weight,
     Precision,
     QuantForm,
     QuantMethod,
@@ -55,6 +59,7 @@ from llama4_deploy.graphs.forms import (
 )
 
 INT4_MAX = 7
+INT8_MAX = 127
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 LINEAR_PATTERNS = (
     "layers.*.experts_*",
@@ -66,6 +71,17 @@ LINEAR_PATTERNS = (
     "layers.*.o",
 )
 
+# --int8-weights: the projections an int4 build may keep at 8 bits (2-D weights: MatMulNBits; the routed experts are
+# one QMoE kernel with one bit width)
+INT8_WEIGHT_PATTERNS = {
+    "q": "layers.*.q",
+    "k": "layers.*.k",
+    "v": "layers.*.v",
+    "o": "layers.*.o",
+    "shared": "layers.*.shared_*",
+    "mlp": "layers.*.mlp_*",
+}
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -73,7 +89,7 @@ class Strict(BaseModel):
 
 class QuantRule(Strict):
     patterns: tuple[str, ...]
-    weight: Literal["int4", "fp8"]
+    weight: Literal["int4", "int8", "fp8"]
     granularity: Literal["block", "channel"]
     block_size: int | None = None
     activation: Literal["none", "fp8_tensor", "int8_block"] = "none"
@@ -192,6 +208,9 @@ class QuantConfig(Strict):
     int4_compute: Int4Compute = "float"
     # int4: "asymmetric" stores a 4-bit zero point per block (MatMulNBits' and QMoE's zero_points inputs)
     int4_zero_point: Int4ZeroPoint = "symmetric"
+    # int4: projections kept at 8 bits (symmetric blocks of the same size; MatMulNBits bits=8), for the few weights
+    # whose rounding moves the logits most, as llama.cpp's Q4_K_M keeps attention V at 6 bits
+    int8_weights: tuple[Int8Weight, ...] = ()
 
 
 def default_compute_dtype(precision: str) -> str:
@@ -234,6 +253,11 @@ def make_spec(config: QuantConfig, int4_form: QuantForm = "ort") -> QuantSpec:
             "--int4-zero-point asymmetric is ONNX Runtime's MatMulNBits / QMoE zero points: it needs "
             "--precision int4 and the ort form"
         )
+    if config.int8_weights and not (config.precision == "int4" and form == "ort"):
+        raise ValueError(
+            "--int8-weights keeps projections of an int4 build at 8 bits on ONNX Runtime's MatMulNBits: it needs "
+            "--precision int4 and the ort form"
+        )
     rules: tuple[QuantRule, ...] = ()
     int4 = dict(
         weight="int4", granularity="block", block_size=config.block_size, method=config.method, zero_point=asymmetric
@@ -243,6 +267,16 @@ def make_spec(config: QuantConfig, int4_form: QuantForm = "ort") -> QuantSpec:
         # qdq form computes neither, so what would fall through to it is refused (dispatch_refusals, the qdq pass)
         activation = "int8_block" if config.int4_compute == "int8" else "none"
         rules = (QuantRule(patterns=LINEAR_PATTERNS, activation=activation, **int4),)
+        if config.int8_weights:  # first: a weight takes the first rule that names it
+            eight = QuantRule(
+                patterns=tuple(INT8_WEIGHT_PATTERNS[w] for w in dict.fromkeys(config.int8_weights)),
+                weight="int8",
+                granularity="block",
+                block_size=config.block_size,
+                method=config.method,
+                activation=activation,
+            )
+            rules = (eight, *rules)
     elif config.precision == "fp8":
         rules = (QuantRule(patterns=LINEAR_PATTERNS, weight="fp8", granularity="channel", activation="fp8_tensor"),)
     return QuantSpec(precision=config.precision, compute_dtype=compute, rules=rules, form=form if rules else "qdq")
@@ -276,7 +310,15 @@ def _rounded_scale(amax: np.ndarray, top: float, compute_dtype: str) -> np.ndarr
 
 
 def int4_blocked(w: np.ndarray, axis: int, block: int, compute_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
-    """(q int8 in [-8, 7] shaped like w, scale float32 with axis shrunk to ceil(K / block)).
+    """(q int8 in [-8, 7] shaped like w, scale float32 with axis shrunk to ceil(K / block))."""
+    return int_blocked(w, axis, block, compute_dtype, bits=4)
+
+
+def int_blocked(
+    w: np.ndarray, axis: int, block: int, compute_dtype: str = "float32", bits: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """(q int8 shaped like w: in [-8, 7] for 4 bits, [-127, 127] for 8; scale float32 with axis shrunk to
+    ceil(K / block)): the module docstring's symmetric int4 and int8.
 
     Computed a slab of the leading axis at a time (an expert stack's experts), in place within each slab, so
     the temporaries stay a fraction of w: the build quantizes while it streams, one weight at a time."""
@@ -287,22 +329,23 @@ def int4_blocked(w: np.ndarray, axis: int, block: int, compute_dtype: str = "flo
     q = np.empty(w.shape, dtype=np.int8)
     scale = np.empty(w.shape[:axis] + (blocks,) + w.shape[axis + 1 :], dtype=np.float32)
     if axis == 0 or w.ndim == 1:
-        _int4_slab(w, q, scale, axis, block, compute_dtype)
+        _int_slab(w, q, scale, axis, block, compute_dtype, bits)
         return q, scale
     slab = max(1, SLAB_ELEMENTS // max(1, w[0].size))
     for start in range(0, w.shape[0], slab):
         part = slice(start, start + slab)
-        _int4_slab(w[part], q[part], scale[part], axis, block, compute_dtype)
+        _int_slab(w[part], q[part], scale[part], axis, block, compute_dtype, bits)
     return q, scale
 
 
-SLAB_ELEMENTS = 1 << 22  # int4_blocked's working set: 16 MB of float32 per temporary
+SLAB_ELEMENTS = 1 << 22  # int_blocked's working set: 16 MB of float32 per temporary
 
 
-def _int4_slab(
-    w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int, block: int, compute_dtype: str = "float32"
+def _int_slab(
+    w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int, block: int, compute_dtype: str, bits: int
 ) -> None:
     """q and scale of `w` (a slab), written into the given arrays; the last block along `axis` may be partial."""
+    top, low = (INT4_MAX, -8) if bits == 4 else (INT8_MAX, -INT8_MAX)
     k = w.shape[axis]
     blocks = scale.shape[axis]
     padded_k = blocks * block
@@ -313,11 +356,11 @@ def _int4_slab(
         moved = padded
     grouped = moved.reshape(moved.shape[:-1] + (blocks, block))  # a copy when `axis` is not last
     amax = np.abs(grouped).max(-1)  # [..., blocks]
-    s = _rounded_scale(amax, INT4_MAX, compute_dtype)
+    s = _rounded_scale(amax, top, compute_dtype)
     np.moveaxis(scale, axis, -1)[...] = s
     values = grouped / s[..., None]
     np.rint(values, out=values)
-    np.clip(values, -8, 7, out=values)
+    np.clip(values, low, top, out=values)
     np.moveaxis(q, axis, -1)[...] = values.reshape(values.shape[:-2] + (padded_k,))[..., :k]
 
 
@@ -352,6 +395,7 @@ def int4_dequantize_asymmetric(u: np.ndarray, scale: np.ndarray, zero: np.ndarra
 
 
 def int4_dequantize(q: np.ndarray, scale: np.ndarray, axis: int, block: int) -> np.ndarray:
+    """q * scale with each scale repeated over its block (int4 and int8 alike)."""
     expanded = np.repeat(scale, block, axis=axis)
     expanded = np.take(expanded, np.arange(q.shape[axis]), axis=axis)
     return q.astype(np.float32) * expanded
@@ -380,8 +424,8 @@ def fake_quant(w: np.ndarray, rule: QuantRule, axis: int, compute_dtype: str = "
     if rule.weight == "int4" and rule.zero_point:
         u, scale, zero = int4_blocked_asymmetric(w, axis, rule.block_size, compute_dtype)
         return int4_dequantize_asymmetric(u, scale, zero, axis, rule.block_size)
-    if rule.weight == "int4":
-        q, scale = int4_blocked(w, axis, rule.block_size, compute_dtype)
+    if rule.weight in ("int4", "int8"):
+        q, scale = int_blocked(w, axis, rule.block_size, compute_dtype, bits=int(rule.weight[3:]))
         return int4_dequantize(q, scale, axis, rule.block_size)
     q, scale = fp8_channel(w, axis, compute_dtype)
     return fp8_dequantize(q, scale)
@@ -444,3 +488,13 @@ def pack_int4_rows(q: np.ndarray, block: int) -> np.ndarray:
     np.add(np.asarray(q, dtype=np.int8).view(np.uint8), np.uint8(8), out=stored[..., :k])
     packed = stored[..., 0::2] | (stored[..., 1::2] << 4)
     return packed.reshape(q.shape[:-1] + (blocks, block // 2))
+
+
+def pack_int8_rows(q: np.ndarray, block: int) -> np.ndarray:
+    """int8 values [..., K] (in [-127, 127]) -> MatMulNBits' 8-bit storage [..., ceil(K/block), block] uint8:
+    stored value q + 128 (the kernel's default zero point for 8 bits), a partial last block padded with 128."""
+    k = q.shape[-1]
+    blocks = -(-k // block)
+    stored = np.full(q.shape[:-1] + (blocks * block,), 128, dtype=np.uint8)
+    np.add(np.asarray(q, dtype=np.int8).view(np.uint8), np.uint8(128), out=stored[..., :k])  # wraps, as int4's
+    return stored.reshape(q.shape[:-1] + (blocks, block))

@@ -53,11 +53,29 @@ def test_presets_name_the_linear_layers_only():
         (QuantConfig(precision="fp32", form="ort"), "quantizes nothing"),
         (QuantConfig(precision="int4", form="qdq", int4_compute="int8"), "needs --precision int4 and the ort form"),
         (QuantConfig(precision="fp8", method="awq"), "awq is for int4"),
+        (QuantConfig(precision="int4", form="qdq", int8_weights=("v",)), "needs --precision int4 and the ort form"),
     ],
 )
 def test_bad_combinations_refuse(config, message):
     with pytest.raises(ValueError, match=message):
         make_spec(config)
+
+
+def test_int8_weights_numbers_and_rule_order():
+    """--int8-weights: symmetric 8-bit blocks (amax / 127) for the named projections, before the int4 rule that
+    names every linear layer (a weight takes the first rule naming it); packed as q + 128, one per byte."""
+    from llama4_deploy.graphs.quantize import int_blocked, pack_int8_rows
+
+    w = np.array([[1.27, -0.5], [0.01, 0.25], [-0.635, 0.0], [0.0, 0.0]], dtype=np.float32)  # [K=4, N=2]
+    q, scale = int_blocked(w, axis=0, block=2, bits=8)
+    np.testing.assert_allclose(scale, [[0.01, 0.5 / 127], [0.005, 1.0]], rtol=1e-6)
+    np.testing.assert_array_equal(q, [[127, -127], [1, 64], [-127, 0], [0, 0]])
+    np.testing.assert_array_equal(pack_int8_rows(q.T, 2), [[[255, 129], [1, 128]], [[1, 192], [128, 128]]])
+    spec = make_spec(QuantConfig(precision="int4", block_size=32, int8_weights=("v", "o")))
+    assert [(r.weight, r.block_size) for r in spec.rules] == [("int8", 32), ("int4", 32)]
+    assert spec.rule_for("layers.2.v").weight == "int8" and spec.rule_for("layers.2.o").weight == "int8"
+    assert spec.rule_for("layers.2.q").weight == "int4" and spec.rule_for("layers.2.experts_down").weight == "int4"
+    assert "int8 block 32 (rtn) on layers.*.v, layers.*.o" in spec.summary()
 
 
 def test_int4_numbers():
@@ -128,11 +146,12 @@ def _matmul_model(w: np.ndarray) -> ir.Model:
     return _weight_model("MatMul", (3, w.shape[0]), "layers.0.q", w)
 
 
-@pytest.mark.parametrize("form", ["qdq", "ort", "ort-int8"])
+@pytest.mark.parametrize("form", ["qdq", "ort", "ort-int8", "ort-w8", "ort-w8-int8"])
 @pytest.mark.parametrize("block", [32, 128])
 def test_matmul_forms_compute_the_spec(form, block):
     """ort-int8: MatMulNBits with accuracy_level 4 quantizes x to int8 per row and block; the spec's
-    fake_quant_int8_blocks computes the same int8 values, so the two again differ by summation order only."""
+    fake_quant_int8_blocks computes the same int8 values, so the two again differ by summation order only.
+    w8: the weight kept at 8 bits (--int8-weights): MatMulNBits bits=8, (stored - 128) * scale."""
     import onnxruntime as ort
 
     from llama4_deploy.graphs.passes import run_passes
@@ -143,12 +162,21 @@ def test_matmul_forms_compute_the_spec(form, block):
     w = rng.normal(0, 0.02, (96, 40)).astype(np.float32)  # K=96: a partial last block at 64 and 128
     x = rng.normal(0, 1, (3, 96)).astype(np.float32)
     form, _, compute = form.partition("-")
-    spec = make_spec(QuantConfig(precision="int4", block_size=block, form=form, int4_compute=compute or "float"))
+    bits, compute = (8, compute[3:]) if compute.startswith("w8") else (4, compute)
+    config = QuantConfig(
+        precision="int4",
+        block_size=block,
+        form=form,
+        int4_compute=compute or "float",
+        int8_weights=("q",) if bits == 8 else (),
+    )
+    spec = make_spec(config)
     model = _matmul_model(w)
     counts = run_passes(model, quantize_passes(spec))
     ops = [n.op_type for n in model.graph]
     if form == "ort":
         assert counts == {"quantize_ort": 1, "quantize_qdq": 0} and ops == ["MatMulNBits"]
+        assert node_attribute(model, "bits") == bits and spec.rule_for("layers.0.q").weight == f"int{bits}"
     else:
         assert counts == {"quantize_qdq": 1} and ops == ["DequantizeLinear", "MatMul"]
         assert model.graph.initializers["layers.0.q.int4"].dtype == ir.DataType.INT4
@@ -170,7 +198,8 @@ def test_matmul_forms_compute_the_spec(form, block):
             ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
         ).run(None, {"x": x})[0]
         np.testing.assert_allclose(unpacked, x @ fake_quant(w, rule, 0), atol=1e-4)
-    assert np.abs(x @ w - expected).max() > 1e-3  # quantization did change the numbers
+    # quantization did change the numbers (8-bit weights by a sixteenth of 4-bit's rounding)
+    assert np.abs(x @ w - expected).max() > (1e-3 if bits == 4 else 1e-4)
 
 
 @pytest.mark.parametrize("precision", ["int4", "fp8"])

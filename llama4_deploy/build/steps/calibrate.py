@@ -64,7 +64,10 @@ def _awq(ctx: BuildContext) -> Calibration:
     loaded = ctx.require("loaded")
     ids = _ids(ctx)
     ctx.log(f"[awq] scale search over {len(ids)} sequences, {sum(map(len, ids))} tokens from {_source(loaded.recipe)}")
-    scales = awq.run(loaded.source_dir, loaded.checkpoint, ids, loaded.spec.rules[0], ctx.log)
+    # searched with the int4 rule's numbers, for every group: a projection kept at 8 bits (--int8-weights) shares
+    # its group's scales (attention's q, k, v read one input), which stay exact in float whatever it is rounded to
+    int4 = next(rule for rule in loaded.spec.rules if rule.weight == "int4")
+    scales = awq.run(loaded.source_dir, loaded.checkpoint, ids, int4, ctx.log)
     record = {
         **awq.write_scales(ctx.bundle, scales),
         "source": _source(loaded.recipe),
