@@ -18,6 +18,10 @@ Int8Weight = Literal["q", "k", "v", "o", "shared", "mlp"]  # an int4 build's pro
 BlockSize = Literal[32, 64, 128]  # int4 block along the reduction axis
 MoEDispatch = Literal["dense", "gather", "capacity", "native"]
 AttentionForm = Literal["decomposed", "onnx23", "gqa"]  # gqa: ONNX Runtime's kernel over an in-place cache
+# what an unset block size / int4 compute means, per quantized form (resolved per target: targets/base.py). ort: block
+# 32 with int8 activations, the fastest of ONNX Runtime's 4-bit kernels and also the closer to the reference (measured:
+# docs/precision.md); qdq: TensorRT's contract, whose INT4 DequantizeLinear takes blocks of 64 or 128 only and no int8
+INT4_DEFAULTS: dict[QuantForm, tuple[BlockSize, Int4Compute]] = {"ort": (32, "int8"), "qdq": (128, "float")}
 
 
 def values(literal) -> tuple:

@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llama4_deploy.graphs.forms import (
     AUTO,
+    INT4_DEFAULTS,
     BlockSize,
     ComputeDtype,
     Int4Compute,
@@ -200,12 +201,13 @@ class QuantConfig(Strict):
 
     precision: Precision = "fp32"
     compute_dtype: ComputeDtype | None = None  # None: from the precision
-    block_size: int = Field(128, description="int4 block along the reduction axis")
+    # block_size and int4_compute default to the qdq form's; a build passes both, resolved per target (targets/base.py)
+    block_size: int = Field(INT4_DEFAULTS["qdq"][0], description="int4 block along the reduction axis")
     form: Literal[QuantForm, "auto"] = "auto"
     method: QuantMethod = "rtn"  # awq: int4 only (export/awq.py)
     # int4: "float" keeps activations in the compute dtype (the spec's weight-only INT4); "int8" lets ONNX Runtime's
     # MatMulNBits and QMoE quantize their activations to int8 per block (accuracy_level 4, the fast CPU kernels)
-    int4_compute: Int4Compute = "float"
+    int4_compute: Int4Compute = INT4_DEFAULTS["qdq"][1]
     # int4: "asymmetric" stores a 4-bit zero point per block (MatMulNBits' and QMoE's zero_points inputs)
     int4_zero_point: Int4ZeroPoint = "symmetric"
     # int4: projections kept at 8 bits (symmetric blocks of the same size; MatMulNBits bits=8), for the few weights

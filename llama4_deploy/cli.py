@@ -56,10 +56,14 @@ _BUILD_FLAGS = (
     ("prefill_tokens", "most new tokens per row in one prefill step (default: the recipe's)"),
     ("precision", "weights and compute dtype (default: the recipe's, fp32)"),
     ("compute_dtype", "dtype of activations (default: follows --precision; fp8/int4 compute in float32)"),
-    ("block_size", "int4 block along the reduction axis (128)"),
+    ("block_size", "int4 block along the reduction axis (default: 32 for the ort form, 128 for qdq and tensorrt)"),
     ("quant_form", "quantized form: qdq (standard Q/DQ, TensorRT's), ort (ONNX Runtime's 4-bit kernels), auto"),
     ("quant_method", "int4 weight rounding: rtn (round to nearest, default) or awq (activation-aware scales)"),
-    ("int4_compute", "int4 ort form: float activations (default) or int8 (MatMulNBits, QMoE accuracy_level 4: faster)"),
+    (
+        "int4_compute",
+        "int4 ort form: int8 activations (MatMulNBits, QMoE accuracy_level 4: the default, faster; float where a "
+        "pinned --moe-dispatch is not native) or float",
+    ),
     ("int4_zero_point", "int4 ort form: symmetric blocks (default) or asymmetric ones with a 4-bit zero point each"),
     ("calibration", "fp8 activation / int4 awq calibration: text lines or a JSON list of token-id lists"),
     (

@@ -130,12 +130,61 @@ def test_int4_int8_compute_verifies(tmp_path, monkeypatch):
 
 
 def test_int4_int8_compute_refuses_what_qmoe_cannot_take(tmp_path):
-    """tiny's hidden size (64) and expert intermediate size (32) are no multiples of the default block (128), so QMoE
-    cannot take its experts and nothing else computes int8 expert activations: refused before anything is made."""
-    flags = "--recipe tiny --precision int4 --int4-compute int8".split()
+    """tiny's hidden size (64) and expert intermediate size (32) are no multiples of block 128 (given, not the ort
+    form's default 32), so QMoE cannot take its experts and nothing else computes int8 expert activations: refused
+    before anything is made."""
+    flags = "--recipe tiny --precision int4 --int4-compute int8 --block-size 128".split()
     message = user_error(invoke("build", *flags, "--out", tmp_path / "b128"), "QMoE", "(64)", "(32)", "(128)")
     assert message.endswith("use --block-size 32")
     assert not (tmp_path / "b128").exists()
+
+
+def test_int4_default_is_block_32_with_int8_activations(tmp_path):
+    """`--precision int4` alone on ONNX Runtime builds the ort form at block 32 with int8 activations (targets/base.py
+    int4_defaults: measured faster and closer to transformers than block 128 in float, docs/precision.md); block 32
+    divides tiny's hidden (64) and expert (32) sizes, so QMoE takes the experts (auto: native) and the bundle verifies
+    against the simulation that rounds the same activations to int8."""
+    result = invoke("build", "--recipe", "tiny", "--precision", "int4", "--out", tmp_path / "int4")
+    assert result.exit_code == 0, result.output
+    bundle = tmp_path / "int4"
+    m = manifest(bundle)
+    assert m["engine"]["quant_form"] == "ort"
+    assert [(r["block_size"], r["activation"]) for r in m["engine"]["quantization"]["rules"]] == [(32, "int8_block")]
+    assert {role: g["moe_dispatch"] for role, g in m["engine"]["graphs"].items()} == {
+        "prefill": "native",
+        "decode": "native",
+    }
+    levels = {
+        n.op_type: n.attributes["accuracy_level"].as_int()
+        for n in ir.load(bundle / m["engine"]["graphs"]["decode"]["file"]).graph
+        if n.op_type in ("MatMulNBits", "QMoE")
+    }
+    assert levels == {"MatMulNBits": 4, "QMoE": 4}
+    _check(verify(str(bundle), log=lambda _: None))
+
+
+@pytest.mark.parametrize(
+    "overrides, block_and_compute",
+    [
+        ({"precision": "int4"}, (32, "int8")),  # the ort form's default
+        ({"precision": "int4", "block_size": 64}, (64, "int8")),  # a given value is kept
+        ({"precision": "int4", "int4_compute": "float"}, (32, "float")),
+        ({"precision": "int4", "moe_dispatch": "gather"}, (32, "float")),  # only QMoE takes int8 experts
+        ({"precision": "int4", "extra_dispatches": ("dense",)}, (32, "float")),
+        ({"precision": "int4", "moe_dispatch": "native"}, (32, "int8")),
+        ({"precision": "int4", "quant_form": "qdq"}, (128, "float")),  # TensorRT's contract, on ONNX Runtime
+        ({"precision": "int4", "target": "tensorrt"}, (128, "float")),
+        ({"precision": "int4", "target": "tensorrt", "block_size": 64}, (64, "float")),
+        ({"precision": "fp8"}, (128, "float")),  # nothing int4: float, as make_spec requires
+        ({}, (128, "float")),
+    ],
+)
+def test_int4_defaults_are_the_targets(overrides, block_and_compute):
+    """An unset block size / int4 compute resolves per target and form (targets/base.py int4_defaults)."""
+    from llama4_deploy.build.options import resolve
+
+    recipe = resolve("tiny", None, **overrides)
+    assert (recipe.block_size, recipe.int4_compute) == block_and_compute
 
 
 def test_int4_asymmetric_zero_points_verify(tmp_path):

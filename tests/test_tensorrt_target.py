@@ -11,7 +11,8 @@ from tests.conftest import manifest
 from tests.test_cli import invoke, user_error
 
 
-@pytest.mark.parametrize("precision, block", [("int4", 64), ("fp8", None)])
+# block None: the target's default, 128 with float activations (TensorRT's INT4 DequantizeLinear: blocks of 64 or 128)
+@pytest.mark.parametrize("precision, block", [("int4", 64), ("int4", None), ("fp8", None)])
 def test_quantized_tensorrt_form_matches_its_simulation(precision, block, tmp_path):
     import onnx_ir as ir
 
@@ -38,7 +39,9 @@ def test_quantized_tensorrt_form_matches_its_simulation(precision, block, tmp_pa
     assert len(weight_dqs) == 2 * 2 * 8 + 4 * 4 + 2 * 3 + 2 * 3
     assert {len(n.inputs[0].shape) for n in weight_dqs} == {2}
     if precision == "int4":
-        assert {n.attributes["block_size"].as_int() for n in weight_dqs} == {64}
+        assert {n.attributes["block_size"].as_int() for n in weight_dqs} == {block or 128}
+        rules = m["engine"]["quantization"]["rules"]
+        assert [(r["block_size"], r["activation"]) for r in rules] == [(block or 128, "none")]
     assert lint_tensorrt(model, topk_bound=1024) == []
 
 

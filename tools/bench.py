@@ -139,11 +139,16 @@ def roofline_ms(weight_bytes: float, threads: int, repeats: int = FULL.roofline_
 PRECISIONS = ("fp16", "fp8-qdq", "int4-qdq", "int4-ort", "int4-ort-int8")
 
 
-def precision_build_options(choice: str) -> dict[str, str | None]:
-    """build() keywords of a `precision[-form[-int4 compute]]` choice: int4-ort-int8 -> int4, ort, int8."""
+def precision_build_options(choice: str) -> dict[str, str | int | None]:
+    """build() keywords of a `precision[-form[-int4 compute]]` choice: int4-ort-int8 -> int4, ort, int8 (the ort form's
+    default block, 32). An int4 choice without `-int8` is block 128 with float activations, as its name says, on either
+    form (the target's defaults would give the ort form int8 activations at block 32)."""
     precision, _, form = choice.partition("-")
     form, _, compute = form.partition("-")
-    return {"precision": precision, "quant_form": form or None, "int4_compute": compute or None}
+    options = {"precision": precision, "quant_form": form or None, "int4_compute": compute or None}
+    if precision == "int4" and not compute:
+        options.update(int4_compute="float", block_size=128)
+    return options
 
 
 def bundle_bytes(bundle: Path) -> int:

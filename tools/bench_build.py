@@ -140,11 +140,15 @@ def checkpoint_bytes(checkpoint: Path) -> int:
     return sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
 
 
-def measure(checkpoint: Path, out: Path, precision: str, threads: int | None = None) -> Measurement:
-    """Build `checkpoint` at `precision` into `out` in a child process, sampling its RssAnon."""
+def measure(
+    checkpoint: Path, out: Path, precision: str, threads: int | None = None, **options: str | int
+) -> Measurement:
+    """Build `checkpoint` at `precision` into `out` in a child process, sampling its RssAnon; `options`: more build()
+    keywords (block_size, int4_compute)."""
     with tempfile.TemporaryDirectory() as scratch:
         result_file = Path(scratch) / "result.json"
         args = {"checkpoint": str(checkpoint), "out": str(out), "precision": precision, "result": str(result_file)}
+        args["options"] = options
         env = dict(os.environ)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
@@ -237,7 +241,9 @@ def _child(spec: str) -> None:
     from llama4_deploy.build import build
 
     args = json.loads(spec)
-    result = build(checkpoint=args["checkpoint"], out=args["out"], precision=args["precision"], force=True)
+    result = build(
+        checkpoint=args["checkpoint"], out=args["out"], precision=args["precision"], force=True, **args["options"]
+    )
     Path(args["result"]).write_text(
         json.dumps({"seconds": result.seconds, "step_seconds": result.step_seconds, "step_spans": result.step_spans})
     )

@@ -94,10 +94,11 @@ class Row:
 
 
 def int8_block_size(name: str) -> int:
-    """The int4 block of a recipe's int8-activation row: the build's 128 where it divides the hidden and expert
-    intermediate sizes, else the largest block that does (int8 expert activations are QMoE's, which needs both to be
-    multiples of the block; tiny's 64 and 32 take 32, tiny-trained's 192 and 384 take 64), so every recipe has the
-    row; the table's form cell names a block other than 128."""
+    """The int4 block of a recipe's int8-activation row: 128, the block of the report's other int4 rows, where it
+    divides the hidden and expert intermediate sizes, else the largest block that does (int8 expert activations are
+    QMoE's, which needs both to be multiples of the block; tiny's 64 and 32 take 32, tiny-trained's 192 and 384 take
+    64), so every recipe has the row; the table's form cell names a block other than 128. (A build's own default for
+    int8 activations is block 32: targets/base.py.)"""
     import json
 
     from llama4_deploy.build.recipe import load_recipe

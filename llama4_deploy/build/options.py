@@ -3,7 +3,8 @@
 `build()`'s keyword arguments and the CLI's flags map one to one onto recipe keys (OVERRIDES); each allowed value
 is declared once, in the schema's types (llama4_deploy/build/recipe.py, graphs/forms.py, llama4_deploy/targets/),
 and the CLI reads its choices from there (`choices`). The target then fixes what its backend requires
-(targets/*.py, `configure`), and the result is validated again by the same schema.
+(targets/*.py, `configure`) and fills in what is still unset (`int4_defaults`: the int4 block and compute), and the
+result is validated again by the same schema.
 """
 
 from __future__ import annotations
@@ -101,12 +102,12 @@ def resolve(recipe: str | None, checkpoint: str | Path | None, **overrides: Any)
             tuple(value) if argument == "extra_dispatches" else str(value) if argument == "calibration" else value
         )
     chosen = _validated(data, given)
+    target = targets.get(chosen.backend)
     try:
-        fixed = targets.get(chosen.backend).configure(
-            chosen.model_dump(), given.get("precision"), given.get("compute_dtype")
-        )
+        fixed = target.configure(chosen.model_dump(), given.get("precision"), given.get("compute_dtype"))
     except TargetError as err:
         raise BuildError(str(err)) from None
+    fixed.update(target.int4_defaults({**chosen.model_dump(), **fixed}))  # what the recipe and flags left unset
     return _validated({**chosen.model_dump(), **fixed}, given) if fixed else chosen
 
 

@@ -147,10 +147,11 @@ class Recipe(Strict):
     # precision (graphs/quantize.py): fp32/fp16/bf16 set the compute dtype; fp8/int4 quantize the linear layers
     precision: Precision = "fp32"
     compute_dtype: ComputeDtype | None = None  # None: follows the precision
-    block_size: BlockSize = 128  # int4 block along the reduction axis
+    block_size: BlockSize | None = None  # int4 block along the reduction axis; None: the target's (targets/base.py)
     quant_form: Literal[QuantForm, AUTO] = AUTO  # auto: the target's (ort, the 4-bit kernels, for int4 on ONNX Runtime)
     quant_method: QuantMethod = "rtn"  # awq: activation-aware int4 scales (export/awq.py)
-    int4_compute: Int4Compute = "float"  # int8: MatMulNBits' and QMoE's int8 activations (graphs/quantize.py)
+    # int8: MatMulNBits' and QMoE's int8 activations (graphs/quantize.py); None: the target's (targets/base.py)
+    int4_compute: Int4Compute | None = None
     int4_zero_point: Int4ZeroPoint = "symmetric"  # asymmetric: a zero point per block (graphs/quantize.py)
     calibration: str | None = None  # text lines or a JSON list of id lists; None: seeded random tokens
     backend: TargetName = "onnxruntime"  # the build target (llama4_deploy/targets/)
@@ -199,7 +200,7 @@ class Recipe(Strict):
     @field_validator("block_size", mode="before")
     @classmethod
     def _integer_block(cls, value: Any) -> Any:
-        if type(value) is not int:  # a Literal compares by equality, so 64.0 and '64' would pass as 64
+        if value is not None and type(value) is not int:  # a Literal compares by equality: 64.0, '64' pass as 64
             raise ValueError("it must be an integer: 32, 64 or 128")
         return value
 

@@ -40,6 +40,7 @@ from llama4_deploy.build.recipe import RecipeError, available, load_recipe, reci
 from llama4_deploy.build.stages import split_layers
 from llama4_deploy.export.shape import ConfigError, ModelShape
 from llama4_deploy.export.weights import WeightSource, embed_weights, head_weights, layer_weights
+from llama4_deploy.graphs.forms import INT4_DEFAULTS
 
 MIB = 1024**2
 GIB = 1024**3
@@ -71,7 +72,7 @@ class PlanConfig:
     prefill_tokens: int = 2048  # most new tokens per row in one engine step (the recipe's profile)
     batches: tuple[int, ...] = (1, 8)
     compute_dtype: str = "bfloat16"  # of fp8 / int4 plans (fp32 and bf16 set their own); GPUs compute in 16 bits
-    block_size: int = 128  # int4 block along the reduction axis
+    block_size: int = INT4_DEFAULTS["qdq"][0]  # int4 block along the reduction axis: TensorRT's (GPU plans are qdq)
     stage_counts: tuple[int, ...] = STAGE_COUNTS
 
 

@@ -7,8 +7,8 @@ from typing import Any
 import onnx_ir as ir
 
 from llama4_deploy.graphs.dispatch import DispatchRules
-from llama4_deploy.graphs.forms import AUTO, AttentionForm, QuantForm
-from llama4_deploy.graphs.quantize import QuantSpec
+from llama4_deploy.graphs.forms import AUTO, INT4_DEFAULTS, AttentionForm, QuantForm
+from llama4_deploy.graphs.quantize import QuantSpec, form_for
 from llama4_deploy.targets import TargetError
 
 Json = dict[str, Any]  # a manifest record, a recipe's keys, the model's facts
@@ -27,6 +27,23 @@ class Target:
         """Recipe keys the target fixes, given the recipe (with the build's overrides) and the precision flags the
         user passed (None: not passed). Raises TargetError on a choice the backend cannot run."""
         return {}
+
+    def int4_defaults(self, recipe: Json) -> Json:
+        """The block size and int4 compute a recipe leaves unset (None), given the recipe the target has fixed: the
+        defaults of the int4 form the build takes on this target (graphs/forms.py INT4_DEFAULTS: ort block 32 with
+        int8 activations, faster and closer to the reference; qdq block 128 in float, TensorRT's contract). int8
+        activations are QMoE's alone, so a pinned MoE dispatch other than native keeps float activations."""
+        form = form_for(recipe["precision"], recipe["quant_form"], self.int4_form)
+        block, compute = INT4_DEFAULTS[form]
+        dispatches = {recipe["moe_dispatch"], *recipe["extra_dispatches"]}
+        if compute == "int8" and (recipe["precision"] != "int4" or dispatches - {AUTO, "native"}):
+            compute = "float"
+        update: Json = {}
+        if recipe["block_size"] is None:
+            update["block_size"] = block
+        if recipe["int4_compute"] is None:
+            update["int4_compute"] = compute
+        return update
 
     def attention_form(self, choice: str) -> AttentionForm:
         return self.attention_auto if choice == AUTO else choice

@@ -3,7 +3,8 @@
 attention      gqa (GroupQueryAttention over the cache written in place, norms fused) unless --attention onnx23
                or decomposed
 MoE dispatch   auto: priced among dense, gather, capacity and native (com.microsoft.MoE) at a CPU's balance
-quantization   int4: ort (MatMulNBits, QMoE) unless --quant-form qdq; fp8: qdq
+quantization   int4: ort (MatMulNBits, QMoE) unless --quant-form qdq, by default with blocks of 32 and int8
+               activations (accuracy_level 4; float where a pinned MoE dispatch is not native); fp8: qdq
 """
 
 from __future__ import annotations

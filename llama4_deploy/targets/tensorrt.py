@@ -7,7 +7,7 @@ verified on any machine and compiled to plans on the GPU machine (`llama4-deploy
     MoE dispatch   auto: gather for decode, capacity for prefill (combine without a ScatterND
                    reduction), and an exact graph (gather or dense, never native) for overflow reruns
     quantization   qdq only; stacked expert weights as per-expert 2-D constants (lower_quant_qdq.py);
-                   INT4 blocks of 64 or 128
+                   INT4 blocks of 64 or 128 (default 128), activations in the compute dtype
     compute dtype  bfloat16 unless --precision / --compute-dtype say otherwise (fp16, fp32)
     every graph    passes graphs/lint_tensorrt.py (TensorRT 10.15's operator table and Q/DQ rules)
     manifest       engine.tensorrt: the pinned TensorRT version and each graph file's optimization
@@ -72,7 +72,7 @@ class TensorRTTarget(Target):
             update["precision"] = chosen
         if chosen in ("fp8", "int4") and compute_dtype is None and recipe["compute_dtype"] is None:
             update["compute_dtype"] = "bfloat16"
-        if chosen == "int4" and recipe["block_size"] not in (64, 128):
+        if chosen == "int4" and recipe["block_size"] not in (None, 64, 128):  # None: the qdq form's 128
             raise TargetError(
                 f"int4 block {recipe['block_size']} is not a block TensorRT documents for INT4 "
                 f"DequantizeLinear (64 or 128); use --block-size 64 or 128 with --target tensorrt"
