@@ -4,7 +4,7 @@ this module imports nothing heavy, so the CLI can build its choices at start-up.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 AUTO = "auto"  # a choice the build resolves per target and engine role
 
@@ -18,10 +18,24 @@ Int8Weight = Literal["q", "k", "v", "o", "shared", "mlp"]  # an int4 build's pro
 BlockSize = Literal[32, 64, 128]  # int4 block along the reduction axis
 MoEDispatch = Literal["dense", "gather", "capacity", "native"]
 AttentionForm = Literal["decomposed", "onnx23", "gqa"]  # gqa: ONNX Runtime's kernel over an in-place cache
-# what an unset block size / int4 compute means, per quantized form (resolved per target: targets/base.py). ort: block
-# 32 with int8 activations, the fastest of ONNX Runtime's 4-bit kernels and also the closer to the reference (measured:
-# docs/precision.md); qdq: TensorRT's contract, whose INT4 DequantizeLinear takes blocks of 64 or 128 only and no int8
-INT4_DEFAULTS: dict[QuantForm, tuple[BlockSize, Int4Compute]] = {"ort": (32, "int8"), "qdq": (128, "float")}
+
+
+class Int4Defaults(NamedTuple):
+    block_size: BlockSize
+    int4_compute: Int4Compute
+    int4_zero_point: Int4ZeroPoint
+    int8_weights: tuple[Int8Weight, ...]
+
+
+# what an unset block size / int4 compute / zero point / 8-bit projections mean, per quantized form (resolved per
+# target: targets/base.py). ort: blocks of 32 with int8 activations, asymmetric, attention V kept at 8 bits (as
+# llama.cpp's Q4_K_M keeps it at 6): the fastest of ONNX Runtime's 4-bit kernels, and the zero points and V's bits
+# bring it closest to the reference at no measurable cost in speed (docs/precision.md); qdq: TensorRT's contract,
+# whose INT4 DequantizeLinear takes symmetric blocks of 64 or 128 only, and no int8 activations
+INT4_DEFAULTS: dict[QuantForm, Int4Defaults] = {
+    "ort": Int4Defaults(32, "int8", "asymmetric", ("v",)),
+    "qdq": Int4Defaults(128, "float", "symmetric", ()),
+}
 
 
 def values(literal) -> tuple:

@@ -134,19 +134,26 @@ class QuantSpec(Strict):
         rule = self.rule_for("layers.0.experts_gate_up")
         return rule if rule is not None and rule.activation == "int8_block" else None
 
-    def int8_experts_refusal(self, hidden: int, intermediate: int) -> str | None:
-        """Why a model of this hidden and expert intermediate size cannot have int8 expert activations (None: it
-        can, or the spec has none): only QMoE computes them, and QMoE needs both sizes to be multiples of the block
-        (quantized builds keep experts whole: lower_moe_native.py's part split is 1)."""
-        rule = self.int8_experts
-        if rule is None or not (hidden % rule.block_size or intermediate % rule.block_size):
+    def qmoe_refusal(self, hidden: int, intermediate: int) -> str | None:
+        """Why a model of this hidden and expert intermediate size cannot have its routed experts as the spec says
+        (None: it can, or nothing in the spec needs QMoE): int8 expert activations and asymmetric int4 experts are
+        QMoE's alone, and QMoE needs both sizes to be multiples of the block (quantized builds keep experts whole:
+        lower_moe_native.py's part split is 1)."""
+        rule = self.rule_for("layers.0.experts_gate_up")
+        if rule is None or rule.weight != "int4" or not (hidden % rule.block_size or intermediate % rule.block_size):
+            return None
+        needs = ["int8 activations (--int4-compute int8)"] if rule.activation == "int8_block" else []
+        needs += ["zero points (--int4-zero-point asymmetric)"] if rule.zero_point else []
+        if not needs:
             return None
         fits = [b for b in values(BlockSize) if not hidden % b and not intermediate % b]
         return (
-            f"--int4-compute int8 runs the routed experts on ONNX Runtime's QMoE kernel, which needs the hidden size "
+            f"{' and '.join(needs)} put the routed experts on ONNX Runtime's QMoE kernel, which needs the hidden size "
             f"({hidden}) and the expert intermediate size ({intermediate}) to be multiples of the block size "
             f"({rule.block_size}); "
             + (f"use --block-size {' or '.join(map(str, fits))}" if fits else "no supported block size divides both")
+            + " (the ort form's defaults: block 32, int8, asymmetric; --int4-compute float --int4-zero-point "
+            "symmetric take any size)"
         )
 
     def native_moe_refusal(self) -> str | None:
@@ -202,12 +209,12 @@ class QuantConfig(Strict):
     precision: Precision = "fp32"
     compute_dtype: ComputeDtype | None = None  # None: from the precision
     # block_size and int4_compute default to the qdq form's; a build passes both, resolved per target (targets/base.py)
-    block_size: int = Field(INT4_DEFAULTS["qdq"][0], description="int4 block along the reduction axis")
+    block_size: int = Field(INT4_DEFAULTS["qdq"].block_size, description="int4 block along the reduction axis")
     form: Literal[QuantForm, "auto"] = "auto"
     method: QuantMethod = "rtn"  # awq: int4 only (export/awq.py)
     # int4: "float" keeps activations in the compute dtype (the spec's weight-only INT4); "int8" lets ONNX Runtime's
     # MatMulNBits and QMoE quantize their activations to int8 per block (accuracy_level 4, the fast CPU kernels)
-    int4_compute: Int4Compute = INT4_DEFAULTS["qdq"][1]
+    int4_compute: Int4Compute = INT4_DEFAULTS["qdq"].int4_compute
     # int4: "asymmetric" stores a 4-bit zero point per block (MatMulNBits' and QMoE's zero_points inputs)
     int4_zero_point: Int4ZeroPoint = "symmetric"
     # int4: projections kept at 8 bits (symmetric blocks of the same size; MatMulNBits bits=8), for the few weights

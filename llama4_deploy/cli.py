@@ -64,7 +64,16 @@ _BUILD_FLAGS = (
         "int4 ort form: int8 activations (MatMulNBits, QMoE accuracy_level 4: the default, faster; float where a "
         "pinned --moe-dispatch is not native) or float",
     ),
-    ("int4_zero_point", "int4 ort form: symmetric blocks (default) or asymmetric ones with a 4-bit zero point each"),
+    (
+        "int4_zero_point",
+        "int4 ort form: asymmetric blocks with a 4-bit zero point each (the default; symmetric where a pinned "
+        "--moe-dispatch is not native) or symmetric",
+    ),
+    (
+        "int8_weights",
+        "int4 ort form: projections kept at 8 bits, comma-separated (q, k, v, o, shared, mlp) or none; default v, "
+        "as llama.cpp's Q4_K_M keeps attention V at more bits",
+    ),
     ("calibration", "fp8 activation / int4 awq calibration: text lines or a JSON list of token-id lists"),
     (
         "stages",
@@ -76,7 +85,36 @@ _BUILD_FLAGS = (
         "llama4-deploy compile (bf16 compute unless --precision/--compute-dtype)",
     ),
 )
-_FLAG_TYPES = {"max_context": int, "max_batch": int, "prefill_tokens": int, "stages": int, "calibration": click.Path()}
+
+
+class _ChoiceList(click.ParamType):
+    """A comma-separated list of choices, or `none` for the empty list."""
+
+    name = "list"
+
+    def __init__(self, allowed: list[str]):
+        self.allowed = allowed
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        if value.strip().lower() == "none":
+            return ()
+        items = tuple(item.strip() for item in value.split(","))
+        bad = next((item for item in items if item not in self.allowed), None)
+        if bad is not None:
+            self.fail(f"{bad!r} is not one of {', '.join(self.allowed)} (or none)", param, ctx)
+        return items
+
+
+_FLAG_TYPES = {
+    "max_context": int,
+    "max_batch": int,
+    "prefill_tokens": int,
+    "stages": int,
+    "calibration": click.Path(),
+    "int8_weights": _ChoiceList(choices("int8_weights")),
+}
 
 
 def _build_flags(command):

@@ -94,7 +94,9 @@ def test_int4_int8_compute_verifies(tmp_path, monkeypatch):
     from llama4_deploy.export import simulate as simulation
     from llama4_deploy.quality import verify as verifying
 
+    # int8 activations alone: symmetric blocks, every projection at 4 bits (the figures above were measured so)
     flags = "--recipe tiny --precision int4 --int4-compute int8 --block-size 32 --moe-dispatch native".split()
+    flags += "--int4-zero-point symmetric --int8-weights none".split()
     result = invoke("build", *flags, "--out", tmp_path / "int8")
     assert result.exit_code == 0, result.output
     bundle = tmp_path / "int8"
@@ -135,62 +137,79 @@ def test_int4_int8_compute_refuses_what_qmoe_cannot_take(tmp_path):
     before anything is made."""
     flags = "--recipe tiny --precision int4 --int4-compute int8 --block-size 128".split()
     message = user_error(invoke("build", *flags, "--out", tmp_path / "b128"), "QMoE", "(64)", "(32)", "(128)")
-    assert message.endswith("use --block-size 32")
+    assert "int8 activations (--int4-compute int8) and zero points" in message and "use --block-size 32 (" in message
     assert not (tmp_path / "b128").exists()
 
 
-def test_int4_default_is_block_32_with_int8_activations(tmp_path):
-    """`--precision int4` alone on ONNX Runtime builds the ort form at block 32 with int8 activations (targets/base.py
-    int4_defaults: measured faster and closer to transformers than block 128 in float, docs/precision.md); block 32
-    divides tiny's hidden (64) and expert (32) sizes, so QMoE takes the experts (auto: native) and the bundle verifies
-    against the simulation that rounds the same activations to int8."""
+def test_int4_default_is_block_32_int8_asymmetric_with_v_at_8_bits(tmp_path):
+    """`--precision int4` alone on ONNX Runtime builds the ort form at block 32 with int8 activations, asymmetric
+    blocks and attention V at 8 bits (targets/base.py int4_defaults: measured as fast and closer to transformers than
+    block 128 in float, docs/precision.md); block 32 divides tiny's hidden (64) and expert (32) sizes, so QMoE takes
+    the experts (auto: native) and the bundle verifies against the simulation that rounds the same weights and
+    activations."""
     result = invoke("build", "--recipe", "tiny", "--precision", "int4", "--out", tmp_path / "int4")
     assert result.exit_code == 0, result.output
     bundle = tmp_path / "int4"
     m = manifest(bundle)
     assert m["engine"]["quant_form"] == "ort"
-    assert [(r["block_size"], r["activation"]) for r in m["engine"]["quantization"]["rules"]] == [(32, "int8_block")]
+    rules = [(r["weight"], r["block_size"], r["activation"], r["zero_point"], r["patterns"])
+             for r in m["engine"]["quantization"]["rules"]]  # fmt: skip
+    assert rules[0] == ("int8", 32, "int8_block", False, ["layers.*.v"])
+    assert [rule[:4] for rule in rules[1:]] == [("int4", 32, "int8_block", True)]
     assert {role: g["moe_dispatch"] for role, g in m["engine"]["graphs"].items()} == {
         "prefill": "native",
         "decode": "native",
     }
-    levels = {
-        n.op_type: n.attributes["accuracy_level"].as_int()
-        for n in ir.load(bundle / m["engine"]["graphs"]["decode"]["file"]).graph
-        if n.op_type in ("MatMulNBits", "QMoE")
-    }
-    assert levels == {"MatMulNBits": 4, "QMoE": 4}
+    graph = ir.load(bundle / m["engine"]["graphs"]["decode"]["file"]).graph
+    kernels = [n for n in graph if n.op_type in ("MatMulNBits", "QMoE")]
+    assert {(n.op_type, n.attributes["accuracy_level"].as_int()) for n in kernels} == {("MatMulNBits", 4), ("QMoE", 4)}
+    eight = [n for n in kernels if n.op_type == "MatMulNBits" and n.attributes["bits"].as_int() == 8]
+    assert len(eight) == 4 and all(len(n.inputs) == 3 for n in eight)  # one V per layer, symmetric: no zero points
+    assert all(n.inputs[3] is not None for n in kernels if n not in eight and n.op_type == "MatMulNBits")
     _check(verify(str(bundle), log=lambda _: None))
+    # --int8-weights none: every projection at 4 bits
+    flags = "--recipe tiny --precision int4 --int8-weights none".split()
+    result = invoke("build", *flags, "--out", tmp_path / "four")
+    assert result.exit_code == 0, result.output
+    assert [r["weight"] for r in manifest(tmp_path / "four")["engine"]["quantization"]["rules"]] == ["int4"]
+
+
+ORT_INT4 = (32, "int8", "asymmetric", ("v",))  # the ort form's defaults (graphs/forms.py INT4_DEFAULTS)
+QDQ_INT4 = (128, "float", "symmetric", ())
 
 
 @pytest.mark.parametrize(
-    "overrides, block_and_compute",
+    "overrides, expected",
     [
-        ({"precision": "int4"}, (32, "int8")),  # the ort form's default
-        ({"precision": "int4", "block_size": 64}, (64, "int8")),  # a given value is kept
-        ({"precision": "int4", "int4_compute": "float"}, (32, "float")),
-        ({"precision": "int4", "moe_dispatch": "gather"}, (32, "float")),  # only QMoE takes int8 experts
-        ({"precision": "int4", "extra_dispatches": ("dense",)}, (32, "float")),
-        ({"precision": "int4", "moe_dispatch": "native"}, (32, "int8")),
-        ({"precision": "int4", "quant_form": "qdq"}, (128, "float")),  # TensorRT's contract, on ONNX Runtime
-        ({"precision": "int4", "target": "tensorrt"}, (128, "float")),
-        ({"precision": "int4", "target": "tensorrt", "block_size": 64}, (64, "float")),
-        ({"precision": "fp8"}, (128, "float")),  # nothing int4: float, as make_spec requires
-        ({}, (128, "float")),
+        ({"precision": "int4"}, ORT_INT4),
+        ({"precision": "int4", "block_size": 64}, (64, *ORT_INT4[1:])),  # a given value is kept
+        ({"precision": "int4", "int4_compute": "float"}, (32, "float", *ORT_INT4[2:])),
+        ({"precision": "int4", "int8_weights": ()}, (*ORT_INT4[:3], ())),
+        ({"precision": "int4", "int8_weights": ("q", "v")}, (*ORT_INT4[:3], ("q", "v"))),
+        # only QMoE takes int8 or asymmetric experts
+        ({"precision": "int4", "moe_dispatch": "gather"}, (32, "float", "symmetric", ("v",))),
+        ({"precision": "int4", "extra_dispatches": ("dense",)}, (32, "float", "symmetric", ("v",))),
+        ({"precision": "int4", "moe_dispatch": "native"}, ORT_INT4),
+        ({"precision": "int4", "quant_form": "qdq"}, QDQ_INT4),  # TensorRT's contract, on ONNX Runtime
+        ({"precision": "int4", "target": "tensorrt"}, QDQ_INT4),
+        ({"precision": "int4", "target": "tensorrt", "block_size": 64}, (64, *QDQ_INT4[1:])),
+        ({"precision": "fp8"}, QDQ_INT4),  # nothing int4: as make_spec requires
+        ({}, QDQ_INT4),
     ],
 )
-def test_int4_defaults_are_the_targets(overrides, block_and_compute):
-    """An unset block size / int4 compute resolves per target and form (targets/base.py int4_defaults)."""
+def test_int4_defaults_are_the_targets(overrides, expected):
+    """Unset int4 keys resolve per target and form (targets/base.py int4_defaults)."""
     from llama4_deploy.build.options import resolve
 
     recipe = resolve("tiny", None, **overrides)
-    assert (recipe.block_size, recipe.int4_compute) == block_and_compute
+    assert (recipe.block_size, recipe.int4_compute, recipe.int4_zero_point, recipe.int8_weights) == expected
 
 
 def test_int4_asymmetric_zero_points_verify(tmp_path):
     """--int4-zero-point asymmetric (block 32, through the CLI): every MatMulNBits and QMoE carries packed 4-bit zero
     points, and the bundle matches the simulation that rounds each block to [lo, hi] with its own zero point."""
-    flags = "--recipe tiny --precision int4 --int4-zero-point asymmetric --block-size 32".split()
+    # every projection at 4 bits: the V kept at 8 bits by default is symmetric (the default build's own test)
+    flags = "--recipe tiny --precision int4 --int4-zero-point asymmetric --block-size 32 --int8-weights none".split()
     result = invoke("build", *flags, "--out", tmp_path / "asym")
     assert result.exit_code == 0, result.output
     bundle = tmp_path / "asym"

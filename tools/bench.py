@@ -141,13 +141,14 @@ PRECISIONS = ("fp16", "fp8-qdq", "int4-qdq", "int4-ort", "int4-ort-int8")
 
 def precision_build_options(choice: str) -> dict[str, str | int | None]:
     """build() keywords of a `precision[-form[-int4 compute]]` choice: int4-ort-int8 -> int4, ort, int8 (the ort form's
-    default block, 32). An int4 choice without `-int8` is block 128 with float activations, as its name says, on either
-    form (the target's defaults would give the ort form int8 activations at block 32)."""
+    default block, 32). An int4 choice without `-int8` is block 128 with float activations, symmetric, all 4-bit, as
+    its name says, on either form (the target's defaults would give the ort form int8 activations at block 32,
+    asymmetric blocks and attention V at 8 bits)."""
     precision, _, form = choice.partition("-")
     form, _, compute = form.partition("-")
     options = {"precision": precision, "quant_form": form or None, "int4_compute": compute or None}
     if precision == "int4" and not compute:
-        options.update(int4_compute="float", block_size=128)
+        options.update(int4_compute="float", block_size=128, int4_zero_point="symmetric", int8_weights=())
     return options
 
 

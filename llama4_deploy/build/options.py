@@ -10,7 +10,7 @@ result is validated again by the same schema.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -35,6 +35,7 @@ OVERRIDES = {
     "quant_method": "quant_method",
     "int4_compute": "int4_compute",
     "int4_zero_point": "int4_zero_point",
+    "int8_weights": "int8_weights",
     "calibration": "calibration",
     "stages": "stages",
     "extra_dispatches": "extra_dispatches",
@@ -51,6 +52,7 @@ _NAMES = {
     "quant_method": "quantization method",
     "int4_compute": "int4 compute",
     "int4_zero_point": "int4 zero point",
+    "int8_weights": "8-bit projection",
     "compute_dtype": "compute dtype",
     "block_size": "block size",
 }
@@ -67,11 +69,21 @@ def _field(key: str):
     return Recipe.model_fields[model]
 
 
+# keys whose value is a tuple of choices
+LISTS = ("extra_dispatches", "int8_weights")
+
+
+def _element(annotation):
+    """X of `tuple[X, ...]` or `tuple[X, ...] | None`."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return _element(args[0]) if get_origin(annotation) is not tuple else args[0]
+
+
 def choices(argument: str) -> list[str]:
     """The allowed values of a build() argument (as strings, for the CLI), read from the recipe's schema."""
     annotation = _field(OVERRIDES[argument]).annotation
-    if argument == "extra_dispatches":
-        annotation = annotation.__args__[0]  # tuple[MoEDispatch, ...]
+    if argument in LISTS:
+        annotation = _element(annotation)
     return [str(value) for value in values(annotation)]
 
 
@@ -98,9 +110,7 @@ def resolve(recipe: str | None, checkpoint: str | Path | None, **overrides: Any)
         node = data
         for parent in parents:
             node = node[parent]
-        node[leaf] = (
-            tuple(value) if argument == "extra_dispatches" else str(value) if argument == "calibration" else value
-        )
+        node[leaf] = tuple(value) if argument in LISTS else str(value) if argument == "calibration" else value
     chosen = _validated(data, given)
     target = targets.get(chosen.backend)
     try:
@@ -130,12 +140,10 @@ def _sentence(error: dict[str, Any], given: dict[str, Any]) -> str:
         allowed = ", ".join(
             map(
                 str,
-                values(_field(key).annotation)
-                if argument != "extra_dispatches"
-                else values(_field(key).annotation.__args__[0]),
+                values(_element(_field(key).annotation) if argument in LISTS else _field(key).annotation),
             )
         )
-        where = " in extra_dispatches" if argument == "extra_dispatches" else ""
+        where = f" in {argument}" if argument in LISTS else ""
         name = _NAMES.get(loc[-1], loc[-1].replace("_", " "))
         return f"unknown {name} {error['input']!r}{where}; choose one of {allowed}"
     flag = "--" + argument.replace("_", "-") if argument in given else key

@@ -21,6 +21,7 @@ from llama4_deploy.graphs.forms import (
     ComputeDtype,
     Int4Compute,
     Int4ZeroPoint,
+    Int8Weight,
     MoEDispatch,
     Precision,
     QuantForm,
@@ -152,7 +153,10 @@ class Recipe(Strict):
     quant_method: QuantMethod = "rtn"  # awq: activation-aware int4 scales (export/awq.py)
     # int8: MatMulNBits' and QMoE's int8 activations (graphs/quantize.py); None: the target's (targets/base.py)
     int4_compute: Int4Compute | None = None
-    int4_zero_point: Int4ZeroPoint = "symmetric"  # asymmetric: a zero point per block (graphs/quantize.py)
+    # asymmetric: a zero point per block (graphs/quantize.py); None: the target's (targets/base.py)
+    int4_zero_point: Int4ZeroPoint | None = None
+    # projections of an int4 build kept at 8 bits (graphs/quantize.py); None: the target's (targets/base.py)
+    int8_weights: tuple[Int8Weight, ...] | None = None
     calibration: str | None = None  # text lines or a JSON list of id lists; None: seeded random tokens
     backend: TargetName = "onnxruntime"  # the build target (llama4_deploy/targets/)
     moe_dispatch: Literal[MoEDispatch, AUTO] = AUTO

@@ -72,7 +72,8 @@ class PlanConfig:
     prefill_tokens: int = 2048  # most new tokens per row in one engine step (the recipe's profile)
     batches: tuple[int, ...] = (1, 8)
     compute_dtype: str = "bfloat16"  # of fp8 / int4 plans (fp32 and bf16 set their own); GPUs compute in 16 bits
-    block_size: int = INT4_DEFAULTS["qdq"][0]  # int4 block along the reduction axis: TensorRT's (GPU plans are qdq)
+    # int4 block along the reduction axis: TensorRT's (GPU plans are qdq)
+    block_size: int = INT4_DEFAULTS["qdq"].block_size
     stage_counts: tuple[int, ...] = STAGE_COUNTS
 
 

@@ -29,21 +29,27 @@ class Target:
         return {}
 
     def int4_defaults(self, recipe: Json) -> Json:
-        """The block size and int4 compute a recipe leaves unset (None), given the recipe the target has fixed: the
-        defaults of the int4 form the build takes on this target (graphs/forms.py INT4_DEFAULTS: ort block 32 with
-        int8 activations, faster and closer to the reference; qdq block 128 in float, TensorRT's contract). int8
-        activations are QMoE's alone, so a pinned MoE dispatch other than native keeps float activations."""
+        """The int4 keys a recipe leaves unset (None: block size, int4 compute, zero point, 8-bit projections), given
+        the recipe the target has fixed: the defaults of the int4 form the build takes on this target
+        (graphs/forms.py INT4_DEFAULTS: the ort form's fast and close ones; qdq's TensorRT contract). int8
+        activations and zero points are the ort form's kernels', and on the experts QMoE's alone, so a pinned MoE
+        dispatch other than native keeps float activations and symmetric blocks; a build that is not int4 in the
+        ort form takes neither, nor 8-bit projections."""
         form = form_for(recipe["precision"], recipe["quant_form"], self.int4_form)
-        block, compute = INT4_DEFAULTS[form]
+        default = INT4_DEFAULTS[form]
+        compute, zero_point, int8_weights = default.int4_compute, default.int4_zero_point, default.int8_weights
         dispatches = {recipe["moe_dispatch"], *recipe["extra_dispatches"]}
-        if compute == "int8" and (recipe["precision"] != "int4" or dispatches - {AUTO, "native"}):
-            compute = "float"
-        update: Json = {}
-        if recipe["block_size"] is None:
-            update["block_size"] = block
-        if recipe["int4_compute"] is None:
-            update["int4_compute"] = compute
-        return update
+        if recipe["precision"] != "int4" or form != "ort" or dispatches - {AUTO, "native"}:
+            compute, zero_point = "float", "symmetric"
+        if recipe["precision"] != "int4" or form != "ort":
+            int8_weights = ()
+        chosen = {
+            "block_size": default.block_size,
+            "int4_compute": compute,
+            "int4_zero_point": zero_point,
+            "int8_weights": int8_weights,
+        }
+        return {key: value for key, value in chosen.items() if recipe[key] is None}
 
     def attention_form(self, choice: str) -> AttentionForm:
         return self.attention_auto if choice == AUTO else choice

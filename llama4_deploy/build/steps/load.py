@@ -48,7 +48,7 @@ def run(ctx: BuildContext) -> Loaded:
     if ctx.checkpoint is None:  # the recipe gives the sizes: its limits are checked before any weights are made
         spec = quant_spec(recipe, ctx.target)
         check_limits(recipe, recipe.random.shape(), spec.compute_dtype, ctx.force)
-        check_int8_experts(spec, recipe.random.shape())
+        check_qmoe_experts(spec, recipe.random.shape())
         key = step_key("checkpoint", recipe.random.model_dump(mode="json"))
         identity: Any = {"random checkpoint": key}
         if ctx.cache.get("checkpoint", key) is None:
@@ -90,7 +90,7 @@ def run(ctx: BuildContext) -> Loaded:
         )
     spec = quant_spec(recipe, ctx.target, checkpoint)
     check_limits(recipe, shape, spec.compute_dtype, ctx.force)
-    check_int8_experts(spec, shape)
+    check_qmoe_experts(spec, shape)
     log(f"[profiles] {recipe.profiles.model_dump()}")
     split = stage_split(shape, recipe.stages, log)
     if checkpoint.logical is not None:
@@ -182,10 +182,10 @@ def check_limits(recipe: Recipe, shape: ModelShape, compute_dtype: str, force: b
         )
 
 
-def check_int8_experts(spec: QuantSpec, shape: ModelShape) -> None:
-    """int8 expert activations only where QMoE takes the experts (QuantSpec.int8_experts_refusal), refused in one
-    sentence before anything is traced."""
-    refusal = spec.int8_experts_refusal(shape.hidden_size, shape.intermediate_size) if shape.moe_layers else None
+def check_qmoe_experts(spec: QuantSpec, shape: ModelShape) -> None:
+    """int8 or asymmetric experts only where QMoE takes them (QuantSpec.qmoe_refusal), refused in one sentence
+    before anything is traced."""
+    refusal = spec.qmoe_refusal(shape.hidden_size, shape.intermediate_size) if shape.moe_layers else None
     if refusal:
         raise BuildError(refusal)
 
@@ -222,6 +222,7 @@ def quant_spec(recipe: Recipe, target: Target, checkpoint: Checkpoint | None = N
                 method=recipe.quant_method,
                 int4_compute=recipe.int4_compute,
                 int4_zero_point=recipe.int4_zero_point,
+                int8_weights=recipe.int8_weights,
             ),
             target.int4_form,
         )
