@@ -53,10 +53,17 @@ FULL = Sizes()
 QUICK = Sizes(128, 4, 16, 128, (4, 2, 32), 512, (100, 300), 64, 3, 64, 1)
 
 # our forms: name -> build() overrides
+ALL_4BIT = {"int4_zero_point": "symmetric", "int8_weights": ()}
 OURS = {
     "ours fp32": {},
-    "ours int4 block 128, float activations": {"precision": "int4", "block_size": 128, "int4_compute": "float"},
-    "ours int4 (default build: block 32, int8 activations)": {"precision": "int4"},
+    "ours int4 block 128, float activations": {
+        "precision": "int4",
+        "block_size": 128,
+        "int4_compute": "float",
+        **ALL_4BIT,
+    },
+    "ours int4 block 32, int8 activations": {"precision": "int4", **ALL_4BIT},
+    "ours int4 (default build: block 32, int8 activations, asymmetric, V at 8 bits)": {"precision": "int4"},
 }
 PEERS = ("f32", "Q8_0", "Q4_0", "Q4_K_M")  # llama.cpp's
 

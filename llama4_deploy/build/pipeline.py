@@ -59,7 +59,7 @@ def build(
     nothing, unless `force` (outdir.py); `force` also builds a KV cache larger than this machine's memory
     (steps/load.py). `overrides` replace recipe keys, one per CLI flag (options.OVERRIDES): moe_dispatch, attention,
     max_context, max_batch, prefill_tokens, precision, compute_dtype, block_size, quant_form, quant_method,
-    int4_compute, int4_zero_point, calibration, stages, extra_dispatches, target; None keeps the recipe's.
+    int4_compute, int4_zero_point, int8_weights, calibration, stages, extra_dispatches, target; None keeps the recipe's.
     A bare checkpoint's context defaults to its max_position_embeddings, at most load.DEFAULT_MAX_CONTEXT."""
     started = time.time()
     for flag, value in (
