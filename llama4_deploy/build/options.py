@@ -3,8 +3,8 @@
 `build()`'s keyword arguments and the CLI's flags map one to one onto recipe keys (OVERRIDES); each allowed value
 is declared once, in the schema's types (llama4_deploy/build/recipe.py, graphs/forms.py, llama4_deploy/targets/),
 and the CLI reads its choices from there (`choices`). The target then fixes what its backend requires
-(targets/*.py, `configure`) and fills in what is still unset (`int4_defaults`: the int4 block and compute), and the
-result is validated again by the same schema.
+(targets/*.py, `configure`) and fills in what is still unset (`int4_defaults`: block, compute, zero point, 8-bit
+projections of an int4 build), and the result is validated again by the same schema.
 """
 
 from __future__ import annotations
