@@ -97,16 +97,10 @@ def _packed(source: ir.TensorProtocol, rule: QuantRule, compute_dtype: str, axis
         out_dims = dims[:-2] + (dims[-1],)
     else:
         out_dims = dims[:-1]
-    per_byte = 1 if rule.weight == "int8" else 2
+    per_byte = 8 // rule.bits
     b_shape = out_dims + ((blocks * rule.block_size // per_byte,) if flat else (blocks, rule.block_size // per_byte))
 
     def b() -> ir.TensorProtocol:
-        if rule.weight == "int8":
-            q, _ = weight.arrays()
-            q = np.swapaxes(q, -1, -2) if axis % q.ndim == q.ndim - 2 else q
-            return ir.tensor(
-                np.ascontiguousarray(pack_int8_rows(q, rule.block_size).reshape(b_shape)), name=f"{name}.q8"
-            )
         if asymmetric is not None:
             packed = pack_uint4(asymmetric.arrays()[0], rule.block_size)
             return ir.tensor(np.ascontiguousarray(packed.reshape(b_shape)), name=f"{name}.q4")
@@ -114,8 +108,8 @@ def _packed(source: ir.TensorProtocol, rule: QuantRule, compute_dtype: str, axis
         q = np.asarray(q.astype(np.int8))
         if axis % q.ndim == q.ndim - 2:
             q = np.swapaxes(q, -1, -2)
-        packed = pack_int4_rows(q, rule.block_size)
-        return ir.tensor(np.ascontiguousarray(packed.reshape(b_shape)), name=f"{name}.q4")
+        packed = (pack_int8_rows if rule.bits == 8 else pack_int4_rows)(q, rule.block_size)
+        return ir.tensor(np.ascontiguousarray(packed.reshape(b_shape)), name=f"{name}.q{rule.bits}")
 
     def scales() -> ir.TensorProtocol:
         if asymmetric is not None:
@@ -180,7 +174,7 @@ class QuantizeOrtPass(RewritePass):
         count = 0
         for name, value in list(graph.initializers.items()):
             rule = self.spec.rule_for(name)
-            if rule is None or rule.weight not in ("int4", "int8") or value.const_value is None:
+            if rule is None or not rule.bits or value.const_value is None:
                 continue
             if any(u.domain == MS_DOMAIN for u, _ in value.uses()):
                 continue  # expert weights of the MoE kernel: below
@@ -197,7 +191,7 @@ class QuantizeOrtPass(RewritePass):
                 {
                     "K": k,
                     "N": n,
-                    "bits": 8 if rule.weight == "int8" else 4,
+                    "bits": rule.bits,
                     "block_size": rule.block_size,
                     "accuracy_level": 4 if rule.activation == "int8_block" else self.config.accuracy_level,
                 },

@@ -48,7 +48,6 @@ from llama4_deploy.graphs.quantize import (
     QuantSpec,
     fp8_activation_scale,
     fp8_channel,
-    int4_blocked,
     int_blocked,
     numpy_dtype,
 )
@@ -118,11 +117,9 @@ class QuantizedWeight:
             return result
         w = np.asarray(self.source.numpy(), dtype=np.float32)  # no copy of an fp32 source
         axis = self.axis % w.ndim
-        if self.rule.weight == "int4":
-            q, scale = int4_blocked(w, axis, self.rule.block_size, self.compute_dtype)
-            q = q.astype(ml_dtypes.int4)
-        elif self.rule.weight == "int8":
-            q, scale = int_blocked(w, axis, self.rule.block_size, self.compute_dtype, bits=8)
+        if self.rule.bits:
+            q, scale = int_blocked(w, axis, self.rule.block_size, self.compute_dtype, bits=self.rule.bits)
+            q = q.astype(ml_dtypes.int4) if self.rule.bits == 4 else q
         else:
             q, scale = fp8_channel(w, axis, self.compute_dtype)
             if w.ndim == 2:
@@ -134,7 +131,7 @@ class QuantizedWeight:
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         dims = tuple(int(d) for d in self.source.shape)
         axis = self.axis % len(dims)
-        if self.rule.weight in ("int4", "int8"):
+        if self.rule.bits:
             scale = dims[:axis] + (-(-dims[axis] // self.rule.block_size),) + dims[axis + 1 :]
         elif len(dims) == 2:
             scale = (dims[1 - axis],)
@@ -168,7 +165,7 @@ class QuantizedWeight:
 
 
 def dequantize_attributes(rule: QuantRule, axis: int, rank: int, k: int) -> dict[str, int]:
-    if rule.weight in ("int4", "int8"):
+    if rule.bits:
         return {"axis": axis % rank, "block_size": rule.block_size}
     if rank == 2:
         return {"axis": 1 - axis % rank}

@@ -97,6 +97,11 @@ class QuantRule(Strict):
     method: Literal["rtn", "awq", "checkpoint"] = "rtn"
     zero_point: bool = False  # int4: asymmetric blocks, a 4-bit zero point each
 
+    @property
+    def bits(self) -> int | None:
+        """Bits per stored value of a blocked integer weight (int4, int8); None for fp8."""
+        return {"int4": 4, "int8": 8}.get(self.weight)
+
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in self.patterns)
 
@@ -433,8 +438,8 @@ def fake_quant(w: np.ndarray, rule: QuantRule, axis: int, compute_dtype: str = "
     if rule.weight == "int4" and rule.zero_point:
         u, scale, zero = int4_blocked_asymmetric(w, axis, rule.block_size, compute_dtype)
         return int4_dequantize_asymmetric(u, scale, zero, axis, rule.block_size)
-    if rule.weight in ("int4", "int8"):
-        q, scale = int_blocked(w, axis, rule.block_size, compute_dtype, bits=int(rule.weight[3:]))
+    if rule.bits:
+        q, scale = int_blocked(w, axis, rule.block_size, compute_dtype, bits=rule.bits)
         return int4_dequantize(q, scale, axis, rule.block_size)
     q, scale = fp8_channel(w, axis, compute_dtype)
     return fp8_dequantize(q, scale)

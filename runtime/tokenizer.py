@@ -22,6 +22,13 @@ class Tokenizer:
             raise BundleError(f"{path} is not a readable tokenizer.json ({reason})") from None
         self._decoder_kinds: set[str] | None = None
 
+    @classmethod
+    def wrapping(cls, tokenizer: HFTokenizer) -> Tokenizer:
+        """The wrapper over a `tokenizers.Tokenizer` already loaded (the training tools hold one)."""
+        wrapped = cls.__new__(cls)
+        wrapped._tokenizer, wrapped._decoder_kinds = tokenizer, None
+        return wrapped
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # encode_batch releases the GIL while it works (encode holds it): a server tokenizing a huge prompt on a
         # worker thread keeps answering meanwhile

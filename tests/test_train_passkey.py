@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from llama4_deploy.quality.needle import INTRO, KEY_DIGITS, NEEDLE, QUESTION, Prompts
 from llama4_deploy.runtime.tokenizer import Tokenizer as RuntimeTokenizer
 from tools.train import CHECKPOINT_DIR, HELD_OUT_SAMPLE, MODEL_CONFIG, build_model
-from tools.train_passkey import PasskeySettings, passkey_row, shortest_document, train
+from tools.train_passkey import PROBE_LENGTHS, PasskeySettings, passkey_row, shortest_document, train
 
 
 def _tokenizer():
@@ -68,8 +68,11 @@ def test_a_few_training_steps_run_and_change_the_weights():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     filler = np.array(_encode(tokenizer)(HELD_OUT_SAMPLE.read_text()), dtype=np.int64)
     settings = PasskeySettings(stages=((2, 100, 4), (1, 160, 3)), warmup=1, threads=1)
-    result = train(model, tokenizer, filler, settings, log=lambda _: None)
+    # the greedy probe runs at the last step, on prompts eval --needle's code lays out through the runtime's tokenizer
+    result = train(model, tokenizer, filler, settings, log=lambda _: None, probe_text=HELD_OUT_SAMPLE.read_text())
     history = result["history"]
+    assert history["probe_step"] == [3] and list(history["probe"][0]) == [str(n) for n in PROBE_LENGTHS]
+    assert all(v in {i / 16 for i in range(17)} for v in history["probe"][0].values())  # 16 prompts per length
     assert history["step"] == [3] and history["seq_len"] == [160] and result["tokens"] == 2 * 100 * 4 + 160 * 3
     assert all(math.isfinite(x) for x in history["loss"] + history["answer_loss"])
     assert 0.0 <= history["answer_accuracy"][0] <= 1.0

@@ -182,8 +182,7 @@ def train(model, tokenizer, train_ids, s: PasskeySettings, log, probe_text: str 
     cfg = model.config
     optimizer = adamw(model, s)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
-    probe_tokenizer = RuntimeTokenizer.__new__(RuntimeTokenizer)  # the runtime's wrapper over the same tokenizer
-    probe_tokenizer._tokenizer = tokenizer
+    probe_tokenizer = RuntimeTokenizer.wrapping(tokenizer)  # the runtime's wrapper over the same tokenizer
     rng = np.random.default_rng(s.seed)
     eos = tokenizer.token_to_id(EOS)
     shortest = shortest_document(encode)
@@ -320,7 +319,7 @@ def tuning_off_checkpoint(checkpoint: Path, folder: Path) -> Path:
 def sweep_both(checkpoint: Path, workdir: Path, out: Path, log, trials: int = 5) -> dict:
     """Build the checkpoint at SWEEP_CONTEXT with temperature tuning on and off, sweep both with eval --needle
     (--compare), and keep the tables, the heatmap and the JSON in `out`."""
-    from llama4_deploy.quality.needle import heatmap
+    from llama4_deploy.quality.needle import Sweep, heatmap
 
     cli = [sys.executable, "-m", "llama4_deploy.cli"]
     bundles = {"on": workdir / "bundle-tuning-on", "off": workdir / "bundle-tuning-off"}
@@ -341,23 +340,8 @@ def sweep_both(checkpoint: Path, workdir: Path, out: Path, log, trials: int = 5)
     shutil.copyfile(workdir / "needle" / "needle.json", out / "needle.json")
     on, off = json.loads((workdir / "needle" / "needle.json").read_text())
     for setting, recorded in (("on", on), ("off", off)):  # each setting's heatmap on its own too
-        heatmap([_sweep_of(recorded)], out / f"needle-tuning-{setting}.png", [f"temperature tuning {setting}"])
+        heatmap([Sweep.from_record(recorded)], out / f"needle-tuning-{setting}.png", [f"temperature tuning {setting}"])
     return {"lengths": on["lengths"], "depths": on["depths"], "on": on["accuracy"], "off": off["accuracy"]}
-
-
-def _sweep_of(recorded: dict):
-    """The Sweep an eval --needle JSON record describes."""
-    from llama4_deploy.quality.needle import Sweep, Trial
-
-    trials = [Trial(**trial) for trial in recorded["trials"]]
-    fields = ("bundle", "haystack", "lengths", "depths")
-    return Sweep(
-        *(recorded[f] for f in fields),
-        trials,
-        recorded["chunk"],
-        recorded["max_context"],
-        recorded["temperature_tuning"],
-    )
 
 
 def write_card(out: Path, record: dict) -> None:

@@ -104,6 +104,18 @@ class Sweep:
             "trials": [dataclasses.asdict(t) for t in self.trials],
         }
 
+    @classmethod
+    def from_record(cls, record: dict) -> Sweep:
+        """The Sweep a `record()` (one entry of needle.json) describes."""
+        fields = ("bundle", "haystack", "lengths", "depths")
+        return cls(
+            *(record[f] for f in fields),
+            [Trial(**trial) for trial in record["trials"]],
+            record["chunk"],
+            record["max_context"],
+            record["temperature_tuning"],
+        )
+
 
 def accuracy_table(grid: np.ndarray, lengths, depths, title: str, signed: bool = False) -> str:
     width = 7

@@ -8,7 +8,15 @@ import re
 
 import pytest
 
-from llama4_deploy.quality.needle import ANSWER_TOKENS, Prompts, Trial, answer_key, default_depths, default_lengths
+from llama4_deploy.quality.needle import (
+    ANSWER_TOKENS,
+    Prompts,
+    Sweep,
+    Trial,
+    answer_key,
+    default_depths,
+    default_lengths,
+)
 from tests.test_cli import invoke, user_error
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -76,6 +84,9 @@ def test_every_trial_is_the_engines_greedy_answer_to_its_prompt(swept, trained_e
     assert re.search(r"^difference, .*\n.*\n\s+100\s+\+0\s+\+0\s+\+0\s+\+0$", result.stdout, re.M), result.stdout
     assert (out / "needle.png").read_bytes()[:8] == PNG_MAGIC
     assert sorted(p.name for p in out.iterdir()) == ["needle.json", "needle.png"]
+    # a record read back is the sweep that wrote it (make train-passkey draws each setting's heatmap from it)
+    again = Sweep.from_record(first)
+    assert again.record() == first and again.trials[0] == Trial(**first["trials"][0])
 
 
 def test_needle_bad_input(trained_bundle, tmp_path):
