@@ -1482,3 +1482,31 @@ def test_trace_steps_never_writes_over_a_file(tiny_bundle, tmp_path):
     existing.write_text("keep me\n")
     user_error(invoke("serve", str(tiny_bundle), "--port", "0", "--trace-steps", str(existing)), "exists")
     assert existing.read_text() == "keep me\n"
+
+
+def test_handoff_delivers_every_output_in_order_and_its_thread_ends():
+    """The scheduler thread's outputs reach each request's asyncio queue in the order they were put, however the
+    handoff thread batches them; close() ends that thread, and so does a loop that has gone away."""
+    from llama4_deploy.serving.server import _Handoff
+
+    steps, rows = 300, 4
+
+    async def main():
+        handoff = _Handoff(asyncio.get_running_loop())
+        queues = [asyncio.Queue() for _ in range(rows)]
+        producer = threading.Thread(
+            target=lambda: [handoff.put(q, (step, i)) for step in range(steps) for i, q in enumerate(queues)]
+        )
+        producer.start()
+        got = [[await asyncio.wait_for(q.get(), TIMEOUT) for _ in range(steps)] for q in queues]
+        producer.join(TIMEOUT)
+        handoff.close()
+        handoff._thread.join(TIMEOUT)
+        assert not handoff._thread.is_alive()
+        assert got == [[(step, i) for step in range(steps)] for i in range(rows)]
+        return _Handoff(asyncio.get_running_loop())
+
+    orphan = asyncio.run(main())  # its loop is closed now
+    orphan.put(asyncio.Queue(), "late")  # a scheduler still finishing a request after shutdown
+    orphan._thread.join(TIMEOUT)
+    assert not orphan._thread.is_alive()

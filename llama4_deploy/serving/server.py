@@ -23,6 +23,7 @@ import contextlib
 import hmac
 import json
 import logging
+import queue
 import signal
 import socket
 import threading
@@ -220,27 +221,48 @@ class Metrics:
 
 # -- one request's run ----------------------------------------------------------------------------
 class _Handoff:
-    """Outputs from the scheduler thread to the event loop's request queues: a step hands every row its token, and
-    waking the loop once for them all (not once per token: a self-pipe write and a loop iteration each) leaves the
-    cores to the engine."""
+    """Outputs from the scheduler thread to the event loop's request queues, through a thread of its own.
+
+    Waking the loop is a write to its self-pipe; a syscall releases the GIL, and getting it back makes the scheduler
+    wait while the woken loop streams the step's tokens, between two engine steps. Here the scheduler only puts into
+    a SimpleQueue (C code that never gives the GIL up), and the handoff thread wakes the loop once for everything that
+    has arrived: it gets the GIL when the scheduler gives it up for the next engine step, so the loop's work overlaps
+    the engine instead of delaying it."""
+
+    _CLOSE = object()
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self._pending: list[tuple[asyncio.Queue, Output]] = []
-        self._lock = threading.Lock()
+        self._arrived: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._wake, name="llama4-deploy-handoff", daemon=True)
+        self._thread.start()
 
-    def put(self, queue: asyncio.Queue, output: Output) -> None:
-        with self._lock:
-            self._pending.append((queue, output))
-            if len(self._pending) > 1:  # a wake-up is already on its way and will take this one too
+    def put(self, target: asyncio.Queue, output: Output) -> None:
+        self._arrived.put((target, output))
+
+    def close(self) -> None:
+        self._arrived.put(self._CLOSE)
+
+    def _wake(self) -> None:
+        while True:
+            batch = [self._arrived.get()]
+            while not self._arrived.empty():
+                batch.append(self._arrived.get_nowait())
+            closing = batch[-1] is self._CLOSE
+            if closing:
+                batch.pop()
+            if batch:
+                try:
+                    self.loop.call_soon_threadsafe(self._deliver, batch)
+                except RuntimeError:  # the loop is closed: nobody waits for these any more
+                    return
+            if closing:
                 return
-        self.loop.call_soon_threadsafe(self._deliver)
 
-    def _deliver(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for queue, output in pending:
-            queue.put_nowait(output)
+    @staticmethod
+    def _deliver(batch: list) -> None:
+        for target, output in batch:
+            target.put_nowait(output)
 
 
 class _Run:
@@ -387,6 +409,8 @@ class Server:
     def handoff(self, loop: asyncio.AbstractEventLoop) -> _Handoff:
         """The one _Handoff into `loop` (the server runs one event loop; a new one, in tests, gets its own)."""
         if self._handoff is None or self._handoff.loop is not loop:
+            if self._handoff is not None:
+                self._handoff.close()
             self._handoff = _Handoff(loop)
         return self._handoff
 
@@ -888,7 +912,7 @@ class Server:
         async def lifespan(app):
             self.scheduler.start()
             yield
-            self.scheduler.stop()
+            self.stop()
 
         app = FastAPI(title="llama4-deploy", lifespan=lifespan)
         app.post("/v1/completions")(self.completions)
@@ -1025,6 +1049,12 @@ class Server:
     def drain(self, timeout: float) -> None:
         """Stop intake (503 from now on) and cancel what still runs after `timeout` seconds (a 503 each)."""
         self.scheduler.drain(timeout)
+
+    def stop(self) -> None:
+        """Stop the scheduler (what still runs is cancelled and told so), then the handoff thread."""
+        self.scheduler.stop()
+        if self._handoff is not None:
+            self._handoff.close()
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -1356,7 +1386,7 @@ class Loading:
             self._thread.join()
             self._thread = None
         if self.server is not None:
-            self.server.scheduler.stop()
+            self.server.stop()
 
 
 def _uvicorn_server(app, drain_timeout: float, on_signal=None):
