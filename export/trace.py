@@ -93,7 +93,7 @@ def _onnx_export(module, args, dynamic_shapes, input_names, output_names):
     return program
 
 
-def _export(build, dynamic_shapes, input_names, output_names, constants=None) -> ir.Model:
+def trace_template(build, dynamic_shapes, input_names, output_names, constants=None) -> ir.Model:
     """Trace `build()` -> (module, example args) with fake tensors; `constants` fills buffers."""
     ops.register_schemas()
     with FakeTensorMode():
@@ -160,7 +160,7 @@ def trace_layer(shape: ModelShape, kind: LayerKind) -> ir.Model:
     constants = {"rope_rotation": modules.pair_rotation(shape.head_dim).numpy()} if kind.rope else {}
     # forward(hidden_states, *rest): dynamic shapes follow the argument structure
     structure = (dims[names[0]], tuple(dims[name] for name in names[1:]))
-    return _export(build, structure, names, LAYER_OUTPUTS, constants)
+    return trace_template(build, structure, names, LAYER_OUTPUTS, constants)
 
 
 def trace_prologue(shape: ModelShape, has_rope: bool | None = None, has_global: bool | None = None) -> ir.Model:
@@ -182,7 +182,7 @@ def trace_prologue(shape: ModelShape, has_rope: bool | None = None, has_global: 
     names = ("position_ids", "past_lengths") + tuple(name for name, _ in caches)
     # each frequency twice (once per member of its pair), as Prologue holds it
     constants = {"rope_inv_freq": np.repeat(np.asarray(shape.rope_inv_freq(), dtype=np.float32), 2)} if has_rope else {}
-    return _export(build, tuple(dims), names, modules.Prologue.outputs(shape, has_rope, has_global), constants)
+    return trace_template(build, tuple(dims), names, modules.Prologue.outputs(shape, has_rope, has_global), constants)
 
 
 def trace_embed(shape: ModelShape) -> ir.Model:
@@ -192,7 +192,7 @@ def trace_embed(shape: ModelShape) -> ir.Model:
     def build():
         return modules.Embed(shape), (torch.zeros(n["batch"], n["new"], dtype=torch.int64),)
 
-    return _export(build, dims, ("input_ids",), ("hidden_states",))
+    return trace_template(build, dims, ("input_ids",), ("hidden_states",))
 
 
 def trace_head(shape: ModelShape) -> ir.Model:
@@ -202,7 +202,7 @@ def trace_head(shape: ModelShape) -> ir.Model:
     def build():
         return modules.Head(shape), (torch.zeros(n["batch"], n["new"], shape.hidden_size),)
 
-    return _export(build, dims, ("hidden_states",), ("logits",))
+    return trace_template(build, dims, ("hidden_states",), ("logits",))
 
 
 _TEMPLATES: dict[str, dict[str, ir.Model]] = {}

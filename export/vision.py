@@ -231,26 +231,26 @@ def trace_vision_templates(shape: VisionShape) -> dict[str, Any]:
 
 
 def _trace_vision_templates(shape: VisionShape) -> dict[str, Any]:
-    from llama4_deploy.export.trace import _export
+    from llama4_deploy.export.trace import trace_template
 
     side, width, length = shape.image_size, shape.hidden_size, shape.patches_per_side**2 + 1
     tiles = ({0: torch.export.Dim("tiles")},)
     cos, sin = rope_tables(shape)
     return {
-        "vision.embed": _export(
+        "vision.embed": trace_template(
             lambda: (_Embed(shape), (torch.zeros(2, shape.num_channels, side, side),)),
             tiles,
             ("pixel_values",),
             ("hidden_states",),
         ),
-        "vision.layer": _export(
+        "vision.layer": trace_template(
             lambda: (_Layer(shape), (torch.zeros(2, length, width),)),
             tiles,
             ("hidden_states",),
             ("hidden_states_out",),
             {"rope_cos": cos.numpy(), "rope_sin": sin.numpy()},
         ),
-        "vision.head": _export(
+        "vision.head": trace_template(
             lambda: (_Head(shape), (torch.zeros(2, length, width),)), tiles, ("hidden_states",), ("image_features",)
         ),
     }
@@ -283,13 +283,12 @@ def link_vision(module: DeployVision, templates: dict[str, Any]):
     return model
 
 
-def export_vision(module: DeployVision, path: Path, max_tiles: int) -> None:
+def export_vision(module: DeployVision, path: Path) -> None:
     """The vision engine's ONNX graph (`pixel_values` [tiles, C, S, S] -> `image_features`), weights in
-    `<name>.data` beside it; tiles is dynamic (the profile bounds it, 1 .. max_tiles): traced once per part
-    (trace_vision_templates) and linked per layer (link_vision)."""
+    `<name>.data` beside it; tiles is a free dimension (the manifest and the profiles bound it): traced once per
+    part (trace_vision_templates) and linked per layer (link_vision)."""
     import onnx_ir as ir
 
-    del max_tiles  # the templates are traced with a free tiles dimension; the manifest and profiles bound it
     model = link_vision(module, trace_vision_templates(module.shape))
     ir.save(model, path, external_data=f"{path.name}.data")
 

@@ -38,7 +38,7 @@ def run(ctx: BuildContext) -> dict[str, Any] | None:
                 module = DeployVision(plan.shape).load(read_vision_weights(loaded.checkpoint, plan.shape))
             except VisionConfigError as err:
                 raise BuildError(f"{err} (--no-vision builds the text model only)") from None
-            export_vision(module, directory / GRAPH, plan.max_tiles)
+            export_vision(module, directory / GRAPH)
             graph = ir.load(directory / GRAPH)
             problems = lint_static(graph)
             if problems:
