@@ -316,14 +316,17 @@ class Engine:
         must be its next positions, padding after them; the step is cut where a row's chunk ends (or the buffers
         would pass the context), the buffers grown before each part, the lengths advanced after it."""
         lengths = cache.lengths
-        for row in range(len(positions)):
-            real = int((positions[row] >= 0).sum())
-            expected = np.arange(lengths[row], lengths[row] + real)
-            if (positions[row, :real] != expected).any() or (positions[row, real:] >= 0).any():
-                raise ValueError(
-                    f"row {row} feeds positions {positions[row].tolist()}; this bundle's attention (gqa) writes the "
-                    f"cache in place and takes each row's next positions from {int(lengths[row])} on, padding last"
-                )
+        # every row: its real tokens first, at its next positions, then padding (one vectorized check per step)
+        columns = np.arange(positions.shape[1])
+        real = (positions >= 0).sum(axis=1)
+        leading = columns[None, :] < real[:, None]
+        wrong = np.where(leading, positions != lengths[:, None] + columns[None, :], positions >= 0).any(axis=1)
+        if wrong.any():
+            row = int(np.flatnonzero(wrong)[0])
+            raise ValueError(
+                f"row {row} feeds positions {positions[row].tolist()}; this bundle's attention (gqa) writes the "
+                f"cache in place and takes each row's next positions from {int(lengths[row])} on, padding last"
+            )
         if positions.max(initial=-1) >= self.manifest.max_context:
             raise ValueError(
                 f"position {int(positions.max())} is beyond the bundle's context of {self.manifest.max_context} tokens"

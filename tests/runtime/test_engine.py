@@ -195,6 +195,58 @@ def test_score_rows_equal_generate_logits(engine):
     assert list(logits.argmax(-1)) == tokens  # greedy picks what the logits say
 
 
+def test_in_place_steps_keep_one_binding_and_stay_exact(engine):
+    """The ONNX Runtime runner binds the cache buffers once and rebinds only what changed
+    (runtime/onnxruntime_backend.py): a cache that grows past its bucket, a second cache stepped in turn with the
+    first, a cache made after one was dropped, and logits kept while later steps run all give the logits of one
+    prefill over the same tokens (score's prefill path, another signature); a step binds nothing it bound before."""
+    import onnxruntime as ort
+
+    assert engine.in_place  # tiny's default attention form on ONNX Runtime (gqa) writes the cache in place
+    a, b = prompts_of([14, 9], seed=11)  # 14 + 12 steps passes the 16-slot bucket; chunk 8 boundaries too
+    steps = 12
+    calls = []
+
+    def counting(bind):
+        def bound(self, name, *args):
+            calls.append(name)
+            return bind(self, name, *args)
+
+        return bound
+
+    def stepped(prompt, other=None):
+        cache = engine.new_cache(1)
+        engine.prefill(cache, [prompt])
+        kept = []
+        for t in range(steps):
+            kept.append(engine.decode_step(cache, np.array([prompt[t % len(prompt)]]), np.array([True]))[0])
+            if other is not None:  # another cache stepped between two of this one's
+                engine.decode_step(other, np.array([t + 1]), np.array([True]))
+        return np.stack(kept), [prompt[t % len(prompt)] for t in range(steps)]
+
+    def expected(prompt, fed):
+        return engine.score(prompt + fed, mode="prefill")[len(prompt) - 1 : len(prompt) - 1 + steps][1:]
+
+    other = engine.new_cache(1)
+    engine.prefill(other, [b])
+    alone, fed = stepped(a)
+    interleaved, _ = stepped(a, other)
+    del other
+    again, _ = stepped(a)  # a new cache, perhaps where a dropped one was
+    for got in (alone, interleaved, again):
+        np.testing.assert_allclose(got[:-1], expected(a, fed), rtol=0, atol=ATOL)
+        np.testing.assert_array_equal(got, alone)  # the kept logits were not overwritten by later steps
+    with pytest.MonkeyPatch.context() as patch:
+        for method in ("bind_input", "bind_ortvalue_input", "bind_output", "bind_ortvalue_output"):
+            patch.setattr(ort.IOBinding, method, counting(getattr(ort.IOBinding, method)))
+        cache = engine.new_cache(1)
+        engine.prefill(cache, [a])
+        engine.decode_step(cache, np.array([1]), np.array([True]))
+        calls.clear()
+        engine.decode_step(cache, np.array([2]), np.array([True]))  # the same cache, the same bucket
+    assert not [name for name in calls if name.startswith(("past_key", "past_value", "present_"))], calls
+
+
 def test_score_unknown_mode(engine):
     with pytest.raises(ValueError, match=r"^mode is 'beam'; use 'prefill' or 'decode'$"):
         engine.score([1, 2], mode="beam")
