@@ -349,21 +349,31 @@ class Engine:
 
     def _step_in_place(self, cache: KVCache, ids, positions: np.ndarray, embeds=None) -> np.ndarray:
         role = "decode" if embeds is None and ids.shape[1] == 1 else "prefill"
-        caches = cache.feeds()
+        every: list[dict] = []
+
+        def caches() -> dict:  # the cache's buffers, gathered only for a runner that does not hold them bound
+            if not every:
+                every.append(cache.feeds())
+            return every[0]
+
         shared = {abi.POSITION_IDS: np.ascontiguousarray(positions), abi.PAST_LENGTHS: cache.lengths.copy()}
         if embeds is None:
             hidden = np.ascontiguousarray(ids)
         else:  # in the graph's own dtype: an fp16 graph is not narrowed for it on this path (infer_in_place)
             hidden = np.ascontiguousarray(embeds, dtype=self.embeds_runner.inputs[abi.HIDDEN_IN][0])
         rerun, outputs = False, {}
+        key = cache.binding_key()
         for stage, names, in_place in zip(self.stages, self._stage_caches, self._shared):
             runner, exact, first = self._stage_graph(stage, role, embeds is not None)
-            feeds = {first: hidden, **shared}
-            feeds.update({name: caches[name] for name in names})
-            outputs = runner.infer_in_place(feeds, in_place)
+            small = {first: hidden, **shared}
+            # a runner still holding this cache's buffers bound is fed only the small inputs
+            feeds = small if runner.holds(key) else {**small, **{name: caches()[name] for name in names}}
+            outputs = runner.infer_in_place(feeds, in_place, key)
             if abi.MOE_OVERFLOW in outputs and outputs[abi.MOE_OVERFLOW].any():
                 # the rerun recomputes every key/value the first run wrote, into the same slots
-                outputs = self._exact(exact).infer_in_place(feeds, in_place)
+                rerun_runner = self._exact(exact)
+                feeds = small if rerun_runner.holds(key) else {**small, **{name: caches()[name] for name in names}}
+                outputs = rerun_runner.infer_in_place(feeds, in_place, key)
                 rerun = True
             hidden = outputs.get(abi.HIDDEN_OUT)
         self.overflow_reruns += rerun

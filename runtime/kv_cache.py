@@ -100,6 +100,10 @@ def context_bucket(tokens: int, max_context: int) -> int:
     return min(power, max_context)
 
 
+class _Layout:
+    """A KVCache's current set of buffers, as an object a runner can hold weakly (KVCache.binding_key)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Layer:
     index: int
@@ -141,10 +145,18 @@ class KVCache:
             self.keys[layer.index] = self._storage_of[layer.index].allocate(shape, self.dtype)
             self.values[layer.index] = self._storage_of[layer.index].allocate(shape, self.dtype)
         self.grown = 0  # reallocations so far
+        self._layout = _Layout()  # replaced whenever a buffer is reallocated (binding_key)
 
     def _slots(self, layer: _Layer, bucket: int | None = None) -> int:
         bucket = self.bucket if bucket is None else bucket
         return min(layer.ring, bucket) if layer.ring else bucket
+
+    def binding_key(self, rows: int | None = None) -> tuple | None:
+        """What identifies the buffers `feeds()` hands out, for a runner that keeps them bound from step to step
+        (OnnxRuntimeRunner.holds): an object that lives while they do and is replaced whenever one is reallocated,
+        and the rows stepped (`rows`: the leading rows only). None: the buffers are not stable (a subclass whose
+        feeds are copies)."""
+        return (self._layout, len(self.lengths) if rows is None else rows)
 
     def feeds(self) -> dict[str, Any]:
         """Every layer's whole buffer by input name: past_key.l / past_value.l [B, K, S, D]."""
@@ -167,6 +179,7 @@ class KVCache:
                 self.values[layer.index] = storage.grow(self.values[layer.index], slots)
         self.bucket = bucket
         self.grown += 1
+        self._layout = _Layout()
 
     def _real_positions(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The rows, columns and positions of a step's real tokens (positions [B, T], -1 for padding), each within the

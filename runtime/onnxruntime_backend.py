@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+# inputs and outputs of at most this many bytes (ids, positions, lengths, a decode step's logits) live in arrays of
+# the runner's that stay bound; larger ones are bound where they are
+SMALL_BYTES = 1 << 16
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
@@ -43,6 +46,8 @@ class OnnxRuntimeRunner:
         self.output_names: list[str] = []
         self._validated: set[tuple] = set()  # feed signatures already checked
         self._binding = None  # infer_in_place's I/O binding, kept from call to call
+        self._held = None  # (layout ref, rows, buffers' signature) of the cache buffers bound now (`holds`)
+        self._staged: dict[tuple[str, str], np.ndarray] = {}  # ("in" | "out", name) -> the runner's own small array
         self._bound: dict[tuple[str, str], tuple | None] = {}  # ("in" | "out", name) -> (array ref, where)
         self._output_shapes: dict[tuple, dict[str, tuple]] = {}  # in-place call signature -> other outputs' shapes
 
@@ -75,7 +80,7 @@ class OnnxRuntimeRunner:
 
     def deactivate(self) -> None:
         self.session = None
-        self._binding, self._bound = None, {}
+        self._binding, self._bound, self._held, self._staged = None, {}, None, {}
 
     def __enter__(self) -> OnnxRuntimeRunner:
         return self.activate()
@@ -83,8 +88,10 @@ class OnnxRuntimeRunner:
     def __exit__(self, *exc) -> None:
         self.deactivate()
 
-    def validate(self, feeds: dict[str, np.ndarray]) -> None:
-        missing = set(self.inputs) - set(feeds)
+    def validate(self, feeds: dict[str, np.ndarray], complete: bool = True) -> None:
+        """Names, dtypes, ranks and fixed dims of `feeds` against the engine's inputs; `complete`: every input fed
+        (infer_in_place's feeds leave out the cache buffers it holds bound)."""
+        missing = set(self.inputs) - set(feeds) if complete else set()
         extra = set(feeds) - set(self.inputs)
         if missing or extra:
             raise ValueError(
@@ -115,7 +122,13 @@ class OnnxRuntimeRunner:
             self._validated.add(signature)
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
-    def infer_in_place(self, feeds: dict[str, np.ndarray], shared: dict[str, str]) -> dict[str, np.ndarray]:
+    def holds(self, key) -> bool:
+        """Whether the buffers of `key` (KVCache.binding_key: its buffers' layout object and the rows stepped) are
+        the ones bound now: a call with that key may then leave them out of its feeds."""
+        held = self._held
+        return key is not None and held is not None and held[0]() is key[0] and held[1] == key[1]
+
+    def infer_in_place(self, feeds: dict[str, np.ndarray], shared: dict[str, str], key=None) -> dict[str, np.ndarray]:
         """Run with I/O binding: each output named in `shared` (output -> input) is bound to its input's buffer, so
         the graph writes it in place (the gqa attention form's cache, graphs/lower_attention_gqa.py); returns the
         other outputs. The feeds must already have the engine's dtypes: a buffer written in place is not narrowed.
@@ -126,41 +139,80 @@ class OnnxRuntimeRunner:
         no reference): a name is rebound only when its array changed, and an array bound earlier and since freed is
         never read, as every input is compared with the array fed now. The other outputs go, from the second call
         of a feed signature on, into arrays allocated here with the shapes the first call returned (the graphs'
-        shapes follow from their input shapes alone: graphs/lint.py)."""
+        shapes follow from their input shapes alone: graphs/lint.py).
+
+        `key` (KVCache.binding_key) names the cache buffers fed: while `holds(key)`, the caller may leave them out
+        of `feeds` and they stay bound as they are. A step then touches only its few small inputs, not every
+        layer's buffers: after a step has streamed the weights through the caches, each Python object touched is a
+        cache miss. The key holds its layout object weakly and the cache replaces that object whenever it
+        reallocates a buffer, so a key never vouches for buffers that are gone."""
         self._check_active()
-        signature = tuple((name, array.dtype, array.shape) for name, array in feeds.items())
-        if signature not in self._validated:
-            self.validate(feeds)
-            self._validated.add(signature)
         if self._binding is None:
-            self._binding, self._bound = self.session.io_binding(), {}
+            self._binding, self._bound, self._held = self.session.io_binding(), {}, None
+        buffers = set(shared.values())
+        held = self.holds(key) and buffers.isdisjoint(feeds)
+        small = tuple((name, array.dtype, array.shape) for name, array in feeds.items() if name not in buffers)
+        if held:
+            layout = self._held[2]
+        else:
+            layout = tuple((name, array.dtype, array.shape) for name, array in feeds.items() if name in buffers)
+        signature = (small, layout, tuple(shared.items()))
+        if signature not in self._validated:
+            self.validate(feeds, complete=not held)
+            self._validated.add(signature)
         binding = self._binding
         arrays = {}
         for name, array in feeds.items():
-            # a C-contiguous host array is used where it is, not copied: the kernel's writes land in its buffer
-            array = arrays[name] = np.ascontiguousarray(array)
+            if name not in buffers and array.nbytes <= SMALL_BYTES:
+                # a step's small input (ids, positions, lengths) is copied into an array of the runner's that stays
+                # bound: a copy of a few bytes costs less than binding a new array
+                array = self._staged_copy(("in", name), array)
+            else:
+                # a C-contiguous host array is used where it is, not copied: the kernel's writes land in its buffer
+                array = np.ascontiguousarray(array)
+            arrays[name] = array
             self._bind(binding.bind_input, ("in", name), array)
-        shapes = self._output_shapes.get((signature, tuple(shared.items())))
+        if not held:
+            self._held = (weakref.ref(key[0]), key[1], layout) if key is not None else None
+        shapes = self._output_shapes.get(signature)
         fresh = {}
         for name in self.output_names:
             if name in shared:
-                self._bind(binding.bind_output, ("out", name), arrays[shared[name]])
+                if not held:
+                    self._bind(binding.bind_output, ("out", name), arrays[shared[name]])
             elif shapes is not None:
                 shape, dtype = shapes[name]
-                self._bind(binding.bind_output, ("out", name), fresh.setdefault(name, np.empty(shape, dtype)))
+                if np.prod(shape) * np.dtype(dtype).itemsize <= SMALL_BYTES:  # a decode step's logits: copied out
+                    fresh[name] = self._staged_array(("out", name), shape, dtype)
+                else:
+                    fresh[name] = np.empty(shape, dtype)
+                self._bind(binding.bind_output, ("out", name), fresh[name])
             else:  # ONNX Runtime allocates it (bound anew: the binding keeps a run's output for the next one)
                 binding.bind_output(name, "cpu")
                 self._bound[("out", name)] = None
         self.session.run_with_iobinding(binding)
-        if shapes is not None:
-            return fresh
+        if shapes is not None:  # the runner's own output arrays are overwritten by the next call: copies out
+            return {
+                name: array.copy() if self._staged.get(("out", name)) is array else array
+                for name, array in fresh.items()
+            }
         outputs = {
             name: value.numpy() for name, value in zip(self.output_names, binding.get_outputs()) if name not in shared
         }
-        self._output_shapes[(signature, tuple(shared.items()))] = {
-            name: (array.shape, array.dtype) for name, array in outputs.items()
-        }
+        self._output_shapes[signature] = {name: (array.shape, array.dtype) for name, array in outputs.items()}
         return outputs
+
+    def _staged_array(self, key: tuple[str, str], shape: tuple, dtype) -> np.ndarray:
+        """The runner's own array for `key` with this shape and dtype (made anew when they change)."""
+        staged = self._staged.get(key)
+        if staged is None or staged.shape != tuple(shape) or staged.dtype != dtype:
+            staged = self._staged[key] = np.empty(shape, dtype)
+        return staged
+
+    def _staged_copy(self, key: tuple[str, str], array: np.ndarray) -> np.ndarray:
+        staged = self._staged_array(key, array.shape, array.dtype)
+        np.copyto(staged, array)
+        return staged
 
     def _bind(self, bind, key: tuple[str, str], array: np.ndarray) -> None:
         """Bind `array` by its address, unless that name is bound to it already: the very array (a weak reference:

@@ -178,6 +178,9 @@ class _LeadingRows:
     def feeds(self) -> dict:
         return {name: buffer[: self.rows] for name, buffer in self.cache.feeds().items()}  # [b, K, S, D] views
 
+    def binding_key(self) -> tuple | None:
+        return self.cache.binding_key(self.rows)
+
     def write(self, outputs: dict, positions: np.ndarray) -> None:
         self.cache.write(outputs, positions)  # positions [b, T]: its rows are the cache's first b rows
 

@@ -65,6 +65,9 @@ class FullRingCache(KVCache):
     def _slots(self, layer, bucket=None):
         return layer.ring or self.max_context  # never grows
 
+    def binding_key(self, rows=None):
+        return None  # feeds() copies the global buffers every step
+
     def feeds(self):
         feeds = {}
         for layer in self._layers:

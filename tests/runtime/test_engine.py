@@ -247,6 +247,29 @@ def test_in_place_steps_keep_one_binding_and_stay_exact(engine):
     assert not [name for name in calls if name.startswith(("past_key", "past_value", "present_"))], calls
 
 
+def test_a_runner_holds_a_caches_buffers_only_while_they_live_unchanged(engine):
+    """KVCache.binding_key changes when a buffer is reallocated and dies with the cache; a runner holds the
+    buffers of the key it last bound (so the engine feeds it the small inputs only) and of no other."""
+    import gc
+
+    runner = engine._stage_graph(engine.stages[0], "decode", False)[0]
+    cache = engine.new_cache(1)
+    engine.prefill(cache, [prompts_of([14], seed=12)[0]])
+    key = cache.binding_key()
+    assert cache.binding_key()[0] is key[0] and cache.binding_key(1) == key
+    engine.decode_step(cache, np.array([3]), np.array([True]))  # 15 cached: still the 16-slot bucket
+    assert runner.holds(key) and runner.holds(cache.binding_key())
+    assert not runner.holds((key[0], 2))  # other rows, other views
+    engine.decode_step(cache, np.array([4]), np.array([True]))
+    engine.decode_step(cache, np.array([5]), np.array([True]))  # its buffers grew to 32 slots
+    assert cache.binding_key()[0] is not key[0] and runner.holds(cache.binding_key()) and not runner.holds(key)
+    del cache, key
+    gc.collect()
+    fresh = engine.new_cache(1)
+    assert not runner.holds(fresh.binding_key())
+    assert runner._held[0]() is None  # the dropped cache's layout is gone, not kept alive by the runner
+
+
 def test_score_unknown_mode(engine):
     with pytest.raises(ValueError, match=r"^mode is 'beam'; use 'prefill' or 'decode'$"):
         engine.score([1, 2], mode="beam")
