@@ -366,14 +366,14 @@ class Engine:
         for stage, names, in_place in zip(self.stages, self._stage_caches, self._shared):
             runner, exact, first = self._stage_graph(stage, role, embeds is not None)
             small = {first: hidden, **shared}
-            # a runner still holding this cache's buffers bound is fed only the small inputs
-            feeds = small if runner.holds(key) else {**small, **{name: caches()[name] for name in names}}
-            outputs = runner.infer_in_place(feeds, in_place, key)
+
+            def stage_buffers(names=names) -> dict:  # asked for only by a runner not holding them bound
+                return {name: caches()[name] for name in names}
+
+            outputs = runner.infer_in_place(small, in_place, key, stage_buffers)
             if abi.MOE_OVERFLOW in outputs and outputs[abi.MOE_OVERFLOW].any():
                 # the rerun recomputes every key/value the first run wrote, into the same slots
-                rerun_runner = self._exact(exact)
-                feeds = small if rerun_runner.holds(key) else {**small, **{name: caches()[name] for name in names}}
-                outputs = rerun_runner.infer_in_place(feeds, in_place, key)
+                outputs = self._exact(exact).infer_in_place(small, in_place, key, stage_buffers)
                 rerun = True
             hidden = outputs.get(abi.HIDDEN_OUT)
         self.overflow_reruns += rerun

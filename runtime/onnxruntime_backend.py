@@ -9,6 +9,7 @@ before calling ONNX Runtime. onnxruntime is imported lazily.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class OnnxRuntimeRunner:
         self.output_names: list[str] = []
         self._validated: set[tuple] = set()  # feed signatures already checked
         self._binding = None  # infer_in_place's I/O binding, kept from call to call
+        self._lock = threading.Lock()  # one binding: one in-place call at a time
         self._held = None  # (layout ref, rows, buffers' signature) of the cache buffers bound now (`holds`)
         self._staged: dict[tuple[str, str], np.ndarray] = {}  # ("in" | "out", name) -> the runner's own small array
         self._bound: dict[tuple[str, str], tuple | None] = {}  # ("in" | "out", name) -> (array ref, where)
@@ -128,7 +130,9 @@ class OnnxRuntimeRunner:
         held = self._held
         return key is not None and held is not None and held[0]() is key[0] and held[1] == key[1]
 
-    def infer_in_place(self, feeds: dict[str, np.ndarray], shared: dict[str, str], key=None) -> dict[str, np.ndarray]:
+    def infer_in_place(
+        self, feeds: dict[str, np.ndarray], shared: dict[str, str], key=None, buffers=None
+    ) -> dict[str, np.ndarray]:
         """Run with I/O binding: each output named in `shared` (output -> input) is bound to its input's buffer, so
         the graph writes it in place (the gqa attention form's cache, graphs/lower_attention_gqa.py); returns the
         other outputs. The feeds must already have the engine's dtypes: a buffer written in place is not narrowed.
@@ -141,12 +145,19 @@ class OnnxRuntimeRunner:
         of a feed signature on, into arrays allocated here with the shapes the first call returned (the graphs'
         shapes follow from their input shapes alone: graphs/lint.py).
 
-        `key` (KVCache.binding_key) names the cache buffers fed: while `holds(key)`, the caller may leave them out
-        of `feeds` and they stay bound as they are. A step then touches only its few small inputs, not every
-        layer's buffers: after a step has streamed the weights through the caches, each Python object touched is a
-        cache miss. The key holds its layout object weakly and the cache replaces that object whenever it
-        reallocates a buffer, so a key never vouches for buffers that are gone."""
+        `key` (KVCache.binding_key) names the cache buffers and `buffers()` returns them ({name: array}); the
+        feeds then hold only the small inputs, and `buffers()` is called only when this runner does not hold that
+        key's buffers bound already (`holds`). A step then touches only its few small inputs, not every layer's
+        buffers: after a step has streamed the weights through the caches, each Python object touched is a cache
+        miss. The key holds its layout object weakly and the cache replaces that object whenever it reallocates a
+        buffer, so a key never vouches for buffers that are gone. Calls are serialized (one binding per runner)."""
         self._check_active()
+        with self._lock:
+            if buffers is not None and not self.holds(key):
+                feeds = {**feeds, **buffers()}
+            return self._bound_run(feeds, shared, key)
+
+    def _bound_run(self, feeds: dict[str, np.ndarray], shared: dict[str, str], key) -> dict[str, np.ndarray]:
         if self._binding is None:
             self._binding, self._bound, self._held = self.session.io_binding(), {}, None
         buffers = set(shared.values())

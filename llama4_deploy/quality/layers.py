@@ -102,12 +102,9 @@ class _Capture:
     def infer(self, feeds):
         return self._keep(self.runner.infer(feeds))
 
-    def holds(self, key) -> bool:
-        return False  # fed every cache buffer each step: the probed graph's runner is this engine's for a moment
-
-    def infer_in_place(self, feeds, shared, key=None):
+    def infer_in_place(self, feeds, shared, key=None, buffers=None):
         """The gqa attention form's call (the cache written in place; runtime/onnxruntime_backend.py)."""
-        return self._keep(self.runner.infer_in_place(feeds, shared, key))
+        return self._keep(self.runner.infer_in_place(feeds, shared, key, buffers))
 
     def _keep(self, outputs):
         # keyed by the engine's step: an overflow rerun on the exact graph replaces its step's record

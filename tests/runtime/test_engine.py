@@ -270,6 +270,25 @@ def test_a_runner_holds_a_caches_buffers_only_while_they_live_unchanged(engine):
     assert runner._held[0]() is None  # the dropped cache's layout is gone, not kept alive by the runner
 
 
+def test_in_place_steps_from_two_threads_equal_each_alone(engine):
+    """A runner keeps one binding, so in-place calls from two threads (two caches) are serialized by it: each thread
+    gets what it gets alone, however the steps interleave."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = prompts_of([9, 12], seed=13)
+
+    def run(prompt):
+        cache = engine.new_cache(1)
+        engine.prefill(cache, [prompt])
+        return np.stack([engine.decode_step(cache, np.array([t]), np.array([True]))[0] for t in prompt[:10]])
+
+    alone = [run(p) for p in prompts]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            for got, want in zip(pool.map(run, prompts), alone):
+                np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
 def test_score_unknown_mode(engine):
     with pytest.raises(ValueError, match=r"^mode is 'beam'; use 'prefill' or 'decode'$"):
         engine.score([1, 2], mode="beam")
