@@ -18,6 +18,9 @@ import numpy as np
 # inputs and outputs of at most this many bytes (ids, positions, lengths, a decode step's logits) live in arrays of
 # the runner's that stay bound; larger ones are bound where they are
 SMALL_BYTES = 1 << 16
+# feed signatures remembered (checked, output shapes learnt): a server sees a new one for each prefill width, bucket
+# and row count, so the memo is emptied when it reaches this many rather than growing for the process's life
+SIGNATURES_KEPT = 4096
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
@@ -120,6 +123,7 @@ class OnnxRuntimeRunner:
         }
         signature = tuple((name, array.dtype, array.shape) for name, array in feeds.items())
         if signature not in self._validated:  # a decode loop repeats one signature: check it once
+            self._remember()
             self.validate(feeds)
             self._validated.add(signature)
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
@@ -169,6 +173,7 @@ class OnnxRuntimeRunner:
             layout = tuple((name, array.dtype, array.shape) for name, array in feeds.items() if name in buffers)
         signature = (small, layout, tuple(shared.items()))
         if signature not in self._validated:
+            self._remember()
             self.validate(feeds, complete=not held)
             self._validated.add(signature)
         binding = self._binding
@@ -212,6 +217,12 @@ class OnnxRuntimeRunner:
         }
         self._output_shapes[signature] = {name: (array.shape, array.dtype) for name, array in outputs.items()}
         return outputs
+
+    def _remember(self) -> None:
+        """Room for one more signature: the memos are emptied once they hold SIGNATURES_KEPT."""
+        if len(self._validated) >= SIGNATURES_KEPT or len(self._output_shapes) >= SIGNATURES_KEPT:
+            self._validated.clear()
+            self._output_shapes.clear()
 
     def _staged_array(self, key: tuple[str, str], shape: tuple, dtype) -> np.ndarray:
         """The runner's own array for `key` with this shape and dtype (made anew when they change)."""

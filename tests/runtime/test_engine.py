@@ -289,6 +289,22 @@ def test_in_place_steps_from_two_threads_equal_each_alone(engine):
                 np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
 
+def test_a_runners_signature_memos_stay_bounded(engine, monkeypatch):
+    """Every prefill width, bucket and row count is a signature; a runner forgets them past SIGNATURES_KEPT instead of
+    remembering all a server ever saw, and what it computes does not change (prefill equals decode throughout)."""
+    from llama4_deploy.runtime import onnxruntime_backend
+
+    monkeypatch.setattr(onnxruntime_backend, "SIGNATURES_KEPT", 3)
+    runner = engine._stage_graph(engine.stages[0], "prefill", False)[0]
+    runner._validated.clear()  # what earlier tests left: this one starts from nothing remembered
+    runner._output_shapes.clear()
+    ids = prompts_of([37], seed=14)[0]
+    for n in (5, 9, 23, 37):
+        prefill = engine.score(ids[:n], mode="prefill")
+        assert len(runner._validated) <= 3 and len(runner._output_shapes) <= 3
+        np.testing.assert_allclose(prefill, engine.score(ids[:n], mode="decode"), rtol=0, atol=ATOL)
+
+
 def test_score_unknown_mode(engine):
     with pytest.raises(ValueError, match=r"^mode is 'beam'; use 'prefill' or 'decode'$"):
         engine.score([1, 2], mode="beam")
