@@ -349,13 +349,6 @@ class Engine:
 
     def _step_in_place(self, cache: KVCache, ids, positions: np.ndarray, embeds=None) -> np.ndarray:
         role = "decode" if embeds is None and ids.shape[1] == 1 else "prefill"
-        every: list[dict] = []
-
-        def caches() -> dict:  # the cache's buffers, gathered only for a runner that does not hold them bound
-            if not every:
-                every.append(cache.feeds())
-            return every[0]
-
         shared = {abi.POSITION_IDS: np.ascontiguousarray(positions), abi.PAST_LENGTHS: cache.lengths.copy()}
         if embeds is None:
             hidden = np.ascontiguousarray(ids)
@@ -368,7 +361,8 @@ class Engine:
             small = {first: hidden, **shared}
 
             def stage_buffers(names=names) -> dict:  # asked for only by a runner not holding them bound
-                return {name: caches()[name] for name in names}
+                every = cache.feeds()
+                return {name: every[name] for name in names}
 
             outputs = runner.infer_in_place(small, in_place, key, stage_buffers)
             if abi.MOE_OVERFLOW in outputs and outputs[abi.MOE_OVERFLOW].any():

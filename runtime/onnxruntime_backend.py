@@ -54,7 +54,9 @@ class OnnxRuntimeRunner:
         self._held = None  # (layout ref, rows, buffers' signature) of the cache buffers bound now (`holds`)
         self._staged: dict[tuple[str, str], np.ndarray] = {}  # ("in" | "out", name) -> the runner's own small array
         self._bound: dict[tuple[str, str], tuple | None] = {}  # ("in" | "out", name) -> (array ref, where)
-        self._output_shapes: dict[tuple, dict[str, tuple]] = {}  # in-place call signature -> other outputs' shapes
+        self._output_shapes: dict[
+            tuple, dict[str, tuple]
+        ] = {}  # in-place call signature -> other outputs' (shape, dtype, staged)
 
     def activate(self) -> OnnxRuntimeRunner:
         import onnxruntime as ort  # deferred: importing the runtime (the CLI, the build) need not load ONNX Runtime
@@ -164,13 +166,13 @@ class OnnxRuntimeRunner:
     def _bound_run(self, feeds: dict[str, np.ndarray], shared: dict[str, str], key) -> dict[str, np.ndarray]:
         if self._binding is None:
             self._binding, self._bound, self._held = self.session.io_binding(), {}, None
-        buffers = set(shared.values())
-        held = self.holds(key) and buffers.isdisjoint(feeds)
-        small = tuple((name, array.dtype, array.shape) for name, array in feeds.items() if name not in buffers)
+        cache_names = set(shared.values())
+        held = self.holds(key) and cache_names.isdisjoint(feeds)
+        small = tuple((name, array.dtype, array.shape) for name, array in feeds.items() if name not in cache_names)
         if held:
             layout = self._held[2]
         else:
-            layout = tuple((name, array.dtype, array.shape) for name, array in feeds.items() if name in buffers)
+            layout = tuple((name, array.dtype, array.shape) for name, array in feeds.items() if name in cache_names)
         signature = (small, layout, tuple(shared.items()))
         if signature not in self._validated:
             self._remember()
@@ -179,7 +181,7 @@ class OnnxRuntimeRunner:
         binding = self._binding
         arrays = {}
         for name, array in feeds.items():
-            if name not in buffers and array.nbytes <= SMALL_BYTES:
+            if name not in cache_names and array.nbytes <= SMALL_BYTES:
                 # a step's small input (ids, positions, lengths) is copied into an array of the runner's that stays
                 # bound: a copy of a few bytes costs less than binding a new array
                 array = self._staged_copy(("in", name), array)
@@ -197,25 +199,22 @@ class OnnxRuntimeRunner:
                 if not held:
                     self._bind(binding.bind_output, ("out", name), arrays[shared[name]])
             elif shapes is not None:
-                shape, dtype = shapes[name]
-                if np.prod(shape) * np.dtype(dtype).itemsize <= SMALL_BYTES:  # a decode step's logits: copied out
-                    fresh[name] = self._staged_array(("out", name), shape, dtype)
-                else:
-                    fresh[name] = np.empty(shape, dtype)
+                shape, dtype, staged = shapes[name]
+                # a decode step's logits go into an array of the runner's (copied out below), larger ones anew
+                fresh[name] = self._staged_array(("out", name), shape, dtype) if staged else np.empty(shape, dtype)
                 self._bind(binding.bind_output, ("out", name), fresh[name])
             else:  # ONNX Runtime allocates it (bound anew: the binding keeps a run's output for the next one)
                 binding.bind_output(name, "cpu")
                 self._bound[("out", name)] = None
         self.session.run_with_iobinding(binding)
         if shapes is not None:  # the runner's own output arrays are overwritten by the next call: copies out
-            return {
-                name: array.copy() if self._staged.get(("out", name)) is array else array
-                for name, array in fresh.items()
-            }
+            return {name: array.copy() if shapes[name][2] else array for name, array in fresh.items()}
         outputs = {
             name: value.numpy() for name, value in zip(self.output_names, binding.get_outputs()) if name not in shared
         }
-        self._output_shapes[signature] = {name: (array.shape, array.dtype) for name, array in outputs.items()}
+        self._output_shapes[signature] = {
+            name: (array.shape, array.dtype, array.nbytes <= SMALL_BYTES) for name, array in outputs.items()
+        }
         return outputs
 
     def _remember(self) -> None:

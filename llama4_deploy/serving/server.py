@@ -245,12 +245,11 @@ class _Handoff:
 
     def _wake(self) -> None:
         while True:
-            batch = [self._arrived.get()]
+            arrived = [self._arrived.get()]
             while not self._arrived.empty():
-                batch.append(self._arrived.get_nowait())
-            closing = batch[-1] is self._CLOSE
-            if closing:
-                batch.pop()
+                arrived.append(self._arrived.get_nowait())
+            batch = [item for item in arrived if item is not self._CLOSE]
+            closing = len(batch) < len(arrived)  # what came with the close is still delivered
             if batch:
                 try:
                     self.loop.call_soon_threadsafe(self._deliver, batch)
